@@ -1,0 +1,88 @@
+"""The Python API: merge from a recipe to a folder, or merge state dicts in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelalloy.errors import PlanError
+from modelalloy.methods.registry import MergeContext, TensorGroup, get_method
+from modelalloy.plan.layers import LayerIndexer
+
+
+def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
+                      experts: list[Mapping[str, torch.Tensor]], *, seed: int = 0,
+                      device: str | torch.device = "cpu",
+                      **params: Any) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts of any torch module with a registered method.
+
+    ``params`` are the method's parameters: scalars, or for per-model parameters (``weight``,
+    ``density``, ...) a list with one value per expert. Float tensors are merged in float32
+    and cast back to the base's (or first expert's) dtype; integer and bool tensors are copied
+    from the base (or the first expert). Example::
+
+        merged = merge_state_dicts("ties", base.state_dict(),
+                                   [a.state_dict(), b.state_dict()], density=0.2)
+        model.load_state_dict(merged)
+    """
+    spec = get_method(method)
+    spec.check_model_count(len(experts), base is not None)
+    reference = base if base is not None else experts[0]
+    names = list(reference.keys())
+    for i, sd in enumerate(experts):
+        missing = [n for n in names if n not in sd]
+        extra = [n for n in sd if n not in reference]
+        if missing or extra:
+            raise PlanError(f"expert {i}: tensors missing {missing[:3]} / extra {extra[:3]} "
+                            "compared with the reference model")
+    resolved = spec.resolve(len(experts), params, where=f"method '{method}'")
+    dev = torch.device(device)
+    indexer = LayerIndexer(names)
+
+    def ctx_for(name: str) -> MergeContext:
+        layer, count = indexer.lookup(name)
+        return MergeContext(name=name, seed=seed, layer_index=layer, num_layers=count,
+                            device=dev)
+
+    def mergeable(name: str) -> bool:
+        return reference[name].is_floating_point()
+
+    def groups() -> Iterator[TensorGroup]:
+        for name in names:
+            if mergeable(name):
+                yield TensorGroup(
+                    name=name,
+                    base=None if base is None else base[name].to(dev, torch.float32),
+                    experts=[sd[name].to(dev, torch.float32) for sd in experts],
+                    params=resolved, ctx=ctx_for(name))
+
+    global_stats = spec.prepare(groups) if spec.prepare is not None else None
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        ref = reference[name]
+        if not mergeable(name):
+            out[name] = ref.clone()
+            continue
+        shapes = {tuple(sd[name].shape) for sd in experts} | {tuple(ref.shape)}
+        if len(shapes) != 1:
+            raise PlanError(f"tensor '{name}': shapes differ across models: {sorted(shapes)}")
+        ctx = ctx_for(name)
+        ctx.global_stats = global_stats
+        merged = spec(None if base is None else base[name].to(dev, torch.float32),
+                      [sd[name].to(dev, torch.float32) for sd in experts], resolved, ctx)
+        out[name] = merged.to(device=ref.device, dtype=ref.dtype)
+    return out
+
+
+def merge(recipe: str | Path | Any, out_dir: str | Path, **options: Any) -> Path:
+    """Run a recipe (a YAML path or a Recipe) and write the merged model to ``out_dir``.
+
+    Options are those of ``modelalloy merge``: device, seed, threads, memory_budget,
+    shard_size, force, allow_nonfinite. Returns the output folder.
+    """
+    from modelalloy.engine.run import run_recipe
+
+    return run_recipe(recipe, Path(out_dir), **options)

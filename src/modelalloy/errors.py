@@ -1,0 +1,35 @@
+"""Errors meant for people: one line naming the file or tensor and what to do.
+
+Every error the CLI shows without a traceback derives from :class:`ModelAlloyError`.
+Anything else escaping is a bug and is shown with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ModelAlloyError(Exception):
+    """Base class: ``str(err)`` is a one-line message that says what, where and what to do."""
+
+
+class CheckpointError(ModelAlloyError):
+    """A model folder or weight file is missing, corrupt, unsafe or inconsistent."""
+
+
+class RecipeError(ModelAlloyError):
+    """A recipe is invalid: names the field and how to fix it."""
+
+
+class PlanError(ModelAlloyError):
+    """Models do not fit together (missing tensors, shape or architecture mismatch)."""
+
+
+class MethodError(ModelAlloyError):
+    """Unknown method, bad parameter value, wrong model count, or a missing base model."""
+
+
+class OutputError(ModelAlloyError):
+    """The output path cannot be used (exists, is a file, not writable, is an input)."""
+
+
+class NonFiniteError(ModelAlloyError):
+    """NaN or Inf found in an input tensor."""

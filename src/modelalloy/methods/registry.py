@@ -1,0 +1,232 @@
+"""The method contract and registry.
+
+A merge method is a pure function of the aligned float32 tensors for one parameter name::
+
+    fn(base: Tensor | None, experts: list[Tensor], params: dict, ctx: MergeContext) -> Tensor
+
+- ``experts`` are the models being merged (for methods that use a base, the base is *not* among
+  them); every tensor is float32 on ``ctx.device`` and must not be modified in place.
+- ``params`` holds the parameter values resolved for this tensor: a per-model parameter is a
+  list with one value per expert (same order as ``experts``), a global one is a scalar.
+- The return value is the merged float32 tensor, same shape as the inputs.
+
+Methods register with :func:`register_method`; the declared :class:`Param` list is the schema
+that recipes are validated against. A method that needs statistics over the whole model (a
+global top-k threshold, a global norm) declares ``prepare``: the engine calls it before the main
+pass with a factory of :class:`TensorGroup` iterators (it may iterate several times) and puts
+the returned object in ``ctx.global_stats``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from modelalloy.errors import MethodError
+
+BaseUse = Literal["required", "optional", "none"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method, as a recipe may set it.
+
+    ``per_model`` parameters are set under ``models[].parameters`` (mergekit style) or
+    globally as a default for every model; the method receives a list, one per expert.
+    """
+
+    name: str
+    type: type  # float, int, bool or str
+    default: Any
+    help: str
+    per_model: bool = False
+    ge: float | None = None  # inclusive lower bound
+    le: float | None = None  # inclusive upper bound
+    gt: float | None = None  # exclusive lower bound
+    lt: float | None = None  # exclusive upper bound
+    choices: tuple[Any, ...] | None = None
+
+    def check(self, value: Any, where: str) -> Any:
+        """Validate and coerce one resolved value; raise MethodError naming ``where``."""
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise MethodError(f"{where}: parameter '{self.name}' must be true or false, "
+                                  f"got {value!r}")
+            return value
+        if self.type in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MethodError(f"{where}: parameter '{self.name}' must be a number, "
+                                  f"got {value!r}")
+            value = self.type(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise MethodError(f"{where}: parameter '{self.name}' must be finite, got {value}")
+            bounds = [(self.ge, lambda v, b: v >= b, ">="), (self.le, lambda v, b: v <= b, "<="),
+                      (self.gt, lambda v, b: v > b, ">"), (self.lt, lambda v, b: v < b, "<")]
+            for bound, ok, sym in bounds:
+                if bound is not None and not ok(value, bound):
+                    raise MethodError(f"{where}: parameter '{self.name}' = {value} is out of "
+                                      f"range; it must be {sym} {bound}")
+        elif self.type is str and not isinstance(value, str):
+            raise MethodError(f"{where}: parameter '{self.name}' must be a string, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise MethodError(f"{where}: parameter '{self.name}' = {value!r} is not one of "
+                              f"{', '.join(map(str, self.choices))}")
+        return value
+
+
+@dataclass
+class MergeContext:
+    """What a method may know about the tensor being merged, besides the tensors."""
+
+    name: str
+    seed: int = 0
+    layer_index: int | None = None  # 0-based block index; None outside the block stack
+    num_layers: int | None = None  # number of blocks in the model, when known
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    global_stats: Any = None  # what the method's ``prepare`` returned
+    # Per-expert statistics for this tensor, by kind ("gram", "fisher", ...): one entry per
+    # expert (None where that expert has none). Filled by the engine for methods that declare
+    # ``stats``; see modelalloy.stats for the file format.
+    stats: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+
+    def generator(self, model_index: int = 0) -> torch.Generator:
+        """A generator seeded from (recipe seed, tensor name, model index).
+
+        The seed does not depend on scheduling, thread count or device, so a recipe gives the
+        same masks however it runs. Random draws are made on the CPU generator and moved.
+        """
+        digest = hashlib.sha256(f"{self.seed}\x00{self.name}\x00{model_index}".encode()).digest()
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return gen
+
+    def rand_like(self, t: torch.Tensor, model_index: int = 0) -> torch.Tensor:
+        """Uniform [0, 1) noise shaped like ``t``, on ``t``'s device, from :meth:`generator`."""
+        gen = self.generator(model_index)
+        return torch.rand(t.shape, generator=gen, dtype=torch.float32).to(t.device)
+
+
+@dataclass
+class TensorGroup:
+    """The aligned tensors of one parameter name, as given to ``prepare``."""
+
+    name: str
+    base: torch.Tensor | None
+    experts: list[torch.Tensor]
+    params: dict[str, Any]
+    ctx: MergeContext
+
+
+MergeFn = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], MergeContext],
+                   torch.Tensor]
+PrepareFn = Callable[[Callable[[], Iterator[TensorGroup]]], Any]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MergeFn
+    params: tuple[Param, ...]
+    paper: str
+    summary: str
+    base: BaseUse
+    min_models: int = 1  # experts, not counting the base
+    max_models: int | None = None
+    prepare: PrepareFn | None = None
+    aliases: tuple[str, ...] = ()
+    stats: tuple[str, ...] = ()  # statistic kinds the method reads from ctx.stats
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise MethodError(f"method '{self.name}' has no parameter '{name}'; it takes: "
+                          f"{', '.join(p.name for p in self.params) or 'none'}")
+
+    def check_model_count(self, n_experts: int, has_base: bool) -> None:
+        if self.base == "required" and not has_base:
+            raise MethodError(f"method '{self.name}' needs a base model: set base_model in the "
+                              "recipe")
+        if n_experts < self.min_models or (self.max_models is not None
+                                           and n_experts > self.max_models):
+            want = (f"exactly {self.min_models}" if self.max_models == self.min_models
+                    else f"at least {self.min_models}" if self.max_models is None
+                    else f"{self.min_models} to {self.max_models}")
+            what = "models besides the base" if self.base == "required" else "models"
+            raise MethodError(f"method '{self.name}' takes {want} {what}, got {n_experts}")
+
+    def defaults(self, n_experts: int) -> dict[str, Any]:
+        return {p.name: ([p.default] * n_experts if p.per_model else p.default)
+                for p in self.params}
+
+    def resolve(self, n_experts: int, given: dict[str, Any], where: str) -> dict[str, Any]:
+        """Fill defaults, broadcast per-model scalars to lists, and validate every value.
+
+        ``given`` maps a parameter name to a scalar, or for a per-model parameter to a scalar or
+        a list with one value per expert. Unknown names raise a MethodError.
+        """
+        out = self.defaults(n_experts)
+        for key, value in given.items():
+            param = self.param(key)
+            if param.per_model:
+                values = list(value) if isinstance(value, (list, tuple)) else [value] * n_experts
+                if len(values) != n_experts:
+                    raise MethodError(f"{where}: parameter '{key}' has {len(values)} values but "
+                                      f"there are {n_experts} models")
+                out[key] = [param.check(v, where) for v in values]
+            else:
+                out[key] = param.check(value, where)
+        return out
+
+    def __call__(self, base: torch.Tensor | None, experts: list[torch.Tensor],
+                 params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:
+        return self.fn(base, experts, params, ctx)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper: str,
+                    summary: str, base: BaseUse, min_models: int = 1,
+                    max_models: int | None = None, prepare: PrepareFn | None = None,
+                    aliases: tuple[str, ...] = (),
+                    stats: tuple[str, ...] = ()) -> Callable[[MergeFn], MergeFn]:
+    """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema."""
+
+    def wrap(fn: MergeFn) -> MergeFn:
+        if name in _REGISTRY or name in _ALIASES:
+            raise RuntimeError(f"method '{name}' registered twice")
+        _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), paper=paper,
+                                     summary=summary, base=base, min_models=min_models,
+                                     max_models=max_models, prepare=prepare, aliases=aliases,
+                                     stats=stats)
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name or alias; a clear error lists what exists."""
+    _load_builtin_methods()
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        raise MethodError(f"unknown merge method '{name}'; available: "
+                          f"{', '.join(sorted(_REGISTRY))} (see `modelalloy methods`)")
+    return _REGISTRY[key]
+
+
+def list_methods() -> list[MethodSpec]:
+    _load_builtin_methods()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package registers every built-in method family.
+    import modelalloy.methods  # noqa: F401
