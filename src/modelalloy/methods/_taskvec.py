@@ -4,9 +4,10 @@ Task vectors, the official TIES trim/elect/disjoint-merge steps, and whole-model
 computed in a ``prepare`` pass. Kept here, private, until the core ``ties`` method lands on main;
 these helpers follow datafree.md §3 (the official ``prateeky2806/ties-merging`` behaviour).
 
-Global statistics concatenate one expert's values over every tensor, as the official code
-does (the order does not change an order statistic) (``scope="global"``); that costs ``numel`` float32 per expert. For models
-too large for that, ``scope="per_tensor"`` computes the same statistic tensor by tensor.
+Global statistics (``scope="global"``) concatenate one expert's values over every tensor, as
+the official code does (the order does not change an order statistic); that costs ``numel``
+float32 per expert. For models too large for that, ``scope="per_tensor"`` computes the same
+statistic tensor by tensor.
 """
 
 from __future__ import annotations
