@@ -359,3 +359,50 @@ def test_load_recipe_file_errors(tmp_path):
     bad.write_text("merge_method: _test_linear\nmodels: [./a, ./b]\nbogus: 1\n")
     with pytest.raises(RecipeError, match=f"^{bad}: bogus: unknown key"):
         load_recipe(bad)
+
+
+def test_yaml_anchors_and_merge_keys():
+    r = parse_recipe("""
+merge_method: _test_ties
+base_model: ./base
+models:
+  - model: ./a
+    parameters: &p {weight: 0.5, density: 0.7}
+  - model: ./b
+    parameters:
+      <<: *p
+      weight: 0.25
+""")
+    assert r.models[1].parameters == {"density": 0.7, "weight": 0.25}
+
+
+def test_recipe_from_dict_validates_like_yaml():
+    from modelalloy.recipe import recipe_from_dict
+
+    data = {"merge_method": "_test_linear", "models": ["./a", {"model": "./b"}],
+            "parameters": {"weight": [0, 1]}}
+    r = recipe_from_dict(data)
+    assert r.source == "<dict>" and data["models"][0] == "./a"  # input left untouched
+    assert resolve_tensor_params(r, "layers.1.w", 1, 2)["weight"] == [1.0, 1.0]
+    with pytest.raises(MethodError, match=r"^<dict>: parameters\.weight\[1\]: .*finite"):
+        recipe_from_dict({**data, "parameters": {"weight": [0, float("inf")]}})
+
+
+def test_pydantic_errors_become_one_liners():
+    from pydantic import ValidationError
+
+    from modelalloy.recipe.load import pydantic_error
+
+    with pytest.raises(ValidationError) as info:
+        Recipe.model_validate({"merge_method": "x", "models": [{"model": "a"},
+                                                               {"model": "b",
+                                                                "parameters": {"w": None}}]})
+    err = pydantic_error(info.value, "r.yaml")
+    assert str(err).startswith("r.yaml: models[1].parameters.w") and "\n" not in str(err)
+
+
+def test_expert_cache_follows_edits():
+    r = parse_recipe(MINIMAL)
+    assert [e.model for e in r.expert_entries()] == ["./a", "./b"]
+    r.base_model = "./a"
+    assert [e.model for e in r.expert_entries()] == ["./b"]

@@ -3,7 +3,7 @@
 See docs/recipes.md for the format, what matches mergekit and what is rejected.
 """
 
-from modelalloy.recipe.load import RecipeWarning, load_recipe, parse_recipe
+from modelalloy.recipe.load import RecipeWarning, load_recipe, parse_recipe, recipe_from_dict
 from modelalloy.recipe.model import (
     Conditional,
     ModelEntry,
@@ -16,4 +16,4 @@ from modelalloy.recipe.resolve import resolve_tensor_params
 
 __all__ = ["Conditional", "ModelEntry", "ParamValue", "Recipe", "RecipeWarning",
            "evaluate_setting", "layer_position", "load_recipe", "parse_recipe",
-           "resolve_tensor_params"]
+           "recipe_from_dict", "resolve_tensor_params"]

@@ -65,6 +65,18 @@ def parse_recipe(text: str, source: str = "<string>", base_dir: Path | None = No
     return _Validator(source).build(raw, Path(base_dir) if base_dir else Path.cwd())
 
 
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>",
+                     base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe built in code (search, optimisers) exactly as a YAML one would be.
+
+    ``data`` has the YAML's plain structure (dicts, lists, scalars); it is not modified.
+    """
+    import copy
+
+    return _Validator(source).build(copy.deepcopy(data), Path(base_dir) if base_dir
+                                    else Path.cwd())
+
+
 # -- YAML -----------------------------------------------------------------------------------
 
 
@@ -73,14 +85,16 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
-    loader.flatten_mapping(node)
     seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
+    for key_node, _ in node.value:  # the keys written here; `<<: *anchor` may be overridden
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key '{key}' is given twice in the same mapping", key_node.start_mark)
         seen[key] = True
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -179,11 +193,7 @@ class _Validator:
         return recipe
 
     def pydantic(self, e: ValidationError) -> RecipeError:
-        err = e.errors()[0]
-        path = ""
-        for part in err["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        return self.fail(path, f"{err['msg']} (got {err.get('input')!r})")
+        return pydantic_error(e, self.source)
 
     def method(self, raw: dict) -> MethodSpec:
         name = raw.get("merge_method")
@@ -440,6 +450,17 @@ class _Validator:
                                        "folder of the model whose tokenizer to keep")
             return "base"
         return self.model_string(src, field, base_dir)
+
+
+def pydantic_error(e: ValidationError, source: str) -> RecipeError:
+    """One line from pydantic's first error: ``source: models[1].parameters.density: msg``."""
+    err = e.errors()[0]
+    path = ""
+    for part in err["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    got = err.get("input")
+    got = "" if isinstance(got, dict) else f" (got {got!r})"
+    return RecipeError(f"{source}: {path or 'recipe'}: {err['msg'].lower()}{got}")
 
 
 def _leaves(setting: Any, where: str):

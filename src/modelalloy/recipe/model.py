@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 
 from modelalloy.errors import RecipeError
 
@@ -134,6 +143,7 @@ class Recipe(BaseModel):
     source: str = "<string>"
     base_dir: Path = Field(default_factory=Path.cwd)
     warnings: list[str] = Field(default_factory=list)
+    _experts: tuple[tuple, list[ModelEntry]] | None = PrivateAttr(default=None)
 
     # -- models ------------------------------------------------------------------------------
 
@@ -199,9 +209,17 @@ class Recipe(BaseModel):
         For methods whose base is required/optional, the listed models minus the base_model
         (mergekit lets the base appear in ``models``); for base="none" methods, all of them.
         """
-        if not self.uses_base():
-            return list(self.models)
-        return [e for e in self.models if not self.same_model(e.model, self.base_model)]
+        # Cached: the engine asks once per tensor, and same_model may touch the file system.
+        key = (self.merge_method, self.base_model, self.base_dir,
+               tuple((id(e), e.model) for e in self.models))
+        if self._experts is None or self._experts[0] != key:
+            if not self.uses_base():
+                experts = list(self.models)
+            else:
+                experts = [e for e in self.models
+                           if not self.same_model(e.model, self.base_model)]
+            self._experts = (key, experts)
+        return list(self._experts[1])
 
     def base_entry(self) -> ModelEntry | None:
         """The ``models`` entry of the base model, when the base is also listed there."""
