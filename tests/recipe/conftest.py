@@ -38,6 +38,10 @@ _register("_test_opt", base="optional", min_models=1, params=[
     Param("mode", str, "sum", "a choice", choices=("sum", "mean")),
     Param("rescale", bool, False, "a per-model flag", per_model=True),
 ])
+# a weight with the schema bound that ties uses (ge=0).
+_register("_test_bounded", base="none", min_models=1, params=[
+    Param("weight", float, 1.0, "mixing weight", per_model=True, ge=0.0),
+])
 
 
 @pytest.fixture

@@ -27,8 +27,7 @@ class RecipeWarning(UserWarning):
 
 # Keys modelalloy reads. The order is the documented order.
 SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "tokenizer", "chat_template", "name", "seed",
-                  "allow_negative_weights")
+                  "tokenizer_source", "tokenizer", "chat_template", "name", "seed")
 # mergekit keys with no support yet: a clear one-liner instead of a silent misread.
 UNSUPPORTED_KEYS = {
     "slices": "`slices` (layer ranges, frankenmerges) is not supported yet; list whole models "
@@ -175,8 +174,6 @@ class _Validator:
             fields[key] = self.dtype(raw.get(key), key)
         fields["name"] = self.opt_str(raw.get("name"), "name")
         fields["seed"] = self.seed(raw.get("seed", 0))
-        fields["allow_negative_weights"] = self.flag(raw.get("allow_negative_weights", False),
-                                                     "allow_negative_weights")
         fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
         if raw.get("chat_template") is not None:
             self.warn("chat_template: ignored (not supported yet); the output keeps the "
@@ -369,7 +366,13 @@ class _Validator:
         return param.check(x, f"{self.source}: {where}")
 
     def negative_weights(self, recipe: Recipe, method: MethodSpec) -> None:
-        if recipe.allow_negative_weights or "weight" not in {p.name for p in method.params}:
+        """Warn about negative weights the method's schema allows (e.g. task negation).
+
+        Whether a weight may be negative is the method's call: its ``weight`` Param bounds are
+        checked with every other value (ties: ``>= 0``; task_arithmetic: unbounded). A negative
+        weight that passes is legal but often a typo, so it is named once in a warning.
+        """
+        if "weight" not in {p.name for p in method.params}:
             return
         settings = [("parameters.weight", recipe.parameters.get("weight"))]
         settings += [(f"models[{i}].parameters.weight", e.parameters.get("weight"))
@@ -377,9 +380,10 @@ class _Validator:
         for where, s in settings:
             for path, leaf in _leaves(s, where):
                 if is_number(leaf) and leaf < 0:
-                    raise self.fail(path, f"negative weight {leaf}; weights must be >= 0 "
-                                          "(set `allow_negative_weights: true` to subtract a "
-                                          "model on purpose, e.g. task negation)")
+                    self.warn(f"{path}: negative weight {leaf} subtracts that model's "
+                              f"contribution (method '{method.name}' allows it); make it "
+                              ">= 0 if that is not intended")
+                    break
 
     def duplicates(self, recipe: Recipe) -> None:
         for i, e in enumerate(recipe.models):
@@ -417,11 +421,6 @@ class _Validator:
     def seed(self, v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
             raise self.fail("seed", f"must be an integer from 0 to 2**63-1, got {v!r}")
-        return v
-
-    def flag(self, v: Any, field: str) -> bool:
-        if not isinstance(v, bool):
-            raise self.fail(field, f"must be true or false, got {v!r}")
         return v
 
     def tokenizer(self, raw: dict, base_model: str | None, base_dir: Path) -> str | None:
