@@ -411,3 +411,26 @@ def test_expert_cache_follows_edits():
     assert [e.model for e in r.expert_entries()] == ["./a", "./b"]
     r.base_model = "./a"
     assert [e.model for e in r.expert_entries()] == ["./b"]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("merge_method: _test_linear\nmodels: [{model: ./a, parameters: [1]}, ./b]\n",
+     r"models\[0\]\.parameters: must be a mapping of parameter names"),
+    ("merge_method: _test_linear\nmodels: [./a, ./b]\nparameters: 0.5\n",
+     r"parameters: must be a mapping of parameter names"),
+    ("merge_method: _test_linear\nmodels: [./a, ./b]\nparameters: {1: 0.5}\n",
+     r"parameters\.1: parameter names must be strings"),
+    ("merge_method: _test_linear\nmodels: [./a, ./b]\n1: x\n", r"1: unknown key"),
+    ("merge_method: _test_linear\n\tmodels: [./a]\n", r"YAML syntax error at line 2"),
+    ("merge_method: _test_ties\nbase_model: 3\nmodels: [./a]\n", r"base_model: must be the path"),
+])
+def test_more_malformed(text, match):
+    fails(text, match)
+
+
+def test_hub_id_tokenizer_source_is_caught_by_check_paths(tmp_path):
+    for m in ("base", "a", "b"):
+        (tmp_path / m).mkdir()
+    r = parse_recipe(MINIMAL + "tokenizer_source: org/tok\n", base_dir=tmp_path)
+    with pytest.raises(RecipeError, match="'org/tok' is not a local folder.*never downloads"):
+        r.check_paths()

@@ -298,3 +298,17 @@ def test_resolved_values_are_checked_again(parse):
     r.parameters["t"] = 1.5  # bypassing the loader: resolve still validates via the schema
     with pytest.raises(MethodError, match="out of range"):
         resolve_tensor_params(r, "w", None, None)
+
+
+def test_single_layer_stack_uses_t1(slerp):
+    # mergekit: a one-layer slice has t = 1 -> the last value of every gradient.
+    assert resolve_tensor_params(slerp, name(0, "self_attn.q_proj"), 0, 1)["t"] == 1.0
+    assert resolve_tensor_params(slerp, name(0, "mlp.up_proj"), 0, 1)["t"] == 0.0
+
+
+def test_lone_conditional_and_empty_filter():
+    assert evaluate_setting("a.mlp.b", Conditional(filter="mlp", value=[0, 1]), 1.0) == 1
+    assert evaluate_setting("a.b", Conditional(filter="mlp", value=1)) is None
+    # mergekit tests `filter in tensor_name`: the empty string matches any non-empty name.
+    assert evaluate_setting("a.b", [Conditional(filter="", value=4)]) == 4
+    assert evaluate_setting("", [Conditional(filter="", value=4)]) is None
