@@ -14,9 +14,10 @@ Per tensor with N ≥ 2 fine-tunes, δ_i = θ_i − θ_0:
 tensor is one row); the default is one angle per tensor. No weights. Zero deltas give cos = 0,
 t = 0, the base.
 
-Differences from mergekit: t is clamped to [0, 1] (mergekit lets it blow up or turn negative
-when cos θ ≤ −1/(N−1)), and the base plus two models is accepted (mergekit needs the base plus
-two or more, the same thing).
+Differences from mergekit: t is clamped to [0, 1], and t = 0 wherever 1 + (N−1)·cos θ ≤ 0
+(mergekit's t turns negative for −1/(N−1) < cos θ < 0, divides by zero at cos θ = −1/(N−1) and
+comes back positive, even above 1, beyond it). Like mergekit it needs the base plus at least
+two models.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def model_stock_ratio(deltas: list[torch.Tensor], filter_wise: bool) -> torch.Te
             cos_sum += (dots / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
             pairs += 1
     cos = cos_sum / pairs
-    t = (n * cos) / (1 + (n - 1) * cos)
-    # A denominator ≤ 0 (cos ≤ −1/(N−1)) gives nonsense; clamp into [0, 1].
-    t = torch.where(torch.isfinite(t), t, torch.zeros_like(t)).clamp_(0.0, 1.0)
-    return t.unsqueeze(-1)
+    denom = 1 + (n - 1) * cos
+    # t < 0 for −1/(N−1) < cos < 0 and t blows up as the denominator reaches 0; past it the
+    # formula turns positive again. Every non-positive cos means "no shared direction": t = 0.
+    t = torch.where(denom > 0, (n * cos) / denom.clamp(min=1e-12), torch.zeros_like(cos))
+    return t.clamp_(0.0, 1.0).unsqueeze(-1)
 
 
 @register_method(
