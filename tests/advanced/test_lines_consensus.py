@@ -76,13 +76,13 @@ def test_consensus_hand_worked():
     # counts [2, 1, 1, 2]
     out2 = merge_state_dicts("consensus", base, experts, k=2, mask_lambda=0.5)
     assert close(out2["w"], torch.tensor([2.0, 0.0, 0.0, 0.0]))
-    out1 = merge_state_dicts("consensus", base, experts, k=1, mask_lambda=0.5, scaling=0.5)
+    out1 = merge_state_dicts("consensus", base, experts, k=1, mask_lambda=0.5, **{"lambda": 0.5})
     assert close(out1["w"], 0.5 * torch.tensor([2.0, 3.0, 1.9, 0.0]))
 
 
 def test_consensus_k0_is_task_arithmetic_and_k_above_t_is_base():
     base, experts = make_models(3)
-    out0 = merge_state_dicts("consensus", base, experts, k=0, scaling=0.3)
+    out0 = merge_state_dicts("consensus", base, experts, k=0, **{"lambda": 0.3})
     out4 = merge_state_dicts("consensus", base, experts, k=4)
     for n in base:
         ta = base[n] + 0.3 * sum(e[n] - base[n] for e in experts)

@@ -37,7 +37,8 @@ def naive_pcb(base, experts, keep, clip, lam):
 def test_pcb_matches_the_flattened_official_algorithm():
     base, experts = make_models(3, seed=4)
     want = naive_pcb(base, experts, keep=0.3, clip=0.05, lam=1.2)
-    got = merge_state_dicts("pcb", base, experts, keep_ratio=0.3, clip_ratio=0.05, scaling=1.2)
+    got = merge_state_dicts("pcb", base, experts, keep_ratio=0.3, clip_ratio=0.05,
+                            **{"lambda": 1.2})
     for n in base:
         assert torch.allclose(got[n], want[n], atol=1e-5), n
 
@@ -47,7 +48,7 @@ def test_pcb_single_task_hand_worked():
     # the largest entry is strictly above it and survives (β̂ = 1): τ_m = [0, 0, 0, -4].
     base = {"w": torch.zeros(4)}
     experts = [{"w": torch.tensor([1.0, -2.0, 3.0, -4.0])}]
-    out = merge_state_dicts("pcb", base, experts, keep_ratio=0.5, clip_ratio=0.0, scaling=0.5)
+    out = merge_state_dicts("pcb", base, experts, keep_ratio=0.5, clip_ratio=0.0, **{"lambda": 0.5})
     assert torch.allclose(out["w"], torch.tensor([0.0, 0.0, 0.0, -2.0]))
 
 

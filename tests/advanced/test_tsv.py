@@ -51,10 +51,10 @@ def test_tsv_m_matches_an_independent_polar_computation():
     g = torch.Generator().manual_seed(5)
     base = {"w": torch.randn(6, 4, generator=g)}
     tvs = [0.1 * torch.randn(6, 4, generator=g) for _ in range(2)]
-    out = merge_state_dicts("tsv_m", base, [{"w": base["w"] + t} for t in tvs], scaling=0.7)
+    out = merge_state_dicts("tsv_m", base, [{"w": base["w"] + t} for t in tvs], **{"lambda": 0.7})
     want = base["w"].double() + 0.7 * naive_tsv(tvs, k=2)
     assert torch.allclose(out["w"].double(), want, atol=1e-5)
-    eig = merge_state_dicts("tsv_m", base, [{"w": base["w"] + t} for t in tvs], scaling=0.7,
+    eig = merge_state_dicts("tsv_m", base, [{"w": base["w"] + t} for t in tvs], **{"lambda": 0.7},
                             orthogonalize="eigh")
     assert torch.allclose(eig["w"].double(), want, atol=1e-4)
 
@@ -63,7 +63,7 @@ def test_tsv_m_non_matrix_and_excluded_get_the_mean():
     base = {"b": torch.zeros(3), "text_projection": torch.zeros(2, 2)}
     experts = [{"b": torch.tensor([1.0, 2.0, 3.0]), "text_projection": torch.eye(2)},
                {"b": torch.tensor([3.0, 2.0, 1.0]), "text_projection": torch.zeros(2, 2)}]
-    out = merge_state_dicts("tsv_m", base, experts, scaling=2.0)
+    out = merge_state_dicts("tsv_m", base, experts, **{"lambda": 2.0})
     assert torch.allclose(out["b"], torch.tensor([4.0, 4.0, 4.0]))
     assert torch.allclose(out["text_projection"], torch.eye(2))
 

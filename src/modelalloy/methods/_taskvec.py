@@ -1,13 +1,11 @@
 """Private helpers shared by the advanced method families (LiNeS, Consensus/TALL, PCB, DOGE).
 
-Task vectors, the official TIES trim/elect/disjoint-merge steps, and whole-model thresholds
-computed in a ``prepare`` pass. Kept here, private, until the core ``ties`` method lands on main;
-these helpers follow datafree.md §3 (the official ``prateeky2806/ties-merging`` behaviour).
+Task vectors stacked as one (T, ...) tensor, and the official TIES steps (trim with the
+official threshold rule, "mass" sign election, dis-sum / dis-mean) built on the core
+:mod:`modelalloy.methods._sparsify` pieces; whole-model thresholds come from its bounded-memory
+``global_thresholds``. Follows datafree.md §3 (``prateeky2806/ties-merging``).
 
-Global statistics (``scope="global"``) concatenate one expert's values over every tensor, as
-the official code does (the order does not change an order statistic); that costs ``numel``
-float32 per expert. For models too large for that, ``scope="per_tensor"`` computes the same
-statistic tensor by tensor.
+``scope="per_tensor"`` applies the same official rule within each tensor instead.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from modelalloy.errors import MethodError
+from modelalloy.methods._sparsify import combine, elect_sign, global_thresholds, threshold_trim_
 from modelalloy.methods.registry import TensorGroup
 
 SCOPES = ("global", "per_tensor")
@@ -50,33 +49,11 @@ def kth_largest_abs(values: torch.Tensor, density: float) -> float | None:
 
 
 def trim(tvs: torch.Tensor, thresholds: list[float | None]) -> torch.Tensor:
-    """Zero the entries of each task row whose |value| is below its threshold."""
+    """Zero the entries of each task row whose |value| is below its threshold (ties kept)."""
     out = tvs.clone()
     for t, thr in enumerate(thresholds):
-        if thr is not None:
-            out[t] = torch.where(tvs[t].abs() >= thr, tvs[t], torch.zeros_like(tvs[t]))
+        threshold_trim_(out[t], thr)
     return out
-
-
-def elect_sign(trimmed: torch.Tensor, majority: float | None = None) -> torch.Tensor:
-    """TIES "mass" election: sign of the summed trimmed values; zeros get the majority sign.
-
-    ``majority`` is the whole-model majority sign (global scope); None uses this tensor's.
-    """
-    sign = torch.sign(trimmed.sum(dim=0))
-    if majority is None:
-        majority = float(torch.sign(sign.sum()))
-    return torch.where(sign == 0, torch.full_like(sign, majority), sign)
-
-
-def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, how: str = "mean") -> torch.Tensor:
-    """Sum (``dis-sum``) or mean (``dis-mean``) of the entries agreeing strictly with ``sign``."""
-    agree = ((sign > 0) & (trimmed > 0)) | ((sign < 0) & (trimmed < 0))
-    picked = trimmed * agree
-    total = picked.sum(dim=0)
-    if how == "sum":
-        return total
-    return total / agree.sum(dim=0).clamp(min=1)
 
 
 @dataclass(frozen=True)
@@ -84,47 +61,43 @@ class TiesStats:
     """Whole-model TIES statistics: one trim threshold per expert and the majority sign."""
 
     thresholds: list[float | None]
-    majority: float
+    majority: float | None
 
 
 def ties_prepare(groups: GroupsFactory, density: float,
                  select: Callable[[TensorGroup], bool] | None = None) -> TiesStats:
-    """Global thresholds (pass 1) and the global majority sign of the election (pass 2)."""
-    flats: list[list[torch.Tensor]] | None = None
-    for g in iter_groups(groups, select):
-        base = need_base(g.base, "ties", g.name)
-        tvs = stack_task_vectors(base, g.experts)
-        if flats is None:
-            flats = [[] for _ in g.experts]
-        for t in range(len(g.experts)):
-            flats[t].append(tvs[t].abs().flatten().cpu())
-    if flats is None:
+    """Official whole-model TIES thresholds and majority sign, in bounded memory.
+
+    Delegates to :func:`modelalloy.methods._sparsify.global_thresholds` (two histogram/select
+    passes, no concatenation of the model).
+    """
+    first = next(iter_groups(groups, select), None)
+    if first is None:
         return TiesStats(thresholds=[], majority=1.0)
-    thresholds = [kth_largest_abs(torch.cat(f), density) for f in flats]
-    del flats
-    sign_sum = 0.0
-    for g in iter_groups(groups, select):
-        tvs = trim(stack_task_vectors(g.base, g.experts), thresholds)
-        sign_sum += float(torch.sign(tvs.sum(dim=0)).sum())
-    majority = 1.0 if sign_sum > 0 else (-1.0 if sign_sum < 0 else 0.0)
-    return TiesStats(thresholds=thresholds, majority=majority)
+    stats = global_thresholds(lambda: iter_groups(groups, select),
+                              [density] * len(first.experts), majority=True)
+    return TiesStats(thresholds=list(stats["thresholds"]), majority=stats["majority"])
 
 
 def ties_delta(tvs: torch.Tensor, density: float, how: str,
                stats: TiesStats | None) -> torch.Tensor:
-    """The unscaled TIES merged task vector of one tensor.
+    """The unscaled TIES merged task vector of one tensor (official rule).
 
     With ``stats`` (global scope) the whole-model thresholds and majority sign are used;
-    without, each expert is trimmed within this tensor and zeros get this tensor's majority.
+    without, each expert's threshold is the official rule applied within this tensor
+    (m = d − int(density·d), keep |τ| ≥ m-th smallest, ties kept) and zero sums take this
+    tensor's majority sign. ``how``: "sum" (dis-sum) or "mean" (dis-mean).
     """
     if stats is not None:
         thresholds = stats.thresholds
-        majority: float | None = stats.majority
+        majority = stats.majority
     else:
         thresholds = [kth_largest_abs(tvs[t], density) for t in range(tvs.shape[0])]
         majority = None
-    trimmed = trim(tvs, thresholds)
-    return disjoint_merge(trimmed, elect_sign(trimmed, majority), how)
+    deltas = list(trim(tvs, thresholds).unbind(0))
+    ones = [1.0] * len(deltas)
+    sign = elect_sign(deltas, ones, "paper", majority)
+    return combine(deltas, ones, sign=sign, normalize=(how == "mean"))
 
 
 def iter_groups(groups: GroupsFactory,

@@ -94,7 +94,7 @@ _COMMON = [
     params=[
         Param("k", int, 2, "keep coordinates used (TALL mask on) by at least k tasks; 0 is "
               "plain TA/TIES, k > T gives the base", ge=0),
-        Param("scaling", float, 1.0, "α: θ = θ_0 + α·(c ⊙ τ_MTL); tuned on validation in the "
+        Param("lambda", float, 1.0, "α: θ = θ_0 + α·(c ⊙ τ_MTL); tuned on validation in the "
               "paper (grid 0.1..1.0)"),
         *_COMMON,
     ],
@@ -119,7 +119,7 @@ def consensus(base: torch.Tensor | None, experts: list[torch.Tensor], params: di
     delta = consensus_delta(tvs, base_merge=params["base_merge"], k=params["k"],
                             lambdas=params["mask_lambda"], density=params["density"],
                             stats=ctx.global_stats)
-    return base + params["scaling"] * delta
+    return base + params["lambda"] * delta
 
 
 @register_method(

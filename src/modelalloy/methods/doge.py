@@ -34,11 +34,13 @@ from typing import Any
 
 import torch
 
+from modelalloy.methods._sparsify import global_thresholds
 from modelalloy.methods._taskvec import (
     SCOPES,
     GroupsFactory,
     TensorGroup,
     check_scope,
+    iter_groups,
     kth_largest_abs,
     need_base,
     stack_task_vectors,
@@ -111,16 +113,12 @@ def _prepare(groups: GroupsFactory) -> list[float | None] | None:
     check_scope(first.params["scope"])
     if first.params["scope"] != "global":
         return None
-    flats: list[list[torch.Tensor]] = [[] for _ in first.experts]
-    for g in groups():
-        if not _select_group(g):
-            continue
-        tvs = stack_task_vectors(need_base(g.base, "doge", g.name), g.experts)
-        for t in range(len(g.experts)):
-            flats[t].append(tvs[t].abs().flatten().cpu())
-    if not flats[0]:
+    if next(iter_groups(groups, _select_group), None) is None:
         return None
-    return [kth_largest_abs(torch.cat(f), first.params["density"]) for f in flats]
+    # The official topk_values_mask rule over all selected tensors, in bounded memory.
+    stats = global_thresholds(lambda: iter_groups(groups, _select_group),
+                              [first.params["density"]] * len(first.experts))
+    return list(stats["thresholds"])
 
 
 @register_method(

@@ -66,7 +66,7 @@ def optmerge_matrix(tvs: torch.Tensor, steps: int, lr: float, momentum: float) -
 @register_method(
     name="optmerge",
     params=[
-        Param("scaling", float, 1.0, "λ: θ = θ_0 + λ·M (1.0 LLaMA-Factory script, 0.1 "
+        Param("lambda", float, 1.0, "λ: θ = θ_0 + λ·M (1.0 LLaMA-Factory script, 0.1 "
               "InternVL script)"),
         Param("steps", int, 300, "SGD iterations per tensor", ge=0),
         Param("lr", float, 1e-4, "SGD learning rate", gt=0.0),
@@ -92,6 +92,6 @@ def optmerge(base: torch.Tensor | None, experts: list[torch.Tensor], params: dic
         return base.clone()
     tvs = stack_task_vectors(base, experts)
     if base.dim() != 2:
-        return base + params["scaling"] * tvs.mean(dim=0)
+        return base + params["lambda"] * tvs.mean(dim=0)
     merged = optmerge_matrix(tvs, params["steps"], params["lr"], params["momentum"])
-    return base + params["scaling"] * merged
+    return base + params["lambda"] * merged

@@ -146,7 +146,7 @@ def _prepare(groups: GroupsFactory) -> PcbStats | None:
         Param("clip_ratio", float, 1e-4, "r_c: magnitudes are clipped to the [r_c, 1 − r_c] "
               "quantiles per task (1e-4 top-level file; 0.01 NLP/vision scripts)",
               ge=0.0, lt=0.5),
-        Param("scaling", float, 1.0, "λ: θ = θ_0 + λ·τ_m (tuned on validation in the paper)"),
+        Param("lambda", float, 1.0, "λ: θ = θ_0 + λ·τ_m (tuned on validation in the paper)"),
         Param("scope", str, "global", "statistics over the whole model (official) or per "
               "tensor (approximation for large models)", choices=SCOPES),
     ],
@@ -171,4 +171,4 @@ def pcb(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str
     if stats is None:
         stats = _tensor_stats(tvs, params)
     clipped, beta = pcb_scores(tvs, stats.lo, stats.hi)
-    return base + params["scaling"] * pcb_combine(clipped, beta, stats.thr, stats.bmax)
+    return base + params["lambda"] * pcb_combine(clipped, beta, stats.thr, stats.bmax)

@@ -95,7 +95,7 @@ def _excluded(name: str, pattern: str) -> bool:
 @register_method(
     name="tsv_m",
     params=[
-        Param("scaling", float, 1.0, "α: θ = θ_0 + α·τ_TSV (official grid 0.1..3.0 on "
+        Param("lambda", float, 1.0, "α: θ = θ_0 + α·τ_TSV (official grid 0.1..3.0 on "
               "validation; 1.0 is FusionBench's data-free default)"),
         Param("exclude", str, "text_projection", "regex: 2-D tensors whose name matches get "
               "the mean task vector instead of the SVD merge (e.g. 'embed_tokens|lm_head' for "
@@ -121,12 +121,12 @@ def tsv_m(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
     base = need_base(base, "tsv_m", ctx.name)
     tvs = stack_task_vectors(base, experts)
     if base.dim() != 2 or _excluded(ctx.name, params["exclude"]):
-        return base + params["scaling"] * tvs.mean(dim=0)
+        return base + params["lambda"] * tvs.mean(dim=0)
     k = min(base.shape) // len(experts)
     if params["min_rank_one"]:
         k = max(k, 1)
     merged = tsv_merge_matrix(tvs, [k] * len(experts), params["orthogonalize"])
-    return base + params["scaling"] * merged
+    return base + params["lambda"] * merged
 
 
 def clip_outliers(t: torch.Tensor, z: float) -> torch.Tensor:
@@ -159,7 +159,7 @@ def adaptive_ranks(tvs: torch.Tensor, budget: float, eps: float) -> list[int]:
 @register_method(
     name="resm",
     params=[
-        Param("scaling", float, 1.0, "α: θ = θ_0 + α·τ_merged, as TSV-M"),
+        Param("lambda", float, 1.0, "α: θ = θ_0 + α·τ_merged, as TSV-M"),
         Param("outlier_z", float, 3.0, "robust z-score above which task-vector entries are "
               "clipped (0 disables; RESM-like hook, not the paper's formula)", ge=0.0),
         Param("adaptive_rank", bool, True, "sparsity-aware rank: k_t ∝ the density of τ_t in "
@@ -187,9 +187,9 @@ def resm(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[st
     tvs = stack_task_vectors(base, experts)
     tvs = torch.stack([clip_outliers(tvs[t], params["outlier_z"]) for t in range(len(experts))])
     if base.dim() != 2 or _excluded(ctx.name, params["exclude"]):
-        return base + params["scaling"] * tvs.mean(dim=0)
+        return base + params["lambda"] * tvs.mean(dim=0)
     if params["adaptive_rank"]:
         ranks = adaptive_ranks(tvs, params["rank_budget"], params["sparsity_eps"])
     else:
         ranks = [min(base.shape) // len(experts)] * len(experts)
-    return base + params["scaling"] * tsv_merge_matrix(tvs, ranks)
+    return base + params["lambda"] * tsv_merge_matrix(tvs, ranks)
