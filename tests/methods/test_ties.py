@@ -188,3 +188,19 @@ def test_global_scope_without_prepare_is_a_clear_error(run):
 
     with pytest.raises(MethodError, match="scope"):
         run("ties", [0.0], [[1.0]], scope="global")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_kth_largest_is_exact_on_large_tensors(quantized):
+    from modelalloy.methods._sparsify import kth_largest
+
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(50_000, generator=g) * 0.01).abs()
+    if quantized:
+        x = torch.round(x * 2000) / 2000  # heavy ties
+    ordered = torch.sort(x, descending=True).values
+    for k in (1, 7, 10_000, 49_999, 50_000):
+        assert kth_largest(x, k) == ordered[k - 1]
+    trimmed = magnitude_trim_(x.clone(), 0.3)
+    assert int(trimmed.count_nonzero()) <= 15_000
+    assert int((trimmed != 0).sum()) == min(15_000, int(x.count_nonzero()))
