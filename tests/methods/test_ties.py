@@ -260,3 +260,9 @@ def test_global_scope_with_per_model_densities():
         n = base[k].numel()
         assert torch.allclose(got[k].reshape(-1), flat[i:i + n], atol=1e-6), k
         i += n
+
+
+def test_rescale_restores_the_l1_norm_like_mergekit(run):
+    # trimmed [0, -4, 3, 0] has L1 7; the original has L1 7.3
+    out = run("ties", [0.0] * 4, [[0.1, -4.0, 3.0, 0.2]], density=0.5, rescale=True)
+    assert torch.allclose(out, torch.tensor([0.0, -4.0, 3.0, 0.0]) * (7.3 / 7.0))

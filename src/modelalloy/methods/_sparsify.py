@@ -31,6 +31,12 @@ from modelalloy.methods.registry import MergeContext, Param, TensorGroup
 # Parameter schema pieces shared by the task-vector families (names follow mergekit).
 
 
+def rescale_l1_param() -> Param:
+    return Param("rescale", bool, False,
+                 "after sparsifying, scale each task vector back to its original L1 norm "
+                 "(mergekit's rescale)")
+
+
 def weight_param(*, allow_negative: bool = False) -> Param:
     return Param("weight", float, 1.0, "scale of this model's task vector", per_model=True,
                  ge=None if allow_negative else 0.0)
@@ -204,6 +210,21 @@ def _l1_rescale_(masked: torch.Tensor, l1_before: torch.Tensor, eps: float = 1e-
     if float(l1_before) >= eps and float(l1_after) >= eps:
         masked.mul_(l1_before / l1_after)
     return masked
+
+
+def l1_rescaled_(delta: torch.Tensor, sparsify: Callable[[torch.Tensor], Any],
+                 rescale: bool) -> torch.Tensor:
+    """Apply ``sparsify`` to ``delta`` in place; with ``rescale``, restore its L1 norm after.
+
+    This is mergekit's ``rescale: true`` for the deterministic sparsifiers (TIES trim,
+    Breadcrumbs band), where it defaults to false.
+    """
+    if not rescale:
+        sparsify(delta)
+        return delta
+    l1 = torch.linalg.vector_norm(delta, 1)
+    sparsify(delta)
+    return _l1_rescale_(delta, l1)
 
 
 def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: int,
