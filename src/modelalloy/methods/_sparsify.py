@@ -106,7 +106,6 @@ def _bin_keys(mag: torch.Tensor) -> torch.Tensor:
     return mag.view(torch.int32) >> 16
 
 
-
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The exact k-th largest (1-indexed) of a non-negative float32 tensor, without a sort.
 
