@@ -31,6 +31,7 @@ from modelalloy.methods._taskvec import (
     stack_task_vectors,
     ties_delta,
     ties_prepare,
+    uniform_params,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
@@ -73,6 +74,7 @@ def _prepare(groups: GroupsFactory) -> TiesStats | None:
     if first is None:
         return None
     check_scope(first.params["scope"])
+    uniform_params(groups, ("base_merge", "density", "scope"), "consensus")
     return _ties_stats(groups, first.params)
 
 

@@ -44,6 +44,7 @@ from modelalloy.methods._taskvec import (
     kth_largest_abs,
     need_base,
     stack_task_vectors,
+    uniform_params,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
@@ -111,6 +112,7 @@ def _prepare(groups: GroupsFactory) -> list[float | None] | None:
     if first is None:
         return None
     check_scope(first.params["scope"])
+    uniform_params(groups, ("density", "scope", "include"), "doge")
     if first.params["scope"] != "global":
         return None
     if next(iter_groups(groups, _select_group), None) is None:

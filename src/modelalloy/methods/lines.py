@@ -40,6 +40,7 @@ from modelalloy.methods._taskvec import (
     stack_task_vectors,
     ties_delta,
     ties_prepare,
+    uniform_params,
 )
 from modelalloy.methods.consensus import consensus_delta
 from modelalloy.methods.registry import MergeContext, Param, register_method
@@ -86,6 +87,7 @@ def _prepare(groups: GroupsFactory) -> LinesStats | None:
         return None
     params = first.params
     check_scope(params["scope"])
+    uniform_params(groups, tuple(params), "lines")
     uses_ties = params["merge"] in ("ties", "consensus_ties")
     ties = (ties_prepare(groups, params["density"])
             if uses_ties and params["scope"] == "global" else None)

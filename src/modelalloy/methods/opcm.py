@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from modelalloy.continual import DEFAULT_EXCLUDE, OPCM
-from modelalloy.methods._taskvec import GroupsFactory, need_base
+from modelalloy.methods._taskvec import GroupsFactory, need_base, uniform_params
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
 
@@ -23,6 +23,7 @@ def _prepare(groups: GroupsFactory) -> dict[str, Any] | None:
     if first is None:
         return None
     params = first.params
+    uniform_params(groups, tuple(params), "opcm")
     order = list(range(len(first.experts)))
     if params["shuffle"]:
         random.Random(first.ctx.seed).shuffle(order)

@@ -38,6 +38,7 @@ from modelalloy.methods._taskvec import (
     check_scope,
     need_base,
     stack_task_vectors,
+    uniform_params,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
@@ -112,6 +113,7 @@ def _prepare(groups: GroupsFactory) -> PcbStats | None:
         return None
     params = first.params
     check_scope(params["scope"])
+    uniform_params(groups, tuple(params), "pcb")
     if params["scope"] != "global":
         return None
     n = len(first.experts)
