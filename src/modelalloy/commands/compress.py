@@ -39,8 +39,10 @@ def register(app: typer.Typer) -> None:
         scope: Annotated[str, typer.Option(
             help="TIES thresholds: global or per_tensor")] = "global",
     ) -> None:
-        """Compress experts into a TALL-mask bundle: base + τ_MTL + one bit per weight per
-        task (Wang, Dimitriadis et al., ICML 2024)."""
+        """Compress experts into a TALL-mask bundle (base + τ_MTL + one bit per weight per task).
+
+        Wang, Dimitriadis et al., ICML 2024. Prints the storage report and each mask's density.
+        """
         from modelalloy.bundle import compress
         from modelalloy.bundle._checkpoint import load_state_dict, side_files
 

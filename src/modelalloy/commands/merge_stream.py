@@ -23,8 +23,11 @@ def register(app: typer.Typer) -> None:
             r"(embed|wte|wpe|position|token_type|shared)",
         device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     ) -> None:
-        """Merge models one at a time with OPCM (Tang et al., 2025): memory stays at the base,
-        the running merge and the incoming model, however many models arrive."""
+        """Merge models arriving one at a time with OPCM (continual merging).
+
+        Tang et al., 2025. Memory stays at the base, the running merge and the incoming model,
+        however many models arrive.
+        """
         from modelalloy.bundle._checkpoint import load_state_dict, save_model_folder, side_files
         from modelalloy.continual import OPCM
 
