@@ -91,3 +91,19 @@ def test_cli_compress_and_rebuild(tmp_path):
     res = runner.invoke(app, ["rebuild", str(tmp_path / "b"), "--task", "nope",
                               "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "unknown task" in res.output
+
+
+def test_compress_from_lazy_checkpoints_equals_in_memory(tmp_path):
+    from modelalloy.bundle import lazy_state
+
+    base, experts = make_models(2, seed=3)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for i, e in enumerate(experts):
+        save_file(e, str(tmp_path / f"e{i}.safetensors"))
+    lazy = compress(lazy_state(tmp_path / "base.safetensors"),
+                    {f"t{i}": lazy_state(tmp_path / f"e{i}.safetensors") for i in range(2)},
+                    base_merge="ties")
+    eager = compress(base, {f"t{i}": e for i, e in enumerate(experts)}, base_merge="ties")
+    for t in ("t0", "t1"):
+        a, b = lazy.rebuild(t), eager.rebuild(t)
+        assert all(torch.equal(a[k], b[k]) for k in b)

@@ -5,6 +5,8 @@
 θ̂_t = θ_0 + m_t ⊙ τ_MTL.
 """
 
+from modelalloy.bundle._checkpoint import LazyState, lazy_state
 from modelalloy.bundle.tall import PackedMask, StorageReport, TallBundle, TallConfig, compress
 
-__all__ = ["PackedMask", "StorageReport", "TallBundle", "TallConfig", "compress"]
+__all__ = ["LazyState", "PackedMask", "StorageReport", "TallBundle", "TallConfig", "compress",
+           "lazy_state"]

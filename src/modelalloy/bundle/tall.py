@@ -209,6 +209,9 @@ def compress(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str
              files: Mapping[str, bytes] | None = None) -> TallBundle:
     """Build the TALL bundle of ``experts`` (task name -> state dict) over ``base``.
 
+    The state dicts may be lazy mappings (:func:`modelalloy.bundle.lazy_state`): tensors are
+    read one name at a time, so memory is the bundle plus one tensor of each model.
+
     ``mask_lambda`` is one λ for every task, a list in task order, or a task -> λ mapping.
     The paper picks λ_t per task from {0.2, ..., 0.6} by validation accuracy; without data,
     0.6 (FusionBench's default) is used.
@@ -227,39 +230,49 @@ def compress(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str
         lambdas = [float(mask_lambda)] * len(tasks)
     if len(lambdas) != len(tasks):
         raise MethodError(f"{len(lambdas)} mask_lambda values for {len(tasks)} tasks")
-    float_names = [n for n, t in base.items() if t.is_floating_point()]
+    names = list(base)
     for task, sd in experts.items():
-        missing = [n for n in base if n not in sd]
+        missing = [n for n in names if n not in sd]
         if missing:
             raise CheckpointError(f"expert '{task}': tensor '{missing[0]}' is missing")
-        for n in float_names:
-            if tuple(sd[n].shape) != tuple(base[n].shape):
-                raise CheckpointError(f"expert '{task}': tensor '{n}' has shape "
-                                      f"{tuple(sd[n].shape)}, base has {tuple(base[n].shape)}")
 
-    def tvs_of(name: str) -> torch.Tensor:
-        b = base[name].to(torch.float32)
-        return torch.stack([experts[t][name].to(torch.float32) - b for t in tasks])
+    def expert_tensors(name: str, ref: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for t in tasks:
+            e = experts[t][name]
+            if tuple(e.shape) != tuple(ref.shape):
+                raise CheckpointError(f"expert '{t}': tensor '{name}' has shape "
+                                      f"{tuple(e.shape)}, base has {tuple(ref.shape)}")
+            out.append(e.to(torch.float32))
+        return out
 
     stats: TiesStats | None = None
     if base_merge == "ties" and scope == "global":
         def groups() -> Iterator[TensorGroup]:
-            for n in float_names:
-                yield TensorGroup(name=n, base=base[n].to(torch.float32),
-                                  experts=[experts[t][n].to(torch.float32) for t in tasks],
-                                  params={}, ctx=MergeContext(name=n))
+            for n in names:
+                b = base[n]
+                if b.is_floating_point():
+                    yield TensorGroup(name=n, base=b.to(torch.float32),
+                                      experts=expert_tensors(n, b), params={},
+                                      ctx=MergeContext(name=n))
 
         stats = ties_prepare(groups, density)
+    kept: dict[str, torch.Tensor] = {}
     merged: dict[str, torch.Tensor] = {}
     masks: dict[str, dict[str, PackedMask]] = {t: {} for t in tasks}
-    for n in float_names:
-        tvs = tvs_of(n)
+    for n in names:  # one tensor of each model in memory at a time (the bundle aside)
+        b = base[n]
+        kept[n] = b.detach().clone()
+        if not b.is_floating_point():
+            continue
+        b32 = b.to(torch.float32)
+        tvs = torch.stack([e - b32 for e in expert_tensors(n, b)])
         mtl = multitask_vector(tvs, base_merge, density, stats)
         m = tall_masks(tvs, mtl, lambdas)
         merged[n] = mtl.to(merged_dtype)
         for i, t in enumerate(tasks):
             masks[t][n] = PackedMask.pack(m[i])
-    return TallBundle(base={n: t.detach().clone() for n, t in base.items()}, merged=merged,
+    return TallBundle(base=kept, merged=merged,
                       masks=masks, tasks=tasks,
                       config=TallConfig(base_merge=base_merge, mask_lambda=tuple(lambdas),
                                         density=density, scope=scope),

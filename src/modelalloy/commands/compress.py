@@ -44,17 +44,21 @@ def register(app: typer.Typer) -> None:
         Wang, Dimitriadis et al., ICML 2024. Prints the storage report and each mask's density.
         """
         from modelalloy.bundle import compress
-        from modelalloy.bundle._checkpoint import load_state_dict, side_files
+        from modelalloy.bundle._checkpoint import lazy_state, side_files
 
         try:
             tasks = _task_names(experts, names)
             lambdas = [float(x) for x in mask_lambda.split(",")]
             lam = lambdas[0] if len(lambdas) == 1 else lambdas
-            base_sd = load_state_dict(base)
-            expert_sds = {t: load_state_dict(p) for t, p in zip(tasks, experts, strict=True)}
+            base_sd = lazy_state(base)
+            expert_sds = {t: lazy_state(p) for t, p in zip(tasks, experts, strict=True)}
             files = {p.name: p.read_bytes() for p in side_files(base)}
-            bundle = compress(base_sd, expert_sds, base_merge=base_merge, mask_lambda=lam,
-                              density=density, scope=scope, files=files)
+            try:
+                bundle = compress(base_sd, expert_sds, base_merge=base_merge,
+                                  mask_lambda=lam, density=density, scope=scope, files=files)
+            finally:
+                for sd in (base_sd, *expert_sds.values()):
+                    sd.checkpoint.close()
             bundle.save(out)
         except ModelAlloyError as err:
             typer.echo(f"error: {err}", err=True)
@@ -71,22 +75,13 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="model folder to create")],
     ) -> None:
         """Rebuild one expert from a TALL bundle: θ_0 + m_t ⊙ τ_MTL."""
-        import tempfile
-
         from modelalloy.bundle import TallBundle
         from modelalloy.bundle._checkpoint import save_model_folder
 
         try:
             bundle = TallBundle.load(bundle_dir)
             key: str | int = int(task) if task.isdigit() and task not in bundle.tasks else task
-            state = bundle.rebuild(key)
-            with tempfile.TemporaryDirectory() as tmp:
-                copies = []
-                for fname, data in bundle.files.items():
-                    p = Path(tmp) / fname
-                    p.write_bytes(data)
-                    copies.append(p)
-                save_model_folder(state, out, copy_from=copies)
+            save_model_folder(bundle.rebuild(key), out, extra_files=bundle.files)
         except ModelAlloyError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None

@@ -28,18 +28,24 @@ def register(app: typer.Typer) -> None:
         Tang et al., 2025. Memory stays at the base, the running merge and the incoming model,
         however many models arrive.
         """
-        from modelalloy.bundle._checkpoint import load_state_dict, save_model_folder, side_files
+        from modelalloy.bundle._checkpoint import lazy_state, load_state_dict, save_model_folder
         from modelalloy.continual import OPCM
 
         try:
             if out.exists():
                 raise ModelAlloyError(f"{out}: already exists; choose a new output folder")
+            if not models:
+                raise ModelAlloyError("merge-stream needs at least one model after the base")
             merger = OPCM(load_state_dict(base), alpha=alpha, exclude=exclude, device=device)
             for path in models:
-                norm = merger.add(load_state_dict(path))
+                incoming = lazy_state(path)  # read tensor by tensor inside add()
+                try:
+                    norm = merger.add(incoming)
+                finally:
+                    incoming.checkpoint.close()
                 typer.echo(f"[{merger.count}/{len(models)}] {path}: ‖τ‖ = "
                            f"{merger.norms[-1]:.4g}, merged ‖Δ‖ = {norm:.4g}")
-            save_model_folder(merger.merged(), out, copy_from=side_files(base))
+            save_model_folder(merger.merged(), out, model_files_from=base)
         except ModelAlloyError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
