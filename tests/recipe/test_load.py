@@ -161,17 +161,21 @@ def test_base_model_for_a_method_without_base_is_ignored_with_a_warning():
     assert len(r.expert_entries()) == 2
 
 
-def test_negative_weights_follow_the_method_schema():
-    # _test_ties declares no lower bound on weight here, like task_arithmetic (task negation):
-    # the recipe loads, with a warning naming the field.
+def test_negative_weights_need_an_opt_in():
+    # _test_ties declares no lower bound on weight, like task_arithmetic (task negation).
     text = MINIMAL.replace("weight: 0.5, density: 0.5}\n  - model: ./b",
                            "weight: -0.5, density: 0.5}\n  - model: ./b")
+    fails(text, r"models\[0\]\.parameters\.weight: negative weight -0\.5.*"
+                r"add `allow_negative_weights: true`")
+    fails(MINIMAL + "parameters:\n  weight: [{filter: mlp, value: [1, -2]}]\n",
+          r"parameters\.weight\[0\]\.value\[1\]: negative weight -2")
     with pytest.warns(RecipeWarning, match=r"models\[0\]\.parameters\.weight: negative weight"):
-        r = parse_recipe(text)
+        r = parse_recipe(text + "allow_negative_weights: true\n")
     assert resolve_tensor_params(r, "w", None, None)["weight"] == [-0.5, 0.5]
-    # A method whose schema bounds weight (ge=0, like ties) rejects it.
-    fails("merge_method: _test_bounded\nmodels:\n  - model: ./a\n    parameters:\n"
-          "      weight: [{filter: mlp, value: [0.5, -0.1]}]\n",
+    assert "allow_negative_weights: true" in r.to_yaml()
+    # A method whose schema bounds weight (ge=0, like ties) rejects it even with the opt-in.
+    fails("merge_method: _test_bounded\nallow_negative_weights: true\nmodels:\n"
+          "  - model: ./a\n    parameters:\n      weight: [{filter: mlp, value: [0.5, -0.1]}]\n",
           r"models\[0\]\.parameters\.weight\[0\]\.value\[1\]: parameter 'weight' = -0\.1 is "
           r"out of range; it must be >= 0", MethodError)
 
@@ -291,6 +295,9 @@ def test_wrong_model_count():
     fails("merge_method: _test_linear\nmodels: [./a]\n", r"takes at least 2 models, got 1",
           MethodError)
     fails("merge_method: _test_ties\nbase_model: ./a\nmodels: [./a]\n", r"got 0", MethodError)
+    # the count is checked before duplicates: the method's own error names the method
+    fails("merge_method: _test_slerp\nbase_model: ./base\nmodels: [./a, ./a]\n",
+          r"'_test_slerp' takes exactly 1 models besides the base, got 2", MethodError)
 
 
 def test_duplicate_models():
@@ -305,6 +312,7 @@ def test_duplicate_models():
     ("seed: 1.5\n", r"seed: must be an integer"),
     ("seed: true\n", r"seed: must be an integer"),
     ("name: [a]\n", r"name: must be a string"),
+    ("allow_negative_weights: 1\n", r"allow_negative_weights: must be true or false"),
 ])
 def test_bad_scalars(extra, match):
     fails(MINIMAL + extra, match)

@@ -27,7 +27,8 @@ class RecipeWarning(UserWarning):
 
 # Keys modelalloy reads. The order is the documented order.
 SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "tokenizer", "chat_template", "name", "seed")
+                  "tokenizer_source", "tokenizer", "chat_template", "name", "seed",
+                  "allow_negative_weights")
 # mergekit keys with no support yet: a clear one-liner instead of a silent misread.
 UNSUPPORTED_KEYS = {
     "slices": "`slices` (layer ranges, frankenmerges) is not supported yet; list whole models "
@@ -174,6 +175,8 @@ class _Validator:
             fields[key] = self.dtype(raw.get(key), key)
         fields["name"] = self.opt_str(raw.get("name"), "name")
         fields["seed"] = self.seed(raw.get("seed", 0))
+        fields["allow_negative_weights"] = self.flag(raw.get("allow_negative_weights", False),
+                                                     "allow_negative_weights")
         fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
         if raw.get("chat_template") is not None:
             self.warn("chat_template: ignored (not supported yet); the output keeps the "
@@ -184,8 +187,8 @@ class _Validator:
         except ValidationError as e:  # pragma: no cover - the checks above come first
             raise self.pydantic(e) from None
         self.negative_weights(recipe, method)
-        self.duplicates(recipe)
         self.counts(recipe, method)
+        self.duplicates(recipe)
         recipe.warnings = self.warnings
         return recipe
 
@@ -366,11 +369,11 @@ class _Validator:
         return param.check(x, f"{self.source}: {where}")
 
     def negative_weights(self, recipe: Recipe, method: MethodSpec) -> None:
-        """Warn about negative weights the method's schema allows (e.g. task negation).
+        """Refuse negative weights unless the recipe opts in with ``allow_negative_weights``.
 
-        Whether a weight may be negative is the method's call: its ``weight`` Param bounds are
-        checked with every other value (ties: ``>= 0``; task_arithmetic: unbounded). A negative
-        weight that passes is legal but often a typo, so it is named once in a warning.
+        A method's schema may bound ``weight`` itself (ties: ``>= 0``, checked with the other
+        values). Where it does not (task_arithmetic, linear), a negative weight subtracts a
+        model: meaningful for task negation, but far more often a typo, so it takes an opt-in.
         """
         if "weight" not in {p.name for p in method.params}:
             return
@@ -380,9 +383,12 @@ class _Validator:
         for where, s in settings:
             for path, leaf in _leaves(s, where):
                 if is_number(leaf) and leaf < 0:
+                    if not recipe.allow_negative_weights:
+                        raise self.fail(path, f"negative weight {leaf}; weights must be >= 0 "
+                                              "(to subtract a model on purpose, e.g. task "
+                                              "negation, add `allow_negative_weights: true`)")
                     self.warn(f"{path}: negative weight {leaf} subtracts that model's "
-                              f"contribution (method '{method.name}' allows it); make it "
-                              ">= 0 if that is not intended")
+                              "contribution (allowed by allow_negative_weights)")
                     break
 
     def duplicates(self, recipe: Recipe) -> None:
@@ -421,6 +427,11 @@ class _Validator:
     def seed(self, v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
             raise self.fail("seed", f"must be an integer from 0 to 2**63-1, got {v!r}")
+        return v
+
+    def flag(self, v: Any, field: str) -> bool:
+        if not isinstance(v, bool):
+            raise self.fail(field, f"must be true or false, got {v!r}")
         return v
 
     def tokenizer(self, raw: dict, base_model: str | None, base_dir: Path) -> str | None:
