@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -29,11 +30,13 @@ models:
 
 
 def fails(text: str, match: str, err: type[ModelAlloyError] = RecipeError) -> str:
-    with pytest.raises(err, match=match) as info:
+    """The error's one-line message; ``match`` is searched with the ``(line N)`` tags removed."""
+    with pytest.raises(err) as info:
         parse_recipe(text, source="r.yaml")
     msg = str(info.value)
     assert "\n" not in msg, msg
     assert msg.startswith("r.yaml: "), msg
+    assert re.search(match, re.sub(r" \(line \d+\)", "", msg)), msg
     return msg
 
 
@@ -131,7 +134,7 @@ def test_tokenizer_source_variants(tmp_path):
 
 
 def test_chat_template_is_ignored_with_a_warning():
-    with pytest.warns(RecipeWarning, match="chat_template: ignored"):
+    with pytest.warns(RecipeWarning, match=r"chat_template \(line \d+\): ignored"):
         r = parse_recipe(MINIMAL + "chat_template: chatml\n")
     assert len(r.warnings) == 1 and "chat_template" not in r.to_yaml()
 
@@ -149,7 +152,7 @@ def test_mergekit_structured_model_reference():
 
 
 def test_base_model_for_a_method_without_base_is_ignored_with_a_warning():
-    with pytest.warns(RecipeWarning, match="base_model: ignored"):
+    with pytest.warns(RecipeWarning, match=r"base_model \(line 2\): ignored"):
         r = parse_recipe("merge_method: _test_linear\nbase_model: ./c\n"
                          "models: [{model: ./a}, {model: ./b}]\n")
     assert len(r.expert_entries()) == 2 and not r.uses_base()
@@ -169,7 +172,8 @@ def test_negative_weights_need_an_opt_in():
                 r"add `allow_negative_weights: true`")
     fails(MINIMAL + "parameters:\n  weight: [{filter: mlp, value: [1, -2]}]\n",
           r"parameters\.weight\[0\]\.value\[1\]: negative weight -2")
-    with pytest.warns(RecipeWarning, match=r"models\[0\]\.parameters\.weight: negative weight"):
+    with pytest.warns(RecipeWarning, match=r"models\[0\]\.parameters\.weight \(line 6\): "
+                                           r"negative weight"):
         r = parse_recipe(text + "allow_negative_weights: true\n")
     assert resolve_tensor_params(r, "w", None, None)["weight"] == [-0.5, 0.5]
     assert "allow_negative_weights: true" in r.to_yaml()
@@ -370,7 +374,7 @@ def test_load_recipe_file_errors(tmp_path):
         load_recipe(tmp_path)
     bad = tmp_path / "bad.yml"
     bad.write_text("merge_method: _test_linear\nmodels: [./a, ./b]\nbogus: 1\n")
-    with pytest.raises(RecipeError, match=f"^{bad}: bogus: unknown key"):
+    with pytest.raises(RecipeError, match=rf"^{bad}: bogus \(line 3\): unknown key"):
         load_recipe(bad)
 
 
@@ -442,3 +446,25 @@ def test_hub_id_tokenizer_source_is_caught_by_check_paths(tmp_path):
     r = parse_recipe(MINIMAL + "tokenizer_source: org/tok\n", base_dir=tmp_path)
     with pytest.raises(RecipeError, match="'org/tok' is not a local folder.*never downloads"):
         r.check_paths()
+
+
+def test_errors_name_the_line():
+    text = """merge_method: _test_ties
+base_model: ./base
+models:
+  - model: ./a
+    parameters:
+      weight: 0.5
+      density:
+        - filter: mlp
+          value: [0.5, 1.5]
+  - model: ./b
+"""
+    msg = fails(text, r"models\[0\]\.parameters\.density\[0\]\.value\[1\]", MethodError)
+    assert "density[0].value[1] (line 9):" in msg  # the closest field with a line: `value:`
+    msg = fails(text.replace("weight: 0.5", "wieght: 0.5"), "has no parameter", MethodError)
+    assert "models[0].parameters.wieght (line 6):" in msg
+    ok = text.replace("1.5", "1.0")
+    msg = fails(ok.replace("  - model: ./b\n", "  - model: ./b\n    layer_range: [0, 2]\n"),
+                "not supported yet")
+    assert "models[1].layer_range (line 11):" in msg

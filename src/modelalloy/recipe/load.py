@@ -62,7 +62,8 @@ def load_recipe(path: str | Path) -> Recipe:
 def parse_recipe(text: str, source: str = "<string>", base_dir: Path | None = None) -> Recipe:
     """Validate a recipe given as YAML text. ``base_dir`` (default: cwd) anchors model paths."""
     raw = _load_yaml(text, source)
-    return _Validator(source).build(raw, Path(base_dir) if base_dir else Path.cwd())
+    return _Validator(source, _field_lines(text)).build(raw, Path(base_dir) if base_dir
+                                                         else Path.cwd())
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>",
@@ -112,6 +113,33 @@ def _load_yaml(text: str, source: str) -> Any:
                           "(indentation, quotes, colons)") from None
 
 
+def _field_lines(text: str) -> dict[str, int]:
+    """1-based line of every field path (``models[1].parameters.density``) in the YAML text."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+                    continue
+                child = f"{path}.{key.value}" if path else str(key.value)
+                lines.setdefault(child, key.start_mark.line + 1)
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                child = f"{path}[{i}]"
+                lines.setdefault(child, item.start_mark.line + 1)
+                walk(item, child)
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:  # pragma: no cover - the text was loaded already
+        return {}
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
 # -- validation -----------------------------------------------------------------------------
 
 
@@ -137,15 +165,25 @@ def _kind(v: Any) -> str:
 
 
 class _Validator:
-    def __init__(self, source: str):
+    def __init__(self, source: str, lines: dict[str, int] | None = None):
         self.source = source
+        self.lines = lines or {}
         self.warnings: list[str] = []
 
-    def fail(self, field: str, msg: str) -> RecipeError:
-        return RecipeError(f"{self.source}: {field}: {msg}" if field else f"{self.source}: {msg}")
+    def at(self, field: str) -> str:
+        """``source: field (line N)``: the line of the field, or of its closest parent."""
+        probe = field
+        while probe and probe not in self.lines:
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        line = f" (line {self.lines[probe]})" if probe else ""
+        return f"{self.source}: {field}{line}"
 
-    def warn(self, msg: str) -> None:
-        msg = f"{self.source}: {msg}"
+    def fail(self, field: str, msg: str) -> RecipeError:
+        return RecipeError(f"{self.at(field)}: {msg}" if field else f"{self.source}: {msg}")
+
+    def warn(self, msg: str, field: str = "") -> None:
+        msg = f"{self.at(field)}: {msg}" if field else f"{self.source}: {msg}"
         self.warnings.append(msg)
         warnings.warn(msg, RecipeWarning, stacklevel=4)
 
@@ -179,8 +217,8 @@ class _Validator:
                                                      "allow_negative_weights")
         fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
         if raw.get("chat_template") is not None:
-            self.warn("chat_template: ignored (not supported yet); the output keeps the "
-                      "chat template of the tokenizer it copies")
+            self.warn("ignored (not supported yet); the output keeps the chat template of "
+                      "the tokenizer it copies", "chat_template")
 
         try:
             recipe = Recipe(**fields, source=self.source, base_dir=base_dir)
@@ -205,7 +243,7 @@ class _Validator:
         try:
             return get_method(name)
         except MethodError as e:
-            raise MethodError(f"{self.source}: merge_method: {e}") from None
+            raise MethodError(f"{self.at('merge_method')}: {e}") from None
 
     def models(self, raw: dict, base_dir: Path, method: MethodSpec) -> list[ModelEntry]:
         models = raw.get("models")
@@ -286,14 +324,14 @@ class _Validator:
                 raise self.fail(where, "parameter names must be strings")
             if key not in names:
                 if key in IGNORED_PARAMS:
-                    self.warn(f"{where}: ignored ({IGNORED_PARAMS[key]})")
+                    self.warn(f"ignored ({IGNORED_PARAMS[key]})", where)
                     continue
                 takes = ", ".join(names) or "no parameters"
-                raise MethodError(f"{self.source}: {where}: method '{method.name}' has no "
+                raise MethodError(f"{self.at(where)}: method '{method.name}' has no "
                                   f"parameter '{key}'; it takes: {takes}")
             param = names[key]
             if per_model_level and not param.per_model:
-                raise MethodError(f"{self.source}: {where}: '{key}' is a global parameter of "
+                raise MethodError(f"{self.at(where)}: '{key}' is a global parameter of "
                                   f"method '{method.name}' (one value for all models); move it "
                                   "to the top-level `parameters` (mergekit ignores it here)")
             out[key] = self.value(value, where, param)
@@ -358,15 +396,15 @@ class _Validator:
             try:
                 x = float(x)
             except ValueError:
-                raise MethodError(f"{self.source}: {where}: parameter '{param.name}' must be a "
+                raise MethodError(f"{self.at(where)}: parameter '{param.name}' must be a "
                                   f"number, got {x!r}") from None
         if is_number(x) and not math.isfinite(x):
-            raise MethodError(f"{self.source}: {where}: parameter '{param.name}' must be "
+            raise MethodError(f"{self.at(where)}: parameter '{param.name}' must be "
                               f"finite, got {x}")
         if param.type is int and is_number(x) and not float(x).is_integer():
-            raise MethodError(f"{self.source}: {where}: parameter '{param.name}' must be a "
+            raise MethodError(f"{self.at(where)}: parameter '{param.name}' must be a "
                               f"whole number, got {x}")
-        return param.check(x, f"{self.source}: {where}")
+        return param.check(x, self.at(where))
 
     def negative_weights(self, recipe: Recipe, method: MethodSpec) -> None:
         """Refuse negative weights unless the recipe opts in with ``allow_negative_weights``.
@@ -387,8 +425,8 @@ class _Validator:
                         raise self.fail(path, f"negative weight {leaf}; weights must be >= 0 "
                                               "(to subtract a model on purpose, e.g. task "
                                               "negation, add `allow_negative_weights: true`)")
-                    self.warn(f"{path}: negative weight {leaf} subtracts that model's "
-                              "contribution (allowed by allow_negative_weights)")
+                    self.warn(f"negative weight {leaf} subtracts that model's "
+                              "contribution (allowed by allow_negative_weights)", path)
                     break
 
     def duplicates(self, recipe: Recipe) -> None:
@@ -401,12 +439,12 @@ class _Validator:
     def counts(self, recipe: Recipe, method: MethodSpec) -> None:
         if recipe.base_model is not None and method.base == "none":
             if recipe.base_entry() is None:
-                self.warn(f"base_model: ignored, method '{method.name}' does not use a base "
-                          "model; list it under `models` to merge it too")
+                self.warn(f"ignored, method '{method.name}' does not use a base "
+                          "model; list it under `models` to merge it too", "base_model")
         try:
             method.check_model_count(len(recipe.expert_entries()), recipe.uses_base())
         except MethodError as e:
-            raise MethodError(f"{self.source}: models: {e}") from None
+            raise MethodError(f"{self.at('models')}: {e}") from None
 
     # -- scalars -----------------------------------------------------------------------------
 
