@@ -17,21 +17,23 @@ def test_regmean_single_linear_equals_pooled_least_squares():
     experts = [nn.Linear(5, 3, bias=False) for _ in range(3)]
     gen = torch.Generator().manual_seed(1)
     data = [torch.randn(n, 5, generator=gen) for n in (8, 13, 21)]  # different amounts of data
-    grams = [collect_grams(m, [x], reduce="sum") for m, x in zip(experts, data)]
+    grams = [collect_grams(m, [x], reduce="sum") for m, x in zip(experts, data, strict=True)]
     merged = merge_state_dicts("regmean", None, [m.state_dict() for m in experts],
                                stats={"gram": grams})
     # least squares over the pooled inputs: min_W Σ_k ‖X_k Wᵀ − X_k W_kᵀ‖²
     x = torch.cat(data).double()
-    y = torch.cat([xk.double() @ m.weight.double().T for xk, m in zip(data, experts)]).detach()
+    y = torch.cat([xk.double() @ m.weight.double().T
+                   for xk, m in zip(data, experts, strict=True)]).detach()
     w_ls = torch.linalg.lstsq(x, y).solution.T
     torch.testing.assert_close(merged["weight"].double(), w_ls, rtol=1e-5, atol=1e-5)
     # with per-token mean Grams (the reference default) and equal amounts of data: same answer
     data_eq = [torch.randn(10, 5, generator=gen) for _ in range(3)]
-    grams_mean = [collect_grams(m, [x]) for m, x in zip(experts, data_eq)]
+    grams_mean = [collect_grams(m, [x]) for m, x in zip(experts, data_eq, strict=True)]
     merged2 = merge_state_dicts("regmean", None, [m.state_dict() for m in experts],
                                 stats={"gram": grams_mean})
     x = torch.cat(data_eq).double()
-    y = torch.cat([xk.double() @ m.weight.double().T for xk, m in zip(data_eq, experts)]).detach()
+    y = torch.cat([xk.double() @ m.weight.double().T
+                   for xk, m in zip(data_eq, experts, strict=True)]).detach()
     torch.testing.assert_close(merged2["weight"].double(), torch.linalg.lstsq(x, y).solution.T,
                                rtol=1e-5, atol=1e-5)
 
@@ -40,7 +42,7 @@ def test_regmean_alpha_zero_is_per_feature_weighted_average_and_bias_is_mean():
     torch.manual_seed(2)
     experts = [nn.Linear(4, 2) for _ in range(2)]
     xs = [torch.randn(9, 4) * torch.tensor([1.0, 2.0, 0.5, 3.0]) for _ in range(2)]
-    grams = [collect_grams(m, [x]) for m, x in zip(experts, xs)]
+    grams = [collect_grams(m, [x]) for m, x in zip(experts, xs, strict=True)]
     merged = merge_state_dicts("regmean", None, [m.state_dict() for m in experts],
                                stats={"gram": grams}, alpha=0.0)
     d = [torch.diagonal(g["weight"]) for g in grams]  # per-input-feature E[x_i²]
@@ -73,13 +75,13 @@ def test_regmean_on_gpt2_conv1d_equals_least_squares(tiny_gpt2, lm_batches):
             if ".ln_" in name:
                 p.data += 0.3 * torch.randn(p.shape, generator=gen)
     batches = [lm_batches(10 + s, pad_last=0) for s in (1, 2)]
-    grams = [collect_grams(m, b, reduce="sum") for m, b in zip(experts, batches)]
+    grams = [collect_grams(m, b, reduce="sum") for m, b in zip(experts, batches, strict=True)]
     merged = merge_state_dicts("regmean", None, [m.state_dict() for m in experts],
                                stats={"gram": grams}, input_dim="first")
     key = "transformer.h.0.attn.c_attn.weight"
     xs, ys = [], []
     with torch.no_grad():
-        for m, bs in zip(experts, batches):
+        for m, bs in zip(experts, batches, strict=True):
             for b in bs:
                 pos = torch.arange(b["input_ids"].shape[1])
                 h = m.transformer.wte(b["input_ids"]) + m.transformer.wpe(pos)
@@ -106,7 +108,7 @@ def test_regmean_singular_gram_gives_minimum_norm_solution():
     grams = [{"w": x.T @ x} for x in xs]
     out = merge_state_dicts("regmean", None, [{"w": w} for w in ws], stats={"gram": grams})
     x = torch.cat(xs).double()
-    y = torch.cat([xk.double() @ w.double().T for xk, w in zip(xs, ws)])
+    y = torch.cat([xk.double() @ w.double().T for xk, w in zip(xs, ws, strict=True)])
     torch.testing.assert_close(out["w"].double(), (torch.linalg.pinv(x) @ y).T, rtol=1e-5,
                                atol=1e-5)
     assert torch.isfinite(out["w"]).all() and out["w"][:, 2].abs().max() < 1e-5
@@ -168,7 +170,7 @@ def test_fisher_merge_end_to_end_with_collected_fishers():
     torch.manual_seed(4)
     experts = [nn.Linear(3, 4) for _ in range(2)]
     xs = [torch.randn(6, 3) for _ in range(2)]
-    fs = [collect_fisher(m, [x], mode="exact") for m, x in zip(experts, xs)]
+    fs = [collect_fisher(m, [x], mode="exact") for m, x in zip(experts, xs, strict=True)]
     out = merge_state_dicts("fisher", None, [m.state_dict() for m in experts],
                             stats={"fisher": fs}, normalize=False)
     f0 = fs[0]["weight"].clamp_min(1e-6)

@@ -116,7 +116,7 @@ def test_empirical_and_hard_fisher_closed_form():
     hard = collect_fisher(model, [{"input": xs}], mode="hard")
     fe, fh = torch.zeros(4, 3), torch.zeros(4, 3)
     with torch.no_grad():
-        for x, y in zip(xs, labels):
+        for x, y in zip(xs, labels, strict=True):
             p = torch.softmax(model.weight @ x + model.bias, 0)
             for acc, c in ((fe, int(y)), (fh, int(p.argmax()))):
                 e = torch.zeros(4)
@@ -150,7 +150,8 @@ def test_save_load_roundtrip_and_format(tmp_path):
     model = mlp()
     stat = collect_grams(model, [torch.randn(5, 4)])
     path = save_stats(stat, tmp_path / "model")
-    assert path == stats_path(tmp_path / "model", "gram") == tmp_path / "model/stats/gram.safetensors"
+    assert path == stats_path(tmp_path / "model", "gram")
+    assert path == tmp_path / "model" / "stats" / "gram.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         assert set(f.keys()) == {"0.weight", "2.weight"}

@@ -65,7 +65,7 @@ def fisher(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[
         total = sum(lam)
         if total <= 0:
             raise MethodError("fisher: the model weights sum to zero")
-        return sum(w / total * t for w, t in zip(lam, experts))
+        return sum(w / total * t for w, t in zip(lam, experts, strict=True))
     if any(f is None for f in fishers):
         missing = [i for i, f in enumerate(fishers) if f is None]
         raise MethodError(f"tensor '{ctx.name}': experts {missing} have no Fisher while others "
@@ -74,11 +74,11 @@ def fisher(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[
         norms = ctx.global_stats
         if norms is None:
             raise MethodError("fisher: the normalisation pass found no Fisher statistics")
-        lam = [w / n if n > 0 else 0.0 for w, n in zip(lam, norms)]
+        lam = [w / n if n > 0 else 0.0 for w, n in zip(lam, norms, strict=True)]
     floor = float(params["fisher_floor"])
     num = torch.zeros_like(experts[0])
     den = torch.zeros_like(experts[0])
-    for k, (f, theta, w) in enumerate(zip(fishers, experts, lam)):
+    for k, (f, theta, w) in enumerate(zip(fishers, experts, lam, strict=True)):
         if not params["favor_target"] or k == 0:
             f = f.clamp_min(floor)
         num.add_(w * f * theta)

@@ -37,7 +37,8 @@ _PARAMS = [
     Param("weight", float, 1.0, "model coefficient c_k (scales the model's Gram; weights the "
           "average of tensors without a Gram)", per_model=True, ge=0.0),
     Param("ridge", float, 0.0, "added to the diagonal of Σ G̃ as a fraction of its mean "
-          "diagonal before solving (0 = none; a near-singular system gets the minimum-norm solution)",
+          "diagonal before solving (0 = none; a near-singular system gets the minimum-norm "
+          "solution)",
           ge=0.0),
     Param("input_dim", str, "auto", "weight dimension the Gram runs along: 'last' (nn.Linear), "
           "'first' (GPT-2 Conv1D), or 'auto' (from the shapes; square weights count as 'last')",
@@ -50,7 +51,7 @@ def _weighted_average(experts: list[torch.Tensor], weights: list[float]) -> torc
     if total <= 0:
         raise MethodError("the model weights sum to zero")
     out = torch.zeros_like(experts[0])
-    for w, t in zip(weights, experts):
+    for w, t in zip(weights, experts, strict=True):
         out.add_(t, alpha=w / total)
     return out
 
@@ -85,7 +86,7 @@ def regmean_solve(grams: list[torch.Tensor], weights_t: list[torch.Tensor],
     """(Σ c_k G̃_k)⁻¹ Σ c_k G̃_k Ŵ_k for transposed weights Ŵ_k (d_in × d_out)."""
     lhs = torch.zeros_like(grams[0], dtype=torch.float64)
     rhs = torch.zeros_like(weights_t[0], dtype=torch.float64)
-    for g, w, c in zip(grams, weights_t, coefficients):
+    for g, w, c in zip(grams, weights_t, coefficients, strict=True):
         gt = reduce_non_diag(g.double(), alpha) * c
         lhs += gt
         rhs += gt @ w.double()

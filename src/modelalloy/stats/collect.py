@@ -300,7 +300,7 @@ def collect_fisher(model: nn.Module, batches: Iterable[Any], *, mode: str = "sam
 
     def grads_of(value: torch.Tensor, retain: bool) -> list[torch.Tensor]:
         gs = torch.autograd.grad(value, params, retain_graph=retain, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
 
     try:
         for p in params:
@@ -323,7 +323,7 @@ def collect_fisher(model: nn.Module, batches: Iterable[Any], *, mode: str = "sam
                         probs = logp.detach().exp()
                         for c in range(logp.shape[0]):
                             gs = grads_of(logp[c], retain=c < logp.shape[0] - 1)
-                            for a, g in zip(acc, gs):
+                            for a, g in zip(acc, gs, strict=True):
                                 a.add_(probs[c] * g.float() ** 2)
                     else:
                         if mode == "empirical":
@@ -337,7 +337,7 @@ def collect_fisher(model: nn.Module, batches: Iterable[Any], *, mode: str = "sam
                                                    replacement=True, generator=gen).tolist()
                         for j, y in enumerate(ys):
                             gs = grads_of(logp[y], retain=j < len(ys) - 1)
-                            for a, g in zip(acc, gs):
+                            for a, g in zip(acc, gs, strict=True):
                                 a.add_(g.float() ** 2 / len(ys))
                 elif logp.dim() == 3:  # (1, tokens, vocab)
                     logp = logp[0]
@@ -370,7 +370,7 @@ def collect_fisher(model: nn.Module, batches: Iterable[Any], *, mode: str = "sam
                             draws.append((logp.gather(-1, y)[:, 0] * valid).sum())
                     for j, value in enumerate(draws):
                         gs = grads_of(value, retain=j < len(draws) - 1)
-                        for a, g in zip(acc, gs):
+                        for a, g in zip(acc, gs, strict=True):
                             a.add_(g.float() ** 2 / len(draws))
                 else:
                     raise ValueError(f"logits of shape {tuple(logp.shape)}: expected "
@@ -379,13 +379,13 @@ def collect_fisher(model: nn.Module, batches: Iterable[Any], *, mode: str = "sam
             if max_examples is not None and n_examples >= max_examples:
                 break
     finally:
-        for p, flag in zip(params, saved_flags):
+        for p, flag in zip(params, saved_flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
     if n_examples == 0:
         raise ValueError("no calibration example was seen")
     out, cnt = {}, {}
-    for p, a in zip(params, acc):
+    for p, a in zip(params, acc, strict=True):
         f = (a / n_examples).to("cpu", torch.float32)
         for name in names_by_param[id(p)]:
             out[name] = f
