@@ -62,7 +62,7 @@ def aim(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str
     a = acts[0]
     if a is None:
         return merged
-    f = aim_factor(a.flatten(), float(params["omega"]))
+    f = aim_factor(a.to(merged.device).flatten(), float(params["omega"]))
     delta = merged - base
     d = f.numel()
     if delta.dim() == 1:

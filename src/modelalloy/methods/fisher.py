@@ -79,6 +79,7 @@ def fisher(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[
     num = torch.zeros_like(experts[0])
     den = torch.zeros_like(experts[0])
     for k, (f, theta, w) in enumerate(zip(fishers, experts, lam, strict=True)):
+        f = f.to(theta.device)
         if not params["favor_target"] or k == 0:
             f = f.clamp_min(floor)
         num.add_(w * f * theta)

@@ -100,7 +100,7 @@ def ota(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str
     eps = float(params["epsilon"])
     weights, updates = [], []
     for k, (v, theta) in enumerate(zip(vs, experts, strict=True)):
-        v = v.clamp_min(0.0)
+        v = v.to(theta.device).clamp_min(0.0)
         if params["compress"] == "rank1":
             v = rank1_second_moment(v)
         elif params["rank"] > 0:
@@ -156,7 +156,7 @@ def ffg(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str
         if v is None:
             raise MethodError(f"tensor '{ctx.name}': ffg with metric 'fisher' needs exp_avg_sq "
                               "statistics (or use metric 'magnitude')")
-        saliency = v.clamp_min(0.0) * tau ** 2
+        saliency = v.to(tau.device).clamp_min(0.0) * tau ** 2
     else:
         saliency = tau.abs()
     n = tau.numel()

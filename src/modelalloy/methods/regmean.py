@@ -141,7 +141,8 @@ def regmean_merge(experts: list[torch.Tensor], grams: list[torch.Tensor | None],
     d = grams[0].shape[0]
     layout = _layout(experts[0], d, params["input_dim"], name)
     wts = [w.T if layout == "last" else w for w in experts]
-    merged = regmean_solve([g for g in grams if g is not None], wts, coeff,
+    dev = experts[0].device  # the engine may hand statistics over on the CPU
+    merged = regmean_solve([g.to(dev) for g in grams if g is not None], wts, coeff,
                            float(params["alpha"]), float(params["ridge"]))
     return merged.T.contiguous() if layout == "last" else merged
 
