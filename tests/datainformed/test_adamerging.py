@@ -84,8 +84,13 @@ def test_recipe_and_heatmap(tmp_path):
     recipe = yaml.safe_load(res.save_recipe(tmp_path / "r.yaml", "base", ["a", "b"]).read_text())
     assert recipe["merge_method"] == "task_arithmetic" and recipe["base_model"] == "base"
     w = recipe["models"][1]["parameters"]["weight"]
-    assert w[0] == {"filter": "0.weight", "value": round(res.weight_of("0.weight", 1), 6)}
-    assert w[-1] == {"value": 0.0}
+    assert {"filter": "0.weight", "value": round(res.weight_of("0.weight", 1), 6)} in w
+    assert w[-1] == {"value": 0.0} and recipe["parameters"] == {"normalize": False,
+                                                                  "lambda": 1.0}
+    # substring filters, first match wins: a longer name is never shadowed by a shorter one
+    filters = [e["filter"] for e in w[:-1]]
+    for i, a in enumerate(filters):
+        assert not any(b in a for b in filters[:i]), a
     png = res.save_heatmap(tmp_path / "coeffs.png", ["a", "b"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -62,34 +62,43 @@ class CoefficientResult:
     rows: dict[str, int]
     history: list[float] = field(default_factory=list)
     row_labels: list[str] = field(default_factory=list)
+    all_names: list[str] = field(default_factory=list)  # every tensor of the base state dict
 
     def weight_of(self, name: str, k: int) -> float:
         return float(self.coefficients[self.rows[name], k])
 
     def to_recipe(self, base_model: str, models: Sequence[str]) -> dict[str, Any]:
-        """A mergekit-style ``task_arithmetic`` recipe reproducing the merge.
+        """A ``task_arithmetic`` recipe (mergekit format) reproducing the merge.
 
-        Task-wise: one scalar ``weight`` per model. Layer-wise: per model a list of
-        ``{filter: <full tensor name>, value: c}`` entries (exact names) and a final
-        ``{value: 0.0}`` for tensors that were not merged (they stay at the base).
+        Task-wise: one scalar ``weight`` per model. Layer-wise: per model a conditional list of
+        ``{filter: <full tensor name>, value: c}``. mergekit filters match by *substring*, first
+        match wins, so entries go longest name first, and a tensor left at the base whose name
+        contains a merged tensor's name (``10.weight`` contains ``0.weight``) gets its own
+        ``value: 0`` entry; the final ``{value: 0.0}`` keeps the other unmerged tensors at
+        the base. ``normalize: false``, ``lambda: 1`` (θ = θ₀ + Σ_k c_k τ_k).
         """
         if len(models) != self.coefficients.shape[1]:
             raise ValueError(f"{len(models)} model paths for {self.coefficients.shape[1]} "
                              "coefficient columns")
+        merged = set(self.names)
+        shadowed = [n for n in self.all_names if n not in merged
+                    and any(m in n for m in merged)]
         entries = []
         for k, path in enumerate(models):
-            if self.granularity == "task":
+            if self.granularity == "task" and not shadowed and len(merged) == len(
+                    self.all_names or self.names):
                 weight: Any = round(float(self.coefficients[0, k]), 6)
             else:
-                weight = [{"filter": n, "value": round(self.weight_of(n, k), 6)}
-                          for n in self.names] + [{"value": 0.0}]
+                pairs = [(n, round(self.weight_of(n, k), 6)) for n in self.names]
+                pairs += [(n, 0.0) for n in shadowed]
+                pairs.sort(key=lambda nv: -len(nv[0]))
+                weight = [{"filter": n, "value": v} for n, v in pairs] + [{"value": 0.0}]
             entries.append({"model": str(path), "parameters": {"weight": weight}})
-        return {"merge_method": "task_arithmetic", "base_model": str(base_model),
-                "models": entries, "dtype": "float32",
-                "x-modelalloy-optimizer": {"method": self.method,
-                                           "granularity": self.granularity,
-                                           "final_loss": self.history[-1] if self.history
-                                           else None}}
+        final = f", final entropy {self.history[-1]:.4g}" if self.history else ""
+        return {"name": f"{self.method} ({self.granularity}-wise{final})",
+                "merge_method": "task_arithmetic", "base_model": str(base_model),
+                "models": entries, "parameters": {"normalize": False, "lambda": 1.0},
+                "dtype": "float32"}
 
     def save_recipe(self, path: str | Path, base_model: str, models: Sequence[str]) -> Path:
         import yaml
@@ -209,7 +218,8 @@ def adamerging(model: nn.Module, base: Mapping[str, torch.Tensor],
         model.train(was_training)
     final = coeffs().detach().cpu()
     name = "adamerging++" if ties_density is not None else "adamerging"
-    return CoefficientResult(name, granularity, final, list(tvm.names), rows, history, labels)
+    return CoefficientResult(name, granularity, final, list(tvm.names), rows, history, labels,
+                             list(base.keys()))
 
 
 def mean_entropy(model: nn.Module, base: Mapping[str, torch.Tensor],
