@@ -44,8 +44,8 @@ def test_regmean_recipe_streams_saved_grams(tmp_path, tiny_gpt2):
     recipe = {"merge_method": "regmean", "models": [{"model": str(p)} for p in paths],
               "parameters": {"alpha": 0.9, "input_dim": "first"}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    out = merge(tmp_path / "r.yaml", tmp_path / "out")
-    got = _load_folder(out)
+    merge(tmp_path / "r.yaml", tmp_path / "out")
+    got = _load_folder(tmp_path / "out")
     grams = [load_stats(p, "gram") for p in paths]
     expect = merge_state_dicts("regmean", None, sds, stats={"gram": grams}, alpha=0.9,
                                input_dim="first")
@@ -67,7 +67,8 @@ def test_adamerging_recipe_reproduces_coefficients(tmp_path, tiny_gpt2, lm_batch
     tasks = [lm_batches(40 + k, n_batches=1, batch=2) for k in range(2)]
     res = adamerging(base, base_sd, experts, tasks, steps=3, lr=0.05)
     res.save_recipe(tmp_path / "ada.yaml", str(tmp_path / "base"), paths)
-    got = _load_folder(merge(tmp_path / "ada.yaml", tmp_path / "out"))
+    merge(tmp_path / "ada.yaml", tmp_path / "out")
+    got = _load_folder(tmp_path / "out")
     for name, v in got.items():
         expect = base_sd[name] + sum(res.weight_of(name, k) * (experts[k][name] - base_sd[name])
                                      for k in range(2))
