@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 import sys
 import traceback
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
@@ -132,8 +133,14 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Warnings are for people too: one line, without the source line Python would show.
+    err.print(Text("warning: ", style="yellow") + Text(str(message)), soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: people get one-line errors and a non-zero exit, tracebacks with --debug."""
+    warnings.showwarning = _show_warning
     try:
         app(standalone_mode=False)
     except ModelAlloyError as error:
