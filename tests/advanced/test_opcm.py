@@ -91,3 +91,20 @@ def test_merge_stream_cli(tmp_path):
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     want = opcm_merge(base, experts)
     assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in base)
+
+
+def test_opcm_refuses_a_model_with_a_missing_tensor_without_changing_state():
+    import pytest
+
+    from modelalloy.errors import PlanError
+
+    base, experts = make_models(2, seed=4)
+    merger = OPCM(base)
+    merger.add(experts[0])
+    before = {n: t.clone() for n, t in merger.delta.items()}
+    broken = dict(experts[1])
+    broken.pop("head.weight")
+    with pytest.raises(PlanError, match="head.weight"):
+        merger.add(broken)
+    assert merger.count == 1
+    assert all(torch.equal(before[n], merger.delta[n]) for n in before)
