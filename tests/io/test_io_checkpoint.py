@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import struct
 import threading
 from pathlib import Path
@@ -469,3 +470,49 @@ def test_truncated_pickle(tmp_path):
     with pytest.raises(CheckpointError) as e:
         open_checkpoint(tmp_path / "w.bin")
     assert_one_line_error(e, "w.bin", "re-download")
+
+
+def test_single_file_preferred_over_index_like_transformers(tmp_path):
+    sd, wm = _sharded(tmp_path)
+    _write_index(tmp_path, wm)
+    only = {"solo": torch.ones(3)}
+    save_file(only, tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path) as ck:
+        assert_same(ck, only)
+
+
+def test_metadata_values_must_be_strings(tmp_path):
+    f = _corrupt(tmp_path, {"a": F32, "__metadata__": {"format": 1}}, b"\0" * 8)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(f)
+    assert_one_line_error(e, f, "__metadata__")
+
+
+def test_fuzzed_headers_never_pass_validation_and_then_fail(tmp_path):
+    """Whatever our validator accepts, the safetensors library must read (differential fuzz)."""
+    from modelalloy.io.checkpoint import read_safetensors_header
+
+    good = tmp_path / "good.safetensors"
+    save_file(tiny_state_dict(), good)
+    raw = bytearray(good.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    rng = random.Random(0)
+    accepted = 0
+    for i in range(300):
+        data = bytearray(raw)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(0, 8 + n)
+            data[pos] = rng.choice(b'0123456789[]{}",:FIUB ' + bytes([rng.randrange(256)]))
+        f = tmp_path / f"f{i}.safetensors"
+        f.write_bytes(bytes(data))
+        try:
+            entries, _ = read_safetensors_header(f)
+        except CheckpointError as e:
+            assert "\n" not in str(e) and str(f) in str(e)
+            continue
+        accepted += 1
+        with open_checkpoint(f) as ck:
+            for name in ck.names():
+                t = ck.get(name)
+                assert tuple(t.shape) == ck.info(name).shape
+    assert 0 < accepted < 300

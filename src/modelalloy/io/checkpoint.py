@@ -137,7 +137,11 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
     metadata_raw = header.pop("__metadata__", None) or {}
     if not isinstance(metadata_raw, dict):
         raise CheckpointError(f"{path}: __metadata__ is not an object; re-save the file")
-    metadata = {str(k): str(v) for k, v in metadata_raw.items()}
+    if not all(isinstance(v, str) for v in metadata_raw.values()):
+        raise CheckpointError(
+            f"{path}: __metadata__ values must be strings (safetensors rule); re-save the file"
+        )
+    metadata = dict(metadata_raw)
 
     data_size = size - 8 - n
     entries: list[_StEntry] = []
@@ -320,17 +324,18 @@ def _visible(paths: list[Path]) -> list[Path]:
 
 def _find_weights(folder: Path) -> tuple[str, list[Path], Path | None]:
     """(kind, files, index) for a folder; kind is "safetensors" or "pickle"."""
-    if (folder / SAFETENSORS_INDEX).is_file():
-        return "safetensors", [], folder / SAFETENSORS_INDEX
+    # Same preference order as transformers' from_pretrained: single file, then index.
     if (folder / SAFETENSORS_SINGLE).is_file():
         return "safetensors", [folder / SAFETENSORS_SINGLE], None
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return "safetensors", [], folder / SAFETENSORS_INDEX
     shards = _visible(list(folder.glob("model-*-of-*.safetensors")))
     if shards:
         return "safetensors", shards, None
-    if (folder / BIN_INDEX).is_file():
-        return "pickle", [], folder / BIN_INDEX
     if (folder / BIN_SINGLE).is_file():
         return "pickle", [folder / BIN_SINGLE], None
+    if (folder / BIN_INDEX).is_file():
+        return "pickle", [], folder / BIN_INDEX
     shards = _visible(list(folder.glob("pytorch_model-*-of-*.bin")))
     if shards:
         return "pickle", shards, None

@@ -12,11 +12,14 @@ depend on the order of writes.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -105,7 +108,7 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
     """
     out = Path(out_dir).expanduser()
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise OutputError(f"{out}: is a file, not a folder; choose another output path")
+        raise OutputError(f"{out}: is a file or a link, not a folder; choose another output path")
     res = out.resolve()
     for inp in inputs:
         ip = Path(inp).expanduser().resolve()
@@ -448,13 +451,32 @@ class ShardedSafetensorsWriter:
 
 
 def _preallocate(fd: int, size: int) -> None:
-    """Reserve the whole file (fails early when the disk is full); sparse if unsupported."""
-    os.ftruncate(fd, size)
-    if hasattr(os, "posix_fallocate") and size:
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            import errno
+    """Set the file size and, where the filesystem supports it, reserve the blocks.
 
-            if e.errno == errno.ENOSPC:
-                raise
+    Linux ``fallocate(2)`` reserves the space at once (a full disk fails here, not halfway
+    through a merge). We call it directly rather than ``os.posix_fallocate``, whose glibc
+    fallback on filesystems without fallocate writes every block and is slow for large models;
+    without support the file is simply sparse until written.
+    """
+    os.ftruncate(fd, size)
+    if size and _fallocate is not None:
+        if _fallocate(fd, 0, 0, ctypes.c_int64(size)) != 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSPC:
+                raise OSError(err, os.strerror(err))
+
+
+def _load_fallocate():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
