@@ -194,7 +194,8 @@ def test_written_output_loads_with_transformers(gpt2_dirs, tmp_path, dtype):
     transformers = pytest.importorskip("transformers")
     _, sharded, model = gpt2_dirs
     out = tmp_path / "merged"
-    with open_checkpoint(sharded) as ck, AtomicOutputDir(out) as tmp:
+    with open_checkpoint(sharded) as ck, AtomicOutputDir(out) as atomic:
+        tmp = atomic.path
         entries = [(n, ck.info(n).shape, dtype) for n in ck.names()]
         writer = ShardedSafetensorsWriter(tmp, entries, shard_size=30_000)
         names = random.Random(0).sample(ck.names(), len(ck))

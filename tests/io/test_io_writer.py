@@ -198,8 +198,9 @@ def _siblings(parent: Path) -> list[str]:
 def test_atomic_output_commits_on_success(tmp_path):
     out = tmp_path / "deep" / "merged"
     with AtomicOutputDir(out) as tmp:
-        assert tmp.parent == out.parent and tmp.name.startswith(".merged.tmp-")
-        (tmp / "f.txt").write_text("x")
+        assert tmp.path.parent == out.parent and tmp.path.name.startswith(".merged.tmp-")
+        (tmp.path / "f.txt").write_text("x")
+        assert (tmp / "f.txt") == tmp.path / "f.txt" and os.fspath(tmp) == str(tmp.path)
         assert not out.exists()
     assert (out / "f.txt").read_text() == "x"
     assert _siblings(out.parent) == ["merged"]
@@ -212,7 +213,7 @@ def test_atomic_output_leaves_nothing_on_exception(tmp_path, exc):
     out = tmp_path / "merged"
     with pytest.raises(exc):
         with AtomicOutputDir(out) as tmp:
-            ShardedSafetensorsWriter(tmp, [("a", (4,), torch.float32)], 100).write(
+            ShardedSafetensorsWriter(tmp.path, [("a", (4,), torch.float32)], 100).write(
                 "a", torch.ones(4)
             )
             raise exc()
@@ -230,11 +231,11 @@ def test_atomic_output_existing_needs_force(tmp_path):
     # a failed forced run keeps the old output
     with pytest.raises(RuntimeError):
         with AtomicOutputDir(out, force=True) as tmp:
-            (tmp / "new.txt").write_text("new")
+            (tmp.path / "new.txt").write_text("new")
             raise RuntimeError
     assert _siblings(out) == ["old.txt"] and _siblings(tmp_path) == ["merged"]
     with AtomicOutputDir(out, force=True) as tmp:
-        (tmp / "new.txt").write_text("new")
+        (tmp.path / "new.txt").write_text("new")
     assert _siblings(out) == ["new.txt"] and _siblings(tmp_path) == ["merged"]
 
 

@@ -140,9 +140,11 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
 
 
 class AtomicOutputDir:
-    """``with AtomicOutputDir(out, force) as tmp:`` write into ``tmp`` (== ``.path``).
+    """``with AtomicOutputDir(out, force) as tmp:`` write into ``tmp.path``.
 
-    On a clean exit the temporary sibling folder is renamed onto ``out_dir`` (an existing
+    ``tmp.path`` is the temporary sibling folder ``.<name>.tmp-<random>`` (same filesystem,
+    so the final rename is atomic); ``tmp`` itself also works as that path (``tmp / "x"``,
+    ``os.fspath(tmp)``). On a clean exit the folder is renamed onto ``out_dir`` (an existing
     folder is replaced only with ``force``); on any exception, KeyboardInterrupt included,
     the temporary folder is removed and ``out_dir`` is left as it was.
     """
@@ -151,11 +153,24 @@ class AtomicOutputDir:
         self.out_dir = Path(out_dir).expanduser()
         self.force = force
         self.path: Path | None = None  # the temporary folder, set by __enter__
+        self._active = False
 
-    def __enter__(self) -> Path:
+    def __fspath__(self) -> str:
+        if self.path is None:
+            raise ValueError("AtomicOutputDir is not entered")
+        return str(self.path)
+
+    def __truediv__(self, other: str | os.PathLike) -> Path:
+        return Path(self) / other
+
+    def __enter__(self) -> AtomicOutputDir:
+        if self._active:
+            raise ValueError("AtomicOutputDir is already entered")
         out = self.out_dir
         if out.is_symlink() or (out.exists() and not out.is_dir()):
-            raise OutputError(f"{out}: is a file, not a folder; choose another output path")
+            raise OutputError(
+                f"{out}: is a file or a link, not a folder; choose another output path"
+            )
         if out.exists() and not self.force:
             raise OutputError(
                 f"{out}: already exists; pass --force to replace it or choose another path"
@@ -171,13 +186,14 @@ class AtomicOutputDir:
                 f"{out}: cannot create the output folder ({e.strerror or e})"
             ) from None
         self.path = tmp
-        return tmp
+        self._active = True
+        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        tmp = self.path
-        if tmp is None:
+        if not self._active or self.path is None:
             return
-        self.path = None
+        self._active = False
+        tmp = self.path
         if exc_type is not None:
             shutil.rmtree(tmp, ignore_errors=True)
             return
