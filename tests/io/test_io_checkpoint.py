@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from io_helpers import tiny_state_dict, write_raw_safetensors
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modelalloy.errors import CheckpointError
@@ -94,6 +95,29 @@ def test_get_is_lazy_and_thread_safe(tmp_path):
     ck.close()
     with pytest.raises(ValueError):
         ck.get("t0")
+
+
+def test_reads_do_not_keep_memory(tmp_path):
+    """Reading a whole model leaves RSS where it was (no memory map keeping pages resident)."""
+    psutil = pytest.importorskip("psutil")
+    sd = {f"t{i}": torch.full((512, 1024), float(i)) for i in range(48)}  # 48 x 2 MiB
+    save_file(sd, tmp_path / "model.safetensors")
+    del sd
+    proc = psutil.Process()
+    with open_checkpoint(tmp_path) as ck:
+        ck.get("t0")
+        before = proc.memory_info().rss
+        for name in ck.names():
+            assert ck.get(name)[0, 0].item() == float(name[1:])
+        grown = proc.memory_info().rss - before
+    assert grown < 40 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB reading 96 MiB"
+
+
+def test_tensors_are_owned_and_writable(tmp_path):
+    save_file({"a": torch.zeros(4)}, tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path) as ck:
+        ck.get("a").add_(1)
+        assert ck.get("a").sum() == 0
 
 
 def test_unknown_tensor_name(tmp_path):
@@ -511,8 +535,13 @@ def test_fuzzed_headers_never_pass_validation_and_then_fail(tmp_path):
             assert "\n" not in str(e) and str(f) in str(e)
             continue
         accepted += 1
-        with open_checkpoint(f) as ck:
+        with open_checkpoint(f) as ck, safe_open(str(f), framework="pt") as lib:
+            assert sorted(lib.keys()) == sorted(ck.names())
             for name in ck.names():
                 t = ck.get(name)
                 assert tuple(t.shape) == ck.info(name).shape
+                assert torch.equal(
+                    t.reshape(-1).view(torch.uint8),
+                    lib.get_tensor(name).reshape(-1).view(torch.uint8),
+                )
     assert 0 < accepted < 300

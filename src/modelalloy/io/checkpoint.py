@@ -14,16 +14,19 @@ problem is a one-line :class:`CheckpointError` that names the file (and tensor) 
 what to do. Pickles are only ever read with ``torch.load(weights_only=True)``: a pickle
 that wants to run code is refused, never executed.
 
-``Checkpoint.get`` returns one tensor at a time, memory-mapped, in its stored dtype, on CPU,
-and may be called from several threads at once.
+``Checkpoint.get`` returns one tensor at a time, in its stored dtype, on CPU, and may be
+called from several threads at once. safetensors data is read with ``pread`` into memory the
+caller owns (not memory-mapped, so RSS stays at the tensors in flight).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import struct
+import sys
 import threading
 import warnings
 import zipfile
@@ -33,7 +36,6 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from modelalloy.errors import CheckpointError
 from modelalloy.io.dtypes import SAFETENSORS_DTYPES, element_size
@@ -45,6 +47,7 @@ BIN_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Same cap as the safetensors library: a larger header is corrupt or hostile.
 MAX_HEADER_BYTES = 100_000_000
+_BIG_ENDIAN = sys.byteorder == "big"  # safetensors data is little-endian
 # Wrapper keys that hold the real state dict in training checkpoints.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
@@ -73,8 +76,9 @@ class _StEntry:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    begin: int
+    begin: int  # relative to the start of the data, as in the header
     end: int
+    start: int  # absolute byte offset of the data in the file
 
 
 def _no_duplicate_keys(path: Path):
@@ -184,7 +188,7 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
                 f"{where}: data ends at byte {8 + n + end} past the end of the file "
                 f"({size} bytes); the file is truncated, re-download it"
             )
-        entries.append(_StEntry(name, tuple(shape), dtype, begin, end))
+        entries.append(_StEntry(name, tuple(shape), dtype, begin, end, 8 + n + begin))
 
     entries.sort(key=lambda e: (e.begin, e.end))
     pos = 0
@@ -362,12 +366,15 @@ class Checkpoint:
         config: dict | None,
         infos: dict[str, TensorInfo],
         tensors: dict[str, torch.Tensor] | None = None,
+        offsets: dict[str, int] | None = None,
     ) -> None:
         self.path = path
         self.config = config
         self._infos = infos
         self._tensors = tensors  # pickles: already (mmap-)loaded tensors
-        self._handles: dict[Path, Any] = {}  # safetensors: one safe_open per file
+        self._offsets = offsets or {}  # safetensors: absolute data offset of each tensor
+        self._fds: dict[Path, int] = {}  # safetensors: one read-only descriptor per file
+        self._readers = 0  # reads in flight (descriptors are closed when none is left)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -399,51 +406,87 @@ class Checkpoint:
         return sum(i.nbytes for i in self._infos.values())
 
     # -- reads
-    def _handle(self, file: Path) -> Any:
-        h = self._handles.get(file)
-        if h is not None:
-            return h
+    def _acquire_fd(self, file: Path) -> int:
+        """The descriptor for ``file``, counted as in use until ``_release``."""
         with self._lock:
             if self._closed:
                 raise ValueError(f"checkpoint {self.path} is closed")
-            h = self._handles.get(file)
-            if h is None:
+            fd = self._fds.get(file)
+            if fd is None:
                 try:
-                    h = safe_open(str(file), framework="pt", device="cpu")
-                except Exception as e:  # the library's own checks, or the file changed
+                    fd = os.open(file, os.O_RDONLY)
+                except OSError as e:
                     raise CheckpointError(
-                        f"{file}: cannot open ({_one_line(e, 120)}); re-download or re-save it"
+                        f"{file}: cannot open ({_one_line(e.strerror or e)}); check the file"
                     ) from None
-                self._handles[file] = h
-            return h
+                self._fds[file] = fd
+            self._readers += 1
+            return fd
+
+    def _release(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._closed and self._readers == 0:
+                self._close_fds()
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, stored dtype, CPU, memory-mapped (do not write to it in place)."""
+        """One tensor, in its stored dtype, on the CPU. Thread-safe.
+
+        safetensors data is read with ``os.preadv`` straight into a fresh tensor, so its
+        memory is freed with the tensor. (A memory map would keep every page read so far
+        resident: a process reading a 100 GB model would show 100 GB RSS.) The header was
+        validated when the checkpoint was opened. Tensors from pickles are memory-mapped
+        views (private: writing to them never reaches the file).
+        """
         info = self.info(name)
-        if self._closed:
-            raise ValueError(f"checkpoint {self.path} is closed")
         if self._tensors is not None:
+            if self._closed:
+                raise ValueError(f"checkpoint {self.path} is closed")
             return self._tensors[name]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes == 0:
+            return out
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        offset = self._offsets[name]
+        fd = self._acquire_fd(info.file)
         try:
-            t = self._handle(info.file).get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:
+            pos = 0
+            while pos < info.nbytes:
+                got = os.preadv(fd, [buf[pos:]], offset + pos)
+                if got <= 0:
+                    raise CheckpointError(
+                        f"{info.file}: file ended inside tensor {name!r} (changed or truncated "
+                        "after it was opened); re-download it"
+                    )
+                pos += got
+        except OSError as e:
             raise CheckpointError(
-                f"{info.file}: cannot read tensor {name!r} ({_one_line(e, 120)}); "
-                "re-download or re-save the file"
+                f"{info.file}: cannot read tensor {name!r} ({_one_line(e.strerror or e)})"
             ) from None
-        if tuple(t.shape) != info.shape or t.dtype != info.dtype:
-            raise CheckpointError(
-                f"{info.file}: tensor {name!r} changed on disk since it was opened; reopen it"
-            )
-        return t
+        finally:
+            self._release()
+        if _BIG_ENDIAN and out.element_size() > 1:
+            size = out.element_size()
+            out = out.reshape(-1).view(torch.uint8).reshape(-1, size).flip(-1).contiguous()
+            out = out.view(info.dtype).reshape(info.shape)
+        return out
 
     def close(self) -> None:
+        """Release the files. Reads in flight in other threads finish first."""
         with self._lock:
             self._closed = True
-            self._handles.clear()
-            self._tensors = {} if self._tensors is not None else None
+            if self._tensors is not None:
+                self._tensors = {}
+            if self._readers == 0:
+                self._close_fds()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -455,8 +498,9 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self._infos)} tensors)"
 
 
-def _st_infos(files: list[Path]) -> dict[str, TensorInfo]:
+def _st_infos(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, int]]:
     infos: dict[str, TensorInfo] = {}
+    offsets: dict[str, int] = {}
     for file in files:
         entries, _ = read_safetensors_header(file)
         for e in entries:
@@ -466,7 +510,8 @@ def _st_infos(files: list[Path]) -> dict[str, TensorInfo]:
                     "remove the duplicate shard or fix the model folder"
                 )
             infos[e.name] = TensorInfo(e.name, e.shape, e.dtype, e.end - e.begin, file)
-    return infos
+            offsets[e.name] = e.start
+    return infos, offsets
 
 
 def _pickle_load(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, torch.Tensor]]:
@@ -537,19 +582,22 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                         f"{index}: shard {shard} is missing from {p}; re-download the model"
                     )
                 files.append(f)
+        offsets: dict[str, int] | None = None
+        tensors: dict[str, torch.Tensor] | None = None
         if kind == "safetensors":
-            infos, tensors = _st_infos(files), None
+            infos, offsets = _st_infos(files)
         else:
             infos, tensors = _pickle_load(files)
         if index is not None and weight_map is not None:
             infos = _apply_index(p, index, weight_map, infos)
-        return Checkpoint(user_path, config, infos, tensors)
+        return Checkpoint(user_path, config, infos, tensors, offsets)
 
     if not p.is_file():
         raise CheckpointError(f"{user_path}: not a regular file or folder; point to a model")
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
-        return Checkpoint(user_path, None, _st_infos([p]))
+        infos, offsets = _st_infos([p])
+        return Checkpoint(user_path, None, infos, offsets=offsets)
     if suffix in PICKLE_SUFFIXES:
         infos, tensors = _pickle_load([p])
         return Checkpoint(user_path, None, infos, tensors)
