@@ -175,13 +175,29 @@ def test_model_card(tmp_path):
     assert "````yaml\n" + recipe.rstrip("\n") + "\n````" in text
 
 
+def test_model_card_local_paths_stay_out_of_hub_metadata(tmp_path):
+    local = tmp_path / "local-model"
+    local.mkdir()
+    write_model_card(
+        tmp_path,
+        recipe_yaml="x: 1",
+        method="ties",
+        base_model=str(local),
+        models=["org/a", "./rel/b"],
+    )
+    text = (tmp_path / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == ["org/a"] and "base_model_relation" not in front
+    assert str(local) in text and "./rel/b" in text
+
+
 def test_model_card_without_base(tmp_path):
     write_model_card(
-        tmp_path, recipe_yaml="x: 1", method="linear", base_model=None, models=["m1", "m2"]
+        tmp_path, recipe_yaml="x: 1", method="linear", base_model=None, models=["o/m1", "o/m2"]
     )
     front = yaml.safe_load((tmp_path / "README.md").read_text().split("---\n")[1])
     assert (
-        front["base_model"] == ["m1", "m2"]
+        front["base_model"] == ["o/m1", "o/m2"]
         and "```yaml\nx: 1\n```" in (tmp_path / "README.md").read_text()
     )
 

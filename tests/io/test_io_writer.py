@@ -115,6 +115,25 @@ def test_threaded_shuffled_writes_are_byte_identical(tmp_path):
             assert torch.equal(ck.get(k), sd[k])
 
 
+def test_every_safetensors_dtype_round_trips(tmp_path):
+    from modelalloy.io.dtypes import SAFETENSORS_DTYPES
+
+    sd = {}
+    for code, dt in SAFETENSORS_DTYPES.items():
+        raw = torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4)
+        size = torch.empty((), dtype=dt).element_size()
+        sd[code] = raw.repeat(1, 1, size).reshape(-1).view(dt).reshape(2, 3, 4)
+    sd["scalar"] = torch.tensor(1.5, dtype=torch.bfloat16)
+    files = _write(tmp_path, sd, 10**6, list(sd))
+    with safe_open(str(files[0]), framework="pt") as lib, open_checkpoint(tmp_path) as ck:
+        for k, v in sd.items():
+            for got in (lib.get_tensor(k), ck.get(k)):
+                assert got.dtype == v.dtype and got.shape == v.shape, k
+                assert torch.equal(
+                    got.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)
+                )
+
+
 def test_shard_layout_rules(tmp_path):
     sd = {
         "a": torch.zeros(10),  # 40 B
