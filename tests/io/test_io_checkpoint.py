@@ -545,3 +545,25 @@ def test_fuzzed_headers_never_pass_validation_and_then_fail(tmp_path):
                     lib.get_tensor(name).reshape(-1).view(torch.uint8),
                 )
     assert 0 < accepted < 300
+
+
+def test_read_fallback_without_preadv(tmp_path, monkeypatch):
+    import modelalloy.io.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_HAS_PREADV", False)
+    sd = tiny_state_dict()
+    save_file(sd, tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path) as ck:
+        assert_same(ck, sd)
+
+
+def test_close_waits_for_reads_in_flight(tmp_path):
+    sd = {f"t{i}": torch.randn(256, 256) for i in range(8)}
+    save_file(sd, tmp_path / "model.safetensors")
+    ck = open_checkpoint(tmp_path)
+    fd = ck._acquire_fd(ck.info("t0").file)  # a read in flight
+    ck.close()
+    assert os.pread(fd, 8, 0)  # still open: the reader finishes first
+    ck._release()
+    with pytest.raises(OSError):
+        os.pread(fd, 8, 0)

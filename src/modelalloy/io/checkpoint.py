@@ -357,6 +357,18 @@ def _find_weights(folder: Path) -> tuple[str, list[Path], Path | None]:
 # --------------------------------------------------------------------------- Checkpoint
 
 
+def _preadinto(fd: int, buf: memoryview, offset: int) -> int:
+    """Read into ``buf`` at ``offset`` without moving a shared file position (thread-safe)."""
+    if _HAS_PREADV:
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, min(len(buf), 1 << 30), offset)  # platforms without preadv: one copy
+    buf[: len(data)] = data
+    return len(data)
+
+
+_HAS_PREADV = hasattr(os, "preadv")
+
+
 class Checkpoint:
     """A validated, lazily read set of tensors. ``get`` is thread-safe."""
 
@@ -460,7 +472,7 @@ class Checkpoint:
         try:
             pos = 0
             while pos < info.nbytes:
-                got = os.preadv(fd, [buf[pos:]], offset + pos)
+                got = _preadinto(fd, buf[pos:], offset + pos)
                 if got <= 0:
                     raise CheckpointError(
                         f"{info.file}: file ended inside tensor {name!r} (changed or truncated "
