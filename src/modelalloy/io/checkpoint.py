@@ -192,11 +192,11 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
 
     entries.sort(key=lambda e: (e.begin, e.end))
     pos = 0
-    prev: _StEntry | None = None
+    prev = ""
     for e in entries:
         if e.begin < pos:
             raise CheckpointError(
-                f"{path}: tensors {prev.name!r} and {e.name!r} overlap in the file; "  # type: ignore[union-attr]
+                f"{path}: tensors {prev!r} and {e.name!r} overlap in the file; "
                 "the file is corrupt, re-save it"
             )
         if e.begin > pos:
@@ -205,7 +205,7 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
                 "the file is corrupt, re-save it"
             )
         pos = e.end
-        prev = e
+        prev = e.name
     if pos != data_size:
         raise CheckpointError(
             f"{path}: {data_size - pos} bytes after the last tensor are not in the header; "
@@ -545,9 +545,8 @@ def _pickle_load(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, to
 
 def _apply_index(
     folder: Path, index: Path, weight_map: dict[str, str], found: dict[str, TensorInfo]
-) -> dict[str, TensorInfo]:
-    """Check that the shards hold exactly what the index says; return infos in index order."""
-    ordered: dict[str, TensorInfo] = {}
+) -> None:
+    """Check that the shards hold exactly what the index says."""
     for name, shard in weight_map.items():
         info = found.get(name)
         if info is None:
@@ -560,14 +559,12 @@ def _apply_index(
                 f"{index}: says tensor {name!r} is in {shard} but it is in {info.file.name}; "
                 "fix or regenerate the index"
             )
-        ordered[name] = info
     extra = [n for n in found if n not in weight_map]
     if extra:
         raise CheckpointError(
             f"{index}: tensor {extra[0]!r} in {found[extra[0]].file.name} is not in the index "
             f"({len(extra)} such tensors); fix or regenerate the index"
         )
-    return ordered
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -587,7 +584,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if index is not None:
             weight_map = _read_index(index)
             files = []
-            for shard in dict.fromkeys(weight_map.values()):
+            # Storage order (shard by shard, data order inside), not the index's (usually
+            # alphabetical) order: reads then stream through each file once, front to back.
+            for shard in sorted(set(weight_map.values())):
                 f = p / shard
                 if not f.is_file():
                     raise CheckpointError(
@@ -601,7 +600,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         else:
             infos, tensors = _pickle_load(files)
         if index is not None and weight_map is not None:
-            infos = _apply_index(p, index, weight_map, infos)
+            _apply_index(p, index, weight_map, infos)
         return Checkpoint(user_path, config, infos, tensors, offsets)
 
     if not p.is_file():
