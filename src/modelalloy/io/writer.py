@@ -139,12 +139,21 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
         raise OutputError(f"{out}: cannot write to {parent}; choose a writable location")
 
 
-class AtomicOutputDir:
-    """``with AtomicOutputDir(out, force) as tmp:`` write into ``tmp.path``.
+class _WorkDir(type(Path())):  # type: ignore[misc]
+    """The temporary folder: a Path whose ``.path`` is itself, so ``tmp`` and ``tmp.path``
+    both work in ``with AtomicOutputDir(out) as tmp:``."""
 
-    ``tmp.path`` is the temporary sibling folder ``.<name>.tmp-<random>`` (same filesystem,
-    so the final rename is atomic); ``tmp`` itself also works as that path (``tmp / "x"``,
-    ``os.fspath(tmp)``). On a clean exit the folder is renamed onto ``out_dir`` (an existing
+    @property
+    def path(self) -> Path:
+        return Path(self)
+
+
+class AtomicOutputDir:
+    """``with AtomicOutputDir(out, force) as tmp:`` write into ``tmp`` (or ``tmp.path``).
+
+    The temporary folder is a sibling ``.<name>.tmp-<random>`` (same filesystem, so the final
+    rename is atomic); ``tmp`` is that folder as a ``Path``, and so is ``tmp.path`` (and this
+    object's ``.path``). On a clean exit the folder is renamed onto ``out_dir`` (an existing
     folder is replaced only with ``force``); on any exception, KeyboardInterrupt included,
     the temporary folder is removed and ``out_dir`` is left as it was.
     """
@@ -155,15 +164,7 @@ class AtomicOutputDir:
         self.path: Path | None = None  # the temporary folder, set by __enter__
         self._active = False
 
-    def __fspath__(self) -> str:
-        if self.path is None:
-            raise ValueError("AtomicOutputDir is not entered")
-        return str(self.path)
-
-    def __truediv__(self, other: str | os.PathLike) -> Path:
-        return Path(self) / other
-
-    def __enter__(self) -> AtomicOutputDir:
+    def __enter__(self) -> Path:
         if self._active:
             raise ValueError("AtomicOutputDir is already entered")
         out = self.out_dir
@@ -187,7 +188,7 @@ class AtomicOutputDir:
             ) from None
         self.path = tmp
         self._active = True
-        return self
+        return _WorkDir(tmp)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._active or self.path is None:
