@@ -339,3 +339,30 @@ def test_check_output_path_parent_not_writable_mocked(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="cannot write") as e:
         check_output_path(tmp_path / "out", [], force=False)
     assert str(tmp_path) in str(e.value)
+
+
+def test_short_reads_and_writes_are_completed(tmp_path, monkeypatch):
+    """pwrite/preadv may move fewer bytes than asked (Linux caps one call near 2 GiB)."""
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+
+    def short_pwrite(fd, data, offset):
+        return real_pwrite(fd, bytes(memoryview(data)[:7]), offset)
+
+    def short_preadv(fd, buffers, offset):
+        return real_preadv(fd, [memoryview(buffers[0])[:5]], offset)
+
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    sd = _tensors()
+    _write(tmp_path, sd, 10**6, list(sd))
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert load_file(tmp_path / "model.safetensors").keys() == sd.keys()
+    with open_checkpoint(tmp_path) as ck:
+        for k, v in sd.items():
+            assert torch.equal(ck.get(k), v), k
+
+
+def test_empty_layout_writes_a_valid_empty_file(tmp_path):
+    files = ShardedSafetensorsWriter(tmp_path, [], 100).close()
+    assert [f.name for f in files] == ["model.safetensors"]
+    assert load_file(files[0]) == {}
