@@ -121,6 +121,22 @@ def test_tensors_are_owned_and_writable(tmp_path):
         assert ck.get("a").sum() == 0
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_get_into_a_given_buffer(tmp_path, fmt):
+    sd = tiny_state_dict()
+    if fmt == "safetensors":
+        save_file(sd, tmp_path / "model.safetensors")
+    else:
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    with open_checkpoint(tmp_path) as ck:
+        buf = torch.empty(8, 8, dtype=torch.bfloat16)
+        assert ck.get("layers.0.w", out=buf) is buf and torch.equal(buf, sd["layers.0.w"])
+        with pytest.raises(ValueError, match="contiguous CPU tensor"):
+            ck.get("layers.0.w", out=torch.empty(8, 8))
+        with pytest.raises(ValueError, match="contiguous CPU tensor"):
+            ck.get("layers.0.w", out=torch.empty(8, 8, dtype=torch.bfloat16).t())
+
+
 def test_unknown_tensor_name(tmp_path):
     save_file(tiny_state_dict(), tmp_path / "model.safetensors")
     with open_checkpoint(tmp_path) as ck, pytest.raises(CheckpointError) as e:

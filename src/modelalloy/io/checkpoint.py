@@ -449,7 +449,7 @@ class Checkpoint:
             except OSError:
                 pass
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor, in its stored dtype, on the CPU. Thread-safe.
 
         safetensors data is read with ``os.preadv`` straight into a fresh tensor, so its
@@ -457,13 +457,29 @@ class Checkpoint:
         resident: a process reading a 100 GB model would show 100 GB RSS.) The header was
         validated when the checkpoint was opened. Tensors from pickles are memory-mapped
         views (private: writing to them never reaches the file).
+
+        ``out``: optionally a contiguous CPU tensor of the same shape and dtype to read into
+        (a reused or pinned buffer); it is returned.
         """
         info = self.info(name)
+        if out is not None:
+            if (
+                tuple(out.shape) != info.shape
+                or out.dtype != info.dtype
+                or out.device.type != "cpu"
+                or not out.is_contiguous()
+            ):
+                raise ValueError(
+                    f"out for {name!r} must be a contiguous CPU tensor {info.shape} "
+                    f"{info.dtype}, got {tuple(out.shape)} {out.dtype} on {out.device}"
+                )
         if self._tensors is not None:
             if self._closed:
                 raise ValueError(f"checkpoint {self.path} is closed")
-            return self._tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
+            t = self._tensors[name]
+            return t if out is None else out.copy_(t)
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
         if info.nbytes == 0:
             return out
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
