@@ -366,3 +366,13 @@ def test_empty_layout_writes_a_valid_empty_file(tmp_path):
     files = ShardedSafetensorsWriter(tmp_path, [], 100).close()
     assert [f.name for f in files] == ["model.safetensors"]
     assert load_file(files[0]) == {}
+
+
+def test_close_refuses_while_a_write_is_in_flight(tmp_path):
+    w = ShardedSafetensorsWriter(tmp_path, [("a", (2,), torch.float32)], 100)
+    w._claimed.add("a")  # a write() started in another thread and has not returned
+    with pytest.raises(ValueError, match="still being written"):
+        w.close()
+    w._claimed.discard("a")
+    w.write("a", torch.ones(2))
+    w.close()

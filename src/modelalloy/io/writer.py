@@ -352,7 +352,8 @@ class ShardedSafetensorsWriter:
 
         # 3. create and preallocate the files
         self._lock = threading.Lock()
-        self._written: set[str] = set()
+        self._claimed: set[str] = set()  # write started (a second write fails fast)
+        self._written: set[str] = set()  # write finished
         self._fds: list[int] = []
         self._closed = False
         needed = sum(self._sizes)
@@ -398,9 +399,9 @@ class ShardedSafetensorsWriter:
         with self._lock:
             if self._closed:
                 raise ValueError("the writer is closed")
-            if name in self._written:
+            if name in self._claimed:
                 raise ValueError(f"tensor {name!r} was already written")
-            self._written.add(name)  # claimed; a second write of the same name fails fast
+            self._claimed.add(name)
         try:
             if slot.nbytes:
                 t = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -414,14 +415,22 @@ class ShardedSafetensorsWriter:
                     ) from None
         except BaseException:
             with self._lock:
-                self._written.discard(name)
+                self._claimed.discard(name)
             raise
+        with self._lock:
+            self._written.add(name)
 
     def close(self) -> list[Path]:
         """Check every tensor was written, fsync, write the index; return the files written."""
         with self._lock:
             if self._closed:
                 raise ValueError("the writer is already closed")
+            busy = self._claimed - self._written
+            if busy:
+                raise ValueError(
+                    f"{len(busy)} tensors are still being written, e.g. {min(busy)!r}; "
+                    "close the writer after every write() has returned"
+                )
             missing = [n for n in self._slots if n not in self._written]
             if missing:
                 raise ValueError(f"{len(missing)} tensors were never written, e.g. {missing[0]!r}")
