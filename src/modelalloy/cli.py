@@ -77,12 +77,17 @@ def plan(
     memory_budget: Annotated[str | None, typer.Option(help="Budget to plan for.")] = None,
 ) -> None:
     """Check a recipe and its models without merging: summary, problems, memory, bytes."""
-    from modelalloy.engine.run import as_recipe, default_threads, describe, make_plan
-    from modelalloy.io.writer import parse_size
+    from modelalloy.engine.run import (
+        as_recipe,
+        default_threads,
+        describe,
+        make_plan,
+        size_option,
+    )
 
     with ExitStack() as stack:
         the_plan = make_plan(as_recipe(recipe), stack)
-        budget = parse_size(memory_budget) if memory_budget else None
+        budget = size_option("--memory-budget", memory_budget) if memory_budget else None
         info = describe(the_plan, threads or default_threads(), budget)
     table = Table(show_header=False, title=f"plan for {recipe}")
     table.add_row("method", info["method"])

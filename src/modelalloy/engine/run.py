@@ -60,6 +60,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def size_option(option: str, value: str | int) -> int:
+    """A size such as 5GB, as a one-line error naming the option when it is not one."""
+    try:
+        return parse_size(value)
+    except ValueError as error:
+        raise ModelAlloyError(f"{option} {value}: {error}") from None
+
+
 def peak_rss_bytes() -> int:
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -107,8 +115,9 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
     out_dir = Path(out_dir)
     check_output_path(out_dir, input_paths(recipe), force)
     threads = threads or default_threads()
-    shard_bytes = parse_size(shard_size)
-    budget_bytes = parse_size(memory_budget) if memory_budget is not None else None
+    shard_bytes = size_option("--shard-size", shard_size)
+    budget_bytes = size_option("--memory-budget", memory_budget) \
+        if memory_budget is not None else None
 
     with ExitStack() as stack:
         plan = make_plan(recipe, stack)
