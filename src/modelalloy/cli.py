@@ -147,7 +147,10 @@ def main() -> None:
     """Entry point: people get one-line errors and a non-zero exit, tracebacks with --debug."""
     warnings.showwarning = _show_warning
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # Without standalone mode, click returns a command's typer.Exit code instead of exiting.
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except ModelAlloyError as error:
         if _state["debug"] or "--debug" in sys.argv:
             traceback.print_exc()
