@@ -136,3 +136,15 @@ def test_streaming_compress_and_rebuild_equal_the_in_memory_bundle(tmp_path):
         assert all(torch.equal(got[k], want[k]) for k in want)
         assert all(torch.equal(loaded.rebuild(t)[k], want[k]) for k in want)
     assert int(got["steps"]) == 5
+
+
+def test_failed_compress_leaves_no_bundle_folder(tmp_path):
+    from modelalloy.bundle import compress_to
+    from modelalloy.errors import CheckpointError
+
+    base, experts = make_models(2, seed=2)
+    experts[1]["head.weight"] = torch.zeros(2, 2)  # wrong shape, found mid-way
+    with pytest.raises(CheckpointError, match="head.weight"):
+        compress_to(tmp_path / "b", base, {"a": experts[0], "b": experts[1]})
+    assert not (tmp_path / "b").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []

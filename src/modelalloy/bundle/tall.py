@@ -225,6 +225,12 @@ class _BundleWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for writer in (self.base, self.merged, self.masks):
+                try:
+                    writer.abort()
+                except Exception:  # the original error matters, not a cleanup one
+                    pass
         try:
             if exc_type is None:
                 self.base.close()
