@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
             help="regex of 2-D tensors that are not projected (embeddings)")] =
             r"(embed|wte|wpe|position|token_type|shared)",
         device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+        shuffle: Annotated[bool, typer.Option(
+            help="shuffle the arrival order (the paper reports means over orders)")] = False,
+        seed: Annotated[int, typer.Option(help="seed of --shuffle")] = 0,
     ) -> None:
         """Merge models arriving one at a time with OPCM (continual merging).
 
@@ -36,6 +39,11 @@ def register(app: typer.Typer) -> None:
                 raise ModelAlloyError(f"{out}: already exists; choose a new output folder")
             if not models:
                 raise ModelAlloyError("merge-stream needs at least one model after the base")
+            if shuffle:
+                import random
+
+                models = list(models)
+                random.Random(seed).shuffle(models)
             merger = OPCM(load_state_dict(base), alpha=alpha, exclude=exclude, device=device)
             for path in models:
                 incoming = lazy_state(path)  # read tensor by tensor inside add()
