@@ -43,7 +43,7 @@ def _fisher_norms(groups: Callable[[], Iterator[TensorGroup]]) -> list[float] | 
             sq = [0.0] * len(fishers)
         for i, f in enumerate(fishers):
             if f is not None:
-                key = (i, f.untyped_storage().data_ptr())
+                key = (i, f.data_ptr(), f.numel())
                 if key in seen:
                     continue
                 seen.add(key)
