@@ -31,10 +31,10 @@ from modelalloy.methods.registry import MergeContext, Param, TensorGroup, regist
 
 
 def _fisher_norms(groups: Callable[[], Iterator[TensorGroup]]) -> list[float] | None:
-    # Tied parameters (lm_head = wte) are one variable: a state dict lists them twice, with the
-    # same tensor behind both names in memory, so count each storage once.
+    # Every tensor name counts once. A state dict that lists a tied parameter under two names
+    # (lm_head = wte in memory) counts it twice; checkpoints store it once. (Deduplicating by
+    # data pointer is unsafe while streaming: freed tensors' memory is reused.)
     sq: list[float] | None = None
-    seen: set[tuple[int, int]] = set()
     for group in groups():
         fishers = group.ctx.stats.get("fisher")
         if not fishers:
@@ -43,10 +43,6 @@ def _fisher_norms(groups: Callable[[], Iterator[TensorGroup]]) -> list[float] | 
             sq = [0.0] * len(fishers)
         for i, f in enumerate(fishers):
             if f is not None:
-                key = (i, f.data_ptr(), f.numel())
-                if key in seen:
-                    continue
-                seen.add(key)
                 sq[i] += float((f.double() ** 2).sum())
     return None if sq is None else [s ** 0.5 for s in sq]
 
