@@ -73,3 +73,46 @@ def test_adamerging_recipe_reproduces_coefficients(tmp_path, tiny_gpt2, lm_batch
         expect = base_sd[name] + sum(res.weight_of(name, k) * (experts[k][name] - base_sd[name])
                                      for k in range(2))
         torch.testing.assert_close(v.float(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_and_aim_recipes_through_the_engine(tmp_path, tiny_gpt2):
+    rows = [{"input_ids": [1, 2, 3, 4]}, {"input_ids": [5, 6, 7]}]
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths, sds = [], []
+    for s in (0, 1, 2):
+        m = tiny_gpt2(s)
+        m.save_pretrained(tmp_path / f"m{s}")
+        paths.append(tmp_path / f"m{s}")
+        sds.append({k: v.clone() for k, v in m.state_dict().items()})
+    for p in paths[1:]:
+        collect_for_model_dir(p, data, "fisher", show_progress=False, mode="hard")
+    recipe = {"merge_method": "fisher", "models": [{"model": str(p)} for p in paths[1:]]}
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(recipe))
+    merge(tmp_path / "f.yaml", tmp_path / "fisher-out")
+    got = _load_folder(tmp_path / "fisher-out")
+    fishers = [load_stats(p, "fisher") for p in paths[1:]]
+    # the checkpoint stores the tied lm_head/wte once: merge the same set of tensors
+    sds_ckpt = [{k: sd[k] for k in got} for sd in sds[1:]]
+    expect = merge_state_dicts("fisher", None, sds_ckpt, stats={"fisher": fishers})
+    for k, v in got.items():
+        torch.testing.assert_close(v.float(), expect[k].float(), rtol=1e-5, atol=1e-6)
+    # AIM: base activations written into the merged model's stats folder
+    collect_for_model_dir(paths[0], data, "activations", show_progress=False,
+                          out=tmp_path / "fisher-out" / "stats" / "activations.safetensors")
+    aim = {"merge_method": "aim", "base_model": str(paths[0]),
+           "models": [{"model": str(tmp_path / "fisher-out")}],
+           "parameters": {"omega": 0.4, "input_dim": "first"}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(aim))
+    merge(tmp_path / "a.yaml", tmp_path / "aim-out")
+    got = _load_folder(tmp_path / "aim-out")
+    from modelalloy.methods.aim import aim_relax
+
+    acts = load_stats(tmp_path / "fisher-out" / "stats" / "activations.safetensors")
+    merged_sd = {k: v.float() for k, v in _load_folder(tmp_path / "fisher-out").items()}
+    base_sd = {k: sds[0][k] for k in merged_sd}
+    expect = aim_relax(base_sd, merged_sd, acts, omega=0.4, input_dim="first")
+    for k, v in got.items():
+        torch.testing.assert_close(v.float(), expect[k].float(), rtol=1e-5, atol=1e-6)
+    ln = "transformer.h.0.mlp.c_fc.weight"  # relaxed toward the base
+    assert not torch.allclose(got[ln].float(), merged_sd[ln])
