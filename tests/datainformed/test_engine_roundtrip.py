@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 import yaml
-
-pytest.importorskip("modelalloy.engine.run")
-pytest.importorskip("modelalloy.recipe")
 
 from modelalloy import merge, merge_state_dicts  # noqa: E402
 from modelalloy.optimize.adamerging import adamerging  # noqa: E402
