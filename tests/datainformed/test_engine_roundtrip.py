@@ -112,3 +112,42 @@ def test_fisher_and_aim_recipes_through_the_engine(tmp_path, tiny_gpt2):
         torch.testing.assert_close(v.float(), expect[k].float(), rtol=1e-5, atol=1e-6)
     ln = "transformer.h.0.mlp.c_fc.weight"  # relaxed toward the base
     assert not torch.allclose(got[ln].float(), merged_sd[ln])
+
+
+def test_merge_collects_missing_statistics_from_the_recipes_calibration_data(tmp_path,
+                                                                            tiny_gpt2):
+    from modelalloy.errors import CheckpointError
+    from modelalloy.stats_files import stats_path
+
+    rows = [{"input_ids": [1, 2, 3, 4, 5]}, {"input_ids": [6, 7]}, {"input_ids": [8, 9, 10]}]
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = []
+    for s in (1, 2):
+        tiny_gpt2(s).save_pretrained(tmp_path / f"e{s}")
+        paths.append(tmp_path / f"e{s}")
+    recipe = {"merge_method": "regmean", "models": [{"model": str(p)} for p in paths],
+              "parameters": {"alpha": 0.9, "input_dim": "first"}}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(recipe))
+    try:
+        merge(tmp_path / "plain.yaml", tmp_path / "nope")
+        raise AssertionError("a merge without statistics or calibration data must fail")
+    except CheckpointError as err:
+        assert "gram" in str(err) and "modelalloy stats" in str(err)
+    assert not (tmp_path / "nope").exists()
+
+    recipe["calibration"] = {"data": "calib.jsonl", "batch_size": 2}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    merge(tmp_path / "r.yaml", tmp_path / "out")
+    assert all(stats_path(p, "gram").exists() for p in paths)
+    # The same statistics collected by hand give the same merge.
+    by_hand = [collect_for_model_dir(p, tmp_path / "calib.jsonl", "gram", batch_size=2,
+                                     out=tmp_path / f"hand{i}.safetensors",
+                                     show_progress=False)[0] for i, p in enumerate(paths)]
+    grams = [load_stats(p, "gram") for p in paths]
+    for path, gram in zip(by_hand, grams, strict=True):
+        from safetensors.torch import load_file
+
+        hand = load_file(str(path))
+        assert hand.keys() == gram.keys()
+        for k in hand:
+            torch.testing.assert_close(hand[k], gram[k])

@@ -30,7 +30,7 @@ from modelalloy.io.writer import (
 from modelalloy.methods.registry import get_method
 from modelalloy.plan.planner import MergePlan, build_plan
 from modelalloy.recipe import Recipe, load_recipe
-from modelalloy.stats_files import StatsFiles
+from modelalloy.stats_files import StatsFiles, collect_missing
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -121,6 +121,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
     budget_bytes = size_option("--memory-budget", memory_budget) \
         if memory_budget is not None else None
 
+    collect_missing(recipe, get_method(recipe.merge_method), device=str(dev))
     with ExitStack() as stack:
         plan = make_plan(recipe, stack)
         plan.raise_if_problems()
