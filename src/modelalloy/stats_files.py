@@ -40,9 +40,12 @@ def collect_missing(recipe: Recipe, spec: MethodSpec, device: str = "cpu") -> li
     from modelalloy.stats.pipeline import collect_for_model_dir
 
     cal = recipe.calibration
+    owners = [e.model for e in recipe.expert_entries()]
+    if spec.stats_from == "base" and recipe.base_model is not None:
+        owners = [recipe.base_model]
     written = []
-    for entry in recipe.expert_entries():
-        model = recipe.model_path(entry.model)
+    for owner in owners:
+        model = recipe.model_path(owner)
         for kind in spec.stats:
             if stats_path(model, kind).exists():
                 continue
@@ -70,16 +73,20 @@ class StatsFiles:
         kinds = plan.spec.stats
         if not kinds:
             return None
+        owners = plan.experts
+        if plan.spec.stats_from == "base" and plan.base is not None:
+            owners = [plan.base]
         files: dict[str, list[Checkpoint]] = {}
         for kind in kinds:
             files[kind] = []
-            for expert in plan.experts:
-                path = stats_path(expert.path, kind)
+            for owner in owners:
+                path = stats_path(owner.path, kind)
                 if not path.exists():
                     raise CheckpointError(
-                        f"{expert.path}: method '{plan.spec.name}' needs '{kind}' statistics "
-                        f"but {path} does not exist; run `modelalloy stats {expert.path} "
-                        f"--kind {kind} --data FILE` first")
+                        f"{owner.path}: method '{plan.spec.name}' needs '{kind}' statistics "
+                        f"but {path} does not exist; run `modelalloy stats {owner.path} "
+                        f"--kind {kind} --data FILE` first, or give the recipe "
+                        "`calibration: FILE`")
                 files[kind].append(stack.enter_context(open_checkpoint(path)))
         return cls(files)
 

@@ -93,9 +93,8 @@ def test_fisher_and_aim_recipes_through_the_engine(tmp_path, tiny_gpt2):
     expect = merge_state_dicts("fisher", None, sds_ckpt, stats={"fisher": fishers})
     for k, v in got.items():
         torch.testing.assert_close(v.float(), expect[k].float(), rtol=1e-5, atol=1e-6)
-    # AIM: base activations written into the merged model's stats folder
-    collect_for_model_dir(paths[0], data, "activations", show_progress=False,
-                          out=tmp_path / "fisher-out" / "stats" / "activations.safetensors")
+    # AIM reads the base model's activations, from the base's own stats folder
+    collect_for_model_dir(paths[0], data, "activations", show_progress=False)
     aim = {"merge_method": "aim", "base_model": str(paths[0]),
            "models": [{"model": str(tmp_path / "fisher-out")}],
            "parameters": {"omega": 0.4, "input_dim": "first"}}
@@ -104,7 +103,7 @@ def test_fisher_and_aim_recipes_through_the_engine(tmp_path, tiny_gpt2):
     got = _load_folder(tmp_path / "aim-out")
     from modelalloy.methods.aim import aim_relax
 
-    acts = load_stats(tmp_path / "fisher-out" / "stats" / "activations.safetensors")
+    acts = load_stats(paths[0] / "stats" / "activations.safetensors")
     merged_sd = {k: v.float() for k, v in _load_folder(tmp_path / "fisher-out").items()}
     base_sd = {k: sds[0][k] for k in merged_sd}
     expect = aim_relax(base_sd, merged_sd, acts, omega=0.4, input_dim="first")
