@@ -45,23 +45,27 @@ MODEL_TYPE = "modelalloy-tiny-vision"
 class TinyConvNet(nn.Module):
     """Conv(1->w) -> Conv(w->2w) -> maxpool -> Conv(2w->2w) -> Linear(32w -> feat): features."""
 
-    def __init__(self, width: int = 16, feat_dim: int = 64) -> None:
+    def __init__(self, width: int = 16, feat_dim: int = 64, image_size: int = 8,
+                 linear_features: bool = False) -> None:
         super().__init__()
-        self.width, self.feat_dim = width, feat_dim
+        self.linear_features = linear_features
+        self.width, self.feat_dim, self.image_size = width, feat_dim, image_size
         self.conv1 = nn.Conv2d(1, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.fc = nn.Linear(2 * width * 16, feat_dim)
+        self.fc = nn.Linear(2 * width * (image_size // 2) ** 2, feat_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv1(images.unsqueeze(1)))
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = F.relu(self.conv3(x))
-        return F.relu(self.fc(x.flatten(1)))
+        x = self.fc(x.flatten(1))
+        return x if self.linear_features else F.relu(x)
 
     def hf_config(self) -> dict[str, Any]:
         return {"model_type": MODEL_TYPE, "architectures": ["TinyConvNet"],
-                "width": self.width, "feat_dim": self.feat_dim, "image_size": 8,
+                "width": self.width, "feat_dim": self.feat_dim, "image_size": self.image_size,
+                "linear_features": self.linear_features,
                 "torch_dtype": "float32"}
 
 
@@ -98,10 +102,27 @@ TRANSFORMS: dict[str, tuple[Callable[[torch.Tensor, int], torch.Tensor], str]] =
 }
 
 
-def apply_task(task: str, images: torch.Tensor, seed: int) -> torch.Tensor:
+# Where on a larger canvas each task's digits appear (task i gets POSITIONS[i]); the base sees
+# digits at every one of these places. Like CLIP's tasks (different datasets), different tasks
+# then activate partly different features.
+POSITIONS = [(0, 0), (8, 8), (0, 8), (8, 0), (4, 4), (0, 4), (4, 0), (8, 4), (4, 8), (2, 2),
+             (6, 6), (2, 6)]
+
+
+def place(images: torch.Tensor, canvas: int, pos: tuple[int, int]) -> torch.Tensor:
+    """Put 8x8 images on a ``canvas``x``canvas`` black canvas at offset ``pos``."""
+    if canvas == 8:
+        return images
+    out = torch.zeros(len(images), canvas, canvas)
+    out[:, pos[0]:pos[0] + 8, pos[1]:pos[1] + 8] = images
+    return out
+
+
+def apply_task(task: str, images: torch.Tensor, seed: int, canvas: int = 8,
+               pos: tuple[int, int] = (0, 0)) -> torch.Tensor:
     if task not in TRANSFORMS:
         raise SuiteError(f"tiny-vision: unknown task '{task}'; known: {', '.join(TRANSFORMS)}")
-    return TRANSFORMS[task][0](images, seed).contiguous()
+    return place(TRANSFORMS[task][0](images, seed), canvas, pos).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,21 +130,21 @@ def apply_task(task: str, images: torch.Tensor, seed: int) -> torch.Tensor:
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {
-        "seed": 0, "width": 16, "feat_dim": 64,
-        "tasks": ["invert", "rot90", "flipud", "shift", "blur", "noise", "contrast", "occlude"],
+        "seed": 0, "width": 16, "feat_dim": 512, "linear_features": True, "canvas": 8,
+        "tasks": ["invert", "rot90", "flipud", "shift", "blur", "noise", "fliplr", "occlude"],
         "held_out": ["transpose", "checker"],
-        "pretrain_steps": 800, "pretrain_lr": 1e-3, "batch": 64,
-        "probe_shots": 2, "probe_steps": 300,
-        "finetune_steps": 300, "finetune_lr": 1e-4,
+        "pretrain_steps": 800, "pretrain_lr": 1e-3, "batch": 64, "pretrain_augment": False,
+        "probe_shots": 2, "probe_dim": 16, "probe_steps": 300, "head": "probe",
+        "finetune_steps": 500, "finetune_lr": 1e-4, "finetune_only": None,
         "val_per_task": 100, "eval_per_task": 400,
     },
     "smoke": {
-        "seed": 0, "width": 4, "feat_dim": 32,
-        "tasks": ["invert", "flipud", "contrast"],
+        "seed": 0, "width": 4, "feat_dim": 64, "linear_features": True, "canvas": 8,
+        "tasks": ["invert", "flipud", "fliplr"],
         "held_out": ["transpose"],
-        "pretrain_steps": 150, "pretrain_lr": 3e-3, "batch": 32,
-        "probe_shots": 2, "probe_steps": 100,
-        "finetune_steps": 80, "finetune_lr": 1e-3,
+        "pretrain_steps": 150, "pretrain_lr": 3e-3, "batch": 32, "pretrain_augment": False,
+        "probe_shots": 2, "probe_dim": 8, "probe_steps": 100, "head": "probe",
+        "finetune_steps": 80, "finetune_lr": 1e-3, "finetune_only": None,
         "val_per_task": 40, "eval_per_task": 120,
     },
 }
@@ -149,6 +170,14 @@ def _digits(seed: int, n_eval: int, n_val: int) -> dict[str, tuple[torch.Tensor,
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mild generic augmentation for pre-training: random 1-px shifts, noise and contrast."""
     n = len(x)
+    if x.shape[-1] > 8:  # digits on a canvas: the 8x8 digit goes to a random task position
+        grid = [(a, b) for a in (0, 4, 8) for b in (0, 4, 8)]
+        out = torch.zeros_like(x)
+        pos = torch.randint(len(grid), (n,), generator=gen).tolist()
+        for i, k in enumerate(pos):
+            a, b = grid[k]
+            out[i, a:a + 8, b:b + 8] = x[i, :8, :8]
+        return out
     dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
     x = torch.roll(x, (dy, dx), (1, 2))
     scale = 0.6 + 0.4 * torch.rand(n, 1, 1, generator=gen)
@@ -218,10 +247,13 @@ def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[st
     torch.manual_seed(seed)
     splits = _digits(seed, cfg["eval_per_task"], cfg["val_per_task"])
     xtr, ytr = splits["train"]
-    body = TinyConvNet(cfg["width"], cfg["feat_dim"])
+    canvas = cfg.get("canvas", 8)
+    body = TinyConvNet(cfg["width"], cfg["feat_dim"], canvas,
+                                  cfg.get("linear_features", False))
     pre_head = nn.Linear(cfg["feat_dim"], 10)
-    _train(body, pre_head, xtr, ytr, cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["batch"],
-           seed, train_head=True, augment=cfg.get("pretrain_augment", False))
+    _train(body, pre_head, place(xtr, canvas, (0, 0)), ytr, cfg["pretrain_steps"],
+           cfg["pretrain_lr"], cfg["batch"], seed, train_head=True,
+           augment=cfg.get("pretrain_augment", False) or canvas > 8)
     base_sd = copy.deepcopy(body.state_dict())
     save_model_folder(out / "base", base_sd, body.hf_config())
     save_file({k: v.detach().contiguous() for k, v in pre_head.state_dict().items()},
@@ -232,7 +264,7 @@ def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[st
     all_tasks = [(t, False) for t in cfg["tasks"]] + [(t, True) for t in cfg["held_out"]]
     for i, (task, held_out) in enumerate(all_tasks):
         tseed = seed * 1000 + i
-        x_task = {s: apply_task(task, splits[s][0], tseed * 10 + j)
+        x_task = {s: apply_task(task, splits[s][0], tseed * 10 + j, canvas, POSITIONS[i])
                   for j, s in enumerate(("train", "val", "test"))}
         if cfg.get("head", "probe") == "probe":
             shots = _few_shot(ytr, cfg["probe_shots"])
@@ -245,7 +277,8 @@ def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[st
         (out / "heads").mkdir(exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
                   str(out / "heads" / f"{task}.safetensors"))
-        expert = TinyConvNet(cfg["width"], cfg["feat_dim"])
+        expert = TinyConvNet(cfg["width"], cfg["feat_dim"], canvas,
+                                  cfg.get("linear_features", False))
         expert.load_state_dict(base_sd)
         enames = {id(p): n for n, p in expert.named_parameters()}
         opt = _train(expert, head, x_task["train"], ytr, cfg["finetune_steps"],
@@ -290,7 +323,8 @@ class VisionSuite:
 
     def new_model(self) -> TinyConvNet:
         cfg = self.info.config
-        return TinyConvNet(cfg["width"], cfg["feat_dim"]).eval()
+        return TinyConvNet(cfg["width"], cfg["feat_dim"], cfg.get("canvas", 8),
+                           cfg.get("linear_features", False)).eval()
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return load_state_dict(self.info.base_dir)
@@ -343,8 +377,9 @@ class VisionSuite:
         head.load_state_dict(sd)
         x, y = self.labeled(self.info.tasks[0].name, "test")
         del x
-        clean = _digits(self.info.config["seed"], self.info.config["eval_per_task"],
-                        self.info.config["val_per_task"])["test"][0]
+        clean = place(_digits(self.info.config["seed"], self.info.config["eval_per_task"],
+                              self.info.config["val_per_task"])["test"][0],
+                      self.info.config.get("canvas", 8), (0, 0))
         with torch.no_grad():
             acc = float((head(model(clean)).argmax(1) == y).float().mean())
         return {"clean_accuracy": acc}
