@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    Future,
+    ThreadPoolExecutor,
+    wait,
+)
 from typing import Any
 
 import torch
@@ -124,7 +130,7 @@ class PlanExecutor:
                         break
                     # Keep at most two tasks per thread queued: read-ahead without hoarding.
                     while len(pending) >= 2 * self.threads:
-                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
                         _reraise(done)
                     cost = entry.working_bytes(n_inputs)
                     self.budget.acquire(cost)
