@@ -24,6 +24,19 @@ import torch
 from modelalloy.errors import ModelAlloyError
 
 SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+# The papers' settings where the registry's generic defaults differ from them (the registry
+# follows mergekit, whose density defaults to 1 = no trimming): TIES keeps the top 20%
+# (Yadav et al. 2023), DARE drops 90% (Yu et al. 2024), Breadcrumbs keeps 90% below the top 1%
+# (Davari & Belilovsky 2023), and task arithmetic uses lambda 0.3 for eight tasks (Ilharco et
+# al. 2023; FusionBench's default). ``--params`` overrides any of these.
+PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"lambda": 0.3},
+    "ties": {"density": 0.2},
+    "dare_ties": {"density": 0.1},
+    "dare_linear": {"density": 0.1},
+    "breadcrumbs": {"density": 0.9},
+    "breadcrumbs_ties": {"density": 0.9},
+}
 # The parameter that scales the merged task vector, where a method has one.
 SCALE_PARAM = "lambda"
 
@@ -187,9 +200,10 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
               seed: int = 0, log: Callable[[str], None] | None = None) -> BenchResult:
     """Merge the suite's held-in experts with each method; score every task.
 
-    Each method runs with its registered (paper) defaults, variant "default"; methods with a
-    ``lambda`` parameter also run with lambda chosen on the validation split from ``grid``,
-    variant "tuned". ``params`` overrides defaults per method name.
+    Each method runs with the papers' defaults (:data:`PAPER_DEFAULTS` over the registry's),
+    variant "default"; methods with a ``lambda`` parameter also run with lambda chosen on the
+    validation split from ``grid``, variant "tuned". ``params`` overrides defaults per method
+    (a ``lambda`` given there turns tuning off for that method).
     """
     log = log or (lambda _m: None)
     info = suite.info
@@ -207,7 +221,8 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
             skipped[spec.name] = reason
             log(f"skip {spec.name}: {reason}")
             continue
-        given = dict((params or {}).get(spec.name, {}))
+        user = dict((params or {}).get(spec.name, {}))
+        given = {**PAPER_DEFAULTS.get(spec.name, {}), **user}
         start = time.perf_counter()
         try:
             merged = merge_experts(spec, base, experts, given, seed)
@@ -220,7 +235,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
                  if not isinstance(v, list) or len(set(map(str, v))) > 1}
         records += scorer.records(spec.name, merged, variant="default", params=shown)
         log(f"{spec.name}: merged in {timings[spec.name]:.2f}s")
-        if tune and any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in given:
+        if tune and any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in user:
             lam, scores = tune_scale(spec, base, experts, given, scorer, tasks, grid, seed)
             tuning[spec.name] = {"param": SCALE_PARAM, "chosen": lam, "val_scores": scores}
             merged = merge_experts(spec, base, experts, {**given, SCALE_PARAM: lam}, seed)
@@ -236,6 +251,8 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
                       params: dict[str, Any] | None = None, repeats: int = 1, seed: int = 0,
                       log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Merge k = 2..N experts (random subsets, ``repeats`` per k): held-in vs held-out accuracy.
+
+    Parameters are the papers' defaults (:data:`PAPER_DEFAULTS`) overridden by ``params``.
 
     Held-in = the k merged tasks; held-out = the suite's held-out tasks (never merged) and, as
     "unmerged", the suite's other tasks that this subset left out.
@@ -260,7 +277,7 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
         for rep in range(repeats):
             subset = [tasks[i] for i in torch.randperm(len(tasks), generator=gen)[:k].tolist()]
             merged = merge_experts(spec, base, [all_experts[t] for t in subset],
-                                   dict(params or {}), seed)
+                                   {**PAPER_DEFAULTS.get(method, {}), **(params or {})}, seed)
             rows = scorer.records(method, merged, params=params)
             held_in = [r for r in rows if r["task"] in subset]
             held_out = [r for r in rows if r["held_out"]]
