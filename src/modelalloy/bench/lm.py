@@ -109,7 +109,7 @@ def final_answer(text: str) -> str:
 
 
 def make_examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
-    rng = random.Random(f"{task}/{seed}")
+    rng = random.Random(f"{TAGS[task]}/{seed}")  # the long/short pair shares its prompts
     return [(f"{TAGS[task]}:{x}=", y) for x, y in (TASKS[task][0](rng) for _ in range(n))]
 
 
@@ -193,7 +193,7 @@ def _train(model: Any, data: list[tuple[str, str]], steps: int, lr: float, batch
         items = [enc[rng.randrange(len(enc))] for _ in range(batch)]
         ids, labels = _batch([p + a for p, a in items],
                              [1 if prompt_loss else len(p) for p, a in items])
-        logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids, attention_mask=(ids != STOI[PAD]).long()).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                labels[:, 1:].reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
@@ -390,7 +390,7 @@ class LMSuite:
         texts = [encode(p) + encode(a) + [STOI[EOS]] for p, a in zip(prompts, answers,
                                                                       strict=True)]
         ids, labels = _batch(texts, [1] * len(texts))
-        logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids, attention_mask=(ids != STOI[PAD]).long()).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                labels[:, 1:].reshape(-1), ignore_index=-100)
         return {"perplexity": float(torch.exp(loss))}
