@@ -59,3 +59,23 @@ def test_lm_eval_adapter_on_a_local_task(lm_smoke, tmp_path):
     res = run_lm_eval(lm_smoke.info.expert_dir(task), [f"ma_{task}"], include_path=include)
     ours = lm_smoke.evaluate(lm_smoke.expert_state_dict(task), [task], limit=12)[task]
     assert res[f"ma_{task}"]["exact_match"] == pytest.approx(ours["accuracy"])
+
+
+def test_long_to_short_study(lm_smoke, tmp_path):
+    from modelalloy.eval.harness import long_to_short
+    from modelalloy.eval.sweeps import long_to_short_markdown, plot_long_to_short
+
+    rows = long_to_short(lm_smoke, ["linear", "slerp", "task_arithmetic"], grid=(0.5,))
+    names = [r["method"] for r in rows]
+    assert names[:3] == ["base", "expert:sum_long", "expert:sum_short"]
+    assert {"linear", "slerp", "task_arithmetic"} <= set(names)
+    assert all(r["mean_length"] > 0 for r in rows)
+    assert "| slerp |" in long_to_short_markdown(rows)
+    assert plot_long_to_short(rows, tmp_path / "l2s.png").is_file()
+
+
+def test_vision_suite_has_no_pair(vision_smoke):
+    from modelalloy.eval.harness import EvalError, long_to_short
+
+    with pytest.raises(EvalError, match="no long/short pair"):
+        long_to_short(vision_smoke)

@@ -140,9 +140,9 @@ SIZES: dict[str, dict[str, Any]] = {
     },
     "smoke": {
         "seed": 0, "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32,
-        "tasks": ["len", "max", "last"],
-        "held_out": ["first2"],
-        "pair": [],
+        "tasks": ["len", "max"],
+        "held_out": ["last"],
+        "pair": ["sum_long", "sum_short"],
         "pretrain_steps": 120, "pretrain_lr": 3e-3, "pretrain_correct": 0.3,
         "batch": 32, "finetune_steps": 80, "finetune_lr": 3e-3,
         "train_per_task": 300, "val_per_task": 20, "eval_per_task": 40, "general": 40,

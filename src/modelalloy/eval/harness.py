@@ -311,3 +311,49 @@ def load_model_folder(path: str | Path) -> dict[str, torch.Tensor]:
         return out
     raise EvalError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
                     "pass a folder written by `modelalloy merge` or a suite's expert folder")
+
+
+def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
+                  grid: Sequence[float] = (0.3, 0.5, 0.7), seed: int = 0,
+                  log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The long-to-short study: merge a chain-of-thought expert with a direct-answer one.
+
+    For a suite with a long/short pair (tiny-lm: ``sum_long``, ``sum_short``), every method that
+    can merge two models runs with its defaults and, where it has one, each ``lambda`` (or slerp
+    ``t``) of ``grid``; each row gives the final-answer accuracy and the mean response length on
+    the pair's shared prompts. Rows for the base and both experts come first.
+    """
+    log = log or (lambda _m: None)
+    pair = suite.info.extra.get("pair") or []
+    if len(pair) != 2:
+        raise EvalError(f"suite {suite.info.name} ({suite.info.size}) has no long/short pair")
+    long_task, short_task = pair
+    base = suite.base_state_dict()
+    experts = [suite.expert_state_dict(long_task), suite.expert_state_dict(short_task)]
+
+    def score(method: str, sd: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
+        res = suite.evaluate(sd, [long_task])[long_task]
+        return {"method": method, "params": params, "accuracy": round(res["accuracy"], 4),
+                "mean_length": round(res["mean_length"], 3)}
+
+    rows = [score("base", base, {}), score(f"expert:{long_task}", experts[0], {}),
+            score(f"expert:{short_task}", experts[1], {})]
+    for spec in resolve_methods(methods):
+        if method_skip_reason(spec, 2):
+            continue
+        knob = "t" if any(p.name == "t" for p in spec.params) else (
+            SCALE_PARAM if any(p.name == SCALE_PARAM for p in spec.params) else None)
+        settings = [{}] + ([{knob: v} for v in grid] if knob else [])
+        for extra in settings:
+            given = {**PAPER_DEFAULTS.get(spec.name, {}), **extra}
+            if spec.name == "task_arithmetic" and not extra:
+                continue  # the lambda grid covers it
+            try:
+                merged = merge_experts(spec, base, experts, given, seed)
+            except ModelAlloyError as err:
+                log(f"skip {spec.name}: {err}")
+                break
+            rows.append(score(spec.name, merged, given))
+            log(f"{spec.name} {given}: acc {rows[-1]['accuracy']:.3f} "
+                f"len {rows[-1]['mean_length']:.1f}")
+    return rows
