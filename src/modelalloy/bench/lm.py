@@ -36,6 +36,9 @@ from modelalloy.bench.common import (
     save_split,
 )
 
+# Bump whenever a change alters what a build produces: it is part of the cache key.
+BUILD_VERSION = 1
+
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:=;,+>. ")
 PAD, EOS = "<pad>", "<eos>"
 VOCAB = [PAD, EOS] + CHARS
@@ -327,7 +330,7 @@ class LMSuite:
         if size not in SIZES:
             raise SuiteError(f"tiny-lm: unknown size '{size}'; use one of {', '.join(SIZES)}")
         cfg = {**SIZES[size], **(overrides or {})}
-        path = common.build_cached(cls.kind, size, cfg, (sys.modules[__name__], common),
+        path = common.build_cached(cls.kind, size, cfg, (sys.modules[__name__],),
                                    lambda out, lg: build(out, cfg, lg), rebuild=rebuild,
                                    cache_dir=cache_dir, log=log)
         return cls(common.read_suite_info(path))
