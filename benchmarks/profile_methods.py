@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import time
 
-import torch
-import yaml
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as modelalloy does, before torch loads
 
-from modelalloy.io.checkpoint import open_checkpoint
-from modelalloy.methods import MergeContext, get_method
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from modelalloy.io.checkpoint import open_checkpoint  # noqa: E402
+from modelalloy.methods import MergeContext, get_method  # noqa: E402
 
 SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                "della_linear"}

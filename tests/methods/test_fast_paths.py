@@ -75,7 +75,7 @@ def test_magnitude_trim_with_shared_scratch_and_2d():
 def reference_combine(deltas, weights, sign, normalize):
     out = torch.zeros_like(deltas[0])
     den = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights):
+    for d, w in zip(deltas, weights, strict=True):
         agree = (d * sign > 0).float()
         out += w * d * agree
         den += w * agree

@@ -279,7 +279,7 @@ def threshold_trim_(delta: torch.Tensor, threshold: float | None) -> torch.Tenso
 
 
 def band_trim_(delta: torch.Tensor, density: float, gamma: float,
-               granularity: str = "row") -> torch.Tensor:
+               granularity: str = "row", scratch: Scratch | None = None) -> torch.Tensor:
     """Zero both magnitude tails: the top ``gamma`` and everything below the next ``density``.
 
     ``row`` (official Breadcrumbs): along the last dimension, n_top = int(n·gamma) and
@@ -287,6 +287,9 @@ def band_trim_(delta: torch.Tensor, density: float, gamma: float,
     by |δ| descending). 0-D tensors are left untouched; 1-D tensors are one row.
     ``tensor`` (mergekit ``magnitude_outliers``): the same over the flattened tensor, except
     density ≥ 1 leaves the tensor untouched and n_top shrinks when density + gamma > 1.
+
+    The band is the unsorted top n_top+n_keep set minus its own top n_top (one large and one
+    small ``topk``, no full sort), applied with a float mask in ``scratch``.
     """
     if delta.dim() == 0 or delta.numel() == 0:
         return delta
@@ -296,7 +299,7 @@ def band_trim_(delta: torch.Tensor, density: float, gamma: float,
             return delta
         n_keep = int(density * n)
         n_top = min(int(gamma * n), n - n_keep)
-        rows = delta.view(1, n)
+        rows = delta.view(1, n) if delta.is_contiguous() else delta.reshape(1, n)
     else:
         n = delta.shape[-1]
         n_keep = int(density * n)
@@ -305,11 +308,20 @@ def band_trim_(delta: torch.Tensor, density: float, gamma: float,
     hi = min(n, n_top + n_keep)
     if n_top == 0 and hi == n:
         return delta
-    mask = torch.zeros(rows.shape, dtype=torch.bool, device=delta.device)
-    if hi > n_top:
-        idx = torch.topk(rows.abs(), hi, dim=-1, sorted=True).indices[:, n_top:]
-        mask.scatter_(-1, idx, True)
-    rows.mul_(mask)
+    if hi <= n_top:
+        rows.mul_(0.0)
+    else:
+        if scratch is None or scratch.numel != delta.numel():
+            scratch = Scratch(delta)
+        mag = torch.abs(rows, out=scratch.get("mag").view(rows.shape))
+        top = torch.topk(mag, hi, dim=-1, sorted=False)
+        mask = scratch.get("work", torch.int32).view(torch.float32).view(rows.shape).zero_()
+        mask.scatter_(-1, top.indices, 1.0)
+        if n_top > 0:
+            outliers = torch.topk(top.values, n_top, dim=-1, sorted=False).indices
+            mask.scatter_(-1, top.indices.gather(-1, outliers), 0.0)
+        del top
+        rows.mul_(mask)
     if rows.data_ptr() != delta.data_ptr():
         delta.copy_(rows.view(delta.shape))
     return delta
@@ -343,20 +355,27 @@ def l1_rescaled_(delta: torch.Tensor, sparsify: Callable[[torch.Tensor], Any],
 
 
 def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: int,
-          rescale: bool = True, rescale_norm: str = "density") -> torch.Tensor:
+          rescale: bool = True, rescale_norm: str = "density",
+          scratch: Scratch | None = None) -> torch.Tensor:
     """DARE: drop each entry with p = 1 − density, then rescale the survivors.
 
     The mask is ``rand < density`` from ``ctx.rand_like(delta, model_index)``, so it depends only
     on (seed, tensor name, model index). Rescale ``density``: divide by density (= 1/(1−p), the
     paper); ``l1``: scale to the original L1 norm (current mergekit). density = 1 is the
-    identity; density = 0 gives zeros.
+    identity; density = 0 gives zeros. With ``scratch`` the same draws (``ctx.generator``) are
+    written into a reused buffer instead of a fresh tensor.
     """
     if density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.zero_()
     l1 = torch.linalg.vector_norm(delta, 1) if rescale and rescale_norm == "l1" else None
-    keep = ctx.rand_like(delta, model_index).lt_(density)  # float 0/1, in place
+    if scratch is not None and scratch.numel == delta.numel() and delta.device.type == "cpu":
+        keep = torch.rand(delta.shape, generator=ctx.generator(model_index),
+                          dtype=torch.float32, out=scratch.get("mag").view(delta.shape))
+    else:
+        keep = ctx.rand_like(delta, model_index)
+    keep.lt_(density)  # float 0/1, in place
     if rescale and rescale_norm == "density":
         keep.mul_(1.0 / density)
     delta.mul_(keep)
