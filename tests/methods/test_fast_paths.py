@@ -112,3 +112,30 @@ def test_elect_sign_fills_zero_sums(majority):
     assert torch.equal(elect_sign([d1, d2], [1.0, 1.0], "paper", majority), want)
     want_w = torch.where(total >= 0, 1.0, -1.0)
     assert torch.equal(elect_sign([d1, d2], [1.0, 1.0], "weighted"), want_w)
+
+
+@pytest.mark.parametrize("rescale_norm", ["density", "l1"])
+def test_dare_scratch_draws_match_rand_like(rescale_norm):
+    from modelalloy.methods import MergeContext
+    from modelalloy.methods._sparsify import dare_
+
+    x = torch.randn(64, 130)
+    ctx = MergeContext(name="w", seed=7)
+    want = x * (ctx.rand_like(x, 2) < 0.3).float()
+    want = want / 0.3 if rescale_norm == "density" else want * (x.abs().sum() / want.abs().sum())
+    got = dare_(x.clone(), 0.3, ctx, 2, rescale_norm=rescale_norm, scratch=Scratch(x))
+    assert torch.allclose(got, want)
+    assert torch.equal(got, dare_(x.clone(), 0.3, ctx, 2, rescale_norm=rescale_norm))
+
+
+def test_weighted_sum_matches_formula():
+    from modelalloy.methods._sparsify import weighted_sum
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1000, generator=g)
+    experts = [base + torch.randn(1000, generator=g) * 1e-3 for _ in range(3)]
+    for weights in ([1.0, 1.0, 1.0], [0.0, 2.0, -0.5], [0.0, 0.0, 0.0]):
+        want = sum(w * (e - base) for w, e in zip(weights, experts, strict=True))
+        assert torch.allclose(weighted_sum(base, experts, weights), want, atol=1e-7)
+        want = sum(w * e for w, e in zip(weights, experts, strict=True))
+        assert torch.allclose(weighted_sum(None, experts, weights), want)

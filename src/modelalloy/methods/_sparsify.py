@@ -80,18 +80,32 @@ def weighted_sum(base: torch.Tensor | None, experts: Sequence[torch.Tensor],
                  weights: Sequence[float]) -> torch.Tensor:
     """Σ_t w_t (θ_t − θ_0) (or Σ_t w_t θ_t without a base) with two buffers whatever T is.
 
-    Each difference is formed before scaling so small deltas keep their fp32 precision.
+    Each difference is formed before scaling so small deltas keep their fp32 precision. The
+    first term initialises the accumulator (no zero fill), unit weights skip the scaling.
     """
-    acc = torch.zeros_like(experts[0])
-    scratch = torch.empty_like(experts[0]) if base is not None else None
+    acc = None
+    scratch = None
     for e, w in zip(experts, weights, strict=True):
         if w == 0:
             continue
+        if acc is None:
+            acc = torch.sub(e, base) if base is not None else torch.mul(e, w) if w != 1 \
+                else e.clone()
+            if base is not None and w != 1:
+                acc.mul_(w)
+            continue
         if base is None:
-            acc.add_(e, alpha=w)
+            term = e
         else:
-            torch.sub(e, base, out=scratch)
-            acc.add_(scratch, alpha=w)
+            if scratch is None:
+                scratch = torch.empty_like(e)
+            term = torch.sub(e, base, out=scratch)
+        if w == 1:
+            acc.add_(term)
+        else:
+            acc.add_(term, alpha=w)
+    if acc is None:
+        acc = torch.zeros_like(experts[0])
     return acc
 
 
