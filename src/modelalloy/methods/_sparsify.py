@@ -302,8 +302,9 @@ def band_trim_(delta: torch.Tensor, density: float, gamma: float,
     ``tensor`` (mergekit ``magnitude_outliers``): the same over the flattened tensor, except
     density ≥ 1 leaves the tensor untouched and n_top shrinks when density + gamma > 1.
 
-    The band is the unsorted top n_top+n_keep set minus its own top n_top (one large and one
-    small ``topk``, no full sort), applied with a float mask in ``scratch``.
+    The band is the unsorted top n_top+n_keep set minus its own top n_top (one large ``topk``
+    on the int32 bit patterns of |δ| and one small one, no full sort), applied with a float
+    mask in ``scratch``.
     """
     if delta.dim() == 0 or delta.numel() == 0:
         return delta
@@ -328,7 +329,9 @@ def band_trim_(delta: torch.Tensor, density: float, gamma: float,
         if scratch is None or scratch.numel != delta.numel():
             scratch = Scratch(delta)
         mag = torch.abs(rows, out=scratch.get("mag").view(rows.shape))
-        top = torch.topk(mag, hi, dim=-1, sorted=False)
+        # The int32 bit patterns of non-negative floats order as the floats do (NaN above
+        # inf, as topk ranks NaN); integer topk is about 1.5x faster.
+        top = torch.topk(mag.view(torch.int32), hi, dim=-1, sorted=False)
         mask = scratch.get("work", torch.int32).view(torch.float32).view(rows.shape).zero_()
         mask.scatter_(-1, top.indices, 1.0)
         if n_top > 0:
@@ -410,7 +413,8 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
     n = rows.shape[-1]
     if n == 1:
         return torch.full(shape, density, dtype=delta.dtype, device=delta.device)
-    order = torch.sort(rows.abs(), dim=-1, stable=True).indices
+    # stable sort of the int32 bit patterns of |δ|: the same order as the floats, faster
+    order = torch.sort(rows.abs().view(torch.int32), dim=-1, stable=True).indices
     ranks = torch.empty_like(rows)
     src = torch.arange(n, dtype=rows.dtype, device=rows.device).expand_as(rows)
     ranks.scatter_(-1, order, src)
