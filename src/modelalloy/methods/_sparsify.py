@@ -281,11 +281,15 @@ def magnitude_trim_(delta: torch.Tensor, density: float,
     return delta
 
 
-def threshold_trim_(delta: torch.Tensor, threshold: float | None) -> torch.Tensor:
+def threshold_trim_(delta: torch.Tensor, threshold: float | None,
+                    scratch: Scratch | None = None) -> torch.Tensor:
     """Keep entries with |δ| ≥ threshold (ties kept, as in the official TIES code)."""
     if threshold is None:
         return delta
-    return delta.mul_(delta.abs() >= threshold)
+    buf = None
+    if scratch is not None and scratch.numel == delta.numel():
+        buf = scratch.get("mag").view(delta.shape)
+    return delta.mul_(torch.abs(delta, out=buf).ge_(threshold))  # float 0/1 mask
 
 
 # --------------------------------------------------------------------------------------------

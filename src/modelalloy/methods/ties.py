@@ -127,7 +127,7 @@ def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[st
             raise MethodError(f"tensor '{ctx.name}': ties with scope: global needs the "
                               "whole-model pass (prepare) and the runner did not provide it")
         for d, v in zip(deltas, stats["thresholds"], strict=True):
-            l1_rescaled_(d, lambda x, v=v: threshold_trim_(x, v), params["rescale"])
+            l1_rescaled_(d, lambda x, v=v: threshold_trim_(x, v, scratch), params["rescale"])
         majority = stats["majority"]
     else:
         for d, density in zip(deltas, params["density"], strict=True):
