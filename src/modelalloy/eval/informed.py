@@ -186,6 +186,7 @@ class InformedConfig:
     adamerging_lr: float = 1e-3
     expert_samples: int = 16              # unlabeled samples per domain (batches of one)
     sens_limit: int = 32
+    sens_scale: float | None = None       # λ of Sens-Merging; None: task arithmetic's tuned λ
     self_positioning_steps: int = 300
     seed: int = 0
     methods: tuple[str, ...] = INFORMED_METHODS
@@ -329,6 +330,9 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
                              granularity=gran, steps=cfg.adamerging_steps,
                              lr=cfg.adamerging_lr, seed=cfg.seed)
             result.extra[f"adamerging_{gran}"] = res
+            result.notes[f"adamerging_{gran}"] = (
+                f"summed entropy {res.history[0]:.3f} → {res.history[-1]:.3f}, coefficients in "
+                f"[{float(res.coefficients.min()):.2f}, {float(res.coefficients.max()):.2f}]")
             row(f"adamerging_{gran}", apply_coefficients(res, base, experts),
                 {"granularity": gran, "steps": cfg.adamerging_steps,
                  "entropy": [round(res.history[0], 4), round(res.history[-1], 4)]}, t0)
@@ -358,11 +362,16 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
         t0 = time.perf_counter()
         calib = task_batches(suite, tasks, cfg.stats_split, cfg.batch_size,
                              limit=cfg.sens_limit, labels=True)
-        res, diag = sens_merging(suite_module(suite, base, tasks), base, experts, calib)
-        result.notes["sens_merging"] = (f"K·σ in [{diag['k_sigma_min']:.3f}, "
+        scale = (cfg.sens_scale if cfg.sens_scale is not None
+                 else _tvs_scale_param(result.tuning, "task_arithmetic", 1.0))
+        res, diag = sens_merging(suite_module(suite, base, tasks), base, experts, calib,
+                                 scale=scale)
+        result.notes["sens_merging"] = (f"λ = {scale} (task arithmetic's tuned λ), K·σ in "
+                                        f"[{diag['k_sigma_min']:.3f}, "
                                         f"{diag['k_sigma_max']:.3f}]")
         row("sens_merging", apply_coefficients(res, base, experts),
-            {"k_sigma": [round(diag["k_sigma_min"], 3), round(diag["k_sigma_max"], 3)]}, t0)
+            {"lambda": scale,
+             "k_sigma": [round(diag["k_sigma_min"], 3), round(diag["k_sigma_max"], 3)]}, t0)
 
     # --- Self Positioning: task-wise coefficients by SGD on the labeled val split
     if want("self_positioning"):
