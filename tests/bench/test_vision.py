@@ -41,8 +41,8 @@ def test_cached_suite_is_reused(vision_smoke):
 def test_config_change_gives_new_suite(vision_smoke, bench_cache):
     from modelalloy.bench import common, vision
 
-    a = common.content_hash({**vision.SIZES["smoke"]}, vision, common)
-    b = common.content_hash({**vision.SIZES["smoke"], "seed": 1}, vision, common)
+    a = common.content_hash({**vision.SIZES["smoke"]}, vision)
+    b = common.content_hash({**vision.SIZES["smoke"], "seed": 1}, vision)
     assert a != b and a in vision_smoke.info.path.name
 
 

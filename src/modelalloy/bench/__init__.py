@@ -3,7 +3,7 @@
 ``load_suite("tiny-vision", size="smoke")`` builds (or finds in the cache) a suite and returns an
 object with ``base_state_dict()``, ``expert_state_dict(task)``, ``evaluate(state_dict)`` and
 ``info`` (tasks, held-out flags, paths). Suites are cached under ``$MODELALLOY_CACHE`` (default
-``~/.cache/modelalloy``) by a hash of their build config and source code.
+``~/.cache/modelalloy``) by a hash of their build config and code version (``BUILD_VERSION``).
 """
 
 from __future__ import annotations

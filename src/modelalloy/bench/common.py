@@ -12,8 +12,9 @@ A suite is a folder::
       data/<task>/test.safetensors    unlabeled test inputs (for data-informed methods)
       data/<task>/labels.safetensors  the test labels: used by the evaluation harness only
 
-The folder name carries a content hash of the build config and of the suite's source code, so a
-change to either builds a fresh suite; a build writes to a temporary sibling and renames it when
+The folder name carries a content hash of the build config and of the suite's code version
+(``BUILD_VERSION`` in the suite's module), so a change to either builds a fresh suite; a build
+writes to a temporary sibling and renames it when
 complete, so an interrupted build never leaves a half suite behind.
 """
 
@@ -35,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from modelalloy.errors import ModelAlloyError
 
-SUITE_FORMAT = 1
+SUITE_FORMAT = 1  # the folder layout; the suites' own code versions are their BUILD_VERSION
 
 
 class SuiteError(ModelAlloyError):
@@ -50,12 +51,18 @@ def cache_root() -> Path:
 
 
 def content_hash(config: Any, *modules: Any) -> str:
-    """A short hash of a JSON-able config and the source code of the given modules."""
+    """A short hash of a JSON-able config and the code version of the given modules.
+
+    A module's code version is its ``BUILD_VERSION`` (bump it whenever a change alters what a
+    build produces); a module without one contributes its whole source text.
+    """
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(f"format={SUITE_FORMAT}".encode())
     for mod in modules:
-        h.update(inspect.getsource(mod).encode())
+        version = getattr(mod, "BUILD_VERSION", None)
+        text = f"{mod.__name__}={version}" if version is not None else inspect.getsource(mod)
+        h.update(text.encode())
     return h.hexdigest()[:12]
 
 

@@ -40,6 +40,8 @@ from modelalloy.bench.common import (
 )
 
 MODEL_TYPE = "modelalloy-tiny-vision"
+# Bump whenever a change alters what a build produces: it is part of the cache key.
+BUILD_VERSION = 1
 
 
 class TinyConvNet(nn.Module):
@@ -316,7 +318,7 @@ class VisionSuite:
         cfg = {**SIZES[size], **(overrides or {})}
         import sys
 
-        path = common.build_cached(cls.kind, size, cfg, (sys.modules[__name__], common),
+        path = common.build_cached(cls.kind, size, cfg, (sys.modules[__name__],),
                                    lambda out, lg: build(out, cfg, lg), rebuild=rebuild,
                                    cache_dir=cache_dir, log=log)
         return cls(common.read_suite_info(path))

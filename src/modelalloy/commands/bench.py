@@ -30,6 +30,8 @@ def register(app: typer.Typer) -> None:
             help='per-method parameter overrides as JSON: {"ties": {"density": 0.2}}')] = None,
         sweep: Annotated[str | None, typer.Option(
             help="also sweep the number of experts merged (2..N) for these methods")] = None,
+        long_short: Annotated[bool, typer.Option(
+            "--long-to-short", help="also run the long-to-short study (tiny-lm)")] = False,
         rebuild: Annotated[bool, typer.Option(help="rebuild the suite even if cached")] = False,
         seed: Annotated[int, typer.Option(help="merge seed (DARE/DELLA masks)")] = 0,
         quiet: Annotated[bool, typer.Option(help="no progress lines")] = False,
@@ -54,4 +56,13 @@ def register(app: typer.Typer) -> None:
         for name in _split(sweep) or []:
             rows = sweep_num_experts(s, name, seed=seed, log=log)
             write_sweep(rows, out, name)
+        if long_short:
+            from modelalloy.eval.harness import long_to_short
+            from modelalloy.eval.sweeps import long_to_short_markdown, plot_long_to_short
+
+            rows = long_to_short(s, _split(methods), seed=seed, log=log)
+            (out / "long-to-short.json").write_text(json.dumps(rows, indent=1))
+            (out / "long-to-short.md").write_text(long_to_short_markdown(rows) + "\n")
+            plot_long_to_short(rows, out / "long-to-short.png")
+            typer.echo(long_to_short_markdown(rows))
         typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")

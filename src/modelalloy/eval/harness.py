@@ -24,6 +24,19 @@ import torch
 from modelalloy.errors import ModelAlloyError
 
 SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+# The papers' settings where the registry's generic defaults differ from them (the registry
+# follows mergekit, whose density defaults to 1 = no trimming): TIES keeps the top 20%
+# (Yadav et al. 2023), DARE drops 90% (Yu et al. 2024), Breadcrumbs keeps 90% below the top 1%
+# (Davari & Belilovsky 2023), and task arithmetic uses lambda 0.3 for eight tasks (Ilharco et
+# al. 2023; FusionBench's default). ``--params`` overrides any of these.
+PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"lambda": 0.3},
+    "ties": {"density": 0.2},
+    "dare_ties": {"density": 0.1},
+    "dare_linear": {"density": 0.1},
+    "breadcrumbs": {"density": 0.9},
+    "breadcrumbs_ties": {"density": 0.9},
+}
 # The parameter that scales the merged task vector, where a method has one.
 SCALE_PARAM = "lambda"
 
@@ -187,9 +200,10 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
               seed: int = 0, log: Callable[[str], None] | None = None) -> BenchResult:
     """Merge the suite's held-in experts with each method; score every task.
 
-    Each method runs with its registered (paper) defaults, variant "default"; methods with a
-    ``lambda`` parameter also run with lambda chosen on the validation split from ``grid``,
-    variant "tuned". ``params`` overrides defaults per method name.
+    Each method runs with the papers' defaults (:data:`PAPER_DEFAULTS` over the registry's),
+    variant "default"; methods with a ``lambda`` parameter also run with lambda chosen on the
+    validation split from ``grid``, variant "tuned". ``params`` overrides defaults per method
+    (a ``lambda`` given there turns tuning off for that method).
     """
     log = log or (lambda _m: None)
     info = suite.info
@@ -207,7 +221,8 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
             skipped[spec.name] = reason
             log(f"skip {spec.name}: {reason}")
             continue
-        given = dict((params or {}).get(spec.name, {}))
+        user = dict((params or {}).get(spec.name, {}))
+        given = {**PAPER_DEFAULTS.get(spec.name, {}), **user}
         start = time.perf_counter()
         try:
             merged = merge_experts(spec, base, experts, given, seed)
@@ -220,7 +235,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
                  if not isinstance(v, list) or len(set(map(str, v))) > 1}
         records += scorer.records(spec.name, merged, variant="default", params=shown)
         log(f"{spec.name}: merged in {timings[spec.name]:.2f}s")
-        if tune and any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in given:
+        if tune and any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in user:
             lam, scores = tune_scale(spec, base, experts, given, scorer, tasks, grid, seed)
             tuning[spec.name] = {"param": SCALE_PARAM, "chosen": lam, "val_scores": scores}
             merged = merge_experts(spec, base, experts, {**given, SCALE_PARAM: lam}, seed)
@@ -236,6 +251,8 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
                       params: dict[str, Any] | None = None, repeats: int = 1, seed: int = 0,
                       log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Merge k = 2..N experts (random subsets, ``repeats`` per k): held-in vs held-out accuracy.
+
+    Parameters are the papers' defaults (:data:`PAPER_DEFAULTS`) overridden by ``params``.
 
     Held-in = the k merged tasks; held-out = the suite's held-out tasks (never merged) and, as
     "unmerged", the suite's other tasks that this subset left out.
@@ -260,7 +277,7 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
         for rep in range(repeats):
             subset = [tasks[i] for i in torch.randperm(len(tasks), generator=gen)[:k].tolist()]
             merged = merge_experts(spec, base, [all_experts[t] for t in subset],
-                                   dict(params or {}), seed)
+                                   {**PAPER_DEFAULTS.get(method, {}), **(params or {})}, seed)
             rows = scorer.records(method, merged, params=params)
             held_in = [r for r in rows if r["task"] in subset]
             held_out = [r for r in rows if r["held_out"]]
@@ -294,3 +311,49 @@ def load_model_folder(path: str | Path) -> dict[str, torch.Tensor]:
         return out
     raise EvalError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
                     "pass a folder written by `modelalloy merge` or a suite's expert folder")
+
+
+def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
+                  grid: Sequence[float] = (0.3, 0.5, 0.7), seed: int = 0,
+                  log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The long-to-short study: merge a chain-of-thought expert with a direct-answer one.
+
+    For a suite with a long/short pair (tiny-lm: ``sum_long``, ``sum_short``), every method that
+    can merge two models runs with its defaults and, where it has one, each ``lambda`` (or slerp
+    ``t``) of ``grid``; each row gives the final-answer accuracy and the mean response length on
+    the pair's shared prompts. Rows for the base and both experts come first.
+    """
+    log = log or (lambda _m: None)
+    pair = suite.info.extra.get("pair") or []
+    if len(pair) != 2:
+        raise EvalError(f"suite {suite.info.name} ({suite.info.size}) has no long/short pair")
+    long_task, short_task = pair
+    base = suite.base_state_dict()
+    experts = [suite.expert_state_dict(long_task), suite.expert_state_dict(short_task)]
+
+    def score(method: str, sd: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
+        res = suite.evaluate(sd, [long_task])[long_task]
+        return {"method": method, "params": params, "accuracy": round(res["accuracy"], 4),
+                "mean_length": round(res["mean_length"], 3)}
+
+    rows = [score("base", base, {}), score(f"expert:{long_task}", experts[0], {}),
+            score(f"expert:{short_task}", experts[1], {})]
+    for spec in resolve_methods(methods):
+        if method_skip_reason(spec, 2):
+            continue
+        knob = "t" if any(p.name == "t" for p in spec.params) else (
+            SCALE_PARAM if any(p.name == SCALE_PARAM for p in spec.params) else None)
+        settings = [{}] + ([{knob: v} for v in grid] if knob else [])
+        for extra in settings:
+            given = {**PAPER_DEFAULTS.get(spec.name, {}), **extra}
+            if spec.name == "task_arithmetic" and not extra:
+                continue  # the lambda grid covers it
+            try:
+                merged = merge_experts(spec, base, experts, given, seed)
+            except ModelAlloyError as err:
+                log(f"skip {spec.name}: {err}")
+                break
+            rows.append(score(spec.name, merged, given))
+            log(f"{spec.name} {given}: acc {rows[-1]['accuracy']:.3f} "
+                f"len {rows[-1]['mean_length']:.1f}")
+    return rows

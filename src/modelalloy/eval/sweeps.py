@@ -54,3 +54,34 @@ def write_sweep(rows: list[dict[str, Any]], out_dir: Path, method: str) -> dict[
     paths["md"].write_text(f"# Number of experts merged: {method}\n\n{sweep_markdown(rows)}\n")
     plot_sweep(rows, paths["png"], f"{method}: experts merged")
     return paths
+
+
+def long_to_short_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | parameters | accuracy | mean response length |", "|---|---|---|---|"]
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "—"
+        lines.append(f"| {r['method']} | {params} | {100 * r['accuracy']:.1f} | "
+                     f"{r['mean_length']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_long_to_short(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["mean_length"], 100 * r["accuracy"])
+        label = r["method"] + "".join(f" {k}={v}" for k, v in r["params"].items()
+                                      if k in ("lambda", "t"))
+        ax.annotate(label, (r["mean_length"], 100 * r["accuracy"]), fontsize=6)
+    ax.set_xlabel("mean response length (tokens)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("long-to-short merging")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
