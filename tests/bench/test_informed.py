@@ -24,8 +24,12 @@ SMALL = InformedConfig(stats_limit=24, fisher_limit=6, adamerging_steps=4, exper
 
 @pytest.fixture(scope="module")
 def informed(vision_smoke):
-    torch.set_num_threads(1)
-    return run_informed(vision_smoke, SMALL, baselines=("linear", "task_arithmetic"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
+    try:
+        yield run_informed(vision_smoke, SMALL, baselines=("linear", "task_arithmetic"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_every_informed_method_runs_and_gives_finite_accuracies(vision_smoke, informed):
