@@ -50,11 +50,11 @@ BIG_GAP = ("regmean", "regmean_pp", "adamerging_layer")
 
 def cached_size(suite: str) -> str:
     """'full' when the full suite is already built in the cache, else 'smoke'."""
-    if suite != "tiny-vision":
-        return "smoke"
-    from modelalloy.bench import common, vision
+    import importlib
 
-    digest = content_hash(vision.SIZES["full"], vision, common)
+    module = importlib.import_module({"tiny-vision": "modelalloy.bench.vision",
+                                      "tiny-lm": "modelalloy.bench.lm"}[suite])
+    digest = content_hash(module.SIZES["full"], module)  # as the suite's own build does
     return "full" if (cache_root() / f"{suite}-full-{digest}" / "suite.json").is_file() else "smoke"
 
 
@@ -195,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods:
         cfg.methods = tuple(args.methods.split(","))
     dump: dict[str, Any] = {}
-    if args.from_json:
+    if Path(args.json).is_file():  # suites not run this time keep their saved rows
         dump = json.loads(Path(args.json).read_text())
+    if args.from_json:
+        pass
     else:
         for suite_name in args.suites.split(","):
             size = cached_size(suite_name) if args.size == "auto" else args.size

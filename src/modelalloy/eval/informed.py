@@ -108,16 +108,69 @@ class SuiteModule(nn.Module):
         return out
 
 
+def is_lm_suite(suite: Any) -> bool:
+    """tiny-lm style suites: a causal LM with its own output layer, text prompts."""
+    return not hasattr(suite, "head")
+
+
 def suite_module(suite: Any, state_dict: Mapping[str, torch.Tensor], tasks: Sequence[str],
-                 stacked: bool = False) -> SuiteModule:
+                 stacked: bool = False) -> nn.Module:
+    """The suite's model holding ``state_dict``: a :class:`SuiteModule` (body + per-task heads)
+    for classifier suites, the language model itself for LM suites (``stacked`` is ignored: a
+    transformer already has its numbered block stack)."""
+    if is_lm_suite(suite):
+        model = suite.new_model()
+        model.load_state_dict(dict(state_dict), strict=False)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return model.eval()
     body = suite.new_model()
     body.load_state_dict(dict(state_dict))
     return SuiteModule(body, [suite.head(t) for t in tasks], stacked=stacked).eval()
 
 
+def to_body_names(model: nn.Module, mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return model.to_body_names(mapping) if isinstance(model, SuiteModule) else dict(mapping)
+
+
+def to_module_names(model: nn.Module, mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return model.to_module_names(mapping) if isinstance(model, SuiteModule) else dict(mapping)
+
+
+def _lm_batch(suite: Any, prompts: Sequence[str], answers: Sequence[str] | None
+              ) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` of prompts (+ answers and ``<eos>``);
+    with answers, ``labels`` holds the answer tokens and -100 elsewhere (unshifted)."""
+    import importlib
+
+    lm = importlib.import_module(type(suite).__module__)
+    pad, eos = lm.STOI[lm.PAD], lm.STOI[lm.EOS]
+    seqs, starts = [], []
+    for i, p in enumerate(prompts):
+        ids = lm.encode(p)
+        starts.append(len(ids))
+        if answers is not None:
+            ids = ids + lm.encode(answers[i]) + [eos]
+        seqs.append(ids)
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (x, a) in enumerate(zip(seqs, starts, strict=True)):
+        ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+        labels[i, a:len(x)] = torch.tensor(x[a:])
+    out = {"input_ids": ids, "attention_mask": mask}
+    if answers is not None:
+        out["labels"] = labels
+    return out
+
+
 def task_batches(suite: Any, tasks: Sequence[str], split: str, batch_size: int, *,
                  limit: int | None = None, labels: bool = False) -> list[list[dict[str, Any]]]:
-    """Per task k, batches ``{"images": x, "task": k}`` (plus ``labels`` when asked)."""
+    """Per task k, batches ``{"images": x, "task": k}`` (plus ``labels`` when asked); for LM
+    suites ``{"input_ids", "attention_mask"}`` of the prompts (with ``labels``: prompt + answer,
+    labels on the answer tokens)."""
     out = []
     for k, task in enumerate(tasks):
         x, y = suite.labeled(task, split)
@@ -125,12 +178,29 @@ def task_batches(suite: Any, tasks: Sequence[str], split: str, batch_size: int, 
             x, y = x[:limit], y[:limit]
         batches = []
         for i in range(0, len(x), batch_size):
+            if is_lm_suite(suite):
+                batches.append(_lm_batch(suite, x[i:i + batch_size],
+                                         y[i:i + batch_size] if labels else None))
+                continue
             b: dict[str, Any] = {"images": x[i:i + batch_size], "task": k}
             if labels:
                 b["labels"] = y[i:i + batch_size]
             batches.append(b)
         out.append(batches)
     return out
+
+
+def supervised_loss(output: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Cross-entropy against ``batch["labels"]``: per example for classifier logits, next-token
+    (shifted, -100 ignored) for sequence logits."""
+    from modelalloy.stats.hooks import logits_of
+
+    logits = logits_of(output).float()
+    labels = batch["labels"]
+    if logits.dim() == 3:
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           labels[:, 1:].reshape(-1), ignore_index=-100)
+    return nn.functional.cross_entropy(logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +285,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
                  log: Callable[[str], None] | None = None) -> InformedResult:
     """Baseline rows from the harness, then one row per data-informed method."""
     from modelalloy.stats import collect_activations, collect_fisher, collect_grams
+    from modelalloy.stats.hooks import batch_size_of, select_example
     from modelalloy.stats.optimizer import load_adam_moments
 
     cfg = config or InformedConfig()
@@ -263,7 +334,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
         t0 = time.perf_counter()
         models = [suite_module(suite, sd, tasks, stacked=True) for sd in experts]
         stats, _ = collect_regmean_pp_grams(models, stat_batches, alpha=cfg.regmean_alpha)
-        renamed = [models[0].to_body_names(s) for s in stats]
+        renamed = [to_body_names(models[0], s) for s in stats]
         merged = merge_state_dicts("regmean_pp", None, experts, stats={"gram_pp": renamed},
                                    alpha=cfg.regmean_alpha)
         row("regmean_pp", merged, {"alpha": cfg.regmean_alpha}, t0)
@@ -271,13 +342,15 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
     # --- Fisher merging: per-example Fisher of each expert with its task's head
     if want("fisher"):
         t0 = time.perf_counter()
+        # the exact expectation needs (batch, classes) outputs; LMs sample one token per position
+        fisher_mode = "sampled" if is_lm_suite(suite) else cfg.fisher_mode
         fishers = []
         for k, sd in enumerate(experts):
             fishers.append(collect_fisher(suite_module(suite, sd, tasks), stat_batches[k],
-                                          mode=cfg.fisher_mode, max_examples=cfg.fisher_limit,
+                                          mode=fisher_mode, max_examples=cfg.fisher_limit,
                                           seed=cfg.seed))
         merged = merge_state_dicts("fisher", None, experts, stats={"fisher": fishers})
-        row("fisher", merged, {"mode": cfg.fisher_mode, "examples": cfg.fisher_limit}, t0)
+        row("fisher", merged, {"mode": fisher_mode, "examples": cfg.fisher_limit}, t0)
 
     # --- OTA (and OTA after Fast Fisher Grafting): the experts' saved Adam second moments
     if want("ota") or want("ota_ffg"):
@@ -343,13 +416,13 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
         t0 = time.perf_counter()
         model = suite_module(suite, base, tasks, stacked=True)
-        samples = [[{"images": b["images"][i:i + 1], "task": k} for b in bs
-                    for i in range(len(b["images"]))][:cfg.expert_samples]
-                   for k, bs in enumerate(stat_batches)]
-        em = expert_merging(model, model.to_module_names(base),
-                            [model.to_module_names(sd) for sd in experts], samples)
+        samples = [[select_example(b, i, batch_size_of(b)) for b in bs
+                    for i in range(batch_size_of(b))][:cfg.expert_samples]
+                   for bs in stat_batches]
+        em = expert_merging(model, to_module_names(model, base),
+                            [to_module_names(model, sd) for sd in experts], samples)
         coeffs = em.to_coefficients()
-        coeffs.names = list(model.to_body_names(dict.fromkeys(coeffs.names)))
+        coeffs.names = list(to_body_names(model, dict.fromkeys(coeffs.names)))
         coeffs.rows = {n: i for i, n in enumerate(coeffs.names)}
         result.extra["expert_merging"] = coeffs
         row("expert_merging", apply_coefficients(coeffs, base, experts),
@@ -382,8 +455,8 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
                                           labels=True) for b in bs]
 
         def ce(forward: Callable[[Any], Any], batch: dict[str, Any]) -> torch.Tensor:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            return nn.functional.cross_entropy(forward(inputs), batch["labels"])
+            return supervised_loss(forward({k: v for k, v in batch.items() if k != "labels"}),
+                                   batch)
 
         res = self_positioning(suite_module(suite, base, tasks), base, experts, probe, ce,
                                steps=cfg.self_positioning_steps, seed=cfg.seed)
