@@ -197,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     dump: dict[str, Any] = {}
     if Path(args.json).is_file():  # suites not run this time keep their saved rows
         dump = json.loads(Path(args.json).read_text())
-    if args.from_json:
-        pass
-    else:
+    if not args.from_json:
         for suite_name in args.suites.split(","):
             size = cached_size(suite_name) if args.size == "auto" else args.size
             try:
