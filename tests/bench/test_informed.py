@@ -113,3 +113,25 @@ def test_stacked_view_renames_both_ways(vision_smoke):
     flat = suite_module(suite, base, tasks)
     assert torch.allclose(m(x, task=1), flat(x, task=1))
     assert torch.allclose(flat(x, task=1), suite.head(tasks[1])(flat._body(x)))
+
+
+@pytest.mark.slow
+def test_the_same_glue_runs_on_the_tiny_lm_suite(bench_cache):
+    """tiny-lm (transformers GPT-2): the LM itself, prompt batches, sampled Fisher."""
+    from modelalloy.bench import load_suite
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        suite = load_suite("tiny-lm", "smoke")
+        cfg = InformedConfig(stats_limit=8, fisher_limit=2, adamerging_steps=2,
+                             expert_samples=1, sens_limit=2, self_positioning_steps=2,
+                             batch_size=4)
+        res = run_informed(suite, cfg, baselines=("task_arithmetic",))
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in res.records if r["variant"] == "informed"]
+    assert {r["method"] for r in rows} >= {"regmean", "regmean_pp", "fisher", "ota",
+                                            "adamerging_layer", "expert_merging"}
+    assert all(math.isfinite(r["accuracy"]) and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert "transformer.h.0.mlp.c_fc.weight" in res.extra["regmean_gram_layers"]  # Conv1D
