@@ -13,7 +13,6 @@ from typing import Any
 import psutil
 import torch
 
-from modelalloy.engine.allocator import return_large_frees_to_the_system
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.execute import PlanExecutor
 from modelalloy.engine.progress import merge_progress
@@ -111,7 +110,6 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
                progress: bool = False) -> MergeResult:
     """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically)."""
     start = time.perf_counter()
-    return_large_frees_to_the_system()
     recipe = as_recipe(recipe)
     dev = resolve_device(device)
     out_dir = Path(out_dir)
