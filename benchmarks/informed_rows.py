@@ -230,7 +230,8 @@ DOC_HEAD = """# Data-informed methods on the local suites
 
 Rows that check the data-informed papers' shared claim — *methods that look at data beat task
 arithmetic and TIES* (on FusionBench's CLIP benchmark, RegMean(++) and layer-wise AdaMerging beat
-task arithmetic by about 15 points) — on our own suites (docs/benchmarks.md describes them).
+task arithmetic by about 15 points) — on our own suites (docs/evaluation.md and
+docs/benchmarks.md describe them).
 
 ## How to reproduce
 
@@ -260,6 +261,11 @@ per-task heads) and merges with `merge_state_dicts(..., stats=...)` or the learn
   excluded).
 - `sens_merging`: sensitivities and logit distances on 32 labeled val examples per task.
 - `self_positioning`: task-wise, 300 SGD steps on the labeled val split.
+
+On tiny-lm the model is the GPT-2 itself (its own output layer, no per-task heads), batches are
+the tasks' prompts (with their answers where a method needs labels), every block weight is a
+Conv1D with a Gram, and the Fisher is sampled (one token per position; the exact expectation
+needs classifier outputs).
 
 Every informed method sees the val split (or the unlabeled test inputs for AdaMerging), as the
 λ tuning of the baselines does. Seconds are statistics collection + merge (or learning) time on a
