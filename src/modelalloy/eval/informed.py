@@ -29,6 +29,10 @@ Self-Positioning read; AdaMerging uses the unlabeled ``test`` inputs, as in the 
 ``self_positioning``  task-wise coefficients by SGD on a labeled probe set (the val split)
 ====================  ===========================================================================
 
+LM suites (tiny-lm) use the language model itself (no heads), prompt batches
+``{"input_ids", "attention_mask"}`` (plus answer ``labels`` where a method needs them) and the
+sampled Fisher; the rest is the same code.
+
 The suite body has no stack of numbered blocks (RegMean++ and Expert Merging walk one), so
 :class:`SuiteModule` can present the body's top-level children as ``layers.0 .. layers.N-1``;
 :func:`to_body_names` maps the statistics and coefficients back to the body's own names.
