@@ -10,8 +10,9 @@ Usage (from a directory holding ``base/``, ``e0/``, ``e1/``, ``e2/`` safetensors
 the sparsifying methods get density=0.2). Timing is single-threaded CPU time
 (``time.process_time``) of the method calls only — reading and converting the tensors is not
 counted — best of ``--repeat`` runs over all tensors, so it is robust to a loaded machine.
-``--profile`` also writes a cProfile dump (CPU-time timer) (``--profile-out``, default ``profile_<method>.out``
-in the current directory) and prints the top entries. Nothing else is written.
+``--profile`` also writes a cProfile dump (CPU-time timer; ``--profile-out``, default
+``profile_<method>.out`` in the current directory) and prints the top entries. Nothing else
+is written.
 """
 
 from __future__ import annotations

@@ -139,3 +139,13 @@ def test_weighted_sum_matches_formula():
         assert torch.allclose(weighted_sum(base, experts, weights), want, atol=1e-7)
         want = sum(w * e for w, e in zip(weights, experts, strict=True))
         assert torch.allclose(weighted_sum(None, experts, weights), want)
+
+
+def test_float64_inputs_take_the_generic_paths():
+    from modelalloy.methods._sparsify import band_trim_, magprune_probabilities
+
+    x = bf16_task_vector(50 * 200, 9).view(50, 200)
+    assert torch.equal(magnitude_trim_(x.double(), 0.2).float(), reference_trim(x, 0.2))
+    assert torch.equal(band_trim_(x.double(), 0.2, 0.01).float(), band_trim_(x.clone(), 0.2, 0.01))
+    assert torch.allclose(magprune_probabilities(x.double(), 0.5, 0.1).float(),
+                          magprune_probabilities(x, 0.5, 0.1))
