@@ -12,6 +12,7 @@ the same seed gives bit-identical experts and identical numbers.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -101,7 +102,7 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str
     suite = load_suite(name, size, log=log)
     built = suite.info.build_seconds
     result = run_bench(suite, LM_METHODS if name == "tiny-lm" else None, log=log)
-    paths = write_results(result, out_dir / name)
+    write_results(result, out_dir / name)
     repeats = 1 if name == "tiny-lm" else 2
     sweep = sweep_num_experts(suite, "task_arithmetic", repeats=repeats, log=log)
     write_sweep(sweep, out_dir / name, "task_arithmetic")
@@ -129,8 +130,8 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str
     lines += [f"Number of experts merged (task arithmetic, λ=0.3, {repeats} random subset(s) "
               "per k):",
               "", sweep_markdown(sweep), "",
-              f"Plots: `{paths['png'].name}` and `sweep-task_arithmetic.png` in the results "
-              "folder.", ""]
+              f"![per-task accuracy per method](img/{name}-results.png)",
+              f"![experts merged](img/{name}-sweep.png)", ""]
     return "\n".join(lines)
 
 
@@ -163,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         text = section(name, args.size, args.results, args.check_rebuild, log)
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(text)
+        img = args.out.parent / "img"
+        img.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.results / name / "results.png", img / f"{name}-results.png")
+        shutil.copyfile(args.results / name / "sweep-task_arithmetic.png",
+                        img / f"{name}-sweep.png")
         parts.append(text)
     parts.append(HISTORY.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
