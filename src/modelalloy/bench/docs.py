@@ -66,10 +66,10 @@ def quality_bars(result: BenchResult) -> list[tuple[str, bool, str]]:
     return bars
 
 
-# Methods run on tiny-lm (every evaluation decodes, so the full registry takes too long on two
-# cores); tiny-vision runs every registered method.
-LM_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
-              "model_stock", "tsv_m", "consensus"]
+# The methods measured for the page (the optimisation-based ones take minutes per merge on two
+# shared cores; `modelalloy bench --methods all` runs every registered method).
+DOC_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
+               "model_stock", "tsv_m", "consensus"]
 CHECK_METHODS = ["linear", "ties"]
 
 
@@ -101,7 +101,7 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str
     start = time.perf_counter()
     suite = load_suite(name, size, log=log)
     built = suite.info.build_seconds
-    result = run_bench(suite, LM_METHODS if name == "tiny-lm" else None, log=log)
+    result = run_bench(suite, DOC_METHODS, log=log)
     write_results(result, out_dir / name)
     repeats = 1 if name == "tiny-lm" else 2
     sweep = sweep_num_experts(suite, "task_arithmetic", repeats=repeats, log=log)
