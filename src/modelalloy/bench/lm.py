@@ -133,12 +133,12 @@ def _corrupt(answer: str, rng: random.Random) -> str:
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {
-        "seed": 0, "n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 48,
+        "seed": 0, "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 48,
         "tasks": ["rev", "sort", "upper", "shift", "max", "len", "double", "count"],
         "held_out": ["min", "last"],
         "pair": ["sum_long", "sum_short"],
-        "pretrain_steps": 1500, "pretrain_lr": 1e-3, "pretrain_correct": 0.5,
-        "batch": 32, "finetune_steps": 250, "finetune_lr": 3e-4,
+        "pretrain_steps": 1200, "pretrain_lr": 1e-3, "pretrain_correct": 0.5,
+        "batch": 32, "finetune_steps": 200, "finetune_lr": 3e-4,
         "train_per_task": 2000, "val_per_task": 50, "eval_per_task": 100, "general": 200,
     },
     "smoke": {

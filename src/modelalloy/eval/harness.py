@@ -197,13 +197,15 @@ def tune_scale(spec: Any, base: dict[str, torch.Tensor], experts: list[dict[str,
 
 def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = True,
               grid: Sequence[float] = SCALE_GRID, params: dict[str, dict[str, Any]] | None = None,
-              seed: int = 0, log: Callable[[str], None] | None = None) -> BenchResult:
+              seed: int = 0, log: Callable[[str], None] | None = None,
+              tune_max_seconds: float = 30.0) -> BenchResult:
     """Merge the suite's held-in experts with each method; score every task.
 
     Each method runs with the papers' defaults (:data:`PAPER_DEFAULTS` over the registry's),
     variant "default"; methods with a ``lambda`` parameter also run with lambda chosen on the
     validation split from ``grid``, variant "tuned". ``params`` overrides defaults per method
-    (a ``lambda`` given there turns tuning off for that method).
+    (a ``lambda`` given there turns tuning off for that method). Methods whose merge took
+    longer than ``tune_max_seconds`` (optimisation-based ones) are not tuned; ``tuning`` says so.
     """
     log = log or (lambda _m: None)
     info = suite.info
@@ -235,7 +237,11 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
                  if not isinstance(v, list) or len(set(map(str, v))) > 1}
         records += scorer.records(spec.name, merged, variant="default", params=shown)
         log(f"{spec.name}: merged in {timings[spec.name]:.2f}s")
-        if tune and any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in user:
+        tunable = any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in user
+        if tune and tunable and timings[spec.name] > tune_max_seconds:
+            tuning[spec.name] = {"param": SCALE_PARAM, "skipped":
+                                 f"one merge took {timings[spec.name]:.0f}s; not tuned"}
+        elif tune and tunable:
             lam, scores = tune_scale(spec, base, experts, given, scorer, tasks, grid, seed)
             tuning[spec.name] = {"param": SCALE_PARAM, "chosen": lam, "val_scores": scores}
             merged = merge_experts(spec, base, experts, {**given, SCALE_PARAM: lam}, seed)

@@ -61,6 +61,9 @@ def results_markdown(result: BenchResult) -> str:
     if result.tuning:
         out += ["Scaling coefficient chosen on the validation split:", ""]
         for name, t in result.tuning.items():
+            if "skipped" in t:
+                out.append(f"- {name}: {t['skipped']}")
+                continue
             scores = ", ".join(f"{k}: {100 * v:.1f}" for k, v in t["val_scores"].items())
             out.append(f"- {name}: {t['param']} = {t['chosen']} (validation accuracy {scores})")
         out.append("")
