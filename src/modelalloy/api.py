@@ -38,6 +38,8 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
         if missing or extra:
             raise PlanError(f"expert {i}: tensors missing {missing[:3]} / extra {extra[:3]} "
                             "compared with the reference model")
+    # `lambda` is a Python keyword: accept `lambda_=` (any trailing underscore is dropped).
+    params = {key.rstrip("_"): value for key, value in params.items()}
     resolved = spec.resolve(len(experts), params, where=f"method '{method}'")
     dev = torch.device(device)
     indexer = LayerIndexer(names)
@@ -77,11 +79,11 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
     return out
 
 
-def merge(recipe: str | Path | Any, out_dir: str | Path, **options: Any) -> Path:
+def merge(recipe: str | Path | Any, out_dir: str | Path, **options: Any) -> Any:
     """Run a recipe (a YAML path or a Recipe) and write the merged model to ``out_dir``.
 
     Options are those of ``modelalloy merge``: device, seed, threads, memory_budget,
-    shard_size, force, allow_nonfinite. Returns the output folder.
+    shard_size, force, allow_nonfinite. Returns a MergeResult (``.path`` is the folder).
     """
     from modelalloy.engine.run import run_recipe
 

@@ -1,0 +1,3 @@
+from modelalloy.cli import main
+
+main()

@@ -1,0 +1,146 @@
+"""Run a MergePlan: bounded memory, reading || computing || writing on worker threads.
+
+Each output tensor is one task: read the aligned inputs, upcast to float32 on the device, call
+the method, cast to the output dtype and write it at its precomputed place in its shard. Tasks
+are independent and every random draw is seeded from (recipe seed, tensor name), so the output
+is bit-identical whatever the thread count or the order tasks finish in. Torch releases the GIL
+in reads, casts and math, so threads overlap I/O with compute; the byte budget caps what is in
+flight.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import torch
+
+from modelalloy.engine.budget import ByteBudget
+from modelalloy.engine.progress import ProgressSink
+from modelalloy.errors import NonFiniteError, PlanError
+from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.methods.registry import MergeContext, TensorGroup
+from modelalloy.plan.planner import MergePlan, PlanEntry
+
+StatsLoader = Callable[[str], dict[str, list[torch.Tensor | None]]]
+
+
+class PlanExecutor:
+    """Executes the entries of one plan with a shared budget, device and seed."""
+
+    def __init__(self, plan: MergePlan, *, device: torch.device, seed: int, threads: int,
+                 budget: ByteBudget, allow_nonfinite: bool,
+                 stats_loader: StatsLoader | None = None):
+        self.plan = plan
+        self.device = device
+        self.seed = seed
+        self.threads = max(1, threads)
+        self.budget = budget
+        self.allow_nonfinite = allow_nonfinite
+        self.stats_loader = stats_loader
+        self.global_stats: Any = None
+        self.warnings: list[str] = []
+        self._warn_lock = threading.Lock()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        tensor = ckpt.get(name)
+        if self.device.type == "cuda":
+            # Move in the stored dtype (fewer bytes over PCIe), then upcast on the GPU.
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        tensor = tensor.to(torch.float32)
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            message = (f"{ckpt.path}: tensor '{name}' has {bad} NaN/Inf value(s); fix the "
+                       "checkpoint, or pass --allow-nonfinite to merge anyway")
+            if not self.allow_nonfinite:
+                raise NonFiniteError(message)
+            with self._warn_lock:
+                self.warnings.append(message)
+        return tensor
+
+    def _context(self, entry: PlanEntry) -> MergeContext:
+        return MergeContext(name=entry.name, seed=self.seed, layer_index=entry.layer_index,
+                            num_layers=entry.num_layers, device=self.device,
+                            global_stats=self.global_stats,
+                            stats=self.stats_loader(entry.name) if self.stats_loader else {})
+
+    def _split(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None,
+                                                            list[torch.Tensor]]:
+        if self.plan.base is not None:
+            return tensors[0], tensors[1:]
+        return None, tensors
+
+    # -- the two passes --------------------------------------------------------------------
+    def groups(self) -> Iterator[TensorGroup]:
+        """Every merged tensor in plan order, for a method's whole-model ``prepare`` pass."""
+        for entry in self.plan.entries:
+            if entry.merge:
+                base, experts = self._split([self._load(c, entry.name)
+                                             for c in self.plan.sources])
+                yield TensorGroup(name=entry.name, base=base, experts=experts,
+                                  params=entry.params, ctx=self._context(entry))
+
+    def prepare(self) -> None:
+        if self.plan.spec.prepare is not None:
+            self.global_stats = self.plan.spec.prepare(self.groups)
+
+    def merge_entry(self, entry: PlanEntry) -> torch.Tensor:
+        """The output tensor of one entry, in its output dtype, on the CPU."""
+        if not entry.merge:
+            return self.plan.reference.get(entry.name).contiguous()
+        base, experts = self._split([self._load(c, entry.name) for c in self.plan.sources])
+        merged = self.plan.spec(base, experts, entry.params, self._context(entry))
+        if tuple(merged.shape) != entry.shape:
+            raise PlanError(f"tensor '{entry.name}': method '{self.plan.spec.name}' returned "
+                            f"shape {list(merged.shape)}, expected {list(entry.shape)}")
+        return merged.to(entry.out_dtype).cpu().contiguous()
+
+    def run(self, write: Callable[[str, torch.Tensor], None], sink: ProgressSink) -> None:
+        """Merge every entry and hand each result to ``write``; the first error stops all."""
+        n_inputs = len(self.plan.sources)
+        failed = threading.Event()
+
+        def task(entry: PlanEntry, cost: int) -> None:
+            try:
+                if failed.is_set():
+                    return
+                write(entry.name, self.merge_entry(entry))
+                sink.advance(entry.bytes_in)
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                self.budget.release(cost)
+
+        pending: set[Future] = set()
+        with ThreadPoolExecutor(max_workers=self.threads,
+                                thread_name_prefix="modelalloy-merge") as pool:
+            try:
+                for entry in self.plan.entries:
+                    if failed.is_set():
+                        break
+                    # Keep at most two tasks per thread queued: read-ahead without hoarding.
+                    while len(pending) >= 2 * self.threads:
+                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                        _reraise(done)
+                    cost = entry.working_bytes(n_inputs)
+                    self.budget.acquire(cost)
+                    pending.add(pool.submit(task, entry, cost))
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                _reraise(done)
+                done, _ = wait(pending)
+                _reraise(done)
+            except BaseException:
+                failed.set()
+                for fut in pending:
+                    fut.cancel()
+                raise
+
+
+def _reraise(done: set[Future]) -> None:
+    for fut in done:
+        if not fut.cancelled() and fut.exception() is not None:
+            raise fut.exception()  # type: ignore[misc]

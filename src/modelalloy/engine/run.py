@@ -1,0 +1,173 @@
+"""From a recipe to a finished output folder: open, plan, execute, write, summarize."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from modelalloy.engine.budget import ByteBudget
+from modelalloy.engine.execute import PlanExecutor
+from modelalloy.engine.progress import merge_progress
+from modelalloy.errors import ModelAlloyError
+from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.dtypes import parse_dtype
+from modelalloy.io.model_files import copy_model_files, set_config_dtype, write_model_card
+from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter, check_output_path
+from modelalloy.io.writer import parse_size
+from modelalloy.methods.registry import get_method
+from modelalloy.plan.planner import MergePlan, build_plan
+from modelalloy.recipe import Recipe, load_recipe
+from modelalloy.stats_files import StatsFiles
+
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class MergeResult:
+    """What a merge did, for the closing summary."""
+
+    path: Path
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    tensors: int
+    peak_rss: int
+    files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelAlloyError(f"--device {device}: CUDA is not available on this machine; "
+                              "use --device cpu")
+    return dev
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def as_recipe(recipe: str | Path | Recipe) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def open_models(recipe: Recipe, stack: ExitStack) -> tuple[Checkpoint | None, list[Checkpoint]]:
+    """Open the base (if the method uses one) and the experts, closed when ``stack`` exits."""
+    spec = get_method(recipe.merge_method)
+    base = None
+    if recipe.base_model is not None and spec.base != "none":
+        base = stack.enter_context(open_checkpoint(recipe.model_path(recipe.base_model)))
+    experts = [stack.enter_context(open_checkpoint(recipe.model_path(e.model)))
+               for e in recipe.expert_entries()]
+    return base, experts
+
+
+def make_plan(recipe: Recipe, stack: ExitStack) -> MergePlan:
+    spec = get_method(recipe.merge_method)
+    base, experts = open_models(recipe, stack)
+    out_name = recipe.out_dtype or recipe.dtype
+    out_dtype = parse_dtype(out_name) if out_name else None
+    return build_plan(recipe, spec, base, experts, out_dtype)
+
+
+def input_paths(recipe: Recipe) -> list[Path]:
+    names = [e.model for e in recipe.models]
+    if recipe.base_model is not None:
+        names.append(recipe.base_model)
+    return [recipe.model_path(n) for n in names]
+
+
+def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu",
+               seed: int | None = None, threads: int | None = None,
+               memory_budget: str | int | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
+               force: bool = False, allow_nonfinite: bool = False,
+               progress: bool = False) -> MergeResult:
+    """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically)."""
+    start = time.perf_counter()
+    recipe = as_recipe(recipe)
+    dev = resolve_device(device)
+    out_dir = Path(out_dir)
+    check_output_path(out_dir, input_paths(recipe), force)
+    threads = threads or default_threads()
+    shard_bytes = parse_size(shard_size)
+    budget_bytes = parse_size(memory_budget) if memory_budget is not None else None
+
+    with ExitStack() as stack:
+        plan = make_plan(recipe, stack)
+        plan.raise_if_problems()
+        # The budget covers the whole process: what the interpreter and torch already hold
+        # is subtracted, and the rest is what tensors in flight may use.
+        in_flight = None
+        if budget_bytes is not None:
+            in_flight = budget_bytes - psutil.Process().memory_info().rss
+            if in_flight < plan.largest_working_bytes():
+                in_flight = plan.largest_working_bytes()
+        executor = PlanExecutor(
+            plan, device=dev, seed=recipe.seed if seed is None else seed, threads=threads,
+            budget=ByteBudget(in_flight), allow_nonfinite=allow_nonfinite,
+            stats_loader=StatsFiles.for_plan(plan, stack))
+        entries = [(e.name, e.shape, e.out_dtype) for e in plan.entries]
+        with AtomicOutputDir(out_dir, force=force) as tmp:
+            writer = ShardedSafetensorsWriter(
+                tmp.path, entries, shard_bytes,
+                metadata={"format": "pt", "merge_method": plan.spec.name})
+            executor.prepare()
+            with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as sink:
+                executor.run(writer.write, sink)
+            files = writer.close()
+            finish_folder(recipe, plan, tmp.path)
+        return MergeResult(path=out_dir, seconds=time.perf_counter() - start,
+                           bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
+                           tensors=len(plan.entries), peak_rss=peak_rss_bytes(),
+                           files=[out_dir / f.name for f in files],
+                           warnings=executor.warnings)
+
+
+def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
+    """Config, tokenizer, model card and the recipe itself, next to the weights."""
+    reference_dir = plan.reference.path if plan.reference.path.is_dir() else None
+    tokenizer_dir = None
+    if recipe.tokenizer_source not in (None, "base"):
+        tokenizer_dir = recipe.model_path(recipe.tokenizer_source)
+    if reference_dir is not None:
+        copy_model_files(reference_dir, folder, tokenizer_source=tokenizer_dir)
+        dtypes = {e.out_dtype for e in plan.entries if e.merge}
+        if len(dtypes) == 1 and (folder / "config.json").exists():
+            set_config_dtype(folder, dtypes.pop())
+    recipe_yaml = recipe.to_yaml()
+    (folder / "modelalloy_recipe.yaml").write_text(recipe_yaml)
+    write_model_card(folder, recipe_yaml=recipe_yaml, method=plan.spec.name,
+                     base_model=recipe.base_model,
+                     models=[e.model for e in recipe.expert_entries()])
+
+
+def describe(plan: MergePlan, threads: int, memory_budget: int | None) -> dict[str, Any]:
+    """The numbers `modelalloy plan` prints."""
+    merged = sum(1 for e in plan.entries if e.merge)
+    return {
+        "method": plan.spec.name,
+        "models": [str(c.path) for c in plan.sources],
+        "tensors": len(plan.entries),
+        "merged": merged,
+        "copied": len(plan.entries) - merged,
+        "layers": max((e.num_layers or 0 for e in plan.entries), default=0),
+        "bytes_read": plan.bytes_read,
+        "bytes_written": plan.bytes_written,
+        "estimated_peak_bytes": plan.estimated_peak_bytes(threads, memory_budget)
+        + psutil.Process().memory_info().rss,
+        "problems": list(plan.problems),
+    }

@@ -1,0 +1,556 @@
+"""Read checkpoints lazily: HF folders, single safetensors files, and state-dict pickles.
+
+``open_checkpoint(path)`` accepts
+
+* an HF model folder: ``model.safetensors``; sharded ``model-*.safetensors`` with
+  ``model.safetensors.index.json``; ``pytorch_model.bin`` or sharded ``pytorch_model-*.bin``
+  with ``pytorch_model.bin.index.json``; ``config.json`` is parsed when present;
+* a single ``.safetensors`` file;
+* a ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` state-dict file (``{"state_dict": ...}`` and
+  ``{"model": ...}`` wrappers are unwrapped).
+
+Everything is validated before it is trusted (see ``read_safetensors_header``), and every
+problem is a one-line :class:`CheckpointError` that names the file (and tensor) and says
+what to do. Pickles are only ever read with ``torch.load(weights_only=True)``: a pickle
+that wants to run code is refused, never executed.
+
+``Checkpoint.get`` returns one tensor at a time, memory-mapped, in its stored dtype, on CPU,
+and may be called from several threads at once.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import struct
+import threading
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from modelalloy.errors import CheckpointError
+from modelalloy.io.dtypes import SAFETENSORS_DTYPES, element_size
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Same cap as the safetensors library: a larger header is corrupt or hostile.
+MAX_HEADER_BYTES = 100_000_000
+# Wrapper keys that hold the real state dict in training checkpoints.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a stored tensor without reading it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    file: Path
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+@dataclass(frozen=True)
+class _StEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    begin: int
+    end: int
+
+
+def _no_duplicate_keys(path: Path):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise CheckpointError(
+                    f"{path}: header lists tensor {k!r} twice; the file is corrupt, re-save it"
+                )
+            out[k] = v
+        return out
+
+    return hook
+
+
+def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]:
+    """Parse and validate a safetensors header; entries come back in data (file) order.
+
+    Checks: the 8-byte little-endian header length fits in the file; the header is a JSON
+    object; every entry has a known dtype, a shape of non-negative ints and
+    ``data_offsets`` [begin, end] with ``end - begin == prod(shape) * itemsize``; ranges lie
+    inside the file, do not overlap, leave no gaps and cover the data to the end of the file
+    (as the safetensors library requires).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(
+                    f"{path}: file is truncated ({size} bytes, no safetensors header); "
+                    "re-download or re-save it"
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: header length {n} is implausible (not a safetensors file, "
+                    "or corrupt); re-download or re-save it"
+                )
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: file is truncated (header needs {8 + n} bytes, file has {size}); "
+                    "re-download it"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({_one_line(e.strerror or e)})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: safetensors header is not valid JSON ({_one_line(e)}); "
+            "the file is corrupt or not safetensors, re-download or re-save it"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object; re-save the file")
+
+    metadata_raw = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict):
+        raise CheckpointError(f"{path}: __metadata__ is not an object; re-save the file")
+    metadata = {str(k): str(v) for k, v in metadata_raw.items()}
+
+    data_size = size - 8 - n
+    entries: list[_StEntry] = []
+    for name, spec in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{where}: header entry is not an object; re-save the file")
+        code = spec.get("dtype")
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{where}: unknown dtype {code!r}; convert the file to a supported dtype "
+                f"({', '.join(sorted(SAFETENSORS_DTYPES))})"
+            )
+        dtype = SAFETENSORS_DTYPES[code]
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise CheckpointError(f"{where}: invalid shape {shape!r}; re-save the file")
+        offsets = spec.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(f"{where}: invalid data_offsets {offsets!r}; re-save the file")
+        begin, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        expected = numel * element_size(dtype)
+        if end - begin != expected:
+            raise CheckpointError(
+                f"{where}: data_offsets span {end - begin} bytes but shape {shape} x {code} "
+                f"needs {expected}; the file is corrupt, re-save it"
+            )
+        if end > data_size:
+            raise CheckpointError(
+                f"{where}: data ends at byte {8 + n + end} past the end of the file "
+                f"({size} bytes); the file is truncated, re-download it"
+            )
+        entries.append(_StEntry(name, tuple(shape), dtype, begin, end))
+
+    entries.sort(key=lambda e: (e.begin, e.end))
+    pos = 0
+    prev: _StEntry | None = None
+    for e in entries:
+        if e.begin < pos:
+            raise CheckpointError(
+                f"{path}: tensors {prev.name!r} and {e.name!r} overlap in the file; "  # type: ignore[union-attr]
+                "the file is corrupt, re-save it"
+            )
+        if e.begin > pos:
+            raise CheckpointError(
+                f"{path}: {e.begin - pos} unindexed bytes before tensor {e.name!r}; "
+                "the file is corrupt, re-save it"
+            )
+        pos = e.end
+        prev = e
+    if pos != data_size:
+        raise CheckpointError(
+            f"{path}: {data_size - pos} bytes after the last tensor are not in the header; "
+            "the file is corrupt or was appended to, re-save it"
+        )
+    return entries, metadata
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` dict from a loaded pickle, unwrapping training wrappers."""
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: holds a {type(obj).__name__}, not a state dict of tensors; "
+            "save model.state_dict() (preferably with safetensors) instead"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{path}: state dict key {k!r} is not a string; re-save it")
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
+                "save only model.state_dict() (preferably with safetensors)"
+            )
+        out[k] = v
+    return out
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``, memory-mapped when the file is a zip checkpoint."""
+    path = Path(path)
+    use_mmap = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            m = re.search(r"GLOBAL (\S+)", msg)
+            what = f" (it calls {m.group(1)})" if m else ""
+            raise CheckpointError(
+                f"refusing to execute code in pickle {path}{what}; convert it to safetensors "
+                "in an environment you trust"
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch file ({_one_line(msg, 120)}); "
+            "re-download or re-save it"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch file ({_one_line(e, 120)}); re-download or re-save it"
+        ) from None
+    return _unwrap_state_dict(obj, path)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _check_shard_name(name: object, index: Path) -> str:
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: weight_map holds {name!r}, not a file name; fix the index")
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.is_absolute() or pure.anchor or ".." in pure.parts:
+            raise CheckpointError(
+                f"{index}: shard {name!r} is outside the model folder; refusing to read it, "
+                "fix the index"
+            )
+    return name
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """weight_map of an HF shard index, in file order, shard names checked to stay inside."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{index}: invalid JSON ({_one_line(e)}); fix or re-download it"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read ({_one_line(e.strerror or e)})") from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{index}: has no weight_map; fix or re-download it")
+    return {str(k): _check_shard_name(v, index) for k, v in wm.items()}
+
+
+def _read_config(folder: Path) -> dict | None:
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        return None
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{cfg}: invalid config.json ({_one_line(e)}); fix or re-download it"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg}: cannot read ({_one_line(e.strerror or e)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg}: config.json is not a JSON object; fix or re-download it")
+    return data
+
+
+def _visible(paths: list[Path]) -> list[Path]:
+    return sorted(p for p in paths if not p.name.startswith(".") and p.is_file())
+
+
+def _find_weights(folder: Path) -> tuple[str, list[Path], Path | None]:
+    """(kind, files, index) for a folder; kind is "safetensors" or "pickle"."""
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return "safetensors", [], folder / SAFETENSORS_INDEX
+    if (folder / SAFETENSORS_SINGLE).is_file():
+        return "safetensors", [folder / SAFETENSORS_SINGLE], None
+    shards = _visible(list(folder.glob("model-*-of-*.safetensors")))
+    if shards:
+        return "safetensors", shards, None
+    if (folder / BIN_INDEX).is_file():
+        return "pickle", [], folder / BIN_INDEX
+    if (folder / BIN_SINGLE).is_file():
+        return "pickle", [folder / BIN_SINGLE], None
+    shards = _visible(list(folder.glob("pytorch_model-*-of-*.bin")))
+    if shards:
+        return "pickle", shards, None
+    anyst = _visible(list(folder.glob("*.safetensors")))
+    if anyst:
+        return "safetensors", anyst, None
+    if not any(folder.iterdir()):
+        raise CheckpointError(f"{folder}: folder is empty; point to a model folder with weights")
+    raise CheckpointError(
+        f"{folder}: no weights found (expected model.safetensors, model-*.safetensors with "
+        f"{SAFETENSORS_INDEX}, or pytorch_model.bin); point to a model folder"
+    )
+
+
+# --------------------------------------------------------------------------- Checkpoint
+
+
+class Checkpoint:
+    """A validated, lazily read set of tensors. ``get`` is thread-safe."""
+
+    def __init__(
+        self,
+        path: Path,
+        config: dict | None,
+        infos: dict[str, TensorInfo],
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.path = path
+        self.config = config
+        self._infos = infos
+        self._tensors = tensors  # pickles: already (mmap-)loaded tensors
+        self._handles: dict[Path, Any] = {}  # safetensors: one safe_open per file
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- queries
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(
+                f"{self.path}: has no tensor {name!r}; check the tensor name or the model"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    @property
+    def files(self) -> list[Path]:
+        """Weight files, in order of first use."""
+        return list(dict.fromkeys(i.file for i in self._infos.values()))
+
+    @property
+    def total_nbytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    # -- reads
+    def _handle(self, file: Path) -> Any:
+        h = self._handles.get(file)
+        if h is not None:
+            return h
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"checkpoint {self.path} is closed")
+            h = self._handles.get(file)
+            if h is None:
+                try:
+                    h = safe_open(str(file), framework="pt", device="cpu")
+                except Exception as e:  # the library's own checks, or the file changed
+                    raise CheckpointError(
+                        f"{file}: cannot open ({_one_line(e, 120)}); re-download or re-save it"
+                    ) from None
+                self._handles[file] = h
+            return h
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, stored dtype, CPU, memory-mapped (do not write to it in place)."""
+        info = self.info(name)
+        if self._closed:
+            raise ValueError(f"checkpoint {self.path} is closed")
+        if self._tensors is not None:
+            return self._tensors[name]
+        try:
+            t = self._handle(info.file).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"{info.file}: cannot read tensor {name!r} ({_one_line(e, 120)}); "
+                "re-download or re-save the file"
+            ) from None
+        if tuple(t.shape) != info.shape or t.dtype != info.dtype:
+            raise CheckpointError(
+                f"{info.file}: tensor {name!r} changed on disk since it was opened; reopen it"
+            )
+        return t
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._handles.clear()
+            self._tensors = {} if self._tensors is not None else None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self._infos)} tensors)"
+
+
+def _st_infos(files: list[Path]) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    for file in files:
+        entries, _ = read_safetensors_header(file)
+        for e in entries:
+            if e.name in infos:
+                raise CheckpointError(
+                    f"tensor {e.name!r} is in both {infos[e.name].file} and {file}; "
+                    "remove the duplicate shard or fix the model folder"
+                )
+            infos[e.name] = TensorInfo(e.name, e.shape, e.dtype, e.end - e.begin, file)
+    return infos
+
+
+def _pickle_load(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, torch.Tensor]]:
+    infos: dict[str, TensorInfo] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        for name, t in load_pickle_state_dict(file).items():
+            if name in infos:
+                raise CheckpointError(
+                    f"tensor {name!r} is in both {infos[name].file} and {file}; "
+                    "remove the duplicate shard or fix the model folder"
+                )
+            infos[name] = TensorInfo(
+                name, tuple(t.shape), t.dtype, t.numel() * t.element_size(), file
+            )
+            tensors[name] = t
+    return infos, tensors
+
+
+def _apply_index(
+    folder: Path, index: Path, weight_map: dict[str, str], found: dict[str, TensorInfo]
+) -> dict[str, TensorInfo]:
+    """Check that the shards hold exactly what the index says; return infos in index order."""
+    ordered: dict[str, TensorInfo] = {}
+    for name, shard in weight_map.items():
+        info = found.get(name)
+        if info is None:
+            raise CheckpointError(
+                f"{index}: tensor {name!r} should be in {shard} but no shard has it; "
+                "re-download the model"
+            )
+        if info.file != folder / shard:
+            raise CheckpointError(
+                f"{index}: says tensor {name!r} is in {shard} but it is in {info.file.name}; "
+                "fix or regenerate the index"
+            )
+        ordered[name] = info
+    extra = [n for n in found if n not in weight_map]
+    if extra:
+        raise CheckpointError(
+            f"{index}: tensor {extra[0]!r} in {found[extra[0]].file.name} is not in the index "
+            f"({len(extra)} such tensors); fix or regenerate the index"
+        )
+    return ordered
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a model folder or weight file; validates everything up front, reads nothing big."""
+    user_path = Path(path)
+    p = user_path.expanduser()
+    if not p.exists():
+        hint = ""
+        if isinstance(path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            hint = f" (a Hugging Face id? download it first: huggingface-cli download {path})"
+        raise CheckpointError(f"{user_path}: no such file or folder; check the path{hint}")
+
+    if p.is_dir():
+        config = _read_config(p)
+        kind, files, index = _find_weights(p)
+        weight_map: dict[str, str] | None = None
+        if index is not None:
+            weight_map = _read_index(index)
+            files = []
+            for shard in dict.fromkeys(weight_map.values()):
+                f = p / shard
+                if not f.is_file():
+                    raise CheckpointError(
+                        f"{index}: shard {shard} is missing from {p}; re-download the model"
+                    )
+                files.append(f)
+        if kind == "safetensors":
+            infos, tensors = _st_infos(files), None
+        else:
+            infos, tensors = _pickle_load(files)
+        if index is not None and weight_map is not None:
+            infos = _apply_index(p, index, weight_map, infos)
+        return Checkpoint(user_path, config, infos, tensors)
+
+    if not p.is_file():
+        raise CheckpointError(f"{user_path}: not a regular file or folder; point to a model")
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        return Checkpoint(user_path, None, _st_infos([p]))
+    if suffix in PICKLE_SUFFIXES:
+        infos, tensors = _pickle_load([p])
+        return Checkpoint(user_path, None, infos, tensors)
+    if suffix == ".json" and p.name.endswith(".index.json"):
+        raise CheckpointError(f"{user_path}: is a shard index; point to the folder that holds it")
+    raise CheckpointError(
+        f"{user_path}: unsupported file type {p.suffix or '(none)'}; use a model folder, "
+        "a .safetensors file, or a .bin/.pt/.pth state dict"
+    )

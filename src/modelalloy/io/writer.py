@@ -1,0 +1,460 @@
+"""Output side: output-path checks, atomic output folder, sharded safetensors writer.
+
+Nothing half-written: the engine writes into ``AtomicOutputDir(...).path`` (a temporary
+sibling ``.<name>.tmp-<random>``), which is renamed onto the output path only when the
+``with`` block ends cleanly; on any exception, Ctrl-C included, it is removed.
+
+``ShardedSafetensorsWriter`` lays out every shard up front from the known names, shapes and
+dtypes, writes each file's header and preallocates it, then accepts tensors in any order from
+any number of threads (``os.pwrite`` at precomputed offsets). The bytes on disk do not
+depend on the order of writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modelalloy.errors import OutputError
+from modelalloy.io.dtypes import element_size, safetensors_code
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+# --------------------------------------------------------------------------- sizes
+
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"2GiB"`` -> 2_147_483_648, ``"500MB"``, ``1000`` -> bytes.
+
+    Decimal units (K/KB, M/MB, G/GB, T/TB) are powers of 1000, binary ones (KiB, MiB, GiB,
+    TiB) powers of 1024, case-insensitive; a bare number is bytes. A bare ``B`` suffix
+    is refused: mergekit reads ``5B`` as five *billion* bytes, most tools as five bytes.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"size must be a number of bytes or a string like '5GB', got {text!r}")
+    if isinstance(text, int):
+        value = text
+    elif isinstance(text, str):
+        s = text.strip().replace("_", "")
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", s)
+        if not m:
+            raise ValueError(f"invalid size {text!r}; write e.g. '5GB', '500MB', '2GiB' or 1000")
+        number, unit = m.group(1), m.group(2).lower()
+        if unit == "b":
+            raise ValueError(
+                f"ambiguous size {text!r}: 'B' means bytes to most tools but billions to "
+                f"mergekit; write '{number}GB' for {number} billion bytes or '{number}' for bytes"
+            )
+        if unit not in _UNITS:
+            raise ValueError(
+                f"invalid size unit {m.group(2)!r} in {text!r}; use KB, MB, GB, TB, "
+                "KiB, MiB, GiB or TiB"
+            )
+        value = (
+            math.floor(float(number) * _UNITS[unit])
+            if "." in number
+            else int(number) * _UNITS[unit]
+        )
+    else:
+        raise ValueError(f"size must be a number of bytes or a string like '5GB', got {text!r}")
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse output paths that would lose data or cannot work, before any work is done.
+
+    OutputError when ``out_dir`` is a file; exists and ``force`` is false; is, contains or
+    lies inside one of the inputs; is the current directory, the home folder, a filesystem
+    root or an ancestor of the current directory; or its parent cannot be written.
+    """
+    out = Path(out_dir).expanduser()
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputError(f"{out}: is a file, not a folder; choose another output path")
+    res = out.resolve()
+    for inp in inputs:
+        ip = Path(inp).expanduser().resolve()
+        if res == ip:
+            raise OutputError(f"{out}: is the input {inp}; choose another output path")
+        if _inside(ip, res):
+            raise OutputError(f"{out}: contains the input {inp}; choose another output path")
+        if _inside(res, ip):
+            raise OutputError(f"{out}: is inside the input {inp}; choose another output path")
+        # An input file's folder: writing next to it is fine, replacing it is not.
+        if ip.is_file() and res == ip.parent:
+            raise OutputError(f"{out}: holds the input {inp}; choose another output path")
+    cwd = Path.cwd().resolve()
+    if _inside(cwd, res) or res == Path.home().resolve() or res == Path(res.anchor):
+        raise OutputError(
+            f"{out}: is the current, home or root folder (or holds it); choose a new folder"
+        )
+    if out.exists() and not force:
+        raise OutputError(
+            f"{out}: already exists; pass --force to replace it or choose another path"
+        )
+    parent = res.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{out}: {parent} is a file, not a folder; choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot write to {parent}; choose a writable location")
+
+
+class AtomicOutputDir:
+    """``with AtomicOutputDir(out, force) as tmp:`` write into ``tmp`` (== ``.path``).
+
+    On a clean exit the temporary sibling folder is renamed onto ``out_dir`` (an existing
+    folder is replaced only with ``force``); on any exception, KeyboardInterrupt included,
+    the temporary folder is removed and ``out_dir`` is left as it was.
+    """
+
+    def __init__(self, out_dir: Path, force: bool = False) -> None:
+        self.out_dir = Path(out_dir).expanduser()
+        self.force = force
+        self.path: Path | None = None  # the temporary folder, set by __enter__
+
+    def __enter__(self) -> Path:
+        out = self.out_dir
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise OutputError(f"{out}: is a file, not a folder; choose another output path")
+        if out.exists() and not self.force:
+            raise OutputError(
+                f"{out}: already exists; pass --force to replace it or choose another path"
+            )
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output should not be
+        except OSError as e:
+            raise OutputError(
+                f"{out}: cannot create the output folder ({e.strerror or e})"
+            ) from None
+        self.path = tmp
+        return tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        tmp = self.path
+        if tmp is None:
+            return
+        self.path = None
+        if exc_type is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        try:
+            self._commit(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _commit(self, tmp: Path) -> None:
+        out = self.out_dir
+        old: Path | None = None
+        if out.exists() or out.is_symlink():
+            if not self.force:
+                raise OutputError(
+                    f"{out}: appeared while merging; pass --force to replace it "
+                    "or choose another path"
+                )
+            if out.is_symlink() or not out.is_dir():
+                raise OutputError(f"{out}: is a file, not a folder; choose another output path")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")  # keep the old output until the new one is in place
+        try:
+            os.rename(tmp, out)
+        except OSError as e:
+            if old is not None:
+                os.rename(old / "x", out)
+                shutil.rmtree(old, ignore_errors=True)
+            raise OutputError(
+                f"{out}: cannot move the finished output into place ({e.strerror or e})"
+            ) from None
+        _fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+@dataclass(frozen=True)
+class _Slot:
+    shard: int
+    offset: int  # absolute byte offset in the shard file
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _shard_name(i: int, n: int) -> str:
+    return SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        if n <= 0:
+            raise OSError("short write")
+        data = data[n:]
+        offset += n
+
+
+class ShardedSafetensorsWriter:
+    """Write a known set of tensors into standard safetensors shards, in any order, threaded.
+
+    We write the safetensors headers ourselves because ``safetensors.torch.save_file`` needs a
+    whole shard in memory at once; here each tensor goes to disk as soon as it is merged, so
+    memory holds only the tensors in flight. The files are standard safetensors (header JSON
+    with ``__metadata__`` {"format": "pt"}, padded with spaces to a multiple of 8, data packed
+    with no gaps) and load with ``safe_open`` and ``from_pretrained``.
+
+    Layout: tensors are assigned to shards in the given order, starting a new shard when the
+    next tensor would take the current one past ``shard_size`` (a tensor larger than
+    ``shard_size`` gets a shard of its own). Inside a shard, data is ordered by decreasing
+    element size (stable), so every tensor starts at an offset aligned to its element size.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+        shard_size: int,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        if shard_size <= 0:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        self.folder = Path(folder)
+        meta = {"format": "pt"}
+        for k, v in (metadata or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ValueError(f"safetensors metadata must map str to str, got {k!r}: {v!r}")
+            meta[k] = v
+        meta["format"] = "pt"
+
+        # 1. assign shards in the given order
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        used = 0
+        seen: set[str] = set()
+        for name, shape, dtype in entries:
+            if name in seen:
+                raise ValueError(f"tensor {name!r} appears twice in the writer entries")
+            seen.add(name)
+            shape = tuple(int(d) for d in shape)
+            safetensors_code(dtype)  # raises for dtypes safetensors cannot hold
+            nbytes = math.prod(shape) * element_size(dtype)
+            if groups[-1] and used + nbytes > shard_size:
+                groups.append([])
+                used = 0
+            groups[-1].append((name, shape, dtype, nbytes))
+            used += nbytes
+        n = len(groups)
+        self.shard_names = [_shard_name(i, n) for i in range(n)]
+
+        # 2. per shard: data order, offsets, header
+        self._slots: dict[str, _Slot] = {}
+        self._headers: list[bytes] = []
+        self._sizes: list[int] = []
+        for i, group in enumerate(groups):
+            order = sorted(range(len(group)), key=lambda j: -element_size(group[j][2]))
+            header: dict[str, object] = {"__metadata__": meta}
+            rel = 0
+            placed = []
+            for j in order:
+                name, shape, dtype, nbytes = group[j]
+                header[name] = {
+                    "dtype": safetensors_code(dtype),
+                    "shape": list(shape),
+                    "data_offsets": [rel, rel + nbytes],
+                }
+                placed.append((name, shape, dtype, nbytes, rel))
+                rel += nbytes
+            raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            raw += b" " * (-len(raw) % 8)
+            prefix = len(raw).to_bytes(8, "little") + raw
+            self._headers.append(prefix)
+            self._sizes.append(len(prefix) + rel)
+            for name, shape, dtype, nbytes, r in placed:
+                self._slots[name] = _Slot(i, len(prefix) + r, nbytes, shape, dtype)
+        self.weight_map = {
+            name: self.shard_names[self._slots[name].shard] for name, _, _ in entries
+        }
+        self.total_size = sum(s.nbytes for s in self._slots.values())
+
+        # 3. create and preallocate the files
+        self._lock = threading.Lock()
+        self._written: set[str] = set()
+        self._fds: list[int] = []
+        self._closed = False
+        needed = sum(self._sizes)
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError:
+            free = None
+        if free is not None and needed > free:
+            raise OutputError(
+                f"{self.folder}: needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB are free; "
+                "free some space or choose another output path"
+            )
+        try:
+            for name, size, prefix in zip(
+                self.shard_names, self._sizes, self._headers, strict=True
+            ):
+                fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                _preallocate(fd, size)
+                _pwrite_all(fd, memoryview(prefix), 0)
+        except OSError as e:
+            self.abort()
+            raise OutputError(
+                f"{self.folder}: cannot create the output files ({e.strerror or e})"
+            ) from None
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.folder / n for n in self.shard_names]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor (already in its output dtype, on CPU) at its place. Thread-safe."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ValueError(f"tensor {name!r} is not in the output layout")
+        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+            raise ValueError(
+                f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, the layout says "
+                f"{slot.shape} {slot.dtype}"
+            )
+        if tensor.device.type != "cpu":
+            raise ValueError(f"tensor {name!r} is on {tensor.device}; move it to the CPU first")
+        with self._lock:
+            if self._closed:
+                raise ValueError("the writer is closed")
+            if name in self._written:
+                raise ValueError(f"tensor {name!r} was already written")
+            self._written.add(name)  # claimed; a second write of the same name fails fast
+        try:
+            if slot.nbytes:
+                t = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+                data = memoryview(t.numpy()).cast("B")
+                try:
+                    _pwrite_all(self._fds[slot.shard], data, slot.offset)
+                except OSError as e:
+                    raise OutputError(
+                        f"{self.folder / self.shard_names[slot.shard]}: cannot write tensor "
+                        f"{name!r} ({e.strerror or e}); check free disk space"
+                    ) from None
+        except BaseException:
+            with self._lock:
+                self._written.discard(name)
+            raise
+
+    def close(self) -> list[Path]:
+        """Check every tensor was written, fsync, write the index; return the files written."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("the writer is already closed")
+            missing = [n for n in self._slots if n not in self._written]
+            if missing:
+                raise ValueError(f"{len(missing)} tensors were never written, e.g. {missing[0]!r}")
+            self._closed = True
+        try:
+            for fd in self._fds:
+                os.fsync(fd)
+        finally:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
+        files = self.files
+        if len(self.shard_names) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            path = self.folder / INDEX_NAME
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            files.append(path)
+        _fsync_dir(self.folder)
+        return files
+
+    def abort(self) -> None:
+        """Close the files without checks (the output folder is about to be removed)."""
+        with self._lock:
+            self._closed = True
+            fds, self._fds = self._fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> ShardedSafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the whole file (fails early when the disk is full); sparse if unsupported."""
+    os.ftruncate(fd, size)
+    if hasattr(os, "posix_fallocate") and size:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            import errno
+
+            if e.errno == errno.ENOSPC:
+                raise

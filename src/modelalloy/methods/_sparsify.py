@@ -1,0 +1,441 @@
+"""Shared pieces of the task-vector methods: trim, drop, elect, combine.
+
+Every function here works on float32 tensors. Functions whose name ends in ``_`` modify their
+first argument in place and return it; they are only ever called on tensors this package made
+(task vectors), never on the caller's inputs.
+
+Pieces:
+- :func:`task_vectors`: τ_t = θ_t − θ_0 as fresh tensors.
+- :func:`magnitude_trim_`: keep the largest |τ| (per tensor, exactly k; or with a given
+  threshold, keeping ties). Uses ``kthvalue``, never a full sort.
+- :func:`band_trim_`: Model Breadcrumbs' middle band (drop the top ``gamma``, keep the next
+  ``density``), per row or per tensor.
+- :func:`dare_`: DARE's Bernoulli drop with the 1/(1−p) or L1 rescale.
+- :func:`magprune_`: DELLA's rank-based keep probabilities with the 1/π or L1 rescale.
+- :func:`elect_sign` and :func:`combine`: TIES' sign election and (disjoint) weighted merge.
+- :func:`global_thresholds`: the exact whole-model k-th largest |τ| per model in two passes with
+  bounded memory (used by TIES ``scope: global``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from modelalloy.errors import MethodError
+from modelalloy.methods.registry import MergeContext, Param, TensorGroup
+
+# --------------------------------------------------------------------------------------------
+# Parameter schema pieces shared by the task-vector families (names follow mergekit).
+
+
+def weight_param(*, allow_negative: bool = False) -> Param:
+    return Param("weight", float, 1.0, "scale of this model's task vector", per_model=True,
+                 ge=None if allow_negative else 0.0)
+
+
+def density_param(default: float = 1.0, help: str = "fraction of entries kept") -> Param:
+    return Param("density", float, default, help, per_model=True, ge=0.0, le=1.0)
+
+
+def lambda_param(*, allow_negative: bool = False) -> Param:
+    return Param("lambda", float, 1.0, "scale of the merged task vector added to the base",
+                 ge=None if allow_negative else 0.0)
+
+
+def normalize_param(default: bool) -> Param:
+    return Param("normalize", bool, default,
+                 "divide by the sum of the (agreeing) weights")
+
+
+INT8_MASK = Param("int8_mask", bool, False,
+                  "accepted for mergekit recipes; has no effect (masks are always compact)")
+
+
+def vote_param(default: str = "paper") -> Param:
+    return Param("vote", str, default,
+                 "sign election: 'paper' = sign of the sum of the trimmed task vectors, zero "
+                 "sums take the majority sign; 'weighted' = mergekit, sign of the weighted sum, "
+                 "zero sums take +", choices=("paper", "weighted"))
+
+
+# --------------------------------------------------------------------------------------------
+# Task vectors
+
+
+def task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """τ_t = θ_t − θ_0, one fresh float32 tensor per expert (safe to modify in place)."""
+    return [torch.sub(e, base) for e in experts]
+
+
+def weighted_sum(base: torch.Tensor | None, experts: Sequence[torch.Tensor],
+                 weights: Sequence[float]) -> torch.Tensor:
+    """Σ_t w_t (θ_t − θ_0) (or Σ_t w_t θ_t without a base) with two buffers whatever T is.
+
+    Each difference is formed before scaling so small deltas keep their fp32 precision.
+    """
+    acc = torch.zeros_like(experts[0])
+    scratch = torch.empty_like(experts[0]) if base is not None else None
+    for e, w in zip(experts, weights, strict=True):
+        if w == 0:
+            continue
+        if base is None:
+            acc.add_(e, alpha=w)
+        else:
+            torch.sub(e, base, out=scratch)
+            acc.add_(scratch, alpha=w)
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# Magnitude trim (TIES)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest element (1-indexed) of a flat tensor, by ``kthvalue`` (no sort)."""
+    n = values.numel()
+    return torch.kthvalue(values.view(-1), n - k + 1).values
+
+
+def magnitude_trim_(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep exactly k = int(density·numel) largest-|·| entries of ``delta``; zero the rest.
+
+    mergekit's count (``int(density * numel)``, no extras at the threshold). Entries tied at
+    the threshold are kept in flat index order until k are kept, so the result does not depend
+    on the device or on the sorting algorithm.
+    """
+    n = delta.numel()
+    if density >= 1.0 or n == 0:
+        return delta
+    k = int(density * n)
+    if k <= 0:
+        return delta.zero_()
+    mag = delta.abs()
+    v = kth_largest(mag, k)
+    if float(v) == 0.0:  # fewer than k non-zero entries: every non-zero entry is kept
+        return delta
+    keep = mag >= v
+    extra = int(keep.sum()) - k
+    if extra > 0:  # ties at the threshold: drop the last `extra` of them in index order
+        tied = (mag == v).view(-1)
+        idx = tied.nonzero().squeeze(1)
+        keep.view(-1)[idx[idx.numel() - extra:]] = False
+    return delta.mul_(keep)
+
+
+def threshold_trim_(delta: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Keep entries with |δ| ≥ threshold (ties kept, as in the official TIES code)."""
+    if threshold is None:
+        return delta
+    return delta.mul_(delta.abs() >= threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# Breadcrumbs band
+
+
+def band_trim_(delta: torch.Tensor, density: float, gamma: float,
+               granularity: str = "row") -> torch.Tensor:
+    """Zero both magnitude tails: the top ``gamma`` and everything below the next ``density``.
+
+    ``row`` (official Breadcrumbs): along the last dimension, n_top = int(n·gamma) and
+    n_keep = int(n·density) per row; the kept band is ranks n_top+1 .. n_top+n_keep (1-indexed,
+    by |δ| descending). 0-D tensors are left untouched; 1-D tensors are one row.
+    ``tensor`` (mergekit ``magnitude_outliers``): the same over the flattened tensor, except
+    density ≥ 1 leaves the tensor untouched and n_top shrinks when density + gamma > 1.
+    """
+    if delta.dim() == 0 or delta.numel() == 0:
+        return delta
+    if granularity == "tensor":
+        n = delta.numel()
+        if density >= 1.0:
+            return delta
+        n_keep = int(density * n)
+        n_top = min(int(gamma * n), n - n_keep)
+        rows = delta.view(1, n)
+    else:
+        n = delta.shape[-1]
+        n_keep = int(density * n)
+        n_top = int(gamma * n)
+        rows = delta.view(-1, n) if delta.is_contiguous() else delta.reshape(-1, n)
+    hi = min(n, n_top + n_keep)
+    if n_top == 0 and hi == n:
+        return delta
+    mask = torch.zeros(rows.shape, dtype=torch.bool, device=delta.device)
+    if hi > n_top:
+        idx = torch.topk(rows.abs(), hi, dim=-1, sorted=True).indices[:, n_top:]
+        mask.scatter_(-1, idx, True)
+    rows.mul_(mask)
+    if rows.data_ptr() != delta.data_ptr():
+        delta.copy_(rows.view(delta.shape))
+    return delta
+
+
+# --------------------------------------------------------------------------------------------
+# DARE / DELLA random drops
+
+
+def _l1_rescale_(masked: torch.Tensor, l1_before: torch.Tensor, eps: float = 1e-7):
+    """mergekit's ``rescaled_masked_tensor`` with the L1 norm: match the original L1 norm."""
+    l1_after = torch.linalg.vector_norm(masked, 1)
+    if float(l1_before) >= eps and float(l1_after) >= eps:
+        masked.mul_(l1_before / l1_after)
+    return masked
+
+
+def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: int,
+          rescale: bool = True, rescale_norm: str = "density") -> torch.Tensor:
+    """DARE: drop each entry with p = 1 − density, then rescale the survivors.
+
+    The mask is ``rand < density`` from ``ctx.rand_like(delta, model_index)``, so it depends only
+    on (seed, tensor name, model index). Rescale ``density``: divide by density (= 1/(1−p), the
+    paper); ``l1``: scale to the original L1 norm (current mergekit). density = 1 is the
+    identity; density = 0 gives zeros.
+    """
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return delta.zero_()
+    l1 = torch.linalg.vector_norm(delta, 1) if rescale and rescale_norm == "l1" else None
+    keep = ctx.rand_like(delta, model_index).lt_(density)  # float 0/1, in place
+    if rescale and rescale_norm == "density":
+        keep.mul_(1.0 / density)
+    delta.mul_(keep)
+    if l1 is not None:
+        _l1_rescale_(delta, l1)
+    return delta
+
+
+def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MagPrune keep probabilities, per row along the last dimension.
+
+    Ranks r = 0..n−1 of |δ| ascending in each row (stable for ties), q = r/(n−1), and
+    π = (density − ε) + 2ε·q: the smallest entry gets density − ε, the largest density + ε.
+    A row of one entry gets π = density (the official min-max normalisation is 0/0 there).
+    """
+    shape = delta.shape
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, shape[-1])
+    n = rows.shape[-1]
+    if n == 1:
+        return torch.full(shape, density, dtype=delta.dtype, device=delta.device)
+    order = torch.argsort(rows.abs(), dim=-1, stable=True)
+    ranks = torch.empty_like(rows)
+    src = torch.arange(n, dtype=rows.dtype, device=rows.device).expand_as(rows)
+    ranks.scatter_(-1, order, src)
+    del order
+    # π = (density − ε) + 2ε · r/(n−1)
+    probs = ranks.mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
+    return probs.view(shape)
+
+
+def magprune_(delta: torch.Tensor, density: float, epsilon: float, ctx: MergeContext,
+              model_index: int, rescale: bool = True,
+              rescale_norm: str = "probability") -> torch.Tensor:
+    """DELLA MagPrune: keep each entry with its rank-based probability π, divide by π.
+
+    Requires 0 < density − ε and density + ε < 1 when density < 1 (checked by the caller).
+    ``rescale_norm`` ``probability`` (official DELLA): δ·m/π per element; ``l1``: match the
+    original L1 norm (current mergekit).
+    """
+    if density >= 1.0:
+        return delta
+    probs = magprune_probabilities(delta, density, epsilon)
+    l1 = torch.linalg.vector_norm(delta, 1) if rescale and rescale_norm == "l1" else None
+    keep = ctx.rand_like(delta, model_index).lt_(probs)
+    if rescale and rescale_norm == "probability":
+        keep.div_(probs)
+    del probs
+    delta.mul_(keep)
+    if l1 is not None:
+        _l1_rescale_(delta, l1)
+    return delta
+
+
+def check_epsilon(densities: Sequence[float], epsilons: Sequence[float], where: str) -> None:
+    """DELLA needs 0 < density ± epsilon < 1 for every pruned model."""
+    for i, (d, e) in enumerate(zip(densities, epsilons, strict=True)):
+        if d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
+            raise MethodError(f"{where}: parameter 'epsilon' = {e} with density {d} (model {i}) "
+                              "gives keep probabilities outside (0, 1); choose epsilon < "
+                              "min(density, 1 − density)")
+
+
+# --------------------------------------------------------------------------------------------
+# Sign election and combination (TIES)
+
+
+def elect_sign(deltas: Sequence[torch.Tensor], weights: Sequence[float], vote: str,
+               majority: float | None = None) -> torch.Tensor:
+    """The elected sign γ per coordinate, as a float tensor of −1, 0, +1.
+
+    ``paper``: γ = sign(Σ_t τ̂_t) (the "mass" election of TIES); coordinates whose sum is 0 take
+    the majority sign ``majority`` if given (whole-model scope), else sign(Σ_j γ_j) over this
+    tensor. ``weighted`` (mergekit): γ = +1 where Σ_t w_t τ̂_t ≥ 0, else −1.
+    """
+    total = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights, strict=True):
+        if vote == "weighted":
+            total.add_(d, alpha=w)
+        else:
+            total.add_(d)
+    if vote == "weighted":
+        return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    sign = total.sign_()
+    if majority is None:
+        majority = float(torch.sign(sign.sum()))
+    if majority != 0.0:
+        sign.masked_fill_(sign == 0, majority)
+    return sign
+
+
+def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
+            sign: torch.Tensor | None, normalize: bool) -> torch.Tensor:
+    """Mix task vectors into one delta.
+
+    Without ``sign``: Σ_t w_t δ_t, divided by Σ_t w_t when ``normalize`` (a sum of weights below
+    1e-8 in magnitude is treated as 1, as mergekit does).
+    With ``sign`` (disjoint merge): only entries that agree strictly with the elected sign
+    (A_t = δ_t·γ > 0, so zeros never count) are summed, Σ_t A_t w_t δ_t, divided by
+    Σ_t A_t w_t where positive when ``normalize`` (the paper's disjoint mean for equal weights).
+    """
+    if sign is None:
+        out = torch.zeros_like(deltas[0])
+        for d, w in zip(deltas, weights, strict=True):
+            out.add_(d, alpha=w)
+        if normalize:
+            total = float(sum(weights))
+            if abs(total) >= 1e-8:
+                out.div_(total)
+        return out
+    out = torch.zeros_like(deltas[0])
+    den = torch.zeros_like(deltas[0]) if normalize else None
+    for d, w in zip(deltas, weights, strict=True):
+        agree = (d * sign) > 0
+        out.addcmul_(d, agree, value=w)
+        if den is not None:
+            den.add_(agree, alpha=w)
+    if den is not None:
+        den.masked_fill_(den <= 0, 1.0)
+        out.div_(den)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-model thresholds in bounded memory
+
+
+_NBINS = 1 << 15  # upper 16 bits of a non-negative float32: sign bit 0, so 2**15 bins
+
+
+def _bin_keys(mag: torch.Tensor) -> torch.Tensor:
+    """Monotone integer key of a non-negative float32: the upper 16 bits of its bit pattern."""
+    return mag.view(torch.int32) >> 16
+
+
+def global_thresholds(groups: Callable[[], Iterator[TensorGroup]], densities: Sequence[float],
+                      *, check: Callable[[TensorGroup], None] | None = None,
+                      majority: bool = False) -> dict[str, Any]:
+    """Per model, the exact official TIES threshold over the whole model, in two passes.
+
+    Official rule (``topk_values_mask``): over all d entries of model t's flattened task vector,
+    v_t = the m-th smallest |τ| with m = d − int(density·d), and entries with |τ| ≥ v_t are
+    kept. density ≥ 1 means no trim (threshold None).
+
+    Pass 1 counts |τ| per bin of the upper 16 bits of the float32 pattern (monotone for
+    non-negative floats) with ``torch.bincount``; the bin holding the m-th value follows from
+    the cumulative counts. Pass 2 collects only the values in that bin and selects the exact
+    value with ``kthvalue``. Memory: one 2**15 histogram per model plus one bin of values.
+
+    With ``majority``, pass 2 also computes the whole-model majority sign sign(Σ_j γ_j) of the
+    elected signs γ = sign(Σ_t τ̂_t) (paper vote), which resolves zero sums in the main pass.
+    Coordinates whose keep decision depends on an in-bin value are kept aside (their values
+    only) and finished once the thresholds are known.
+    """
+    n_models = len(densities)
+    trims = [d < 1.0 for d in densities]
+    hist = None
+    total = 0
+    dev = None
+    # Pass 1: histograms
+    for g in groups():
+        if check is not None:
+            check(g)
+        total += g.experts[0].numel()
+        for t, e in enumerate(g.experts):
+            if not trims[t]:
+                continue
+            mag = torch.sub(e, g.base).abs_()
+            if hist is None:
+                dev = mag.device
+                hist = torch.zeros(n_models, _NBINS, dtype=torch.int64, device=dev)
+            hist[t] += torch.bincount(_bin_keys(mag).view(-1), minlength=_NBINS)
+    bins: list[int] = []
+    ranks: list[int] = []
+    for t in range(n_models):
+        if not trims[t] or total == 0:
+            bins.append(-1)
+            ranks.append(0)
+            continue
+        m = max(1, total - int(densities[t] * total))  # 1-indexed rank from the bottom
+        cum = torch.cumsum(hist[t], 0)
+        b = int(torch.searchsorted(cum, torch.tensor(m, device=cum.device), right=False))
+        below = int(cum[b - 1]) if b > 0 else 0
+        bins.append(b)
+        ranks.append(m - below)
+    del hist
+    if not any(b >= 0 for b in bins) and not majority:
+        return {"thresholds": [None] * n_models, "majority": None}
+
+    # Pass 2: values inside each model's bin (+ majority sign fold)
+    in_bin: list[list[torch.Tensor]] = [[] for _ in range(n_models)]
+    sign_sum = 0.0
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (values T×u, sure T×u)
+    for g in groups():
+        s = torch.zeros_like(g.experts[0]) if majority else None
+        undecided = None
+        vals, sures = [], []
+        for t, e in enumerate(g.experts):
+            d = torch.sub(e, g.base)
+            if bins[t] < 0:
+                sure = torch.ones_like(d, dtype=torch.bool)
+                und = None
+            else:
+                key = _bin_keys(d.abs())
+                sure = key > bins[t]
+                und = key == bins[t]
+                in_bin[t].append(d.abs()[und])
+                del key
+            if majority:
+                s.addcmul_(d, sure)
+                vals.append(d)
+                sures.append(sure)
+                if und is not None:
+                    undecided = und if undecided is None else undecided.logical_or_(und)
+        if majority:
+            if undecided is None:
+                sign_sum += float(s.sign().sum())
+            else:
+                sign_sum += float(s[~undecided].sign().sum())
+                pending.append((torch.stack([v[undecided] for v in vals]),
+                                torch.stack([x[undecided] for x in sures])))
+    thresholds: list[float | None] = []
+    for t in range(n_models):
+        if bins[t] < 0:
+            thresholds.append(None)
+        else:
+            values = torch.cat(in_bin[t]) if in_bin[t] else torch.zeros(0)
+            thresholds.append(float(torch.kthvalue(values, ranks[t]).values))
+        in_bin[t] = []
+    maj = None
+    if majority:
+        for values, sure in pending:
+            acc = torch.zeros_like(values[0])
+            for t in range(n_models):
+                keep = sure[t] if thresholds[t] is None else (sure[t] | (values[t].abs()
+                                                                       >= thresholds[t]))
+                acc.addcmul_(values[t], keep)
+            sign_sum += float(acc.sign().sum())
+        maj = float(torch.sign(torch.tensor(sign_sum)))
+    return {"thresholds": thresholds, "majority": maj}

@@ -1,0 +1,95 @@
+"""Model Breadcrumbs: drop both magnitude tails of each task vector, then sum.
+
+``breadcrumbs`` / ``breadcrumbs_ties`` — Davari & Belilovsky, "Model Breadcrumbs: Scaling
+Multi-Task Model Merging with Sparse Masks", ECCV 2024 (arXiv 2312.06795); official code
+rezazzr/breadcrumbs (``TaskVectorMiddleKeep``).
+
+Per task vector τ_t and row (last dimension, n entries; ``granularity: row``, the official
+code): zero the n_top = int(n·gamma) largest |τ|, keep the next n_keep = int(n·density), zero
+the rest — the kept band is magnitude ranks n_top+1 .. n_top+n_keep. Then
+
+    breadcrumbs:       θ = θ_0 + λ Σ_t w_t mask_t ⊙ τ_t        (÷ Σ w_t with ``normalize``)
+    breadcrumbs_ties:  TIES sign election and disjoint sum (or mean) of the masked τ_t, × λ.
+
+0-D tensors are left whole; 1-D tensors are a single row. Parameters use mergekit's names:
+``density`` (the paper's/official ``top_k_keep``, β) and ``gamma`` (``top_k_remove``, the top
+fraction removed); official search ranges β ∈ [0.05, 0.2], γ ∈ [0.001, 0.01], α = λ ∈ [0.01, 1].
+
+Defaults: ``density`` 1.0 and ``gamma`` 0.01 (mergekit's; the paper's regime is about
+density 0.1), ``lambda`` 1, ``normalize`` false, ``granularity`` row, ``vote`` paper.
+
+Differences from mergekit: mergekit masks the whole flattened tensor (``granularity: tensor``
+reproduces it: density ≥ 1 leaves the tensor untouched and n_top shrinks when
+density + gamma > 1); the official row mode always removes the top γ of each row, so with
+density 1 it still drops the outliers. Rows shorter than 1/γ lose nothing at the top.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from modelalloy.methods._sparsify import (
+    INT8_MASK,
+    band_trim_,
+    combine,
+    density_param,
+    lambda_param,
+    normalize_param,
+    task_vectors,
+    vote_param,
+    weight_param,
+)
+from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.ties import ties_core
+
+PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
+
+_COMMON = [
+    weight_param(),
+    density_param(1.0, "fraction of each row kept below the removed outliers (β, top_k_keep)"),
+    Param("gamma", float, 0.01, "fraction of largest-|τ| entries removed (top_k_remove)",
+          per_model=True, ge=0.0, le=1.0),
+    lambda_param(),
+    Param("granularity", str, "row",
+          "row: per row along the last dimension (official); tensor: whole tensor (mergekit)",
+          choices=("row", "tensor")),
+    normalize_param(False),
+    INT8_MASK,
+]
+
+
+def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
+                      params: dict[str, Any]) -> list[torch.Tensor]:
+    deltas = task_vectors(base, experts)
+    for d, density, gamma in zip(deltas, params["density"], params["gamma"], strict=True):
+        band_trim_(d, density, gamma, params["granularity"])
+    return deltas
+
+
+@register_method(
+    name="breadcrumbs",
+    params=_COMMON,
+    paper=PAPER,
+    summary="Drop the largest and smallest task-vector entries per row, add the weighted sum",
+    base="required",
+)
+def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
+                ctx: MergeContext) -> torch.Tensor:
+    deltas = breadcrumb_deltas(base, experts, params)
+    merged = combine(deltas, params["weight"], sign=None, normalize=params["normalize"])
+    return merged.mul_(float(params["lambda"])).add_(base)
+
+
+@register_method(
+    name="breadcrumbs_ties",
+    params=[*_COMMON, vote_param("paper")],
+    paper=PAPER,
+    summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
+    base="required",
+)
+def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
+                     params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:
+    deltas = breadcrumb_deltas(base, experts, params)
+    return ties_core(deltas, params, vote=params["vote"]).add_(base)

@@ -1,0 +1,90 @@
+"""DARE: drop and rescale task vectors, then merge linearly or with TIES' sign election.
+
+``dare_linear`` / ``dare_ties`` — Yu, Yu, Yu, Huang, Li, "Language Models are Super Mario:
+Absorbing Abilities from Homologous Models as a Free Lunch", ICML 2024 (arXiv 2311.03099);
+official code yule-BUAA/MergeLM.
+
+Per model and tensor, δ = θ_t − θ_0, m ~ Bernoulli(1 − p) keep mask with p = 1 − ``density``:
+
+    δ̃ = δ ⊙ m / (1 − p)                       (rescale, the paper; ``rescale_norm: density``)
+    δ̃ = (δ ⊙ m) · ‖δ‖₁ / ‖δ ⊙ m‖₁              (``rescale_norm: l1``, current mergekit)
+
+``dare_linear``: θ = θ_0 + λ Σ_t w_t δ̃_t   (÷ Σ w_t with ``normalize``).
+``dare_ties``:   TIES election on the δ̃_t (no magnitude trim, as in mergekit), disjoint sum
+(``normalize: false``, mergekit's default) or mean (``normalize: true``, MergeLM's DARE+TIES),
+times λ.
+
+Defaults: ``density`` 1.0 (no drop, as mergekit; the papers use 0.1–0.9, Long-to-Short uses
+0.6–0.7 for 7–14B), ``rescale`` true, ``rescale_norm`` density (faithful 1/(1−p); mergekit
+now matches the L1 norm instead), ``lambda`` 1, ``normalize`` false, ``vote`` paper.
+
+Randomness: the mask comes from ``ctx.rand_like(δ, model_index)``, seeded by (recipe seed,
+tensor name, model index): the same recipe gives the same masks on any device or thread count,
+but not the official code's global-RNG stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from modelalloy.methods._sparsify import (
+    INT8_MASK,
+    combine,
+    dare_,
+    density_param,
+    lambda_param,
+    normalize_param,
+    task_vectors,
+    vote_param,
+    weight_param,
+)
+from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.ties import ties_core
+
+PAPER = ("Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)")
+
+RESCALE = Param("rescale", bool, True, "rescale the kept entries after dropping")
+RESCALE_NORM = Param("rescale_norm", str, "density",
+                     "how to rescale: density (divide by 1−p, the paper) or l1 (match the "
+                     "original L1 norm, current mergekit)", choices=("density", "l1"))
+
+
+def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
+                ctx: MergeContext) -> list[torch.Tensor]:
+    deltas = task_vectors(base, experts)
+    for i, (d, density) in enumerate(zip(deltas, params["density"], strict=True)):
+        dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"])
+    return deltas
+
+
+_COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − drop rate p)"),
+           lambda_param(), RESCALE, RESCALE_NORM, INT8_MASK]
+
+
+@register_method(
+    name="dare_linear",
+    params=[*_COMMON, normalize_param(False)],
+    paper=PAPER,
+    summary="Randomly drop task-vector entries, rescale, and add the weighted sum to the base",
+    base="required",
+)
+def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
+                ctx: MergeContext) -> torch.Tensor:
+    deltas = dare_deltas(base, experts, params, ctx)
+    merged = combine(deltas, params["weight"], sign=None, normalize=params["normalize"])
+    return merged.mul_(float(params["lambda"])).add_(base)
+
+
+@register_method(
+    name="dare_ties",
+    params=[*_COMMON, normalize_param(False), vote_param("paper")],
+    paper=PAPER,
+    summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",
+    base="required",
+)
+def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
+              ctx: MergeContext) -> torch.Tensor:
+    deltas = dare_deltas(base, experts, params, ctx)
+    return ties_core(deltas, params, vote=params["vote"]).add_(base)

@@ -1,0 +1,97 @@
+"""DELLA: magnitude-ranked random drop (MagPrune), then TIES election or a linear sum.
+
+``della`` / ``della_linear`` — Deep, Bhardwaj, Majumder, Poria, "DELLA-Merging: Reducing
+Interference in Model Merging through Magnitude-Based Sampling", arXiv 2406.11617 (2024);
+official code declare-lab/della (a mergekit fork, ``rank_magnitude``).
+
+Per task vector δ = θ_t − θ_0 and row (last dimension; 1-D tensors are one row): rank |δ|
+ascending, r = 0..n−1, and keep each entry with probability
+
+    π = (density − ε) + 2ε · r/(n−1),       δ̃ = δ ⊙ m / π,   m ~ Bernoulli(π)
+
+so the smallest entry is kept with density − ε, the largest with density + ε, and E[δ̃] = δ.
+Then ``della``: TIES election (``vote: weighted`` by default, the official fork's sign of the
+weighted sum, zero sums +), disjoint weighted mean (``normalize: true``), θ = θ_0 + λ·merged;
+``della_linear``: θ = θ_0 + λ Σ_t w_t δ̃_t (÷ Σ w_t with ``normalize``).
+
+Parameter mapping: ``density`` = 1 − drop_rate, ``epsilon`` = window_size / 2. Official README
+setting: density 0.7, epsilon 0.07, lambda 1.1. Defaults here: ``density`` 1.0 (no drop, as in
+mergekit), ``epsilon`` 0.15 (mergekit), ``lambda`` 1, ``rescale`` true with
+``rescale_norm: probability`` (per-element 1/π, the official code; current mergekit matches the
+L1 norm instead — ``rescale_norm: l1``). 0 < density ± ε < 1 is required when density < 1. A row
+of one entry is kept with probability ``density``. Masks are seeded per (seed, tensor, model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from modelalloy.methods._sparsify import (
+    INT8_MASK,
+    check_epsilon,
+    combine,
+    density_param,
+    lambda_param,
+    magprune_,
+    normalize_param,
+    task_vectors,
+    vote_param,
+    weight_param,
+)
+from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.ties import ties_core
+
+PAPER = "Deep et al., DELLA-Merging, arXiv 2406.11617 (2024)"
+
+_COMMON = [
+    weight_param(),
+    density_param(1.0, "mean keep probability (1 − drop_rate)"),
+    Param("epsilon", float, 0.15, "half-width of the keep-probability window (window_size/2)",
+          per_model=True, ge=0.0, lt=0.5),
+    lambda_param(),
+    Param("rescale", bool, True, "rescale the kept entries"),
+    Param("rescale_norm", str, "probability",
+          "probability: divide each kept entry by its keep probability (official); l1: match "
+          "the original L1 norm (current mergekit)", choices=("probability", "l1")),
+    INT8_MASK,
+]
+
+
+def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
+                 ctx: MergeContext) -> list[torch.Tensor]:
+    check_epsilon(params["density"], params["epsilon"], f"tensor '{ctx.name}'")
+    deltas = task_vectors(base, experts)
+    per_model = zip(deltas, params["density"], params["epsilon"], strict=True)
+    for i, (d, density, eps) in enumerate(per_model):
+        magprune_(d, density, eps, ctx, i, rescale=params["rescale"],
+                  rescale_norm=params["rescale_norm"])
+    return deltas
+
+
+@register_method(
+    name="della",
+    params=[*_COMMON, normalize_param(True), vote_param("weighted")],
+    paper=PAPER,
+    summary="Magnitude-ranked random drop (MagPrune), TIES sign election, disjoint mean",
+    base="required",
+)
+def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
+          ctx: MergeContext) -> torch.Tensor:
+    deltas = della_deltas(base, experts, params, ctx)
+    return ties_core(deltas, params, vote=params["vote"]).add_(base)
+
+
+@register_method(
+    name="della_linear",
+    params=[*_COMMON, normalize_param(False)],
+    paper=PAPER,
+    summary="Magnitude-ranked random drop (MagPrune), then the weighted sum of task vectors",
+    base="required",
+)
+def della_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
+                 ctx: MergeContext) -> torch.Tensor:
+    deltas = della_deltas(base, experts, params, ctx)
+    merged = combine(deltas, params["weight"], sign=None, normalize=params["normalize"])
+    return merged.mul_(float(params["lambda"])).add_(base)

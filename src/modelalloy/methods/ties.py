@@ -1,0 +1,121 @@
+"""TIES-Merging: trim, elect sign, disjoint merge.
+
+``ties`` — Yadav, Tam, Choshen, Raffel, Bansal, "TIES-Merging: Resolving Interference When
+Merging Models", NeurIPS 2023 (arXiv 2306.01708); official code prateeky2806/ties-merging.
+
+For task vectors τ_t = θ_t − θ_0:
+
+1. Trim: τ̂_t keeps the largest-|·| entries of τ_t (fraction ``density``).
+2. Elect: γ = sign(Σ_t τ̂_t) (the paper's "mass" vote); coordinates with a zero sum take the
+   majority sign sign(Σ_j γ_j).
+3. Disjoint merge: A_t = [τ̂_t · γ > 0];  τ_m = Σ_t A_t w_t τ̂_t / Σ_t A_t w_t  (normalize).
+4. θ = θ_0 + λ τ_m.
+
+Parameters (mergekit names): per-model ``weight`` (default 1) and ``density`` (default 1.0 = no
+trim, as in mergekit; the paper uses 0.2 — set it), global ``lambda`` (1), ``normalize`` (true:
+the disjoint mean), ``vote`` and ``scope``.
+
+``scope``:
+- ``per_tensor`` (default; streaming, mergekit-compatible): each tensor keeps exactly
+  int(density·numel) entries (ties at the threshold broken by index order) and zero sums take
+  this tensor's majority sign.
+- ``global`` (official code): the threshold is the whole model's m-th smallest |τ_t| with
+  m = d − int(density·d), entries with |τ| ≥ threshold kept (ties kept, so int(density·d)+1 or
+  more entries survive, as in the official code), and zero sums take the whole model's majority
+  sign. Computed in the ``prepare`` pass without concatenating the model (two histogram/select
+  passes, see ``_sparsify.global_thresholds``). Tied weights are counted once per tensor name
+  the engine gives; deduplicating them is the engine's job.
+
+``vote``:
+- ``paper`` (default): the vote uses the unweighted trimmed task vectors; per-model weights only
+  enter the merge (step 3). Zero sums take the majority sign.
+- ``weighted`` (mergekit): γ = sign(Σ_t w_t τ̂_t), a zero sum counts as +.
+
+With all weights equal the two votes differ only on exact zero sums. Differences from mergekit:
+the default vote (above), and ``scope: global``. ``int8_mask`` is accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from modelalloy.errors import MethodError
+from modelalloy.methods._sparsify import (
+    INT8_MASK,
+    combine,
+    density_param,
+    elect_sign,
+    global_thresholds,
+    lambda_param,
+    magnitude_trim_,
+    normalize_param,
+    task_vectors,
+    threshold_trim_,
+    vote_param,
+    weight_param,
+)
+from modelalloy.methods.registry import MergeContext, Param, TensorGroup, register_method
+
+SCOPE = Param("scope", str, "per_tensor",
+              "where the top-k threshold is taken: per_tensor (streaming, mergekit) or global "
+              "(whole model, official TIES code)", choices=("per_tensor", "global"))
+
+
+def ties_prepare(groups: Callable[[], Iterator[TensorGroup]]) -> dict[str, Any] | None:
+    """For ``scope: global``: each model's whole-model threshold and the majority sign."""
+    first = next(iter(groups()), None)
+    if first is None or first.params.get("scope") != "global":
+        return None
+    densities = list(first.params["density"])
+    vote = first.params.get("vote", "paper")
+
+    def check(g: TensorGroup) -> None:
+        if g.params.get("scope") != "global":
+            raise MethodError(f"tensor '{g.name}': parameter 'scope' must be the same for every "
+                              "tensor when it is global")
+        if list(g.params["density"]) != densities:
+            raise MethodError(f"tensor '{g.name}': parameter 'density' must be one value per "
+                              "model for the whole model with scope: global")
+        if g.base is None:
+            raise MethodError("method 'ties' needs a base model: set base_model in the recipe")
+
+    return global_thresholds(groups, densities, check=check, majority=(vote == "paper"))
+
+
+def ties_core(deltas: list[torch.Tensor], params: dict[str, Any], *, vote: str,
+              majority: float | None = None) -> torch.Tensor:
+    """Elect and disjoint-merge already-sparsified task vectors; returns λ·τ_m."""
+    weights = params["weight"]
+    sign = elect_sign(deltas, weights, vote, majority)
+    merged = combine(deltas, weights, sign=sign, normalize=params["normalize"])
+    return merged.mul_(float(params["lambda"]))
+
+
+@register_method(
+    name="ties",
+    params=[weight_param(), density_param(1.0, "fraction of each task vector kept by magnitude"),
+            lambda_param(), normalize_param(True), SCOPE, vote_param("paper"), INT8_MASK],
+    paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
+    summary="Trim task vectors by magnitude, elect a sign per entry, average the agreeing ones",
+    base="required",
+    prepare=ties_prepare,
+)
+def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
+         ctx: MergeContext) -> torch.Tensor:
+    deltas = task_vectors(base, experts)
+    majority = None
+    if params["scope"] == "global":
+        stats = ctx.global_stats
+        if not isinstance(stats, dict) or "thresholds" not in stats:
+            raise MethodError(f"tensor '{ctx.name}': ties with scope: global needs the "
+                              "whole-model pass (prepare) and the runner did not provide it")
+        for d, v in zip(deltas, stats["thresholds"], strict=True):
+            threshold_trim_(d, v)
+        majority = stats["majority"]
+    else:
+        for d, density in zip(deltas, params["density"], strict=True):
+            magnitude_trim_(d, density)
+    return ties_core(deltas, params, vote=params["vote"], majority=majority).add_(base)

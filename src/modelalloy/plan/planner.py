@@ -1,0 +1,162 @@
+"""Recipe + checkpoints -> MergePlan: one entry per output tensor, checked before heavy I/O.
+
+Planning reads only headers and configs. It matches tensors across models by name, checks
+shapes, dtypes and architectures, finds each tensor's layer from its name, resolves the
+method's parameters per tensor, and estimates memory and bytes moved. Every incompatibility is
+collected, so ``modelalloy plan`` can show them all at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from modelalloy.errors import ModelAlloyError, PlanError
+from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.methods.registry import MethodSpec
+from modelalloy.plan.layers import LayerIndexer
+from modelalloy.recipe import Recipe, resolve_tensor_params
+
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One output tensor: merged from every model, or copied from the reference model."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    merge: bool  # False: copied unchanged from the reference model (integer/bool buffers)
+    layer_index: int | None
+    num_layers: int | None
+    params: dict[str, Any]
+    bytes_in: int  # stored bytes read from all models
+    bytes_out: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def working_bytes(self, n_inputs: int) -> int:
+        """Bytes held while this tensor is being merged: the stored inputs, their float32
+        copies, a float32 result and temporaries of about two more tensors, and the output."""
+        if not self.merge:
+            return self.bytes_in + self.bytes_out
+        return self.bytes_in + (n_inputs + 3) * self.numel * FLOAT32_BYTES + self.bytes_out
+
+
+@dataclass
+class MergePlan:
+    spec: MethodSpec
+    recipe: Recipe
+    base: Checkpoint | None
+    experts: list[Checkpoint]
+    entries: list[PlanEntry]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> Checkpoint:
+        return self.base if self.base is not None else self.experts[0]
+
+    @property
+    def sources(self) -> list[Checkpoint]:
+        return ([self.base] if self.base is not None else []) + self.experts
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(e.bytes_in for e in self.entries)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(e.bytes_out for e in self.entries)
+
+    def largest_working_bytes(self) -> int:
+        n = len(self.sources)
+        return max((e.working_bytes(n) for e in self.entries), default=0)
+
+    def estimated_peak_bytes(self, threads: int, memory_budget: int | None) -> int:
+        """Bytes in flight at once: ``threads`` of the largest tensors, capped by the budget
+        (the engine never starts a tensor that would pass it, unless it is alone)."""
+        largest = self.largest_working_bytes()
+        in_flight = largest * max(1, threads)
+        if memory_budget is not None:
+            in_flight = max(largest, min(in_flight, memory_budget))
+        return in_flight
+
+    def raise_if_problems(self) -> None:
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more; run `modelalloy plan`)" \
+                if len(self.problems) > 1 else ""
+            raise PlanError(self.problems[0] + more)
+
+
+def _architecture(ckpt: Checkpoint) -> tuple[str, ...] | None:
+    cfg = ckpt.config or {}
+    arch = cfg.get("architectures") or ([cfg["model_type"]] if "model_type" in cfg else None)
+    return tuple(arch) if arch else None
+
+
+def build_plan(recipe: Recipe, spec: MethodSpec, base: Checkpoint | None,
+               experts: list[Checkpoint], out_dtype: torch.dtype | None) -> MergePlan:
+    """Check the models against each other and resolve every output tensor."""
+    plan = MergePlan(spec=spec, recipe=recipe, base=base, experts=experts, entries=[])
+    reference = plan.reference
+    ref_names = reference.names()
+    ref_set = set(ref_names)
+
+    name_sets = {id(c): set(c.names()) for c in plan.sources}
+    ref_arch = _architecture(reference)
+    for ckpt in plan.sources:
+        if ckpt is reference:
+            continue
+        arch = _architecture(ckpt)
+        if ref_arch and arch and arch != ref_arch:
+            plan.problems.append(f"{ckpt.path}: architecture {list(arch)} differs from "
+                                 f"{reference.path}'s {list(ref_arch)}; merge models of one "
+                                 "architecture")
+        names = name_sets[id(ckpt)]
+        missing = [n for n in ref_names if n not in names]
+        extra = sorted(names - ref_set)
+        if missing:
+            plan.problems.append(f"{ckpt.path}: missing {len(missing)} tensor(s) that "
+                                 f"{reference.path} has, e.g. '{missing[0]}'")
+        if extra:
+            plan.problems.append(f"{ckpt.path}: has {len(extra)} tensor(s) that "
+                                 f"{reference.path} lacks, e.g. '{extra[0]}'")
+
+    indexer = LayerIndexer(ref_names)
+    for name in ref_names:
+        ref_info = reference.info(name)
+        infos = [ref_info]
+        for ckpt in plan.sources:
+            if ckpt is reference or name not in name_sets[id(ckpt)]:
+                continue
+            info = ckpt.info(name)
+            infos.append(info)
+            if info.shape != ref_info.shape:
+                plan.problems.append(f"tensor '{name}': shape {list(info.shape)} in {ckpt.path} "
+                                     f"but {list(ref_info.shape)} in {reference.path}")
+        merge = ref_info.dtype.is_floating_point
+        layer, count = indexer.lookup(name)
+        params: dict[str, Any] = {}
+        if merge:
+            try:
+                params = resolve_tensor_params(recipe, name, layer, count)
+            except ModelAlloyError as err:
+                plan.problems.append(str(err))
+        dtype = (out_dtype or ref_info.dtype) if merge else ref_info.dtype
+        numel = 1
+        for d in ref_info.shape:
+            numel *= d
+        plan.entries.append(PlanEntry(
+            name=name, shape=tuple(ref_info.shape), out_dtype=dtype, merge=merge,
+            layer_index=layer, num_layers=count, params=params,
+            bytes_in=sum(i.nbytes for i in infos) if merge else ref_info.nbytes,
+            bytes_out=numel * dtype.itemsize))
+    return plan

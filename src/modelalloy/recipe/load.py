@@ -1,0 +1,475 @@
+"""Read and validate a recipe: YAML text -> :class:`Recipe`, every check before any model opens.
+
+Every error is one line that names the recipe, the field (``models[1].parameters.density``) and
+how to fix it: :class:`RecipeError` for the recipe's shape, :class:`MethodError` for what the
+method's parameter schema rejects (unknown method, out-of-range value, wrong model count).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from modelalloy.errors import MethodError, RecipeError
+from modelalloy.methods.registry import MethodSpec, Param, get_method
+from modelalloy.recipe.model import DTYPES, Conditional, ModelEntry, Recipe, is_number
+
+
+class RecipeWarning(UserWarning):
+    """Something in a recipe is ignored (e.g. ``chat_template``); the merge still runs."""
+
+
+# Keys modelalloy reads. The order is the documented order.
+SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "tokenizer", "chat_template", "name", "seed")
+# mergekit keys with no support yet: a clear one-liner instead of a silent misread.
+UNSUPPORTED_KEYS = {
+    "slices": "`slices` (layer ranges, frankenmerges) is not supported yet; list whole models "
+              "under `models` instead",
+    "modules": "`modules` (per-module recipes for multimodal models) is not supported yet; "
+               "list whole models under `models` instead",
+}
+# mergekit parameters that only tune mergekit's own execution: accepted and ignored.
+IGNORED_PARAMS = {
+    "int8_mask": "mergekit's int8 mask storage is a memory optimisation; modelalloy's masks "
+                 "already use little memory",
+}
+MODEL_ENTRY_KEYS = ("model", "parameters")
+COND_KEYS = ("filter", "value")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate the recipe file at ``path``; model paths resolve against its folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"{p}: is a folder; give the path of a recipe YAML file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{p}: recipe file not found; check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{p}: cannot read the recipe ({e}); give a UTF-8 YAML file") from None
+    return parse_recipe(text, source=str(p), base_dir=p.resolve().parent)
+
+
+def parse_recipe(text: str, source: str = "<string>", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe given as YAML text. ``base_dir`` (default: cwd) anchors model paths."""
+    raw = _load_yaml(text, source)
+    return _Validator(source).build(raw, Path(base_dir) if base_dir else Path.cwd())
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>",
+                     base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe built in code (search, optimisers) exactly as a YAML one would be.
+
+    ``data`` has the YAML's plain structure (dicts, lists, scalars); it is not modified.
+    """
+    import copy
+
+    return _Validator(source).build(copy.deepcopy(data), Path(base_dir) if base_dir
+                                    else Path.cwd())
+
+
+# -- YAML -----------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:  # the keys written here; `<<: *anchor` may be overridden
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is given twice in the same mapping", key_node.start_mark)
+        seen[key] = True
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{source}: YAML syntax error{where}: {problem}; fix the YAML "
+                          "(indentation, quotes, colons)") from None
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
+    return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(options)}"
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "nothing"
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a mapping"
+    return type(v).__name__
+
+
+class _Validator:
+    def __init__(self, source: str):
+        self.source = source
+        self.warnings: list[str] = []
+
+    def fail(self, field: str, msg: str) -> RecipeError:
+        return RecipeError(f"{self.source}: {field}: {msg}" if field else f"{self.source}: {msg}")
+
+    def warn(self, msg: str) -> None:
+        msg = f"{self.source}: {msg}"
+        self.warnings.append(msg)
+        warnings.warn(msg, RecipeWarning, stacklevel=4)
+
+    # -- top level ---------------------------------------------------------------------------
+
+    def build(self, raw: Any, base_dir: Path) -> Recipe:
+        if raw is None:
+            raise self.fail("", "the recipe is empty; it needs at least `merge_method` and "
+                                "`models`")
+        if not isinstance(raw, dict):
+            raise self.fail("", f"the recipe must be a YAML mapping of keys (merge_method, "
+                                f"models, ...), got {_kind(raw)}")
+        for key in raw:
+            if key in UNSUPPORTED_KEYS:
+                raise self.fail(str(key), UNSUPPORTED_KEYS[key])
+            if key not in SUPPORTED_KEYS:
+                raise self.fail(str(key), f"unknown key; {_closest(key, SUPPORTED_KEYS)}")
+
+        method = self.method(raw)
+        base_model = self.model_string(raw.get("base_model"), "base_model", base_dir,
+                                       optional=True)
+        fields: dict[str, Any] = {"merge_method": raw["merge_method"], "base_model": base_model,
+                                  "models": self.models(raw, base_dir, method)}
+        fields["parameters"] = self.params(raw.get("parameters"), "parameters", method,
+                                           per_model_level=False)
+        for key in ("dtype", "out_dtype"):
+            fields[key] = self.dtype(raw.get(key), key)
+        fields["name"] = self.opt_str(raw.get("name"), "name")
+        fields["seed"] = self.seed(raw.get("seed", 0))
+        fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
+        if raw.get("chat_template") is not None:
+            self.warn("chat_template: ignored (not supported yet); the output keeps the "
+                      "chat template of the tokenizer it copies")
+
+        try:
+            recipe = Recipe(**fields, source=self.source, base_dir=base_dir)
+        except ValidationError as e:  # pragma: no cover - the checks above come first
+            raise self.pydantic(e) from None
+        self.negative_weights(recipe, method)
+        self.duplicates(recipe)
+        self.counts(recipe, method)
+        recipe.warnings = self.warnings
+        return recipe
+
+    def pydantic(self, e: ValidationError) -> RecipeError:
+        return pydantic_error(e, self.source)
+
+    def method(self, raw: dict) -> MethodSpec:
+        name = raw.get("merge_method")
+        if name is None:
+            raise self.fail("merge_method", "missing; name the merge method, e.g. "
+                                            "`merge_method: ties` (see `modelalloy methods`)")
+        if not isinstance(name, str):
+            raise self.fail("merge_method", f"must be a method name, got {_kind(name)}")
+        try:
+            return get_method(name)
+        except MethodError as e:
+            raise MethodError(f"{self.source}: merge_method: {e}") from None
+
+    def models(self, raw: dict, base_dir: Path, method: MethodSpec) -> list[ModelEntry]:
+        models = raw.get("models")
+        if models is None:
+            raise self.fail("models", "missing; list the models to merge, e.g. "
+                                      "`models: [{model: ./expert-a}, {model: ./expert-b}]`")
+        if not isinstance(models, list) or not models:
+            raise self.fail("models", f"must be a non-empty list of `- model: <folder>` "
+                                      f"entries, got {_kind(models) if models != [] else '[]'}")
+        out = []
+        for i, item in enumerate(models):
+            where = f"models[{i}]"
+            if isinstance(item, str):  # convenience: a bare path
+                item = {"model": item}
+                models[i] = item
+            if not isinstance(item, dict):
+                raise self.fail(where, f"must be a mapping like `{{model: ./folder}}`, got "
+                                       f"{_kind(item)}")
+            for key in item:
+                if key == "layer_range":
+                    raise self.fail(f"{where}.layer_range", "layer ranges are not supported "
+                                                            "yet; remove it to merge whole "
+                                                            "models")
+                if key not in MODEL_ENTRY_KEYS:
+                    raise self.fail(f"{where}.{key}",
+                                    f"unknown key; {_closest(key, MODEL_ENTRY_KEYS)}")
+            if "model" not in item:
+                raise self.fail(f"{where}.model", "missing; give the model's local folder")
+            model = self.model_string(item["model"], f"{where}.model", base_dir)
+            params = self.params(item.get("parameters"), f"{where}.parameters", method,
+                                 per_model_level=True)
+            out.append(ModelEntry(model=model, parameters=params))
+        return out
+
+    def model_string(self, value: Any, field: str, base_dir: Path,
+                     optional: bool = False) -> str | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, dict) and "model" in value:
+            # mergekit's structured ModelReference: {model: {path: ..}, lora: ..}
+            if value.get("lora"):
+                raise self.fail(field, "LoRA adapters (`lora`) are not supported yet; merge "
+                                       "the adapter into its model first and give that folder")
+            inner = value["model"]
+            if isinstance(inner, dict):
+                if inner.get("revision"):
+                    raise self.fail(field, "revisions are not supported: modelalloy never "
+                                           "downloads; give a local folder")
+                inner = inner.get("path")
+            value = inner
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(field, f"must be the path of a local model folder, got "
+                                   f"{_kind(value)}")
+        exists = (base_dir / Path(value).expanduser()).exists() or Path(value).expanduser() \
+            .exists()
+        if "+" in value and not exists:
+            raise self.fail(field, f"'{value}': model+LoRA strings are not supported yet; "
+                                   "merge the adapter into its model first and give that folder")
+        if "@" in value and not exists:
+            raise self.fail(field, f"'{value}': '@revision' is not supported: modelalloy never "
+                                   "downloads; give a local folder")
+        return value
+
+    # -- parameters --------------------------------------------------------------------------
+
+    def params(self, raw_params: Any, field: str, method: MethodSpec, *,
+               per_model_level: bool) -> dict[str, Any]:
+        if raw_params is None:
+            return {}
+        if not isinstance(raw_params, dict):
+            raise self.fail(field, f"must be a mapping of parameter names to values, got "
+                                   f"{_kind(raw_params)}")
+        out: dict[str, Any] = {}
+        names = {p.name: p for p in method.params}
+        for key, value in raw_params.items():
+            where = f"{field}.{key}"
+            if not isinstance(key, str):
+                raise self.fail(where, "parameter names must be strings")
+            if key not in names:
+                if key in IGNORED_PARAMS:
+                    self.warn(f"{where}: ignored ({IGNORED_PARAMS[key]})")
+                    continue
+                takes = ", ".join(names) or "no parameters"
+                raise MethodError(f"{self.source}: {where}: method '{method.name}' has no "
+                                  f"parameter '{key}'; it takes: {takes}")
+            param = names[key]
+            if per_model_level and not param.per_model:
+                raise MethodError(f"{self.source}: {where}: '{key}' is a global parameter of "
+                                  f"method '{method.name}' (one value for all models); move it "
+                                  "to the top-level `parameters` (mergekit ignores it here)")
+            out[key] = self.value(value, where, param)
+        return out
+
+    def value(self, v: Any, where: str, param: Param) -> Any:
+        """Parse one parameter setting into its canonical form and check every leaf."""
+        if isinstance(v, dict):
+            return [self.conditional(v, where, param)]
+        if isinstance(v, list):
+            if not v:
+                raise self.fail(where, "empty list; give a value, a gradient like [0, 0.5, 1], "
+                                       "or a list of {filter, value} entries")
+            if all(isinstance(e, dict) for e in v):
+                return [self.conditional(e, f"{where}[{i}]", param) for i, e in enumerate(v)]
+            if any(isinstance(e, (dict, list)) for e in v):
+                raise self.fail(where, "a list must be either a gradient of plain values "
+                                       "[0, 0.5, 1] or a list of {filter, value} entries, not "
+                                       "a mix or nested lists")
+            return self.gradient(v, where, param)
+        return self.leaf(v, where, param)
+
+    def conditional(self, e: dict, where: str, param: Param) -> Conditional:
+        for key in e:
+            if key not in COND_KEYS:
+                raise self.fail(f"{where}.{key}", f"unknown key in a conditional entry; "
+                                                  f"{_closest(key, COND_KEYS)}")
+        if "value" not in e:
+            raise self.fail(where, "conditional entry without `value`; write "
+                                   "`{filter: self_attn, value: 0.5}`")
+        flt = e.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            raise self.fail(f"{where}.filter", f"must be a string (a part of tensor names such "
+                                               f"as self_attn or mlp), got {_kind(flt)}")
+        v = e["value"]
+        vw = f"{where}.value"
+        if isinstance(v, list):
+            if not v or any(isinstance(x, (dict, list)) for x in v):
+                raise self.fail(vw, "must be a value or a gradient of plain values like "
+                                    "[0, 0.5, 1]; conditional entries do not nest")
+            value = self.gradient(v, vw, param)
+        elif isinstance(v, dict):
+            raise self.fail(vw, "must be a value or a gradient of plain values like "
+                                "[0, 0.5, 1]; conditional entries do not nest")
+        else:
+            value = self.leaf(v, vw, param)
+        return Conditional(filter=flt, value=value)
+
+    def gradient(self, v: list, where: str, param: Param) -> list:
+        out = [self.leaf(x, f"{where}[{i}]", param) for i, x in enumerate(v)]
+        if param.type in (int, float) and len(out) > 1 and not all(is_number(x) for x in out):
+            raise self.fail(where, f"gradient for numeric parameter '{param.name}' must hold "
+                                   "numbers only")
+        return out
+
+    def leaf(self, x: Any, where: str, param: Param) -> Any:
+        if x is None:
+            raise self.fail(where, f"no value given for '{param.name}'; give one or remove "
+                                   "the key")
+        if param.type in (int, float) and isinstance(x, str):
+            # PyYAML reads 1e-3 (no dot) as a string; mergekit would pass the string on.
+            try:
+                x = float(x)
+            except ValueError:
+                raise MethodError(f"{self.source}: {where}: parameter '{param.name}' must be a "
+                                  f"number, got {x!r}") from None
+        if is_number(x) and not math.isfinite(x):
+            raise MethodError(f"{self.source}: {where}: parameter '{param.name}' must be "
+                              f"finite, got {x}")
+        if param.type is int and is_number(x) and not float(x).is_integer():
+            raise MethodError(f"{self.source}: {where}: parameter '{param.name}' must be a "
+                              f"whole number, got {x}")
+        return param.check(x, f"{self.source}: {where}")
+
+    def negative_weights(self, recipe: Recipe, method: MethodSpec) -> None:
+        """Warn about negative weights the method's schema allows (e.g. task negation).
+
+        Whether a weight may be negative is the method's call: its ``weight`` Param bounds are
+        checked with every other value (ties: ``>= 0``; task_arithmetic: unbounded). A negative
+        weight that passes is legal but often a typo, so it is named once in a warning.
+        """
+        if "weight" not in {p.name for p in method.params}:
+            return
+        settings = [("parameters.weight", recipe.parameters.get("weight"))]
+        settings += [(f"models[{i}].parameters.weight", e.parameters.get("weight"))
+                     for i, e in enumerate(recipe.models)]
+        for where, s in settings:
+            for path, leaf in _leaves(s, where):
+                if is_number(leaf) and leaf < 0:
+                    self.warn(f"{path}: negative weight {leaf} subtracts that model's "
+                              f"contribution (method '{method.name}' allows it); make it "
+                              ">= 0 if that is not intended")
+                    break
+
+    def duplicates(self, recipe: Recipe) -> None:
+        for i, e in enumerate(recipe.models):
+            for j in range(i):
+                if recipe.same_model(e.model, recipe.models[j].model):
+                    raise self.fail(f"models[{i}].model", f"'{e.model}' is already listed as "
+                                    f"models[{j}]; list each model once")
+
+    def counts(self, recipe: Recipe, method: MethodSpec) -> None:
+        if recipe.base_model is not None and method.base == "none":
+            if recipe.base_entry() is None:
+                self.warn(f"base_model: ignored, method '{method.name}' does not use a base "
+                          "model; list it under `models` to merge it too")
+        try:
+            method.check_model_count(len(recipe.expert_entries()), recipe.uses_base())
+        except MethodError as e:
+            raise MethodError(f"{self.source}: models: {e}") from None
+
+    # -- scalars -----------------------------------------------------------------------------
+
+    def dtype(self, v: Any, field: str) -> str | None:
+        if v is None:
+            return None
+        name = v[len("torch."):] if isinstance(v, str) and v.startswith("torch.") else v
+        if not isinstance(name, str) or name not in DTYPES:
+            raise self.fail(field, f"unknown dtype {v!r}; use one of float32, float16, "
+                                   "bfloat16 (or fp32, fp16, bf16, float64)")
+        return DTYPES[name]
+
+    def opt_str(self, v: Any, field: str) -> str | None:
+        if v is not None and not isinstance(v, str):
+            raise self.fail(field, f"must be a string, got {_kind(v)}")
+        return v
+
+    def seed(self, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+            raise self.fail("seed", f"must be an integer from 0 to 2**63-1, got {v!r}")
+        return v
+
+    def tokenizer(self, raw: dict, base_model: str | None, base_dir: Path) -> str | None:
+        src = raw.get("tokenizer_source")
+        field = "tokenizer_source"
+        block = raw.get("tokenizer")
+        if block is not None:
+            if src is not None:
+                raise self.fail("tokenizer", "give either `tokenizer_source` or a `tokenizer` "
+                                             "block, not both")
+            if not isinstance(block, dict):
+                raise self.fail("tokenizer", f"must be a mapping, got {_kind(block)}")
+            extra = [k for k in block if k != "source" and block[k] not in (None, {}, [])]
+            if extra:
+                raise self.fail(f"tokenizer.{extra[0]}", "not supported yet (only "
+                                "`tokenizer: {source: base | <folder>}` is); remove it")
+            src, field = block.get("source"), "tokenizer.source"
+        if src is None:
+            return None
+        if src == "union":
+            raise self.fail(field, "'union' (a merged vocabulary) is not supported yet; use "
+                                   "'base' or the folder of the model whose tokenizer to keep")
+        if src == "base":
+            if base_model is None:
+                raise self.fail(field, "'base' needs `base_model`; set base_model or give the "
+                                       "folder of the model whose tokenizer to keep")
+            return "base"
+        return self.model_string(src, field, base_dir)
+
+
+def pydantic_error(e: ValidationError, source: str) -> RecipeError:
+    """One line from pydantic's first error: ``source: models[1].parameters.density: msg``."""
+    err = e.errors()[0]
+    path = ""
+    for part in err["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    got = err.get("input")
+    got = "" if isinstance(got, dict) else f" (got {got!r})"
+    return RecipeError(f"{source}: {path or 'recipe'}: {err['msg'].lower()}{got}")
+
+
+def _leaves(setting: Any, where: str):
+    """(path, value) for every plain value in a canonical setting."""
+    if setting is None:
+        return
+    if isinstance(setting, Conditional):
+        yield from _leaves(setting.value, f"{where}.value")
+    elif isinstance(setting, list):
+        for i, x in enumerate(setting):
+            yield from _leaves(x, f"{where}[{i}]")
+    else:
+        yield where, setting

@@ -1,0 +1,292 @@
+"""The recipe data model and mergekit's rule for evaluating a parameter setting.
+
+A parameter value (:data:`ParamValue`) is, exactly as in mergekit's ``config.py``:
+
+- a scalar (number, bool or string);
+- a *gradient*: a list of scalars. A list of numbers is interpolated piecewise-linearly over
+  the layer position ``t`` in [0, 1]; any other list of scalars is stepped (no interpolation);
+- a list of conditional entries ``{filter: str, value: scalar | gradient}``: the *first* entry
+  in list order whose ``filter`` is absent, ``"*"``, or a substring of the tensor name wins.
+  When no entry matches, the setting gives nothing and the lookup falls through to the next
+  level (a model's own ``parameters``, then the top-level ``parameters``, then the method's
+  default).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
+
+from modelalloy.errors import RecipeError
+
+Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]  # noqa: UP007
+
+
+class Conditional(BaseModel):
+    """One entry of a conditional parameter list: ``{filter: "self_attn", value: 0.5}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filter: str | None = None
+    value: Union[Scalar, list[Scalar]]  # noqa: UP007
+
+    def matches(self, tensor_name: str) -> bool:
+        # mergekit: (cond.filter is None) or (cond.filter == "*") or
+        #           (tensor_name and cond.filter in tensor_name)
+        return (self.filter is None or self.filter == "*"
+                or (bool(tensor_name) and self.filter in tensor_name))
+
+
+ParamValue = Union[Scalar, list[Scalar], list[Conditional]]  # noqa: UP007
+
+
+def is_number(v: Any) -> bool:
+    # bool is an int subclass in Python; mergekit's isinstance(e, (int, float)) counts it as a
+    # number, but a bool parameter never makes sense interpolated, so we step bool lists.
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def evaluate_setting(tensor_name: str, setting: ParamValue, t: float = 0.0) -> Any:
+    """The value of ``setting`` for one tensor at layer position ``t``; None if no entry matches.
+
+    Same arithmetic as mergekit's ``evaluate_setting`` (so results agree bit for bit):
+    ``scaled = t * (n - 1); i0 = int(scaled); i1 = min(n - 1, i0 + 1);
+    value = (1 - frac) * g[i0] + frac * g[i1]`` with ``frac = scaled - i0``.
+    """
+    if not isinstance(setting, list):
+        if isinstance(setting, Conditional):  # a lone entry: treated as a one-entry list
+            return evaluate_setting(tensor_name, [setting], t)
+        return setting
+    if setting and all(is_number(e) for e in setting):
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    if setting and all(not isinstance(e, (list, dict, Conditional)) for e in setting):
+        return setting[int(t * (len(setting) - 1))]
+    for cond in setting:
+        if isinstance(cond, Conditional) and cond.matches(tensor_name):
+            return evaluate_setting(tensor_name, cond.value, t)
+    return None
+
+
+def layer_position(layer_index: int | None, num_layers: int | None) -> float:
+    """mergekit's ``t`` for a tensor: ``idx / (num_layers - 1)``, 1 for a one-layer stack.
+
+    Tensors outside the layer stack (embeddings, final norm, lm_head) get ``t = 0``: current
+    mergekit (``MergePlanner.plan_module``) evaluates both its pre- and post-weights with the
+    module's ``ConfigReader(t=0)``. (Releases before the ``modules:`` rework used t=1 for the
+    post-weights; see docs/recipes.md.)
+    """
+    if layer_index is None:
+        return 0.0
+    if num_layers is None:
+        raise RecipeError(f"layer index {layer_index} given without a layer count; pass "
+                          "num_layers (the number of blocks in the tensor's stack)")
+    if not 0 <= layer_index < num_layers:
+        raise RecipeError(f"layer index {layer_index} is outside a stack of {num_layers} layers")
+    if num_layers > 1:
+        return layer_index / (num_layers - 1)
+    return 1.0
+
+
+class ModelEntry(BaseModel):
+    """One ``models:`` entry: a local checkpoint folder and its per-model parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Spellings accepted for dtype / out_dtype (mergekit takes torch names, optionally "torch.").
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "double": "float64",
+}
+
+
+class Recipe(BaseModel):
+    """A validated merge recipe (build with :func:`parse_recipe` / :func:`load_recipe`)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    name: str | None = None
+    source: str = "<string>"
+    base_dir: Path = Field(default_factory=Path.cwd)
+    warnings: list[str] = Field(default_factory=list)
+    _experts: tuple[tuple, list[ModelEntry]] | None = PrivateAttr(default=None)
+
+    # -- models ------------------------------------------------------------------------------
+
+    def _candidates(self, model: str) -> list[Path]:
+        p = Path(os.path.expanduser(model))
+        if p.is_absolute():
+            return [p]
+        out = [self.base_dir / p]
+        cwd = Path.cwd() / p
+        if cwd.resolve() != out[0].resolve():
+            out.append(cwd)
+        return out
+
+    def model_path(self, model: str) -> Path:
+        """The local folder of ``model``: relative paths try the recipe's folder, then cwd."""
+        tried = self._candidates(model)
+        for cand in tried:
+            if cand.exists():
+                return cand.resolve()
+        looked = " and ".join(str(c) for c in tried)
+        if _HUB_ID.match(model) and not model.startswith("."):
+            raise RecipeError(
+                f"{self.source}: model '{model}' is not a local folder (looked in {looked}); it "
+                "looks like a Hugging Face Hub id, and modelalloy never downloads: fetch it "
+                f"first (e.g. `huggingface-cli download {model} --local-dir <folder>`) and put "
+                "that local folder in the recipe")
+        raise RecipeError(f"{self.source}: model folder '{model}' not found (looked in "
+                          f"{looked}); give the path of a local checkpoint folder")
+
+    def check_paths(self) -> None:
+        """Raise a RecipeError for the first model or base_model that is not a local folder."""
+        for m in self.all_models():
+            self.model_path(m)
+        if self.tokenizer_source not in (None, "base"):
+            self.model_path(self.tokenizer_source)
+
+    def same_model(self, a: str, b: str) -> bool:
+        """Whether two model strings name the same checkpoint (same text or same folder)."""
+        if a == b:
+            return True
+        return self._candidates(a)[0].resolve() == self._candidates(b)[0].resolve()
+
+    def all_models(self) -> list[str]:
+        """Every referenced model: base first (when set), then the listed ones, no repeats."""
+        out: list[str] = []
+        for m in ([self.base_model] if self.base_model else []) + [e.model for e in self.models]:
+            if not any(self.same_model(m, o) for o in out):
+                out.append(m)
+        return out
+
+    def method_spec(self):
+        from modelalloy.methods.registry import get_method
+
+        return get_method(self.merge_method)
+
+    def uses_base(self) -> bool:
+        """True when the method takes a base and the recipe names one."""
+        return self.base_model is not None and self.method_spec().base != "none"
+
+    def expert_entries(self) -> list[ModelEntry]:
+        """The models being merged, in recipe order.
+
+        For methods whose base is required/optional, the listed models minus the base_model
+        (mergekit lets the base appear in ``models``); for base="none" methods, all of them.
+        """
+        # Cached: the engine asks once per tensor, and same_model may touch the file system.
+        key = (self.merge_method, self.base_model, self.base_dir,
+               tuple((id(e), e.model) for e in self.models))
+        if self._experts is None or self._experts[0] != key:
+            if not self.uses_base():
+                experts = list(self.models)
+            else:
+                experts = [e for e in self.models
+                           if not self.same_model(e.model, self.base_model)]
+            self._experts = (key, experts)
+        return list(self._experts[1])
+
+    def base_entry(self) -> ModelEntry | None:
+        """The ``models`` entry of the base model, when the base is also listed there."""
+        if self.base_model is None:
+            return None
+        for e in self.models:
+            if self.same_model(e.model, self.base_model):
+                return e
+        return None
+
+    # -- other settings ----------------------------------------------------------------------
+
+    @property
+    def output_dtype(self) -> str | None:
+        """The dtype to write: ``out_dtype``, else ``dtype`` (as mergekit), else None (keep)."""
+        return self.out_dtype or self.dtype
+
+    def tokenizer_path(self) -> Path | None:
+        """Folder whose tokenizer the output gets: base_model for "base", else the given path."""
+        if self.tokenizer_source is None:
+            return None
+        if self.tokenizer_source == "base":
+            return self.model_path(self.base_model)  # validated: base_model is set
+        return self.model_path(self.tokenizer_source)
+
+    def to_yaml(self) -> str:
+        """Canonical YAML of the recipe (for the model card); parses back to the same recipe."""
+        out: dict[str, Any] = {}
+        if self.name is not None:
+            out["name"] = self.name
+        out["merge_method"] = self.merge_method
+        if self.base_model is not None:
+            out["base_model"] = self.base_model
+        out["models"] = [
+            {"model": e.model, **({"parameters": _dump_params(e.parameters)}
+                                  if e.parameters else {})}
+            for e in self.models]
+        if self.parameters:
+            out["parameters"] = _dump_params(self.parameters)
+        for key in ("dtype", "out_dtype", "tokenizer_source"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out["seed"] = self.seed
+        return yaml.dump(out, Dumper=_Dumper, sort_keys=False, allow_unicode=True).rstrip() + "\n"
+
+
+def _dump_value(v: Any) -> Any:
+    if isinstance(v, Conditional):
+        d: dict[str, Any] = {}
+        if v.filter is not None:
+            d["filter"] = v.filter
+        d["value"] = _dump_value(v.value)
+        return d
+    if isinstance(v, list):
+        return [_dump_value(x) for x in v]
+    return v
+
+
+def _dump_params(params: dict[str, ParamValue]) -> dict[str, Any]:
+    return {k: _dump_value(v) for k, v in params.items()}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Lists of scalars (gradients) in flow style, like mergekit's ConfigYamlDumper."""
+
+    def represent_list(self, data):
+        flow = all(not isinstance(e, (list, dict)) for e in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models built inside the tests, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+            ) -> Callable[..., CliResult]:
+    """Run `modelalloy ARGS...` in-process through the real entry point."""
+    from modelalloy.cli import main
+
+    def run(*args: str | Path) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["modelalloy", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as stop:
+            code = int(stop.code or 0)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def tiny_gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def save_gpt2_family(root: Path, n_experts: int = 2, seed: int = 0, scale: float = 0.02,
+                     **save_kwargs) -> tuple[Path, list[Path]]:
+    """A tiny GPT-2 base and experts (base + random deltas) saved as HF folders."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    base = GPT2LMHeadModel(tiny_gpt2_config())
+    base.save_pretrained(root / "base", **save_kwargs)
+    experts = []
+    for i in range(n_experts):
+        model = GPT2LMHeadModel(tiny_gpt2_config())
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * scale)
+        model.save_pretrained(root / f"expert{i}", **save_kwargs)
+        experts.append(root / f"expert{i}")
+    return root / "base", experts
+
+
+@pytest.fixture
+def gpt2_family(tmp_path: Path) -> tuple[Path, list[Path]]:
+    return save_gpt2_family(tmp_path)
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

@@ -1,0 +1,143 @@
+"""The whole path: recipe -> plan -> engine -> HF folder, checked against hand computation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modelalloy import merge
+from tests.conftest import save_gpt2_family, write_recipe
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder, read with the safetensors library (not our reader)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.glob("*.safetensors"))}
+
+
+def test_linear_merge_is_the_average_and_loads_in_transformers(gpt2_family, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    base, experts = gpt2_family
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          "merge_method: linear\nmodels:\n"
+                          f"  - model: {experts[0]}\n    parameters: {{weight: 3}}\n"
+                          f"  - model: {experts[1]}\n    parameters: {{weight: 1}}\n")
+    result = merge(recipe, tmp_path / "out")
+    a, b, m = load_folder(experts[0]), load_folder(experts[1]), load_folder(result.path)
+    assert set(m) == set(a)
+    for name in a:
+        torch.testing.assert_close(m[name], (3 * a[name] + b[name]) / 4, rtol=0, atol=1e-6)
+    model = GPT2LMHeadModel.from_pretrained(result.path)
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+    card = (result.path / "README.md").read_text()
+    assert "modelalloy" in card and "merge" in card
+    assert (result.path / "config.json").exists()
+
+
+def test_task_arithmetic_matches_hand_computation(gpt2_family, tmp_path):
+    base, experts = gpt2_family
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: task_arithmetic\nbase_model: {base}\n"
+                          "parameters: {lambda: 0.5}\nmodels:\n"
+                          + "".join(f"  - model: {e}\n" for e in experts))
+    out = merge(recipe, tmp_path / "out").path
+    b, m = load_folder(base), load_folder(out)
+    ex = [load_folder(e) for e in experts]
+    for name, t0 in b.items():
+        want = t0 + 0.5 * sum(e[name] - t0 for e in ex)
+        torch.testing.assert_close(m[name], want, rtol=0, atol=1e-6)
+
+
+def test_sharded_and_unsharded_inputs_give_identical_output(tmp_path):
+    one = save_gpt2_family(tmp_path / "one")
+    many = save_gpt2_family(tmp_path / "many", max_shard_size="40KB")
+    assert len(list(many[0].glob("*.safetensors"))) > 1
+    outs = []
+    for (base, experts), tag in ((one, "one"), (many, "many")):
+        recipe = write_recipe(tmp_path / f"{tag}.yaml",
+                              f"merge_method: ties\nbase_model: {base}\n"
+                              "parameters: {density: 0.3}\nmodels:\n"
+                              + "".join(f"  - model: {e}\n" for e in experts))
+        outs.append(merge(recipe, tmp_path / f"out-{tag}").path)
+    a, b = load_folder(outs[0]), load_folder(outs[1])
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_output_is_bit_identical_across_thread_counts(gpt2_family, tmp_path):
+    base, experts = gpt2_family
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: dare_ties\nbase_model: {base}\nseed: 11\n"
+                          "parameters: {density: 0.5}\nmodels:\n"
+                          + "".join(f"  - model: {e}\n" for e in experts))
+    d1 = digest(merge(recipe, tmp_path / "t1", threads=1, shard_size="30KB").path)
+    d4 = digest(merge(recipe, tmp_path / "t4", threads=4, shard_size="30KB").path)
+    assert len(d1) > 1 and d1 == d4
+    d_other_seed = digest(merge(recipe, tmp_path / "s", threads=2, seed=12,
+                                shard_size="30KB").path)
+    assert d_other_seed != d1
+
+
+def test_sharded_output_has_an_index_and_loads(gpt2_family, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    base, experts = gpt2_family
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: slerp\nbase_model: {base}\n"
+                          f"parameters: {{t: 0.3}}\nmodels:\n  - model: {experts[0]}\n")
+    out = merge(recipe, tmp_path / "out", shard_size="50KB").path
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(load_folder(base))
+    GPT2LMHeadModel.from_pretrained(out)
+
+
+def test_out_dtype_is_applied(gpt2_family, tmp_path):
+    base, experts = gpt2_family
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: task_arithmetic\nbase_model: {base}\n"
+                          "out_dtype: bfloat16\nmodels:\n"
+                          + "".join(f"  - model: {e}\n" for e in experts))
+    out = merge(recipe, tmp_path / "out").path
+    tensors = load_folder(out)
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values() if t.is_floating_point())
+    config = json.loads((out / "config.json").read_text())
+    assert "bfloat16" in (config.get("torch_dtype"), config.get("dtype"))
+
+
+@pytest.mark.parametrize("cli_threads", ["1", "3"])
+def test_cli_merge_and_plan(gpt2_family, tmp_path, run_cli, cli_threads):
+    base, experts = gpt2_family
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: ties\nbase_model: {base}\n"
+                          "parameters: {density: 0.5}\nmodels:\n"
+                          + "".join(f"  - model: {e}\n" for e in experts))
+    planned = run_cli("plan", recipe)
+    assert planned.code == 0, planned.err
+    assert "no problems" in planned.out and "estimated peak memory" in planned.out
+    merged = run_cli("merge", recipe, tmp_path / "out", "--threads", cli_threads)
+    assert merged.code == 0, merged.err
+    assert "merged" in merged.out and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_methods_command_lists_parameters(run_cli):
+    listed = run_cli("methods")
+    assert listed.code == 0
+    for name in ("linear", "task_arithmetic", "ties", "dare_ties", "slerp", "breadcrumbs",
+                 "model_stock", "della"):
+        assert name in listed.out
+    assert "density" in listed.out

@@ -1,0 +1,471 @@
+"""open_checkpoint: formats, laziness, thread safety, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from io_helpers import tiny_state_dict, write_raw_safetensors
+from safetensors.torch import save_file
+
+from modelalloy.errors import CheckpointError
+from modelalloy.io import Checkpoint, TensorInfo, open_checkpoint
+
+
+def assert_one_line_error(excinfo, *needles: object) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert str(n) in msg, f"{n!r} not in {msg!r}"
+    return msg
+
+
+def assert_same(ck: Checkpoint, sd: dict[str, torch.Tensor]) -> None:
+    assert sorted(ck.names()) == sorted(sd)
+    for k, v in sd.items():
+        t = ck.get(k)
+        assert t.dtype == v.dtype and t.shape == v.shape, k
+        assert torch.equal(t, v), k
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def test_hf_sharded_and_unsharded_are_identical(gpt2_dirs):
+    single, sharded, model = gpt2_dirs
+    assert (sharded / "model.safetensors.index.json").is_file()
+    with open_checkpoint(single) as a, open_checkpoint(sharded) as b:
+        assert len(b.files) > 1 and len(a.files) == 1
+        assert sorted(a.names()) == sorted(b.names())
+        for name in a.names():
+            assert a.info(name).shape == b.info(name).shape
+            assert torch.equal(a.get(name), b.get(name)), name
+        assert a.config == b.config and a.config["model_type"] == "gpt2"
+        sd = model.state_dict()
+        assert torch.equal(a.get("transformer.wte.weight"), sd["transformer.wte.weight"])
+        # index order is kept
+        wm = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+        assert b.names() == list(wm)
+
+
+def test_single_safetensors_file_in_file_order(tmp_path):
+    sd = tiny_state_dict()
+    f = tmp_path / "m.safetensors"
+    save_file(sd, f)
+    with open_checkpoint(str(f)) as ck:
+        assert ck.path == f and ck.config is None
+        assert_same(ck, sd)
+        info = ck.info("layers.0.w")
+        assert info == TensorInfo("layers.0.w", (8, 8), torch.bfloat16, 128, f)
+        header = json.loads(f.read_bytes()[8 : 8 + struct.unpack("<Q", f.read_bytes()[:8])[0]])
+        offsets = [header[n]["data_offsets"][0] for n in ck.names()]
+        assert offsets == sorted(offsets)
+        assert "steps" in ck and len(ck) == len(sd)
+        assert ck.total_nbytes == sum(v.numel() * v.element_size() for v in sd.values())
+
+
+def test_get_is_lazy_and_thread_safe(tmp_path):
+    sd = {f"t{i}": torch.randn(64, 64) for i in range(16)}
+    save_file(sd, tmp_path / "model.safetensors")
+    ck = open_checkpoint(tmp_path)
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for k in range(50):
+                name = f"t{(offset + k) % 16}"
+                assert torch.equal(ck.get(name), sd[name])
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    ck.close()
+    with pytest.raises(ValueError):
+        ck.get("t0")
+
+
+def test_unknown_tensor_name(tmp_path):
+    save_file(tiny_state_dict(), tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path) as ck, pytest.raises(CheckpointError) as e:
+        ck.get("nope")
+    assert_one_line_error(e, "nope", tmp_path)
+
+
+def test_bin_file_and_folder_weights_only(tmp_path):
+    sd = tiny_state_dict()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with open_checkpoint(tmp_path / "pytorch_model.bin") as ck:
+        assert_same(ck, sd)
+    (tmp_path / "config.json").write_text('{"model_type": "x"}')
+    with open_checkpoint(tmp_path) as ck:
+        assert_same(ck, sd)
+        assert ck.config == {"model_type": "x"}
+
+
+def test_sharded_bin_with_index(tmp_path):
+    sd = tiny_state_dict()
+    names = list(sd)
+    parts = {
+        "pytorch_model-00001-of-00002.bin": names[:2],
+        "pytorch_model-00002-of-00002.bin": names[2:],
+    }
+    wm = {}
+    for fname, keys in parts.items():
+        torch.save({k: sd[k] for k in keys}, tmp_path / fname)
+        wm.update({k: fname for k in keys})
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
+    with open_checkpoint(tmp_path) as ck:
+        assert ck.names() == list(wm)
+        assert_same(ck, sd)
+        assert ck.info(names[3]).file == tmp_path / "pytorch_model-00002-of-00002.bin"
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_nested_state_dict_unwrapped(tmp_path, wrapper):
+    sd = tiny_state_dict()
+    torch.save({wrapper: sd, "epoch": 3}, tmp_path / "ckpt.pt")
+    with open_checkpoint(tmp_path / "ckpt.pt") as ck:
+        assert_same(ck, sd)
+
+
+def test_legacy_pickle_format(tmp_path):
+    sd = tiny_state_dict()
+    torch.save(sd, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    with open_checkpoint(tmp_path / "old.pth") as ck:
+        assert_same(ck, sd)
+
+
+def test_pickle_with_non_tensor_values(tmp_path):
+    torch.save({"w": torch.zeros(2), "lr": 0.1}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path / "x.pt")
+    assert_one_line_error(e, "x.pt", "'lr'")
+
+
+class _Evil:
+    """Unpickling this would create the marker directory."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "folder"])
+def test_malicious_pickle_is_refused_not_run(tmp_path, kind):
+    marker = tmp_path / "pwned"
+    payload = {"w": torch.zeros(2), "x": _Evil(marker)}
+    if kind == "zip":
+        path = tmp_path / "evil.pt"
+        torch.save(payload, path)
+    elif kind == "legacy":
+        path = tmp_path / "evil.bin"
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    else:
+        (tmp_path / "m").mkdir()
+        path = tmp_path / "m" / "pytorch_model.bin"
+        torch.save(payload, path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path.parent if kind == "folder" else path)
+    assert_one_line_error(
+        e, "refusing to execute code in pickle", path, "convert it to safetensors"
+    )
+    assert not marker.exists()
+
+
+def test_hf_cache_style_symlinked_shards_are_fine(tmp_path):
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    sd = tiny_state_dict()
+    save_file(sd, blobs / "abc123")
+    snap = tmp_path / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(blobs / "abc123")
+    with open_checkpoint(snap) as ck:
+        assert_same(ck, sd)
+
+
+def test_shards_without_index_and_other_names(tmp_path):
+    sd = tiny_state_dict()
+    names = list(sd)
+    save_file({k: sd[k] for k in names[:3]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: sd[k] for k in names[3:]}, tmp_path / "model-00002-of-00002.safetensors")
+    with open_checkpoint(tmp_path) as ck:
+        assert_same(ck, sd)
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file(sd, other / "diffusion_pytorch_model.safetensors")
+    with open_checkpoint(other) as ck:
+        assert_same(ck, sd)
+
+
+def test_prefers_safetensors_over_bin(tmp_path):
+    sd = tiny_state_dict()
+    save_file(sd, tmp_path / "model.safetensors")
+    torch.save({"other": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with open_checkpoint(tmp_path) as ck:
+        assert_same(ck, sd)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path / "nothere")
+    assert_one_line_error(e, "nothere", "no such file")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint("someorg/some-model-that-is-not-local")
+    assert_one_line_error(e, "huggingface-cli download")
+
+
+def test_empty_folder_and_folder_without_weights(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, tmp_path, "empty")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "training_args.bin").write_bytes(b"not looked at")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, tmp_path, "no weights")
+
+
+def test_invalid_config_json(tmp_path):
+    save_file(tiny_state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"model_type": ')
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, tmp_path / "config.json", "invalid config.json")
+
+
+def test_unsupported_file_type(tmp_path):
+    (tmp_path / "w.npz").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path / "w.npz")
+    assert_one_line_error(e, "w.npz", "unsupported")
+
+
+def _good(tmp_path: Path) -> Path:
+    f = tmp_path / "model.safetensors"
+    save_file(tiny_state_dict(), f)
+    return f
+
+
+def _corrupt(tmp_path, header, data=b"", pad=True):
+    return write_raw_safetensors(tmp_path / "model.safetensors", header, data, pad)
+
+
+F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+DUP_HEADER = b'{"a":' + json.dumps(F32).encode() + b',"a":' + json.dumps(F32).encode() + b"}"
+
+
+def _raw_header(raw: bytes) -> bytes:
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: (p / "model.safetensors").write_bytes(b"\x01\x02"), "truncated"),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(struct.pack("<Q", 500) + b"{}"),
+            "truncated",
+        ),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}"),
+            "implausible",
+        ),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(_good(p).read_bytes()[:-10]),
+            "truncated",
+        ),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(struct.pack("<Q", 8) + b"{nojson}"),
+            "not valid JSON",
+        ),
+        (lambda p: _corrupt(p, ["a"]), "not a JSON object"),
+        (lambda p: _corrupt(p, {"a": {**F32, "dtype": "F33"}}, b"\0" * 8), "unknown dtype"),
+        (lambda p: _corrupt(p, {"a": {**F32, "shape": [3]}}, b"\0" * 8), "needs 12"),
+        (lambda p: _corrupt(p, {"a": {**F32, "shape": [-2]}}, b"\0" * 8), "invalid shape"),
+        (lambda p: _corrupt(p, {"a": {**F32, "data_offsets": [8, 0]}}, b"\0" * 8), "data_offsets"),
+        (lambda p: _corrupt(p, {"a": {**F32, "data_offsets": [8, 16]}}, b"\0" * 8), "past the end"),
+        (
+            lambda p: _corrupt(p, {"a": F32, "b": {**F32, "data_offsets": [4, 12]}}, b"\0" * 12),
+            "overlap",
+        ),
+        (
+            lambda p: _corrupt(p, {"a": {**F32, "data_offsets": [4, 12]}}, b"\0" * 12),
+            "unindexed",
+        ),
+        (lambda p: _corrupt(p, {"a": F32}, b"\0" * 12), "after the last tensor"),
+        (lambda p: _corrupt(p, {"a": F32, "__metadata__": [1]}, b"\0" * 8), "__metadata__"),
+        (
+            lambda p: (p / "model.safetensors").write_bytes(_raw_header(DUP_HEADER) + b"\0" * 8),
+            "twice",
+        ),
+    ],
+    ids=[
+        "shorter-than-8",
+        "header-past-eof",
+        "huge-header-length",
+        "data-truncated",
+        "bad-json",
+        "header-not-object",
+        "unknown-dtype",
+        "size-mismatch",
+        "negative-shape",
+        "reversed-offsets",
+        "offsets-past-end",
+        "overlap",
+        "gap",
+        "trailing-bytes",
+        "bad-metadata",
+        "duplicate-key",
+    ],
+)
+def test_corrupt_safetensors(tmp_path, make, needle):
+    make(tmp_path)
+    f = tmp_path / "model.safetensors"
+    for target in (f, tmp_path):  # as a file and as a folder
+        with pytest.raises(CheckpointError) as e:
+            open_checkpoint(target)
+        assert_one_line_error(e, f, needle)
+
+
+def test_real_file_passes_own_validation_and_library(tmp_path):
+    f = _good(tmp_path)
+    from modelalloy.io.checkpoint import read_safetensors_header
+
+    entries, meta = read_safetensors_header(f)
+    assert {e.name for e in entries} == set(tiny_state_dict())
+
+
+def _sharded(tmp_path: Path) -> tuple[dict, dict]:
+    sd = tiny_state_dict()
+    names = list(sd)
+    wm = {}
+    for i, keys in enumerate((names[:2], names[2:])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in keys}, tmp_path / fname)
+        wm.update({k: fname for k in keys})
+    return sd, wm
+
+
+def _write_index(tmp_path: Path, wm: dict) -> Path:
+    idx = tmp_path / "model.safetensors.index.json"
+    idx.write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": wm}))
+    return idx
+
+
+def test_index_consistent_reads(tmp_path):
+    sd, wm = _sharded(tmp_path)
+    _write_index(tmp_path, wm)
+    with open_checkpoint(tmp_path) as ck:
+        assert_same(ck, sd)
+
+
+@pytest.mark.parametrize("bad", ["../x.safetensors", "/abs/x.safetensors", "a/../../x.safetensors"])
+def test_index_pointing_outside_folder(tmp_path, bad):
+    sd, wm = _sharded(tmp_path)
+    wm[next(iter(wm))] = bad
+    idx = _write_index(tmp_path, wm)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, idx, "outside the model folder", bad)
+
+
+def test_index_shard_missing(tmp_path):
+    sd, wm = _sharded(tmp_path)
+    idx = _write_index(tmp_path, wm)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, idx, "model-00002-of-00002.safetensors", "missing")
+
+
+def test_index_names_wrong_shard(tmp_path):
+    sd, wm = _sharded(tmp_path)
+    wm["embed.weight"] = "model-00002-of-00002.safetensors"
+    idx = _write_index(tmp_path, wm)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, idx, "'embed.weight'", "model-00001-of-00002.safetensors")
+
+
+def test_index_names_tensor_no_shard_has(tmp_path):
+    sd, wm = _sharded(tmp_path)
+    wm["ghost"] = "model-00001-of-00002.safetensors"
+    idx = _write_index(tmp_path, wm)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, idx, "'ghost'")
+
+
+def test_index_missing_a_tensor_the_shards_have(tmp_path):
+    sd, wm = _sharded(tmp_path)
+    del wm["steps"]
+    idx = _write_index(tmp_path, wm)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, idx, "'steps'", "not in the index")
+
+
+def test_index_bad_json_and_no_weight_map(tmp_path):
+    _sharded(tmp_path)
+    idx = tmp_path / "model.safetensors.index.json"
+    idx.write_text("{oops")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, idx, "invalid JSON")
+    idx.write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, idx, "weight_map")
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_duplicate_tensor_across_shards(tmp_path, with_index):
+    sd, wm = _sharded(tmp_path)
+    # shard 2 also carries embed.weight
+    extra = {k: sd[k] for k in list(sd)[2:]} | {"embed.weight": sd["embed.weight"]}
+    save_file(extra, tmp_path / "model-00002-of-00002.safetensors")
+    if with_index:
+        _write_index(tmp_path, wm)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(
+        e, "'embed.weight'", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    )
+
+
+def test_duplicate_tensor_across_bin_shards(tmp_path):
+    sd = tiny_state_dict()
+    torch.save(sd, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({"steps": sd["steps"]}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert_one_line_error(e, "'steps'", "pytorch_model-00002-of-00002.bin")
+
+
+def test_truncated_pickle(tmp_path):
+    torch.save(tiny_state_dict(), tmp_path / "w.bin")
+    data = (tmp_path / "w.bin").read_bytes()
+    (tmp_path / "w.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path / "w.bin")
+    assert_one_line_error(e, "w.bin", "re-download")
