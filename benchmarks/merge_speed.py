@@ -10,9 +10,9 @@ What it does, for each size (``--sizes``) and merge method (``--methods``):
    something realistic to do. Nothing is ever materialised in float32 beyond one tensor.
 2. Writes the same mergekit-style YAML recipe for both tools.
 3. Runs both tools ``--runs`` times, interleaved (modelalloy, mergekit, modelalloy, ...), each in
-   its own process. Wall time is taken from the parent; peak RSS comes from ``os.wait4`` (the
-   kernel's ``ru_maxrss`` of that child) and the peak anonymous RSS (``RssAnon``, i.e. without
-   page-cache pages of memory-mapped inputs) is polled from ``/proc/PID/status``.
+   its own process. Wall time is taken from the parent; peak RSS (the kernel's ``VmHWM``) and
+   peak anonymous RSS (``RssAnon``, i.e. without page-cache pages of memory-mapped inputs) are
+   polled from ``/proc/PID/status``.
 4. Measures the I/O lower bound on the same machine: bytes read (the input shards the recipe
    uses) ÷ read bandwidth + bytes written (the output) ÷ write bandwidth.
 5. Compares the outputs of the two tools (max abs difference, share of elements more than one
@@ -280,12 +280,19 @@ def _proc_status_kb(pid: int) -> dict[str, int]:
 
 def run_measured(cmd: list[str], env: dict[str, str], log_path: Path,
                  timeout: float) -> dict:
-    """Run ``cmd``; wall seconds, kernel peak RSS (wait4) and polled peak anonymous RSS."""
+    """Run ``cmd``: wall seconds, peak RSS and peak anonymous RSS, measured from outside.
+
+    Peak RSS is the process's ``VmHWM`` (the kernel's high-water mark of its resident set),
+    polled every 20 ms from ``/proc/PID/status``. The rusage ``ru_maxrss`` that ``wait4``
+    returns is not used: Linux carries the *parent's* high-water mark into a child across
+    fork/vfork + exec, so a benchmark process that has itself held tensors would inflate it.
+    ``VmHWM`` belongs to the memory map that exec creates, so it is the tool's alone.
+    """
     with open(log_path, "wb") as logf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                 cwd=str(REPO))
-        peak_anon = peak_file = 0
+        peak_anon = peak_file = hwm = 0
         status = None
         deadline = t0 + timeout
         while True:
@@ -296,6 +303,7 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path,
             s = _proc_status_kb(proc.pid)
             peak_anon = max(peak_anon, s.get("RssAnon", 0))
             peak_file = max(peak_file, s.get("RssFile", 0))
+            hwm = max(hwm, s.get("VmHWM", 0))
             if time.perf_counter() > deadline:
                 proc.kill()
                 _, status, ru = os.wait4(proc.pid, 0)
@@ -304,8 +312,9 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path,
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     tail = log_path.read_text(errors="replace")[-2000:]
-    return {"wall_s": wall, "rc": proc.returncode, "peak_rss_mb": ru.ru_maxrss / 1024,
+    return {"wall_s": wall, "rc": proc.returncode, "peak_rss_mb": hwm / 1024,
             "peak_anon_mb": peak_anon / 1024, "peak_file_mb": peak_file / 1024,
+            "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
             "timed_out": wall >= timeout, "log_tail": tail if proc.returncode else ""}
 
 
@@ -689,10 +698,12 @@ def render_section(results: dict) -> str:
                 + f" | {m['io_bound_s']:.3g} | {_fmt(mo / m['io_bound_s'] if mo else None, '.1f')}"
                 + ("×" if mo else "") + " |")
         L.append("")
-        L.append(f"Peak RSS is the kernel's `ru_maxrss` for each process (from `os.wait4`); "
-                 "it counts page-cache pages of memory-mapped input shards that the process "
-                 "touched. \"anon\" is the peak of `RssAnon` polled every 20 ms from "
-                 "`/proc/PID/status`: the memory the process really allocated. A bare "
+        L.append("Peak RSS is the kernel's high-water mark `VmHWM` of each process, polled "
+                 "every 20 ms from `/proc/PID/status` (not `ru_maxrss`, which Linux inflates "
+                 "with the parent's own peak across fork + exec); it counts the page-cache "
+                 "pages of memory-mapped input shards that the process touched. \"anon\" is "
+                 "the peak of `RssAnon` from the same polls: the memory the process really "
+                 "allocated. A bare "
                  f"`python -c 'import torch, modelalloy.cli'` peaks at "
                  f"{_fmt(r.get('baseline_rss_mb'), '.0f')} MB.")
         L.append("")
