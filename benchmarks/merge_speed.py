@@ -754,10 +754,28 @@ def render_section(results: dict) -> str:
                          f"{100 * c['frac_differ']:.2f}% | {100 * c['frac_gt_1ulp']:.3f}% | "
                          f"{refcol} |")
             L.append("")
+        spied = {k: v["py_spy"] for k, v in r["methods"].items()
+                 if v.get("py_spy") and "samples" in v["py_spy"]}
+        if spied:
+            from profile_merge import STAGES
+
+            used = [st for st in STAGES if any(v["samples"].get(st) for v in spied.values())]
+            L.append(f"**Where modelalloy spends its time ({size}; py-spy, 100 samples/s, "
+                     "all threads, idle threads left out; CPU-seconds per stage and share)**")
+            L.append("")
+            L.append("| method | " + " | ".join(used) + " |")
+            L.append("|---|" + "---:|" * len(used))
+            for method, v in spied.items():
+                tot = v["total"] or 1
+                L.append(f"| {method} | " + " | ".join(
+                    f"{v['samples'].get(st, 0) / v['rate']:.1f} "
+                    f"({100 * v['samples'].get(st, 0) / tot:.0f}%)" for st in used) + " |")
+            L.append("")
         if r.get("profile"):
             p = r["profile"]
             s = p["seconds"]
-            L.append(f"**Where the time can go ({size}; component floor, "
+            L.append(f"**What each stage costs at least ({size}; the stages run one after "
+                     "another by a plain loop on the same files, "
                      f"{p['threads']} torch threads, one pass over base + 3 experts)**")
             L.append("")
             L.append("| stage | seconds |")
@@ -902,6 +920,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-methods", default="linear,ties")
     ap.add_argument("--no-compare", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--py-spy", default=None,
+                    help="py-spy executable for the per-stage profile of modelalloy (default: "
+                         "$PY_SPY, PATH, ../venv-tools/bin/py-spy); skipped when absent")
     ap.add_argument("--profile-sizes", default="2M,100M",
                     help="sizes that get the component profile (the full-sort row takes "
                          "minutes at 1B; default 2M,100M)")
@@ -941,6 +962,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[mergekit] {mk} ({mk_why})")
     mk_desc = mergekit_version(mk) if mk else f"not run ({mk_why})"
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from profile_merge import find_py_spy
+
+    spy = None if args.no_profile else find_py_spy(args.py_spy)
+    if spy is None and not args.no_profile:
+        print("[py-spy] not found: the per-stage profile of modelalloy is skipped "
+              "(pip install py-spy into any venv and pass --py-spy)")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("sizes", {})
     extra = args.extra_args.split()
@@ -1009,6 +1037,15 @@ def main(argv: list[str] | None = None) -> int:
                         keep["mergekit"] = o_mk
                     else:
                         shutil.rmtree(o_mk, ignore_errors=True)
+            if spy and size in args.profile_sizes.split(",") and not args.no_profile:
+                from profile_merge import profile as spy_profile
+
+                o = work / size / f"{method}-pyspy"
+                m["py_spy"] = spy_profile(ma_cmd + [str(recipe), str(o), "--force"] + extra,
+                                          env_ma, spy, 100, work / size, [REPO / "src"])
+                shutil.rmtree(o, ignore_errors=True)
+                print(f"[{size} {method}] py-spy: " + ", ".join(
+                    f"{k} {v / 100:.1f}s" for k, v in m["py_spy"].get("samples", {}).items()))
             wb = m.get("write_bytes", SIZES[size].params * 2)
             m["io_bound_s"] = (read_bytes / bw["read_warm_Bps"]
                                + wb / bw["write_buffered_Bps"])
