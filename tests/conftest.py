@@ -25,6 +25,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
     from modelalloy.cli import main
 
     def run(*args: str | Path) -> CliResult:
+        capsys.readouterr()  # drop what the test printed before (e.g. transformers' bars)
         monkeypatch.setattr(sys, "argv", ["modelalloy", *map(str, args)])
         code = 0
         try:

@@ -6,9 +6,10 @@ import importlib
 import pkgutil
 import sys
 import traceback
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -45,9 +46,9 @@ def merge(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit format).")],
     output_dir: Annotated[Path, typer.Argument(help="Folder to create for the merged model.")],
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    seed: Annotated[Optional[int], typer.Option(help="Overrides the recipe's seed.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Worker threads (default: ≤4).")] = None,
-    memory_budget: Annotated[Optional[str], typer.Option(
+    seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Worker threads (default: ≤4).")] = None,
+    memory_budget: Annotated[str | None, typer.Option(
         help="Cap on the process's memory, e.g. 8GB.")] = None,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
     force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
@@ -72,8 +73,8 @@ def merge(
 @app.command()
 def plan(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit format).")],
-    threads: Annotated[Optional[int], typer.Option(help="Worker threads to plan for.")] = None,
-    memory_budget: Annotated[Optional[str], typer.Option(help="Budget to plan for.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Worker threads to plan for.")] = None,
+    memory_budget: Annotated[str | None, typer.Option(help="Budget to plan for.")] = None,
 ) -> None:
     """Check a recipe and its models without merging: summary, problems, memory, bytes."""
     from modelalloy.engine.run import as_recipe, default_threads, describe, make_plan
@@ -132,8 +133,14 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Warnings are for people too: one line, without the source line Python would show.
+    err.print(Text("warning: ", style="yellow") + Text(str(message)), soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: people get one-line errors and a non-zero exit, tracebacks with --debug."""
+    warnings.showwarning = _show_warning
     try:
         app(standalone_mode=False)
     except ModelAlloyError as error:
@@ -146,7 +153,7 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
-    except (typer.Abort,):
+    except typer.Abort:
         sys.exit(1)
     except Exception as error:  # click usage errors
         import click

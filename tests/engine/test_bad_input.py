@@ -182,11 +182,11 @@ def test_nonfinite_input_fails_or_warns(gpt2_family, tmp_path, run_cli):
     ("merge_method: ties\nbase_model: {base}\nparameters: {{density: 1.5}}\nmodels:\n{models}",
      "density"),
     ("merge_method: slerp\nparameters: {{t: -0.1}}\nbase_model: {base}\nmodels:\n{one}", "t"),
-    ("merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+    ("merge_method: ties\nbase_model: {base}\nmodels:\n"
      "  - model: {e0}\n    parameters: {{weight: -1}}\n", "weight"),
     ("merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: .nan}}\n"
      "models:\n{models}", "lambda"),
-    ("merge_method: slerp\nbase_model: {base}\nmodels:\n{models}{models}", "slerp"),
+    ("merge_method: model_stock\nbase_model: {base}\nmodels:\n{one}", "model_stock"),
     ("merge_method: ties\nmodels:\n{models}", "base"),
 ])
 def test_bad_recipes(gpt2_family, tmp_path, run_cli, recipe_text, needle):

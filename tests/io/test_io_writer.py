@@ -299,20 +299,7 @@ def test_check_output_path_refusals(tmp_path, monkeypatch):
         check_output_path(Path("."), [model], force=True)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_check_output_path_parent_not_writable(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        with pytest.raises(OutputError, match="cannot write"):
-            check_output_path(ro / "out", [], force=False)
-    finally:
-        ro.chmod(0o700)
-
-
-def test_check_output_path_parent_not_writable_mocked(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "access", lambda *a, **k: False)
-    with pytest.raises(OutputError, match="cannot write") as e:
-        check_output_path(tmp_path / "out", [], force=False)
-    assert str(tmp_path) in str(e.value)
+def test_check_output_path_parent_not_writable():
+    # /proc refuses new folders even to root (CI runs as root), so this is exercised there too.
+    with pytest.raises(OutputError, match="cannot write"):
+        check_output_path(Path("/proc/modelalloy-out"), [], force=False)

@@ -69,3 +69,9 @@ def test_breadcrumbs_ties_merge(run):
     # sums [0, -1, -0.5, 0] -> signs [maj, -, -, maj]; normalize false: agreeing sums
     out = run("breadcrumbs_ties", base, [t1, t2], density=0.5, gamma=0.25)
     assert out.tolist() == [0.0, -3.0, -1.5, 0.0]
+
+
+def test_breadcrumbs_rescale_restores_the_l1_norm(run):
+    t = torch.tensor([10.0, 2.0, 1.0, 0.5])  # band [0, 2, 1, 0]: L1 3 of 13.5
+    out = run("breadcrumbs", torch.zeros(4), [t], density=0.5, gamma=0.25, rescale=True)
+    assert torch.allclose(out, torch.tensor([0.0, 2.0, 1.0, 0.0]) * 4.5)

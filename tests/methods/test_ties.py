@@ -188,3 +188,81 @@ def test_global_scope_without_prepare_is_a_clear_error(run):
 
     with pytest.raises(MethodError, match="scope"):
         run("ties", [0.0], [[1.0]], scope="global")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_kth_largest_is_exact_on_large_tensors(quantized):
+    from modelalloy.methods._sparsify import kth_largest
+
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(50_000, generator=g) * 0.01).abs()
+    if quantized:
+        x = torch.round(x * 2000) / 2000  # heavy ties
+    ordered = torch.sort(x, descending=True).values
+    for k in (1, 7, 10_000, 49_999, 50_000):
+        assert kth_largest(x, k) == ordered[k - 1]
+    trimmed = magnitude_trim_(x.clone(), 0.3)
+    assert int(trimmed.count_nonzero()) <= 15_000
+    assert int((trimmed != 0).sum()) == min(15_000, int(x.count_nonzero()))
+
+
+def _naive_mergekit_ties(base, experts, weights, densities, lam=1.0):
+    """mergekit's ties (per tensor, argsort top-k, weighted vote, zero -> +, weighted mean)."""
+    deltas = []
+    for e, dens in zip(experts, densities, strict=True):
+        d = (e - base).reshape(-1)
+        k = int(dens * d.numel())
+        keep = torch.zeros_like(d)
+        keep[torch.argsort(d.abs(), descending=True)[:k]] = 1
+        deltas.append((d * keep).reshape(base.shape))
+    w = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
+    wd = torch.stack(deltas) * w
+    majority = (wd.sum(0) >= 0).float() * 2 - 1
+    mask = wd.sign() == majority
+    mixed = (wd * mask).sum(0)
+    div = (w * mask).sum(0)
+    div[div == 0] = 1
+    return base + lam * mixed / div
+
+
+def test_per_tensor_weighted_vote_matches_mergekit_formula(run):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(7, 9, generator=g)
+    experts = [base + torch.randn(7, 9, generator=g) for _ in range(3)]
+    weights, densities = [1.0, 0.5, 2.0], [0.3, 0.6, 0.45]
+    want = _naive_mergekit_ties(base, experts, weights, densities, lam=0.8)
+    got = run("ties", base, experts, weight=weights, density=densities, vote="weighted",
+              **{"lambda": 0.8})
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_global_scope_with_per_model_densities():
+    base, experts = _state_dicts(9)
+    keys = sorted(base)
+    densities = [0.15, 0.5, 1.0]
+    flat_base = torch.cat([base[k].reshape(-1) for k in keys])
+    rows = [torch.cat([sd[k].reshape(-1) for k in keys]) - flat_base for sd in experts]
+    d = flat_base.numel()
+    kept = []
+    for row, dens in zip(rows, densities, strict=True):
+        if dens >= 1:
+            kept.append(row)
+            continue
+        v = torch.kthvalue(row.abs(), d - int(dens * d)).values
+        kept.append(row * (row.abs() >= v))
+    kept = torch.stack(kept)
+    sign = torch.sign(kept.sum(0))
+    agree = (kept * sign) > 0
+    flat = flat_base + (kept * agree).sum(0) / agree.sum(0).clamp(min=1)
+    got = merge_state_dicts("ties", base, experts, scope="global", density=densities)
+    i = 0
+    for k in keys:
+        n = base[k].numel()
+        assert torch.allclose(got[k].reshape(-1), flat[i:i + n], atol=1e-6), k
+        i += n
+
+
+def test_rescale_restores_the_l1_norm_like_mergekit(run):
+    # trimmed [0, -4, 3, 0] has L1 7; the original has L1 7.3
+    out = run("ties", [0.0] * 4, [[0.1, -4.0, 3.0, 0.2]], density=0.5, rescale=True)
+    assert torch.allclose(out, torch.tensor([0.0, -4.0, 3.0, 0.0]) * (7.3 / 7.0))

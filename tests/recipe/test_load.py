@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -29,11 +30,13 @@ models:
 
 
 def fails(text: str, match: str, err: type[ModelAlloyError] = RecipeError) -> str:
-    with pytest.raises(err, match=match) as info:
+    """The error's one-line message; ``match`` is searched with the ``(line N)`` tags removed."""
+    with pytest.raises(err) as info:
         parse_recipe(text, source="r.yaml")
     msg = str(info.value)
     assert "\n" not in msg, msg
     assert msg.startswith("r.yaml: "), msg
+    assert re.search(match, re.sub(r" \(line \d+\)", "", msg)), msg
     return msg
 
 
@@ -131,7 +134,7 @@ def test_tokenizer_source_variants(tmp_path):
 
 
 def test_chat_template_is_ignored_with_a_warning():
-    with pytest.warns(RecipeWarning, match="chat_template: ignored"):
+    with pytest.warns(RecipeWarning, match=r"chat_template \(line \d+\): ignored"):
         r = parse_recipe(MINIMAL + "chat_template: chatml\n")
     assert len(r.warnings) == 1 and "chat_template" not in r.to_yaml()
 
@@ -149,7 +152,7 @@ def test_mergekit_structured_model_reference():
 
 
 def test_base_model_for_a_method_without_base_is_ignored_with_a_warning():
-    with pytest.warns(RecipeWarning, match="base_model: ignored"):
+    with pytest.warns(RecipeWarning, match=r"base_model \(line 2\): ignored"):
         r = parse_recipe("merge_method: _test_linear\nbase_model: ./c\n"
                          "models: [{model: ./a}, {model: ./b}]\n")
     assert len(r.expert_entries()) == 2 and not r.uses_base()
@@ -161,17 +164,22 @@ def test_base_model_for_a_method_without_base_is_ignored_with_a_warning():
     assert len(r.expert_entries()) == 2
 
 
-def test_negative_weights_follow_the_method_schema():
-    # _test_ties declares no lower bound on weight here, like task_arithmetic (task negation):
-    # the recipe loads, with a warning naming the field.
+def test_negative_weights_need_an_opt_in():
+    # _test_ties declares no lower bound on weight, like task_arithmetic (task negation).
     text = MINIMAL.replace("weight: 0.5, density: 0.5}\n  - model: ./b",
                            "weight: -0.5, density: 0.5}\n  - model: ./b")
-    with pytest.warns(RecipeWarning, match=r"models\[0\]\.parameters\.weight: negative weight"):
-        r = parse_recipe(text)
+    fails(text, r"models\[0\]\.parameters\.weight: negative weight -0\.5.*"
+                r"add `allow_negative_weights: true`")
+    fails(MINIMAL + "parameters:\n  weight: [{filter: mlp, value: [1, -2]}]\n",
+          r"parameters\.weight\[0\]\.value\[1\]: negative weight -2")
+    with pytest.warns(RecipeWarning, match=r"models\[0\]\.parameters\.weight \(line 6\): "
+                                           r"negative weight"):
+        r = parse_recipe(text + "allow_negative_weights: true\n")
     assert resolve_tensor_params(r, "w", None, None)["weight"] == [-0.5, 0.5]
-    # A method whose schema bounds weight (ge=0, like ties) rejects it.
-    fails("merge_method: _test_bounded\nmodels:\n  - model: ./a\n    parameters:\n"
-          "      weight: [{filter: mlp, value: [0.5, -0.1]}]\n",
+    assert "allow_negative_weights: true" in r.to_yaml()
+    # A method whose schema bounds weight (ge=0, like ties) rejects it even with the opt-in.
+    fails("merge_method: _test_bounded\nallow_negative_weights: true\nmodels:\n"
+          "  - model: ./a\n    parameters:\n      weight: [{filter: mlp, value: [0.5, -0.1]}]\n",
           r"models\[0\]\.parameters\.weight\[0\]\.value\[1\]: parameter 'weight' = -0\.1 is "
           r"out of range; it must be >= 0", MethodError)
 
@@ -291,6 +299,9 @@ def test_wrong_model_count():
     fails("merge_method: _test_linear\nmodels: [./a]\n", r"takes at least 2 models, got 1",
           MethodError)
     fails("merge_method: _test_ties\nbase_model: ./a\nmodels: [./a]\n", r"got 0", MethodError)
+    # the count is checked before duplicates: the method's own error names the method
+    fails("merge_method: _test_slerp\nbase_model: ./base\nmodels: [./a, ./a]\n",
+          r"'_test_slerp' takes exactly 1 models besides the base, got 2", MethodError)
 
 
 def test_duplicate_models():
@@ -305,6 +316,7 @@ def test_duplicate_models():
     ("seed: 1.5\n", r"seed: must be an integer"),
     ("seed: true\n", r"seed: must be an integer"),
     ("name: [a]\n", r"name: must be a string"),
+    ("allow_negative_weights: 1\n", r"allow_negative_weights: must be true or false"),
 ])
 def test_bad_scalars(extra, match):
     fails(MINIMAL + extra, match)
@@ -362,7 +374,7 @@ def test_load_recipe_file_errors(tmp_path):
         load_recipe(tmp_path)
     bad = tmp_path / "bad.yml"
     bad.write_text("merge_method: _test_linear\nmodels: [./a, ./b]\nbogus: 1\n")
-    with pytest.raises(RecipeError, match=f"^{bad}: bogus: unknown key"):
+    with pytest.raises(RecipeError, match=rf"^{bad}: bogus \(line 3\): unknown key"):
         load_recipe(bad)
 
 
@@ -434,3 +446,25 @@ def test_hub_id_tokenizer_source_is_caught_by_check_paths(tmp_path):
     r = parse_recipe(MINIMAL + "tokenizer_source: org/tok\n", base_dir=tmp_path)
     with pytest.raises(RecipeError, match="'org/tok' is not a local folder.*never downloads"):
         r.check_paths()
+
+
+def test_errors_name_the_line():
+    text = """merge_method: _test_ties
+base_model: ./base
+models:
+  - model: ./a
+    parameters:
+      weight: 0.5
+      density:
+        - filter: mlp
+          value: [0.5, 1.5]
+  - model: ./b
+"""
+    msg = fails(text, r"models\[0\]\.parameters\.density\[0\]\.value\[1\]", MethodError)
+    assert "density[0].value[1] (line 9):" in msg  # the closest field with a line: `value:`
+    msg = fails(text.replace("weight: 0.5", "wieght: 0.5"), "has no parameter", MethodError)
+    assert "models[0].parameters.wieght (line 6):" in msg
+    ok = text.replace("1.5", "1.0")
+    msg = fails(ok.replace("  - model: ./b\n", "  - model: ./b\n    layer_range: [0, 2]\n"),
+                "not supported yet")
+    assert "models[1].layer_range (line 11):" in msg

@@ -20,8 +20,12 @@ from modelalloy.errors import ModelAlloyError
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.dtypes import parse_dtype
 from modelalloy.io.model_files import copy_model_files, set_config_dtype, write_model_card
-from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter, check_output_path
-from modelalloy.io.writer import parse_size
+from modelalloy.io.writer import (
+    AtomicOutputDir,
+    ShardedSafetensorsWriter,
+    check_output_path,
+    parse_size,
+)
 from modelalloy.methods.registry import get_method
 from modelalloy.plan.planner import MergePlan, build_plan
 from modelalloy.recipe import Recipe, load_recipe
@@ -123,13 +127,13 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
         entries = [(e.name, e.shape, e.out_dtype) for e in plan.entries]
         with AtomicOutputDir(out_dir, force=force) as tmp:
             writer = ShardedSafetensorsWriter(
-                tmp.path, entries, shard_bytes,
+                tmp, entries, shard_bytes,
                 metadata={"format": "pt", "merge_method": plan.spec.name})
             executor.prepare()
             with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as sink:
                 executor.run(writer.write, sink)
             files = writer.close()
-            finish_folder(recipe, plan, tmp.path)
+            finish_folder(recipe, plan, tmp)
         return MergeResult(path=out_dir, seconds=time.perf_counter() - start,
                            bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
                            tensors=len(plan.entries), peak_rss=peak_rss_bytes(),

@@ -132,8 +132,13 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"{out}: {parent} is a file, not a folder; choose another output path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: cannot write to {parent}; choose a writable location")
+    # A real probe rather than os.access: root passes access checks on read-only mounts.
+    try:
+        probe = tempfile.mkdtemp(prefix=".modelalloy-probe-", dir=parent)
+    except OSError:
+        raise OutputError(f"{out}: cannot write to {parent}; choose a writable location") \
+            from None
+    os.rmdir(probe)
 
 
 class AtomicOutputDir:

@@ -22,6 +22,8 @@ Differences from mergekit: mergekit masks the whole flattened tensor (``granular
 reproduces it: density ≥ 1 leaves the tensor untouched and n_top shrinks when
 density + gamma > 1); the official row mode always removes the top γ of each row, so with
 density 1 it still drops the outliers. Rows shorter than 1/γ lose nothing at the top.
+``rescale: true`` (mergekit, default false) scales each masked task vector back to its
+original L1 norm per tensor.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from modelalloy.methods._sparsify import (
     band_trim_,
     combine,
     density_param,
+    l1_rescaled_,
     lambda_param,
     normalize_param,
+    rescale_l1_param,
     task_vectors,
     vote_param,
     weight_param,
@@ -56,6 +60,7 @@ _COMMON = [
           "row: per row along the last dimension (official); tensor: whole tensor (mergekit)",
           choices=("row", "tensor")),
     normalize_param(False),
+    rescale_l1_param(),
     INT8_MASK,
 ]
 
@@ -63,8 +68,10 @@ _COMMON = [
 def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
                       params: dict[str, Any]) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
+    granularity = params["granularity"]
     for d, density, gamma in zip(deltas, params["density"], params["gamma"], strict=True):
-        band_trim_(d, density, gamma, params["granularity"])
+        l1_rescaled_(d, lambda x, a=density, b=gamma: band_trim_(x, a, b, granularity),
+                     params["rescale"])
     return deltas
 
 

@@ -26,7 +26,7 @@ Recipe example — the instruction/chat vector added to a continually pre-traine
     dtype: bfloat16
 
 Differences from mergekit: none in the math (fp32 accumulation; mergekit works in the storage
-dtype); ``int8_mask`` is accepted and ignored.
+dtype); ``int8_mask`` and ``rescale`` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -42,13 +42,17 @@ from modelalloy.methods._sparsify import (
     weight_param,
     weighted_sum,
 )
-from modelalloy.methods.registry import MergeContext, register_method
+from modelalloy.methods.registry import MergeContext, Param, register_method
+
+# mergekit accepts ``rescale`` for every task-arithmetic method; without sparsification it has
+# nothing to rescale.
+RESCALE_NOOP = Param("rescale", bool, False, "accepted for mergekit recipes; no effect here")
 
 
 @register_method(
     name="task_arithmetic",
     params=[weight_param(allow_negative=True), lambda_param(allow_negative=True),
-            normalize_param(False), INT8_MASK],
+            normalize_param(False), RESCALE_NOOP, INT8_MASK],
     paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
     summary="Add the scaled sum of task vectors to the base (θ0 + λ Σ w τ)",
     base="required",

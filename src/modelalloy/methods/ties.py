@@ -31,8 +31,10 @@ the disjoint mean), ``vote`` and ``scope``.
   enter the merge (step 3). Zero sums take the majority sign.
 - ``weighted`` (mergekit): γ = sign(Σ_t w_t τ̂_t), a zero sum counts as +.
 
-With all weights equal the two votes differ only on exact zero sums. Differences from mergekit:
-the default vote (above), and ``scope: global``. ``int8_mask`` is accepted and ignored.
+With all weights equal the two votes differ only on exact zero sums. ``rescale: true``
+(mergekit, default false) scales each trimmed task vector back to its original L1 norm per
+tensor. Differences from mergekit: the default vote (above), and ``scope: global``.
+``int8_mask`` is accepted and ignored.
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ from modelalloy.methods._sparsify import (
     density_param,
     elect_sign,
     global_thresholds,
+    l1_rescaled_,
     lambda_param,
     magnitude_trim_,
     normalize_param,
+    rescale_l1_param,
     task_vectors,
     threshold_trim_,
     vote_param,
@@ -97,7 +101,8 @@ def ties_core(deltas: list[torch.Tensor], params: dict[str, Any], *, vote: str,
 @register_method(
     name="ties",
     params=[weight_param(), density_param(1.0, "fraction of each task vector kept by magnitude"),
-            lambda_param(), normalize_param(True), SCOPE, vote_param("paper"), INT8_MASK],
+            lambda_param(), normalize_param(True), SCOPE, vote_param("paper"), rescale_l1_param(),
+            INT8_MASK],
     paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
     summary="Trim task vectors by magnitude, elect a sign per entry, average the agreeing ones",
     base="required",
@@ -113,9 +118,10 @@ def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[st
             raise MethodError(f"tensor '{ctx.name}': ties with scope: global needs the "
                               "whole-model pass (prepare) and the runner did not provide it")
         for d, v in zip(deltas, stats["thresholds"], strict=True):
-            threshold_trim_(d, v)
+            l1_rescaled_(d, lambda x, v=v: threshold_trim_(x, v), params["rescale"])
         majority = stats["majority"]
     else:
         for d, density in zip(deltas, params["density"], strict=True):
-            magnitude_trim_(d, density)
+            l1_rescaled_(d, lambda x, density=density: magnitude_trim_(x, density),
+                         params["rescale"])
     return ties_core(deltas, params, vote=params["vote"], majority=majority).add_(base)

@@ -27,7 +27,8 @@ class RecipeWarning(UserWarning):
 
 # Keys modelalloy reads. The order is the documented order.
 SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "tokenizer", "chat_template", "name", "seed")
+                  "tokenizer_source", "tokenizer", "chat_template", "name", "seed",
+                  "allow_negative_weights")
 # mergekit keys with no support yet: a clear one-liner instead of a silent misread.
 UNSUPPORTED_KEYS = {
     "slices": "`slices` (layer ranges, frankenmerges) is not supported yet; list whole models "
@@ -61,7 +62,8 @@ def load_recipe(path: str | Path) -> Recipe:
 def parse_recipe(text: str, source: str = "<string>", base_dir: Path | None = None) -> Recipe:
     """Validate a recipe given as YAML text. ``base_dir`` (default: cwd) anchors model paths."""
     raw = _load_yaml(text, source)
-    return _Validator(source).build(raw, Path(base_dir) if base_dir else Path.cwd())
+    return _Validator(source, _field_lines(text)).build(raw, Path(base_dir) if base_dir
+                                                         else Path.cwd())
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>",
@@ -111,6 +113,33 @@ def _load_yaml(text: str, source: str) -> Any:
                           "(indentation, quotes, colons)") from None
 
 
+def _field_lines(text: str) -> dict[str, int]:
+    """1-based line of every field path (``models[1].parameters.density``) in the YAML text."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+                    continue
+                child = f"{path}.{key.value}" if path else str(key.value)
+                lines.setdefault(child, key.start_mark.line + 1)
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                child = f"{path}[{i}]"
+                lines.setdefault(child, item.start_mark.line + 1)
+                walk(item, child)
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:  # pragma: no cover - the text was loaded already
+        return {}
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
 # -- validation -----------------------------------------------------------------------------
 
 
@@ -136,15 +165,25 @@ def _kind(v: Any) -> str:
 
 
 class _Validator:
-    def __init__(self, source: str):
+    def __init__(self, source: str, lines: dict[str, int] | None = None):
         self.source = source
+        self.lines = lines or {}
         self.warnings: list[str] = []
 
-    def fail(self, field: str, msg: str) -> RecipeError:
-        return RecipeError(f"{self.source}: {field}: {msg}" if field else f"{self.source}: {msg}")
+    def at(self, field: str) -> str:
+        """``source: field (line N)``: the line of the field, or of its closest parent."""
+        probe = field
+        while probe and probe not in self.lines:
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        line = f" (line {self.lines[probe]})" if probe else ""
+        return f"{self.source}: {field}{line}"
 
-    def warn(self, msg: str) -> None:
-        msg = f"{self.source}: {msg}"
+    def fail(self, field: str, msg: str) -> RecipeError:
+        return RecipeError(f"{self.at(field)}: {msg}" if field else f"{self.source}: {msg}")
+
+    def warn(self, msg: str, field: str = "") -> None:
+        msg = f"{self.at(field)}: {msg}" if field else f"{self.source}: {msg}"
         self.warnings.append(msg)
         warnings.warn(msg, RecipeWarning, stacklevel=4)
 
@@ -174,18 +213,20 @@ class _Validator:
             fields[key] = self.dtype(raw.get(key), key)
         fields["name"] = self.opt_str(raw.get("name"), "name")
         fields["seed"] = self.seed(raw.get("seed", 0))
+        fields["allow_negative_weights"] = self.flag(raw.get("allow_negative_weights", False),
+                                                     "allow_negative_weights")
         fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
         if raw.get("chat_template") is not None:
-            self.warn("chat_template: ignored (not supported yet); the output keeps the "
-                      "chat template of the tokenizer it copies")
+            self.warn("ignored (not supported yet); the output keeps the chat template of "
+                      "the tokenizer it copies", "chat_template")
 
         try:
             recipe = Recipe(**fields, source=self.source, base_dir=base_dir)
         except ValidationError as e:  # pragma: no cover - the checks above come first
             raise self.pydantic(e) from None
         self.negative_weights(recipe, method)
-        self.duplicates(recipe)
         self.counts(recipe, method)
+        self.duplicates(recipe)
         recipe.warnings = self.warnings
         return recipe
 
@@ -202,7 +243,7 @@ class _Validator:
         try:
             return get_method(name)
         except MethodError as e:
-            raise MethodError(f"{self.source}: merge_method: {e}") from None
+            raise MethodError(f"{self.at('merge_method')}: {e}") from None
 
     def models(self, raw: dict, base_dir: Path, method: MethodSpec) -> list[ModelEntry]:
         models = raw.get("models")
@@ -283,14 +324,14 @@ class _Validator:
                 raise self.fail(where, "parameter names must be strings")
             if key not in names:
                 if key in IGNORED_PARAMS:
-                    self.warn(f"{where}: ignored ({IGNORED_PARAMS[key]})")
+                    self.warn(f"ignored ({IGNORED_PARAMS[key]})", where)
                     continue
                 takes = ", ".join(names) or "no parameters"
-                raise MethodError(f"{self.source}: {where}: method '{method.name}' has no "
+                raise MethodError(f"{self.at(where)}: method '{method.name}' has no "
                                   f"parameter '{key}'; it takes: {takes}")
             param = names[key]
             if per_model_level and not param.per_model:
-                raise MethodError(f"{self.source}: {where}: '{key}' is a global parameter of "
+                raise MethodError(f"{self.at(where)}: '{key}' is a global parameter of "
                                   f"method '{method.name}' (one value for all models); move it "
                                   "to the top-level `parameters` (mergekit ignores it here)")
             out[key] = self.value(value, where, param)
@@ -355,22 +396,22 @@ class _Validator:
             try:
                 x = float(x)
             except ValueError:
-                raise MethodError(f"{self.source}: {where}: parameter '{param.name}' must be a "
+                raise MethodError(f"{self.at(where)}: parameter '{param.name}' must be a "
                                   f"number, got {x!r}") from None
         if is_number(x) and not math.isfinite(x):
-            raise MethodError(f"{self.source}: {where}: parameter '{param.name}' must be "
+            raise MethodError(f"{self.at(where)}: parameter '{param.name}' must be "
                               f"finite, got {x}")
         if param.type is int and is_number(x) and not float(x).is_integer():
-            raise MethodError(f"{self.source}: {where}: parameter '{param.name}' must be a "
+            raise MethodError(f"{self.at(where)}: parameter '{param.name}' must be a "
                               f"whole number, got {x}")
-        return param.check(x, f"{self.source}: {where}")
+        return param.check(x, self.at(where))
 
     def negative_weights(self, recipe: Recipe, method: MethodSpec) -> None:
-        """Warn about negative weights the method's schema allows (e.g. task negation).
+        """Refuse negative weights unless the recipe opts in with ``allow_negative_weights``.
 
-        Whether a weight may be negative is the method's call: its ``weight`` Param bounds are
-        checked with every other value (ties: ``>= 0``; task_arithmetic: unbounded). A negative
-        weight that passes is legal but often a typo, so it is named once in a warning.
+        A method's schema may bound ``weight`` itself (ties: ``>= 0``, checked with the other
+        values). Where it does not (task_arithmetic, linear), a negative weight subtracts a
+        model: meaningful for task negation, but far more often a typo, so it takes an opt-in.
         """
         if "weight" not in {p.name for p in method.params}:
             return
@@ -380,9 +421,12 @@ class _Validator:
         for where, s in settings:
             for path, leaf in _leaves(s, where):
                 if is_number(leaf) and leaf < 0:
-                    self.warn(f"{path}: negative weight {leaf} subtracts that model's "
-                              f"contribution (method '{method.name}' allows it); make it "
-                              ">= 0 if that is not intended")
+                    if not recipe.allow_negative_weights:
+                        raise self.fail(path, f"negative weight {leaf}; weights must be >= 0 "
+                                              "(to subtract a model on purpose, e.g. task "
+                                              "negation, add `allow_negative_weights: true`)")
+                    self.warn(f"negative weight {leaf} subtracts that model's "
+                              "contribution (allowed by allow_negative_weights)", path)
                     break
 
     def duplicates(self, recipe: Recipe) -> None:
@@ -395,12 +439,12 @@ class _Validator:
     def counts(self, recipe: Recipe, method: MethodSpec) -> None:
         if recipe.base_model is not None and method.base == "none":
             if recipe.base_entry() is None:
-                self.warn(f"base_model: ignored, method '{method.name}' does not use a base "
-                          "model; list it under `models` to merge it too")
+                self.warn(f"ignored, method '{method.name}' does not use a base "
+                          "model; list it under `models` to merge it too", "base_model")
         try:
             method.check_model_count(len(recipe.expert_entries()), recipe.uses_base())
         except MethodError as e:
-            raise MethodError(f"{self.source}: models: {e}") from None
+            raise MethodError(f"{self.at('models')}: {e}") from None
 
     # -- scalars -----------------------------------------------------------------------------
 
@@ -421,6 +465,11 @@ class _Validator:
     def seed(self, v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
             raise self.fail("seed", f"must be an integer from 0 to 2**63-1, got {v!r}")
+        return v
+
+    def flag(self, v: Any, field: str) -> bool:
+        if not isinstance(v, bool):
+            raise self.fail(field, f"must be true or false, got {v!r}")
         return v
 
     def tokenizer(self, raw: dict, base_model: str | None, base_dir: Path) -> str | None:

@@ -139,6 +139,7 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     seed: int = 0
     name: str | None = None
+    allow_negative_weights: bool = False
     source: str = "<string>"
     base_dir: Path = Field(default_factory=Path.cwd)
     warnings: list[str] = Field(default_factory=list)
@@ -262,6 +263,8 @@ class Recipe(BaseModel):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["seed"] = self.seed
+        if self.allow_negative_weights:
+            out["allow_negative_weights"] = True
         return yaml.dump(out, Dumper=_Dumper, sort_keys=False, allow_unicode=True).rstrip() + "\n"
 
 

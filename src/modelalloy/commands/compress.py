@@ -1,0 +1,91 @@
+"""`modelalloy compress` and `modelalloy rebuild`: TALL-mask compression bundles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelalloy.errors import ModelAlloyError
+
+
+def _task_names(experts: list[Path], names: str | None) -> list[str]:
+    if names:
+        out = [n.strip() for n in names.split(",") if n.strip()]
+        if len(out) != len(experts):
+            raise typer.BadParameter(f"--names has {len(out)} names for {len(experts)} experts")
+    else:
+        out = [p.name or str(p) for p in experts]
+    if len(set(out)) != len(out):
+        raise typer.BadParameter("task names must be unique; pass --names a,b,c")
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compress")
+    def compress_cmd(
+        base: Annotated[Path, typer.Argument(help="base model folder or .safetensors file")],
+        experts: Annotated[list[Path], typer.Argument(help="expert folders, one per task")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to create")],
+        names: Annotated[str | None, typer.Option(
+            help="comma-separated task names (default: the expert folder names)")] = None,
+        base_merge: Annotated[str, typer.Option(
+            help="τ_MTL: task_arithmetic or ties")] = "task_arithmetic",
+        mask_lambda: Annotated[str, typer.Option(
+            help="λ of the TALL masks: one value or one per task, comma-separated")] = "0.6",
+        density: Annotated[float, typer.Option(
+            help="TIES: fraction of each task vector kept")] = 0.2,
+        scope: Annotated[str, typer.Option(
+            help="TIES thresholds: global or per_tensor")] = "global",
+    ) -> None:
+        """Compress experts into a TALL-mask bundle: base + τ_MTL + one bit per weight per
+        task (Wang, Dimitriadis et al., ICML 2024)."""
+        from modelalloy.bundle import compress
+        from modelalloy.bundle._checkpoint import load_state_dict, side_files
+
+        try:
+            tasks = _task_names(experts, names)
+            lambdas = [float(x) for x in mask_lambda.split(",")]
+            lam = lambdas[0] if len(lambdas) == 1 else lambdas
+            base_sd = load_state_dict(base)
+            expert_sds = {t: load_state_dict(p) for t, p in zip(tasks, experts, strict=True)}
+            files = {p.name: p.read_bytes() for p in side_files(base)}
+            bundle = compress(base_sd, expert_sds, base_merge=base_merge, mask_lambda=lam,
+                              density=density, scope=scope, files=files)
+            bundle.save(out)
+        except ModelAlloyError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"wrote {out}: {len(tasks)} tasks ({', '.join(tasks)})")
+        typer.echo(str(bundle.storage()))
+        for task, d in bundle.mask_densities().items():
+            typer.echo(f"  mask {task}: keeps {100 * d:.1f}% of the weights")
+
+    @app.command("rebuild")
+    def rebuild_cmd(
+        bundle_dir: Annotated[Path, typer.Argument(help="a bundle folder made by `compress`")],
+        task: Annotated[str, typer.Option("--task", "-t", help="task name (or 0-based index)")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="model folder to create")],
+    ) -> None:
+        """Rebuild one expert from a TALL bundle: θ_0 + m_t ⊙ τ_MTL."""
+        import tempfile
+
+        from modelalloy.bundle import TallBundle
+        from modelalloy.bundle._checkpoint import save_model_folder
+
+        try:
+            bundle = TallBundle.load(bundle_dir)
+            key: str | int = int(task) if task.isdigit() and task not in bundle.tasks else task
+            state = bundle.rebuild(key)
+            with tempfile.TemporaryDirectory() as tmp:
+                copies = []
+                for fname, data in bundle.files.items():
+                    p = Path(tmp) / fname
+                    p.write_bytes(data)
+                    copies.append(p)
+                save_model_folder(state, out, copy_from=copies)
+        except ModelAlloyError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"wrote {out}: expert '{bundle._task(key)}' rebuilt from {bundle_dir}")

@@ -1,0 +1,43 @@
+"""`modelalloy merge-stream`: continual merging (OPCM) of models given one after another."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from modelalloy.errors import ModelAlloyError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("merge-stream")
+    def merge_stream_cmd(
+        base: Annotated[Path, typer.Argument(help="base model folder or .safetensors file")],
+        models: Annotated[list[Path], typer.Argument(help="fine-tuned models, in arrival "
+                                                     "order")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="output model folder")],
+        alpha: Annotated[float, typer.Option(help="OPCM energy fraction α")] = 0.5,
+        exclude: Annotated[str, typer.Option(
+            help="regex of 2-D tensors that are not projected (embeddings)")] =
+            r"(embed|wte|wpe|position|token_type|shared)",
+        device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    ) -> None:
+        """Merge models one at a time with OPCM (Tang et al., 2025): memory stays at the base,
+        the running merge and the incoming model, however many models arrive."""
+        from modelalloy.bundle._checkpoint import load_state_dict, save_model_folder, side_files
+        from modelalloy.continual import OPCM
+
+        try:
+            if out.exists():
+                raise ModelAlloyError(f"{out}: already exists; choose a new output folder")
+            merger = OPCM(load_state_dict(base), alpha=alpha, exclude=exclude, device=device)
+            for path in models:
+                norm = merger.add(load_state_dict(path))
+                typer.echo(f"[{merger.count}/{len(models)}] {path}: ‖τ‖ = "
+                           f"{merger.norms[-1]:.4g}, merged ‖Δ‖ = {norm:.4g}")
+            save_model_folder(merger.merged(), out, copy_from=side_files(base))
+        except ModelAlloyError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"wrote {out}")

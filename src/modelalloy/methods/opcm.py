@@ -1,0 +1,70 @@
+"""OPCM as a recipe method: the continual merge run over the recipe's models in order.
+
+The math lives in :mod:`modelalloy.continual` (see there for the paper and equations). Through
+the recipe runner, ``prepare`` streams the models one at a time (model t is read tensor by
+tensor in pass t) and keeps the base, the running merged task vector and the incoming model,
+whatever the number of experts; the main pass then returns θ_0 + that vector.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from modelalloy.continual import DEFAULT_EXCLUDE, OPCM
+from modelalloy.methods._taskvec import GroupsFactory, need_base, uniform_params
+from modelalloy.methods.registry import MergeContext, Param, register_method
+
+
+def _prepare(groups: GroupsFactory) -> dict[str, Any] | None:
+    first = next(iter(groups()), None)
+    if first is None:
+        return None
+    params = first.params
+    uniform_params(groups, tuple(params), "opcm")
+    order = list(range(len(first.experts)))
+    if params["shuffle"]:
+        random.Random(first.ctx.seed).shuffle(order)
+    base = {g.name: need_base(g.base, "opcm", g.name) for g in groups()}
+    merger = OPCM(base, alpha=params["alpha"], exclude=params["exclude"],
+                  device=first.base.device)
+    for idx in order:  # one pass per model: only model idx is kept from each group
+        merger.add({g.name: g.experts[idx] for g in groups()})
+    return {"delta": merger.delta, "order": order, "norms": merger.norms}
+
+
+@register_method(
+    name="opcm",
+    params=[
+        Param("alpha", float, 0.5, "α: energy fraction of the merged delta's singular values "
+              "whose subspace is protected (FusionBench default 0.5)", ge=0.0, le=1.0),
+        Param("shuffle", bool, False, "shuffle the model order with the recipe seed (the "
+              "official default shuffles; here the recipe order is kept unless asked)"),
+        Param("exclude", str, DEFAULT_EXCLUDE, "regex: 2-D tensors treated as non-linear (no "
+              "projection); embeddings by default"),
+    ],
+    paper="Tang et al., Merging Models on the Fly Without Retraining: A Sequential Approach to "
+          "Scalable Continual Model Merging, 2025 (arXiv 2501.09522)",
+    summary="Continual merging: each new task vector is projected out of the merged delta's "
+            "dominant singular subspace, and the merge is rescaled to the mean task-vector norm",
+    base="required",
+    prepare=_prepare,
+)
+def opcm(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
+         ctx: MergeContext) -> torch.Tensor:
+    """θ = θ_0 + θ^(T) − θ_0 from the sequential OPCM pass in ``prepare``.
+
+    Needs beyond one tensor: all models in sequence and the whole-model norms (``prepare``);
+    for a stream of checkpoints use ``modelalloy merge-stream`` or
+    :class:`modelalloy.continual.OPCM`.
+    """
+    base = need_base(base, "opcm", ctx.name)
+    stats = ctx.global_stats
+    if stats is None:
+        from modelalloy.errors import MethodError
+
+        raise MethodError("opcm needs its prepare pass; run it through merge_state_dicts, a "
+                          "recipe, or modelalloy.continual.OPCM")
+    return base + stats["delta"][ctx.name].to(base.device)

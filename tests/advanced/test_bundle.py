@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from modelalloy.bundle import PackedMask, TallBundle, compress
+from modelalloy.commands import compress as compress_cmds
+from modelalloy.errors import MethodError
+
+from .helpers import make_models
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (2, 3, 4)])
+def test_packed_mask_roundtrip(shape):
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(shape, generator=g) > 0.5
+    p = PackedMask.pack(m)
+    assert p.bits.dtype == torch.uint8
+    assert p.bits.numel() == math.ceil(m.numel() / 8)
+    assert torch.equal(p.unpack(), m)
+
+
+def test_rebuild_is_exact_where_mask_keeps_everything():
+    base, experts = make_models(1)
+    b = compress(base, {"only": experts[0]})
+    rebuilt = b.rebuild("only")
+    for n in base:
+        assert torch.allclose(rebuilt[n], experts[0][n], atol=1e-6, rtol=0)
+        # every non-zero task-vector coordinate is kept
+        assert torch.equal(b.mask("only", n), (experts[0][n] - base[n]) != 0)
+
+
+def test_rebuild_hand_worked_two_tasks():
+    base = {"w": torch.zeros(4), "step": torch.tensor(7)}
+    experts = {"a": {"w": torch.tensor([1.0, 0.0, 2.0, -1.0]), "step": torch.tensor(9)},
+               "b": {"w": torch.tensor([1.0, 3.0, -0.1, 1.0]), "step": torch.tensor(9)}}
+    b = compress(base, experts, mask_lambda=0.5)
+    # τ_MTL = [2, 3, 1.9, 0]; m_a = [1, 0, 1, 1]; m_b = [1, 1, 0, 1] (see the consensus test)
+    assert torch.equal(b.mask("a", "w"), torch.tensor([True, False, True, True]))
+    assert torch.equal(b.rebuild("a")["w"], torch.tensor([2.0, 0.0, 1.9, 0.0]))
+    assert torch.equal(b.rebuild(1)["w"], torch.tensor([2.0, 3.0, 0.0, 0.0]))
+    assert int(b.rebuild("a")["step"]) == 7  # integer buffers come from the base
+    with pytest.raises(MethodError):
+        b.rebuild("c")
+
+
+def test_storage_ratio_and_save_load_roundtrip(tmp_path):
+    base, experts = make_models(3, shape=(16, 16))
+    b = compress(base, {f"t{i}": e for i, e in enumerate(experts)}, mask_lambda=[0.2, 0.4, 0.6])
+    rep = b.storage()
+    n = sum(t.numel() for t in base.values())
+    n_bytes_masks = sum(math.ceil(t.numel() / 8) for t in base.values()) * 3
+    assert rep.bundle_bytes == 4 * n + 4 * n + n_bytes_masks
+    assert rep.separate_bytes == 4 * n * 4
+    assert rep.ratio == pytest.approx((8 * n + n_bytes_masks) / (16 * n))
+    b.save(tmp_path / "bundle")
+    again = TallBundle.load(tmp_path / "bundle")
+    assert again.tasks == ["t0", "t1", "t2"]
+    assert again.config.mask_lambda == (0.2, 0.4, 0.6)
+    for t in again.tasks:
+        r1, r2 = b.rebuild(t), again.rebuild(t)
+        assert all(torch.equal(r1[k], r2[k]) for k in r1)
+
+
+def test_cli_compress_and_rebuild(tmp_path):
+    base, experts = make_models(2)
+    (tmp_path / "base").mkdir()
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "toy"}')
+    for i, e in enumerate(experts):
+        (tmp_path / f"e{i}").mkdir()
+        save_file(e, str(tmp_path / f"e{i}" / "model.safetensors"))
+    app = typer.Typer()
+    compress_cmds.register(app)
+    runner = CliRunner()
+    res = runner.invoke(app, ["compress", str(tmp_path / "base"), str(tmp_path / "e0"),
+                              str(tmp_path / "e1"), "--out", str(tmp_path / "b"),
+                              "--names", "math,code"])
+    assert res.exit_code == 0, res.output
+    assert "ratio" in res.output
+    res = runner.invoke(app, ["rebuild", str(tmp_path / "b"), "--task", "code",
+                              "--out", str(tmp_path / "code")])
+    assert res.exit_code == 0, res.output
+    got = load_file(str(tmp_path / "code" / "model.safetensors"))
+    want = TallBundle.load(tmp_path / "b").rebuild("code")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "code" / "config.json").read_text() == '{"model_type": "toy"}'
+    res = runner.invoke(app, ["rebuild", str(tmp_path / "b"), "--task", "nope",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "unknown task" in res.output
