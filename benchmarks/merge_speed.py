@@ -501,6 +501,7 @@ def compare_outputs(ours: Path, theirs: Path, method: str,
     only = sorted(set(a_where) ^ set(b_where))
     ref = reference_linear(method, models) if method in ("linear", "task_arithmetic") else None
     max_abs = 0.0
+    worst = None
     max_val = 0.0
     n_total = n_ulp = n_diff = 0
     err_ours = err_theirs = 0.0
@@ -514,7 +515,8 @@ def compare_outputs(ours: Path, theirs: Path, method: str,
             continue
         af, bf = a.float(), b.float()
         d = (af - bf).abs()
-        max_abs = max(max_abs, d.max().item())
+        if d.max().item() > max_abs:
+            max_abs, worst = d.max().item(), name
         max_val = max(max_val, bf.abs().max().item())
         ulp = _bf16_ulp(torch.maximum(af.abs(), bf.abs()))
         n_total += d.numel()
@@ -529,7 +531,7 @@ def compare_outputs(ours: Path, theirs: Path, method: str,
             exact_ours += int((a == rb).sum())
             exact_theirs += int((b == rb).sum())
     out = {"tensors": len(names), "mismatched_names": only[:5], "n_mismatched": len(only),
-           "max_abs_diff": max_abs, "max_abs_value": max_val,
+           "max_abs_diff": max_abs, "worst_tensor": worst, "max_abs_value": max_val,
            "frac_differ": n_diff / max(n_total, 1), "frac_gt_1ulp": n_ulp / max(n_total, 1),
            "dtypes": sorted(dtypes)}
     if ref is not None:
@@ -735,7 +737,7 @@ def render_section(results: dict) -> str:
         if r.get("compare"):
             L.append(f"**Outputs compared ({size}, last run of each tool)**")
             L.append("")
-            L.append("| method | max abs diff | largest value | elements that differ | "
+            L.append("| method | max abs diff (in tensor) | largest value | elements that differ | "
                      "elements > 1 bf16 ulp apart | against the exact (float64) result: max abs "
                      "error modelalloy / mergekit; share of elements equal to the correctly "
                      "rounded bf16 value |")
@@ -750,7 +752,9 @@ def render_section(results: dict) -> str:
                               f"{c['mergekit_max_err_vs_fp64']:.2e}; "
                               f"{100 * c['ours_correctly_rounded']:.2f}% / "
                               f"{100 * c['mergekit_correctly_rounded']:.2f}%")
-                L.append(f"| {method} | {c['max_abs_diff']:.3e} | {c['max_abs_value']:.3g} | "
+                where = f" ({c['worst_tensor']})" if c.get("worst_tensor") else ""
+                L.append(f"| {method} | {c['max_abs_diff']:.3e}{where} | "
+                         f"{c['max_abs_value']:.3g} | "
                          f"{100 * c['frac_differ']:.2f}% | {100 * c['frac_gt_1ulp']:.3f}% | "
                          f"{refcol} |")
             L.append("")
