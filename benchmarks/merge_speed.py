@@ -125,27 +125,28 @@ def _seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def _write_model(folder: Path, shape: LlamaShape, shards: list[list[tuple[str, object]]]) -> None:
-    """Write already-split shards (lists of (name, bf16 tensor)) plus config and index."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    total = len(shards)
-    weight_map, total_size = {}, 0
-    for k, items in enumerate(shards, 1):
+def _finish_model(folder: Path, shape: LlamaShape, shard_names: list[list[str]],
+                  total_size: int) -> None:
+    """Rename the shards written as part-K to model-K-of-N and write config and index."""
+    total = len(shard_names)
+    weight_map = {}
+    for k, names in enumerate(shard_names, 1):
         fname = f"model-{k:05d}-of-{total:05d}.safetensors"
-        save_file(dict(items), str(folder / fname), metadata={"format": "pt"})
-        for name, t in items:
-            weight_map[name] = fname
-            total_size += t.numel() * t.element_size()
+        (folder / f"part-{k:05d}.safetensors").rename(folder / fname)
+        weight_map.update(dict.fromkeys(names, fname))
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
 
 
 def generate_models(size: str, cache_dir: Path, log=print) -> dict[str, Path]:
-    """Base + 3 experts for ``size`` under ``cache_dir``; reused when already complete."""
+    """Base + 3 experts for ``size`` under ``cache_dir``; reused when already complete.
+
+    Tensor by tensor, each shard written as soon as it is full: memory holds one shard per
+    model (about a quarter of a model) plus one float32 tensor at a time.
+    """
     import torch
+    from safetensors.torch import save_file
 
     shape = SIZES[size]
     root = cache_dir / f"llama-{size}-v{GEN_VERSION}"
@@ -157,20 +158,36 @@ def generate_models(size: str, cache_dir: Path, log=print) -> dict[str, Path]:
         return paths
     if root.exists():
         shutil.rmtree(root)
+    for p in paths.values():
+        p.mkdir(parents=True)
     log(f"[gen] generating {size} ({shape.params / 1e6:.1f}M parameters, bf16) x4 in {root}")
     t0 = time.perf_counter()
     shard_bytes = max(1 << 20, shape.params * 2 // 4)  # about four shards per model
-    shards: dict[str, list[list]] = {n: [[]] for n in names}
+    pending: dict[str, dict] = {n: {} for n in names}
+    shard_names: list[list[str]] = []
     filled = 0
     nexp = 3
+
+    def flush() -> None:
+        k = len(shard_names) + 1
+        for n_ in names:
+            save_file(pending[n_], str(paths[n_] / f"part-{k:05d}.safetensors"),
+                      metadata={"format": "pt"})
+        shard_names.append(list(pending["base"]))
+        for n_ in names:
+            pending[n_] = {}
+
     for name, shp in shape.tensors():
         g = torch.Generator().manual_seed(_seed("base", name))
         if len(shp) == 1:  # RMSNorm gains: around 1
             base = 1.0 + 0.05 * torch.randn(shp, generator=g)
         else:
             base = 0.02 * torch.randn(shp, generator=g)
-        base_bf = base.to(torch.bfloat16)
-        expert_bf = []
+        nbytes = base.numel() * 2
+        if filled and filled + nbytes > shard_bytes:
+            flush()
+            filled = 0
+        pending["base"][name] = base.to(torch.bfloat16)
         if len(shp) == 2:
             m, n = shp
             gs = torch.Generator().manual_seed(_seed("shared", name))
@@ -186,19 +203,13 @@ def generate_models(size: str, cache_dir: Path, log=print) -> dict[str, Path]:
                 delta.add_(shared)
             else:
                 delta = 0.01 * torch.randn(shp, generator=ge)
-            expert_bf.append((base + delta).to(torch.bfloat16))
+            pending[f"expert{e + 1}"][name] = delta.add_(base).to(torch.bfloat16)
             del delta
-        nbytes = base_bf.numel() * 2
-        if filled and filled + nbytes > shard_bytes:
-            for n_ in names:
-                shards[n_].append([])
-            filled = 0
-        shards["base"][-1].append((name, base_bf))
-        for e in range(nexp):
-            shards[f"expert{e + 1}"][-1].append((name, expert_bf[e]))
         filled += nbytes
+    flush()
+    total = shape.params * 2
     for n_ in names:
-        _write_model(paths[n_], shape, shards[n_])
+        _finish_model(paths[n_], shape, shard_names, total)
     stamp.write_text(json.dumps(meta))
     log(f"[gen] done in {time.perf_counter() - t0:.1f}s")
     return paths
