@@ -16,6 +16,7 @@ from modelalloy.plan.layers import LayerIndexer
 def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
                       experts: list[Mapping[str, torch.Tensor]], *, seed: int = 0,
                       device: str | torch.device = "cpu",
+                      stats: dict[str, list[Mapping[str, torch.Tensor]]] | None = None,
                       **params: Any) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts of any torch module with a registered method.
 
@@ -27,6 +28,10 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
         merged = merge_state_dicts("ties", base.state_dict(),
                                    [a.state_dict(), b.state_dict()], density=0.2)
         model.load_state_dict(merged)
+
+    ``stats`` (data-informed methods) maps a statistic kind ("gram", "fisher", ...) to one
+    mapping per expert, parameter name -> tensor (see modelalloy.stats); the method finds them
+    in ``ctx.stats[kind]`` (None where an expert has no entry for the tensor).
     """
     spec = get_method(method)
     spec.check_model_count(len(experts), base is not None)
@@ -44,10 +49,27 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
     dev = torch.device(device)
     indexer = LayerIndexer(names)
 
+    # --- statistics for data-informed methods (added by the datainformed branch) ---
+    stats = dict(stats or {})
+    missing_kinds = [k for k in spec.stats if k not in stats]
+    if missing_kinds:
+        raise PlanError(f"method '{method}' needs statistics {missing_kinds}: pass "
+                        "stats={kind: [one mapping per expert]} (see `modelalloy stats`)")
+    for kind, per_expert in stats.items():
+        if len(per_expert) != len(experts):
+            raise PlanError(f"stats['{kind}'] has {len(per_expert)} entries but there are "
+                            f"{len(experts)} experts")
+
+    def stats_for(name: str) -> dict[str, list[torch.Tensor | None]]:
+        return {kind: [None if m is None or name not in m
+                       else m[name].to(dev, torch.float32) for m in per_expert]
+                for kind, per_expert in stats.items()}
+    # --- end of statistics ---
+
     def ctx_for(name: str) -> MergeContext:
         layer, count = indexer.lookup(name)
         return MergeContext(name=name, seed=seed, layer_index=layer, num_layers=count,
-                            device=dev)
+                            device=dev, stats=stats_for(name))
 
     def mergeable(name: str) -> bool:
         return reference[name].is_floating_point()

@@ -77,12 +77,17 @@ def plan(
     memory_budget: Annotated[str | None, typer.Option(help="Budget to plan for.")] = None,
 ) -> None:
     """Check a recipe and its models without merging: summary, problems, memory, bytes."""
-    from modelalloy.engine.run import as_recipe, default_threads, describe, make_plan
-    from modelalloy.io.writer import parse_size
+    from modelalloy.engine.run import (
+        as_recipe,
+        default_threads,
+        describe,
+        make_plan,
+        size_option,
+    )
 
     with ExitStack() as stack:
         the_plan = make_plan(as_recipe(recipe), stack)
-        budget = parse_size(memory_budget) if memory_budget else None
+        budget = size_option("--memory-budget", memory_budget) if memory_budget else None
         info = describe(the_plan, threads or default_threads(), budget)
     table = Table(show_header=False, title=f"plan for {recipe}")
     table.add_row("method", info["method"])
@@ -142,7 +147,10 @@ def main() -> None:
     """Entry point: people get one-line errors and a non-zero exit, tracebacks with --debug."""
     warnings.showwarning = _show_warning
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # Without standalone mode, click returns a command's typer.Exit code instead of exiting.
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except ModelAlloyError as error:
         if _state["debug"] or "--debug" in sys.argv:
             traceback.print_exc()

@@ -248,3 +248,11 @@ def test_debug_shows_traceback(gpt2_family, tmp_path, run_cli):
     recipe = ta_recipe(tmp_path, base, [experts[0], tmp_path / "nope"])
     result = run_cli("--debug", "merge", recipe, tmp_path / "out")
     assert result.code != 0 and "Traceback" in result.err
+
+
+@pytest.mark.parametrize("option", ["--shard-size", "--memory-budget"])
+def test_bad_size_option(gpt2_family, tmp_path, run_cli, option):
+    base, experts = gpt2_family
+    out = tmp_path / "out"
+    result = run_cli("merge", ta_recipe(tmp_path, base, experts), out, option, "lots")
+    assert_clean_failure(result, out, option)

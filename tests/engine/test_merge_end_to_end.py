@@ -141,3 +141,21 @@ def test_methods_command_lists_parameters(run_cli):
                  "model_stock", "della"):
         assert name in listed.out
     assert "density" in listed.out
+
+
+def test_plan_reports_every_problem_and_fails(gpt2_family, tmp_path, run_cli):
+    from safetensors.torch import save_file
+
+    base, experts = gpt2_family
+    f = experts[1] / "model.safetensors"
+    tensors = load_file(f)
+    names = sorted(n for n, t in tensors.items() if t.ndim == 2)
+    tensors[names[0]] = tensors[names[0]][:-1].clone()
+    del tensors[names[1]]
+    save_file(tensors, f, metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+                          + "".join(f"  - model: {e}\n" for e in experts))
+    planned = run_cli("plan", recipe)
+    assert planned.code == 1
+    assert names[0] in planned.err and names[1] in planned.err

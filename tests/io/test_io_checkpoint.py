@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import struct
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from io_helpers import tiny_state_dict, write_raw_safetensors
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modelalloy.errors import CheckpointError
@@ -49,9 +51,10 @@ def test_hf_sharded_and_unsharded_are_identical(gpt2_dirs):
         assert a.config == b.config and a.config["model_type"] == "gpt2"
         sd = model.state_dict()
         assert torch.equal(a.get("transformer.wte.weight"), sd["transformer.wte.weight"])
-        # index order is kept
+        # storage order: shard by shard, data order inside each
         wm = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
-        assert b.names() == list(wm)
+        shards = [wm[n] for n in b.names()]
+        assert shards == sorted(shards) and set(b.names()) == set(wm)
 
 
 def test_single_safetensors_file_in_file_order(tmp_path):
@@ -95,6 +98,45 @@ def test_get_is_lazy_and_thread_safe(tmp_path):
         ck.get("t0")
 
 
+def test_reads_do_not_keep_memory(tmp_path):
+    """Reading a whole model leaves RSS where it was (no memory map keeping pages resident)."""
+    psutil = pytest.importorskip("psutil")
+    sd = {f"t{i}": torch.full((512, 1024), float(i)) for i in range(48)}  # 48 x 2 MiB
+    save_file(sd, tmp_path / "model.safetensors")
+    del sd
+    proc = psutil.Process()
+    with open_checkpoint(tmp_path) as ck:
+        ck.get("t0")
+        before = proc.memory_info().rss
+        for name in ck.names():
+            assert ck.get(name)[0, 0].item() == float(name[1:])
+        grown = proc.memory_info().rss - before
+    assert grown < 40 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB reading 96 MiB"
+
+
+def test_tensors_are_owned_and_writable(tmp_path):
+    save_file({"a": torch.zeros(4)}, tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path) as ck:
+        ck.get("a").add_(1)
+        assert ck.get("a").sum() == 0
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_get_into_a_given_buffer(tmp_path, fmt):
+    sd = tiny_state_dict()
+    if fmt == "safetensors":
+        save_file(sd, tmp_path / "model.safetensors")
+    else:
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    with open_checkpoint(tmp_path) as ck:
+        buf = torch.empty(8, 8, dtype=torch.bfloat16)
+        assert ck.get("layers.0.w", out=buf) is buf and torch.equal(buf, sd["layers.0.w"])
+        with pytest.raises(ValueError, match="contiguous CPU tensor"):
+            ck.get("layers.0.w", out=torch.empty(8, 8))
+        with pytest.raises(ValueError, match="contiguous CPU tensor"):
+            ck.get("layers.0.w", out=torch.empty(8, 8, dtype=torch.bfloat16).t())
+
+
 def test_unknown_tensor_name(tmp_path):
     save_file(tiny_state_dict(), tmp_path / "model.safetensors")
     with open_checkpoint(tmp_path) as ck, pytest.raises(CheckpointError) as e:
@@ -126,7 +168,7 @@ def test_sharded_bin_with_index(tmp_path):
         wm.update({k: fname for k in keys})
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
     with open_checkpoint(tmp_path) as ck:
-        assert ck.names() == list(wm)
+        assert ck.names() == names  # storage order
         assert_same(ck, sd)
         assert ck.info(names[3]).file == tmp_path / "pytorch_model-00002-of-00002.bin"
 
@@ -469,3 +511,76 @@ def test_truncated_pickle(tmp_path):
     with pytest.raises(CheckpointError) as e:
         open_checkpoint(tmp_path / "w.bin")
     assert_one_line_error(e, "w.bin", "re-download")
+
+
+def test_single_file_preferred_over_index_like_transformers(tmp_path):
+    sd, wm = _sharded(tmp_path)
+    _write_index(tmp_path, wm)
+    only = {"solo": torch.ones(3)}
+    save_file(only, tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path) as ck:
+        assert_same(ck, only)
+
+
+def test_metadata_values_must_be_strings(tmp_path):
+    f = _corrupt(tmp_path, {"a": F32, "__metadata__": {"format": 1}}, b"\0" * 8)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(f)
+    assert_one_line_error(e, f, "__metadata__")
+
+
+def test_fuzzed_headers_never_pass_validation_and_then_fail(tmp_path):
+    """Whatever our validator accepts, the safetensors library must read (differential fuzz)."""
+    from modelalloy.io.checkpoint import read_safetensors_header
+
+    good = tmp_path / "good.safetensors"
+    save_file(tiny_state_dict(), good)
+    raw = bytearray(good.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    rng = random.Random(0)
+    accepted = 0
+    for i in range(300):
+        data = bytearray(raw)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(0, 8 + n)
+            data[pos] = rng.choice(b'0123456789[]{}",:FIUB ' + bytes([rng.randrange(256)]))
+        f = tmp_path / f"f{i}.safetensors"
+        f.write_bytes(bytes(data))
+        try:
+            entries, _ = read_safetensors_header(f)
+        except CheckpointError as e:
+            assert "\n" not in str(e) and str(f) in str(e)
+            continue
+        accepted += 1
+        with open_checkpoint(f) as ck, safe_open(str(f), framework="pt") as lib:
+            assert sorted(lib.keys()) == sorted(ck.names())
+            for name in ck.names():
+                t = ck.get(name)
+                assert tuple(t.shape) == ck.info(name).shape
+                assert torch.equal(
+                    t.reshape(-1).view(torch.uint8),
+                    lib.get_tensor(name).reshape(-1).view(torch.uint8),
+                )
+    assert 0 < accepted < 300
+
+
+def test_read_fallback_without_preadv(tmp_path, monkeypatch):
+    import modelalloy.io.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_HAS_PREADV", False)
+    sd = tiny_state_dict()
+    save_file(sd, tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path) as ck:
+        assert_same(ck, sd)
+
+
+def test_close_waits_for_reads_in_flight(tmp_path):
+    sd = {f"t{i}": torch.randn(256, 256) for i in range(8)}
+    save_file(sd, tmp_path / "model.safetensors")
+    ck = open_checkpoint(tmp_path)
+    fd = ck._acquire_fd(ck.info("t0").file)  # a read in flight
+    ck.close()
+    assert os.pread(fd, 8, 0)  # still open: the reader finishes first
+    ck._release()
+    with pytest.raises(OSError):
+        os.pread(fd, 8, 0)

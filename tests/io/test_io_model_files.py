@@ -175,13 +175,29 @@ def test_model_card(tmp_path):
     assert "````yaml\n" + recipe.rstrip("\n") + "\n````" in text
 
 
+def test_model_card_local_paths_stay_out_of_hub_metadata(tmp_path):
+    local = tmp_path / "local-model"
+    local.mkdir()
+    write_model_card(
+        tmp_path,
+        recipe_yaml="x: 1",
+        method="ties",
+        base_model=str(local),
+        models=["org/a", "./rel/b"],
+    )
+    text = (tmp_path / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == ["org/a"] and "base_model_relation" not in front
+    assert str(local) in text and "./rel/b" in text
+
+
 def test_model_card_without_base(tmp_path):
     write_model_card(
-        tmp_path, recipe_yaml="x: 1", method="linear", base_model=None, models=["m1", "m2"]
+        tmp_path, recipe_yaml="x: 1", method="linear", base_model=None, models=["o/m1", "o/m2"]
     )
     front = yaml.safe_load((tmp_path / "README.md").read_text().split("---\n")[1])
     assert (
-        front["base_model"] == ["m1", "m2"]
+        front["base_model"] == ["o/m1", "o/m2"]
         and "```yaml\nx: 1\n```" in (tmp_path / "README.md").read_text()
     )
 
@@ -194,7 +210,8 @@ def test_written_output_loads_with_transformers(gpt2_dirs, tmp_path, dtype):
     transformers = pytest.importorskip("transformers")
     _, sharded, model = gpt2_dirs
     out = tmp_path / "merged"
-    with open_checkpoint(sharded) as ck, AtomicOutputDir(out) as tmp:
+    with open_checkpoint(sharded) as ck, AtomicOutputDir(out) as atomic:
+        tmp = atomic.path
         entries = [(n, ck.info(n).shape, dtype) for n in ck.names()]
         writer = ShardedSafetensorsWriter(tmp, entries, shard_size=30_000)
         names = random.Random(0).sample(ck.names(), len(ck))

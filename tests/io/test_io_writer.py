@@ -110,9 +110,30 @@ def test_threaded_shuffled_writes_are_byte_identical(tmp_path):
     assert list(index["weight_map"]) == names  # layout order kept
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sd.values())
     with open_checkpoint(tmp_path / "a") as ck:
-        assert ck.names() == names
+        assert sorted(ck.names()) == sorted(names)
+        shards = [index["weight_map"][n] for n in ck.names()]
+        assert shards == sorted(shards)  # read back in storage order
         for k in sd:
             assert torch.equal(ck.get(k), sd[k])
+
+
+def test_every_safetensors_dtype_round_trips(tmp_path):
+    from modelalloy.io.dtypes import SAFETENSORS_DTYPES
+
+    sd = {}
+    for code, dt in SAFETENSORS_DTYPES.items():
+        raw = torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4)
+        size = torch.empty((), dtype=dt).element_size()
+        sd[code] = raw.repeat(1, 1, size).reshape(-1).view(dt).reshape(2, 3, 4)
+    sd["scalar"] = torch.tensor(1.5, dtype=torch.bfloat16)
+    files = _write(tmp_path, sd, 10**6, list(sd))
+    with safe_open(str(files[0]), framework="pt") as lib, open_checkpoint(tmp_path) as ck:
+        for k, v in sd.items():
+            for got in (lib.get_tensor(k), ck.get(k)):
+                assert got.dtype == v.dtype and got.shape == v.shape, k
+                assert torch.equal(
+                    got.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)
+                )
 
 
 def test_shard_layout_rules(tmp_path):
@@ -198,8 +219,10 @@ def _siblings(parent: Path) -> list[str]:
 def test_atomic_output_commits_on_success(tmp_path):
     out = tmp_path / "deep" / "merged"
     with AtomicOutputDir(out) as tmp:
-        assert tmp.parent == out.parent and tmp.name.startswith(".merged.tmp-")
-        (tmp / "f.txt").write_text("x")
+        assert tmp.path.parent == out.parent and tmp.path.name.startswith(".merged.tmp-")
+        (tmp.path / "f.txt").write_text("x")
+        assert isinstance(tmp, Path) and tmp == tmp.path  # both spellings work
+        assert (tmp / "f.txt").read_text() == "x"
         assert not out.exists()
     assert (out / "f.txt").read_text() == "x"
     assert _siblings(out.parent) == ["merged"]
@@ -212,7 +235,7 @@ def test_atomic_output_leaves_nothing_on_exception(tmp_path, exc):
     out = tmp_path / "merged"
     with pytest.raises(exc):
         with AtomicOutputDir(out) as tmp:
-            ShardedSafetensorsWriter(tmp, [("a", (4,), torch.float32)], 100).write(
+            ShardedSafetensorsWriter(tmp.path, [("a", (4,), torch.float32)], 100).write(
                 "a", torch.ones(4)
             )
             raise exc()
@@ -230,11 +253,11 @@ def test_atomic_output_existing_needs_force(tmp_path):
     # a failed forced run keeps the old output
     with pytest.raises(RuntimeError):
         with AtomicOutputDir(out, force=True) as tmp:
-            (tmp / "new.txt").write_text("new")
+            (tmp.path / "new.txt").write_text("new")
             raise RuntimeError
     assert _siblings(out) == ["old.txt"] and _siblings(tmp_path) == ["merged"]
     with AtomicOutputDir(out, force=True) as tmp:
-        (tmp / "new.txt").write_text("new")
+        (tmp.path / "new.txt").write_text("new")
     assert _siblings(out) == ["new.txt"] and _siblings(tmp_path) == ["merged"]
 
 
@@ -300,6 +323,43 @@ def test_check_output_path_refusals(tmp_path, monkeypatch):
 
 
 def test_check_output_path_parent_not_writable():
-    # /proc refuses new folders even to root (CI runs as root), so this is exercised there too.
+    # /proc refuses new folders even to root (CI runs as root), so this runs there too.
     with pytest.raises(OutputError, match="cannot write"):
         check_output_path(Path("/proc/modelalloy-out"), [], force=False)
+
+
+def test_short_reads_and_writes_are_completed(tmp_path, monkeypatch):
+    """pwrite/preadv may move fewer bytes than asked (Linux caps one call near 2 GiB)."""
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+
+    def short_pwrite(fd, data, offset):
+        return real_pwrite(fd, bytes(memoryview(data)[:7]), offset)
+
+    def short_preadv(fd, buffers, offset):
+        return real_preadv(fd, [memoryview(buffers[0])[:5]], offset)
+
+    monkeypatch.setattr(os, "pwrite", short_pwrite)
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    sd = _tensors()
+    _write(tmp_path, sd, 10**6, list(sd))
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert load_file(tmp_path / "model.safetensors").keys() == sd.keys()
+    with open_checkpoint(tmp_path) as ck:
+        for k, v in sd.items():
+            assert torch.equal(ck.get(k), v), k
+
+
+def test_empty_layout_writes_a_valid_empty_file(tmp_path):
+    files = ShardedSafetensorsWriter(tmp_path, [], 100).close()
+    assert [f.name for f in files] == ["model.safetensors"]
+    assert load_file(files[0]) == {}
+
+
+def test_close_refuses_while_a_write_is_in_flight(tmp_path):
+    w = ShardedSafetensorsWriter(tmp_path, [("a", (2,), torch.float32)], 100)
+    w._claimed.add("a")  # a write() started in another thread and has not returned
+    with pytest.raises(ValueError, match="still being written"):
+        w.close()
+    w._claimed.discard("a")
+    w.write("a", torch.ones(2))
+    w.close()

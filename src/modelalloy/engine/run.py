@@ -13,6 +13,7 @@ from typing import Any
 import psutil
 import torch
 
+from modelalloy.engine.allocator import return_large_frees_to_the_system
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.execute import PlanExecutor
 from modelalloy.engine.progress import merge_progress
@@ -60,6 +61,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def size_option(option: str, value: str | int) -> int:
+    """A size such as 5GB, as a one-line error naming the option when it is not one."""
+    try:
+        return parse_size(value)
+    except ValueError as error:
+        raise ModelAlloyError(f"{option} {value}: {error}") from None
+
+
 def peak_rss_bytes() -> int:
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -102,13 +111,15 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
                progress: bool = False) -> MergeResult:
     """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically)."""
     start = time.perf_counter()
+    return_large_frees_to_the_system()
     recipe = as_recipe(recipe)
     dev = resolve_device(device)
     out_dir = Path(out_dir)
     check_output_path(out_dir, input_paths(recipe), force)
     threads = threads or default_threads()
-    shard_bytes = parse_size(shard_size)
-    budget_bytes = parse_size(memory_budget) if memory_budget is not None else None
+    shard_bytes = size_option("--shard-size", shard_size)
+    budget_bytes = size_option("--memory-budget", memory_budget) \
+        if memory_budget is not None else None
 
     with ExitStack() as stack:
         plan = make_plan(recipe, stack)

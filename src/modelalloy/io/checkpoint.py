@@ -14,8 +14,9 @@ problem is a one-line :class:`CheckpointError` that names the file (and tensor) 
 what to do. Pickles are only ever read with ``torch.load(weights_only=True)``: a pickle
 that wants to run code is refused, never executed.
 
-``Checkpoint.get`` returns one tensor at a time, memory-mapped, in its stored dtype, on CPU,
-and may be called from several threads at once.
+``Checkpoint.get`` returns one tensor at a time, in its stored dtype, on CPU, and may be
+called from several threads at once. safetensors data is read with ``pread`` into memory the
+caller owns (not memory-mapped, so RSS stays at the tensors in flight).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import os
 import pickle
 import re
 import struct
+import sys
 import threading
 import warnings
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -45,6 +47,7 @@ BIN_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Same cap as the safetensors library: a larger header is corrupt or hostile.
 MAX_HEADER_BYTES = 100_000_000
+_BIG_ENDIAN = sys.byteorder == "big"  # safetensors data is little-endian
 # Wrapper keys that hold the real state dict in training checkpoints.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
@@ -58,8 +61,6 @@ class TensorInfo:
     dtype: torch.dtype
     nbytes: int
     file: Path
-    # Absolute byte offset of the data in ``file`` (safetensors only; None for pickles).
-    offset: int | None = field(default=None, compare=False)
 
 
 def _one_line(text: object, limit: int = 200) -> str:
@@ -75,8 +76,9 @@ class _StEntry:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    begin: int
+    begin: int  # relative to the start of the data, as in the header
     end: int
+    start: int  # absolute byte offset of the data in the file
 
 
 def _no_duplicate_keys(path: Path):
@@ -139,7 +141,11 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
     metadata_raw = header.pop("__metadata__", None) or {}
     if not isinstance(metadata_raw, dict):
         raise CheckpointError(f"{path}: __metadata__ is not an object; re-save the file")
-    metadata = {str(k): str(v) for k, v in metadata_raw.items()}
+    if not all(isinstance(v, str) for v in metadata_raw.values()):
+        raise CheckpointError(
+            f"{path}: __metadata__ values must be strings (safetensors rule); re-save the file"
+        )
+    metadata = dict(metadata_raw)
 
     data_size = size - 8 - n
     entries: list[_StEntry] = []
@@ -182,15 +188,15 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
                 f"{where}: data ends at byte {8 + n + end} past the end of the file "
                 f"({size} bytes); the file is truncated, re-download it"
             )
-        entries.append(_StEntry(name, tuple(shape), dtype, begin, end))
+        entries.append(_StEntry(name, tuple(shape), dtype, begin, end, 8 + n + begin))
 
     entries.sort(key=lambda e: (e.begin, e.end))
     pos = 0
-    prev: _StEntry | None = None
+    prev = ""
     for e in entries:
         if e.begin < pos:
             raise CheckpointError(
-                f"{path}: tensors {prev.name!r} and {e.name!r} overlap in the file; "  # type: ignore[union-attr]
+                f"{path}: tensors {prev!r} and {e.name!r} overlap in the file; "
                 "the file is corrupt, re-save it"
             )
         if e.begin > pos:
@@ -199,7 +205,7 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
                 "the file is corrupt, re-save it"
             )
         pos = e.end
-        prev = e
+        prev = e.name
     if pos != data_size:
         raise CheckpointError(
             f"{path}: {data_size - pos} bytes after the last tensor are not in the header; "
@@ -322,17 +328,18 @@ def _visible(paths: list[Path]) -> list[Path]:
 
 def _find_weights(folder: Path) -> tuple[str, list[Path], Path | None]:
     """(kind, files, index) for a folder; kind is "safetensors" or "pickle"."""
-    if (folder / SAFETENSORS_INDEX).is_file():
-        return "safetensors", [], folder / SAFETENSORS_INDEX
+    # Same preference order as transformers' from_pretrained: single file, then index.
     if (folder / SAFETENSORS_SINGLE).is_file():
         return "safetensors", [folder / SAFETENSORS_SINGLE], None
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return "safetensors", [], folder / SAFETENSORS_INDEX
     shards = _visible(list(folder.glob("model-*-of-*.safetensors")))
     if shards:
         return "safetensors", shards, None
-    if (folder / BIN_INDEX).is_file():
-        return "pickle", [], folder / BIN_INDEX
     if (folder / BIN_SINGLE).is_file():
         return "pickle", [folder / BIN_SINGLE], None
+    if (folder / BIN_INDEX).is_file():
+        return "pickle", [], folder / BIN_INDEX
     shards = _visible(list(folder.glob("pytorch_model-*-of-*.bin")))
     if shards:
         return "pickle", shards, None
@@ -350,6 +357,18 @@ def _find_weights(folder: Path) -> tuple[str, list[Path], Path | None]:
 # --------------------------------------------------------------------------- Checkpoint
 
 
+def _preadinto(fd: int, buf: memoryview, offset: int) -> int:
+    """Read into ``buf`` at ``offset`` without moving a shared file position (thread-safe)."""
+    if _HAS_PREADV:
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, min(len(buf), 1 << 30), offset)  # platforms without preadv: one copy
+    buf[: len(data)] = data
+    return len(data)
+
+
+_HAS_PREADV = hasattr(os, "preadv")
+
+
 class Checkpoint:
     """A validated, lazily read set of tensors. ``get`` is thread-safe."""
 
@@ -359,12 +378,15 @@ class Checkpoint:
         config: dict | None,
         infos: dict[str, TensorInfo],
         tensors: dict[str, torch.Tensor] | None = None,
+        offsets: dict[str, int] | None = None,
     ) -> None:
         self.path = path
         self.config = config
         self._infos = infos
         self._tensors = tensors  # pickles: already (mmap-)loaded tensors
-        self._handles: dict[Path, int] = {}  # safetensors: one file descriptor per file
+        self._offsets = offsets or {}  # safetensors: absolute data offset of each tensor
+        self._fds: dict[Path, int] = {}  # safetensors: one read-only descriptor per file
+        self._readers = 0  # reads in flight (descriptors are closed when none is left)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -396,14 +418,12 @@ class Checkpoint:
         return sum(i.nbytes for i in self._infos.values())
 
     # -- reads
-    def _fd(self, file: Path) -> int:
-        fd = self._handles.get(file)
-        if fd is not None:
-            return fd
+    def _acquire_fd(self, file: Path) -> int:
+        """The descriptor for ``file``, counted as in use until ``_release``."""
         with self._lock:
             if self._closed:
                 raise ValueError(f"checkpoint {self.path} is closed")
-            fd = self._handles.get(file)
+            fd = self._fds.get(file)
             if fd is None:
                 try:
                     fd = os.open(file, os.O_RDONLY)
@@ -411,48 +431,90 @@ class Checkpoint:
                     raise CheckpointError(
                         f"{file}: cannot open ({_one_line(e.strerror or e)}); check the file"
                     ) from None
-                self._handles[file] = fd
+                self._fds[file] = fd
+            self._readers += 1
             return fd
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, stored dtype, CPU, in a fresh buffer the caller owns.
+    def _release(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._closed and self._readers == 0:
+                self._close_fds()
 
-        Safetensors data is read with ``os.preadv`` at the offset the validated header gives,
-        rather than through a memory map: mapped pages count against the process's resident
-        memory for as long as the file stays mapped, which would break ``--memory-budget`` on
-        models larger than RAM, and ``preadv`` releases the GIL so threads read in parallel.
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, in its stored dtype, on the CPU. Thread-safe.
+
+        safetensors data is read with ``os.preadv`` straight into a fresh tensor, so its
+        memory is freed with the tensor. (A memory map would keep every page read so far
+        resident: a process reading a 100 GB model would show 100 GB RSS.) The header was
+        validated when the checkpoint was opened. Tensors from pickles are memory-mapped
+        views (private: writing to them never reaches the file).
+
+        ``out``: optionally a contiguous CPU tensor of the same shape and dtype to read into
+        (a reused or pinned buffer); it is returned.
         """
         info = self.info(name)
-        if self._closed:
-            raise ValueError(f"checkpoint {self.path} is closed")
+        if out is not None:
+            if (
+                tuple(out.shape) != info.shape
+                or out.dtype != info.dtype
+                or out.device.type != "cpu"
+                or not out.is_contiguous()
+            ):
+                raise ValueError(
+                    f"out for {name!r} must be a contiguous CPU tensor {info.shape} "
+                    f"{info.dtype}, got {tuple(out.shape)} {out.dtype} on {out.device}"
+                )
         if self._tensors is not None:
-            return self._tensors[name]
-        fd = self._fd(info.file)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        done = 0
+            if self._closed:
+                raise ValueError(f"checkpoint {self.path} is closed")
+            t = self._tensors[name]
+            return t if out is None else out.copy_(t)
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes == 0:
+            return out
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        offset = self._offsets[name]
+        fd = self._acquire_fd(info.file)
         try:
-            while done < info.nbytes:
-                n = os.preadv(fd, [view[done:]], info.offset + done)
-                if n == 0:
-                    raise OSError("unexpected end of file")
-                done += n
+            pos = 0
+            while pos < info.nbytes:
+                got = _preadinto(fd, buf[pos:], offset + pos)
+                if got <= 0:
+                    raise CheckpointError(
+                        f"{info.file}: file ended inside tensor {name!r} (changed or truncated "
+                        "after it was opened); re-download it"
+                    )
+                pos += got
         except OSError as e:
             raise CheckpointError(
-                f"{info.file}: cannot read tensor {name!r} ({_one_line(e.strerror or e, 120)});"
-                " the file is truncated or changed on disk, re-download or re-save it"
+                f"{info.file}: cannot read tensor {name!r} ({_one_line(e.strerror or e)})"
             ) from None
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return buf.view(info.dtype).reshape(info.shape)
+        finally:
+            self._release()
+        if _BIG_ENDIAN and out.element_size() > 1:
+            size = out.element_size()
+            out = out.reshape(-1).view(torch.uint8).reshape(-1, size).flip(-1).contiguous()
+            out = out.view(info.dtype).reshape(info.shape)
+        return out
 
     def close(self) -> None:
+        """Release the files. Reads in flight in other threads finish first."""
         with self._lock:
             self._closed = True
-            for fd in self._handles.values():
-                os.close(fd)
-            self._handles.clear()
-            self._tensors = {} if self._tensors is not None else None
+            if self._tensors is not None:
+                self._tensors = {}
+            if self._readers == 0:
+                self._close_fds()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -464,21 +526,20 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self._infos)} tensors)"
 
 
-def _st_infos(files: list[Path]) -> dict[str, TensorInfo]:
+def _st_infos(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, int]]:
     infos: dict[str, TensorInfo] = {}
+    offsets: dict[str, int] = {}
     for file in files:
         entries, _ = read_safetensors_header(file)
-        with open(file, "rb") as f:
-            data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         for e in entries:
             if e.name in infos:
                 raise CheckpointError(
                     f"tensor {e.name!r} is in both {infos[e.name].file} and {file}; "
                     "remove the duplicate shard or fix the model folder"
                 )
-            infos[e.name] = TensorInfo(e.name, e.shape, e.dtype, e.end - e.begin, file,
-                                       offset=data_start + e.begin)
-    return infos
+            infos[e.name] = TensorInfo(e.name, e.shape, e.dtype, e.end - e.begin, file)
+            offsets[e.name] = e.start
+    return infos, offsets
 
 
 def _pickle_load(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, torch.Tensor]]:
@@ -500,9 +561,8 @@ def _pickle_load(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, to
 
 def _apply_index(
     folder: Path, index: Path, weight_map: dict[str, str], found: dict[str, TensorInfo]
-) -> dict[str, TensorInfo]:
-    """Check that the shards hold exactly what the index says; return infos in index order."""
-    ordered: dict[str, TensorInfo] = {}
+) -> None:
+    """Check that the shards hold exactly what the index says."""
     for name, shard in weight_map.items():
         info = found.get(name)
         if info is None:
@@ -515,14 +575,12 @@ def _apply_index(
                 f"{index}: says tensor {name!r} is in {shard} but it is in {info.file.name}; "
                 "fix or regenerate the index"
             )
-        ordered[name] = info
     extra = [n for n in found if n not in weight_map]
     if extra:
         raise CheckpointError(
             f"{index}: tensor {extra[0]!r} in {found[extra[0]].file.name} is not in the index "
             f"({len(extra)} such tensors); fix or regenerate the index"
         )
-    return ordered
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -542,26 +600,31 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if index is not None:
             weight_map = _read_index(index)
             files = []
-            for shard in dict.fromkeys(weight_map.values()):
+            # Storage order (shard by shard, data order inside), not the index's (usually
+            # alphabetical) order: reads then stream through each file once, front to back.
+            for shard in sorted(set(weight_map.values())):
                 f = p / shard
                 if not f.is_file():
                     raise CheckpointError(
                         f"{index}: shard {shard} is missing from {p}; re-download the model"
                     )
                 files.append(f)
+        offsets: dict[str, int] | None = None
+        tensors: dict[str, torch.Tensor] | None = None
         if kind == "safetensors":
-            infos, tensors = _st_infos(files), None
+            infos, offsets = _st_infos(files)
         else:
             infos, tensors = _pickle_load(files)
         if index is not None and weight_map is not None:
-            infos = _apply_index(p, index, weight_map, infos)
-        return Checkpoint(user_path, config, infos, tensors)
+            _apply_index(p, index, weight_map, infos)
+        return Checkpoint(user_path, config, infos, tensors, offsets)
 
     if not p.is_file():
         raise CheckpointError(f"{user_path}: not a regular file or folder; point to a model")
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
-        return Checkpoint(user_path, None, _st_infos([p]))
+        infos, offsets = _st_infos([p])
+        return Checkpoint(user_path, None, infos, offsets=offsets)
     if suffix in PICKLE_SUFFIXES:
         infos, tensors = _pickle_load([p])
         return Checkpoint(user_path, None, infos, tensors)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from modelalloy.errors import CheckpointError, OutputError
 from modelalloy.io.dtypes import dtype_name
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_PATTERNS = (
     "tokenizer.json",
@@ -136,10 +138,12 @@ def write_model_card(
     """Write ``dst/README.md``: YAML front matter, what was merged and how, and the recipe."""
     parents = list(dict.fromkeys(([base_model] if base_model else []) + list(models)))
     tags = list(dict.fromkeys(["merge", "modelalloy", *extra_tags]))
+    # The Hub only accepts model ids in base_model; local paths are listed in the text only.
+    hub_ids = [p for p in parents if _HUB_ID.fullmatch(p) and not Path(p).exists()]
     front: dict[str, object] = {}
-    if parents:
-        front["base_model"] = parents
-    if len(parents) > 1:
+    if hub_ids:
+        front["base_model"] = hub_ids
+    if len(hub_ids) > 1:
         front["base_model_relation"] = "merge"
     front["tags"] = tags
     front["library_name"] = "transformers"

@@ -12,11 +12,14 @@ depend on the order of writes.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -105,7 +108,7 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
     """
     out = Path(out_dir).expanduser()
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise OutputError(f"{out}: is a file, not a folder; choose another output path")
+        raise OutputError(f"{out}: is a file or a link, not a folder; choose another output path")
     res = out.resolve()
     for inp in inputs:
         ip = Path(inp).expanduser().resolve()
@@ -141,10 +144,21 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
     os.rmdir(probe)
 
 
-class AtomicOutputDir:
-    """``with AtomicOutputDir(out, force) as tmp:`` write into ``tmp`` (== ``.path``).
+class _WorkDir(type(Path())):  # type: ignore[misc]
+    """The temporary folder: a Path whose ``.path`` is itself, so ``tmp`` and ``tmp.path``
+    both work in ``with AtomicOutputDir(out) as tmp:``."""
 
-    On a clean exit the temporary sibling folder is renamed onto ``out_dir`` (an existing
+    @property
+    def path(self) -> Path:
+        return Path(self)
+
+
+class AtomicOutputDir:
+    """``with AtomicOutputDir(out, force) as tmp:`` write into ``tmp`` (or ``tmp.path``).
+
+    The temporary folder is a sibling ``.<name>.tmp-<random>`` (same filesystem, so the final
+    rename is atomic); ``tmp`` is that folder as a ``Path``, and so is ``tmp.path`` (and this
+    object's ``.path``). On a clean exit the folder is renamed onto ``out_dir`` (an existing
     folder is replaced only with ``force``); on any exception, KeyboardInterrupt included,
     the temporary folder is removed and ``out_dir`` is left as it was.
     """
@@ -153,11 +167,16 @@ class AtomicOutputDir:
         self.out_dir = Path(out_dir).expanduser()
         self.force = force
         self.path: Path | None = None  # the temporary folder, set by __enter__
+        self._active = False
 
     def __enter__(self) -> Path:
+        if self._active:
+            raise ValueError("AtomicOutputDir is already entered")
         out = self.out_dir
         if out.is_symlink() or (out.exists() and not out.is_dir()):
-            raise OutputError(f"{out}: is a file, not a folder; choose another output path")
+            raise OutputError(
+                f"{out}: is a file or a link, not a folder; choose another output path"
+            )
         if out.exists() and not self.force:
             raise OutputError(
                 f"{out}: already exists; pass --force to replace it or choose another path"
@@ -173,13 +192,14 @@ class AtomicOutputDir:
                 f"{out}: cannot create the output folder ({e.strerror or e})"
             ) from None
         self.path = tmp
-        return tmp
+        self._active = True
+        return _WorkDir(tmp)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        tmp = self.path
-        if tmp is None:
+        if not self._active or self.path is None:
             return
-        self.path = None
+        self._active = False
+        tmp = self.path
         if exc_type is not None:
             shutil.rmtree(tmp, ignore_errors=True)
             return
@@ -337,7 +357,8 @@ class ShardedSafetensorsWriter:
 
         # 3. create and preallocate the files
         self._lock = threading.Lock()
-        self._written: set[str] = set()
+        self._claimed: set[str] = set()  # write started (a second write fails fast)
+        self._written: set[str] = set()  # write finished
         self._fds: list[int] = []
         self._closed = False
         needed = sum(self._sizes)
@@ -383,9 +404,9 @@ class ShardedSafetensorsWriter:
         with self._lock:
             if self._closed:
                 raise ValueError("the writer is closed")
-            if name in self._written:
+            if name in self._claimed:
                 raise ValueError(f"tensor {name!r} was already written")
-            self._written.add(name)  # claimed; a second write of the same name fails fast
+            self._claimed.add(name)
         try:
             if slot.nbytes:
                 t = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -399,14 +420,22 @@ class ShardedSafetensorsWriter:
                     ) from None
         except BaseException:
             with self._lock:
-                self._written.discard(name)
+                self._claimed.discard(name)
             raise
+        with self._lock:
+            self._written.add(name)
 
     def close(self) -> list[Path]:
         """Check every tensor was written, fsync, write the index; return the files written."""
         with self._lock:
             if self._closed:
                 raise ValueError("the writer is already closed")
+            busy = self._claimed - self._written
+            if busy:
+                raise ValueError(
+                    f"{len(busy)} tensors are still being written, e.g. {min(busy)!r}; "
+                    "close the writer after every write() has returned"
+                )
             missing = [n for n in self._slots if n not in self._written]
             if missing:
                 raise ValueError(f"{len(missing)} tensors were never written, e.g. {missing[0]!r}")
@@ -453,13 +482,32 @@ class ShardedSafetensorsWriter:
 
 
 def _preallocate(fd: int, size: int) -> None:
-    """Reserve the whole file (fails early when the disk is full); sparse if unsupported."""
-    os.ftruncate(fd, size)
-    if hasattr(os, "posix_fallocate") and size:
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            import errno
+    """Set the file size and, where the filesystem supports it, reserve the blocks.
 
-            if e.errno == errno.ENOSPC:
-                raise
+    Linux ``fallocate(2)`` reserves the space at once (a full disk fails here, not halfway
+    through a merge). We call it directly rather than ``os.posix_fallocate``, whose glibc
+    fallback on filesystems without fallocate writes every block and is slow for large models;
+    without support the file is simply sparse until written.
+    """
+    os.ftruncate(fd, size)
+    if size and _fallocate is not None:
+        if _fallocate(fd, 0, 0, ctypes.c_int64(size)) != 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSPC:
+                raise OSError(err, os.strerror(err))
+
+
+def _load_fallocate():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()

@@ -45,10 +45,12 @@ class PlanEntry:
 
     def working_bytes(self, n_inputs: int) -> int:
         """Bytes held while this tensor is being merged: the stored inputs, their float32
-        copies, a float32 result and temporaries of about two more tensors, and the output."""
+        copies, one float32 temporary per input (task vectors, masks), about four more
+        (magnitudes, sign, sums, result), and the output. Measured on TIES, the most
+        temporary-hungry of the streaming methods."""
         if not self.merge:
             return self.bytes_in + self.bytes_out
-        return self.bytes_in + (n_inputs + 3) * self.numel * FLOAT32_BYTES + self.bytes_out
+        return self.bytes_in + (2 * n_inputs + 4) * self.numel * FLOAT32_BYTES + self.bytes_out
 
 
 @dataclass

@@ -1,0 +1,48 @@
+"""`modelalloy stats MODEL --data FILE --kind gram|fisher|activations`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("stats")
+    def stats(
+        model: Annotated[Path, typer.Argument(help="Hugging Face model folder.")],
+        data: Annotated[Path, typer.Option(
+            "--data", help="Calibration data: .txt (a prompt per line), .jsonl (text/prompt "
+                           "[+response] or input_ids), or .safetensors/.pt input tensor.")],
+        kind: Annotated[str, typer.Option(
+            "--kind", help="gram (RegMean), fisher (Fisher merging) or activations (AIM).")]
+            = "gram",
+        out: Annotated[Path | None, typer.Option(
+            "--out", help="Output .safetensors (default MODEL/stats/KIND.safetensors).")]
+            = None,
+        batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
+        max_length: Annotated[int, typer.Option(help="Tokens kept per example.")] = 512,
+        limit: Annotated[int | None, typer.Option(help="Use the first N examples.")] = None,
+        device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+        field: Annotated[str | None, typer.Option(help="JSONL text field.")] = None,
+        include: Annotated[str | None, typer.Option(
+            help="Regex: only parameters whose name matches.")] = None,
+        include_padding: Annotated[bool, typer.Option(
+            help="Count padding tokens (reference RegMean does).")] = False,
+        fisher_mode: Annotated[str, typer.Option(
+            help="Fisher: sampled, exact (classifiers), hard or empirical.")] = "sampled",
+    ) -> None:
+        """Collect statistics of MODEL on calibration data and save them next to it."""
+        from modelalloy.stats.pipeline import collect_for_model_dir
+
+        options: dict = {"include": include}
+        if kind in ("gram", "activations"):
+            options["mask_padding"] = not include_padding
+        if kind == "fisher":
+            options["mode"] = fisher_mode
+        path, seconds = collect_for_model_dir(model, data, kind, out=out,
+                                              batch_size=batch_size, max_length=max_length,
+                                              limit=limit, device=device, field=field,
+                                              **options)
+        typer.echo(f"wrote {kind} statistics to {path} ({seconds:.1f} s)")

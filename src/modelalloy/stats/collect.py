@@ -1,0 +1,415 @@
+"""Collect statistics from calibration data through hooks on any torch module.
+
+Three collectors, one code path for Hugging Face models and plain ``nn.Module``\\ s:
+
+- :func:`collect_grams` — RegMean's input Gram matrices ``G = XᵀX / n`` of every linear map,
+  token-weighted, attention-mask aware (forward pre-hooks, no backward pass);
+- :func:`collect_activations` — AIM's per-input-channel mean ``|x|`` of every weight-bearing,
+  non-embedding module (forward pre-hooks);
+- :func:`collect_fisher` — the diagonal Fisher of every parameter from **per-example** gradients
+  (one backward pass per example and sample; Matena & Raffel 2022).
+
+Each returns a :class:`Statistic`: a read-only mapping from *parameter name* (the state-dict name
+of the weight the statistic belongs to) to a float32 CPU tensor, which is exactly what
+:func:`modelalloy.stats.save_stats` writes and what ``merge_state_dicts(..., stats=...)`` reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelalloy.stats.hooks import (
+    FIRST,
+    LAST,
+    batch_size_of,
+    call_model,
+    linear_modules,
+    logits_of,
+    progress,
+    select_example,
+    split_batch,
+    to_device,
+    token_mask,
+    weight_modules,
+)
+
+KINDS = ("gram", "activations", "fisher")
+
+
+@dataclass
+class Statistic(Mapping[str, torch.Tensor]):
+    """Per-parameter statistics of one model: ``stat[param_name] -> Tensor``.
+
+    ``input_dims`` says, for gram/activation statistics, which dimension of the weight the
+    statistic's channels run along ("last" for ``nn.Linear`` and norms, "first" for the
+    transposed ``Conv1D`` of GPT-2 style models). ``counts`` holds the number of tokens (gram,
+    activations) or examples (fisher) behind each entry, so means can be pooled or turned back
+    into sums.
+    """
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    input_dims: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def _as_predicate(include: Any) -> Callable[[str], bool] | None:
+    if include is None or callable(include):
+        return include
+    import re
+
+    pattern = re.compile(include)
+    return lambda name: pattern.search(name) is not None
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for key in ("input", "x", "hidden_states"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    return None
+
+
+class _TokenRows:
+    """Turns a hooked input (…, d) into the rows (n, d) that count, honouring the mask."""
+
+    def __init__(self, mask_padding: bool):
+        self.mask_padding = mask_padding
+        self.mask: torch.Tensor | None = None
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        mask = self.mask
+        if (self.mask_padding and mask is not None and x.dim() >= 2
+                and tuple(x.shape[:-1]) == tuple(mask.shape)):
+            return x[mask.to(x.device)]
+        return x.reshape(-1, x.shape[-1])
+
+
+def _run_forward(model: nn.Module, batches: Iterable[Any], rows: _TokenRows,
+                 device: torch.device | None, show: bool, desc: str,
+                 max_batches: int | None) -> int:
+    was_training = model.training
+    model.eval()
+    n_batches = 0
+    try:
+        with torch.no_grad():
+            for batch in progress(batches, show, desc):
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                inputs, _ = split_batch(batch)
+                if device is not None:
+                    inputs = to_device(inputs, device)
+                rows.mask = token_mask(inputs)
+                call_model(model, inputs)
+                n_batches += 1
+    finally:
+        rows.mask = None
+        model.train(was_training)
+    return n_batches
+
+
+def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = None,
+                  mask_padding: bool = True, reduce: str = "mean",
+                  dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+                  max_batches: int | None = None, show_progress: bool = False) -> Statistic:
+    """Input Gram matrices of every linear map of ``model`` (RegMean, Jin et al. 2023).
+
+    For a linear map with inputs x (flattened over batch and tokens to rows), accumulates
+    ``Σ xᵀx`` and the row count n, and returns ``G = Σ xᵀx / n`` (``reduce="mean"``, the
+    reference's running mean, the default) or the sum (``reduce="sum"``). With ``mask_padding``
+    (default) rows whose ``attention_mask`` is 0 are left out; the reference RegMean includes
+    padding — pass ``mask_padding=False`` to reproduce it. ``include`` (a regex or a predicate on
+    the parameter name) restricts the hooked layers. Accumulation is in ``dtype`` on the
+    device of the activations; results are returned float32 on the CPU.
+    """
+    if reduce not in ("mean", "sum"):
+        raise ValueError("reduce must be 'mean' or 'sum'")
+    dev = torch.device(device) if device is not None else None
+    rows = _TokenRows(mask_padding)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooked = linear_modules(model, _as_predicate(include))
+    handles = []
+
+    def make_hook(key: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_input(args, kwargs)
+            if x is None:
+                return
+            r = rows.rows(x).to(dtype)
+            if key in sums:
+                sums[key].add_(r.T @ r)
+            else:
+                sums[key] = r.T @ r
+            counts[key] = counts.get(key, 0) + r.shape[0]
+        return hook
+
+    for hw in hooked:
+        handles.append(hw.module.register_forward_pre_hook(make_hook(hw.module_name),
+                                                           with_kwargs=True))
+    try:
+        _run_forward(model, batches, rows, dev, show_progress, "gram", max_batches)
+    finally:
+        for h in handles:
+            h.remove()
+    out, dims, cnt = {}, {}, {}
+    for hw in hooked:
+        if hw.module_name not in sums:
+            continue
+        n = counts[hw.module_name]
+        g = sums[hw.module_name]
+        g = (g / max(n, 1) if reduce == "mean" else g).to("cpu", torch.float32)
+        for pname in hw.param_names:
+            out[pname] = g
+            dims[pname] = hw.input_dim
+            cnt[pname] = n
+    return Statistic("gram", out, dims, cnt, {"reduce": reduce,
+                                              "mask_padding": str(mask_padding).lower()})
+
+
+def collect_activations(model: nn.Module, batches: Iterable[Any], *, include: Any = None,
+                        mask_padding: bool = True, device: str | torch.device | None = None,
+                        max_batches: int | None = None,
+                        show_progress: bool = False) -> Statistic:
+    """Per-input-channel mean ``|x|`` at every weight-bearing, non-embedding module (AIM).
+
+    The reference (Nobari et al. 2025, ``get_calib_feat``) sums per-batch token means; we keep
+    the token-weighted mean, which differs only by a constant when batches have equal size and
+    is the same after AIM's normalisation by the maximum. Keys are the modules' weight names;
+    the vector runs along the weight's input dimension (``input_dims``).
+    """
+    dev = torch.device(device) if device is not None else None
+    rows = _TokenRows(mask_padding)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooked = weight_modules(model, _as_predicate(include))
+    handles = []
+
+    def d_in(hw: Any) -> int:
+        w = hw.module.weight
+        if w.dim() == 1:
+            return w.shape[0]
+        return w.shape[0] if hw.input_dim == FIRST else w.shape[-1]
+
+    def make_hook(key: str, width: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_input(args, kwargs)
+            if x is None or x.shape[-1] != width or not x.is_floating_point():
+                return
+            r = rows.rows(x).float().abs()
+            s = r.sum(0)
+            if key in sums:
+                sums[key].add_(s)
+            else:
+                sums[key] = s
+            counts[key] = counts.get(key, 0) + r.shape[0]
+        return hook
+
+    for hw in hooked:
+        handles.append(hw.module.register_forward_pre_hook(
+            make_hook(hw.module_name, d_in(hw)), with_kwargs=True))
+    try:
+        _run_forward(model, batches, rows, dev, show_progress, "activations", max_batches)
+    finally:
+        for h in handles:
+            h.remove()
+    out, dims, cnt = {}, {}, {}
+    for hw in hooked:
+        if hw.module_name not in sums:
+            continue
+        n = counts[hw.module_name]
+        a = (sums[hw.module_name] / max(n, 1)).to("cpu", torch.float32)
+        for pname in hw.param_names:
+            out[pname] = a
+            dims[pname] = LAST if hw.module.weight.dim() == 1 else hw.input_dim
+            cnt[pname] = n
+    return Statistic("activations", out, dims, cnt, {"reduce": "mean",
+                                                     "mask_padding": str(mask_padding).lower()})
+
+
+FISHER_MODES = ("exact", "sampled", "hard", "empirical")
+
+
+def collect_fisher(model: nn.Module, batches: Iterable[Any], *, mode: str = "sampled",
+                   include: Any = None, logits_fn: Callable[[Any], torch.Tensor] | None = None,
+                   num_samples: int = 1, shift_labels: bool = True, seed: int = 0,
+                   device: str | torch.device | None = None, max_examples: int | None = None,
+                   show_progress: bool = False) -> Statistic:
+    """Diagonal Fisher ``F = (1/N) Σ_n E_y[(∇θ log p(y|x_n))²]`` from per-example gradients.
+
+    Matena & Raffel (2022), ``compute_fisher_for_model``: the square is taken per example,
+    before averaging. ``mode`` picks how y is drawn:
+
+    - ``"exact"`` — the expectation over classes, Σ_c p(c|x)·(∇ log p(c|x))², one backward pass
+      per class (classification outputs ``(batch, classes)`` only; the reference's default);
+    - ``"sampled"`` — ``num_samples`` draws y ~ p(y|x) (Monte-Carlo; the default here because it
+      also works for language models, where it samples one token per position);
+    - ``"hard"`` — y = argmax p(y|x) (the RegMean repo's "hard" variant, but per example);
+    - ``"empirical"`` — y = the batch's ``labels`` (for causal LMs, with ``shift_labels``, the
+      Hugging Face convention: position t predicts label t+1; -100 is ignored).
+
+    For sequence outputs ``(batch, tokens, vocab)`` the example's log-likelihood is the sum over
+    its unmasked positions. No floor or normalisation is applied here: they belong to the merge
+    (``fisher`` method). Every trainable floating parameter selected by ``include`` gets an
+    entry (tied parameters under all their names).
+    """
+    if mode not in FISHER_MODES:
+        raise ValueError(f"mode must be one of {', '.join(FISHER_MODES)}")
+    predicate = _as_predicate(include)
+    dev = torch.device(device) if device is not None else None
+    get_logits = logits_fn or (lambda out: logits_of(out))
+    names_by_param: dict[int, list[str]] = {}
+    params: list[nn.Parameter] = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.is_floating_point():
+            continue
+        if id(p) in names_by_param:
+            names_by_param[id(p)].append(name)
+            continue
+        names_by_param[id(p)] = [name]
+        params.append(p)
+    if predicate is not None:
+        params = [p for p in params if any(predicate(n) for n in names_by_param[id(p)])]
+    if not params:
+        raise ValueError("no parameter selected for the Fisher")
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    saved_flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()
+    n_examples = 0
+
+    def grads_of(value: torch.Tensor, retain: bool) -> list[torch.Tensor]:
+        gs = torch.autograd.grad(value, params, retain_graph=retain, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params, strict=True)]
+
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for batch in progress(batches, show_progress, "fisher"):
+            inputs, labels = split_batch(batch)
+            if dev is not None:
+                inputs = to_device(inputs, dev)
+                labels = to_device(labels, dev)
+            n = batch_size_of(inputs)
+            for i in range(n):
+                if max_examples is not None and n_examples >= max_examples:
+                    break
+                ex = select_example(inputs, i, n)
+                mask = token_mask(ex)
+                logp = torch.log_softmax(get_logits(call_model(model, ex)).float(), dim=-1)
+                if logp.dim() == 2:  # (1, classes)
+                    logp = logp[0]
+                    if mode == "exact":
+                        probs = logp.detach().exp()
+                        for c in range(logp.shape[0]):
+                            gs = grads_of(logp[c], retain=c < logp.shape[0] - 1)
+                            for a, g in zip(acc, gs, strict=True):
+                                a.add_(probs[c] * g.float() ** 2)
+                    else:
+                        if mode == "empirical":
+                            if labels is None:
+                                raise ValueError("mode='empirical' needs 'labels' in the batch")
+                            ys = [int(labels[i])]
+                        elif mode == "hard":
+                            ys = [int(logp.argmax())]
+                        else:
+                            ys = torch.multinomial(logp.detach().exp().cpu(), num_samples,
+                                                   replacement=True, generator=gen).tolist()
+                        for j, y in enumerate(ys):
+                            gs = grads_of(logp[y], retain=j < len(ys) - 1)
+                            for a, g in zip(acc, gs, strict=True):
+                                a.add_(g.float() ** 2 / len(ys))
+                elif logp.dim() == 3:  # (1, tokens, vocab)
+                    logp = logp[0]
+                    valid = (mask[0] if mask is not None and mask.shape[1] == logp.shape[0]
+                             else torch.ones(logp.shape[0], dtype=torch.bool,
+                                             device=logp.device))
+                    if mode == "exact":
+                        raise ValueError("mode='exact' needs classification outputs (batch, "
+                                         "classes); use 'sampled' for sequence outputs")
+                    if mode == "empirical":
+                        if labels is None:
+                            raise ValueError("mode='empirical' needs 'labels' in the batch")
+                        lab = labels[i]
+                        if shift_labels:
+                            lp, lab, val = logp[:-1], lab[1:], valid[:-1]
+                        else:
+                            lp, val = logp, valid
+                        keep = val & (lab != -100)
+                        lab = lab.clamp_min(0)
+                        picked = lp.gather(-1, lab[:, None])[:, 0]
+                        draws = [(picked * keep).sum()]
+                    elif mode == "hard":
+                        picked = logp.gather(-1, logp.argmax(-1, keepdim=True))[:, 0]
+                        draws = [(picked * valid).sum()]
+                    else:
+                        draws = []
+                        probs = logp.detach().exp().cpu()
+                        for _ in range(num_samples):
+                            y = torch.multinomial(probs, 1, generator=gen).to(logp.device)
+                            draws.append((logp.gather(-1, y)[:, 0] * valid).sum())
+                    for j, value in enumerate(draws):
+                        gs = grads_of(value, retain=j < len(draws) - 1)
+                        for a, g in zip(acc, gs, strict=True):
+                            a.add_(g.float() ** 2 / len(draws))
+                else:
+                    raise ValueError(f"logits of shape {tuple(logp.shape)}: expected "
+                                     "(batch, classes) or (batch, tokens, vocab)")
+                n_examples += 1
+            if max_examples is not None and n_examples >= max_examples:
+                break
+    finally:
+        for p, flag in zip(params, saved_flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if n_examples == 0:
+        raise ValueError("no calibration example was seen")
+    out, cnt = {}, {}
+    for p, a in zip(params, acc, strict=True):
+        f = (a / n_examples).to("cpu", torch.float32)
+        for name in names_by_param[id(p)]:
+            out[name] = f
+            cnt[name] = n_examples
+    return Statistic("fisher", out, {}, cnt, {"mode": mode, "num_samples": str(num_samples)})
+
+
+def collect_stats(model: nn.Module, batches: Iterable[Any], kind: str, **options: Any
+                  ) -> Statistic:
+    """Dispatch to the collector of ``kind`` (gram, activations or fisher)."""
+    if kind == "gram":
+        return collect_grams(model, batches, **options)
+    if kind == "activations":
+        return collect_activations(model, batches, **options)
+    if kind == "fisher":
+        return collect_fisher(model, batches, **options)
+    raise ValueError(f"unknown statistic kind '{kind}'; one of {', '.join(KINDS)}")
+
+
+def global_norm(stat: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> float:
+    """‖F‖₂ over all entries of the selected tensors concatenated (Fisher normalisation)."""
+    total = 0.0
+    for name in (names if names is not None else stat.keys()):
+        t = stat.get(name)
+        if t is not None:
+            total += float((t.double() ** 2).sum())
+    return math.sqrt(total)

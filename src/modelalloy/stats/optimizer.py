@@ -1,0 +1,83 @@
+"""Adam second moments (``exp_avg_sq``) read from saved optimizer states, for OTA / FFG.
+
+Two sources:
+
+- a safetensors file whose keys are parameter names (optionally suffixed ``.exp_avg_sq``);
+- a torch optimizer state dict (``optimizer.pt`` from a Hugging Face Trainer checkpoint, or
+  ``torch.save(opt.state_dict())``), loaded with ``weights_only=True``. Its ``state`` is indexed
+  by the position of each parameter in ``param_groups[*]["params"]``; names come from
+  ``param_groups[*]["param_names"]`` when torch saved them (torch >= 2.6 with named parameters),
+  else from ``param_names`` — the parameter names **in the order the optimizer was built**
+  (Trainer builds a decay group then a no-decay group: pass the names in that order).
+
+The result is a :class:`~modelalloy.stats.Statistic` of kind ``exp_avg_sq``, saved like any
+statistic (``<model_dir>/stats/exp_avg_sq.safetensors``). ``compress="rank1"`` stores the
+AdaFactor-lemma reconstruction r cᵀ/Σv of each matrix (the memory saving of the OTA paper is
+in what a trainer has to keep; on disk we keep the parameter's shape so the engine reads it
+like any other statistic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from modelalloy.errors import CheckpointError
+from modelalloy.methods.ota import rank1_second_moment
+from modelalloy.stats.collect import Statistic
+
+
+def load_adam_moments(path: str | Path, param_names: Sequence[str] | None = None, *,
+                      shapes: Mapping[str, torch.Size] | None = None,
+                      key: str = "exp_avg_sq", compress: str = "none") -> Statistic:
+    """Read ``key`` (default ``exp_avg_sq``) per parameter name from ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no optimizer state file")
+    out: dict[str, torch.Tensor] = {}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        for k, v in load_file(str(path)).items():
+            name = k[: -len(f".{key}")] if k.endswith(f".{key}") else k
+            out[name] = v.float()
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read an optimizer state dict safely "
+                                  f"({err})") from err
+        if not isinstance(state, Mapping) or "state" not in state or "param_groups" not in state:
+            raise CheckpointError(f"{path}: not a torch optimizer state dict (no 'state' / "
+                                  "'param_groups')")
+        ids: list[int] = []
+        saved_names: list[str] = []
+        for group in state["param_groups"]:
+            ids.extend(group["params"])
+            saved_names.extend(group.get("param_names", []))
+        names = list(saved_names) if len(saved_names) == len(ids) else (
+            list(param_names) if param_names is not None else None)
+        if names is None:
+            raise CheckpointError(f"{path}: the optimizer state has no parameter names; pass "
+                                  "param_names in the order the optimizer was built")
+        if len(names) != len(ids):
+            raise CheckpointError(f"{path}: {len(ids)} parameters in the optimizer state but "
+                                  f"{len(names)} names were given")
+        for pid, name in zip(ids, names, strict=True):
+            entry = state["state"].get(pid)
+            if entry is None or key not in entry:
+                continue  # never stepped (frozen) — no curvature recorded
+            out[name] = entry[key].float()
+    if shapes is not None:
+        for name, v in out.items():
+            if name in shapes and tuple(shapes[name]) != tuple(v.shape):
+                raise CheckpointError(f"{path}: {key} of '{name}' has shape {tuple(v.shape)} "
+                                      f"but the parameter has {tuple(shapes[name])}; wrong "
+                                      "parameter order?")
+    if compress == "rank1":
+        out = {k: rank1_second_moment(v) for k, v in out.items()}
+    elif compress != "none":
+        raise ValueError("compress must be 'none' or 'rank1'")
+    return Statistic("exp_avg_sq", out, {}, {}, {"source": path.name, "compress": compress})
