@@ -643,7 +643,10 @@ def _gb(b: float) -> str:
     return f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB"
 
 
-def render_section(results: dict) -> str:
+FINDINGS = Path(__file__).resolve().parent / "results" / "merge_speed_findings.md"
+
+
+def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
     L: list[str] = [SECTION, ""]
     L.append("Measured by `benchmarks/merge_speed.py` (generated from its results file; rerun it "
              "rather than editing the numbers by hand). Synthetic Llama-architecture checkpoints, "
@@ -813,6 +816,9 @@ def render_section(results: dict) -> str:
                              ("write", "write the result (safetensors save_file)")):
                 L.append(f"| {label} | {s[k]:.2f} |")
             L.append("")
+    if findings is not None and findings.exists():
+        L.append(findings.read_text().rstrip("\n"))
+        L.append("")
     L.append("### Notes on the comparison")
     L.append("")
     L.extend(NOTES)
@@ -952,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="sizes that get the component profile (the full-sort row takes "
                          "minutes at 1B; default 2M,100M)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the section of --out from the results file; run nothing")
     args = ap.parse_args(argv)
 
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -968,6 +976,11 @@ def main(argv: list[str] | None = None) -> int:
         in_repo = REPO in out.parents
         results_path = (REPO / "benchmarks" / "results" / "merge_speed.json" if in_repo
                         else out.with_suffix(".json"))
+    if args.render_only:
+        results = json.loads(results_path.read_text())
+        write_doc(out, render_section(results, FINDINGS if REPO in out.parents else None))
+        print(f"[doc] wrote {out} from {results_path}")
+        return 0
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="merge-speed-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -1124,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         results["sizes"][size] = rec
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
-        write_doc(out, render_section(results))
+        write_doc(out, render_section(results, FINDINGS if REPO in out.parents else None))
         print(f"[doc] wrote {out} (results in {results_path})")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
