@@ -1087,7 +1087,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 o = work / size / f"{method}-pyspy"
                 m["py_spy"] = spy_profile(ma_cmd + [str(recipe), str(o), "--force"] + extra,
-                                          env_ma, spy, 100, work / size, [REPO / "src"])
+                                          env_ma, spy, 100, work / size, [REPO / "src"],
+                                          tag=method)
                 shutil.rmtree(o, ignore_errors=True)
                 print(f"[{size} {method}] py-spy: " + ", ".join(
                     f"{k} {v / 100:.1f}s" for k, v in m["py_spy"].get("samples", {}).items()))

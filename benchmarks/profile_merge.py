@@ -93,6 +93,22 @@ def classify(frames: list[tuple[str, str, int]], lines: _Lines) -> str:
     return "other"
 
 
+def hot_lines(raw: Path, top: int = 10) -> list[tuple[str, int]]:
+    """The innermost modelalloy source lines with the most samples (start-up left out)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for row in raw.read_text(errors="replace").splitlines():
+        head, _, n = row.rpartition(" ")
+        if not n.isdigit() or "run_recipe" not in head:
+            continue
+        for p in reversed(head.split(";")[1:]):
+            m = FRAME.match(p)
+            if m and "modelalloy/" in m.group("file"):
+                f = m.group("file")
+                counts[f"{f[f.find('modelalloy/'):]}:{m.group('line')} {m.group('func')}"] += int(n)
+                break
+    return counts.most_common(top)
+
+
 def aggregate(raw: Path, src_roots: list[Path]) -> dict:
     lines = _Lines(src_roots)
     counts: collections.Counter[str] = collections.Counter()
@@ -115,14 +131,16 @@ def aggregate(raw: Path, src_roots: list[Path]) -> dict:
 
 
 def profile(cmd: list[str], env: dict[str, str], py_spy: str, rate: int, work: Path,
-            src_roots: list[Path]) -> dict:
-    raw = work / "py-spy.raw.txt"
+            src_roots: list[Path], tag: str = "merge") -> dict:
+    raw = work / f"py-spy-{tag}.raw.txt"
     r = subprocess.run([py_spy, "record", "-r", str(rate), "-f", "raw", "-o", str(raw),
                         "--threads", "--"] + cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0 or not raw.exists():
         return {"error": (r.stderr or r.stdout).strip()[-500:]}
     out = aggregate(raw, src_roots)
     out["rate"] = rate
+    out["raw"] = str(raw)
+    out["hot_lines"] = hot_lines(raw, top=8)
     return out
 
 
