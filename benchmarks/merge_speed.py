@@ -1041,6 +1041,20 @@ def main(argv: list[str] | None = None) -> int:
                "baseline_wall_s": base_run["wall_s"],
                "mergekit_baseline_wall_s": mk_base["wall_s"] if mk_base else None,
                "baseline_anon_mb": base_run["peak_anon_mb"]}
+
+        def save(rec: dict = rec, size: str = size, load_before: str = load_before) -> None:
+            rec["env"] = {
+                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "machine": f"{os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, "
+                           f"{platform.machine()} Linux",
+                "load_before": load_before, "load_after": _load_avg(),
+                "runs": args.runs, "commit": _commit(), "mergekit": mk_desc,
+                "modelalloy_cmd": " ".join(["modelalloy merge RECIPE OUT --force"] + extra)}
+            results["sizes"][size] = rec
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            write_doc(out, render_section(results, FINDINGS if REPO in out.parents else None))
+
         rdir = work / size / "recipes"
         rdir.mkdir(parents=True, exist_ok=True)
         for method in methods:
@@ -1108,6 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
                     rec["compare"][method] = {"error": f"comparison failed: {exc}"}
             for p in keep.values():
                 shutil.rmtree(p, ignore_errors=True)
+            save()  # after every method, so an interrupted run keeps what it measured
         budgets = (args.budgets if args.budgets is not None
                    else ",".join(DEFAULT_BUDGETS.get(size, [])))
         if budgets and budgets != "none":
@@ -1128,17 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
             rec["profile"] = profile_components(models, work)
             print("[profile] " + ", ".join(f"{k} {v:.2f}s"
                                            for k, v in rec["profile"]["seconds"].items()))
-        rec["env"] = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                      "machine": f"{os.cpu_count()} cores, "
-                                 f"{_mem_gib():.0f} GiB RAM, {platform.machine()} Linux",
-                      "load_before": load_before, "load_after": _load_avg(),
-                      "runs": args.runs, "commit": _commit(), "mergekit": mk_desc,
-                      "modelalloy_cmd": " ".join(["modelalloy merge RECIPE OUT --force"]
-                                                 + extra)}
-        results["sizes"][size] = rec
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=1) + "\n")
-        write_doc(out, render_section(results, FINDINGS if REPO in out.parents else None))
+        save()
         print(f"[doc] wrote {out} (results in {results_path})")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
