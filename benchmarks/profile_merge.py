@@ -94,11 +94,12 @@ def classify(frames: list[tuple[str, str, int]], lines: _Lines) -> str:
 
 
 def hot_lines(raw: Path, top: int = 10) -> list[tuple[str, int]]:
-    """The innermost modelalloy source lines with the most samples (start-up left out)."""
+    """The innermost modelalloy source lines with the most samples (start-up left out: only
+    stacks that pass through the engine, in the main thread or a worker)."""
     counts: collections.Counter[str] = collections.Counter()
     for row in raw.read_text(errors="replace").splitlines():
         head, _, n = row.rpartition(" ")
-        if not n.isdigit() or "run_recipe" not in head:
+        if not n.isdigit() or "modelalloy/engine/" not in head:
             continue
         for p in reversed(head.split(";")[1:]):
             m = FRAME.match(p)
@@ -140,7 +141,7 @@ def profile(cmd: list[str], env: dict[str, str], py_spy: str, rate: int, work: P
     out = aggregate(raw, src_roots)
     out["rate"] = rate
     out["raw"] = str(raw)
-    out["hot_lines"] = hot_lines(raw, top=8)
+    out["hot_lines"] = hot_lines(raw, top=12)
     return out
 
 
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         n = res["samples"].get(stage, 0)
         print(f"{stage:40s} {n / res['rate']:8.2f} s  {100 * n / total:5.1f}%")
+    print("hottest lines (innermost modelalloy frame; samples):")
+    for line, n in res["hot_lines"]:
+        print(f"  {n:6d}  {line}")
     print(json.dumps(res))
     return 0
 
