@@ -68,14 +68,15 @@ def classify(frames: list[tuple[str, str, int]], lines: _Lines) -> str:
     if any(fn in ("make_plan", "build_plan", "open_models") for fn, _, _ in frames):
         return STAGES[1]
     # the innermost modelalloy frame says what the code was doing
-    for _fn, f, ln in reversed(frames):
+    for fn, f, ln in reversed(frames):
         if not f.startswith("modelalloy/"):
             continue
         src = lines.text(f, ln)
         if f.startswith("modelalloy/io/"):
             return "read"
         if f.startswith("modelalloy/methods/"):
-            if re.search(r"kthvalue|topk|sort|kth_largest|quantile", src):
+            if fn in ("kth_largest", "_bin_keys", "global_thresholds") or re.search(
+                    r"kthvalue|topk|sort|kth_largest|quantile", src):
                 return STAGES[6]
             if re.search(r"bernoulli|rand|Generator|manual_seed", src):
                 return "random masks"
