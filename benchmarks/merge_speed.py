@@ -851,9 +851,11 @@ NOTES = [
     "compared; mergekit's SLERP runs in NumPy float32 on bf16 inputs. Differences of one bf16 "
     "ulp are rounding; larger ones on a small share of elements in TIES/breadcrumbs come "
     "from ties at the trim threshold and the sign election.",
-    "- mergekit is run with its defaults (`mergekit-yaml RECIPE OUT`, sequential executor, "
-    "no async write, default threads); modelalloy with its defaults plus the options given "
-    "on the command line of the script.",
+    "- mergekit is run with its defaults (`mergekit-yaml RECIPE OUT --no-copy-tokenizer`: "
+    "sequential executor, no async write, default threads; the synthetic models have no "
+    "tokenizer to copy); modelalloy with its defaults (`modelalloy merge RECIPE OUT --force`: "
+    "min(4, cores) worker threads, no budget) plus the options given to the script. Outputs "
+    "are deleted after each run, so neither tool's writes pile up in the page cache.",
 ]
 
 REPRODUCE = [
