@@ -111,7 +111,14 @@ class OPCM:
         return e.to(self.device, torch.float32) - b.to(self.device, torch.float32)
 
     def add(self, expert: Mapping[str, torch.Tensor]) -> float:
-        """Merge one more model in; returns the norm of the merged task vector afterwards."""
+        """Merge one more model in; returns the norm of the merged task vector afterwards.
+
+        ``expert`` may be a lazy mapping: each tensor is read when it is merged. A model that
+        lacks a tensor is refused before anything changes.
+        """
+        missing = [n for n in self.names if n not in expert]
+        if missing:
+            raise PlanError(f"opcm: model {self.count + 1} has no tensor '{missing[0]}'")
         if not self.norms:
             sq = 0.0
             for n in self.names:

@@ -17,7 +17,9 @@ from modelalloy.errors import CheckpointError
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
+    from modelalloy.methods.registry import MethodSpec
     from modelalloy.plan.planner import MergePlan
+    from modelalloy.recipe import Recipe
 
 STATS_FOLDER = "stats"
 
@@ -25,6 +27,38 @@ STATS_FOLDER = "stats"
 def stats_path(model_path: Path, kind: str) -> Path:
     folder = model_path if model_path.is_dir() else model_path.parent
     return folder / STATS_FOLDER / f"{kind}.safetensors"
+
+
+def collect_missing(recipe: Recipe, spec: MethodSpec, device: str = "cpu") -> list[Path]:
+    """Collect the statistics ``spec`` needs that an expert lacks, on the recipe's
+    ``calibration`` data; returns the files written. Without calibration data nothing is
+    collected (the merge then names what is missing and how to collect it)."""
+    data = recipe.calibration_path()
+    if not spec.stats or data is None:
+        return []
+    from modelalloy.stats.collect import KINDS
+    from modelalloy.stats.pipeline import collect_for_model_dir
+
+    cal = recipe.calibration
+    owners = [e.model for e in recipe.expert_entries()]
+    if spec.stats_from == "base" and recipe.base_model is not None:
+        owners = [recipe.base_model]
+    written = []
+    for owner in owners:
+        model = recipe.model_path(owner)
+        for kind in spec.stats:
+            if stats_path(model, kind).exists():
+                continue
+            if kind not in KINDS:
+                raise CheckpointError(
+                    f"{model}: method '{spec.name}' needs '{kind}' statistics, which cannot "
+                    f"be collected from calibration data (collectable: {', '.join(KINDS)}); "
+                    "see docs/statistics.md")
+            path, _ = collect_for_model_dir(
+                model, data, kind, batch_size=cal.batch_size, max_length=cal.max_length,
+                limit=cal.limit, field=cal.field, device=device, show_progress=False)
+            written.append(path)
+    return written
 
 
 class StatsFiles:
@@ -39,16 +73,20 @@ class StatsFiles:
         kinds = plan.spec.stats
         if not kinds:
             return None
+        owners = plan.experts
+        if plan.spec.stats_from == "base" and plan.base is not None:
+            owners = [plan.base]
         files: dict[str, list[Checkpoint]] = {}
         for kind in kinds:
             files[kind] = []
-            for expert in plan.experts:
-                path = stats_path(expert.path, kind)
+            for owner in owners:
+                path = stats_path(owner.path, kind)
                 if not path.exists():
                     raise CheckpointError(
-                        f"{expert.path}: method '{plan.spec.name}' needs '{kind}' statistics "
-                        f"but {path} does not exist; run `modelalloy stats {expert.path} "
-                        f"--kind {kind} --data FILE` first")
+                        f"{owner.path}: method '{plan.spec.name}' needs '{kind}' statistics "
+                        f"but {path} does not exist; run `modelalloy stats {owner.path} "
+                        f"--kind {kind} --data FILE` first, or give the recipe "
+                        "`calibration: FILE`")
                 files[kind].append(stack.enter_context(open_checkpoint(path)))
         return cls(files)
 

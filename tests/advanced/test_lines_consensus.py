@@ -53,8 +53,11 @@ def test_lines_ties_auto_alpha_hand_worked():
     # α = (4/5)/2 = 0.4, so θ = θ_0 + 0.4·[3, -2].
     base = {"w": torch.zeros(2)}
     experts = [{"w": torch.tensor([3.0, -1.0])}, {"w": torch.tensor([-1.0, -1.0])}]
-    out = merge_state_dicts("lines", base, experts, merge="ties", density=1.0)
+    out = merge_state_dicts("lines", base, experts, merge="ties", density=1.0, ties_agg="sum")
     assert close(out["w"], torch.tensor([1.2, -0.8]))
+    # dis-mean (default): merged = [3, -1]; ‖merged‖₁ = 4; α = (4/4)/2 = 0.5 -> [1.5, -0.5].
+    out = merge_state_dicts("lines", base, experts, merge="ties", density=1.0)
+    assert close(out["w"], torch.tensor([1.5, -0.5]))
 
 
 def test_lines_auto_alpha_without_prepare_is_an_error():

@@ -91,3 +91,46 @@ def test_merge_stream_cli(tmp_path):
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     want = opcm_merge(base, experts)
     assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in base)
+
+
+def test_opcm_refuses_a_model_with_a_missing_tensor_without_changing_state():
+    import pytest
+
+    from modelalloy.errors import PlanError
+
+    base, experts = make_models(2, seed=4)
+    merger = OPCM(base)
+    merger.add(experts[0])
+    before = {n: t.clone() for n, t in merger.delta.items()}
+    broken = dict(experts[1])
+    broken.pop("head.weight")
+    with pytest.raises(PlanError, match="head.weight"):
+        merger.add(broken)
+    assert merger.count == 1
+    assert all(torch.equal(before[n], merger.delta[n]) for n in before)
+
+
+def test_merge_stream_cli_shuffle_is_the_api_in_the_shuffled_order(tmp_path):
+    import random
+
+    base, experts = make_models(3, seed=12)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    paths = []
+    for i, e in enumerate(experts):
+        save_file(e, str(tmp_path / f"m{i}.safetensors"))
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        pass
+
+    merge_stream.register(app)
+    res = CliRunner().invoke(app, ["merge-stream", str(tmp_path / "base.safetensors"), *paths,
+                                   "--out", str(tmp_path / "out"), "--shuffle", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    order = list(range(3))
+    random.Random(3).shuffle(order)
+    want = opcm_merge(base, [experts[i] for i in order])
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in base)

@@ -256,3 +256,11 @@ def test_bad_size_option(gpt2_family, tmp_path, run_cli, option):
     out = tmp_path / "out"
     result = run_cli("merge", ta_recipe(tmp_path, base, experts), out, option, "lots")
     assert_clean_failure(result, out, option)
+
+
+def test_memory_budget_too_small_for_the_largest_tensor(gpt2_family, tmp_path, run_cli):
+    base, experts = gpt2_family
+    out = tmp_path / "out"
+    result = run_cli("merge", ta_recipe(tmp_path, base, experts), out, "--memory-budget",
+                     "10MB")
+    assert_clean_failure(result, out, "--memory-budget", "too small", "use at least")

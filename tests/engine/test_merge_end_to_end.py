@@ -159,3 +159,54 @@ def test_plan_reports_every_problem_and_fails(gpt2_family, tmp_path, run_cli):
     planned = run_cli("plan", recipe)
     assert planned.code == 1
     assert names[0] in planned.err and names[1] in planned.err
+
+
+def _slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation written out from the formula (mergekit's DOT_THRESHOLD 0.9995)."""
+    a, b = v0.double(), v1.double()
+    dot = float((a / a.norm() * (b / b.norm())).sum())
+    if abs(dot) > 0.9995:
+        return ((1 - t) * a + t * b).float()
+    omega = torch.arccos(torch.tensor(dot, dtype=torch.float64))
+    s0 = torch.sin((1 - t) * omega) / torch.sin(omega)
+    s1 = torch.sin(t * omega) / torch.sin(omega)
+    return (s0 * a + s1 * b).float()
+
+
+def test_llama_slerp_with_filtered_gradients(tmp_path):
+    """A mergekit-style SLERP recipe on a tiny Llama: t varies per layer and per module."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "a")
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "b")
+    recipe = write_recipe(tmp_path / "r.yaml", f"""
+merge_method: slerp
+base_model: {tmp_path / 'a'}
+models:
+  - model: {tmp_path / 'a'}
+  - model: {tmp_path / 'b'}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 1]
+    - filter: mlp
+      value: [1, 0]
+    - value: 0.5
+dtype: float32
+""")
+    out = merge(recipe, tmp_path / "out").path
+    a, b, m = load_folder(tmp_path / "a"), load_folder(tmp_path / "b"), load_folder(out)
+    # Layer positions 0, 0.5, 1 over 3 layers: attention t = 0, 0.5, 1; MLP the reverse.
+    for layer, pos in enumerate((0.0, 0.5, 1.0)):
+        q = f"model.layers.{layer}.self_attn.q_proj.weight"
+        up = f"model.layers.{layer}.mlp.up_proj.weight"
+        torch.testing.assert_close(m[q], _slerp(a[q], b[q], pos), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m[up], _slerp(a[up], b[up], 1 - pos), rtol=1e-5, atol=1e-6)
+    emb = "model.embed_tokens.weight"
+    torch.testing.assert_close(m[emb], _slerp(a[emb], b[emb], 0.5), rtol=1e-5, atol=1e-6)
+    assert torch.equal(m["model.layers.0.self_attn.q_proj.weight"],
+                       a["model.layers.0.self_attn.q_proj.weight"])
+    tf.LlamaForCausalLM.from_pretrained(out)(torch.tensor([[1, 2, 3]]))

@@ -468,3 +468,21 @@ models:
     msg = fails(ok.replace("  - model: ./b\n", "  - model: ./b\n    layer_range: [0, 2]\n"),
                 "not supported yet")
     assert "models[1].layer_range (line 11):" in msg
+
+
+def test_calibration_block(tmp_path):
+    from modelalloy.errors import RecipeError
+    from modelalloy.recipe import parse_recipe
+
+    (tmp_path / "calib.txt").write_text("hello\nworld\n")
+    head = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n"
+    recipe = parse_recipe(head + "calibration: {data: calib.txt, limit: 64}\n",
+                          base_dir=tmp_path)
+    assert recipe.calibration.limit == 64 and recipe.calibration.batch_size == 8
+    assert recipe.calibration_path() == tmp_path / "calib.txt"
+    assert "calibration" in recipe.to_yaml() and "limit: 64" in recipe.to_yaml()
+    with pytest.raises(RecipeError, match=r"calibration\.data.*not found"):
+        parse_recipe(head + "calibration: {data: nope.txt}\n", base_dir=tmp_path)
+    with pytest.raises(RecipeError, match=r"calibration\.batch_sise"):
+        parse_recipe(head + "calibration: {data: calib.txt, batch_sise: 4}\n",
+                     base_dir=tmp_path)

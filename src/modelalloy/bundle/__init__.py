@@ -2,9 +2,20 @@
 
 :class:`TallBundle` is the TALL-masks bundle (Wang, Dimitriadis et al., ICML 2024): the base
 θ_0, the multi-task vector τ_MTL and one packed binary mask per task; expert t is rebuilt as
-θ̂_t = θ_0 + m_t ⊙ τ_MTL.
+θ̂_t = θ_0 + m_t ⊙ τ_MTL. :func:`compress_to` / :func:`rebuild_to` stream through folders;
+:func:`compress` and :class:`TallBundle` hold a bundle in memory.
 """
 
-from modelalloy.bundle.tall import PackedMask, StorageReport, TallBundle, TallConfig, compress
+from modelalloy.bundle._checkpoint import LazyState, lazy_state
+from modelalloy.bundle.tall import (
+    PackedMask,
+    StorageReport,
+    TallBundle,
+    TallConfig,
+    compress,
+    compress_to,
+    rebuild_to,
+)
 
-__all__ = ["PackedMask", "StorageReport", "TallBundle", "TallConfig", "compress"]
+__all__ = ["LazyState", "PackedMask", "StorageReport", "TallBundle", "TallConfig", "compress",
+           "compress_to", "lazy_state", "rebuild_to"]

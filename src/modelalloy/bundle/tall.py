@@ -5,33 +5,41 @@ vector τ_MTL (task-arithmetic sum or TIES dis-sum, unscaled) and, per task, the
 m_t = 1[|τ_t| > λ_t·|τ_MTL − τ_t|] packed 8 coordinates to a byte. Expert t is rebuilt as
 θ̂_t = θ_0 + m_t ⊙ τ_MTL (the paper recovers > 99% of each expert's accuracy on 8-20 CLIP tasks).
 
-On disk (a folder)::
+On disk (a folder; every part is standard safetensors, sharded like a model when large)::
 
-    bundle.json          format, tasks, config, tensor names/shapes/dtypes
-    base.safetensors     θ_0, every tensor (integer buffers included), in its own dtype
-    merged.safetensors   τ_MTL for every floating-point tensor (``merged_dtype``, float32)
-    masks.safetensors    "<task index>/<tensor name>" -> packed uint8 bits, one per tensor
-    files/               the base folder's side files (config.json, tokenizer, ...), if any
+    bundle.json   format, tasks, config, the masked tensors' shapes
+    base/         θ_0, every tensor in its own dtype, plus the base's config/tokenizer files:
+                  a loadable model folder
+    merged/       τ_MTL for every floating-point tensor (``merged_dtype``, float32)
+    masks/        "<task index>/<tensor name>" -> packed uint8 bits
+
+:func:`compress_to` and :func:`rebuild_to` stream tensor by tensor (memory: one tensor of each
+model); :func:`compress` / :class:`TallBundle` hold a bundle in memory for the Python API.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import math
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from modelalloy.bundle._checkpoint import side_files
 from modelalloy.errors import CheckpointError, MethodError
+from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.io.model_files import copy_model_files
+from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter
 from modelalloy.methods._taskvec import TiesStats, check_scope, ties_prepare
 from modelalloy.methods.consensus import BASE_MERGES, multitask_vector, tall_masks
 from modelalloy.methods.registry import MergeContext, TensorGroup
 
-FORMAT = "modelalloy.tall_bundle/1"
+FORMAT = "modelalloy.tall_bundle/2"
+SHARD_BYTES = 5 * 1000 ** 3
 
 
 @dataclass(frozen=True)
@@ -136,59 +144,28 @@ class TallBundle:
                              merged_bytes=merged_b, mask_bytes=mask_b,
                              separate_bytes=base_b * (1 + len(self.tasks)))
 
-    def save(self, path: str | Path) -> Path:
-        """Write the bundle folder (to a temporary sibling, renamed when complete)."""
-        path = Path(path)
-        if path.exists():
-            raise CheckpointError(f"{path}: already exists; choose a new bundle folder")
-        tmp = path.with_name(f".{path.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in self.base.items()}, str(tmp / "base.safetensors"))
-        save_file({k: v.contiguous() for k, v in self.merged.items()},
-                  str(tmp / "merged.safetensors"))
-        save_file({f"{i}/{name}": m.bits for i, task in enumerate(self.tasks)
-                   for name, m in self.masks[task].items()}, str(tmp / "masks.safetensors"))
-        if self.files:
-            (tmp / "files").mkdir()
-            for fname, data in self.files.items():
-                (tmp / "files" / fname).write_bytes(data)
-        meta = {"format": FORMAT, "tasks": self.tasks, "config": asdict(self.config),
-                "shapes": {n: list(t.shape) for n, t in self.merged.items()}}
-        (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
-        tmp.rename(path)
-        return path
+    def save(self, path: str | Path, shard_bytes: int = SHARD_BYTES) -> Path:
+        """Write the bundle folder atomically (see the module docstring for the layout)."""
+        shapes = {n: tuple(t.shape) for n, t in self.merged.items()}
+        with _BundleWriter(Path(path), self.tasks, self.config,
+                           [(n, tuple(t.shape), t.dtype) for n, t in self.base.items()],
+                           shapes, next(iter(self.merged.values())).dtype
+                           if self.merged else torch.float32, shard_bytes) as w:
+            for n, b in self.base.items():
+                w.write(n, b, self.merged.get(n),
+                        [self.masks[t][n] for t in self.tasks] if n in self.merged else None)
+            w.add_files(self.files)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> TallBundle:
-        path = Path(path)
-        meta_path = path / "bundle.json"
-        if not meta_path.is_file():
-            raise CheckpointError(f"{path}: not a TALL bundle (no bundle.json)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: bundle format {meta.get('format')!r} is not "
-                                  f"{FORMAT!r}")
-        try:
-            base = load_file(str(path / "base.safetensors"))
-            merged = load_file(str(path / "merged.safetensors"))
-            raw = load_file(str(path / "masks.safetensors"))
-        except Exception as err:
-            raise CheckpointError(f"{path}: unreadable bundle file ({err})") from err
-        tasks = list(meta["tasks"])
-        masks: dict[str, dict[str, PackedMask]] = {t: {} for t in tasks}
-        for key, bits in raw.items():
-            idx, name = key.split("/", 1)
-            masks[tasks[int(idx)]][name] = PackedMask(bits=bits,
-                                                      shape=tuple(meta["shapes"][name]))
-        cfg = meta["config"]
-        cfg["mask_lambda"] = tuple(cfg["mask_lambda"])
-        files = {}
-        if (path / "files").is_dir():
-            files = {p.name: p.read_bytes() for p in sorted((path / "files").iterdir())}
-        return cls(base=base, merged=merged, masks=masks, tasks=tasks, config=TallConfig(**cfg),
-                   files=files)
+        """Read a whole bundle into memory (use :func:`rebuild_to` to stream one expert)."""
+        with _BundleReader(Path(path)) as r:
+            base = {n: r.base.get(n) for n in r.base.names()}
+            merged = {n: r.merged.get(n) for n in r.merged.names()}
+            masks = {t: {n: r.mask(i, n) for n in merged} for i, t in enumerate(r.tasks)}
+            return cls(base=base, merged=merged, masks=masks, tasks=r.tasks, config=r.config,
+                       files=r.files())
 
     def _task(self, task: str | int) -> str:
         if isinstance(task, int):
@@ -201,18 +178,206 @@ class TallBundle:
         return task
 
 
-def compress(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str, torch.Tensor]],
-             *, base_merge: str = "task_arithmetic",
-             mask_lambda: float | list[float] | Mapping[str, float] = 0.6,
-             density: float = 0.2, scope: str = "global",
-             merged_dtype: torch.dtype = torch.float32,
-             files: Mapping[str, bytes] | None = None) -> TallBundle:
-    """Build the TALL bundle of ``experts`` (task name -> state dict) over ``base``.
+class _BundleWriter:
+    """Writes the three parts of a bundle tensor by tensor into a temporary sibling folder."""
 
-    ``mask_lambda`` is one λ for every task, a list in task order, or a task -> λ mapping.
-    The paper picks λ_t per task from {0.2, ..., 0.6} by validation accuracy; without data,
-    0.6 (FusionBench's default) is used.
+    def __init__(self, path: Path, tasks: list[str], config: TallConfig,
+                 base_entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 masked_shapes: Mapping[str, tuple[int, ...]], merged_dtype: torch.dtype,
+                 shard_bytes: int = SHARD_BYTES):
+        if path.exists():
+            raise CheckpointError(f"{path}: already exists; choose a new bundle folder")
+        self.path = path
+        self.tasks = tasks
+        self.config = config
+        self._atomic = AtomicOutputDir(path)
+        tmp = self._atomic.__enter__()
+        try:
+            for sub in ("base", "merged", "masks"):
+                (tmp / sub).mkdir()
+            self.base = ShardedSafetensorsWriter(tmp / "base", base_entries, shard_bytes)
+            self.merged = ShardedSafetensorsWriter(
+                tmp / "merged", [(n, s, merged_dtype) for n, s in masked_shapes.items()],
+                shard_bytes)
+            self.masks = ShardedSafetensorsWriter(
+                tmp / "masks", [(f"{i}/{n}", (math.ceil(math.prod(s) / 8),), torch.uint8)
+                                for i in range(len(tasks)) for n, s in masked_shapes.items()],
+                shard_bytes)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self.tmp = tmp
+        self.shapes = dict(masked_shapes)
+
+    def write(self, name: str, base: torch.Tensor, merged: torch.Tensor | None,
+              masks: list[PackedMask] | None) -> None:
+        self.base.write(name, base.detach().cpu())
+        if merged is not None and masks is not None:
+            self.merged.write(name, merged.detach().cpu())
+            for i, m in enumerate(masks):
+                self.masks.write(f"{i}/{name}", m.bits)
+
+    def add_files(self, files: Mapping[str, bytes]) -> None:
+        for fname, data in files.items():
+            (self.tmp / "base" / fname).write_bytes(data)
+
+    def __enter__(self) -> _BundleWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for writer in (self.base, self.merged, self.masks):
+                try:
+                    writer.abort()
+                except Exception:  # the original error matters, not a cleanup one
+                    pass
+        try:
+            if exc_type is None:
+                self.base.close()
+                self.merged.close()
+                self.masks.close()
+                meta = {"format": FORMAT, "tasks": self.tasks, "config": asdict(self.config),
+                        "shapes": {n: list(s) for n, s in self.shapes.items()}}
+                (self.tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self._atomic.__exit__(exc_type, exc, tb)
+
+
+class _BundleReader:
+    """Lazy access to a bundle folder's parts (validated safetensors)."""
+
+    def __init__(self, path: Path):
+        meta_path = path / "bundle.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"{path}: not a TALL bundle (no bundle.json)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from None
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: bundle format {meta.get('format')!r} is not "
+                                  f"{FORMAT!r}; re-run `modelalloy compress`")
+        self.path = path
+        self.tasks = list(meta["tasks"])
+        cfg = dict(meta["config"])
+        cfg["mask_lambda"] = tuple(cfg["mask_lambda"])
+        self.config = TallConfig(**cfg)
+        self.shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+        self.base = open_checkpoint(path / "base")
+        self.merged = open_checkpoint(path / "merged")
+        self.masks = open_checkpoint(path / "masks")
+
+    def mask(self, index: int, name: str) -> PackedMask:
+        return PackedMask(bits=self.masks.get(f"{index}/{name}"), shape=self.shapes[name])
+
+    def files(self) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in side_files(self.path / "base")}
+
+    def task_index(self, task: str | int) -> int:
+        if isinstance(task, int):
+            if not 0 <= task < len(self.tasks):
+                raise MethodError(f"task index {task} out of range: the bundle has "
+                                  f"{len(self.tasks)} tasks ({', '.join(self.tasks)})")
+            return task
+        if task not in self.tasks:
+            raise MethodError(f"unknown task '{task}'; the bundle has: {', '.join(self.tasks)}")
+        return self.tasks.index(task)
+
+    def __enter__(self) -> _BundleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ck in (self.base, self.merged, self.masks):
+            ck.close()
+
+
+def rebuild_to(bundle_dir: str | Path, task: str | int, out: str | Path,
+               shard_bytes: int = SHARD_BYTES) -> Path:
+    """Stream expert ``task`` out of a bundle folder into a new model folder (atomic).
+
+    θ̂_t = θ_0 + m_t ⊙ τ_MTL tensor by tensor; the base's config/tokenizer files are copied.
     """
+    out = Path(out)
+    with _BundleReader(Path(bundle_dir)) as r:
+        i = r.task_index(task)
+        entries = [(n, r.base.info(n).shape, r.base.info(n).dtype) for n in r.base.names()]
+        with AtomicOutputDir(out) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, entries, shard_bytes)
+            for n in r.base.names():
+                b = r.base.get(n)
+                if n in r.shapes:
+                    m = r.mask(i, n).unpack().to(torch.float32)
+                    b = (b.to(torch.float32) + m * r.merged.get(n).to(torch.float32)).to(b.dtype)
+                writer.write(n, b)
+            writer.close()
+            copy_model_files(Path(bundle_dir) / "base", tmp)
+    return out
+
+
+def _info(sd: Mapping[str, torch.Tensor], name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    ck = getattr(sd, "checkpoint", None)
+    if ck is not None:
+        info = ck.info(name)
+        return tuple(info.shape), info.dtype
+    t = sd[name]
+    return tuple(t.shape), t.dtype
+
+
+def compress_to(path: str | Path, base: Mapping[str, torch.Tensor],
+                experts: Mapping[str, Mapping[str, torch.Tensor]], *,
+                base_merge: str = "task_arithmetic",
+                mask_lambda: float | list[float] | Mapping[str, float] = 0.6,
+                density: float = 0.2, scope: str = "global",
+                merged_dtype: torch.dtype = torch.float32,
+                files: Mapping[str, bytes] | None = None,
+                shard_bytes: int = SHARD_BYTES) -> tuple[StorageReport, dict[str, float]]:
+    """Build the TALL bundle of ``experts`` over ``base`` straight into folder ``path``.
+
+    Streams tensor by tensor (lazy mappings such as :func:`lazy_state` are read one tensor at a
+    time), so memory is one tensor of each model whatever the model size. Returns the storage
+    report and each task's mask density.
+    """
+    tasks, lambdas = _check_args(experts, base_merge, scope, mask_lambda)
+    names = list(base)
+    infos = {n: _info(base, n) for n in names}
+    masked = {n: s for n, (s, dt) in infos.items() if dt.is_floating_point}
+    cfg = TallConfig(base_merge=base_merge, mask_lambda=tuple(lambdas), density=density,
+                     scope=scope)
+    kept = dict.fromkeys(tasks, 0)
+    total = 0
+    stats = _ties_stats(base, experts, tasks, masked, base_merge, density, scope)
+    with _BundleWriter(Path(path), tasks, cfg, [(n, s, dt) for n, (s, dt) in infos.items()],
+                       masked, merged_dtype, shard_bytes) as w:
+        for n in names:
+            b = base[n]
+            if n not in masked:
+                w.write(n, b, None, None)
+                continue
+            mtl, m = _compress_tensor(n, b, experts, tasks, lambdas, base_merge, density, stats)
+            total += m[0].numel()
+            for i, t in enumerate(tasks):
+                kept[t] += int(m[i].sum())
+            w.write(n, b, mtl.to(merged_dtype), [PackedMask.pack(m[i]) for i in range(len(tasks))])
+        w.add_files(files or {})
+    return (_storage_of(Path(path), len(tasks)),
+            {t: (kept[t] / total if total else 0.0) for t in tasks})
+
+
+def _storage_of(path: Path, n_tasks: int) -> StorageReport:
+    def size(folder: Path) -> int:
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+    base_b, merged_b, mask_b = size(path / "base"), size(path / "merged"), size(path / "masks")
+    return StorageReport(bundle_bytes=base_b + merged_b + mask_b, base_bytes=base_b,
+                         merged_bytes=merged_b, mask_bytes=mask_b,
+                         separate_bytes=base_b * (1 + n_tasks))
+
+
+def _check_args(experts: Mapping[str, Mapping[str, torch.Tensor]], base_merge: str, scope: str,
+                mask_lambda: float | list[float] | Mapping[str, float]
+                ) -> tuple[list[str], list[float]]:
     if base_merge not in BASE_MERGES:
         raise MethodError(f"base_merge must be one of {', '.join(BASE_MERGES)}")
     check_scope(scope)
@@ -227,40 +392,75 @@ def compress(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str
         lambdas = [float(mask_lambda)] * len(tasks)
     if len(lambdas) != len(tasks):
         raise MethodError(f"{len(lambdas)} mask_lambda values for {len(tasks)} tasks")
-    float_names = [n for n, t in base.items() if t.is_floating_point()]
-    for task, sd in experts.items():
-        missing = [n for n in base if n not in sd]
-        if missing:
-            raise CheckpointError(f"expert '{task}': tensor '{missing[0]}' is missing")
-        for n in float_names:
-            if tuple(sd[n].shape) != tuple(base[n].shape):
-                raise CheckpointError(f"expert '{task}': tensor '{n}' has shape "
-                                      f"{tuple(sd[n].shape)}, base has {tuple(base[n].shape)}")
+    return tasks, lambdas
 
-    def tvs_of(name: str) -> torch.Tensor:
-        b = base[name].to(torch.float32)
-        return torch.stack([experts[t][name].to(torch.float32) - b for t in tasks])
 
-    stats: TiesStats | None = None
-    if base_merge == "ties" and scope == "global":
-        def groups() -> Iterator[TensorGroup]:
-            for n in float_names:
-                yield TensorGroup(name=n, base=base[n].to(torch.float32),
-                                  experts=[experts[t][n].to(torch.float32) for t in tasks],
-                                  params={}, ctx=MergeContext(name=n))
+def _expert_tensors(name: str, ref: torch.Tensor, experts: Mapping[str, Mapping[str, torch.Tensor]],
+                    tasks: list[str]) -> list[torch.Tensor]:
+    out = []
+    for t in tasks:
+        if name not in experts[t]:
+            raise CheckpointError(f"expert '{t}': tensor '{name}' is missing")
+        e = experts[t][name]
+        if tuple(e.shape) != tuple(ref.shape):
+            raise CheckpointError(f"expert '{t}': tensor '{name}' has shape "
+                                  f"{tuple(e.shape)}, base has {tuple(ref.shape)}")
+        out.append(e.to(torch.float32))
+    return out
 
-        stats = ties_prepare(groups, density)
+
+def _ties_stats(base, experts, tasks, masked, base_merge, density, scope) -> TiesStats | None:
+    if base_merge != "ties" or scope != "global":
+        return None
+
+    def groups() -> Iterator[TensorGroup]:
+        for n in masked:
+            b = base[n]
+            yield TensorGroup(name=n, base=b.to(torch.float32),
+                              experts=_expert_tensors(n, b, experts, tasks), params={},
+                              ctx=MergeContext(name=n))
+
+    return ties_prepare(groups, density)
+
+
+def _compress_tensor(name, b, experts, tasks, lambdas, base_merge, density, stats):
+    b32 = b.to(torch.float32)
+    tvs = torch.stack([e - b32 for e in _expert_tensors(name, b, experts, tasks)])
+    mtl = multitask_vector(tvs, base_merge, density, stats)
+    return mtl, tall_masks(tvs, mtl, lambdas)
+
+
+def compress(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str, torch.Tensor]],
+             *, base_merge: str = "task_arithmetic",
+             mask_lambda: float | list[float] | Mapping[str, float] = 0.6,
+             density: float = 0.2, scope: str = "global",
+             merged_dtype: torch.dtype = torch.float32,
+             files: Mapping[str, bytes] | None = None) -> TallBundle:
+    """Build the TALL bundle of ``experts`` (task name -> state dict) over ``base`` in memory.
+
+    The state dicts may be lazy mappings (:func:`modelalloy.bundle.lazy_state`): tensors are
+    read one name at a time. ``mask_lambda`` is one λ for every task, a list in task order, or
+    a task -> λ mapping. The paper picks λ_t per task from {0.2, ..., 0.6} by validation
+    accuracy; without data, 0.6 (FusionBench's default) is used. For models that do not fit in
+    memory twice, use :func:`compress_to`.
+    """
+    tasks, lambdas = _check_args(experts, base_merge, scope, mask_lambda)
+    names = list(base)
+    masked = [n for n in names if _info(base, n)[1].is_floating_point]
+    stats = _ties_stats(base, experts, tasks, masked, base_merge, density, scope)
+    kept: dict[str, torch.Tensor] = {}
     merged: dict[str, torch.Tensor] = {}
     masks: dict[str, dict[str, PackedMask]] = {t: {} for t in tasks}
-    for n in float_names:
-        tvs = tvs_of(n)
-        mtl = multitask_vector(tvs, base_merge, density, stats)
-        m = tall_masks(tvs, mtl, lambdas)
+    for n in names:
+        b = base[n]
+        kept[n] = b.detach().clone()
+        if n not in masked:
+            continue
+        mtl, m = _compress_tensor(n, b, experts, tasks, lambdas, base_merge, density, stats)
         merged[n] = mtl.to(merged_dtype)
         for i, t in enumerate(tasks):
             masks[t][n] = PackedMask.pack(m[i])
-    return TallBundle(base={n: t.detach().clone() for n, t in base.items()}, merged=merged,
-                      masks=masks, tasks=tasks,
+    return TallBundle(base=kept, merged=merged, masks=masks, tasks=tasks,
                       config=TallConfig(base_merge=base_merge, mask_lambda=tuple(lambdas),
                                         density=density, scope=scope),
                       files=dict(files or {}))

@@ -39,27 +39,33 @@ def register(app: typer.Typer) -> None:
         scope: Annotated[str, typer.Option(
             help="TIES thresholds: global or per_tensor")] = "global",
     ) -> None:
-        """Compress experts into a TALL-mask bundle: base + τ_MTL + one bit per weight per
-        task (Wang, Dimitriadis et al., ICML 2024)."""
-        from modelalloy.bundle import compress
-        from modelalloy.bundle._checkpoint import load_state_dict, side_files
+        """Compress experts into a TALL-mask bundle (base + τ_MTL + one bit per weight per task).
+
+        Wang, Dimitriadis et al., ICML 2024. Prints the storage report and each mask's density.
+        """
+        from modelalloy.bundle import compress_to
+        from modelalloy.bundle._checkpoint import lazy_state, side_files
 
         try:
             tasks = _task_names(experts, names)
             lambdas = [float(x) for x in mask_lambda.split(",")]
             lam = lambdas[0] if len(lambdas) == 1 else lambdas
-            base_sd = load_state_dict(base)
-            expert_sds = {t: load_state_dict(p) for t, p in zip(tasks, experts, strict=True)}
+            base_sd = lazy_state(base)
+            expert_sds = {t: lazy_state(p) for t, p in zip(tasks, experts, strict=True)}
             files = {p.name: p.read_bytes() for p in side_files(base)}
-            bundle = compress(base_sd, expert_sds, base_merge=base_merge, mask_lambda=lam,
-                              density=density, scope=scope, files=files)
-            bundle.save(out)
+            try:
+                report, densities = compress_to(out, base_sd, expert_sds, base_merge=base_merge,
+                                                mask_lambda=lam, density=density, scope=scope,
+                                                files=files)
+            finally:
+                for sd in (base_sd, *expert_sds.values()):
+                    sd.checkpoint.close()
         except ModelAlloyError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
         typer.echo(f"wrote {out}: {len(tasks)} tasks ({', '.join(tasks)})")
-        typer.echo(str(bundle.storage()))
-        for task, d in bundle.mask_densities().items():
+        typer.echo(str(report))
+        for task, d in densities.items():
             typer.echo(f"  mask {task}: keeps {100 * d:.1f}% of the weights")
 
     @app.command("rebuild")
@@ -69,23 +75,19 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="model folder to create")],
     ) -> None:
         """Rebuild one expert from a TALL bundle: θ_0 + m_t ⊙ τ_MTL."""
-        import tempfile
-
-        from modelalloy.bundle import TallBundle
-        from modelalloy.bundle._checkpoint import save_model_folder
+        from modelalloy.bundle import rebuild_to
 
         try:
-            bundle = TallBundle.load(bundle_dir)
-            key: str | int = int(task) if task.isdigit() and task not in bundle.tasks else task
-            state = bundle.rebuild(key)
-            with tempfile.TemporaryDirectory() as tmp:
-                copies = []
-                for fname, data in bundle.files.items():
-                    p = Path(tmp) / fname
-                    p.write_bytes(data)
-                    copies.append(p)
-                save_model_folder(state, out, copy_from=copies)
+            key: str | int = task
+            if task.isdigit():
+                import json
+
+                meta = json.loads((bundle_dir / "bundle.json").read_text()) if (
+                    bundle_dir / "bundle.json").is_file() else {"tasks": []}
+                if task not in meta.get("tasks", []):
+                    key = int(task)
+            rebuild_to(bundle_dir, key, out)
         except ModelAlloyError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
-        typer.echo(f"wrote {out}: expert '{bundle._task(key)}' rebuilt from {bundle_dir}")
+        typer.echo(f"wrote {out}: expert '{task}' rebuilt from {bundle_dir}")

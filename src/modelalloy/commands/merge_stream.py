@@ -22,21 +22,38 @@ def register(app: typer.Typer) -> None:
             help="regex of 2-D tensors that are not projected (embeddings)")] =
             r"(embed|wte|wpe|position|token_type|shared)",
         device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+        shuffle: Annotated[bool, typer.Option(
+            help="shuffle the arrival order (the paper reports means over orders)")] = False,
+        seed: Annotated[int, typer.Option(help="seed of --shuffle")] = 0,
     ) -> None:
-        """Merge models one at a time with OPCM (Tang et al., 2025): memory stays at the base,
-        the running merge and the incoming model, however many models arrive."""
-        from modelalloy.bundle._checkpoint import load_state_dict, save_model_folder, side_files
+        """Merge models arriving one at a time with OPCM (continual merging).
+
+        Tang et al., 2025. Memory stays at the base, the running merge and the incoming model,
+        however many models arrive.
+        """
+        from modelalloy.bundle._checkpoint import lazy_state, load_state_dict, save_model_folder
         from modelalloy.continual import OPCM
 
         try:
             if out.exists():
                 raise ModelAlloyError(f"{out}: already exists; choose a new output folder")
+            if not models:
+                raise ModelAlloyError("merge-stream needs at least one model after the base")
+            if shuffle:
+                import random
+
+                models = list(models)
+                random.Random(seed).shuffle(models)
             merger = OPCM(load_state_dict(base), alpha=alpha, exclude=exclude, device=device)
             for path in models:
-                norm = merger.add(load_state_dict(path))
+                incoming = lazy_state(path)  # read tensor by tensor inside add()
+                try:
+                    norm = merger.add(incoming)
+                finally:
+                    incoming.checkpoint.close()
                 typer.echo(f"[{merger.count}/{len(models)}] {path}: ‖τ‖ = "
                            f"{merger.norms[-1]:.4g}, merged ‖Δ‖ = {norm:.4g}")
-            save_model_folder(merger.merged(), out, copy_from=side_files(base))
+            save_model_folder(merger.merged(), out, model_files_from=base)
         except ModelAlloyError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None

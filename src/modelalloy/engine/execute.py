@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    Future,
+    ThreadPoolExecutor,
+    wait,
+)
 from typing import Any
 
 import torch
@@ -51,7 +57,7 @@ class PlanExecutor:
             # Move in the stored dtype (fewer bytes over PCIe), then upcast on the GPU.
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         tensor = tensor.to(torch.float32)
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             message = (f"{ckpt.path}: tensor '{name}' has {bad} NaN/Inf value(s); fix the "
                        "checkpoint, or pass --allow-nonfinite to merge anyway")
@@ -124,7 +130,7 @@ class PlanExecutor:
                         break
                     # Keep at most two tasks per thread queued: read-ahead without hoarding.
                     while len(pending) >= 2 * self.threads:
-                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
                         _reraise(done)
                     cost = entry.working_bytes(n_inputs)
                     self.budget.acquire(cost)
@@ -138,6 +144,18 @@ class PlanExecutor:
                 for fut in pending:
                     fut.cancel()
                 raise
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf.
+
+    min and max propagate NaN and expose ±Inf, and one ``aminmax`` pass costs about 1/60 of
+    ``isfinite(t).all()`` on the CPU (5 ms against 300 ms for 24.6M elements).
+    """
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _reraise(done: set[Future]) -> None:

@@ -13,7 +13,6 @@ from typing import Any
 import psutil
 import torch
 
-from modelalloy.engine.allocator import return_large_frees_to_the_system
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.execute import PlanExecutor
 from modelalloy.engine.progress import merge_progress
@@ -30,7 +29,7 @@ from modelalloy.io.writer import (
 from modelalloy.methods.registry import get_method
 from modelalloy.plan.planner import MergePlan, build_plan
 from modelalloy.recipe import Recipe, load_recipe
-from modelalloy.stats_files import StatsFiles
+from modelalloy.stats_files import StatsFiles, collect_missing
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -111,7 +110,6 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
                progress: bool = False) -> MergeResult:
     """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically)."""
     start = time.perf_counter()
-    return_large_frees_to_the_system()
     recipe = as_recipe(recipe)
     dev = resolve_device(device)
     out_dir = Path(out_dir)
@@ -121,6 +119,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
     budget_bytes = size_option("--memory-budget", memory_budget) \
         if memory_budget is not None else None
 
+    collect_missing(recipe, get_method(recipe.merge_method), device=str(dev))
     with ExitStack() as stack:
         plan = make_plan(recipe, stack)
         plan.raise_if_problems()
@@ -128,9 +127,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
         # is subtracted, and the rest is what tensors in flight may use.
         in_flight = None
         if budget_bytes is not None:
-            in_flight = budget_bytes - psutil.Process().memory_info().rss
-            if in_flight < plan.largest_working_bytes():
-                in_flight = plan.largest_working_bytes()
+            in_flight = in_flight_budget(plan, budget_bytes)
         executor = PlanExecutor(
             plan, device=dev, seed=recipe.seed if seed is None else seed, threads=threads,
             budget=ByteBudget(in_flight), allow_nonfinite=allow_nonfinite,
@@ -150,6 +147,23 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
                            tensors=len(plan.entries), peak_rss=peak_rss_bytes(),
                            files=[out_dir / f.name for f in files],
                            warnings=executor.warnings)
+
+
+def in_flight_budget(plan: MergePlan, budget_bytes: int) -> int:
+    """Bytes tensors in flight may hold under ``--memory-budget``: the budget less what the
+    process holds already (interpreter, torch). A budget that cannot hold the largest tensor's
+    working set is refused up front rather than silently exceeded."""
+    baseline = psutil.Process().memory_info().rss
+    largest = max(plan.entries, key=lambda e: e.working_bytes(len(plan.sources)), default=None)
+    need = 0 if largest is None else largest.working_bytes(len(plan.sources))
+    if budget_bytes < baseline + need:
+        raise ModelAlloyError(
+            f"--memory-budget {budget_bytes / 1e9:.2f} GB is too small: tensor "
+            f"'{largest.name}' needs {need / 1e9:.2f} GB while it is merged (its "
+            f"{len(plan.sources)} inputs in float32 plus temporaries), on top of "
+            f"{baseline / 1e9:.2f} GB that Python and torch already hold; use at least "
+            f"{(baseline + need) / 1e9 + 0.01:.2f}GB")
+    return budget_bytes - baseline
 
 
 def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:

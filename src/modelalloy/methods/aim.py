@@ -51,7 +51,7 @@ def aim_factor(activation: torch.Tensor, omega: float) -> torch.Tensor:
     ],
     paper="Nobari et al., Activation-Informed Merging of Large Language Models, 2025",
     summary="relax a merged model toward the base on the base's most active input channels",
-    base="required", min_models=1, max_models=1, stats=("activations",))
+    base="required", min_models=1, max_models=1, stats=("activations",), stats_from="base")
 def aim(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
         ctx: MergeContext) -> torch.Tensor:
     """W = W_base + (W_merged − W_base) ⊙ (1 − s(1 − ω)); ``experts[0]`` is the merged model,

@@ -34,8 +34,9 @@ import torch
 
 from modelalloy.methods._sparsify import (
     INT8_MASK,
+    Scratch,
     band_trim_,
-    combine,
+    combine_,
     density_param,
     l1_rescaled_,
     lambda_param,
@@ -66,11 +67,12 @@ _COMMON = [
 
 
 def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
-                      params: dict[str, Any]) -> list[torch.Tensor]:
+                      params: dict[str, Any], scratch: Scratch | None = None
+                      ) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
     granularity = params["granularity"]
     for d, density, gamma in zip(deltas, params["density"], params["gamma"], strict=True):
-        l1_rescaled_(d, lambda x, a=density, b=gamma: band_trim_(x, a, b, granularity),
+        l1_rescaled_(d, lambda x, a=density, b=gamma: band_trim_(x, a, b, granularity, scratch),
                      params["rescale"])
     return deltas
 
@@ -84,8 +86,8 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
 )
 def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
-    deltas = breadcrumb_deltas(base, experts, params)
-    merged = combine(deltas, params["weight"], sign=None, normalize=params["normalize"])
+    deltas = breadcrumb_deltas(base, experts, params, Scratch(base))
+    merged = combine_(deltas, params["weight"], sign=None, normalize=params["normalize"])
     return merged.mul_(float(params["lambda"])).add_(base)
 
 
@@ -98,5 +100,6 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:
-    deltas = breadcrumb_deltas(base, experts, params)
-    return ties_core(deltas, params, vote=params["vote"]).add_(base)
+    scratch = Scratch(base)
+    deltas = breadcrumb_deltas(base, experts, params, scratch)
+    return ties_core(deltas, params, vote=params["vote"], scratch=scratch).add_(base)

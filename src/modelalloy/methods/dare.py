@@ -31,7 +31,8 @@ import torch
 
 from modelalloy.methods._sparsify import (
     INT8_MASK,
-    combine,
+    Scratch,
+    combine_,
     dare_,
     density_param,
     lambda_param,
@@ -52,10 +53,11 @@ RESCALE_NORM = Param("rescale_norm", str, "density",
 
 
 def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-                ctx: MergeContext) -> list[torch.Tensor]:
+                ctx: MergeContext, scratch: Scratch | None = None) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
     for i, (d, density) in enumerate(zip(deltas, params["density"], strict=True)):
-        dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"])
+        dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"],
+              scratch=scratch)
     return deltas
 
 
@@ -72,8 +74,8 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
 )
 def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
-    deltas = dare_deltas(base, experts, params, ctx)
-    merged = combine(deltas, params["weight"], sign=None, normalize=params["normalize"])
+    deltas = dare_deltas(base, experts, params, ctx, Scratch(base))
+    merged = combine_(deltas, params["weight"], sign=None, normalize=params["normalize"])
     return merged.mul_(float(params["lambda"])).add_(base)
 
 
@@ -86,5 +88,6 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
               ctx: MergeContext) -> torch.Tensor:
-    deltas = dare_deltas(base, experts, params, ctx)
-    return ties_core(deltas, params, vote=params["vote"]).add_(base)
+    scratch = Scratch(base)
+    deltas = dare_deltas(base, experts, params, ctx, scratch)
+    return ties_core(deltas, params, vote=params["vote"], scratch=scratch).add_(base)

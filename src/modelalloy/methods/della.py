@@ -31,7 +31,7 @@ import torch
 from modelalloy.methods._sparsify import (
     INT8_MASK,
     check_epsilon,
-    combine,
+    combine_,
     density_param,
     lambda_param,
     magprune_,
@@ -93,5 +93,5 @@ def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
 def della_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                  ctx: MergeContext) -> torch.Tensor:
     deltas = della_deltas(base, experts, params, ctx)
-    merged = combine(deltas, params["weight"], sign=None, normalize=params["normalize"])
+    merged = combine_(deltas, params["weight"], sign=None, normalize=params["normalize"])
     return merged.mul_(float(params["lambda"])).add_(base)

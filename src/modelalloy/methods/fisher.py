@@ -31,6 +31,9 @@ from modelalloy.methods.registry import MergeContext, Param, TensorGroup, regist
 
 
 def _fisher_norms(groups: Callable[[], Iterator[TensorGroup]]) -> list[float] | None:
+    # Every tensor name counts once. A state dict that lists a tied parameter under two names
+    # (lm_head = wte in memory) counts it twice; checkpoints store it once. (Deduplicating by
+    # data pointer is unsafe while streaming: freed tensors' memory is reused.)
     sq: list[float] | None = None
     for group in groups():
         fishers = group.ctx.stats.get("fisher")

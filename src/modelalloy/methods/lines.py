@@ -118,8 +118,9 @@ def _prepare(groups: GroupsFactory) -> LinesStats | None:
               "β = 1 − α)"),
         Param("density", float, 0.2, "TIES/Consensus-TIES: fraction of each task vector kept",
               gt=0.0, le=1.0),
-        Param("ties_agg", str, "sum", "TIES disjoint aggregation: dis-sum or dis-mean "
-              "(consensus_ties always uses dis-sum)", choices=("sum", "mean")),
+        Param("ties_agg", str, "mean", "TIES disjoint aggregation: dis-mean (the LiNeS "
+              "repo's ties.yaml, agg: mean) or dis-sum; consensus_ties always uses dis-sum",
+              choices=("sum", "mean")),
         Param("scope", str, "global", "TIES trim thresholds over the whole model (official) or "
               "per tensor", choices=SCOPES),
         Param("k", int, 2, "Consensus: keep coordinates used by at least k tasks", ge=0),

@@ -18,8 +18,9 @@ rank/normalisation below is per task row over all d parameters:
 6. τ_m = Σ_t β̂_t ⊙ τ̂_t / max(Σ_t β̂_t, 1e-12);  θ = θ_0 + λ·τ_m.
 
 Needs beyond one tensor (``scope="global"``, the official default): per task, the clip values
-lo_t, hi_t over the whole model, then the β threshold and maximum over the whole model — two
-``prepare`` passes, each holding one float32 per parameter per task. ``scope="per_tensor"``
+lo_t, hi_t over the whole model, then the β threshold and maximum over the whole model — four
+``prepare`` passes (two exact order-statistic selections, histogram then in-bin ``kthvalue``,
+see ``_orderstats``), never concatenating the model. ``scope="per_tensor"``
 computes the same statistics within each tensor (the spec's LLM approximation; not faithful).
 Guards: Norm := 0 where max = min (an all-zero task gives β = 0, no NaN); β̂ := 0 where the
 row's maximum equals its threshold.
@@ -27,11 +28,13 @@ row's maximum equals its threshold.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from modelalloy.methods._orderstats import order_stats
 from modelalloy.methods._taskvec import (
     SCOPES,
     GroupsFactory,
@@ -117,26 +120,28 @@ def _prepare(groups: GroupsFactory) -> PcbStats | None:
     if params["scope"] != "global":
         return None
     n = len(first.experts)
-    absvals: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    for g in groups():
-        tvs = stack_task_vectors(need_base(g.base, "pcb", g.name), g.experts)
-        for t in range(n):
-            absvals[t].append(tvs[t].abs().flatten().cpu())
-    bounds = [clip_bounds(torch.cat(a), params["clip_ratio"]) for a in absvals]
-    del absvals
-    lo = torch.stack([b[0] for b in bounds])
-    hi = torch.stack([b[1] for b in bounds])
-    betas: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    for g in groups():
-        _, beta = pcb_scores(stack_task_vectors(g.base, g.experts), lo, hi)
-        for t in range(n):
-            betas[t].append(beta[t].flatten().cpu())
-    thr, bmax = [], []
-    for b in betas:
-        flat = torch.cat(b)
-        thr.append(_order_stat(flat, int(flat.numel() * (1 - params["keep_ratio"]))))
-        bmax.append(flat.max())
-    return PcbStats(lo=lo, hi=hi, thr=torch.stack(thr), bmax=torch.stack(bmax))
+    clip, keep = params["clip_ratio"], params["keep_ratio"]
+
+    def abs_chunks() -> Iterator[list[torch.Tensor]]:
+        for g in groups():
+            tvs = stack_task_vectors(need_base(g.base, "pcb", g.name), g.experts)
+            yield [tvs[t].abs().flatten() for t in range(n)]
+
+    # Pass 1-2: each task's clip bounds lo_t, hi_t over the whole model.
+    bounds, _ = order_stats(abs_chunks, n,
+                            lambda r, d: [int(d * clip), int(d * (1 - clip)) - 1])
+    lo = torch.tensor([b[0] for b in bounds])
+    hi = torch.tensor([b[1] for b in bounds])
+
+    def beta_chunks() -> Iterator[list[torch.Tensor]]:
+        for g in groups():
+            _, beta = pcb_scores(stack_task_vectors(g.base, g.experts), lo, hi)
+            yield [beta[t].flatten() for t in range(n)]
+
+    # Pass 3-4: each task's β threshold at ⌊d(1 − r)⌋ and its maximum.
+    thr, bmax = order_stats(beta_chunks, n, lambda r, d: [int(d * (1 - keep))])
+    return PcbStats(lo=lo, hi=hi, thr=torch.tensor([t[0] for t in thr]),
+                    bmax=torch.tensor(bmax))
 
 
 @register_method(

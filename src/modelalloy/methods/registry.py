@@ -139,6 +139,9 @@ class MethodSpec:
     prepare: PrepareFn | None = None
     aliases: tuple[str, ...] = ()
     stats: tuple[str, ...] = ()  # statistic kinds the method reads from ctx.stats
+    # Whose statistics: one per expert (default), or the base model's alone (AIM), which
+    # then arrives as a one-element list in ctx.stats[kind].
+    stats_from: Literal["experts", "base"] = "experts"
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -195,7 +198,9 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     summary: str, base: BaseUse, min_models: int = 1,
                     max_models: int | None = None, prepare: PrepareFn | None = None,
                     aliases: tuple[str, ...] = (),
-                    stats: tuple[str, ...] = ()) -> Callable[[MergeFn], MergeFn]:
+                    stats: tuple[str, ...] = (),
+                    stats_from: Literal["experts", "base"] = "experts"
+                    ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema."""
 
     def wrap(fn: MergeFn) -> MergeFn:
@@ -204,7 +209,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), paper=paper,
                                      summary=summary, base=base, min_models=min_models,
                                      max_models=max_models, prepare=prepare, aliases=aliases,
-                                     stats=stats)
+                                     stats=stats, stats_from=stats_from)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn

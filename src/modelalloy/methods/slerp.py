@@ -36,10 +36,15 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation between two tensors (a new tensor; the inputs are untouched)."""
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, *,
+                  reuse_v0: bool = False) -> torch.Tensor:
+    """Spherical interpolation between two tensors.
+
+    A new tensor and the inputs untouched; with ``reuse_v0`` (``v0`` is the caller's own
+    scratch) the result may be written into ``v0`` instead, saving a numel-sized allocation.
+    """
     if t == 0.0:
-        return v0.clone()
+        return v0 if reuse_v0 else v0.clone()
     if t == 1.0:
         return v1.clone()
     n0 = float(torch.linalg.vector_norm(v0))
@@ -48,13 +53,14 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     dot = float(torch.dot(v0.reshape(-1), v1.reshape(-1)))
     dot /= (n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0)
     if abs(dot) > DOT_THRESHOLD:
-        return torch.lerp(v0, v1, t)
+        return v0.lerp_(v1, t) if reuse_v0 else torch.lerp(v0, v1, t)
     dot = max(-1.0, min(1.0, dot))
     omega = math.acos(dot)
     sin_omega = math.sin(omega)
     s0 = math.sin((1.0 - t) * omega) / sin_omega
     s1 = math.sin(t * omega) / sin_omega
-    return torch.mul(v0, s0).add_(v1, alpha=s1)
+    out = v0.mul_(s0) if reuse_v0 else torch.mul(v0, s0)
+    return out.add_(v1, alpha=s1)
 
 
 @register_method(
@@ -74,4 +80,4 @@ def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
         return slerp_tensors(t, base, experts[0])
     tau1 = torch.sub(experts[0], base)
     tau2 = torch.sub(experts[1], base)
-    return slerp_tensors(t, tau1, tau2).add_(base)
+    return slerp_tensors(t, tau1, tau2, reuse_v0=True).add_(base)

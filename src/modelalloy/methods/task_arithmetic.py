@@ -67,4 +67,6 @@ def task_arithmetic(base: torch.Tensor | None, experts: list[torch.Tensor],
         if abs(total) >= 1e-8:
             scale /= total
     acc = weighted_sum(base, experts, weights)
-    return acc.mul_(scale).add_(base)
+    if scale != 1.0:
+        acc.mul_(scale)
+    return acc.add_(base)

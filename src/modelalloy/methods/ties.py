@@ -47,7 +47,8 @@ import torch
 from modelalloy.errors import MethodError
 from modelalloy.methods._sparsify import (
     INT8_MASK,
-    combine,
+    Scratch,
+    combine_,
     density_param,
     elect_sign,
     global_thresholds,
@@ -90,12 +91,19 @@ def ties_prepare(groups: Callable[[], Iterator[TensorGroup]]) -> dict[str, Any] 
 
 
 def ties_core(deltas: list[torch.Tensor], params: dict[str, Any], *, vote: str,
-              majority: float | None = None) -> torch.Tensor:
-    """Elect and disjoint-merge already-sparsified task vectors; returns λ·τ_m."""
+              majority: float | None = None, scratch: Scratch | None = None) -> torch.Tensor:
+    """Elect and disjoint-merge already-sparsified task vectors; returns λ·τ_m.
+
+    Consumes ``deltas`` (the caller's own task vectors): the result lives in ``deltas[0]``.
+    """
     weights = params["weight"]
-    sign = elect_sign(deltas, weights, vote, majority)
-    merged = combine(deltas, weights, sign=sign, normalize=params["normalize"])
-    return merged.mul_(float(params["lambda"]))
+    if scratch is None:
+        scratch = Scratch(deltas[0])
+    sign = elect_sign(deltas, weights, vote, majority, out=scratch.get("mag"))
+    merged = combine_(deltas, weights, sign=sign, normalize=params["normalize"],
+                      scratch=scratch)
+    lam = float(params["lambda"])
+    return merged if lam == 1.0 else merged.mul_(lam)
 
 
 @register_method(
@@ -111,6 +119,7 @@ def ties_core(deltas: list[torch.Tensor], params: dict[str, Any], *, vote: str,
 def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
          ctx: MergeContext) -> torch.Tensor:
     deltas = task_vectors(base, experts)
+    scratch = Scratch(deltas[0])
     majority = None
     if params["scope"] == "global":
         stats = ctx.global_stats
@@ -118,10 +127,11 @@ def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[st
             raise MethodError(f"tensor '{ctx.name}': ties with scope: global needs the "
                               "whole-model pass (prepare) and the runner did not provide it")
         for d, v in zip(deltas, stats["thresholds"], strict=True):
-            l1_rescaled_(d, lambda x, v=v: threshold_trim_(x, v), params["rescale"])
+            l1_rescaled_(d, lambda x, v=v: threshold_trim_(x, v, scratch), params["rescale"])
         majority = stats["majority"]
     else:
         for d, density in zip(deltas, params["density"], strict=True):
-            l1_rescaled_(d, lambda x, density=density: magnitude_trim_(x, density),
+            l1_rescaled_(d, lambda x, density=density: magnitude_trim_(x, density, scratch),
                          params["rescale"])
-    return ties_core(deltas, params, vote=params["vote"], majority=majority).add_(base)
+    return ties_core(deltas, params, vote=params["vote"], majority=majority,
+                     scratch=scratch).add_(base)

@@ -18,7 +18,14 @@ from pydantic import ValidationError
 
 from modelalloy.errors import MethodError, RecipeError
 from modelalloy.methods.registry import MethodSpec, Param, get_method
-from modelalloy.recipe.model import DTYPES, Conditional, ModelEntry, Recipe, is_number
+from modelalloy.recipe.model import (
+    DTYPES,
+    Calibration,
+    Conditional,
+    ModelEntry,
+    Recipe,
+    is_number,
+)
 
 
 class RecipeWarning(UserWarning):
@@ -28,7 +35,7 @@ class RecipeWarning(UserWarning):
 # Keys modelalloy reads. The order is the documented order.
 SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "tokenizer", "chat_template", "name", "seed",
-                  "allow_negative_weights")
+                  "allow_negative_weights", "calibration")
 # mergekit keys with no support yet: a clear one-liner instead of a silent misread.
 UNSUPPORTED_KEYS = {
     "slices": "`slices` (layer ranges, frankenmerges) is not supported yet; list whole models "
@@ -216,6 +223,7 @@ class _Validator:
         fields["allow_negative_weights"] = self.flag(raw.get("allow_negative_weights", False),
                                                      "allow_negative_weights")
         fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
+        fields["calibration"] = self.calibration(raw.get("calibration"), base_dir)
         if raw.get("chat_template") is not None:
             self.warn("ignored (not supported yet); the output keeps the chat template of "
                       "the tokenizer it copies", "chat_template")
@@ -229,6 +237,24 @@ class _Validator:
         self.duplicates(recipe)
         recipe.warnings = self.warnings
         return recipe
+
+    def calibration(self, raw: Any, base_dir: Path) -> Calibration | None:
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            raw = {"data": raw}
+        if not isinstance(raw, dict) or "data" not in raw:
+            raise self.fail("calibration", "must be a mapping with at least `data: FILE` (a "
+                                           ".txt or .jsonl file of prompts)")
+        try:
+            calibration = Calibration(**raw)
+        except ValidationError as e:
+            raise pydantic_error(e, self.source, prefix="calibration.") from None
+        path = Path(calibration.data).expanduser()
+        if not (path if path.is_absolute() else base_dir / path).is_file():
+            raise self.fail("calibration.data", f"file '{calibration.data}' not found; give a "
+                                                ".txt or .jsonl file of prompts")
+        return calibration
 
     def pydantic(self, e: ValidationError) -> RecipeError:
         return pydantic_error(e, self.source)
@@ -500,10 +526,10 @@ class _Validator:
         return self.model_string(src, field, base_dir)
 
 
-def pydantic_error(e: ValidationError, source: str) -> RecipeError:
+def pydantic_error(e: ValidationError, source: str, prefix: str = "") -> RecipeError:
     """One line from pydantic's first error: ``source: models[1].parameters.density: msg``."""
     err = e.errors()[0]
-    path = ""
+    path = prefix.rstrip(".")
     for part in err["loc"]:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     got = err.get("input")

@@ -125,6 +125,22 @@ DTYPES = {
 }
 
 
+class Calibration(BaseModel):
+    """Calibration data for data-informed methods (modelalloy addition, not in mergekit).
+
+    When a method needs statistics an expert does not have yet (``<model>/stats/<kind>``),
+    ``modelalloy merge`` collects them on this data first.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str  # a .txt (one prompt per line) or .jsonl file; relative to the recipe's folder
+    batch_size: int = 8
+    max_length: int = 512
+    limit: int | None = None  # at most this many examples
+    field: str | None = None  # the JSONL field holding the text
+
+
 class Recipe(BaseModel):
     """A validated merge recipe (build with :func:`parse_recipe` / :func:`load_recipe`)."""
 
@@ -138,6 +154,7 @@ class Recipe(BaseModel):
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     seed: int = 0
+    calibration: Calibration | None = None
     name: str | None = None
     allow_negative_weights: bool = False
     source: str = "<string>"
@@ -156,6 +173,13 @@ class Recipe(BaseModel):
         if cwd.resolve() != out[0].resolve():
             out.append(cwd)
         return out
+
+    def calibration_path(self) -> Path | None:
+        """The calibration data file, resolved against the recipe's folder."""
+        if self.calibration is None:
+            return None
+        path = Path(self.calibration.data).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
 
     def model_path(self, model: str) -> Path:
         """The local folder of ``model``: relative paths try the recipe's folder, then cwd."""
@@ -265,6 +289,8 @@ class Recipe(BaseModel):
         out["seed"] = self.seed
         if self.allow_negative_weights:
             out["allow_negative_weights"] = True
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.model_dump(exclude_defaults=True)
         return yaml.dump(out, Dumper=_Dumper, sort_keys=False, allow_unicode=True).rstrip() + "\n"
 
 

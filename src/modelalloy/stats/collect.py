@@ -156,7 +156,7 @@ def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = No
                 return
             r = rows.rows(x).to(dtype)
             if key in sums:
-                sums[key].add_(r.T @ r)
+                sums[key].addmm_(r.T, r)  # in place: no temporary d_in² matrix per call
             else:
                 sums[key] = r.T @ r
             counts[key] = counts.get(key, 0) + r.shape[0]

@@ -1,0 +1,175 @@
+"""Regenerate docs/benchmarks.md from measured numbers (one command).
+
+    PYTHONPATH=src python -m modelalloy.bench.docs [--suites tiny-vision,tiny-lm]
+        [--out docs/benchmarks.md] [--results bench-out] [--check-rebuild] [--only SUITE]
+
+Builds (or loads from the cache) each suite at full size, runs every registered method, checks
+the quality bars, and writes the page: measured tables first, then how the suites were tuned.
+``--check-rebuild`` also rebuilds each suite from scratch in a temporary cache and checks that
+the same seed gives bit-identical experts and identical numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelalloy.bench import load_suite
+from modelalloy.eval.harness import (
+    BenchResult,
+    long_to_short,
+    run_bench,
+    summarize,
+    sweep_num_experts,
+)
+from modelalloy.eval.report import markdown_table, write_results
+from modelalloy.eval.sweeps import long_to_short_markdown, sweep_markdown, write_sweep
+
+HISTORY = Path(__file__).with_name("tuning_history.md")
+
+
+def quality_bars(result: BenchResult) -> list[tuple[str, bool, str]]:
+    rows = {(r["method"], r["variant"]): r for r in summarize(result.records)}
+    recs = result.records
+    experts = {r["task"]: r["accuracy"] for r in recs if r["method"] == "expert"}
+    held_in = [t for t in experts if not any(r["task"] == t and r["held_out"] for r in recs)]
+    worst = min(held_in, key=lambda t: experts[t])
+    base = rows[("base", "reference")]["accuracy"]
+    expert = rows[("expert", "reference")]["accuracy"]
+    bars = [(f"each expert ≥ 90% on its own task (lowest: {worst} {100 * experts[worst]:.1f})",
+             experts[worst] >= 0.9, ""),
+            (f"base clearly worse than the experts ({100 * base:.1f} vs {100 * expert:.1f})",
+             expert - base >= 0.10, "")]
+    avg = rows.get(("linear", "default"))
+    if avg is not None:
+        bars.append((f"simple averaging loses clearly against the experts "
+                     f"({100 * avg['accuracy']:.1f} vs {100 * expert:.1f})",
+                     expert - avg["accuracy"] >= 0.05, ""))
+        best = None
+        for m in ("task_arithmetic", "ties"):
+            for v in ("tuned", "default"):
+                r = rows.get((m, v))
+                if r and (best is None or r["accuracy"] > best[1]["accuracy"]):
+                    best = (f"{m} ({v})", r)
+        if best:
+            gain = best[1]["accuracy"] - avg["accuracy"]
+            bars.append((f"task arithmetic or TIES win back part of the loss (best: {best[0]} "
+                         f"{100 * best[1]['accuracy']:.1f}, {100 * gain:+.1f} over averaging)",
+                         gain >= 0.01 and best[1]["accuracy"] < expert, ""))
+    return bars
+
+
+# Methods run on tiny-lm (every evaluation decodes, so the full registry takes too long on two
+# cores); tiny-vision runs every registered method.
+LM_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
+              "model_stock", "tsv_m", "consensus"]
+CHECK_METHODS = ["linear", "ties"]
+
+
+def check_same_numbers(name: str, size: str, result: BenchResult, rebuild: bool) -> str:
+    """Re-run part of the bench (and with ``rebuild`` rebuild the suite); compare the records."""
+    methods = CHECK_METHODS
+    keep = {"base", "expert", *methods}
+    result = BenchResult(result.suite, result.size,
+                         [r for r in result.records if r["method"] in keep], {}, {}, {})
+    if rebuild:
+        with tempfile.TemporaryDirectory() as tmp:
+            suite = load_suite(name, size, cache_dir=Path(tmp))
+            again = run_bench(suite, methods)
+            first = load_suite(name, size)
+            same_w = all(torch.equal(first.expert_state_dict(t)[k], suite.expert_state_dict(t)[k])
+                         for t in suite.info.merged_tasks
+                         for k in first.expert_state_dict(t))
+        how = "rebuilt from scratch in a fresh cache"
+    else:
+        again = run_bench(load_suite(name, size), methods)
+        same_w, how = True, "re-run on the cached suite"
+    same = [(r["method"], r["variant"], r["task"], r["accuracy"]) for r in result.records] == \
+        [(r["method"], r["variant"], r["task"], r["accuracy"]) for r in again.records]
+    ok = same and same_w
+    return f"{'PASS' if ok else 'FAIL'}: same seed, same numbers ({how})"
+
+
+def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str:
+    start = time.perf_counter()
+    suite = load_suite(name, size, log=log)
+    built = suite.info.build_seconds
+    result = run_bench(suite, LM_METHODS if name == "tiny-lm" else None, log=log)
+    paths = write_results(result, out_dir / name)
+    repeats = 1 if name == "tiny-lm" else 2
+    sweep = sweep_num_experts(suite, "task_arithmetic", repeats=repeats, log=log)
+    write_sweep(sweep, out_dir / name, "task_arithmetic")
+    bars = quality_bars(result)
+    same = check_same_numbers(name, size, result, rebuild)
+    lines = [f"## {name} ({size})", "",
+             f"Suite build: {built:.0f}s on this machine (1 torch thread; a shared 2-core "
+             f"machine, so wall times are noisy); bench run: "
+             f"{time.perf_counter() - start:.0f}s. Command: `modelalloy bench --suite {name} "
+             f"--size {size} --out DIR`.", "",
+             "Accuracy in %. *mean/norm acc* average the merged tasks (norm = merged ÷ the "
+             "task's expert); *held-out acc* averages tasks that are never merged. Rows with "
+             "*(λ=… on val)* use the scaling coefficient chosen on the validation split; the "
+             "others use the papers' defaults.", "",
+             markdown_table(result.records), "", "Quality bars:", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok, _ in bars]
+    lines += [f"- {same}", ""]
+    if result.skipped:
+        lines += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()), ""]
+    if suite.info.extra.get("pair"):
+        rows = long_to_short(suite, ["linear", "task_arithmetic", "ties", "slerp"], log=log)
+        lines += ["Long-to-short (chain-of-thought expert merged with the direct one; "
+                  "final-answer accuracy and mean response length on the same prompts):", "",
+                  long_to_short_markdown(rows), ""]
+    lines += [f"Number of experts merged (task arithmetic, λ=0.3, {repeats} random subset(s) "
+              "per k):",
+              "", sweep_markdown(sweep), "",
+              f"Plots: `{paths['png'].name}` and `sweep-task_arithmetic.png` in the results "
+              "folder.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modelalloy.bench.docs")
+    parser.add_argument("--suites", default="tiny-vision,tiny-lm")
+    parser.add_argument("--size", default="full")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--results", type=Path, default=Path("bench-out"))
+    parser.add_argument("--check-rebuild", action="store_true")
+    parser.add_argument("--only", default=None,
+                        help="regenerate only these suites; reuse the others' sections from "
+                             "RESULTS/<suite>/section.md (a slow machine need not redo both)")
+    args = parser.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    parts = ["# Benchmarks: the built-in suites", "",
+             "Generated by `PYTHONPATH=src python -m modelalloy.bench.docs` — do not edit the "
+             "measured sections by hand; the tuning history at the end is kept in "
+             "`src/modelalloy/bench/tuning_history.md`.", ""]
+    only = args.only.split(",") if args.only else None
+    for name in args.suites.split(","):
+        cached = args.results / name / "section.md"
+        if only is not None and name not in only:
+            parts.append(cached.read_text() if cached.is_file() else
+                         f"## {name}\n\n(not measured yet: run with `--only {name}`)\n")
+            continue
+        text = section(name, args.size, args.results, args.check_rebuild, log)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(text)
+        parts.append(text)
+    parts.append(HISTORY.read_text())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(parts))
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

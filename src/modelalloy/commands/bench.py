@@ -1,0 +1,68 @@
+"""`modelalloy bench`: build a suite (cached) and compare merging methods on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None or value.strip() in ("", "all"):
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench(
+        suite: Annotated[str, typer.Option(help="tiny-vision or tiny-lm")] = "tiny-vision",
+        methods: Annotated[str, typer.Option(help="comma-separated method names, or 'all'")
+                           ] = "all",
+        size: Annotated[str, typer.Option(help="smoke (seconds) or full (minutes)")] = "full",
+        out: Annotated[Path, typer.Option(help="folder for results.{json,md,png}")
+                       ] = Path("bench-out"),
+        tune: Annotated[bool, typer.Option(help="also choose lambda on the validation split")
+                        ] = True,
+        params: Annotated[str | None, typer.Option(
+            help='per-method parameter overrides as JSON: {"ties": {"density": 0.2}}')] = None,
+        sweep: Annotated[str | None, typer.Option(
+            help="also sweep the number of experts merged (2..N) for these methods")] = None,
+        long_short: Annotated[bool, typer.Option(
+            "--long-to-short", help="also run the long-to-short study (tiny-lm)")] = False,
+        rebuild: Annotated[bool, typer.Option(help="rebuild the suite even if cached")] = False,
+        seed: Annotated[int, typer.Option(help="merge seed (DARE/DELLA masks)")] = 0,
+        quiet: Annotated[bool, typer.Option(help="no progress lines")] = False,
+    ) -> None:
+        """Merge the suite's experts with each method; write a table, JSON and a plot."""
+        from modelalloy.bench import load_suite
+        from modelalloy.eval.harness import run_bench, sweep_num_experts
+        from modelalloy.eval.report import print_table, write_results
+        from modelalloy.eval.sweeps import write_sweep
+
+        def log(msg: str) -> None:
+            if not quiet:
+                typer.echo(msg, err=True)
+
+        s = load_suite(suite, size, rebuild=rebuild, log=log)
+        result = run_bench(s, _split(methods), tune=tune,
+                           params=json.loads(params) if params else None, seed=seed, log=log)
+        paths = write_results(result, out)
+        print_table(result.records, f"{suite} ({size})")
+        for name, reason in result.skipped.items():
+            typer.echo(f"skipped {name}: {reason}")
+        for name in _split(sweep) or []:
+            rows = sweep_num_experts(s, name, seed=seed, log=log)
+            write_sweep(rows, out, name)
+        if long_short:
+            from modelalloy.eval.harness import long_to_short
+            from modelalloy.eval.sweeps import long_to_short_markdown, plot_long_to_short
+
+            rows = long_to_short(s, _split(methods), seed=seed, log=log)
+            (out / "long-to-short.json").write_text(json.dumps(rows, indent=1))
+            (out / "long-to-short.md").write_text(long_to_short_markdown(rows) + "\n")
+            plot_long_to_short(rows, out / "long-to-short.png")
+            typer.echo(long_to_short_markdown(rows))
+        typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")

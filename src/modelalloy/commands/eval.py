@@ -1,0 +1,45 @@
+"""`modelalloy eval`: score one model folder on a built-in suite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_(
+        model: Annotated[str, typer.Argument(
+            help="a model folder (model.safetensors), or 'base' / 'expert:TASK' of the suite")],
+        suite: Annotated[str, typer.Option(help="tiny-vision or tiny-lm")] = "tiny-vision",
+        size: Annotated[str, typer.Option(help="smoke or full")] = "full",
+        split: Annotated[str, typer.Option(help="test or val")] = "test",
+        json_out: Annotated[Path | None, typer.Option("--json", help="write records here")
+                            ] = None,
+    ) -> None:
+        """Per-task accuracy, normalized accuracy, held-out accuracy, response length."""
+        from modelalloy.bench import load_suite
+        from modelalloy.eval.harness import SuiteScorer, load_model_folder, summarize
+        from modelalloy.eval.report import print_table
+
+        s = load_suite(suite, size, log=lambda m: typer.echo(m, err=True))
+        if model == "base":
+            sd = s.base_state_dict()
+        elif model.startswith("expert:"):
+            sd = s.expert_state_dict(model.split(":", 1)[1])
+        else:
+            sd = load_model_folder(model)
+        scorer = SuiteScorer(s, split=split)
+        records = scorer.records(Path(model).name or model, sd, variant="eval")
+        print_table(records, f"{model} on {suite} ({size})")
+        general = s.general_metrics(sd)
+        for key, value in general.items():
+            typer.echo(f"{key}: {value:.4f}")
+        row = summarize(records)[0]
+        typer.echo(f"mean accuracy (held-in): {row['accuracy']:.4f}  normalized: "
+                   f"{row['normalized_accuracy']:.4f}  held-out: {row['held_out_accuracy']:.4f}")
+        if json_out is not None:
+            json_out.write_text(json.dumps({"records": records, "general": general}, indent=1))

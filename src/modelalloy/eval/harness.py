@@ -1,0 +1,359 @@
+"""Evaluate models on a built-in suite and compare merging methods on it.
+
+Records are plain dicts, one per (method, task)::
+
+    {"method": "ties", "variant": "default" | "tuned" | "reference", "params": {...},
+     "task": "invert", "held_out": false, "accuracy": 0.81,
+     "normalized_accuracy": 0.90,   # accuracy / the task's own expert's accuracy
+     "mean_length": 1.0}            # mean response length in tokens (1 for classifiers)
+
+The base model appears as method "base" and each expert, on its own task, as method "expert".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelalloy.errors import ModelAlloyError
+
+SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+# The papers' settings where the registry's generic defaults differ from them (the registry
+# follows mergekit, whose density defaults to 1 = no trimming): TIES keeps the top 20%
+# (Yadav et al. 2023), DARE drops 90% (Yu et al. 2024), Breadcrumbs keeps 90% below the top 1%
+# (Davari & Belilovsky 2023), and task arithmetic uses lambda 0.3 for eight tasks (Ilharco et
+# al. 2023; FusionBench's default). ``--params`` overrides any of these.
+PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"lambda": 0.3},
+    "ties": {"density": 0.2},
+    "dare_ties": {"density": 0.1},
+    "dare_linear": {"density": 0.1},
+    "breadcrumbs": {"density": 0.9},
+    "breadcrumbs_ties": {"density": 0.9},
+}
+# The parameter that scales the merged task vector, where a method has one.
+SCALE_PARAM = "lambda"
+
+
+class EvalError(ModelAlloyError):
+    """A model, method or option cannot be evaluated on the suite."""
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+@dataclass
+class SuiteScorer:
+    """Scores state dicts on a suite; remembers each expert's accuracy for normalisation."""
+
+    suite: Any
+    split: str = "test"
+    _expert_acc: dict[str, float] = field(default_factory=dict)
+    _expert_len: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t.name for t in self.suite.info.tasks]
+
+    def held_out(self, task: str) -> bool:
+        return any(t.name == task and t.held_out for t in self.suite.info.tasks)
+
+    def expert_accuracy(self, task: str) -> float:
+        if task not in self._expert_acc:
+            res = self.suite.evaluate(self.suite.expert_state_dict(task), [task],
+                                      split=self.split)[task]
+            self._expert_acc[task] = res["accuracy"]
+            self._expert_len[task] = res["mean_length"]
+        return self._expert_acc[task]
+
+    def records(self, method: str, state_dict: dict[str, torch.Tensor], *,
+                variant: str = "default", params: dict[str, Any] | None = None,
+                tasks: list[str] | None = None,
+                held_out: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+        held_out = held_out or self.held_out
+        results = self.suite.evaluate(state_dict, tasks or self.tasks, split=self.split)
+        out = []
+        for task, res in results.items():
+            exp = self.expert_accuracy(task)
+            out.append({"method": method, "variant": variant, "params": params or {},
+                        "task": task, "held_out": held_out(task),
+                        "accuracy": round(res["accuracy"], 4),
+                        "normalized_accuracy": round(res["accuracy"] / exp, 4) if exp else None,
+                        "mean_length": round(res["mean_length"], 3)})
+        return out
+
+    def reference_records(self) -> list[dict[str, Any]]:
+        """Rows of the base model (every task) and of each expert on its own task."""
+        rows = self.records("base", self.suite.base_state_dict(), variant="reference")
+        for task in self.tasks:
+            acc = self.expert_accuracy(task)
+            rows.append({"method": "expert", "variant": "reference", "params": {},
+                         "task": task, "held_out": self.held_out(task),
+                         "accuracy": round(acc, 4), "normalized_accuracy": 1.0,
+                         "mean_length": round(self._expert_len[task], 3)})
+        return rows
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, variant): mean accuracy held-in and held-out, normalised, length."""
+    keys: list[tuple[str, str]] = []
+    for r in records:
+        if (r["method"], r["variant"]) not in keys:
+            keys.append((r["method"], r["variant"]))
+    rows = []
+    for method, variant in keys:
+        rs = [r for r in records if r["method"] == method and r["variant"] == variant]
+        held_in = [r for r in rs if not r["held_out"]]
+        held_out = [r for r in rs if r["held_out"]]
+        rows.append({
+            "method": method, "variant": variant, "params": rs[0].get("params", {}),
+            "accuracy": _mean([r["accuracy"] for r in held_in]),
+            "normalized_accuracy": _mean([r["normalized_accuracy"] for r in held_in
+                                          if r["normalized_accuracy"] is not None]),
+            "held_out_accuracy": _mean([r["accuracy"] for r in held_out]),
+            "mean_length": _mean([r["mean_length"] for r in rs]),
+            "per_task": {r["task"]: r["accuracy"] for r in rs},
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods from the registry
+
+
+def method_skip_reason(spec: Any, n_experts: int) -> str | None:
+    """Why a registered method cannot run on a suite of ``n_experts`` experts plus a base."""
+    if spec.stats:
+        return f"needs statistics ({', '.join(spec.stats)}) that the bench does not collect"
+    if n_experts < spec.min_models:
+        return f"needs at least {spec.min_models} models, the suite merges {n_experts}"
+    if spec.max_models is not None and n_experts > spec.max_models:
+        want = (f"exactly {spec.max_models}" if spec.max_models == spec.min_models
+                else f"at most {spec.max_models}")
+        return f"takes {want} models, the suite merges {n_experts}"
+    return None
+
+
+def resolve_methods(names: Sequence[str] | None) -> list[Any]:
+    """Registry specs for ``names`` (all registered methods when None or ['all'])."""
+    from modelalloy.methods import get_method, list_methods
+
+    if not names or list(names) == ["all"]:
+        return list_methods()
+    return [get_method(n) for n in names]
+
+
+def merge_experts(spec: Any, base: dict[str, torch.Tensor],
+                  experts: list[dict[str, torch.Tensor]], params: dict[str, Any],
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    from modelalloy.api import merge_state_dicts
+
+    use_base = base if spec.base != "none" else None
+    return merge_state_dicts(spec.name, use_base, experts, seed=seed, **params)
+
+
+@dataclass
+class BenchResult:
+    suite: str
+    size: str
+    records: list[dict[str, Any]]
+    skipped: dict[str, str]
+    timings: dict[str, float]
+    tuning: dict[str, dict[str, Any]]
+    suite_path: str = ""
+    build_seconds: float = 0.0
+
+    def summary(self) -> list[dict[str, Any]]:
+        return summarize(self.records)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"suite": self.suite, "size": self.size, "suite_path": self.suite_path,
+                "build_seconds": self.build_seconds, "skipped": self.skipped,
+                "timings": self.timings, "tuning": self.tuning, "records": self.records}
+
+
+def tune_scale(spec: Any, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
+               params: dict[str, Any], scorer: SuiteScorer, tasks: list[str],
+               grid: Sequence[float], seed: int) -> tuple[float, dict[str, float]]:
+    """Pick the scaling coefficient with the best mean validation accuracy on ``tasks``."""
+    scores: dict[str, float] = {}
+    best, best_score = grid[0], -1.0
+    for lam in grid:
+        merged = merge_experts(spec, base, experts, {**params, SCALE_PARAM: lam}, seed)
+        res = scorer.suite.evaluate(merged, tasks, split="val")
+        score = _mean([res[t]["accuracy"] for t in tasks])
+        scores[str(lam)] = round(score, 4)
+        if score > best_score:
+            best, best_score = lam, score
+    return best, scores
+
+
+def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = True,
+              grid: Sequence[float] = SCALE_GRID, params: dict[str, dict[str, Any]] | None = None,
+              seed: int = 0, log: Callable[[str], None] | None = None) -> BenchResult:
+    """Merge the suite's held-in experts with each method; score every task.
+
+    Each method runs with the papers' defaults (:data:`PAPER_DEFAULTS` over the registry's),
+    variant "default"; methods with a ``lambda`` parameter also run with lambda chosen on the
+    validation split from ``grid``, variant "tuned". ``params`` overrides defaults per method
+    (a ``lambda`` given there turns tuning off for that method).
+    """
+    log = log or (lambda _m: None)
+    info = suite.info
+    scorer = SuiteScorer(suite)
+    records = scorer.reference_records()
+    base = suite.base_state_dict()
+    tasks = info.merged_tasks
+    experts = [suite.expert_state_dict(t) for t in tasks]
+    skipped: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    tuning: dict[str, dict[str, Any]] = {}
+    for spec in resolve_methods(methods):
+        reason = method_skip_reason(spec, len(experts))
+        if reason:
+            skipped[spec.name] = reason
+            log(f"skip {spec.name}: {reason}")
+            continue
+        user = dict((params or {}).get(spec.name, {}))
+        given = {**PAPER_DEFAULTS.get(spec.name, {}), **user}
+        start = time.perf_counter()
+        try:
+            merged = merge_experts(spec, base, experts, given, seed)
+        except ModelAlloyError as err:
+            skipped[spec.name] = str(err)
+            log(f"skip {spec.name}: {err}")
+            continue
+        timings[spec.name] = round(time.perf_counter() - start, 3)
+        shown = {k: v for k, v in spec.resolve(len(experts), given, spec.name).items()
+                 if not isinstance(v, list) or len(set(map(str, v))) > 1}
+        records += scorer.records(spec.name, merged, variant="default", params=shown)
+        log(f"{spec.name}: merged in {timings[spec.name]:.2f}s")
+        if tune and any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in user:
+            lam, scores = tune_scale(spec, base, experts, given, scorer, tasks, grid, seed)
+            tuning[spec.name] = {"param": SCALE_PARAM, "chosen": lam, "val_scores": scores}
+            merged = merge_experts(spec, base, experts, {**given, SCALE_PARAM: lam}, seed)
+            records += scorer.records(spec.name, merged, variant="tuned",
+                                      params={**shown, SCALE_PARAM: lam})
+            log(f"{spec.name}: {SCALE_PARAM}={lam} chosen on validation")
+    return BenchResult(suite=info.name, size=info.size, records=records, skipped=skipped,
+                       timings=timings, tuning=tuning, suite_path=str(info.path),
+                       build_seconds=info.build_seconds)
+
+
+def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None = None,
+                      params: dict[str, Any] | None = None, repeats: int = 1, seed: int = 0,
+                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Merge k = 2..N experts (random subsets, ``repeats`` per k): held-in vs held-out accuracy.
+
+    Parameters are the papers' defaults (:data:`PAPER_DEFAULTS`) overridden by ``params``.
+
+    Held-in = the k merged tasks; held-out = the suite's held-out tasks (never merged) and, as
+    "unmerged", the suite's other tasks that this subset left out.
+    """
+    from modelalloy.methods import get_method
+
+    log = log or (lambda _m: None)
+    spec = get_method(method)
+    scorer = SuiteScorer(suite)
+    info = suite.info
+    tasks = info.merged_tasks
+    counts = list(counts) if counts else list(range(2, len(tasks) + 1))
+    base = suite.base_state_dict()
+    all_experts = {t: suite.expert_state_dict(t) for t in tasks}
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k in counts:
+        reason = method_skip_reason(spec, k)
+        if reason:
+            log(f"skip k={k}: {reason}")
+            continue
+        for rep in range(repeats):
+            subset = [tasks[i] for i in torch.randperm(len(tasks), generator=gen)[:k].tolist()]
+            merged = merge_experts(spec, base, [all_experts[t] for t in subset],
+                                   {**PAPER_DEFAULTS.get(method, {}), **(params or {})}, seed)
+            rows = scorer.records(method, merged, params=params)
+            held_in = [r for r in rows if r["task"] in subset]
+            held_out = [r for r in rows if r["held_out"]]
+            unmerged = [r for r in rows if not r["held_out"] and r["task"] not in subset]
+            out.append({"method": method, "k": k, "repeat": rep, "tasks": subset,
+                        "held_in_accuracy": _mean([r["accuracy"] for r in held_in]),
+                        "held_in_normalized": _mean([r["normalized_accuracy"] for r in held_in]),
+                        "held_out_accuracy": _mean([r["accuracy"] for r in held_out]),
+                        "unmerged_accuracy": _mean([r["accuracy"] for r in unmerged])})
+            log(f"k={k}: held-in {out[-1]['held_in_accuracy']:.3f} "
+                f"held-out {out[-1]['held_out_accuracy']:.3f}")
+    return out
+
+
+def load_model_folder(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from an HF-style folder (model.safetensors, or shards with an index)."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if folder.is_file():
+        return load_file(str(folder))
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out.update(load_file(str(folder / shard)))
+        return out
+    raise EvalError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
+                    "pass a folder written by `modelalloy merge` or a suite's expert folder")
+
+
+def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
+                  grid: Sequence[float] = (0.3, 0.5, 0.7), seed: int = 0,
+                  log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The long-to-short study: merge a chain-of-thought expert with a direct-answer one.
+
+    For a suite with a long/short pair (tiny-lm: ``sum_long``, ``sum_short``), every method that
+    can merge two models runs with its defaults and, where it has one, each ``lambda`` (or slerp
+    ``t``) of ``grid``; each row gives the final-answer accuracy and the mean response length on
+    the pair's shared prompts. Rows for the base and both experts come first.
+    """
+    log = log or (lambda _m: None)
+    pair = suite.info.extra.get("pair") or []
+    if len(pair) != 2:
+        raise EvalError(f"suite {suite.info.name} ({suite.info.size}) has no long/short pair")
+    long_task, short_task = pair
+    base = suite.base_state_dict()
+    experts = [suite.expert_state_dict(long_task), suite.expert_state_dict(short_task)]
+
+    def score(method: str, sd: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
+        res = suite.evaluate(sd, [long_task])[long_task]
+        return {"method": method, "params": params, "accuracy": round(res["accuracy"], 4),
+                "mean_length": round(res["mean_length"], 3)}
+
+    rows = [score("base", base, {}), score(f"expert:{long_task}", experts[0], {}),
+            score(f"expert:{short_task}", experts[1], {})]
+    for spec in resolve_methods(methods):
+        if method_skip_reason(spec, 2):
+            continue
+        knob = "t" if any(p.name == "t" for p in spec.params) else (
+            SCALE_PARAM if any(p.name == SCALE_PARAM for p in spec.params) else None)
+        settings = [{}] + ([{knob: v} for v in grid] if knob else [])
+        for extra in settings:
+            given = {**PAPER_DEFAULTS.get(spec.name, {}), **extra}
+            if spec.name == "task_arithmetic" and not extra:
+                continue  # the lambda grid covers it
+            try:
+                merged = merge_experts(spec, base, experts, given, seed)
+            except ModelAlloyError as err:
+                log(f"skip {spec.name}: {err}")
+                break
+            rows.append(score(spec.name, merged, given))
+            log(f"{spec.name} {given}: acc {rows[-1]['accuracy']:.3f} "
+                f"len {rows[-1]['mean_length']:.1f}")
+    return rows

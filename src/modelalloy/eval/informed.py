@@ -1,0 +1,470 @@
+"""Data-informed merging on a built-in suite: collect each method's statistics on the suite's
+own data, merge, score.
+
+The harness (:func:`modelalloy.eval.harness.run_bench`) skips every method that needs
+statistics; this module is the glue that runs them. Everything goes through the library's own,
+architecture-agnostic code paths — ``modelalloy.stats`` hooks for Grams, Fishers and
+activations, ``load_adam_moments`` for OTA, the ``modelalloy.optimize`` learners for
+coefficients, and ``merge_state_dicts(..., stats=...)`` for the merge — on a plain torch module
+built from the suite: the suite's body plus its per-task heads (:class:`SuiteModule`).
+
+Data used (``stats_split``, default the labeled ``val`` split, whose labels only Sens-Merging and
+Self-Positioning read; AdaMerging uses the unlabeled ``test`` inputs, as in the paper):
+
+====================  ===========================================================================
+``regmean``           input Grams of every linear map of expert k on task k's inputs; the suite's
+                      convolutions have no Gram and are averaged (as the reference code does for
+                      every non-Linear tensor)
+``regmean_pp``        the same, collected through the already-merged earlier layers
+``fisher``            diagonal Fisher of expert k (its body + task k's frozen head) on task k's
+                      inputs, exact expectation over the 10 classes (the reference default)
+``ota`` / ``ota_ffg``  Adam second moments saved with each expert's fine-tuning run; ``ota_ffg``
+                      first grafts each expert with Fast Fisher Grafting (density 0.4)
+``aim``               the base model's input activations on every task, relaxing a
+                      task-arithmetic or TIES merge
+``adamerging``        task-wise and layer-wise coefficients, entropy of each task's head on its
+                      unlabeled test inputs
+``expert_merging``    layer-wise coefficients aligning hidden states and logits with the experts
+``sens_merging``      sensitivity-guided layer-wise coefficients
+``self_positioning``  task-wise coefficients by SGD on a labeled probe set (the val split)
+====================  ===========================================================================
+
+LM suites (tiny-lm) use the language model itself (no heads), prompt batches
+``{"input_ids", "attention_mask"}`` (plus answer ``labels`` where a method needs them) and the
+sampled Fisher; the rest is the same code.
+
+The suite body has no stack of numbered blocks (RegMean++ and Expert Merging walk one), so
+:class:`SuiteModule` can present the body's top-level children as ``layers.0 .. layers.N-1``;
+:func:`to_body_names` maps the statistics and coefficients back to the body's own names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelalloy.api import merge_state_dicts
+from modelalloy.eval.harness import SuiteScorer, run_bench, summarize
+
+# Methods this module runs (row names). ``aim`` rows are named after the merge they relax.
+INFORMED_METHODS = ("regmean", "regmean_pp", "fisher", "ota", "ota_ffg", "aim",
+                    "adamerging_task", "adamerging_layer", "expert_merging", "sens_merging",
+                    "self_positioning")
+BASELINES = ("linear", "task_arithmetic", "ties")
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite as one torch module
+
+
+class SuiteModule(nn.Module):
+    """A suite body with its per-task heads: ``forward(images, task=k)`` gives task k's logits.
+
+    The heads are frozen and are **not** registered as sub-modules, so the module's parameters
+    (and state dict) are exactly the body's: what the collectors hook and the learners merge.
+    With ``stacked`` the body's top-level children are registered as ``layers.<i>`` (a numbered
+    block stack, for RegMean++ and Expert Merging); otherwise under their own names.
+    """
+
+    def __init__(self, body: nn.Module, heads: Sequence[nn.Module], stacked: bool = False):
+        super().__init__()
+        object.__setattr__(self, "_body", body)  # run by forward, not registered
+        object.__setattr__(self, "_heads", list(heads))
+        self.child_names = [n for n, _ in body.named_children()]
+        self.stacked = stacked
+        if stacked:
+            self.layers = nn.ModuleList([m for _, m in body.named_children()])
+        else:
+            for name, child in body.named_children():
+                self.add_module(name, child)
+        for p in (p for h in heads for p in h.parameters()):
+            p.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor, task: int = 0) -> torch.Tensor:
+        return self._heads[task](self._body(images))
+
+    def to_body_names(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
+        """Rename ``layers.<i>.<rest>`` keys back to the body's ``<child_i>.<rest>``."""
+        if not self.stacked:
+            return dict(mapping)
+        out = {}
+        for key, value in mapping.items():
+            parts = key.split(".")
+            if parts[0] == "layers" and len(parts) > 2 and parts[1].isdigit():
+                key = ".".join([self.child_names[int(parts[1])]] + parts[2:])
+            out[key] = value
+        return out
+
+    def to_module_names(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`to_body_names` (body names -> this module's names)."""
+        if not self.stacked:
+            return dict(mapping)
+        index = {n: i for i, n in enumerate(self.child_names)}
+        out = {}
+        for key, value in mapping.items():
+            head, _, rest = key.partition(".")
+            out[f"layers.{index[head]}.{rest}" if head in index else key] = value
+        return out
+
+
+def is_lm_suite(suite: Any) -> bool:
+    """tiny-lm style suites: a causal LM with its own output layer, text prompts."""
+    return not hasattr(suite, "head")
+
+
+def suite_module(suite: Any, state_dict: Mapping[str, torch.Tensor], tasks: Sequence[str],
+                 stacked: bool = False) -> nn.Module:
+    """The suite's model holding ``state_dict``: a :class:`SuiteModule` (body + per-task heads)
+    for classifier suites, the language model itself for LM suites (``stacked`` is ignored: a
+    transformer already has its numbered block stack)."""
+    if is_lm_suite(suite):
+        model = suite.new_model()
+        model.load_state_dict(dict(state_dict), strict=False)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return model.eval()
+    body = suite.new_model()
+    body.load_state_dict(dict(state_dict))
+    return SuiteModule(body, [suite.head(t) for t in tasks], stacked=stacked).eval()
+
+
+def to_body_names(model: nn.Module, mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return model.to_body_names(mapping) if isinstance(model, SuiteModule) else dict(mapping)
+
+
+def to_module_names(model: nn.Module, mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return model.to_module_names(mapping) if isinstance(model, SuiteModule) else dict(mapping)
+
+
+def _lm_batch(suite: Any, prompts: Sequence[str], answers: Sequence[str] | None
+              ) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` of prompts (+ answers and ``<eos>``);
+    with answers, ``labels`` holds the answer tokens and -100 elsewhere (unshifted)."""
+    import importlib
+
+    lm = importlib.import_module(type(suite).__module__)
+    pad, eos = lm.STOI[lm.PAD], lm.STOI[lm.EOS]
+    seqs, starts = [], []
+    for i, p in enumerate(prompts):
+        ids = lm.encode(p)
+        starts.append(len(ids))
+        if answers is not None:
+            ids = ids + lm.encode(answers[i]) + [eos]
+        seqs.append(ids)
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (x, a) in enumerate(zip(seqs, starts, strict=True)):
+        ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+        labels[i, a:len(x)] = torch.tensor(x[a:])
+    out = {"input_ids": ids, "attention_mask": mask}
+    if answers is not None:
+        out["labels"] = labels
+    return out
+
+
+def task_batches(suite: Any, tasks: Sequence[str], split: str, batch_size: int, *,
+                 limit: int | None = None, labels: bool = False) -> list[list[dict[str, Any]]]:
+    """Per task k, batches ``{"images": x, "task": k}`` (plus ``labels`` when asked); for LM
+    suites ``{"input_ids", "attention_mask"}`` of the prompts (with ``labels``: prompt + answer,
+    labels on the answer tokens)."""
+    out = []
+    for k, task in enumerate(tasks):
+        x, y = suite.labeled(task, split)
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+        batches = []
+        for i in range(0, len(x), batch_size):
+            if is_lm_suite(suite):
+                batches.append(_lm_batch(suite, x[i:i + batch_size],
+                                         y[i:i + batch_size] if labels else None))
+                continue
+            b: dict[str, Any] = {"images": x[i:i + batch_size], "task": k}
+            if labels:
+                b["labels"] = y[i:i + batch_size]
+            batches.append(b)
+        out.append(batches)
+    return out
+
+
+def supervised_loss(output: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Cross-entropy against ``batch["labels"]``: per example for classifier logits, next-token
+    (shifted, -100 ignored) for sequence logits."""
+    from modelalloy.stats.hooks import logits_of
+
+    logits = logits_of(output).float()
+    labels = batch["labels"]
+    if logits.dim() == 3:
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           labels[:, 1:].reshape(-1), ignore_index=-100)
+    return nn.functional.cross_entropy(logits, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coefficients -> weights
+
+
+def apply_coefficients(result: Any, base: Mapping[str, torch.Tensor],
+                       experts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """θ = θ₀ + Σ_k c_{row(n), k} τ_k for the result's tensors, θ₀ elsewhere (what the
+    ``task_arithmetic`` recipe of ``result.to_recipe`` computes)."""
+    out = {n: t.clone() for n, t in base.items()}
+    for name in result.names:
+        t = base[name].float().clone()
+        for k, sd in enumerate(experts):
+            t += result.weight_of(name, k) * (sd[name].float() - base[name].float())
+        out[name] = t.to(base[name].dtype)
+    return out
+
+
+def merge_through_recipe(result: Any, suite: Any, tasks: Sequence[str],
+                         out_dir: Any) -> dict[str, torch.Tensor]:
+    """Write the learned coefficients as a recipe over the suite's model folders and run it
+    through the engine (``modelalloy.merge``); returns the merged state dict."""
+    from pathlib import Path
+
+    from modelalloy.api import merge
+    from modelalloy.eval.harness import load_model_folder
+
+    out_dir = Path(out_dir)
+    recipe = result.save_recipe(out_dir / "recipe.yaml", str(suite.info.base_dir),
+                                [str(suite.info.expert_dir(t)) for t in tasks])
+    merge(recipe, out_dir / "merged", force=True)
+    return load_model_folder(out_dir / "merged")
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+
+
+@dataclass
+class InformedConfig:
+    """What the rows use. Defaults are the papers' where the suite allows (see the docs)."""
+
+    stats_split: str = "val"
+    stats_limit: int | None = None        # examples per task for Grams / Fishers / activations
+    batch_size: int = 16                  # AdaMerging's reference batch size
+    regmean_alpha: float = 0.95           # the reference CLIP-ViT config (RegMean and RegMean++)
+    fisher_mode: str = "exact"            # the reference's expectation over classes
+    fisher_limit: int | None = 64         # examples per task for the Fisher
+    ffg_density: float = 0.4
+    aim_omega: float = 0.4
+    adamerging_steps: int = 500
+    adamerging_lr: float = 1e-3
+    expert_samples: int = 16              # unlabeled samples per domain (batches of one)
+    sens_limit: int = 32
+    sens_scale: float | None = None       # λ of Sens-Merging; None: task arithmetic's tuned λ
+    self_positioning_steps: int = 300
+    seed: int = 0
+    methods: tuple[str, ...] = INFORMED_METHODS
+
+
+@dataclass
+class InformedResult:
+    suite: str
+    size: str
+    records: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> list[dict[str, Any]]:
+        return summarize(self.records)
+
+
+def _tvs_scale_param(tuning: Mapping[str, Any], method: str, default: float) -> float:
+    return float(tuning.get(method, {}).get("chosen", default))
+
+
+def run_informed(suite: Any, config: InformedConfig | None = None, *,
+                 baselines: Sequence[str] = BASELINES,
+                 log: Callable[[str], None] | None = None) -> InformedResult:
+    """Baseline rows from the harness, then one row per data-informed method."""
+    from modelalloy.stats import collect_activations, collect_fisher, collect_grams
+    from modelalloy.stats.hooks import batch_size_of, select_example
+    from modelalloy.stats.optimizer import load_adam_moments
+
+    cfg = config or InformedConfig()
+    log = log or (lambda _m: None)
+    torch.manual_seed(cfg.seed)
+    info = suite.info
+    tasks = info.merged_tasks
+    bench = run_bench(suite, list(baselines), tune=True, seed=cfg.seed, log=log)
+    records = list(bench.records)
+    result = InformedResult(info.name, info.size, records, dict(bench.timings), {},
+                            dict(bench.tuning))
+    scorer = SuiteScorer(suite)
+    base = suite.base_state_dict()
+    experts = [suite.expert_state_dict(t) for t in tasks]
+    body_names = set(base)
+    wanted = set(cfg.methods)
+    stat_batches = task_batches(suite, tasks, cfg.stats_split, cfg.batch_size,
+                                limit=cfg.stats_limit)
+
+    def row(method: str, merged: Mapping[str, torch.Tensor], params: dict[str, Any],
+            start: float, variant: str = "informed") -> None:
+        result.timings[method] = round(time.perf_counter() - start, 2)
+        records.extend(scorer.records(method, dict(merged), variant=variant, params=params))
+        acc = [r["accuracy"] for r in records[-len(info.tasks):]
+               if not r["held_out"]]
+        log(f"{method}: held-in accuracy {sum(acc) / len(acc):.3f} "
+            f"({result.timings[method]:.1f}s)")
+
+    def want(name: str) -> bool:
+        return name in wanted
+
+    # --- RegMean: Grams of each expert's linear maps on its own task's inputs
+    if want("regmean"):
+        t0 = time.perf_counter()
+        grams = [collect_grams(suite_module(suite, sd, tasks), stat_batches[k])
+                 for k, sd in enumerate(experts)]
+        result.extra["regmean_gram_layers"] = sorted(grams[0].keys())
+        merged = merge_state_dicts("regmean", None, experts, stats={"gram": grams},
+                                   alpha=cfg.regmean_alpha)
+        row("regmean", merged, {"alpha": cfg.regmean_alpha}, t0)
+
+    # --- RegMean++: Grams through the merged earlier layers (a numbered stack is presented)
+    if want("regmean_pp"):
+        from modelalloy.stats.regmean_pp import collect_regmean_pp_grams
+
+        t0 = time.perf_counter()
+        models = [suite_module(suite, sd, tasks, stacked=True) for sd in experts]
+        stats, _ = collect_regmean_pp_grams(models, stat_batches, alpha=cfg.regmean_alpha)
+        renamed = [to_body_names(models[0], s) for s in stats]
+        merged = merge_state_dicts("regmean_pp", None, experts, stats={"gram_pp": renamed},
+                                   alpha=cfg.regmean_alpha)
+        row("regmean_pp", merged, {"alpha": cfg.regmean_alpha}, t0)
+
+    # --- Fisher merging: per-example Fisher of each expert with its task's head
+    if want("fisher"):
+        t0 = time.perf_counter()
+        # the exact expectation needs (batch, classes) outputs; LMs sample one token per position
+        fisher_mode = "sampled" if is_lm_suite(suite) else cfg.fisher_mode
+        fishers = []
+        for k, sd in enumerate(experts):
+            fishers.append(collect_fisher(suite_module(suite, sd, tasks), stat_batches[k],
+                                          mode=fisher_mode, max_examples=cfg.fisher_limit,
+                                          seed=cfg.seed))
+        merged = merge_state_dicts("fisher", None, experts, stats={"fisher": fishers})
+        row("fisher", merged, {"mode": fisher_mode, "examples": cfg.fisher_limit}, t0)
+
+    # --- OTA (and OTA after Fast Fisher Grafting): the experts' saved Adam second moments
+    if want("ota") or want("ota_ffg"):
+        moments = []
+        for t in tasks:
+            m = load_adam_moments(info.expert_dir(t) / "optimizer.safetensors")
+            moments.append({n: v for n, v in m.items() if n in body_names})
+        if want("ota"):
+            t0 = time.perf_counter()
+            merged = merge_state_dicts("ota", base, experts, stats={"exp_avg_sq": moments})
+            row("ota", merged, {}, t0)
+        if want("ota_ffg"):
+            t0 = time.perf_counter()
+            grafted = [merge_state_dicts("ffg", base, [sd], stats={"exp_avg_sq": [v]},
+                                         density=cfg.ffg_density)
+                       for sd, v in zip(experts, moments, strict=True)]
+            merged = merge_state_dicts("ota", base, grafted, stats={"exp_avg_sq": moments})
+            row("ota_ffg", merged, {"density": cfg.ffg_density}, t0)
+
+    # --- AIM: relax the (tuned) task-arithmetic and TIES merges with the base's activations
+    if want("aim"):
+        from modelalloy.eval.harness import merge_experts
+        from modelalloy.methods import get_method
+
+        t0 = time.perf_counter()
+        acts = collect_activations(suite_module(suite, base, tasks),
+                                   [b for bs in stat_batches for b in bs])
+        result.extra["aim_layers"] = sorted(acts.keys())
+        for under in ("task_arithmetic", "ties"):
+            lam = _tvs_scale_param(result.tuning, under, 1.0)
+            start = time.perf_counter()
+            merged_under = merge_experts(get_method(under), base, experts, {"lambda": lam},
+                                         cfg.seed)
+            relaxed = merge_state_dicts("aim", base, [merged_under],
+                                        stats={"activations": [acts]}, omega=cfg.aim_omega)
+            row(f"aim({under})", relaxed, {"omega": cfg.aim_omega, "lambda": lam},
+                t0 if under == "task_arithmetic" else start)
+
+    # --- AdaMerging: entropy of each task's head on its unlabeled test inputs
+    ada_batches = None
+    if want("adamerging_task") or want("adamerging_layer"):
+        from modelalloy.optimize.adamerging import adamerging
+
+        ada_batches = task_batches(suite, tasks, "test", cfg.batch_size)
+        for gran in ("task", "layer"):
+            if not want(f"adamerging_{gran}"):
+                continue
+            t0 = time.perf_counter()
+            res = adamerging(suite_module(suite, base, tasks), base, experts, ada_batches,
+                             granularity=gran, steps=cfg.adamerging_steps,
+                             lr=cfg.adamerging_lr, seed=cfg.seed)
+            result.extra[f"adamerging_{gran}"] = res
+            result.notes[f"adamerging_{gran}"] = (
+                f"summed entropy {res.history[0]:.3f} → {res.history[-1]:.3f}, coefficients in "
+                f"[{float(res.coefficients.min()):.2f}, {float(res.coefficients.max()):.2f}]")
+            row(f"adamerging_{gran}", apply_coefficients(res, base, experts),
+                {"granularity": gran, "steps": cfg.adamerging_steps,
+                 "entropy": [round(res.history[0], 4), round(res.history[-1], 4)]}, t0)
+
+    # --- Expert Merging (layer-wise): align with each expert's hidden states and logits
+    if want("expert_merging"):
+        from modelalloy.optimize.expert_merging import expert_merging
+
+        t0 = time.perf_counter()
+        model = suite_module(suite, base, tasks, stacked=True)
+        samples = [[select_example(b, i, batch_size_of(b)) for b in bs
+                    for i in range(batch_size_of(b))][:cfg.expert_samples]
+                   for bs in stat_batches]
+        em = expert_merging(model, to_module_names(model, base),
+                            [to_module_names(model, sd) for sd in experts], samples)
+        coeffs = em.to_coefficients()
+        coeffs.names = list(to_body_names(model, dict.fromkeys(coeffs.names)))
+        coeffs.rows = {n: i for i, n in enumerate(coeffs.names)}
+        result.extra["expert_merging"] = coeffs
+        row("expert_merging", apply_coefficients(coeffs, base, experts),
+            {"samples": cfg.expert_samples}, t0)
+
+    # --- Sens-Merging: sensitivity-guided layer-wise coefficients (labeled calibration)
+    if want("sens_merging"):
+        from modelalloy.optimize.sens_merging import sens_merging
+
+        t0 = time.perf_counter()
+        calib = task_batches(suite, tasks, cfg.stats_split, cfg.batch_size,
+                             limit=cfg.sens_limit, labels=True)
+        scale = (cfg.sens_scale if cfg.sens_scale is not None
+                 else _tvs_scale_param(result.tuning, "task_arithmetic", 1.0))
+        res, diag = sens_merging(suite_module(suite, base, tasks), base, experts, calib,
+                                 scale=scale)
+        result.notes["sens_merging"] = (f"λ = {scale} (task arithmetic's tuned λ), K·σ in "
+                                        f"[{diag['k_sigma_min']:.3f}, "
+                                        f"{diag['k_sigma_max']:.3f}]")
+        row("sens_merging", apply_coefficients(res, base, experts),
+            {"lambda": scale,
+             "k_sigma": [round(diag["k_sigma_min"], 3), round(diag["k_sigma_max"], 3)]}, t0)
+
+    # --- Self Positioning: task-wise coefficients by SGD on the labeled val split
+    if want("self_positioning"):
+        from modelalloy.optimize.self_positioning import self_positioning
+
+        t0 = time.perf_counter()
+        probe = [b for bs in task_batches(suite, tasks, cfg.stats_split, cfg.batch_size,
+                                          labels=True) for b in bs]
+
+        def ce(forward: Callable[[Any], Any], batch: dict[str, Any]) -> torch.Tensor:
+            return supervised_loss(forward({k: v for k, v in batch.items() if k != "labels"}),
+                                   batch)
+
+        res = self_positioning(suite_module(suite, base, tasks), base, experts, probe, ce,
+                               steps=cfg.self_positioning_steps, seed=cfg.seed)
+        row("self_positioning", apply_coefficients(res, base, experts),
+            {"steps": cfg.self_positioning_steps,
+             "weights": [round(float(c), 3) for c in res.coefficients[0]]}, t0)
+    return result

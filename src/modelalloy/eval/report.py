@@ -1,0 +1,141 @@
+"""Render bench results: a terminal/markdown table, results.json and a per-task accuracy plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from modelalloy.eval.harness import BenchResult, summarize
+
+
+def _label(row: dict[str, Any]) -> str:
+    if row["variant"] == "tuned":
+        lam = row["params"].get("lambda")
+        return f"{row['method']} (λ={lam} on val)"
+    return row["method"]
+
+
+def _pct(x: float) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ref = {"base": 0, "expert": 1}
+    return sorted(rows, key=lambda r: (ref.get(r["method"], 2), r["method"],
+                                       r["variant"] != "default"))
+
+
+def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    summary = _order(summarize(records))
+    tasks: list[str] = []
+    held: dict[str, bool] = {}
+    for r in records:
+        if r["task"] not in held:
+            tasks.append(r["task"])
+            held[r["task"]] = r["held_out"]
+    header = (["method", "mean acc", "norm acc", "held-out acc", "mean len"]
+              + [t + (" (held-out)" if held[t] else "") for t in tasks])
+    body = []
+    for row in summary:
+        body.append([_label(row), _pct(row["accuracy"]), _pct(row["normalized_accuracy"]),
+                     _pct(row["held_out_accuracy"]), f"{row['mean_length']:.1f}"]
+                    + [_pct(row["per_task"].get(t)) for t in tasks])
+    return header, body
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    header, body = table_rows(records)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def results_markdown(result: BenchResult) -> str:
+    out = [f"# {result.suite} ({result.size}): merging methods compared", "",
+           "Accuracy in %, on each task's test split. *mean acc* and *norm acc* (merged ÷ the "
+           "task's own expert) average the merged (held-in) tasks; *held-out acc* averages the "
+           "tasks that were never merged. The expert row shows each expert on its own task.",
+           "", markdown_table(result.records), ""]
+    if result.tuning:
+        out += ["Scaling coefficient chosen on the validation split:", ""]
+        for name, t in result.tuning.items():
+            scores = ", ".join(f"{k}: {100 * v:.1f}" for k, v in t["val_scores"].items())
+            out.append(f"- {name}: {t['param']} = {t['chosen']} (validation accuracy {scores})")
+        out.append("")
+    if result.skipped:
+        out += ["Skipped:", ""] + [f"- {k}: {v}" for k, v in result.skipped.items()] + [""]
+    if result.build_seconds:
+        out.append(f"Suite build time: {result.build_seconds:.1f}s (cached at "
+                   f"`{result.suite_path}`).")
+    return "\n".join(out) + "\n"
+
+
+def print_table(records: list[dict[str, Any]], title: str = "") -> None:
+    """A rich table on the terminal (plain text when rich is unavailable)."""
+    header, body = table_rows(records)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a core dependency
+        print(title)
+        for row in [header, *body]:
+            print("  ".join(row))
+        return
+    table = Table(title=title or None)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in body:
+        table.add_row(*row)
+    Console(width=max(120, 12 * len(header))).print(table)
+
+
+def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Grouped bars: per-task accuracy per method (the tuned variant where there is one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _order(summarize(records))
+    # One bar group per row; keep tuned variants (they are the comparable ones) and defaults
+    # only for methods without a tuned variant.
+    tuned = {r["method"] for r in rows if r["variant"] == "tuned"}
+    rows = [r for r in rows if r["variant"] != "default" or r["method"] not in tuned]
+    tasks: list[str] = []
+    for r in records:
+        if r["task"] not in tasks:
+            tasks.append(r["task"])
+    held = {r["task"]: r["held_out"] for r in records}
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(tasks) + 2), 4.8))
+    width = 0.8 / max(1, len(rows))
+    cmap = plt.get_cmap("tab20")
+    for i, row in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(tasks))]
+        ys = [100 * (row["per_task"].get(t) or 0.0) for t in tasks]
+        ax.bar(xs, ys, width, label=_label(row), color=cmap(i % 20))
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels([t + ("\n(held-out)" if held[t] else "") for t in tasks], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or "per-task accuracy")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(result: BenchResult, out_dir: Path) -> dict[str, Path]:
+    """DIR/results.json (the records list), DIR/results.md, DIR/results.png, DIR/run.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md",
+             "png": out_dir / "results.png", "run": out_dir / "run.json"}
+    paths["json"].write_text(json.dumps(result.records, indent=1))
+    paths["run"].write_text(json.dumps({k: v for k, v in result.to_json().items()
+                                        if k != "records"}, indent=1))
+    paths["md"].write_text(results_markdown(result))
+    plot(result.records, paths["png"], f"{result.suite} ({result.size})")
+    return paths

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from modelalloy.eval.harness import method_skip_reason, run_bench, summarize, sweep_num_experts
+from modelalloy.eval.report import markdown_table, write_results
+from modelalloy.methods import get_method
+
+KEYS = {"method", "task", "held_out", "accuracy", "normalized_accuracy", "mean_length"}
+
+
+@pytest.fixture(scope="module")
+def bench_result(vision_smoke):
+    return run_bench(vision_smoke, ["linear", "task_arithmetic", "slerp"], grid=(0.3, 1.0))
+
+
+def test_records_have_the_documented_fields(bench_result, vision_smoke):
+    recs = bench_result.records
+    assert all(KEYS <= r.keys() for r in recs)
+    methods = {(r["method"], r["variant"]) for r in recs}
+    assert {("base", "reference"), ("expert", "reference"), ("linear", "default"),
+            ("task_arithmetic", "default"), ("task_arithmetic", "tuned")} <= methods
+    tasks = {t.name for t in vision_smoke.info.tasks}
+    assert {r["task"] for r in recs if r["method"] == "linear"} == tasks
+    held = {r["task"] for r in recs if r["held_out"]}
+    assert held == set(vision_smoke.info.held_out_tasks)
+    expert = [r for r in recs if r["method"] == "expert"]
+    assert all(r["normalized_accuracy"] == 1.0 for r in expert)
+
+
+def test_slerp_is_skipped_with_a_reason(bench_result):
+    assert "at most 2" in bench_result.skipped["slerp"]
+
+
+def test_skip_reasons():
+    assert method_skip_reason(get_method("slerp"), 2) is None
+    assert method_skip_reason(get_method("task_arithmetic"), 8) is None
+    assert "statistics" in method_skip_reason(get_method("regmean"), 3)
+
+
+def test_tuned_lambda_is_chosen_on_validation(bench_result):
+    t = bench_result.tuning["task_arithmetic"]
+    assert t["chosen"] in (0.3, 1.0) and set(t["val_scores"]) == {"0.3", "1.0"}
+    assert t["val_scores"][str(t["chosen"])] == max(t["val_scores"].values())
+
+
+def test_linear_matches_task_arithmetic_at_one_over_n(vision_smoke):
+    # averaging == base + mean task vector: a check that merging goes through the registry
+    n = len(vision_smoke.info.merged_tasks)
+    a = run_bench(vision_smoke, ["linear"], tune=False).records
+    b = run_bench(vision_smoke, ["task_arithmetic"], tune=False,
+                  params={"task_arithmetic": {"lambda": 1.0 / n}}).records
+    acc = {r["task"]: r["accuracy"] for r in a if r["method"] == "linear"}
+    acc2 = {r["task"]: r["accuracy"] for r in b if r["method"] == "task_arithmetic"}
+    assert acc == pytest.approx(acc2, abs=1e-6)
+
+
+def test_bench_writes_table_json_and_plot(bench_result, tmp_path):
+    paths = write_results(bench_result, tmp_path)
+    recs = json.loads(paths["json"].read_text())
+    assert recs == bench_result.records
+    md = paths["md"].read_text()
+    assert "| method |" in md and "task_arithmetic (λ=" in md and "slerp" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| base |" in markdown_table(bench_result.records)
+
+
+def test_summary_means(bench_result):
+    rows = {(r["method"], r["variant"]): r for r in summarize(bench_result.records)}
+    exp = rows[("expert", "reference")]
+    assert exp["normalized_accuracy"] == 1.0
+    assert rows[("base", "reference")]["accuracy"] < exp["accuracy"]
+
+
+def test_sweep_number_of_experts(vision_smoke):
+    rows = sweep_num_experts(vision_smoke, "task_arithmetic", params={"lambda": 0.5})
+    assert [r["k"] for r in rows] == list(range(2, len(vision_smoke.info.merged_tasks) + 1))
+    assert all(0 <= r["held_in_accuracy"] <= 1 for r in rows)
+
+
+def test_bench_cli(vision_smoke, tmp_path):
+    import typer
+
+    from modelalloy.commands import bench as bench_cmd
+    from modelalloy.commands import eval as eval_cmd
+
+    app = typer.Typer()
+    bench_cmd.register(app)
+    eval_cmd.register(app)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["bench", "--suite", "tiny-vision", "--size", "smoke",
+                                   "--methods", "linear,ties", "--out", str(out), "--quiet",
+                                   "--no-tune", "--sweep", "linear"])
+    assert res.exit_code == 0, res.output
+    assert (out / "results.json").is_file() and (out / "results.png").is_file()
+    assert (out / "sweep-linear.json").is_file()
+    assert "ties" in res.output
+    expert = vision_smoke.info.expert_dir(vision_smoke.info.merged_tasks[0])
+    res = CliRunner().invoke(app, ["eval", str(expert), "--suite", "tiny-vision", "--size",
+                                   "smoke", "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    recs = json.loads((tmp_path / "e.json").read_text())["records"]
+    first = [r for r in recs if r["task"] == vision_smoke.info.merged_tasks[0]][0]
+    assert first["normalized_accuracy"] == 1.0

@@ -1,0 +1,137 @@
+"""Data-informed methods end to end on the smoke tiny-vision suite (modelalloy.eval.informed)."""
+
+import math
+
+import pytest
+import torch
+
+from modelalloy.api import merge_state_dicts
+from modelalloy.eval.informed import (
+    INFORMED_METHODS,
+    InformedConfig,
+    SuiteModule,
+    apply_coefficients,
+    merge_through_recipe,
+    run_informed,
+    suite_module,
+    task_batches,
+)
+from modelalloy.stats import collect_grams
+
+SMALL = InformedConfig(stats_limit=24, fisher_limit=6, adamerging_steps=4, expert_samples=2,
+                       sens_limit=4, self_positioning_steps=4, batch_size=12)
+
+
+@pytest.fixture(scope="module")
+def informed(vision_smoke):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
+    try:
+        yield run_informed(vision_smoke, SMALL, baselines=("linear", "task_arithmetic"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_every_informed_method_runs_and_gives_finite_accuracies(vision_smoke, informed):
+    methods = {r["method"] for r in informed.records if r["variant"] == "informed"}
+    expected = {m for m in INFORMED_METHODS if m != "aim"} | {"aim(task_arithmetic)",
+                                                              "aim(ties)"}
+    assert methods == expected
+    n_tasks = len(vision_smoke.info.tasks)
+    for method in methods:
+        rows = [r for r in informed.records if r["method"] == method]
+        assert len(rows) == n_tasks
+        for r in rows:
+            assert math.isfinite(r["accuracy"]) and 0.0 <= r["accuracy"] <= 1.0
+    # the baselines come from the harness, next to the informed rows
+    assert {"base", "expert", "linear", "task_arithmetic"} <= {r["method"]
+                                                              for r in informed.records}
+    assert informed.extra["regmean_gram_layers"] == ["fc.weight"]  # convolutions: no Gram
+
+
+def _fc_inputs(suite, sd, task):
+    model = suite.new_model()
+    model.load_state_dict(sd)
+    seen = []
+    handle = model.fc.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(suite.labeled(task, "val")[0])
+    handle.remove()
+    return seen[0]
+
+
+def test_regmean_at_least_as_good_as_averaging_on_the_merged_layer(vision_smoke):
+    """On fc (the layer with a Gram), RegMean's regression loss Σ_k ‖X_k W − X_k W_k‖² is no
+    larger than plain averaging's, and its accuracy is not below plain averaging's."""
+    suite = vision_smoke
+    tasks = suite.info.merged_tasks
+    experts = [suite.expert_state_dict(t) for t in tasks]
+    batches = task_batches(suite, tasks, "val", 16)
+    grams = [collect_grams(suite_module(suite, sd, tasks), batches[k])
+             for k, sd in enumerate(experts)]
+    rm = merge_state_dicts("regmean", None, experts, stats={"gram": grams})
+    avg = merge_state_dicts("linear", None, experts)
+    # tensors without a Gram are the plain average
+    assert torch.allclose(rm["conv2.weight"], avg["conv2.weight"], atol=1e-6)
+
+    def loss(w):
+        total = 0.0
+        for k, (sd, t) in enumerate(zip(experts, tasks, strict=True)):
+            x = _fc_inputs(suite, sd, t)
+            total += float(((x @ w.T - x @ experts[k]["fc.weight"].T) ** 2).sum())
+        return total
+
+    assert loss(rm["fc.weight"]) <= loss(avg["fc.weight"]) * (1 + 1e-5)
+    acc = {name: sum(r["accuracy"] for r in suite.evaluate(sd, tasks).values()) / len(tasks)
+           for name, sd in (("regmean", rm), ("linear", avg))}
+    assert acc["regmean"] >= acc["linear"] - 1e-9
+
+
+def test_learned_coefficients_reproduce_through_the_engine(vision_smoke, informed, tmp_path):
+    suite = vision_smoke
+    tasks = suite.info.merged_tasks
+    base = suite.base_state_dict()
+    experts = [suite.expert_state_dict(t) for t in tasks]
+    res = informed.extra["adamerging_layer"]
+    assert res.coefficients.min() >= 0 and res.coefficients.max() <= 1
+    direct = apply_coefficients(res, base, experts)
+    engine = merge_through_recipe(res, suite, tasks, tmp_path)
+    for name, t in direct.items():
+        assert torch.allclose(engine[name], t, atol=1e-5), name
+
+
+def test_stacked_view_renames_both_ways(vision_smoke):
+    suite = vision_smoke
+    tasks = suite.info.merged_tasks
+    base = suite.base_state_dict()
+    m = suite_module(suite, base, tasks, stacked=True)
+    assert isinstance(m, SuiteModule)
+    names = set(m.state_dict())
+    assert names == set(m.to_module_names(base))
+    assert m.to_body_names(m.state_dict()).keys() == base.keys()
+    x = suite.labeled(tasks[1], "val")[0][:5]
+    flat = suite_module(suite, base, tasks)
+    assert torch.allclose(m(x, task=1), flat(x, task=1))
+    assert torch.allclose(flat(x, task=1), suite.head(tasks[1])(flat._body(x)))
+
+
+@pytest.mark.slow
+def test_the_same_glue_runs_on_the_tiny_lm_suite(bench_cache):
+    """tiny-lm (transformers GPT-2): the LM itself, prompt batches, sampled Fisher."""
+    from modelalloy.bench import load_suite
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        suite = load_suite("tiny-lm", "smoke")
+        cfg = InformedConfig(stats_limit=8, fisher_limit=2, adamerging_steps=2,
+                             expert_samples=1, sens_limit=2, self_positioning_steps=2,
+                             batch_size=4)
+        res = run_informed(suite, cfg, baselines=("task_arithmetic",))
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in res.records if r["variant"] == "informed"]
+    assert {r["method"] for r in rows} >= {"regmean", "regmean_pp", "fisher", "ota",
+                                            "adamerging_layer", "expert_merging"}
+    assert all(math.isfinite(r["accuracy"]) and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert "transformer.h.0.mlp.c_fc.weight" in res.extra["regmean_gram_layers"]  # Conv1D

@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+
+from modelalloy.bench import load_suite
+from modelalloy.bench.lm import VOCAB, final_answer, make_examples
+
+
+@pytest.fixture(scope="module")
+def lm_smoke(bench_cache):
+    return load_suite("tiny-lm", "smoke")
+
+
+def test_tasks_and_long_short_pair():
+    (p, a), = make_examples("sum_long", 1, 0)
+    (p2, a2), = make_examples("sum_short", 1, 0)
+    assert p == p2 and p.startswith("sum:") and p.endswith("=")
+    assert final_answer(a) == a2 == str(sum(map(int, p[4:-1])))
+    assert len(a) > len(a2)
+    assert make_examples("rev", 3, 0) == make_examples("rev", 3, 0)
+
+
+def test_smoke_suite_is_hf_loadable(lm_smoke):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = lm_smoke.info
+    folder = info.expert_dir(info.merged_tasks[0])
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    assert tok.convert_ids_to_tokens(tok("len:abc=")["input_ids"]) == list("len:abc=")
+    assert len(tok) == len(VOCAB)
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    sd = lm_smoke.expert_state_dict(info.merged_tasks[0])
+    for name, tensor in sd.items():
+        assert torch.equal(model.state_dict()[name], tensor)
+    assert (folder / "optimizer.safetensors").is_file()
+
+
+def test_lm_expert_beats_base_and_eval_is_deterministic(lm_smoke):
+    task = "len"
+    base = lm_smoke.base_state_dict()
+    expert = lm_smoke.expert_state_dict(task)
+    b = lm_smoke.evaluate(base, [task])[task]
+    e = lm_smoke.evaluate(expert, [task])[task]
+    assert e["accuracy"] > b["accuracy"]
+    assert e["mean_length"] >= 2  # one digit and the end token
+    assert lm_smoke.evaluate(expert, [task]) == {task: e}
+    ppl = lm_smoke.general_metrics(expert)["perplexity"]
+    assert math.isfinite(ppl) and ppl > 1
+
+
+def test_lm_eval_adapter_on_a_local_task(lm_smoke, tmp_path):
+    from modelalloy.eval.lm_eval_adapter import available, export_suite_task, run_lm_eval
+
+    if not available():
+        pytest.skip("lm-eval[hf] is not installed (the optional 'eval' extra)")
+    task = "len"
+    include = export_suite_task(lm_smoke, task, tmp_path / "tasks", limit=12)
+    res = run_lm_eval(lm_smoke.info.expert_dir(task), [f"ma_{task}"], include_path=include)
+    ours = lm_smoke.evaluate(lm_smoke.expert_state_dict(task), [task], limit=12)[task]
+    assert res[f"ma_{task}"]["exact_match"] == pytest.approx(ours["accuracy"])
+
+
+def test_long_to_short_study(lm_smoke, tmp_path):
+    from modelalloy.eval.harness import long_to_short
+    from modelalloy.eval.sweeps import long_to_short_markdown, plot_long_to_short
+
+    rows = long_to_short(lm_smoke, ["linear", "slerp", "task_arithmetic"], grid=(0.5,))
+    names = [r["method"] for r in rows]
+    assert names[:3] == ["base", "expert:sum_long", "expert:sum_short"]
+    assert {"linear", "slerp", "task_arithmetic"} <= set(names)
+    assert all(r["mean_length"] > 0 for r in rows)
+    assert "| slerp |" in long_to_short_markdown(rows)
+    assert plot_long_to_short(rows, tmp_path / "l2s.png").is_file()
+
+
+def test_vision_suite_has_no_pair(vision_smoke):
+    from modelalloy.eval.harness import EvalError, long_to_short
+
+    with pytest.raises(EvalError, match="no long/short pair"):
+        long_to_short(vision_smoke)
