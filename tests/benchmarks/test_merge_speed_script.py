@@ -1,0 +1,82 @@
+"""benchmarks/merge_speed.py end to end on a tiny model, with mergekit absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "merge_speed.py"
+SECTION = "## Merge speed and memory against mergekit"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("merge_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("merge_speed", mod)  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
+    out = tmp_path / "performance.md"
+    out.write_text("# Performance\n\n## Statistics cost\n\nkept as it is\n")
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sizes", "2M", "--runs", "1", "--methods", "linear",
+         "--budgets", "none", "--no-profile", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
+         "--mergekit-bin", str(tmp_path / "no-such-mergekit-yaml")],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "skipping the mergekit rows" in r.stdout
+
+    text = out.read_text()
+    # the other section is kept, ours is added under its own heading
+    assert "## Statistics cost\n\nkept as it is" in text
+    assert SECTION in text
+    row = next(line for line in text.splitlines() if line.startswith("| linear |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0          # modelalloy median seconds
+    assert cells[2] == "skipped"        # mergekit column
+    assert "Skipped: mergekit" in text
+
+    results = json.loads(out.with_suffix(".json").read_text())
+    runs = results["sizes"]["2M"]["methods"]["linear"]["modelalloy"]
+    assert len(runs) == 1 and runs[0]["rc"] == 0 and runs[0]["peak_rss_mb"] > 0
+
+    # the synthetic models are standard sharded HF folders
+    base = tmp_path / "cache" / "llama-2M-v1" / "base"
+    assert json.loads((base / "config.json").read_text())["architectures"] == [
+        "LlamaForCausalLM"]
+    assert (base / "model.safetensors.index.json").exists()
+    assert len(list(base.glob("*.safetensors"))) > 1
+
+
+def test_write_doc_replaces_only_its_section(tmp_path: Path) -> None:
+    ms = _module()
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\n{SECTION}\n\nold numbers\n\n## Statistics cost\n\nkept\n")
+    ms.write_doc(doc, f"{SECTION}\n\nnew numbers\n")
+    ms.write_doc(doc, f"{SECTION}\n\nnewer numbers\n")
+    text = doc.read_text()
+    assert text.count(SECTION) == 1
+    assert "newer numbers" in text and "old numbers" not in text and "new numbers\n" not in text
+    assert text.rstrip().endswith("## Statistics cost\n\nkept")
+
+
+def test_recipes_name_the_same_models_for_both_tools(tmp_path: Path) -> None:
+    ms = _module()
+    models = {k: tmp_path / k for k in ("base", "expert1", "expert2", "expert3")}
+    import yaml
+
+    for method in ms.ALL_METHODS:
+        r = yaml.safe_load(ms.recipe_yaml(method, models))
+        assert r["merge_method"] == method and r["dtype"] == "bfloat16"
+        used = {Path(m["model"]) for m in r["models"]} | (
+            {Path(r["base_model"])} if "base_model" in r else set())
+        assert used == set(ms.recipe_inputs(method, models))
+    ties = yaml.safe_load(ms.recipe_yaml("ties", models))
+    assert all(m["parameters"]["density"] == 0.2 for m in ties["models"])
