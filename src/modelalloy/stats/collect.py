@@ -126,6 +126,38 @@ def _run_forward(model: nn.Module, batches: Iterable[Any], rows: _TokenRows,
     return n_batches
 
 
+
+def _run_with_pre_hooks(model: nn.Module, hooks: list[tuple[Any, Callable]],
+                        batches: Iterable[Any], rows: _TokenRows,
+                        dev: torch.device | None, show_progress: bool, label: str,
+                        max_batches: int | None) -> None:
+    """Forward every batch with the given pre-hooks installed; always remove them."""
+    handles = [hw.module.register_forward_pre_hook(hook, with_kwargs=True)
+               for hw, hook in hooks]
+    try:
+        _run_forward(model, batches, rows, dev, show_progress, label, max_batches)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _per_parameter(hooked: list[Any], sums: dict[str, torch.Tensor], counts: dict[str, int],
+                   finish: Callable[[torch.Tensor, int], torch.Tensor],
+                   input_dim: Callable[[Any], str]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, int]]:
+    """File each module's accumulated statistic under every parameter name it covers."""
+    out, dims, cnt = {}, {}, {}
+    for hw in hooked:
+        if hw.module_name not in sums:
+            continue
+        n = counts[hw.module_name]
+        value = finish(sums[hw.module_name], n).to("cpu", torch.float32)
+        for pname in hw.param_names:
+            out[pname] = value
+            dims[pname] = input_dim(hw)
+            cnt[pname] = n
+    return out, dims, cnt
+
 def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = None,
                   mask_padding: bool = True, reduce: str = "mean",
                   dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
@@ -147,7 +179,6 @@ def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = No
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooked = linear_modules(model, _as_predicate(include))
-    handles = []
 
     def make_hook(key: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -162,25 +193,12 @@ def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = No
             counts[key] = counts.get(key, 0) + r.shape[0]
         return hook
 
-    for hw in hooked:
-        handles.append(hw.module.register_forward_pre_hook(make_hook(hw.module_name),
-                                                           with_kwargs=True))
-    try:
-        _run_forward(model, batches, rows, dev, show_progress, "gram", max_batches)
-    finally:
-        for h in handles:
-            h.remove()
-    out, dims, cnt = {}, {}, {}
-    for hw in hooked:
-        if hw.module_name not in sums:
-            continue
-        n = counts[hw.module_name]
-        g = sums[hw.module_name]
-        g = (g / max(n, 1) if reduce == "mean" else g).to("cpu", torch.float32)
-        for pname in hw.param_names:
-            out[pname] = g
-            dims[pname] = hw.input_dim
-            cnt[pname] = n
+    _run_with_pre_hooks(model, [(hw, make_hook(hw.module_name)) for hw in hooked], batches,
+                        rows, dev, show_progress, "gram", max_batches)
+    out, dims, cnt = _per_parameter(
+        hooked, sums, counts,
+        lambda g, n: g / max(n, 1) if reduce == "mean" else g,
+        lambda hw: hw.input_dim)
     return Statistic("gram", out, dims, cnt, {"reduce": reduce,
                                               "mask_padding": str(mask_padding).lower()})
 
@@ -201,7 +219,6 @@ def collect_activations(model: nn.Module, batches: Iterable[Any], *, include: An
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooked = weight_modules(model, _as_predicate(include))
-    handles = []
 
     def d_in(hw: Any) -> int:
         w = hw.module.weight
@@ -223,24 +240,11 @@ def collect_activations(model: nn.Module, batches: Iterable[Any], *, include: An
             counts[key] = counts.get(key, 0) + r.shape[0]
         return hook
 
-    for hw in hooked:
-        handles.append(hw.module.register_forward_pre_hook(
-            make_hook(hw.module_name, d_in(hw)), with_kwargs=True))
-    try:
-        _run_forward(model, batches, rows, dev, show_progress, "activations", max_batches)
-    finally:
-        for h in handles:
-            h.remove()
-    out, dims, cnt = {}, {}, {}
-    for hw in hooked:
-        if hw.module_name not in sums:
-            continue
-        n = counts[hw.module_name]
-        a = (sums[hw.module_name] / max(n, 1)).to("cpu", torch.float32)
-        for pname in hw.param_names:
-            out[pname] = a
-            dims[pname] = LAST if hw.module.weight.dim() == 1 else hw.input_dim
-            cnt[pname] = n
+    _run_with_pre_hooks(model, [(hw, make_hook(hw.module_name, d_in(hw))) for hw in hooked],
+                        batches, rows, dev, show_progress, "activations", max_batches)
+    out, dims, cnt = _per_parameter(
+        hooked, sums, counts, lambda a, n: a / max(n, 1),
+        lambda hw: LAST if hw.module.weight.dim() == 1 else hw.input_dim)
     return Statistic("activations", out, dims, cnt, {"reduce": "mean",
                                                      "mask_padding": str(mask_padding).lower()})
 
