@@ -191,6 +191,21 @@ def build_cached(name: str, size: str, config: dict[str, Any], code_hash_modules
     return final
 
 
+def load_sized_suite(kind: str, size: str, sizes: dict[str, dict[str, Any]],
+                     builder: Callable[[Path, dict[str, Any], Callable[[str], None]],
+                                       dict[str, Any]],
+                     module: Any, *, rebuild: bool = False, cache_dir: Path | None = None,
+                     log: Callable[[str], None] | None = None,
+                     overrides: dict[str, Any] | None = None) -> SuiteInfo:
+    """Check ``size``, apply ``overrides`` to its config, build or find the cached suite."""
+    if size not in sizes:
+        raise SuiteError(f"{kind}: unknown size '{size}'; use one of {', '.join(sizes)}")
+    cfg = {**sizes[size], **(overrides or {})}
+    path = build_cached(kind, size, cfg, (module,), lambda out, lg: builder(out, cfg, lg),
+                        rebuild=rebuild, cache_dir=cache_dir, log=log)
+    return read_suite_info(path)
+
+
 def read_suite_info(path: Path) -> SuiteInfo:
     meta_path = path / "suite.json"
     if not meta_path.is_file():

@@ -313,15 +313,11 @@ class VisionSuite:
     def build(cls, size: str = "full", *, rebuild: bool = False, cache_dir: Path | None = None,
               log: Callable[[str], None] | None = None,
               overrides: dict[str, Any] | None = None) -> VisionSuite:
-        if size not in SIZES:
-            raise SuiteError(f"tiny-vision: unknown size '{size}'; use one of {', '.join(SIZES)}")
-        cfg = {**SIZES[size], **(overrides or {})}
         import sys
 
-        path = common.build_cached(cls.kind, size, cfg, (sys.modules[__name__],),
-                                   lambda out, lg: build(out, cfg, lg), rebuild=rebuild,
-                                   cache_dir=cache_dir, log=log)
-        return cls(common.read_suite_info(path))
+        return cls(common.load_sized_suite(cls.kind, size, SIZES, build, sys.modules[__name__],
+                                           rebuild=rebuild, cache_dir=cache_dir, log=log,
+                                           overrides=overrides))
 
     def new_model(self) -> TinyConvNet:
         cfg = self.info.config
