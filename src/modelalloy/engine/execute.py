@@ -1,7 +1,9 @@
 """Run a MergePlan: bounded memory, reading || computing || writing on worker threads.
 
 Each output tensor is one task: read the aligned inputs, upcast to float32 on the device, call
-the method, cast to the output dtype and write it at its precomputed place in its shard. Tasks
+the method, cast to the output dtype and write it at its precomputed place in its shard. For an
+elementwise method on the CPU a large tensor goes through the same steps a slice at a time, in
+small per-thread buffers that stay in cache (``PlanEntry.sliced``). Tasks
 are independent and every random draw is seeded from (recipe seed, tensor name), so the output
 is bit-identical whatever the thread count or the order tasks finish in. Torch releases the GIL
 in reads, casts and math, so threads overlap I/O with compute; the byte budget caps what is in
@@ -10,6 +12,7 @@ flight.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import (
@@ -19,7 +22,7 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,9 +31,19 @@ from modelalloy.engine.progress import ProgressSink
 from modelalloy.errors import NonFiniteError, PlanError
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.methods.registry import MergeContext, TensorGroup
-from modelalloy.plan.planner import MergePlan, PlanEntry
+from modelalloy.plan.planner import SLICE_ELEMENTS, MergePlan, PlanEntry
 
 StatsLoader = Callable[[str], dict[str, list[torch.Tensor | None]]]
+
+
+class TensorWriter(Protocol):
+    """Where merged tensors go: whole, or in parts (``ShardedSafetensorsWriter``)."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def begin(self, name: str) -> None: ...
+    def write_part(self, name: str, start: int, part: torch.Tensor) -> None: ...
+    def end(self, name: str) -> None: ...
+    def abandon(self, name: str) -> None: ...
 
 
 class PlanExecutor:
@@ -49,6 +62,7 @@ class PlanExecutor:
         self.global_stats: Any = None
         self.warnings: list[str] = []
         self._warn_lock = threading.Lock()
+        self._slice_buffers = threading.local()
 
     # -- reading -----------------------------------------------------------------------------
     def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
@@ -93,6 +107,47 @@ class PlanExecutor:
         if self.plan.spec.prepare is not None:
             self.global_stats = self.plan.spec.prepare(self.groups)
 
+    def sliced(self, entry: PlanEntry) -> bool:
+        """Whether ``entry`` is merged a slice at a time (elementwise method, CPU)."""
+        return entry.sliced and self.device.type == "cpu"
+
+    def working_bytes(self, entry: PlanEntry) -> int:
+        return entry.working_bytes(len(self.plan.sources), sliced=self.sliced(entry))
+
+    def _buffers(self, key: object, dtype: torch.dtype) -> torch.Tensor:
+        """This thread's reused slice buffer ``key`` of ``dtype``."""
+        cache = self._slice_buffers.__dict__
+        buf = cache.get((key, dtype))
+        if buf is None:
+            buf = cache[(key, dtype)] = torch.empty(SLICE_ELEMENTS, dtype=dtype)
+        return buf
+
+    def _merge_sliced(self, entry: PlanEntry, writer: TensorWriter) -> bool:
+        """Merge and write ``entry`` slice by slice, bit-identical to the whole tensor (the
+        same float32 operations on the same elements); no full-size buffer is made. False
+        when an input slice holds a NaN/Inf: the whole-tensor path then reports or tolerates
+        it with its full count."""
+        spec, ctx = self.plan.spec, self._context(entry)
+        sources = self.plan.sources
+        out = self._buffers("out", entry.out_dtype)
+        writer.begin(entry.name)
+        for start in range(0, entry.numel, SLICE_ELEMENTS):
+            count = min(SLICE_ELEMENTS, entry.numel - start)
+            inputs = []
+            for index, ckpt in enumerate(sources):
+                raw = self._buffers(index, ckpt.info(entry.name).dtype)[:count]
+                wide = self._buffers(("float32", index), torch.float32)[:count]
+                wide.copy_(ckpt.get_slice(entry.name, start, raw))
+                if not all_finite(wide):
+                    writer.abandon(entry.name)
+                    return False
+                inputs.append(wide)
+            base, experts = self._split(inputs)
+            merged = out[:count].copy_(spec(base, experts, entry.params, ctx))
+            writer.write_part(entry.name, start, merged)
+        writer.end(entry.name)
+        return True
+
     def merge_entry(self, entry: PlanEntry) -> torch.Tensor:
         """The output tensor of one entry, in its output dtype, on the CPU."""
         if not entry.merge:
@@ -104,16 +159,30 @@ class PlanExecutor:
                             f"shape {list(merged.shape)}, expected {list(entry.shape)}")
         return merged.to(entry.out_dtype).cpu().contiguous()
 
-    def run(self, write: Callable[[str, torch.Tensor], None], sink: ProgressSink) -> None:
-        """Merge every entry and hand each result to ``write``; the first error stops all."""
-        n_inputs = len(self.plan.sources)
-        failed = threading.Event()
+    def merge_and_write(self, entry: PlanEntry, writer: TensorWriter) -> None:
+        if entry.merge and self.sliced(entry) and self._merge_sliced(entry, writer):
+            return
+        writer.write(entry.name, self.merge_entry(entry))
 
+    def run(self, writer: TensorWriter, sink: ProgressSink) -> None:
+        """Merge every entry and hand each result to ``writer``; the first error stops all."""
+        failed = threading.Event()
+        # Merging makes many short-lived tensors and no reference cycles: the cyclic garbage
+        # collector's passes cost about 3% of a 1B-parameter linear merge (perf) for nothing.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._run(writer, sink, failed)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, writer: TensorWriter, sink: ProgressSink, failed: threading.Event) -> None:
         def task(entry: PlanEntry, cost: int) -> None:
             try:
                 if failed.is_set():
                     return
-                write(entry.name, self.merge_entry(entry))
+                self.merge_and_write(entry, writer)
                 sink.advance(entry.bytes_in)
             except BaseException:
                 failed.set()
@@ -132,7 +201,7 @@ class PlanExecutor:
                     while len(pending) >= 2 * self.threads:
                         done, pending = wait(pending, return_when=FIRST_COMPLETED)
                         _reraise(done)
-                    cost = entry.working_bytes(n_inputs)
+                    cost = self.working_bytes(entry)
                     self.budget.acquire(cost)
                     pending.add(pool.submit(task, entry, cost))
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)

@@ -27,7 +27,7 @@ from modelalloy.io.writer import (
     parse_size,
 )
 from modelalloy.methods.registry import get_method
-from modelalloy.plan.planner import MergePlan, build_plan
+from modelalloy.plan.planner import MergePlan, PlanEntry, build_plan
 from modelalloy.recipe import Recipe, load_recipe
 from modelalloy.stats_files import StatsFiles, collect_missing
 
@@ -127,7 +127,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
         # is subtracted, and the rest is what tensors in flight may use.
         in_flight = None
         if budget_bytes is not None:
-            in_flight = in_flight_budget(plan, budget_bytes)
+            in_flight = in_flight_budget(plan, budget_bytes, sliced=dev.type == "cpu")
         executor = PlanExecutor(
             plan, device=dev, seed=recipe.seed if seed is None else seed, threads=threads,
             budget=ByteBudget(in_flight), allow_nonfinite=allow_nonfinite,
@@ -139,7 +139,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
                 metadata={"format": "pt", "merge_method": plan.spec.name})
             executor.prepare()
             with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as sink:
-                executor.run(writer.write, sink)
+                executor.run(writer, sink)
             files = writer.close()
             finish_folder(recipe, plan, tmp)
         return MergeResult(path=out_dir, seconds=time.perf_counter() - start,
@@ -149,13 +149,16 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
                            warnings=executor.warnings)
 
 
-def in_flight_budget(plan: MergePlan, budget_bytes: int) -> int:
+def in_flight_budget(plan: MergePlan, budget_bytes: int, sliced: bool = True) -> int:
     """Bytes tensors in flight may hold under ``--memory-budget``: the budget less what the
     process holds already (interpreter, torch). A budget that cannot hold the largest tensor's
     working set is refused up front rather than silently exceeded."""
     baseline = psutil.Process().memory_info().rss
-    largest = max(plan.entries, key=lambda e: e.working_bytes(len(plan.sources)), default=None)
-    need = 0 if largest is None else largest.working_bytes(len(plan.sources))
+    def need_of(entry: PlanEntry) -> int:
+        return entry.working_bytes(len(plan.sources), sliced=entry.sliced and sliced)
+
+    largest = max(plan.entries, key=need_of, default=None)
+    need = 0 if largest is None else need_of(largest)
     if budget_bytes < baseline + need:
         raise ModelAlloyError(
             f"--memory-budget {budget_bytes / 1e9:.2f} GB is too small: tensor "

@@ -480,14 +480,36 @@ class Checkpoint:
             return t if out is None else out.copy_(t)
         if out is None:
             out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes == 0:
+        return self._read_into(name, info, out, 0)
+
+    def get_slice(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start .. start + out.numel()`` of the flattened tensor, read into ``out``
+        (a contiguous 1-D CPU buffer of the stored dtype, reused across calls). Thread-safe."""
+        info = self.info(name)
+        count = out.numel()
+        numel = info.nbytes // max(1, info.dtype.itemsize)
+        if out.dtype != info.dtype or out.dim() != 1 or not out.is_contiguous() \
+                or start < 0 or start + count > numel:
+            raise ValueError(f"slice [{start}, {start + count}) of {name!r} ({numel} elements, "
+                             f"{info.dtype}) does not fit a {out.dtype} buffer of {count}")
+        if self._tensors is not None:
+            if self._closed:
+                raise ValueError(f"checkpoint {self.path} is closed")
+            return out.copy_(self._tensors[name].reshape(-1)[start:start + count])
+        return self._read_into(name, info, out, start * info.dtype.itemsize)
+
+    def _read_into(self, name: str, info: TensorInfo, out: torch.Tensor,
+                   skip: int) -> torch.Tensor:
+        """Fill ``out`` with the tensor's bytes from ``skip`` bytes into its data."""
+        nbytes = out.numel() * out.element_size()
+        if nbytes == 0:
             return out
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
-        offset = self._offsets[name]
+        offset = self._offsets[name] + skip
         fd = self._acquire_fd(info.file)
         try:
             pos = 0
-            while pos < info.nbytes:
+            while pos < nbytes:
                 got = _preadinto(fd, buf[pos:], offset + pos)
                 if got <= 0:
                     raise CheckpointError(
@@ -503,8 +525,8 @@ class Checkpoint:
             self._release()
         if _BIG_ENDIAN and out.element_size() > 1:
             size = out.element_size()
-            out = out.reshape(-1).view(torch.uint8).reshape(-1, size).flip(-1).contiguous()
-            out = out.view(info.dtype).reshape(info.shape)
+            flipped = out.reshape(-1).view(torch.uint8).reshape(-1, size).flip(-1)
+            out.reshape(-1).view(torch.uint8).copy_(flipped.reshape(-1))
         return out
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -399,31 +400,62 @@ class ShardedSafetensorsWriter:
                 f"tensor {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, the layout says "
                 f"{slot.shape} {slot.dtype}"
             )
-        if tensor.device.type != "cpu":
-            raise ValueError(f"tensor {name!r} is on {tensor.device}; move it to the CPU first")
+        self.begin(name)
+        try:
+            self.write_part(name, 0, tensor)
+        except BaseException:
+            self.abandon(name)
+            raise
+        self.end(name)
+
+    def begin(self, name: str) -> None:
+        """Claim ``name`` for writing in parts (``write_part``, then ``end``). Thread-safe."""
+        if name not in self._slots:
+            raise ValueError(f"tensor {name!r} is not in the output layout")
         with self._lock:
             if self._closed:
                 raise ValueError("the writer is closed")
             if name in self._claimed:
                 raise ValueError(f"tensor {name!r} was already written")
             self._claimed.add(name)
-        try:
-            if slot.nbytes:
-                t = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-                data = memoryview(t.numpy()).cast("B")
-                try:
-                    _pwrite_all(self._fds[slot.shard], data, slot.offset)
-                except OSError as e:
-                    raise OutputError(
-                        f"{self.folder / self.shard_names[slot.shard]}: cannot write tensor "
-                        f"{name!r} ({e.strerror or e}); check free disk space"
-                    ) from None
-        except BaseException:
-            with self._lock:
-                self._claimed.discard(name)
-            raise
+
+    def write_part(self, name: str, start: int, part: torch.Tensor) -> None:
+        """Write ``part`` (CPU, the output dtype) as elements ``start ..`` of the flattened
+        tensor ``name``, which ``begin`` claimed. Parts may come in any order."""
+        slot = self._slots[name]
+        if part.dtype != slot.dtype or part.device.type != "cpu":
+            raise ValueError(f"tensor {name!r}: got a {part.dtype} part on {part.device}, the "
+                             f"layout says {slot.dtype} on the CPU")
+        size = element_size(slot.dtype)
+        skip, nbytes = start * size, part.numel() * size
+        if name not in self._claimed or start < 0 or skip + nbytes > slot.nbytes:
+            raise ValueError(f"tensor {name!r}: part [{start}, {start + part.numel()}) is "
+                             "outside the tensor or the tensor was not begun")
+        if nbytes:
+            data = memoryview(part.detach().contiguous().reshape(-1).view(torch.uint8)
+                              .numpy()).cast("B")
+            try:
+                _pwrite_all(self._fds[slot.shard], data, slot.offset + skip)
+            except OSError as e:
+                raise OutputError(
+                    f"{self.folder / self.shard_names[slot.shard]}: cannot write tensor "
+                    f"{name!r} ({e.strerror or e}); check free disk space"
+                ) from None
+
+    def end(self, name: str) -> None:
+        """Mark ``name`` written, and start writing it back to disk in the background so
+        that ``close``'s fsync has little left to wait for."""
+        slot = self._slots[name]
         with self._lock:
             self._written.add(name)
+            fd = self._fds[slot.shard] if not self._closed else None
+        if fd is not None and slot.nbytes >= _WRITEBACK_MIN_BYTES:
+            _start_writeback(fd, slot.offset, slot.nbytes)
+
+    def abandon(self, name: str) -> None:
+        """Release a claim whose parts will not all come (the tensor may be written again)."""
+        with self._lock:
+            self._claimed.discard(name)
 
     def close(self) -> list[Path]:
         """Check every tensor was written, fsync, write the index; return the files written."""
@@ -497,17 +529,33 @@ def _preallocate(fd: int, size: int) -> None:
                 raise OSError(err, os.strerror(err))
 
 
-def _load_fallocate():
+# Below this a tensor is left to the kernel's own writeback (a syscall per small tensor costs
+# more than it saves).
+_WRITEBACK_MIN_BYTES = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: queue the range for writeback now,
+    without waiting for it (best effort; elsewhere a no-op)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes),
+                         _SYNC_FILE_RANGE_WRITE)
+
+
+def _libc_function(name: str, argtypes: list) -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.fallocate
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn
 
 
-_fallocate = _load_fallocate()
+_fallocate = _libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                          ctypes.c_int64])
+_sync_file_range = _libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64,
+                                                      ctypes.c_int64, ctypes.c_uint])

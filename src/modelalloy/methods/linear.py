@@ -35,6 +35,7 @@ from modelalloy.methods.registry import MergeContext, Param, register_method
     summary="Weighted average of the models (uniform soup with the default weights)",
     base="none",
     aliases=("average", "model_soup"),
+    elementwise=True,
 )
 def linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
            ctx: MergeContext) -> torch.Tensor:

@@ -142,6 +142,10 @@ class MethodSpec:
     # Whose statistics: one per expert (default), or the base model's alone (AIM), which
     # then arrives as a one-element list in ctx.stats[kind].
     stats_from: Literal["experts", "base"] = "experts"
+    # The output at each element depends only on the inputs at that element (and on the
+    # tensor's parameters), and a non-finite input gives a non-finite output there: the engine
+    # may then merge a large tensor in slices, bit-identical to the whole tensor.
+    elementwise: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -199,7 +203,8 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     max_models: int | None = None, prepare: PrepareFn | None = None,
                     aliases: tuple[str, ...] = (),
                     stats: tuple[str, ...] = (),
-                    stats_from: Literal["experts", "base"] = "experts"
+                    stats_from: Literal["experts", "base"] = "experts",
+                    elementwise: bool = False,
                     ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema."""
 
@@ -209,7 +214,8 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), paper=paper,
                                      summary=summary, base=base, min_models=min_models,
                                      max_models=max_models, prepare=prepare, aliases=aliases,
-                                     stats=stats, stats_from=stats_from)
+                                     stats=stats, stats_from=stats_from,
+                                     elementwise=elementwise)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn

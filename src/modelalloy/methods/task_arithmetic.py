@@ -57,6 +57,7 @@ RESCALE_NOOP = Param("rescale", bool, False, "accepted for mergekit recipes; no 
     summary="Add the scaled sum of task vectors to the base (θ0 + λ Σ w τ)",
     base="required",
     aliases=("chat_vector",),
+    elementwise=True,
 )
 def task_arithmetic(base: torch.Tensor | None, experts: list[torch.Tensor],
                     params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:

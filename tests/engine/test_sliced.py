@@ -1,0 +1,123 @@
+"""Elementwise methods merge large tensors a slice at a time, bit-identical to the whole tensor."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelalloy import merge
+from modelalloy.errors import ModelAlloyError
+from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.plan.planner import SLICE_ELEMENTS
+from tests.conftest import write_recipe
+
+# Odd sizes: more than two slices, a last slice that is not a multiple of any vector width.
+BIG = (2 * SLICE_ELEMENTS + 12345) // 7 * 7
+SHAPES = {"big.weight": (BIG // 7, 7), "small.weight": (33, 5),
+          "exact.weight": (SLICE_ELEMENTS * 2,)}
+
+
+def _models(root: Path, dtypes: list[torch.dtype]) -> list[Path]:
+    gen = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+    folders = []
+    for i, dtype in enumerate(dtypes):
+        folder = root / f"m{i}"
+        folder.mkdir(parents=True)
+        delta = {k: 0.01 * torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+        tensors = {k: (base[k] + (delta[k] if i else 0)).to(dtype) for k in SHAPES}
+        save_file(tensors, str(folder / "model.safetensors"))
+        folders.append(folder)
+    return folders
+
+
+def _load(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_get_slice_reads_the_flattened_range(tmp_path):
+    (folder,) = _models(tmp_path, [torch.bfloat16])
+    whole = _load(folder)["big.weight"].reshape(-1)
+    with open_checkpoint(folder) as ckpt:
+        buf = torch.empty(1000, dtype=torch.bfloat16)
+        assert torch.equal(ckpt.get_slice("big.weight", 123_457, buf), whole[123_457:124_457])
+        with pytest.raises(ValueError, match="does not fit"):
+            ckpt.get_slice("big.weight", BIG - 10, buf)
+
+
+def test_task_arithmetic_sliced_equals_the_formula_in_float32(tmp_path):
+    base, *experts = _models(tmp_path, [torch.bfloat16, torch.bfloat16, torch.float16,
+                                        torch.float32])
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: task_arithmetic\nbase_model: {base}\n"
+                          "parameters: {lambda: 0.7}\nmodels:\n"
+                          + "".join(f"  - model: {e}\n    parameters: {{weight: {w}}}\n"
+                                    for e, w in zip(experts, (0.5, 1.0, -0.25), strict=True))
+                          + "dtype: float32\nallow_negative_weights: true\n")
+    out = _load(merge(recipe, tmp_path / "out", threads=2).path)
+    b = {k: v.float() for k, v in _load(base).items()}
+    ex = [{k: v.float() for k, v in _load(e).items()} for e in experts]
+    for name in SHAPES:
+        # The paper's formula, in the same float32 operation order as the whole-tensor path.
+        acc = torch.sub(ex[0][name], b[name]).mul_(0.5)
+        acc.add_(torch.sub(ex[1][name], b[name]))
+        acc.add_(torch.sub(ex[2][name], b[name]), alpha=-0.25)
+        want = acc.mul_(0.7).add_(b[name])
+        assert torch.equal(out[name], want), name
+        exact = b[name].double() + 0.7 * sum(
+            w * (e[name].double() - b[name].double()) for e, w in zip(ex, (0.5, 1.0, -0.25),
+                                                                      strict=True))
+        torch.testing.assert_close(out[name].double(), exact, rtol=0, atol=1e-5)
+
+
+def test_linear_sliced_is_identical_across_thread_counts_and_to_bf16_rounding(tmp_path):
+    models = _models(tmp_path, [torch.bfloat16] * 3)
+    recipe = write_recipe(tmp_path / "r.yaml", "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {m}\n    parameters: {{weight: {w}}}\n" for m, w in zip(models, (1, 2, 3),
+                                                                            strict=True)))
+    one = _load(merge(recipe, tmp_path / "t1", threads=1).path)
+    four = _load(merge(recipe, tmp_path / "t4", threads=4).path)
+    ins = [_load(m) for m in models]
+    for name in SHAPES:
+        assert torch.equal(one[name], four[name])
+        assert one[name].dtype == torch.bfloat16
+        want = (ins[0][name].double() + 2 * ins[1][name].double() + 3 * ins[2][name].double()) / 6
+        torch.testing.assert_close(one[name].double(), want, rtol=2 ** -8, atol=0)
+
+
+def test_nonfinite_value_in_a_late_slice_is_reported_with_its_count(tmp_path):
+    base, expert = _models(tmp_path, [torch.bfloat16] * 2)
+    tensors = _load(expert)
+    flat = tensors["big.weight"].reshape(-1)
+    flat[SLICE_ELEMENTS + 5] = float("nan")
+    flat[-1] = float("inf")
+    save_file(tensors, str(expert / "model.safetensors"))
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\nbase_model: "
+                                               f"{base}\nmodels:\n  - model: {expert}\n")
+    with pytest.raises(ModelAlloyError, match="'big.weight' has 2 NaN/Inf"):
+        merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    result = merge(recipe, tmp_path / "out", allow_nonfinite=True)
+    assert any("'big.weight' has 2 NaN/Inf" in w for w in result.warnings)
+
+
+def test_a_sliced_merge_fits_a_budget_a_whole_tensor_merge_would_not(tmp_path):
+    from modelalloy.engine.run import make_plan
+    from modelalloy.recipe import load_recipe
+
+    base, *experts = _models(tmp_path, [torch.float32] * 4)
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                          + "".join(f"  - model: {e}\n" for e in experts))
+    with ExitStack() as stack:
+        plan = make_plan(load_recipe(recipe), stack)
+        entry = next(e for e in plan.entries if e.name == "big.weight")
+        assert entry.sliced
+        sliced, whole = entry.working_bytes(4), entry.working_bytes(4, sliced=False)
+    # Output + one slice of buffers, against four inputs and twelve float32 copies.
+    assert sliced <= entry.bytes_out + 100 * SLICE_ELEMENTS
+    assert whole > entry.bytes_in + 12 * 4 * entry.numel
