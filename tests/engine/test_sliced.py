@@ -121,3 +121,23 @@ def test_a_sliced_merge_fits_a_budget_a_whole_tensor_merge_would_not(tmp_path):
     # Output + one slice of buffers, against four inputs and twelve float32 copies.
     assert sliced <= entry.bytes_out + 100 * SLICE_ELEMENTS
     assert whole > entry.bytes_in + 12 * 4 * entry.numel
+
+
+@pytest.mark.parametrize(("method", "extra"), [("dare_linear", ""),
+                                               ("dare_ties", "vote: weighted, ")])
+def test_dare_sliced_draws_the_whole_tensors_masks(tmp_path, method, extra):
+    from modelalloy.api import merge_state_dicts
+
+    base, *experts = _models(tmp_path, [torch.float32] * 3)
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: {method}\nbase_model: {base}\nseed: 3\n"
+                          f"parameters: {{{extra}density: 0.3}}\nmodels:\n"
+                          + "".join(f"  - model: {e}\n" for e in experts))
+    out = _load(merge(recipe, tmp_path / "out", threads=2).path)
+    params = {"density": 0.3} | ({"vote": "weighted"} if extra else {})
+    whole = merge_state_dicts(method, _load(base), [_load(e) for e in experts], seed=3, **params)
+    for name in SHAPES:
+        assert torch.equal(out[name], whole[name]), name
+    delta = out["big.weight"] - _load(base)["big.weight"]
+    # About 1 − 0.7² of the entries keep at least one expert's change.
+    assert abs((delta != 0).float().mean().item() - 0.51) < 0.01

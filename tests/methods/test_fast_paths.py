@@ -115,17 +115,42 @@ def test_elect_sign_fills_zero_sums(majority):
 
 
 @pytest.mark.parametrize("rescale_norm", ["density", "l1"])
-def test_dare_scratch_draws_match_rand_like(rescale_norm):
+def test_dare_keeps_entries_whose_stream_word_is_below_the_density_threshold(rescale_norm):
+    import hashlib
+
+    import numpy as np
+
     from modelalloy.methods import MergeContext
     from modelalloy.methods._sparsify import dare_
 
-    x = torch.randn(64, 130)
+    x = torch.randn(64, 131)
     ctx = MergeContext(name="w", seed=7)
-    want = x * (ctx.rand_like(x, 2) < 0.3).float()
+    # The documented stream: SFC64 seeded from sha256(seed, name, model index), 32-bit words.
+    seed = int.from_bytes(hashlib.sha256(b"7\x00w\x002").digest()[:8], "little") & (2**63 - 1)
+    words = np.random.Generator(np.random.SFC64(seed)).integers(
+        0, 2**64 - 1, size=(x.numel() + 1) // 2, dtype=np.uint64, endpoint=True)
+    words = words.view(np.uint32)[: x.numel()].astype(np.int64)
+    keep = torch.from_numpy(words < round(0.3 * 2**32))
+    want = x * keep.view(x.shape)
     want = want / 0.3 if rescale_norm == "density" else want * (x.abs().sum() / want.abs().sum())
     got = dare_(x.clone(), 0.3, ctx, 2, rescale_norm=rescale_norm, scratch=Scratch(x))
-    assert torch.allclose(got, want)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
     assert torch.equal(got, dare_(x.clone(), 0.3, ctx, 2, rescale_norm=rescale_norm))
+
+
+def test_drop_mask_rate_and_streaming():
+    from modelalloy.methods import MergeContext
+
+    n = 200_001
+    mask = MergeContext(name="a", seed=1).drop_mask(torch.empty(n), 0.2, 0)
+    # Dropped with probability 0.8: 5 standard deviations of a binomial(n, 0.8).
+    assert abs(mask.float().mean().item() - 0.8) < 5 * (0.8 * 0.2 / n) ** 0.5
+    assert not torch.equal(mask, MergeContext(name="a", seed=1).drop_mask(torch.empty(n), 0.2, 1))
+    # A streaming context continues the stream: slices (even sizes, then the rest) draw the
+    # whole tensor's mask.
+    streaming = MergeContext(name="a", seed=1, streams={})
+    parts = [streaming.drop_mask(torch.empty(k), 0.2, 0) for k in (65_536, 100_000, 34_465)]
+    assert torch.equal(torch.cat(parts), mask)
 
 
 def test_weighted_sum_matches_formula():

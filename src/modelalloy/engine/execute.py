@@ -128,6 +128,7 @@ class PlanExecutor:
         when an input slice holds a NaN/Inf: the whole-tensor path then reports or tolerates
         it with its full count."""
         spec, ctx = self.plan.spec, self._context(entry)
+        ctx.streams = {}  # random draws continue from slice to slice
         sources = self.plan.sources
         out = self._buffers("out", entry.out_dtype)
         writer.begin(entry.name)

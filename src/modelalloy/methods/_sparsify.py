@@ -384,26 +384,20 @@ def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: i
           scratch: Scratch | None = None) -> torch.Tensor:
     """DARE: drop each entry with p = 1 − density, then rescale the survivors.
 
-    The mask is ``rand < density`` from ``ctx.rand_like(delta, model_index)``, so it depends only
-    on (seed, tensor name, model index). Rescale ``density``: divide by density (= 1/(1−p), the
-    paper); ``l1``: scale to the original L1 norm (current mergekit). density = 1 is the
-    identity; density = 0 gives zeros. With ``scratch`` the same draws (``ctx.generator``) are
-    written into a reused buffer instead of a fresh tensor.
+    The mask is ``ctx.drop_mask(delta, density, model_index)``, so it depends only on (seed,
+    tensor name, model index). Rescale ``density``: divide by density (= 1/(1−p), the paper);
+    ``l1``: scale to the original L1 norm (current mergekit). density = 1 is the identity;
+    density = 0 gives zeros. ``scratch`` is accepted for the callers' symmetry (unused).
     """
+    del scratch
     if density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.zero_()
     l1 = torch.linalg.vector_norm(delta, 1) if rescale and rescale_norm == "l1" else None
-    if scratch is not None and scratch.numel == delta.numel() and delta.device.type == "cpu":
-        keep = torch.rand(delta.shape, generator=ctx.generator(model_index),
-                          dtype=torch.float32, out=scratch.get("mag").view(delta.shape))
-    else:
-        keep = ctx.rand_like(delta, model_index)
-    keep.lt_(density)  # float 0/1, in place
+    delta.masked_fill_(ctx.drop_mask(delta, density, model_index), 0.0)
     if rescale and rescale_norm == "density":
-        keep.mul_(1.0 / density)
-    delta.mul_(keep)
+        delta.mul_(1.0 / density)
     if l1 is not None:
         _l1_rescale_(delta, l1)
     return delta

@@ -18,9 +18,9 @@ Defaults: ``density`` 1.0 (no drop, as mergekit; the papers use 0.1–0.9, Long-
 0.6–0.7 for 7–14B), ``rescale`` true, ``rescale_norm`` density (faithful 1/(1−p); mergekit
 now matches the L1 norm instead), ``lambda`` 1, ``normalize`` false, ``vote`` paper.
 
-Randomness: the mask comes from ``ctx.rand_like(δ, model_index)``, seeded by (recipe seed,
-tensor name, model index): the same recipe gives the same masks on any device or thread count,
-but not the official code's global-RNG stream.
+Randomness: the mask comes from ``ctx.drop_mask(δ, density, model_index)``, an SFC64 stream
+seeded by (recipe seed, tensor name, model index): the same recipe gives the same masks on any
+device or thread count, but not the official code's global-RNG stream.
 """
 
 from __future__ import annotations
@@ -52,6 +52,16 @@ RESCALE_NORM = Param("rescale_norm", str, "density",
                      "original L1 norm, current mergekit)", choices=("density", "l1"))
 
 
+def _keeps_no_whole_tensor_norm(params: dict[str, Any]) -> bool:
+    """Elementwise unless the survivors are rescaled to the tensor's L1 norm."""
+    return not (params["rescale"] and params["rescale_norm"] == "l1")
+
+
+def _elementwise_ties(params: dict[str, Any]) -> bool:
+    """The paper vote fills zero sums with the tensor's majority sign: a whole-tensor value."""
+    return _keeps_no_whole_tensor_norm(params) and params["vote"] == "weighted"
+
+
 def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext, scratch: Scratch | None = None) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
@@ -71,6 +81,7 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, and add the weighted sum to the base",
     base="required",
+    elementwise=_keeps_no_whole_tensor_norm,
 )
 def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -85,6 +96,7 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",
     base="required",
+    elementwise=_elementwise_ties,
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
               ctx: MergeContext) -> torch.Tensor:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from modelalloy.errors import MethodError
@@ -93,21 +94,53 @@ class MergeContext:
     # ``stats``; see modelalloy.stats for the file format.
     stats: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
 
+    # Set by the engine when it merges a tensor slice by slice: random streams then continue
+    # from one call to the next instead of restarting, so the slices draw what the whole
+    # tensor would.
+    streams: dict[Any, Any] | None = None
+
+    def _seed(self, model_index: int) -> int:
+        digest = hashlib.sha256(f"{self.seed}\x00{self.name}\x00{model_index}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    def _stream(self, kind: str, model_index: int, make: Callable[[int], Any]) -> Any:
+        if self.streams is None:
+            return make(self._seed(model_index))
+        key = (kind, model_index)
+        if key not in self.streams:
+            self.streams[key] = make(self._seed(model_index))
+        return self.streams[key]
+
     def generator(self, model_index: int = 0) -> torch.Generator:
         """A generator seeded from (recipe seed, tensor name, model index).
 
         The seed does not depend on scheduling, thread count or device, so a recipe gives the
         same masks however it runs. Random draws are made on the CPU generator and moved.
         """
-        digest = hashlib.sha256(f"{self.seed}\x00{self.name}\x00{model_index}".encode()).digest()
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        return gen
+        return self._stream("torch", model_index,
+                            lambda seed: torch.Generator(device="cpu").manual_seed(seed))
 
     def rand_like(self, t: torch.Tensor, model_index: int = 0) -> torch.Tensor:
         """Uniform [0, 1) noise shaped like ``t``, on ``t``'s device, from :meth:`generator`."""
         gen = self.generator(model_index)
         return torch.rand(t.shape, generator=gen, dtype=torch.float32).to(t.device)
+
+    def drop_mask(self, t: torch.Tensor, density: float, model_index: int = 0) -> torch.Tensor:
+        """Bernoulli(1 − density) drop mask shaped like ``t`` (bool, on ``t``'s device).
+
+        Element i is kept when the i-th 32-bit word of an SFC64 stream seeded from (recipe
+        seed, tensor name, model index) is below round(density · 2^32): the keep probability
+        is density to within 2^-32 (torch.rand's float32 draws resolve 2^-24), and a decision
+        costs about 1 ns against 3.4 ns for ``torch.rand(...) < density`` (measured on the
+        benchmark machine). Two decisions come from each 64-bit draw.
+        """
+        bits = self._stream("sfc64", model_index,
+                            lambda seed: np.random.Generator(np.random.SFC64(seed)))
+        n = t.numel()
+        draws = bits.integers(0, 2**64 - 1, size=(n + 1) // 2, dtype=np.uint64, endpoint=True)
+        words = draws.view("<u4")[:n]
+        threshold = np.uint32(min(round(density * 2**32), 2**32 - 1))
+        return torch.from_numpy(words >= threshold).view(t.shape).to(t.device)
 
 
 @dataclass
@@ -144,8 +177,15 @@ class MethodSpec:
     stats_from: Literal["experts", "base"] = "experts"
     # The output at each element depends only on the inputs at that element (and on the
     # tensor's parameters), and a non-finite input gives a non-finite output there: the engine
-    # may then merge a large tensor in slices, bit-identical to the whole tensor.
-    elementwise: bool = False
+    # may then merge a large tensor in slices, bit-identical to the whole tensor. A callable
+    # decides from the tensor's resolved parameters (DARE is elementwise unless it rescales to
+    # the L1 norm).
+    elementwise: bool | Callable[[dict[str, Any]], bool] = False
+
+    def is_elementwise(self, params: dict[str, Any]) -> bool:
+        if callable(self.elementwise):
+            return bool(params) and self.elementwise(params)
+        return self.elementwise
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -204,7 +244,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     aliases: tuple[str, ...] = (),
                     stats: tuple[str, ...] = (),
                     stats_from: Literal["experts", "base"] = "experts",
-                    elementwise: bool = False,
+                    elementwise: bool | Callable[[dict[str, Any]], bool] = False,
                     ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema."""
 

@@ -174,5 +174,5 @@ def build_plan(recipe: Recipe, spec: MethodSpec, base: Checkpoint | None,
             layer_index=layer, num_layers=count, params=params,
             bytes_in=sum(i.nbytes for i in infos) if merge else ref_info.nbytes,
             bytes_out=numel * dtype.itemsize,
-            sliced=merge and spec.elementwise and numel >= 2 * SLICE_ELEMENTS))
+            sliced=merge and numel >= 2 * SLICE_ELEMENTS and spec.is_elementwise(params)))
     return plan
