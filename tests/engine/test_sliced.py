@@ -124,7 +124,8 @@ def test_a_sliced_merge_fits_a_budget_a_whole_tensor_merge_would_not(tmp_path):
 
 
 @pytest.mark.parametrize(("method", "extra"), [("dare_linear", ""),
-                                               ("dare_ties", "vote: weighted, ")])
+                                               ("dare_ties", "vote: weighted, "),
+                                               ("dare_ties", "")])
 def test_dare_sliced_draws_the_whole_tensors_masks(tmp_path, method, extra):
     from modelalloy.api import merge_state_dicts
 
@@ -141,3 +142,34 @@ def test_dare_sliced_draws_the_whole_tensors_masks(tmp_path, method, extra):
     delta = out["big.weight"] - _load(base)["big.weight"]
     # About 1 − 0.7² of the entries keep at least one expert's change.
     assert abs((delta != 0).float().mean().item() - 0.51) < 0.01
+
+
+@pytest.mark.parametrize("third", [-1.0, 1.0, 0.0])
+def test_dare_ties_paper_vote_sliced_settles_zero_sums_with_the_tensor_majority(tmp_path, third):
+    """Experts +d and −d cancel exactly wherever both survive; a third expert pushes the
+    tensor's majority sign negative, positive, or (absent) leaves it to chance: the sliced
+    merge must give the whole-tensor result everywhere, the undecided elements included."""
+    from modelalloy.api import merge_state_dicts
+
+    n = 3 * SLICE_ELEMENTS + 101
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(n, generator=gen)}
+    d = torch.randn(n, generator=gen)
+    experts = [{"w": base["w"] + d}, {"w": base["w"] - d},
+               {"w": base["w"] + third * d.abs()}]
+    folders = []
+    for i, sd in enumerate([base, *experts]):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        save_file(sd, str(folder / "model.safetensors"))
+        folders.append(folder)
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: dare_ties\nbase_model: {folders[0]}\nseed: 5\n"
+                          "parameters: {density: 0.5}\nmodels:\n"
+                          + "".join(f"  - model: {f}\n" for f in folders[1:]))
+    out = _load(merge(recipe, tmp_path / "out").path)["w"]
+    whole = merge_state_dicts("dare_ties", base, experts, seed=5, density=0.5)["w"]
+    assert torch.equal(out, whole)
+    # Undecided elements exist (the two opposite experts kept, the third dropped, or zero).
+    tvs = torch.stack([e["w"] - base["w"] for e in experts])
+    assert int(((whole - base["w"]).abs() == tvs[0].abs() / 0.5).sum()) > 1000

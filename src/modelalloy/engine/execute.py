@@ -144,8 +144,14 @@ class PlanExecutor:
                     return False
                 inputs.append(wide)
             base, experts = self._split(inputs)
+            ctx.slice_start = start
             merged = out[:count].copy_(spec(base, experts, entry.params, ctx))
             writer.write_part(entry.name, start, merged)
+        if spec.finish_slices is not None:
+            for index, values in spec.finish_slices(ctx):
+                for i, value in zip(index.tolist(), values.to(entry.out_dtype).split(1),
+                                    strict=True):
+                    writer.write_part(entry.name, i, value)
         writer.end(entry.name)
         return True
 

@@ -57,11 +57,6 @@ def _keeps_no_whole_tensor_norm(params: dict[str, Any]) -> bool:
     return not (params["rescale"] and params["rescale_norm"] == "l1")
 
 
-def _elementwise_ties(params: dict[str, Any]) -> bool:
-    """The paper vote fills zero sums with the tensor's majority sign: a whole-tensor value."""
-    return _keeps_no_whole_tensor_norm(params) and params["vote"] == "weighted"
-
-
 def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext, scratch: Scratch | None = None) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
@@ -96,10 +91,52 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",
     base="required",
-    elementwise=_elementwise_ties,
+    elementwise=_keeps_no_whole_tensor_norm,
+    finish_slices=lambda ctx: _finish_paper_vote(ctx),
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
               ctx: MergeContext) -> torch.Tensor:
     scratch = Scratch(base)
     deltas = dare_deltas(base, experts, params, ctx, scratch)
+    if ctx.slice_start is not None and params["vote"] == "paper":
+        return _paper_vote_slice(base, deltas, params, ctx, scratch)
     return ties_core(deltas, params, vote=params["vote"], scratch=scratch).add_(base)
+
+
+def _paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dict[str, Any],
+                      ctx: MergeContext, scratch: Scratch) -> torch.Tensor:
+    """One slice of a paper-vote merge, whose zero sums take the whole tensor's majority sign
+    sign(Σ_j γ_j) — known only after the last slice.
+
+    The slice is merged with majority +1. Where it mattered (Σ_t δ̃_t = 0 with some δ̃_t ≠ 0;
+    elsewhere the fill is overwritten by the sign or multiplies zeros) the results for
+    majorities −1 and 0 are kept, with Σ_j γ_j so far; :func:`_finish_paper_vote` picks. The
+    sum repeats :func:`elect_sign`'s operations, so γ is the same float result.
+    """
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total.add_(d)
+    sign = total.sign_()
+    state = ctx.streams.setdefault("paper_vote", {"signs": 0.0, "fixes": []})
+    state["signs"] += float(sign.sum())  # exact: at most 2^18 values of ±1 per slice
+    undecided = sign == 0
+    if bool(undecided.any()):
+        moved = torch.zeros_like(undecided)
+        for d in deltas:
+            moved |= d != 0
+        where = (undecided & moved).nonzero().flatten()
+        if where.numel():
+            picked = base[where]
+            alternatives = [ties_core([d[where] for d in deltas], params, vote="paper",
+                                      majority=m).add_(picked) for m in (-1.0, 0.0)]
+            state["fixes"].append((where + ctx.slice_start, *alternatives))
+    return ties_core(deltas, params, vote="paper", majority=1.0, scratch=scratch).add_(base)
+
+
+def _finish_paper_vote(ctx: MergeContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The values of the undecided elements under the whole tensor's majority sign."""
+    state = (ctx.streams or {}).get("paper_vote")
+    if not state or state["signs"] > 0:
+        return []
+    pick = 1 if state["signs"] < 0 else 2
+    return [(fix[0], fix[pick]) for fix in state["fixes"]]

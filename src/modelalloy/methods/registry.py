@@ -98,6 +98,8 @@ class MergeContext:
     # from one call to the next instead of restarting, so the slices draw what the whole
     # tensor would.
     streams: dict[Any, Any] | None = None
+    # The element offset of the current slice in the flattened tensor (None: whole tensor).
+    slice_start: int | None = None
 
     def _seed(self, model_index: int) -> int:
         digest = hashlib.sha256(f"{self.seed}\x00{self.name}\x00{model_index}".encode()).digest()
@@ -182,6 +184,11 @@ class MethodSpec:
     # the L1 norm).
     elementwise: bool | Callable[[dict[str, Any]], bool] = False
 
+    # For an elementwise method that needs one whole-tensor value at a few elements (dare_ties'
+    # majority sign at zero sums): after the last slice, (flat indices, float32 values) that
+    # overwrite what the slices wrote. It reads what the slices left in ``ctx.streams``.
+    finish_slices: Callable[[MergeContext], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         if callable(self.elementwise):
             return bool(params) and self.elementwise(params)
@@ -245,6 +252,9 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     stats: tuple[str, ...] = (),
                     stats_from: Literal["experts", "base"] = "experts",
                     elementwise: bool | Callable[[dict[str, Any]], bool] = False,
+                    finish_slices: Callable[[MergeContext], list[tuple[torch.Tensor,
+                                                                       torch.Tensor]]]
+                    | None = None,
                     ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema."""
 
@@ -255,7 +265,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                      summary=summary, base=base, min_models=min_models,
                                      max_models=max_models, prepare=prepare, aliases=aliases,
                                      stats=stats, stats_from=stats_from,
-                                     elementwise=elementwise)
+                                     elementwise=elementwise, finish_slices=finish_slices)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn
