@@ -134,22 +134,22 @@ def test_dare_keeps_entries_whose_stream_word_is_below_the_density_threshold(res
     want = x * keep.view(x.shape)
     want = want / 0.3 if rescale_norm == "density" else want * (x.abs().sum() / want.abs().sum())
     got = dare_(x.clone(), 0.3, ctx, 2, rescale_norm=rescale_norm, scratch=Scratch(x))
-    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert torch.allclose(got, want, rtol=1e-5, atol=0)
     assert torch.equal(got, dare_(x.clone(), 0.3, ctx, 2, rescale_norm=rescale_norm))
 
 
-def test_drop_mask_rate_and_streaming():
+def test_keep_mask_rate_and_streaming():
     from modelalloy.methods import MergeContext
 
     n = 200_001
-    mask = MergeContext(name="a", seed=1).drop_mask(torch.empty(n), 0.2, 0)
-    # Dropped with probability 0.8: 5 standard deviations of a binomial(n, 0.8).
-    assert abs(mask.float().mean().item() - 0.8) < 5 * (0.8 * 0.2 / n) ** 0.5
-    assert not torch.equal(mask, MergeContext(name="a", seed=1).drop_mask(torch.empty(n), 0.2, 1))
+    mask = MergeContext(name="a", seed=1).keep_mask(torch.empty(n), 0.2, 0)
+    # Kept with probability 0.2: 5 standard deviations of a binomial(n, 0.2).
+    assert abs(mask.float().mean().item() - 0.2) < 5 * (0.8 * 0.2 / n) ** 0.5
+    assert not torch.equal(mask, MergeContext(name="a", seed=1).keep_mask(torch.empty(n), 0.2, 1))
     # A streaming context continues the stream: slices (even sizes, then the rest) draw the
     # whole tensor's mask.
     streaming = MergeContext(name="a", seed=1, streams={})
-    parts = [streaming.drop_mask(torch.empty(k), 0.2, 0) for k in (65_536, 100_000, 34_465)]
+    parts = [streaming.keep_mask(torch.empty(k), 0.2, 0) for k in (65_536, 100_000, 34_465)]
     assert torch.equal(torch.cat(parts), mask)
 
 

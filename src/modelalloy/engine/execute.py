@@ -22,6 +22,7 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -127,6 +128,10 @@ class PlanExecutor:
         same float32 operations on the same elements); no full-size buffer is made. False
         when an input slice holds a NaN/Inf: the whole-tensor path then reports or tolerates
         it with its full count."""
+        with _one_intra_op_thread():
+            return self._merge_slices(entry, writer)
+
+    def _merge_slices(self, entry: PlanEntry, writer: TensorWriter) -> bool:
         spec, ctx = self.plan.spec, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
         sources = self.plan.sources
@@ -220,6 +225,23 @@ class PlanExecutor:
                 for fut in pending:
                     fut.cancel()
                 raise
+
+
+@contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Run this thread's torch ops on one core. A slice is too small to split: with the merge
+    threads already one per core, torch's intra-op team only adds wake-ups and spinning
+    (a dare_ties slice loop took 15x the CPU time with 2 intra-op threads on a loaded 2-core
+    machine, 1.0x when idle). Elementwise ops give the same bits at any thread count."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

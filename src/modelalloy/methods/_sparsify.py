@@ -384,7 +384,7 @@ def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: i
           scratch: Scratch | None = None) -> torch.Tensor:
     """DARE: drop each entry with p = 1 − density, then rescale the survivors.
 
-    The mask is ``ctx.drop_mask(delta, density, model_index)``, so it depends only on (seed,
+    The mask is ``ctx.keep_mask(delta, density, model_index)``, so it depends only on (seed,
     tensor name, model index). Rescale ``density``: divide by density (= 1/(1−p), the paper);
     ``l1``: scale to the original L1 norm (current mergekit). density = 1 is the identity;
     density = 0 gives zeros. ``scratch`` is accepted for the callers' symmetry (unused).
@@ -395,7 +395,8 @@ def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: i
     if density <= 0.0:
         return delta.zero_()
     l1 = torch.linalg.vector_norm(delta, 1) if rescale and rescale_norm == "l1" else None
-    delta.masked_fill_(ctx.drop_mask(delta, density, model_index), 0.0)
+    # A multiply by the mask (vectorized) rather than masked_fill_ (an elementwise loop).
+    delta.mul_(ctx.keep_mask(delta, density, model_index))
     if rescale and rescale_norm == "density":
         delta.mul_(1.0 / density)
     if l1 is not None:

@@ -18,7 +18,7 @@ Defaults: ``density`` 1.0 (no drop, as mergekit; the papers use 0.1–0.9, Long-
 0.6–0.7 for 7–14B), ``rescale`` true, ``rescale_norm`` density (faithful 1/(1−p); mergekit
 now matches the L1 norm instead), ``lambda`` 1, ``normalize`` false, ``vote`` paper.
 
-Randomness: the mask comes from ``ctx.drop_mask(δ, density, model_index)``, an SFC64 stream
+Randomness: the mask comes from ``ctx.keep_mask(δ, density, model_index)``, an SFC64 stream
 seeded by (recipe seed, tensor name, model index): the same recipe gives the same masks on any
 device or thread count, but not the official code's global-RNG stream.
 """
@@ -119,17 +119,18 @@ def _paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: di
     sign = total.sign_()
     state = ctx.streams.setdefault("paper_vote", {"signs": 0.0, "fixes": []})
     state["signs"] += float(sign.sum())  # exact: at most 2^18 values of ±1 per slice
-    undecided = sign == 0
-    if bool(undecided.any()):
-        moved = torch.zeros_like(undecided)
-        for d in deltas:
-            moved |= d != 0
-        where = (undecided & moved).nonzero().flatten()
-        if where.numel():
-            picked = base[where]
-            alternatives = [ties_core([d[where] for d in deltas], params, vote="paper",
-                                      majority=m).add_(picked) for m in (-1.0, 0.0)]
-            state["fixes"].append((where + ctx.slice_start, *alternatives))
+    # Of the zero sums, only those with a nonzero δ̃_t (exact cancellations, rare) depend on
+    # the fill; most are elements every expert dropped. Σ_t |δ̃_t| tells them apart in a few
+    # vectorized passes, so the index work is only for the rare ones.
+    spread = deltas[0].abs()
+    for d in deltas[1:]:
+        spread.add_(d.abs())
+    decides = spread.ne_(0).logical_and_(sign == 0)
+    if bool(decides.any()):
+        where = decides.nonzero().flatten()
+        alternatives = [ties_core([d[where] for d in deltas], params, vote="paper",
+                                  majority=m).add_(base[where]) for m in (-1.0, 0.0)]
+        state["fixes"].append((where + ctx.slice_start, *alternatives))
     return ties_core(deltas, params, vote="paper", majority=1.0, scratch=scratch).add_(base)
 
 

@@ -127,8 +127,8 @@ class MergeContext:
         gen = self.generator(model_index)
         return torch.rand(t.shape, generator=gen, dtype=torch.float32).to(t.device)
 
-    def drop_mask(self, t: torch.Tensor, density: float, model_index: int = 0) -> torch.Tensor:
-        """Bernoulli(1 − density) drop mask shaped like ``t`` (bool, on ``t``'s device).
+    def keep_mask(self, t: torch.Tensor, density: float, model_index: int = 0) -> torch.Tensor:
+        """Bernoulli(density) keep mask shaped like ``t`` (bool, on ``t``'s device).
 
         Element i is kept when the i-th 32-bit word of an SFC64 stream seeded from (recipe
         seed, tensor name, model index) is below round(density · 2^32): the keep probability
@@ -142,7 +142,7 @@ class MergeContext:
         draws = bits.integers(0, 2**64 - 1, size=(n + 1) // 2, dtype=np.uint64, endpoint=True)
         words = draws.view("<u4")[:n]
         threshold = np.uint32(min(round(density * 2**32), 2**32 - 1))
-        return torch.from_numpy(words >= threshold).view(t.shape).to(t.device)
+        return torch.from_numpy(words < threshold).view(t.shape).to(t.device)
 
 
 @dataclass
