@@ -12,6 +12,10 @@ size that trains on two CPU cores:
   the experts differ from the base and from each other only in the body;
 - merging merges the bodies; every task is then evaluated with its own head.
 
+The body is a stack of numbered blocks (``blocks.0`` ... ``blocks.N-1``: convolutions stored as
+matrices, then the Linear projection), so layer-wise methods (LiNeS, DOGE) find each tensor's
+depth from its name, as they do on a ViT's ``encoder.layers.<i>``.
+
 Some tasks are held out: their heads exist (to measure generalisation) but no expert of theirs is
 merged. See docs/benchmarks.md for what was tried to make this suite tell methods apart.
 """
