@@ -7,7 +7,8 @@ Four parts, all on the suite's merged tasks, test split unless said otherwise:
 
 1. every issue-4 method next to averaging, task arithmetic and TIES (`run_bench`: the papers'
    defaults, and ``lambda`` chosen on the validation split where a method has one);
-2. LiNeS with its one knob, β, chosen on the validation split, over task arithmetic and TIES;
+2. LiNeS with its one knob, β, chosen on the validation split, over task arithmetic and TIES,
+   and DOGE with its λ chosen on the validation split;
 3. OPCM over several random arrival orders (the recipe seed shuffles the order): mean ± std;
 4. TALL masks as a compression bundle, through the real commands: `modelalloy compress` the
    experts, `modelalloy rebuild` each one, and score the rebuilt expert on its own task against
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ["linear", "task_arithmetic", "ties"]
 ADVANCED = ["tsv_m", "resm", "opcm", "consensus", "pcb", "optmerge", "lines", "doge", "widen"]
 BETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+DOGE_LAMDAS = (0.03, 0.07, 0.15, 0.3, 0.5, 1.0)  # 0.07 is the paper's (CLIP ViT) value
 TALL_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)  # the paper's per-task grid
 
 
@@ -68,7 +70,14 @@ def method_rows(suite: Any) -> dict[str, Any]:
             "tuning": result.tuning}
 
 
+def clean_acc(suite: Any, sd: dict[str, torch.Tensor]) -> float:
+    """Clean digits through the pre-training head: what a merge forgets of the base."""
+    return suite.general_metrics(sd)["clean_accuracy"]
+
+
 def lines_rows(suite: Any, base: dict, experts: list[dict]) -> dict[str, Any]:
+    """LiNeS over TA and TIES with β chosen on validation, next to its base merge (with
+    the base merge's own λ chosen on validation too); clean accuracy measures forgetting."""
     spec = get_method("lines")
     out: dict[str, Any] = {}
     for merge in ("task_arithmetic", "ties"):
@@ -78,10 +87,34 @@ def lines_rows(suite: Any, base: dict, experts: list[dict]) -> dict[str, Any]:
             val[beta] = mean_acc(suite, sd, "val")
         best = max(BETAS, key=lambda b: val[b])
         sd = merge_experts(spec, base, experts, {"merge": merge, "beta": best})
+        ref_params = {"task_arithmetic": {"lambda": 0.3},
+                      "ties": {"density": 0.2, "lambda": 0.7}}[merge]
+        ref = merge_experts(get_method(merge), base, experts, ref_params)
         out[merge] = {"beta": best, "val": val, "held_in": mean_acc(suite, sd),
-                      "held_out": held_out_acc(suite, sd)}
+                      "held_out": held_out_acc(suite, sd), "clean": clean_acc(suite, sd),
+                      "reference": {"params": ref_params, "held_in": mean_acc(suite, ref),
+                                    "clean": clean_acc(suite, ref)}}
         log(f"lines({merge}): beta={best} chosen on validation")
+    out["clean_base"] = clean_acc(suite, base)
     return out
+
+
+def doge_rows(suite: Any, base: dict, experts: list[dict]) -> dict[str, Any]:
+    """DOGE with its λ chosen on validation (the paper's 0.07 is tied to CLIP's task-vector
+    norms: λ_k = λ/‖τ_k‖_F sets each scaled task vector's norm to λ, per tensor)."""
+    spec = get_method("doge")
+    val = {}
+    for lam in DOGE_LAMDAS:
+        sd = merge_experts(spec, base, experts, {"lamda": lam})
+        val[lam] = mean_acc(suite, sd, "val")
+        log(f"doge lamda={lam}: val {100 * val[lam]:.1f}")
+    best = max(DOGE_LAMDAS, key=lambda lam: val[lam])
+    sd = merge_experts(spec, base, experts, {"lamda": best})
+    norms = {n: [float((e[n] - base[n]).norm()) for e in experts] for n in base
+             if base[n].dim() == 2}
+    return {"lamda": best, "val": val, "held_in": mean_acc(suite, sd),
+            "held_out": held_out_acc(suite, sd),
+            "task_vector_norms": {n: (min(v), max(v)) for n, v in norms.items()}}
 
 
 def opcm_orders(suite: Any, base: dict, experts: list[dict], n: int) -> dict[str, Any]:
@@ -174,11 +207,24 @@ def print_tables(res: dict[str, Any]) -> None:
     for key, r in rows.items():
         print(f"| {key} | {pct(r['held_in'])} | {pct(r['held_out'])} |")
     for merge, r in res["lines"].items():
+        if merge == "clean_base":
+            continue
         print(f"| lines({merge}), beta={r['beta']} on val | {pct(r['held_in'])} | "
               f"{pct(r['held_out'])} |")
+    if res["lines"]:
+        print("\nclean digits (pre-training head): base "
+              f"{pct(res['lines']['clean_base'])}, " + ", ".join(
+                  f"{m} {pct(r['reference']['clean'])} -> lines {pct(r['clean'])}"
+                  for m, r in res["lines"].items() if m != "clean_base"))
+    if res["doge"]:
+        d = res["doge"]
+        print(f"\ndoge, lamda={d['lamda']} on val: {pct(d['held_in'])} held-in, "
+              f"{pct(d['held_out'])} held-out; val by lamda: "
+              + ", ".join(f"{k}: {pct(v)}" for k, v in d["val"].items()))
     o = res["opcm_orders"]
-    print(f"\nOPCM over {len(o['runs'])} orders: {pct(o['mean'])} ± {pct(o['std'])} "
-          f"(min {pct(o['min'])}, max {pct(o['max'])})")
+    if o["runs"]:
+        print(f"\nOPCM over {len(o['runs'])} orders: {pct(o['mean'])} ± {pct(o['std'])} "
+              f"(min {pct(o['min'])}, max {pct(o['max'])})")
     for r in o["runs"]:
         print(f"  seed {r['seed']}: {pct(r['held_in'])}  {' > '.join(r['order'])}")
     for label, b in res["tall"].items():
@@ -196,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="full", choices=["full", "smoke"])
     parser.add_argument("--orders", type=int, default=5, help="OPCM arrival orders")
-    parser.add_argument("--parts", default="methods,lines,opcm,tall")
+    parser.add_argument("--parts", default="methods,lines,doge,opcm,tall")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks" / "results" / "advanced_tiny-vision.json")
     args = parser.parse_args(argv)
@@ -208,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = suite.info.merged_tasks
     experts = [suite.expert_state_dict(t) for t in tasks]
     res: dict[str, Any] = {"suite": str(suite.info.path), "size": args.size,
-                           "methods": {"rows": {}}, "lines": {},
+                           "methods": {"rows": {}}, "lines": {}, "doge": {},
                            "opcm_orders": {"runs": [], "mean": 0, "std": 0, "min": 0, "max": 0},
                            "tall": {}, "seconds": {}}
     if "methods" in parts:
@@ -219,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res["lines"] = lines_rows(suite, base, experts)
         res["seconds"]["lines"] = time.perf_counter() - t0
+    if "doge" in parts:
+        t0 = time.perf_counter()
+        res["doge"] = doge_rows(suite, base, experts)
+        res["seconds"]["doge"] = time.perf_counter() - t0
     if "opcm" in parts:
         t0 = time.perf_counter()
         res["opcm_orders"] = opcm_orders(suite, base, experts, args.orders)
