@@ -148,3 +148,47 @@ def test_failed_compress_leaves_no_bundle_folder(tmp_path):
         compress_to(tmp_path / "b", base, {"a": experts[0], "b": experts[1]})
     assert not (tmp_path / "b").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.fixture(scope="module")
+def smoke_suite(tmp_path_factory):
+    from modelalloy.bench import load_suite
+
+    return load_suite("tiny-vision", "smoke", cache_dir=tmp_path_factory.mktemp("suites"))
+
+
+def test_rebuilt_experts_score_like_the_originals_on_the_smoke_suite(smoke_suite, run_cli,
+                                                                     tmp_path):
+    """TALL's claim on a real suite, through the commands: `compress` the experts, `rebuild`
+    each, and the rebuilt expert keeps (nearly) all of its own task's accuracy — far more than
+    the multi-task merge the bundle stores (task arithmetic)."""
+    from modelalloy.api import merge_state_dicts
+    from modelalloy.bundle._checkpoint import load_state_dict
+
+    suite = smoke_suite
+    info = suite.info
+    tasks = info.merged_tasks
+    res = run_cli("compress", info.base_dir, *[info.expert_dir(t) for t in tasks],
+                  "--names", ",".join(tasks), "--mask-lambda", "0.4", "--out", tmp_path / "b")
+    assert res.code == 0, res.err
+    assert "ratio" in res.out
+    base = suite.base_state_dict()
+    experts = [suite.expert_state_dict(t) for t in tasks]
+    ta = merge_state_dicts("task_arithmetic", base, experts, **{"lambda": 0.3})
+    kept = []
+    for t, expert in zip(tasks, experts, strict=True):
+        res = run_cli("rebuild", tmp_path / "b", "--task", t, "--out", tmp_path / t)
+        assert res.code == 0, res.err
+        rebuilt = load_state_dict(tmp_path / t)
+        assert rebuilt.keys() == expert.keys()
+        acc = {name: suite.evaluate(sd, [t])[t]["accuracy"]
+               for name, sd in (("rebuilt", rebuilt), ("expert", expert), ("ta", ta))}
+        assert acc["rebuilt"] >= 0.9 * acc["expert"], (t, acc)
+        assert acc["rebuilt"] > acc["ta"] + 0.05, (t, acc)
+        kept.append(acc["rebuilt"] / acc["expert"])
+    assert sum(kept) / len(kept) >= 0.95, kept
+    # the bundle is smaller than the base and the experts stored apart
+    bundle_bytes = sum(f.stat().st_size for f in (tmp_path / "b").rglob("*.safetensors"))
+    apart = sum((info.expert_dir(t) / "model.safetensors").stat().st_size for t in tasks)
+    apart += (info.base_dir / "model.safetensors").stat().st_size
+    assert bundle_bytes < 0.6 * apart

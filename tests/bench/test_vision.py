@@ -66,3 +66,40 @@ def test_same_seed_same_suite(vision_smoke, tmp_path):
         a = vision_smoke.expert_state_dict(task)
         b = again.expert_state_dict(task)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_body_is_a_numbered_block_stack_of_matrices(vision_smoke):
+    """Every tensor of the body sits in the ``blocks`` stack that plan/layers.py reads, and
+    every weight is a 2-D matrix (so LiNeS scales by depth and DOGE/SVD methods see it all)."""
+    from modelalloy.plan.layers import LayerIndexer
+
+    sd = vision_smoke.base_state_dict()
+    indexer = LayerIndexer(sd)
+    layers = {indexer.lookup(name) for name in sd}
+    assert layers == {(i, 4) for i in range(4)}
+    assert all(t.dim() == 2 for n, t in sd.items() if n.endswith("weight"))
+
+
+def test_lines_scales_by_depth_on_the_suite(vision_smoke):
+    from modelalloy.api import merge_state_dicts
+
+    base = vision_smoke.base_state_dict()
+    experts = [vision_smoke.expert_state_dict(t) for t in vision_smoke.info.merged_tasks]
+    avg = merge_state_dicts("linear", None, experts)
+    lines = merge_state_dicts("lines", base, experts, beta=0.5)
+    # α = 1/T at blocks.0 (= averaging), α + β at the last block (not averaging)
+    assert torch.allclose(lines["blocks.0.weight"], avg["blocks.0.weight"], atol=1e-6)
+    assert not torch.allclose(lines["blocks.3.weight"], avg["blocks.3.weight"], atol=1e-4)
+
+
+def test_conv_block_is_the_convolution_it_was_initialised_from():
+    from modelalloy.bench.vision import ConvBlock
+
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(2, 5, 3, padding=1)
+    torch.manual_seed(3)
+    block = ConvBlock(2, 5, pool=True)
+    assert torch.equal(block.weight, conv.weight.reshape(5, 18))
+    x = torch.rand(4, 2, 8, 8)
+    want = torch.nn.functional.max_pool2d(torch.relu(conv(x)), 2)
+    assert torch.allclose(block(x), want, atol=1e-6)

@@ -12,6 +12,10 @@ size that trains on two CPU cores:
   the experts differ from the base and from each other only in the body;
 - merging merges the bodies; every task is then evaluated with its own head.
 
+The body is a stack of numbered blocks (``blocks.0`` ... ``blocks.N-1``: convolutions stored as
+matrices, then the Linear projection), so layer-wise methods (LiNeS, DOGE) find each tensor's
+depth from its name, as they do on a ViT's ``encoder.layers.<i>``.
+
 Some tasks are held out: their heads exist (to measure generalisation) but no expert of theirs is
 merged. See docs/benchmarks.md for what was tried to make this suite tell methods apart.
 """
@@ -41,34 +45,70 @@ from modelalloy.bench.common import (
 
 MODEL_TYPE = "modelalloy-tiny-vision"
 # Bump whenever a change alters what a build produces: it is part of the cache key.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: numbered block stack (blocks.<i>), noise sigma 0.3 -> 0.25
+
+
+class ConvBlock(nn.Module):
+    """A 3x3 convolution (+ ReLU, optionally a 2x2 max-pool) whose kernel is stored as a matrix.
+
+    ``weight`` is ``(out, in * 9)``: the convolution as a linear map on 3x3 patches (im2col),
+    the way a ViT's patch embedding is a matrix on patches. Every weight of the body is then a
+    2-D matrix inside the block stack, as in the CLIP ViTs the papers merge, so the methods that
+    work on matrices (SVD, DOGE's projections) see all of it.
+    """
+
+    def __init__(self, c_in: int, c_out: int, pool: bool = False) -> None:
+        super().__init__()
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1)  # PyTorch's own initialisation
+        self.c_in, self.c_out, self.pool = c_in, c_out, pool
+        self.weight = nn.Parameter(conv.weight.detach().reshape(c_out, c_in * 9).clone())
+        self.bias = nn.Parameter(conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.conv2d(x, self.weight.view(self.c_out, self.c_in, 3, 3), self.bias,
+                            padding=1))
+        return F.max_pool2d(x, 2) if self.pool else x
 
 
 class TinyConvNet(nn.Module):
-    """Conv(1->w) -> Conv(w->2w) -> maxpool -> Conv(2w->2w) -> Linear(32w -> feat): features."""
+    """A stack of numbered blocks, ``blocks.0`` ... ``blocks.{depth}``: features.
+
+    ``blocks.0``: conv 1->w; ``blocks.1``: conv w->2w + max-pool; ``depth - 2`` more convs
+    2w->2w; the last block is the Linear(2w * (s/2)^2 -> feat) projection. Tensor names
+    (``blocks.<i>.weight``) carry the layer index that layer-wise methods (LiNeS, DOGE) read
+    through plan/layers.py.
+    """
 
     def __init__(self, width: int = 16, feat_dim: int = 64, image_size: int = 8,
-                 linear_features: bool = False) -> None:
+                 linear_features: bool = False, depth: int = 3) -> None:
         super().__init__()
+        if depth < 2:
+            raise SuiteError("tiny-vision: depth (convolutions) must be at least 2")
         self.linear_features = linear_features
         self.width, self.feat_dim, self.image_size = width, feat_dim, image_size
-        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.fc = nn.Linear(2 * width * (image_size // 2) ** 2, feat_dim)
+        self.depth = depth
+        convs = [ConvBlock(1, width), ConvBlock(width, 2 * width, pool=True)]
+        convs += [ConvBlock(2 * width, 2 * width) for _ in range(depth - 2)]
+        self.blocks = nn.ModuleList([*convs,
+                                     nn.Linear(2 * width * (image_size // 2) ** 2, feat_dim)])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(images.unsqueeze(1)))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.conv3(x))
-        x = self.fc(x.flatten(1))
+        x = images.unsqueeze(1)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        x = self.blocks[-1](x.flatten(1))
         return x if self.linear_features else F.relu(x)
 
     def hf_config(self) -> dict[str, Any]:
         return {"model_type": MODEL_TYPE, "architectures": ["TinyConvNet"],
                 "width": self.width, "feat_dim": self.feat_dim, "image_size": self.image_size,
-                "linear_features": self.linear_features,
-                "torch_dtype": "float32"}
+                "linear_features": self.linear_features, "depth": self.depth,
+                "num_blocks": len(self.blocks), "torch_dtype": "float32"}
+
+
+def _new_body(cfg: dict[str, Any]) -> TinyConvNet:
+    return TinyConvNet(cfg["width"], cfg["feat_dim"], cfg.get("canvas", 8),
+                       cfg.get("linear_features", False), cfg.get("depth", 3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +134,7 @@ TRANSFORMS: dict[str, tuple[Callable[[torch.Tensor, int], torch.Tensor], str]] =
     "fliplr": (lambda x, s: torch.flip(x, (2,)), "mirrored left-right"),
     "shift": (lambda x, s: torch.roll(x, (2, 2), (1, 2)), "shifted 2 pixels down-right, wrapped"),
     "blur": (lambda x, s: _blur(_blur(x)), "blurred twice with a 3x3 binomial kernel"),
-    "noise": (lambda x, s: _noise(x, 0.3, s), "Gaussian noise, sigma 0.3"),
+    "noise": (lambda x, s: _noise(x, 0.25, s), "Gaussian noise, sigma 0.25"),
     "contrast": (lambda x, s: 0.4 + 0.2 * x, "low contrast on grey"),
     "occlude": (lambda x, s: x * (torch.arange(8) < 5).float()[None, :, None],
                 "bottom three rows blanked"),
@@ -192,7 +232,7 @@ def _train(body: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, s
            lr: float, batch: int, seed: int, train_head: bool, augment: bool = False,
            only: list[str] | None = None) -> torch.optim.Adam:
     for name, p in body.named_parameters():
-        p.requires_grad_(not only or name.split(".")[0] in only)
+        p.requires_grad_(not only or any(name.startswith(f"{o}.") for o in only))
     params = [p for p in body.parameters() if p.requires_grad]
     params += list(head.parameters()) if train_head else []
     for p in head.parameters():
@@ -250,8 +290,7 @@ def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[st
     splits = _digits(seed, cfg["eval_per_task"], cfg["val_per_task"])
     xtr, ytr = splits["train"]
     canvas = cfg.get("canvas", 8)
-    body = TinyConvNet(cfg["width"], cfg["feat_dim"], canvas,
-                                  cfg.get("linear_features", False))
+    body = _new_body(cfg)
     pre_head = nn.Linear(cfg["feat_dim"], 10)
     _train(body, pre_head, place(xtr, canvas, (0, 0)), ytr, cfg["pretrain_steps"],
            cfg["pretrain_lr"], cfg["batch"], seed, train_head=True,
@@ -279,8 +318,7 @@ def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[st
         (out / "heads").mkdir(exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
                   str(out / "heads" / f"{task}.safetensors"))
-        expert = TinyConvNet(cfg["width"], cfg["feat_dim"], canvas,
-                                  cfg.get("linear_features", False))
+        expert = _new_body(cfg)
         expert.load_state_dict(base_sd)
         enames = {id(p): n for n, p in expert.named_parameters()}
         opt = _train(expert, head, x_task["train"], ytr, cfg["finetune_steps"],
@@ -321,8 +359,7 @@ class VisionSuite:
 
     def new_model(self) -> TinyConvNet:
         cfg = self.info.config
-        return TinyConvNet(cfg["width"], cfg["feat_dim"], cfg.get("canvas", 8),
-                           cfg.get("linear_features", False)).eval()
+        return _new_body(cfg).eval()
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return load_state_dict(self.info.base_dir)
