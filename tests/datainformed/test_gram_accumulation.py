@@ -8,9 +8,11 @@ import modelalloy.stats.collect as collect
 from modelalloy.stats import collect_grams
 
 
+@pytest.mark.parametrize("syrk", [True, False])
 @pytest.mark.parametrize("d,block,chunk", [(300, 128, 1000), (256, 128, 1 << 20), (40, 128, 64),
                                            (130, 32, 500)])
-def test_blocked_buffered_gram_equals_xtx(monkeypatch, d, block, chunk):
+def test_blocked_buffered_gram_equals_xtx(monkeypatch, d, block, chunk, syrk):
+    monkeypatch.setattr(collect, "GRAM_SYRK", syrk)
     monkeypatch.setattr(collect, "GRAM_BLOCK", block)
     monkeypatch.setattr(collect, "GRAM_CHUNK_ELEMENTS", chunk)
     gen = torch.Generator().manual_seed(0)

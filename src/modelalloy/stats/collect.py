@@ -134,6 +134,22 @@ GRAM_BLOCK = 128
 GRAM_CHUNK_ELEMENTS = 1 << 20
 
 
+# On the CPU, multiply with NumPy's ``a.T @ a`` (BLAS syrk: half the work of a general product).
+GRAM_SYRK = True
+
+
+def _blas_threads() -> Any:
+    """Limit NumPy's BLAS to torch's thread count while collecting (with threadpoolctl, when
+    installed), so the syrk path uses the threads torch was told to use."""
+    import contextlib
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+
 def _triangle_blocks(d: int, block: int) -> list[tuple[int, int, int, int]]:
     if block <= 0 or d < 2 * block:
         return [(0, d, 0, d)]
@@ -148,8 +164,9 @@ class _GramSum:
     """Σ xᵀx over the kept rows of every input, in ``dtype``, without per-call allocations.
 
     Rows are copied (gathered, when a token mask applies) into a fixed buffer and multiplied
-    once it is full: larger, fewer matrix products; only the upper block triangle of G is
-    computed (:data:`GRAM_BLOCK`) and mirrored at the end.
+    once it is full: larger, fewer matrix products. G is symmetric: on the CPU the product is
+    NumPy's ``a.T @ a``, which BLAS computes with syrk (one triangle); on other devices only
+    the upper block triangle is multiplied (:data:`GRAM_BLOCK`) and mirrored at the end.
     """
 
     def __init__(self, d: int, dtype: torch.dtype, device: torch.device,
@@ -163,9 +180,21 @@ class _GramSum:
         self.filled = 0
         self.count = 0
         self.blocks = _triangle_blocks(d, block)
+        # CPU float32/float64: multiply through NumPy (syrk); elsewhere torch's addmm_ on the
+        # upper block triangle (mirrored in :meth:`total`).
+        self._numpy = (self.gram.numpy() if self.gram.device.type == "cpu" and GRAM_SYRK
+                       and dtype in (torch.float32, torch.float64) else None)
+        if self._numpy is not None:
+            self.blocks = [(0, d, 0, d)]
 
     def _multiply(self, r: torch.Tensor) -> None:
         g = self.gram
+        if self._numpy is not None:
+            # NumPy computes ``a.T @ a`` with BLAS syrk (one triangle, half the multiply-adds;
+            # torch has no syrk) and mirrors it; the sum lands in the torch tensor's memory.
+            a = r.contiguous().numpy()
+            self._numpy += a.T @ a
+            return
         for a0, a1, b0, b1 in self.blocks:
             g[a0:a1, b0:b1].addmm_(r[:, a0:a1].T, r[:, b0:b1])
 
@@ -297,9 +326,10 @@ def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = No
             acc.add(x, rows)
         return hook
 
-    _run_with_pre_hooks(model, [(hw, make_hook(hw.module_name)) for hw in hooked], batches,
-                        rows, dev, show_progress, "gram", max_batches)
-    sums = {k: a.total() for k, a in accs.items()}
+    with _blas_threads():
+        _run_with_pre_hooks(model, [(hw, make_hook(hw.module_name)) for hw in hooked],
+                            batches, rows, dev, show_progress, "gram", max_batches)
+        sums = {k: a.total() for k, a in accs.items()}
     counts = {k: a.count for k, a in accs.items()}
     out, dims, cnt = _per_parameter(
         hooked, sums, counts,
