@@ -1,9 +1,12 @@
 """Data-informed merging on a built-in suite: collect each method's statistics on the suite's
 own data, merge, score.
 
-The harness (:func:`modelalloy.eval.harness.run_bench`) skips every method that needs
-statistics; this module is the glue that runs them. Everything goes through the library's own,
-architecture-agnostic code paths — ``modelalloy.stats`` hooks for Grams, Fishers and
+This module is the glue that runs data-informed methods on a suite. :class:`BenchStats` makes
+the statistics a registry method declares (Grams, RegMean++ Grams, Fishers, activations, Adam
+moments) on either kind of suite; the harness (:func:`modelalloy.eval.harness.run_bench`, so
+``modelalloy bench`` and ``make demo``) uses it for every such method, and
+:func:`run_informed` uses it for its rows (with its own split and limits, not cached).
+Everything goes through the library's own, architecture-agnostic code paths — ``modelalloy.stats`` hooks for Grams, Fishers and
 activations, ``load_adam_moments`` for OTA, the ``modelalloy.optimize`` learners for
 coefficients, and ``merge_state_dicts(..., stats=...)`` for the merge — on a plain torch module
 built from the suite: the suite's body plus its per-task heads (:class:`SuiteModule`).
@@ -459,9 +462,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
                  log: Callable[[str], None] | None = None) -> InformedResult:
     """Baseline rows from the harness, then one row per data-informed method."""
     from modelalloy.methods import get_method
-    from modelalloy.stats import collect_activations, collect_fisher, collect_grams
     from modelalloy.stats.hooks import batch_size_of, select_example
-    from modelalloy.stats.optimizer import load_adam_moments
 
     cfg = config or InformedConfig()
     log = log or (lambda _m: None)
@@ -475,10 +476,15 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
     scorer = SuiteScorer(suite)
     base = suite.base_state_dict()
     experts = [suite.expert_state_dict(t) for t in tasks]
-    body_names = set(base)
     wanted = set(cfg.methods)
     stat_batches = task_batches(suite, tasks, cfg.stats_split, cfg.batch_size,
                                 limit=cfg.stats_limit)
+    # Grams, Fishers, activations and Adam moments: the same collection code as the harness
+    # (BenchStats), on this config's split and limits, not cached on disk.
+    provider = BenchStats(suite, tasks, base, experts, BenchStatsConfig(
+        unlabeled_split=cfg.stats_split, fisher_split=cfg.stats_split, limit=cfg.stats_limit,
+        fisher_limit=cfg.fisher_limit, fisher_mode=cfg.fisher_mode, batch_size=cfg.batch_size,
+        seed=cfg.seed, cache=False), log=log)
 
     def row(method: str, merged: Mapping[str, torch.Tensor], params: dict[str, Any],
             start: float, variant: str = "informed") -> None:
@@ -495,8 +501,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
     # --- RegMean: Grams of each expert's linear maps on its own task's inputs
     if want("regmean"):
         t0 = time.perf_counter()
-        grams = [collect_grams(suite_module(suite, sd, tasks), stat_batches[k])
-                 for k, sd in enumerate(experts)]
+        grams = provider.get("gram")
         result.extra["regmean_gram_layers"] = sorted(grams[0].keys())
         merged = merge_state_dicts("regmean", None, experts, stats={"gram": grams},
                                    alpha=cfg.regmean_alpha,
@@ -505,15 +510,12 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- RegMean++: Grams through the merged earlier layers (a numbered stack is presented)
     if want("regmean_pp"):
-        from modelalloy.stats.regmean_pp import collect_regmean_pp_grams
-
         t0 = time.perf_counter()
-        models = [suite_module(suite, sd, tasks, stacked=True) for sd in experts]
-        stats, _ = collect_regmean_pp_grams(models, stat_batches, alpha=cfg.regmean_alpha)
-        renamed = [to_body_names(models[0], s) for s in stats]
-        merged = merge_state_dicts("regmean_pp", None, experts, stats={"gram_pp": renamed},
+        stats = provider.get("gram_pp", {"alpha": float(cfg.regmean_alpha), "weight": None})
+        merged = merge_state_dicts("regmean_pp", None, experts, stats={"gram_pp": stats},
                                    alpha=cfg.regmean_alpha,
-                                   **layout_overrides(get_method("regmean_pp"), {"gram_pp": stats}))
+                                   **layout_overrides(get_method("regmean_pp"),
+                                                      {"gram_pp": stats}))
         row("regmean_pp", merged, {"alpha": cfg.regmean_alpha}, t0)
 
     # --- Fisher merging: per-example Fisher of each expert with its task's head
@@ -521,20 +523,13 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
         t0 = time.perf_counter()
         # the exact expectation needs (batch, classes) outputs; LMs sample one token per position
         fisher_mode = "sampled" if is_lm_suite(suite) else cfg.fisher_mode
-        fishers = []
-        for k, sd in enumerate(experts):
-            fishers.append(collect_fisher(suite_module(suite, sd, tasks), stat_batches[k],
-                                          mode=fisher_mode, max_examples=cfg.fisher_limit,
-                                          seed=cfg.seed))
+        fishers = provider.get("fisher")
         merged = merge_state_dicts("fisher", None, experts, stats={"fisher": fishers})
         row("fisher", merged, {"mode": fisher_mode, "examples": cfg.fisher_limit}, t0)
 
     # --- OTA (and OTA after Fast Fisher Grafting): the experts' saved Adam second moments
     if want("ota") or want("ota_ffg"):
-        moments = []
-        for t in tasks:
-            m = load_adam_moments(info.expert_dir(t) / "optimizer.safetensors")
-            moments.append({n: v for n, v in m.items() if n in body_names})
+        moments = provider.get("exp_avg_sq")
         if want("ota"):
             t0 = time.perf_counter()
             merged = merge_state_dicts("ota", base, experts, stats={"exp_avg_sq": moments})
@@ -552,8 +547,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
         from modelalloy.eval.harness import merge_experts
 
         t0 = time.perf_counter()
-        acts = collect_activations(suite_module(suite, base, tasks),
-                                   [b for bs in stat_batches for b in bs])
+        acts = provider.get("activations")[0]
         result.extra["aim_layers"] = sorted(acts.keys())
         for under in ("task_arithmetic", "ties"):
             lam = _tvs_scale_param(result.tuning, under, 1.0)
