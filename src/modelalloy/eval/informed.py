@@ -7,9 +7,10 @@ moments) on either kind of suite; the harness (:func:`modelalloy.eval.harness.ru
 ``modelalloy bench`` and ``make demo``) uses it for every such method, and
 :func:`run_informed` uses it for its rows (with its own split and limits, not cached).
 Everything goes through the library's own, architecture-agnostic code paths —
-``modelalloy.stats`` hooks for Grams, Fishers and activations, ``load_adam_moments`` for OTA, the ``modelalloy.optimize`` learners for
-coefficients, and ``merge_state_dicts(..., stats=...)`` for the merge — on a plain torch module
-built from the suite: the suite's body plus its per-task heads (:class:`SuiteModule`).
+``modelalloy.stats`` hooks for Grams, Fishers and activations, ``load_adam_moments`` for OTA,
+the ``modelalloy.optimize`` learners for coefficients, and ``merge_state_dicts(..., stats=...)``
+for the merge — on a plain torch module built from the suite: the suite's body plus its
+per-task heads (:class:`SuiteModule`).
 
 Data used (``stats_split``, default the labeled ``val`` split, whose labels only Sens-Merging and
 Self-Positioning read; AdaMerging uses the unlabeled ``test`` inputs, as in the paper):
