@@ -315,7 +315,15 @@ class BenchStats:
         else:
             start = time.process_time()
             wall = time.perf_counter()
-            stats = self._collect(kind, extra)
+            threads = torch.get_num_threads()
+            # The suites' models are tiny: one thread is fastest (the exact Fisher's thousands of
+            # small backward passes spend most of a second thread's time spinning), as for the
+            # suite builds (bench.common.build_cached).
+            torch.set_num_threads(1)
+            try:
+                stats = self._collect(kind, extra)
+            finally:
+                torch.set_num_threads(threads)
             self.seconds[kind] = round(time.perf_counter() - wall, 2)
             self.log(f"{kind} statistics: collected in {self.seconds[kind]:.1f}s "
                      f"({time.process_time() - start:.1f} CPU s)")
