@@ -5,8 +5,11 @@
 Builds (or finds in ~/.cache/modelalloy) the suite's base model and task experts, merges the
 experts with every registered method that can run on them (the papers' defaults, and the scaling
 coefficient chosen on the validation split), prints the comparison table and writes
-DIR/results.{md,json,png}. Methods that need statistics or a different number of models are
-listed as skipped, with the reason.
+DIR/results.{md,json,png}. Methods that need statistics (RegMean, RegMean++, Fisher, OTA, AIM)
+get them collected on the suite's unlabeled inputs first (the Fisher on the validation split;
+OTA reads the Adam moments saved with each expert), once per suite, cached in the suite folder
+(``modelalloy.eval.informed.BenchStats``). Methods that need statistics the bench cannot make or
+a different number of models are listed as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run_bench(suite, methods, log=log)
     paths = write_results(result, args.out)
     print_table(result.records, f"{args.suite} ({args.size}): accuracy %")
+    if result.stats_seconds:
+        print("statistics collected: " + ", ".join(f"{k} {v:.1f}s"
+                                                    for k, v in result.stats_seconds.items()))
     for name, reason in result.skipped.items():
         print(f"skipped {name}: {reason}")
     print(f"wrote {paths['md']}, {paths['json']} and the plot {paths['png']} "

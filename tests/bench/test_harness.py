@@ -103,3 +103,99 @@ def test_bench_cli(vision_smoke, tmp_path):
     recs = json.loads((tmp_path / "e.json").read_text())["records"]
     first = [r for r in recs if r["task"] == vision_smoke.info.merged_tasks[0]][0]
     assert first["normalized_accuracy"] == 1.0
+
+
+STAT_METHODS = ["regmean", "regmean_pp", "fisher", "ota", "aim", "chunk_task_arithmetic"]
+
+
+def test_skip_reasons_when_the_bench_collects_statistics():
+    assert method_skip_reason(get_method("regmean"), 3, stats=True) is None
+    assert method_skip_reason(get_method("aim"), 3, stats=True) is None  # relaxes a merge
+    assert "exactly 1" in method_skip_reason(get_method("ffg"), 3, stats=True)
+    assert "merge_coeffs" in method_skip_reason(get_method("chunk_task_arithmetic"), 3,
+                                                stats=True)
+
+
+def _stat_bench(suite):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_bench(suite, STAT_METHODS, tune=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stat_result(vision_smoke):
+    return _stat_bench(vision_smoke)
+
+
+def test_statistic_methods_run_in_the_bench(stat_result, vision_smoke):
+    rows = {(r["method"], r["task"]): r for r in stat_result.records}
+    tasks = [t.name for t in vision_smoke.info.tasks]
+    for method in ("regmean", "regmean_pp", "fisher", "ota", "aim"):
+        for t in tasks:
+            assert 0.0 <= rows[(method, t)]["accuracy"] <= 1.0
+    assert "chunk_task_arithmetic" in stat_result.skipped
+    assert set(stat_result.skipped) == {"chunk_task_arithmetic"}
+    aim = next(r for r in stat_result.records if r["method"] == "aim")
+    assert aim["params"]["under"] == "task_arithmetic"
+    cache = vision_smoke.info.path / "stats-cache"
+    kinds = {p.name.split("-")[0] for p in cache.iterdir()}
+    assert {"gram", "gram_pp", "fisher", "exp_avg_sq", "activations"} <= kinds
+
+
+def test_bench_statistics_are_the_collectors_on_the_unlabeled_split(stat_result, vision_smoke):
+    """RegMean in the bench == RegMean on Grams collected by hand on each expert's own task's
+    test inputs (the suite's unlabeled split), and OTA == OTA on the saved Adam moments."""
+    from modelalloy.api import merge_state_dicts
+    from modelalloy.eval.informed import BenchStatsConfig, suite_module, task_batches
+    from modelalloy.stats import collect_grams
+    from modelalloy.stats.optimizer import load_adam_moments
+
+    suite = vision_smoke
+    tasks = suite.info.merged_tasks
+    base = suite.base_state_dict()
+    experts = [suite.expert_state_dict(t) for t in tasks]
+    cfg = BenchStatsConfig()
+    batches = task_batches(suite, tasks, "test", cfg.batch_size, limit=cfg.limit)
+    grams = [collect_grams(suite_module(suite, sd, tasks), batches[k])
+             for k, sd in enumerate(experts)]
+    by_hand = merge_state_dicts("regmean", None, experts, stats={"gram": grams}, alpha=0.95)
+    acc = suite.evaluate(by_hand)
+    got = {r["task"]: r["accuracy"] for r in stat_result.records if r["method"] == "regmean"}
+    assert got == pytest.approx({t: round(a["accuracy"], 4) for t, a in acc.items()}, abs=1e-4)
+    moments = [{n: v for n, v in load_adam_moments(suite.info.expert_dir(t)
+                                                   / "optimizer.safetensors").items()
+                if n in base} for t in tasks]
+    ota = merge_state_dicts("ota", base, experts, stats={"exp_avg_sq": moments})
+    acc = suite.evaluate(ota)
+    got = {r["task"]: r["accuracy"] for r in stat_result.records if r["method"] == "ota"}
+    assert got == pytest.approx({t: round(a["accuracy"], 4) for t, a in acc.items()}, abs=1e-4)
+
+
+def test_bench_statistics_are_cached_per_suite(stat_result, vision_smoke):
+    from modelalloy.eval import informed
+
+    informed._MEMORY.clear()  # only the files on disk remain
+    again = run_bench(vision_smoke, ["regmean", "fisher"], tune=False)
+    assert again.stats_seconds == {}  # nothing collected: read from <suite>/stats-cache
+    acc = {r["task"]: r["accuracy"] for r in again.records if r["method"] == "fisher"}
+    first = {r["task"]: r["accuracy"] for r in stat_result.records if r["method"] == "fisher"}
+    assert acc == first
+
+
+@pytest.mark.slow
+def test_statistic_methods_run_in_the_bench_on_the_lm_suite(bench_cache):
+    """The same hook on tiny-lm (transformers GPT-2: Conv1D layout, sampled Fisher)."""
+    from modelalloy.bench import load_suite
+
+    suite = load_suite("tiny-lm", "smoke")
+    res = _stat_bench(suite)
+    assert set(res.skipped) == {"chunk_task_arithmetic"}
+    regmean = next(r for r in res.records if r["method"] == "regmean")
+    assert regmean["params"]["input_dim"] == "first"  # square Conv1D weights
+    for r in res.records:
+        assert 0.0 <= r["accuracy"] <= 1.0

@@ -1,4 +1,5 @@
-"""`modelalloy stats MODEL --data FILE --kind gram|fisher|activations`."""
+"""`modelalloy stats MODEL --data FILE --kind gram|fisher|activations` and
+`modelalloy stats MODEL --kind exp_avg_sq [--compress rank1]` (no data: the saved Adam state)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ def register(app: typer.Typer) -> None:
     @app.command("stats")
     def stats(
         model: Annotated[Path, typer.Argument(help="Hugging Face model folder.")],
-        data: Annotated[Path, typer.Option(
+        data: Annotated[Path | None, typer.Option(
             "--data", help="Calibration data: .txt (a prompt per line), .jsonl (text/prompt "
-                           "[+response] or input_ids), or .safetensors/.pt input tensor.")],
+                           "[+response] or input_ids), or .safetensors/.pt input tensor. "
+                           "Not used by exp_avg_sq.")] = None,
         kind: Annotated[str, typer.Option(
-            "--kind", help="gram (RegMean), fisher (Fisher merging) or activations (AIM).")]
-            = "gram",
+            "--kind", help="gram (RegMean), fisher (Fisher merging), activations (AIM), or "
+                           "exp_avg_sq (OTA / FFG: Adam's second moments saved with the model)"
+            )] = "gram",
         out: Annotated[Path | None, typer.Option(
             "--out", help="Output .safetensors (default MODEL/stats/KIND.safetensors).")]
             = None,
@@ -32,10 +35,28 @@ def register(app: typer.Typer) -> None:
             help="Count padding tokens (reference RegMean does).")] = False,
         fisher_mode: Annotated[str, typer.Option(
             help="Fisher: sampled, exact (classifiers), hard or empirical.")] = "sampled",
+        optimizer: Annotated[Path | None, typer.Option(
+            help="exp_avg_sq: the optimizer state file (default: MODEL/optimizer.safetensors, "
+                 "MODEL/exp_avg_sq.safetensors or MODEL/optimizer.pt).")] = None,
+        compress: Annotated[str, typer.Option(
+            help="exp_avg_sq: none, or rank1 (AdaFactor-lemma reconstruction r cᵀ/Σv).")]
+            = "none",
     ) -> None:
         """Collect statistics of MODEL on calibration data and save them next to it."""
+        from modelalloy.errors import CheckpointError
         from modelalloy.stats.pipeline import collect_for_model_dir
 
+        if kind == "exp_avg_sq":
+            from modelalloy.stats.optimizer import moments_for_model_dir
+
+            if compress not in ("none", "rank1"):
+                raise CheckpointError(f"--compress must be none or rank1, not {compress!r}")
+            path = moments_for_model_dir(model, optimizer, compress=compress, out=out)
+            typer.echo(f"wrote {kind} statistics to {path}")
+            return
+        if data is None:
+            raise CheckpointError(f"--kind {kind} collects from calibration data: pass "
+                                  "--data FILE")
         options: dict = {"include": include}
         if kind in ("gram", "activations"):
             options["mask_padding"] = not include_padding

@@ -36,6 +36,9 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     "dare_linear": {"density": 0.1},
     "breadcrumbs": {"density": 0.9},
     "breadcrumbs_ties": {"density": 0.9},
+    # RegMean's reference CLIP-ViT config (FusionBench; RegMean++ uses the same)
+    "regmean": {"alpha": 0.95},
+    "regmean_pp": {"alpha": 0.95},
 }
 # The parameter that scales the merged task vector, where a method has one.
 SCALE_PARAM = "lambda"
@@ -128,10 +131,30 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # Methods from the registry
 
 
-def method_skip_reason(spec: Any, n_experts: int) -> str | None:
-    """Why a registered method cannot run on a suite of ``n_experts`` experts plus a base."""
+# Statistic kinds run_bench makes itself (modelalloy.eval.informed.BenchStats).
+BENCH_KINDS = ("gram", "gram_pp", "activations", "fisher", "exp_avg_sq")
+
+
+def is_relaxation(spec: Any) -> bool:
+    """A method that relaxes one merged model toward the base with the base's statistics
+    (``aim``): the bench gives it the merge of :data:`modelalloy.eval.informed.RELAX_UNDER`."""
+    return bool(spec.stats) and spec.stats_from == "base" and spec.max_models == 1
+
+
+def method_skip_reason(spec: Any, n_experts: int, *, stats: bool = False) -> str | None:
+    """Why a registered method cannot run on a suite of ``n_experts`` experts plus a base.
+
+    ``stats``: the caller collects the statistics the method declares when the bench knows how
+    (:data:`BENCH_KINDS`, as :func:`run_bench` does); otherwise statistic-needing methods are
+    skipped.
+    """
     if spec.stats:
-        return f"needs statistics ({', '.join(spec.stats)}) that the bench does not collect"
+        missing = [k for k in spec.stats if k not in BENCH_KINDS] if stats else list(spec.stats)
+        if missing:
+            return (f"needs statistics ({', '.join(missing)}) that the bench "
+                    f"{'cannot make' if stats else 'does not collect here'}")
+        if is_relaxation(spec):
+            return None
     if n_experts < spec.min_models:
         return f"needs at least {spec.min_models} models, the suite merges {n_experts}"
     if spec.max_models is not None and n_experts > spec.max_models:
@@ -152,11 +175,12 @@ def resolve_methods(names: Sequence[str] | None) -> list[Any]:
 
 def merge_experts(spec: Any, base: dict[str, torch.Tensor],
                   experts: list[dict[str, torch.Tensor]], params: dict[str, Any],
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+                  seed: int = 0, stats: dict[str, list[Any]] | None = None
+                  ) -> dict[str, torch.Tensor]:
     from modelalloy.api import merge_state_dicts
 
     use_base = base if spec.base != "none" else None
-    return merge_state_dicts(spec.name, use_base, experts, seed=seed, **params)
+    return merge_state_dicts(spec.name, use_base, experts, seed=seed, stats=stats, **params)
 
 
 @dataclass
@@ -169,24 +193,27 @@ class BenchResult:
     tuning: dict[str, dict[str, Any]]
     suite_path: str = ""
     build_seconds: float = 0.0
+    stats_seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> list[dict[str, Any]]:
         return summarize(self.records)
 
     def to_json(self) -> dict[str, Any]:
         return {"suite": self.suite, "size": self.size, "suite_path": self.suite_path,
-                "build_seconds": self.build_seconds, "skipped": self.skipped,
+                "build_seconds": self.build_seconds, "stats_seconds": self.stats_seconds,
+                "skipped": self.skipped,
                 "timings": self.timings, "tuning": self.tuning, "records": self.records}
 
 
 def tune_scale(spec: Any, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
                params: dict[str, Any], scorer: SuiteScorer, tasks: list[str],
-               grid: Sequence[float], seed: int) -> tuple[float, dict[str, float]]:
+               grid: Sequence[float], seed: int, stats: dict[str, list[Any]] | None = None
+               ) -> tuple[float, dict[str, float]]:
     """Pick the scaling coefficient with the best mean validation accuracy on ``tasks``."""
     scores: dict[str, float] = {}
     best, best_score = grid[0], -1.0
     for lam in grid:
-        merged = merge_experts(spec, base, experts, {**params, SCALE_PARAM: lam}, seed)
+        merged = merge_experts(spec, base, experts, {**params, SCALE_PARAM: lam}, seed, stats)
         res = scorer.suite.evaluate(merged, tasks, split="val")
         score = _mean([res[t]["accuracy"] for t in tasks])
         scores[str(lam)] = round(score, 4)
@@ -198,7 +225,7 @@ def tune_scale(spec: Any, base: dict[str, torch.Tensor], experts: list[dict[str,
 def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = True,
               grid: Sequence[float] = SCALE_GRID, params: dict[str, dict[str, Any]] | None = None,
               seed: int = 0, log: Callable[[str], None] | None = None,
-              tune_max_seconds: float = 30.0) -> BenchResult:
+              tune_max_seconds: float = 30.0, stats_config: Any = None) -> BenchResult:
     """Merge the suite's held-in experts with each method; score every task.
 
     Each method runs with the papers' defaults (:data:`PAPER_DEFAULTS` over the registry's),
@@ -206,6 +233,13 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
     validation split from ``grid``, variant "tuned". ``params`` overrides defaults per method
     (a ``lambda`` given there turns tuning off for that method). Methods whose merge took
     longer than ``tune_max_seconds`` (optimisation-based ones) are not tuned; ``tuning`` says so.
+
+    Methods that declare statistics (RegMean, RegMean++, Fisher, OTA, AIM) get them from
+    :class:`modelalloy.eval.informed.BenchStats` (configured by ``stats_config``, a
+    ``BenchStatsConfig``): collected once per suite on its unlabeled inputs (the Fisher on the
+    validation split), cached, then passed to the merge. A relaxation method (AIM) relaxes the
+    merge of ``params[name]["under"]`` (default task arithmetic with the paper's λ).
+    ``stats_seconds`` gives the collection time per statistic kind (0 when cached).
     """
     log = log or (lambda _m: None)
     info = suite.info
@@ -217,24 +251,41 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
     skipped: dict[str, str] = {}
     timings: dict[str, float] = {}
     tuning: dict[str, dict[str, Any]] = {}
+    provider = None
     for spec in resolve_methods(methods):
-        reason = method_skip_reason(spec, len(experts))
+        reason = method_skip_reason(spec, len(experts), stats=True)
         if reason:
             skipped[spec.name] = reason
             log(f"skip {spec.name}: {reason}")
             continue
         user = dict((params or {}).get(spec.name, {}))
         given = {**PAPER_DEFAULTS.get(spec.name, {}), **user}
-        start = time.perf_counter()
+        inputs, stats, note = experts, None, {}
         try:
-            merged = merge_experts(spec, base, experts, given, seed)
+            if spec.stats:
+                from modelalloy.eval.informed import RELAX_UNDER, BenchStats, layout_overrides
+
+                if provider is None:
+                    provider = BenchStats(suite, tasks, base, experts, stats_config, log=log)
+                if is_relaxation(spec):
+                    under = str(given.pop("under", RELAX_UNDER))
+                    user.pop("under", None)
+                    under_spec = resolve_methods([under])[0]
+                    inputs = [merge_experts(under_spec, base, experts,
+                                            dict(PAPER_DEFAULTS.get(under, {})), seed)]
+                    note = {"under": under}
+                stats = provider.for_method(spec, spec.resolve(len(inputs), given, spec.name))
+                given = {**layout_overrides(spec, stats), **given}
+            start = time.perf_counter()
+            merged = merge_experts(spec, base, inputs, given, seed, stats)
         except ModelAlloyError as err:
             skipped[spec.name] = str(err)
             log(f"skip {spec.name}: {err}")
             continue
         timings[spec.name] = round(time.perf_counter() - start, 3)
-        shown = {k: v for k, v in spec.resolve(len(experts), given, spec.name).items()
+        shown = {k: v for k, v in spec.resolve(len(inputs), given, spec.name).items()
                  if not isinstance(v, list) or len(set(map(str, v))) > 1}
+        shown.update(note)
         records += scorer.records(spec.name, merged, variant="default", params=shown)
         log(f"{spec.name}: merged in {timings[spec.name]:.2f}s")
         tunable = any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in user
@@ -242,15 +293,17 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
             tuning[spec.name] = {"param": SCALE_PARAM, "skipped":
                                  f"one merge took {timings[spec.name]:.0f}s; not tuned"}
         elif tune and tunable:
-            lam, scores = tune_scale(spec, base, experts, given, scorer, tasks, grid, seed)
+            lam, scores = tune_scale(spec, base, inputs, given, scorer, tasks, grid, seed,
+                                     stats)
             tuning[spec.name] = {"param": SCALE_PARAM, "chosen": lam, "val_scores": scores}
-            merged = merge_experts(spec, base, experts, {**given, SCALE_PARAM: lam}, seed)
+            merged = merge_experts(spec, base, inputs, {**given, SCALE_PARAM: lam}, seed, stats)
             records += scorer.records(spec.name, merged, variant="tuned",
                                       params={**shown, SCALE_PARAM: lam})
             log(f"{spec.name}: {SCALE_PARAM}={lam} chosen on validation")
     return BenchResult(suite=info.name, size=info.size, records=records, skipped=skipped,
                        timings=timings, tuning=tuning, suite_path=str(info.path),
-                       build_seconds=info.build_seconds)
+                       build_seconds=info.build_seconds,
+                       stats_seconds=dict(provider.seconds) if provider else {})
 
 
 def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None = None,

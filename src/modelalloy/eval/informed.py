@@ -1,12 +1,16 @@
 """Data-informed merging on a built-in suite: collect each method's statistics on the suite's
 own data, merge, score.
 
-The harness (:func:`modelalloy.eval.harness.run_bench`) skips every method that needs
-statistics; this module is the glue that runs them. Everything goes through the library's own,
-architecture-agnostic code paths — ``modelalloy.stats`` hooks for Grams, Fishers and
-activations, ``load_adam_moments`` for OTA, the ``modelalloy.optimize`` learners for
-coefficients, and ``merge_state_dicts(..., stats=...)`` for the merge — on a plain torch module
-built from the suite: the suite's body plus its per-task heads (:class:`SuiteModule`).
+This module is the glue that runs data-informed methods on a suite. :class:`BenchStats` makes
+the statistics a registry method declares (Grams, RegMean++ Grams, Fishers, activations, Adam
+moments) on either kind of suite; the harness (:func:`modelalloy.eval.harness.run_bench`, so
+``modelalloy bench`` and ``make demo``) uses it for every such method, and
+:func:`run_informed` uses it for its rows (with its own split and limits, not cached).
+Everything goes through the library's own, architecture-agnostic code paths —
+``modelalloy.stats`` hooks for Grams, Fishers and activations, ``load_adam_moments`` for OTA,
+the ``modelalloy.optimize`` learners for coefficients, and ``merge_state_dicts(..., stats=...)``
+for the merge — on a plain torch module built from the suite: the suite's body plus its
+per-task heads (:class:`SuiteModule`).
 
 Data used (``stats_split``, default the labeled ``val`` split, whose labels only Sens-Merging and
 Self-Positioning read; AdaMerging uses the unlabeled ``test`` inputs, as in the paper):
@@ -208,6 +212,184 @@ def supervised_loss(output: Any, batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Statistics for registry methods inside the harness (`modelalloy bench`, `make demo`)
+
+# Part of the cache key: bump when a collector or this glue changes what it collects.
+BENCH_STATS_VERSION = 1
+# A method that relaxes one merged model toward the base (``aim``) relaxes this merge.
+RELAX_UNDER = "task_arithmetic"
+
+
+@dataclass
+class BenchStatsConfig:
+    """What :class:`BenchStats` collects on. Unlabeled inputs: the suite's ``test`` inputs (the
+    split AdaMerging uses; documented as the unlabeled split for data-informed methods); the
+    Fisher uses the labeled ``val`` split (exact expectation over classes for classifiers, so the
+    labels are not read; sampled for LMs)."""
+
+    unlabeled_split: str = "test"
+    fisher_split: str = "val"
+    limit: int | None = 256              # examples per task for Grams and activations
+    fisher_limit: int | None = 64        # examples per task for the Fisher
+    fisher_mode: str = "exact"           # classifiers; LM suites use "sampled"
+    batch_size: int = 32
+    seed: int = 0
+    cache: bool = True                   # keep them on disk in the suite folder
+
+
+_MEMORY: dict[tuple[str, str], list[Any]] = {}
+
+
+def layout_overrides(spec: Any, stats: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """``input_dim: first`` for a method with that parameter when its statistics were taken on
+    transposed linear maps (GPT-2's ``Conv1D``, recorded in the statistics' ``input_dims``): the
+    registry's ``auto`` cannot tell the layout of a *square* weight from its shape, and an
+    explicit ``first`` still follows the shapes where they decide (e.g. an ``nn.Linear`` head)."""
+    if not any(p.name == "input_dim" for p in spec.params):
+        return {}
+    for per_owner in stats.values():
+        for st in per_owner:
+            if any(v == "first" for v in getattr(st, "input_dims", {}).values()):
+                return {"input_dim": "first"}
+    return {}
+
+
+class BenchStats:
+    """The statistics a registry method declares (``spec.stats``), made on a built suite by the
+    same collectors and module wrapper for every suite (:func:`suite_module`,
+    :func:`task_batches`): a plain ``nn.Module`` with per-task heads (tiny-vision) or a
+    transformers LM (tiny-lm). Each kind is collected once per suite and options and cached — in
+    this process and, with ``config.cache``, on disk under ``<suite>/stats-cache/`` (rebuilt
+    with the suite, since a rebuilt suite is a new folder).
+
+    ==============  =============================================================================
+    ``gram``        expert k on task k's unlabeled inputs (RegMean)
+    ``gram_pp``     RegMean++'s sequential Grams (depend on ``alpha`` and ``weight``)
+    ``activations`` the base model on every merged task's unlabeled inputs (AIM: ``stats_from``
+                    base)
+    ``fisher``      expert k with task k's head on task k's ``val`` inputs (exact expectation over
+                    classes; sampled for LMs)
+    ``exp_avg_sq``  the Adam second moments saved next to each expert (``optimizer.safetensors``)
+    ==============  =============================================================================
+    """
+
+    def __init__(self, suite: Any, tasks: Sequence[str], base: Mapping[str, torch.Tensor],
+                 experts: Sequence[Mapping[str, torch.Tensor]],
+                 config: BenchStatsConfig | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.suite, self.tasks = suite, list(tasks)
+        self.base, self.experts = base, list(experts)
+        self.cfg = config or BenchStatsConfig()
+        self.log = log or (lambda _m: None)
+        self.seconds: dict[str, float] = {}
+
+    def _digest(self, kind: str, extra: Mapping[str, Any]) -> str:
+        import hashlib
+        import json
+        from dataclasses import asdict
+
+        cfg = {k: v for k, v in asdict(self.cfg).items() if k != "cache"}
+        blob = json.dumps({"kind": kind, "cfg": cfg, "extra": dict(extra),
+                           "tasks": self.tasks, "version": BENCH_STATS_VERSION},
+                          sort_keys=True, default=str)
+        return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def _owners(self, kind: str) -> list[str]:
+        return ["base"] if kind == "activations" else list(self.tasks)
+
+    def get(self, kind: str, extra: Mapping[str, Any] | None = None) -> list[Any]:
+        """One statistic per owner (per expert; the base alone for ``activations``)."""
+        from modelalloy.stats import load_stats, save_stats
+
+        extra = dict(extra or {})
+        key = self._digest(kind, extra)
+        mem_key = (str(self.suite.info.path), key)
+        if mem_key in _MEMORY:
+            return _MEMORY[mem_key]
+        folder = self.suite.info.path / "stats-cache" / key
+        owners = self._owners(kind)
+        files = [folder / f"{o}.safetensors" for o in owners]
+        if self.cfg.cache and all(f.is_file() for f in files):
+            stats = [load_stats(f) for f in files]
+            self.log(f"{kind} statistics: cached ({folder})")
+        else:
+            start = time.process_time()
+            wall = time.perf_counter()
+            threads = torch.get_num_threads()
+            # The suites' models are tiny: one thread is fastest (the exact Fisher's thousands of
+            # small backward passes spend most of a second thread's time spinning), as for the
+            # suite builds (bench.common.build_cached).
+            torch.set_num_threads(1)
+            try:
+                stats = self._collect(kind, extra)
+            finally:
+                torch.set_num_threads(threads)
+            self.seconds[kind] = round(time.perf_counter() - wall, 2)
+            self.log(f"{kind} statistics: collected in {self.seconds[kind]:.1f}s "
+                     f"({time.process_time() - start:.1f} CPU s)")
+            if self.cfg.cache:
+                try:
+                    for f, st in zip(files, stats, strict=True):
+                        save_stats(st, f, kind)
+                except OSError as err:  # a read-only suite cache: keep them in memory only
+                    self.log(f"{kind} statistics not cached on disk: {err}")
+        _MEMORY[mem_key] = stats
+        return stats
+
+    def _collect(self, kind: str, extra: Mapping[str, Any]) -> list[Any]:
+        from modelalloy.stats import Statistic, collect_activations, collect_fisher, collect_grams
+
+        cfg, suite, tasks = self.cfg, self.suite, self.tasks
+        if kind == "exp_avg_sq":
+            from modelalloy.stats.optimizer import load_adam_moments
+
+            names = set(self.base)
+            out = []
+            for t in tasks:
+                m = load_adam_moments(suite.info.expert_dir(t) / "optimizer.safetensors")
+                out.append({n: v for n, v in m.items() if n in names})
+            return out
+        if kind == "fisher":
+            batches = task_batches(suite, tasks, cfg.fisher_split, cfg.batch_size,
+                                   limit=cfg.fisher_limit)
+            mode = "sampled" if is_lm_suite(suite) else cfg.fisher_mode
+            return [collect_fisher(suite_module(suite, sd, tasks), batches[k], mode=mode,
+                                   max_examples=cfg.fisher_limit, seed=cfg.seed)
+                    for k, sd in enumerate(self.experts)]
+        batches = task_batches(suite, tasks, cfg.unlabeled_split, cfg.batch_size,
+                               limit=cfg.limit)
+        if kind == "gram":
+            return [collect_grams(suite_module(suite, sd, tasks), batches[k])
+                    for k, sd in enumerate(self.experts)]
+        if kind == "activations":
+            return [collect_activations(suite_module(suite, self.base, tasks),
+                                        [b for bs in batches for b in bs])]
+        if kind == "gram_pp":
+            from modelalloy.stats.regmean_pp import collect_regmean_pp_grams
+
+            models = [suite_module(suite, sd, tasks, stacked=True) for sd in self.experts]
+            stats, _ = collect_regmean_pp_grams(models, batches, alpha=extra["alpha"],
+                                                weight=extra.get("weight"))
+            return [Statistic("gram_pp", to_body_names(models[0], st),
+                              to_body_names(models[0], st.input_dims),
+                              to_body_names(models[0], st.counts), dict(st.meta))
+                    for st in stats]
+        raise ValueError(f"the bench cannot make '{kind}' statistics")
+
+    def for_method(self, spec: Any, params: Mapping[str, Any]) -> dict[str, list[Any]]:
+        """``stats=`` for ``merge_state_dicts`` of method ``spec`` with resolved ``params``."""
+        out = {}
+        for kind in spec.stats:
+            extra: dict[str, Any] = {}
+            if kind == "gram_pp":
+                extra = {"alpha": float(params.get("alpha", 1.0)),
+                         "weight": [float(w) for w in params["weight"]]
+                         if isinstance(params.get("weight"), list) else None}
+            out[kind] = self.get(kind, extra)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Coefficients -> weights
 
 
@@ -288,9 +470,8 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
                  baselines: Sequence[str] = BASELINES,
                  log: Callable[[str], None] | None = None) -> InformedResult:
     """Baseline rows from the harness, then one row per data-informed method."""
-    from modelalloy.stats import collect_activations, collect_fisher, collect_grams
+    from modelalloy.methods import get_method
     from modelalloy.stats.hooks import batch_size_of, select_example
-    from modelalloy.stats.optimizer import load_adam_moments
 
     cfg = config or InformedConfig()
     log = log or (lambda _m: None)
@@ -304,10 +485,15 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
     scorer = SuiteScorer(suite)
     base = suite.base_state_dict()
     experts = [suite.expert_state_dict(t) for t in tasks]
-    body_names = set(base)
     wanted = set(cfg.methods)
     stat_batches = task_batches(suite, tasks, cfg.stats_split, cfg.batch_size,
                                 limit=cfg.stats_limit)
+    # Grams, Fishers, activations and Adam moments: the same collection code as the harness
+    # (BenchStats), on this config's split and limits, not cached on disk.
+    provider = BenchStats(suite, tasks, base, experts, BenchStatsConfig(
+        unlabeled_split=cfg.stats_split, fisher_split=cfg.stats_split, limit=cfg.stats_limit,
+        fisher_limit=cfg.fisher_limit, fisher_mode=cfg.fisher_mode, batch_size=cfg.batch_size,
+        seed=cfg.seed, cache=False), log=log)
 
     def row(method: str, merged: Mapping[str, torch.Tensor], params: dict[str, Any],
             start: float, variant: str = "informed") -> None:
@@ -324,23 +510,21 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
     # --- RegMean: Grams of each expert's linear maps on its own task's inputs
     if want("regmean"):
         t0 = time.perf_counter()
-        grams = [collect_grams(suite_module(suite, sd, tasks), stat_batches[k])
-                 for k, sd in enumerate(experts)]
+        grams = provider.get("gram")
         result.extra["regmean_gram_layers"] = sorted(grams[0].keys())
         merged = merge_state_dicts("regmean", None, experts, stats={"gram": grams},
-                                   alpha=cfg.regmean_alpha)
+                                   alpha=cfg.regmean_alpha,
+                                   **layout_overrides(get_method("regmean"), {"gram": grams}))
         row("regmean", merged, {"alpha": cfg.regmean_alpha}, t0)
 
     # --- RegMean++: Grams through the merged earlier layers (a numbered stack is presented)
     if want("regmean_pp"):
-        from modelalloy.stats.regmean_pp import collect_regmean_pp_grams
-
         t0 = time.perf_counter()
-        models = [suite_module(suite, sd, tasks, stacked=True) for sd in experts]
-        stats, _ = collect_regmean_pp_grams(models, stat_batches, alpha=cfg.regmean_alpha)
-        renamed = [to_body_names(models[0], s) for s in stats]
-        merged = merge_state_dicts("regmean_pp", None, experts, stats={"gram_pp": renamed},
-                                   alpha=cfg.regmean_alpha)
+        stats = provider.get("gram_pp", {"alpha": float(cfg.regmean_alpha), "weight": None})
+        merged = merge_state_dicts("regmean_pp", None, experts, stats={"gram_pp": stats},
+                                   alpha=cfg.regmean_alpha,
+                                   **layout_overrides(get_method("regmean_pp"),
+                                                      {"gram_pp": stats}))
         row("regmean_pp", merged, {"alpha": cfg.regmean_alpha}, t0)
 
     # --- Fisher merging: per-example Fisher of each expert with its task's head
@@ -348,20 +532,13 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
         t0 = time.perf_counter()
         # the exact expectation needs (batch, classes) outputs; LMs sample one token per position
         fisher_mode = "sampled" if is_lm_suite(suite) else cfg.fisher_mode
-        fishers = []
-        for k, sd in enumerate(experts):
-            fishers.append(collect_fisher(suite_module(suite, sd, tasks), stat_batches[k],
-                                          mode=fisher_mode, max_examples=cfg.fisher_limit,
-                                          seed=cfg.seed))
+        fishers = provider.get("fisher")
         merged = merge_state_dicts("fisher", None, experts, stats={"fisher": fishers})
         row("fisher", merged, {"mode": fisher_mode, "examples": cfg.fisher_limit}, t0)
 
     # --- OTA (and OTA after Fast Fisher Grafting): the experts' saved Adam second moments
     if want("ota") or want("ota_ffg"):
-        moments = []
-        for t in tasks:
-            m = load_adam_moments(info.expert_dir(t) / "optimizer.safetensors")
-            moments.append({n: v for n, v in m.items() if n in body_names})
+        moments = provider.get("exp_avg_sq")
         if want("ota"):
             t0 = time.perf_counter()
             merged = merge_state_dicts("ota", base, experts, stats={"exp_avg_sq": moments})
@@ -377,11 +554,9 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
     # --- AIM: relax the (tuned) task-arithmetic and TIES merges with the base's activations
     if want("aim"):
         from modelalloy.eval.harness import merge_experts
-        from modelalloy.methods import get_method
 
         t0 = time.perf_counter()
-        acts = collect_activations(suite_module(suite, base, tasks),
-                                   [b for bs in stat_batches for b in bs])
+        acts = provider.get("activations")[0]
         result.extra["aim_layers"] = sorted(acts.keys())
         for under in ("task_arithmetic", "ties"):
             lam = _tvs_scale_param(result.tuning, under, 1.0)
@@ -389,7 +564,9 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
             merged_under = merge_experts(get_method(under), base, experts, {"lambda": lam},
                                          cfg.seed)
             relaxed = merge_state_dicts("aim", base, [merged_under],
-                                        stats={"activations": [acts]}, omega=cfg.aim_omega)
+                                        stats={"activations": [acts]}, omega=cfg.aim_omega,
+                                        **layout_overrides(get_method("aim"),
+                                                           {"activations": [acts]}))
             row(f"aim({under})", relaxed, {"omega": cfg.aim_omega, "lambda": lam},
                 t0 if under == "task_arithmetic" else start)
 

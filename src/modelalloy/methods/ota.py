@@ -16,9 +16,20 @@ a free diagonal curvature (Fisher) proxy. Per tensor:
 - where Σ_k W_k ≤ 1.1·K·ε (everything masked, or no curvature anywhere): θ₀ if
   ``fallback_to_base`` (default) else the plain average.
 
-``merge`` = "linear" replaces the curvature weighting by the mean of the masked task vectors
-(the reference's "linear" alternative after masking). Not implemented: the reference's "ties"
-alternative and the hybrid-norm ``rescale`` option.
+``merge`` chooses how the masked task vectors τ̂_k = τ_k ⊙ M_k are combined (the reference's
+``masked_task_vector_merge_method``: precond | linear | ties):
+
+- "ota" (default, the reference's "precond"): the curvature-weighted average above;
+- "linear": the mean of the masked task vectors;
+- "ties": TIES on the masked task vectors (needs a base) — optional trim of each τ̂_k to its
+  largest-|·| ``ties_density`` fraction per tensor (1 = no trim, the default: FFG has already
+  sparsified), elected sign γ = sign(Σ_k τ̂_k) (zero sums take the tensor's majority sign), then
+  the mean of the entries that agree strictly with γ (zeros never count):
+  θ* = θ₀ + Σ_k [τ̂_k γ > 0] τ̂_k / max(1, Σ_k [τ̂_k γ > 0]). The curvature enters only through
+  the FFG mask; ``power``, ``weight``, ``normalise`` and ``epsilon`` are not used. Where every
+  model is masked the update is 0 (θ₀); with ``fallback_to_base`` false, the plain average.
+
+Not implemented: the hybrid-norm ``rescale`` option.
 
 Defaults follow the paper's configs: p = 0.5, ε = 1e-26 (v is ~1e-18 for LLM SFT runs; the
 code's default is 1e-8 — set ε relative to your v), normalise none, fallback to base.
@@ -61,6 +72,16 @@ def _moments(ctx: MergeContext, n: int) -> list[torch.Tensor | None]:
     return list(v) if v else [None] * n
 
 
+def _compressed(v: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    """v clamped at 0, then rank-1 or rank-r compressed as the parameters ask."""
+    v = v.clamp_min(0.0)
+    if params["compress"] == "rank1":
+        return rank1_second_moment(v)
+    if params["rank"] > 0:
+        return rank_r_second_moment(v, int(params["rank"]))
+    return v
+
+
 @register_method(
     name="ota",
     params=[
@@ -76,8 +97,11 @@ def _moments(ctx: MergeContext, n: int) -> list[torch.Tensor | None]:
         Param("compress", str, "none", "second-moment compression: 'rank1' (AdaFactor lemma) "
               "or 'none'", choices=("none", "rank1")),
         Param("rank", int, 0, "rank-r SVD compression of v with ReLU (0 = off)", ge=0),
-        Param("merge", str, "ota", "after masking: curvature-weighted ('ota') or the mean of "
-              "the masked task vectors ('linear')", choices=("ota", "linear")),
+        Param("merge", str, "ota", "after masking: curvature-weighted ('ota'), the mean of "
+              "the masked task vectors ('linear') or TIES on them ('ties')",
+              choices=("ota", "linear", "ties")),
+        Param("ties_density", float, 1.0, "merge 'ties': fraction of each masked task vector "
+              "kept by magnitude before the sign election (1 = no trim)", gt=0.0, le=1.0),
     ],
     paper="Mahdavinia et al., Harnessing Optimization Dynamics for Curvature-Informed Model "
           "Merging, 2025",
@@ -97,14 +121,12 @@ def ota(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str
         missing = [i for i, v in enumerate(vs) if v is None]
         raise MethodError(f"tensor '{ctx.name}': experts {missing} have no exp_avg_sq while "
                           "others do")
+    if params["merge"] == "ties":
+        return _ota_ties(base, experts, vs, params, ctx)
     eps = float(params["epsilon"])
     weights, updates = [], []
     for k, (v, theta) in enumerate(zip(vs, experts, strict=True)):
-        v = v.to(theta.device).clamp_min(0.0)
-        if params["compress"] == "rank1":
-            v = rank1_second_moment(v)
-        elif params["rank"] > 0:
-            v = rank_r_second_moment(v, int(params["rank"]))
+        v = _compressed(v.to(theta.device), params)
         tau = theta - base if base is not None else theta
         saliency = v * tau ** 2 if base is not None else v
         mask = (saliency >= float(params["threshold"][k])).to(theta.dtype)
@@ -132,6 +154,38 @@ def ota(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str
             fallback = torch.stack(experts).mean(0)
         merged = torch.where(empty, fallback, merged)
     return merged
+
+
+def _ota_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
+              vs: list[torch.Tensor | None], params: dict[str, Any],
+              ctx: MergeContext) -> torch.Tensor:
+    """TIES (optional trim, sign election, disjoint mean) on the FFG-masked task vectors."""
+    from modelalloy.methods._sparsify import combine_, elect_sign, magnitude_trim_
+
+    if base is None:
+        raise MethodError(f"tensor '{ctx.name}': ota with merge 'ties' needs a base model")
+    base32 = base.float()
+    deltas, masks = [], []
+    for k, (v, theta) in enumerate(zip(vs, experts, strict=True)):
+        tau = theta.float() - base32
+        assert v is not None
+        v = _compressed(v.to(tau.device).float(), params)
+        mask = v * tau ** 2 >= float(params["threshold"][k])
+        masks.append(mask)
+        deltas.append(tau.mul_(mask))
+    density = float(params["ties_density"])
+    if density < 1.0:
+        for d in deltas:
+            magnitude_trim_(d, density)
+    ones = [1.0] * len(deltas)
+    sign = elect_sign(deltas, ones, "paper")
+    merged = base32 + combine_(deltas, ones, sign=sign, normalize=True)
+    if not params["fallback_to_base"]:
+        none = ~torch.stack(masks).any(0)
+        if bool(none.any()):
+            merged = torch.where(none, torch.stack([e.float() for e in experts]).mean(0),
+                                 merged)
+    return merged.to(base.dtype)
 
 
 @register_method(

@@ -88,19 +88,155 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 class _TokenRows:
-    """Turns a hooked input (…, d) into the rows (n, d) that count, honouring the mask."""
+    """Turns a hooked input (…, d) into the rows (n, d) that count, honouring the mask.
+
+    The kept rows' flat indices are computed once per batch (setting :attr:`mask` resets
+    them) and shared by every hooked module that sees an input of the batch's shape.
+    """
 
     def __init__(self, mask_padding: bool):
         self.mask_padding = mask_padding
-        self.mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self._mask = value
+        self._index = {}
+
+    def kept(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Flat indices of the rows of ``x`` to keep, or None for all of them."""
+        mask = self._mask
+        if not (self.mask_padding and mask is not None and x.dim() >= 2
+                and tuple(x.shape[:-1]) == tuple(mask.shape)):
+            return None
+        idx = self._index.get(x.device)
+        if idx is None:
+            idx = mask.to(x.device).reshape(-1).nonzero().squeeze(1)
+            self._index[x.device] = idx
+        return idx
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
-        mask = self.mask
-        if (self.mask_padding and mask is not None and x.dim() >= 2
-                and tuple(x.shape[:-1]) == tuple(mask.shape)):
-            return x[mask.to(x.device)]
-        return x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        idx = self.kept(x)
+        return flat if idx is None else flat.index_select(0, idx)
+
+
+# Gram accumulation: column blocks of this width; only blocks on or above the diagonal are
+# multiplied (G is symmetric), which saves up to half the multiply-adds for wide inputs.
+GRAM_BLOCK = 128
+# Rows gathered per linear map before one multiply (≤ 4 MiB of float32 per map, 64–4096 rows).
+GRAM_CHUNK_ELEMENTS = 1 << 20
+
+
+# On the CPU, multiply with NumPy's ``a.T @ a`` (BLAS syrk: half the work of a general product).
+GRAM_SYRK = True
+
+
+def _blas_threads() -> Any:
+    """Limit NumPy's BLAS to torch's thread count while collecting (with threadpoolctl, when
+    installed), so the syrk path uses the threads torch was told to use."""
+    import contextlib
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+
+def _triangle_blocks(d: int, block: int) -> list[tuple[int, int, int, int]]:
+    if block <= 0 or d < 2 * block:
+        return [(0, d, 0, d)]
+    edges = list(range(0, d, block)) + [d]
+    if edges[-1] - edges[-2] < block // 2 and len(edges) > 2:  # no sliver at the end
+        edges.pop(-2)
+    spans = list(zip(edges[:-1], edges[1:], strict=True))
+    return [(a0, a1, b0, b1) for i, (a0, a1) in enumerate(spans) for b0, b1 in spans[i:]]
+
+
+class _GramSum:
+    """Σ xᵀx over the kept rows of every input, in ``dtype``, without per-call allocations.
+
+    Rows are copied (gathered, when a token mask applies) into a fixed buffer and multiplied
+    once it is full: larger, fewer matrix products. G is symmetric: on the CPU the product is
+    NumPy's ``a.T @ a``, which BLAS computes with syrk (one triangle); on other devices only
+    the upper block triangle is multiplied (:data:`GRAM_BLOCK`) and mirrored at the end.
+    """
+
+    def __init__(self, d: int, dtype: torch.dtype, device: torch.device,
+                 block: int | None = None, chunk_elements: int | None = None):
+        block = GRAM_BLOCK if block is None else block
+        chunk_elements = GRAM_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+        self.d = d
+        self.gram = torch.zeros(d, d, dtype=dtype, device=device)
+        cap = max(64, min(4096, chunk_elements // max(d, 1)))
+        self.buf = torch.empty(cap, d, dtype=dtype, device=device)
+        self.filled = 0
+        self.count = 0
+        self.blocks = _triangle_blocks(d, block)
+        # CPU float32/float64: multiply through NumPy (syrk); elsewhere torch's addmm_ on the
+        # upper block triangle (mirrored in :meth:`total`).
+        self._numpy = (self.gram.numpy() if self.gram.device.type == "cpu" and GRAM_SYRK
+                       and dtype in (torch.float32, torch.float64) else None)
+        if self._numpy is not None:
+            self.blocks = [(0, d, 0, d)]
+
+    def _multiply(self, r: torch.Tensor) -> None:
+        g = self.gram
+        if self._numpy is not None:
+            # NumPy computes ``a.T @ a`` with BLAS syrk (one triangle, half the multiply-adds;
+            # torch has no syrk) and mirrors it; the sum lands in the torch tensor's memory.
+            a = r.contiguous().numpy()
+            self._numpy += a.T @ a
+            return
+        for a0, a1, b0, b1 in self.blocks:
+            g[a0:a1, b0:b1].addmm_(r[:, a0:a1].T, r[:, b0:b1])
+
+    def flush(self) -> None:
+        if self.filled:
+            self._multiply(self.buf[:self.filled])
+            self.filled = 0
+
+    def add(self, x: torch.Tensor, rows: _TokenRows) -> None:
+        x = x.detach()
+        flat = x.reshape(-1, self.d)
+        idx = rows.kept(x)
+        m = flat.shape[0] if idx is None else idx.numel()
+        self.count += m
+        cap = self.buf.shape[0]
+        if idx is None and self.filled == 0 and m >= cap and flat.dtype == self.buf.dtype:
+            self._multiply(flat)  # a large batch: multiply it where it is
+            return
+        start = 0
+        while start < m:
+            take = min(m - start, cap - self.filled)
+            dst = self.buf[self.filled:self.filled + take]
+            if idx is None:
+                dst.copy_(flat[start:start + take])
+            elif flat.dtype == dst.dtype:
+                torch.index_select(flat, 0, idx[start:start + take], out=dst)
+            else:
+                dst.copy_(flat.index_select(0, idx[start:start + take]))
+            self.filled += take
+            start += take
+            if self.filled == cap:
+                self.flush()
+
+    def total(self) -> torch.Tensor:
+        """Σ xᵀx (the buffer flushed, the lower triangle mirrored); call once, at the end."""
+        self.flush()
+        g = self.gram
+        for a0, a1, b0, b1 in self.blocks:
+            if (a0, a1) != (b0, b1):
+                g[b0:b1, a0:a1] = g[a0:a1, b0:b1].T
+        self.buf = self.buf[:0]
+        return g
 
 
 def _run_forward(model: nn.Module, batches: Iterable[Any], rows: _TokenRows,
@@ -176,8 +312,7 @@ def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = No
         raise ValueError("reduce must be 'mean' or 'sum'")
     dev = torch.device(device) if device is not None else None
     rows = _TokenRows(mask_padding)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    accs: dict[str, _GramSum] = {}
     hooked = linear_modules(model, _as_predicate(include))
 
     def make_hook(key: str) -> Callable:
@@ -185,16 +320,17 @@ def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = No
             x = _first_input(args, kwargs)
             if x is None:
                 return
-            r = rows.rows(x).to(dtype)
-            if key in sums:
-                sums[key].addmm_(r.T, r)  # in place: no temporary d_in² matrix per call
-            else:
-                sums[key] = r.T @ r
-            counts[key] = counts.get(key, 0) + r.shape[0]
+            acc = accs.get(key)
+            if acc is None:
+                acc = accs[key] = _GramSum(x.shape[-1], dtype, x.device)
+            acc.add(x, rows)
         return hook
 
-    _run_with_pre_hooks(model, [(hw, make_hook(hw.module_name)) for hw in hooked], batches,
-                        rows, dev, show_progress, "gram", max_batches)
+    with _blas_threads():
+        _run_with_pre_hooks(model, [(hw, make_hook(hw.module_name)) for hw in hooked],
+                            batches, rows, dev, show_progress, "gram", max_batches)
+        sums = {k: a.total() for k, a in accs.items()}
+    counts = {k: a.count for k, a in accs.items()}
     out, dims, cnt = _per_parameter(
         hooked, sums, counts,
         lambda g, n: g / max(n, 1) if reduce == "mean" else g,

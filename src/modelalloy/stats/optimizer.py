@@ -40,9 +40,15 @@ def load_adam_moments(path: str | Path, param_names: Sequence[str] | None = None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        for k, v in load_file(str(path)).items():
-            name = k[: -len(f".{key}")] if k.endswith(f".{key}") else k
-            out[name] = v.float()
+        tensors = load_file(str(path))
+        suffix = f".{key}"
+        # A file of several moments per parameter (``<name>.exp_avg``, ``<name>.exp_avg_sq``,
+        # ``<name>.step``, as the benchmark suites save them): only the ``key`` entries.
+        suffixed = any(k.endswith(suffix) for k in tensors)
+        for k, v in tensors.items():
+            if suffixed and not k.endswith(suffix):
+                continue
+            out[k[: -len(suffix)] if k.endswith(suffix) else k] = v.float()
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -81,3 +87,57 @@ def load_adam_moments(path: str | Path, param_names: Sequence[str] | None = None
     elif compress != "none":
         raise ValueError("compress must be 'none' or 'rank1'")
     return Statistic("exp_avg_sq", out, {}, {}, {"source": path.name, "compress": compress})
+
+
+# Where `modelalloy stats MODEL --kind exp_avg_sq` looks for the optimizer state, in order.
+OPTIMIZER_FILES = ("optimizer.safetensors", "exp_avg_sq.safetensors", "optimizer.pt")
+
+
+def _model_shapes(model_dir: Path) -> dict[str, torch.Size] | None:
+    """Parameter shapes from the folder's safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, torch.Size] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            for name in h.keys():
+                shapes[name] = torch.Size(h.get_slice(name).get_shape())
+    return shapes
+
+
+def moments_for_model_dir(model_dir: str | Path, optimizer: str | Path | None = None, *,
+                          compress: str = "none", out: str | Path | None = None,
+                          param_names: Sequence[str] | None = None) -> Path:
+    """Read the Adam second moments saved with the model in ``model_dir`` and write them as
+    statistics (default ``<model_dir>/stats/exp_avg_sq.safetensors``); returns the path.
+
+    ``optimizer`` defaults to the first of :data:`OPTIMIZER_FILES` in the folder. Only the
+    model's own parameters are kept when the folder has safetensors weights (their shapes are
+    checked). ``compress="rank1"`` stores the AdaFactor-lemma reconstruction.
+    """
+    from modelalloy.stats.io import save_stats, stats_path
+
+    model_dir = Path(model_dir)
+    if optimizer is None:
+        found = [model_dir / f for f in OPTIMIZER_FILES if (model_dir / f).is_file()]
+        if not found:
+            raise CheckpointError(
+                f"{model_dir}: no optimizer state to read exp_avg_sq from (looked for "
+                f"{', '.join(OPTIMIZER_FILES)}); save Adam's state next to the model or pass "
+                "--optimizer FILE")
+        optimizer = found[0]
+    shapes = _model_shapes(model_dir)
+    stat = load_adam_moments(optimizer, param_names, shapes=shapes, compress=compress)
+    if shapes is not None:
+        kept = {n: v for n, v in stat.items() if n in shapes}
+        if not kept:
+            raise CheckpointError(f"{optimizer}: none of its exp_avg_sq entries names a "
+                                  f"parameter of {model_dir}")
+        stat = Statistic("exp_avg_sq", kept, {}, {}, stat.meta)
+    if len(stat) == 0:
+        raise CheckpointError(f"{optimizer}: no exp_avg_sq entries")
+    target = Path(out) if out is not None else stats_path(model_dir, "exp_avg_sq")
+    return save_stats(stat, target, "exp_avg_sq")
