@@ -116,6 +116,11 @@ def test_stacked_view_renames_both_ways(vision_smoke):
     flat = suite_module(suite, base, tasks)
     assert torch.allclose(m(x, task=1), flat(x, task=1))
     assert torch.allclose(flat(x, task=1), suite.head(tasks[1])(flat._body(x)))
+    # The body's own numbered stack is what RegMean++ walks (not one block holding it all).
+    from modelalloy.stats.regmean_pp import find_block_stack
+
+    prefix, blocks = find_block_stack(m)
+    assert prefix == "blocks" and len(blocks) == suite.new_model().depth + 1
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ from torch import nn
 
 from modelalloy.api import merge_state_dicts
 from modelalloy.eval.harness import SuiteScorer, run_bench, summarize
+from modelalloy.plan.layers import split_layer
 
 # Methods this module runs (row names). ``aim`` rows are named after the merge they relax.
 INFORMED_METHODS = ("regmean", "regmean_pp", "fisher", "ota", "ota_ffg", "aim",
@@ -80,8 +81,10 @@ class SuiteModule(nn.Module):
         object.__setattr__(self, "_body", body)  # run by forward, not registered
         object.__setattr__(self, "_heads", list(heads))
         self.child_names = [n for n, _ in body.named_children()]
-        self.stacked = stacked
-        if stacked:
+        # A body that has its own numbered stack (tiny-vision's ``blocks.<i>``) keeps it: the
+        # children here would be one block holding everything.
+        self.stacked = stacked and not _has_block_stack(body)
+        if self.stacked:
             self.layers = nn.ModuleList([m for _, m in body.named_children()])
         else:
             for name, child in body.named_children():
@@ -114,6 +117,16 @@ class SuiteModule(nn.Module):
             head, _, rest = key.partition(".")
             out[f"layers.{index[head]}.{rest}" if head in index else key] = value
         return out
+
+
+def _has_block_stack(body: nn.Module) -> bool:
+    """Whether parameter names already hold a stack of at least two numbered blocks."""
+    indices: dict[str, set[int]] = {}
+    for name, _ in body.named_parameters():
+        found = split_layer(name)
+        if found is not None:
+            indices.setdefault(found[0], set()).add(found[1])
+    return any(len(v) >= 2 for v in indices.values())
 
 
 def is_lm_suite(suite: Any) -> bool:
