@@ -31,12 +31,15 @@ def stats_path(model_path: Path, kind: str) -> Path:
 
 def collect_missing(recipe: Recipe, spec: MethodSpec, device: str = "cpu") -> list[Path]:
     """Collect the statistics ``spec`` needs that an expert lacks, on the recipe's
-    ``calibration`` data; returns the files written. Without calibration data nothing is
-    collected (the merge then names what is missing and how to collect it)."""
+    ``calibration`` data; returns the files written. Adam second moments (``exp_avg_sq``, OTA)
+    need no data: they are read from the optimizer state saved in the model folder, when there
+    is one. Without calibration data nothing else is collected (the merge then names what is
+    missing and how to collect it)."""
     data = recipe.calibration_path()
-    if not spec.stats or data is None:
+    if not spec.stats:
         return []
     from modelalloy.stats.collect import KINDS
+    from modelalloy.stats.optimizer import OPTIMIZER_FILES, moments_for_model_dir
     from modelalloy.stats.pipeline import collect_for_model_dir
 
     cal = recipe.calibration
@@ -48,6 +51,12 @@ def collect_missing(recipe: Recipe, spec: MethodSpec, device: str = "cpu") -> li
         model = recipe.model_path(owner)
         for kind in spec.stats:
             if stats_path(model, kind).exists():
+                continue
+            if kind == "exp_avg_sq":
+                if any((Path(model) / f).is_file() for f in OPTIMIZER_FILES):
+                    written.append(moments_for_model_dir(model))
+                continue  # none saved: the merge names what is missing
+            if data is None:
                 continue
             if kind not in KINDS:
                 raise CheckpointError(
