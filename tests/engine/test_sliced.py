@@ -173,3 +173,41 @@ def test_dare_ties_paper_vote_sliced_settles_zero_sums_with_the_tensor_majority(
     # Undecided elements exist (the two opposite experts kept, the third dropped, or zero).
     tvs = torch.stack([e["w"] - base["w"] for e in experts])
     assert int(((whole - base["w"]).abs() == tvs[0].abs() / 0.5).sum()) > 1000
+
+
+@pytest.mark.parametrize(("method", "extra"), [("breadcrumbs", ""), ("breadcrumbs_ties", ""),
+                                               ("breadcrumbs_ties", "vote: weighted, ")])
+def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, extra):
+    from contextlib import ExitStack
+
+    from modelalloy.api import merge_state_dicts
+    from modelalloy.engine.run import make_plan
+    from modelalloy.recipe import load_recipe
+
+    gen = torch.Generator().manual_seed(2)
+    shapes = {"rows.weight": (1501, 701), "long_row": (2 * SLICE_ELEMENTS + 3,)}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+               for _ in range(3)]
+    folders = []
+    for i, sd in enumerate([base, *experts]):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        save_file(sd, str(folder / "model.safetensors"))
+        folders.append(folder)
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: {method}\nbase_model: {folders[0]}\n"
+                          f"parameters: {{{extra}density: 0.3, gamma: 0.02}}\nmodels:\n"
+                          + "".join(f"  - model: {f}\n" for f in folders[1:]))
+    with ExitStack() as stack:
+        plan = make_plan(load_recipe(recipe), stack)
+        units = {e.name: e.slice_unit for e in plan.entries}
+    # Per-row slicing unless the paper vote needs the tensor's majority sign.
+    sliced = method == "breadcrumbs" or bool(extra)
+    assert units == ({"rows.weight": 701, "long_row": 2 * SLICE_ELEMENTS + 3} if sliced
+                     else {"rows.weight": 0, "long_row": 0})
+    out = _load(merge(recipe, tmp_path / "out", threads=2).path)
+    params = {"density": 0.3, "gamma": 0.02} | ({"vote": "weighted"} if extra else {})
+    whole = merge_state_dicts(method, base, experts, **params)
+    for name in shapes:
+        assert torch.equal(out[name], whole[name]), name

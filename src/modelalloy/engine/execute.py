@@ -115,12 +115,12 @@ class PlanExecutor:
     def working_bytes(self, entry: PlanEntry) -> int:
         return entry.working_bytes(len(self.plan.sources), sliced=self.sliced(entry))
 
-    def _buffers(self, key: object, dtype: torch.dtype) -> torch.Tensor:
-        """This thread's reused slice buffer ``key`` of ``dtype``."""
+    def _buffers(self, key: object, dtype: torch.dtype, size: int) -> torch.Tensor:
+        """This thread's reused slice buffer ``key`` of ``dtype``, at least ``size`` long."""
         cache = self._slice_buffers.__dict__
         buf = cache.get((key, dtype))
-        if buf is None:
-            buf = cache[(key, dtype)] = torch.empty(SLICE_ELEMENTS, dtype=dtype)
+        if buf is None or buf.numel() < size:
+            buf = cache[(key, dtype)] = torch.empty(max(size, SLICE_ELEMENTS), dtype=dtype)
         return buf
 
     def _merge_sliced(self, entry: PlanEntry, writer: TensorWriter) -> bool:
@@ -135,22 +135,23 @@ class PlanExecutor:
         spec, ctx = self.plan.spec, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
         sources = self.plan.sources
-        out = self._buffers("out", entry.out_dtype)
+        step, unit = entry.slice_length, entry.slice_unit
+        out = self._buffers("out", entry.out_dtype, step)
         writer.begin(entry.name)
-        for start in range(0, entry.numel, SLICE_ELEMENTS):
-            count = min(SLICE_ELEMENTS, entry.numel - start)
+        for start in range(0, entry.numel, step):
+            count = min(step, entry.numel - start)
             inputs = []
             for index, ckpt in enumerate(sources):
-                raw = self._buffers(index, ckpt.info(entry.name).dtype)[:count]
-                wide = self._buffers(("float32", index), torch.float32)[:count]
+                raw = self._buffers(index, ckpt.info(entry.name).dtype, step)[:count]
+                wide = self._buffers(("float32", index), torch.float32, step)[:count]
                 wide.copy_(ckpt.get_slice(entry.name, start, raw))
                 if not all_finite(wide):
                     writer.abandon(entry.name)
                     return False
-                inputs.append(wide)
+                inputs.append(wide if unit == 1 else wide.view(-1, unit))
             base, experts = self._split(inputs)
             ctx.slice_start = start
-            merged = out[:count].copy_(spec(base, experts, entry.params, ctx))
+            merged = out[:count].copy_(spec(base, experts, entry.params, ctx).reshape(-1))
             writer.write_part(entry.name, start, merged)
         if spec.finish_slices is not None:
             for index, values in spec.finish_slices(ctx):

@@ -66,6 +66,16 @@ _COMMON = [
 ]
 
 
+def _per_row(params: dict[str, Any]) -> bool:
+    """Row masks with no per-tensor rescale: each output row depends on its input rows only."""
+    return params["granularity"] == "row" and not params["rescale"]
+
+
+def _per_row_ties(params: dict[str, Any]) -> bool:
+    """The paper vote fills zero sums with the tensor's majority sign: a whole-tensor value."""
+    return _per_row(params) and params["vote"] == "weighted"
+
+
 def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
                       params: dict[str, Any], scratch: Scratch | None = None
                       ) -> list[torch.Tensor]:
@@ -83,6 +93,7 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
     paper=PAPER,
     summary="Drop the largest and smallest task-vector entries per row, add the weighted sum",
     base="required",
+    rowwise=_per_row,
 )
 def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -97,6 +108,7 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
     base="required",
+    rowwise=_per_row_ties,
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:

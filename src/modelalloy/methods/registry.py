@@ -189,10 +189,16 @@ class MethodSpec:
     # overwrite what the slices wrote. It reads what the slices left in ``ctx.streams``.
     finish_slices: Callable[[MergeContext], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
+    # Like ``elementwise``, per row: each row (last dimension) of the output depends only on
+    # that row of the inputs (Breadcrumbs' per-row magnitude bands). Slices are whole rows,
+    # given to the method shaped (rows, row length).
+    rowwise: bool | Callable[[dict[str, Any]], bool] = False
+
     def is_elementwise(self, params: dict[str, Any]) -> bool:
-        if callable(self.elementwise):
-            return bool(params) and self.elementwise(params)
-        return self.elementwise
+        return _decide(self.elementwise, params)
+
+    def is_rowwise(self, params: dict[str, Any]) -> bool:
+        return _decide(self.rowwise, params)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -245,6 +251,12 @@ _REGISTRY: dict[str, MethodSpec] = {}
 _ALIASES: dict[str, str] = {}
 
 
+def _decide(flag: bool | Callable[[dict[str, Any]], bool], params: dict[str, Any]) -> bool:
+    if callable(flag):
+        return bool(params) and bool(flag(params))
+    return flag
+
+
 def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper: str,
                     summary: str, base: BaseUse, min_models: int = 1,
                     max_models: int | None = None, prepare: PrepareFn | None = None,
@@ -252,6 +264,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     stats: tuple[str, ...] = (),
                     stats_from: Literal["experts", "base"] = "experts",
                     elementwise: bool | Callable[[dict[str, Any]], bool] = False,
+                    rowwise: bool | Callable[[dict[str, Any]], bool] = False,
                     finish_slices: Callable[[MergeContext], list[tuple[torch.Tensor,
                                                                        torch.Tensor]]]
                     | None = None,
@@ -265,7 +278,8 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                      summary=summary, base=base, min_models=min_models,
                                      max_models=max_models, prepare=prepare, aliases=aliases,
                                      stats=stats, stats_from=stats_from,
-                                     elementwise=elementwise, finish_slices=finish_slices)
+                                     elementwise=elementwise, rowwise=rowwise,
+                                     finish_slices=finish_slices)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn

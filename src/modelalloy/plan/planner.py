@@ -40,9 +40,20 @@ class PlanEntry:
     params: dict[str, Any]
     bytes_in: int  # stored bytes read from all models
     bytes_out: int
-    # Merged a slice at a time on the CPU (an elementwise method and a tensor of at least two
-    # slices): see SLICE_ELEMENTS.
-    sliced: bool = False
+    # Merged a slice at a time on the CPU when > 0 (a tensor of at least two slices, and an
+    # elementwise method: 1, or a per-row one: the row length; slices are whole multiples of
+    # it): see SLICE_ELEMENTS.
+    slice_unit: int = 0
+
+    @property
+    def sliced(self) -> bool:
+        return self.slice_unit > 0
+
+    @property
+    def slice_length(self) -> int:
+        """Elements per slice: whole units, about SLICE_ELEMENTS (one unit if it is longer)."""
+        unit = max(1, self.slice_unit)
+        return max(1, SLICE_ELEMENTS // unit) * unit
 
     @property
     def numel(self) -> int:
@@ -62,8 +73,19 @@ class PlanEntry:
             return self.bytes_in + self.bytes_out
         if self.sliced if sliced is None else sliced:
             per_slice = self.bytes_in // max(1, self.numel) + (2 * n_inputs + 4) * FLOAT32_BYTES
-            return SLICE_ELEMENTS * per_slice + self.bytes_out
+            return self.slice_length * per_slice + self.bytes_out
         return self.bytes_in + (2 * n_inputs + 4) * self.numel * FLOAT32_BYTES + self.bytes_out
+
+
+def _slice_unit(spec: MethodSpec, params: dict[str, Any], shape: tuple[int, ...],
+                numel: int) -> int:
+    if numel < 2 * SLICE_ELEMENTS or not params:
+        return 0
+    if spec.is_elementwise(params):
+        return 1
+    if shape and spec.is_rowwise(params):
+        return shape[-1]
+    return 0
 
 
 @dataclass
@@ -174,5 +196,5 @@ def build_plan(recipe: Recipe, spec: MethodSpec, base: Checkpoint | None,
             layer_index=layer, num_layers=count, params=params,
             bytes_in=sum(i.nbytes for i in infos) if merge else ref_info.nbytes,
             bytes_out=numel * dtype.itemsize,
-            sliced=merge and numel >= 2 * SLICE_ELEMENTS and spec.is_elementwise(params)))
+            slice_unit=_slice_unit(spec, params, tuple(ref_info.shape), numel) if merge else 0))
     return plan
