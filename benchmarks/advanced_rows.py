@@ -1,7 +1,8 @@
-"""Rows for the issue-4 methods on tiny-vision: docs/benchmarks_advanced.md's numbers.
+"""Rows for the issue-4 methods on a suite: docs/benchmarks_advanced.md's numbers.
 
-    PYTHONPATH=src python benchmarks/advanced_rows.py                 # the full suite
+    PYTHONPATH=src python benchmarks/advanced_rows.py                 # full tiny-vision
     PYTHONPATH=src python benchmarks/advanced_rows.py --size smoke    # a quick check
+    PYTHONPATH=src python benchmarks/advanced_rows.py --suite tiny-lm --parts methods,opcm
 
 Four parts, all on the suite's merged tasks, test split unless said otherwise:
 
@@ -71,8 +72,10 @@ def method_rows(suite: Any) -> dict[str, Any]:
 
 
 def clean_acc(suite: Any, sd: dict[str, torch.Tensor]) -> float:
-    """Clean digits through the pre-training head: what a merge forgets of the base."""
-    return suite.general_metrics(sd)["clean_accuracy"]
+    """What a merge forgets of the base: clean digits through the pre-training head
+    (tiny-vision), or perplexity on the general split (tiny-lm; lower is better)."""
+    metrics = suite.general_metrics(sd)
+    return metrics.get("clean_accuracy", metrics.get("perplexity", float("nan")))
 
 
 def lines_rows(suite: Any, base: dict, experts: list[dict]) -> dict[str, Any]:
@@ -240,16 +243,19 @@ def print_tables(res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="tiny-vision", choices=["tiny-vision", "tiny-lm"])
     parser.add_argument("--size", default="full", choices=["full", "smoke"])
     parser.add_argument("--orders", type=int, default=5, help="OPCM arrival orders")
     parser.add_argument("--parts", default="methods,lines,doge,opcm,tall")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "advanced_tiny-vision.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/advanced_<suite>.json")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "results" / f"advanced_{args.suite}.json"
     parts = set(args.parts.split(","))
     torch.set_num_threads(1)  # as the suites are built and benched (a shared machine)
     start = time.perf_counter()
-    suite = load_suite("tiny-vision", args.size, log=log)
+    suite = load_suite(args.suite, args.size, log=log)
     base = suite.base_state_dict()
     tasks = suite.info.merged_tasks
     experts = [suite.expert_state_dict(t) for t in tasks]
