@@ -35,6 +35,16 @@ def _models(root: Path, dtypes: list[torch.dtype]) -> list[Path]:
     return folders
 
 
+def _save_folders(root: Path, state_dicts: list[dict[str, torch.Tensor]]) -> list[Path]:
+    folders = []
+    for i, sd in enumerate(state_dicts):
+        folder = root / f"m{i}"
+        folder.mkdir()
+        save_file(sd, str(folder / "model.safetensors"))
+        folders.append(folder)
+    return folders
+
+
 def _load(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
@@ -157,12 +167,7 @@ def test_dare_ties_paper_vote_sliced_settles_zero_sums_with_the_tensor_majority(
     d = torch.randn(n, generator=gen)
     experts = [{"w": base["w"] + d}, {"w": base["w"] - d},
                {"w": base["w"] + third * d.abs()}]
-    folders = []
-    for i, sd in enumerate([base, *experts]):
-        folder = tmp_path / f"m{i}"
-        folder.mkdir()
-        save_file(sd, str(folder / "model.safetensors"))
-        folders.append(folder)
+    folders = _save_folders(tmp_path, [base, *experts])
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: dare_ties\nbase_model: {folders[0]}\nseed: 5\n"
                           "parameters: {density: 0.5}\nmodels:\n"
@@ -189,12 +194,7 @@ def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, meth
     base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     experts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
                for _ in range(3)]
-    folders = []
-    for i, sd in enumerate([base, *experts]):
-        folder = tmp_path / f"m{i}"
-        folder.mkdir()
-        save_file(sd, str(folder / "model.safetensors"))
-        folders.append(folder)
+    folders = _save_folders(tmp_path, [base, *experts])
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: {method}\nbase_model: {folders[0]}\n"
                           f"parameters: {{{extra}density: 0.3, gamma: 0.02}}\nmodels:\n"
