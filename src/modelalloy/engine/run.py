@@ -15,7 +15,6 @@ import torch
 
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.execute import PlanExecutor
-from modelalloy.engine.heap import retained_heap
 from modelalloy.engine.progress import merge_progress
 from modelalloy.errors import ModelAlloyError
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
@@ -138,11 +137,9 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
             writer = ShardedSafetensorsWriter(
                 tmp, entries, shard_bytes,
                 metadata={"format": "pt", "merge_method": plan.spec.name})
-            with retained_heap():
-                executor.prepare()
-                with merge_progress("merge", len(plan.entries), plan.bytes_read,
-                                    progress) as sink:
-                    executor.run(writer, sink)
+            executor.prepare()
+            with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as sink:
+                executor.run(writer, sink)
             files = writer.close()
             finish_folder(recipe, plan, tmp)
         return MergeResult(path=out_dir, seconds=time.perf_counter() - start,
