@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modelalloy.bench import load_suite
-from modelalloy.bench.lm import VOCAB, final_answer, make_examples
+from modelalloy.bench.lm import ALPHABETS, SIZES, VOCAB, final_answer, make_examples, task_letters
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,33 @@ def test_tasks_and_long_short_pair():
     assert final_answer(a) == a2 == str(sum(map(int, p[4:-1])))
     assert len(a) > len(a2)
     assert make_examples("rev", 3, 0) == make_examples("rev", 3, 0)
+
+
+def test_merged_tasks_draw_inputs_from_their_own_alphabet():
+    full = SIZES["full"]["tasks"]
+    assert set(full) <= set(ALPHABETS)
+    for t in full:
+        letters = task_letters(t)
+        for prompt, _ in make_examples(t, 50, 0):
+            assert set(prompt.split(":", 1)[1][:-1]) <= set(letters)
+    # neighbours share at most one letter; tasks further apart share none
+    for i, a in enumerate(full):
+        for b in full[i + 1:]:
+            assert len(set(ALPHABETS[a]) & set(ALPHABETS[b])) <= 1
+    (p, a), = make_examples("count", 1, 3)
+    assert a == str(p[6:-1].count(ALPHABETS["count"][0]))
+
+
+def test_docs_only_keeps_the_other_suites_section(tmp_path):
+    from modelalloy.bench.docs import _page_section
+
+    page = tmp_path / "b.md"
+    page.write_text("# B\n\nintro\n\n## tiny-vision (full)\n\n| a |\n\n![x](y.png)\n\n"
+                    "## tiny-lm (full)\n\nlm\n\n## How the suites were tuned\n")
+    assert _page_section(page, "tiny-vision") == "## tiny-vision (full)\n\n| a |\n\n![x](y.png)\n"
+    assert _page_section(page, "tiny-lm") == "## tiny-lm (full)\n\nlm\n"
+    assert _page_section(page, "other") is None
+    assert _page_section(tmp_path / "missing.md", "tiny-lm") is None
 
 
 def test_smoke_suite_is_hf_loadable(lm_smoke):
