@@ -4,10 +4,14 @@
   is saved in HF format (tokenizer.json), so ``AutoTokenizer.from_pretrained`` loads it.
 - Tasks are synthetic string/number skills written as ``tag:input=answer<eos>`` and scored by
   exact match of the greedy answer. Held-in tasks are merged; held-out tasks are never merged
-  (their experts exist only to normalise accuracy).
+  (their experts exist only to normalise accuracy). Each merged task draws its inputs from an
+  alphabet of its own (four letters, neighbours sharing one: ``ALPHABETS``), as the papers'
+  experts each see a dataset of their own.
 - The *base* is pre-trained on a general mixture: every task's format, answers right only part
-  of the time (a model that knows how to answer but not how to do each task well), plus plain
-  character text; each *expert* is the base fully fine-tuned on one task with a small step.
+  of the time (a model that knows how to answer but not how to do each task well); each
+  *expert* is the base fine-tuned on one task with a small step, every weight but the (tied)
+  token and position embeddings and the final layer norm (``finetune_freeze``), as the papers
+  keep a frozen zero-shot head.
 - A long-to-short pair: ``sum_long`` writes running sums before its answer
   (``sum:352=3,8,10;10``), ``sum_short`` answers directly (``sum:352=10``); both are scored on
   the final answer, and the mean response length is recorded.
@@ -152,14 +156,16 @@ def _corrupt(answer: str, rng: random.Random, letters: str = LETTERS) -> str:
 
 # ---------------------------------------------------------------------------------------------
 
+FROZEN = ["transformer.wte", "transformer.wpe", "transformer.ln_f"]
 SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "seed": 0, "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 48,
         "tasks": ["rev", "sort", "upper", "shift", "max", "len", "double", "count"],
         "held_out": ["min", "last"],
         "pair": ["sum_long", "sum_short"],
-        "pretrain_steps": 1200, "pretrain_lr": 1e-3, "pretrain_correct": 0.5,
-        "batch": 32, "finetune_steps": 200, "finetune_lr": 3e-4,
+        "pretrain_steps": 2400, "pretrain_lr": 1e-3, "pretrain_correct": 0.5,
+        "batch": 32, "finetune_steps": 200, "finetune_lr": 3e-4, "finetune_freeze": FROZEN,
+        "pair_finetune_steps": 2400, "pair_finetune_lr": 1e-3,
         "train_per_task": 2000, "val_per_task": 50, "eval_per_task": 100, "general": 200,
     },
     "smoke": {
@@ -168,7 +174,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "held_out": ["last"],
         "pair": ["sum_long", "sum_short"],
         "pretrain_steps": 120, "pretrain_lr": 3e-3, "pretrain_correct": 0.3,
-        "batch": 32, "finetune_steps": 80, "finetune_lr": 3e-3,
+        "batch": 32, "finetune_steps": 80, "finetune_lr": 3e-3, "finetune_freeze": FROZEN,
         "train_per_task": 300, "val_per_task": 20, "eval_per_task": 40, "general": 40,
     },
 }
