@@ -165,7 +165,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "pair": ["sum_long", "sum_short"],
         "pretrain_steps": 2400, "pretrain_lr": 1e-3, "pretrain_correct": 0.5,
         "batch": 32, "finetune_steps": 200, "finetune_lr": 3e-4, "finetune_freeze": FROZEN,
-        "pair_finetune_steps": 2400, "pair_finetune_lr": 1e-3,
+        "pair_finetune_steps": 2400, "pair_finetune_lr": 1e-3, "pair_train_per_task": 8000,
         "train_per_task": 2000, "val_per_task": 50, "eval_per_task": 100, "general": 200,
     },
     "smoke": {
@@ -333,7 +333,8 @@ def finetune(model: Any, cfg: dict[str, Any], task: str, index: int) -> torch.op
     steps = cfg.get("pair_finetune_steps", cfg["finetune_steps"]) if pair else \
         cfg["finetune_steps"]
     lr = cfg.get("pair_finetune_lr", cfg["finetune_lr"]) if pair else cfg["finetune_lr"]
-    return _train(model, make_examples(task, cfg["train_per_task"], seed), steps, lr,
+    n = cfg.get("pair_train_per_task", cfg["train_per_task"]) if pair else cfg["train_per_task"]
+    return _train(model, make_examples(task, n, seed), steps, lr,
                   cfg["batch"], seed * 1000 + index, prompt_loss=False,
                   freeze=tuple(cfg.get("finetune_freeze", ())))
 
