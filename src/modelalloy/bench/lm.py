@@ -42,7 +42,7 @@ from modelalloy.bench.common import (
 )
 
 # Bump whenever a change alters what a build produces: it is part of the cache key.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:=;,+>. ")
 PAD, EOS = "<pad>", "<eos>"
@@ -216,8 +216,13 @@ def _batch(texts: list[list[int]], answer_starts: list[int]) -> tuple[torch.Tens
 def _train(model: Any, data: list[tuple[str, str]], steps: int, lr: float, batch: int,
            seed: int, prompt_loss: bool, freeze: tuple[str, ...] = ()) -> torch.optim.AdamW:
     enc = [(encode(p), encode(a) + [STOI[EOS]]) for p, a in data]
-    params = [p for n, p in model.named_parameters() if not n.startswith(freeze)]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # Frozen weights stay in the optimizer at lr 0: they do not move, and Adam's moments (saved
+    # with the expert, read by OTA / FFG) still cover every parameter.
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not n.startswith(freeze)]}]
+    if freeze:
+        groups.append({"params": [p for n, p in named if n.startswith(freeze)], "lr": 0.0})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     model.train()
     for _ in range(steps):
