@@ -63,6 +63,22 @@ def test_smoke_suite_is_hf_loadable(lm_smoke):
     assert (folder / "optimizer.safetensors").is_file()
 
 
+def test_experts_keep_the_frozen_weights_and_ship_every_adam_moment(lm_smoke):
+    from safetensors.torch import load_file
+
+    from modelalloy.bench.lm import FROZEN
+
+    base = lm_smoke.base_state_dict()
+    for task in lm_smoke.info.merged_tasks:
+        expert = lm_smoke.expert_state_dict(task)
+        frozen = [k for k in base if k.startswith(tuple(FROZEN))]
+        assert frozen and all(torch.equal(expert[k], base[k]) for k in frozen)
+        assert not torch.equal(expert["transformer.h.0.mlp.c_fc.weight"],
+                               base["transformer.h.0.mlp.c_fc.weight"])
+        moments = load_file(str(lm_smoke.info.expert_dir(task) / "optimizer.safetensors"))
+        assert {f"{k}.exp_avg_sq" for k in expert} <= set(moments)
+
+
 def test_lm_expert_beats_base_and_eval_is_deterministic(lm_smoke):
     task = "len"
     base = lm_smoke.base_state_dict()
