@@ -66,7 +66,7 @@ def decode(ids: list[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tasks: name -> (make(rng) -> (input, answer), description)
+# Tasks: name -> (make(rng, letters) -> (input, answer), description)
 
 def _word(rng: random.Random, letters: str, lo: int = 3, hi: int = 6) -> str:
     return "".join(rng.choice(letters) for _ in range(rng.randint(lo, hi)))
