@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modelalloy.bench import load_suite
-from modelalloy.bench.lm import VOCAB, final_answer, make_examples
+from modelalloy.bench.lm import ALPHABETS, SIZES, VOCAB, final_answer, make_examples, task_letters
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,33 @@ def test_tasks_and_long_short_pair():
     assert make_examples("rev", 3, 0) == make_examples("rev", 3, 0)
 
 
+def test_merged_tasks_draw_inputs_from_their_own_alphabet():
+    full = SIZES["full"]["tasks"]
+    assert set(full) <= set(ALPHABETS)
+    for t in full:
+        letters = task_letters(t)
+        for prompt, _ in make_examples(t, 50, 0):
+            assert set(prompt.split(":", 1)[1][:-1]) <= set(letters)
+    # neighbours share at most one letter; tasks further apart share none
+    for i, a in enumerate(full):
+        for b in full[i + 1:]:
+            assert len(set(ALPHABETS[a]) & set(ALPHABETS[b])) <= 1
+    (p, a), = make_examples("count", 1, 3)
+    assert a == str(p[6:-1].count(ALPHABETS["count"][0]))
+
+
+def test_docs_only_keeps_the_other_suites_section(tmp_path):
+    from modelalloy.bench.docs import _page_section
+
+    page = tmp_path / "b.md"
+    page.write_text("# B\n\nintro\n\n## tiny-vision (full)\n\n| a |\n\n![x](y.png)\n\n"
+                    "## tiny-lm (full)\n\nlm\n\n## How the suites were tuned\n")
+    assert _page_section(page, "tiny-vision") == "## tiny-vision (full)\n\n| a |\n\n![x](y.png)\n"
+    assert _page_section(page, "tiny-lm") == "## tiny-lm (full)\n\nlm\n"
+    assert _page_section(page, "other") is None
+    assert _page_section(tmp_path / "missing.md", "tiny-lm") is None
+
+
 def test_smoke_suite_is_hf_loadable(lm_smoke):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,6 +61,22 @@ def test_smoke_suite_is_hf_loadable(lm_smoke):
     for name, tensor in sd.items():
         assert torch.equal(model.state_dict()[name], tensor)
     assert (folder / "optimizer.safetensors").is_file()
+
+
+def test_experts_keep_the_frozen_weights_and_ship_every_adam_moment(lm_smoke):
+    from safetensors.torch import load_file
+
+    from modelalloy.bench.lm import FROZEN
+
+    base = lm_smoke.base_state_dict()
+    for task in lm_smoke.info.merged_tasks:
+        expert = lm_smoke.expert_state_dict(task)
+        frozen = [k for k in base if k.startswith(tuple(FROZEN))]
+        assert frozen and all(torch.equal(expert[k], base[k]) for k in frozen)
+        assert not torch.equal(expert["transformer.h.0.mlp.c_fc.weight"],
+                               base["transformer.h.0.mlp.c_fc.weight"])
+        moments = load_file(str(lm_smoke.info.expert_dir(task) / "optimizer.safetensors"))
+        assert {f"{k}.exp_avg_sq" for k in expert} <= set(moments)
 
 
 def test_lm_expert_beats_base_and_eval_is_deterministic(lm_smoke):

@@ -135,6 +135,21 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str
     return "\n".join(lines)
 
 
+def _page_section(page: Path, name: str) -> str | None:
+    """The measured section of suite ``name`` on an existing page (from its "## name" heading
+    to the next "## " heading), so that ``--only`` keeps the other suites' numbers even without
+    their cached RESULTS/<suite>/section.md."""
+    if not page.is_file():
+        return None
+    lines = page.read_text().split("\n")
+    starts = [i for i, line in enumerate(lines) if line.startswith(f"## {name} (")]
+    if not starts:
+        return None
+    end = next((i for i in range(starts[0] + 1, len(lines)) if lines[i].startswith("## ")),
+               len(lines))
+    return "\n".join(lines[starts[0]:end]).rstrip("\n") + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelalloy.bench.docs")
     parser.add_argument("--suites", default="tiny-vision,tiny-lm")
@@ -159,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.suites.split(","):
         cached = args.results / name / "section.md"
         if only is not None and name not in only:
-            parts.append(cached.read_text() if cached.is_file() else
-                         f"## {name}\n\n(not measured yet: run with `--only {name}`)\n")
+            kept = cached.read_text() if cached.is_file() else _page_section(args.out, name)
+            parts.append(kept or f"## {name}\n\n(not measured yet: run with `--only {name}`)\n")
             continue
         text = section(name, args.size, args.results, args.check_rebuild, log)
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,14 @@
   is saved in HF format (tokenizer.json), so ``AutoTokenizer.from_pretrained`` loads it.
 - Tasks are synthetic string/number skills written as ``tag:input=answer<eos>`` and scored by
   exact match of the greedy answer. Held-in tasks are merged; held-out tasks are never merged
-  (their experts exist only to normalise accuracy).
+  (their experts exist only to normalise accuracy). Each merged task draws its inputs from an
+  alphabet of its own (four letters, neighbours sharing one: ``ALPHABETS``), as the papers'
+  experts each see a dataset of their own.
 - The *base* is pre-trained on a general mixture: every task's format, answers right only part
-  of the time (a model that knows how to answer but not how to do each task well), plus plain
-  character text; each *expert* is the base fully fine-tuned on one task with a small step.
+  of the time (a model that knows how to answer but not how to do each task well); each
+  *expert* is the base fine-tuned on one task with a small step, every weight but the (tied)
+  token and position embeddings and the final layer norm (``finetune_freeze``), as the papers
+  keep a frozen zero-shot head.
 - A long-to-short pair: ``sum_long`` writes running sums before its answer
   (``sum:352=3,8,10;10``), ``sum_short`` answers directly (``sum:352=10``); both are scored on
   the final answer, and the mean response length is recorded.
@@ -16,6 +20,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -37,7 +42,7 @@ from modelalloy.bench.common import (
 )
 
 # Bump whenever a change alters what a build produces: it is part of the cache key.
-BUILD_VERSION = 1
+BUILD_VERSION = 3
 
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:=;,+>. ")
 PAD, EOS = "<pad>", "<eos>"
@@ -61,13 +66,13 @@ def decode(ids: list[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tasks: name -> (make(rng) -> (input, answer), description)
+# Tasks: name -> (make(rng, letters) -> (input, answer), description)
 
-def _word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+def _word(rng: random.Random, letters: str, lo: int = 3, hi: int = 6) -> str:
+    return "".join(rng.choice(letters) for _ in range(rng.randint(lo, hi)))
 
 
-def _digits(rng: random.Random) -> str:
+def _digits(rng: random.Random, letters: str) -> str:
     return "".join(rng.choice("123456789") for _ in range(rng.randint(3, 4)))
 
 
@@ -79,28 +84,46 @@ def _sum_long(s: str) -> str:
     return ",".join(steps) + ";" + str(total)
 
 
-TaskFn = Callable[[random.Random], tuple[str, str]]
+# The letters each merged task's inputs are drawn from (other tasks: LETTERS). Four letters
+# each, neighbours sharing one: the experts then refine the base on inputs of their own (as the
+# papers' experts do on their own datasets), and their task vectors barely overlap.
+ALPHABETS: dict[str, str] = {
+    "rev": "abcd", "sort": "defg", "upper": "ghij", "shift": "jklm",
+    "max": "mnop", "len": "pqrs", "double": "stuv", "count": "vwxy",
+}
+
+
+def task_letters(task: str) -> str:
+    return ALPHABETS.get(task, LETTERS)
+
+
+TaskFn = Callable[[random.Random, str], tuple[str, str]]
 TASKS: dict[str, tuple[TaskFn, str]] = {}
 
 
-def _task(name: str, desc: str, fn: Callable[[str], str], gen: Callable[[random.Random], str]
-          = _word) -> None:
-    TASKS[name] = ((lambda rng: (lambda w: (w, fn(w)))(gen(rng))), desc)
+def _task(name: str, desc: str, fn: Callable[[str, str], str],
+          gen: Callable[[random.Random, str], str] = _word) -> None:
+    def make(rng: random.Random, letters: str) -> tuple[str, str]:
+        w = gen(rng, letters)
+        return w, fn(w, letters)
+
+    TASKS[name] = (make, desc)
 
 
-_task("rev", "reverse the letters", lambda w: w[::-1])
-_task("sort", "sort the letters", lambda w: "".join(sorted(w)))
-_task("upper", "upper-case", lambda w: w.upper())
-_task("shift", "Caesar shift by one (a->b)", lambda w: "".join(chr(ord(c) + 1) for c in w))
-_task("max", "the largest letter", lambda w: max(w))
-_task("len", "the number of letters", lambda w: str(len(w)))
-_task("double", "every letter twice", lambda w: "".join(c + c for c in w))
-_task("count", "how many 'a's", lambda w: str(w.count("a")))
-_task("min", "the smallest letter", lambda w: min(w))
-_task("last", "the last letter", lambda w: w[-1])
-_task("first2", "the first two letters", lambda w: w[:2])
-_task("sum_short", "digit sum, answered directly", lambda s: str(sum(map(int, s))), _digits)
-_task("sum_long", "digit sum with running sums first (chain of thought)", _sum_long, _digits)
+_task("rev", "reverse the letters", lambda w, _a: w[::-1])
+_task("sort", "sort the letters", lambda w, _a: "".join(sorted(w)))
+_task("upper", "upper-case", lambda w, _a: w.upper())
+_task("shift", "Caesar shift by one (a->b)", lambda w, _a: "".join(chr(ord(c) + 1) for c in w))
+_task("max", "the largest letter", lambda w, _a: max(w))
+_task("len", "the number of letters", lambda w, _a: str(len(w)))
+_task("double", "every letter twice", lambda w, _a: "".join(c + c for c in w))
+_task("count", "how many times the alphabet's first letter occurs", lambda w, a: str(w.count(a[0])))
+_task("min", "the smallest letter", lambda w, _a: min(w))
+_task("last", "the last letter", lambda w, _a: w[-1])
+_task("first2", "the first two letters", lambda w, _a: w[:2])
+_task("sum_short", "digit sum, answered directly", lambda s, _a: str(sum(map(int, s))), _digits)
+_task("sum_long", "digit sum with running sums first (chain of thought)",
+      lambda s, _a: _sum_long(s), _digits)
 
 # The tag the prompt carries: the long/short pair shares one prompt.
 TAGS = {name: name for name in TASKS} | {"sum_short": "sum", "sum_long": "sum"}
@@ -113,15 +136,17 @@ def final_answer(text: str) -> str:
 
 def make_examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(f"{TAGS[task]}/{seed}")  # the long/short pair shares its prompts
-    return [(f"{TAGS[task]}:{x}=", y) for x, y in (TASKS[task][0](rng) for _ in range(n))]
+    letters = task_letters(task)
+    return [(f"{TAGS[task]}:{x}=", y) for x, y in (TASKS[task][0](rng, letters)
+                                                    for _ in range(n))]
 
 
-def _corrupt(answer: str, rng: random.Random) -> str:
+def _corrupt(answer: str, rng: random.Random, letters: str = LETTERS) -> str:
     """A plausible wrong answer of the same shape (what the base is partly taught)."""
     chars = list(answer)
     i = rng.randrange(len(chars))
-    pool = "0123456789" if chars[i].isdigit() else (LETTERS.upper() if chars[i].isupper()
-                                                     else LETTERS)
+    pool = "0123456789" if chars[i].isdigit() else (letters.upper() if chars[i].isupper()
+                                                     else letters)
     chars[i] = rng.choice(pool)
     if len(chars) > 1 and rng.random() < 0.5:
         j = rng.randrange(len(chars))
@@ -131,14 +156,16 @@ def _corrupt(answer: str, rng: random.Random) -> str:
 
 # ---------------------------------------------------------------------------------------------
 
+FROZEN = ["transformer.wte", "transformer.wpe", "transformer.ln_f"]
 SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "seed": 0, "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 48,
         "tasks": ["rev", "sort", "upper", "shift", "max", "len", "double", "count"],
         "held_out": ["min", "last"],
         "pair": ["sum_long", "sum_short"],
-        "pretrain_steps": 1200, "pretrain_lr": 1e-3, "pretrain_correct": 0.5,
-        "batch": 32, "finetune_steps": 200, "finetune_lr": 3e-4,
+        "pretrain_steps": 2400, "pretrain_lr": 1e-3, "pretrain_correct": 0.5,
+        "batch": 32, "finetune_steps": 200, "finetune_lr": 3e-4, "finetune_freeze": FROZEN,
+        "pair_finetune_steps": 2400, "pair_finetune_lr": 1e-3, "pair_train_per_task": 8000,
         "train_per_task": 2000, "val_per_task": 50, "eval_per_task": 100, "general": 200,
     },
     "smoke": {
@@ -147,7 +174,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "held_out": ["last"],
         "pair": ["sum_long", "sum_short"],
         "pretrain_steps": 120, "pretrain_lr": 3e-3, "pretrain_correct": 0.3,
-        "batch": 32, "finetune_steps": 80, "finetune_lr": 3e-3,
+        "batch": 32, "finetune_steps": 80, "finetune_lr": 3e-3, "finetune_freeze": FROZEN,
         "train_per_task": 300, "val_per_task": 20, "eval_per_task": 40, "general": 40,
     },
 }
@@ -187,9 +214,15 @@ def _batch(texts: list[list[int]], answer_starts: list[int]) -> tuple[torch.Tens
 
 
 def _train(model: Any, data: list[tuple[str, str]], steps: int, lr: float, batch: int,
-           seed: int, prompt_loss: bool) -> torch.optim.AdamW:
+           seed: int, prompt_loss: bool, freeze: tuple[str, ...] = ()) -> torch.optim.AdamW:
     enc = [(encode(p), encode(a) + [STOI[EOS]]) for p, a in data]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # Frozen weights stay in the optimizer at lr 0: they do not move, and Adam's moments (saved
+    # with the expert, read by OTA / FFG) still cover every parameter.
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not n.startswith(freeze)]}]
+    if freeze:
+        groups.append({"params": [p for n, p in named if n.startswith(freeze)], "lr": 0.0})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     model.train()
     for _ in range(steps):
@@ -272,46 +305,105 @@ def _save(folder: Path, model: Any, opt: torch.optim.Optimizer | None = None,
     save_tokenizer(folder)
 
 
-def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+def all_tasks(cfg: dict[str, Any]) -> list[tuple[str, bool]]:
+    """(task, held out) for every expert the suite builds, in build order."""
+    return ([(t, False) for t in cfg["tasks"]] + [(t, True) for t in cfg["held_out"]]
+            + [(t, True) for t in cfg["pair"]])
+
+
+def pretrain(cfg: dict[str, Any], tasks: list[str]) -> dict[str, torch.Tensor]:
+    """The base: every task's format, a fraction of the answers right."""
     from transformers import GPT2LMHeadModel
 
     seed = cfg["seed"]
     torch.manual_seed(seed)
-    all_tasks = ([(t, False) for t in cfg["tasks"]] + [(t, True) for t in cfg["held_out"]]
-                 + [(t, True) for t in cfg["pair"]])
-    train = {t: make_examples(t, cfg["train_per_task"], seed) for t, _ in all_tasks}
-    # Pre-training mixture: every format, with a fraction of right answers.
     rng = random.Random(f"mix/{seed}")
     mixture = []
-    for t, _ in all_tasks:
-        for p, a in train[t]:
-            mixture.append((p, a if rng.random() < cfg["pretrain_correct"] else _corrupt(a, rng)))
+    for t in tasks:
+        letters = task_letters(t)
+        for p, a in make_examples(t, cfg["train_per_task"], seed):
+            right = rng.random() < cfg["pretrain_correct"]
+            mixture.append((p, a if right else _corrupt(a, rng, letters)))
     model = GPT2LMHeadModel(gpt2_config(cfg))
     _train(model, mixture, cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["batch"], seed,
            prompt_loss=True)
-    base_sd = copy.deepcopy(model.state_dict())
+    return copy.deepcopy(model.state_dict())
+
+
+def finetune(model: Any, cfg: dict[str, Any], task: str, index: int) -> torch.optim.AdamW:
+    """One expert: the base fine-tuned on ``task`` (loss on the answer only). The pair's
+    experts (never merged) may have their own schedule (``pair_finetune_*``)."""
+    seed = cfg["seed"]
+    pair = task in cfg["pair"]
+    steps = cfg.get("pair_finetune_steps", cfg["finetune_steps"]) if pair else \
+        cfg["finetune_steps"]
+    lr = cfg.get("pair_finetune_lr", cfg["finetune_lr"]) if pair else cfg["finetune_lr"]
+    n = cfg.get("pair_train_per_task", cfg["train_per_task"]) if pair else cfg["train_per_task"]
+    return _train(model, make_examples(task, n, seed), steps, lr,
+                  cfg["batch"], seed * 1000 + index, prompt_loss=False,
+                  freeze=tuple(cfg.get("finetune_freeze", ())))
+
+
+def _workers(n_jobs: int) -> int:
+    """Processes for the experts: ``$MODELALLOY_BUILD_WORKERS`` or the CPU count (at most 4).
+    Not part of the config: each expert is seeded on its own, so the result is the same."""
+    env = os.environ.get("MODELALLOY_BUILD_WORKERS")
+    n = int(env) if env else min(4, os.cpu_count() or 1)
+    return max(1, min(n, n_jobs))
+
+
+def _expert_job(job: tuple[Path, dict[str, Any], int, str, dict[str, torch.Tensor]]) -> str:
+    """Fine-tune and save one expert, and write its task's data splits."""
+    from transformers import GPT2LMHeadModel
+
+    out, cfg, i, task, base_sd = job
+    torch.set_num_threads(1)
+    seed = cfg["seed"]
+    expert = GPT2LMHeadModel(gpt2_config(cfg))
+    expert.load_state_dict(base_sd)
+    names = {id(p): n for n, p in expert.named_parameters()}
+    opt = finetune(expert, cfg, task, i)
+    _save(out / "experts" / task, expert, opt, names)
+    val = make_examples(task, cfg["val_per_task"], seed + 1)
+    test = make_examples(task, cfg["eval_per_task"], seed + 2)
+    _save_examples(out / "data" / task / "val.safetensors", val, with_answers=True)
+    _save_examples(out / "data" / task / "test.safetensors", test, with_answers=False)
+    _save_examples(out / "data" / task / "labels.safetensors", test, with_answers=True)
+    return task
+
+
+def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    from transformers import GPT2LMHeadModel
+
+    seed = cfg["seed"]
+    tasks = all_tasks(cfg)
+    unknown = [t for t, _ in tasks if t not in TASKS]
+    if unknown:
+        raise SuiteError(f"tiny-lm: unknown tasks {unknown}; known: {', '.join(TASKS)}")
+    base_sd = pretrain(cfg, [t for t, _ in tasks])
+    model = GPT2LMHeadModel(gpt2_config(cfg))
+    model.load_state_dict(base_sd)
     _save(out / "base", model)
     log("tiny-lm: base pre-trained")
-    general = [(p, a) for t, _ in all_tasks
-               for p, a in make_examples(t, cfg["general"] // len(all_tasks) + 1, seed + 7)]
+    general = [(p, a) for t, _ in tasks
+               for p, a in make_examples(t, cfg["general"] // len(tasks) + 1, seed + 7)]
     (out / "data").mkdir(exist_ok=True)
     _save_examples(out / "data" / "general.safetensors", general, with_answers=True)
-    tasks = []
-    for i, (task, held_out) in enumerate(all_tasks):
-        expert = GPT2LMHeadModel(gpt2_config(cfg))
-        expert.load_state_dict(base_sd)
-        names = {id(p): n for n, p in expert.named_parameters()}
-        opt = _train(expert, train[task], cfg["finetune_steps"], cfg["finetune_lr"],
-                     cfg["batch"], seed * 1000 + i, prompt_loss=False)
-        _save(out / "experts" / task, expert, opt, names)
-        val = make_examples(task, cfg["val_per_task"], seed + 1)
-        test = make_examples(task, cfg["eval_per_task"], seed + 2)
-        _save_examples(out / "data" / task / "val.safetensors", val, with_answers=True)
-        _save_examples(out / "data" / task / "test.safetensors", test, with_answers=False)
-        _save_examples(out / "data" / task / "labels.safetensors", test, with_answers=True)
-        tasks.append(TaskInfo(task, held_out, TASKS[task][1]))
-        log(f"tiny-lm: expert '{task}' fine-tuned")
-    return {"tasks": common.task_dicts(tasks), "extra": {"pair": cfg["pair"]}}
+    jobs = [(out, cfg, i, task, base_sd) for i, (task, _) in enumerate(tasks)]
+    workers = _workers(len(jobs))
+    if workers > 1:
+        # Independent, single-threaded, seeded per expert: any process gives the same expert.
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            for task in pool.map(_expert_job, jobs):
+                log(f"tiny-lm: expert '{task}' fine-tuned")
+    else:
+        for job in jobs:
+            log(f"tiny-lm: expert '{_expert_job(job)}' fine-tuned")
+    infos = [TaskInfo(task, held_out, TASKS[task][1]) for task, held_out in tasks]
+    return {"tasks": common.task_dicts(infos), "extra": {"pair": cfg["pair"]}}
 
 
 class LMSuite:
