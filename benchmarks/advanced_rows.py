@@ -215,7 +215,7 @@ def print_tables(res: dict[str, Any]) -> None:
         print(f"| lines({merge}), beta={r['beta']} on val | {pct(r['held_in'])} | "
               f"{pct(r['held_out'])} |")
     if res["lines"]:
-        print("\nclean digits (pre-training head): base "
+        print("\nforgetting (clean-digit accuracy %, or general perplexity x100): base "
               f"{pct(res['lines']['clean_base'])}, " + ", ".join(
                   f"{m} {pct(r['reference']['clean'])} -> lines {pct(r['clean'])}"
                   for m, r in res["lines"].items() if m != "clean_base"))
