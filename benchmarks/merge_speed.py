@@ -743,8 +743,10 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
             for b in r["budgets"]:
                 x = b["run"]
                 if x["rc"] != 0:
-                    L.append(f"| {b['method']} | {b['budget']} | failed (rc {x['rc']}) | "
-                             "| | | |")
+                    need = re.search(r"use at least (\S+?GB)", x.get("log_tail", ""))
+                    what = (f"refused up front (the largest tensor's working set needs at "
+                            f"least {need.group(1)})" if need else f"failed (rc {x['rc']})")
+                    L.append(f"| {b['method']} | {b['budget']} | {what} | | | | |")
                     continue
                 budget_mb = b["budget_bytes"] / 2**20
 
