@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""CPU cost of merging one large tensor whole against slice by slice, per method.
+
+Runs each method on one MLP-sized tensor (5632 x 2048 by default: a 1B Llama's MLP weight)
+of a base and three bf16 experts, the way the engine does it: whole (float32 copies of every
+input, the method on the whole tensor, one cast down) and sliced (256K-element slices cast
+into reused buffers, the method per slice, each slice cast down into the output). Prints the
+best-of-N CPU seconds (``time.process_time``) and checks that both give the same bits::
+
+    PYTHONPATH=src python benchmarks/sliced_vs_whole.py [--rows 5632 --cols 2048] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from modelalloy.methods.registry import MergeContext, get_method
+from modelalloy.plan.planner import SLICE_ELEMENTS
+
+CASES = {
+    "linear": {},
+    "task_arithmetic": {"lambda": 0.5},
+    "dare_ties": {"density": 0.2, "weight": 0.5},
+    "breadcrumbs": {"density": 0.2, "gamma": 0.01, "weight": 0.5},
+}
+
+
+def best_cpu(f: Callable[[], object], n: int) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.process_time()
+        f()
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=5632)
+    ap.add_argument("--cols", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(args.rows, args.cols, generator=g) * 0.02).bfloat16()
+    experts = [(base.float() + 1e-3 * torch.randn(base.shape, generator=g)).bfloat16()
+               for _ in range(3)]
+    print(f"one {args.rows} x {args.cols} tensor, base + 3 bf16 experts, {args.threads} "
+          f"thread(s); best of {args.repeats} CPU seconds\n")
+    print("| method | whole s | sliced s | whole ÷ sliced | same bits |\n|---|---:|---:|---:|---|")
+    for name, given in CASES.items():
+        spec = get_method(name)
+        uses_base = spec.base != "none"
+        params = spec.resolve(3, given, name)
+        unit = 1 if spec.is_elementwise(params) else args.cols
+        step = max(1, SLICE_ELEMENTS // unit) * unit
+        inputs = ([base] if uses_base else []) + experts
+
+        def whole(spec=spec, params=params, inputs=inputs, uses_base=uses_base) -> torch.Tensor:
+            wide = [t.float() for t in inputs]
+            b, e = (wide[0], wide[1:]) if uses_base else (None, wide)
+            return spec(b, e, params, MergeContext(name="w", seed=1)).bfloat16()
+
+        def sliced(spec=spec, params=params, inputs=inputs, uses_base=uses_base,
+                   unit=unit, step=step) -> torch.Tensor:
+            ctx = MergeContext(name="w", seed=1, streams={})
+            out = torch.empty(base.numel(), dtype=torch.bfloat16)
+            bufs = [torch.empty(step) for _ in inputs]
+            flat = [t.view(-1) for t in inputs]
+            for start in range(0, base.numel(), step):
+                k = min(step, base.numel() - start)
+                wide = [b[:k].copy_(t[start:start + k]) for b, t in zip(bufs, flat, strict=True)]
+                wide = [w if unit == 1 else w.view(-1, unit) for w in wide]
+                b, e = (wide[0], wide[1:]) if uses_base else (None, wide)
+                ctx.slice_start = start
+                out[start:start + k].copy_(spec(b, e, params, ctx).reshape(-1))
+            if spec.finish_slices is not None:
+                for index, values in spec.finish_slices(ctx):
+                    out[index] = values.bfloat16()
+            return out.view(base.shape)
+
+        same = torch.equal(whole(), sliced())
+        t_whole, t_sliced = best_cpu(whole, args.repeats), best_cpu(sliced, args.repeats)
+        print(f"| {name} | {t_whole:.3f} | {t_sliced:.3f} | {t_whole / t_sliced:.1f}× | "
+              f"{'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
