@@ -25,6 +25,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -204,6 +205,25 @@ def load_sized_suite(kind: str, size: str, sizes: dict[str, dict[str, Any]],
     path = build_cached(kind, size, cfg, (module,), lambda out, lg: builder(out, cfg, lg),
                         rebuild=rebuild, cache_dir=cache_dir, log=log)
     return read_suite_info(path)
+
+
+class SizedSuite:
+    """A suite class whose module defines ``SIZES`` (configs by size) and ``build(out, cfg,
+    log)``: ``build`` here builds or finds the cached suite of one size."""
+
+    kind: str
+
+    def __init__(self, info: SuiteInfo) -> None:
+        self.info = info
+
+    @classmethod
+    def build(cls, size: str = "full", *, rebuild: bool = False, cache_dir: Path | None = None,
+              log: Callable[[str], None] | None = None,
+              overrides: dict[str, Any] | None = None) -> Any:
+        module = sys.modules[cls.__module__]
+        return cls(load_sized_suite(cls.kind, size, module.SIZES, module.build, module,
+                                    rebuild=rebuild, cache_dir=cache_dir, log=log,
+                                    overrides=overrides))
 
 
 def read_suite_info(path: Path) -> SuiteInfo:

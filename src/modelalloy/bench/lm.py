@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -406,22 +405,14 @@ def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[st
     return {"tasks": common.task_dicts(infos), "extra": {"pair": cfg["pair"]}}
 
 
-class LMSuite:
+class LMSuite(common.SizedSuite):
     """A built tiny-lm suite: greedy exact-match accuracy, response length, perplexity."""
 
     kind = "tiny-lm"
 
     def __init__(self, info: SuiteInfo) -> None:
-        self.info = info
+        super().__init__(info)
         self._data: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
-
-    @classmethod
-    def build(cls, size: str = "full", *, rebuild: bool = False, cache_dir: Path | None = None,
-              log: Callable[[str], None] | None = None,
-              overrides: dict[str, Any] | None = None) -> LMSuite:
-        return cls(common.load_sized_suite(cls.kind, size, SIZES, build, sys.modules[__name__],
-                                           rebuild=rebuild, cache_dir=cache_dir, log=log,
-                                           overrides=overrides))
 
     def new_model(self) -> Any:
         from transformers import GPT2LMHeadModel

@@ -337,25 +337,15 @@ def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[st
     return {"tasks": common.task_dicts(tasks)}
 
 
-class VisionSuite:
+class VisionSuite(common.SizedSuite):
     """A built tiny-vision suite: load models, evaluate a body on any task with its head."""
 
     kind = "tiny-vision"
 
     def __init__(self, info: SuiteInfo) -> None:
-        self.info = info
+        super().__init__(info)
         self._heads: dict[str, nn.Linear] = {}
         self._data: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @classmethod
-    def build(cls, size: str = "full", *, rebuild: bool = False, cache_dir: Path | None = None,
-              log: Callable[[str], None] | None = None,
-              overrides: dict[str, Any] | None = None) -> VisionSuite:
-        import sys
-
-        return cls(common.load_sized_suite(cls.kind, size, SIZES, build, sys.modules[__name__],
-                                           rebuild=rebuild, cache_dir=cache_dir, log=log,
-                                           overrides=overrides))
 
     def new_model(self) -> TinyConvNet:
         cfg = self.info.config
