@@ -133,7 +133,7 @@ def test_dare_keeps_entries_whose_stream_word_is_below_the_density_threshold(res
     keep = torch.from_numpy(words < round(0.3 * 2**32))
     want = x * keep.view(x.shape)
     want = want / 0.3 if rescale_norm == "density" else want * (x.abs().sum() / want.abs().sum())
-    got = dare_(x.clone(), 0.3, ctx, 2, rescale_norm=rescale_norm, scratch=Scratch(x))
+    got = dare_(x.clone(), 0.3, ctx, 2, rescale_norm=rescale_norm)
     assert torch.allclose(got, want, rtol=1e-5, atol=0)
     assert torch.equal(got, dare_(x.clone(), 0.3, ctx, 2, rescale_norm=rescale_norm))
 

@@ -380,16 +380,14 @@ def l1_rescaled_(delta: torch.Tensor, sparsify: Callable[[torch.Tensor], Any],
 
 
 def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: int,
-          rescale: bool = True, rescale_norm: str = "density",
-          scratch: Scratch | None = None) -> torch.Tensor:
+          rescale: bool = True, rescale_norm: str = "density") -> torch.Tensor:
     """DARE: drop each entry with p = 1 − density, then rescale the survivors.
 
     The mask is ``ctx.keep_mask(delta, density, model_index)``, so it depends only on (seed,
     tensor name, model index). Rescale ``density``: divide by density (= 1/(1−p), the paper);
     ``l1``: scale to the original L1 norm (current mergekit). density = 1 is the identity;
-    density = 0 gives zeros. ``scratch`` is accepted for the callers' symmetry (unused).
+    density = 0 gives zeros.
     """
-    del scratch
     if density >= 1.0:
         return delta
     if density <= 0.0:

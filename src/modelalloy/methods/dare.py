@@ -58,11 +58,10 @@ def _keeps_no_whole_tensor_norm(params: dict[str, Any]) -> bool:
 
 
 def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
-                ctx: MergeContext, scratch: Scratch | None = None) -> list[torch.Tensor]:
+                ctx: MergeContext) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
     for i, (d, density) in enumerate(zip(deltas, params["density"], strict=True)):
-        dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"],
-              scratch=scratch)
+        dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"])
     return deltas
 
 
@@ -80,7 +79,7 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
 )
 def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
-    deltas = dare_deltas(base, experts, params, ctx, Scratch(base))
+    deltas = dare_deltas(base, experts, params, ctx)
     merged = combine_(deltas, params["weight"], sign=None, normalize=params["normalize"])
     return merged.mul_(float(params["lambda"])).add_(base)
 
@@ -97,7 +96,7 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
               ctx: MergeContext) -> torch.Tensor:
     scratch = Scratch(base)
-    deltas = dare_deltas(base, experts, params, ctx, scratch)
+    deltas = dare_deltas(base, experts, params, ctx)
     if ctx.slice_start is not None and params["vote"] == "paper":
         return _paper_vote_slice(base, deltas, params, ctx, scratch)
     return ties_core(deltas, params, vote=params["vote"], scratch=scratch).add_(base)
