@@ -16,8 +16,10 @@ import argparse
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
+from modelalloy import kernels
 from modelalloy.methods.registry import MergeContext, get_method
 from modelalloy.plan.planner import SLICE_ELEMENTS
 
@@ -52,7 +54,8 @@ def main() -> None:
                for _ in range(3)]
     print(f"one {args.rows} x {args.cols} tensor, base + 3 bf16 experts, {args.threads} "
           f"thread(s); best of {args.repeats} CPU seconds\n")
-    print("| method | whole s | sliced s | whole ÷ sliced | same bits |\n|---|---:|---:|---:|---|")
+    print("| method | whole s | sliced s | whole ÷ sliced | fused s | whole ÷ fused | same bits |"
+          "\n|---|---:|---:|---:|---:|---:|---|")
     for name, given in CASES.items():
         spec = get_method(name)
         uses_base = spec.base != "none"
@@ -84,10 +87,48 @@ def main() -> None:
                     out[index] = values.bfloat16()
             return out.view(base.shape)
 
-        same = torch.equal(whole(), sliced())
+        fused = _fused(spec, params, inputs, step, unit) if kernels.available() else None
+        reference = whole()
+        same = torch.equal(reference, sliced()) and (fused is None
+                                                     or torch.equal(reference, fused()))
         t_whole, t_sliced = best_cpu(whole, args.repeats), best_cpu(sliced, args.repeats)
+        t_fused = best_cpu(fused, args.repeats) if fused is not None else None
+        fused_cells = (f"{t_fused:.3f} | {t_whole / t_fused:.1f}×" if t_fused is not None
+                       else "— | —")
         print(f"| {name} | {t_whole:.3f} | {t_sliced:.3f} | {t_whole / t_sliced:.1f}× | "
-              f"{'yes' if same else 'NO'} |")
+              f"{fused_cells} | {'yes' if same else 'NO'} |")
+
+
+def _fused(spec, params, inputs: list[torch.Tensor], step: int,
+           unit: int) -> Callable[[], torch.Tensor] | None:
+    """The engine's fused path (``modelalloy.kernels``): stored bits in, stored bits out."""
+    from modelalloy.kernels import slices
+
+    if spec.slice_kernel is None:
+        return None
+    kernel = getattr(slices, spec.slice_kernel)(params)
+    if kernel is None:
+        return None
+    shape, numel = inputs[0].shape, inputs[0].numel()
+    flat = [kernels.bits(t.reshape(-1)) for t in inputs]
+
+    def run() -> torch.Tensor:
+        ctx = MergeContext(name="w", seed=1, streams={})
+        raw = np.empty((len(flat), step), dtype=flat[0].dtype)
+        out = torch.empty(numel, dtype=torch.bfloat16)
+        out_bits = kernels.bits(out)
+        for start in range(0, numel, step):
+            k = min(step, numel - start)
+            for i, f in enumerate(flat):
+                raw[i, :k] = f[start:start + k]
+            ctx.slice_start = start
+            if not kernel(raw, k, out_bits[start:start + k], ctx, unit):
+                raise ValueError("non-finite input")
+        if spec.finish_slices is not None:
+            for index, values in spec.finish_slices(ctx):
+                out[index] = values.bfloat16()
+        return out.view(shape)
+    return run
 
 
 if __name__ == "__main__":

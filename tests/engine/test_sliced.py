@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +15,15 @@ from modelalloy.errors import ModelAlloyError
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.plan.planner import SLICE_ELEMENTS
 from tests.conftest import write_recipe
+
+
+@pytest.fixture(autouse=True, params=["torch", "fused"])
+def slice_path(request, monkeypatch) -> str:
+    """Every test runs on the torch slice path and on the fused kernels (modelalloy.kernels),
+    which must give the same bits."""
+    monkeypatch.setenv("MODELALLOY_KERNELS", "1" if request.param == "fused" else "0")
+    return request.param
+
 
 # Odd sizes: more than two slices, a last slice that is not a multiple of any vector width.
 BIG = (2 * SLICE_ELEMENTS + 12345) // 7 * 7
@@ -211,3 +221,16 @@ def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, meth
     whole = merge_state_dicts(method, base, experts, **params)
     for name in shapes:
         assert torch.equal(out[name], whole[name]), name
+
+
+def test_the_fused_path_runs_when_numba_is_installed(tmp_path, slice_path):
+    from modelalloy.kernels import slices
+
+    models = _models(tmp_path, [torch.bfloat16] * 3)
+    recipe = write_recipe(tmp_path / "r.yaml", "merge_method: dare_ties\n"
+                          f"base_model: {models[0]}\nparameters: {{density: 0.5}}\nmodels:\n"
+                          + "".join(f"  - model: {m}\n" for m in models[1:]))
+    with mock.patch.object(slices, "dare_ties", wraps=slices.dare_ties) as factory:
+        merge(recipe, tmp_path / "out")
+    # one kernel per sliced tensor (big.weight, exact.weight) on the fused path, none otherwise
+    assert factory.call_count == (2 if slice_path == "fused" else 0)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
+from modelalloy import kernels
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.progress import ProgressSink
 from modelalloy.errors import NonFiniteError, PlanError
@@ -35,6 +36,9 @@ from modelalloy.methods.registry import MergeContext, TensorGroup
 from modelalloy.plan.planner import SLICE_ELEMENTS, MergePlan, PlanEntry
 
 StatsLoader = Callable[[str], dict[str, list[torch.Tensor | None]]]
+# (slice start, element count) -> the merged slice in the output dtype, or None when an input
+# slice holds a NaN/Inf (the whole-tensor path then reports or tolerates it)
+SliceMerger = Callable[[int, int], "torch.Tensor | None"]
 
 
 class TensorWriter(Protocol):
@@ -43,6 +47,7 @@ class TensorWriter(Protocol):
     def write(self, name: str, tensor: torch.Tensor) -> None: ...
     def begin(self, name: str) -> None: ...
     def write_part(self, name: str, start: int, part: torch.Tensor) -> None: ...
+    def write_elements(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None: ...
     def end(self, name: str) -> None: ...
     def abandon(self, name: str) -> None: ...
 
@@ -134,32 +139,69 @@ class PlanExecutor:
     def _merge_slices(self, entry: PlanEntry, writer: TensorWriter) -> bool:
         spec, ctx = self.plan.spec, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
-        sources = self.plan.sources
-        step, unit = entry.slice_length, entry.slice_unit
-        out = self._buffers("out", entry.out_dtype, step)
+        step = entry.slice_length
+        merge_slice = self._fused_slice(entry, ctx) or self._torch_slice(entry, ctx)
         writer.begin(entry.name)
         for start in range(0, entry.numel, step):
             count = min(step, entry.numel - start)
+            ctx.slice_start = start
+            merged = merge_slice(start, count)
+            if merged is None:
+                writer.abandon(entry.name)
+                return False
+            writer.write_part(entry.name, start, merged)
+        if spec.finish_slices is not None:
+            for index, values in spec.finish_slices(ctx):
+                writer.write_elements(entry.name, index, values.to(entry.out_dtype))
+        writer.end(entry.name)
+        return True
+
+    def _torch_slice(self, entry: PlanEntry, ctx: MergeContext) -> SliceMerger:
+        """Slices through the method's torch code: read, upcast, merge, cast down."""
+        spec, sources = self.plan.spec, self.plan.sources
+        step, unit = entry.slice_length, entry.slice_unit
+        out = self._buffers("out", entry.out_dtype, step)
+
+        def merge_slice(start: int, count: int) -> torch.Tensor | None:
             inputs = []
             for index, ckpt in enumerate(sources):
                 raw = self._buffers(index, ckpt.info(entry.name).dtype, step)[:count]
                 wide = self._buffers(("float32", index), torch.float32, step)[:count]
                 wide.copy_(ckpt.get_slice(entry.name, start, raw))
                 if not all_finite(wide):
-                    writer.abandon(entry.name)
-                    return False
+                    return None
                 inputs.append(wide if unit == 1 else wide.view(-1, unit))
             base, experts = self._split(inputs)
-            ctx.slice_start = start
-            merged = out[:count].copy_(spec(base, experts, entry.params, ctx).reshape(-1))
-            writer.write_part(entry.name, start, merged)
-        if spec.finish_slices is not None:
-            for index, values in spec.finish_slices(ctx):
-                for i, value in zip(index.tolist(), values.to(entry.out_dtype).split(1),
-                                    strict=True):
-                    writer.write_part(entry.name, i, value)
-        writer.end(entry.name)
-        return True
+            return out[:count].copy_(spec(base, experts, entry.params, ctx).reshape(-1))
+        return merge_slice
+
+    def _fused_slice(self, entry: PlanEntry, ctx: MergeContext) -> SliceMerger | None:
+        """Slices through the method's fused kernel (``modelalloy.kernels``), if it has one
+        for these parameters and dtypes and numba is installed: one pass from the stored
+        bits to the output's, the same bits as :meth:`_torch_slice`."""
+        spec, sources = self.plan.spec, self.plan.sources
+        dtypes = [ckpt.info(entry.name).dtype for ckpt in sources]
+        if spec.slice_kernel is None or not kernels.available() \
+                or not kernels.supports(dtypes, entry.out_dtype):
+            return None
+        from modelalloy.kernels import slices
+
+        kernel = getattr(slices, spec.slice_kernel)(entry.params)
+        if kernel is None:
+            return None
+        step = entry.slice_length
+        raw = self._buffers(("sources", len(sources)), dtypes[0],
+                            len(sources) * step)[:len(sources) * step].view(len(sources), step)
+        out = self._buffers("out", entry.out_dtype, step)
+        raw_bits, out_bits = kernels.bits(raw), kernels.bits(out)
+
+        def merge_slice(start: int, count: int) -> torch.Tensor | None:
+            for index, ckpt in enumerate(sources):
+                ckpt.get_slice(entry.name, start, raw[index, :count])
+            if not kernel(raw_bits, count, out_bits, ctx, entry.slice_unit):
+                return None
+            return out[:count]
+        return merge_slice
 
     def merge_entry(self, entry: PlanEntry) -> torch.Tensor:
         """The output tensor of one entry, in its output dtype, on the CPU."""

@@ -306,9 +306,10 @@ def band_trim_(delta: torch.Tensor, density: float, gamma: float,
     ``tensor`` (mergekit ``magnitude_outliers``): the same over the flattened tensor, except
     density ≥ 1 leaves the tensor untouched and n_top shrinks when density + gamma > 1.
 
-    The band is ``topk`` (sorted) of n_top+n_keep on the int32 bit patterns of |δ| (same
-    indices as on the floats, ties included), minus its first n_top, applied with a float mask
-    in ``scratch``.
+    Equal magnitudes rank by position (the lower index first), so the band does not depend on
+    the device or the selection algorithm; the fused kernel (``kernels.rowwise``) follows the
+    same rule. The rank-r value comes from ``topk`` on the int32 bit patterns of |δ| (same
+    order as the floats, about 1.5x faster), the ties at it from their positions.
     """
     if delta.dim() == 0 or delta.numel() == 0:
         return delta
@@ -336,20 +337,32 @@ def band_trim_(delta: torch.Tensor, density: float, gamma: float,
             if scratch is None or scratch.numel != delta.numel():
                 scratch = Scratch(delta)
             mag = torch.abs(rows, out=scratch.get("mag").view(rows.shape)).view(torch.int32)
-        # The int32 bit patterns of non-negative floats order as the floats do (NaN above
-        # inf, as topk ranks NaN), so the integer topk makes the same comparisons — the same
-        # indices, ties included — about 1.5x faster.
-        idx = torch.topk(mag, hi, dim=-1, sorted=True).indices[:, n_top:]
-        if delta.dtype != torch.float32:
-            mask = torch.zeros_like(rows)
-        else:
-            mask = scratch.get("work", torch.int32).view(torch.float32).view(rows.shape).zero_()
-        mask.scatter_(-1, idx, 1.0)
-        del idx
-        rows.mul_(mask)
+        # The int32 bit patterns of non-negative floats order as the floats do (NaN above inf).
+        ranked = torch.topk(mag, hi, dim=-1, sorted=True).values
+        keep = _ranks_up_to(mag, ranked[:, hi - 1:hi], hi)
+        if n_top:
+            keep.logical_and_(_ranks_up_to(mag, ranked[:, n_top - 1:n_top], n_top).logical_not_())
+        del ranked
+        rows.mul_(keep)
     if rows.data_ptr() != delta.data_ptr():
         delta.copy_(rows.view(delta.shape))
     return delta
+
+
+def _ranks_up_to(mag: torch.Tensor, value: torch.Tensor, r: int) -> torch.Tensor:
+    """Per row, whether each entry is among the r largest, ties at the r-th largest ``value``
+    (a column) taken in index order: |δ| > value, or |δ| = value and fewer than
+    r − #{|δ| > value} equal entries come before it in the row."""
+    above = mag > value
+    tied = mag == value
+    room = r - above.sum(-1)  # ties at the value that still rank ≤ r, per row (≥ 1)
+    row, col = tied.nonzero(as_tuple=True)  # row-major: by row, then by index
+    per_row = tied.sum(-1)
+    first = torch.cumsum(per_row, 0) - per_row
+    order = torch.arange(row.numel(), device=mag.device) - first[row]
+    take = order < room[row]
+    above[row[take], col[take]] = True
+    return above
 
 
 # --------------------------------------------------------------------------------------------

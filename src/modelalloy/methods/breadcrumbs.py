@@ -94,6 +94,7 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
     summary="Drop the largest and smallest task-vector entries per row, add the weighted sum",
     base="required",
     rowwise=_per_row,
+    slice_kernel="breadcrumbs",
 )
 def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:

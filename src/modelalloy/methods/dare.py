@@ -76,6 +76,7 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
     summary="Randomly drop task-vector entries, rescale, and add the weighted sum to the base",
     base="required",
     elementwise=_keeps_no_whole_tensor_norm,
+    slice_kernel="dare_linear",
 )
 def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -92,6 +93,7 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     base="required",
     elementwise=_keeps_no_whole_tensor_norm,
     finish_slices=lambda ctx: _finish_paper_vote(ctx),
+    slice_kernel="dare_ties",
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
               ctx: MergeContext) -> torch.Tensor:
@@ -116,8 +118,6 @@ def _paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: di
     for d in deltas[1:]:
         total.add_(d)
     sign = total.sign_()
-    state = ctx.streams.setdefault("paper_vote", {"signs": 0.0, "fixes": []})
-    state["signs"] += float(sign.sum())  # exact: at most 2^18 values of ±1 per slice
     # Of the zero sums, only those with a nonzero δ̃_t (exact cancellations, rare) depend on
     # the fill; most are elements every expert dropped. Σ_t |δ̃_t| tells them apart in a few
     # vectorized passes, so the index work is only for the rare ones.
@@ -125,12 +125,26 @@ def _paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: di
     for d in deltas[1:]:
         spread.add_(d.abs())
     decides = spread.ne_(0).logical_and_(sign == 0)
-    if bool(decides.any()):
-        where = decides.nonzero().flatten()
-        alternatives = [ties_core([d[where] for d in deltas], params, vote="paper",
-                                  majority=m).add_(base[where]) for m in (-1.0, 0.0)]
-        state["fixes"].append((where + ctx.slice_start, *alternatives))
+    where = (decides.nonzero().flatten() if bool(decides.any())
+             else torch.empty(0, dtype=torch.long))
+    # float(sign.sum()) is exact: at most 2^18 values of ±1 per slice
+    record_paper_vote_fixes(ctx, float(sign.sum()), where, [d[where] for d in deltas],
+                            base[where], params)
     return ties_core(deltas, params, vote="paper", majority=1.0, scratch=scratch).add_(base)
+
+
+def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor,
+                            deltas_at: list[torch.Tensor], base_at: torch.Tensor,
+                            params: dict[str, Any]) -> None:
+    """Add a slice's Σ sign(Σ_t δ̃_t) and its undecided elements (slice-local ``where``, their
+    δ̃_t and θ_0) to the paper-vote state; both the torch path and the fused kernel
+    (``kernels.slices``) report here."""
+    state = ctx.streams.setdefault("paper_vote", {"signs": 0.0, "fixes": []})
+    state["signs"] += signs
+    if where.numel():
+        alternatives = [ties_core([d.clone() for d in deltas_at], params, vote="paper",
+                                  majority=m).add_(base_at) for m in (-1.0, 0.0)]
+        state["fixes"].append((where + ctx.slice_start, *alternatives))
 
 
 def _finish_paper_vote(ctx: MergeContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -139,4 +153,7 @@ def _finish_paper_vote(ctx: MergeContext) -> list[tuple[torch.Tensor, torch.Tens
     if not state or state["signs"] > 0:
         return []
     pick = 1 if state["signs"] < 0 else 2
-    return [(fix[0], fix[pick]) for fix in state["fixes"]]
+    if not state["fixes"]:
+        return []
+    return [(torch.cat([fix[0] for fix in state["fixes"]]),
+             torch.cat([fix[pick] for fix in state["fixes"]]))]

@@ -36,6 +36,7 @@ from modelalloy.methods.registry import MergeContext, Param, register_method
     base="none",
     aliases=("average", "model_soup"),
     elementwise=True,
+    slice_kernel="linear",
 )
 def linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
            ctx: MergeContext) -> torch.Tensor:

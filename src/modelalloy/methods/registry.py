@@ -127,6 +127,12 @@ class MergeContext:
         gen = self.generator(model_index)
         return torch.rand(t.shape, generator=gen, dtype=torch.float32).to(t.device)
 
+    def sfc64_state(self, model_index: int = 0) -> np.ndarray:
+        """The start state (uint64[4]: a, b, c, counter) of :meth:`keep_mask`'s SFC64 stream,
+        for the fused kernels, which advance it themselves."""
+        state = np.random.SFC64(self._seed(model_index)).state["state"]["state"]
+        return np.array(state, dtype=np.uint64)
+
     def keep_mask(self, t: torch.Tensor, density: float, model_index: int = 0) -> torch.Tensor:
         """Bernoulli(density) keep mask shaped like ``t`` (bool, on ``t``'s device).
 
@@ -193,6 +199,11 @@ class MethodSpec:
     # that row of the inputs (Breadcrumbs' per-row magnitude bands). Slices are whole rows,
     # given to the method shaped (rows, row length).
     rowwise: bool | Callable[[dict[str, Any]], bool] = False
+
+    # A fused kernel for the sliced path, used when numba is installed: the name of a factory
+    # in ``modelalloy.kernels.slices`` that maps the tensor's resolved parameters to a kernel
+    # (or to None: those parameters keep the torch path). It must give the torch path's bits.
+    slice_kernel: str | None = None
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return _decide(self.elementwise, params)
@@ -268,6 +279,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     finish_slices: Callable[[MergeContext], list[tuple[torch.Tensor,
                                                                        torch.Tensor]]]
                     | None = None,
+                    slice_kernel: str | None = None,
                     ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema."""
 
@@ -279,7 +291,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                      max_models=max_models, prepare=prepare, aliases=aliases,
                                      stats=stats, stats_from=stats_from,
                                      elementwise=elementwise, rowwise=rowwise,
-                                     finish_slices=finish_slices)
+                                     finish_slices=finish_slices, slice_kernel=slice_kernel)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn

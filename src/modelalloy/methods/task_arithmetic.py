@@ -58,6 +58,7 @@ RESCALE_NOOP = Param("rescale", bool, False, "accepted for mergekit recipes; no 
     base="required",
     aliases=("chat_vector",),
     elementwise=True,
+    slice_kernel="task_arithmetic",
 )
 def task_arithmetic(base: torch.Tensor | None, experts: list[torch.Tensor],
                     params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:

@@ -1,0 +1,279 @@
+"""Fused slice kernels of the elementwise methods: linear, task arithmetic, DARE (linear, TIES).
+
+Every kernel reads ``src`` (one row per source, base first; stored bits: uint16 for bfloat16,
+or float32) over the first ``count`` columns, writes ``out`` (uint16 bfloat16 bits or float32)
+and returns how many inputs were NaN/Inf (the engine then falls back to the whole-tensor path,
+which reports them). The float32 operations and their order are those of the torch
+implementations in ``methods/`` (see each function), so the bits agree:
+
+- ``Σ``-style accumulations: ``acc + x`` for a unit weight, ``fma(x, w, acc)`` otherwise
+  (torch's ``add_(x, alpha=w)``);
+- scalars are float32 (torch casts a Python scalar to the tensor's dtype);
+- −0.0 is kept where torch keeps it (``relu`` of −0.0 is −0.0, ``d·0`` of a negative d is −0.0).
+
+Work goes in chunks of ``CHUNK`` elements so the per-model rows stay in L1/L2 and the loops over
+a chunk vectorize; only the SFC64 draws are serial.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from modelalloy.kernels._numba import JIT, fma, is_nonfinite, narrow, sfc64_fill, sign, widen
+
+CHUNK = 2048  # even, so every chunk but a slice's last starts on a fresh 64-bit draw
+
+# Per-model weight kinds (what the torch code does with the weight)
+SKIP, UNIT, SCALED = 0, 1, 2
+
+
+@njit(**JIT)
+def weighted_kernel(src, count, out, has_base, kinds, weights, post_div, post_scale):
+    """linear and task arithmetic (``_sparsify.weighted_sum`` and its callers).
+
+    acc = τ_f·w_f for the first model f with a nonzero weight (τ = θ − θ_0 with a base, else
+    θ; no multiply for w = 1), then acc = acc + τ or fma(τ, w, acc) per later nonzero weight;
+    all-zero weights give 0. Then acc / ``post_div`` (linear's normalisation; 0 = none),
+    acc · ``post_scale`` (task arithmetic's λ/Σw; 1 = none) and + θ_0 with a base.
+    """
+    nsrc = src.shape[0]
+    first = 1 if has_base else 0
+    bad = np.uint32(0)
+    for k in range(nsrc):
+        for j in range(count):
+            bad |= is_nonfinite(widen(src[k, j]))
+    if bad:
+        return False
+    acc = np.empty(CHUNK, np.float32)
+    for c0 in range(0, count, CHUNK):
+        n = min(CHUNK, count - c0)
+        started = False
+        o = out[c0:c0 + n]
+        for t in range(nsrc - first):
+            kind = kinds[t]
+            if kind == SKIP:
+                continue
+            w = weights[t]
+            row = src[first + t, c0:c0 + n]
+            if has_base:
+                base = src[0, c0:c0 + n]
+                if not started:
+                    for j in range(n):
+                        acc[j] = widen(row[j]) - widen(base[j])
+                    if kind == SCALED:
+                        for j in range(n):
+                            acc[j] = acc[j] * w
+                elif kind == UNIT:
+                    for j in range(n):
+                        acc[j] = acc[j] + (widen(row[j]) - widen(base[j]))
+                else:
+                    for j in range(n):
+                        acc[j] = fma(widen(row[j]) - widen(base[j]), w, acc[j])
+            else:
+                if not started:
+                    if kind == SCALED:
+                        for j in range(n):
+                            acc[j] = widen(row[j]) * w
+                    else:
+                        for j in range(n):
+                            acc[j] = widen(row[j])
+                elif kind == UNIT:
+                    for j in range(n):
+                        acc[j] = acc[j] + widen(row[j])
+                else:
+                    for j in range(n):
+                        acc[j] = fma(widen(row[j]), w, acc[j])
+            started = True
+        if not started:
+            acc[:n] = 0.0
+        if post_div != 0:
+            for j in range(n):
+                acc[j] = acc[j] / post_div
+        if post_scale != 1:
+            for j in range(n):
+                acc[j] = acc[j] * post_scale
+        if has_base:
+            base = src[0, c0:c0 + n]
+            for j in range(n):
+                acc[j] = acc[j] + widen(base[j])
+        for j in range(n):
+            o[j] = narrow(acc[j], o[0])
+    return True
+
+
+# DARE drop modes per model (``_sparsify.dare_``)
+KEEP_ALL, DROP_ALL, DROP_RANDOM = 0, 1, 2
+
+
+@njit(inline="always")
+def _dare_deltas(src, c0, n, modes, states, thresholds, rescale, inv_density, words, d):
+    """d[t, :n] = DARE's δ̃_t on this chunk: (θ_t − θ_0)·m_t, then ·(1/density) (float32)."""
+    base = src[0, c0:c0 + n]
+    for t in range(d.shape[0]):
+        row = src[1 + t, c0:c0 + n]
+        mode = modes[t]
+        if mode == DROP_ALL:
+            d[t, :n] = 0.0
+            continue
+        for j in range(n):
+            d[t, j] = widen(row[j]) - widen(base[j])
+        if mode == KEEP_ALL:
+            continue
+        sfc64_fill(states[t], words[:n])
+        thr = thresholds[t]
+        for j in range(n):
+            d[t, j] = d[t, j] * np.float32(words[j] < thr)
+        if rescale:
+            inv = inv_density[t]
+            for j in range(n):
+                d[t, j] = d[t, j] * inv
+
+
+@njit(**JIT)
+def dare_linear_kernel(src, count, out, modes, states, thresholds, rescale, inv_density,
+                       unit, weights, post_div, lam):
+    """dare_linear: δ̃_t as in :func:`_dare_deltas`, then ``_sparsify._sum_`` (acc = δ̃_0·w_0,
+    acc + δ̃_t or fma(δ̃_t, w_t, acc)), / Σw (``post_div``, 0 = none), ·λ, + θ_0."""
+    bad = np.uint32(0)
+    for k in range(src.shape[0]):
+        for j in range(count):
+            bad |= is_nonfinite(widen(src[k, j]))
+    if bad:
+        return False
+    nexp = src.shape[0] - 1
+    d = np.empty((nexp, CHUNK), np.float32)
+    words = np.empty(CHUNK, np.uint32)
+    base = src[0]
+    for c0 in range(0, count, CHUNK):
+        n = min(CHUNK, count - c0)
+        _dare_deltas(src, c0, n, modes, states, thresholds, rescale, inv_density, words, d)
+        acc = d[0]
+        if not unit[0]:
+            for j in range(n):
+                acc[j] = acc[j] * weights[0]
+        for t in range(1, nexp):
+            w = weights[t]
+            if unit[t]:
+                for j in range(n):
+                    acc[j] = acc[j] + d[t, j]
+            else:
+                for j in range(n):
+                    acc[j] = fma(d[t, j], w, acc[j])
+        b, o = base[c0:c0 + n], out[c0:c0 + n]
+        for j in range(n):
+            v = acc[j]
+            if post_div != 0:
+                v = v / post_div
+            o[j] = narrow(v * lam + widen(b[j]), o[0])
+    return True
+
+
+@njit(**JIT)
+def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_density,
+                     unit, weights, normalize, min_weight, lam, weighted_vote,
+                     fix_index, fix_deltas, tally):
+    """dare_ties on one slice: δ̃_t as in :func:`_dare_deltas`, then TIES' election and
+    disjoint merge (``methods.ties.ties_core`` with ``_sparsify.elect_sign``/``combine_``).
+
+    Paper vote: γ = sign(Σ_t δ̃_t) summed left to right, zero sums take +1 (the slice's
+    provisional majority, as ``dare._paper_vote_slice``); ``tally[0]`` += Σ sign(Σ_t δ̃_t), and
+    every element whose sum is 0 while some δ̃_t ≠ 0 is listed in ``fix_index`` (its δ̃ in
+    ``fix_deltas``, count in ``tally[1]``) for the whole-tensor majority fix-up. Weighted vote:
+    γ = +1 where fma-accumulated Σ_t w_t δ̃_t ≥ 0, else −1.
+    Merge: a_t = relu(δ̃_t·γ); out = a_0·w_0 then + a_t or fma(a_t, w_t, out); with
+    ``normalize`` den = sign(a_0)·w_0 then fma(sign(a_t), w_t, den), clamped to the smallest
+    positive weight, out / den; then out·γ, ·λ (if λ ≠ 1), + θ_0.
+    """
+    bad = np.uint32(0)
+    for k in range(src.shape[0]):
+        for j in range(count):
+            bad |= is_nonfinite(widen(src[k, j]))
+    if bad:
+        return False
+    nexp = src.shape[0] - 1
+    d = np.empty((nexp, CHUNK), np.float32)
+    words = np.empty(CHUNK, np.uint32)
+    gamma = np.empty(CHUNK, np.float32)
+    acc = np.empty(CHUNK, np.float32)
+    den = np.empty(CHUNK, np.float32)
+    spread = np.empty(CHUNK, np.float32)
+    base = src[0]
+    signs = 0
+    nfix = 0
+    for c0 in range(0, count, CHUNK):
+        n = min(CHUNK, count - c0)
+        _dare_deltas(src, c0, n, modes, states, thresholds, rescale, inv_density, words, d)
+        # The loops below run over the chunk with the model loop outside, so they vectorize.
+        if weighted_vote:
+            w0 = weights[0]
+            for j in range(n):
+                acc[j] = d[0, j] * w0
+            for t in range(1, nexp):
+                w = weights[t]
+                for j in range(n):
+                    acc[j] = fma(d[t, j], w, acc[j])
+            for j in range(n):
+                gamma[j] = np.float32(-1.0) if acc[j] < 0 else np.float32(1.0)
+        else:
+            acc[:n] = d[0, :n]
+            for j in range(n):
+                spread[j] = abs(d[0, j])
+            for t in range(1, nexp):
+                for j in range(n):
+                    acc[j] = acc[j] + d[t, j]
+                    spread[j] = spread[j] + abs(d[t, j])
+            undecided = 0
+            for j in range(n):
+                s = sign(acc[j])
+                signs += np.int64(s)
+                gamma[j] = s if s != 0 else np.float32(1.0)
+                # a zero sum that some δ̃_t ≠ 0 made (spread ≠ 0): its γ waits for the majority
+                flag = np.float32(s == 0 and spread[j] != 0)
+                spread[j] = flag
+                undecided += np.int64(flag)
+            if undecided:
+                for j in range(n):
+                    if spread[j] != 0:
+                        fix_index[nfix] = c0 + j
+                        for t in range(nexp):
+                            fix_deltas[t, nfix] = d[t, j]
+                        nfix += 1
+        for t in range(nexp):
+            w = weights[t]
+            for j in range(n):
+                x = d[t, j] * gamma[j]
+                d[t, j] = np.float32(0.0) if x < 0 else x  # relu keeps −0.0, as torch's does
+        if unit[0]:
+            acc[:n] = d[0, :n]
+        else:
+            w0 = weights[0]
+            for j in range(n):
+                acc[j] = d[0, j] * w0
+        for t in range(1, nexp):
+            w = weights[t]
+            if unit[t]:
+                for j in range(n):
+                    acc[j] = acc[j] + d[t, j]
+            else:
+                for j in range(n):
+                    acc[j] = fma(d[t, j], w, acc[j])
+        if normalize:
+            w0 = weights[0]
+            for j in range(n):
+                den[j] = sign(d[0, j]) if unit[0] else sign(d[0, j]) * w0
+            for t in range(1, nexp):
+                w = weights[t]
+                for j in range(n):
+                    den[j] = fma(sign(d[t, j]), w, den[j])
+            for j in range(n):
+                acc[j] = acc[j] / max(den[j], min_weight)
+        b, o = base[c0:c0 + n], out[c0:c0 + n]
+        for j in range(n):
+            v = acc[j] * gamma[j]
+            if lam != 1:
+                v = v * lam
+            o[j] = narrow(v + widen(b[j]), o[0])
+    tally[0] += signs
+    tally[1] = nfix
+    return True

@@ -1,0 +1,180 @@
+"""The engine's side of the fused kernels: pick a kernel for a tensor's parameters, call it.
+
+A factory takes a tensor's resolved parameters and returns a :data:`SliceKernel`, or None when
+those parameters take the torch path. ``kernel(src, count, out, ctx, width)`` merges the first
+``count`` columns of ``src`` (stored bits, one row per source, base first) into ``out`` and
+returns False when an input was NaN/Inf; ``width`` is the tensor's row length (per-row
+methods get whole rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelalloy.methods.registry import MergeContext
+
+SliceKernel = Callable[[np.ndarray, int, np.ndarray, MergeContext, int], bool]
+
+
+def widen(bits: np.ndarray) -> torch.Tensor:
+    """Stored values (uint16 bfloat16 bits, or float32) as a float32 tensor."""
+    if bits.dtype == np.uint16:
+        return torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).float()
+    return torch.from_numpy(bits.astype(np.float32))
+
+
+def _f32(values: list[float]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def _weight_kinds(weights: list[float]) -> np.ndarray:
+    from modelalloy.kernels.elementwise import SCALED, SKIP, UNIT
+
+    return np.asarray([SKIP if w == 0 else UNIT if w == 1 else SCALED for w in weights],
+                      dtype=np.int8)
+
+
+def linear(params: dict[str, Any]) -> SliceKernel | None:
+    from modelalloy.kernels.elementwise import weighted_kernel
+
+    weights = list(params["weight"])
+    kinds, w = _weight_kinds(weights), _f32(weights)
+    # linear() has already refused a zero or negative sum for normalize: true
+    div = np.float32(sum(weights)) if params["normalize"] else np.float32(0)
+
+    def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+            width: int = 1) -> bool:
+        return weighted_kernel(src, count, out, False, kinds, w, div, np.float32(1))
+    return run
+
+
+def task_arithmetic(params: dict[str, Any]) -> SliceKernel | None:
+    from modelalloy.kernels.elementwise import weighted_kernel
+
+    weights = list(params["weight"])
+    scale = float(params["lambda"])
+    if params["normalize"]:
+        total = float(sum(weights))
+        if abs(total) >= 1e-8:
+            scale /= total
+    kinds, w = _weight_kinds(weights), _f32(weights)
+
+    def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+            width: int = 1) -> bool:
+        return weighted_kernel(src, count, out, True, kinds, w, np.float32(0),
+                               np.float32(scale))
+    return run
+
+
+class _DareDrops:
+    """Per-model drop modes, SFC64 states (continuing across slices) and thresholds."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        from modelalloy.kernels.elementwise import DROP_ALL, DROP_RANDOM, KEEP_ALL
+
+        densities = list(params["density"])
+        self.modes = np.asarray([KEEP_ALL if p >= 1.0 else DROP_ALL if p <= 0.0 else DROP_RANDOM
+                                 for p in densities], dtype=np.int8)
+        self.thresholds = np.asarray([min(round(p * 2**32), 2**32 - 1) if 0 < p < 1 else 0
+                                      for p in densities], dtype=np.uint32)
+        self.inv_density = _f32([1.0 / p if 0 < p < 1 else 1.0 for p in densities])
+        self.rescale = bool(params["rescale"])
+
+    def states(self, ctx: MergeContext) -> np.ndarray:
+        """One uint64[4] SFC64 state per model, the same stream ``ctx.keep_mask`` draws."""
+        key = "sfc64_states"
+        if ctx.streams is None or key not in ctx.streams:
+            states = np.stack([ctx.sfc64_state(i) for i in range(len(self.modes))])
+            if ctx.streams is None:
+                return states
+            ctx.streams[key] = states
+        return ctx.streams[key]
+
+
+def dare_linear(params: dict[str, Any]) -> SliceKernel | None:
+    from modelalloy.kernels.elementwise import dare_linear_kernel
+
+    if params["rescale"] and params["rescale_norm"] == "l1":
+        return None
+    drops = _DareDrops(params)
+    weights = list(params["weight"])
+    total = float(sum(weights))
+    div = np.float32(total) if params["normalize"] and abs(total) >= 1e-8 else np.float32(0)
+    unit = np.asarray([w == 1.0 for w in weights])
+    w, lam = _f32(weights), np.float32(params["lambda"])
+
+    def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+            width: int = 1) -> bool:
+        return dare_linear_kernel(src, count, out, drops.modes, drops.states(ctx),
+                                  drops.thresholds, drops.rescale, drops.inv_density, unit, w,
+                                  div, lam)
+    return run
+
+
+def dare_ties(params: dict[str, Any]) -> SliceKernel | None:
+    """dare_ties' sliced path (``methods.dare``): the paper vote's zero-sum elements go to the
+    same ``paper_vote`` state that ``dare._finish_paper_vote`` settles after the last slice."""
+    from modelalloy.kernels.elementwise import dare_ties_kernel
+    from modelalloy.methods.dare import record_paper_vote_fixes
+
+    if params["rescale"] and params["rescale_norm"] == "l1":
+        return None
+    drops = _DareDrops(params)
+    weights = list(params["weight"])
+    positive = [w for w in weights if w > 0]
+    unit = np.asarray([w == 1.0 for w in weights])
+    w, lam = _f32(weights), np.float32(params["lambda"])
+    min_weight = np.float32(min(positive) if positive else 1.0)
+    weighted_vote = params["vote"] == "weighted"
+    normalize = bool(params["normalize"])
+    nexp = len(weights)
+
+    def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+            width: int = 1) -> bool:
+        width = src.shape[1]
+        cache = ctx.streams if ctx.streams is not None else {}
+        if "fix_index" not in cache or cache["fix_index"].size < width:
+            cache["fix_index"] = np.empty(width, np.int64)
+            cache["fix_deltas"] = np.empty((nexp, width), np.float32)
+        tally = np.zeros(2, np.int64)
+        ok = dare_ties_kernel(src, count, out, drops.modes, drops.states(ctx), drops.thresholds,
+                              drops.rescale, drops.inv_density, unit, w, normalize, min_weight,
+                              lam, weighted_vote, cache["fix_index"], cache["fix_deltas"], tally)
+        if ok and not weighted_vote:
+            nfix = int(tally[1])
+            where = cache["fix_index"][:nfix].copy()
+            record_paper_vote_fixes(
+                ctx, float(tally[0]), torch.from_numpy(where),
+                [torch.from_numpy(cache["fix_deltas"][t, :nfix].copy()) for t in range(nexp)],
+                widen(src[0, where]), params)
+        return bool(ok)
+    return run
+
+
+def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
+    """Per-row bands (``granularity: row`` without the L1 rescale, the sliced case)."""
+    from modelalloy.kernels.rowwise import band_sum_kernel
+
+    if params["granularity"] != "row" or params["rescale"]:
+        return None
+    weights = list(params["weight"])
+    total = float(sum(weights))
+    div = np.float32(total) if params["normalize"] and abs(total) >= 1e-8 else np.float32(0)
+    unit = np.asarray([w == 1.0 for w in weights])
+    w, lam = _f32(weights), np.float32(params["lambda"])
+    bands: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+            width: int = 1) -> bool:
+        if width not in bands:  # band_trim_'s n_top = int(n·γ), hi = n_top + int(n·density)
+            tops = [int(gamma * width) for gamma in params["gamma"]]
+            his = [min(width, top + int(density * width))
+                   for top, density in zip(tops, params["density"], strict=True)]
+            bands[width] = (np.asarray(tops, np.int64), np.asarray(his, np.int64))
+        n_top, hi = bands[width]
+        return band_sum_kernel(src, count, out, width, n_top, hi, unit, w, div, lam)
+    return run

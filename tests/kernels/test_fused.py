@@ -1,0 +1,225 @@
+"""The fused slice kernels give the bits of the methods' torch code, slice by slice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modelalloy import kernels
+from modelalloy.kernels import slices
+from modelalloy.kernels._numba import sfc64_fill
+from modelalloy.methods.registry import MergeContext, get_method
+
+# Three slices: two full ones and an odd remainder, so draws continue across slices and the
+# last slice ends on half a 64-bit draw.
+STEP = 5000
+N = 2 * STEP + 1235
+
+
+def _inputs(dtype: torch.dtype, n_experts: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    """Base first; task vectors with exact zeros, exact cancellations and ties."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, generator=gen)
+    base[::97] = 0.0
+    base[1::97] = -0.0
+    deltas = [0.01 * torch.randn(N, generator=gen) for _ in range(n_experts)]
+    deltas[0][::5] = 0.0
+    if n_experts > 1:
+        deltas[1][::3] = -deltas[0][::3]  # exact cancellations
+        deltas[1][1::7] = 0.0
+    return [base.to(dtype)] + [(base + d).to(dtype) for d in deltas]
+
+
+def _torch_slices(name: str, params: dict, inputs: list[torch.Tensor],
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """The engine's torch sliced path: float32 slices through the registered method."""
+    spec = get_method(name)
+    uses_base = spec.base != "none"
+    ctx = MergeContext(name="w", seed=7, streams={})
+    out = torch.empty(N, dtype=out_dtype)
+    for start in range(0, N, STEP):
+        wide = [t[start:start + STEP].float() for t in inputs]
+        b, e = (wide[0], wide[1:]) if uses_base else (None, wide[1:])
+        ctx.slice_start = start
+        out[start:start + STEP] = spec(b, e, params, ctx).to(out_dtype)
+    if spec.finish_slices is not None:
+        for index, values in spec.finish_slices(ctx):
+            out[index] = values.to(out_dtype)
+    return out
+
+
+def _fused_slices(name: str, params: dict, inputs: list[torch.Tensor],
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    spec = get_method(name)
+    kernel = getattr(slices, spec.slice_kernel)(params)
+    assert kernel is not None
+    sources = inputs if spec.base != "none" else inputs[1:]
+    raw = torch.empty((len(sources), STEP), dtype=inputs[0].dtype)
+    out = torch.empty(STEP, dtype=out_dtype)
+    ctx = MergeContext(name="w", seed=7, streams={})
+    merged = torch.empty(N, dtype=out_dtype)
+    for start in range(0, N, STEP):
+        count = min(STEP, N - start)
+        for i, t in enumerate(sources):
+            raw[i, :count] = t[start:start + count]
+        ctx.slice_start = start
+        assert kernel(kernels.bits(raw), count, kernels.bits(out), ctx)
+        merged[start:start + count] = out[:count]
+    if spec.finish_slices is not None:
+        for index, values in spec.finish_slices(ctx):
+            merged[index] = values.to(out_dtype)
+    return merged
+
+
+CASES = [
+    ("linear", {"weight": [0.5, 0.3, 0.2]}),
+    ("linear", {"weight": [1.0, 0.0, 2.0], "normalize": False}),
+    ("task_arithmetic", {"weight": [0.5, 1.0, -0.25], "lambda": 0.7}),
+    ("task_arithmetic", {"weight": [0.0, 1.0, 0.3], "normalize": True}),
+    ("task_arithmetic", {"weight": [0.0, 0.0, 0.0]}),
+    ("dare_linear", {"density": [0.3, 1.0, 0.0], "weight": [0.5, 1.0, 0.3]}),
+    ("dare_linear", {"density": 0.5, "normalize": True, "rescale": False, "lambda": 1.5}),
+    ("dare_ties", {"density": 0.2, "weight": 0.5}),
+    ("dare_ties", {"density": [0.4, 0.6, 1.0], "weight": [0.5, 1.0, 0.3], "normalize": True,
+                   "lambda": 1.3}),
+    ("dare_ties", {"density": 0.5, "weight": [1.0, 0.2, 0.7], "vote": "weighted"}),
+    ("dare_ties", {"density": 0.9, "weight": [1.0, 1.0, 1.0], "normalize": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "given"), CASES)
+@pytest.mark.parametrize(("dtype", "out_dtype"), [(torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.float32)])
+def test_fused_kernel_gives_the_torch_paths_bits(name, given, dtype, out_dtype):
+    spec = get_method(name)
+    params = spec.resolve(3, given, name)
+    inputs = _inputs(dtype)
+    want = _torch_slices(name, params, inputs, out_dtype)
+    got = _fused_slices(name, params, inputs, out_dtype)
+    width = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(got.view(width), want.view(width))  # bits, so −0.0 ≠ +0.0 counts
+
+
+def test_dare_ties_fix_ups_are_exercised():
+    """The paper vote's undecided elements (exact cancellations) go through the fix-up."""
+    spec = get_method("dare_ties")
+    params = spec.resolve(2, {"density": 0.7}, "dare_ties")
+    inputs = _inputs(torch.float32, n_experts=2)
+    ctx = MergeContext(name="w", seed=7, streams={})
+    kernel = slices.dare_ties(params)
+    raw = torch.stack(inputs)[:, :STEP].contiguous()
+    out = torch.empty(STEP)
+    ctx.slice_start = 0
+    assert kernel(kernels.bits(raw), STEP, kernels.bits(out), ctx)
+    # Up to 0.49 · (1/3 − 1/15) ≈ 13 % of the entries cancel where both deltas survive (fewer:
+    # θ_t − θ_0 in float32 does not always give back ±δ exactly).
+    fixes = sum(f[0].numel() for f in ctx.streams["paper_vote"]["fixes"])
+    assert 0.05 * STEP < fixes < 0.14 * STEP
+
+
+def test_sfc64_fill_continues_numpys_stream_across_calls():
+    gen = np.random.Generator(np.random.SFC64(1234))
+    want = gen.integers(0, 2**64 - 1, size=9, dtype=np.uint64, endpoint=True).view("<u4")
+    state = np.array(np.random.SFC64(1234).state["state"]["state"], dtype=np.uint64)
+    first, second = np.empty(7, np.uint32), np.empty(10, np.uint32)
+    sfc64_fill(state, first)  # 7 words use 4 draws: the 8th word is skipped, as numpy does
+    sfc64_fill(state, second)
+    assert np.array_equal(first, want[:7])
+    assert np.array_equal(second, want[8:18])
+
+
+def test_bf16_rounding_matches_torch_on_ties_overflow_and_signs():
+    from modelalloy.kernels.elementwise import weighted_kernel
+
+    bits = np.arange(0, 2**16, dtype=np.uint32) << 16
+    # every bf16 value, the exact halfway points above each, and one ulp either side
+    values = np.concatenate([bits, bits | 0x8000, bits | 0x7FFF, bits | 0x8001]).view(np.float32)
+    values = values[np.isfinite(values)]
+    src = values.reshape(1, -1).copy()
+    out = np.empty(values.size, np.uint16)
+    one = np.asarray([1], np.int8)  # UNIT: a copy
+    assert weighted_kernel(src, values.size, out, False, one, np.ones(1, np.float32),
+                           np.float32(0), np.float32(1))
+    want = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(out, want)
+
+
+def test_a_nonfinite_input_is_reported_not_merged():
+    params = get_method("task_arithmetic").resolve(1, {}, "ta")
+    raw = torch.ones((2, 64), dtype=torch.bfloat16)
+    raw[1, 40] = float("inf")
+    out = torch.empty(64, dtype=torch.bfloat16)
+    ctx = MergeContext(name="w", seed=0, streams={})
+    assert not slices.task_arithmetic(params)(kernels.bits(raw), 64, kernels.bits(out), ctx)
+    assert slices.task_arithmetic(params)(kernels.bits(raw), 40, kernels.bits(out), ctx)
+
+
+def test_l1_rescale_keeps_the_torch_path_and_other_dtypes_are_not_supported():
+    params = get_method("dare_ties").resolve(2, {"rescale_norm": "l1", "density": 0.5}, "d")
+    assert slices.dare_ties(params) is None
+    assert not kernels.supports([torch.float16, torch.float16], torch.bfloat16)
+    assert not kernels.supports([torch.bfloat16, torch.float32], torch.bfloat16)
+    assert kernels.supports([torch.bfloat16] * 3, torch.float32)
+
+
+def test_kernels_switch_off_with_the_environment(monkeypatch):
+    monkeypatch.setenv("MODELALLOY_KERNELS", "0")
+    assert not kernels.available()
+    monkeypatch.setenv("MODELALLOY_KERNELS", "1")
+    assert kernels.available()
+
+
+def _band_by_sorting(delta: torch.Tensor, n_top: int, hi: int) -> torch.Tensor:
+    """Independent reference: rank every row by (|δ| descending, index ascending) with a
+    stable sort and keep ranks n_top+1 .. hi."""
+    keep = torch.zeros_like(delta, dtype=torch.bool)
+    for r in range(delta.shape[0]):
+        order = sorted(range(delta.shape[1]), key=lambda j: (-abs(float(delta[r, j])), j))
+        keep[r, order[n_top:hi]] = True
+    return delta * keep
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.3, 0.05), (0.5, 0.0), (1.0, 0.1),
+                                                (0.0, 0.2), (0.9, 0.2)])
+def test_band_trim_ranks_ties_by_index_like_a_stable_sort(density, gamma):
+    from modelalloy.methods._sparsify import band_trim_
+
+    gen = torch.Generator().manual_seed(3)
+    # few distinct magnitudes: most entries tie with others
+    delta = torch.randint(-4, 5, (6, 41), generator=gen).float() * 0.25
+    n = delta.shape[1]
+    n_top = int(gamma * n)
+    hi = min(n, n_top + int(density * n))
+    got = band_trim_(delta.clone(), density, gamma)
+    assert torch.equal(got, _band_by_sorting(delta, n_top, hi))
+
+
+@pytest.mark.parametrize("given", [{"density": 0.2, "gamma": 0.01, "weight": 0.5},
+                                   {"density": [0.3, 0.1, 1.0], "gamma": [0.05, 0.0, 0.1],
+                                    "weight": [1.0, 0.3, 0.5], "normalize": True,
+                                    "lambda": 0.8},
+                                   {"density": 0.5, "gamma": 0.6}])
+@pytest.mark.parametrize("width", [701, 2048])
+def test_breadcrumbs_kernel_gives_the_torch_paths_bits_row_by_row(given, width):
+    spec = get_method("breadcrumbs")
+    params = spec.resolve(3, given, "breadcrumbs")
+    rows = 9
+    gen = torch.Generator().manual_seed(width)
+    base = (0.02 * torch.randn(rows, width, generator=gen)).bfloat16()
+    # bf16 experts close to the base: quantized deltas, so many equal magnitudes in a row
+    experts = [(base.float() + 1e-3 * torch.randn(rows, width, generator=gen)).bfloat16()
+               for _ in range(3)]
+    inputs = [base, *experts]
+    ctx = MergeContext(name="w", seed=0, streams={})
+    want = spec(inputs[0].float(), [e.float() for e in experts], params, ctx).bfloat16()
+    raw = torch.stack([t.reshape(-1) for t in inputs])
+    out = torch.empty(rows * width, dtype=torch.bfloat16)
+    kernel = slices.breadcrumbs(params)
+    # two calls: the first four rows, then the rest (slices are whole rows)
+    for start, stop in ((0, 4 * width), (4 * width, rows * width)):
+        part = raw[:, start:stop].contiguous()
+        view = out[start:stop]
+        assert kernel(kernels.bits(part), stop - start, kernels.bits(view), ctx, width)
+    assert torch.equal(out.view(torch.int16), want.reshape(-1).view(torch.int16))
