@@ -364,23 +364,3 @@ def test_close_refuses_while_a_write_is_in_flight(tmp_path):
     w.write("a", torch.ones(2))
     w.close()
 
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_write_elements_overwrites_single_elements_of_a_tensor_written_in_parts(tmp_path, dtype):
-    # "a" first, so "b" starts at an offset that is not a multiple of the page size
-    sd = {"a": torch.arange(7, dtype=dtype), "b": torch.arange(10_000, dtype=dtype)}
-    w = ShardedSafetensorsWriter(tmp_path, _entries(sd), 10**9)
-    w.write("a", sd["a"])
-    w.begin("b")
-    w.write_part("b", 0, sd["b"][:6000])
-    w.write_part("b", 6000, sd["b"][6000:])
-    index = torch.tensor([0, 17, 5999, 6000, 9999])
-    w.write_elements("b", index, torch.full((5,), -3.0, dtype=dtype))
-    with pytest.raises(ValueError, match="do not fit"):
-        w.write_elements("b", torch.tensor([10_000]), torch.zeros(1, dtype=dtype))
-    w.end("b")
-    w.close()
-    got = load_file(str(tmp_path / "model.safetensors"))
-    want = sd["b"].clone()
-    want[index] = -3.0
-    assert torch.equal(got["b"], want) and torch.equal(got["a"], sd["a"])

@@ -47,7 +47,6 @@ class TensorWriter(Protocol):
     def write(self, name: str, tensor: torch.Tensor) -> None: ...
     def begin(self, name: str) -> None: ...
     def write_part(self, name: str, start: int, part: torch.Tensor) -> None: ...
-    def write_elements(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None: ...
     def end(self, name: str) -> None: ...
     def abandon(self, name: str) -> None: ...
 
@@ -141,6 +140,12 @@ class PlanExecutor:
         ctx.streams = {}  # random draws continue from slice to slice
         step = entry.slice_length
         merge_slice = self._fused_slice(entry, ctx) or self._torch_slice(entry, ctx)
+        # A method that settles some elements after the last slice (finish_slices) keeps the
+        # merged tensor in memory until then (its output bytes, which working_bytes counts):
+        # patching scattered elements of a written file costs far more (a page fault or a
+        # write call per element).
+        held = (torch.empty(entry.numel, dtype=entry.out_dtype)
+                if spec.finish_slices is not None else None)
         writer.begin(entry.name)
         for start in range(0, entry.numel, step):
             count = min(step, entry.numel - start)
@@ -149,10 +154,14 @@ class PlanExecutor:
             if merged is None:
                 writer.abandon(entry.name)
                 return False
-            writer.write_part(entry.name, start, merged)
-        if spec.finish_slices is not None:
+            if held is None:
+                writer.write_part(entry.name, start, merged)
+            else:
+                held[start:start + count] = merged
+        if held is not None:
             for index, values in spec.finish_slices(ctx):
-                writer.write_elements(entry.name, index, values.to(entry.out_dtype))
+                held[index] = values.to(entry.out_dtype)
+            writer.write_part(entry.name, 0, held)
         writer.end(entry.name)
         return True
 

@@ -16,7 +16,6 @@ import ctypes
 import errno
 import json
 import math
-import mmap
 import os
 import re
 import shutil
@@ -27,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from modelalloy.errors import OutputError
@@ -444,34 +442,6 @@ class ShardedSafetensorsWriter:
                     f"{name!r} ({e.strerror or e}); check free disk space"
                 ) from None
 
-    def write_elements(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
-        """Overwrite single elements of ``name`` (begun, not yet ended) at flat ``index`` with
-        ``values`` (CPU, the output dtype): one vectorized store through a memory map of the
-        tensor's bytes instead of a write call per element (dare_ties settles ~0.1% of a
-        tensor's elements after its last slice)."""
-        slot = self._slots[name]
-        numel = slot.nbytes // max(1, element_size(slot.dtype))
-        if values.dtype != slot.dtype or name not in self._claimed or index.numel() != \
-                values.numel() or (index.numel() and not 0 <= int(index.min()) <= int(
-                    index.max()) < numel):
-            raise ValueError(f"tensor {name!r}: {index.numel()} elements to overwrite do not "
-                             f"fit its {numel} {slot.dtype} elements, or it was not begun")
-        if not index.numel():
-            return
-        start = slot.offset - slot.offset % mmap.ALLOCATIONGRANULARITY
-        pad = slot.offset - start
-        bits = values.detach().contiguous().reshape(-1).view(_same_size_int(slot.dtype))
-        try:
-            with mmap.mmap(self._fds[slot.shard], pad + slot.nbytes, offset=start) as mapped:
-                view = np.frombuffer(mapped, dtype=np.uint8, count=slot.nbytes, offset=pad)
-                view.view(bits.numpy().dtype)[index.numpy()] = bits.numpy()
-                del view  # the map cannot close while a view of it exists
-        except OSError as e:
-            raise OutputError(
-                f"{self.folder / self.shard_names[slot.shard]}: cannot write tensor "
-                f"{name!r} ({e.strerror or e}); check free disk space"
-            ) from None
-
     def end(self, name: str) -> None:
         """Mark ``name`` written, and start writing it back to disk in the background so
         that ``close``'s fsync has little left to wait for."""
@@ -541,11 +511,6 @@ class ShardedSafetensorsWriter:
             self.abort()
         elif not self._closed:
             self.close()
-
-
-def _same_size_int(dtype: torch.dtype) -> torch.dtype:
-    """The integer dtype with ``dtype``'s element size (to move its bits through NumPy)."""
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[element_size(dtype)]
 
 
 def _preallocate(fd: int, size: int) -> None:
