@@ -20,7 +20,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from modelalloy.kernels._numba import JIT, fma, is_nonfinite, narrow, sfc64_fill, sign, widen
+from modelalloy.kernels._numba import (
+    JIT,
+    fma,
+    is_nonfinite,
+    narrow,
+    sfc64_fill,
+    sfc64_fill_pair,
+    sign,
+    widen,
+)
 
 CHUNK = 2048  # even, so every chunk but a slice's last starts on a fresh 64-bit draw
 
@@ -108,8 +117,19 @@ KEEP_ALL, DROP_ALL, DROP_RANDOM = 0, 1, 2
 
 @njit(inline="always")
 def _dare_deltas(src, c0, n, modes, states, thresholds, rescale, inv_density, words, d):
-    """d[t, :n] = DARE's δ̃_t on this chunk: (θ_t − θ_0)·m_t, then ·(1/density) (float32)."""
+    """d[t, :n] = DARE's δ̃_t on this chunk: (θ_t − θ_0)·m_t, then ·(1/density) (float32).
+    ``words`` (models × CHUNK) takes the keep draws, two streams at a time."""
     base = src[0, c0:c0 + n]
+    pending = -1  # a dropping model whose draws wait for a partner stream
+    for t in range(d.shape[0]):
+        if modes[t] == DROP_RANDOM:
+            if pending < 0:
+                pending = t
+            else:
+                sfc64_fill_pair(states[pending], words[pending, :n], states[t], words[t, :n])
+                pending = -1
+    if pending >= 0:
+        sfc64_fill(states[pending], words[pending, :n])
     for t in range(d.shape[0]):
         row = src[1 + t, c0:c0 + n]
         mode = modes[t]
@@ -120,10 +140,9 @@ def _dare_deltas(src, c0, n, modes, states, thresholds, rescale, inv_density, wo
             d[t, j] = widen(row[j]) - widen(base[j])
         if mode == KEEP_ALL:
             continue
-        sfc64_fill(states[t], words[:n])
         thr = thresholds[t]
         for j in range(n):
-            d[t, j] = d[t, j] * np.float32(words[j] < thr)
+            d[t, j] = d[t, j] * np.float32(words[t, j] < thr)
         if rescale:
             inv = inv_density[t]
             for j in range(n):
@@ -143,7 +162,7 @@ def dare_linear_kernel(src, count, out, modes, states, thresholds, rescale, inv_
         return False
     nexp = src.shape[0] - 1
     d = np.empty((nexp, CHUNK), np.float32)
-    words = np.empty(CHUNK, np.uint32)
+    words = np.empty((nexp, CHUNK), np.uint32)
     base = src[0]
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
@@ -193,7 +212,7 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
         return False
     nexp = src.shape[0] - 1
     d = np.empty((nexp, CHUNK), np.float32)
-    words = np.empty(CHUNK, np.uint32)
+    words = np.empty((nexp, CHUNK), np.uint32)
     gamma = np.empty(CHUNK, np.float32)
     acc = np.empty(CHUNK, np.float32)
     den = np.empty(CHUNK, np.float32)
