@@ -150,7 +150,8 @@ class _Switch(nn.Module):
     ["diverge", "shared", "shared"],
     ["shared", "shared", "skip"],
 ])
-def test_sharing_is_exact_whatever_the_call_pattern(monkeypatch, plan):
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_sharing_is_exact_whatever_the_call_pattern(monkeypatch, plan, fraction):
     gen = torch.Generator().manual_seed(3)
     batches = [{"inputs_embeds": torch.randn(2, 5, 6, generator=gen),
                 "attention_mask": (torch.rand(2, 5, generator=gen) > 0.3).long()}
@@ -158,12 +159,12 @@ def test_sharing_is_exact_whatever_the_call_pattern(monkeypatch, plan):
     model = _Switch()
     model.plan = plan
     counter = _CountRows(monkeypatch)
-    got = collect_grams(model, batches, reduce="sum")
+    got = collect_grams(model, batches, reduce="sum", token_fraction=fraction)
     shared_rows = counter.rows.get(6, 0)
     model.calls = 0
     monkeypatch.setattr(collect, "GRAM_SHARE", False)
     counter.rows.clear()
-    want = collect_grams(model, batches, reduce="sum")
+    want = collect_grams(model, batches, reduce="sum", token_fraction=fraction)
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
@@ -185,11 +186,12 @@ def test_token_fraction_one_is_exact(tiny_gpt2, lm_batches):
 
 
 def test_token_fraction_scales_to_the_full_gram(tiny_gpt2, lm_batches):
-    # identical rows: any subset, rescaled by n/m, gives exactly the full Gram
+    # identical rows and r·n an integer (m = r·n rows used): any subset, divided by r, gives
+    # exactly the full Gram
     lin = nn.Linear(4, 3)
     x = torch.tensor([1.0, -2.0, 0.5, 3.0]).expand(5, 9, 4).contiguous()
     mask = torch.ones(5, 9, dtype=torch.long)
-    mask[0, 6:] = 0
+    mask[0, 4:] = 0  # 40 kept rows
 
     class Wrap(nn.Module):
         def __init__(self):
@@ -201,10 +203,12 @@ def test_token_fraction_scales_to_the_full_gram(tiny_gpt2, lm_batches):
 
     batches = [{"inputs_embeds": x, "attention_mask": mask}]
     full = collect_grams(Wrap(), batches, reduce="sum")
-    part = collect_grams(Wrap(), batches, reduce="sum", token_fraction=0.3, seed=1)
+    part = collect_grams(Wrap(), batches, reduce="sum", token_fraction=0.25, seed=1)
     torch.testing.assert_close(part["lin.weight"], full["lin.weight"], rtol=1e-5, atol=1e-4)
-    assert part.counts == full.counts == {"lin.weight": 42}
-    assert part.meta["token_fraction"] == "0.3" and part.meta["seed"] == "1"
+    assert part.counts == full.counts == {"lin.weight": 40}
+    assert part.meta["token_fraction"] == "0.25" and part.meta["seed"] == "1"
+    mean = collect_grams(Wrap(), batches, token_fraction=0.25, seed=1)  # reduce="mean"
+    torch.testing.assert_close(mean["lin.weight"], full["lin.weight"] / 40)
 
     # general inputs: deterministic per seed, and unbiased (the mean over seeds -> full Gram)
     model = tiny_gpt2()

@@ -94,10 +94,11 @@ class _TokenRows:
     :attr:`mask` resets them and starts a new batch, :attr:`batch`) and shared by every hooked
     module that sees an input of that shape. A batch without padding needs no gather at all.
 
-    With ``token_fraction`` r < 1 (Grams only), a seeded random subset of ``round(r·n)`` of
-    the n kept rows is drawn once per batch and input shape (the same tokens for every layer
-    of the batch) and :meth:`select` returns the factor ``n / round(r·n)`` by which its
-    contribution must be scaled so its expectation is the full rows' contribution.
+    With ``token_fraction`` r < 1 (Grams only), a seeded random subset of the n kept rows is
+    drawn once per batch and input shape (the same tokens for every layer of the batch): m of
+    them, m = ⌊r·n⌋ or ⌈r·n⌉ with the probabilities that make E[m] = r·n, uniformly among the
+    subsets of that size. Every row is then used with probability exactly r, so a sum over the
+    used rows divided by r is an unbiased estimate of the sum over all n (the caller divides).
     """
 
     def __init__(self, mask_padding: bool, token_fraction: float = 1.0, seed: int = 0):
@@ -125,12 +126,12 @@ class _TokenRows:
         self._mask = value
         self._shape = tuple(value.shape) if value is not None else None
 
-    def select(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-        """(flat indices of the rows of ``x`` to use, or None for all; the factor their
-        contribution is scaled by: 1 unless rows are subsampled)."""
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """(flat indices of the rows of ``x`` to use, or None for all; the number of rows
+        they stand for: the kept rows, before any subsampling)."""
         shape = tuple(x.shape[:-1])
         if self._gen is None and shape != self._shape:
-            return None, 1.0  # the fast path: unmasked, not subsampled
+            return None, math.prod(shape)  # the fast path: unmasked, not subsampled
         key = (shape, x.device)
         sel = self._select.get(key)
         if sel is None:
@@ -138,17 +139,20 @@ class _TokenRows:
         return sel
 
     def _make(self, shape: tuple[int, ...], device: torch.device
-              ) -> tuple[torch.Tensor | None, float]:
+              ) -> tuple[torch.Tensor | None, int]:
         base = None
         if shape == self._shape and len(shape) >= 1:
             base = self._mask.reshape(-1).nonzero().squeeze(1)
-        if self._gen is None:
-            return (None if base is None else base.to(device)), 1.0
         n = math.prod(shape) if base is None else int(base.numel())
-        m = min(n, max(1, round(self.token_fraction * n))) if n else 0
+        if self._gen is None:
+            return (None if base is None else base.to(device)), n
+        target = self.token_fraction * n
+        m = math.floor(target)
+        if float(torch.rand((), generator=self._gen)) < target - m:
+            m += 1
         pick = torch.randperm(n, generator=self._gen)[:m].sort().values
         idx = pick if base is None else base[pick]
-        return idx.to(device), (n / m if m else 1.0)
+        return idx.to(device), n
 
     def kept(self, x: torch.Tensor) -> torch.Tensor | None:
         """Flat indices of the rows of ``x`` to keep, or None for all of them."""
@@ -241,19 +245,16 @@ class _GramSum:
             self._multiply(self.buf[:self.filled])
             self.filled = 0
 
-    def add(self, x: torch.Tensor, idx: torch.Tensor | None, scale: float = 1.0,
-            count: int | None = None) -> None:
-        """Add the rows ``idx`` of ``x`` (all rows when None), their products scaled by
-        ``scale``; ``count`` rows are counted (default: the rows used)."""
+    def add(self, x: torch.Tensor, idx: torch.Tensor | None, count: int | None = None) -> None:
+        """Add the rows ``idx`` of ``x`` (all rows when None); ``count`` rows are counted
+        (default: the rows used)."""
         flat = x.detach().reshape(-1, self.d)
         m = flat.shape[0] if idx is None else idx.numel()
         self.count += m if count is None else count
         cap = self.buf.shape[0]
-        if (idx is None and scale == 1.0 and self.filled == 0 and m >= cap
-                and flat.dtype == self.buf.dtype):
+        if idx is None and self.filled == 0 and m >= cap and flat.dtype == self.buf.dtype:
             self._multiply(flat)  # a large batch: multiply it where it is
             return
-        root = math.sqrt(scale)
         start = 0
         while start < m:
             take = min(m - start, cap - self.filled)
@@ -264,20 +265,17 @@ class _GramSum:
                 torch.index_select(flat, 0, idx[start:start + take], out=dst)
             else:
                 dst.copy_(flat.index_select(0, idx[start:start + take]))
-            if root != 1.0:
-                dst.mul_(root)
             self.filled += take
             start += take
             if self.filled == cap:
                 self.flush()
 
-    def subtract(self, x: torch.Tensor, idx: torch.Tensor | None, scale: float,
-                 count: int) -> None:
+    def subtract(self, x: torch.Tensor, idx: torch.Tensor | None, count: int) -> None:
         """Undo an :meth:`add` of the same rows (rare: a shared Gram that has to split)."""
         self.flush()
         flat = x.detach().reshape(-1, self.d)
         r = (flat if idx is None else flat.index_select(0, idx)).to(self.dtype)
-        self.gram.sub_(scale * (r.T @ r))  # both triangles: the lower one is mirrored anyway
+        self.gram.sub_(r.T @ r)  # both triangles: the lower one is mirrored anyway
         self.count -= count
 
     def clone(self) -> _GramSum:
@@ -333,8 +331,8 @@ class _Group:
         self.seen: set[str] = set()
         self.ref: Any = None
         self.sig: tuple = ()
-        # while a round of a frozen group of several members is incomplete: (x, idx, scale,
-        # count) of its input, to take it back out if a member turns out not to share it
+        # while a round of a frozen group of several members is incomplete: (x, idx, count)
+        # of its input, to take it back out if a member turns out not to share it
         self.held: tuple | None = None
 
 
@@ -377,8 +375,7 @@ class _SharedGrams:
             self._first_call(name, x)
             return
         if g.frozen and len(g.members) == 1:
-            idx, scale = self.rows.select(x)
-            g.acc.add(x, idx, scale, self._count(x, idx, scale))
+            g.acc.add(x, *self.rows.select(x))
             return
         if not g.frozen:
             # round one, in the batch that created the group: a repeated call ends it
@@ -398,11 +395,6 @@ class _SharedGrams:
             self._split(g)
             self.add(name, x)
 
-    @staticmethod
-    def _count(x: torch.Tensor, idx: torch.Tensor | None, scale: float) -> int:
-        m = math.prod(x.shape[:-1]) if idx is None else int(idx.numel())
-        return m if scale == 1.0 else round(m * scale)
-
     def _first_call(self, name: str, x: torch.Tensor) -> None:
         for g in self.forming if GRAM_SHARE else ():
             if (name not in g.seen and g.acc.d == x.shape[-1]
@@ -417,8 +409,7 @@ class _SharedGrams:
         self.forming.append(g)
         g.seen = {name}
         self._record(g, x)
-        idx, scale = self.rows.select(x)
-        g.acc.add(x, idx, scale, self._count(x, idx, scale))
+        g.acc.add(x, *self.rows.select(x))
 
     def _record(self, g: _Group, x: torch.Tensor) -> None:
         import weakref
@@ -430,12 +421,11 @@ class _SharedGrams:
 
     def _start_round(self, g: _Group, name: str, x: torch.Tensor) -> None:
         g.seen = {name}
-        idx, scale = self.rows.select(x)
-        count = self._count(x, idx, scale)
-        g.acc.add(x, idx, scale, count)
+        idx, count = self.rows.select(x)
+        g.acc.add(x, idx, count)
         if len(g.members) > 1:
             self._record(g, x)
-            g.held = (x, idx, scale, count)
+            g.held = (x, idx, count)
         else:
             g.held = None
 
@@ -464,7 +454,10 @@ class _SharedGrams:
             if id(g) in done:
                 sums[name] = done[id(g)].clone()
             else:
-                sums[name] = done[id(g)] = g.acc.total()
+                total = g.acc.total()
+                if self.rows.token_fraction < 1.0:
+                    total = total / self.rows.token_fraction  # unbiased: each row had chance r
+                sums[name] = done[id(g)] = total
             counts[name] = g.acc.count
         return sums, counts
 
@@ -543,9 +536,10 @@ def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = No
     of a Llama block) share one product: it is computed once and written for each of them.
 
     ``token_fraction`` r < 1 (opt-in; default 1, exact) uses a seeded (``seed``) random subset
-    of ``round(r·n)`` of the n rows of every batch (the same tokens for every layer), scaled by
-    ``n / round(r·n)``: an unbiased estimate of the full Gram at about r of the cost. Counts
-    stay the full row counts; the statistic's meta records ``token_fraction`` and ``seed``.
+    of about r·n of the n rows of every batch (the same tokens for every layer; each row with
+    probability exactly r) and divides the sum by r: an unbiased estimate of the full Gram at
+    about r of the product's cost. Counts stay the full row counts; the statistic's meta
+    records ``token_fraction`` and ``seed``.
     """
     if reduce not in ("mean", "sum"):
         raise ValueError("reduce must be 'mean' or 'sum'")
