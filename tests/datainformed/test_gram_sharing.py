@@ -151,7 +151,10 @@ class _Switch(nn.Module):
     ["shared", "shared", "skip"],
 ])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_sharing_is_exact_whatever_the_call_pattern(monkeypatch, plan, fraction):
+@pytest.mark.parametrize("syrk", [True, False])
+def test_sharing_is_exact_whatever_the_call_pattern(monkeypatch, plan, fraction, syrk):
+    monkeypatch.setattr(collect, "GRAM_SYRK", syrk)
+    monkeypatch.setattr(collect, "GRAM_BLOCK", 2)  # the torch path: 2-wide triangle blocks
     gen = torch.Generator().manual_seed(3)
     batches = [{"inputs_embeds": torch.randn(2, 5, 6, generator=gen),
                 "attention_mask": (torch.rand(2, 5, generator=gen) > 0.3).long()}

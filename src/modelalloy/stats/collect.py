@@ -111,7 +111,7 @@ class _TokenRows:
                      if self.token_fraction < 1.0 else None)
         self._mask: torch.Tensor | None = None
         self._shape: tuple[int, ...] | None = None
-        self._select: dict[Any, tuple[torch.Tensor | None, float]] = {}
+        self._select: dict[Any, tuple[torch.Tensor | None, int]] = {}
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -135,24 +135,26 @@ class _TokenRows:
         key = (shape, x.device)
         sel = self._select.get(key)
         if sel is None:
-            sel = self._select[key] = self._make(shape, x.device)
+            # drawn once per shape (the same tokens on every device), then moved
+            idx, n = self._select.get(shape) or self._select.setdefault(shape,
+                                                                         self._make(shape))
+            sel = self._select[key] = (None if idx is None else idx.to(x.device), n)
         return sel
 
-    def _make(self, shape: tuple[int, ...], device: torch.device
-              ) -> tuple[torch.Tensor | None, int]:
+    def _make(self, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, int]:
         base = None
         if shape == self._shape and len(shape) >= 1:
             base = self._mask.reshape(-1).nonzero().squeeze(1)
         n = math.prod(shape) if base is None else int(base.numel())
         if self._gen is None:
-            return (None if base is None else base.to(device)), n
+            return base, n
         target = self.token_fraction * n
         m = math.floor(target)
         if float(torch.rand((), generator=self._gen)) < target - m:
             m += 1
         pick = torch.randperm(n, generator=self._gen)[:m].sort().values
-        idx = pick if base is None else base[pick]
-        return idx.to(device), n
+        idx = pick if base is None else base[pick.to(base.device)]
+        return idx, n
 
     def kept(self, x: torch.Tensor) -> torch.Tensor | None:
         """Flat indices of the rows of ``x`` to keep, or None for all of them."""
