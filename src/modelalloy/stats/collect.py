@@ -90,14 +90,28 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
 class _TokenRows:
     """Turns a hooked input (…, d) into the rows (n, d) that count, honouring the mask.
 
-    The kept rows' flat indices are computed once per batch (setting :attr:`mask` resets
-    them) and shared by every hooked module that sees an input of the batch's shape.
+    The kept rows' flat indices are computed once per batch and input shape (setting
+    :attr:`mask` resets them and starts a new batch, :attr:`batch`) and shared by every hooked
+    module that sees an input of that shape. A batch without padding needs no gather at all.
+
+    With ``token_fraction`` r < 1 (Grams only), a seeded random subset of the n kept rows is
+    drawn once per batch and input shape (the same tokens for every layer of the batch): m of
+    them, m = ⌊r·n⌋ or ⌈r·n⌉ with the probabilities that make E[m] = r·n, uniformly among the
+    subsets of that size. Every row is then used with probability exactly r, so a sum over the
+    used rows divided by r is an unbiased estimate of the sum over all n (the caller divides).
     """
 
-    def __init__(self, mask_padding: bool):
+    def __init__(self, mask_padding: bool, token_fraction: float = 1.0, seed: int = 0):
+        if not 0.0 < token_fraction <= 1.0:
+            raise ValueError("token_fraction must be in (0, 1]")
         self.mask_padding = mask_padding
+        self.token_fraction = float(token_fraction)
+        self.batch = 0
+        self._gen = (torch.Generator(device="cpu").manual_seed(seed)
+                     if self.token_fraction < 1.0 else None)
         self._mask: torch.Tensor | None = None
-        self._index: dict[torch.device, torch.Tensor] = {}
+        self._shape: tuple[int, ...] | None = None
+        self._select: dict[Any, tuple[torch.Tensor | None, int]] = {}
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -105,20 +119,46 @@ class _TokenRows:
 
     @mask.setter
     def mask(self, value: torch.Tensor | None) -> None:
+        self.batch += 1
+        self._select = {}
+        if value is not None and (not self.mask_padding or bool(value.all())):
+            value = None  # no padding in this batch: every row counts, nothing to gather
         self._mask = value
-        self._index = {}
+        self._shape = tuple(value.shape) if value is not None else None
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """(flat indices of the rows of ``x`` to use, or None for all; the number of rows
+        they stand for: the kept rows, before any subsampling)."""
+        shape = tuple(x.shape[:-1])
+        if self._gen is None and shape != self._shape:
+            return None, math.prod(shape)  # the fast path: unmasked, not subsampled
+        key = (shape, x.device)
+        sel = self._select.get(key)
+        if sel is None:
+            # drawn once per shape (the same tokens on every device), then moved
+            idx, n = self._select.get(shape) or self._select.setdefault(shape,
+                                                                         self._make(shape))
+            sel = self._select[key] = (None if idx is None else idx.to(x.device), n)
+        return sel
+
+    def _make(self, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, int]:
+        base = None
+        if shape == self._shape and len(shape) >= 1:
+            base = self._mask.reshape(-1).nonzero().squeeze(1)
+        n = math.prod(shape) if base is None else int(base.numel())
+        if self._gen is None:
+            return base, n
+        target = self.token_fraction * n
+        m = math.floor(target)
+        if float(torch.rand((), generator=self._gen)) < target - m:
+            m += 1
+        pick = torch.randperm(n, generator=self._gen)[:m].sort().values
+        idx = pick if base is None else base[pick.to(base.device)]
+        return idx, n
 
     def kept(self, x: torch.Tensor) -> torch.Tensor | None:
         """Flat indices of the rows of ``x`` to keep, or None for all of them."""
-        mask = self._mask
-        if not (self.mask_padding and mask is not None and x.dim() >= 2
-                and tuple(x.shape[:-1]) == tuple(mask.shape)):
-            return None
-        idx = self._index.get(x.device)
-        if idx is None:
-            idx = mask.to(x.device).reshape(-1).nonzero().squeeze(1)
-            self._index[x.device] = idx
-        return idx
+        return self.select(x)[0]
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
@@ -136,6 +176,8 @@ GRAM_CHUNK_ELEMENTS = 1 << 20
 
 # On the CPU, multiply with NumPy's ``a.T @ a`` (BLAS syrk: half the work of a general product).
 GRAM_SYRK = True
+# Layers reading the very same input tensor share one Gram (see :class:`_SharedGrams`).
+GRAM_SHARE = True
 
 
 def _blas_threads() -> Any:
@@ -161,12 +203,13 @@ def _triangle_blocks(d: int, block: int) -> list[tuple[int, int, int, int]]:
 
 
 class _GramSum:
-    """Σ xᵀx over the kept rows of every input, in ``dtype``, without per-call allocations.
+    """Σ xᵀx over the selected rows of every input, in ``dtype``, without per-call allocations.
 
-    Rows are copied (gathered, when a token mask applies) into a fixed buffer and multiplied
-    once it is full: larger, fewer matrix products. G is symmetric: on the CPU the product is
-    NumPy's ``a.T @ a``, which BLAS computes with syrk (one triangle); on other devices only
-    the upper block triangle is multiplied (:data:`GRAM_BLOCK`) and mirrored at the end.
+    Rows are copied (gathered, when a token mask or subsampling applies) into a fixed buffer and
+    multiplied once it is full: larger, fewer matrix products. G is symmetric: on the CPU the
+    product is NumPy's ``a.T @ a``, which BLAS computes with syrk (one triangle); on other
+    devices only the upper block triangle is multiplied (:data:`GRAM_BLOCK`) and mirrored at
+    the end.
     """
 
     def __init__(self, d: int, dtype: torch.dtype, device: torch.device,
@@ -174,6 +217,7 @@ class _GramSum:
         block = GRAM_BLOCK if block is None else block
         chunk_elements = GRAM_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
         self.d = d
+        self.dtype = dtype
         self.gram = torch.zeros(d, d, dtype=dtype, device=device)
         cap = max(64, min(4096, chunk_elements // max(d, 1)))
         self.buf = torch.empty(cap, d, dtype=dtype, device=device)
@@ -203,12 +247,12 @@ class _GramSum:
             self._multiply(self.buf[:self.filled])
             self.filled = 0
 
-    def add(self, x: torch.Tensor, rows: _TokenRows) -> None:
-        x = x.detach()
-        flat = x.reshape(-1, self.d)
-        idx = rows.kept(x)
+    def add(self, x: torch.Tensor, idx: torch.Tensor | None, count: int | None = None) -> None:
+        """Add the rows ``idx`` of ``x`` (all rows when None); ``count`` rows are counted
+        (default: the rows used)."""
+        flat = x.detach().reshape(-1, self.d)
         m = flat.shape[0] if idx is None else idx.numel()
-        self.count += m
+        self.count += m if count is None else count
         cap = self.buf.shape[0]
         if idx is None and self.filled == 0 and m >= cap and flat.dtype == self.buf.dtype:
             self._multiply(flat)  # a large batch: multiply it where it is
@@ -228,6 +272,24 @@ class _GramSum:
             if self.filled == cap:
                 self.flush()
 
+    def subtract(self, x: torch.Tensor, idx: torch.Tensor | None, count: int) -> None:
+        """Undo an :meth:`add` of the same rows (rare: a shared Gram that has to split)."""
+        self.flush()
+        flat = x.detach().reshape(-1, self.d)
+        r = (flat if idx is None else flat.index_select(0, idx)).to(self.dtype)
+        self.gram.sub_(r.T @ r)  # both triangles: the lower one is mirrored anyway
+        self.count -= count
+
+    def clone(self) -> _GramSum:
+        """An independent accumulator holding the same sum so far."""
+        self.flush()
+        other = _GramSum.__new__(_GramSum)
+        other.__dict__.update(self.__dict__)
+        other.gram = self.gram.clone()
+        other.buf = torch.empty_like(self.buf)
+        other._numpy = other.gram.numpy() if self._numpy is not None else None
+        return other
+
     def total(self) -> torch.Tensor:
         """Σ xᵀx (the buffer flushed, the lower triangle mirrored); call once, at the end."""
         self.flush()
@@ -237,6 +299,169 @@ class _GramSum:
                 g[b0:b1, a0:a1] = g[a0:a1, b0:b1].T
         self.buf = self.buf[:0]
         return g
+
+
+def _same_tensor(x: torch.Tensor, ref: Any, sig: tuple) -> bool:
+    """Whether ``x`` is the tensor recorded as (weak reference, signature): the very same
+    object, or a tensor over the same memory with the same layout, while the recorded one is
+    still alive (so its memory cannot have been reused), and unmodified since (version)."""
+    held = ref()
+    if held is None:
+        return False
+    try:
+        return (held is x or _signature(x)[:-1] == sig[:-1]) and x._version == sig[-1]
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return False
+
+
+def _signature(x: torch.Tensor) -> tuple:
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(),
+            x.dtype, x.device, x._version)
+
+
+class _Group:
+    """Layers whose Grams are one accumulator, because every forward so far gave them the very
+    same input tensor. One *round* is one input shared by all members: the first member's call
+    adds it, the others' are skipped."""
+
+    __slots__ = ("members", "acc", "frozen", "seen", "ref", "sig", "held")
+
+    def __init__(self, member: str, acc: _GramSum):
+        self.members = [member]
+        self.acc = acc
+        self.frozen = False  # members can still join (the group's first round, in one batch)
+        self.seen: set[str] = set()
+        self.ref: Any = None
+        self.sig: tuple = ()
+        # while a round of a frozen group of several members is incomplete: (x, idx, count)
+        # of its input, to take it back out if a member turns out not to share it
+        self.held: tuple | None = None
+
+
+class _SharedGrams:
+    """Gram accumulators of the hooked layers, one per distinct input: layers that read the
+    very same input tensor in the same forward pass (q/k/v projections of one normed hidden
+    state, gate/up of another, ...) share one accumulator, so that Gram is computed once.
+
+    Detection is generic: at a layer's first call, it joins a group created in the same batch
+    whose input was this very tensor (same object, or same memory and layout while that one is
+    alive, and not modified since). Every later round is checked the same way; if a member ever
+    reads a different input, or is called twice before its siblings, or not at all in a batch,
+    the group is split — each member gets its own accumulator holding its exact sum so far —
+    so the result is always exactly what per-layer accumulation would give.
+    """
+
+    def __init__(self, rows: _TokenRows, dtype: torch.dtype):
+        self.rows = rows
+        self.dtype = dtype
+        self.group: dict[str, _Group] = {}
+        self.batch = -1
+        self.forming: list[_Group] = []  # groups created in this batch, still in round one
+        self.shared_calls = 0  # calls served by a sibling's product (for tests and notes)
+
+    def _new_batch(self) -> None:
+        for g in {id(g): g for g in self.group.values()}.values():
+            if g.frozen and g.held is not None:
+                self._split(g)  # a member was not called in that batch
+            g.frozen = True
+            g.held = None
+            g.seen = set()
+        self.forming = []
+        self.batch = self.rows.batch
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if self.rows.batch != self.batch:
+            self._new_batch()
+        g = self.group.get(name)
+        if g is None:
+            self._first_call(name, x)
+            return
+        if g.frozen and len(g.members) == 1:
+            g.acc.add(x, *self.rows.select(x))
+            return
+        if not g.frozen:
+            # round one, in the batch that created the group: a repeated call ends it
+            g.frozen = True
+            g.members = [m for m in g.members if m in g.seen]
+            self.forming = [f for f in self.forming if f is not g]
+            self._start_round(g, name, x)
+            return
+        if not g.seen or len(g.seen) == len(g.members):
+            self._start_round(g, name, x)
+        elif name not in g.seen and _same_tensor(x, g.ref, g.sig):
+            g.seen.add(name)
+            self.shared_calls += 1
+            if len(g.seen) == len(g.members):
+                g.held = None  # every member has it: nothing left to take back
+        else:
+            self._split(g)
+            self.add(name, x)
+
+    def _first_call(self, name: str, x: torch.Tensor) -> None:
+        for g in self.forming if GRAM_SHARE else ():
+            if (name not in g.seen and g.acc.d == x.shape[-1]
+                    and _same_tensor(x, g.ref, g.sig)):
+                g.members.append(name)
+                g.seen.add(name)
+                self.group[name] = g
+                self.shared_calls += 1
+                return
+        g = _Group(name, _GramSum(x.shape[-1], self.dtype, x.device))
+        self.group[name] = g
+        self.forming.append(g)
+        g.seen = {name}
+        self._record(g, x)
+        g.acc.add(x, *self.rows.select(x))
+
+    def _record(self, g: _Group, x: torch.Tensor) -> None:
+        import weakref
+
+        try:
+            g.ref, g.sig = weakref.ref(x), _signature(x)
+        except (RuntimeError, TypeError):  # no version counter: it cannot be shared
+            g.ref, g.sig = (lambda: None), ()
+
+    def _start_round(self, g: _Group, name: str, x: torch.Tensor) -> None:
+        g.seen = {name}
+        idx, count = self.rows.select(x)
+        g.acc.add(x, idx, count)
+        if len(g.members) > 1:
+            self._record(g, x)
+            g.held = (x, idx, count)
+        else:
+            g.held = None
+
+    def _split(self, g: _Group) -> None:
+        """Give every member of ``g`` its own accumulator with its exact sum so far."""
+        keeper = next((m for m in g.members if m in g.seen), g.members[0])
+        for m in g.members:
+            if m == keeper:
+                acc = g.acc
+            else:
+                acc = g.acc.clone()
+                if g.held is not None and m not in g.seen:
+                    acc.subtract(*g.held)
+            solo = _Group(m, acc)
+            solo.frozen = True
+            self.group[m] = solo
+        self.forming = [f for f in self.forming if f is not g]
+
+    def totals(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Every layer's Σ xᵀx and row count (layers of one group: copies of one product)."""
+        self._new_batch()
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        done: dict[int, torch.Tensor] = {}
+        for name, g in self.group.items():
+            if id(g) in done:
+                sums[name] = done[id(g)].clone()
+            else:
+                total = g.acc.total()
+                if self.rows.token_fraction < 1.0:
+                    total = total / self.rows.token_fraction  # unbiased: each row had chance r
+                sums[name] = done[id(g)] = total
+            counts[name] = g.acc.count
+        return sums, counts
 
 
 def _run_forward(model: nn.Module, batches: Iterable[Any], rows: _TokenRows,
@@ -297,7 +522,8 @@ def _per_parameter(hooked: list[Any], sums: dict[str, torch.Tensor], counts: dic
 def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = None,
                   mask_padding: bool = True, reduce: str = "mean",
                   dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
-                  max_batches: int | None = None, show_progress: bool = False) -> Statistic:
+                  max_batches: int | None = None, show_progress: bool = False,
+                  token_fraction: float = 1.0, seed: int = 0) -> Statistic:
     """Input Gram matrices of every linear map of ``model`` (RegMean, Jin et al. 2023).
 
     For a linear map with inputs x (flattened over batch and tokens to rows), accumulates
@@ -307,36 +533,43 @@ def collect_grams(model: nn.Module, batches: Iterable[Any], *, include: Any = No
     padding — pass ``mask_padding=False`` to reproduce it. ``include`` (a regex or a predicate on
     the parameter name) restricts the hooked layers. Accumulation is in ``dtype`` on the
     device of the activations; results are returned float32 on the CPU.
+
+    Layers that read the very same input tensor in a forward pass (e.g. the q/k/v projections
+    of a Llama block) share one product: it is computed once and written for each of them.
+
+    ``token_fraction`` r < 1 (opt-in; default 1, exact) uses a seeded (``seed``) random subset
+    of about r·n of the n rows of every batch (the same tokens for every layer; each row with
+    probability exactly r) and divides the sum by r: an unbiased estimate of the full Gram at
+    about r of the product's cost. Counts stay the full row counts; the statistic's meta
+    records ``token_fraction`` and ``seed``.
     """
     if reduce not in ("mean", "sum"):
         raise ValueError("reduce must be 'mean' or 'sum'")
     dev = torch.device(device) if device is not None else None
-    rows = _TokenRows(mask_padding)
-    accs: dict[str, _GramSum] = {}
+    rows = _TokenRows(mask_padding, token_fraction, seed)
+    shared = _SharedGrams(rows, dtype)
     hooked = linear_modules(model, _as_predicate(include))
 
     def make_hook(key: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = _first_input(args, kwargs)
-            if x is None:
-                return
-            acc = accs.get(key)
-            if acc is None:
-                acc = accs[key] = _GramSum(x.shape[-1], dtype, x.device)
-            acc.add(x, rows)
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else _first_input(args,
+                                                                                       kwargs)
+            if x is not None:
+                shared.add(key, x)
         return hook
 
     with _blas_threads():
         _run_with_pre_hooks(model, [(hw, make_hook(hw.module_name)) for hw in hooked],
                             batches, rows, dev, show_progress, "gram", max_batches)
-        sums = {k: a.total() for k, a in accs.items()}
-    counts = {k: a.count for k, a in accs.items()}
+        sums, counts = shared.totals()
     out, dims, cnt = _per_parameter(
         hooked, sums, counts,
         lambda g, n: g / max(n, 1) if reduce == "mean" else g,
         lambda hw: hw.input_dim)
-    return Statistic("gram", out, dims, cnt, {"reduce": reduce,
-                                              "mask_padding": str(mask_padding).lower()})
+    meta = {"reduce": reduce, "mask_padding": str(mask_padding).lower()}
+    if rows.token_fraction < 1.0:
+        meta.update({"token_fraction": repr(rows.token_fraction), "seed": str(seed)})
+    return Statistic("gram", out, dims, cnt, meta)
 
 
 def collect_activations(model: nn.Module, batches: Iterable[Any], *, include: Any = None,

@@ -2,6 +2,7 @@
 
     python -m modelalloy.stats.overhead [--suite synthetic|tiny-vision|tiny-lm] [--size full]
                                         [--repeats 7] [--threads 1]
+                                        [--gram-token-fraction R [R ...]]
                                         [--layers 4] [--dim 256] [--batches 16] [--tokens 128]
 
 Prints a Markdown table: **CPU seconds** (``time.process_time``: user + system time of this
@@ -10,6 +11,9 @@ pass over the batches and for each collector over the same batches, each the med
 ``--repeats`` interleaved rounds, and the ratio of the medians (plus the median of the per-round
 ratios). ``--threads`` (default 1) fixes torch's intra-op threads, so CPU time is not spent
 spinning in idle worker threads.
+
+``--gram-token-fraction`` adds a row per rate R < 1: Grams from a seeded random R of the
+token rows, rescaled (``collect_grams(..., token_fraction=R)``; the exact row stays).
 
 ``--suite synthetic`` (default) is a random GPT-2 config (``--layers``, ``--dim``, ...);
 ``tiny-vision`` / ``tiny-lm`` take the first merged task's expert of the built suite and the
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fisher-examples", type=int, default=4)
+    ap.add_argument("--gram-token-fraction", type=float, nargs="+", default=[],
+                    metavar="R", help="also time Grams on a fraction R of the token rows")
     args = ap.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 1 if args.suite == "synthetic" else 32
@@ -128,10 +134,13 @@ def main(argv: list[str] | None = None) -> None:
             for b in batches:
                 call_model(model, b)
 
-    rows = compare({"plain forward": plain,
-                    "gram": lambda: collect_grams(model, batches),
-                    "activations": lambda: collect_activations(model, batches)},
-                   args.repeats, args.device)
+    passes = {"plain forward": plain,
+              "gram": lambda: collect_grams(model, batches),
+              "activations": lambda: collect_activations(model, batches)}
+    for r in args.gram_token_fraction:
+        passes[f"gram, token fraction {r:g}"] = (
+            lambda r=r: collect_grams(model, batches, token_fraction=r))
+    rows = compare(passes, args.repeats, args.device)
     fisher_rows: list[tuple[str, float, float, float]] = []
     if args.suite == "synthetic" and args.fisher_examples > 0:
         fb = batches[: max(1, args.fisher_examples // args.batch_size)]
