@@ -63,9 +63,12 @@ def collect_missing(recipe: Recipe, spec: MethodSpec, device: str = "cpu") -> li
                     f"{model}: method '{spec.name}' needs '{kind}' statistics, which cannot "
                     f"be collected from calibration data (collectable: {', '.join(KINDS)}); "
                     "see docs/statistics.md")
+            options = ({"token_fraction": cal.gram_token_fraction}
+                       if kind == "gram" and cal.gram_token_fraction < 1.0 else {})
             path, _ = collect_for_model_dir(
                 model, data, kind, batch_size=cal.batch_size, max_length=cal.max_length,
-                limit=cal.limit, field=cal.field, device=device, show_progress=False)
+                limit=cal.limit, field=cal.field, device=device, show_progress=False,
+                **options)
             written.append(path)
     return written
 

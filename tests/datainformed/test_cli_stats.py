@@ -49,6 +49,28 @@ def test_stats_command_writes_gram_file(tmp_path, tiny_gpt2, app):
     assert (tmp_path / "m" / "stats" / "activations.safetensors").is_file()
 
 
+def test_stats_command_subsamples_tokens_for_grams(tmp_path, tiny_gpt2, app):
+    model = tiny_gpt2(0)
+    model.save_pretrained(tmp_path / "m")
+    rows = [{"input_ids": list(range(1 + i, 9 + i))} for i in range(12)]
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["stats", str(tmp_path / "m"), "--data", str(data),
+                                      "--kind", "gram", "--gram-token-fraction", "0.5",
+                                      "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    reader = StatsReader(tmp_path / "m" / "stats" / "gram.safetensors")
+    key = "transformer.h.0.mlp.c_fc.weight"
+    expect = collect_grams(model, load_calibration(data, batch_size=8), token_fraction=0.5,
+                           seed=3)
+    torch.testing.assert_close(reader[key], expect[key])
+    exact = collect_grams(model, load_calibration(data, batch_size=8))
+    assert not torch.allclose(reader[key], exact[key])
+    bad = CliRunner().invoke(app, ["stats", str(tmp_path / "m"), "--data", str(data),
+                                   "--kind", "gram", "--gram-token-fraction", "0"])
+    assert bad.exit_code != 0 and "--gram-token-fraction must be in (0, 1]" in str(bad.exception)
+
+
 def test_calibration_files(tmp_path):
     (tmp_path / "p.txt").write_text("hello\n\nworld\n")
     assert read_records(tmp_path / "p.txt") == ["hello", "world"]

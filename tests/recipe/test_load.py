@@ -483,6 +483,12 @@ def test_calibration_block(tmp_path):
     assert "calibration" in recipe.to_yaml() and "limit: 64" in recipe.to_yaml()
     with pytest.raises(RecipeError, match=r"calibration\.data.*not found"):
         parse_recipe(head + "calibration: {data: nope.txt}\n", base_dir=tmp_path)
+    sampled = parse_recipe(head + "calibration: {data: calib.txt, gram_token_fraction: 0.3}\n",
+                           base_dir=tmp_path)
+    assert sampled.calibration.gram_token_fraction == 0.3
+    with pytest.raises(RecipeError, match=r"calibration\.gram_token_fraction"):
+        parse_recipe(head + "calibration: {data: calib.txt, gram_token_fraction: 0}\n",
+                     base_dir=tmp_path)
     with pytest.raises(RecipeError, match=r"calibration\.batch_sise"):
         parse_recipe(head + "calibration: {data: calib.txt, batch_sise: 4}\n",
                      base_dir=tmp_path)

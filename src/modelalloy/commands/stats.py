@@ -41,6 +41,10 @@ def register(app: typer.Typer) -> None:
         compress: Annotated[str, typer.Option(
             help="exp_avg_sq: none, or rank1 (AdaFactor-lemma reconstruction r cᵀ/Σv).")]
             = "none",
+        gram_token_fraction: Annotated[float, typer.Option(
+            help="gram: keep each token with this probability (seeded; the Gram is divided "
+                 "by it, so unbiased). 1 = exact.")] = 1.0,
+        seed: Annotated[int, typer.Option(help="gram: seed of the token subsample.")] = 0,
     ) -> None:
         """Collect statistics of MODEL on calibration data and save them next to it."""
         from modelalloy.errors import CheckpointError
@@ -60,6 +64,12 @@ def register(app: typer.Typer) -> None:
         options: dict = {"include": include}
         if kind in ("gram", "activations"):
             options["mask_padding"] = not include_padding
+        if not 0.0 < gram_token_fraction <= 1.0:
+            raise CheckpointError(f"--gram-token-fraction must be in (0, 1], not "
+                                  f"{gram_token_fraction}")
+        if kind == "gram" and gram_token_fraction < 1.0:
+            options["token_fraction"] = gram_token_fraction
+            options["seed"] = seed
         if kind == "fisher":
             options["mode"] = fisher_mode
         path, seconds = collect_for_model_dir(model, data, kind, out=out,

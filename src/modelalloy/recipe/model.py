@@ -139,6 +139,9 @@ class Calibration(BaseModel):
     max_length: int = 512
     limit: int | None = None  # at most this many examples
     field: str | None = None  # the JSONL field holding the text
+    # Grams from a seeded random share of the tokens (each kept with this probability, the sum
+    # divided by it: unbiased); 1 = every token (exact). See docs/statistics.md.
+    gram_token_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
 class Recipe(BaseModel):
