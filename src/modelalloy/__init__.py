@@ -1,5 +1,6 @@
 """modelalloy: merge fine-tuned neural networks."""
 
+import gc
 import os
 
 # Back torch's large CPU allocations with transparent huge pages. Merging allocates a fresh
@@ -9,7 +10,16 @@ import os
 # takes effect when modelalloy is imported before torch allocates (always true for the CLI).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from modelalloy.api import merge, merge_state_dicts
+# Importing torch creates about a million objects, and the cyclic collector's passes over them
+# are 0.3 s of a CLI start (2.1 s -> 1.8 s without them). Nothing in the import makes cycles
+# worth collecting, so the collector is paused for it and restored as it was.
+_collecting = gc.isenabled()
+gc.disable()
+try:
+    from modelalloy.api import merge, merge_state_dicts
+finally:
+    if _collecting:
+        gc.enable()
 
 __version__ = "0.1.0"
 __all__ = ["merge", "merge_state_dicts", "__version__"]

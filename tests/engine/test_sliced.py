@@ -234,3 +234,41 @@ def test_the_fused_path_runs_when_numba_is_installed(tmp_path, slice_path):
         merge(recipe, tmp_path / "out")
     # one kernel per sliced tensor (big.weight, exact.weight) on the fused path, none otherwise
     assert factory.call_count == (2 if slice_path == "fused" else 0)
+
+
+@pytest.mark.parametrize("experts", [1, 2])
+@pytest.mark.parametrize("spread", [0.01, 3.0])
+def test_slerp_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, experts, spread):
+    """SLERP's norms and dot are gathered in a first pass over the slices, then it
+    interpolates slice by slice: the same bits as the whole-tensor merge, for the lerp
+    fallback (spread 0.01: near-parallel) and true SLERP (spread 3: far apart)."""
+    from modelalloy.api import merge_state_dicts
+
+    gen = torch.Generator().manual_seed(4)
+    n = 3 * SLICE_ELEMENTS + 77
+    base = {"w": torch.randn(n, generator=gen)}
+    others = [{"w": base["w"] + spread * torch.randn(n, generator=gen)}
+              for _ in range(experts)]
+    folders = _save_folders(tmp_path, [base, *others])
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: slerp\nbase_model: {folders[0]}\n"
+                          "parameters: {t: 0.3}\nmodels:\n"
+                          + "".join(f"  - model: {f}\n" for f in folders[1:]))
+    one = _load(merge(recipe, tmp_path / "t1", threads=1).path)["w"]
+    two = _load(merge(recipe, tmp_path / "t2", threads=2).path)["w"]
+    whole = merge_state_dicts("slerp", base, others, t=0.3)["w"]
+    assert torch.equal(one, whole) and torch.equal(two, whole)
+    # and the formula, worked out in float64 on the whole vectors
+    v0, v1 = ((base["w"].double(), others[0]["w"].double()) if experts == 1 else
+              (others[0]["w"].double() - base["w"].double(),
+               others[1]["w"].double() - base["w"].double()))
+    dot = float(v0 @ v1) / float(v0.norm() * v1.norm())
+    if abs(dot) > 0.9995:
+        want = 0.7 * v0 + 0.3 * v1
+    else:
+        omega = torch.arccos(torch.tensor(dot, dtype=torch.float64))
+        want = (torch.sin(0.7 * omega) * v0 + torch.sin(0.3 * omega) * v1) / torch.sin(omega)
+    if experts == 2:
+        want = want + base["w"].double()
+    assert (abs(dot) > 0.9995) == (spread == 0.01 and experts == 1)
+    torch.testing.assert_close(one.double(), want, rtol=0, atol=1e-5)

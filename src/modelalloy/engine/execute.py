@@ -22,7 +22,6 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -34,6 +33,7 @@ from modelalloy.errors import NonFiniteError, PlanError
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.methods.registry import MergeContext, TensorGroup
 from modelalloy.plan.planner import SLICE_ELEMENTS, MergePlan, PlanEntry
+from modelalloy.threads import one_intra_op_thread
 
 StatsLoader = Callable[[str], dict[str, list[torch.Tensor | None]]]
 # (slice start, element count) -> the merged slice in the output dtype, or None when an input
@@ -132,19 +132,21 @@ class PlanExecutor:
         same float32 operations on the same elements); no full-size buffer is made. False
         when an input slice holds a NaN/Inf: the whole-tensor path then reports or tolerates
         it with its full count."""
-        with _one_intra_op_thread():
+        with one_intra_op_thread():
             return self._merge_slices(entry, writer)
 
     def _merge_slices(self, entry: PlanEntry, writer: TensorWriter) -> bool:
         spec, ctx = self.plan.spec, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
         step = entry.slice_length
+        if spec.slice_reduce is not None and not self._reduce_slices(entry, ctx):
+            return False
         merge_slice = self._fused_slice(entry, ctx) or self._torch_slice(entry, ctx)
         # A method that settles some elements after the last slice (finish_slices) keeps the
-        # merged tensor in memory until then (its output bytes, which working_bytes counts):
-        # patching scattered elements of a written file costs far more (a page fault or a
-        # write call per element).
-        held = (torch.empty(entry.numel, dtype=entry.out_dtype)
+        # merged tensor in memory until then (its output bytes, which working_bytes counts;
+        # one buffer per thread, reused): patching scattered elements of a written file costs
+        # far more (a page fault or a write call per element).
+        held = (self._buffers("held", entry.out_dtype, entry.numel)[:entry.numel]
                 if spec.finish_slices is not None else None)
         writer.begin(entry.name)
         for start in range(0, entry.numel, step):
@@ -165,23 +167,42 @@ class PlanExecutor:
         writer.end(entry.name)
         return True
 
+    def _read_slice(self, entry: PlanEntry, start: int, count: int
+                    ) -> tuple[torch.Tensor | None, list[torch.Tensor]] | None:
+        """(base, experts) of one slice in float32, in this thread's reused buffers; None
+        when an input slice holds a NaN/Inf."""
+        step, unit = entry.slice_length, entry.slice_unit
+        inputs = []
+        for index, ckpt in enumerate(self.plan.sources):
+            raw = self._buffers(index, ckpt.info(entry.name).dtype, step)[:count]
+            wide = self._buffers(("float32", index), torch.float32, step)[:count]
+            wide.copy_(ckpt.get_slice(entry.name, start, raw))
+            if not all_finite(wide):
+                return None
+            inputs.append(wide if unit == 1 else wide.view(-1, unit))
+        return self._split(inputs)
+
+    def _reduce_slices(self, entry: PlanEntry, ctx: MergeContext) -> bool:
+        """The first pass of a method with ``slice_reduce``; False on a NaN/Inf input."""
+        for start in range(0, entry.numel, entry.slice_length):
+            count = min(entry.slice_length, entry.numel - start)
+            split = self._read_slice(entry, start, count)
+            if split is None:
+                return False
+            ctx.slice_start = start
+            self.plan.spec.slice_reduce(*split, entry.params, ctx)
+        return True
+
     def _torch_slice(self, entry: PlanEntry, ctx: MergeContext) -> SliceMerger:
         """Slices through the method's torch code: read, upcast, merge, cast down."""
-        spec, sources = self.plan.spec, self.plan.sources
-        step, unit = entry.slice_length, entry.slice_unit
-        out = self._buffers("out", entry.out_dtype, step)
+        spec = self.plan.spec
+        out = self._buffers("out", entry.out_dtype, entry.slice_length)
 
         def merge_slice(start: int, count: int) -> torch.Tensor | None:
-            inputs = []
-            for index, ckpt in enumerate(sources):
-                raw = self._buffers(index, ckpt.info(entry.name).dtype, step)[:count]
-                wide = self._buffers(("float32", index), torch.float32, step)[:count]
-                wide.copy_(ckpt.get_slice(entry.name, start, raw))
-                if not all_finite(wide):
-                    return None
-                inputs.append(wide if unit == 1 else wide.view(-1, unit))
-            base, experts = self._split(inputs)
-            return out[:count].copy_(spec(base, experts, entry.params, ctx).reshape(-1))
+            split = self._read_slice(entry, start, count)
+            if split is None:
+                return None
+            return out[:count].copy_(spec(*split, entry.params, ctx).reshape(-1))
         return merge_slice
 
     def _fused_slice(self, entry: PlanEntry, ctx: MergeContext) -> SliceMerger | None:
@@ -277,23 +298,6 @@ class PlanExecutor:
                 for fut in pending:
                     fut.cancel()
                 raise
-
-
-@contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """Run this thread's torch ops on one core. A slice is too small to split: with the merge
-    threads already one per core, torch's intra-op team only adds wake-ups and spinning
-    (a dare_ties slice loop took 15x the CPU time with 2 intra-op threads on a loaded 2-core
-    machine, 1.0x when idle). Elementwise ops give the same bits at any thread count."""
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -266,9 +266,15 @@ def _shard_name(i: int, n: int) -> str:
     return SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+# Largest single write call. Buffered writes hold the file's inode lock while they copy: with
+# tensor-sized calls the other merge threads writing to the same shard spin on that lock
+# (a 1B dare_ties merge spent 4 s of CPU in the kernel that way; 1 MiB calls removed it).
+_WRITE_CHUNK = 1 << 20
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
-        n = os.pwrite(fd, data, offset)
+        n = os.pwrite(fd, data[:_WRITE_CHUNK], offset)
         if n <= 0:
             raise OSError("short write")
         data = data[n:]

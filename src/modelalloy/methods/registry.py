@@ -200,6 +200,12 @@ class MethodSpec:
     # given to the method shaped (rows, row length).
     rowwise: bool | Callable[[dict[str, Any]], bool] = False
 
+    # For a method that is elementwise once a few whole-tensor sums are known (SLERP's norms and
+    # dot): called on every slice, in order, in a first pass over a large tensor; it adds its
+    # sums to ``ctx.streams``, where the method reads them in the second, elementwise pass.
+    slice_reduce: Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any],
+                            MergeContext], None] | None = None
+
     # A fused kernel for the sliced path, used when numba is installed: the name of a factory
     # in ``modelalloy.kernels.slices`` that maps the tensor's resolved parameters to a kernel
     # (or to None: those parameters keep the torch path). It must give the torch path's bits.
@@ -280,6 +286,9 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                                                        torch.Tensor]]]
                     | None = None,
                     slice_kernel: str | None = None,
+                    slice_reduce: Callable[[torch.Tensor | None, list[torch.Tensor],
+                                            dict[str, Any], MergeContext], None]
+                    | None = None,
                     ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema."""
 
@@ -291,7 +300,8 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                      max_models=max_models, prepare=prepare, aliases=aliases,
                                      stats=stats, stats_from=stats_from,
                                      elementwise=elementwise, rowwise=rowwise,
-                                     finish_slices=finish_slices, slice_kernel=slice_kernel)
+                                     finish_slices=finish_slices, slice_kernel=slice_kernel,
+                                     slice_reduce=slice_reduce)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn
