@@ -161,3 +161,32 @@ def sfc64_fill_pair(state0, words0, state1, words1):
         words1[n - 1] = np.uint32(t1 & np.uint64(0xFFFFFFFF))
     state0[0], state0[1], state0[2], state0[3] = a0, b0, c0, w0
     state1[0], state1[1], state1[2], state1[3] = a1, b1, c1, w1
+
+
+@njit(**JIT)
+def sfc64_fill_triple(state0, words0, state1, words1, state2, words2):
+    """:func:`sfc64_fill_pair` for three streams (dare_ties' usual three experts)."""
+    a0, b0, c0, w0 = state0[0], state0[1], state0[2], state0[3]
+    a1, b1, c1, w1 = state1[0], state1[1], state1[2], state1[3]
+    a2, b2, c2, w2 = state2[0], state2[1], state2[2], state2[3]
+    n = words0.size
+    pairs0 = words0[:n - n % 2].view(np.uint64)
+    pairs1 = words1[:n - n % 2].view(np.uint64)
+    pairs2 = words2[:n - n % 2].view(np.uint64)
+    for i in range(pairs0.size):
+        a0, b0, c0, w0, t0 = _sfc64_step(a0, b0, c0, w0)
+        a1, b1, c1, w1, t1 = _sfc64_step(a1, b1, c1, w1)
+        a2, b2, c2, w2, t2 = _sfc64_step(a2, b2, c2, w2)
+        pairs0[i] = t0
+        pairs1[i] = t1
+        pairs2[i] = t2
+    if n % 2:
+        a0, b0, c0, w0, t0 = _sfc64_step(a0, b0, c0, w0)
+        a1, b1, c1, w1, t1 = _sfc64_step(a1, b1, c1, w1)
+        a2, b2, c2, w2, t2 = _sfc64_step(a2, b2, c2, w2)
+        words0[n - 1] = np.uint32(t0 & np.uint64(0xFFFFFFFF))
+        words1[n - 1] = np.uint32(t1 & np.uint64(0xFFFFFFFF))
+        words2[n - 1] = np.uint32(t2 & np.uint64(0xFFFFFFFF))
+    state0[0], state0[1], state0[2], state0[3] = a0, b0, c0, w0
+    state1[0], state1[1], state1[2], state1[3] = a1, b1, c1, w1
+    state2[0], state2[1], state2[2], state2[3] = a2, b2, c2, w2

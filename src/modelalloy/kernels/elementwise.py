@@ -27,6 +27,7 @@ from modelalloy.kernels._numba import (
     narrow,
     sfc64_fill,
     sfc64_fill_pair,
+    sfc64_fill_triple,
     sign,
     widen,
 )
@@ -116,37 +117,46 @@ KEEP_ALL, DROP_ALL, DROP_RANDOM = 0, 1, 2
 
 
 @njit(inline="always")
-def _dare_deltas(src, c0, n, modes, states, thresholds, rescale, inv_density, words, d):
+def _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density, words,
+                 d):
     """d[t, :n] = DARE's δ̃_t on this chunk: (θ_t − θ_0)·m_t, then ·(1/density) (float32).
-    ``words`` (models × CHUNK) takes the keep draws, two streams at a time."""
+    ``random`` lists the models that drop at random; ``words`` (models × CHUNK) takes their
+    keep draws."""
     base = src[0, c0:c0 + n]
-    pending = -1  # a dropping model whose draws wait for a partner stream
-    for t in range(d.shape[0]):
-        if modes[t] == DROP_RANDOM:
-            if pending < 0:
-                pending = t
-            else:
-                sfc64_fill_pair(states[pending], words[pending, :n], states[t], words[t, :n])
-                pending = -1
-    if pending >= 0:
-        sfc64_fill(states[pending], words[pending, :n])
+    # the dropping models' streams, three (or two) at a time: independent chains interleave
+    drawn = 0
+    while drawn < random.size:
+        left = random.size - drawn
+        i = random[drawn]
+        if left >= 3:
+            j, k = random[drawn + 1], random[drawn + 2]
+            sfc64_fill_triple(states[i], words[i, :n], states[j], words[j, :n],
+                              states[k], words[k, :n])
+            drawn += 3
+        elif left == 2:
+            j = random[drawn + 1]
+            sfc64_fill_pair(states[i], words[i, :n], states[j], words[j, :n])
+            drawn += 2
+        else:
+            sfc64_fill(states[i], words[i, :n])
+            drawn += 1
     for t in range(d.shape[0]):
         row = src[1 + t, c0:c0 + n]
         mode = modes[t]
         if mode == DROP_ALL:
             d[t, :n] = 0.0
             continue
-        for j in range(n):
-            d[t, j] = widen(row[j]) - widen(base[j])
         if mode == KEEP_ALL:
-            continue
-        thr = thresholds[t]
-        for j in range(n):
-            d[t, j] = d[t, j] * np.float32(words[t, j] < thr)
-        if rescale:
-            inv = inv_density[t]
             for j in range(n):
-                d[t, j] = d[t, j] * inv
+                d[t, j] = widen(row[j]) - widen(base[j])
+            continue
+        thr, inv = thresholds[t], inv_density[t]
+        if rescale:  # ((θ − θ_0)·m)·(1/density): two roundings, as torch's two multiplies
+            for j in range(n):
+                d[t, j] = ((widen(row[j]) - widen(base[j])) * np.float32(words[t, j] < thr)) * inv
+        else:
+            for j in range(n):
+                d[t, j] = (widen(row[j]) - widen(base[j])) * np.float32(words[t, j] < thr)
 
 
 @njit(**JIT)
@@ -163,10 +173,12 @@ def dare_linear_kernel(src, count, out, modes, states, thresholds, rescale, inv_
     nexp = src.shape[0] - 1
     d = np.empty((nexp, CHUNK), np.float32)
     words = np.empty((nexp, CHUNK), np.uint32)
+    random = np.nonzero(modes == DROP_RANDOM)[0]
     base = src[0]
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
-        _dare_deltas(src, c0, n, modes, states, thresholds, rescale, inv_density, words, d)
+        _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density,
+                     words, d)
         acc = d[0]
         if not unit[0]:
             for j in range(n):
@@ -213,6 +225,7 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
     nexp = src.shape[0] - 1
     d = np.empty((nexp, CHUNK), np.float32)
     words = np.empty((nexp, CHUNK), np.uint32)
+    random = np.nonzero(modes == DROP_RANDOM)[0]
     gamma = np.empty(CHUNK, np.float32)
     acc = np.empty(CHUNK, np.float32)
     den = np.empty(CHUNK, np.float32)
@@ -222,7 +235,8 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
     nfix = 0
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
-        _dare_deltas(src, c0, n, modes, states, thresholds, rescale, inv_density, words, d)
+        _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density,
+                     words, d)
         # The loops below run over the chunk with the model loop outside, so they vectorize.
         if weighted_vote:
             w0 = weights[0]
@@ -258,25 +272,28 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
                         for t in range(nexp):
                             fix_deltas[t, nfix] = d[t, j]
                         nfix += 1
+        # a_t = relu(δ̃_t·γ) (relu keeps −0.0, as torch's does), summed as it is made; kept
+        # in d only when the normalisation needs sign(a_t)
         for t in range(nexp):
             w = weights[t]
-            for j in range(n):
-                x = d[t, j] * gamma[j]
-                d[t, j] = np.float32(0.0) if x < 0 else x  # relu keeps −0.0, as torch's does
-        if unit[0]:
-            acc[:n] = d[0, :n]
-        else:
-            w0 = weights[0]
-            for j in range(n):
-                acc[j] = d[0, j] * w0
-        for t in range(1, nexp):
-            w = weights[t]
-            if unit[t]:
+            if t == 0:
                 for j in range(n):
-                    acc[j] = acc[j] + d[t, j]
+                    x = d[0, j] * gamma[j]
+                    a = np.float32(0.0) if x < 0 else x
+                    acc[j] = a if unit[0] else a * w
+                    d[0, j] = a
+            elif unit[t]:
+                for j in range(n):
+                    x = d[t, j] * gamma[j]
+                    a = np.float32(0.0) if x < 0 else x
+                    acc[j] = acc[j] + a
+                    d[t, j] = a
             else:
                 for j in range(n):
-                    acc[j] = fma(d[t, j], w, acc[j])
+                    x = d[t, j] * gamma[j]
+                    a = np.float32(0.0) if x < 0 else x
+                    acc[j] = fma(a, w, acc[j])
+                    d[t, j] = a
         if normalize:
             w0 = weights[0]
             for j in range(n):
