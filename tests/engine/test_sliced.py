@@ -223,14 +223,18 @@ def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, meth
         assert torch.equal(out[name], whole[name]), name
 
 
-def test_the_fused_path_runs_when_numba_is_installed(tmp_path, slice_path):
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "breadcrumbs", "task_arithmetic"])
+def test_the_fused_path_runs_when_numba_is_installed(tmp_path, slice_path, method):
     from modelalloy.kernels import slices
 
     models = _models(tmp_path, [torch.bfloat16] * 3)
-    recipe = write_recipe(tmp_path / "r.yaml", "merge_method: dare_ties\n"
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: {method}\n"
                           f"base_model: {models[0]}\nparameters: {{density: 0.5}}\nmodels:\n"
                           + "".join(f"  - model: {m}\n" for m in models[1:]))
-    with mock.patch.object(slices, "dare_ties", wraps=slices.dare_ties) as factory:
+    if method == "task_arithmetic":
+        recipe.write_text(recipe.read_text().replace("density", "lambda"))
+    factory_of = getattr(slices, method)
+    with mock.patch.object(slices, method, wraps=factory_of) as factory:
         merge(recipe, tmp_path / "out")
     # one kernel per sliced tensor (big.weight, exact.weight) on the fused path, none otherwise
     assert factory.call_count == (2 if slice_path == "fused" else 0)
@@ -272,3 +276,41 @@ def test_slerp_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, experts, s
         want = want + base["w"].double()
     assert (abs(dot) > 0.9995) == (spread == 0.01 and experts == 1)
     torch.testing.assert_close(one.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("density", "extra"), [(0.2, ""), (0.2, "vote: weighted, "),
+                                                ([0.3, 1.0, 0.0], "normalize: false, "),
+                                                (0.999, "")])
+def test_ties_sliced_in_three_passes_equals_the_whole_tensor(tmp_path, density, extra):
+    """TIES keeps exactly int(density·n) entries per tensor: histogram and in-bin passes over
+    the slices find each model's threshold, and the trim pass keeps the ties at it in index
+    order — the whole-tensor merge's entries, with many equal magnitudes (quantized deltas)
+    and exact cancellations for the paper vote's zero sums."""
+    from modelalloy.api import merge_state_dicts
+    from modelalloy.engine.run import make_plan
+    from modelalloy.recipe import load_recipe
+
+    gen = torch.Generator().manual_seed(6)
+    n = 3 * SLICE_ELEMENTS + 999
+    base = {"w": torch.randn(n, generator=gen)}
+    steps = [torch.randint(-3, 4, (n,), generator=gen).float() * 2.0 ** -6 for _ in range(3)]
+    steps[1][::5] = -steps[0][::5]  # cancellations
+    experts = [{"w": base["w"] + s} for s in steps]
+    folders = _save_folders(tmp_path, [base, *experts])
+    dens = density if isinstance(density, list) else [density] * 3
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: ties\nbase_model: {folders[0]}\n"
+                          f"parameters: {{{extra}lambda: 0.9}}\nmodels:\n"
+                          + "".join(f"  - model: {f}\n    parameters: {{density: {d}}}\n"
+                                    for f, d in zip(folders[1:], dens, strict=True)))
+    with ExitStack() as stack:
+        plan = make_plan(load_recipe(recipe), stack)
+        assert next(e for e in plan.entries if e.name == "w").sliced
+    out = _load(merge(recipe, tmp_path / "out", threads=2).path)["w"]
+    params = {"density": dens, "lambda": 0.9}
+    if "weighted" in extra:
+        params["vote"] = "weighted"
+    if "normalize" in extra:
+        params["normalize"] = False
+    whole = merge_state_dicts("ties", base, experts, **params)["w"]
+    assert torch.equal(out, whole)

@@ -174,3 +174,32 @@ def test_float64_inputs_take_the_generic_paths():
     assert torch.equal(band_trim_(x.double(), 0.2, 0.01).float(), band_trim_(x.clone(), 0.2, 0.01))
     assert torch.allclose(magprune_probabilities(x.double(), 0.5, 0.1).float(),
                           magprune_probabilities(x, 0.5, 0.1))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.0, 1.0, 1e-6])
+@pytest.mark.parametrize("slice_size", [4096, 7777])
+def test_sliced_top_k_keeps_the_entries_magnitude_trim_keeps(density, slice_size):
+    """Three passes over slices (histogram, the threshold's bin, trim with a running tie
+    count) keep what magnitude_trim_ keeps on the whole tensor: exactly int(density·n)
+    entries, ties at the threshold in index order."""
+    from modelalloy.methods._sparsify import SlicedTopK, magnitude_trim_
+
+    gen = torch.Generator().manual_seed(8)
+    n = 50_001
+    # few distinct magnitudes, many zeros: the threshold is tied many times over
+    deltas = [torch.randint(-5, 6, (n,), generator=gen).float() * 0.125 for _ in range(2)]
+    deltas[1][: n // 2] *= 1e-3  # a second scale, so the histogram's bins differ
+    trim = SlicedTopK([density, density])
+    slices = [(s, min(s + slice_size, n)) for s in range(0, n, slice_size)]
+    for t, d in enumerate(deltas):
+        for a, b in slices:
+            trim.count(t, d[a:b])
+    for t, d in enumerate(deltas):
+        for a, b in slices:
+            trim.collect(t, d[a:b])
+    for t, d in enumerate(deltas):
+        got = torch.cat([trim.trim_(t, d[a:b].clone()) for a, b in slices])
+        want = magnitude_trim_(d.clone(), density)
+        assert torch.equal(got, want)
+        if 0 < density < 1 and int(density * n) <= int((d != 0).sum()):
+            assert int((got != 0).sum()) == int(density * n)

@@ -109,8 +109,13 @@ class PlanExecutor:
                                   params=entry.params, ctx=self._context(entry))
 
     def prepare(self) -> None:
-        if self.plan.spec.prepare is not None:
-            self.global_stats = self.plan.spec.prepare(self.groups)
+        spec = self.plan.spec
+        if spec.prepare is None:
+            return
+        first = next((e for e in self.plan.entries if e.merge), None)
+        if spec.prepare_when is not None and (first is None or not spec.prepare_when(first.params)):
+            return  # skip the whole-model pass (reading every tensor) when it has nothing to do
+        self.global_stats = spec.prepare(self.groups)
 
     def sliced(self, entry: PlanEntry) -> bool:
         """Whether ``entry`` is merged a slice at a time (elementwise method, CPU)."""
@@ -139,9 +144,18 @@ class PlanExecutor:
         spec, ctx = self.plan.spec, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
         step = entry.slice_length
-        if spec.slice_reduce is not None and not self._reduce_slices(entry, ctx):
-            return False
-        merge_slice = self._fused_slice(entry, ctx) or self._torch_slice(entry, ctx)
+        kernel = self._kernel(entry)
+        # a kernel takes the counting passes too when it has them all (its state is the
+        # method's own, so either way gives the same bits); otherwise the torch path does all
+        passes = getattr(kernel, "passes", ())
+        if kernel is not None and len(passes) == len(spec.slice_reduce):
+            if not self._fused_reduce(entry, ctx, passes):
+                return False
+            merge_slice = self._fused_slice(entry, ctx, kernel)
+        else:
+            if not self._reduce_slices(entry, ctx):
+                return False
+            merge_slice = self._torch_slice(entry, ctx)
         # A method that settles some elements after the last slice (finish_slices) keeps the
         # merged tensor in memory until then (its output bytes, which working_bytes counts;
         # one buffer per thread, reused): patching scattered elements of a written file costs
@@ -183,14 +197,16 @@ class PlanExecutor:
         return self._split(inputs)
 
     def _reduce_slices(self, entry: PlanEntry, ctx: MergeContext) -> bool:
-        """The first pass of a method with ``slice_reduce``; False on a NaN/Inf input."""
-        for start in range(0, entry.numel, entry.slice_length):
-            count = min(entry.slice_length, entry.numel - start)
-            split = self._read_slice(entry, start, count)
-            if split is None:
-                return False
-            ctx.slice_start = start
-            self.plan.spec.slice_reduce(*split, entry.params, ctx)
+        """The method's ``slice_reduce`` passes, each over every slice in order; False on a
+        NaN/Inf input."""
+        for reduce in self.plan.spec.slice_reduce:
+            for start in range(0, entry.numel, entry.slice_length):
+                count = min(entry.slice_length, entry.numel - start)
+                split = self._read_slice(entry, start, count)
+                if split is None:
+                    return False
+                ctx.slice_start = start
+                reduce(*split, entry.params, ctx)
         return True
 
     def _torch_slice(self, entry: PlanEntry, ctx: MergeContext) -> SliceMerger:
@@ -205,29 +221,50 @@ class PlanExecutor:
             return out[:count].copy_(spec(*split, entry.params, ctx).reshape(-1))
         return merge_slice
 
-    def _fused_slice(self, entry: PlanEntry, ctx: MergeContext) -> SliceMerger | None:
-        """Slices through the method's fused kernel (``modelalloy.kernels``), if it has one
-        for these parameters and dtypes and numba is installed: one pass from the stored
-        bits to the output's, the same bits as :meth:`_torch_slice`."""
-        spec, sources = self.plan.spec, self.plan.sources
-        dtypes = [ckpt.info(entry.name).dtype for ckpt in sources]
-        if spec.slice_kernel is None or not kernels.available() \
-                or not kernels.supports(dtypes, entry.out_dtype):
+    def _kernel(self, entry: PlanEntry) -> Any:
+        """The method's fused kernel (``modelalloy.kernels``) for this tensor, if it has one for
+        these parameters and dtypes and numba is installed; else None (the torch path)."""
+        spec = self.plan.spec
+        if spec.slice_kernel is None or not kernels.available() or not kernels.supports(
+                [ckpt.info(entry.name).dtype for ckpt in self.plan.sources], entry.out_dtype):
             return None
         from modelalloy.kernels import slices
 
-        kernel = getattr(slices, spec.slice_kernel)(entry.params)
-        if kernel is None:
-            return None
-        step = entry.slice_length
-        raw = self._buffers(("sources", len(sources)), dtypes[0],
-                            len(sources) * step)[:len(sources) * step].view(len(sources), step)
-        out = self._buffers("out", entry.out_dtype, step)
-        raw_bits, out_bits = kernels.bits(raw), kernels.bits(out)
+        return getattr(slices, spec.slice_kernel)(entry.params)
 
-        def merge_slice(start: int, count: int) -> torch.Tensor | None:
+    def _raw_reader(self, entry: PlanEntry) -> tuple[Callable[[int, int], None], Any]:
+        """(read(start, count) of every source's stored bits into one (sources × slice)
+        buffer of this thread, that buffer's NumPy view)."""
+        sources, step = self.plan.sources, entry.slice_length
+        raw = self._buffers(("sources", len(sources)), sources[0].info(entry.name).dtype,
+                            len(sources) * step)[:len(sources) * step].view(len(sources), step)
+
+        def read(start: int, count: int) -> None:
             for index, ckpt in enumerate(sources):
                 ckpt.get_slice(entry.name, start, raw[index, :count])
+        return read, kernels.bits(raw)
+
+    def _fused_reduce(self, entry: PlanEntry, ctx: MergeContext, passes: Any) -> bool:
+        """The kernel's counting passes (its ``passes``, as the method's ``slice_reduce``)."""
+        read, raw_bits = self._raw_reader(entry)
+        for reduce in passes:
+            for start in range(0, entry.numel, entry.slice_length):
+                count = min(entry.slice_length, entry.numel - start)
+                read(start, count)
+                ctx.slice_start = start
+                if not reduce(raw_bits, count, ctx, entry.slice_unit):
+                    return False
+        return True
+
+    def _fused_slice(self, entry: PlanEntry, ctx: MergeContext, kernel: Any) -> SliceMerger:
+        """Slices through the fused kernel: one pass from the stored bits to the output's,
+        the same bits as :meth:`_torch_slice`."""
+        read, raw_bits = self._raw_reader(entry)
+        out = self._buffers("out", entry.out_dtype, entry.slice_length)
+        out_bits = kernels.bits(out)
+
+        def merge_slice(start: int, count: int) -> torch.Tensor | None:
+            read(start, count)
             if not kernel(raw_bits, count, out_bits, ctx, entry.slice_unit):
                 return None
             return out[:count]

@@ -22,6 +22,7 @@ from numba import njit
 
 from modelalloy.kernels._numba import (
     JIT,
+    f32_to_bits,
     fma,
     is_nonfinite,
     narrow,
@@ -200,6 +201,89 @@ def dare_linear_kernel(src, count, out, modes, states, thresholds, rescale, inv_
     return True
 
 
+@njit(inline="always")
+def _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
+                     weighted_vote, fix_index, fix_deltas, nfix, gamma, acc, den, spread):
+    """TIES' election and disjoint merge of the chunk's δ̃ (``d``, models × n), written to
+    ``out``; returns (Σ sign(Σ_t δ̃_t), the new fix-up count). See :func:`dare_ties_kernel`."""
+    nexp = d.shape[0]
+    signs = 0
+    # The loops below run over the chunk with the model loop outside, so they vectorize.
+    if weighted_vote:
+        w0 = weights[0]
+        for j in range(n):
+            acc[j] = d[0, j] * w0
+        for t in range(1, nexp):
+            w = weights[t]
+            for j in range(n):
+                acc[j] = fma(d[t, j], w, acc[j])
+        for j in range(n):
+            gamma[j] = np.float32(-1.0) if acc[j] < 0 else np.float32(1.0)
+    else:
+        acc[:n] = d[0, :n]
+        for j in range(n):
+            spread[j] = abs(d[0, j])
+        for t in range(1, nexp):
+            for j in range(n):
+                acc[j] = acc[j] + d[t, j]
+                spread[j] = spread[j] + abs(d[t, j])
+        undecided = 0
+        for j in range(n):
+            s = sign(acc[j])
+            signs += np.int64(s)
+            gamma[j] = s if s != 0 else np.float32(1.0)
+            # a zero sum that some δ̃_t ≠ 0 made (spread ≠ 0): its γ waits for the majority
+            flag = np.float32(s == 0 and spread[j] != 0)
+            spread[j] = flag
+            undecided += np.int64(flag)
+        if undecided:
+            for j in range(n):
+                if spread[j] != 0:
+                    fix_index[nfix] = c0 + j
+                    for t in range(nexp):
+                        fix_deltas[t, nfix] = d[t, j]
+                    nfix += 1
+    # a_t = relu(δ̃_t·γ) (relu keeps −0.0, as torch's does), summed as it is made; kept
+    # in d only when the normalisation needs sign(a_t)
+    for t in range(nexp):
+        w = weights[t]
+        if t == 0:
+            for j in range(n):
+                x = d[0, j] * gamma[j]
+                a = np.float32(0.0) if x < 0 else x
+                acc[j] = a if unit[0] else a * w
+                d[0, j] = a
+        elif unit[t]:
+            for j in range(n):
+                x = d[t, j] * gamma[j]
+                a = np.float32(0.0) if x < 0 else x
+                acc[j] = acc[j] + a
+                d[t, j] = a
+        else:
+            for j in range(n):
+                x = d[t, j] * gamma[j]
+                a = np.float32(0.0) if x < 0 else x
+                acc[j] = fma(a, w, acc[j])
+                d[t, j] = a
+    if normalize:
+        w0 = weights[0]
+        for j in range(n):
+            den[j] = sign(d[0, j]) if unit[0] else sign(d[0, j]) * w0
+        for t in range(1, nexp):
+            w = weights[t]
+            for j in range(n):
+                den[j] = fma(sign(d[t, j]), w, den[j])
+        for j in range(n):
+            acc[j] = acc[j] / max(den[j], min_weight)
+    b, o = base[c0:c0 + n], out[c0:c0 + n]
+    for j in range(n):
+        v = acc[j] * gamma[j]
+        if lam != 1:
+            v = v * lam
+        o[j] = narrow(v + widen(b[j]), o[0])
+    return signs, nfix
+
+
 @njit(**JIT)
 def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_density,
                      unit, weights, normalize, min_weight, lam, weighted_vote,
@@ -208,7 +292,7 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
     disjoint merge (``methods.ties.ties_core`` with ``_sparsify.elect_sign``/``combine_``).
 
     Paper vote: γ = sign(Σ_t δ̃_t) summed left to right, zero sums take +1 (the slice's
-    provisional majority, as ``dare._paper_vote_slice``); ``tally[0]`` += Σ sign(Σ_t δ̃_t), and
+    provisional majority, as ``ties.paper_vote_slice``); ``tally[0]`` += Σ sign(Σ_t δ̃_t), and
     every element whose sum is 0 while some δ̃_t ≠ 0 is listed in ``fix_index`` (its δ̃ in
     ``fix_deltas``, count in ``tally[1]``) for the whole-tensor majority fix-up. Weighted vote:
     γ = +1 where fma-accumulated Σ_t w_t δ̃_t ≥ 0, else −1.
@@ -237,79 +321,106 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
         n = min(CHUNK, count - c0)
         _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density,
                      words, d)
-        # The loops below run over the chunk with the model loop outside, so they vectorize.
-        if weighted_vote:
-            w0 = weights[0]
-            for j in range(n):
-                acc[j] = d[0, j] * w0
-            for t in range(1, nexp):
-                w = weights[t]
-                for j in range(n):
-                    acc[j] = fma(d[t, j], w, acc[j])
-            for j in range(n):
-                gamma[j] = np.float32(-1.0) if acc[j] < 0 else np.float32(1.0)
-        else:
-            acc[:n] = d[0, :n]
-            for j in range(n):
-                spread[j] = abs(d[0, j])
-            for t in range(1, nexp):
-                for j in range(n):
-                    acc[j] = acc[j] + d[t, j]
-                    spread[j] = spread[j] + abs(d[t, j])
-            undecided = 0
-            for j in range(n):
-                s = sign(acc[j])
-                signs += np.int64(s)
-                gamma[j] = s if s != 0 else np.float32(1.0)
-                # a zero sum that some δ̃_t ≠ 0 made (spread ≠ 0): its γ waits for the majority
-                flag = np.float32(s == 0 and spread[j] != 0)
-                spread[j] = flag
-                undecided += np.int64(flag)
-            if undecided:
-                for j in range(n):
-                    if spread[j] != 0:
-                        fix_index[nfix] = c0 + j
-                        for t in range(nexp):
-                            fix_deltas[t, nfix] = d[t, j]
-                        nfix += 1
-        # a_t = relu(δ̃_t·γ) (relu keeps −0.0, as torch's does), summed as it is made; kept
-        # in d only when the normalisation needs sign(a_t)
+        chunk_signs, nfix = _elect_and_merge(d, n, c0, base, out, unit, weights, normalize,
+                                             min_weight, lam, weighted_vote, fix_index,
+                                             fix_deltas, nfix, gamma, acc, den, spread)
+        signs += chunk_signs
+    tally[0] += signs
+    tally[1] = nfix
+    return True
+
+
+# TIES trim modes per model (``_sparsify.SlicedTopK``)
+TRIM_NONE, TRIM_ALL, TRIM_TOP_K = 0, 1, 2
+BIN_SHIFT = 16  # _sparsify._bin_keys: the upper 16 bits of |δ|'s float32 pattern
+NBINS = 1 << 15
+
+
+@njit(**JIT)
+def ties_count_kernel(src, count, trims, hist):
+    """TIES' first pass on one slice: ``hist[t]`` += the histogram of |θ_t − θ_0|'s bin keys,
+    for the models that trim. False (nothing counted) on a NaN/Inf input."""
+    bad = np.uint32(0)
+    for k in range(src.shape[0]):
+        for j in range(count):
+            bad |= is_nonfinite(widen(src[k, j]))
+    if bad:
+        return False
+    base = src[0, :count]
+    for t in range(src.shape[0] - 1):
+        if not trims[t]:
+            continue
+        row, h = src[1 + t, :count], hist[t]
+        for j in range(count):
+            h[f32_to_bits(abs(widen(row[j]) - widen(base[j]))) >> BIN_SHIFT] += 1
+    return True
+
+
+@njit(**JIT)
+def ties_collect_kernel(src, count, bins, values, found):
+    """TIES' second pass on one slice: the |θ_t − θ_0| whose bin key is ``bins[t]`` (−1:
+    none) into ``values[t, :found[t]]``."""
+    base = src[0, :count]
+    for t in range(src.shape[0] - 1):
+        found[t] = 0
+        if bins[t] < 0:
+            continue
+        row, b, m = src[1 + t, :count], bins[t], 0
+        for j in range(count):
+            mag = abs(widen(row[j]) - widen(base[j]))
+            if (f32_to_bits(mag) >> BIN_SHIFT) == b:
+                values[t, m] = mag
+                m += 1
+        found[t] = m
+
+
+@njit(**JIT)
+def ties_kernel(src, count, out, modes, thresholds, ties_left, unit, weights, normalize,
+                min_weight, lam, weighted_vote, fix_index, fix_deltas, tally):
+    """TIES on one slice, after the two counting passes: τ_t = θ_t − θ_0 trimmed to the
+    whole tensor's top k (``SlicedTopK.trim_``: |τ| > v, or |τ| = v while ``ties_left[t]``
+    > 0, counted down in index order; τ·1 or τ·0), then :func:`_elect_and_merge`."""
+    bad = np.uint32(0)
+    for k in range(src.shape[0]):
+        for j in range(count):
+            bad |= is_nonfinite(widen(src[k, j]))
+    if bad:
+        return False
+    nexp = src.shape[0] - 1
+    d = np.empty((nexp, CHUNK), np.float32)
+    gamma = np.empty(CHUNK, np.float32)
+    acc = np.empty(CHUNK, np.float32)
+    den = np.empty(CHUNK, np.float32)
+    spread = np.empty(CHUNK, np.float32)
+    base = src[0]
+    signs = 0
+    nfix = 0
+    for c0 in range(0, count, CHUNK):
+        n = min(CHUNK, count - c0)
+        b = base[c0:c0 + n]
         for t in range(nexp):
-            w = weights[t]
-            if t == 0:
-                for j in range(n):
-                    x = d[0, j] * gamma[j]
-                    a = np.float32(0.0) if x < 0 else x
-                    acc[j] = a if unit[0] else a * w
-                    d[0, j] = a
-            elif unit[t]:
-                for j in range(n):
-                    x = d[t, j] * gamma[j]
-                    a = np.float32(0.0) if x < 0 else x
-                    acc[j] = acc[j] + a
-                    d[t, j] = a
-            else:
-                for j in range(n):
-                    x = d[t, j] * gamma[j]
-                    a = np.float32(0.0) if x < 0 else x
-                    acc[j] = fma(a, w, acc[j])
-                    d[t, j] = a
-        if normalize:
-            w0 = weights[0]
+            row = src[1 + t, c0:c0 + n]
+            if modes[t] == TRIM_ALL:
+                d[t, :n] = 0.0
+                continue
             for j in range(n):
-                den[j] = sign(d[0, j]) if unit[0] else sign(d[0, j]) * w0
-            for t in range(1, nexp):
-                w = weights[t]
-                for j in range(n):
-                    den[j] = fma(sign(d[t, j]), w, den[j])
+                d[t, j] = widen(row[j]) - widen(b[j])
+            if modes[t] == TRIM_NONE:
+                continue
+            v = thresholds[t]
+            left = ties_left[t]
             for j in range(n):
-                acc[j] = acc[j] / max(den[j], min_weight)
-        b, o = base[c0:c0 + n], out[c0:c0 + n]
-        for j in range(n):
-            v = acc[j] * gamma[j]
-            if lam != 1:
-                v = v * lam
-            o[j] = narrow(v + widen(b[j]), o[0])
+                mag = abs(d[t, j])
+                keep = mag > v
+                if mag == v and left > 0:
+                    keep = True
+                    left -= 1
+                d[t, j] = d[t, j] * np.float32(keep)
+            ties_left[t] = left
+        chunk_signs, nfix = _elect_and_merge(d, n, c0, base, out, unit, weights, normalize,
+                                             min_weight, lam, weighted_vote, fix_index,
+                                             fix_deltas, nfix, gamma, acc, den, spread)
+        signs += chunk_signs
     tally[0] += signs
     tally[1] = nfix
     return True

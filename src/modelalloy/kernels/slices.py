@@ -119,7 +119,7 @@ def dare_ties(params: dict[str, Any]) -> SliceKernel | None:
     """dare_ties' sliced path (``methods.dare``): the paper vote's zero-sum elements go to the
     same ``paper_vote`` state that ``dare._finish_paper_vote`` settles after the last slice."""
     from modelalloy.kernels.elementwise import dare_ties_kernel
-    from modelalloy.methods.dare import record_paper_vote_fixes
+    from modelalloy.methods.ties import record_paper_vote_fixes
 
     if params["rescale"] and params["rescale_norm"] == "l1":
         return None
@@ -178,3 +178,100 @@ def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
         n_top, hi = bands[width]
         return band_sum_kernel(src, count, out, width, n_top, hi, unit, w, div, lam)
     return run
+
+
+class _TiesKernel:
+    """TIES (per tensor, no rescale) on the fused path: two counting passes (``passes``),
+    then the merge; the trim state is ``methods._sparsify.SlicedTopK``, as on the torch path."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        weights = list(params["weight"])
+        positive = [w for w in weights if w > 0]
+        self.params = params
+        self.unit = np.asarray([w == 1.0 for w in weights])
+        self.weights, self.lam = _f32(weights), np.float32(params["lambda"])
+        self.min_weight = np.float32(min(positive) if positive else 1.0)
+        self.weighted_vote = params["vote"] == "weighted"
+        self.trims = np.asarray([d < 1.0 for d in params["density"]])
+        self.passes = (self.count, self.collect)
+
+    def _trim(self, ctx: MergeContext):
+        from modelalloy.methods._sparsify import SlicedTopK
+
+        return ctx.streams.setdefault("ties_trim", SlicedTopK(self.params["density"]))
+
+    def count(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
+        from modelalloy.kernels.elementwise import NBINS, ties_count_kernel
+
+        # one histogram per model for the whole tensor, counted into across slices; the
+        # SlicedTopK holds views of it from the first slice on
+        hist = ctx.streams.get("ties_hist")
+        trim = self._trim(ctx)
+        if hist is None:
+            hist = ctx.streams["ties_hist"] = np.zeros((len(self.trims), NBINS), np.int64)
+            for t in range(len(self.trims)):
+                if self.trims[t]:
+                    trim.add_counts(t, torch.from_numpy(hist[t]), 0)
+        if not ties_count_kernel(src, count, self.trims, hist):
+            return False
+        trim.add_counts(0, None, count)  # the element count
+        return True
+
+    def collect(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
+        from modelalloy.kernels.elementwise import ties_collect_kernel
+
+        trim = self._trim(ctx)
+        bins = np.asarray([trim.bin_of(t) for t in range(len(self.trims))], np.int64)
+        if "ties_values" not in ctx.streams or ctx.streams["ties_values"].shape[1] < count:
+            ctx.streams["ties_values"] = np.empty((len(self.trims), src.shape[1]), np.float32)
+        values = ctx.streams["ties_values"]
+        found = np.zeros(len(self.trims), np.int64)
+        ties_collect_kernel(src, count, bins, values, found)
+        for t in range(len(self.trims)):
+            if bins[t] >= 0:
+                trim.add_values(t, torch.from_numpy(values[t, :found[t]].copy()))
+        return True
+
+    def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+                 width: int = 1) -> bool:
+        from modelalloy.kernels.elementwise import (
+            TRIM_ALL,
+            TRIM_NONE,
+            TRIM_TOP_K,
+            ties_kernel,
+        )
+        from modelalloy.methods.ties import record_paper_vote_fixes
+
+        trim = self._trim(ctx)
+        plans = [trim.plan(t) for t in range(len(self.trims))]
+        modes = np.asarray([TRIM_NONE if k is None or v == 0.0 else TRIM_ALL if k <= 0
+                            else TRIM_TOP_K for k, v, _ in plans], np.int8)
+        thresholds = _f32([v or 0.0 for _, v, _ in plans])
+        ties_left = np.asarray([left for _, _, left in plans], np.int64)
+        nexp, widest = len(self.trims), src.shape[1]
+        if "fix_index" not in ctx.streams or ctx.streams["fix_index"].size < widest:
+            ctx.streams["fix_index"] = np.empty(widest, np.int64)
+            ctx.streams["fix_deltas"] = np.empty((nexp, widest), np.float32)
+        tally = np.zeros(2, np.int64)
+        ok = ties_kernel(src, count, out, modes, thresholds, ties_left, self.unit,
+                         self.weights, bool(self.params["normalize"]), self.min_weight,
+                         self.lam, self.weighted_vote, ctx.streams["fix_index"],
+                         ctx.streams["fix_deltas"], tally)
+        if not ok:
+            return False
+        trim.ties_left = [int(x) for x in ties_left]
+        if not self.weighted_vote:
+            nfix = int(tally[1])
+            where = ctx.streams["fix_index"][:nfix].copy()
+            record_paper_vote_fixes(
+                ctx, float(tally[0]), torch.from_numpy(where),
+                [torch.from_numpy(ctx.streams["fix_deltas"][t, :nfix].copy())
+                 for t in range(nexp)], widen(src[0, where]), self.params)
+        return True
+
+
+def ties(params: dict[str, Any]) -> SliceKernel | None:
+    """Per-tensor TIES without the L1 rescale (the sliced case)."""
+    if params["scope"] != "per_tensor" or params["rescale"]:
+        return None
+    return _TiesKernel(params)

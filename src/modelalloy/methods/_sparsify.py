@@ -281,6 +281,117 @@ def magnitude_trim_(delta: torch.Tensor, density: float,
     return delta
 
 
+class SlicedTopK:
+    """:func:`magnitude_trim_` for a tensor seen a slice at a time: per model, exactly
+    k = int(density·n) largest |δ| kept, ties at the threshold in flat index order.
+
+    Three passes over the slices, in order: :meth:`count` (a histogram of the upper 16 bits of
+    |δ|'s float32 pattern, as ``magnitude_trim_``), :meth:`collect` (the values in the bin that
+    holds the threshold), then :meth:`trim_` (keep |δ| > v, and ties at v while fewer than
+    k − #{|δ| > v} have been kept — a running count, so slices must come in order). The kept
+    entries are those of ``magnitude_trim_`` on the whole tensor. Memory: one 2^15 histogram and
+    one bin of values per model.
+    """
+
+    def __init__(self, densities: Sequence[float]) -> None:
+        self.densities = list(densities)
+        self.numel = 0
+        self.hist: list[torch.Tensor | None] = [None] * len(self.densities)
+        self.k: list[int | None] = []
+        self.bins: list[int] = []
+        self.values: list[list[torch.Tensor]] = [[] for _ in self.densities]
+        self.thresholds: list[float | None] = []
+        self.ties_left: list[int] = []
+
+    def _trims(self, t: int) -> bool:
+        return self.densities[t] < 1.0
+
+    def count(self, t: int, delta: torch.Tensor) -> None:
+        hist = (torch.bincount(_bin_keys(delta.abs().view(-1)), minlength=_NBINS)
+                if self._trims(t) else None)
+        self.add_counts(t, hist, delta.numel())
+
+    def add_counts(self, t: int, hist: torch.Tensor | None, numel: int) -> None:
+        """Pass 1 from outside (the fused kernel): a slice's bin counts of model t (the first
+        slice's counts may be a live view that later slices count into), and its element
+        count with t = 0."""
+        if t == 0:
+            self.numel += numel
+        if hist is not None and self._trims(t):
+            self.hist[t] = hist if self.hist[t] is None else self.hist[t].add_(hist)
+
+    def bin_of(self, t: int) -> int:
+        """The bin key holding model t's threshold (−1: no trim), once pass 1 is done."""
+        if not self.k:
+            self._locate()
+        return self.bins[t]
+
+    def add_values(self, t: int, values: torch.Tensor) -> None:
+        """Pass 2 from outside: |δ| values of a slice that fall in :meth:`bin_of`."""
+        self.values[t].append(values)
+
+    def plan(self, t: int) -> tuple[int | None, float | None, int]:
+        """(k, threshold, ties at the threshold still to keep) of model t, once pass 2 is
+        done; the caller that trims must hand the remaining count back (``ties_left``)."""
+        if not self.thresholds:
+            self._settle()
+        return self.k[t], self.thresholds[t], self.ties_left[t]
+
+    def _locate(self) -> None:
+        """After :meth:`count`: per model, the bin holding the threshold, the threshold's rank
+        inside it and how many entries lie in higher bins."""
+        n = self.numel
+        self.ranks, self.above_bin = [0] * len(self.densities), [0] * len(self.densities)
+        for t, density in enumerate(self.densities):
+            k = int(density * n) if density < 1.0 else None
+            self.k.append(k)
+            if k is None or k <= 0:
+                self.bins.append(-1)
+                continue
+            cum = torch.cumsum(self.hist[t], 0)
+            m = n - k + 1  # the threshold is the m-th smallest |δ|
+            b = int(torch.searchsorted(cum, torch.tensor(m, device=cum.device)))
+            self.bins.append(b)
+            self.ranks[t] = m - (int(cum[b - 1]) if b > 0 else 0)
+            self.above_bin[t] = n - int(cum[b])
+            self.hist[t] = None
+        self.ties_left = [0] * len(self.densities)
+
+    def collect(self, t: int, delta: torch.Tensor) -> None:
+        b = self.bin_of(t)
+        if b < 0:
+            return
+        mag = delta.abs().view(-1)
+        self.add_values(t, mag[_bin_keys(mag) == b])
+
+    def _settle(self) -> None:
+        for t in range(len(self.densities)):
+            if self.bins[t] < 0:
+                self.thresholds.append(None)
+                continue
+            values = torch.cat(self.values[t]) if self.values[t] else torch.zeros(0)
+            v = torch.kthvalue(values, self.ranks[t]).values
+            self.thresholds.append(float(v))
+            self.ties_left[t] = self.k[t] - self.above_bin[t] - int((values > v).sum())
+            self.values[t] = []
+
+    def trim_(self, t: int, delta: torch.Tensor) -> torch.Tensor:
+        k, v, _ = self.plan(t)
+        if k is None:
+            return delta
+        if k <= 0:
+            return delta.zero_()
+        if v == 0.0:  # fewer than k non-zero entries: every non-zero entry is kept
+            return delta
+        mag = delta.abs()
+        keep = mag > v
+        if self.ties_left[t] > 0:
+            tied = (mag == v).view(-1).nonzero().flatten()[:self.ties_left[t]]
+            keep.view(-1)[tied] = True
+            self.ties_left[t] -= tied.numel()
+        return delta.mul_(keep)
+
+
 def threshold_trim_(delta: torch.Tensor, threshold: float | None,
                     scratch: Scratch | None = None) -> torch.Tensor:
     """Keep entries with |δ| ≥ threshold (ties kept, as in the official TIES code)."""

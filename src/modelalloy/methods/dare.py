@@ -42,7 +42,7 @@ from modelalloy.methods._sparsify import (
     weight_param,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import ties_core
+from modelalloy.methods.ties import finish_paper_vote, paper_vote_slice, ties_core
 
 PAPER = ("Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)")
 
@@ -92,7 +92,7 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",
     base="required",
     elementwise=_keeps_no_whole_tensor_norm,
-    finish_slices=lambda ctx: _finish_paper_vote(ctx),
+    finish_slices=finish_paper_vote,
     slice_kernel="dare_ties",
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
@@ -100,60 +100,5 @@ def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: di
     scratch = Scratch(base)
     deltas = dare_deltas(base, experts, params, ctx)
     if ctx.slice_start is not None and params["vote"] == "paper":
-        return _paper_vote_slice(base, deltas, params, ctx, scratch)
+        return paper_vote_slice(base, deltas, params, ctx, scratch)
     return ties_core(deltas, params, vote=params["vote"], scratch=scratch).add_(base)
-
-
-def _paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dict[str, Any],
-                      ctx: MergeContext, scratch: Scratch) -> torch.Tensor:
-    """One slice of a paper-vote merge, whose zero sums take the whole tensor's majority sign
-    sign(Σ_j γ_j) — known only after the last slice.
-
-    The slice is merged with majority +1. Where it mattered (Σ_t δ̃_t = 0 with some δ̃_t ≠ 0;
-    elsewhere the fill is overwritten by the sign or multiplies zeros) the results for
-    majorities −1 and 0 are kept, with Σ_j γ_j so far; :func:`_finish_paper_vote` picks. The
-    sum repeats :func:`elect_sign`'s operations, so γ is the same float result.
-    """
-    total = deltas[0].clone()
-    for d in deltas[1:]:
-        total.add_(d)
-    sign = total.sign_()
-    # Of the zero sums, only those with a nonzero δ̃_t (exact cancellations, rare) depend on
-    # the fill; most are elements every expert dropped. Σ_t |δ̃_t| tells them apart in a few
-    # vectorized passes, so the index work is only for the rare ones.
-    spread = deltas[0].abs()
-    for d in deltas[1:]:
-        spread.add_(d.abs())
-    decides = spread.ne_(0).logical_and_(sign == 0)
-    where = (decides.nonzero().flatten() if bool(decides.any())
-             else torch.empty(0, dtype=torch.long))
-    # float(sign.sum()) is exact: at most 2^18 values of ±1 per slice
-    record_paper_vote_fixes(ctx, float(sign.sum()), where, [d[where] for d in deltas],
-                            base[where], params)
-    return ties_core(deltas, params, vote="paper", majority=1.0, scratch=scratch).add_(base)
-
-
-def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor,
-                            deltas_at: list[torch.Tensor], base_at: torch.Tensor,
-                            params: dict[str, Any]) -> None:
-    """Add a slice's Σ sign(Σ_t δ̃_t) and its undecided elements (slice-local ``where``, their
-    δ̃_t and θ_0) to the paper-vote state; both the torch path and the fused kernel
-    (``kernels.slices``) report here."""
-    state = ctx.streams.setdefault("paper_vote", {"signs": 0.0, "fixes": []})
-    state["signs"] += signs
-    if where.numel():
-        alternatives = [ties_core([d.clone() for d in deltas_at], params, vote="paper",
-                                  majority=m).add_(base_at) for m in (-1.0, 0.0)]
-        state["fixes"].append((where + ctx.slice_start, *alternatives))
-
-
-def _finish_paper_vote(ctx: MergeContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The values of the undecided elements under the whole tensor's majority sign."""
-    state = (ctx.streams or {}).get("paper_vote")
-    if not state or state["signs"] > 0:
-        return []
-    pick = 1 if state["signs"] < 0 else 2
-    if not state["fixes"]:
-        return []
-    return [(torch.cat([fix[0] for fix in state["fixes"]]),
-             torch.cat([fix[pick] for fix in state["fixes"]]))]

@@ -178,6 +178,9 @@ class MethodSpec:
     min_models: int = 1  # experts, not counting the base
     max_models: int | None = None
     prepare: PrepareFn | None = None
+    # Whether ``prepare`` has work for these (the first merged tensor's) parameters; None:
+    # always. TIES needs its whole-model pass only with scope: global.
+    prepare_when: Callable[[dict[str, Any]], bool] | None = None
     aliases: tuple[str, ...] = ()
     stats: tuple[str, ...] = ()  # statistic kinds the method reads from ctx.stats
     # Whose statistics: one per expert (default), or the base model's alone (AIM), which
@@ -200,11 +203,13 @@ class MethodSpec:
     # given to the method shaped (rows, row length).
     rowwise: bool | Callable[[dict[str, Any]], bool] = False
 
-    # For a method that is elementwise once a few whole-tensor sums are known (SLERP's norms and
-    # dot): called on every slice, in order, in a first pass over a large tensor; it adds its
-    # sums to ``ctx.streams``, where the method reads them in the second, elementwise pass.
-    slice_reduce: Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any],
-                            MergeContext], None] | None = None
+    # For a method that is elementwise once a few whole-tensor values are known (SLERP's norms
+    # and dot, TIES' magnitude thresholds): passes over a large tensor's slices before the
+    # merge; each function is called on every slice, in order, and keeps what it gathers in
+    # ``ctx.streams``, where the later passes and the method (in the final, elementwise pass)
+    # read it.
+    slice_reduce: tuple[Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any],
+                                  MergeContext], None], ...] = ()
 
     # A fused kernel for the sliced path, used when numba is installed: the name of a factory
     # in ``modelalloy.kernels.slices`` that maps the tensor's resolved parameters to a kernel
@@ -277,6 +282,7 @@ def _decide(flag: bool | Callable[[dict[str, Any]], bool], params: dict[str, Any
 def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper: str,
                     summary: str, base: BaseUse, min_models: int = 1,
                     max_models: int | None = None, prepare: PrepareFn | None = None,
+                    prepare_when: Callable[[dict[str, Any]], bool] | None = None,
                     aliases: tuple[str, ...] = (),
                     stats: tuple[str, ...] = (),
                     stats_from: Literal["experts", "base"] = "experts",
@@ -286,9 +292,9 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                                                        torch.Tensor]]]
                     | None = None,
                     slice_kernel: str | None = None,
-                    slice_reduce: Callable[[torch.Tensor | None, list[torch.Tensor],
-                                            dict[str, Any], MergeContext], None]
-                    | None = None,
+                    slice_reduce: tuple[Callable[[torch.Tensor | None, list[torch.Tensor],
+                                                  dict[str, Any], MergeContext], None],
+                                        ...] = (),
                     ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema."""
 
@@ -297,7 +303,8 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
             raise RuntimeError(f"method '{name}' registered twice")
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), paper=paper,
                                      summary=summary, base=base, min_models=min_models,
-                                     max_models=max_models, prepare=prepare, aliases=aliases,
+                                     max_models=max_models, prepare=prepare,
+                                     prepare_when=prepare_when, aliases=aliases,
                                      stats=stats, stats_from=stats_from,
                                      elementwise=elementwise, rowwise=rowwise,
                                      finish_slices=finish_slices, slice_kernel=slice_kernel,

@@ -129,7 +129,7 @@ def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
     min_models=1,
     max_models=2,
     elementwise=True,
-    slice_reduce=_reduce_slice,
+    slice_reduce=(_reduce_slice,),
 )
 def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:

@@ -48,6 +48,7 @@ from modelalloy.errors import MethodError
 from modelalloy.methods._sparsify import (
     INT8_MASK,
     Scratch,
+    SlicedTopK,
     combine_,
     density_param,
     elect_sign,
@@ -106,6 +107,28 @@ def ties_core(deltas: list[torch.Tensor], params: dict[str, Any], *, vote: str,
     return merged if lam == 1.0 else merged.mul_(lam)
 
 
+def _streams(params: dict[str, Any]) -> bool:
+    """Per-tensor trims without the L1 rescale stream over slices (a whole-model threshold or
+    a per-tensor norm would not)."""
+    return params["scope"] == "per_tensor" and not params["rescale"]
+
+
+def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
+                 params: dict[str, Any], ctx: MergeContext) -> None:
+    """First pass: |τ_t| histograms of this slice (``SlicedTopK.count``)."""
+    trim = ctx.streams.setdefault("ties_trim", SlicedTopK(params["density"]))
+    for t, e in enumerate(experts):
+        trim.count(t, torch.sub(e, base))
+
+
+def _collect_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
+                   params: dict[str, Any], ctx: MergeContext) -> None:
+    """Second pass: the |τ_t| of this slice that fall in the threshold's bin."""
+    trim = ctx.streams["ties_trim"]
+    for t, e in enumerate(experts):
+        trim.collect(t, torch.sub(e, base))
+
+
 @register_method(
     name="ties",
     params=[weight_param(), density_param(1.0, "fraction of each task vector kept by magnitude"),
@@ -115,11 +138,23 @@ def ties_core(deltas: list[torch.Tensor], params: dict[str, Any], *, vote: str,
     summary="Trim task vectors by magnitude, elect a sign per entry, average the agreeing ones",
     base="required",
     prepare=ties_prepare,
+    prepare_when=lambda params: params.get("scope") == "global",
+    elementwise=_streams,
+    slice_reduce=(_count_slice, _collect_slice),
+    slice_kernel="ties",
+    finish_slices=lambda ctx: finish_paper_vote(ctx),
 )
 def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
          ctx: MergeContext) -> torch.Tensor:
     deltas = task_vectors(base, experts)
     scratch = Scratch(deltas[0])
+    if ctx.slice_start is not None:  # per-tensor trim over slices (the engine's third pass)
+        trim = ctx.streams["ties_trim"]
+        for t, d in enumerate(deltas):
+            trim.trim_(t, d)
+        if params["vote"] == "paper":
+            return paper_vote_slice(base, deltas, params, ctx, scratch)
+        return ties_core(deltas, params, vote="weighted", scratch=scratch).add_(base)
     majority = None
     if params["scope"] == "global":
         stats = ctx.global_stats
@@ -135,3 +170,62 @@ def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[st
                          params["rescale"])
     return ties_core(deltas, params, vote=params["vote"], majority=majority,
                      scratch=scratch).add_(base)
+
+
+# --------------------------------------------------------------------------------------------
+# Sliced merges with the paper vote (ties, dare_ties): zero sums wait for the tensor's majority
+
+
+def paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dict[str, Any],
+                      ctx: MergeContext, scratch: Scratch) -> torch.Tensor:
+    """One slice of a paper-vote merge, whose zero sums take the whole tensor's majority sign
+    sign(Σ_j γ_j) — known only after the last slice.
+
+    The slice is merged with majority +1. Where it mattered (Σ_t δ̃_t = 0 with some δ̃_t ≠ 0;
+    elsewhere the fill is overwritten by the sign or multiplies zeros) the results for
+    majorities −1 and 0 are kept, with Σ_j γ_j so far; :func:`finish_paper_vote` picks. The
+    sum repeats :func:`elect_sign`'s operations, so γ is the same float result.
+    """
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total.add_(d)
+    sign = total.sign_()
+    # Of the zero sums, only those with a nonzero δ̃_t (exact cancellations, rare) depend on
+    # the fill; most are elements every expert dropped. Σ_t |δ̃_t| tells them apart in a few
+    # vectorized passes, so the index work is only for the rare ones.
+    spread = deltas[0].abs()
+    for d in deltas[1:]:
+        spread.add_(d.abs())
+    decides = spread.ne_(0).logical_and_(sign == 0)
+    where = (decides.nonzero().flatten() if bool(decides.any())
+             else torch.empty(0, dtype=torch.long))
+    # float(sign.sum()) is exact: at most 2^18 values of ±1 per slice
+    record_paper_vote_fixes(ctx, float(sign.sum()), where, [d[where] for d in deltas],
+                            base[where], params)
+    return ties_core(deltas, params, vote="paper", majority=1.0, scratch=scratch).add_(base)
+
+
+def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor,
+                            deltas_at: list[torch.Tensor], base_at: torch.Tensor,
+                            params: dict[str, Any]) -> None:
+    """Add a slice's Σ sign(Σ_t δ̃_t) and its undecided elements (slice-local ``where``, their
+    δ̃_t and θ_0) to the paper-vote state; both the torch path and the fused kernel
+    (``kernels.slices``) report here."""
+    state = ctx.streams.setdefault("paper_vote", {"signs": 0.0, "fixes": []})
+    state["signs"] += signs
+    if where.numel():
+        alternatives = [ties_core([d.clone() for d in deltas_at], params, vote="paper",
+                                  majority=m).add_(base_at) for m in (-1.0, 0.0)]
+        state["fixes"].append((where + ctx.slice_start, *alternatives))
+
+
+def finish_paper_vote(ctx: MergeContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The values of the undecided elements under the whole tensor's majority sign."""
+    state = (ctx.streams or {}).get("paper_vote")
+    if not state or state["signs"] > 0:
+        return []
+    pick = 1 if state["signs"] < 0 else 2
+    if not state["fixes"]:
+        return []
+    return [(torch.cat([fix[0] for fix in state["fixes"]]),
+             torch.cat([fix[pick] for fix in state["fixes"]]))]
