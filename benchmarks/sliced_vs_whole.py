@@ -28,6 +28,7 @@ CASES = {
     "task_arithmetic": {"lambda": 0.5},
     "dare_ties": {"density": 0.2, "weight": 0.5},
     "breadcrumbs": {"density": 0.2, "gamma": 0.01, "weight": 0.5},
+    "ties": {"density": 0.2},
 }
 
 
@@ -75,12 +76,20 @@ def main() -> None:
             out = torch.empty(base.numel(), dtype=torch.bfloat16)
             bufs = [torch.empty(step) for _ in inputs]
             flat = [t.view(-1) for t in inputs]
-            for start in range(0, base.numel(), step):
-                k = min(step, base.numel() - start)
-                wide = [b[:k].copy_(t[start:start + k]) for b, t in zip(bufs, flat, strict=True)]
-                wide = [w if unit == 1 else w.view(-1, unit) for w in wide]
-                b, e = (wide[0], wide[1:]) if uses_base else (None, wide)
-                ctx.slice_start = start
+
+            def slices():  # (start, base, experts) in float32, as the engine reads them
+                for start in range(0, base.numel(), step):
+                    k = min(step, base.numel() - start)
+                    wide = [b[:k].copy_(t[start:start + k])
+                            for b, t in zip(bufs, flat, strict=True)]
+                    wide = [w if unit == 1 else w.view(-1, unit) for w in wide]
+                    ctx.slice_start = start
+                    yield start, k, (wide[0], wide[1:]) if uses_base else (None, wide)
+
+            for reduce in spec.slice_reduce:  # counting passes (SLERP, TIES)
+                for _, _, (b, e) in slices():
+                    reduce(b, e, params, ctx)
+            for start, k, (b, e) in slices():
                 out[start:start + k].copy_(spec(b, e, params, ctx).reshape(-1))
             if spec.finish_slices is not None:
                 for index, values in spec.finish_slices(ctx):
@@ -107,7 +116,7 @@ def _fused(spec, params, inputs: list[torch.Tensor], step: int,
     if spec.slice_kernel is None:
         return None
     kernel = getattr(slices, spec.slice_kernel)(params)
-    if kernel is None:
+    if kernel is None or len(getattr(kernel, "passes", ())) != len(spec.slice_reduce):
         return None
     shape, numel = inputs[0].shape, inputs[0].numel()
     flat = [kernels.bits(t.reshape(-1)) for t in inputs]
@@ -117,13 +126,17 @@ def _fused(spec, params, inputs: list[torch.Tensor], step: int,
         raw = np.empty((len(flat), step), dtype=flat[0].dtype)
         out = torch.empty(numel, dtype=torch.bfloat16)
         out_bits = kernels.bits(out)
-        for start in range(0, numel, step):
-            k = min(step, numel - start)
-            for i, f in enumerate(flat):
-                raw[i, :k] = f[start:start + k]
-            ctx.slice_start = start
-            if not kernel(raw, k, out_bits[start:start + k], ctx, unit):
-                raise ValueError("non-finite input")
+        passes = getattr(kernel, "passes", ())
+        for step_fn in [*passes, None]:
+            for start in range(0, numel, step):
+                k = min(step, numel - start)
+                for i, f in enumerate(flat):
+                    raw[i, :k] = f[start:start + k]
+                ctx.slice_start = start
+                ok = (kernel(raw, k, out_bits[start:start + k], ctx, unit) if step_fn is None
+                      else step_fn(raw, k, ctx, unit))
+                if not ok:
+                    raise ValueError("non-finite input")
         if spec.finish_slices is not None:
             for index, values in spec.finish_slices(ctx):
                 out[index] = values.bfloat16()
