@@ -103,6 +103,18 @@ def is_nonfinite(x):
 
 
 @njit(inline="always")
+def any_nonfinite(src, count):
+    """Whether any of the first ``count`` columns of any row of ``src`` is NaN or ±Inf (one
+    branch-free pass per row: the kernels then return False and the engine reports)."""
+    bad = np.uint32(0)
+    for k in range(src.shape[0]):
+        row = src[k, :count]
+        for j in range(count):
+            bad |= is_nonfinite(widen(row[j]))
+    return bad != 0
+
+
+@njit(inline="always")
 def sign(x):
     """torch.sign on float32: −1, 0 or +1 (0 for NaN, as the elected signs need)."""
     return np.float32((x > 0) - (x < 0))

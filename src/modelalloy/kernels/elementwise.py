@@ -22,9 +22,9 @@ from numba import njit
 
 from modelalloy.kernels._numba import (
     JIT,
+    any_nonfinite,
     f32_to_bits,
     fma,
-    is_nonfinite,
     narrow,
     sfc64_fill,
     sfc64_fill_pair,
@@ -50,11 +50,7 @@ def weighted_kernel(src, count, out, has_base, kinds, weights, post_div, post_sc
     """
     nsrc = src.shape[0]
     first = 1 if has_base else 0
-    bad = np.uint32(0)
-    for k in range(nsrc):
-        for j in range(count):
-            bad |= is_nonfinite(widen(src[k, j]))
-    if bad:
+    if any_nonfinite(src, count):
         return False
     acc = np.empty(CHUNK, np.float32)
     for c0 in range(0, count, CHUNK):
@@ -165,11 +161,7 @@ def dare_linear_kernel(src, count, out, modes, states, thresholds, rescale, inv_
                        unit, weights, post_div, lam):
     """dare_linear: δ̃_t as in :func:`_dare_deltas`, then ``_sparsify._sum_`` (acc = δ̃_0·w_0,
     acc + δ̃_t or fma(δ̃_t, w_t, acc)), / Σw (``post_div``, 0 = none), ·λ, + θ_0."""
-    bad = np.uint32(0)
-    for k in range(src.shape[0]):
-        for j in range(count):
-            bad |= is_nonfinite(widen(src[k, j]))
-    if bad:
+    if any_nonfinite(src, count):
         return False
     nexp = src.shape[0] - 1
     d = np.empty((nexp, CHUNK), np.float32)
@@ -192,13 +184,27 @@ def dare_linear_kernel(src, count, out, modes, states, thresholds, rescale, inv_
             else:
                 for j in range(n):
                     acc[j] = fma(d[t, j], w, acc[j])
-        b, o = base[c0:c0 + n], out[c0:c0 + n]
-        for j in range(n):
-            v = acc[j]
-            if post_div != 0:
-                v = v / post_div
-            o[j] = narrow(v * lam + widen(b[j]), o[0])
+        sum_to_output(acc, n, base[c0:c0 + n], out[c0:c0 + n], post_div, lam)
     return True
+
+
+@njit(inline="always")
+def sum_to_output(acc, n, base, out, post_div, lam):
+    """out = (Σ / ``post_div`` (0: none))·λ + θ_0, cast to the output: the end of
+    ``_sparsify._sum_``'s callers (dare_linear, breadcrumbs)."""
+    for j in range(n):
+        v = acc[j]
+        if post_div != 0:
+            v = v / post_div
+        out[j] = narrow(v * lam + widen(base[j]), out[0])
+
+
+@njit(inline="always")
+def _merge_scratch(nexp):
+    """Chunk buffers of :func:`_elect_and_merge`: δ̃ (models × CHUNK), γ, sums, weights of
+    the agreeing models, and |δ̃| sums."""
+    chunk = np.empty((4, CHUNK), np.float32)
+    return np.empty((nexp, CHUNK), np.float32), chunk[0], chunk[1], chunk[2], chunk[3]
 
 
 @njit(inline="always")
@@ -300,20 +306,12 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
     ``normalize`` den = sign(a_0)·w_0 then fma(sign(a_t), w_t, den), clamped to the smallest
     positive weight, out / den; then out·γ, ·λ (if λ ≠ 1), + θ_0.
     """
-    bad = np.uint32(0)
-    for k in range(src.shape[0]):
-        for j in range(count):
-            bad |= is_nonfinite(widen(src[k, j]))
-    if bad:
+    if any_nonfinite(src, count):
         return False
     nexp = src.shape[0] - 1
-    d = np.empty((nexp, CHUNK), np.float32)
+    d, gamma, acc, den, spread = _merge_scratch(nexp)
     words = np.empty((nexp, CHUNK), np.uint32)
     random = np.nonzero(modes == DROP_RANDOM)[0]
-    gamma = np.empty(CHUNK, np.float32)
-    acc = np.empty(CHUNK, np.float32)
-    den = np.empty(CHUNK, np.float32)
-    spread = np.empty(CHUNK, np.float32)
     base = src[0]
     signs = 0
     nfix = 0
@@ -340,11 +338,7 @@ NBINS = 1 << 15
 def ties_count_kernel(src, count, trims, hist):
     """TIES' first pass on one slice: ``hist[t]`` += the histogram of |θ_t − θ_0|'s bin keys,
     for the models that trim. False (nothing counted) on a NaN/Inf input."""
-    bad = np.uint32(0)
-    for k in range(src.shape[0]):
-        for j in range(count):
-            bad |= is_nonfinite(widen(src[k, j]))
-    if bad:
+    if any_nonfinite(src, count):
         return False
     base = src[0, :count]
     for t in range(src.shape[0] - 1):
@@ -380,18 +374,10 @@ def ties_kernel(src, count, out, modes, thresholds, ties_left, unit, weights, no
     """TIES on one slice, after the two counting passes: τ_t = θ_t − θ_0 trimmed to the
     whole tensor's top k (``SlicedTopK.trim_``: |τ| > v, or |τ| = v while ``ties_left[t]``
     > 0, counted down in index order; τ·1 or τ·0), then :func:`_elect_and_merge`."""
-    bad = np.uint32(0)
-    for k in range(src.shape[0]):
-        for j in range(count):
-            bad |= is_nonfinite(widen(src[k, j]))
-    if bad:
+    if any_nonfinite(src, count):
         return False
     nexp = src.shape[0] - 1
-    d = np.empty((nexp, CHUNK), np.float32)
-    gamma = np.empty(CHUNK, np.float32)
-    acc = np.empty(CHUNK, np.float32)
-    den = np.empty(CHUNK, np.float32)
-    spread = np.empty(CHUNK, np.float32)
+    d, gamma, acc, den, spread = _merge_scratch(nexp)
     base = src[0]
     signs = 0
     nfix = 0

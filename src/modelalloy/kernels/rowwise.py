@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from modelalloy.kernels._numba import JIT, f32_to_bits, fma, is_nonfinite, narrow, widen
+from modelalloy.kernels._numba import JIT, any_nonfinite, f32_to_bits, fma, widen
+from modelalloy.kernels.elementwise import sum_to_output
 
 SHIFT = 20  # bins of |δ| bit patterns: 2^11, spanning exponent and top 3 mantissa bits
 NBINS = 1 << 11
@@ -49,11 +50,7 @@ def band_sum_kernel(src, count, out, width, n_top, hi, unit, weights, post_div, 
     row (δ·1 or δ·0, so dropped negatives are −0.0 as in torch), out = δ_0·w_0 then + δ_t or
     fma(δ_t, w_t, out), / Σw (``post_div``, 0 = none), ·λ, + θ_0. ``n_top``/``hi`` per model:
     hi ≤ n_top zeroes the row, n_top = 0 with hi = width keeps it whole."""
-    bad = np.uint32(0)
-    for k in range(src.shape[0]):
-        for j in range(count):
-            bad |= is_nonfinite(widen(src[k, j]))
-    if bad:
+    if any_nonfinite(src, count):
         return False
     nexp = src.shape[0] - 1
     d = np.empty(width, np.float32)
@@ -107,10 +104,5 @@ def band_sum_kernel(src, count, out, width, n_top, hi, unit, weights, post_div, 
                 w = weights[t]
                 for j in range(width):
                     acc[j] = fma(d[j], w, acc[j])
-        o = out[r0:r0 + width]
-        for j in range(width):
-            v = acc[j]
-            if post_div != 0:
-                v = v / post_div
-            o[j] = narrow(v * lam + widen(base[j]), o[0])
+        sum_to_output(acc, width, base, out[r0:r0 + width], post_div, lam)
     return True
