@@ -39,6 +39,7 @@ StatsLoader = Callable[[str], dict[str, list[torch.Tensor | None]]]
 # (slice start, element count) -> the merged slice in the output dtype, or None when an input
 # slice holds a NaN/Inf (the whole-tensor path then reports or tolerates it)
 SliceMerger = Callable[[int, int], "torch.Tensor | None"]
+HELD_CACHE_BYTES = 256 << 20
 
 
 class TensorWriter(Protocol):
@@ -157,11 +158,17 @@ class PlanExecutor:
                 return False
             merge_slice = self._torch_slice(entry, ctx)
         # A method that settles some elements after the last slice (finish_slices) keeps the
-        # merged tensor in memory until then (its output bytes, which working_bytes counts;
-        # one buffer per thread, reused): patching scattered elements of a written file costs
-        # far more (a page fault or a write call per element).
-        held = (self._buffers("held", entry.out_dtype, entry.numel)[:entry.numel]
-                if spec.finish_slices is not None else None)
+        # merged tensor in memory until then (its output bytes, which working_bytes counts):
+        # patching scattered elements of a written file costs far more (a page fault or a
+        # write call per element). Up to HELD_CACHE_BYTES the buffer is kept for the thread's
+        # next tensor (fresh pages cost a fault each); a larger one goes when the tensor does,
+        # so memory outside the budget's count stays bounded.
+        held = None
+        if spec.finish_slices is not None:
+            nbytes = entry.numel * entry.out_dtype.itemsize
+            held = (self._buffers("held", entry.out_dtype, entry.numel)[:entry.numel]
+                    if nbytes <= HELD_CACHE_BYTES
+                    else torch.empty(entry.numel, dtype=entry.out_dtype))
         writer.begin(entry.name)
         for start in range(0, entry.numel, step):
             count = min(step, entry.numel - start)
