@@ -223,3 +223,15 @@ def test_breadcrumbs_kernel_gives_the_torch_paths_bits_row_by_row(given, width):
         view = out[start:stop]
         assert kernel(kernels.bits(part), stop - start, kernels.bits(view), ctx, width)
     assert torch.equal(out.view(torch.int16), want.reshape(-1).view(torch.int16))
+
+
+def test_plain_widen_and_narrow_agree_with_torch():
+    from modelalloy.kernels._numba import narrow, widen
+
+    values = torch.tensor([1.0, -2.5, 3.0e38, 1e-40, 0.1, -0.0, 1.00390625, float("inf")])
+    bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    for v, b in zip(values.tolist(), bits, strict=True):
+        assert narrow(np.float32(v), np.uint16(0)) == b
+        assert widen(np.uint16(b)) == np.float32(torch.tensor([int(b)], dtype=torch.int32)
+                                                 .to(torch.int16).view(torch.bfloat16).float())
+    assert narrow(np.float32(0.5), np.float32(0)) == np.float32(0.5)

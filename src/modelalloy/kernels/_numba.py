@@ -61,9 +61,12 @@ def f32_to_bits(typingctx, x):
     return types.uint32(types.float32), codegen
 
 
-def widen(x):  # pragma: no cover - replaced by the overload inside jitted code
-    """float32 value of a stored element (bfloat16 bits as uint16, or float32)."""
-    raise NotImplementedError
+def widen(x):
+    """float32 value of a stored element (bfloat16 bits as uint16, or float32). This plain
+    version serves Python callers; jitted code gets the overload below."""
+    if isinstance(x, np.uint16):
+        return np.array([np.uint32(x) << np.uint32(16)], np.uint32).view(np.float32)[0]
+    return np.float32(x)
 
 
 @overload(widen, inline="always")
@@ -75,9 +78,15 @@ def _widen(x):
     return None
 
 
-def narrow(x, like):  # pragma: no cover - replaced by the overload inside jitted code
-    """A float32 value in the output's storage type (``like`` is an element of the output)."""
-    raise NotImplementedError
+def narrow(x, like):
+    """A float32 value in the output's storage type (``like`` is an element of the output):
+    bfloat16 bits by round-to-nearest-even, NaN as 0xFFFF. Plain version, as :func:`widen`."""
+    if isinstance(like, np.uint16):
+        u = int(np.array([x], np.float32).view(np.uint32)[0])
+        if (u & 0x7FFFFFFF) > 0x7F800000:
+            return np.uint16(0xFFFF)
+        return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+    return np.float32(x)
 
 
 @overload(narrow, inline="always")
