@@ -235,3 +235,26 @@ def test_plain_widen_and_narrow_agree_with_torch():
         assert widen(np.uint16(b)) == np.float32(torch.tensor([int(b)], dtype=torch.int32)
                                                  .to(torch.int16).view(torch.bfloat16).float())
     assert narrow(np.float32(0.5), np.float32(0)) == np.float32(0.5)
+
+
+def test_kernel_cache_folder_is_named_after_the_kernel_sources(tmp_path, monkeypatch):
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    import modelalloy.kernels as k
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "numba", None)  # as if numba were not imported yet
+    monkeypatch.delitem(sys.modules, "numba")
+    k.use_versioned_cache.cache_clear()
+    k.use_versioned_cache()
+    digest = hashlib.sha256()
+    for source in sorted(Path(k.__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    import os
+
+    assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "modelalloy" / "numba"
+                                                / digest.hexdigest()[:16])
+    k.use_versioned_cache.cache_clear()

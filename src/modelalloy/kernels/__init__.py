@@ -4,7 +4,8 @@ The engine merges elementwise and per-row methods a slice at a time (``engine.ex
 torch ops each step of a method is a pass over the slice; a fused kernel does the whole method
 — the cast up from the stored dtype, the method, the cast down — in one pass, without the
 float32 copies. Kernels are compiled by numba (``pip install modelalloy[fast]``) on first use
-and cached on disk; without numba, or with ``MODELALLOY_KERNELS=0``, the torch path runs.
+and cached on disk (``~/.cache/modelalloy/numba/<hash of these sources>``); without numba, or
+with ``MODELALLOY_KERNELS=0``, the torch path runs.
 
 Each kernel repeats its method's float32 operations in the torch path's order (``a + w·b`` as
 one fused multiply-add, as torch's ``add(alpha=w)`` does), so outputs are bit-identical either
@@ -15,8 +16,11 @@ bfloat16 or float32. Anything else takes the torch path.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +33,22 @@ def available() -> bool:
     if os.environ.get("MODELALLOY_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return _numba_installed()
+
+
+@functools.cache
+def use_versioned_cache() -> None:
+    """Point numba's on-disk cache at a folder named after a hash of this package's sources,
+    unless NUMBA_CACHE_DIR is set. numba re-validates a cached kernel against its own file
+    only, not the helpers inlined into it (``_numba.py``), so an edited helper could otherwise
+    run stale machine code. Has no effect once numba has been imported."""
+    if "NUMBA_CACHE_DIR" in os.environ or "numba" in sys.modules:
+        return
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for source in sorted(here.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    os.environ["NUMBA_CACHE_DIR"] = str(root / "modelalloy" / "numba" / digest.hexdigest()[:16])
 
 
 @functools.cache

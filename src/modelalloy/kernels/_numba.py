@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic, overload
+from modelalloy.kernels import use_versioned_cache
 
-# Compiled code is cached on disk (numba's cache: next to this file, or the user's cache folder
-# when that is read-only); MODELALLOY_KERNEL_NOCACHE=1 compiles afresh, e.g. to inspect it.
+use_versioned_cache()  # before numba reads its configuration
+
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, types  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
+
+# Compiled code is cached on disk (see kernels.use_versioned_cache);
+# MODELALLOY_KERNEL_NOCACHE=1 compiles afresh, e.g. to inspect it.
 JIT = {"nogil": True, "cache": not os.environ.get("MODELALLOY_KERNEL_NOCACHE"),
        "error_model": "numpy", "boundscheck": False}
 
