@@ -258,3 +258,26 @@ def test_kernel_cache_folder_is_named_after_the_kernel_sources(tmp_path, monkeyp
     assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "modelalloy" / "numba"
                                                 / digest.hexdigest()[:16])
     k.use_versioned_cache.cache_clear()
+
+
+def test_a_numba_that_does_not_import_leaves_the_torch_path(monkeypatch):
+    import builtins
+
+    import modelalloy.kernels as k
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "numba":
+            raise ImportError("numba built for another NumPy")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    k._numba_installed.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="does not import"):
+            assert not k.available()
+    finally:
+        monkeypatch.undo()
+        k._numba_installed.cache_clear()
+    assert k.available()

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,18 @@ def use_versioned_cache() -> None:
 
 @functools.cache
 def _numba_installed() -> bool:
-    return importlib.util.find_spec("numba") is not None
+    """numba imports (with its versioned cache folder): an installed numba that cannot
+    import here (e.g. built for another NumPy) leaves the torch path, with a warning."""
+    if importlib.util.find_spec("numba") is None:
+        return False
+    use_versioned_cache()
+    try:
+        import numba  # noqa: F401
+    except Exception as error:  # any import-time failure of an optional accelerator
+        warnings.warn(f"numba is installed but does not import ({error}); merging without "
+                      "the fused kernels", RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 def supports(source_dtypes: list[torch.dtype], out_dtype: torch.dtype) -> bool:
