@@ -144,7 +144,6 @@ class PlanExecutor:
     def _merge_slices(self, entry: PlanEntry, writer: TensorWriter) -> bool:
         spec, ctx = self.plan.spec, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
-        step = entry.slice_length
         kernel = self._kernel(entry)
         # a kernel takes the counting passes too when it has them all (its state is the
         # method's own, so either way gives the same bits); otherwise the torch path does all
@@ -170,9 +169,7 @@ class PlanExecutor:
                     if nbytes <= HELD_CACHE_BYTES
                     else torch.empty(entry.numel, dtype=entry.out_dtype))
         writer.begin(entry.name)
-        for start in range(0, entry.numel, step):
-            count = min(step, entry.numel - start)
-            ctx.slice_start = start
+        for start, count in _slices(entry, ctx):
             merged = merge_slice(start, count)
             if merged is None:
                 writer.abandon(entry.name)
@@ -207,12 +204,10 @@ class PlanExecutor:
         """The method's ``slice_reduce`` passes, each over every slice in order; False on a
         NaN/Inf input."""
         for reduce in self.plan.spec.slice_reduce:
-            for start in range(0, entry.numel, entry.slice_length):
-                count = min(entry.slice_length, entry.numel - start)
+            for start, count in _slices(entry, ctx):
                 split = self._read_slice(entry, start, count)
                 if split is None:
                     return False
-                ctx.slice_start = start
                 reduce(*split, entry.params, ctx)
         return True
 
@@ -255,10 +250,8 @@ class PlanExecutor:
         """The kernel's counting passes (its ``passes``, as the method's ``slice_reduce``)."""
         read, raw_bits = self._raw_reader(entry)
         for reduce in passes:
-            for start in range(0, entry.numel, entry.slice_length):
-                count = min(entry.slice_length, entry.numel - start)
+            for start, count in _slices(entry, ctx):
                 read(start, count)
-                ctx.slice_start = start
                 if not reduce(raw_bits, count, ctx, entry.slice_unit):
                     return False
         return True
@@ -342,6 +335,13 @@ class PlanExecutor:
                 for fut in pending:
                     fut.cancel()
                 raise
+
+
+def _slices(entry: PlanEntry, ctx: MergeContext) -> Iterator[tuple[int, int]]:
+    """(start, count) of each slice of ``entry`` in order, with ``ctx.slice_start`` set."""
+    for start in range(0, entry.numel, entry.slice_length):
+        ctx.slice_start = start
+        yield start, min(entry.slice_length, entry.numel - start)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -27,6 +27,13 @@ def widen(bits: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(bits.astype(np.float32))
 
 
+def _sum_divisor(params: dict[str, Any]) -> np.float32:
+    """``_sparsify._sum_``'s normalisation: Σw when ``normalize`` and |Σw| ≥ 1e-8, else 0
+    (the kernels' "no division")."""
+    total = float(sum(params["weight"]))
+    return np.float32(total) if params["normalize"] and abs(total) >= 1e-8 else np.float32(0)
+
+
 def _f32(values: list[float]) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
@@ -102,8 +109,7 @@ def dare_linear(params: dict[str, Any]) -> SliceKernel | None:
         return None
     drops = _DareDrops(params)
     weights = list(params["weight"])
-    total = float(sum(weights))
-    div = np.float32(total) if params["normalize"] and abs(total) >= 1e-8 else np.float32(0)
+    div = _sum_divisor(params)
     unit = np.asarray([w == 1.0 for w in weights])
     w, lam = _f32(weights), np.float32(params["lambda"])
 
@@ -115,43 +121,64 @@ def dare_linear(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
+class _TiesMerge:
+    """What dare_ties and ties hand the kernels' election and disjoint merge
+    (``_elect_and_merge``), and the paper vote's fix-ups they report back."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        weights = list(params["weight"])
+        positive = [w for w in weights if w > 0]
+        self.params = params
+        self.nexp = len(weights)
+        self.unit = np.asarray([w == 1.0 for w in weights])
+        self.weights, self.lam = _f32(weights), np.float32(params["lambda"])
+        self.min_weight = np.float32(min(positive) if positive else 1.0)
+        self.normalize = bool(params["normalize"])
+        self.weighted_vote = params["vote"] == "weighted"
+
+    def args(self, ctx: MergeContext, width: int) -> tuple:
+        """The kernels' merge arguments, from ``unit`` to ``tally``; the fix-up buffers (as
+        wide as the slice buffer) live in ``ctx.streams`` for the whole tensor."""
+        cache = ctx.streams  # the engine's per-tensor state (sliced merges always have it)
+        if "fix_index" not in cache or cache["fix_index"].size < width:
+            cache["fix_index"] = np.empty(width, np.int64)
+            cache["fix_deltas"] = np.empty((self.nexp, width), np.float32)
+        return (self.unit, self.weights, self.normalize, self.min_weight, self.lam,
+                self.weighted_vote, cache["fix_index"], cache["fix_deltas"],
+                np.zeros(2, np.int64))
+
+    def report(self, ctx: MergeContext, src: np.ndarray, tally: np.ndarray) -> None:
+        """Hand a merged slice's Σ sign and undecided elements to the paper-vote state
+        (``ties.record_paper_vote_fixes``, as the torch path does)."""
+        from modelalloy.methods.ties import record_paper_vote_fixes
+
+        if self.weighted_vote:
+            return
+        nfix, cache = int(tally[1]), ctx.streams
+        where = cache["fix_index"][:nfix].copy()
+        record_paper_vote_fixes(
+            ctx, float(tally[0]), torch.from_numpy(where),
+            [torch.from_numpy(cache["fix_deltas"][t, :nfix].copy())
+             for t in range(self.nexp)], widen(src[0, where]), self.params)
+
+
 def dare_ties(params: dict[str, Any]) -> SliceKernel | None:
     """dare_ties' sliced path (``methods.dare``): the paper vote's zero-sum elements go to the
-    same ``paper_vote`` state that ``dare._finish_paper_vote`` settles after the last slice."""
+    same ``paper_vote`` state that ``ties.finish_paper_vote`` settles after the last slice."""
     from modelalloy.kernels.elementwise import dare_ties_kernel
-    from modelalloy.methods.ties import record_paper_vote_fixes
 
     if params["rescale"] and params["rescale_norm"] == "l1":
         return None
-    drops = _DareDrops(params)
-    weights = list(params["weight"])
-    positive = [w for w in weights if w > 0]
-    unit = np.asarray([w == 1.0 for w in weights])
-    w, lam = _f32(weights), np.float32(params["lambda"])
-    min_weight = np.float32(min(positive) if positive else 1.0)
-    weighted_vote = params["vote"] == "weighted"
-    normalize = bool(params["normalize"])
-    nexp = len(weights)
+    drops, merge = _DareDrops(params), _TiesMerge(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
             width: int = 1) -> bool:
-        width = src.shape[1]
-        cache = ctx.streams if ctx.streams is not None else {}
-        if "fix_index" not in cache or cache["fix_index"].size < width:
-            cache["fix_index"] = np.empty(width, np.int64)
-            cache["fix_deltas"] = np.empty((nexp, width), np.float32)
-        tally = np.zeros(2, np.int64)
-        ok = dare_ties_kernel(src, count, out, drops.modes, drops.states(ctx), drops.thresholds,
-                              drops.rescale, drops.inv_density, unit, w, normalize, min_weight,
-                              lam, weighted_vote, cache["fix_index"], cache["fix_deltas"], tally)
-        if ok and not weighted_vote:
-            nfix = int(tally[1])
-            where = cache["fix_index"][:nfix].copy()
-            record_paper_vote_fixes(
-                ctx, float(tally[0]), torch.from_numpy(where),
-                [torch.from_numpy(cache["fix_deltas"][t, :nfix].copy()) for t in range(nexp)],
-                widen(src[0, where]), params)
-        return bool(ok)
+        args = merge.args(ctx, src.shape[1])
+        if not dare_ties_kernel(src, count, out, drops.modes, drops.states(ctx),
+                                drops.thresholds, drops.rescale, drops.inv_density, *args):
+            return False
+        merge.report(ctx, src, args[-1])
+        return True
     return run
 
 
@@ -162,8 +189,7 @@ def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
     if params["granularity"] != "row" or params["rescale"]:
         return None
     weights = list(params["weight"])
-    total = float(sum(weights))
-    div = np.float32(total) if params["normalize"] and abs(total) >= 1e-8 else np.float32(0)
+    div = _sum_divisor(params)
     unit = np.asarray([w == 1.0 for w in weights])
     w, lam = _f32(weights), np.float32(params["lambda"])
     bands: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -185,13 +211,8 @@ class _TiesKernel:
     then the merge; the trim state is ``methods._sparsify.SlicedTopK``, as on the torch path."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        weights = list(params["weight"])
-        positive = [w for w in weights if w > 0]
         self.params = params
-        self.unit = np.asarray([w == 1.0 for w in weights])
-        self.weights, self.lam = _f32(weights), np.float32(params["lambda"])
-        self.min_weight = np.float32(min(positive) if positive else 1.0)
-        self.weighted_vote = params["vote"] == "weighted"
+        self.merge = _TiesMerge(params)
         self.trims = np.asarray([d < 1.0 for d in params["density"]])
         self.passes = (self.count, self.collect)
 
@@ -234,13 +255,7 @@ class _TiesKernel:
 
     def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
                  width: int = 1) -> bool:
-        from modelalloy.kernels.elementwise import (
-            TRIM_ALL,
-            TRIM_NONE,
-            TRIM_TOP_K,
-            ties_kernel,
-        )
-        from modelalloy.methods.ties import record_paper_vote_fixes
+        from modelalloy.kernels.elementwise import TRIM_ALL, TRIM_NONE, TRIM_TOP_K, ties_kernel
 
         trim = self._trim(ctx)
         plans = [trim.plan(t) for t in range(len(self.trims))]
@@ -248,25 +263,11 @@ class _TiesKernel:
                             else TRIM_TOP_K for k, v, _ in plans], np.int8)
         thresholds = _f32([v or 0.0 for _, v, _ in plans])
         ties_left = np.asarray([left for _, _, left in plans], np.int64)
-        nexp, widest = len(self.trims), src.shape[1]
-        if "fix_index" not in ctx.streams or ctx.streams["fix_index"].size < widest:
-            ctx.streams["fix_index"] = np.empty(widest, np.int64)
-            ctx.streams["fix_deltas"] = np.empty((nexp, widest), np.float32)
-        tally = np.zeros(2, np.int64)
-        ok = ties_kernel(src, count, out, modes, thresholds, ties_left, self.unit,
-                         self.weights, bool(self.params["normalize"]), self.min_weight,
-                         self.lam, self.weighted_vote, ctx.streams["fix_index"],
-                         ctx.streams["fix_deltas"], tally)
-        if not ok:
+        args = self.merge.args(ctx, src.shape[1])
+        if not ties_kernel(src, count, out, modes, thresholds, ties_left, *args):
             return False
         trim.ties_left = [int(x) for x in ties_left]
-        if not self.weighted_vote:
-            nfix = int(tally[1])
-            where = ctx.streams["fix_index"][:nfix].copy()
-            record_paper_vote_fixes(
-                ctx, float(tally[0]), torch.from_numpy(where),
-                [torch.from_numpy(ctx.streams["fix_deltas"][t, :nfix].copy())
-                 for t in range(nexp)], widen(src[0, where]), self.params)
+        self.merge.report(ctx, src, args[-1])
         return True
 
 
