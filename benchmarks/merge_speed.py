@@ -18,7 +18,12 @@ What it does, for each size (``--sizes``) and merge method (``--methods``):
 5. Compares the outputs of the two tools (max abs difference, share of elements more than one
    bf16 ulp apart, and for linear/task_arithmetic each tool's error against a float64 reference).
 6. Runs modelalloy under ``--memory-budget`` and reports peak RSS against the budget.
-7. Stores every measurement in a JSON file (``--results``, sizes run separately accumulate) and
+7. Runs ``--cold-methods`` (default linear and task_arithmetic) again for both tools with the
+   recipe's input shards dropped from the page cache before every run, so every byte comes
+   from the disk, as when models are larger than RAM; the bound there uses the best cold read
+   bandwidth of 1, 2 or 4 concurrent readers. ``--cold-only`` adds just these rows to a size
+   already measured.
+8. Stores every measurement in a JSON file (``--results``, sizes run separately accumulate) and
    renders the section "Merge speed and memory against mergekit" of ``--out``
    (docs/performance.md); other sections of that file are left as they are.
 
@@ -50,6 +55,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -445,6 +451,28 @@ def measure_bandwidth(models: dict[str, Path], work: Path) -> dict:
             "probe_bytes": size}
 
 
+def measure_cold_read(models: dict[str, Path], streams: int) -> float:
+    """Cold read bandwidth with ``streams`` readers at once (each its own files, 64 MB
+    reads), after dropping the files' pages: a disk often delivers more to several readers
+    than to one, and a merge reads several models at once."""
+    import threading
+
+    files = [f for k in ("expert2", "expert3") for f in model_files(models[k])]
+    _drop_cache(files)
+    counts = [0] * streams
+
+    def reader(index: int) -> None:
+        counts[index] = _read_files(files[index::streams], bytearray(64 << 20))
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
 def warm_inputs(models: dict[str, Path]) -> None:
     buf = bytearray(64 << 20)
     _read_files([f for p in models.values() for f in model_files(p)], buf)
@@ -678,8 +706,9 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                  f"files of {_gb(bw['probe_bytes'])}. Inputs are read once before timing, so "
                  "every run reads warm from the page cache (there is RAM for all of them); the "
                  "I/O bound below is bytes read ÷ warm read bandwidth + bytes written ÷ "
-                 "buffered write bandwidth (neither tool fsyncs its shards, so this is the "
-                 "floor for both).")
+                 "buffered write bandwidth, the floor for both tools. modelalloy also fsyncs "
+                 "its shards before it renames the output folder into place (a finished merge "
+                 "is on disk, not only in the page cache); mergekit does not.")
         L.append("")
         L.append("| method | modelalloy median s | mergekit median s | speed-up (median of "
                  "per-run ratios) | target at 1B (issue 6) | per-run ratios | peak RSS "
@@ -730,6 +759,8 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                  f"{_fmt(r.get('mergekit_baseline_wall_s'), '.1f')} s: start-up is part of "
                  "every time above, and dominates at small sizes.")
         L.append("")
+        if r.get("cold"):
+            L.extend(render_cold(r["cold"], bw["write_buffered_Bps"]))
         if r.get("skip_reasons"):
             for why in r["skip_reasons"]:
                 L.append(f"- Skipped: {why}")
@@ -897,6 +928,78 @@ def write_doc(out: Path, section: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Cold page cache: the inputs read from disk, as with models larger than RAM
+# --------------------------------------------------------------------------------------------
+
+def cold_runs(methods: list[str], models: dict[str, Path], rdir: Path, work: Path,
+              tools: dict[str, tuple[Callable[[str, str], list[str]], dict[str, str]]],
+              runs: int,
+              write_Bps: float, timeout: float) -> dict:
+    """Each tool on each recipe with the recipe's input shards dropped from the page cache
+    before every run (``posix_fadvise(DONTNEED)``), so every byte comes from the disk: the
+    case of 7B–70B merges, whose inputs do not fit in RAM. The bound reads at the best cold
+    bandwidth of 1, 2 or 4 concurrent readers and writes at the buffered write bandwidth."""
+    streams = {str(n): measure_cold_read(models, n) for n in (1, 2, 4)}
+    best = max(streams.values())
+    print("[cold] read " + ", ".join(f"{n} reader(s) {b / 1e9:.2f} GB/s"
+                                     for n, b in streams.items()))
+    out: dict = {"read_cold_Bps_by_readers": streams, "methods": {},
+                 "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "load_before": _load_avg(), "commit": _commit(), "runs": runs}
+    for method in methods:
+        recipe = rdir / f"{method}.yml"
+        recipe.write_text(recipe_yaml(method, models))
+        inputs = [f for p in recipe_inputs(method, models) for f in model_files(p)]
+        read_bytes = sum(f.stat().st_size for f in inputs)
+        m: dict = {name: [] for name in tools} | {"read_bytes": read_bytes}
+        for run in range(runs):
+            for name, (cmd, env) in tools.items():
+                o = work / f"{method}-{name}-cold"
+                shutil.rmtree(o, ignore_errors=True)
+                _drop_cache(inputs)
+                r = run_measured(cmd(str(recipe), str(o)), env,
+                                 work / f"{method}-{name}-cold-{run}.log", timeout)
+                if r["rc"] == 0 and "write_bytes" not in m:
+                    m["write_bytes"] = sum(f.stat().st_size for f in model_files(o))
+                shutil.rmtree(o, ignore_errors=True)
+                m[name].append(r)
+                print(f"[cold {method}] {name} run {run + 1}: {r['wall_s']:.2f}s"
+                      + (f" FAILED rc={r['rc']}: {r['log_tail'][-300:]}" if r["rc"] else ""))
+        m["io_bound_s"] = read_bytes / best + m.get("write_bytes", 0) / write_Bps
+        out["methods"][method] = m
+    out["load_after"] = _load_avg()
+    return out
+
+
+def render_cold(c: dict, write_Bps: float) -> list[str]:
+    by = c["read_cold_Bps_by_readers"]
+    L = [f"**Cold page cache** (measured {c['date']}, commit {c['commit']}, {c['runs']} "
+         f"run{'s' if c['runs'] != 1 else ''} per tool; load {c['load_before']} / "
+         f"{c['load_after']}). Before every run the recipe's input shards are dropped from the "
+         "page cache (`posix_fadvise(DONTNEED)`), so each byte is read from the disk, as when "
+         "the models are larger than RAM. The bound reads at the best cold bandwidth of 1, 2 "
+         "or 4 concurrent readers (" + ", ".join(f"{n}: {b / 1e9:.2f} GB/s"
+                                                 for n, b in by.items())
+         + f") and writes at {write_Bps / 1e9:.2f} GB/s buffered.", "",
+         "| method | modelalloy median s | mergekit median s | speed-up (median of per-run "
+         "ratios) | per-run ratios | I/O bound s | modelalloy ÷ I/O bound |",
+         "|---|---:|---:|---:|---|---:|---:|"]
+    for method, m in c["methods"].items():
+        ours = [x["wall_s"] for x in m.get("modelalloy", []) if x["rc"] == 0]
+        theirs = [x["wall_s"] for x in m.get("mergekit", []) if x["rc"] == 0]
+        ratios = [b["wall_s"] / a["wall_s"] for a, b in
+                  zip(m.get("modelalloy", []), m.get("mergekit", []), strict=False)
+                  if a["rc"] == 0 and b["rc"] == 0]
+        mo = _med(ours)
+        L.append(f"| {method} | {_fmt(mo, '.2f')} | {_fmt(_med(theirs), '.2f')} | "
+                 f"{_fmt(_med(ratios), '.2f')}{'×' if ratios else ''} | "
+                 f"{', '.join(f'{x:.2f}' for x in ratios) or '—'} | {m['io_bound_s']:.3g} | "
+                 f"{_fmt(mo / m['io_bound_s'] if mo else None, '.2f')}{'×' if mo else ''} |")
+    L.append("")
+    return L
+
+
+# --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
 
@@ -966,6 +1069,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="sizes that get the component profile (the full-sort row takes "
                          "minutes at 1B; default 2M,100M)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    ap.add_argument("--cold-methods", default="linear,task_arithmetic",
+                    help="methods also run with the inputs dropped from the page cache before "
+                         "every run ('none' to skip; default linear,task_arithmetic)")
+    ap.add_argument("--cold-runs", type=int, default=None,
+                    help="runs per tool for the cold-cache rows (default: --runs)")
+    ap.add_argument("--cold-only", action="store_true",
+                    help="run only the cold-cache rows and add them to the size's existing "
+                         "results (the warm rows stay as measured)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the section of --out from the results file; run nothing")
     args = ap.parse_args(argv)
@@ -1033,9 +1144,34 @@ def main(argv: list[str] | None = None) -> int:
                                 "import mergekit.scripts.run_yaml, mergekit.merge"], env_mk,
                                work / "baseline-mergekit.log", 300)
 
+    cold_methods = [] if args.cold_methods == "none" else [
+        x.strip() for x in args.cold_methods.split(",") if x.strip()]
+    for x in cold_methods:
+        if x not in ALL_METHODS:
+            raise SystemExit(f"unknown method {x!r} in --cold-methods")
+    tools = {"modelalloy": (lambda r, o: ma_cmd + [r, o] + extra, env_ma)}
+    if mk:
+        tools["mergekit"] = (lambda r, o: [mk, r, o, "--no-copy-tokenizer"], env_mk)
+
+    def cold(size: str, rec: dict, models: dict[str, Path], which: list[str]) -> None:
+        cdir = work / size / "cold"
+        cdir.mkdir(parents=True, exist_ok=True)
+        rec["cold"] = cold_runs(which, models, cdir, cdir, tools,
+                                args.cold_runs or args.runs,
+                                rec["bandwidth"]["write_buffered_Bps"], args.timeout)
+
     for size in sizes:
         print(f"=== {size} ===")
         models = generate_models(size, args.cache_dir.resolve())
+        if args.cold_only:
+            if size not in results["sizes"]:
+                raise SystemExit(f"--cold-only: no results for {size} in {results_path} yet; "
+                                 "run without --cold-only first")
+            cold(size, results["sizes"][size], models, cold_methods)
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            write_doc(out, render_section(results, FINDINGS if REPO in out.parents else None))
+            print(f"[doc] wrote {out} (results in {results_path})")
+            continue
         load_before = _load_avg()
         bw = measure_bandwidth(models, work)
         print(f"[io] read warm {bw['read_warm_Bps'] / 1e9:.2f} GB/s, cold "
@@ -1147,6 +1283,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{size} {method}] --memory-budget {b}: {r['wall_s']:.2f}s rss "
                           f"{r['peak_rss_mb']:.0f}MB anon {r['peak_anon_mb']:.0f}MB"
                           + (f" FAILED rc={r['rc']}" if r["rc"] else ""))
+        if [x for x in cold_methods if x in methods]:  # those of this run's --methods
+            cold(size, rec, models, [x for x in cold_methods if x in methods])
         if not args.no_profile and size in args.profile_sizes.split(","):
             rec["profile"] = profile_components(models, work)
             print("[profile] " + ", ".join(f"{k} {v:.2f}s"

@@ -47,6 +47,30 @@ def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
     runs = results["sizes"]["2M"]["methods"]["linear"]["modelalloy"]
     assert len(runs) == 1 and runs[0]["rc"] == 0 and runs[0]["peak_rss_mb"] > 0
 
+    # the cold-cache rows (default: linear and task arithmetic when they were run)
+    cold = results["sizes"]["2M"]["cold"]
+    assert set(cold["methods"]) == {"linear"}
+    assert set(cold["read_cold_Bps_by_readers"]) == {"1", "2", "4"}
+    assert cold["methods"]["linear"]["modelalloy"][0]["rc"] == 0
+    assert "**Cold page cache**" in text
+    warm_runs = results["sizes"]["2M"]["methods"]
+
+    # --cold-only adds cold rows and keeps the warm ones as they were measured
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sizes", "2M", "--runs", "1", "--cold-only",
+         "--cold-methods", "task_arithmetic", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
+         "--mergekit-bin", str(tmp_path / "no-such-mergekit-yaml")],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["sizes"]["2M"]["methods"] == warm_runs
+    assert set(again["sizes"]["2M"]["cold"]["methods"]) == {"task_arithmetic"}
+    row = next(line for line in out.read_text().splitlines()
+               if line.startswith("| task_arithmetic |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0 and cells[2] == "—" and float(cells[5]) > 0
+
     # the synthetic models are standard sharded HF folders
     base = tmp_path / "cache" / "llama-2M-v1" / "base"
     assert json.loads((base / "config.json").read_text())["architectures"] == [
