@@ -70,6 +70,8 @@ def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
                if line.startswith("| task_arithmetic |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1]) > 0 and cells[2] == "—" and float(cells[5]) > 0
+    with_fsync, without = (float(x) for x in cells[6].split(" / "))
+    assert with_fsync > 0 and without > 0 and cells[7].endswith("×") and cells[8] == "—"
 
     # the synthetic models are standard sharded HF folders
     base = tmp_path / "cache" / "llama-2M-v1" / "base"
