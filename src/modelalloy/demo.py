@@ -4,12 +4,15 @@
 
 Builds (or finds in ~/.cache/modelalloy) the suite's base model and task experts, merges the
 experts with every registered method that can run on them (the papers' defaults, and the scaling
-coefficient chosen on the validation split), prints the comparison table and writes
-DIR/results.{md,json,png}. Methods that need statistics (RegMean, RegMean++, Fisher, OTA, AIM)
-get them collected on the suite's unlabeled inputs first (the Fisher on the validation split;
-OTA reads the Adam moments saved with each expert), once per suite, cached in the suite folder
-(``modelalloy.eval.informed.BenchStats``). Methods that need statistics the bench cannot make or
-a different number of models are listed as skipped, with the reason.
+coefficient chosen on the validation split), prints the comparison table of merges and writes
+DIR/results.{md,json,png}. TALL masks (``tall_masks``) is not a merge: each expert is rebuilt
+from the TALL bundle and reported in a separate "bundles" table (its accuracy on its own task,
+the share of the expert's accuracy kept, the bundle's storage ratio). Methods that need
+statistics (RegMean, RegMean++, Fisher, OTA, AIM) get them collected on the suite's unlabeled
+inputs first (the Fisher on the validation split; OTA reads the Adam moments saved with each
+expert), once per suite, cached in the suite folder (``modelalloy.eval.informed.BenchStats``).
+Methods that need statistics the bench cannot make or a different number of models are listed
+as skipped, with the reason.
 """
 
 from __future__ import annotations

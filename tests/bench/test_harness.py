@@ -3,8 +3,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from modelalloy.api import merge_state_dicts
 from modelalloy.eval.harness import method_skip_reason, run_bench, summarize, sweep_num_experts
-from modelalloy.eval.report import markdown_table, write_results
+from modelalloy.eval.report import markdown_table, plot_rows, print_table, write_results
 from modelalloy.methods import get_method
 
 KEYS = {"method", "task", "held_out", "accuracy", "normalized_accuracy", "mean_length"}
@@ -64,6 +65,41 @@ def test_bench_writes_table_json_and_plot(bench_result, tmp_path):
     assert "| method |" in md and "task_arithmetic (λ=" in md and "slerp" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| base |" in markdown_table(bench_result.records)
+
+
+@pytest.fixture(scope="module")
+def bundle_result(vision_smoke):
+    return run_bench(vision_smoke, ["task_arithmetic", "tall_masks"], tune=False)
+
+
+def test_tall_masks_is_reported_as_a_bundle_not_a_merge(bundle_result, vision_smoke):
+    tasks = vision_smoke.info.merged_tasks
+    rows = [r for r in bundle_result.records if r["method"] == "tall_masks"]
+    # one rebuilt expert per merged task, scored on its own task only: never a merge row
+    assert [(r["variant"], r["task"]) for r in rows] == [("bundle", t) for t in tasks]
+    ratio = bundle_result.bundles["tall_masks"]["storage_ratio"]
+    assert 0 < ratio < 1 and all(r["storage_ratio"] == ratio for r in rows)
+    assert all(0.5 < r["normalized_accuracy"] for r in rows)
+    # the bundle's rebuilt expert i is what the registry's tall_masks gives with task=i
+    i = len(tasks) - 1
+    rebuilt = merge_state_dicts("tall_masks", vision_smoke.base_state_dict(),
+                                [vision_smoke.expert_state_dict(t) for t in tasks], task=i)
+    acc = vision_smoke.evaluate(rebuilt, [tasks[i]])[tasks[i]]["accuracy"]
+    assert rows[i]["accuracy"] == round(acc, 4)
+
+
+def test_merge_table_and_plot_leave_bundles_out(bundle_result, tmp_path, capsys):
+    assert "tall_masks" not in markdown_table(bundle_result.records)
+    assert "task_arithmetic" in {r["method"] for r in plot_rows(bundle_result.records)}
+    assert "tall_masks" not in {r["method"] for r in plot_rows(bundle_result.records)}
+    paths = write_results(bundle_result, tmp_path)
+    merges, bundles = paths["md"].read_text().split("## Bundles (not merges)")
+    assert "tall_masks" not in merges and "| tall_masks |" in bundles
+    assert "storage ratio" in bundles
+    assert json.loads(paths["run"].read_text())["bundles"] == bundle_result.bundles
+    print_table(bundle_result.records, "merges")
+    out = capsys.readouterr().out
+    assert out.index("bundles, not merges") < out.index("tall_masks")
 
 
 def test_summary_means(bench_result):

@@ -143,3 +143,61 @@ def test_the_same_glue_runs_on_the_tiny_lm_suite(bench_cache):
                                             "adamerging_layer", "expert_merging"}
     assert all(math.isfinite(r["accuracy"]) and 0 <= r["accuracy"] <= 1 for r in rows)
     assert "transformer.h.0.mlp.c_fc.weight" in res.extra["regmean_gram_layers"]  # Conv1D
+
+
+def _stat(nbytes: int) -> list[dict[str, torch.Tensor]]:
+    return [{"w": torch.zeros(nbytes, dtype=torch.uint8)}]
+
+
+def test_stats_memory_drops_the_least_recently_used_past_its_byte_cap():
+    from modelalloy.eval.informed import StatsMemory
+
+    mem = StatsMemory()
+    a, b, c = _stat(40), _stat(40), _stat(40)
+    mem.put(("s", "a"), a, cap=100)
+    mem.put(("s", "b"), b, cap=100)
+    assert mem.get(("s", "a")) is a  # a hit is the cached object; "a" is now the most recent
+    mem.put(("s", "c"), c, cap=100)
+    assert mem.get(("s", "b")) is None  # least recently used: evicted
+    assert mem.get(("s", "a")) is a and mem.get(("s", "c")) is c
+    assert mem.nbytes == 80
+    mem.put(("s", "big"), _stat(101), cap=100)  # larger than the cap: not kept, evicts nothing
+    assert mem.get(("s", "big")) is None and mem.nbytes == 80
+    mem.put(("s", "a"), _stat(10), cap=100)  # replacing an entry recounts its bytes
+    assert mem.nbytes == 50
+
+
+def test_memory_cap_from_config_then_environment(monkeypatch):
+    from modelalloy.eval.informed import DEFAULT_MEMORY_BYTES, MEMORY_ENV, memory_cap
+
+    monkeypatch.delenv(MEMORY_ENV, raising=False)
+    assert memory_cap() == DEFAULT_MEMORY_BYTES == 2 * 1000**3
+    monkeypatch.setenv(MEMORY_ENV, "512MiB")
+    assert memory_cap() == 512 * 1024**2
+    assert memory_cap("1GB") == 1000**3 and memory_cap(0) == 0
+
+
+def test_bench_stats_hits_in_memory_and_respects_the_cap(vision_smoke, monkeypatch):
+    from modelalloy.eval import informed as inf
+
+    tasks = vision_smoke.info.merged_tasks
+    args = (vision_smoke, tasks, vision_smoke.base_state_dict(),
+            [vision_smoke.expert_state_dict(t) for t in tasks])
+    monkeypatch.delenv(inf.MEMORY_ENV, raising=False)
+    inf._MEMORY.clear()
+    first = inf.BenchStats(*args).get("exp_avg_sq")
+    assert inf.BenchStats(*args).get("exp_avg_sq") is first
+    assert inf._MEMORY.nbytes == inf.stats_nbytes(first) > 0
+    # A cap below the entry: nothing stays in memory; the files on disk serve the next call
+    # (the cap is not part of the cache key).
+    inf._MEMORY.clear()
+    logs: list[str] = []
+    capped = inf.BenchStats(*args, config=inf.BenchStatsConfig(memory=inf.stats_nbytes(first) - 1),
+                            log=logs.append)
+    again = capped.get("exp_avg_sq")
+    assert inf._MEMORY.nbytes == 0 and again is not first
+    assert any("cached" in m for m in logs)
+    assert all(torch.equal(x[n], y[n]) for x, y in zip(first, again, strict=True) for n in x)
+    monkeypatch.setenv(inf.MEMORY_ENV, "0")
+    inf.BenchStats(*args).get("exp_avg_sq")
+    assert inf._MEMORY.nbytes == 0

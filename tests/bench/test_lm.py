@@ -108,10 +108,12 @@ def test_long_to_short_study(lm_smoke, tmp_path):
     from modelalloy.eval.harness import long_to_short
     from modelalloy.eval.sweeps import long_to_short_markdown, plot_long_to_short
 
-    rows = long_to_short(lm_smoke, ["linear", "slerp", "task_arithmetic"], grid=(0.5,))
+    rows = long_to_short(lm_smoke, ["linear", "slerp", "task_arithmetic", "tall_masks"],
+                         grid=(0.5,))
     names = [r["method"] for r in rows]
     assert names[:3] == ["base", "expert:sum_long", "expert:sum_short"]
     assert {"linear", "slerp", "task_arithmetic"} <= set(names)
+    assert "tall_masks" not in names  # a rebuilt expert, not a merge
     assert all(r["mean_length"] > 0 for r in rows)
     assert "| slerp |" in long_to_short_markdown(rows)
     assert plot_long_to_short(rows, tmp_path / "l2s.png").is_file()

@@ -8,6 +8,9 @@ Records are plain dicts, one per (method, task)::
      "mean_length": 1.0}            # mean response length in tokens (1 for classifiers)
 
 The base model appears as method "base" and each expert, on its own task, as method "expert".
+Bundle methods (:data:`BUNDLE_METHODS`, TALL masks) are not merges: their records have variant
+"bundle", one per merged task (the expert rebuilt from the bundle, on its own task), and carry
+``"storage_ratio"`` (the bundle's bytes ÷ base + experts stored separately).
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # The parameter that scales the merged task vector, where a method has one.
 SCALE_PARAM = "lambda"
+# Registry methods whose output is one expert rebuilt from a compression bundle, not a merge:
+# scored as a merge such a row reads like an expert, so the bench reports them apart.
+BUNDLE_METHODS = ("tall_masks",)
+BUNDLE_VARIANT = "bundle"
 
 
 class EvalError(ModelAlloyError):
@@ -194,6 +201,8 @@ class BenchResult:
     suite_path: str = ""
     build_seconds: float = 0.0
     stats_seconds: dict[str, float] = field(default_factory=dict)
+    # bundle method -> its storage (bytes, ratio) and per-task mask densities
+    bundles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> list[dict[str, Any]]:
         return summarize(self.records)
@@ -201,8 +210,40 @@ class BenchResult:
     def to_json(self) -> dict[str, Any]:
         return {"suite": self.suite, "size": self.size, "suite_path": self.suite_path,
                 "build_seconds": self.build_seconds, "stats_seconds": self.stats_seconds,
-                "skipped": self.skipped,
-                "timings": self.timings, "tuning": self.tuning, "records": self.records}
+                "skipped": self.skipped, "timings": self.timings, "tuning": self.tuning,
+                "bundles": self.bundles, "records": self.records}
+
+
+def _uniform_to_scalar(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v[0] if isinstance(v, list) and v and len(set(map(str, v))) == 1 else v
+            for k, v in params.items()}
+
+
+def bundle_records(spec: Any, base: dict[str, torch.Tensor],
+                   experts: list[dict[str, torch.Tensor]], tasks: list[str],
+                   given: dict[str, Any], scorer: SuiteScorer
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Records of a bundle method (:data:`BUNDLE_METHODS`): the TALL bundle of the experts
+    (:func:`modelalloy.bundle.compress` with the method's mask parameters), every expert
+    rebuilt from it and scored on its own task; and the bundle's storage report."""
+    from modelalloy.bundle import compress
+
+    params = spec.resolve(len(experts), given, spec.name)
+    params.pop("task", None)  # the bench rebuilds every task
+    bundle = compress(base, dict(zip(tasks, experts, strict=True)),
+                      base_merge=params["base_merge"], mask_lambda=params["mask_lambda"],
+                      density=params["density"], scope=params["scope"])
+    storage = bundle.storage()
+    ratio = round(storage.ratio, 4)
+    shown = _uniform_to_scalar(params)
+    records = [{**r, "storage_ratio": ratio}
+               for task in tasks
+               for r in scorer.records(spec.name, bundle.rebuild(task), variant=BUNDLE_VARIANT,
+                                       params=shown, tasks=[task])]
+    info = {"storage_ratio": ratio, "bundle_bytes": storage.bundle_bytes,
+            "separate_bytes": storage.separate_bytes,
+            "mask_density": {t: round(d, 4) for t, d in bundle.mask_densities().items()}}
+    return records, info
 
 
 def tune_scale(spec: Any, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
@@ -251,6 +292,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
     skipped: dict[str, str] = {}
     timings: dict[str, float] = {}
     tuning: dict[str, dict[str, Any]] = {}
+    bundles: dict[str, dict[str, Any]] = {}
     provider = None
     for spec in resolve_methods(methods):
         reason = method_skip_reason(spec, len(experts), stats=True)
@@ -260,6 +302,20 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
             continue
         user = dict((params or {}).get(spec.name, {}))
         given = {**PAPER_DEFAULTS.get(spec.name, {}), **user}
+        if spec.name in BUNDLE_METHODS:
+            start = time.perf_counter()
+            try:
+                rows, bundles[spec.name] = bundle_records(spec, base, experts, tasks, given,
+                                                          scorer)
+            except ModelAlloyError as err:
+                skipped[spec.name] = str(err)
+                log(f"skip {spec.name}: {err}")
+                continue
+            records += rows
+            timings[spec.name] = round(time.perf_counter() - start, 3)
+            log(f"{spec.name}: bundle built and every expert rebuilt in "
+                f"{timings[spec.name]:.2f}s (storage ratio {bundles[spec.name]['storage_ratio']})")
+            continue
         inputs, stats, note = experts, None, {}
         try:
             if spec.stats:
@@ -303,7 +359,8 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
     return BenchResult(suite=info.name, size=info.size, records=records, skipped=skipped,
                        timings=timings, tuning=tuning, suite_path=str(info.path),
                        build_seconds=info.build_seconds,
-                       stats_seconds=dict(provider.seconds) if provider else {})
+                       stats_seconds=dict(provider.seconds) if provider else {},
+                       bundles=bundles)
 
 
 def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None = None,
@@ -398,7 +455,7 @@ def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
     rows = [score("base", base, {}), score(f"expert:{long_task}", experts[0], {}),
             score(f"expert:{short_task}", experts[1], {})]
     for spec in resolve_methods(methods):
-        if method_skip_reason(spec, 2):
+        if method_skip_reason(spec, 2) or spec.name in BUNDLE_METHODS:  # rebuilds, not merges
             continue
         knob = "t" if any(p.name == "t" for p in spec.params) else (
             SCALE_PARAM if any(p.name == SCALE_PARAM for p in spec.params) else None)

@@ -44,7 +44,9 @@ The suite body has no stack of numbered blocks (RegMean++ and Expert Merging wal
 
 from __future__ import annotations
 
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,9 +250,70 @@ class BenchStatsConfig:
     batch_size: int = 32
     seed: int = 0
     cache: bool = True                   # keep them on disk in the suite folder
+    # Cap of the in-process cache (tensor bytes, or "2GB"; 0 keeps nothing in memory); None:
+    # $MODELALLOY_STATS_MEMORY, else DEFAULT_MEMORY_BYTES.
+    memory: int | str | None = None
 
 
-_MEMORY: dict[tuple[str, str], list[Any]] = {}
+# Not part of a statistic's identity: where it is kept.
+_PLACEMENT_FIELDS = ("cache", "memory")
+MEMORY_ENV = "MODELALLOY_STATS_MEMORY"
+# Grams of a real model's linear maps reach gigabytes; keep at most this many in the process.
+DEFAULT_MEMORY_BYTES = 2 * 1000**3
+
+
+def memory_cap(value: int | str | None = None) -> int:
+    """Bytes the in-process statistics cache may hold: ``value``, else the environment's
+    ``MODELALLOY_STATS_MEMORY`` ("2GB", "512MiB", bytes), else :data:`DEFAULT_MEMORY_BYTES`."""
+    from modelalloy.io.writer import parse_size
+
+    if value is None:
+        value = os.environ.get(MEMORY_ENV) or DEFAULT_MEMORY_BYTES
+    return 0 if str(value).strip() == "0" else parse_size(value)  # parse_size refuses 0
+
+
+def stats_nbytes(stats: Sequence[Mapping[str, torch.Tensor]]) -> int:
+    """Tensor bytes of one entry: one statistic (name -> tensor) per owner."""
+    return sum(t.nbytes for st in stats for t in st.values())
+
+
+class StatsMemory:
+    """The statistics collected in this process, least recently used dropped first once their
+    tensor bytes pass the cap (the cap is the caller's, per :meth:`put`). A hit returns the
+    cached object itself."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[str, str], tuple[list[Any], int]] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: tuple[str, str]) -> list[Any] | None:
+        if key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key][0]
+
+    def put(self, key: tuple[str, str], stats: list[Any], cap: int) -> None:
+        self._pop(key)
+        size = stats_nbytes(stats)
+        if size > cap:  # it would push out everything and still not fit
+            return
+        self._entries[key] = (stats, size)
+        self.nbytes += size
+        while self.nbytes > cap:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.nbytes -= dropped
+
+    def _pop(self, key: tuple[str, str]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
+_MEMORY = StatsMemory()
 
 
 def layout_overrides(spec: Any, stats: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
@@ -272,8 +335,9 @@ class BenchStats:
     same collectors and module wrapper for every suite (:func:`suite_module`,
     :func:`task_batches`): a plain ``nn.Module`` with per-task heads (tiny-vision) or a
     transformers LM (tiny-lm). Each kind is collected once per suite and options and cached — in
-    this process and, with ``config.cache``, on disk under ``<suite>/stats-cache/`` (rebuilt
-    with the suite, since a rebuilt suite is a new folder).
+    this process (:class:`StatsMemory`: at most ``config.memory`` bytes, 2 GB by default, least
+    recently used dropped first) and, with ``config.cache``, on disk under
+    ``<suite>/stats-cache/`` (rebuilt with the suite, since a rebuilt suite is a new folder).
 
     ==============  =============================================================================
     ``gram``        expert k on task k's unlabeled inputs (RegMean)
@@ -301,7 +365,7 @@ class BenchStats:
         import json
         from dataclasses import asdict
 
-        cfg = {k: v for k, v in asdict(self.cfg).items() if k != "cache"}
+        cfg = {k: v for k, v in asdict(self.cfg).items() if k not in _PLACEMENT_FIELDS}
         blob = json.dumps({"kind": kind, "cfg": cfg, "extra": dict(extra),
                            "tasks": self.tasks, "version": BENCH_STATS_VERSION},
                           sort_keys=True, default=str)
@@ -317,8 +381,9 @@ class BenchStats:
         extra = dict(extra or {})
         key = self._digest(kind, extra)
         mem_key = (str(self.suite.info.path), key)
-        if mem_key in _MEMORY:
-            return _MEMORY[mem_key]
+        cached = _MEMORY.get(mem_key)
+        if cached is not None:
+            return cached
         folder = self.suite.info.path / "stats-cache" / key
         owners = self._owners(kind)
         files = [folder / f"{o}.safetensors" for o in owners]
@@ -346,7 +411,7 @@ class BenchStats:
                         save_stats(st, f, kind)
                 except OSError as err:  # a read-only suite cache: keep them in memory only
                     self.log(f"{kind} statistics not cached on disk: {err}")
-        _MEMORY[mem_key] = stats
+        _MEMORY.put(mem_key, stats, memory_cap(self.cfg.memory))
         return stats
 
     def _collect(self, kind: str, extra: Mapping[str, Any]) -> list[Any]:

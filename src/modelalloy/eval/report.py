@@ -1,4 +1,9 @@
-"""Render bench results: a terminal/markdown table, results.json and a per-task accuracy plot."""
+"""Render bench results: a terminal/markdown table, results.json and a per-task accuracy plot.
+
+The table and the plot compare merges (and the base and expert references); bundle records
+(variant "bundle": experts rebuilt from a compression bundle, not merges) get a table of their
+own, "bundles", with each rebuilt expert's accuracy on its own task and the storage ratio.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from modelalloy.eval.harness import BenchResult, summarize
+from modelalloy.eval.harness import BUNDLE_VARIANT, BenchResult, summarize
+
+BUNDLE_TITLE = "bundles, not merges: rebuilt experts, each on its own task"
+BUNDLE_NOTE = ("A bundle stores the base, one merged task vector and a small per-task part "
+               "(TALL: a 1-bit mask per weight) and rebuilds each expert from them; it is not "
+               "one multi-task model, so it is not in the table above. *kept* = rebuilt ÷ the "
+               "original expert on its task; *storage ratio* = the bundle's bytes ÷ base + "
+               "experts stored separately.")
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -27,29 +39,67 @@ def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                        r["variant"] != "default"))
 
 
-def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    summary = _order(summarize(records))
-    tasks: list[str] = []
+def merge_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records the merge table and the plot compare: merges, base and experts."""
+    return [r for r in records if r["variant"] != BUNDLE_VARIANT]
+
+
+def bundle_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["variant"] == BUNDLE_VARIANT]
+
+
+def _tasks(records: list[dict[str, Any]]) -> tuple[list[str], dict[str, bool]]:
+    """Task names in first-seen order, and whether each is held out."""
     held: dict[str, bool] = {}
     for r in records:
-        if r["task"] not in held:
-            tasks.append(r["task"])
-            held[r["task"]] = r["held_out"]
+        held.setdefault(r["task"], r["held_out"])
+    return list(held), held
+
+
+def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The merge table: one row per (method, variant), bundle records left out."""
+    records = merge_records(records)
+    tasks, held = _tasks(records)
     header = (["method", "mean acc", "norm acc", "held-out acc", "mean len"]
               + [t + (" (held-out)" if held[t] else "") for t in tasks])
     body = []
-    for row in summary:
+    for row in _order(summarize(records)):
         body.append([_label(row), _pct(row["accuracy"]), _pct(row["normalized_accuracy"]),
                      _pct(row["held_out_accuracy"]), f"{row['mean_length']:.1f}"]
                     + [_pct(row["per_task"].get(t)) for t in tasks])
     return header, body
 
 
-def markdown_table(records: list[dict[str, Any]]) -> str:
-    header, body = table_rows(records)
+def bundle_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The bundles table: per bundle method, the mean over its rebuilt experts, the fraction of
+    the experts' accuracy kept, the storage ratio and each rebuilt expert on its own task."""
+    records = bundle_records(records)
+    tasks, _ = _tasks(records)
+    header = ["bundle", "mean acc", "kept", "storage ratio"] + tasks
+    body = []
+    for row in summarize(records):
+        ratio = next(r.get("storage_ratio") for r in records if r["method"] == row["method"])
+        body.append([row["method"], _pct(row["accuracy"]), _pct(row["normalized_accuracy"]),
+                     "—" if ratio is None else f"{ratio:.3f}"]
+                    + [_pct(row["per_task"].get(t)) for t in tasks])
+    return header, body
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """The merge table (bundles are in :func:`bundle_markdown_table`)."""
+    return _markdown(*table_rows(records))
+
+
+def bundle_markdown_table(records: list[dict[str, Any]]) -> str:
+    """The bundles table, or "" when no bundle method ran."""
+    header, body = bundle_rows(records)
+    return _markdown(header, body) if body else ""
 
 
 def results_markdown(result: BenchResult) -> str:
@@ -70,14 +120,25 @@ def results_markdown(result: BenchResult) -> str:
     if result.skipped:
         out += ["Skipped:", ""] + [f"- {k}: {v}" for k, v in result.skipped.items()] + [""]
     if result.build_seconds:
-        out.append(f"Suite build time: {result.build_seconds:.1f}s (cached at "
-                   f"`{result.suite_path}`).")
-    return "\n".join(out) + "\n"
+        out += [f"Suite build time: {result.build_seconds:.1f}s (cached at "
+                f"`{result.suite_path}`).", ""]
+    bundles = bundle_markdown_table(result.records)
+    if bundles:
+        out += ["## Bundles (not merges)", "", "Each expert rebuilt from the bundle, scored on "
+                "its own task. " + BUNDLE_NOTE, "", bundles, ""]
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 def print_table(records: list[dict[str, Any]], title: str = "") -> None:
-    """A rich table on the terminal (plain text when rich is unavailable)."""
-    header, body = table_rows(records)
+    """The merge table on the terminal, then the bundles table when a bundle method ran."""
+    _print(*table_rows(records), title)
+    header, body = bundle_rows(records)
+    if body:
+        _print(header, body, BUNDLE_TITLE)
+
+
+def _print(header: list[str], body: list[list[str]], title: str) -> None:
+    """A rich table (plain text when rich is unavailable)."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -94,23 +155,23 @@ def print_table(records: list[dict[str, Any]], title: str = "") -> None:
     Console(width=max(120, 12 * len(header))).print(table)
 
 
+def plot_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The plot's bar groups: the merge table's rows (no bundles), tuned variants where a method
+    has one (they are the comparable ones), defaults only for methods without."""
+    rows = _order(summarize(merge_records(records)))
+    tuned = {r["method"] for r in rows if r["variant"] == "tuned"}
+    return [r for r in rows if r["variant"] != "default" or r["method"] not in tuned]
+
+
 def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Grouped bars: per-task accuracy per method (the tuned variant where there is one)."""
+    """Grouped bars: per-task accuracy per row of :func:`plot_rows`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _order(summarize(records))
-    # One bar group per row; keep tuned variants (they are the comparable ones) and defaults
-    # only for methods without a tuned variant.
-    tuned = {r["method"] for r in rows if r["variant"] == "tuned"}
-    rows = [r for r in rows if r["variant"] != "default" or r["method"] not in tuned]
-    tasks: list[str] = []
-    for r in records:
-        if r["task"] not in tasks:
-            tasks.append(r["task"])
-    held = {r["task"]: r["held_out"] for r in records}
+    rows = plot_rows(records)
+    tasks, held = _tasks(merge_records(records))
     fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(tasks) + 2), 4.8))
     width = 0.8 / max(1, len(rows))
     cmap = plt.get_cmap("tab20")
