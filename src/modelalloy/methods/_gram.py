@@ -26,24 +26,39 @@ def new_gram(n: int) -> Gram:
     return [[0.0] * n for _ in range(n)]
 
 
-def _float64_buffers(count: int, device: torch.device) -> list[torch.Tensor]:
-    # reused per thread: a fresh 2 MB tensor per chunk costs more in page faults than the dots
-    buffers = _scratch.__dict__.setdefault(device, [])
+def thread_buffers(kind: str, count: int, dtype: torch.dtype, device: torch.device,
+                   size: int = SLICE_ELEMENTS) -> list[torch.Tensor]:
+    """``count`` work buffers named ``kind`` of at least ``size`` elements, this thread's own
+    and reused from call to call: a fresh 1–2 MB tensor per chunk costs more in page faults
+    than the arithmetic. Different kinds never share memory."""
+    buffers = _scratch.__dict__.setdefault((kind, device, dtype), [])
     while len(buffers) < count:
-        buffers.append(torch.empty(SLICE_ELEMENTS, dtype=torch.float64, device=device))
-    return buffers
+        buffers.append(torch.empty(size, dtype=dtype, device=device))
+    for i in range(count):
+        if buffers[i].numel() < size:
+            buffers[i] = torch.empty(size, dtype=dtype, device=device)
+    return buffers[:count]
 
 
-def add_gram_(gram: Gram, vectors: Sequence[torch.Tensor]) -> Gram:
-    """Add Σ_k x_i[k]·x_j[k] over these elements to ``gram[i][j]`` for every i ≤ j."""
+def add_gram_(gram: Gram, vectors: Sequence[torch.Tensor],
+              minus: torch.Tensor | None = None) -> Gram:
+    """Add Σ_k x_i[k]·x_j[k] over these elements to ``gram[i][j]`` for every i ≤ j; with
+    ``minus``, of the differences x_i − minus (formed in float32, as ``torch.sub`` makes task
+    vectors, chunk by chunk: no tensor-sized temporaries)."""
     flat = [v.reshape(-1) for v in vectors]
-    numel = flat[0].numel()
-    buffers = _float64_buffers(len(flat), flat[0].device)
+    numel, device = flat[0].numel(), flat[0].device
+    wide_bufs = thread_buffers("gram", len(flat), torch.float64, device)
+    diff = None if minus is None else thread_buffers("gram", 1, torch.float32, device)[0]
     with one_intra_op_thread():
         for start in range(0, numel, SLICE_ELEMENTS):
             count = min(SLICE_ELEMENTS, numel - start)
-            wide = [buf[:count].copy_(x[start:start + count]) for buf, x in zip(
-                buffers, flat, strict=False)]
+            wide = []
+            for buf, x in zip(wide_bufs, flat, strict=False):
+                chunk = x[start:start + count]
+                if minus is not None:
+                    chunk = torch.sub(chunk, minus.reshape(-1)[start:start + count],
+                                      out=diff[:count])
+                wide.append(buf[:count].copy_(chunk))
             for i, x in enumerate(wide):
                 for j in range(i, len(wide)):
                     gram[i][j] += float(torch.dot(x, wide[j]))

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from modelalloy.methods._gram import Gram, add_gram_, new_gram
+from modelalloy.methods._gram import Gram, add_gram_, new_gram, thread_buffers
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
 
@@ -79,7 +79,16 @@ def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass of a sliced merge: this slice's ‖δ_i‖² and ⟨δ_i, δ_j⟩ into ``ctx.streams``."""
     gram = ctx.streams.setdefault("model_stock_gram", new_gram(len(experts)))
-    add_gram_(gram, [torch.sub(e, base) for e in experts])
+    add_gram_(gram, experts, minus=base)
+
+
+def _mean_delta(base: torch.Tensor, experts: list[torch.Tensor], acc: torch.Tensor,
+                delta: torch.Tensor) -> torch.Tensor:
+    """mean_i (θ_i − θ_0) into ``acc``, each δ_i formed in ``delta`` (two buffers for any N)."""
+    torch.sub(experts[0], base, out=acc)
+    for e in experts[1:]:
+        acc.add_(torch.sub(e, base, out=delta))
+    return acc.div_(len(experts))
 
 
 @register_method(
@@ -95,19 +104,19 @@ def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
 )
 def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
-    deltas = [torch.sub(e, base) for e in experts]
     if params["filter_wise"]:
-        t: torch.Tensor | float = filter_wise_ratio(deltas)
-    elif ctx.slice_start is None:
-        t = ratio_from_gram(add_gram_(new_gram(len(deltas)), deltas))
-    else:
-        t = ratio_from_gram(ctx.streams["model_stock_gram"])
+        deltas = [torch.sub(e, base) for e in experts]
+        t = filter_wise_ratio(deltas)
+        mean_delta = _mean_delta(base, experts, deltas[0], deltas[1])
+        return mean_delta.reshape(t.shape[0], -1).mul_(t).reshape(base.shape).add_(base)
     # θ = θ_0 + t · mean_i δ_i  (= t·mean θ_i + (1−t)·θ_0)
-    mean_delta = deltas[0]
-    for d in deltas[1:]:
-        mean_delta.add_(d)
-    mean_delta.div_(len(deltas))
-    if isinstance(t, float):
-        return mean_delta.mul_(t).add_(base)
-    shape = base.shape
-    return mean_delta.reshape(t.shape[0], -1).mul_(t).reshape(shape).add_(base)
+    if ctx.slice_start is None:
+        ratio = ratio_from_gram(add_gram_(new_gram(len(experts)), experts, minus=base))
+        acc, delta = torch.empty_like(base), torch.empty_like(base)
+    else:
+        ratio = ratio_from_gram(ctx.streams["model_stock_gram"])
+        # this thread's slice buffers: the engine copies the result out before the next slice
+        acc, delta = (b[:base.numel()].view(base.shape)
+                      for b in thread_buffers("model_stock", 2, base.dtype, base.device,
+                                               base.numel()))
+    return _mean_delta(base, experts, acc, delta).mul_(ratio).add_(base)
