@@ -223,6 +223,44 @@ def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, meth
         assert torch.equal(out[name], whole[name]), name
 
 
+@pytest.mark.parametrize(("method", "extra", "sliced"), [
+    ("della", "", True), ("della_linear", "", True), ("della_linear", "normalize: true, ", True),
+    ("della", "vote: paper, ", False), ("della", "rescale_norm: l1, ", False)])
+def test_della_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, extra, sliced):
+    """DELLA ranks |δ| per row and its draws continue row after row: streamed a band of rows
+    at a time it keeps the same entries and gives the same bits as the whole tensor. The
+    paper vote and the L1 rescale need whole-tensor values and keep the whole tensor."""
+    from modelalloy.api import merge_state_dicts
+    from modelalloy.engine.run import make_plan
+    from modelalloy.recipe import load_recipe
+
+    gen = torch.Generator().manual_seed(6)
+    shapes = {"rows.weight": (1501, 701), "long_row": (2 * SLICE_ELEMENTS + 3,)}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+               for _ in range(3)]
+    folders = _save_folders(tmp_path, [base, *experts])
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: {method}\nbase_model: {folders[0]}\nseed: 9\n"
+                          f"parameters: {{{extra}density: 0.5, epsilon: 0.1}}\nmodels:\n"
+                          + "".join(f"  - model: {f}\n" for f in folders[1:]))
+    with ExitStack() as stack:
+        plan = make_plan(load_recipe(recipe), stack)
+        units = {e.name: e.slice_unit for e in plan.entries}
+    assert units == ({"rows.weight": 701, "long_row": 2 * SLICE_ELEMENTS + 3} if sliced
+                     else {"rows.weight": 0, "long_row": 0})
+    out = _load(merge(recipe, tmp_path / "out", threads=2).path)
+    params = {"density": 0.5, "epsilon": 0.1, "seed": 9} | dict(
+        kv.split(": ") for kv in extra.rstrip(", ").split(", ") if kv)
+    params = {k: (v == "true" if v in ("true", "false") else v) for k, v in params.items()}
+    whole = merge_state_dicts(method, base, experts, **params)
+    for name in shapes:
+        assert torch.equal(out[name], whole[name]), name
+    # about half of each expert's entries survive MagPrune
+    tv = out["rows.weight"] - base["rows.weight"]
+    assert 0.3 < float((tv != 0).float().mean()) < 0.99
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "ties", "breadcrumbs", "task_arithmetic"])
 def test_the_fused_path_runs_when_numba_is_installed(tmp_path, slice_path, method):
     from modelalloy.kernels import slices
@@ -276,6 +314,37 @@ def test_slerp_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, experts, s
         want = want + base["w"].double()
     assert (abs(dot) > 0.9995) == (spread == 0.01 and experts == 1)
     torch.testing.assert_close(one.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [0.0, 1.0])
+def test_model_stock_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, shared):
+    """Model Stock's norms and dots are gathered in a first pass over the slices, then θ is
+    formed slice by slice: the same bits as the whole-tensor merge, and the paper's formula
+    worked out in float64 (shared 0: nearly orthogonal deltas, t near 0; shared 1: deltas
+    sharing a direction, 0 < t < 1)."""
+    from modelalloy.api import merge_state_dicts
+
+    gen = torch.Generator().manual_seed(5)
+    n = 3 * SLICE_ELEMENTS + 77
+    base = {"w": torch.randn(n, generator=gen)}
+    common = torch.randn(n, generator=gen)
+    others = [{"w": base["w"] + 0.01 * (shared * common + torch.randn(n, generator=gen))}
+              for _ in range(3)]
+    folders = _save_folders(tmp_path, [base, *others])
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: model_stock\nbase_model: {folders[0]}\nmodels:\n"
+                          + "".join(f"  - model: {f}\n" for f in folders[1:]))
+    one = _load(merge(recipe, tmp_path / "t1", threads=1).path)["w"]
+    two = _load(merge(recipe, tmp_path / "t2", threads=2).path)["w"]
+    whole = merge_state_dicts("model_stock", base, others)["w"]
+    assert torch.equal(one, whole) and torch.equal(two, whole)
+    deltas = [o["w"].double() - base["w"].double() for o in others]
+    cos = sum(float(deltas[i] @ deltas[j]) / float(deltas[i].norm() * deltas[j].norm())
+              for i, j in ((0, 1), (0, 2), (1, 2))) / 3
+    t = max(0.0, 3 * cos / (1 + 2 * cos))
+    assert (0.3 < t < 0.9) if shared else (t < 0.01)
+    want = base["w"].double() + t * sum(deltas) / 3
+    torch.testing.assert_close(one.double(), want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(("density", "extra"), [(0.2, ""), (0.2, "vote: weighted, "),

@@ -20,6 +20,11 @@ mergekit), ``epsilon`` 0.15 (mergekit), ``lambda`` 1, ``rescale`` true with
 ``rescale_norm: probability`` (per-element 1/π, the official code; current mergekit matches the
 L1 norm instead — ``rescale_norm: l1``). 0 < density ± ε < 1 is required when density < 1. A row
 of one entry is kept with probability ``density``. Masks are seeded per (seed, tensor, model).
+
+Ranks are per row and the draws continue row after row, so a large tensor streams a band of
+whole rows at a time (``rowwise``) with the same masks and bits as the whole-tensor merge —
+except with ``rescale_norm: l1`` (a whole-tensor norm) or, for ``della``, ``vote: paper``
+(zero sums take the tensor's majority sign), which merge the whole tensor.
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ _COMMON = [
 ]
 
 
+def _per_row_linear(params: dict[str, Any]) -> bool:
+    """Row-ranked masks, per-element 1/π and a sum: each output row depends on its input rows
+    only (the L1 rescale is a whole-tensor norm), so the engine may stream whole rows."""
+    return not (params["rescale"] and params["rescale_norm"] == "l1")
+
+
+def _per_row(params: dict[str, Any]) -> bool:
+    """As :func:`_per_row_linear`, with the weighted vote: the paper vote settles zero sums
+    with the tensor's majority sign, a whole-tensor value."""
+    return _per_row_linear(params) and params["vote"] == "weighted"
+
+
 def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
                  ctx: MergeContext) -> list[torch.Tensor]:
     check_epsilon(params["density"], params["epsilon"], f"tensor '{ctx.name}'")
@@ -76,6 +93,7 @@ def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[s
     paper=PAPER,
     summary="Magnitude-ranked random drop (MagPrune), TIES sign election, disjoint mean",
     base="required",
+    rowwise=_per_row,
 )
 def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:
@@ -89,6 +107,7 @@ def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
     paper=PAPER,
     summary="Magnitude-ranked random drop (MagPrune), then the weighted sum of task vectors",
     base="required",
+    rowwise=_per_row_linear,
 )
 def della_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                  ctx: MergeContext) -> torch.Tensor:

@@ -11,8 +11,13 @@ Per tensor with N ≥ 2 fine-tunes, δ_i = θ_i − θ_0:
     θ = t · mean_i θ_i + (1 − t) · θ_0
 
 ``filter_wise: true`` (mergekit) takes the angle and t per row along the last dimension (a 1-D
-tensor is one row); the default is one angle per tensor. No weights. Zero deltas give cos = 0,
-t = 0, the base.
+tensor is one row, float32 sums); the default is one angle per tensor. No weights. Zero deltas
+give cos = 0, t = 0, the base.
+
+One angle per tensor streams: ‖δ_i‖² and ⟨δ_i, δ_j⟩ are float64 sums over chunks of the
+tensor in order (:mod:`modelalloy.methods._gram`), gathered by the engine in a first pass over
+a large tensor's slices, and θ is then formed slice by slice with the same bits as the
+whole-tensor merge (which sums the same chunks in the same order).
 
 Differences from mergekit: t is clamped to [0, 1], and t = 0 wherever 1 + (N−1)·cos θ ≤ 0
 (mergekit's t turns negative for −1/(N−1) < cos θ < 0, divides by zero at cos θ = −1/(N−1) and
@@ -22,34 +27,68 @@ two models.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from modelalloy.methods._gram import Gram, add_gram_, new_gram, thread_buffers
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
 
-def model_stock_ratio(deltas: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
-    """t per tensor (0-D) or per row (shape rows×1) from the mean pairwise cosine."""
-    if filter_wise:
-        rows = [d.reshape(1, -1) if d.dim() < 2 else d.reshape(-1, d.shape[-1]) for d in deltas]
-    else:
-        rows = [d.reshape(1, -1) for d in deltas]
-    norms = [torch.linalg.vector_norm(r, dim=-1) for r in rows]
-    n = len(rows)
-    cos_sum = torch.zeros_like(norms[0])
-    pairs = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            dots = (rows[i] * rows[j]).sum(dim=-1)
-            cos_sum += (dots / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
-            pairs += 1
-    cos = cos_sum / pairs
+def _ratio(cos: torch.Tensor | float, n: int) -> torch.Tensor | float:
+    """t = N cos / (1 + (N − 1) cos), 0 wherever the denominator is ≤ 0, clamped to [0, 1]."""
+    if isinstance(cos, float):
+        denom = 1 + (n - 1) * cos
+        return min(max(n * cos / denom, 0.0), 1.0) if denom > 0 else 0.0
     denom = 1 + (n - 1) * cos
     # t < 0 for −1/(N−1) < cos < 0 and t blows up as the denominator reaches 0; past it the
     # formula turns positive again. Every non-positive cos means "no shared direction": t = 0.
     t = torch.where(denom > 0, (n * cos) / denom.clamp(min=1e-12), torch.zeros_like(cos))
-    return t.clamp_(0.0, 1.0).unsqueeze(-1)
+    return t.clamp_(0.0, 1.0)
+
+
+def ratio_from_gram(gram: Gram) -> float:
+    """The per-tensor t from the deltas' Gram matrix (float64 sums): the mean over pairs of
+    ⟨δ_i, δ_j⟩ / max(‖δ_i‖‖δ_j‖, 1e-6), each clamped to [−1, 1]."""
+    n = len(gram)
+    cosines = [max(-1.0, min(1.0, gram[i][j] / max(math.sqrt(gram[i][i] * gram[j][j]), 1e-6)))
+               for i in range(n) for j in range(i + 1, n)]
+    return _ratio(sum(cosines) / len(cosines), n)
+
+
+def filter_wise_ratio(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """t per row along the last dimension (shape rows × 1; a 1-D tensor is one row), float32."""
+    rows = [d.reshape(1, -1) if d.dim() < 2 else d.reshape(-1, d.shape[-1]) for d in deltas]
+    norms = [torch.linalg.vector_norm(r, dim=-1) for r in rows]
+    n = len(rows)
+    cos_sum = torch.zeros_like(norms[0])
+    for i in range(n):
+        for j in range(i + 1, n):
+            dots = (rows[i] * rows[j]).sum(dim=-1)
+            cos_sum += (dots / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+    return _ratio(cos_sum / (n * (n - 1) // 2), n).unsqueeze(-1)
+
+
+def _per_tensor(params: dict[str, Any]) -> bool:
+    """One angle per tensor: a Gram pass over the slices, then an elementwise step."""
+    return not params["filter_wise"]
+
+
+def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
+                  params: dict[str, Any], ctx: MergeContext) -> None:
+    """First pass of a sliced merge: this slice's ‖δ_i‖² and ⟨δ_i, δ_j⟩ into ``ctx.streams``."""
+    gram = ctx.streams.setdefault("model_stock_gram", new_gram(len(experts)))
+    add_gram_(gram, experts, minus=base)
+
+
+def _mean_delta(base: torch.Tensor, experts: list[torch.Tensor], acc: torch.Tensor,
+                delta: torch.Tensor) -> torch.Tensor:
+    """mean_i (θ_i − θ_0) into ``acc``, each δ_i formed in ``delta`` (two buffers for any N)."""
+    torch.sub(experts[0], base, out=acc)
+    for e in experts[1:]:
+        acc.add_(torch.sub(e, base, out=delta))
+    return acc.div_(len(experts))
 
 
 @register_method(
@@ -60,17 +99,24 @@ def model_stock_ratio(deltas: list[torch.Tensor], filter_wise: bool) -> torch.Te
     summary="Average of the fine-tunes pulled toward the base by a ratio from their angle",
     base="required",
     min_models=2,
+    elementwise=_per_tensor,
+    slice_reduce=(_reduce_slice,),
 )
 def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
-    deltas = [torch.sub(e, base) for e in experts]
-    t = model_stock_ratio(deltas, params["filter_wise"])
-    shape = base.shape
+    if params["filter_wise"]:
+        deltas = [torch.sub(e, base) for e in experts]
+        t = filter_wise_ratio(deltas)
+        mean_delta = _mean_delta(base, experts, deltas[0], deltas[1])
+        return mean_delta.reshape(t.shape[0], -1).mul_(t).reshape(base.shape).add_(base)
     # θ = θ_0 + t · mean_i δ_i  (= t·mean θ_i + (1−t)·θ_0)
-    mean_delta = deltas[0]
-    for d in deltas[1:]:
-        mean_delta.add_(d)
-    mean_delta.div_(len(deltas))
-    flat = mean_delta.reshape(t.shape[0], -1)
-    flat.mul_(t)
-    return flat.reshape(shape).add_(base)
+    if ctx.slice_start is None:
+        ratio = ratio_from_gram(add_gram_(new_gram(len(experts)), experts, minus=base))
+        acc, delta = torch.empty_like(base), torch.empty_like(base)
+    else:
+        ratio = ratio_from_gram(ctx.streams["model_stock_gram"])
+        # this thread's slice buffers: the engine copies the result out before the next slice
+        acc, delta = (b[:base.numel()].view(base.shape)
+                      for b in thread_buffers("model_stock", 2, base.dtype, base.device,
+                                               base.numel()))
+    return _mean_delta(base, experts, acc, delta).mul_(ratio).add_(base)

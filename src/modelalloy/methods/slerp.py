@@ -24,53 +24,30 @@ Differences from mergekit: torch float32 for the interpolation, float64 for the 
 mergekit does not have.
 
 Norms and dot are sums over the whole tensor: Σv0², Σv1², Σv0·v1 in float64, one chunk of
-``SLICE_ELEMENTS`` after another in order. The engine gathers them in a first pass over a large
-tensor's slices (``slice_reduce``), then interpolates slice by slice, so SLERP streams like the
-elementwise methods — and gives the same bits as the whole-tensor merge, which sums the same
-chunks in the same order.
+``SLICE_ELEMENTS`` after another in order (:mod:`modelalloy.methods._gram`). The engine
+gathers them in a first pass over a large tensor's slices (``slice_reduce``), then
+interpolates slice by slice, so SLERP streams like the elementwise methods — and gives the
+same bits as the whole-tensor merge, which sums the same chunks in the same order.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any
 
 import torch
 
+from modelalloy.methods._gram import Gram, add_gram_, new_gram
 from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.plan.planner import SLICE_ELEMENTS
-from modelalloy.threads import one_intra_op_thread
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
-_scratch = threading.local()
 
 
-def add_moments_(moments: list[float], v0: torch.Tensor, v1: torch.Tensor) -> None:
-    """Add Σv0², Σv1², Σv0·v1 over these elements to ``moments``: float64 dots on one
-    intra-op thread, one per ``SLICE_ELEMENTS`` chunk, chunks in order — so the whole tensor and
-    its slices add the same numbers in the same order, whatever the thread count."""
-    a0, a1 = v0.reshape(-1), v1.reshape(-1)
-    # float64 copies in reused per-thread buffers: a fresh 2 MB tensor per chunk costs more in
-    # page faults than the dots themselves
-    buffers = _scratch.__dict__.get(a0.device)
-    if buffers is None:
-        buffers = _scratch.__dict__[a0.device] = [
-            torch.empty(SLICE_ELEMENTS, dtype=torch.float64, device=a0.device) for _ in "xy"]
-    with one_intra_op_thread():
-        for start in range(0, a0.numel(), SLICE_ELEMENTS):
-            x = a0[start:start + SLICE_ELEMENTS]
-            x = buffers[0][:x.numel()].copy_(x)
-            y = buffers[1][:x.numel()].copy_(a1[start:start + SLICE_ELEMENTS])
-            moments[0] += float(torch.dot(x, x))
-            moments[1] += float(torch.dot(y, y))
-            moments[2] += float(torch.dot(x, y))
-
-
-def interpolate(t: float, v0: torch.Tensor, v1: torch.Tensor, moments: list[float], *,
+def interpolate(t: float, v0: torch.Tensor, v1: torch.Tensor, gram: Gram, *,
                 reuse_v0: bool = False) -> torch.Tensor:
-    """SLERP (or the lerp fallback) of ``v0`` and ``v1`` given their whole-tensor moments.
+    """SLERP (or the lerp fallback) of ``v0`` and ``v1`` given their whole-tensor Gram
+    matrix (Σv0², Σv0·v1 / ·, Σv1²).
 
     A new tensor and the inputs untouched; with ``reuse_v0`` (``v0`` is the caller's own
     scratch) the result may be written into ``v0`` instead, saving a numel-sized allocation.
@@ -79,9 +56,9 @@ def interpolate(t: float, v0: torch.Tensor, v1: torch.Tensor, moments: list[floa
         return v0 if reuse_v0 else v0.clone()
     if t == 1.0:
         return v1.clone()
-    n0, n1 = math.sqrt(moments[0]), math.sqrt(moments[1])
+    n0, n1 = math.sqrt(gram[0][0]), math.sqrt(gram[1][1])
     # ⟨v0/‖v0‖, v1/‖v1‖⟩ without normalized copies: divide the raw dot by the norms.
-    dot = moments[2] / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
+    dot = gram[0][1] / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
     if abs(dot) > DOT_THRESHOLD:
         return v0.lerp_(v1, t) if reuse_v0 else torch.lerp(v0, v1, t)
     dot = max(-1.0, min(1.0, dot))
@@ -96,10 +73,10 @@ def interpolate(t: float, v0: torch.Tensor, v1: torch.Tensor, moments: list[floa
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, *,
                   reuse_v0: bool = False) -> torch.Tensor:
     """Spherical interpolation between two whole tensors (see :func:`interpolate`)."""
-    moments = [0.0, 0.0, 0.0]
+    gram = new_gram(2)
     if 0.0 < t < 1.0:
-        add_moments_(moments, v0, v1)
-    return interpolate(t, v0, v1, moments, reuse_v0=reuse_v0)
+        add_gram_(gram, (v0, v1))
+    return interpolate(t, v0, v1, gram, reuse_v0=reuse_v0)
 
 
 def _endpoints(base: torch.Tensor, experts: list[torch.Tensor]
@@ -112,11 +89,11 @@ def _endpoints(base: torch.Tensor, experts: list[torch.Tensor]
 
 def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
-    """First pass of a sliced merge: this slice's moments into ``ctx.streams``."""
-    moments = ctx.streams.setdefault("slerp_moments", [0.0, 0.0, 0.0])
+    """First pass of a sliced merge: this slice's Gram terms into ``ctx.streams``."""
+    gram = ctx.streams.setdefault("slerp_gram", new_gram(2))
     if 0.0 < float(params["t"]) < 1.0:
         v0, v1, _ = _endpoints(base, experts)
-        add_moments_(moments, v0, v1)
+        add_gram_(gram, (v0, v1))
 
 
 @register_method(
@@ -138,5 +115,5 @@ def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
     if ctx.slice_start is None:
         out = slerp_tensors(t, v0, v1, reuse_v0=tau)
     else:
-        out = interpolate(t, v0, v1, ctx.streams["slerp_moments"], reuse_v0=tau)
+        out = interpolate(t, v0, v1, ctx.streams["slerp_gram"], reuse_v0=tau)
     return out.add_(base) if tau else out
