@@ -62,9 +62,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Merge speed and memory against mergekit"
 ALL_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp"]
+# more mergekit methods, run when named in --methods (no target in issue 6)
+MORE_METHODS = ["model_stock", "della"]
+KNOWN_METHODS = ALL_METHODS + MORE_METHODS
 TARGETS = {"linear": 3, "task_arithmetic": 3, "slerp": 3, "ties": 8, "dare_ties": 8,
            "breadcrumbs": 8}  # median speed-up over mergekit asked for by issue 6, at ~1B
-DETERMINISTIC = {"linear", "task_arithmetic", "ties", "breadcrumbs", "slerp"}
+DETERMINISTIC = {"linear", "task_arithmetic", "ties", "breadcrumbs", "slerp", "model_stock"}
 GEN_VERSION = 1  # bump when the synthetic models change, so cached ones are regenerated
 
 
@@ -267,8 +270,13 @@ def recipe_yaml(method: str, models: dict[str, Path]) -> str:
     elif method == "slerp":
         body = (f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {b}\n"
                 f"  - model: {e[0]}\nparameters: {{t: 0.5}}\n")
+    elif method == "model_stock":
+        body = f"merge_method: model_stock\nbase_model: {b}\nmodels:\n" + entries(None) + "\n"
+    elif method == "della":  # the official README's density 0.7, epsilon 0.07
+        body = (f"merge_method: della\nbase_model: {b}\nmodels:\n"
+                + entries({"weight": 0.5, "density": 0.7, "epsilon": 0.07}) + "\n")
     else:
-        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(KNOWN_METHODS)}")
     return body + "dtype: bfloat16\n"
 
 
@@ -676,6 +684,10 @@ def _gb(b: float) -> str:
 FINDINGS = Path(__file__).resolve().parent / "results" / "merge_speed_findings.md"
 
 
+def _method_order(name: str) -> int:
+    return KNOWN_METHODS.index(name) if name in KNOWN_METHODS else len(KNOWN_METHODS)
+
+
 def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
     L: list[str] = [SECTION, ""]
     L.append("Measured by `benchmarks/merge_speed.py` (generated from its results file; rerun it "
@@ -714,7 +726,15 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                  "per-run ratios) | target at 1B (issue 6) | per-run ratios | peak RSS "
                  "modelalloy | peak RSS mergekit | I/O bound s | modelalloy ÷ I/O bound |")
         L.append("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-        for method, m in r["methods"].items():
+        earlier = {}
+        for method, m in sorted(r["methods"].items(), key=lambda kv: _method_order(kv[0])):
+            when = m.get("measured")
+            mark = ""
+            if when and when.get("run") != env.get("run"):
+                key = (when["date"], when["commit"], when["runs"], when["load_before"])
+                mark = "†" * (list(earlier).index(key) + 1 if key in earlier
+                              else len(earlier) + 1)
+                earlier.setdefault(key, []).append(method)
             ours = [x["wall_s"] for x in m["modelalloy"] if x["rc"] == 0]
             theirs = [x["wall_s"] for x in m.get("mergekit", []) if x["rc"] == 0]
             ratios = [b["wall_s"] / a["wall_s"] for a, b in
@@ -738,15 +758,22 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                 mt_s = _fmt(mt, ".2f") if theirs else (f"failed (rc {bad[0]['rc']})"
                                                         if bad else "—")
             L.append(
-                f"| {method} | {mo_s} | {mt_s} | {_fmt(_med(ratios), '.2f')}"
-                f"{'×' if ratios else ''} | ≥ {TARGETS[method]}×"
-                + (" (met)" if ratios and _med(ratios) >= TARGETS[method] else "")
+                f"| {method}{mark} | {mo_s} | {mt_s} | {_fmt(_med(ratios), '.2f')}"
+                f"{'×' if ratios else ''} | "
+                + (f"≥ {TARGETS[method]}×" if method in TARGETS else "—")
+                + (" (met)" if ratios and _med(ratios) >= TARGETS.get(method, math.inf)
+                   else "")
                 + f" | {', '.join(f'{x:.2f}' for x in ratios) or '—'} | "
                 f"{_fmt(rss_o, '.0f')} MB ({_fmt(anon_o, '.0f')} anon) | "
                 f"{_fmt(rss_t, '.0f')} MB" + (f" ({_fmt(anon_t, '.0f')} anon)" if rss_t else "")
                 + f" | {m['io_bound_s']:.3g} | {_fmt(mo / m['io_bound_s'] if mo else None, '.1f')}"
                 + ("×" if mo else "") + " |")
         L.append("")
+        for i, ((date, commit, runs, load), names) in enumerate(earlier.items()):
+            L.append(f"{'†' * (i + 1)} {', '.join(names)}: measured in an earlier run, {date}, "
+                     f"commit {commit}, {runs} run{'s' if runs != 1 else ''} per tool, load "
+                     f"before {load}.")
+            L.append("")
         L.append("Peak RSS is the kernel's high-water mark `VmHWM` of each process, polled "
                  "every 20 ms from `/proc/PID/status` (not `ru_maxrss`, which Linux inflates "
                  "with the parent's own peak across fork + exec); it counts the page-cache "
@@ -966,6 +993,36 @@ def io_floor(inputs: list[Path], write_bytes: int, work: Path, readers: int,
     return seconds
 
 
+RUN_ID = _dt.datetime.now(_dt.timezone.utc).isoformat()  # this invocation of the script
+
+
+def measured_now(load_before: str, runs: int) -> dict:
+    """When and at which commit a method's rows were measured (rows outlive their run)."""
+    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": _commit(), "load_before": load_before, "runs": runs, "run": RUN_ID}
+
+
+def carry_over(prev: dict | None, rec: dict, methods: list[str],
+               budget_methods: list[str]) -> None:
+    """Keep the rows of ``prev`` (the size's earlier record) that this run does not redo:
+    other methods with their output comparison, other methods' budget runs, the cold rows
+    and the stage profile. Each carried method keeps when it was measured."""
+    if not prev:
+        return
+    for name, m in prev.get("methods", {}).items():
+        if name in methods:
+            continue
+        m.setdefault("measured", {k: prev["env"].get(k) for k in (
+            "date", "commit", "runs", "load_before", "run")})
+        rec["methods"][name] = m
+        if name in prev.get("compare", {}):
+            rec["compare"][name] = prev["compare"][name]
+    rec["budgets"] = [b for b in prev.get("budgets", []) if b["method"] not in budget_methods]
+    for key in ("cold", "profile"):
+        if key in prev:
+            rec[key] = prev[key]
+
+
 def cold_runs(methods: list[str], models: dict[str, Path], rdir: Path, work: Path,
               tools: dict[str, tuple[Callable[[str, str], list[str]], dict[str, str]]],
               runs: int,
@@ -1138,8 +1195,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in ALL_METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
+        if m not in KNOWN_METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(KNOWN_METHODS)}")
     out = args.out.resolve()
     results_path = args.results
     if results_path is None:
@@ -1198,7 +1255,7 @@ def main(argv: list[str] | None = None) -> int:
     cold_methods = [] if args.cold_methods == "none" else [
         x.strip() for x in args.cold_methods.split(",") if x.strip()]
     for x in cold_methods:
-        if x not in ALL_METHODS:
+        if x not in KNOWN_METHODS:
             raise SystemExit(f"unknown method {x!r} in --cold-methods")
     tools = {"modelalloy": (lambda r, o: ma_cmd + [r, o] + extra, env_ma)}
     if mk:
@@ -1236,6 +1293,8 @@ def main(argv: list[str] | None = None) -> int:
                "baseline_wall_s": base_run["wall_s"],
                "mergekit_baseline_wall_s": mk_base["wall_s"] if mk_base else None,
                "baseline_anon_mb": base_run["peak_anon_mb"]}
+        carry_over(results["sizes"].get(size), rec, methods,
+                   [x for x in args.budget_methods.split(",") if x in methods])
 
         def save(rec: dict = rec, size: str = size, load_before: str = load_before) -> None:
             rec["env"] = {
@@ -1243,7 +1302,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": f"{os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, "
                            f"{platform.machine()} Linux",
                 "load_before": load_before, "load_after": _load_avg(),
-                "runs": args.runs, "commit": _commit(), "mergekit": mk_desc,
+                "runs": args.runs, "commit": _commit(), "mergekit": mk_desc, "run": RUN_ID,
                 "modelalloy_cmd": " ".join(["modelalloy merge RECIPE OUT --force"] + extra)}
             results["sizes"][size] = rec
             results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1258,7 +1317,7 @@ def main(argv: list[str] | None = None) -> int:
             read_bytes = sum(sum(f.stat().st_size for f in model_files(p))
                              for p in recipe_inputs(method, models))
             m = {"modelalloy": [], "mergekit": [], "mergekit_skipped": mk is None,
-                 "read_bytes": read_bytes}
+                 "read_bytes": read_bytes, "measured": measured_now(load_before, args.runs)}
             keep = {}
             for run in range(args.runs):
                 last = run == args.runs - 1

@@ -73,6 +73,24 @@ def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
     with_fsync, without = (float(x) for x in cells[6].split(" / "))
     assert with_fsync > 0 and without > 0 and cells[7].endswith("×") and cells[8] == "—"
 
+    # a run of other methods keeps these rows, marked with when they were measured
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sizes", "2M", "--runs", "1", "--methods", "model_stock",
+         "--budgets", "none", "--no-profile", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
+         "--mergekit-bin", str(tmp_path / "no-such-mergekit-yaml")],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    third = json.loads(out.with_suffix(".json").read_text())["sizes"]["2M"]
+    assert list(third["methods"]) == ["linear", "model_stock"]
+    assert third["methods"]["linear"]["modelalloy"] == warm_runs["linear"]["modelalloy"]
+    assert set(third["cold"]["methods"]) == {"task_arithmetic"}  # carried, not rerun
+    lines = out.read_text().splitlines()
+    assert next(ln for ln in lines if ln.startswith("| linear† |"))
+    assert next(ln for ln in lines if ln.startswith("| model_stock |")).split("|")[5].strip() \
+        == "—"  # no issue-6 target for it
+    assert any(ln.startswith("† linear: measured in an earlier run") for ln in lines)
+
     # the synthetic models are standard sharded HF folders
     base = tmp_path / "cache" / "llama-2M-v1" / "base"
     assert json.loads((base / "config.json").read_text())["architectures"] == [
