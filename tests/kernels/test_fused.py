@@ -31,12 +31,24 @@ def _inputs(dtype: torch.dtype, n_experts: int = 3, seed: int = 0) -> list[torch
     return [base.to(dtype)] + [(base + d).to(dtype) for d in deltas]
 
 
+def _torch_reduce(name: str, params: dict, inputs: list[torch.Tensor],
+                  ctx: MergeContext) -> None:
+    """The method's torch ``slice_reduce`` passes over every slice, as the engine runs them."""
+    spec = get_method(name)
+    for reduce in spec.slice_reduce:
+        for start in range(0, N, STEP):
+            wide = [t[start:start + STEP].float() for t in inputs]
+            ctx.slice_start = start
+            reduce(wide[0], wide[1:], params, ctx)
+
+
 def _torch_slices(name: str, params: dict, inputs: list[torch.Tensor],
                   out_dtype: torch.dtype) -> torch.Tensor:
     """The engine's torch sliced path: float32 slices through the registered method."""
     spec = get_method(name)
     uses_base = spec.base != "none"
     ctx = MergeContext(name="w", seed=7, streams={})
+    _torch_reduce(name, params, inputs, ctx)
     out = torch.empty(N, dtype=out_dtype)
     for start in range(0, N, STEP):
         wide = [t[start:start + STEP].float() for t in inputs]
@@ -58,12 +70,20 @@ def _fused_slices(name: str, params: dict, inputs: list[torch.Tensor],
     raw = torch.empty((len(sources), STEP), dtype=inputs[0].dtype)
     out = torch.empty(STEP, dtype=out_dtype)
     ctx = MergeContext(name="w", seed=7, streams={})
+
+    def each_slice():
+        for start in range(0, N, STEP):
+            count = min(STEP, N - start)
+            for i, t in enumerate(sources):
+                raw[i, :count] = t[start:start + count]
+            ctx.slice_start = start
+            yield start, count
+
+    for reduce in getattr(kernel, "passes", ()):  # the kernel's own reduce passes
+        for _, count in each_slice():
+            assert reduce(kernels.bits(raw), count, ctx)
     merged = torch.empty(N, dtype=out_dtype)
-    for start in range(0, N, STEP):
-        count = min(STEP, N - start)
-        for i, t in enumerate(sources):
-            raw[i, :count] = t[start:start + count]
-        ctx.slice_start = start
+    for start, count in each_slice():
         assert kernel(kernels.bits(raw), count, kernels.bits(out), ctx)
         merged[start:start + count] = out[:count]
     if spec.finish_slices is not None:
@@ -85,6 +105,7 @@ CASES = [
                    "lambda": 1.3}),
     ("dare_ties", {"density": 0.5, "weight": [1.0, 0.2, 0.7], "vote": "weighted"}),
     ("dare_ties", {"density": 0.9, "weight": [1.0, 1.0, 1.0], "normalize": True}),
+    ("model_stock", {}),
 ]
 
 
@@ -100,6 +121,33 @@ def test_fused_kernel_gives_the_torch_paths_bits(name, given, dtype, out_dtype):
     got = _fused_slices(name, params, inputs, out_dtype)
     width = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
     assert torch.equal(got.view(width), want.view(width))  # bits, so −0.0 ≠ +0.0 counts
+
+
+@pytest.mark.parametrize(("dtype", "out_dtype"), [(torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.float32)])
+def test_model_stock_kernel_with_a_shared_direction(dtype, out_dtype):
+    """Deltas sharing a direction give 0 < t < 1 (the generic case above cancels to t = 0):
+    the kernel multiplies by the same float32 t and gives the torch path's bits."""
+    gen = torch.Generator().manual_seed(3)
+    base, shared = torch.randn(N, generator=gen), 0.01 * torch.randn(N, generator=gen)
+    inputs = [base.to(dtype)] + [(base + shared + 0.01 * torch.randn(N, generator=gen))
+                                 .to(dtype) for _ in range(3)]
+    params = get_method("model_stock").resolve(3, {}, "model_stock")
+    ctx = MergeContext(name="w", seed=7, streams={})
+    _torch_reduce("model_stock", params, inputs, ctx)
+    from modelalloy.methods.model_stock import ratio_from_gram
+
+    assert 0.4 < ratio_from_gram(ctx.streams["model_stock_gram"]) < 0.9
+    fused_ctx = MergeContext(name="w", seed=7, streams={})
+    kernel = slices.model_stock(params)
+    for start in range(0, N, STEP):  # the fused Gram pass: the very same sums
+        raw = torch.stack([t[start:start + STEP] for t in inputs])
+        assert kernel.gram(kernels.bits(raw), raw.shape[1], fused_ctx)
+    assert fused_ctx.streams["model_stock_gram"] == ctx.streams["model_stock_gram"]
+    want = _torch_slices("model_stock", params, inputs, out_dtype)
+    got = _fused_slices("model_stock", params, inputs, out_dtype)
+    width = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(got.view(width), want.view(width))
 
 
 def test_dare_ties_fix_ups_are_exercised():

@@ -109,6 +109,19 @@ def weighted_kernel(src, count, out, has_base, kinds, weights, post_div, post_sc
     return True
 
 
+@njit(**JIT)
+def difference_rows_kernel(src, count, rows):
+    """rows[t − 1, :count] = θ_t − θ_0 for every source t after the base (row 0), each a
+    float32 difference widened to float64 (``torch.sub`` of the float32 inputs); False when an
+    input is NaN/Inf. The rows of Model Stock's Gram pass (``methods._gram``)."""
+    if any_nonfinite(src, count):
+        return False
+    for t in range(1, src.shape[0]):
+        for j in range(count):
+            rows[t - 1, j] = widen(src[t, j]) - widen(src[0, j])
+    return True
+
+
 # DARE drop modes per model (``_sparsify.dare_``)
 KEEP_ALL, DROP_ALL, DROP_RANDOM = 0, 1, 2
 

@@ -77,6 +77,42 @@ def task_arithmetic(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
+class _ModelStockKernel:
+    """Model Stock (one angle per tensor) on the fused path. Its pass (``passes``) writes the
+    float32 deltas, widened, into the buffer the torch path's ``add_gram_`` uses and hands it
+    to the same matrix product, so the Gram — and t — come out the same either way. The
+    merge repeats ``model_stock``'s float32 steps: ((δ_0 + δ_1) + …) / N · t + θ_0."""
+
+    def __init__(self) -> None:
+        self.passes = (self.gram,)
+
+    def gram(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
+        from modelalloy.kernels.elementwise import difference_rows_kernel
+        from modelalloy.methods._gram import add_products_, difference_rows, new_gram
+
+        models = src.shape[0] - 1
+        rows = difference_rows(count, models, torch.device("cpu"))
+        if not difference_rows_kernel(src, count, rows.numpy()):
+            return False
+        add_products_(ctx.streams.setdefault("model_stock_gram", new_gram(models)), rows)
+        return True
+
+    def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+                 width: int = 1) -> bool:
+        from modelalloy.kernels.elementwise import UNIT, weighted_kernel
+        from modelalloy.methods.model_stock import ratio_from_gram
+
+        n = src.shape[0] - 1
+        t = np.float32(ratio_from_gram(ctx.streams["model_stock_gram"]))
+        return weighted_kernel(src, count, out, True, np.full(n, UNIT, np.int8),
+                               np.ones(n, np.float32), np.float32(n), t)
+
+
+def model_stock(params: dict[str, Any]) -> SliceKernel | None:
+    """One angle per tensor; ``filter_wise`` (an angle per row) takes the torch path."""
+    return None if params["filter_wise"] else _ModelStockKernel()
+
+
 class _DareDrops:
     """Per-model drop modes, SFC64 states (continuing across slices) and thresholds."""
 

@@ -43,23 +43,37 @@ def thread_buffers(kind: str, count: int, dtype: torch.dtype, device: torch.devi
 def add_gram_(gram: Gram, vectors: Sequence[torch.Tensor],
               minus: torch.Tensor | None = None) -> Gram:
     """Add Σ_k x_i[k]·x_j[k] over these elements to ``gram[i][j]`` for every i ≤ j; with
-    ``minus``, of the differences x_i − minus (formed in float32, as ``torch.sub`` makes task
-    vectors, chunk by chunk: no tensor-sized temporaries)."""
+    ``minus``, of the differences x_i − minus (float32 differences, as ``torch.sub`` makes task
+    vectors, widened to float64: no tensor-sized temporaries). One float64 matrix product
+    per chunk gives all the terms."""
     flat = [v.reshape(-1) for v in vectors]
     numel, device = flat[0].numel(), flat[0].device
-    wide_bufs = thread_buffers("gram", len(flat), torch.float64, device)
-    diff = None if minus is None else thread_buffers("gram", 1, torch.float32, device)[0]
+    below = None if minus is None else minus.reshape(-1)
     with one_intra_op_thread():
         for start in range(0, numel, SLICE_ELEMENTS):
             count = min(SLICE_ELEMENTS, numel - start)
-            wide = []
-            for buf, x in zip(wide_bufs, flat, strict=False):
-                chunk = x[start:start + count]
-                if minus is not None:
-                    chunk = torch.sub(chunk, minus.reshape(-1)[start:start + count],
-                                      out=diff[:count])
-                wide.append(buf[:count].copy_(chunk))
-            for i, x in enumerate(wide):
-                for j in range(i, len(wide)):
-                    gram[i][j] += float(torch.dot(x, wide[j]))
+            wide = difference_rows(count, len(flat), device)
+            for row, x in zip(wide, flat, strict=True):
+                if below is None:
+                    row.copy_(x[start:start + count])
+                else:  # computed in float32 (the inputs' type), then widened into ``row``
+                    torch.sub(x[start:start + count], below[start:start + count], out=row)
+            add_products_(gram, wide)
     return gram
+
+
+def difference_rows(count: int, rows: int, device: torch.device) -> torch.Tensor:
+    """This thread's (rows × count) float64 buffer for :func:`add_products_` (the one
+    :func:`add_gram_` fills, so both paths hand the matrix product the same memory)."""
+    buffer = thread_buffers("gram", 1, torch.float64, device, rows * SLICE_ELEMENTS)[0]
+    return buffer[:rows * count].view(rows, count)
+
+
+def add_products_(gram: Gram, wide: torch.Tensor) -> None:
+    """Add the products of the rows of ``wide`` (float64, one chunk of at most
+    ``SLICE_ELEMENTS`` columns) to the upper triangle of ``gram``: one matrix product."""
+    with one_intra_op_thread():
+        products = torch.mm(wide, wide.t()).tolist()
+    for i in range(len(products)):
+        for j in range(i, len(products)):
+            gram[i][j] += products[i][j]

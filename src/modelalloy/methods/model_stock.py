@@ -101,6 +101,7 @@ def _mean_delta(base: torch.Tensor, experts: list[torch.Tensor], acc: torch.Tens
     min_models=2,
     elementwise=_per_tensor,
     slice_reduce=(_reduce_slice,),
+    slice_kernel="model_stock",
 )
 def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
