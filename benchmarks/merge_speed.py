@@ -1187,6 +1187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold-only", action="store_true",
                     help="run only the cold-cache rows and add them to the size's existing "
                          "results (the warm rows stay as measured)")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="skip the untimed merge per method that fills numba's kernel cache")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the section of --out from the results file; run nothing")
     args = ap.parse_args(argv)
@@ -1272,8 +1274,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # numba compiles the fused kernels on first use and caches them on disk (any second merge
     # finds them): one untimed merge per method on the 2M models, so no timed run compiles
-    small = generate_models("2M", args.cache_dir.resolve())
-    for method in dict.fromkeys(methods + cold_methods):
+    small = None if args.no_warm_up else generate_models("2M", args.cache_dir.resolve())
+    for method in (cold_methods if args.cold_only else methods) if small else ():
         recipe = work / "warm-up" / f"{method}.yml"
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(recipe_yaml(method, small))

@@ -32,6 +32,7 @@ def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "skipping the mergekit rows" in r.stdout
+    assert "[warm-up] linear:" in r.stdout and "[warm-up] task" not in r.stdout
 
     text = out.read_text()
     # the other section is kept, ours is added under its own heading
@@ -60,7 +61,7 @@ def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
         [sys.executable, str(SCRIPT), "--sizes", "2M", "--runs", "1", "--cold-only",
          "--cold-methods", "task_arithmetic", "--out", str(out),
          "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
-         "--mergekit-bin", str(tmp_path / "no-such-mergekit-yaml")],
+         "--mergekit-bin", str(tmp_path / "no-such-mergekit-yaml"), "--no-warm-up"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     again = json.loads(out.with_suffix(".json").read_text())
@@ -78,7 +79,7 @@ def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
         [sys.executable, str(SCRIPT), "--sizes", "2M", "--runs", "1", "--methods", "model_stock",
          "--budgets", "none", "--no-profile", "--out", str(out),
          "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
-         "--mergekit-bin", str(tmp_path / "no-such-mergekit-yaml")],
+         "--mergekit-bin", str(tmp_path / "no-such-mergekit-yaml"), "--no-warm-up"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     third = json.loads(out.with_suffix(".json").read_text())["sizes"]["2M"]
