@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from modelalloy import kernels
+from modelalloy.errors import MethodError
 from modelalloy.kernels import slices
 from modelalloy.kernels._numba import sfc64_fill
 from modelalloy.methods.registry import MergeContext, get_method
@@ -271,6 +272,52 @@ def test_breadcrumbs_kernel_gives_the_torch_paths_bits_row_by_row(given, width):
         view = out[start:stop]
         assert kernel(kernels.bits(part), stop - start, kernels.bits(view), ctx, width)
     assert torch.equal(out.view(torch.int16), want.reshape(-1).view(torch.int16))
+
+
+@pytest.mark.parametrize(("name", "given"), [
+    ("della", {"density": 0.5, "epsilon": 0.1, "weight": [0.5, 1.0, 0.3]}),
+    ("della", {"density": [0.3, 1.0, 0.7], "epsilon": 0.05, "weight": 1.0,
+               "normalize": False, "lambda": 1.1}),
+    ("della", {"density": 0.6, "epsilon": 0.2, "rescale": False}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.1, "weight": [0.5, 1.0, 0.3]}),
+    ("della_linear", {"density": [0.3, 1.0, 0.7], "epsilon": 0.05, "normalize": True,
+                      "lambda": 1.1})])
+@pytest.mark.parametrize(("width", "dtype"), [(701, torch.bfloat16), (2048, torch.bfloat16),
+                                              (1, torch.float32), (3000, torch.float32)])
+def test_della_kernels_give_the_torch_paths_bits_row_by_row(name, given, width, dtype):
+    """MagPrune's ranks (equal magnitudes by index: bf16 deltas tie often), keep draws
+    continuing across calls, 1/π, then TIES or the sum: the whole tensor's bits."""
+    spec = get_method(name)
+    params = spec.resolve(3, given, name)
+    rows = 9
+    gen = torch.Generator().manual_seed(width)
+    base = (0.02 * torch.randn(rows, width, generator=gen)).to(dtype)
+    experts = [(base.float() + 1e-3 * torch.randn(rows, width, generator=gen)).to(dtype)
+               for _ in range(3)]
+    inputs = [base, *experts]
+    want_ctx = MergeContext(name="w", seed=4, streams={})
+    want = spec(base.float(), [e.float() for e in experts], params, want_ctx).to(dtype)
+    raw = torch.stack([t.reshape(-1) for t in inputs])
+    out = torch.empty(rows * width, dtype=dtype)
+    kernel = getattr(slices, name)(params)
+    ctx = MergeContext(name="w", seed=4, streams={})
+    for start, stop in ((0, 4 * width), (4 * width, rows * width)):  # whole rows per call
+        part = raw[:, start:stop].contiguous()
+        assert kernel(kernels.bits(part), stop - start, kernels.bits(out[start:stop]), ctx,
+                      width)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(out.view(bits), want.reshape(-1).view(bits))
+
+
+def test_della_kernels_refuse_what_needs_the_whole_tensor():
+    spec = get_method("della")
+    assert slices.della(spec.resolve(2, {"density": 0.5, "vote": "paper"}, "della")) is None
+    assert slices.della(spec.resolve(2, {"density": 0.5, "rescale_norm": "l1"}, "della")) is None
+    lin = get_method("della_linear")
+    assert slices.della_linear(lin.resolve(2, {"density": 0.5, "rescale_norm": "l1"},
+                                           "della_linear")) is None
+    with pytest.raises(MethodError, match="epsilon"):
+        slices.della(spec.resolve(2, {"density": 0.1, "epsilon": 0.2}, "della"))
 
 
 def test_plain_widen_and_narrow_agree_with_torch():

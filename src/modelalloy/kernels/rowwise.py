@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from modelalloy.kernels._numba import JIT, any_nonfinite, f32_to_bits, fma, widen
-from modelalloy.kernels.elementwise import sum_to_output
+from modelalloy.kernels.elementwise import _elect_and_merge, sum_to_output
 
 SHIFT = 20  # bins of |δ| bit patterns: 2^11, spanning exponent and top 3 mantissa bits
 NBINS = 1 << 11
@@ -105,4 +105,140 @@ def band_sum_kernel(src, count, out, width, n_top, hi, unit, weights, post_div, 
                 for j in range(width):
                     acc[j] = fma(d[j], w, acc[j])
         sum_to_output(acc, width, base, out[r0:r0 + width], post_div, lam)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# DELLA: MagPrune per row (``_sparsify.magprune_``), then TIES or a weighted sum
+
+RADIX_BITS = 11
+RADIX = 1 << RADIX_BITS
+
+
+@njit(inline="always")
+def _stable_order(keys, n, order, spare, counts):
+    """``order[:n]``: indices of ``keys[:n]`` (non-negative int32) sorted ascending, equal keys
+    in index order — ``torch.sort(stable=True)``'s order — by an LSD radix sort of three
+    11-bit digits (each pass stable, O(n))."""
+    for j in range(n):
+        order[j] = j
+    src, dst = order, spare
+    for shift in range(0, 33, RADIX_BITS):
+        counts[:] = 0
+        for j in range(n):
+            counts[(keys[src[j]] >> shift) & (RADIX - 1)] += 1
+        total = 0
+        for b in range(RADIX):
+            c = counts[b]
+            counts[b] = total
+            total += c
+        for j in range(n):
+            i = src[j]
+            b = (keys[i] >> shift) & (RADIX - 1)
+            dst[counts[b]] = i
+            counts[b] += 1
+        src, dst = dst, src
+    return src  # three passes: the sorted indices end in ``spare``
+
+
+@njit(inline="always")
+def _magprune_row(d, n, uniforms, low, step, density, rescale, keys, order, spare, counts,
+                  probs):
+    """δ̃ = δ ⊙ m / π in place on one row ``d[:n]`` (``_sparsify.magprune_``): π from the rank
+    r of |δ| in the row, π = r·step + low in float32 (a one-entry row: π = density); keep
+    where the row's uniform draw is below π; ×(1/π) with ``rescale``, as torch's
+    ``keep.div_(probs)`` then ``delta.mul_(keep)``."""
+    if n == 1:
+        probs[0] = density
+    else:
+        for j in range(n):
+            keys[j] = np.int32(f32_to_bits(abs(d[j])))
+        ranked = _stable_order(keys, n, order, spare, counts)
+        for k in range(n):
+            probs[ranked[k]] = np.float32(k) * step + low
+    for j in range(n):
+        keep = np.float32(uniforms[j] < probs[j])
+        if rescale:
+            keep = keep / probs[j]
+        d[j] = d[j] * keep
+
+
+@njit(inline="always")
+def _della_deltas(src, r0, width, trims, uniforms, low, step, density, rescale, d, keys,
+                  order, spare, counts, probs):
+    """d[t, :width] = DELLA's δ̃_t on the row starting at column ``r0``."""
+    base = src[0, r0:r0 + width]
+    for t in range(src.shape[0] - 1):
+        row = src[1 + t, r0:r0 + width]
+        dt = d[t]
+        for j in range(width):
+            dt[j] = widen(row[j]) - widen(base[j])
+        if trims[t]:
+            _magprune_row(dt, width, uniforms[t, r0:r0 + width], low[t], step[t], density[t],
+                          rescale, keys, order, spare, counts, probs)
+
+
+@njit(inline="always")
+def _della_scratch(nexp, width):
+    return (np.empty((nexp, width), np.float32), np.empty(width, np.int32),
+            np.empty(width, np.int64), np.empty(width, np.int64), np.zeros(RADIX, np.int64),
+            np.empty(width, np.float32))
+
+
+@njit(**JIT)
+def della_kernel(src, count, out, width, trims, uniforms, low, step, density, rescale,
+                 unit, weights, normalize, min_weight, lam, weighted_vote, fix_index,
+                 fix_deltas, tally):
+    """``della`` on ``count // width`` rows: MagPrune's δ̃_t per row (:func:`_magprune_row`),
+    then TIES' election and disjoint merge (``ties_core``, as :func:`dare_ties_kernel`)."""
+    if any_nonfinite(src, count):
+        return False
+    nexp = src.shape[0] - 1
+    d, keys, order, spare, counts, probs = _della_scratch(nexp, width)
+    gamma, acc, den, spread = (np.empty(width, np.float32), np.empty(width, np.float32),
+                               np.empty(width, np.float32), np.empty(width, np.float32))
+    signs = 0
+    nfix = 0
+    for r0 in range(0, count, width):
+        _della_deltas(src, r0, width, trims, uniforms, low, step, density, rescale, d, keys,
+                      order, spare, counts, probs)
+        row_signs, nfix = _elect_and_merge(d, width, r0, src[0], out, unit, weights,
+                                           normalize, min_weight, lam, weighted_vote,
+                                           fix_index, fix_deltas, nfix, gamma, acc, den,
+                                           spread)
+        signs += row_signs
+    tally[0] += signs
+    tally[1] = nfix
+    return True
+
+
+@njit(**JIT)
+def della_sum_kernel(src, count, out, width, trims, uniforms, low, step, density, rescale,
+                     unit, weights, post_div, lam):
+    """``della_linear`` on ``count // width`` rows: MagPrune's δ̃_t, then out = δ̃_0·w_0 then
+    + δ̃_t or fma(δ̃_t, w_t, out), / Σw (``post_div``, 0 = none), ·λ, + θ_0."""
+    if any_nonfinite(src, count):
+        return False
+    nexp = src.shape[0] - 1
+    d, keys, order, spare, counts, probs = _della_scratch(nexp, width)
+    acc = np.empty(width, np.float32)
+    for r0 in range(0, count, width):
+        _della_deltas(src, r0, width, trims, uniforms, low, step, density, rescale, d, keys,
+                      order, spare, counts, probs)
+        for t in range(nexp):
+            dt = d[t]
+            if t == 0:
+                if unit[0]:
+                    acc[:] = dt
+                else:
+                    for j in range(width):
+                        acc[j] = dt[j] * weights[0]
+            elif unit[t]:
+                for j in range(width):
+                    acc[j] = acc[j] + dt[j]
+            else:
+                w = weights[t]
+                for j in range(width):
+                    acc[j] = fma(dt[j], w, acc[j])
+        sum_to_output(acc, width, src[0, r0:r0 + width], out[r0:r0 + width], post_div, lam)
     return True

@@ -242,6 +242,65 @@ def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
+class _MagPrune:
+    """DELLA's per-model MagPrune constants and the slice's uniform draws, as
+    ``_sparsify.magprune_`` makes them (``ctx.rand_like`` per pruned model, continuing from
+    slice to slice; unpruned models draw nothing)."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        from modelalloy.methods._sparsify import check_epsilon
+
+        # the torch path checks this per tensor (della_deltas); a bad window must not merge
+        check_epsilon(params["density"], params["epsilon"], "della")
+        self.density = [float(d) for d in params["density"]]
+        self.epsilon = [float(e) for e in params["epsilon"]]
+        self.trims = np.asarray([d < 1.0 for d in self.density])
+        self.rescale = bool(params["rescale"])
+
+    def args(self, ctx: MergeContext, count: int, width: int) -> tuple:
+        """(trims, uniforms, low, step, density, rescale) for ``della_kernel``."""
+        uniforms = np.zeros((len(self.trims), count), np.float32)
+        for t in np.nonzero(self.trims)[0]:
+            uniforms[t] = ctx.rand_like(torch.empty(count), int(t)).numpy()
+        # π = r·(2ε/(n−1)) + (density − ε), each constant rounded to float32 as torch's
+        # ``mul_``/``add_`` of a Python scalar do
+        step = [2.0 * e / (width - 1) if width > 1 else 0.0 for e in self.epsilon]
+        low = [d - e for d, e in zip(self.density, self.epsilon, strict=True)]
+        return (self.trims, uniforms, _f32(low), _f32(step), _f32(self.density), self.rescale)
+
+
+def della(params: dict[str, Any]) -> SliceKernel | None:
+    """DELLA with the weighted vote and without the L1 rescale (its sliced case)."""
+    from modelalloy.kernels.rowwise import della_kernel
+
+    if params["vote"] != "weighted" or (params["rescale"] and params["rescale_norm"] == "l1"):
+        return None
+    prune, merge = _MagPrune(params), _TiesMerge(params)
+
+    def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+            width: int = 1) -> bool:
+        return della_kernel(src, count, out, width, *prune.args(ctx, count, width),
+                            *merge.args(ctx, width))
+    return run
+
+
+def della_linear(params: dict[str, Any]) -> SliceKernel | None:
+    """della_linear without the L1 rescale (its sliced case)."""
+    from modelalloy.kernels.rowwise import della_sum_kernel
+
+    if params["rescale"] and params["rescale_norm"] == "l1":
+        return None
+    prune, weights = _MagPrune(params), list(params["weight"])
+    unit, w = np.asarray([x == 1.0 for x in weights]), _f32(weights)
+    div, lam = _sum_divisor(params), np.float32(params["lambda"])
+
+    def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+            width: int = 1) -> bool:
+        return della_sum_kernel(src, count, out, width, *prune.args(ctx, count, width),
+                                unit, w, div, lam)
+    return run
+
+
 class _TiesKernel:
     """TIES (per tensor, no rescale) on the fused path: two counting passes (``passes``),
     then the merge; the trim state is ``methods._sparsify.SlicedTopK``, as on the torch path."""

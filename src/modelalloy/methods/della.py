@@ -24,7 +24,9 @@ of one entry is kept with probability ``density``. Masks are seeded per (seed, t
 Ranks are per row and the draws continue row after row, so a large tensor streams a band of
 whole rows at a time (``rowwise``) with the same masks and bits as the whole-tensor merge —
 except with ``rescale_norm: l1`` (a whole-tensor norm) or, for ``della``, ``vote: paper``
-(zero sums take the tensor's majority sign), which merge the whole tensor.
+(zero sums take the tensor's majority sign), which merge the whole tensor. With numba the
+bands go through fused kernels (``kernels.rowwise.della_kernel``/``della_sum_kernel``: the same
+ranks, draws and float32 steps, so the same bits).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[s
     summary="Magnitude-ranked random drop (MagPrune), TIES sign election, disjoint mean",
     base="required",
     rowwise=_per_row,
+    slice_kernel="della",
 )
 def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:
@@ -108,6 +111,7 @@ def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
     summary="Magnitude-ranked random drop (MagPrune), then the weighted sum of task vectors",
     base="required",
     rowwise=_per_row_linear,
+    slice_kernel="della_linear",
 )
 def della_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                  ctx: MergeContext) -> torch.Tensor:
