@@ -190,6 +190,46 @@ def test_dare_ties_paper_vote_sliced_settles_zero_sums_with_the_tensor_majority(
     assert int(((whole - base["w"]).abs() == tvs[0].abs() / 0.5).sum()) > 1000
 
 
+@pytest.mark.parametrize("third", [-1.0, 1.0])
+@pytest.mark.parametrize(("method", "params"), [
+    ("della", "density: 0.5, epsilon: 0.1, vote: paper"),
+    ("breadcrumbs_ties", "density: 0.5, gamma: 0.01")])
+def test_row_wise_paper_vote_settles_zero_sums_with_the_tensor_majority(tmp_path, method,
+                                                                        params, third):
+    """As for dare_ties, in bands of whole rows: experts +d and −d cancel where both keep an
+    entry, a third pushes the majority sign negative or positive; the sliced merge gives the
+    whole tensor's bits, and the undecided elements did go through the fix-ups."""
+    import modelalloy.methods.ties as ties
+    from modelalloy.api import merge_state_dicts
+
+    gen = torch.Generator().manual_seed(2)
+    shape = (3 * SLICE_ELEMENTS // 1000 + 7, 1000)
+    base = {"w": torch.randn(shape, generator=gen)}
+    d = torch.randn(shape, generator=gen)
+    # the third's own magnitudes, so its row masks differ from the opposite pair's
+    experts = [{"w": base["w"] + d}, {"w": base["w"] - d},
+               {"w": base["w"] + third * torch.randn(shape, generator=gen).abs()}]
+    folders = _save_folders(tmp_path, [base, *experts])
+    recipe = write_recipe(tmp_path / "r.yaml",
+                          f"merge_method: {method}\nbase_model: {folders[0]}\nseed: 5\n"
+                          f"parameters: {{{params}}}\nmodels:\n"
+                          + "".join(f"  - model: {f}\n" for f in folders[1:]))
+    undecided = []
+    record = ties.record_paper_vote_fixes
+
+    def spy(ctx, signs, where, *rest):
+        undecided.append(where.numel())
+        return record(ctx, signs, where, *rest)
+
+    with mock.patch.object(ties, "record_paper_vote_fixes", spy):
+        out = _load(merge(recipe, tmp_path / "out").path)["w"]
+    given = dict(kv.split(": ") for kv in params.split(", "))
+    whole = merge_state_dicts(method, base, experts, seed=5, **{
+        k: v if k == "vote" else float(v) for k, v in given.items()})["w"]
+    assert torch.equal(out, whole)
+    assert sum(undecided) > 1000
+
+
 @pytest.mark.parametrize(("method", "extra"), [("breadcrumbs", ""), ("breadcrumbs_ties", ""),
                                                ("breadcrumbs_ties", "vote: weighted, ")])
 def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, extra):
@@ -212,10 +252,8 @@ def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, meth
     with ExitStack() as stack:
         plan = make_plan(load_recipe(recipe), stack)
         units = {e.name: e.slice_unit for e in plan.entries}
-    # Per-row slicing unless the paper vote needs the tensor's majority sign.
-    sliced = method == "breadcrumbs" or bool(extra)
-    assert units == ({"rows.weight": 701, "long_row": 2 * SLICE_ELEMENTS + 3} if sliced
-                     else {"rows.weight": 0, "long_row": 0})
+    # Per-row slicing, the paper vote's zero sums settled after the last band
+    assert units == {"rows.weight": 701, "long_row": 2 * SLICE_ELEMENTS + 3}
     out = _load(merge(recipe, tmp_path / "out", threads=2).path)
     params = {"density": 0.3, "gamma": 0.02} | ({"vote": "weighted"} if extra else {})
     whole = merge_state_dicts(method, base, experts, **params)
@@ -225,11 +263,12 @@ def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, meth
 
 @pytest.mark.parametrize(("method", "extra", "sliced"), [
     ("della", "", True), ("della_linear", "", True), ("della_linear", "normalize: true, ", True),
-    ("della", "vote: paper, ", False), ("della", "rescale_norm: l1, ", False)])
+    ("della", "vote: paper, ", True), ("della", "rescale_norm: l1, ", False)])
 def test_della_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, extra, sliced):
     """DELLA ranks |δ| per row and its draws continue row after row: streamed a band of rows
-    at a time it keeps the same entries and gives the same bits as the whole tensor. The
-    paper vote and the L1 rescale need whole-tensor values and keep the whole tensor."""
+    at a time it keeps the same entries and gives the same bits as the whole tensor (the
+    paper vote's zero sums settled after the last band). The L1 rescale needs a whole-tensor
+    norm and keeps the whole tensor."""
     from modelalloy.api import merge_state_dicts
     from modelalloy.engine.run import make_plan
     from modelalloy.recipe import load_recipe

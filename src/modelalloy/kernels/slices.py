@@ -270,17 +270,21 @@ class _MagPrune:
 
 
 def della(params: dict[str, Any]) -> SliceKernel | None:
-    """DELLA with the weighted vote and without the L1 rescale (its sliced case)."""
+    """DELLA without the L1 rescale (its sliced case); the paper vote's zero-sum elements go
+    to the ``paper_vote`` state that ``ties.finish_paper_vote`` settles after the last slice."""
     from modelalloy.kernels.rowwise import della_kernel
 
-    if params["vote"] != "weighted" or (params["rescale"] and params["rescale_norm"] == "l1"):
+    if params["rescale"] and params["rescale_norm"] == "l1":
         return None
     prune, merge = _MagPrune(params), _TiesMerge(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
             width: int = 1) -> bool:
-        return della_kernel(src, count, out, width, *prune.args(ctx, count, width),
-                            *merge.args(ctx, width))
+        args = merge.args(ctx, src.shape[1])
+        if not della_kernel(src, count, out, width, *prune.args(ctx, count, width), *args):
+            return False
+        merge.report(ctx, src, args[-1])
+        return True
     return run
 
 

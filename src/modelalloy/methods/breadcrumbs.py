@@ -47,7 +47,7 @@ from modelalloy.methods._sparsify import (
     weight_param,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import ties_core
+from modelalloy.methods.ties import finish_paper_vote, paper_vote_rows, ties_core
 
 PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
 
@@ -69,11 +69,6 @@ _COMMON = [
 def _per_row(params: dict[str, Any]) -> bool:
     """Row masks with no per-tensor rescale: each output row depends on its input rows only."""
     return params["granularity"] == "row" and not params["rescale"]
-
-
-def _per_row_ties(params: dict[str, Any]) -> bool:
-    """The paper vote fills zero sums with the tensor's majority sign: a whole-tensor value."""
-    return _per_row(params) and params["vote"] == "weighted"
 
 
 def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
@@ -109,10 +104,14 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
     base="required",
-    rowwise=_per_row_ties,
+    rowwise=_per_row,
+    finish_slices=finish_paper_vote,
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:
     scratch = Scratch(base)
     deltas = breadcrumb_deltas(base, experts, params, scratch)
+    if ctx.slice_start is not None and params["vote"] == "paper":
+        # zero sums take the tensor's majority sign, settled after the last band
+        return paper_vote_rows(base, deltas, params, ctx)
     return ties_core(deltas, params, vote=params["vote"], scratch=scratch).add_(base)

@@ -23,8 +23,9 @@ of one entry is kept with probability ``density``. Masks are seeded per (seed, t
 
 Ranks are per row and the draws continue row after row, so a large tensor streams a band of
 whole rows at a time (``rowwise``) with the same masks and bits as the whole-tensor merge —
-except with ``rescale_norm: l1`` (a whole-tensor norm) or, for ``della``, ``vote: paper``
-(zero sums take the tensor's majority sign), which merge the whole tensor. With numba the
+except with ``rescale_norm: l1`` (a whole-tensor norm), which merges the whole tensor. The
+paper vote's zero sums, which take the tensor's majority sign, are settled after the last band
+(``ties.finish_paper_vote``, as for dare_ties). With numba the
 bands go through fused kernels (``kernels.rowwise.della_kernel``/``della_sum_kernel``: the same
 ranks, draws and float32 steps, so the same bits).
 """
@@ -48,7 +49,7 @@ from modelalloy.methods._sparsify import (
     weight_param,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import ties_core
+from modelalloy.methods.ties import finish_paper_vote, paper_vote_rows, ties_core
 
 PAPER = "Deep et al., DELLA-Merging, arXiv 2406.11617 (2024)"
 
@@ -66,16 +67,11 @@ _COMMON = [
 ]
 
 
-def _per_row_linear(params: dict[str, Any]) -> bool:
-    """Row-ranked masks, per-element 1/π and a sum: each output row depends on its input rows
-    only (the L1 rescale is a whole-tensor norm), so the engine may stream whole rows."""
-    return not (params["rescale"] and params["rescale_norm"] == "l1")
-
-
 def _per_row(params: dict[str, Any]) -> bool:
-    """As :func:`_per_row_linear`, with the weighted vote: the paper vote settles zero sums
-    with the tensor's majority sign, a whole-tensor value."""
-    return _per_row_linear(params) and params["vote"] == "weighted"
+    """Row-ranked masks, per-element 1/π, then TIES or a sum: each output row depends on its
+    input rows only (the L1 rescale is a whole-tensor norm), so the engine may stream whole
+    rows; the paper vote's zero sums are settled after the last band (``finish_slices``)."""
+    return not (params["rescale"] and params["rescale_norm"] == "l1")
 
 
 def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
@@ -96,11 +92,14 @@ def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[s
     summary="Magnitude-ranked random drop (MagPrune), TIES sign election, disjoint mean",
     base="required",
     rowwise=_per_row,
+    finish_slices=finish_paper_vote,
     slice_kernel="della",
 )
 def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:
     deltas = della_deltas(base, experts, params, ctx)
+    if ctx.slice_start is not None and params["vote"] == "paper":
+        return paper_vote_rows(base, deltas, params, ctx)
     return ties_core(deltas, params, vote=params["vote"]).add_(base)
 
 
@@ -110,7 +109,7 @@ def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
     paper=PAPER,
     summary="Magnitude-ranked random drop (MagPrune), then the weighted sum of task vectors",
     base="required",
-    rowwise=_per_row_linear,
+    rowwise=_per_row,
     slice_kernel="della_linear",
 )
 def della_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],

@@ -205,6 +205,15 @@ def paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dic
     return ties_core(deltas, params, vote="paper", majority=1.0, scratch=scratch).add_(base)
 
 
+def paper_vote_rows(base: torch.Tensor, deltas: list[torch.Tensor], params: dict[str, Any],
+                    ctx: MergeContext) -> torch.Tensor:
+    """:func:`paper_vote_slice` on a band of whole rows (a row-wise method's slice): the same
+    elements, flattened, so the undecided ones are listed by their offset in the tensor."""
+    flat = [d.reshape(-1) for d in deltas]
+    return paper_vote_slice(base.reshape(-1), flat, params, ctx,
+                            Scratch(flat[0])).view(base.shape)
+
+
 def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor,
                             deltas_at: list[torch.Tensor], base_at: torch.Tensor,
                             params: dict[str, Any]) -> None:
