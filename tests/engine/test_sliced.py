@@ -230,34 +230,60 @@ def test_row_wise_paper_vote_settles_zero_sums_with_the_tensor_majority(tmp_path
     assert sum(undecided) > 1000
 
 
-@pytest.mark.parametrize(("method", "extra"), [("breadcrumbs", ""), ("breadcrumbs_ties", ""),
-                                               ("breadcrumbs_ties", "vote: weighted, ")])
-def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, extra):
-    from contextlib import ExitStack
+@pytest.mark.parametrize(("method", "params", "held"), [
+    ("dare_ties", "density: 0.5", True), ("dare_ties", "density: 0.5, vote: weighted", False),
+    ("della", "density: 0.5, epsilon: 0.1, vote: paper", True),
+    ("della", "density: 0.5, epsilon: 0.1", False)])
+def test_the_output_is_held_only_when_the_paper_vote_has_fix_ups_to_make(tmp_path, method,
+                                                                          params, held):
+    """The weighted vote decides each element within its slice: the slices are written as
+    they come (no tensor-sized buffer) and ``finish_slices`` is never called."""
+    from modelalloy.methods.registry import get_method
 
-    from modelalloy.api import merge_state_dicts
+    base, experts, recipe, _ = _row_models(tmp_path, 3, method, params, seed=1)
+    spec = get_method(method)
+    with mock.patch.object(spec, "finish_slices", wraps=spec.finish_slices) as finish:
+        merge(recipe, tmp_path / "out")
+    assert finish.call_count == (len(ROW_SHAPES) if held else 0)
+
+
+ROW_SHAPES = {"rows.weight": (1501, 701), "long_row": (2 * SLICE_ELEMENTS + 3,)}
+
+
+def _row_models(tmp_path: Path, draw: int, method: str, params: str, seed: int = 0):
+    """A base and three experts of ROW_SHAPES (random, from ``draw``), their recipe, and the
+    slice unit the planner gives each tensor (0: merged whole)."""
     from modelalloy.engine.run import make_plan
     from modelalloy.recipe import load_recipe
 
-    gen = torch.Generator().manual_seed(2)
-    shapes = {"rows.weight": (1501, 701), "long_row": (2 * SLICE_ELEMENTS + 3,)}
-    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    gen = torch.Generator().manual_seed(draw)
+    base = {k: torch.randn(s, generator=gen) for k, s in ROW_SHAPES.items()}
     experts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
                for _ in range(3)]
     folders = _save_folders(tmp_path, [base, *experts])
     recipe = write_recipe(tmp_path / "r.yaml",
-                          f"merge_method: {method}\nbase_model: {folders[0]}\n"
-                          f"parameters: {{{extra}density: 0.3, gamma: 0.02}}\nmodels:\n"
+                          f"merge_method: {method}\nbase_model: {folders[0]}\nseed: {seed}\n"
+                          f"parameters: {{{params}}}\nmodels:\n"
                           + "".join(f"  - model: {f}\n" for f in folders[1:]))
     with ExitStack() as stack:
         plan = make_plan(load_recipe(recipe), stack)
         units = {e.name: e.slice_unit for e in plan.entries}
+    return base, experts, recipe, units
+
+
+@pytest.mark.parametrize(("method", "extra"), [("breadcrumbs", ""), ("breadcrumbs_ties", ""),
+                                               ("breadcrumbs_ties", "vote: weighted, ")])
+def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, extra):
+    from modelalloy.api import merge_state_dicts
+
+    base, experts, recipe, units = _row_models(tmp_path, 2, method,
+                                               f"{extra}density: 0.3, gamma: 0.02")
     # Per-row slicing, the paper vote's zero sums settled after the last band
     assert units == {"rows.weight": 701, "long_row": 2 * SLICE_ELEMENTS + 3}
     out = _load(merge(recipe, tmp_path / "out", threads=2).path)
     params = {"density": 0.3, "gamma": 0.02} | ({"vote": "weighted"} if extra else {})
     whole = merge_state_dicts(method, base, experts, **params)
-    for name in shapes:
+    for name in ROW_SHAPES:
         assert torch.equal(out[name], whole[name]), name
 
 
@@ -270,22 +296,9 @@ def test_della_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, ex
     paper vote's zero sums settled after the last band). The L1 rescale needs a whole-tensor
     norm and keeps the whole tensor."""
     from modelalloy.api import merge_state_dicts
-    from modelalloy.engine.run import make_plan
-    from modelalloy.recipe import load_recipe
 
-    gen = torch.Generator().manual_seed(6)
-    shapes = {"rows.weight": (1501, 701), "long_row": (2 * SLICE_ELEMENTS + 3,)}
-    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-               for _ in range(3)]
-    folders = _save_folders(tmp_path, [base, *experts])
-    recipe = write_recipe(tmp_path / "r.yaml",
-                          f"merge_method: {method}\nbase_model: {folders[0]}\nseed: 9\n"
-                          f"parameters: {{{extra}density: 0.5, epsilon: 0.1}}\nmodels:\n"
-                          + "".join(f"  - model: {f}\n" for f in folders[1:]))
-    with ExitStack() as stack:
-        plan = make_plan(load_recipe(recipe), stack)
-        units = {e.name: e.slice_unit for e in plan.entries}
+    base, experts, recipe, units = _row_models(tmp_path, 6, method,
+                                               f"{extra}density: 0.5, epsilon: 0.1", seed=9)
     assert units == ({"rows.weight": 701, "long_row": 2 * SLICE_ELEMENTS + 3} if sliced
                      else {"rows.weight": 0, "long_row": 0})
     out = _load(merge(recipe, tmp_path / "out", threads=2).path)
@@ -293,7 +306,7 @@ def test_della_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, ex
         kv.split(": ") for kv in extra.rstrip(", ").split(", ") if kv)
     params = {k: (v == "true" if v in ("true", "false") else v) for k, v in params.items()}
     whole = merge_state_dicts(method, base, experts, **params)
-    for name in shapes:
+    for name in ROW_SHAPES:
         assert torch.equal(out[name], whole[name]), name
     # about half of each expert's entries survive MagPrune
     tv = out["rows.weight"] - base["rows.weight"]

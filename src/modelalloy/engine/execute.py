@@ -163,7 +163,8 @@ class PlanExecutor:
         # next tensor (fresh pages cost a fault each); a larger one goes when the tensor does,
         # so memory outside the budget's count stays bounded.
         held = None
-        if spec.finish_slices is not None:
+        if spec.finish_slices is not None and (spec.finish_when is None
+                                               or spec.finish_when(entry.params)):
             nbytes = entry.numel * entry.out_dtype.itemsize
             held = (self._buffers("held", entry.out_dtype, entry.numel)[:entry.numel]
                     if nbytes <= HELD_CACHE_BYTES

@@ -44,6 +44,26 @@ def _rank_value(mags, n, r, hist, cand):
     return np.int64(value), larger
 
 
+@njit(inline="always")
+def _accumulate(acc, d, t, n, unit, weights):
+    """Model t's term of ``_sparsify._sum_``: acc = δ_0·w_0 (δ_0 when w_0 = 1), then
+    acc + δ_t or fma(δ_t, w_t, acc)."""
+    if t == 0:
+        if unit[0]:
+            acc[:n] = d[:n]
+        else:
+            w0 = weights[0]
+            for j in range(n):
+                acc[j] = d[j] * w0
+    elif unit[t]:
+        for j in range(n):
+            acc[j] = acc[j] + d[j]
+    else:
+        w = weights[t]
+        for j in range(n):
+            acc[j] = fma(d[j], w, acc[j])
+
+
 @njit(**JIT)
 def band_sum_kernel(src, count, out, width, n_top, hi, unit, weights, post_div, lam):
     """Breadcrumbs on ``count // width`` rows of ``width``: δ_t = θ_t − θ_0, band mask per
@@ -90,20 +110,7 @@ def band_sum_kernel(src, count, out, width, n_top, hi, unit, weights, post_div, 
                     seen_top += m == top_value
                     seen_low += m == low_value
                     d[j] = d[j] * np.float32(not (in_top or in_low))
-            if t == 0:
-                if unit[0]:
-                    acc[:] = d
-                else:
-                    w0 = weights[0]
-                    for j in range(width):
-                        acc[j] = d[j] * w0
-            elif unit[t]:
-                for j in range(width):
-                    acc[j] = acc[j] + d[j]
-            else:
-                w = weights[t]
-                for j in range(width):
-                    acc[j] = fma(d[j], w, acc[j])
+            _accumulate(acc, d, t, width, unit, weights)
         sum_to_output(acc, width, base, out[r0:r0 + width], post_div, lam)
     return True
 
@@ -226,19 +233,6 @@ def della_sum_kernel(src, count, out, width, trims, uniforms, low, step, density
         _della_deltas(src, r0, width, trims, uniforms, low, step, density, rescale, d, keys,
                       order, spare, counts, probs)
         for t in range(nexp):
-            dt = d[t]
-            if t == 0:
-                if unit[0]:
-                    acc[:] = dt
-                else:
-                    for j in range(width):
-                        acc[j] = dt[j] * weights[0]
-            elif unit[t]:
-                for j in range(width):
-                    acc[j] = acc[j] + dt[j]
-            else:
-                w = weights[t]
-                for j in range(width):
-                    acc[j] = fma(dt[j], w, acc[j])
+            _accumulate(acc, d[t], t, width, unit, weights)
         sum_to_output(acc, width, src[0, r0:r0 + width], out[r0:r0 + width], post_div, lam)
     return True

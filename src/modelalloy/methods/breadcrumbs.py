@@ -47,7 +47,7 @@ from modelalloy.methods._sparsify import (
     weight_param,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import finish_paper_vote, paper_vote_rows, ties_core
+from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_rows, ties_core
 
 PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
 
@@ -106,6 +106,7 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     base="required",
     rowwise=_per_row,
     finish_slices=finish_paper_vote,
+    finish_when=paper_vote,
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:

@@ -42,7 +42,7 @@ from modelalloy.methods._sparsify import (
     weight_param,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import finish_paper_vote, paper_vote_slice, ties_core
+from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_slice, ties_core
 
 PAPER = ("Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)")
 
@@ -93,6 +93,7 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     base="required",
     elementwise=_keeps_no_whole_tensor_norm,
     finish_slices=finish_paper_vote,
+    finish_when=paper_vote,
     slice_kernel="dare_ties",
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],

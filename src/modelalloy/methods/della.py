@@ -49,7 +49,7 @@ from modelalloy.methods._sparsify import (
     weight_param,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import finish_paper_vote, paper_vote_rows, ties_core
+from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_rows, ties_core
 
 PAPER = "Deep et al., DELLA-Merging, arXiv 2406.11617 (2024)"
 
@@ -93,6 +93,7 @@ def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[s
     base="required",
     rowwise=_per_row,
     finish_slices=finish_paper_vote,
+    finish_when=paper_vote,
     slice_kernel="della",
 )
 def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],

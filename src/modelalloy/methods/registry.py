@@ -197,6 +197,10 @@ class MethodSpec:
     # majority sign at zero sums): after the last slice, (flat indices, float32 values) that
     # overwrite what the slices wrote. It reads what the slices left in ``ctx.streams``.
     finish_slices: Callable[[MergeContext], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    # When ``finish_slices`` has anything to do, from the tensor's resolved parameters (None:
+    # always). Otherwise the engine writes each merged slice at once instead of holding the
+    # tensor's output in memory until the end (the TIES variants' weighted vote).
+    finish_when: Callable[[dict[str, Any]], bool] | None = None
 
     # Like ``elementwise``, per row: each row (last dimension) of the output depends only on
     # that row of the inputs (Breadcrumbs' per-row magnitude bands). Slices are whole rows,
@@ -291,6 +295,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     finish_slices: Callable[[MergeContext], list[tuple[torch.Tensor,
                                                                        torch.Tensor]]]
                     | None = None,
+                    finish_when: Callable[[dict[str, Any]], bool] | None = None,
                     slice_kernel: str | None = None,
                     slice_reduce: tuple[Callable[[torch.Tensor | None, list[torch.Tensor],
                                                   dict[str, Any], MergeContext], None],
@@ -307,7 +312,8 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                      prepare_when=prepare_when, aliases=aliases,
                                      stats=stats, stats_from=stats_from,
                                      elementwise=elementwise, rowwise=rowwise,
-                                     finish_slices=finish_slices, slice_kernel=slice_kernel,
+                                     finish_slices=finish_slices, finish_when=finish_when,
+                                     slice_kernel=slice_kernel,
                                      slice_reduce=slice_reduce)
         for alias in aliases:
             _ALIASES[alias] = name

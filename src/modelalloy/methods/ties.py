@@ -143,6 +143,7 @@ def _collect_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
     slice_reduce=(_count_slice, _collect_slice),
     slice_kernel="ties",
     finish_slices=lambda ctx: finish_paper_vote(ctx),
+    finish_when=lambda params: paper_vote(params),
 )
 def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
          ctx: MergeContext) -> torch.Tensor:
@@ -203,6 +204,12 @@ def paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dic
     record_paper_vote_fixes(ctx, float(sign.sum()), where, [d[where] for d in deltas],
                             base[where], params)
     return ties_core(deltas, params, vote="paper", majority=1.0, scratch=scratch).add_(base)
+
+
+def paper_vote(params: dict[str, Any]) -> bool:
+    """Whether the paper vote's whole-tensor fix-ups apply (``finish_when``): the weighted
+    vote decides every element within its slice."""
+    return params["vote"] == "paper"
 
 
 def paper_vote_rows(base: torch.Tensor, deltas: list[torch.Tensor], params: dict[str, Any],
