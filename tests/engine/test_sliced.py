@@ -238,11 +238,15 @@ def test_the_output_is_held_only_when_the_paper_vote_has_fix_ups_to_make(tmp_pat
                                                                           params, held):
     """The weighted vote decides each element within its slice: the slices are written as
     they come (no tensor-sized buffer) and ``finish_slices`` is never called."""
-    from modelalloy.methods.registry import get_method
+    import dataclasses
+
+    from modelalloy.methods import registry
 
     base, experts, recipe, _ = _row_models(tmp_path, 3, method, params, seed=1)
-    spec = get_method(method)
-    with mock.patch.object(spec, "finish_slices", wraps=spec.finish_slices) as finish:
+    spec = registry.get_method(method)
+    finish = mock.Mock(wraps=spec.finish_slices)
+    spied = dataclasses.replace(spec, finish_slices=finish)
+    with mock.patch.dict(registry._REGISTRY, {method: spied}):
         merge(recipe, tmp_path / "out")
     assert finish.call_count == (len(ROW_SHAPES) if held else 0)
 
