@@ -183,6 +183,15 @@ class _TiesMerge:
                 self.weighted_vote, cache["fix_index"], cache["fix_deltas"],
                 np.zeros(2, np.int64))
 
+    def run(self, ctx: MergeContext, src: np.ndarray, kernel: Callable[[tuple], bool]) -> bool:
+        """``kernel(merge arguments)`` on a slice, then its fix-ups reported; False (nothing
+        reported) when an input was NaN/Inf."""
+        args = self.args(ctx, src.shape[1])
+        if not kernel(args):
+            return False
+        self.report(ctx, src, args[-1])
+        return True
+
     def report(self, ctx: MergeContext, src: np.ndarray, tally: np.ndarray) -> None:
         """Hand a merged slice's Σ sign and undecided elements to the paper-vote state
         (``ties.record_paper_vote_fixes``, as the torch path does)."""
@@ -209,12 +218,9 @@ def dare_ties(params: dict[str, Any]) -> SliceKernel | None:
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
             width: int = 1) -> bool:
-        args = merge.args(ctx, src.shape[1])
-        if not dare_ties_kernel(src, count, out, drops.modes, drops.states(ctx),
-                                drops.thresholds, drops.rescale, drops.inv_density, *args):
-            return False
-        merge.report(ctx, src, args[-1])
-        return True
+        return merge.run(ctx, src, lambda args: dare_ties_kernel(
+            src, count, out, drops.modes, drops.states(ctx), drops.thresholds, drops.rescale,
+            drops.inv_density, *args))
     return run
 
 
@@ -280,11 +286,8 @@ def della(params: dict[str, Any]) -> SliceKernel | None:
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
             width: int = 1) -> bool:
-        args = merge.args(ctx, src.shape[1])
-        if not della_kernel(src, count, out, width, *prune.args(ctx, count, width), *args):
-            return False
-        merge.report(ctx, src, args[-1])
-        return True
+        return merge.run(ctx, src, lambda args: della_kernel(
+            src, count, out, width, *prune.args(ctx, count, width), *args))
     return run
 
 
@@ -362,12 +365,12 @@ class _TiesKernel:
                             else TRIM_TOP_K for k, v, _ in plans], np.int8)
         thresholds = _f32([v or 0.0 for _, v, _ in plans])
         ties_left = np.asarray([left for _, _, left in plans], np.int64)
-        args = self.merge.args(ctx, src.shape[1])
-        if not ties_kernel(src, count, out, modes, thresholds, ties_left, *args):
-            return False
-        trim.ties_left = [int(x) for x in ties_left]
-        self.merge.report(ctx, src, args[-1])
-        return True
+        def merge(args: tuple) -> bool:
+            if not ties_kernel(src, count, out, modes, thresholds, ties_left, *args):
+                return False
+            trim.ties_left = [int(x) for x in ties_left]
+            return True
+        return self.merge.run(ctx, src, merge)
 
 
 def ties(params: dict[str, Any]) -> SliceKernel | None:
