@@ -461,26 +461,13 @@ def measure_bandwidth(models: dict[str, Path], work: Path) -> dict:
             "probe_bytes": size}
 
 
-def measure_cold_read(models: dict[str, Path], streams: int) -> float:
-    """Cold read bandwidth with ``streams`` readers at once (each its own files, 64 MB
-    reads), after dropping the files' pages: a disk often delivers more to several readers
-    than to one, and a merge reads several models at once."""
-    import threading
-
+def measure_cold_read(models: dict[str, Path], streams: int, work: Path) -> float:
+    """Cold read bandwidth with ``streams`` readers at once (each its own files), after
+    dropping the files' pages: a disk often delivers more to several readers than to one, and
+    a merge reads several models at once. :func:`io_floor` with nothing to write."""
     files = [f for k in ("expert2", "expert3") for f in model_files(models[k])]
-    _drop_cache(files)
-    counts = [0] * streams
-
-    def reader(index: int) -> None:
-        counts[index] = _read_files(files[index::streams], bytearray(64 << 20))
-
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(streams)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    seconds = io_floor(files, 0, work, streams, durable=False)
+    return sum(f.stat().st_size for f in files) / seconds
 
 
 def warm_inputs(models: dict[str, Path]) -> None:
@@ -1033,7 +1020,7 @@ def cold_runs(methods: list[str], models: dict[str, Path], rdir: Path, work: Pat
     before every run (``posix_fadvise(DONTNEED)``), so every byte comes from the disk: the
     case of 7B–70B merges, whose inputs do not fit in RAM. The bound reads at the best cold
     bandwidth of 1, 2 or 4 concurrent readers and writes at the buffered write bandwidth."""
-    streams = {str(n): measure_cold_read(models, n) for n in (1, 2, 4)}
+    streams = {str(n): measure_cold_read(models, n, work) for n in (1, 2, 4)}
     best = max(streams.values())
     print("[cold] read " + ", ".join(f"{n} reader(s) {b / 1e9:.2f} GB/s"
                                      for n, b in streams.items()))

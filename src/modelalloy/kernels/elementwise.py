@@ -222,11 +222,13 @@ def _merge_scratch(nexp):
 
 @njit(inline="always")
 def _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
-                     weighted_vote, fix_index, fix_deltas, nfix, gamma, acc, den, spread):
+                     weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread):
     """TIES' election and disjoint merge of the chunk's δ̃ (``d``, models × n), written to
-    ``out``; returns (Σ sign(Σ_t δ̃_t), the new fix-up count). See :func:`dare_ties_kernel`."""
+    ``out``; adds the chunk's Σ sign(Σ_t δ̃_t) to ``tally[0]`` and its fix-ups after the
+    ``tally[1]`` already listed. See :func:`dare_ties_kernel`."""
     nexp = d.shape[0]
     signs = 0
+    nfix = tally[1]
     # The loops below run over the chunk with the model loop outside, so they vectorize.
     if weighted_vote:
         w0 = weights[0]
@@ -300,7 +302,8 @@ def _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, 
         if lam != 1:
             v = v * lam
         o[j] = narrow(v + widen(b[j]), o[0])
-    return signs, nfix
+    tally[0] += signs
+    tally[1] = nfix
 
 
 @njit(**JIT)
@@ -326,18 +329,12 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
     words = np.empty((nexp, CHUNK), np.uint32)
     random = np.nonzero(modes == DROP_RANDOM)[0]
     base = src[0]
-    signs = 0
-    nfix = 0
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
         _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density,
                      words, d)
-        chunk_signs, nfix = _elect_and_merge(d, n, c0, base, out, unit, weights, normalize,
-                                             min_weight, lam, weighted_vote, fix_index,
-                                             fix_deltas, nfix, gamma, acc, den, spread)
-        signs += chunk_signs
-    tally[0] += signs
-    tally[1] = nfix
+        _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
+                         weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread)
     return True
 
 
@@ -392,8 +389,6 @@ def ties_kernel(src, count, out, modes, thresholds, ties_left, unit, weights, no
     nexp = src.shape[0] - 1
     d, gamma, acc, den, spread = _merge_scratch(nexp)
     base = src[0]
-    signs = 0
-    nfix = 0
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
         b = base[c0:c0 + n]
@@ -416,10 +411,6 @@ def ties_kernel(src, count, out, modes, thresholds, ties_left, unit, weights, no
                     left -= 1
                 d[t, j] = d[t, j] * np.float32(keep)
             ties_left[t] = left
-        chunk_signs, nfix = _elect_and_merge(d, n, c0, base, out, unit, weights, normalize,
-                                             min_weight, lam, weighted_vote, fix_index,
-                                             fix_deltas, nfix, gamma, acc, den, spread)
-        signs += chunk_signs
-    tally[0] += signs
-    tally[1] = nfix
+        _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
+                         weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread)
     return True

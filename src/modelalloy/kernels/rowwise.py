@@ -204,18 +204,12 @@ def della_kernel(src, count, out, width, trims, uniforms, low, step, density, re
     d, keys, order, spare, counts, probs = _della_scratch(nexp, width)
     gamma, acc, den, spread = (np.empty(width, np.float32), np.empty(width, np.float32),
                                np.empty(width, np.float32), np.empty(width, np.float32))
-    signs = 0
-    nfix = 0
     for r0 in range(0, count, width):
         _della_deltas(src, r0, width, trims, uniforms, low, step, density, rescale, d, keys,
                       order, spare, counts, probs)
-        row_signs, nfix = _elect_and_merge(d, width, r0, src[0], out, unit, weights,
-                                           normalize, min_weight, lam, weighted_vote,
-                                           fix_index, fix_deltas, nfix, gamma, acc, den,
-                                           spread)
-        signs += row_signs
-    tally[0] += signs
-    tally[1] = nfix
+        _elect_and_merge(d, width, r0, src[0], out, unit, weights, normalize, min_weight,
+                         lam, weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den,
+                         spread)
     return True
 
 
