@@ -1,3 +1,3 @@
-from modelalloy.cli import main
+from modelalloy.cli import entry
 
-main()
+entry()

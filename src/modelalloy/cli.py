@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
 import pkgutil
 import sys
+import threading
 import traceback
 import warnings
 from contextlib import ExitStack
@@ -172,5 +175,40 @@ def main() -> None:
         raise
 
 
+def entry() -> None:
+    """The ``modelalloy`` command (console script, ``python -m modelalloy``): :func:`main`,
+    then a quick exit.
+
+    Tearing the interpreter down (freeing every module of torch and numba, running their
+    finalizers) takes 0.5–0.8 s, a fifth of a 1B-parameter linear merge. By then the
+    command's work is done: the output is fsynced and renamed into place, the exit handlers
+    run here, and the streams are flushed, so the process can end with ``os._exit``. While
+    another non-daemon thread still runs (the interpreter would wait for it), the exit is
+    the normal one.
+    """
+    try:
+        main()
+        code: object = 0
+    except SystemExit as stop:
+        code = stop.code
+    if code is None:
+        code = 0
+    if not isinstance(code, int) or _other_threads_running():
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
+def _other_threads_running() -> bool:
+    main_thread = threading.main_thread()
+    return any(t is not main_thread and not t.daemon and t.is_alive()
+               for t in threading.enumerate())
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -8,6 +8,7 @@ import pickle
 import random
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -584,3 +585,58 @@ def test_close_waits_for_reads_in_flight(tmp_path):
     ck._release()
     with pytest.raises(OSError):
         os.pread(fd, 8, 0)
+
+
+def _page_cached(path: Path, offset: int) -> bool | None:
+    """Whether the page holding ``offset`` of ``path`` is cached, or None where this machine
+    cannot tell (no RWF_NOWAIT, or a filesystem that does not honour it)."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, flag) == 1
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def test_prefetch_asks_for_uncached_tensors_only(tmp_path):
+    """A tensor whose pages were dropped is hinted (and comes into the page cache without a
+    read); one that is cached is not; in-memory and empty tensors never are."""
+    file = tmp_path / "model.safetensors"
+    save_file({"big": torch.arange(4 << 20, dtype=torch.float32),
+               "empty": torch.zeros(0)}, file)
+    with open_checkpoint(tmp_path) as ck:
+        ck.get("big")
+        start = ck._offsets["big"]
+        if not _page_cached(file, start):
+            pytest.skip("this filesystem cannot tell cached pages (RWF_NOWAIT)")
+        assert ck.prefetch("big") is False  # just read: nothing to ask for
+        assert ck.prefetch("empty") is False
+        fd = os.open(file, os.O_RDONLY)
+        os.fsync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        if _page_cached(file, start):
+            pytest.skip("this filesystem keeps its pages (e.g. tmpfs): nothing to prefetch")
+        assert ck.prefetch("big") is True
+        deadline = time.time() + 10
+        while not _page_cached(file, start) and time.time() < deadline:
+            time.sleep(0.01)
+        assert _page_cached(file, start), "the hint did not bring the tensor's first page in"
+        assert torch.equal(ck.get("big"), torch.arange(4 << 20, dtype=torch.float32))
+
+
+def test_prefetch_of_pickles_and_closed_checkpoints_is_a_no_op(tmp_path):
+    torch.save({"a": torch.ones(3)}, tmp_path / "model.bin")
+    with open_checkpoint(tmp_path / "model.bin") as ck:
+        assert ck.prefetch("a") is False
+    save_file({"a": torch.ones(3)}, tmp_path / "model.safetensors")
+    ck = open_checkpoint(tmp_path / "model.safetensors")
+    ck.close()
+    assert ck.prefetch("a") is False
+    assert ck.prefetch("missing") is False

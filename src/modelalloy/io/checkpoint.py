@@ -367,6 +367,19 @@ def _preadinto(fd: int, buf: memoryview, offset: int) -> int:
 
 
 _HAS_PREADV = hasattr(os, "preadv")
+_HAS_FADVISE = hasattr(os, "posix_fadvise")
+
+
+def _cached(fd: int, offset: int) -> bool:
+    """Whether the page holding byte ``offset`` is in the page cache: a one-byte read that
+    fails rather than wait for the disk (``RWF_NOWAIT``; without it, say no)."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None or not _HAS_PREADV:
+        return False
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, flag) == 1
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the filesystem cannot tell
+        return False
 
 
 class Checkpoint:
@@ -481,6 +494,31 @@ class Checkpoint:
         if out is None:
             out = torch.empty(info.shape, dtype=info.dtype)
         return self._read_into(name, info, out, 0)
+
+    def prefetch(self, name: str) -> bool:
+        """Start reading tensor ``name`` into the page cache without waiting for it
+        (``posix_fadvise(WILLNEED)``), unless its first and last pages are there already;
+        True when a read was asked for. Best effort: a failed hint changes nothing. While
+        the engine merges some tensors it hints the next few, so on a cold cache the disk
+        keeps reading instead of waiting for each ``get`` (one in-memory probe per end,
+        ``RWF_NOWAIT``, keeps warm merges from walking pages that are cached)."""
+        info = self._infos.get(name)
+        if self._tensors is not None or info is None or info.nbytes == 0 or not _HAS_FADVISE:
+            return False
+        offset = self._offsets[name]
+        try:
+            fd = self._acquire_fd(info.file)
+        except (CheckpointError, ValueError):  # closed, or the file is gone: get will say
+            return False
+        try:
+            if _cached(fd, offset) and _cached(fd, offset + info.nbytes - 1):
+                return False
+            os.posix_fadvise(fd, offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+            return True
+        except OSError:
+            return False
+        finally:
+            self._release()
 
     def get_slice(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Elements ``start .. start + out.numel()`` of the flattened tensor, read into ``out``
