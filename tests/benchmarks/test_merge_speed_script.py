@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "merge_speed.py"
 SECTION = "## Merge speed and memory against mergekit"
@@ -45,8 +47,19 @@ def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
     assert "Skipped: mergekit" in text
 
     results = json.loads(out.with_suffix(".json").read_text())
-    runs = results["sizes"]["2M"]["methods"]["linear"]["modelalloy"]
+    linear = results["sizes"]["2M"]["methods"]["linear"]
+    runs = linear["modelalloy"]
     assert len(runs) == 1 and runs[0]["rc"] == 0 and runs[0]["peak_rss_mb"] > 0
+    # the durable bound writes at the (slower) bandwidth with fsync: read + write / that
+    bw = results["sizes"]["2M"]["bandwidth"]
+    read_s = linear["io_bound_s"] - linear["write_bytes"] / bw["write_buffered_Bps"]
+    assert abs(linear["io_bound_durable_s"] - read_s
+               - linear["write_bytes"] / bw["write_fsync_Bps"]) < 1e-9
+    bounds = [float(x) for x in cells[8].split(" / ")]
+    assert len(bounds) == 2 and bounds[1] >= bounds[0] > 0
+    wall = sorted(r["wall_s"] for r in runs)[0]  # the median of one run
+    assert [float(x.rstrip("×")) for x in cells[9].split(" / ")] == pytest.approx(
+        [wall / linear["io_bound_s"], wall / linear["io_bound_durable_s"]], abs=0.051)
 
     # the cold-cache rows (default: linear and task arithmetic when they were run)
     cold = results["sizes"]["2M"]["cold"]
