@@ -771,7 +771,7 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                  "pages of memory-mapped input shards that the process touched. \"anon\" is "
                  "the peak of `RssAnon` from the same polls: the memory the process really "
                  "allocated. A bare "
-                 f"`python -c 'import torch, modelalloy.cli, modelalloy.engine.run'` peaks at "
+                 f"`python -c '{r.get('baseline_code', OLD_BASELINE_CODE)}'` peaks at "
                  f"{_fmt(r.get('baseline_rss_mb'), '.0f')} MB and takes "
                  f"{_fmt(r.get('baseline_wall_s'), '.1f')} s; importing mergekit's CLI takes "
                  f"{_fmt(r.get('mergekit_baseline_wall_s'), '.1f')} s: start-up is part of "
@@ -1060,6 +1060,10 @@ def cold_runs(methods: list[str], models: dict[str, Path], rdir: Path, work: Pat
     return out
 
 
+BASELINE_CODE = "import torch, modelalloy.cli, modelalloy.engine.run, os; os._exit(0)"
+OLD_BASELINE_CODE = "import torch, modelalloy.cli, modelalloy.engine.run"  # before 2026-11-24
+
+
 def _bounds(m: dict, wall: float | None = None) -> str:
     """"buffered / durable" I/O bounds of a row in seconds, or ``wall`` as multiples of them
     (rows measured before the durable bound existed show only the buffered one)."""
@@ -1246,9 +1250,10 @@ def main(argv: list[str] | None = None) -> int:
 
     env_mk = dict(os.environ)
     env_mk.pop("PYTHONPATH", None)
-    # import baseline: what the interpreter + torch + our CLI module cost before any merge
-    base_run = run_measured([args.python, "-c", "import torch, modelalloy.cli, "
-                             "modelalloy.engine.run"], env_ma, work / "baseline.log", 300)
+    # import baseline: what the interpreter + torch + our CLI module cost before any merge,
+    # ended as the command ends (os._exit: no interpreter teardown)
+    base_run = run_measured([args.python, "-c", BASELINE_CODE], env_ma,
+                            work / "baseline.log", 300)
     mk_base = None
     if mk and (Path(mk).parent / "python").exists():
         mk_base = run_measured([str(Path(mk).parent / "python"), "-c",
@@ -1306,6 +1311,7 @@ def main(argv: list[str] | None = None) -> int:
                "skip_reasons": [] if mk else [f"mergekit: {mk_why}"],
                "baseline_rss_mb": base_run["peak_rss_mb"],
                "baseline_wall_s": base_run["wall_s"],
+               "baseline_code": BASELINE_CODE,
                "mergekit_baseline_wall_s": mk_base["wall_s"] if mk_base else None,
                "baseline_anon_mb": base_run["peak_anon_mb"]}
         carry_over(results["sizes"].get(size), rec, methods,
