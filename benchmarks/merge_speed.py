@@ -723,12 +723,16 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                  "modelalloy | peak RSS mergekit | I/O bound s, buffered / durable | "
                  "modelalloy ÷ I/O bound, buffered / durable |")
         L.append("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-        earlier = {}
+        earlier: dict[tuple, list[str]] = {}
+        first_date: dict[tuple, str] = {}
         for method, m in sorted(r["methods"].items(), key=lambda kv: _method_order(kv[0])):
             when = m.get("measured")
             mark = ""
             if when and when.get("run") != env.get("run"):
-                key = (when["date"], when["commit"], when["runs"], when["load_before"])
+                # one mark per earlier run of the script (its methods ran minutes apart)
+                key = (when.get("run") or when["date"], when["commit"], when["runs"],
+                       when["load_before"])
+                first_date.setdefault(key, when["date"])
                 mark = "†" * (list(earlier).index(key) + 1 if key in earlier
                               else len(earlier) + 1)
                 earlier.setdefault(key, []).append(method)
@@ -765,8 +769,10 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                 f"{_fmt(rss_t, '.0f')} MB" + (f" ({_fmt(anon_t, '.0f')} anon)" if rss_t else "")
                 + f" | {_bounds(m)} | {_bounds(m, mo)} |")
         L.append("")
-        for i, ((date, commit, runs, load), names) in enumerate(earlier.items()):
-            L.append(f"{'†' * (i + 1)} {', '.join(names)}: measured in an earlier run, {date}, "
+        for i, (key, names) in enumerate(earlier.items()):
+            _, commit, runs, load = key
+            L.append(f"{'†' * (i + 1)} {', '.join(names)}: measured in an earlier run, "
+                     f"{first_date[key]}, "
                      f"commit {commit}, {runs} run{'s' if runs != 1 else ''} per tool, load "
                      f"before {load}.")
             L.append("")
