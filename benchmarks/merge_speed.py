@@ -319,7 +319,7 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path,
 
     Every run starts on a quiet disk (``os.sync`` first, untimed): mergekit leaves its output
     in the page cache, and without this the kernel wrote it back during the next run, whose
-    own writes and fsync then queued behind it (1B linear: 3.2–4.4 s against 2.9–3.1 s).
+    own writes and fsync then queued behind it (1B linear: 3.1–4.4 s against 3.0–3.1 s).
     """
     os.sync()
     with open(log_path, "wb") as logf:

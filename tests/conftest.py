@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,13 @@ def save_gpt2_family(root: Path, n_experts: int = 2, seed: int = 0, scale: float
 @pytest.fixture
 def gpt2_family(tmp_path: Path) -> tuple[Path, list[Path]]:
     return save_gpt2_family(tmp_path)
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment with the repository's src/ first on PYTHONPATH, for `python -m
+    modelalloy` in a child process."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def write_recipe(path: Path, text: str) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import write_recipe
+from tests.conftest import subprocess_env, write_recipe
 
 MB = 1024 * 1024
 
@@ -34,11 +33,6 @@ def cli(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "modelalloy", *map(str, args)]
 
 
-def env() -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 @pytest.mark.slow
 def test_memory_budget_holds_on_a_model_larger_than_the_budget(tmp_path):
     base, *experts = plain_models(tmp_path, 3, tensors=80)  # 3 x 240 MiB = 720 MiB of inputs
@@ -55,7 +49,7 @@ def test_memory_budget_holds_on_a_model_larger_than_the_budget(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe,
                            *cli("merge", recipe, tmp_path / "out", "--memory-budget",
                                 str(budget), "--threads", "2")],
-                          capture_output=True, text=True, env=env(), timeout=600)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert done.returncode == 0, done.stderr
     peak = int(done.stdout.strip().splitlines()[-1])
     inputs = sum(p.stat().st_size for p in [base, *experts])
@@ -70,7 +64,7 @@ def test_killed_merge_leaves_no_output_folder(tmp_path):
                           f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
                           + "".join(f"  - model: {e}\n" for e in experts))
     out = tmp_path / "out"
-    proc = subprocess.Popen(cli("merge", recipe, out, "--threads", "1"), env=env(),
+    proc = subprocess.Popen(cli("merge", recipe, out, "--threads", "1"), env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

@@ -3,19 +3,13 @@ completely (exit code, flushed output, exit handlers, waiting threads)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from modelalloy import merge
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
-from tests.conftest import write_recipe
-
-
-def _env() -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+from tests.conftest import subprocess_env, write_recipe
 
 
 def _ta_recipe(tmp_path: Path, base: Path, experts: list[Path]) -> Path:
@@ -43,7 +37,7 @@ def test_every_input_of_every_tensor_is_hinted(gpt2_family, tmp_path, monkeypatc
 
 def _run(code: str, *args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, env=_env(), timeout=300)
+                          text=True, env=subprocess_env(), timeout=300)
 
 
 ENTRY = ("import atexit, sys\n"
