@@ -1118,7 +1118,7 @@ def render_cold(c: dict, write_Bps: float) -> list[str]:
         L.append(f"| {method} | {_fmt(mo, '.2f')} | {_fmt(mt, '.2f')} | "
                  f"{_fmt(_med(ratios), '.2f')}{'×' if ratios else ''} | "
                  f"{', '.join(f'{x:.2f}' for x in ratios) or '—'} | {m['io_bound_s']:.3g} | "
-                 f"{_fmt(fd, '.2f')} / {_fmt(fb, '.2f')} | {per(mo, fd)} | {per(mt, fb)} |")
+                 f"{_fmt(fd, '.3g')} / {_fmt(fb, '.3g')} | {per(mo, fd)} | {per(mt, fb)} |")
     L.append("")
     return L
 

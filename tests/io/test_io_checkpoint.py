@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from io_helpers import tiny_state_dict, write_raw_safetensors
+from tests.io.io_helpers import tiny_state_dict, write_raw_safetensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 
