@@ -6,11 +6,13 @@ import atexit
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import threading
 import traceback
 import warnings
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -146,33 +148,101 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     err.print(Text("warning: ", style="yellow") + Text(str(message)), soft_wrap=True)
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised on the main thread by our own handler.
+
+    Not a KeyboardInterrupt: the CLI library turns those into a bare exit code before our
+    handler could say what happened. Cleanup code that runs on any exception (the writer's
+    temporary folder, the engine's workers) sees it like a KeyboardInterrupt.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _interrupts_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` while the command runs (main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupted)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _command_name() -> str | None:
+    """The subcommand on the command line: the root takes only flags (`--debug`), so it is the
+    first argument that is not an option."""
+    return next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+
+
+def _usage_error(error: Exception) -> tuple[str, int] | None:
+    """(one line, exit code) for a command-line usage error, else None.
+
+    Recognised by the interface that click's and typer's usage errors share
+    (`format_message()` and an integer `exit_code`), not by importing either library's
+    exception classes: which library defines them changes between typer releases.
+    """
+    format_message = getattr(error, "format_message", None)
+    exit_code = getattr(error, "exit_code", None)
+    if not callable(format_message) or not isinstance(exit_code, int):
+        return None
+    command = getattr(getattr(error, "ctx", None), "command_path", None) or "modelalloy"
+    message = " ".join(str(format_message()).split())
+    return f"{command}: {message} (see '{command} --help')", exit_code
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(Text("error: ", style="red") + Text(message), soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: people get one-line errors and a non-zero exit, tracebacks with --debug."""
     warnings.showwarning = _show_warning
+    debug = _state["debug"] or "--debug" in sys.argv
     try:
-        code = app(standalone_mode=False)
-        # Without standalone mode, click returns a command's typer.Exit code instead of exiting.
+        with _interrupts_raise():
+            code = app(standalone_mode=False)
+        # Without standalone mode, a command's typer.Exit code is returned instead of raised.
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except ModelAlloyError as error:
-        if _state["debug"] or "--debug" in sys.argv:
+        if _state["debug"] or debug:
             traceback.print_exc()
-        err.print(Text("error: ", style="red") + Text(str(error)), soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]: no output was written")
-        sys.exit(130)
+        _fail(str(error), 1)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        err.print(f"[red]interrupted[/] ({name}): stopped before finishing; no output was "
+                  "written")
+        sys.exit(128 + signum)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as error:  # click usage errors
-        import click
+    except ModuleNotFoundError as error:
+        from modelalloy.extras import missing_extra_message
 
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+        message = missing_extra_message(error.name or "", _command_name())
+        if message is None or _state["debug"] or debug:
+            raise
+        _fail(message, 1)
+    except Exception as error:
+        usage = _usage_error(error)
+        if usage is None:
+            raise
+        _fail(*usage)
 
 
 def entry() -> None:

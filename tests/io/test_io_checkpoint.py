@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.io.io_helpers import tiny_state_dict, write_raw_safetensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modelalloy.errors import CheckpointError
 from modelalloy.io import Checkpoint, TensorInfo, open_checkpoint
+from tests.io.io_helpers import tiny_state_dict, write_raw_safetensors
 
 
 def assert_one_line_error(excinfo, *needles: object) -> str:

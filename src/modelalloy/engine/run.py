@@ -53,7 +53,13 @@ def default_threads() -> int:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ModelAlloyError(f"device {device!r}: not a device modelalloy merges on; use cpu, "
+                              "cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelAlloyError(f"--device {device}: CUDA is not available on this machine; "
                               "use --device cpu")
