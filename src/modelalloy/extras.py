@@ -8,8 +8,11 @@ traceback. The extras and their requirements come from the package metadata (pyp
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from importlib import metadata
+
+from modelalloy.errors import ModelAlloyError
 
 # Import names that differ from their distribution's name.
 _DISTRIBUTION_OF_MODULE = {"sklearn": "scikit-learn", "yaml": "pyyaml", "cv2": "opencv-python"}
@@ -21,22 +24,55 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def extras_providing(module: str) -> list[str]:
-    """Names of the extras whose requirements include the distribution of `module`."""
-    top = module.split(".")[0]
-    wanted = _normalise(_DISTRIBUTION_OF_MODULE.get(top, top))
+def _requirements() -> list[tuple[str, str]]:
+    """(distribution, extra) for every requirement of an extra in the installed metadata."""
     try:
         requirements = metadata.requires("modelalloy") or []
     except metadata.PackageNotFoundError:  # running from a source tree without metadata
         return []
-    found: list[str] = []
+    pairs = []
     for requirement in requirements:
         marker = re.search(r"""extra\s*==\s*["']([^"']+)["']""", requirement)
         name = re.match(r"\s*([A-Za-z0-9_.\-]+)", requirement)
-        if marker and name and _normalise(name.group(1)) == wanted:
-            extra = marker.group(1)
-            if extra not in _NOT_SUGGESTED and extra not in found:
-                found.append(extra)
+        if marker and name:
+            pairs.append((_normalise(name.group(1)), marker.group(1)))
+    return pairs
+
+
+def _module_of(distribution: str) -> str:
+    aliases = {_normalise(d): m for m, d in _DISTRIBUTION_OF_MODULE.items()}
+    return aliases.get(distribution, distribution.replace("-", "_"))
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a finder that refuses the name outright
+        return False
+
+
+def require_extra(extra: str, command: str) -> None:
+    """Raise a one-line error naming `extra` when any of its packages cannot be imported.
+
+    Commands call this first, so a core install learns everything it lacks at once, before
+    any work, rather than one missing module per attempt.
+    """
+    missing = [d for d, e in _requirements() if e == extra and d != "modelalloy"
+               and not _importable(_module_of(d))]
+    if missing:
+        raise ModelAlloyError(
+            f"'modelalloy {command}' needs the optional packages {', '.join(missing)}, which "
+            f"are not installed: pip install 'modelalloy[{extra}]'")
+
+
+def extras_providing(module: str) -> list[str]:
+    """Names of the extras whose requirements include the distribution of `module`."""
+    top = module.split(".")[0]
+    wanted = _normalise(_DISTRIBUTION_OF_MODULE.get(top, top))
+    found: list[str] = []
+    for distribution, extra in _requirements():
+        if distribution == wanted and extra not in _NOT_SUGGESTED and extra not in found:
+            found.append(extra)
     return found
 
 

@@ -37,6 +37,9 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option(help="no progress lines")] = False,
     ) -> None:
         """Merge the suite's experts with each method; write a table, JSON and a plot."""
+        from modelalloy.extras import require_extra
+
+        require_extra("bench", "bench")
         from modelalloy.bench import load_suite
         from modelalloy.eval.harness import run_bench, sweep_num_experts
         from modelalloy.eval.report import print_table, write_results

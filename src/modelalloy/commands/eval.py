@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
                             ] = None,
     ) -> None:
         """Per-task accuracy, normalized accuracy, held-out accuracy, response length."""
+        from modelalloy.extras import require_extra
+
+        require_extra("bench", "eval")
         from modelalloy.bench import load_suite
         from modelalloy.eval.harness import SuiteScorer, load_model_folder, summarize
         from modelalloy.eval.report import print_table

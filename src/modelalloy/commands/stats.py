@@ -47,6 +47,9 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="gram: seed of the token subsample.")] = 0,
     ) -> None:
         """Collect statistics of MODEL on calibration data and save them next to it."""
+        from modelalloy.extras import require_extra
+
+        require_extra("hf", "stats")
         from modelalloy.errors import CheckpointError
         from modelalloy.stats.pipeline import collect_for_model_dir
 
