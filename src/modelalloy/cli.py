@@ -202,6 +202,10 @@ def _usage_error(error: Exception) -> tuple[str, int] | None:
     return f"{command}: {message} (see '{command} --help')", exit_code
 
 
+def _debugging() -> bool:
+    return _state["debug"] or "--debug" in sys.argv
+
+
 def _fail(message: str, code: int) -> None:
     err.print(Text("error: ", style="red") + Text(message), soft_wrap=True)
     sys.exit(code)
@@ -210,7 +214,7 @@ def _fail(message: str, code: int) -> None:
 def main() -> None:
     """Entry point: people get one-line errors and a non-zero exit, tracebacks with --debug."""
     warnings.showwarning = _show_warning
-    debug = _state["debug"] or "--debug" in sys.argv
+    _state["debug"] = False  # set by the root callback (or `merge --debug`) as they parse
     try:
         with _interrupts_raise():
             code = app(standalone_mode=False)
@@ -218,7 +222,7 @@ def main() -> None:
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except ModelAlloyError as error:
-        if _state["debug"] or debug:
+        if _debugging():
             traceback.print_exc()
         _fail(str(error), 1)
     except (Interrupted, KeyboardInterrupt) as stop:
@@ -235,7 +239,7 @@ def main() -> None:
         from modelalloy.extras import missing_extra_message
 
         message = missing_extra_message(error.name or "", _command_name())
-        if message is None or _state["debug"] or debug:
+        if message is None or _debugging():
             raise
         _fail(message, 1)
     except Exception as error:
