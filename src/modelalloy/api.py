@@ -101,12 +101,35 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
     return out
 
 
-def merge(recipe: str | Path | Any, out_dir: str | Path, **options: Any) -> Any:
-    """Run a recipe (a YAML path or a Recipe) and write the merged model to ``out_dir``.
+def merge(recipe: str | Path | Mapping[str, Any] | Any, out_dir: str | Path | None = None, *,
+          sources: Mapping[str, Mapping[str, torch.Tensor] | torch.nn.Module] | None = None,
+          into: torch.nn.Module | None = None, **options: Any) -> Any:
+    """Run a recipe (a YAML path, YAML text, a dict or a Recipe).
 
-    Options are those of ``modelalloy merge``: device, seed, threads, memory_budget,
+    With ``out_dir``: write the merged model there as a complete HF folder, as ``modelalloy
+    merge`` does; options are the command's: device, seed, threads, memory_budget,
     shard_size, force, allow_nonfinite. Returns a MergeResult (``.path`` is the folder).
+
+    Without it, merge in memory, through the same engine (the recipe's per-tensor parameters,
+    the same checks, seeds and bits): ``sources`` maps each model reference, exactly as the
+    recipe writes it, to a state dict or a live torch module (without ``sources`` the recipe's
+    checkpoints are read from disk). Returns the merged state dict, or fills ``into``'s
+    parameters and buffers in place (``torch.no_grad``, their storage and dtype kept) and
+    returns ``into``. Options: device (default: where the reference model's tensors are),
+    seed, threads, allow_nonfinite, and ``stats`` for data-informed methods ({kind: {model
+    reference: {tensor name: tensor}}})::
+
+        merged = modelalloy.merge("ties.yaml", sources={"./base": base, "./math": math,
+                                                         "./code": code})
+        modelalloy.merge(recipe, sources=models, into=student)  # student's weights replaced
     """
+    if out_dir is None:
+        from modelalloy.engine.memory import merge_recipe_in_memory
+
+        return merge_recipe_in_memory(recipe, sources, into, **options)
+    if sources is not None or into is not None:
+        raise PlanError("merge: give out_dir (write the merged model to disk) or "
+                        "sources/into (merge in memory), not both")
     from modelalloy.engine.run import run_recipe
 
     return run_recipe(recipe, Path(out_dir), **options)
