@@ -290,3 +290,76 @@ def test_data_informed_method_names_the_missing_statistics():
     with pytest.raises(PlanError, match="stats\\['gram'\\] has nothing for model 'b'"):
         modelalloy.merge({"merge_method": "regmean", "models": [{"model": "a"}, {"model": "b"}]},
                          sources={"a": a, "b": b}, stats={"gram": {"a": {}}})
+
+
+UNIFORM = {"breadcrumbs": {"density": 0.8, "gamma": 0.05},
+           "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05, "vote": "weighted"},
+           "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
+           "della": {"density": 0.6, "epsilon": 0.1}, "della_linear": {"density": 0.6,
+                                                                        "epsilon": 0.1},
+           "linear": {"weight": [1.0, 2.0, 0.5]}, "model_stock": {}, "slerp": {"t": 0.3},
+           "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.3}}
+
+
+def test_uniform_table_covers_the_sliced_methods():
+    assert set(UNIFORM) == SLICED
+
+
+@pytest.mark.parametrize("path", ["torch", "fused"])
+@pytest.mark.parametrize("method", sorted(SLICED))
+def test_merge_state_dicts_whole_tensors_equal_the_sliced_recipe_merge(monkeypatch, method,
+                                                                       path):
+    """merge_state_dicts merges every tensor whole; the recipe path slices the large one (on
+    the torch slices or the fused kernels): the same bits."""
+    monkeypatch.setenv("MODELALLOY_KERNELS", "0" if path == "torch" else "1")
+    n_experts, _ = METHODS[method]
+    base, *experts = _models(n_experts, big=True, seed=4)
+    refs = [f"e{i}" for i in range(n_experts)]
+    with_base = modelalloy.methods.get_method(method).base != "none"
+    # a list at the top level of a recipe is a layer gradient: per-model lists go per model
+    top = {k: v for k, v in UNIFORM[method].items() if not isinstance(v, list)}
+    own = [{k: v[i] for k, v in UNIFORM[method].items() if isinstance(v, list)}
+           for i in range(n_experts)]
+    recipe = {"merge_method": method, "seed": 5, "parameters": top,
+              "models": [{"model": r, "parameters": p} for r, p in zip(refs, own, strict=True)]}
+    sources: dict[str, Any] = dict(zip(refs, experts, strict=True))
+    if with_base:
+        recipe["base_model"] = "base"
+        sources["base"] = base
+    sliced = modelalloy.merge(recipe, sources=sources)
+    whole = modelalloy.merge_state_dicts(method, base if with_base else None, experts, seed=5,
+                                         **UNIFORM[method])
+    _assert_same_bits(whole, sliced)
+
+
+def test_merge_state_dicts_has_the_engine_checks():
+    base, a, b = _models(2, big=False)
+    bad = dict(a, **{"lm_head.weight": a["lm_head.weight"].clone()})
+    bad["lm_head.weight"][0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="in-memory model 'expert 0': tensor "
+                                             "'lm_head.weight' has 1 NaN/Inf"):
+        modelalloy.merge_state_dicts("task_arithmetic", base, [bad, b])
+    merged = modelalloy.merge_state_dicts("task_arithmetic", base, [bad, b],
+                                          allow_nonfinite=True)
+    assert torch.isnan(merged["lm_head.weight"][0, 0])
+    with pytest.raises(PlanError, match="tensor 'model.layers.1.norm.weight': shape \\[5\\]"):
+        modelalloy.merge_state_dicts("linear", None, [a, dict(b, **{
+            "model.layers.1.norm.weight": torch.zeros(5)})])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sources_merge_on_the_gpu_and_fill_a_gpu_module_in_place():
+    base, a, b = _models(2, big=True)
+    on_cpu = modelalloy.merge(_small_recipe(), sources={"base": base, "a": a, "b": b})
+    gpu = {k: {n: t.cuda() for n, t in sd.items()} for k, sd in
+           {"base": base, "a": a, "b": b}.items()}
+    merged = modelalloy.merge(_small_recipe(), sources=gpu)  # device: where the base is
+    assert all(t.device.type == "cuda" for t in merged.values())
+    live = _module(base).cuda()
+    ptrs = [p.data_ptr() for p in live.parameters()]
+    modelalloy.merge(_small_recipe(), sources=gpu, into=live)
+    assert [p.data_ptr() for p in live.parameters()] == ptrs
+    for got in (merged, {k: v.detach() for k, v in live.state_dict().items()}):
+        for name, want in on_cpu.items():  # the GPU may fuse differently: within rounding
+            torch.testing.assert_close(got[name].cpu().float(), want.float(), rtol=1e-2,
+                                       atol=1e-2)

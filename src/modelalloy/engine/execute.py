@@ -59,7 +59,7 @@ class PlanExecutor:
 
     def __init__(self, plan: MergePlan, *, device: torch.device, seed: int, threads: int,
                  budget: ByteBudget, allow_nonfinite: bool,
-                 stats_loader: StatsLoader | None = None):
+                 stats_loader: StatsLoader | None = None, slicing: bool = True):
         self.plan = plan
         self.device = device
         self.seed = seed
@@ -67,6 +67,9 @@ class PlanExecutor:
         self.budget = budget
         self.allow_nonfinite = allow_nonfinite
         self.stats_loader = stats_loader
+        # False: every tensor whole (the reference the sliced and fused strategies are
+        # tested against; same bits)
+        self.slicing = slicing
         self.global_stats: Any = None
         self.warnings: list[str] = []
         self._warn_lock = threading.Lock()
@@ -129,7 +132,7 @@ class PlanExecutor:
 
     def sliced(self, entry: PlanEntry) -> bool:
         """Whether ``entry`` is merged a slice at a time (elementwise method, CPU)."""
-        return entry.sliced and self.device.type == "cpu"
+        return self.slicing and entry.sliced and self.device.type == "cpu"
 
     def working_bytes(self, entry: PlanEntry) -> int:
         return entry.working_bytes(len(self.plan.sources), sliced=self.sliced(entry))
@@ -364,14 +367,17 @@ class PlanExecutor:
 
 def run_plan(plan: MergePlan, sink: TensorWriter, *, device: torch.device, seed: int,
              threads: int, allow_nonfinite: bool = False, stats_loader: StatsLoader | None = None,
-             budget: ByteBudget | None = None, progress: bool = False) -> list[str]:
+             budget: ByteBudget | None = None, progress: bool = False,
+             slicing: bool = True) -> list[str]:
     """The one driver: check the plan, run the method's whole-model pass when it has one
     (``prepare``), then merge every tensor into ``sink`` (a writer on disk, a state dict, a
-    live module) on ``threads`` threads. Returns the warnings (tolerated NaN/Inf inputs)."""
+    live module) on ``threads`` threads, each tensor whole, sliced or through a fused kernel
+    as the plan and the device allow (``slicing=False``: every tensor whole). Returns the
+    warnings (tolerated NaN/Inf inputs)."""
     plan.raise_if_problems()
     executor = PlanExecutor(plan, device=device, seed=seed, threads=threads,
                             budget=budget or ByteBudget(None), allow_nonfinite=allow_nonfinite,
-                            stats_loader=stats_loader)
+                            stats_loader=stats_loader, slicing=slicing)
     executor.prepare()
     with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as bar:
         executor.run(sink, bar)

@@ -160,16 +160,52 @@ def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = No
         dev = resolve_device(device) if device is not None \
             else reference_device(plan.reference)
         loader = None
-        if spec.stats:
-            if sources is None and stats is None:
-                loader = StatsFiles.for_plan(plan, stack)
-            else:
-                owners = [e.model for e in recipe.expert_entries()]
-                if spec.stats_from == "base" and recipe.base_model is not None:
-                    owners = [recipe.base_model]
-                loader = MemoryStats(stats_by_owner(spec, stats, owners), dev)
-        sink = memory_sink(plan, into)
-        run_plan(plan, sink, device=dev, seed=recipe.seed if seed is None else seed,
-                 threads=threads or default_threads(), allow_nonfinite=allow_nonfinite,
-                 stats_loader=loader)
+        if spec.stats and sources is None and stats is None:
+            loader = StatsFiles.for_plan(plan, stack)
+        elif spec.stats or stats:
+            owners = [e.model for e in recipe.expert_entries()]
+            if spec.stats_from == "base" and recipe.base_model is not None:
+                owners = [recipe.base_model]
+            loader = MemoryStats(stats_by_owner(spec, stats, owners), dev)
+        return run_in_memory(plan, into, device=dev,
+                             seed=recipe.seed if seed is None else seed,
+                             threads=threads or default_threads(),
+                             allow_nonfinite=allow_nonfinite, stats_loader=loader)
+
+
+def run_in_memory(plan: MergePlan, into: torch.nn.Module | None, *, device: torch.device,
+                  seed: int, threads: int, allow_nonfinite: bool, stats_loader: Any,
+                  slicing: bool = True) -> dict[str, torch.Tensor] | torch.nn.Module:
+    """Run ``plan`` into ``into``'s parameters (returned) or into a new state dict."""
+    sink = memory_sink(plan, into)
+    run_plan(plan, sink, device=device, seed=seed, threads=threads,
+             allow_nonfinite=allow_nonfinite, stats_loader=stats_loader, slicing=slicing)
     return into if into is not None else sink.result()
+
+
+def merge_models_in_memory(spec: MethodSpec, base: Model | None, experts: Sequence[Model],
+                           params: dict[str, Any], *, seed: int = 0,
+                           device: str | torch.device = "cpu", threads: int | None = None,
+                           allow_nonfinite: bool = False, stats: StatsGiven | None = None,
+                           into: torch.nn.Module | None = None, slicing: bool = True
+                           ) -> dict[str, torch.Tensor] | torch.nn.Module:
+    """The engine's in-memory path with the parameters given in code, the same for every
+    tensor (``merge_state_dicts``): per-model ones as lists or scalars, as
+    :meth:`MethodSpec.resolve` takes them. ``slicing=False`` merges every tensor whole."""
+    spec.check_model_count(len(experts), base is not None)
+    resolved = spec.resolve(len(experts), params, where=f"method '{spec.name}'")
+    base_source = None if base is None else StateDictSource(memory_label("base"), base)
+    expert_sources = [StateDictSource(memory_label(f"expert {i}"), e)
+                      for i, e in enumerate(experts)]
+    plan = build_plan(None, spec, base_source, expert_sources, None,
+                      resolve_params=lambda name, layer, count: resolved)
+    plan.raise_if_problems()
+    dev = torch.device(device)
+    loader = None
+    if spec.stats or stats:
+        owners = [f"expert {i}" for i in range(len(experts))]
+        if spec.stats_from == "base" and base is not None:
+            owners = ["base"]
+        loader = MemoryStats(stats_by_owner(spec, stats, owners), dev)
+    return run_in_memory(plan, into, device=dev, seed=seed, threads=threads or default_threads(),
+                         allow_nonfinite=allow_nonfinite, stats_loader=loader, slicing=slicing)
