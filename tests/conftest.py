@@ -81,3 +81,17 @@ def subprocess_env() -> dict[str, str]:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def save_state_dict_folders(root: Path, state_dicts: list[dict[str, torch.Tensor]]
+                            ) -> list[Path]:
+    """One folder per state dict, ``root/m0``, ``root/m1``, ..., each with a model.safetensors."""
+    from safetensors.torch import save_file
+
+    folders = []
+    for i, sd in enumerate(state_dicts):
+        folder = root / f"m{i}"
+        folder.mkdir()
+        save_file(sd, str(folder / "model.safetensors"))
+        folders.append(folder)
+    return folders

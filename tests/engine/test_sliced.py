@@ -14,7 +14,7 @@ from modelalloy import merge
 from modelalloy.errors import ModelAlloyError
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.plan.planner import SLICE_ELEMENTS
-from tests.conftest import write_recipe
+from tests.conftest import save_state_dict_folders, write_recipe
 
 
 @pytest.fixture(autouse=True, params=["torch", "fused"])
@@ -41,16 +41,6 @@ def _models(root: Path, dtypes: list[torch.dtype]) -> list[Path]:
         delta = {k: 0.01 * torch.randn(s, generator=gen) for k, s in SHAPES.items()}
         tensors = {k: (base[k] + (delta[k] if i else 0)).to(dtype) for k in SHAPES}
         save_file(tensors, str(folder / "model.safetensors"))
-        folders.append(folder)
-    return folders
-
-
-def _save_folders(root: Path, state_dicts: list[dict[str, torch.Tensor]]) -> list[Path]:
-    folders = []
-    for i, sd in enumerate(state_dicts):
-        folder = root / f"m{i}"
-        folder.mkdir()
-        save_file(sd, str(folder / "model.safetensors"))
         folders.append(folder)
     return folders
 
@@ -177,7 +167,7 @@ def test_dare_ties_paper_vote_sliced_settles_zero_sums_with_the_tensor_majority(
     d = torch.randn(n, generator=gen)
     experts = [{"w": base["w"] + d}, {"w": base["w"] - d},
                {"w": base["w"] + third * d.abs()}]
-    folders = _save_folders(tmp_path, [base, *experts])
+    folders = save_state_dict_folders(tmp_path, [base, *experts])
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: dare_ties\nbase_model: {folders[0]}\nseed: 5\n"
                           "parameters: {density: 0.5}\nmodels:\n"
@@ -209,7 +199,7 @@ def test_row_wise_paper_vote_settles_zero_sums_with_the_tensor_majority(tmp_path
     # the third's own magnitudes, so its row masks differ from the opposite pair's
     experts = [{"w": base["w"] + d}, {"w": base["w"] - d},
                {"w": base["w"] + third * torch.randn(shape, generator=gen).abs()}]
-    folders = _save_folders(tmp_path, [base, *experts])
+    folders = save_state_dict_folders(tmp_path, [base, *experts])
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: {method}\nbase_model: {folders[0]}\nseed: 5\n"
                           f"parameters: {{{params}}}\nmodels:\n"
@@ -264,7 +254,7 @@ def _row_models(tmp_path: Path, draw: int, method: str, params: str, seed: int =
     base = {k: torch.randn(s, generator=gen) for k, s in ROW_SHAPES.items()}
     experts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
                for _ in range(3)]
-    folders = _save_folders(tmp_path, [base, *experts])
+    folders = save_state_dict_folders(tmp_path, [base, *experts])
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: {method}\nbase_model: {folders[0]}\nseed: {seed}\n"
                           f"parameters: {{{params}}}\nmodels:\n"
@@ -347,7 +337,7 @@ def test_slerp_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, experts, s
     base = {"w": torch.randn(n, generator=gen)}
     others = [{"w": base["w"] + spread * torch.randn(n, generator=gen)}
               for _ in range(experts)]
-    folders = _save_folders(tmp_path, [base, *others])
+    folders = save_state_dict_folders(tmp_path, [base, *others])
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: slerp\nbase_model: {folders[0]}\n"
                           "parameters: {t: 0.3}\nmodels:\n"
@@ -386,7 +376,7 @@ def test_model_stock_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, shar
     common = torch.randn(n, generator=gen)
     others = [{"w": base["w"] + 0.01 * (shared * common + torch.randn(n, generator=gen))}
               for _ in range(3)]
-    folders = _save_folders(tmp_path, [base, *others])
+    folders = save_state_dict_folders(tmp_path, [base, *others])
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: model_stock\nbase_model: {folders[0]}\nmodels:\n"
                           + "".join(f"  - model: {f}\n" for f in folders[1:]))
@@ -421,7 +411,7 @@ def test_ties_sliced_in_three_passes_equals_the_whole_tensor(tmp_path, density, 
     steps = [torch.randint(-3, 4, (n,), generator=gen).float() * 2.0 ** -6 for _ in range(3)]
     steps[1][::5] = -steps[0][::5]  # cancellations
     experts = [{"w": base["w"] + s} for s in steps]
-    folders = _save_folders(tmp_path, [base, *experts])
+    folders = save_state_dict_folders(tmp_path, [base, *experts])
     dens = density if isinstance(density, list) else [density] * 3
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: ties\nbase_model: {folders[0]}\n"

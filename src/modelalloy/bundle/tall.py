@@ -22,21 +22,26 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from modelalloy.bundle._checkpoint import side_files
-from modelalloy.errors import CheckpointError, MethodError
+from modelalloy.engine.execute import run_plan
+from modelalloy.engine.sources import StateDictSource
+from modelalloy.errors import CheckpointError, MethodError, PlanError
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.io.model_files import copy_model_files
 from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter
-from modelalloy.methods._taskvec import TiesStats, check_scope, ties_prepare
+from modelalloy.methods._taskvec import check_scope, ties_prepare
 from modelalloy.methods.consensus import BASE_MERGES, multitask_vector, tall_masks
-from modelalloy.methods.registry import MergeContext, TensorGroup
+from modelalloy.methods.registry import MergeContext, MethodSpec
+from modelalloy.plan.planner import build_plan
+from modelalloy.plan.sources import TensorSource
 
 FORMAT = "modelalloy.tall_bundle/2"
 SHARD_BYTES = 5 * 1000 ** 3
@@ -316,13 +321,95 @@ def rebuild_to(bundle_dir: str | Path, task: str | int, out: str | Path,
     return out
 
 
-def _info(sd: Mapping[str, torch.Tensor], name: str) -> tuple[tuple[int, ...], torch.dtype]:
-    ck = getattr(sd, "checkpoint", None)
-    if ck is not None:
-        info = ck.info(name)
-        return tuple(info.shape), info.dtype
-    t = sd[name]
-    return tuple(t.shape), t.dtype
+def _source(label: str, state: Mapping[str, torch.Tensor]) -> TensorSource:
+    """A lazy checkpoint mapping (:func:`lazy_state`) reads from its checkpoint; any other
+    mapping is read in memory, without copies."""
+    checkpoint = getattr(state, "checkpoint", None)
+    return checkpoint if checkpoint is not None else StateDictSource(label, state)
+
+
+class _Compression:
+    """The TALL compression of one base and its experts, run by the engine.
+
+    The planner checks the models (names, shapes) before anything is written, the engine reads
+    and upcasts each tensor (refusing NaN/Inf), runs the TIES whole-model pass when the global
+    scope needs it, and calls :meth:`merge` per tensor, which returns τ_MTL (the engine's
+    output, cast to ``merged_dtype``) and keeps the tensor's packed masks for the sink."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor],
+                 experts: Mapping[str, Mapping[str, torch.Tensor]], tasks: list[str],
+                 lambdas: list[float], base_merge: str, density: float, scope: str,
+                 merged_dtype: torch.dtype):
+        self.tasks, self.lambdas = tasks, lambdas
+        self.base_merge, self.density = base_merge, density
+        self.masks: dict[str, list[PackedMask]] = {}
+        self.kept = dict.fromkeys(tasks, 0)
+        self.total = 0
+        global_ties = base_merge == "ties" and scope == "global"
+        spec = MethodSpec(
+            name="tall_masks bundle", fn=self.merge, params=(), base="required",
+            paper="Wang, Dimitriadis et al., ICML 2024", summary="τ_MTL and TALL masks",
+            prepare=(lambda groups: ties_prepare(groups, density)) if global_ties else None)
+        self.base = _source("base model", base)
+        sources = [_source(f"expert '{t}'", experts[t]) for t in tasks]
+        self.plan = build_plan(None, spec, self.base, sources, merged_dtype,
+                               resolve_params=lambda name, layer, count: {"scope": scope})
+        try:
+            self.plan.raise_if_problems()
+        except PlanError as err:  # the bundle API's error for models that do not fit
+            raise CheckpointError(str(err)) from None
+        self.masked = {e.name: e.shape for e in self.plan.entries if e.merge}
+
+    def merge(self, base: torch.Tensor | None, experts: list[torch.Tensor],
+              params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:
+        assert base is not None
+        tvs = torch.stack([e - base for e in experts])
+        mtl = multitask_vector(tvs, self.base_merge, self.density, ctx.global_stats)
+        masks = tall_masks(tvs, mtl, self.lambdas)
+        self.masks[ctx.name] = [PackedMask.pack(m) for m in masks]
+        self.total += masks[0].numel()  # one merge thread: no lock needed
+        for i, t in enumerate(self.tasks):
+            self.kept[t] += int(masks[i].sum())
+        return mtl
+
+    def run(self, sink: Any) -> None:
+        # one thread: memory is one tensor of each model, as the bundle promises
+        run_plan(self.plan, sink, device=torch.device("cpu"), seed=0, threads=1)
+
+    def densities(self) -> dict[str, float]:
+        return {t: (self.kept[t] / self.total if self.total else 0.0) for t in self.tasks}
+
+
+class _FolderSink:
+    """Engine sink: each tensor's base, τ_MTL and masks into the bundle folder's writers."""
+
+    def __init__(self, job: _Compression, writer: _BundleWriter):
+        self.job, self.writer = job, writer
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.job.masked:
+            self.writer.write(name, self.job.base.get(name), tensor, self.job.masks.pop(name))
+        else:
+            self.writer.write(name, tensor, None, None)
+
+
+class _MemorySink:
+    """Engine sink: the bundle's parts as in-memory dicts."""
+
+    def __init__(self, job: _Compression):
+        self.job = job
+        self.kept: dict[str, torch.Tensor] = {}
+        self.merged: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, dict[str, PackedMask]] = {t: {} for t in job.tasks}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.job.masked:
+            self.kept[name] = tensor.detach().clone()
+            return
+        self.kept[name] = self.job.base.get(name).detach().clone()
+        self.merged[name] = tensor
+        for t, mask in zip(self.job.tasks, self.job.masks.pop(name), strict=True):
+            self.masks[t][name] = mask
 
 
 def compress_to(path: str | Path, base: Mapping[str, torch.Tensor],
@@ -340,29 +427,15 @@ def compress_to(path: str | Path, base: Mapping[str, torch.Tensor],
     report and each task's mask density.
     """
     tasks, lambdas = _check_args(experts, base_merge, scope, mask_lambda)
-    names = list(base)
-    infos = {n: _info(base, n) for n in names}
-    masked = {n: s for n, (s, dt) in infos.items() if dt.is_floating_point}
+    job = _Compression(base, experts, tasks, lambdas, base_merge, density, scope, merged_dtype)
     cfg = TallConfig(base_merge=base_merge, mask_lambda=tuple(lambdas), density=density,
                      scope=scope)
-    kept = dict.fromkeys(tasks, 0)
-    total = 0
-    stats = _ties_stats(base, experts, tasks, masked, base_merge, density, scope)
-    with _BundleWriter(Path(path), tasks, cfg, [(n, s, dt) for n, (s, dt) in infos.items()],
-                       masked, merged_dtype, shard_bytes) as w:
-        for n in names:
-            b = base[n]
-            if n not in masked:
-                w.write(n, b, None, None)
-                continue
-            mtl, m = _compress_tensor(n, b, experts, tasks, lambdas, base_merge, density, stats)
-            total += m[0].numel()
-            for i, t in enumerate(tasks):
-                kept[t] += int(m[i].sum())
-            w.write(n, b, mtl.to(merged_dtype), [PackedMask.pack(m[i]) for i in range(len(tasks))])
+    base_entries = [(e.name, e.shape, job.base.info(e.name).dtype) for e in job.plan.entries]
+    with _BundleWriter(Path(path), tasks, cfg, base_entries, job.masked, merged_dtype,
+                       shard_bytes) as w:
+        job.run(_FolderSink(job, w))
         w.add_files(files or {})
-    return (_storage_of(Path(path), len(tasks)),
-            {t: (kept[t] / total if total else 0.0) for t in tasks})
+    return _storage_of(Path(path), len(tasks)), job.densities()
 
 
 def _storage_of(path: Path, n_tasks: int) -> StorageReport:
@@ -395,41 +468,6 @@ def _check_args(experts: Mapping[str, Mapping[str, torch.Tensor]], base_merge: s
     return tasks, lambdas
 
 
-def _expert_tensors(name: str, ref: torch.Tensor, experts: Mapping[str, Mapping[str, torch.Tensor]],
-                    tasks: list[str]) -> list[torch.Tensor]:
-    out = []
-    for t in tasks:
-        if name not in experts[t]:
-            raise CheckpointError(f"expert '{t}': tensor '{name}' is missing")
-        e = experts[t][name]
-        if tuple(e.shape) != tuple(ref.shape):
-            raise CheckpointError(f"expert '{t}': tensor '{name}' has shape "
-                                  f"{tuple(e.shape)}, base has {tuple(ref.shape)}")
-        out.append(e.to(torch.float32))
-    return out
-
-
-def _ties_stats(base, experts, tasks, masked, base_merge, density, scope) -> TiesStats | None:
-    if base_merge != "ties" or scope != "global":
-        return None
-
-    def groups() -> Iterator[TensorGroup]:
-        for n in masked:
-            b = base[n]
-            yield TensorGroup(name=n, base=b.to(torch.float32),
-                              experts=_expert_tensors(n, b, experts, tasks), params={},
-                              ctx=MergeContext(name=n))
-
-    return ties_prepare(groups, density)
-
-
-def _compress_tensor(name, b, experts, tasks, lambdas, base_merge, density, stats):
-    b32 = b.to(torch.float32)
-    tvs = torch.stack([e - b32 for e in _expert_tensors(name, b, experts, tasks)])
-    mtl = multitask_vector(tvs, base_merge, density, stats)
-    return mtl, tall_masks(tvs, mtl, lambdas)
-
-
 def compress(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str, torch.Tensor]],
              *, base_merge: str = "task_arithmetic",
              mask_lambda: float | list[float] | Mapping[str, float] = 0.6,
@@ -445,21 +483,10 @@ def compress(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str
     memory twice, use :func:`compress_to`.
     """
     tasks, lambdas = _check_args(experts, base_merge, scope, mask_lambda)
-    names = list(base)
-    masked = [n for n in names if _info(base, n)[1].is_floating_point]
-    stats = _ties_stats(base, experts, tasks, masked, base_merge, density, scope)
-    kept: dict[str, torch.Tensor] = {}
-    merged: dict[str, torch.Tensor] = {}
-    masks: dict[str, dict[str, PackedMask]] = {t: {} for t in tasks}
-    for n in names:
-        b = base[n]
-        kept[n] = b.detach().clone()
-        if n not in masked:
-            continue
-        mtl, m = _compress_tensor(n, b, experts, tasks, lambdas, base_merge, density, stats)
-        merged[n] = mtl.to(merged_dtype)
-        for i, t in enumerate(tasks):
-            masks[t][n] = PackedMask.pack(m[i])
+    job = _Compression(base, experts, tasks, lambdas, base_merge, density, scope, merged_dtype)
+    sink = _MemorySink(job)
+    job.run(sink)
+    kept, merged, masks = sink.kept, sink.merged, sink.masks
     return TallBundle(base=kept, merged=merged, masks=masks, tasks=tasks,
                       config=TallConfig(base_merge=base_merge, mask_lambda=tuple(lambdas),
                                         density=density, scope=scope),

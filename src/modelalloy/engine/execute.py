@@ -28,11 +28,11 @@ import torch
 
 from modelalloy import kernels
 from modelalloy.engine.budget import ByteBudget
-from modelalloy.engine.progress import ProgressSink
+from modelalloy.engine.progress import ProgressSink, merge_progress
 from modelalloy.errors import NonFiniteError, PlanError
-from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.methods.registry import MergeContext, TensorGroup
 from modelalloy.plan.planner import SLICE_ELEMENTS, MergePlan, PlanEntry
+from modelalloy.plan.sources import TensorSource
 from modelalloy.threads import one_intra_op_thread
 
 StatsLoader = Callable[[str], dict[str, list[torch.Tensor | None]]]
@@ -43,7 +43,9 @@ HELD_CACHE_BYTES = 256 << 20
 
 
 class TensorWriter(Protocol):
-    """Where merged tensors go: whole, or in parts (``ShardedSafetensorsWriter``)."""
+    """Where merged tensors go, whole or in parts: the sharded writer
+    (``ShardedSafetensorsWriter``, which takes CPU tensors), a state dict or a live module
+    (``engine/sinks.py``, which set ``wants_cpu = False`` and take them on the merge device)."""
 
     def write(self, name: str, tensor: torch.Tensor) -> None: ...
     def begin(self, name: str) -> None: ...
@@ -57,7 +59,7 @@ class PlanExecutor:
 
     def __init__(self, plan: MergePlan, *, device: torch.device, seed: int, threads: int,
                  budget: ByteBudget, allow_nonfinite: bool,
-                 stats_loader: StatsLoader | None = None):
+                 stats_loader: StatsLoader | None = None, slicing: bool = True):
         self.plan = plan
         self.device = device
         self.seed = seed
@@ -65,22 +67,32 @@ class PlanExecutor:
         self.budget = budget
         self.allow_nonfinite = allow_nonfinite
         self.stats_loader = stats_loader
+        # False: every tensor whole (the reference the sliced and fused strategies are
+        # tested against; same bits)
+        self.slicing = slicing
         self.global_stats: Any = None
         self.warnings: list[str] = []
         self._warn_lock = threading.Lock()
         self._slice_buffers = threading.local()
 
     # -- reading -----------------------------------------------------------------------------
-    def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+    def _load(self, ckpt: TensorSource, name: str) -> torch.Tensor:
         tensor = ckpt.get(name)
-        if self.device.type == "cuda":
-            # Move in the stored dtype (fewer bytes over PCIe), then upcast on the GPU.
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        tensor = tensor.to(torch.float32)
+        if tensor.device != self.device:
+            if tensor.device.type == "cpu" and self.device.type == "cuda":
+                # Move in the stored dtype (fewer bytes over PCIe), then upcast on the GPU.
+                tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            else:
+                tensor = tensor.to(self.device)
+        # A contiguous float32 tensor already on the device is used as it is (methods never
+        # modify their inputs): an in-memory source is not copied. A strided one (a transposed
+        # view in a state dict) is made contiguous, as a tensor read from disk is.
+        tensor = tensor.to(dtype=torch.float32, memory_format=torch.contiguous_format)
         if not all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             message = (f"{ckpt.path}: tensor '{name}' has {bad} NaN/Inf value(s); fix the "
-                       "checkpoint, or pass --allow-nonfinite to merge anyway")
+                       "model, or allow them (--allow-nonfinite, allow_nonfinite=True) to "
+                       "merge anyway")
             if not self.allow_nonfinite:
                 raise NonFiniteError(message)
             with self._warn_lock:
@@ -120,7 +132,7 @@ class PlanExecutor:
 
     def sliced(self, entry: PlanEntry) -> bool:
         """Whether ``entry`` is merged a slice at a time (elementwise method, CPU)."""
-        return entry.sliced and self.device.type == "cpu"
+        return self.slicing and entry.sliced and self.device.type == "cpu"
 
     def working_bytes(self, entry: PlanEntry) -> int:
         return entry.working_bytes(len(self.plan.sources), sliced=self.sliced(entry))
@@ -272,20 +284,24 @@ class PlanExecutor:
         return merge_slice
 
     def merge_entry(self, entry: PlanEntry) -> torch.Tensor:
-        """The output tensor of one entry, in its output dtype, on the CPU."""
+        """The output tensor of one entry, in its output dtype, on the merge device (a copied
+        one: as the reference holds it)."""
         if not entry.merge:
-            return self.plan.reference.get(entry.name).contiguous()
+            return self.plan.reference.get(entry.name)
         base, experts = self._split([self._load(c, entry.name) for c in self.plan.sources])
         merged = self.plan.spec(base, experts, entry.params, self._context(entry))
         if tuple(merged.shape) != entry.shape:
             raise PlanError(f"tensor '{entry.name}': method '{self.plan.spec.name}' returned "
                             f"shape {list(merged.shape)}, expected {list(entry.shape)}")
-        return merged.to(entry.out_dtype).cpu().contiguous()
+        return merged.to(entry.out_dtype)
 
     def merge_and_write(self, entry: PlanEntry, writer: TensorWriter) -> None:
         if entry.merge and self.sliced(entry) and self._merge_sliced(entry, writer):
             return
-        writer.write(entry.name, self.merge_entry(entry))
+        merged = self.merge_entry(entry)
+        if getattr(writer, "wants_cpu", True):
+            merged = merged.cpu().contiguous()
+        writer.write(entry.name, merged)
 
     def run(self, writer: TensorWriter, sink: ProgressSink) -> None:
         """Merge every entry and hand each result to ``writer``; the first error stops all."""
@@ -347,6 +363,25 @@ class PlanExecutor:
         """Hint the page cache about the inputs ``entry`` will read."""
         for ckpt in self.plan.sources if entry.merge else (self.plan.reference,):
             ckpt.prefetch(entry.name)
+
+
+def run_plan(plan: MergePlan, sink: TensorWriter, *, device: torch.device, seed: int,
+             threads: int, allow_nonfinite: bool = False, stats_loader: StatsLoader | None = None,
+             budget: ByteBudget | None = None, progress: bool = False,
+             slicing: bool = True) -> list[str]:
+    """The one driver: check the plan, run the method's whole-model pass when it has one
+    (``prepare``), then merge every tensor into ``sink`` (a writer on disk, a state dict, a
+    live module) on ``threads`` threads, each tensor whole, sliced or through a fused kernel
+    as the plan and the device allow (``slicing=False``: every tensor whole). Returns the
+    warnings (tolerated NaN/Inf inputs)."""
+    plan.raise_if_problems()
+    executor = PlanExecutor(plan, device=device, seed=seed, threads=threads,
+                            budget=budget or ByteBudget(None), allow_nonfinite=allow_nonfinite,
+                            stats_loader=stats_loader, slicing=slicing)
+    executor.prepare()
+    with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as bar:
+        executor.run(sink, bar)
+    return executor.warnings
 
 
 def _slices(entry: PlanEntry, ctx: MergeContext) -> Iterator[tuple[int, int]]:

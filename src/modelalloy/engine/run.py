@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,7 @@ import psutil
 import torch
 
 from modelalloy.engine.budget import ByteBudget
-from modelalloy.engine.execute import PlanExecutor
-from modelalloy.engine.progress import merge_progress
+from modelalloy.engine.execute import run_plan
 from modelalloy.errors import ModelAlloyError
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.dtypes import parse_dtype
@@ -28,7 +28,7 @@ from modelalloy.io.writer import (
 )
 from modelalloy.methods.registry import get_method
 from modelalloy.plan.planner import MergePlan, PlanEntry, build_plan
-from modelalloy.recipe import Recipe, load_recipe
+from modelalloy.recipe import Recipe, load_recipe, parse_recipe, recipe_from_dict
 from modelalloy.stats_files import StatsFiles, collect_missing
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -79,8 +79,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def as_recipe(recipe: str | Path | Recipe) -> Recipe:
-    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+def as_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
+    """A Recipe from a Recipe, a dict (the YAML's structure), a YAML file's path, or YAML text
+    (a string of several lines, or one that names ``merge_method:``)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return recipe_from_dict(dict(recipe))
+    if isinstance(recipe, str) and ("\n" in recipe or "merge_method:" in recipe):
+        return parse_recipe(recipe)
+    return load_recipe(recipe)
 
 
 def open_models(recipe: Recipe, stack: ExitStack) -> tuple[Checkpoint | None, list[Checkpoint]]:
@@ -134,25 +142,23 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu
         in_flight = None
         if budget_bytes is not None:
             in_flight = in_flight_budget(plan, budget_bytes, sliced=dev.type == "cpu")
-        executor = PlanExecutor(
-            plan, device=dev, seed=recipe.seed if seed is None else seed, threads=threads,
-            budget=ByteBudget(in_flight), allow_nonfinite=allow_nonfinite,
-            stats_loader=StatsFiles.for_plan(plan, stack))
+        stats_loader = StatsFiles.for_plan(plan, stack)
         entries = [(e.name, e.shape, e.out_dtype) for e in plan.entries]
         with AtomicOutputDir(out_dir, force=force) as tmp:
             writer = ShardedSafetensorsWriter(
                 tmp, entries, shard_bytes,
                 metadata={"format": "pt", "merge_method": plan.spec.name})
-            executor.prepare()
-            with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as sink:
-                executor.run(writer, sink)
+            warnings = run_plan(plan, writer, device=dev,
+                                seed=recipe.seed if seed is None else seed, threads=threads,
+                                allow_nonfinite=allow_nonfinite, stats_loader=stats_loader,
+                                budget=ByteBudget(in_flight), progress=progress)
             files = writer.close()
             finish_folder(recipe, plan, tmp)
         return MergeResult(path=out_dir, seconds=time.perf_counter() - start,
                            bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
                            tensors=len(plan.entries), peak_rss=peak_rss_bytes(),
                            files=[out_dir / f.name for f in files],
-                           warnings=executor.warnings)
+                           warnings=warnings)
 
 
 def in_flight_budget(plan: MergePlan, budget_bytes: int, sliced: bool = True) -> int:

@@ -486,18 +486,16 @@ def apply_coefficients(result: Any, base: Mapping[str, torch.Tensor],
 
 def merge_through_recipe(result: Any, suite: Any, tasks: Sequence[str],
                          out_dir: Any) -> dict[str, torch.Tensor]:
-    """Write the learned coefficients as a recipe over the suite's model folders and run it
-    through the engine (``modelalloy.merge``); returns the merged state dict."""
+    """Write the learned coefficients as a recipe (``out_dir/recipe.yaml``) over the suite's
+    model folders and run it through the engine (``modelalloy.merge`` reading those folders,
+    in memory: the bits of the merge written to disk); returns the merged state dict."""
     from pathlib import Path
 
     from modelalloy.api import merge
-    from modelalloy.eval.harness import load_model_folder
 
-    out_dir = Path(out_dir)
-    recipe = result.save_recipe(out_dir / "recipe.yaml", str(suite.info.base_dir),
+    recipe = result.save_recipe(Path(out_dir) / "recipe.yaml", str(suite.info.base_dir),
                                 [str(suite.info.expert_dir(t)) for t in tasks])
-    merge(recipe, out_dir / "merged", force=True)
-    return load_model_folder(out_dir / "merged")
+    return merge(recipe)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,22 +1,24 @@
-"""Recipe + checkpoints -> MergePlan: one entry per output tensor, checked before heavy I/O.
+"""Recipe + sources -> MergePlan: one entry per output tensor, checked before heavy I/O.
 
-Planning reads only headers and configs. It matches tensors across models by name, checks
-shapes, dtypes and architectures, finds each tensor's layer from its name, resolves the
-method's parameters per tensor, and estimates memory and bytes moved. Every incompatibility is
-collected, so ``modelalloy plan`` can show them all at once.
+Planning reads only headers and configs (checkpoints on disk) or shapes and dtypes (tensors in
+memory), through :class:`modelalloy.plan.sources.TensorSource`. It matches tensors across
+models by name, checks shapes, dtypes and architectures, finds each tensor's layer from its
+name, resolves the method's parameters per tensor, and estimates memory and bytes moved.
+Every incompatibility is collected, so ``modelalloy plan`` can show them all at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from modelalloy.errors import ModelAlloyError, PlanError
-from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.methods.registry import MethodSpec
 from modelalloy.plan.layers import LayerIndexer
+from modelalloy.plan.sources import TensorSource
 from modelalloy.recipe import Recipe, resolve_tensor_params
 
 FLOAT32_BYTES = 4
@@ -88,21 +90,25 @@ def _slice_unit(spec: MethodSpec, params: dict[str, Any], shape: tuple[int, ...]
     return 0
 
 
+# (tensor name, layer index, layer count) -> the method's resolved parameters for that tensor
+ParamResolver = Callable[[str, "int | None", "int | None"], dict[str, Any]]
+
+
 @dataclass
 class MergePlan:
     spec: MethodSpec
-    recipe: Recipe
-    base: Checkpoint | None
-    experts: list[Checkpoint]
+    recipe: Recipe | None  # None: parameters given in code (merge_state_dicts)
+    base: TensorSource | None
+    experts: list[TensorSource]
     entries: list[PlanEntry]
     problems: list[str] = field(default_factory=list)
 
     @property
-    def reference(self) -> Checkpoint:
+    def reference(self) -> TensorSource:
         return self.base if self.base is not None else self.experts[0]
 
     @property
-    def sources(self) -> list[Checkpoint]:
+    def sources(self) -> list[TensorSource]:
         return ([self.base] if self.base is not None else []) + self.experts
 
     @property
@@ -133,15 +139,24 @@ class MergePlan:
             raise PlanError(self.problems[0] + more)
 
 
-def _architecture(ckpt: Checkpoint) -> tuple[str, ...] | None:
+def _architecture(ckpt: TensorSource) -> tuple[str, ...] | None:
     cfg = ckpt.config or {}
     arch = cfg.get("architectures") or ([cfg["model_type"]] if "model_type" in cfg else None)
     return tuple(arch) if arch else None
 
 
-def build_plan(recipe: Recipe, spec: MethodSpec, base: Checkpoint | None,
-               experts: list[Checkpoint], out_dtype: torch.dtype | None) -> MergePlan:
-    """Check the models against each other and resolve every output tensor."""
+def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | None,
+               experts: list[TensorSource], out_dtype: torch.dtype | None,
+               resolve_params: ParamResolver | None = None) -> MergePlan:
+    """Check the models against each other and resolve every output tensor.
+
+    Parameters come from the recipe (per tensor: filters, gradients), or from
+    ``resolve_params`` when it is given."""
+    if resolve_params is None:
+        if recipe is None:
+            raise ValueError("build_plan needs a recipe or resolve_params")
+        def resolve_params(name: str, layer: int | None, count: int | None) -> dict[str, Any]:
+            return resolve_tensor_params(recipe, name, layer, count)
     plan = MergePlan(spec=spec, recipe=recipe, base=base, experts=experts, entries=[])
     reference = plan.reference
     ref_names = reference.names()
@@ -184,7 +199,7 @@ def build_plan(recipe: Recipe, spec: MethodSpec, base: Checkpoint | None,
         params: dict[str, Any] = {}
         if merge:
             try:
-                params = resolve_tensor_params(recipe, name, layer, count)
+                params = resolve_params(name, layer, count)
             except ModelAlloyError as err:
                 plan.problems.append(str(err))
         dtype = (out_dtype or ref_info.dtype) if merge else ref_info.dtype
