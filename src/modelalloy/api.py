@@ -79,3 +79,11 @@ def merge(recipe: str | Path | Mapping[str, Any] | Any, out_dir: str | Path | No
     from modelalloy.engine.run import run_recipe
 
     return run_recipe(recipe, Path(out_dir), **options)
+
+
+def aim_relax(base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor],
+              base_activations: Mapping[str, torch.Tensor], omega: float = 0.4,
+              input_dim: str = "auto") -> dict[str, torch.Tensor]:
+    """Apply AIM to an in-memory merged state dict, given the base model's activations."""
+    return merge_state_dicts("aim", base, [merged], stats={"activations": [base_activations]},
+                             omega=omega, input_dim=input_dim)

@@ -101,7 +101,7 @@ def test_fisher_and_aim_recipes_through_the_engine(tmp_path, tiny_gpt2):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(aim))
     merge(tmp_path / "a.yaml", tmp_path / "aim-out")
     got = _load_folder(tmp_path / "aim-out")
-    from modelalloy.methods.aim import aim_relax
+    from modelalloy.api import aim_relax
 
     acts = load_stats(paths[0] / "stats" / "activations.safetensors")
     merged_sd = {k: v.float() for k, v in _load_folder(tmp_path / "fisher-out").items()}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from modelalloy import merge_state_dicts
-from modelalloy.methods.aim import aim_relax
+from modelalloy.api import aim_relax
 from modelalloy.stats import collect_activations, save_stats
 from modelalloy.stats.optimizer import load_adam_moments
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from modelalloy.plan.planner import SLICE_ELEMENTS
+from modelalloy.methods.registry import SLICE_ELEMENTS
 from modelalloy.threads import one_intra_op_thread
 
 Gram = list[list[float]]

@@ -18,12 +18,11 @@ value for 1.5B–14B models; recommended 0.2–0.6). Tensors without an activati
 Contract: ``aim`` takes the base and exactly **one** expert, the merged model produced by any
 other method (a previous recipe step), and reads ``ctx.stats["activations"][0]`` — which must be
 the **base model's** activations (``modelalloy stats BASE --kind activations``), not the merged
-model's. :func:`aim_relax` does the whole thing for in-memory state dicts.
+model's. :func:`modelalloy.api.aim_relax` does the whole thing for in-memory state dicts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -80,13 +79,3 @@ def aim(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str
         return base + delta * f.reshape((d,) + (1,) * (delta.dim() - 1))
     raise MethodError(f"tensor '{ctx.name}': {d} activation channels do not match a weight of "
                       f"shape {tuple(delta.shape)}")
-
-
-def aim_relax(base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor],
-              base_activations: Mapping[str, torch.Tensor], omega: float = 0.4,
-              input_dim: str = "auto") -> dict[str, torch.Tensor]:
-    """Apply AIM to an in-memory merged state dict, given the base model's activations."""
-    from modelalloy.api import merge_state_dicts
-
-    return merge_state_dicts("aim", base, [merged], stats={"activations": [base_activations]},
-                             omega=omega, input_dim=input_dim)

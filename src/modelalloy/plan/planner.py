@@ -16,17 +16,12 @@ from typing import Any
 import torch
 
 from modelalloy.errors import ModelAlloyError, PlanError
-from modelalloy.methods.registry import MethodSpec
+from modelalloy.methods.registry import SLICE_ELEMENTS, MethodSpec
 from modelalloy.plan.layers import LayerIndexer
 from modelalloy.plan.sources import TensorSource
 from modelalloy.recipe import Recipe, resolve_tensor_params
 
 FLOAT32_BYTES = 4
-# Elementwise methods merge a large tensor a slice at a time: 256K elements of every input in
-# float32 (1 MB each) stay in cache between the cast, the method and the cast down, and the
-# buffers are reused, so no full-size float32 copy is ever made (2.8x less CPU for a 3-model
-# linear merge than whole-tensor float32 copies, measured in benchmarks/micro_ops.py).
-SLICE_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Cost of collecting statistics against a plain forward pass over the same data.
 
-    python -m modelalloy.stats.overhead [--suite synthetic|tiny-vision|tiny-lm] [--size full]
+    python benchmarks/stats_overhead.py [--suite synthetic|tiny-vision|tiny-lm] [--size full]
                                         [--repeats 7] [--threads 1]
                                         [--gram-token-fraction R [R ...]]
                                         [--layers 4] [--dim 256] [--batches 16] [--tokens 128]
