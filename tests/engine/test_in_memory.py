@@ -271,6 +271,9 @@ def test_bad_sources_are_one_line_errors_naming_the_model_and_tensor():
                     "'extra'", sources={"base": base, "a": a, "b": b}, into=live)
     _one_line_error(PlanError, "give out_dir .* or sources/into", sources={"base": base},
                     out_dir="x")
+    live = _module(base)
+    _one_line_error(PlanError, "into: tensor '.*' shares its storage with in-memory model "
+                    "'base'", sources={"base": live, "a": a, "b": b}, into=live)
 
 
 def test_nonfinite_inputs_may_be_allowed_in_memory_as_on_disk():

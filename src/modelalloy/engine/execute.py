@@ -376,7 +376,8 @@ def run_plan(plan: MergePlan, sink: TensorWriter, *, device: torch.device, seed:
     warnings (tolerated NaN/Inf inputs)."""
     plan.raise_if_problems()
     executor = PlanExecutor(plan, device=device, seed=seed, threads=threads,
-                            budget=budget or ByteBudget(None), allow_nonfinite=allow_nonfinite,
+                            budget=budget if budget is not None else ByteBudget(None),
+                            allow_nonfinite=allow_nonfinite,
                             stats_loader=stats_loader, slicing=slicing)
     executor.prepare()
     with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as bar:

@@ -99,15 +99,22 @@ def reference_device(model: TensorSource) -> torch.device:
 def memory_sink(plan: MergePlan, into: torch.nn.Module | None) -> StateDictSink | ModuleSink:
     """A live module's parameters (``into``) or a new state dict on the reference's devices."""
     layout = [(e.name, e.shape, e.out_dtype) for e in plan.entries]
+    inputs = {src.get(e.name).untyped_storage().data_ptr(): src.path for src in plan.sources
+              if isinstance(src, StateDictSource) for e in plan.entries}
     if into is not None:
+        for name, tensor in into.state_dict().items():
+            shared = inputs.get(tensor.untyped_storage().data_ptr())
+            if shared is not None:
+                # a source read after the sink wrote into it (a tied weight) would be wrong
+                raise PlanError(f"into: tensor '{name}' shares its storage with {shared}; "
+                                "merge into a separate module (the sources are read while "
+                                "it is written)")
         return ModuleSink(into, layout)
     reference = plan.reference
     cpu = torch.device("cpu")
     devices = {e.name: reference.get(e.name).device if isinstance(reference, StateDictSource)
                else cpu for e in plan.entries}
-    inputs = [src.get(e.name) for src in plan.sources if isinstance(src, StateDictSource)
-              for e in plan.entries]
-    return StateDictSink(layout, devices, inputs)
+    return StateDictSink(layout, devices, set(inputs))
 
 
 def in_memory_sources(recipe: Any, sources: Mapping[str, Model]
