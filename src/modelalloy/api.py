@@ -62,7 +62,8 @@ def merge(recipe: str | Path | Mapping[str, Any] | Any, out_dir: str | Path | No
     checkpoints are read from disk). Returns the merged state dict, or fills ``into``'s
     parameters and buffers in place (``torch.no_grad``, their storage and dtype kept) and
     returns ``into``. Options: device (default: where the reference model's tensors are),
-    seed, threads, allow_nonfinite, and ``stats`` for data-informed methods ({kind: {model
+    seed, threads (default: the calling thread alone for models under 64 MB, else as the
+    command), allow_nonfinite, and ``stats`` for data-informed methods ({kind: {model
     reference: {tensor name: tensor}}})::
 
         merged = modelalloy.merge("ties.yaml", sources={"./base": base, "./math": math,

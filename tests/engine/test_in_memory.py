@@ -140,7 +140,8 @@ def test_in_memory_merge_has_the_bits_of_the_merge_on_disk(tmp_path, monkeypatch
     modelalloy.merge(recipe, tmp_path / "out", threads=2)
     on_disk = load_file(str(tmp_path / "out" / "model.safetensors"))
     sources = {r: m for r, m in zip(refs, models, strict=True) if uses_base or r != refs[0]}
-    in_memory = modelalloy.merge(recipe, sources=sources, stats=stats or None, threads=2)
+    # in memory: one thread, in the calling thread (the default for a small model)
+    in_memory = modelalloy.merge(recipe, sources=sources, stats=stats or None)
     _assert_same_bits(in_memory, {name: on_disk[name] for name in models[0]})
     # the merge changed something (the comparison is not between two copies of a base)
     merged = [n for n in SMALL if not torch.equal(in_memory[n], models[0][n])]
@@ -208,7 +209,7 @@ def test_strided_and_module_sources_give_the_same_bits(method):
     assert not strided[0][BIG_NAME].is_contiguous()
     sources = dict(zip(refs, strided, strict=True))
     sources[refs[-1]] = _module(models[-1])
-    _assert_same_bits(modelalloy.merge(recipe, sources=sources), plain)
+    _assert_same_bits(modelalloy.merge(recipe, sources=sources, threads=3), plain)
 
 
 def test_into_fills_a_live_module_in_place_and_keeps_its_storage_and_dtype():
@@ -217,8 +218,9 @@ def test_into_fills_a_live_module_in_place_and_keeps_its_storage_and_dtype():
     want = modelalloy.merge(recipe, sources={"base": base, "a": a, "b": b})
     live = _module({k: v.float() if v.is_floating_point() else v for k, v in base.items()})
     before = {n: (id(t), t.data_ptr(), t.dtype) for n, t in live.state_dict(keep_vars=True).items()}
-    for _ in range(2):  # merged again into the same module: same objects, same storage
-        got = modelalloy.merge(recipe, sources={"base": base, "a": a, "b": b}, into=live)
+    for threads in (1, 3):  # merged again into the same module: same objects, same storage
+        got = modelalloy.merge(recipe, sources={"base": base, "a": a, "b": b}, into=live,
+                               threads=threads)
         assert got is live
         after = live.state_dict(keep_vars=True)
         assert {n: (id(t), t.data_ptr(), t.dtype) for n, t in after.items()} == before
@@ -271,6 +273,9 @@ def test_bad_sources_are_one_line_errors_naming_the_model_and_tensor():
                     "'extra'", sources={"base": base, "a": a, "b": b}, into=live)
     _one_line_error(PlanError, "give out_dir .* or sources/into", sources={"base": base},
                     out_dir="x")
+    live = _module(base)
+    _one_line_error(PlanError, "into: tensor '.*' shares its storage with in-memory model "
+                    "'base'", sources={"base": live, "a": a, "b": b}, into=live)
 
 
 def test_nonfinite_inputs_may_be_allowed_in_memory_as_on_disk():

@@ -13,6 +13,7 @@ flight.
 from __future__ import annotations
 
 import gc
+import math
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import (
@@ -29,6 +30,7 @@ import torch
 from modelalloy import kernels
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.progress import ProgressSink, merge_progress
+from modelalloy.engine.sources import StateDictSource
 from modelalloy.errors import NonFiniteError, PlanError
 from modelalloy.methods.registry import MergeContext, TensorGroup
 from modelalloy.plan.planner import SLICE_ELEMENTS, MergePlan, PlanEntry
@@ -311,10 +313,23 @@ class PlanExecutor:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            self._run(writer, sink, failed)
+            if self.threads == 1 and all(isinstance(s, StateDictSource)
+                                         for s in self.plan.sources):
+                self._run_here(writer, sink)
+            else:
+                self._run(writer, sink, failed)
         finally:
             if collecting:
                 gc.enable()
+
+    def _run_here(self, writer: TensorWriter, sink: ProgressSink) -> None:
+        """One thread and nothing to read ahead (every source in memory): merge in this
+        thread, in plan order. Handing tasks to a pool cost more than merging a small model
+        (7.7 ms against 1.5 ms for 60 tensors of 4K elements, measured), and an optimiser
+        merges thousands of candidates."""
+        for entry in self.plan.entries:
+            self.merge_and_write(entry, writer)
+            sink.advance(entry.bytes_in)
 
     def _run(self, writer: TensorWriter, sink: ProgressSink, failed: threading.Event) -> None:
         def task(entry: PlanEntry, cost: int) -> None:
@@ -376,7 +391,8 @@ def run_plan(plan: MergePlan, sink: TensorWriter, *, device: torch.device, seed:
     warnings (tolerated NaN/Inf inputs)."""
     plan.raise_if_problems()
     executor = PlanExecutor(plan, device=device, seed=seed, threads=threads,
-                            budget=budget or ByteBudget(None), allow_nonfinite=allow_nonfinite,
+                            budget=budget if budget is not None else ByteBudget(None),
+                            allow_nonfinite=allow_nonfinite,
                             stats_loader=stats_loader, slicing=slicing)
     executor.prepare()
     with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as bar:
@@ -395,12 +411,14 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """True when no element is NaN or ±Inf.
 
     min and max propagate NaN and expose ±Inf, and one ``aminmax`` pass costs about 1/60 of
-    ``isfinite(t).all()`` on the CPU (5 ms against 300 ms for 24.6M elements).
+    ``isfinite(t).all()`` on the CPU (5 ms against 300 ms for 24.6M elements). The two
+    scalars are tested in Python: two more torch calls cost more than the pass itself on a
+    small tensor (an in-memory merge of a small model checks thousands).
     """
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _reraise(done: set[Future]) -> None:

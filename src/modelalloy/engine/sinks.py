@@ -26,7 +26,7 @@ class StateDictSink:
     wants_cpu = False
 
     def __init__(self, layout: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-                 devices: Mapping[str, torch.device], sources: Iterable[torch.Tensor] = ()):
+                 devices: Mapping[str, torch.device], source_storages: Iterable[int] = ()):
         self._layout = {name: (shape, dtype) for name, shape, dtype in layout}
         self._devices = devices
         self._parts: dict[str, torch.Tensor] = {}
@@ -34,7 +34,7 @@ class StateDictSink:
         # storages of the inputs: an output that would share one (a copied integer buffer, a
         # method returning an input unchanged) is cloned, so editing the result never edits
         # a source
-        self._source_storages = {t.untyped_storage().data_ptr() for t in sources}
+        self._source_storages = set(source_storages)  # untyped_storage().data_ptr()
 
     def _owned(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self._devices[name])
