@@ -20,9 +20,10 @@ class ByteBudget:
 
     def acquire(self, nbytes: int) -> None:
         with self._cond:
-            if self.limit is not None:
+            limit = self.limit
+            if limit is not None:
                 self._cond.wait_for(lambda: self.in_flight == 0
-                                    or self.in_flight + nbytes <= self.limit)
+                                    or self.in_flight + nbytes <= limit)
             self.in_flight += nbytes
             self.peak = max(self.peak, self.in_flight)
 

@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -28,7 +29,7 @@ class _Silent:
 
 
 class _RichSink:
-    def __init__(self, progress: Progress, bytes_task: int, count_task: int):
+    def __init__(self, progress: Progress, bytes_task: TaskID, count_task: TaskID):
         self._progress = progress
         self._bytes_task = bytes_task
         self._count_task = count_task

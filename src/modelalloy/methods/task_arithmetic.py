@@ -42,6 +42,7 @@ from modelalloy.methods._sparsify import (
     weight_param,
     weighted_sum,
 )
+from modelalloy.methods._taskvec import need_base
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
 # mergekit accepts ``rescale`` for every task-arithmetic method; without sparsification it has
@@ -71,4 +72,4 @@ def task_arithmetic(base: torch.Tensor | None, experts: list[torch.Tensor],
     acc = weighted_sum(base, experts, weights)
     if scale != 1.0:
         acc.mul_(scale)
-    return acc.add_(base)
+    return acc.add_(need_base(base, "task_arithmetic", ctx.name))
