@@ -33,3 +33,8 @@ class OutputError(ModelAlloyError):
 
 class NonFiniteError(ModelAlloyError):
     """NaN or Inf found in an input tensor."""
+
+
+class OptimizeError(ModelAlloyError):
+    """A search or learner cannot run: unknown algorithm or objective, nothing to search, an
+    objective that fails on a candidate, an unreachable Ray cluster."""

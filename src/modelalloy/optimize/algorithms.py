@@ -1,0 +1,112 @@
+"""The optimizers ``modelalloy optimize`` runs: name, kind, paper, options, where the code is.
+
+A *search* proposes candidates (genomes of the template's search space) and is told their
+scores through :meth:`modelalloy.optimize.driver.RunContext.evaluate`; a *learner* learns
+coefficients by gradients on a suite's data and has its result scored once. Modules are
+imported only when their algorithm runs (Ray, cma, optuna and pymoo are optional).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelalloy.errors import OptimizeError
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    name: str
+    kind: str                                   # "search" or "learner"
+    paper: str
+    summary: str
+    entry: str                                  # "module:function" taking a RunContext
+    options: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    budget: int = 100                           # default --budget (trials; learners: steps)
+    needs: tuple[str, ...] = ()                 # optional packages (the [search] extra)
+
+    def runner(self) -> Callable[[Any], None]:
+        for pkg in self.needs:
+            try:
+                importlib.import_module(pkg)
+            except ImportError:
+                raise OptimizeError(f"algorithm '{self.name}' needs the '{pkg}' package: pip "
+                                    "install 'modelalloy[search]'") from None
+        module, _, fn = self.entry.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+    def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        unknown = [k for k in given if k not in self.options]
+        if unknown:
+            known = ", ".join(self.options) or "none"
+            raise OptimizeError(f"algorithm '{self.name}': unknown option '{unknown[0]}'; "
+                                f"options: {known}")
+        return {k: given.get(k, default) for k, (default, _help) in self.options.items()}
+
+
+_LEARNER_OPTIONS: dict[str, tuple[Any, str]] = {
+    "batch_size": (16, "examples per batch"),
+    "lr": (None, "learning rate (the paper's when unset)"),
+}
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
+    AlgorithmSpec(
+        "evolve", "search",
+        "Akiba et al., Evolutionary Optimization of Model Merging Recipes, Nature Machine "
+        "Intelligence 2025 (Sakana); mergekit-evolve",
+        "CMA-ES over the template's genome (layer groups × parameter sets × models × "
+        "(weight, density)), fitness Σ w·score",
+        "modelalloy.optimize.evolve:run",
+        {"sigma0": (1 / 6, "CMA-ES step size in unit coordinates (mergekit-evolve: 1/6)"),
+         "popsize": (None, "population (CMA default 4 + ⌊3 ln n⌋)")},
+        budget=100, needs=("cma",)),
+    AlgorithmSpec(
+        "adamerging", "learner",
+        "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024",
+        "task- or layer-wise task-arithmetic coefficients by entropy minimisation on the "
+        "suite's unlabeled test inputs",
+        "modelalloy.optimize.learners:run_adamerging",
+        {**_LEARNER_OPTIONS, "init": (0.3, "initial coefficient"),
+         "ties_density": (None, "AdaMerging++: TIES-trim the task vectors first (0.2)")},
+        budget=500),
+    AlgorithmSpec(
+        "expert_merging", "learner",
+        "Zhang et al., Expert Merging: Model Merging with Unsupervised Expert Alignment and "
+        "Importance-Guided Layer Chunking, ICLR 2026",
+        "layer-wise coefficients aligning hidden states and logits with each expert on a few "
+        "unlabeled samples",
+        "modelalloy.optimize.learners:run_expert_merging",
+        {"samples": (16, "unlabeled samples per task")}, budget=1),
+    AlgorithmSpec(
+        "expert_merging_pp", "learner",
+        "Zhang et al., Expert Merging++ (importance-guided chunks), ICLR 2026",
+        "Expert Merging, then chunk counts by importance and a chunk-wise run",
+        "modelalloy.optimize.learners:run_expert_merging_pp",
+        {"samples": (16, "unlabeled samples per task"),
+         "chunk_budget": (None, "total chunks B (default 2 × tensors)")}, budget=1),
+    AlgorithmSpec(
+        "self_positioning", "learner",
+        "Li et al., Improving General Text Embedding Model: Tackling Task Conflict and Data "
+        "Imbalance through Model Merging, arXiv 2410.15035",
+        "task-wise coefficients of an iterative SLERP of the task vectors, by gradient descent "
+        "on the labeled val split",
+        "modelalloy.optimize.learners:run_self_positioning",
+        {**_LEARNER_OPTIONS, "mu": (0.05, "penalty on λ")}, budget=300),
+    AlgorithmSpec(
+        "sens_merging", "learner",
+        "Liu et al., Sens-Merging: Sensitivity-Guided Parameter Balancing for Merging Large "
+        "Language Models, Findings of ACL 2025",
+        "layer-wise coefficients from parameter sensitivities and cross-task logit distances",
+        "modelalloy.optimize.learners:run_sens_merging",
+        {"limit": (32, "labeled val examples per task"), "scale": (1.0, "λ"),
+         "temperature": (1.0, "softmax temperature T")}, budget=1),
+]}
+
+
+def get_algorithm(name: str) -> AlgorithmSpec:
+    if name not in ALGORITHMS:
+        raise OptimizeError(f"unknown algorithm '{name}'; available: {', '.join(ALGORITHMS)} "
+                            "(modelalloy optimize --list)")
+    return ALGORITHMS[name]

@@ -1,0 +1,229 @@
+"""What a search maximises: ``--objective`` strings turned into scorers of merged state dicts.
+
+==============================================  =============================================
+``suite:tiny-vision`` / ``suite:tiny-lm``       mean accuracy over the suite's merged tasks on
+                                                its validation split (``?split=test``,
+                                                ``?size=smoke``, ``?limit=N`` examples per
+                                                task); the per-task accuracies are kept too.
+                                                The learners read the suite's unlabeled
+                                                (``test`` inputs) or labeled (``val``) data.
+``python:package.module:function``              ``function(state_dict) -> float`` or a
+                                                mapping of named scores (``score`` is the one
+                                                maximised; else their mean)
+==============================================  =============================================
+
+Several objectives combine as Σ wᵢ·scoreᵢ (weights from ``--weights``, default 1 each); the
+multi-objective algorithms read every score of every objective.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch
+
+from modelalloy.errors import ModelAlloyError, OptimizeError
+
+KINDS = ("suite", "python")
+SUITE_OPTIONS = ("size", "split", "limit")
+
+
+class Objective:
+    """A scorer: ``score(state_dict)`` gives named numbers, higher is better; ``score`` is the
+    one a single-objective search maximises."""
+
+    spec: str
+
+    def prepare(self) -> None:
+        """Build or load what scoring needs (in the driver, before any worker starts)."""
+
+    def score(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@dataclass
+class SuiteObjective(Objective):
+    spec: str
+    name: str
+    size: str = "full"
+    split: str = "val"
+    limit: int | None = None
+    _suite: Any = field(default=None, repr=False)
+
+    @property
+    def suite(self) -> Any:
+        if self._suite is None:
+            from modelalloy.bench import load_suite
+
+            self._suite = load_suite(self.name, self.size)
+        return self._suite
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.suite.info.merged_tasks
+
+    def prepare(self) -> None:
+        self.suite  # noqa: B018 - builds the suite once, in the driver
+
+    def score(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        res = self.suite.evaluate(dict(state_dict), self.tasks, split=self.split,
+                                  limit=self.limit)
+        accs = {t: float(r["accuracy"]) for t, r in res.items()}
+        return {"score": sum(accs.values()) / len(accs), **accs}
+
+    def __getstate__(self) -> dict[str, Any]:  # to Ray workers: the spec, not the suite
+        return {**self.__dict__, "_suite": None}
+
+
+@dataclass
+class PythonObjective(Objective):
+    spec: str
+    module: str
+    function: str
+    _fn: Callable[..., Any] | None = field(default=None, repr=False)
+
+    def prepare(self) -> None:
+        self._load()
+
+    def _load(self) -> Callable[..., Any]:
+        if self._fn is None:
+            try:
+                mod = importlib.import_module(self.module)
+            except ImportError as err:
+                raise OptimizeError(f"objective '{self.spec}': cannot import module "
+                                    f"'{self.module}' ({err})") from None
+            fn = getattr(mod, self.function, None)
+            if not callable(fn):
+                raise OptimizeError(f"objective '{self.spec}': module '{self.module}' has no "
+                                    f"function '{self.function}'")
+            self._fn = fn
+        return self._fn
+
+    def score(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        value = self._load()(dict(state_dict))
+        if isinstance(value, Mapping):
+            scores = {str(k): float(v) for k, v in value.items()}
+            if not scores:
+                raise OptimizeError(f"objective '{self.spec}' returned no score")
+            scores.setdefault("score", sum(scores.values()) / len(scores))
+            return scores
+        return {"score": float(value)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fn": None}
+
+
+def parse_objective(spec: str) -> Objective:
+    """An :class:`Objective` from its ``--objective`` string (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "suite":
+        name, _, query = rest.partition("?")
+        from modelalloy.bench import SUITE_NAMES
+
+        if name not in SUITE_NAMES:
+            raise OptimizeError(f"objective '{spec}': unknown suite '{name}'; use "
+                                f"{', '.join(f'suite:{s}' for s in SUITE_NAMES)}")
+        opts = dict(parse_qsl(query, keep_blank_values=True))
+        bad = [k for k in opts if k not in SUITE_OPTIONS]
+        if bad:
+            raise OptimizeError(f"objective '{spec}': unknown option '{bad[0]}'; use "
+                                f"{', '.join(SUITE_OPTIONS)}")
+        if opts.get("split", "val") not in ("val", "test"):
+            raise OptimizeError(f"objective '{spec}': split must be val or test")
+        limit = opts.get("limit")
+        if limit is not None and not limit.isdigit():
+            raise OptimizeError(f"objective '{spec}': limit must be a whole number")
+        return SuiteObjective(spec, name, opts.get("size", "full"), opts.get("split", "val"),
+                              int(limit) if limit else None)
+    if kind == "python":
+        module, _, function = rest.rpartition(":")
+        if not module or not function:
+            raise OptimizeError(f"objective '{spec}': write python:package.module:function")
+        return PythonObjective(spec, module, function)
+    raise OptimizeError(f"unknown objective '{spec}'; use "
+                        "suite:tiny-vision, suite:tiny-lm or python:package.module:function")
+
+
+@dataclass
+class Objectives:
+    """The objectives of a run and their weights."""
+
+    items: list[Objective]
+    weights: list[float]
+
+    @classmethod
+    def parse(cls, specs: Sequence[str], weights: Sequence[float] | None = None) -> Objectives:
+        if not specs:
+            raise OptimizeError("give at least one --objective")
+        items = [parse_objective(s) for s in specs]
+        w = [1.0] * len(items) if weights is None else [float(x) for x in weights]
+        if len(w) != len(items):
+            raise OptimizeError(f"{len(w)} weights for {len(items)} objectives")
+        return cls(items, w)
+
+    @property
+    def specs(self) -> list[str]:
+        return [o.spec for o in self.items]
+
+    def prepare(self) -> None:
+        for o in self.items:
+            try:
+                o.prepare()
+            except ModelAlloyError:
+                raise
+            except Exception as err:  # a suite that cannot be built, a user module that fails
+                raise OptimizeError(f"objective '{o.spec}' cannot be prepared: "
+                                    f"{type(err).__name__}: {err}") from err
+
+    def score(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Every objective's scores, prefixed ``<i>:`` when there are several, and ``fitness``
+        = Σ wᵢ·scoreᵢ."""
+        out: dict[str, float] = {}
+        fitness = 0.0
+        for i, (o, w) in enumerate(zip(self.items, self.weights, strict=True)):
+            scores = o.score(state_dict)
+            fitness += w * scores["score"]
+            prefix = f"{i}:" if len(self.items) > 1 else ""
+            out.update({f"{prefix}{k}": v for k, v in scores.items()})
+        out["fitness"] = fitness
+        return out
+
+    def suite(self, algorithm: str) -> SuiteObjective:
+        """The suite objective a learner reads its data from."""
+        for o in self.items:
+            if isinstance(o, SuiteObjective):
+                return o
+        raise OptimizeError(f"{algorithm} learns from a suite's data: give --objective "
+                            "suite:tiny-vision or suite:tiny-lm")
+
+
+def suite_template(spec: str, method: str = "task_arithmetic",
+                   search: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A template recipe over a suite's base and merged experts (``modelalloy optimize
+    --template``)."""
+    obj = parse_objective(spec)
+    if not isinstance(obj, SuiteObjective):
+        raise OptimizeError(f"--template needs a suite objective, not '{spec}'")
+    info = obj.suite.info
+    from modelalloy.methods import get_method
+
+    spec_m = get_method(method)
+    names = {p.name for p in spec_m.params}
+    params: dict[str, Any] = {"weight": [0.0, 1.0]} if "weight" in names else {}
+    if "density" in names:
+        params["density"] = [0.1, 1.0]
+    data: dict[str, Any] = {"merge_method": method}
+    if spec_m.base != "none":
+        data["base_model"] = str(info.base_dir)
+    data["models"] = [{"model": str(info.expert_dir(t))} for t in info.merged_tasks]
+    if "normalize" in names and method != "linear":
+        data["parameters"] = {"normalize": False}
+    if "lambda" in names:
+        data.setdefault("parameters", {})["lambda"] = 1.0
+    data["dtype"] = "float32"
+    data["search"] = dict(search or {"granularity": "task", "parameters": params})
+    return data

@@ -1,0 +1,387 @@
+"""The search space of a recipe template: which parameters are free, at which granularity.
+
+A template is a normal recipe with a ``search:`` block (removed before the recipe is
+validated)::
+
+    merge_method: ties
+    base_model: ./base
+    models: [{model: ./math}, {model: ./code}]
+    search:
+      granularity: group        # task | layer | group (consecutive layers) ; default task
+      layers_per_group: 2       # group only (mergekit-evolve's layer_granularity)
+      filters: [attn, mlp]      # parameter sets by name filter (first match; the rest is one
+                                # more set), crossed with the granularity
+      parameters:
+        weight: [0.0, 1.0]                          # bounds
+        density: {min: 0.1, max: 1.0, init: 1.0}    # bounds and start point
+
+A *cell* is one (layer or layer group, parameter set) pair; tensors outside every layer stack
+(embeddings, final norm, head) form the group ``other``. A per-model parameter has one gene per
+cell and model, a global one (``lambda``) one per cell. Genes live in the unit cube: gene u is
+the value ``lo + u·(hi − lo)``. :meth:`SearchSpace.recipe` turns a genome into a plain recipe
+(the cell values as mergekit conditional ``filter`` entries, checked to resolve to the intended
+value for every tensor) that ``modelalloy merge`` runs as any other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelalloy.errors import OptimizeError, RecipeError
+from modelalloy.plan.layers import split_layer
+from modelalloy.recipe.model import Conditional, Recipe, evaluate_setting
+
+GRANULARITIES = ("task", "layer", "group")
+SEARCH_KEYS = ("granularity", "layers_per_group", "filters", "parameters")
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A free parameter: its bounds, start point and whether it is set per model."""
+
+    name: str
+    lo: float
+    hi: float
+    init: float
+    per_model: bool
+
+    def value(self, unit: float) -> float:
+        u = min(1.0, max(0.0, float(unit)))
+        return round(self.lo + u * (self.hi - self.lo), 6)
+
+    def unit(self, value: float) -> float:
+        return 0.0 if self.hi == self.lo else (value - self.lo) / (self.hi - self.lo)
+
+
+@dataclass(frozen=True)
+class Gene:
+    param: str
+    cell: int
+    model: int | None  # None: a global parameter
+
+
+@dataclass
+class SearchSpace:
+    """Cells, genes and the template they fill (see the module docstring)."""
+
+    template: dict[str, Any]
+    source: str
+    base_dir: Path
+    granularity: str
+    layers_per_group: int
+    filters: list[str]
+    bounds: list[Bound]
+    models: list[str]          # the merged models (expert order), as the template names them
+    cells: list[str]
+    cell_of: dict[str, int]    # float tensor name -> cell
+    genes: list[Gene] = field(default_factory=list)
+
+    @property
+    def dim(self) -> int:
+        return len(self.genes)
+
+    def bound(self, name: str) -> Bound:
+        return next(b for b in self.bounds if b.name == name)
+
+    def x0(self) -> list[float]:
+        """The start genome (unit coordinates of each parameter's ``init``)."""
+        return [self.bound(g.param).unit(self.bound(g.param).init) for g in self.genes]
+
+    def values(self, genome: Sequence[float]) -> dict[Gene, float]:
+        if len(genome) != self.dim:
+            raise OptimizeError(f"{self.source}: genome of {len(genome)} genes for a space of "
+                                f"{self.dim}")
+        return {g: self.bound(g.param).value(u) for g, u in zip(self.genes, genome, strict=True)}
+
+    def table(self, genome: Sequence[float]) -> dict[str, list[list[float]]]:
+        """Per parameter, a (cells × models) table of values (one column for a global one)."""
+        vals = self.values(genome)
+        out: dict[str, list[list[float]]] = {}
+        for b in self.bounds:
+            cols = len(self.models) if b.per_model else 1
+            rows = [[math.nan] * cols for _ in self.cells]
+            for g, v in vals.items():
+                if g.param == b.name:
+                    rows[g.cell][g.model or 0] = v
+            out[b.name] = rows
+        return out
+
+    # -- genome -> recipe --------------------------------------------------------------------
+
+    def setting(self, per_cell: Sequence[float]) -> Any:
+        """A recipe setting giving tensor n the value ``per_cell[cell_of[n]]``: a scalar when
+        all cells agree, else conditional entries (compact when that resolves right, else one
+        per tensor, longest name first)."""
+        if len(set(per_cell)) == 1:
+            return per_cell[0]
+        target = {n: per_cell[c] for n, c in self.cell_of.items()}
+        for entries in (self._compact(per_cell), self._per_tensor(target)):
+            if entries is not None and _resolves(entries, target):
+                return entries
+        raise OptimizeError(f"{self.source}: cannot express the cell values as filters")
+
+    def _compact(self, per_cell: Sequence[float]) -> list[dict[str, Any]] | None:
+        """One entry per layer (``stack.i.``) or parameter set, the ``other`` cell last as a
+        catch-all; None when the cells are not of that shape."""
+        entries: list[dict[str, Any]] = []
+        for c, label in enumerate(self.cells):
+            if label == OTHER:
+                continue
+            prefixes = _cell_prefixes(label)
+            if prefixes is None:
+                return None
+            entries += [{"filter": p, "value": per_cell[c]} for p in prefixes]
+        if OTHER in self.cells:
+            entries.append({"value": per_cell[self.cells.index(OTHER)]})
+        return entries
+
+    @staticmethod
+    def _per_tensor(target: Mapping[str, float]) -> list[dict[str, Any]]:
+        names = sorted(target, key=lambda n: (-len(n), n))
+        return [{"filter": n, "value": target[n]} for n in names]
+
+    def recipe_dict(self, genome: Sequence[float], *, absolute: Mapping[str, str] | None = None,
+                    name: str | None = None) -> dict[str, Any]:
+        """The template with the genome's values filled in (``absolute`` maps model strings
+        to the paths to write, so the recipe works from any folder)."""
+        import copy
+
+        vals = self.values(genome)
+        out = copy.deepcopy(self.template)
+        rename = dict(absolute or {})
+        if name:
+            out["name"] = name
+        if out.get("base_model") is not None:
+            out["base_model"] = rename.get(out["base_model"], out["base_model"])
+        entries = out["models"]
+        expert_index = {m: k for k, m in enumerate(self.models)}
+        for entry in entries:
+            k = expert_index.get(entry["model"])
+            entry["model"] = rename.get(entry["model"], entry["model"])
+            if k is None:
+                continue
+            params = entry.setdefault("parameters", {})
+            for b in self.bounds:
+                if b.per_model:
+                    per_cell = [0.0] * len(self.cells)
+                    for g, v in vals.items():
+                        if g.param == b.name and g.model == k:
+                            per_cell[g.cell] = v
+                    params[b.name] = self.setting(per_cell)
+        top = out.setdefault("parameters", {})
+        for b in self.bounds:
+            if not b.per_model:
+                per_cell = [0.0] * len(self.cells)
+                for g, v in vals.items():
+                    if g.param == b.name:
+                        per_cell[g.cell] = v
+                top[b.name] = self.setting(per_cell)
+        if not top:
+            del out["parameters"]
+        return out
+
+    def recipe(self, genome: Sequence[float], **kwargs: Any) -> Recipe:
+        from modelalloy.recipe.load import recipe_from_dict
+
+        return recipe_from_dict(self.recipe_dict(genome, **kwargs), source=self.source,
+                                base_dir=self.base_dir)
+
+
+def _resolves(entries: list[dict[str, Any]], target: Mapping[str, float]) -> bool:
+    conds = [Conditional(**e) for e in entries]
+    return all(evaluate_setting(n, conds) == v for n, v in target.items())
+
+
+def _cell_prefixes(label: str) -> list[str] | None:
+    """Filters of a cell labelled ``layers:stack:i,j,..`` (a layer or group, no sets) or
+    ``set:<filter>``; None for a crossed cell."""
+    if label.startswith("set:"):
+        return [label[4:]]
+    if label.startswith("layers:") and "|" not in label:
+        _, stack, idx = label.split(":", 2)
+        return [f"{stack}.{i}." if stack else f"{i}." for i in idx.split(",")]
+    return None
+
+
+# -- building a space from a template -----------------------------------------------------------
+
+
+def split_template(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the recipe without ``search``, the search block); a missing or empty block is an error."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{source}: a recipe template must be a YAML mapping")
+    recipe = {k: v for k, v in data.items() if k != "search"}
+    search = data.get("search")
+    if not search or not isinstance(search, Mapping) or not search.get("parameters"):
+        raise OptimizeError(f"{source}: no free parameter: add a `search:` block with "
+                            "`parameters:` (e.g. `search: {parameters: {weight: [0, 1]}}`)")
+    unknown = [k for k in search if k not in SEARCH_KEYS]
+    if unknown:
+        raise OptimizeError(f"{source}: search.{unknown[0]}: unknown key; use "
+                            f"{', '.join(SEARCH_KEYS)}")
+    return recipe, dict(search)
+
+
+def _bound(name: str, given: Any, param: Any, n_models: int, source: str) -> Bound:
+    where = f"{source}: search.parameters.{name}"
+    if isinstance(given, (list, tuple)) and len(given) == 2:
+        lo, hi, init = given[0], given[1], None
+    elif isinstance(given, Mapping):
+        bad = [k for k in given if k not in ("min", "max", "init")]
+        if bad:
+            raise OptimizeError(f"{where}.{bad[0]}: unknown key; use min, max, init")
+        lo = given.get("min", param.ge if param.ge is not None else 0.0)
+        hi = given.get("max", param.le if param.le is not None else 1.0)
+        init = given.get("init")
+    else:
+        raise OptimizeError(f"{where}: give bounds as [min, max] or {{min, max, init}}")
+    try:
+        lo, hi = float(lo), float(hi)
+        init = None if init is None else float(init)
+    except (TypeError, ValueError):
+        raise OptimizeError(f"{where}: bounds must be numbers") from None
+    if not lo <= hi:
+        raise OptimizeError(f"{where}: min {lo} is above max {hi}")
+    if init is None:  # mergekit-evolve's start: weight 1/K, density 1, else the middle
+        init = {"weight": 1.0 / n_models, "density": hi}.get(name, (lo + hi) / 2)
+    init = min(hi, max(lo, init))
+    for v in (lo, hi):
+        param.check(v, where)
+    return Bound(name, lo, hi, init, param.per_model)
+
+
+def _cells(names: Sequence[str], granularity: str, per_group: int,
+           filters: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    """Cell labels and the cell of each float tensor."""
+    from modelalloy.plan.layers import LayerIndexer
+
+    indexer = LayerIndexer(names)
+    raw_of: dict[tuple[str, int], list[int]] = {}
+    for n in names:
+        found = split_layer(n)
+        layer, _ = indexer.lookup(n)
+        if found is not None and layer is not None:
+            raw_of.setdefault((found[0], layer // (per_group if granularity == "group" else 1)),
+                              []).append(found[1])
+
+    def layer_label(n: str) -> str:
+        if granularity == "task":
+            return "all"
+        found = split_layer(n)
+        layer, _ = indexer.lookup(n)
+        if found is None or layer is None:
+            return OTHER
+        key = (found[0], layer // (per_group if granularity == "group" else 1))
+        ids = ",".join(str(i) for i in sorted(set(raw_of[key])))
+        return f"layers:{found[0]}:{ids}"
+
+    def set_label(n: str) -> str | None:
+        if not filters:
+            return None
+        return next((f"set:{f}" for f in filters if f in n), "set:rest")
+
+    labels: list[str] = []
+    cell_of: dict[str, int] = {}
+    for n in names:
+        lay, st = layer_label(n), set_label(n)
+        if st is None:
+            label = lay
+        elif lay == "all":
+            label = st if st != "set:rest" else OTHER
+        else:
+            label = f"{lay}|{st}"
+        if label not in labels:
+            labels.append(label)
+        cell_of[n] = labels.index(label)
+
+    def order(label: str) -> tuple:  # stacks and layers in order, sets as listed, other last
+        lay, _, st = label.partition("|")
+        parts = lay.split(":")
+        first = int(parts[2].split(",")[0]) if parts[0] == "layers" else -1
+        set_rank = (filters.index(st[4:]) if st[4:] in filters else len(filters)) if st else (
+            filters.index(lay[4:]) if lay.startswith("set:") and lay[4:] in filters else 0)
+        return (label == OTHER, parts[1] if parts[0] == "layers" else "", first, set_rank)
+
+    sorted_labels = sorted(labels, key=order)
+    rank = {old: sorted_labels.index(label) for old, label in enumerate(labels)}
+    return sorted_labels, {n: rank[c] for n, c in cell_of.items()}
+
+
+def build_space(data: Mapping[str, Any], *, source: str, base_dir: Path,
+                float_names: Sequence[str]) -> tuple[SearchSpace, Recipe]:
+    """The space of a template (``data``: the parsed YAML) over the reference model's float
+    tensors, and the template recipe itself (validated, at its own parameter values)."""
+    from modelalloy.recipe.load import recipe_from_dict
+
+    recipe_data, search = split_template(data, source)
+    recipe = recipe_from_dict(recipe_data, source=source, base_dir=base_dir)
+    spec = recipe.method_spec()
+    granularity = search.get("granularity", "task")
+    if granularity not in GRANULARITIES:
+        raise OptimizeError(f"{source}: search.granularity '{granularity}': use one of "
+                            f"{', '.join(GRANULARITIES)}")
+    per_group = int(search.get("layers_per_group", 1))
+    if per_group < 1:
+        raise OptimizeError(f"{source}: search.layers_per_group must be at least 1")
+    filters = list(search.get("filters") or [])
+    if not all(isinstance(f, str) and f for f in filters):
+        raise OptimizeError(f"{source}: search.filters must be a list of name substrings")
+    experts = recipe.expert_entries()
+    params = {p.name: p for p in spec.params}
+    bounds = []
+    for name, given in dict(search["parameters"]).items():
+        if name not in params:
+            raise OptimizeError(f"{source}: search.parameters.{name}: method "
+                                f"'{recipe.merge_method}' has no such parameter; it has "
+                                f"{', '.join(params) or 'none'}")
+        if params[name].type is not float and params[name].type is not int:
+            raise OptimizeError(f"{source}: search.parameters.{name}: only numeric parameters "
+                                "can be searched")
+        bounds.append(_bound(name, given, params[name], len(experts), source))
+    cells, cell_of = _cells(list(float_names), granularity, per_group, filters)
+    genes = []
+    for c in range(len(cells)):
+        for b in bounds:
+            genes += ([Gene(b.name, c, k) for k in range(len(experts))] if b.per_model
+                      else [Gene(b.name, c, None)])
+    space = SearchSpace(recipe_data, source, base_dir, granularity, per_group, filters, bounds,
+                        [e.model for e in experts], cells, cell_of, genes)
+    return space, recipe
+
+
+def load_template(path: str | Path, float_names: Sequence[str] | None = None
+                  ) -> tuple[SearchSpace, Recipe]:
+    """Read a template YAML; ``float_names`` default to the reference model's float tensors."""
+    from modelalloy.recipe.load import _load_yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{p}: recipe file not found; check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{p}: cannot read the recipe ({e})") from None
+    data = _load_yaml(text, str(p))
+    if float_names is None:
+        recipe_data, _ = split_template(data, str(p))
+        from modelalloy.recipe.load import recipe_from_dict
+
+        recipe = recipe_from_dict(recipe_data, source=str(p), base_dir=p.resolve().parent)
+        float_names = reference_float_names(recipe)
+    return build_space(data, source=str(p), base_dir=p.resolve().parent,
+                       float_names=float_names)
+
+
+def reference_float_names(recipe: Recipe) -> list[str]:
+    """The float tensors of the recipe's reference model (base, else first model), from the
+    headers only."""
+    from modelalloy.io.checkpoint import open_checkpoint
+
+    ref = recipe.base_model if recipe.uses_base() else recipe.expert_entries()[0].model
+    with open_checkpoint(recipe.model_path(ref)) as ckpt:
+        return [n for n in ckpt.names() if ckpt.info(n).dtype.is_floating_point]

@@ -1,0 +1,85 @@
+"""A tiny model family whose best merge is known: objectives for the optimizer tests.
+
+Base θ₀ and experts θ_k = θ₀ + τ_k are drawn from fixed seeds (a 3-layer MLP state dict:
+``layers.{0,1,2}.weight``/``.bias`` and a ``head.weight`` outside the stack). The objective
+``quadratic`` is −mean over tensors of mean((θ − θ*)²) with θ* = θ₀ + Σ_k c*_{l,k} τ_k: with the
+task vectors drawn independently its maximum (0) is at the task-arithmetic weights c*, worked
+out here by construction, not by any optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHAPES = {"layers.0.weight": (6, 4), "layers.0.bias": (6,), "layers.1.weight": (6, 6),
+          "layers.1.bias": (6,), "layers.2.weight": (5, 6), "layers.2.bias": (5,),
+          "head.weight": (3, 5), "step": ()}
+# the best task-arithmetic weight of each expert, per layer (head: the "other" cell)
+TARGET = {"layers.0": (0.3, 0.7), "layers.1": (0.3, 0.7), "layers.2": (0.3, 0.7),
+          "head": (0.3, 0.7)}
+LAYER_TARGET = {"layers.0": (0.2, 0.8), "layers.1": (0.5, 0.5), "layers.2": (0.9, 0.1),
+                "head": (0.4, 0.4)}
+
+
+def family(n_experts: int = 2) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(1234)
+    base = {}
+    for n, s in SHAPES.items():
+        base[n] = (torch.tensor(7, dtype=torch.int64) if n == "step"
+                   else torch.randn(s, generator=gen))
+    experts = []
+    for _ in range(n_experts):
+        experts.append({n: t.clone() if not t.is_floating_point()
+                        else t + torch.randn(t.shape, generator=gen) for n, t in base.items()})
+    return base, experts
+
+
+def save_family(root: Path, n_experts: int = 2) -> tuple[Path, list[Path]]:
+    base, experts = family(n_experts)
+    paths = []
+    for name, sd in [("base", base)] + [(f"expert{k}", e) for k, e in enumerate(experts)]:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.contiguous() for n, t in sd.items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"model_type": "tiny-mlp"}))
+        paths.append(folder)
+    return paths[0], paths[1:]
+
+
+def _group(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def _target(table: dict[str, tuple[float, ...]]) -> dict[str, torch.Tensor]:
+    base, experts = family()
+    return {n: base[n] + sum(c * (e[n] - base[n]) for c, e in
+                               zip(table[_group(n)], experts, strict=True))
+            for n in base if base[n].is_floating_point()}
+
+
+def _distance(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> float:
+    return -sum(float(((sd[n].float() - t) ** 2).mean()) for n, t in target.items()) / len(target)
+
+
+def quadratic(sd: dict[str, torch.Tensor]) -> float:
+    return _distance(sd, _target(TARGET))
+
+
+def quadratic_layers(sd: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Layer-wise target; per-expert-direction scores too (for the multi-score code paths)."""
+    return {"score": _distance(sd, _target(LAYER_TARGET))}
+
+
+CALLS = {"n": 0}
+
+
+def fails_on_fourth(sd: dict[str, torch.Tensor]) -> float:
+    """Fails on its fourth call in this process (a user metric breaking mid-search)."""
+    CALLS["n"] += 1
+    if CALLS["n"] == 4:
+        raise RuntimeError("metric server went away")
+    return quadratic(sd)
