@@ -547,7 +547,6 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
                  log: Callable[[str], None] | None = None) -> InformedResult:
     """Baseline rows from the harness, then one row per data-informed method."""
     from modelalloy.methods import get_method
-    from modelalloy.stats.hooks import batch_size_of, select_example
 
     cfg = config or InformedConfig()
     log = log or (lambda _m: None)
@@ -562,8 +561,6 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
     base = suite.base_state_dict()
     experts = [suite.expert_state_dict(t) for t in tasks]
     wanted = set(cfg.methods)
-    stat_batches = task_batches(suite, tasks, cfg.stats_split, cfg.batch_size,
-                                limit=cfg.stats_limit)
     # Grams, Fishers, activations and Adam moments: the same collection code as the harness
     # (BenchStats), on this config's split and limits, not cached on disk.
     provider = BenchStats(suite, tasks, base, experts, BenchStatsConfig(
@@ -647,18 +644,16 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
                 t0 if under == "task_arithmetic" else start)
 
     # --- AdaMerging: entropy of each task's head on its unlabeled test inputs
-    ada_batches = None
     if want("adamerging_task") or want("adamerging_layer"):
-        from modelalloy.optimize.adamerging import adamerging
+        from modelalloy.optimize.learners import learn_adamerging
 
-        ada_batches = task_batches(suite, tasks, "test", cfg.batch_size)
         for gran in ("task", "layer"):
             if not want(f"adamerging_{gran}"):
                 continue
             t0 = time.perf_counter()
-            res = adamerging(suite_module(suite, base, tasks), base, experts, ada_batches,
-                             granularity=gran, steps=cfg.adamerging_steps,
-                             lr=cfg.adamerging_lr, seed=cfg.seed)
+            res = learn_adamerging(suite, tasks, base, experts, granularity=gran,
+                                   steps=cfg.adamerging_steps, lr=cfg.adamerging_lr,
+                                   batch_size=cfg.batch_size, seed=cfg.seed)
             result.extra[f"adamerging_{gran}"] = res
             result.notes[f"adamerging_{gran}"] = (
                 f"summed entropy {res.history[0]:.3f} → {res.history[-1]:.3f}, coefficients in "
@@ -669,33 +664,26 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- Expert Merging (layer-wise): align with each expert's hidden states and logits
     if want("expert_merging"):
-        from modelalloy.optimize.expert_merging import expert_merging
+        from modelalloy.optimize.learners import learn_expert_merging
 
         t0 = time.perf_counter()
-        model = suite_module(suite, base, tasks, stacked=True)
-        samples = [[select_example(b, i, batch_size_of(b)) for b in bs
-                    for i in range(batch_size_of(b))][:cfg.expert_samples]
-                   for bs in stat_batches]
-        em = expert_merging(model, to_module_names(model, base),
-                            [to_module_names(model, sd) for sd in experts], samples)
-        coeffs = em.to_coefficients()
-        coeffs.names = list(to_body_names(model, dict.fromkeys(coeffs.names)))
-        coeffs.rows = {n: i for i, n in enumerate(coeffs.names)}
+        coeffs = learn_expert_merging(suite, tasks, base, experts, samples=cfg.expert_samples,
+                                      split=cfg.stats_split, batch_size=cfg.batch_size,
+                                      limit=cfg.stats_limit).to_coefficients()
         result.extra["expert_merging"] = coeffs
         row("expert_merging", apply_coefficients(coeffs, base, experts),
             {"samples": cfg.expert_samples}, t0)
 
     # --- Sens-Merging: sensitivity-guided layer-wise coefficients (labeled calibration)
     if want("sens_merging"):
-        from modelalloy.optimize.sens_merging import sens_merging
+        from modelalloy.optimize.learners import learn_sens_merging
 
         t0 = time.perf_counter()
-        calib = task_batches(suite, tasks, cfg.stats_split, cfg.batch_size,
-                             limit=cfg.sens_limit, labels=True)
         scale = (cfg.sens_scale if cfg.sens_scale is not None
                  else _tvs_scale_param(result.tuning, "task_arithmetic", 1.0))
-        res, diag = sens_merging(suite_module(suite, base, tasks), base, experts, calib,
-                                 scale=scale)
+        res, diag = learn_sens_merging(suite, tasks, base, experts, scale=scale,
+                                       limit=cfg.sens_limit, split=cfg.stats_split,
+                                       batch_size=cfg.batch_size)
         result.notes["sens_merging"] = (f"λ = {scale} (task arithmetic's tuned λ), K·σ in "
                                         f"[{diag['k_sigma_min']:.3f}, "
                                         f"{diag['k_sigma_max']:.3f}]")
@@ -705,18 +693,12 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- Self Positioning: task-wise coefficients by SGD on the labeled val split
     if want("self_positioning"):
-        from modelalloy.optimize.self_positioning import self_positioning
+        from modelalloy.optimize.learners import learn_self_positioning
 
         t0 = time.perf_counter()
-        probe = [b for bs in task_batches(suite, tasks, cfg.stats_split, cfg.batch_size,
-                                          labels=True) for b in bs]
-
-        def ce(forward: Callable[[Any], Any], batch: dict[str, Any]) -> torch.Tensor:
-            return supervised_loss(forward({k: v for k, v in batch.items() if k != "labels"}),
-                                   batch)
-
-        res = self_positioning(suite_module(suite, base, tasks), base, experts, probe, ce,
-                               steps=cfg.self_positioning_steps, seed=cfg.seed)
+        res = learn_self_positioning(suite, tasks, base, experts,
+                                     steps=cfg.self_positioning_steps, split=cfg.stats_split,
+                                     batch_size=cfg.batch_size, seed=cfg.seed)
         row("self_positioning", apply_coefficients(res, base, experts),
             {"steps": cfg.self_positioning_steps,
              "weights": [round(float(c), 3) for c in res.coefficients[0]]}, t0)

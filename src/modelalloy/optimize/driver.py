@@ -136,6 +136,29 @@ class RunContext:
         return records
 
 
+    def record(self, candidate: Mapping[str, Any],
+               score: Callable[[], dict[str, float]], *, tag: str | None = None
+               ) -> dict[str, Any]:
+        """One trial scored here by ``score()`` rather than by the workers (a candidate that is
+        not a plain recipe, e.g. chunk-wise coefficients); replayed like the others."""
+        index = len(self.log.records)
+        old = self.log.replayed(index)
+        if old is not None and old.get("candidate") == _payload(candidate):
+            self.log.append(old, replay=True)
+            return old
+        start = time.perf_counter()
+        try:
+            scores = score()
+        except Exception as err:
+            raise OptimizeError(f"objective {', '.join(self.objectives.specs)} failed on trial "
+                                f"{index}: {type(err).__name__}: {err}") from err
+        rec = {"trial": index, "candidate": _payload(candidate), "scores": scores,
+               "seconds": round(time.perf_counter() - start, 4), **({"tag": tag} if tag else {})}
+        self.log.append(rec)
+        self.progress.update(len(self.log.records), scores["fitness"])
+        return rec
+
+
 def _payload(cand: Candidate) -> Any:
     """The JSON form of a candidate (floats round-trip exactly)."""
     import json

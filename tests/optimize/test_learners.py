@@ -1,0 +1,110 @@
+"""The learners behind `modelalloy optimize`, on the smoke tiny-vision suite: each writes a
+recipe that `modelalloy merge` reproduces, holding the coefficients its learner function gives
+on the same data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from modelalloy.optimize.candidate import ModelPool, merge_candidate
+from modelalloy.optimize.driver import optimize
+from modelalloy.optimize.learners import learn_adamerging, learn_sens_merging
+from modelalloy.optimize.objectives import suite_template
+from modelalloy.recipe.load import load_recipe
+
+SUITE = "suite:tiny-vision?size=smoke&limit=40"
+
+
+@pytest.fixture
+def suite_template_path(vision_smoke, tmp_path):
+    def make(granularity: str):
+        data = suite_template(SUITE)
+        data["search"]["granularity"] = granularity
+        path = tmp_path / f"tpl-{granularity}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+    return make
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_adamerging_layer_wise_through_optimize(vision_smoke, suite_template_path, tmp_path,
+                                                run_cli):
+    res = optimize("adamerging", suite_template_path("layer"), [SUITE], tmp_path / "out",
+                   budget=3, options={"batch_size": 12})
+    assert len(res.trials) == 1 and res.best["tag"] == "adamerging"
+    tasks = vision_smoke.info.merged_tasks
+    direct = learn_adamerging(vision_smoke, tasks, vision_smoke.base_state_dict(),
+                              [vision_smoke.expert_state_dict(t) for t in tasks],
+                              granularity="layer", steps=3, batch_size=12)
+    rec = load_recipe(res.recipe_path)
+    for k, entry in enumerate(rec.expert_entries()):
+        by_name = {c.filter: c.value for c in entry.parameters["weight"] if c.filter}
+        for name in direct.names:
+            assert by_name[name] == round(direct.weight_of(name, k), 6)
+    assert (tmp_path / "out" / "coefficients.png").is_file()
+    r = run_cli("merge", res.recipe_path, tmp_path / "merged")
+    assert r.code == 0, r.err
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    cand = merge_candidate(rec, ModelPool())
+    assert all(torch.equal(merged[n], cand[n]) for n in cand)
+    # the trial's score is the suite's accuracy of that very merge on the val split
+    acc = vision_smoke.evaluate(cand, tasks, split="val", limit=40)
+    assert res.best["scores"]["fitness"] == pytest.approx(
+        sum(a["accuracy"] for a in acc.values()) / len(acc))
+
+
+def test_sens_merging_and_its_granularity_check(vision_smoke, suite_template_path, tmp_path,
+                                                run_cli):
+    res = optimize("sens_merging", suite_template_path("layer"), [SUITE], tmp_path / "out",
+                   options={"limit": 4})
+    tasks = vision_smoke.info.merged_tasks
+    direct, _ = learn_sens_merging(vision_smoke, tasks, vision_smoke.base_state_dict(),
+                                   [vision_smoke.expert_state_dict(t) for t in tasks], limit=4)
+    rec = load_recipe(res.recipe_path)
+    first = {c.filter: c.value for c in rec.expert_entries()[0].parameters["weight"]}
+    assert first[direct.names[0]] == round(direct.weight_of(direct.names[0], 0), 6)
+    assert "k_sigma" in json.loads((tmp_path / "out" / "notes.json").read_text())
+    r = run_cli("optimize", "sens_merging", suite_template_path("task"), "--objective", SUITE,
+                "--out", tmp_path / "o2")
+    assert r.code != 0 and "layer-wise" in r.err
+
+
+@pytest.mark.parametrize("algorithm,granularity,options", [
+    ("adamerging", "task", {"batch_size": 12}),
+    ("expert_merging", "layer", {"samples": 2}),
+    ("self_positioning", "task", {"batch_size": 12}),
+])
+def test_each_learner_runs_from_the_interface(vision_smoke, suite_template_path, tmp_path,
+                                              algorithm, granularity, options):
+    res = optimize(algorithm, suite_template_path(granularity), [SUITE], tmp_path / "out",
+                   budget=2, options=options)
+    rec = load_recipe(res.recipe_path)
+    assert rec.merge_method == "task_arithmetic" and len(rec.expert_entries()) == 3
+    assert 0.0 <= res.best["scores"]["fitness"] <= 1.0
+
+
+def test_expert_merging_pp_writes_chunk_statistics(vision_smoke, suite_template_path,
+                                                   tmp_path):
+    res = optimize("expert_merging_pp", suite_template_path("layer"), [SUITE],
+                   tmp_path / "out", options={"samples": 2})
+    assert load_recipe(res.recipe_path).merge_method == "chunk_task_arithmetic"
+    for task in vision_smoke.info.merged_tasks:
+        assert (tmp_path / "out" / "stats" / task / "merge_coeffs.safetensors").is_file()
+
+
+def test_learner_needs_a_suite_objective(suite_template_path, tmp_path, run_cli):
+    r = run_cli("optimize", "adamerging", suite_template_path("task"), "--objective",
+                "python:tests.optimize.synthetic:quadratic", "--out", tmp_path / "o")
+    assert r.code != 0 and "learns from a suite's data" in r.err
