@@ -83,3 +83,14 @@ def fails_on_fourth(sd: dict[str, torch.Tensor]) -> float:
     if CALLS["n"] == 4:
         raise RuntimeError("metric server went away")
     return quadratic(sd)
+
+
+TASK_A = {g: (0.2, 0.8) for g in TARGET}
+TASK_B = {g: (0.8, 0.2) for g in TARGET}
+
+
+def two_tasks(sd: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Two exactly quadratic scores in the task-arithmetic weights, best at (0.2, 0.8) and at
+    (0.8, 0.2); with the same metric (the task vectors' Gram) for both, an equal preference is
+    best at the midpoint (0.5, 0.5)."""
+    return {"a": _distance(sd, _target(TASK_A)), "b": _distance(sd, _target(TASK_B))}

@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
             help="comma-separated weight per --objective")] = None,
         option: Annotated[list[str] | None, typer.Option(
             help="an algorithm option KEY=VALUE (repeatable; --list shows them)")] = None,
+        preference: Annotated[str | None, typer.Option(
+            help="map: comma-separated weight per score, picks the front point")] = None,
         list_: Annotated[bool, typer.Option("--list", help="list the algorithms")] = False,
         template: Annotated[str | None, typer.Option(
             help="print a template recipe over a suite's models, e.g. "
@@ -80,10 +82,17 @@ def register(app: typer.Typer) -> None:
             except ValueError:
                 raise OptimizeError(f"--weights '{weights}': give numbers, "
                                     "comma-separated") from None
+        opts = _options(option or [])
+        if preference:
+            try:
+                opts["preference"] = [float(x) for x in preference.split(",")]
+            except ValueError:
+                raise OptimizeError(f"--preference '{preference}': give numbers, "
+                                    "comma-separated") from None
         err = Console(stderr=True)
         result = optimize(algorithm, recipe, objective, out, weights=w, budget=budget,
                           workers=workers, ray_address=ray_address, seed=seed, resume=resume,
-                          options=_options(option or []), progress=sys.stderr.isatty(),
+                          options=opts, progress=sys.stderr.isatty(),
                           echo=lambda m: err.print(m))
         print_summary(result, Console())
         typer.echo(f"best: trial {result.best['trial']}, fitness "

@@ -26,6 +26,13 @@ class AlgorithmSpec:
     options: dict[str, tuple[Any, str]] = field(default_factory=dict)
     budget: int = 100                           # default --budget (trials; learners: steps)
     needs: tuple[str, ...] = ()                 # optional packages (the [search] extra)
+    budget_entry: str | None = None             # "module:function(space, options)" default
+
+    def default_budget(self, space: Any, options: dict[str, Any]) -> int:
+        if self.budget_entry is None:
+            return self.budget
+        module, _, fn = self.budget_entry.partition(":")
+        return int(getattr(importlib.import_module(module), fn)(space, options))
 
     def runner(self) -> Callable[[Any], None]:
         for pkg in self.needs:
@@ -62,6 +69,21 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         {"sigma0": (1 / 6, "CMA-ES step size in unit coordinates (mergekit-evolve: 1/6)"),
          "popsize": (None, "population (CMA default 4 + ⌊3 ln n⌋)")},
         budget=100, needs=("cma",)),
+    AlgorithmSpec(
+        "map", "search",
+        "Li et al., MAP: Low-compute Model Merging with Amortized Pareto Fronts via Quadratic "
+        "Approximation, ICLR 2025",
+        "quadratic surrogate per task from (d+1)(d+2) designed merges, NSGA-III front on the "
+        "surrogates, preference picks the recipe",
+        "modelalloy.optimize.map_search:run",
+        {"points": (None, "designed points (default (d+1)(d+2))"),
+         "preference": (None, "weights over the scores (default equal)"),
+         "warp": ("auto", "sigmoid, none, or auto (sigmoid for scores in [0, 1])"),
+         "population": (100, "NSGA-III population"),
+         "generations": (25, "NSGA-III generations"),
+         "reevaluate": (5, "front points scored for real (the chosen one first)")},
+        budget=0, needs=("pymoo", "scipy"),
+        budget_entry="modelalloy.optimize.map_search:default_budget"),
     AlgorithmSpec(
         "adamerging", "learner",
         "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024",

@@ -195,7 +195,7 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
     opts = spec.resolve_options(dict(options or {}))
     objs = Objectives.parse(list(objectives), weights)
     space, template = load_template(recipe)
-    budget = spec.budget if budget is None else int(budget)
+    budget = spec.default_budget(space, opts) if budget is None else int(budget)
     if budget < 1:
         raise OptimizeError("--budget must be at least 1")
     out = Path(out)
