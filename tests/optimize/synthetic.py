@@ -94,3 +94,9 @@ def two_tasks(sd: dict[str, torch.Tensor]) -> dict[str, float]:
     (0.8, 0.2); with the same metric (the task vectors' Gram) for both, an equal preference is
     best at the midpoint (0.5, 0.5)."""
     return {"a": _distance(sd, _target(TASK_A)), "b": _distance(sd, _target(TASK_B))}
+
+
+def layers_with_fidelity(sd: dict[str, torch.Tensor], fidelity: float = 1.0) -> float:
+    """The layer-wise quadratic, plus an offset that shrinks with the data share (a cheap score
+    is a biased one): successive halving must still rank within a rung."""
+    return _distance(sd, _target(LAYER_TARGET)) - 0.01 * (1 - fidelity)

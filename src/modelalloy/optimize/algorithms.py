@@ -85,6 +85,18 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         budget=0, needs=("pymoo", "scipy"),
         budget_entry="modelalloy.optimize.map_search:default_budget"),
     AlgorithmSpec(
+        "layerwise_search", "search",
+        "Yang et al., MedSAMix: A Training-Free Model Merging Approach for Medical Image "
+        "Segmentation, AAAI 2026",
+        "zero-order search (Optuna TPE) over per-layer-group parameters with successive "
+        "halving on growing shares of the data",
+        "modelalloy.optimize.layerwise_search:run",
+        {"reduction_factor": (3, "successive halving's η"),
+         "rungs": (3, "fidelities η^-(R-1) .. 1"),
+         "startup": (10, "random trials before TPE"),
+         "batch": (4, "configurations proposed and scored together")},
+        budget=100, needs=("optuna",)),
+    AlgorithmSpec(
         "adamerging", "learner",
         "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024",
         "task- or layer-wise task-arithmetic coefficients by entropy minimisation on the "

@@ -88,7 +88,11 @@ class RunContext:
         return max(0, self.budget - len(self.log.records))
 
     def best(self) -> dict[str, Any] | None:
-        return max(self.log.records, key=lambda r: r["scores"]["fitness"], default=None)
+        """The best trial scored on all the data (multi-fidelity trials at a lower fidelity
+        do not count)."""
+        full = [r for r in self.log.records if not (isinstance(r["candidate"], Mapping) and
+                                                    r["candidate"].get("fidelity", 1.0) < 1.0)]
+        return max(full, key=lambda r: r["scores"]["fitness"], default=None)
 
     def evaluate(self, candidates: Sequence[Candidate], *, tag: str | None = None,
                  limit_budget: bool = True) -> list[dict[str, Any]]:
@@ -238,6 +242,8 @@ def chosen_recipe(ctx: RunContext, record: Mapping[str, Any]) -> Recipe:
     from modelalloy.recipe.load import recipe_from_dict
 
     cand = record["candidate"]
+    if isinstance(cand, Mapping) and "genome" in cand:
+        cand = cand["genome"]
     name = (f"{ctx.algorithm} trial {record['trial']} (fitness "
             f"{record['scores']['fitness']:.4g})")
     absolute = {m: str(ctx.template.model_path(m)) for m in ctx.template.all_models()}
@@ -259,8 +265,11 @@ def write_outputs(ctx: RunContext, spec: AlgorithmSpec, chosen: Mapping[str, Any
     tmp.write_text(recipe.to_yaml())
     tmp.replace(path)
     plot_progress(ctx.trials, ctx.out / "progress.png", f"{ctx.algorithm}: fitness per trial")
-    if not isinstance(chosen["candidate"], Mapping):
-        plot_coefficients(ctx.space, chosen["candidate"], ctx.out / "coefficients.png")
+    genome = chosen["candidate"]
+    if isinstance(genome, Mapping):
+        genome = genome.get("genome")
+    if genome is not None:
+        plot_coefficients(ctx.space, genome, ctx.out / "coefficients.png")
     (ctx.out / "summary.md").write_text(summary_markdown(ctx, chosen))
     if ctx.notes:
         write_json_atomic(ctx.out / "notes.json", ctx.notes)

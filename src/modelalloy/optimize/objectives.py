@@ -19,6 +19,8 @@ multi-objective algorithms read every score of every objective.
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +43,10 @@ class Objective:
     def prepare(self) -> None:
         """Build or load what scoring needs (in the driver, before any worker starts)."""
 
-    def score(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
+              ) -> dict[str, float]:
+        """``fidelity`` in (0, 1]: the share of the data to score on (multi-fidelity
+        searches); objectives that cannot subsample ignore it."""
         raise NotImplementedError
 
 
@@ -69,9 +74,13 @@ class SuiteObjective(Objective):
     def prepare(self) -> None:
         self.suite  # noqa: B018 - builds the suite once, in the driver
 
-    def score(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        res = self.suite.evaluate(dict(state_dict), self.tasks, split=self.split,
-                                  limit=self.limit)
+    def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
+              ) -> dict[str, float]:
+        limit = self.limit
+        if fidelity < 1.0:
+            full = min(len(self.suite.labeled(t, self.split)[0]) for t in self.tasks)
+            limit = max(1, math.ceil(fidelity * min(full, limit or full)))
+        res = self.suite.evaluate(dict(state_dict), self.tasks, split=self.split, limit=limit)
         accs = {t: float(r["accuracy"]) for t, r in res.items()}
         return {"score": sum(accs.values()) / len(accs), **accs}
 
@@ -103,8 +112,11 @@ class PythonObjective(Objective):
             self._fn = fn
         return self._fn
 
-    def score(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        value = self._load()(dict(state_dict))
+    def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
+              ) -> dict[str, float]:
+        fn = self._load()
+        takes = "fidelity" in inspect.signature(fn).parameters
+        value = fn(dict(state_dict), fidelity=fidelity) if takes else fn(dict(state_dict))
         if isinstance(value, Mapping):
             scores = {str(k): float(v) for k, v in value.items()}
             if not scores:
@@ -179,13 +191,14 @@ class Objectives:
                 raise OptimizeError(f"objective '{o.spec}' cannot be prepared: "
                                     f"{type(err).__name__}: {err}") from err
 
-    def score(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
+              ) -> dict[str, float]:
         """Every objective's scores, prefixed ``<i>:`` when there are several, and ``fitness``
         = Σ wᵢ·scoreᵢ."""
         out: dict[str, float] = {}
         fitness = 0.0
         for i, (o, w) in enumerate(zip(self.items, self.weights, strict=True)):
-            scores = o.score(state_dict)
+            scores = o.score(state_dict, fidelity)
             fitness += w * scores["score"]
             prefix = f"{i}:" if len(self.items) > 1 else ""
             out.update({f"{prefix}{k}": v for k, v in scores.items()})

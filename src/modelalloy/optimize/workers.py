@@ -1,7 +1,8 @@
 """Scoring candidates: in this process, or on Ray workers that each hold the models once.
 
-A candidate is a genome (unit coordinates of the search space) or a whole recipe dict (what a
-learner produced). :func:`score_candidate` merges it in memory (:func:`merge_candidate`) and
+A candidate is a genome (unit coordinates of the search space), ``{"genome": [...],
+"fidelity": f}`` (scored on a share f of the data), or a whole recipe dict (what a learner
+produced). :func:`score_candidate` merges it in memory (:func:`merge_candidate`) and
 scores it. With ``workers > 1`` (or ``--ray-address``) the models go into Ray's object store
 once, as numpy arrays that workers map without copying, and each worker (one CPU, one torch
 thread) scores candidates; results come back in the order the candidates were given, so a
@@ -37,6 +38,8 @@ class TrialFailed(Exception):
 def candidate_recipe(space: SearchSpace, candidate: Candidate) -> Any:
     from modelalloy.recipe.load import recipe_from_dict
 
+    if isinstance(candidate, Mapping) and "genome" in candidate:
+        return space.recipe(list(candidate["genome"]))
     if isinstance(candidate, Mapping):
         return recipe_from_dict(dict(candidate), source=space.source, base_dir=space.base_dir)
     return space.recipe(list(candidate))
@@ -47,7 +50,8 @@ def score_candidate(space: SearchSpace, objectives: Objectives, pool: ModelPool,
     """(scores, seconds) of one candidate."""
     start = time.perf_counter()
     state_dict = merge_candidate(candidate_recipe(space, candidate), pool)
-    scores = objectives.score(state_dict)
+    fidelity = float(candidate.get("fidelity", 1.0)) if isinstance(candidate, Mapping) else 1.0
+    scores = objectives.score(state_dict, fidelity)
     return scores, time.perf_counter() - start
 
 
