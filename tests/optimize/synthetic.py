@@ -100,3 +100,11 @@ def layers_with_fidelity(sd: dict[str, torch.Tensor], fidelity: float = 1.0) -> 
     """The layer-wise quadratic, plus an offset that shrinks with the data share (a cheap score
     is a biased one): successive halving must still rank within a rung."""
     return _distance(sd, _target(LAYER_TARGET)) - 0.01 * (1 - fidelity)
+
+
+def close_to_expert1(sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Differentiable: −mean over tensors of mean((θ − θ_1)²), best at expert 1 itself (the
+    one relevant model of the pool)."""
+    _, experts = family(3)
+    names = [n for n, t in experts[1].items() if t.is_floating_point()]
+    return -sum(((sd[n] - experts[1][n]) ** 2).mean() for n in names) / len(names)

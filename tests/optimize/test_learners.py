@@ -85,6 +85,7 @@ def test_sens_merging_and_its_granularity_check(vision_smoke, suite_template_pat
     ("adamerging", "task", {"batch_size": 12}),
     ("expert_merging", "layer", {"samples": 2}),
     ("self_positioning", "task", {"batch_size": 12}),
+    ("fw_merging", "layer", {"limit": 8, "batch_size": 8}),
 ])
 def test_each_learner_runs_from_the_interface(vision_smoke, suite_template_path, tmp_path,
                                               algorithm, granularity, options):

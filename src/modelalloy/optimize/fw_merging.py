@@ -1,0 +1,167 @@
+"""``fw_merging`` — Frank-Wolfe merging over a pool of models (Chen et al., "FW-Merging:
+Scaling Model Merging with Frank-Wolfe Optimization", 2025; FusionBench ``fw_hard``), the hard
+variant with task arithmetic as the move.
+
+The pool is the template's models θ_1..θ_K plus the start x_0 (task arithmetic at scaling s
+over the pool, or the base). Each iteration t = 0..T−1:
+
+    g = ∇_x L(x_t)                      L: the objective's loss at the current merge
+    task granularity:   v = θ_{m*},   m* = argmin_m Σ_p cos(g_p, θ_{m,p})
+    layer granularity:  v_p = θ_{m*_p,p}, m*_p = argmin_m cos(g_p, θ_{m,p}) where that cosine
+                        is negative; the tensor does not move otherwise
+    γ_t = step_size · 2 / (t + 2);   x_{t+1} = x_t + s·γ_t·(v − x_t)
+
+(cosines with the full parameters θ_m, as the paper; p runs over the merged tensors). Every
+iterate is θ₀ + Σ_k c_{p,k} τ_k, so the coefficients c are tracked instead of weights (memory
+constant in the pool size beyond the pool itself) and each iterate is written and scored as a
+``task_arithmetic`` recipe; the result is the last iterate. The loss: cross-entropy on the
+suite's labeled ``val`` split (``limit`` examples per task; the paper's proxy set), or, for a
+``python:`` objective, minus its value, which must then be a differentiable torch scalar of the
+state dict. A zero gradient stops early.
+
+Where we differ: in layer granularity the paper's vertex for a tensor with no negative cosine
+is 0 (the tensor shrinks toward zero); that is not a task-arithmetic merge, so such a tensor
+stays. The soft variant (AdaMerging as the move) is not implemented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from modelalloy.errors import OptimizeError
+from modelalloy.optimize.adamerging import CoefficientResult
+from modelalloy.optimize.objectives import PythonObjective, SuiteObjective
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def suite_loss(obj: SuiteObjective, tasks: list[str], limit: int, batch_size: int
+               ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """Mean cross-entropy over every task's labeled val batches, through the suite module."""
+    from torch.func import functional_call
+
+    import modelalloy.eval.informed as ev
+
+    suite = obj.suite
+    batches = ev.task_batches(suite, tasks, "val", batch_size, limit=limit, labels=True)
+    module = ev.suite_module(suite, suite.base_state_dict(), tasks)
+
+    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        total, count = torch.zeros(()), 0
+        for bs in batches:
+            for b in bs:
+                inputs = {k: v for k, v in b.items() if k != "labels"}
+                out = functional_call(module, params, args=(), kwargs=inputs, strict=False)
+                total = total + ev.supervised_loss(out, b)
+                count += 1
+        return total / max(count, 1)
+
+    return loss
+
+
+def python_loss(obj: PythonObjective) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    fn = obj._load()
+
+    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        value = fn(params)
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            raise OptimizeError(f"fw_merging needs a differentiable objective: "
+                                f"{obj.spec} must return a torch scalar of the state dict")
+        return -value
+
+    return loss
+
+
+def frank_wolfe(loss: Callable[[dict[str, torch.Tensor]], torch.Tensor], base: StateDict,
+                pool: list[StateDict], *, granularity: str = "task", iterations: int = 10,
+                step_size: float = 0.1, scaling: float = 0.3, init: str = "ta",
+                on_iterate: Callable[[int, torch.Tensor], None] | None = None
+                ) -> torch.Tensor:
+    """The coefficients c (tensors × K) of the last iterate (see the module docstring);
+    ``on_iterate(t, c)`` sees every iterate, x_0 included."""
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    k_models = len(pool)
+    theta0 = {n: base[n].float() for n in names}
+    taus = [{n: sd[n].float() - theta0[n] for n in names} for sd in pool]
+    start = scaling if init == "ta" else 0.0
+    c = torch.full((len(names), k_models), float(start), dtype=torch.float64)
+    x0_coeffs = c.clone()
+    # vertices: each pool model (coefficients e_m) and x_0
+    vertices = [torch.eye(k_models, dtype=torch.float64)[m].expand(len(names), k_models)
+                for m in range(k_models)] + [x0_coeffs]
+    full = [{n: sd[n].float() for n in names} for sd in pool]
+    full.append({n: theta0[n] + sum(start * tv[n] for tv in taus) for n in names})
+    if on_iterate is not None:
+        on_iterate(0, c.clone())
+    for t in range(iterations):
+        params = {n: (theta0[n] + sum(float(c[i, k]) * taus[k][n] for k in range(k_models))
+                      ).requires_grad_(True) for i, n in enumerate(names)}
+        grads = torch.autograd.grad(loss(params), [params[n] for n in names],
+                                    allow_unused=True)
+        g = {n: (torch.zeros_like(params[n]) if gr is None else gr.detach())
+             for n, gr in zip(names, grads, strict=True)}
+        if all(float(v.abs().max()) == 0.0 for v in g.values()):
+            break  # a stationary point: every direction is flat
+        cos = torch.tensor([[float(torch.nn.functional.cosine_similarity(
+            g[n].flatten(), v[n].flatten(), dim=0)) for n in names] for v in full],
+            dtype=torch.float64)  # (vertices, tensors)
+        target = c.clone()
+        if granularity == "task":
+            target = vertices[int(cos.sum(1).argmin())].clone()
+        else:
+            best = cos.argmin(0)
+            for i in range(len(names)):
+                if cos[best[i], i] < 0:
+                    target[i] = vertices[int(best[i])][i]
+        alpha = scaling * step_size * 2.0 / (t + 2)
+        c = c + alpha * (target - c)
+        if on_iterate is not None:
+            on_iterate(t + 1, c.clone())
+    return c
+
+
+def run(ctx: Any) -> None:
+    if ctx.space.granularity not in ("task", "layer"):
+        raise OptimizeError(f"{ctx.space.source}: fw_merging moves task- or layer-wise, not "
+                            f"search.granularity '{ctx.space.granularity}'")
+    if not ctx.template.uses_base():
+        raise OptimizeError(f"{ctx.space.source}: fw_merging writes task-arithmetic recipes: "
+                            "the template needs a base_model (task_arithmetic)")
+    base, pool = ctx.pool.sources(ctx.template)
+    obj = ctx.objectives.items[0]
+    opts = ctx.options
+    if isinstance(obj, SuiteObjective):
+        from modelalloy.optimize.learners import _inputs
+
+        _, tasks, _, _ = _inputs(ctx)
+        loss = suite_loss(obj, tasks, int(opts["limit"]), int(opts["batch_size"]))
+    elif isinstance(obj, PythonObjective):
+        loss = python_loss(obj)
+    else:  # pragma: no cover - every objective kind is one of the two
+        raise OptimizeError(f"fw_merging cannot differentiate {obj.spec}")
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    absolute = [str(ctx.template.model_path(e.model)) for e in ctx.template.expert_entries()]
+    base_path = str(ctx.template.model_path(ctx.template.base_model))
+
+    def as_result(c: torch.Tensor) -> CoefficientResult:
+        if ctx.space.granularity == "task":  # every row is the same
+            return CoefficientResult("fw_merging", "task", c[:1].float(), names,
+                                     dict.fromkeys(names, 0), [], ["all tensors"], names)
+        return CoefficientResult("fw_merging", "layer", c.float(), names,
+                                 {n: i for i, n in enumerate(names)}, [], names, list(base))
+
+    def score(t: int, c: torch.Tensor) -> None:
+        recipe = as_result(c).to_recipe(base_path, absolute)
+        recipe["seed"] = ctx.template.seed
+        ctx.evaluate([recipe], limit_budget=False, tag=f"iterate {t}")
+
+    c = frank_wolfe(loss, base, pool, granularity=ctx.space.granularity,
+                    iterations=ctx.budget, step_size=float(opts["step_size"]),
+                    scaling=float(opts["scaling"]), init=str(opts["init"]), on_iterate=score)
+    ctx.chosen = ctx.trials[-1]["trial"]
+    ctx.notes["iterations"] = len(ctx.trials) - 1
+    ctx.notes["coefficients"] = [round(float(c.min()), 4), round(float(c.max()), 4)]
+    as_result(c).save_heatmap(ctx.out / "coefficients.png", absolute)
