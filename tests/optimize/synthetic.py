@@ -108,3 +108,11 @@ def close_to_expert1(sd: dict[str, torch.Tensor]) -> torch.Tensor:
     _, experts = family(3)
     names = [n for n, t in experts[1].items() if t.is_floating_point()]
     return -sum(((sd[n] - experts[1][n]) ** 2).mean() for n in names) / len(names)
+
+
+def quadratic_slow(sd: dict[str, torch.Tensor]) -> float:
+    """``quadratic``, 50 ms a call: slow enough to kill a run in the middle."""
+    import time
+
+    time.sleep(0.05)
+    return quadratic(sd)

@@ -170,3 +170,37 @@ def test_list_and_template(run_cli):
     assert r.code == 0
     for name in ("evolve", "adamerging", "expert_merging", "sens_merging"):
         assert name in r.out
+
+
+@pytest.mark.slow
+def test_sigkilled_command_resumes_to_the_same_result(template, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import subprocess_env
+
+    tpl = template(search={"granularity": "layer", "parameters": {"weight": [0, 1]}})
+    obj = "python:tests.optimize.synthetic:quadratic_slow"
+    out = tmp_path / "killed"
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{Path(__file__).resolve().parents[2]}{os.pathsep}{env['PYTHONPATH']}"
+    proc = subprocess.Popen([sys.executable, "-m", "modelalloy", "optimize", "evolve", tpl,
+                             "--objective", obj, "--out", out, "--budget", "40", "--seed",
+                             "4"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    trials = out / "trials.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not trials.exists()
+                                      or len(trials.read_text().splitlines()) < 8):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(trials.read_text().splitlines())
+    assert 8 <= done < 40 and not (out / "recipe.yaml").exists()
+    again = optimize("evolve", tpl, [obj], out, budget=40, seed=4, resume=True)
+    full = optimize("evolve", tpl, [obj], tmp_path / "full", budget=40, seed=4)
+    assert _trials(out) == _trials(tmp_path / "full")
+    assert again.recipe_path.read_text() == full.recipe_path.read_text()
