@@ -26,10 +26,31 @@ StateDict = Mapping[str, torch.Tensor]
 
 
 class ModelPool:
-    """The state dicts of the models recipes name, each read once (by resolved folder)."""
+    """The state dicts of the models recipes name, each read once (by resolved folder).
 
-    def __init__(self, state_dicts: Mapping[str, StateDict] | None = None) -> None:
+    Between candidates it keeps the float32 copies of the source tensors (made on first use,
+    4 bytes per parameter and model: a bf16 model is upcast once, not once per candidate) and
+    the last candidate's merged tensors by parameter group, so a group whose parameters did not
+    change is not merged again (``reuse``; a search that moves one layer group re-merges only
+    that group).
+    """
+
+    def __init__(self, state_dicts: Mapping[str, StateDict] | None = None, *,
+                 reuse: bool = True) -> None:
         self._loaded: dict[str, StateDict] = dict(state_dicts or {})
+        self._f32: dict[tuple[int, str], torch.Tensor] = {}
+        self.reuse = reuse
+        self.last: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.merged_groups = self.reused_groups = 0
+
+    def float32(self, sd: StateDict, name: str) -> torch.Tensor:
+        t = sd[name]
+        if t.dtype == torch.float32:
+            return t
+        key = (id(sd), name)
+        if key not in self._f32:
+            self._f32[key] = t.to(torch.float32)
+        return self._f32[key]
 
     def get(self, recipe: Recipe, model: str) -> StateDict:
         key = str(recipe.model_path(model))
@@ -80,11 +101,24 @@ def merge_candidate(recipe: Recipe, pool: ModelPool) -> dict[str, torch.Tensor]:
 
     def f32(sd: StateDict, names: list[str]) -> dict[str, torch.Tensor]:
         # float32 in, so the float32 result comes back and is cast once, as the engine does
-        return {n: sd[n].to(torch.float32) for n in names}
+        return {n: pool.float32(sd, n) for n in names}
 
-    for params, names in groups.values():
-        merged = merge_state_dicts(recipe.merge_method, None if base is None else f32(base, names),
-                                   [f32(sd, names) for sd in experts], seed=recipe.seed, **params)
-        for n in names:
-            out[n] = merged[n].to(dtype or reference[n].dtype)
+    sources = (recipe.merge_method, recipe.seed, id(base), tuple(id(sd) for sd in experts),
+               dtype)
+    current: dict[tuple, dict[str, torch.Tensor]] = {}
+    for key, (params, names) in groups.items():
+        group_key = (sources, key, tuple(names))
+        merged = pool.last.get(group_key) if pool.reuse else None
+        if merged is None:
+            result = merge_state_dicts(
+                recipe.merge_method, None if base is None else f32(base, names),
+                [f32(sd, names) for sd in experts], seed=recipe.seed, **params)
+            merged = {n: result[n].to(dtype or reference[n].dtype) for n in names}
+            pool.merged_groups += 1
+        else:
+            pool.reused_groups += 1
+        current[group_key] = merged
+        out.update(merged)
+    if pool.reuse:
+        pool.last = current
     return {n: out[n] for n in reference}
