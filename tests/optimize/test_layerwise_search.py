@@ -44,3 +44,9 @@ def test_beats_the_best_uniform_configuration(template, tmp_path):
     assert min(fids) == pytest.approx(1 / 9) and res.notes["pruned"] > 0
     assert res.notes["completed"] < len(res.trials)
     assert not isinstance(res.best["candidate"], dict)  # the result is a full-fidelity trial
+
+
+def test_a_budget_below_one_full_rung_still_gives_a_recipe(template, tmp_path):
+    res = optimize("layerwise_search", template(), [OBJ], tmp_path / "out", budget=3)
+    assert not isinstance(res.best["candidate"], dict) and res.best["tag"] == "final"
+    assert len(res.trials) == 4 and res.recipe_path.is_file()

@@ -226,7 +226,9 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
         if not ctx.trials:
             raise OptimizeError(f"{algorithm}: no trial was run (budget {budget})")
         chosen = ctx.trials[ctx.chosen] if ctx.chosen is not None else ctx.best()
-        assert chosen is not None
+        if chosen is None:
+            raise OptimizeError(f"{algorithm}: no trial was scored on all the data; raise "
+                                "--budget")
         recipe_path = write_outputs(ctx, spec, chosen)
         log.write_state(finished=True, chosen=chosen["trial"], notes=ctx.notes)
     finally:

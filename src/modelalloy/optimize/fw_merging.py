@@ -136,8 +136,11 @@ def run(ctx: Any) -> None:
     if isinstance(obj, SuiteObjective):
         from modelalloy.optimize.learners import _inputs
 
-        _, tasks, _, _ = _inputs(ctx)
-        loss = suite_loss(obj, tasks, int(opts["limit"]), int(opts["batch_size"]))
+        _, tasks, _, _ = _inputs(ctx, held_out=True)
+        # the loss is the merged tasks' (the proxy set); experts of held-out tasks in the
+        # template are pool members that no task asks for (the paper's irrelevant models)
+        relevant = [t for t in tasks if t in obj.suite.info.merged_tasks]
+        loss = suite_loss(obj, relevant, int(opts["limit"]), int(opts["batch_size"]))
     elif isinstance(obj, PythonObjective):
         loss = python_loss(obj)
     else:  # pragma: no cover - every objective kind is one of the two

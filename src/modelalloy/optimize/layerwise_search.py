@@ -65,5 +65,17 @@ def run(ctx: Any) -> None:
             alive = survivors
         for i in alive:  # the budget ran out before their last rung
             study.tell(trials[i], state=optuna.trial.TrialState.FAIL)
+    if completed == 0 and ctx.trials:  # a budget too small for any last rung: score the
+        # configuration that did best at the highest fidelity reached, on all the data
+        top = max(ctx.trials, key=lambda r: (_fidelity(r), r["scores"]["fitness"]))
+        cand = top["candidate"]
+        ctx.evaluate([cand["genome"] if isinstance(cand, dict) else cand], tag="final",
+                     limit_budget=False)
+        completed = 1
     ctx.notes.update({"completed": completed, "pruned": pruned,
                       "fidelities": [round(f, 4) for f in fidelities]})
+
+
+def _fidelity(record: dict[str, Any]) -> float:
+    cand = record["candidate"]
+    return float(cand.get("fidelity", 1.0)) if isinstance(cand, dict) else 1.0

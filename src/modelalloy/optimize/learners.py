@@ -103,15 +103,18 @@ def learn_self_positioning(suite: Any, tasks: Sequence[str], base: StateDict,
 # -- modelalloy optimize entries ------------------------------------------------------------
 
 
-def _inputs(ctx: Any) -> tuple[Any, list[str], StateDict, list[StateDict]]:
-    """The suite, the task of each expert of the template, and the state dicts."""
+def _inputs(ctx: Any, held_out: bool = False
+            ) -> tuple[Any, list[str], StateDict, list[StateDict]]:
+    """The suite, the task of each expert of the template, and the state dicts (``held_out``:
+    the experts of held-out tasks may be in the template too)."""
     obj = ctx.objectives.suite(ctx.algorithm)
     suite = obj.suite
     if not ctx.template.uses_base():
         raise OptimizeError(f"{ctx.space.source}: {ctx.algorithm} learns task-arithmetic "
                             "coefficients: the template needs a base_model and a method that "
                             "uses it (task_arithmetic)")
-    by_path = {str(suite.info.expert_dir(t).resolve()): t for t in suite.info.merged_tasks}
+    allowed = [t.name for t in suite.info.tasks] if held_out else suite.info.merged_tasks
+    by_path = {str(suite.info.expert_dir(t).resolve()): t for t in allowed}
     tasks = []
     for entry in ctx.template.expert_entries():
         path = str(ctx.template.model_path(entry.model))
