@@ -118,3 +118,10 @@ def vision_smoke(bench_cache):
     from modelalloy.bench import load_suite
 
     return load_suite("tiny-vision", "smoke")
+
+
+@pytest.fixture(scope="session")
+def lm_smoke(bench_cache):
+    from modelalloy.bench import load_suite
+
+    return load_suite("tiny-lm", "smoke")

@@ -3,13 +3,7 @@ import math
 import pytest
 import torch
 
-from modelalloy.bench import load_suite
 from modelalloy.bench.lm import ALPHABETS, SIZES, VOCAB, final_answer, make_examples, task_letters
-
-
-@pytest.fixture(scope="module")
-def lm_smoke(bench_cache):
-    return load_suite("tiny-lm", "smoke")
 
 
 def test_tasks_and_long_short_pair():

@@ -212,6 +212,8 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
     log = TrialLog(out, config, resume)
     echo = echo or (lambda _m: None)
     start = time.perf_counter()
+    objs.bind(template.model_path(template.base_model if template.uses_base()
+                                  else template.expert_entries()[0].model))
     objs.prepare()
     pool = ModelPool()
     pool.sources(template)  # every model read once, here, before any worker starts

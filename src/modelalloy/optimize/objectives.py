@@ -7,6 +7,12 @@
                                                 task); the per-task accuracies are kept too.
                                                 The learners read the suite's unlabeled
                                                 (``test`` inputs) or labeled (``val``) data.
+``lm-eval:TASK[,TASK]``                         lm-evaluation-harness on the candidate, in
+                                                memory (the template's reference model,
+                                                ``from_config``, with the candidate's weights
+                                                loaded), mean of each task's first metric;
+                                                ``?include=DIR`` (local task YAMLs),
+                                                ``limit=N``, ``batch_size=N``
 ``python:package.module:function``              ``function(state_dict) -> float`` or a
                                                 mapping of named scores (``score`` is the one
                                                 maximised; else their mean)
@@ -23,6 +29,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -30,8 +37,9 @@ import torch
 
 from modelalloy.errors import ModelAlloyError, OptimizeError
 
-KINDS = ("suite", "python")
+KINDS = ("suite", "lm-eval", "python")
 SUITE_OPTIONS = ("size", "split", "limit")
+LM_EVAL_OPTIONS = ("include", "limit", "batch_size")
 
 
 class Objective:
@@ -42,6 +50,9 @@ class Objective:
 
     def prepare(self) -> None:
         """Build or load what scoring needs (in the driver, before any worker starts)."""
+
+    def bind(self, reference: Any) -> None:
+        """The template's reference model folder (for objectives that build the model)."""
 
     def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
               ) -> dict[str, float]:
@@ -129,6 +140,83 @@ class PythonObjective(Objective):
         return {**self.__dict__, "_fn": None}
 
 
+@dataclass
+class LmEvalObjective(Objective):
+    """lm-eval tasks on the candidate, in memory: one HF model built from the reference
+    folder's config and tokenizer, the candidate's weights copied into it for each trial."""
+
+    spec: str
+    tasks: list[str]
+    include: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    reference: str | None = None
+    _lm: Any = field(default=None, repr=False)
+
+    def bind(self, reference: Any) -> None:
+        self.reference = str(reference)
+
+    def prepare(self) -> None:
+        from modelalloy.eval.lm_eval_adapter import INSTALL_HINT, available
+
+        if not available():
+            raise OptimizeError(f"objective '{self.spec}': {INSTALL_HINT}")
+        if self.include is not None and not Path(self.include).is_dir():
+            raise OptimizeError(f"objective '{self.spec}': include folder {self.include} "
+                                "not found")
+
+    def _model(self) -> Any:
+        if self._lm is None:
+            from lm_eval.models.huggingface import HFLM
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+            if self.reference is None:
+                raise OptimizeError(f"objective '{self.spec}' has no reference model")
+            config = AutoConfig.from_pretrained(self.reference)
+            model = AutoModelForCausalLM.from_config(config).eval()
+            tok = AutoTokenizer.from_pretrained(self.reference)
+            self._lm = HFLM(pretrained=model, tokenizer=tok, batch_size=self.batch_size,
+                            device="cpu")
+        return self._lm
+
+    def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
+              ) -> dict[str, float]:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
+        lm = self._model()
+        model = lm.model
+        missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
+        if unexpected:
+            raise OptimizeError(f"objective '{self.spec}': the candidate has tensors the "
+                                f"model does not: {unexpected[:3]}")
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        limit = self.limit
+        if fidelity < 1.0 and limit is not None:
+            limit = max(1, math.ceil(fidelity * limit))
+        manager = TaskManager(include_path=self.include)
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(self.tasks), task_manager=manager,
+                                      limit=limit, log_samples=False)
+        if res is None:
+            raise OptimizeError(f"objective '{self.spec}': lm-eval returned no results")
+        out: dict[str, float] = {}
+        for task, metrics in res["results"].items():
+            # the task's own metrics, in its order (the results also hold counts, aliases)
+            better = res.get("higher_is_better", {}).get(task, {})
+            for metric, higher in better.items():
+                key = next((k for k in metrics if k.split(",")[0] == metric), None)
+                if key is not None and isinstance(metrics[key], (int, float)):
+                    out[task] = float(metrics[key]) * (1.0 if higher else -1.0)
+                    break
+        if not out:
+            raise OptimizeError(f"objective '{self.spec}': lm-eval gave no metric")
+        return {"score": sum(out.values()) / len(out), **out}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_lm": None}
+
+
 def parse_objective(spec: str) -> Objective:
     """An :class:`Objective` from its ``--objective`` string (see the module docstring)."""
     kind, _, rest = spec.partition(":")
@@ -151,13 +239,29 @@ def parse_objective(spec: str) -> Objective:
             raise OptimizeError(f"objective '{spec}': limit must be a whole number")
         return SuiteObjective(spec, name, opts.get("size", "full"), opts.get("split", "val"),
                               int(limit) if limit else None)
+    if kind == "lm-eval":
+        names, _, query = rest.partition("?")
+        tasks = [t for t in names.split(",") if t]
+        if not tasks:
+            raise OptimizeError(f"objective '{spec}': name the tasks, lm-eval:TASK[,TASK]")
+        opts = dict(parse_qsl(query, keep_blank_values=True))
+        bad = [k for k in opts if k not in LM_EVAL_OPTIONS]
+        if bad:
+            raise OptimizeError(f"objective '{spec}': unknown option '{bad[0]}'; use "
+                                f"{', '.join(LM_EVAL_OPTIONS)}")
+        for key in ("limit", "batch_size"):
+            if key in opts and not opts[key].isdigit():
+                raise OptimizeError(f"objective '{spec}': {key} must be a whole number")
+        return LmEvalObjective(spec, tasks, opts.get("include"),
+                               int(opts["limit"]) if "limit" in opts else None,
+                               int(opts.get("batch_size", 8)))
     if kind == "python":
         module, _, function = rest.rpartition(":")
         if not module or not function:
             raise OptimizeError(f"objective '{spec}': write python:package.module:function")
         return PythonObjective(spec, module, function)
-    raise OptimizeError(f"unknown objective '{spec}'; use "
-                        "suite:tiny-vision, suite:tiny-lm or python:package.module:function")
+    raise OptimizeError(f"unknown objective '{spec}'; use suite:tiny-vision, suite:tiny-lm, "
+                        "lm-eval:TASK or python:package.module:function")
 
 
 @dataclass
@@ -180,6 +284,10 @@ class Objectives:
     @property
     def specs(self) -> list[str]:
         return [o.spec for o in self.items]
+
+    def bind(self, reference: Any) -> None:
+        for o in self.items:
+            o.bind(reference)
 
     def prepare(self) -> None:
         for o in self.items:
