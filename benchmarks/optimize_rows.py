@@ -142,7 +142,8 @@ def run_rows(suite_name: str, size: str, work: Path, budget: int, steps: int,
         notes[row] = res.notes
         log(f"{suite_name}: {row}: val {val:.3f} test {test:.3f} ({len(res.trials)} trials)")
     return {"suite": suite_name, "size": size, "rows": rows, "notes": notes,
-            "merged": suite.info.merged_tasks, "held_out": held_out}
+            "merged": suite.info.merged_tasks, "held_out": held_out, "budget": budget,
+            "steps": steps}
 
 
 def _row(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
@@ -201,7 +202,9 @@ def claims(d: dict[str, Any]) -> list[str]:
 def section(d: dict[str, Any]) -> str:
     lines = [f"## {d['suite']} ({d['size']})", "",
              f"Merged tasks {', '.join(d['merged'])}; held out {', '.join(d['held_out'])}. "
-             "Mean accuracy over the merged tasks, in %.", "",
+             "Mean accuracy over the merged tasks, in %. Budgets: "
+             f"{d.get('budget')} trials per search, {d.get('steps')} learner steps "
+             f"(`--size {d['size']} --budget {d.get('budget')} --steps {d.get('steps')}`).", "",
              "| row | val | test | trials | seconds |", "|---|---:|---:|---:|---:|"]
     for r in d["rows"]:
         if "error" in r:
@@ -219,11 +222,12 @@ Every row is `modelalloy optimize ALGORITHM` run from its interface (docs/optimi
 suite's validation split, its `recipe.yaml` merged and scored on val and test. The baselines
 are task arithmetic and TIES with λ tuned on val over {lambdas}. Searches: `evolve` and
 `layerwise_search` over layer-wise TIES weights and densities; `map` over task-wise
-task-arithmetic weights. Budgets: {budget} trials per search, {steps} learner steps. Shared,
-noisy 2-core machine; one seed; small suites — differences of a point or two are noise.
+task-arithmetic weights; `fw_merging` 10 iterations, layer-wise. Shared, noisy 2-core
+machine; one seed; small suites (one validation example is about a point) — differences of a
+few points are noise.
 
-    PYTHONPATH=src python benchmarks/optimize_rows.py --size {size} \\
-        --budget {budget} --steps {steps}
+    PYTHONPATH=src python benchmarks/optimize_rows.py --suites tiny-vision --budget 60
+    PYTHONPATH=src python benchmarks/optimize_rows.py --suites tiny-lm --budget 24 --steps 50
 
 """
 
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path,
                     default=REPO / "benchmarks" / "results" / "optimize_rows.json")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks_optimize.md")
+    ap.add_argument("--from-json", action="store_true", help="only re-render the doc")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -245,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         print(m, file=sys.stderr, flush=True)
 
     dump: dict[str, Any] = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    for name in args.suites.split(","):
+    for name in ([] if args.from_json else args.suites.split(",")):
         dump[name] = run_rows(name, args.size, args.work, args.budget, args.steps, log)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dump, indent=1, default=str))
-    text = HEAD.format(lambdas=LAMBDAS, budget=args.budget, steps=args.steps, size=args.size)
+    text = HEAD.format(lambdas=LAMBDAS)
     args.doc.write_text(text + "\n".join(section(d) for d in dump.values()))
     print(args.doc.read_text())
     return 0
