@@ -108,8 +108,7 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) ->
                 "speedup": round(med(disk) / med(mem), 2),
                 "in_memory_first": round(mem[0], 3), "in_memory_min": round(min(mem_rest), 3),
                 "disk_min": round(min(disk_rest), 3),
-                "speedup_min": round(min(disk_rest) / min(mem_rest), 2),
-                "reused_groups": pool.reused_groups, "merged_groups": pool.merged_groups}
+                "speedup_min": round(min(disk_rest) / min(mem_rest), 2)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

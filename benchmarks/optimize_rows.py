@@ -32,19 +32,15 @@ def mean_acc(suite: Any, sd: dict[str, torch.Tensor], split: str) -> float:
 
 
 def score_recipe(suite: Any, recipe_path: Path) -> tuple[float, float]:
-    from modelalloy.api import merge_state_dicts
     from modelalloy.optimize.candidate import ModelPool, merge_candidate
     from modelalloy.recipe.load import load_recipe
     from modelalloy.stats import load_stats
 
     rec = load_recipe(recipe_path)
     if rec.merge_method == "chunk_task_arithmetic":  # expert_merging_pp: coefficients as stats
-        pool = ModelPool()
-        base, experts = pool.sources(rec)
-        stats = [load_stats(recipe_path.parent / "stats" / Path(e.model).name /
-                            "merge_coeffs.safetensors") for e in rec.expert_entries()]
-        sd = merge_state_dicts("chunk_task_arithmetic", base, experts,
-                               stats={"merge_coeffs": stats})
+        stats = [dict(load_stats(recipe_path.parent / "stats" / Path(e.model).name /
+                                 "merge_coeffs.safetensors")) for e in rec.expert_entries()]
+        sd = merge_candidate(rec, ModelPool(), stats={"merge_coeffs": stats})
     else:
         sd = merge_candidate(rec, ModelPool())
     return mean_acc(suite, sd, "val"), mean_acc(suite, sd, "test")

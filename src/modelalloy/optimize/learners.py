@@ -206,8 +206,9 @@ def run_expert_merging_pp(ctx: Any) -> None:
     statistics under ``OUT/stats/<task>/`` and the recipe is ``chunk_task_arithmetic``, which
     reads them from each expert's ``stats/`` folder (copy them there to merge).
     """
-    from modelalloy.api import merge_state_dicts
+    from modelalloy.optimize.candidate import merge_candidate
     from modelalloy.optimize.expert_merging import allocate_chunks
+    from modelalloy.recipe.load import recipe_from_dict
     from modelalloy.stats import save_stats
 
     _granularity(ctx, ("layer",))
@@ -227,6 +228,7 @@ def run_expert_merging_pp(ctx: Any) -> None:
               "dtype": "float32", "seed": ctx.template.seed}
     ctx.notes["chunks"] = {n: m for n, m in chunks.items() if m != 1}
     ctx.notes["merge_coeffs"] = f"{ctx.out / 'stats'}/<task>/merge_coeffs.safetensors"
-    ctx.record(recipe, lambda: ctx.objectives.score(merge_state_dicts(
-        "chunk_task_arithmetic", base, experts, stats={"merge_coeffs": stats})),
+    rec = recipe_from_dict(recipe, source=str(ctx.out / "recipe.yaml"), base_dir=ctx.out)
+    ctx.record(recipe, lambda: ctx.objectives.score(merge_candidate(
+        rec, ctx.pool, stats={"merge_coeffs": [dict(st) for st in stats]})),
         tag="expert_merging_pp")

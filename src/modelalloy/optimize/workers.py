@@ -160,7 +160,8 @@ class RayEvaluator:
                          refs: dict[str, Any]) -> None:
                 torch.set_num_threads(1)
                 self.space, self.objectives = space, objectives
-                self.pool = ModelPool({p: _from_numpy(ray.get(r)) for p, r in refs.items()})
+                self.pool = ModelPool({p: _from_numpy(ray.get(r)) for p, r in refs.items()},
+                                      threads=1)
 
             def score(self, candidate: Candidate) -> tuple[str, Any]:
                 try:
