@@ -181,20 +181,6 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(L).rstrip() + "\n"
 
 
-def write_doc(out: Path, section: str) -> None:
-    text = out.read_text() if out.exists() else "# Performance\n\n"
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")),
-                   len(lines))
-        new = "\n".join(lines[:start] + section.rstrip("\n").splitlines()
-                        + ([""] + lines[end:] if end < len(lines) else [])) + "\n"
-    out.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="100M", help="2M, 100M or 1B (merge_speed.py's models)")
@@ -221,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         results["suites"] = measure_suites(args.budget, log)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
+    from merge_speed import write_doc
+
     write_doc(args.out, render(results))
     print(render(results))
     return 0

@@ -942,10 +942,12 @@ REPRODUCE = [
 
 
 def write_doc(out: Path, section: str) -> None:
+    """Replace the section of ``out`` headed by the section's first line (or append it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     text = out.read_text() if out.exists() else "# Performance\n\n"
     lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
+    heading = section.splitlines()[0].strip()
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == heading), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:

@@ -357,16 +357,10 @@ def build_space(data: Mapping[str, Any], *, source: str, base_dir: Path,
 def load_template(path: str | Path, float_names: Sequence[str] | None = None
                   ) -> tuple[SearchSpace, Recipe]:
     """Read a template YAML; ``float_names`` default to the reference model's float tensors."""
-    from modelalloy.recipe.load import _load_yaml
+    from modelalloy.recipe.load import _load_yaml, read_recipe_text
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{p}: recipe file not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{p}: cannot read the recipe ({e})") from None
-    data = _load_yaml(text, str(p))
+    data = _load_yaml(read_recipe_text(p), str(p))
     if float_names is None:
         recipe_data, _ = split_template(data, str(p))
         from modelalloy.recipe.load import recipe_from_dict

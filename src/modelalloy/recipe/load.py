@@ -55,15 +55,19 @@ COND_KEYS = ("filter", "value")
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate the recipe file at ``path``; model paths resolve against its folder."""
     p = Path(path)
+    return parse_recipe(read_recipe_text(p), source=str(p), base_dir=p.resolve().parent)
+
+
+def read_recipe_text(p: Path) -> str:
+    """The text of a recipe file, or a one-line RecipeError saying why it cannot be read."""
     if p.is_dir():
         raise RecipeError(f"{p}: is a folder; give the path of a recipe YAML file")
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{p}: recipe file not found; check the path") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{p}: cannot read the recipe ({e}); give a UTF-8 YAML file") from None
-    return parse_recipe(text, source=str(p), base_dir=p.resolve().parent)
 
 
 def parse_recipe(text: str, source: str = "<string>", base_dir: Path | None = None) -> Recipe:
