@@ -45,3 +45,23 @@ def test_fw_merging_through_optimize(template, tmp_path):
     weights = [e.parameters["weight"] for e in load_recipe(res.recipe_path).expert_entries()]
     assert weights == [0.0, 1.0, 0.0]
     assert res.best["scores"]["fitness"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fw_soft_moves_by_the_learned_coefficients():
+    # a stub move learner that always says λ = 0.5: from the base, the relevant vertex (expert
+    # 1) is chosen each time, so c_1 = 0.5, then 0.5 + 0.5·(1 − 0.5) = 0.75
+    from modelalloy.optimize.fw_merging import frank_wolfe_soft
+
+    base, experts = synthetic.family(3)
+    inits = []
+
+    def learn(x_t, vertices, init):
+        inits.append(init)
+        assert len(vertices) == 1 and torch.equal(vertices[0]["layers.0.weight"],
+                                                  experts[1]["layers.0.weight"])
+        return torch.full((len(x_t), 1), 0.5)
+
+    c = frank_wolfe_soft([lambda p: -synthetic.close_to_expert1(p)], base, experts, learn,
+                         iterations=2, init="base")
+    assert torch.allclose(c[0], torch.tensor([0.0, 0.75, 0.0], dtype=torch.float64))
+    assert inits == [0.3, 1e-8]  # FusionBench's fw_soft: 0.3 first, then 1e-8

@@ -86,6 +86,7 @@ def test_sens_merging_and_its_granularity_check(vision_smoke, suite_template_pat
     ("expert_merging", "layer", {"samples": 2}),
     ("self_positioning", "task", {"batch_size": 12}),
     ("fw_merging", "layer", {"limit": 8, "batch_size": 8}),
+    ("fw_merging", "task", {"limit": 8, "batch_size": 8, "variant": "soft", "ada_steps": 2}),
 ])
 def test_each_learner_runs_from_the_interface(vision_smoke, suite_template_path, tmp_path,
                                               algorithm, granularity, options):

@@ -99,14 +99,16 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
     AlgorithmSpec(
         "fw_merging", "learner",
         "Chen et al., FW-Merging: Scaling Model Merging with Frank-Wolfe Optimization, 2025",
-        "Frank-Wolfe over the pool of models (hard: task arithmetic as the move), task or "
-        "layer granularity; the budget is the iterations",
+        "Frank-Wolfe over the pool of models (hard: task arithmetic as the move; soft: "
+        "AdaMerging as the move), task or layer granularity; the budget is the iterations",
         "modelalloy.optimize.fw_merging:run",
         {"step_size": (0.1, "γ_t = step_size · 2/(t+2)"),
          "scaling": (0.3, "task-arithmetic scaling s of the start and of each move"),
          "init": ("ta", "start: ta (task arithmetic at s) or base"),
          "limit": (100, "labeled val examples per task (suite objectives)"),
-         "batch_size": (32, "examples per batch")},
+         "batch_size": (32, "examples per batch"),
+         "variant": ("hard", "hard or soft"),
+         "ada_steps": (500, "soft: AdaMerging steps per iteration")},
         budget=10),
     AlgorithmSpec(
         "adamerging", "learner",
