@@ -108,6 +108,12 @@ def run_rows(suite_name: str, size: str, work: Path, budget: int, steps: int,
         ("fw_merging", "fw_merging", template("fw", "task_arithmetic", layer_w), 10, {}),
         ("fw_merging + held-out experts in the pool", "fw_merging",
          template("fw_irrelevant", "task_arithmetic", layer_w, held_out), 10, {}),
+        ("fw_merging (from the base, step 1)", "fw_merging",
+         template("fw_base", "task_arithmetic", layer_w), 10,
+         {"init": "base", "step_size": 1.0}),
+        ("fw_merging (from the base, step 1) + held-out experts", "fw_merging",
+         template("fw_base_irrelevant", "task_arithmetic", layer_w, held_out), 10,
+         {"init": "base", "step_size": 1.0}),
         ("adamerging (task-wise)", "adamerging", template("ada_t", "task_arithmetic", task_w),
          steps, {}),
         ("adamerging (layer-wise)", "adamerging",
@@ -170,13 +176,18 @@ def claims(d: dict[str, Any]) -> list[str]:
             out.append(f"- `{name}` beats task arithmetic on the held-in tasks (test): "
                        f"**{'shows' if ok else 'does not show'}** "
                        f"({pts(r['test'] - ta['test'])} points).")
-    fw = next((r for r in rows if r["row"] == "fw_merging" and "val" in r), None)
-    fwi = _row(rows, "fw_merging +")
-    if fw and fwi:
-        loss = fw["test"] - fwi["test"]
-        out.append(f"- FW-Merging with the held-out tasks' experts added to the pool loses no "
-                   f"more than 1 point: **{'shows' if loss <= 0.01 else 'does not show'}** "
-                   f"({pts(-loss)} points on test).")
+    for plain, more, how in [("fw_merging", "fw_merging +", "paper defaults: x_0 = task "
+                              "arithmetic over the whole pool, step 0.1"),
+                             ("fw_merging (from the base, step 1)",
+                              "fw_merging (from the base, step 1) +", "from the base, step 1")]:
+        fw = next((r for r in rows if r["row"] == plain and "val" in r), None)
+        fwi = _row(rows, more)
+        if fw and fwi:
+            loss = fw["test"] - fwi["test"]
+            out.append(f"- FW-Merging ({how}) with the held-out tasks' experts added to the "
+                       f"pool loses no more than 1 point: "
+                       f"**{'shows' if loss <= 0.01 else 'does not show'}** "
+                       f"({pts(-loss)} points on test).")
     mp = _row(rows, "map")
     note = d["notes"].get("map (task-wise weights)", {})
     if mp and note:
