@@ -77,6 +77,7 @@ class RunContext:
     progress: _Progress
     notes: dict[str, Any] = field(default_factory=dict)
     chosen: int | None = None   # the trial to write as recipe.yaml (default: best fitness)
+    eval_seconds: float = 0.0   # wall time spent scoring candidates (the workers' share)
     echo: Callable[[str], None] = lambda _m: None
 
     @property
@@ -117,11 +118,13 @@ class RunContext:
         for rec in records:
             self.log.append(rec, replay=True)
         if new:
+            start_eval = time.perf_counter()
             try:
                 results = self.evaluator.evaluate([c for _, c in new])
                 failure = None
             except TrialFailed as err:
                 results, failure = err.done, err
+            self.eval_seconds += time.perf_counter() - start_eval
             for (index, cand), (scores, seconds) in zip(new, results, strict=False):
                 rec = {"trial": index, "candidate": _payload(cand), "scores": scores,
                        "seconds": round(seconds, 4), **({"tag": tag} if tag else {})}
@@ -181,6 +184,7 @@ class OptimizeResult:
     trials: list[dict[str, Any]]
     notes: dict[str, Any]
     seconds: float
+    eval_seconds: float = 0.0   # of which scoring candidates (in parallel on Ray workers)
 
 
 def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out: str | Path, *,
@@ -238,7 +242,7 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
         if evaluator is not None:
             evaluator.close()
     return OptimizeResult(algorithm, out, recipe_path, chosen, list(ctx.trials), ctx.notes,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, ctx.eval_seconds)
 
 
 def chosen_recipe(ctx: RunContext, record: Mapping[str, Any]) -> Recipe:
