@@ -110,3 +110,14 @@ def test_learner_needs_a_suite_objective(suite_template_path, tmp_path, run_cli)
     r = run_cli("optimize", "adamerging", suite_template_path("task"), "--objective",
                 "python:tests.optimize.synthetic:quadratic", "--out", tmp_path / "o")
     assert r.code != 0 and "learns from a suite's data" in r.err
+
+
+def test_template_names_the_suite_models(vision_smoke, run_cli):
+    r = run_cli("optimize", "--template", SUITE, "--method", "ties")
+    assert r.code == 0, r.err
+    data = yaml.safe_load(r.out)
+    assert data["merge_method"] == "ties"
+    assert data["base_model"] == str(vision_smoke.info.base_dir)
+    assert [m["model"] for m in data["models"]] == [
+        str(vision_smoke.info.expert_dir(t)) for t in vision_smoke.info.merged_tasks]
+    assert data["search"]["parameters"] == {"weight": [0.0, 1.0], "density": [0.1, 1.0]}
