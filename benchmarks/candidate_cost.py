@@ -116,8 +116,8 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
     run with 1 and 2 Ray workers (Ray's start excluded: the evaluation phase only)."""
     import yaml
 
-    from modelalloy.optimize.driver import optimize
-    from modelalloy.optimize.objectives import suite_template
+    from modelalloy.search.driver import optimize
+    from modelalloy.search.objectives import suite_template
 
     rows = []
     for suite in ("tiny-vision", "tiny-lm"):

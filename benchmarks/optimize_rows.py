@@ -5,7 +5,7 @@ to task arithmetic and TIES with λ tuned on the validation split, and each pape
     PYTHONPATH=src python benchmarks/optimize_rows.py                      # smoke suites
     PYTHONPATH=src python benchmarks/optimize_rows.py --suites tiny-vision --size full
 
-Every row is a run of ``modelalloy.optimize.driver.optimize`` (the CLI's function) into
+Every row is a run of ``modelalloy.search.driver.optimize`` (the CLI's function) into
 ``--work``; its ``recipe.yaml`` is merged in memory and scored on the val and test splits of the
 merged tasks. Writes docs/benchmarks_optimize.md and a JSON of every row.
 """
@@ -71,8 +71,8 @@ def tuned_baseline(suite: Any, method: str, template: dict[str, Any]) -> dict[st
 def run_rows(suite_name: str, size: str, work: Path, budget: int, steps: int,
              log: Any) -> dict[str, Any]:
     from modelalloy.bench import load_suite
-    from modelalloy.optimize.driver import optimize
-    from modelalloy.optimize.objectives import suite_template
+    from modelalloy.search.driver import optimize
+    from modelalloy.search.objectives import suite_template
 
     suite = load_suite(suite_name, size)
     spec = f"suite:{suite_name}?size={size}"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelalloy.optimize.driver import optimize
 from modelalloy.optimize.fw_merging import frank_wolfe
 from modelalloy.recipe.load import load_recipe
+from modelalloy.search.driver import optimize
 from tests.optimize import synthetic
 
 REL = "python:tests.optimize.synthetic:close_to_expert1"

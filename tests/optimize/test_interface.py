@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 pytest.importorskip("cma")
 
 from modelalloy.optimize.candidate import ModelPool, merge_candidate  # noqa: E402
-from modelalloy.optimize.driver import optimize  # noqa: E402
 from modelalloy.optimize.space import load_template  # noqa: E402
 from modelalloy.recipe.load import load_recipe  # noqa: E402
+from modelalloy.search.driver import optimize  # noqa: E402
 from tests.optimize import synthetic  # noqa: E402
 
 QUAD = "python:tests.optimize.synthetic:quadratic"

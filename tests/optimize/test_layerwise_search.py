@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("optuna")
 
-from modelalloy.optimize.driver import optimize  # noqa: E402
+from modelalloy.search.driver import optimize  # noqa: E402
 from tests.optimize import synthetic  # noqa: E402
 
 OBJ = "python:tests.optimize.synthetic:layers_with_fidelity"

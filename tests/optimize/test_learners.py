@@ -11,11 +11,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from modelalloy.eval.learners import learn_adamerging, learn_sens_merging
 from modelalloy.optimize.candidate import ModelPool, merge_candidate
-from modelalloy.optimize.driver import optimize
-from modelalloy.optimize.learners import learn_adamerging, learn_sens_merging
-from modelalloy.optimize.objectives import suite_template
 from modelalloy.recipe.load import load_recipe
+from modelalloy.search.driver import optimize
+from modelalloy.search.objectives import suite_template
 
 SUITE = "suite:tiny-vision?size=smoke&limit=40"
 

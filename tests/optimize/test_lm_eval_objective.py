@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from modelalloy.optimize.driver import optimize
-from modelalloy.optimize.objectives import suite_template
+from modelalloy.search.driver import optimize
+from modelalloy.search.objectives import suite_template
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_lm_eval_in_memory_matches_the_merged_folder(lm_smoke, tmp_path, run_cli
 
 def test_lm_eval_objective_errors(tmp_path):
     from modelalloy.errors import OptimizeError
-    from modelalloy.optimize.objectives import parse_objective
+    from modelalloy.search.objectives import parse_objective
 
     with pytest.raises(OptimizeError, match="name the tasks"):
         parse_objective("lm-eval:")

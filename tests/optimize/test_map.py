@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("pymoo")
 
-from modelalloy.optimize.driver import optimize  # noqa: E402
 from modelalloy.optimize.map_search import Surrogate, design_points  # noqa: E402
+from modelalloy.search.driver import optimize  # noqa: E402
 
 TWO = "python:tests.optimize.synthetic:two_tasks"
 

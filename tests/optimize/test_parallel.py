@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("cma")
 
-from modelalloy.optimize.driver import optimize  # noqa: E402
+from modelalloy.search.driver import optimize  # noqa: E402
 from tests.optimize.conftest import write_template  # noqa: E402
 
 QUAD = "python:tests.optimize.synthetic:quadratic"

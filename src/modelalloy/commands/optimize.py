@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         if template is not None:
             import yaml
 
-            from modelalloy.optimize.objectives import suite_template
+            from modelalloy.search.objectives import suite_template
 
             typer.echo(yaml.safe_dump(suite_template(template, method), sort_keys=False))
             return
@@ -72,8 +72,8 @@ def register(app: typer.Typer) -> None:
                                 "(modelalloy optimize --list shows the algorithms)")
         from rich.console import Console
 
-        from modelalloy.optimize.driver import optimize
         from modelalloy.optimize.report import print_summary
+        from modelalloy.search.driver import optimize
 
         w = None
         if weights:
@@ -104,7 +104,7 @@ def _print_algorithms() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from modelalloy.optimize.algorithms import ALGORITHMS
+    from modelalloy.search.algorithms import ALGORITHMS
 
     table = Table(title="optimize algorithms")
     table.add_column("algorithm", no_wrap=True)

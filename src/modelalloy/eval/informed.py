@@ -645,7 +645,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- AdaMerging: entropy of each task's head on its unlabeled test inputs
     if want("adamerging_task") or want("adamerging_layer"):
-        from modelalloy.optimize.learners import learn_adamerging
+        from modelalloy.eval.learners import learn_adamerging
 
         for gran in ("task", "layer"):
             if not want(f"adamerging_{gran}"):
@@ -664,7 +664,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- Expert Merging (layer-wise): align with each expert's hidden states and logits
     if want("expert_merging"):
-        from modelalloy.optimize.learners import learn_expert_merging
+        from modelalloy.eval.learners import learn_expert_merging
 
         t0 = time.perf_counter()
         coeffs = learn_expert_merging(suite, tasks, base, experts, samples=cfg.expert_samples,
@@ -676,7 +676,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- Sens-Merging: sensitivity-guided layer-wise coefficients (labeled calibration)
     if want("sens_merging"):
-        from modelalloy.optimize.learners import learn_sens_merging
+        from modelalloy.eval.learners import learn_sens_merging
 
         t0 = time.perf_counter()
         scale = (cfg.sens_scale if cfg.sens_scale is not None
@@ -693,7 +693,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- Self Positioning: task-wise coefficients by SGD on the labeled val split
     if want("self_positioning"):
-        from modelalloy.optimize.learners import learn_self_positioning
+        from modelalloy.eval.learners import learn_self_positioning
 
         t0 = time.perf_counter()
         res = learn_self_positioning(suite, tasks, base, experts,

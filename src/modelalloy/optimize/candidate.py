@@ -66,11 +66,11 @@ def merge_candidate(recipe: Recipe, pool: ModelPool, *,
                     into: torch.nn.Module | None = None) -> Any:
     """The merged state dict of ``recipe`` (or ``into``, filled in place); ``stats``: per
     statistic kind, one mapping per expert (data-informed methods, e.g. ``merge_coeffs``)."""
-    import modelalloy
+    from modelalloy.api import merge
 
     options: dict[str, Any] = {}
     if pool.threads is not None:
         options["threads"] = pool.threads
     if stats is not None:
         options["stats"] = dict(stats)
-    return modelalloy.merge(recipe, sources=pool.by_reference(recipe), into=into, **options)
+    return merge(recipe, sources=pool.by_reference(recipe), into=into, **options)

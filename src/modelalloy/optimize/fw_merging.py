@@ -32,52 +32,10 @@ learns the move (:func:`frank_wolfe_soft`); ``ada_steps`` AdaMerging steps per i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 
-from modelalloy.errors import OptimizeError
-from modelalloy.optimize.adamerging import CoefficientResult
-from modelalloy.optimize.objectives import PythonObjective, SuiteObjective
-
 StateDict = Mapping[str, torch.Tensor]
-
-
-def suite_loss(obj: SuiteObjective, tasks: list[str], limit: int, batch_size: int
-               ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """Mean cross-entropy over every task's labeled val batches, through the suite module."""
-    from torch.func import functional_call
-
-    import modelalloy.eval.informed as ev
-
-    suite = obj.suite
-    batches = ev.task_batches(suite, tasks, "val", batch_size, limit=limit, labels=True)
-    module = ev.suite_module(suite, suite.base_state_dict(), tasks)
-
-    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        total, count = torch.zeros(()), 0
-        for bs in batches:
-            for b in bs:
-                inputs = {k: v for k, v in b.items() if k != "labels"}
-                out = functional_call(module, params, args=(), kwargs=inputs, strict=False)
-                total = total + ev.supervised_loss(out, b)
-                count += 1
-        return total / max(count, 1)
-
-    return loss
-
-
-def python_loss(obj: PythonObjective) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    fn = obj._load()
-
-    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        value = fn(params)
-        if not isinstance(value, torch.Tensor) or not value.requires_grad:
-            raise OptimizeError(f"fw_merging needs a differentiable objective: "
-                                f"{obj.spec} must return a torch scalar of the state dict")
-        return -value
-
-    return loss
 
 
 class Simplex:
@@ -177,86 +135,3 @@ def frank_wolfe_soft(task_losses: list[Callable[[dict[str, torch.Tensor]], torch
         if on_iterate is not None:
             on_iterate(t + 1, c.clone())
     return c
-
-
-def run(ctx: Any) -> None:
-    if ctx.space.granularity not in ("task", "layer"):
-        raise OptimizeError(f"{ctx.space.source}: fw_merging moves task- or layer-wise, not "
-                            f"search.granularity '{ctx.space.granularity}'")
-    if not ctx.template.uses_base():
-        raise OptimizeError(f"{ctx.space.source}: fw_merging writes task-arithmetic recipes: "
-                            "the template needs a base_model (task_arithmetic)")
-    base, pool = ctx.pool.sources(ctx.template)
-    obj = ctx.objectives.items[0]
-    opts = ctx.options
-    soft = opts["variant"] == "soft"
-    if opts["variant"] not in ("hard", "soft"):
-        raise OptimizeError(f"fw_merging: variant '{opts['variant']}': use hard or soft")
-    if isinstance(obj, SuiteObjective):
-        from modelalloy.optimize.learners import _inputs
-
-        _, tasks, _, _ = _inputs(ctx, held_out=True)
-        # the loss is the merged tasks' (the proxy set); experts of held-out tasks in the
-        # template are pool members that no task asks for (the paper's irrelevant models)
-        relevant = [t for t in tasks if t in obj.suite.info.merged_tasks]
-        loss = suite_loss(obj, relevant, int(opts["limit"]), int(opts["batch_size"]))
-        if soft:
-            task_losses = [suite_loss(obj, [t], int(opts["limit"]), int(opts["batch_size"]))
-                           for t in relevant]
-            learn = _adamerging_move(obj, relevant, ctx.space.granularity,
-                                     int(opts["ada_steps"]), int(opts["batch_size"]), ctx.seed)
-    elif soft:
-        raise OptimizeError("fw_merging variant soft learns its moves with AdaMerging on a "
-                            "suite's data: give --objective suite:...")
-    elif isinstance(obj, PythonObjective):
-        loss = python_loss(obj)
-    else:  # pragma: no cover - every objective kind is one of the two
-        raise OptimizeError(f"fw_merging cannot differentiate {obj.spec}")
-    names = [n for n, t in base.items() if t.is_floating_point()]
-    absolute = [str(ctx.template.model_path(e.model)) for e in ctx.template.expert_entries()]
-    base_path = str(ctx.template.model_path(ctx.template.base_model))
-
-    def as_result(c: torch.Tensor) -> CoefficientResult:
-        if ctx.space.granularity == "task":  # every row is the same
-            return CoefficientResult("fw_merging", "task", c[:1].float(), names,
-                                     dict.fromkeys(names, 0), [], ["all tensors"], names)
-        return CoefficientResult("fw_merging", "layer", c.float(), names,
-                                 {n: i for i, n in enumerate(names)}, [], names, list(base))
-
-    def score(t: int, c: torch.Tensor) -> None:
-        recipe = as_result(c).to_recipe(base_path, absolute)
-        recipe["seed"] = ctx.template.seed
-        ctx.evaluate([recipe], limit_budget=False, tag=f"iterate {t}")
-
-    if soft:
-        c = frank_wolfe_soft(task_losses, base, pool, learn, iterations=ctx.budget,
-                             scaling=float(opts["scaling"]), init=str(opts["init"]),
-                             on_iterate=score)
-    else:
-        c = frank_wolfe(loss, base, pool, granularity=ctx.space.granularity,
-                        iterations=ctx.budget, step_size=float(opts["step_size"]),
-                        scaling=float(opts["scaling"]), init=str(opts["init"]),
-                        on_iterate=score)
-    ctx.chosen = ctx.trials[-1]["trial"]
-    ctx.notes["iterations"] = len(ctx.trials) - 1
-    ctx.notes["coefficients"] = [round(float(c.min()), 4), round(float(c.max()), 4)]
-    as_result(c).save_heatmap(ctx.out / "coefficients.png", absolute)
-
-
-def _adamerging_move(obj: SuiteObjective, tasks: list[str], granularity: str, steps: int,
-                     batch_size: int, seed: int) -> Learn:
-    """FW-soft's move: AdaMerging (entropy on each task's unlabeled test inputs) with the
-    iterate as the base and the chosen vertices as the experts; λ per tensor and vertex."""
-    import modelalloy.eval.informed as ev
-    from modelalloy.optimize.adamerging import adamerging
-
-    batches = ev.task_batches(obj.suite, tasks, "test", batch_size)
-
-    def learn(x_t: dict[str, torch.Tensor], vertices: list[dict[str, torch.Tensor]],
-              init: float) -> torch.Tensor:
-        res = adamerging(ev.suite_module(obj.suite, x_t, tasks), x_t, vertices, batches,
-                         granularity=granularity, steps=steps, init=init, seed=seed)
-        return torch.tensor([[res.weight_of(n, j) if n in res.rows else 0.0
-                              for j in range(len(vertices))] for n in x_t])
-
-    return learn

@@ -21,8 +21,8 @@ import torch
 
 from modelalloy.errors import OptimizeError
 from modelalloy.optimize.candidate import ModelPool, merge_candidate
-from modelalloy.optimize.objectives import Objectives
 from modelalloy.optimize.space import SearchSpace
+from modelalloy.search.objectives import Objectives
 
 Candidate = Sequence[float] | Mapping[str, Any]
 

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from modelalloy.errors import OptimizeError
-from modelalloy.optimize.algorithms import AlgorithmSpec, get_algorithm
 from modelalloy.optimize.candidate import ModelPool
-from modelalloy.optimize.objectives import Objectives
 from modelalloy.optimize.space import SearchSpace, load_template
 from modelalloy.optimize.trials import TrialLog
-from modelalloy.optimize.workers import Candidate, TrialFailed, make_evaluator
 from modelalloy.recipe.model import Recipe
+from modelalloy.search.algorithms import AlgorithmSpec, get_algorithm
+from modelalloy.search.objectives import Objectives
+from modelalloy.search.workers import Candidate, TrialFailed, make_evaluator
 
 
 class _Progress(AbstractContextManager):

@@ -1,7 +1,7 @@
 """The optimizers ``modelalloy optimize`` runs: name, kind, paper, options, where the code is.
 
 A *search* proposes candidates (genomes of the template's search space) and is told their
-scores through :meth:`modelalloy.optimize.driver.RunContext.evaluate`; a *learner* learns
+scores through :meth:`modelalloy.search.driver.RunContext.evaluate`; a *learner* learns
 coefficients by gradients on a suite's data and has its result scored once. Modules are
 imported only when their algorithm runs (Ray, cma, optuna and pymoo are optional).
 """
@@ -101,7 +101,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "Chen et al., FW-Merging: Scaling Model Merging with Frank-Wolfe Optimization, 2025",
         "Frank-Wolfe over the pool of models (hard: task arithmetic as the move; soft: "
         "AdaMerging as the move), task or layer granularity; the budget is the iterations",
-        "modelalloy.optimize.fw_merging:run",
+        "modelalloy.search.runs:run_fw_merging",
         {"step_size": (0.1, "γ_t = step_size · 2/(t+2)"),
          "scaling": (0.3, "task-arithmetic scaling s of the start and of each move"),
          "init": ("ta", "start: ta (task arithmetic at s) or base"),
@@ -115,7 +115,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024",
         "task- or layer-wise task-arithmetic coefficients by entropy minimisation on the "
         "suite's unlabeled test inputs",
-        "modelalloy.optimize.learners:run_adamerging",
+        "modelalloy.search.runs:run_adamerging",
         {**_LEARNER_OPTIONS, "init": (0.3, "initial coefficient"),
          "ties_density": (None, "AdaMerging++: TIES-trim the task vectors first (0.2)")},
         budget=500),
@@ -125,13 +125,13 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "Importance-Guided Layer Chunking, ICLR 2026",
         "layer-wise coefficients aligning hidden states and logits with each expert on a few "
         "unlabeled samples",
-        "modelalloy.optimize.learners:run_expert_merging",
+        "modelalloy.search.runs:run_expert_merging",
         {"samples": (16, "unlabeled samples per task")}, budget=1),
     AlgorithmSpec(
         "expert_merging_pp", "learner",
         "Zhang et al., Expert Merging++ (importance-guided chunks), ICLR 2026",
         "Expert Merging, then chunk counts by importance and a chunk-wise run",
-        "modelalloy.optimize.learners:run_expert_merging_pp",
+        "modelalloy.search.runs:run_expert_merging_pp",
         {"samples": (16, "unlabeled samples per task"),
          "chunk_budget": (None, "total chunks B (default 2 × tensors)")}, budget=1),
     AlgorithmSpec(
@@ -140,14 +140,14 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "Imbalance through Model Merging, arXiv 2410.15035",
         "task-wise coefficients of an iterative SLERP of the task vectors, by gradient descent "
         "on the labeled val split",
-        "modelalloy.optimize.learners:run_self_positioning",
+        "modelalloy.search.runs:run_self_positioning",
         {**_LEARNER_OPTIONS, "mu": (0.05, "penalty on λ")}, budget=300),
     AlgorithmSpec(
         "sens_merging", "learner",
         "Liu et al., Sens-Merging: Sensitivity-Guided Parameter Balancing for Merging Large "
         "Language Models, Findings of ACL 2025",
         "layer-wise coefficients from parameter sensitivities and cross-task logit distances",
-        "modelalloy.optimize.learners:run_sens_merging",
+        "modelalloy.search.runs:run_sens_merging",
         {"limit": (32, "labeled val examples per task"), "scale": (1.0, "λ"),
          "temperature": (1.0, "softmax temperature T")}, budget=1),
 ]}

@@ -1,20 +1,8 @@
-"""The coefficient learners on a built-in suite, and their ``modelalloy optimize`` entries.
-
-``learn_*`` give each learner (modelalloy.optimize.adamerging, expert_merging,
-self_positioning, sens_merging) the suite's model and data the way its paper uses them — the
-same functions make the rows of ``benchmarks/informed_rows.py`` (via
-:func:`modelalloy.eval.informed.run_informed`) and the ``optimize`` runs:
-
-==================  ========================================================================
-adamerging          entropy of each task's head on its unlabeled ``test`` inputs
-expert_merging      a few unlabeled ``val`` samples per task (batches of one)
-sens_merging        labeled ``val`` examples (sensitivities and logit distances)
-self_positioning    cross-entropy on the labeled ``val`` split
-==================  ========================================================================
-
-``run_*`` (the ``optimize`` entries) read the experts of the template (each must be one of the
-suite's expert folders, so its task — and head — is known), learn, and score the learned
-task-arithmetic recipe once on the objective: that is the run's one trial and its recipe.
+"""The ``modelalloy optimize`` entries of the learners (and of FW-Merging, whose loss comes from
+the objective): read the experts of the template (each must be one of the suite's expert
+folders, so its task — and head — is known), learn with
+:mod:`modelalloy.eval.learners` (the same functions as the informed benchmark rows), and score
+the learned task-arithmetic recipe on the objective: that is the run's trial and its recipe.
 """
 
 from __future__ import annotations
@@ -26,81 +14,17 @@ from typing import Any
 import torch
 
 from modelalloy.errors import OptimizeError
+from modelalloy.eval.learners import (
+    learn_adamerging,
+    learn_expert_merging,
+    learn_self_positioning,
+    learn_sens_merging,
+)
 from modelalloy.optimize.adamerging import CoefficientResult
+from modelalloy.optimize.fw_merging import Learn
+from modelalloy.search.objectives import PythonObjective, SuiteObjective
 
 StateDict = Mapping[str, torch.Tensor]
-
-
-def _eval() -> Any:
-    import modelalloy.eval.informed as informed
-
-    return informed
-
-
-def learn_adamerging(suite: Any, tasks: Sequence[str], base: StateDict,
-                     experts: Sequence[StateDict], *, granularity: str = "layer",
-                     steps: int = 500, lr: float = 1e-3, batch_size: int = 16,
-                     init: float = 0.3, ties_density: float | None = None,
-                     seed: int = 0) -> CoefficientResult:
-    from modelalloy.optimize.adamerging import adamerging
-
-    ev = _eval()
-    batches = ev.task_batches(suite, tasks, "test", batch_size)
-    return adamerging(ev.suite_module(suite, base, tasks), base, experts, batches,
-                      granularity=granularity, steps=steps, lr=lr, init=init,
-                      ties_density=ties_density, seed=seed)
-
-
-def learn_expert_merging(suite: Any, tasks: Sequence[str], base: StateDict,
-                         experts: Sequence[StateDict], *, samples: int = 16,
-                         split: str = "val", batch_size: int = 16, limit: int | None = None,
-                         chunks: Mapping[str, int] | None = None) -> Any:
-    """An :class:`ExpertMergingResult` with the suite body's tensor names."""
-    from modelalloy.optimize.expert_merging import ExpertMergingResult, expert_merging
-    from modelalloy.stats.hooks import batch_size_of, select_example
-
-    ev = _eval()
-    model = ev.suite_module(suite, base, tasks, stacked=True)
-    batches = ev.task_batches(suite, tasks, split, batch_size, limit=limit)
-    per_task = [[select_example(b, i, batch_size_of(b)) for b in bs
-                 for i in range(batch_size_of(b))][:samples] for bs in batches]
-    res = expert_merging(model, ev.to_module_names(model, base),
-                         [ev.to_module_names(model, sd) for sd in experts], per_task,
-                         chunks=None if chunks is None else ev.to_module_names(model, chunks))
-    return ExpertMergingResult(ev.to_body_names(model, res.alphas), res.history, list(base))
-
-
-def learn_sens_merging(suite: Any, tasks: Sequence[str], base: StateDict,
-                       experts: Sequence[StateDict], *, scale: float = 1.0,
-                       temperature: float = 1.0, limit: int = 32, split: str = "val",
-                       batch_size: int = 16) -> tuple[CoefficientResult, dict[str, Any]]:
-    from modelalloy.optimize.sens_merging import sens_merging
-
-    ev = _eval()
-    calib = ev.task_batches(suite, tasks, split, batch_size, limit=limit, labels=True)
-    return sens_merging(ev.suite_module(suite, base, tasks), base, experts, calib,
-                        scale=scale, temperature=temperature)
-
-
-def learn_self_positioning(suite: Any, tasks: Sequence[str], base: StateDict,
-                           experts: Sequence[StateDict], *, steps: int = 300,
-                           lr: float = 5e-3, mu: float = 0.05, split: str = "val",
-                           batch_size: int = 16, seed: int = 0) -> CoefficientResult:
-    from modelalloy.optimize.self_positioning import self_positioning
-
-    ev = _eval()
-    probe = [b for bs in ev.task_batches(suite, tasks, split, batch_size, labels=True)
-             for b in bs]
-
-    def ce(forward: Callable[[Any], Any], batch: dict[str, Any]) -> torch.Tensor:
-        return ev.supervised_loss(forward({k: v for k, v in batch.items() if k != "labels"}),
-                                  batch)
-
-    return self_positioning(ev.suite_module(suite, base, tasks), base, experts, probe, ce,
-                            steps=steps, lr=lr, mu=mu, seed=seed)
-
-
-# -- modelalloy optimize entries ------------------------------------------------------------
 
 
 def _inputs(ctx: Any, held_out: bool = False
@@ -232,3 +156,127 @@ def run_expert_merging_pp(ctx: Any) -> None:
     ctx.record(recipe, lambda: ctx.objectives.score(merge_candidate(
         rec, ctx.pool, stats={"merge_coeffs": [dict(st) for st in stats]})),
         tag="expert_merging_pp")
+
+
+# -- FW-Merging: its loss from the objective -------------------------------------------
+
+
+def suite_loss(obj: SuiteObjective, tasks: list[str], limit: int, batch_size: int
+               ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """Mean cross-entropy over every task's labeled val batches, through the suite module."""
+    from torch.func import functional_call
+
+    import modelalloy.eval.informed as ev
+
+    suite = obj.suite
+    batches = ev.task_batches(suite, tasks, "val", batch_size, limit=limit, labels=True)
+    module = ev.suite_module(suite, suite.base_state_dict(), tasks)
+
+    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        total, count = torch.zeros(()), 0
+        for bs in batches:
+            for b in bs:
+                inputs = {k: v for k, v in b.items() if k != "labels"}
+                out = functional_call(module, params, args=(), kwargs=inputs, strict=False)
+                total = total + ev.supervised_loss(out, b)
+                count += 1
+        return total / max(count, 1)
+
+    return loss
+
+
+def python_loss(obj: PythonObjective) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    fn = obj._load()
+
+    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        value = fn(params)
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            raise OptimizeError(f"fw_merging needs a differentiable objective: "
+                                f"{obj.spec} must return a torch scalar of the state dict")
+        return -value
+
+    return loss
+
+
+def run_fw_merging(ctx: Any) -> None:
+    """FW-Merging (modelalloy.optimize.fw_merging) on the objective's loss."""
+    from modelalloy.optimize.fw_merging import frank_wolfe, frank_wolfe_soft
+
+    if ctx.space.granularity not in ("task", "layer"):
+        raise OptimizeError(f"{ctx.space.source}: fw_merging moves task- or layer-wise, not "
+                            f"search.granularity '{ctx.space.granularity}'")
+    if not ctx.template.uses_base():
+        raise OptimizeError(f"{ctx.space.source}: fw_merging writes task-arithmetic recipes: "
+                            "the template needs a base_model (task_arithmetic)")
+    base, pool = ctx.pool.sources(ctx.template)
+    obj = ctx.objectives.items[0]
+    opts = ctx.options
+    soft = opts["variant"] == "soft"
+    if opts["variant"] not in ("hard", "soft"):
+        raise OptimizeError(f"fw_merging: variant '{opts['variant']}': use hard or soft")
+    if isinstance(obj, SuiteObjective):
+        _, tasks, _, _ = _inputs(ctx, held_out=True)
+        # the loss is the merged tasks' (the proxy set); experts of held-out tasks in the
+        # template are pool members that no task asks for (the paper's irrelevant models)
+        relevant = [t for t in tasks if t in obj.suite.info.merged_tasks]
+        loss = suite_loss(obj, relevant, int(opts["limit"]), int(opts["batch_size"]))
+        if soft:
+            task_losses = [suite_loss(obj, [t], int(opts["limit"]), int(opts["batch_size"]))
+                           for t in relevant]
+            learn = _adamerging_move(obj, relevant, ctx.space.granularity,
+                                     int(opts["ada_steps"]), int(opts["batch_size"]), ctx.seed)
+    elif soft:
+        raise OptimizeError("fw_merging variant soft learns its moves with AdaMerging on a "
+                            "suite's data: give --objective suite:...")
+    elif isinstance(obj, PythonObjective):
+        loss = python_loss(obj)
+    else:  # pragma: no cover - every objective kind is one of the two
+        raise OptimizeError(f"fw_merging cannot differentiate {obj.spec}")
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    absolute = [str(ctx.template.model_path(e.model)) for e in ctx.template.expert_entries()]
+    base_path = str(ctx.template.model_path(ctx.template.base_model))
+
+    def as_result(c: torch.Tensor) -> CoefficientResult:
+        if ctx.space.granularity == "task":  # every row is the same
+            return CoefficientResult("fw_merging", "task", c[:1].float(), names,
+                                     dict.fromkeys(names, 0), [], ["all tensors"], names)
+        return CoefficientResult("fw_merging", "layer", c.float(), names,
+                                 {n: i for i, n in enumerate(names)}, [], names, list(base))
+
+    def score(t: int, c: torch.Tensor) -> None:
+        recipe = as_result(c).to_recipe(base_path, absolute)
+        recipe["seed"] = ctx.template.seed
+        ctx.evaluate([recipe], limit_budget=False, tag=f"iterate {t}")
+
+    if soft:
+        c = frank_wolfe_soft(task_losses, base, pool, learn, iterations=ctx.budget,
+                             scaling=float(opts["scaling"]), init=str(opts["init"]),
+                             on_iterate=score)
+    else:
+        c = frank_wolfe(loss, base, pool, granularity=ctx.space.granularity,
+                        iterations=ctx.budget, step_size=float(opts["step_size"]),
+                        scaling=float(opts["scaling"]), init=str(opts["init"]),
+                        on_iterate=score)
+    ctx.chosen = ctx.trials[-1]["trial"]
+    ctx.notes["iterations"] = len(ctx.trials) - 1
+    ctx.notes["coefficients"] = [round(float(c.min()), 4), round(float(c.max()), 4)]
+    as_result(c).save_heatmap(ctx.out / "coefficients.png", absolute)
+
+
+def _adamerging_move(obj: SuiteObjective, tasks: list[str], granularity: str, steps: int,
+                     batch_size: int, seed: int) -> Learn:
+    """FW-soft's move: AdaMerging (entropy on each task's unlabeled test inputs) with the
+    iterate as the base and the chosen vertices as the experts; λ per tensor and vertex."""
+    import modelalloy.eval.informed as ev
+    from modelalloy.optimize.adamerging import adamerging
+
+    batches = ev.task_batches(obj.suite, tasks, "test", batch_size)
+
+    def learn(x_t: dict[str, torch.Tensor], vertices: list[dict[str, torch.Tensor]],
+              init: float) -> torch.Tensor:
+        res = adamerging(ev.suite_module(obj.suite, x_t, tasks), x_t, vertices, batches,
+                         granularity=granularity, steps=steps, init=init, seed=seed)
+        return torch.tensor([[res.weight_of(n, j) if n in res.rows else 0.0
+                              for j in range(len(vertices))] for n in x_t])
+
+    return learn
