@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from modelalloy.eval.learners import learn_adamerging, learn_sens_merging
+from modelalloy.eval.informed import learn_adamerging, learn_sens_merging
 from modelalloy.optimize.candidate import ModelPool, merge_candidate
 from modelalloy.recipe.load import load_recipe
 from modelalloy.search.driver import optimize

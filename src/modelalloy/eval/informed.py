@@ -56,6 +56,7 @@ from torch import nn
 
 from modelalloy.api import merge_state_dicts
 from modelalloy.eval.harness import SuiteScorer, run_bench, summarize
+from modelalloy.optimize.adamerging import CoefficientResult
 from modelalloy.plan.layers import split_layer
 
 # Methods this module runs (row names). ``aim`` rows are named after the merge they relax.
@@ -63,6 +64,7 @@ INFORMED_METHODS = ("regmean", "regmean_pp", "fisher", "ota", "ota_ffg", "aim",
                     "adamerging_task", "adamerging_layer", "expert_merging", "sens_merging",
                     "self_positioning")
 BASELINES = ("linear", "task_arithmetic", "ties")
+StateDict = Mapping[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +226,72 @@ def supervised_loss(output: Any, batch: Mapping[str, Any]) -> torch.Tensor:
         return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                            labels[:, 1:].reshape(-1), ignore_index=-100)
     return nn.functional.cross_entropy(logits, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The coefficient learners on a suite: each given the suite's model and data the way its paper
+# uses them (AdaMerging: unlabeled test inputs; Expert Merging: a few unlabeled val samples;
+# Sens-Merging and Self Positioning: labeled val examples). The rows below and `modelalloy
+# optimize` (modelalloy.search.runs) both call these.
+
+
+def learn_adamerging(suite: Any, tasks: Sequence[str], base: StateDict,
+                     experts: Sequence[StateDict], *, granularity: str = "layer",
+                     steps: int = 500, lr: float = 1e-3, batch_size: int = 16,
+                     init: float = 0.3, ties_density: float | None = None,
+                     seed: int = 0) -> CoefficientResult:
+    from modelalloy.optimize.adamerging import adamerging
+
+    batches = task_batches(suite, tasks, "test", batch_size)
+    return adamerging(suite_module(suite, base, tasks), base, experts, batches,
+                      granularity=granularity, steps=steps, lr=lr, init=init,
+                      ties_density=ties_density, seed=seed)
+
+
+def learn_expert_merging(suite: Any, tasks: Sequence[str], base: StateDict,
+                         experts: Sequence[StateDict], *, samples: int = 16,
+                         split: str = "val", batch_size: int = 16, limit: int | None = None,
+                         chunks: Mapping[str, int] | None = None) -> Any:
+    """An :class:`ExpertMergingResult` with the suite body's tensor names."""
+    from modelalloy.optimize.expert_merging import ExpertMergingResult, expert_merging
+    from modelalloy.stats.hooks import batch_size_of, select_example
+
+    model = suite_module(suite, base, tasks, stacked=True)
+    batches = task_batches(suite, tasks, split, batch_size, limit=limit)
+    per_task = [[select_example(b, i, batch_size_of(b)) for b in bs
+                 for i in range(batch_size_of(b))][:samples] for bs in batches]
+    res = expert_merging(model, to_module_names(model, base),
+                         [to_module_names(model, sd) for sd in experts], per_task,
+                         chunks=None if chunks is None else to_module_names(model, chunks))
+    return ExpertMergingResult(to_body_names(model, res.alphas), res.history, list(base))
+
+
+def learn_sens_merging(suite: Any, tasks: Sequence[str], base: StateDict,
+                       experts: Sequence[StateDict], *, scale: float = 1.0,
+                       temperature: float = 1.0, limit: int = 32, split: str = "val",
+                       batch_size: int = 16) -> tuple[CoefficientResult, dict[str, Any]]:
+    from modelalloy.optimize.sens_merging import sens_merging
+
+    calib = task_batches(suite, tasks, split, batch_size, limit=limit, labels=True)
+    return sens_merging(suite_module(suite, base, tasks), base, experts, calib,
+                        scale=scale, temperature=temperature)
+
+
+def learn_self_positioning(suite: Any, tasks: Sequence[str], base: StateDict,
+                           experts: Sequence[StateDict], *, steps: int = 300,
+                           lr: float = 5e-3, mu: float = 0.05, split: str = "val",
+                           batch_size: int = 16, seed: int = 0) -> CoefficientResult:
+    from modelalloy.optimize.self_positioning import self_positioning
+
+    probe = [b for bs in task_batches(suite, tasks, split, batch_size, labels=True)
+             for b in bs]
+
+    def ce(forward: Callable[[Any], Any], batch: dict[str, Any]) -> torch.Tensor:
+        return supervised_loss(forward({k: v for k, v in batch.items() if k != "labels"}),
+                                  batch)
+
+    return self_positioning(suite_module(suite, base, tasks), base, experts, probe, ce,
+                            steps=steps, lr=lr, mu=mu, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,7 +713,6 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- AdaMerging: entropy of each task's head on its unlabeled test inputs
     if want("adamerging_task") or want("adamerging_layer"):
-        from modelalloy.eval.learners import learn_adamerging
 
         for gran in ("task", "layer"):
             if not want(f"adamerging_{gran}"):
@@ -664,7 +731,6 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- Expert Merging (layer-wise): align with each expert's hidden states and logits
     if want("expert_merging"):
-        from modelalloy.eval.learners import learn_expert_merging
 
         t0 = time.perf_counter()
         coeffs = learn_expert_merging(suite, tasks, base, experts, samples=cfg.expert_samples,
@@ -676,7 +742,6 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- Sens-Merging: sensitivity-guided layer-wise coefficients (labeled calibration)
     if want("sens_merging"):
-        from modelalloy.eval.learners import learn_sens_merging
 
         t0 = time.perf_counter()
         scale = (cfg.sens_scale if cfg.sens_scale is not None
@@ -693,7 +758,6 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
 
     # --- Self Positioning: task-wise coefficients by SGD on the labeled val split
     if want("self_positioning"):
-        from modelalloy.eval.learners import learn_self_positioning
 
         t0 = time.perf_counter()
         res = learn_self_positioning(suite, tasks, base, experts,

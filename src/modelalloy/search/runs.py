@@ -1,8 +1,8 @@
 """The ``modelalloy optimize`` entries of the learners (and of FW-Merging, whose loss comes from
 the objective): read the experts of the template (each must be one of the suite's expert
-folders, so its task — and head — is known), learn with
-:mod:`modelalloy.eval.learners` (the same functions as the informed benchmark rows), and score
-the learned task-arithmetic recipe on the objective: that is the run's trial and its recipe.
+folders, so its task — and head — is known), learn with ``modelalloy.eval.informed.learn_*``
+(the same functions as the informed benchmark rows), and score the learned task-arithmetic
+recipe on the objective: that is the run's trial and its recipe.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from modelalloy.errors import OptimizeError
-from modelalloy.eval.learners import (
+from modelalloy.eval.informed import (
     learn_adamerging,
     learn_expert_merging,
     learn_self_positioning,
