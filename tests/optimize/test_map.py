@@ -43,3 +43,5 @@ def test_preference_picks_the_known_optimum(template, tmp_path, pref, expect):
     front = json.loads((tmp_path / "out" / "front.json").read_text())
     assert sum("real" in row for row in front) == 5
     assert (tmp_path / "out" / "pareto.png").is_file()
+    table = (tmp_path / "out" / "front.md").read_text().splitlines()
+    assert len(table) == 2 + len(front) and "a predicted" in table[0]

@@ -177,6 +177,14 @@ def _write_front(ctx: Any, keys: list[str], front_x: np.ndarray, front_f: np.nda
         rows[i]["real"] = {k: r["scores"][k] for k in keys}
         rows[i]["trial"] = r["trial"]
     (ctx.out / "front.json").write_text(json.dumps(rows, indent=1))
+    table = ["| genome | " + " | ".join(f"{k} predicted | {k} real" for k in keys) + " |",
+             "|---|" + "---:|---:|" * len(keys)]
+    for row in sorted(rows, key=lambda r: -r["predicted"][keys[0]]):
+        real_row = row.get("real", {})
+        table.append(f"| {row['genome']} | " + " | ".join(
+            f"{row['predicted'][k]:.4f} | "
+            + (f"{real_row[k]:.4f}" if k in real_row else "") for k in keys) + " |")
+    (ctx.out / "front.md").write_text("\n".join(table) + "\n")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(front_f[:, 0], front_f[:, 1], s=12, label="predicted front")
