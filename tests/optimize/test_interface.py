@@ -204,3 +204,16 @@ def test_sigkilled_command_resumes_to_the_same_result(template, tmp_path):
     full = optimize("evolve", tpl, [obj], tmp_path / "full", budget=40, seed=4)
     assert _trials(out) == _trials(tmp_path / "full")
     assert again.recipe_path.read_text() == full.recipe_path.read_text()
+
+
+def test_several_objectives_combine_by_their_weights(template, tmp_path, run_cli):
+    out = tmp_path / "out"
+    r = run_cli("optimize", "evolve", template(), "--objective", QUAD, "--objective", LAYERS,
+                "--weights", "2,0.5", "--out", out, "--budget", "3")
+    assert r.code == 0, r.err
+    for line in (out / "trials.jsonl").read_text().splitlines():
+        s = json.loads(line)["scores"]
+        assert s["fitness"] == pytest.approx(2 * s["0:score"] + 0.5 * s["1:score"])
+    r = run_cli("optimize", "evolve", template(), "--objective", QUAD, "--weights", "1,2",
+                "--out", tmp_path / "o2")
+    assert r.code != 0 and "2 weights for 1 objectives" in r.err
