@@ -217,3 +217,35 @@ def test_several_objectives_combine_by_their_weights(template, tmp_path, run_cli
     r = run_cli("optimize", "evolve", template(), "--objective", QUAD, "--weights", "1,2",
                 "--out", tmp_path / "o2")
     assert r.code != 0 and "2 weights for 1 objectives" in r.err
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_only_changed_tensors_are_merged_again(template, tmp_path, method):
+    tpl = template(method=method, search={"granularity": "layer", "parameters": {
+        "weight": [0, 1], "density": [0.2, 1.0]}}, seed=7)
+    space, _ = load_template(tpl)
+    pool, fresh = ModelPool(), ModelPool(reuse=False)
+    genome = [0.5] * space.dim
+    first = merge_candidate(space.recipe(genome), pool)
+    assert pool.merged_tensors == 7 and pool.reused_tensors == 0
+    moved = list(genome)
+    moved[space.genes.index(next(g for g in space.genes if g.cell == 1))] = 0.9  # layer 1
+    second = merge_candidate(space.recipe(moved), pool)
+    assert pool.merged_tensors == 7 + 2  # layers.1.weight and .bias, nothing else
+    again = merge_candidate(space.recipe(moved), fresh)
+    assert all(torch.equal(second[n], again[n]) for n in again)  # the same bits
+    assert not torch.equal(first["layers.1.weight"], second["layers.1.weight"])
+    assert second["layers.0.weight"] is first["layers.0.weight"]
+
+
+def test_gradients_turn_reuse_off(template):
+    tpl = template(method="ties", search={"parameters": {"weight": [0, 1]}})
+    space, _ = load_template(tpl)
+    data = space.recipe_dict([0.5, 0.5])
+    data["parameters"]["density"] = [0.3, 0.9]  # interpolated over the layer position
+    from modelalloy.recipe.load import recipe_from_dict
+
+    pool = ModelPool()
+    merge_candidate(recipe_from_dict(data), pool)
+    merge_candidate(recipe_from_dict(data), pool)
+    assert pool.merged_tensors == 0 and pool.reused_tensors == 0  # whole merges, no reuse

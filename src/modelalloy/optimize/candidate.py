@@ -7,6 +7,12 @@ as ``modelalloy merge``, with the models held in memory by a :class:`ModelPool` 
 from their folders. So a candidate is, bit for bit, what ``modelalloy merge`` writes for the same
 recipe (tests/optimize/test_interface.py and test_learners.py check it), and nothing is written
 to disk.
+
+Between candidates the pool keeps the merged tensors with the parameters they were merged
+with; the next candidate re-merges only the tensors whose parameters changed (a search that
+moves one layer group re-merges that group), where that gives the same bits: methods whose
+output for a tensor depends only on that tensor's inputs, parameters, seed and name
+(:data:`POSITION_FREE`), no whole-model pass, and no gradient (layer-position) settings.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import torch
 from modelalloy.recipe.model import Recipe
 
 StateDict = Mapping[str, torch.Tensor]
+# Methods whose merged tensor depends only on its own inputs, parameters, seed and name (not on
+# its layer position nor on other tensors), for which re-merging a subset is exact.
+POSITION_FREE = frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                           "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
 
 
 class ModelPool:
@@ -30,9 +40,12 @@ class ModelPool:
     """
 
     def __init__(self, state_dicts: Mapping[str, StateDict] | None = None, *,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, reuse: bool = True) -> None:
         self._loaded: dict[str, StateDict] = dict(state_dicts or {})
         self.threads = threads
+        self.reuse = reuse
+        self.last: dict[str, tuple[Any, torch.Tensor]] = {}  # name -> (its key, merged)
+        self.merged_tensors = self.reused_tensors = 0
 
     def get(self, recipe: Recipe, model: str) -> StateDict:
         key = str(recipe.model_path(model))
@@ -73,4 +86,65 @@ def merge_candidate(recipe: Recipe, pool: ModelPool, *,
         options["threads"] = pool.threads
     if stats is not None:
         options["stats"] = dict(stats)
-    return merge(recipe, sources=pool.by_reference(recipe), into=into, **options)
+    sources = pool.by_reference(recipe)
+    keys = _tensor_keys(recipe, pool) if pool.reuse and into is None and stats is None else None
+    if keys is None:
+        return merge(recipe, sources=sources, into=into, **options)
+    changed = [n for n, k in keys.items() if n not in pool.last or pool.last[n][0] != k]
+    if changed:
+        subset = {ref: {n: sd[n] for n in changed} for ref, sd in sources.items()}
+        merged = merge(recipe, sources=subset, **options)
+        pool.last.update({n: (keys[n], merged[n]) for n in changed})
+    pool.merged_tensors += len(changed)
+    pool.reused_tensors += len(keys) - len(changed)
+    # integer and bool tensors: copied from the reference, as the engine does
+    return {n: pool.last[n][1] if n in keys else t.clone()
+            for n, t in _reference(recipe, pool).items()}
+
+
+def _reference(recipe: Recipe, pool: ModelPool) -> StateDict:
+    base, experts = pool.sources(recipe)
+    return base if base is not None else experts[0]
+
+
+def _has_gradient(setting: Any) -> bool:
+    """A list of numbers (interpolated over the layer position) anywhere in a setting."""
+    from modelalloy.recipe.model import Conditional, is_number
+
+    if isinstance(setting, Conditional):
+        return _has_gradient(setting.value)
+    if isinstance(setting, list):
+        return (len(setting) > 1 and all(is_number(v) for v in setting)) or any(
+            _has_gradient(v) for v in setting if isinstance(v, (list, Conditional)))
+    return False
+
+
+def _tensor_keys(recipe: Recipe, pool: ModelPool) -> dict[str, Any] | None:
+    """Per float tensor, what its merged value depends on (method, seed, dtype, models, its
+    resolved parameters); None when re-merging a subset would not be exact."""
+    from modelalloy.plan.layers import LayerIndexer
+    from modelalloy.recipe.resolve import resolve_tensor_params
+
+    spec = recipe.method_spec()
+    if spec.name not in POSITION_FREE:
+        return None
+    settings = [*recipe.parameters.values()] + [v for e in recipe.models
+                                                for v in e.parameters.values()]
+    if any(_has_gradient(v) for v in settings):
+        return None
+    reference = _reference(recipe, pool)
+    indexer = LayerIndexer(reference.keys())
+    common = (spec.name, recipe.seed, recipe.out_dtype or recipe.dtype,
+              tuple(str(recipe.model_path(m)) for m in recipe.all_models()),
+              recipe.uses_base())
+    keys: dict[str, Any] = {}
+    for name, tensor in reference.items():
+        if not tensor.is_floating_point():
+            continue
+        params = resolve_tensor_params(recipe, name, *indexer.lookup(name))
+        if spec.prepare is not None and (spec.prepare_when is None
+                                         or spec.prepare_when(params)):
+            return None  # a whole-model pass: every tensor depends on all the others
+        keys[name] = (common, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                           for k, v in params.items())))
+    return keys
