@@ -18,6 +18,9 @@
                                                 maximised; else their mean)
 ==============================================  =============================================
 
+The state dict an objective receives is read-only: its tensors are shared with the next
+candidates (unchanged tensors are not merged again).
+
 Several objectives combine as Σ wᵢ·scoreᵢ (weights from ``--weights``, default 1 each); the
 multi-objective algorithms read every score of every objective.
 """
