@@ -143,6 +143,10 @@ def test_in_memory_merge_has_the_bits_of_the_merge_on_disk(tmp_path, monkeypatch
     # in memory: one thread, in the calling thread (the default for a small model)
     in_memory = modelalloy.merge(recipe, sources=sources, stats=stats or None)
     _assert_same_bits(in_memory, {name: on_disk[name] for name in models[0]})
+    # no sources: the recipe's checkpoints (and their statistics files) read into a state dict
+    from_disk = modelalloy.merge(recipe)  # in the checkpoint's storage order
+    assert set(from_disk) == set(in_memory)
+    _assert_same_bits({name: from_disk[name] for name in in_memory}, in_memory)
     # the merge changed something (the comparison is not between two copies of a base)
     merged = [n for n in SMALL if not torch.equal(in_memory[n], models[0][n])]
     assert merged, method
