@@ -30,7 +30,7 @@ from modelalloy.io.dtypes import parse_dtype
 from modelalloy.methods.registry import MethodSpec
 from modelalloy.plan.planner import MergePlan, build_plan
 from modelalloy.plan.sources import TensorSource
-from modelalloy.stats_files import StatsFiles
+from modelalloy.stats_files import StatsFiles, collect_missing
 
 Model = Mapping[str, torch.Tensor] | torch.nn.Module
 # statistics by kind: one mapping (parameter name -> tensor) per owner, in owner order, or
@@ -167,7 +167,9 @@ def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = No
     recipe = as_recipe(recipe)
     spec = recipe.method_spec()
     with ExitStack() as stack:
-        if sources is None:
+        if sources is None:  # the recipe's checkpoints, as `modelalloy merge` reads them
+            if stats is None:
+                collect_missing(recipe, spec, device=str(device or "cpu"))
             plan = make_plan(recipe, stack)
         else:
             base, experts = in_memory_sources(recipe, sources)
