@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -42,9 +42,10 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
 
     # `lambda` is a Python keyword: accept `lambda_=` (any trailing underscore is dropped).
     params = {key.rstrip("_"): value for key, value in params.items()}
-    return merge_models_in_memory(get_method(method), base, experts, params, seed=seed,
-                                  device=device, threads=threads,
-                                  allow_nonfinite=allow_nonfinite, stats=stats, slicing=False)
+    merged = merge_models_in_memory(get_method(method), base, experts, params, seed=seed,
+                                    device=device, threads=threads,
+                                    allow_nonfinite=allow_nonfinite, stats=stats, slicing=False)
+    return cast(dict[str, torch.Tensor], merged)  # no `into`: the new state dict
 
 
 def merge(recipe: str | Path | Mapping[str, Any] | Any, out_dir: str | Path | None = None, *,

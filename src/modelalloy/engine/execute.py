@@ -141,7 +141,7 @@ class PlanExecutor:
 
     def _buffers(self, key: object, dtype: torch.dtype, size: int) -> torch.Tensor:
         """This thread's reused slice buffer ``key`` of ``dtype``, at least ``size`` long."""
-        cache = self._slice_buffers.__dict__
+        cache: dict[Any, torch.Tensor] = self._slice_buffers.__dict__
         buf = cache.get((key, dtype))
         if buf is None or buf.numel() < size:
             buf = cache[(key, dtype)] = torch.empty(max(size, SLICE_ELEMENTS), dtype=dtype)
@@ -193,7 +193,7 @@ class PlanExecutor:
                 writer.write_part(entry.name, start, merged)
             else:
                 held[start:start + count] = merged
-        if held is not None:
+        if held is not None and spec.finish_slices is not None:
             for index, values in spec.finish_slices(ctx):
                 held[index] = values.to(entry.out_dtype)
             writer.write_part(entry.name, 0, held)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from modelalloy.engine.execute import run_plan
+from modelalloy.engine.execute import StatsLoader, run_plan
 from modelalloy.engine.run import as_recipe, default_threads, make_plan, resolve_device
 from modelalloy.engine.sinks import ModuleSink, StateDictSink
 from modelalloy.engine.sources import StateDictSource, state_of
@@ -179,7 +179,7 @@ def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = No
         plan.raise_if_problems()
         dev = resolve_device(device) if device is not None \
             else reference_device(plan.reference)
-        loader = None
+        loader: StatsLoader | None = None
         if spec.stats and sources is None and stats is None:
             loader = StatsFiles.for_plan(plan, stack)
         elif spec.stats or stats:
@@ -194,13 +194,16 @@ def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = No
 
 
 def run_in_memory(plan: MergePlan, into: torch.nn.Module | None, *, device: torch.device,
-                  seed: int, threads: int, allow_nonfinite: bool, stats_loader: Any,
-                  slicing: bool = True) -> dict[str, torch.Tensor] | torch.nn.Module:
+                  seed: int, threads: int, allow_nonfinite: bool,
+                  stats_loader: StatsLoader | None, slicing: bool = True
+                  ) -> dict[str, torch.Tensor] | torch.nn.Module:
     """Run ``plan`` into ``into``'s parameters (returned) or into a new state dict."""
     sink = memory_sink(plan, into)
     run_plan(plan, sink, device=device, seed=seed, threads=threads,
              allow_nonfinite=allow_nonfinite, stats_loader=stats_loader, slicing=slicing)
-    return into if into is not None else sink.result()
+    if isinstance(sink, ModuleSink):
+        return sink.module
+    return sink.result()
 
 
 def merge_models_in_memory(spec: MethodSpec, base: Model | None, experts: Sequence[Model],

@@ -117,7 +117,8 @@ def input_paths(recipe: Recipe) -> list[Path]:
     return [recipe.model_path(n) for n in names]
 
 
-def run_recipe(recipe: str | Path | Recipe, out_dir: Path, *, device: str = "cpu",
+def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *,
+               device: str = "cpu",
                seed: int | None = None, threads: int | None = None,
                memory_budget: str | int | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                force: bool = False, allow_nonfinite: bool = False,
@@ -171,7 +172,7 @@ def in_flight_budget(plan: MergePlan, budget_bytes: int, sliced: bool = True) ->
 
     largest = max(plan.entries, key=need_of, default=None)
     need = 0 if largest is None else need_of(largest)
-    if budget_bytes < baseline + need:
+    if largest is not None and budget_bytes < baseline + need:
         raise ModelAlloyError(
             f"--memory-budget {budget_bytes / 1e9:.2f} GB is too small: tensor "
             f"'{largest.name}' needs {need / 1e9:.2f} GB while it is merged (its "
@@ -183,7 +184,8 @@ def in_flight_budget(plan: MergePlan, budget_bytes: int, sliced: bool = True) ->
 
 def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
     """Config, tokenizer, model card and the recipe itself, next to the weights."""
-    reference_dir = plan.reference.path if plan.reference.path.is_dir() else None
+    where = plan.reference.path
+    reference_dir = where if isinstance(where, Path) and where.is_dir() else None
     tokenizer_dir = None
     if recipe.tokenizer_source not in (None, "base"):
         tokenizer_dir = recipe.model_path(recipe.tokenizer_source)

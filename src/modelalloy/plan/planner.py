@@ -9,7 +9,7 @@ Every incompatibility is collected, so ``modelalloy plan`` can show them all at 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +141,7 @@ def _architecture(ckpt: TensorSource) -> tuple[str, ...] | None:
 
 
 def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | None,
-               experts: list[TensorSource], out_dtype: torch.dtype | None,
+               experts: Sequence[TensorSource], out_dtype: torch.dtype | None,
                resolve_params: ParamResolver | None = None) -> MergePlan:
     """Check the models against each other and resolve every output tensor.
 
@@ -152,7 +152,7 @@ def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | Non
             raise ValueError("build_plan needs a recipe or resolve_params")
         def resolve_params(name: str, layer: int | None, count: int | None) -> dict[str, Any]:
             return resolve_tensor_params(recipe, name, layer, count)
-    plan = MergePlan(spec=spec, recipe=recipe, base=base, experts=experts, entries=[])
+    plan = MergePlan(spec=spec, recipe=recipe, base=base, experts=list(experts), entries=[])
     reference = plan.reference
     ref_names = reference.names()
     ref_set = set(ref_names)
