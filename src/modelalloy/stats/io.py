@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -33,7 +34,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modelalloy.errors import CheckpointError
+from modelalloy.errors import CheckpointError, OutputError
+from modelalloy.io.atomic_dir import human_size
+from modelalloy.io.faults import fault_point
 from modelalloy.stats.collect import Statistic
 
 FORMAT = "modelalloy.stats"
@@ -54,7 +57,6 @@ def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
         raise ValueError("kind is needed to save a plain mapping of statistics")
     target = Path(target)
     path = target if target.suffix == ".safetensors" else stats_path(target, kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "kind": kind}
     if isinstance(stat, Statistic):
         meta.update({k: str(v) for k, v in stat.meta.items()})
@@ -66,9 +68,30 @@ def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
                for k, v in stat.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        fault_point("stats.save")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # a full disk can show only here
+        os.replace(tmp, path)
+    except Exception as err:  # OSError, or safetensors' own error for a failed write
+        tmp.unlink(missing_ok=True)
+        raise OutputError(_write_failure(path, tensors, err)) from None
     return path
+
+
+def _write_failure(path: Path, tensors: Mapping[str, torch.Tensor], err: Exception) -> str:
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    folder = path.parent if path.parent.is_dir() else path.parent.parent
+    try:
+        free = f"{human_size(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = "free space unknown"
+    reason = " ".join(str(getattr(err, "strerror", None) or err).split())
+    return (f"{path}: cannot write the statistics ({reason}; they need "
+            f"{human_size(needed)}, {free} on that disk); free some space or choose another "
+            "place with --out")
 
 
 class StatsReader(Mapping[str, torch.Tensor]):
