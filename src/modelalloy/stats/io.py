@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modelalloy.errors import CheckpointError, OutputError
-from modelalloy.io.atomic_dir import human_size
+from modelalloy.io.atomic_dir import LeftoverNotice, human_size
 from modelalloy.io.faults import fault_point
 from modelalloy.stats.collect import Statistic
 
@@ -70,6 +71,7 @@ def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
         save_file(tensors, str(tmp), metadata=meta)
         fault_point("stats.save")
         with open(tmp, "rb") as f:
@@ -79,6 +81,29 @@ def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
         tmp.unlink(missing_ok=True)
         raise OutputError(_write_failure(path, tensors, err)) from None
     return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporaries of ``path`` whose writer (the pid in the name) is no longer running: a run
+    that was killed while writing. Removed, with a one-line notice."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        size = tmp.stat().st_size
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"{tmp}: removed a stale temporary file ({human_size(size)}) left by "
+                      f"process {pid}, which is no longer running", LeftoverNotice, stacklevel=3)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_failure(path: Path, tensors: Mapping[str, torch.Tensor], err: Exception) -> str:
