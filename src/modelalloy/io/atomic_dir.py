@@ -242,7 +242,7 @@ def recover_leftovers(out_dir: Path) -> list[str]:
 
 def _recover_one(out: Path, tmp: Path, old: Path, who: str) -> list[str]:
     done = []
-    old_dir = old / "x" if (old / "x").is_dir() else old  # modelalloy < 0.2 kept it in old/x
+    old_dir = old / "x" if (old / "x").is_dir() else old  # earlier versions kept it in old/x
     if old.is_dir() and not out.exists():
         if tmp.is_dir() and old_dir is old:
             os.rename(tmp, out)  # the new output was complete: finish the swap
