@@ -73,24 +73,6 @@ def collect_missing(recipe: Recipe, spec: MethodSpec, device: str = "cpu") -> li
     return written
 
 
-def check_stats_metadata(path: Path, kind: str) -> None:
-    """The file's header says it is modelalloy statistics of this kind, in the version this
-    modelalloy reads (docs/statistics.md); anything else would be merged as if it were."""
-    from modelalloy.stats.io import FORMAT, VERSION
-
-    _, meta = read_safetensors_header(path)
-    again = f"collect them again with `modelalloy stats ... --kind {kind}`"
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a modelalloy statistics file (metadata format="
-                              f"{meta.get('format')!r}, expected {FORMAT!r}); {again}")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: statistics format version {meta.get('version')!r}; "
-                              f"this modelalloy reads {VERSION}; {again}")
-    if meta.get("kind") != kind:
-        raise CheckpointError(f"{path}: holds {meta.get('kind')!r} statistics, not {kind!r}; "
-                              f"{again}")
-
-
 class StatsFiles:
     """Per-expert statistic files for one plan; call it with a tensor name."""
 
@@ -100,6 +82,8 @@ class StatsFiles:
 
     @classmethod
     def for_plan(cls, plan: MergePlan, stack: ExitStack) -> StatsFiles | None:
+        from modelalloy.stats.io import check_metadata
+
         kinds = plan.spec.stats
         if not kinds:
             return None
@@ -118,7 +102,7 @@ class StatsFiles:
                         f"--kind {kind} --data FILE` first, or give the recipe "
                         "`calibration: FILE`")
                 files[kind].append(stack.enter_context(open_checkpoint(path)))
-                check_stats_metadata(path, kind)
+                check_metadata(path, read_safetensors_header(path)[1], kind)
         return cls(files)
 
     def __call__(self, name: str) -> dict[str, list[torch.Tensor | None]]:

@@ -13,15 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import save_gpt2_family, write_recipe
-
-
-def _one_line(result, *needles: str) -> str:
-    assert result.code != 0, result.out + result.err
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.err, result.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from tests.faults.helpers import assert_one_line
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def bundle(family, tmp_path_factory):
 ])
 def test_compress_bad_options(tmp_path, run_cli, family, args, needle):
     base, experts = family
-    _one_line(run_cli("compress", base, *experts, "--out", tmp_path / "b", *args), needle)
+    assert_one_line(run_cli("compress", base, *experts, "--out", tmp_path / "b", *args), needle)
     assert os.listdir(tmp_path) == []
 
 
@@ -102,7 +94,7 @@ def _flip_a_mask_byte(bundle: Path) -> None:
 def test_rebuild_refuses_a_tampered_bundle(tmp_path, run_cli, bundle, tamper, needle):
     damaged = _copy(bundle, tmp_path / "bundle")
     tamper(damaged)
-    _one_line(run_cli("rebuild", damaged, "--task", "t0", "--out", tmp_path / "out"), needle)
+    assert_one_line(run_cli("rebuild", damaged, "--task", "t0", "--out", tmp_path / "out"), needle)
     assert os.listdir(tmp_path) == ["bundle"]
 
 
@@ -121,10 +113,9 @@ def test_rebuild_of_an_intact_bundle_matches_the_formula(tmp_path, run_cli, bund
 
 def test_merge_stream_bad_alpha(tmp_path, run_cli, family):
     base, experts = family
-    _one_line(run_cli("merge-stream", base, *experts, "--out", tmp_path / "o", "--alpha", "abc"),
-              "--alpha")
-    _one_line(run_cli("merge-stream", base, *experts, "--out", tmp_path / "o", "--alpha", "2"),
-              "alpha must be in [0, 1]")
+    args = ("merge-stream", base, *experts, "--out", tmp_path / "o", "--alpha")
+    assert_one_line(run_cli(*args, "abc"), "--alpha")
+    assert_one_line(run_cli(*args, "2"), "alpha must be in [0, 1]")
     assert os.listdir(tmp_path) == []
 
 
@@ -145,20 +136,20 @@ def test_stats_bad_data_files(tmp_path, run_cli, family, kind):
         data.write_text(json.dumps({"input_ids": [1, -2]}) + "\n")
         needle = "non-negative integer token ids"
     out = tmp_path / "s.safetensors"
-    _one_line(run_cli("stats", base, "--data", data, "--kind", "gram", "--out", out), needle)
+    assert_one_line(run_cli("stats", base, "--data", data, "--kind", "gram", "--out", out), needle)
     assert not out.exists() and not (base / "stats").exists()
 
 
 def test_bench_bad_params(tmp_path, run_cli):
-    _one_line(run_cli("bench", "--params", "{oops", "--out", tmp_path / "b"),
+    assert_one_line(run_cli("bench", "--params", "{oops", "--out", tmp_path / "b"),
               "--params is not valid JSON")
-    _one_line(run_cli("bench", "--params", "[1]", "--out", tmp_path / "b"),
+    assert_one_line(run_cli("bench", "--params", "[1]", "--out", tmp_path / "b"),
               "--params must map method names")
     assert os.listdir(tmp_path) == []
 
 
 def test_eval_unknown_split(run_cli):
-    _one_line(run_cli("eval", "base", "--split", "nosuch"), "--split 'nosuch'", "test, val")
+    assert_one_line(run_cli("eval", "base", "--split", "nosuch"), "--split 'nosuch'", "test, val")
 
 
 @pytest.mark.parametrize("meta, needle", [
@@ -174,5 +165,5 @@ def test_statistics_with_wrong_format_metadata_are_refused(tmp_path, run_cli, me
                   expert / "stats" / "gram.safetensors", metadata=meta)
     recipe = write_recipe(tmp_path / "r.yaml", "merge_method: regmean\nmodels:\n" + "".join(
         f"  - model: {e}\n" for e in experts))
-    _one_line(run_cli("merge", recipe, tmp_path / "out"), "gram.safetensors", needle)
+    assert_one_line(run_cli("merge", recipe, tmp_path / "out"), "gram.safetensors", needle)
     assert not (tmp_path / "out").exists()

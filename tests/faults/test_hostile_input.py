@@ -11,15 +11,7 @@ import pytest
 from safetensors.torch import save_file
 
 from tests.conftest import save_gpt2_family, write_recipe
-
-
-def _one_line(result, *needles: str) -> str:
-    assert result.code != 0, result.out + result.err
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.err, result.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from tests.faults.helpers import assert_one_line
 
 
 def _nothing_written(root: Path, before: set[str]) -> None:
@@ -57,15 +49,15 @@ models: [{model: x, parameters: {weight: *i}}]
 def test_malicious_recipes_are_refused(tmp_path, run_cli, text, needle):
     recipe = write_recipe(tmp_path / "r.yaml", text)
     before = set(os.listdir(tmp_path))
-    _one_line(run_cli("merge", recipe, tmp_path / "out"), str(recipe), needle)
+    assert_one_line(run_cli("merge", recipe, tmp_path / "out"), str(recipe), needle)
     _nothing_written(tmp_path, before)
 
 
 def test_recipe_that_is_a_fifo_or_device_is_refused(tmp_path, run_cli):
     fifo = tmp_path / "r.yaml"
     os.mkfifo(fifo)
-    _one_line(run_cli("merge", fifo, tmp_path / "out"), "FIFO, not a regular file")
-    _one_line(run_cli("merge", "/dev/zero", tmp_path / "out"), "device, not a regular file")
+    assert_one_line(run_cli("merge", fifo, tmp_path / "out"), "FIFO, not a regular file")
+    assert_one_line(run_cli("merge", "/dev/zero", tmp_path / "out"), "device, not a regular file")
 
 
 def test_nul_byte_in_a_model_path(tmp_path, run_cli, family):
@@ -74,7 +66,7 @@ def test_nul_byte_in_a_model_path(tmp_path, run_cli, family):
                           f'  - model: {base}\n    parameters: {{weight: 1}}\n'
                           f'  - model: "{base}\\0x"\n    parameters: {{weight: 1}}\n')
     before = set(os.listdir(tmp_path))
-    _one_line(run_cli("merge", recipe, tmp_path / "out"), "NUL byte")
+    assert_one_line(run_cli("merge", recipe, tmp_path / "out"), "NUL byte")
     _nothing_written(tmp_path, before)
 
 
@@ -101,7 +93,7 @@ def test_hostile_config_json(tmp_path, run_cli, family, kind):
     needle = {"devzero": "device, not a regular file", "fifo": "FIFO, not a regular file",
               "deep": "nested too deeply"}[kind]
     try:
-        _one_line(run_cli("merge", recipe, tmp_path / "out"), str(cfg), needle)
+        assert_one_line(run_cli("merge", recipe, tmp_path / "out"), str(cfg), needle)
     finally:
         if guard is not None:
             guard.cancel()
@@ -115,7 +107,7 @@ def test_safetensors_header_nested_too_deeply(tmp_path, run_cli, family):
     recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: task_arithmetic\n"
                           f"base_model: {base}\nmodels:\n  - model: {expert}\n"
                           "    parameters: {weight: 1}\n")
-    _one_line(run_cli("merge", recipe, tmp_path / "out"), "nested too deeply")
+    assert_one_line(run_cli("merge", recipe, tmp_path / "out"), "nested too deeply")
 
 
 def test_config_claiming_more_layers_than_the_tensors_hold(tmp_path, run_cli, family):
@@ -130,7 +122,7 @@ def test_config_claiming_more_layers_than_the_tensors_hold(tmp_path, run_cli, fa
                           f"base_model: {base}\nmodels:\n  - model: {expert}\n"
                           "    parameters: {weight: 1}\n")
     before = set(os.listdir(tmp_path))
-    _one_line(run_cli("merge", recipe, tmp_path / "out"), "5 layers", "3")
+    assert_one_line(run_cli("merge", recipe, tmp_path / "out"), "5 layers", "3")
     _nothing_written(tmp_path, before)
 
 

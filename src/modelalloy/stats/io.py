@@ -119,6 +119,21 @@ def _write_failure(path: Path, tensors: Mapping[str, torch.Tensor], err: Excepti
             "place with --out")
 
 
+def check_metadata(path: Path, meta: Mapping[str, str], kind: str | None = None) -> None:
+    """The header metadata says this is modelalloy statistics (of ``kind``, when given) in the
+    version this modelalloy reads; anything else would be used as if it were."""
+    again = f"; collect them again with `modelalloy stats ... --kind {kind or 'KIND'}`"
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a modelalloy statistics file (metadata format="
+                              f"{meta.get('format')!r}, expected {FORMAT!r}){again}")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: statistics format version {meta.get('version')!r}; "
+                              f"this modelalloy reads {VERSION}{again}")
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: holds {meta.get('kind')!r} statistics, not {kind!r}"
+                              f"{again}")
+
+
 class StatsReader(Mapping[str, torch.Tensor]):
     """Lazy, per-tensor access to one statistics file (what the engine should use)."""
 
@@ -132,12 +147,7 @@ class StatsReader(Mapping[str, torch.Tensor]):
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({err})") from err
         meta = self._handle.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{self.path}: not a modelalloy statistics file (metadata "
-                                  f"format={meta.get('format')!r})")
-        if meta.get("version") != VERSION:
-            raise CheckpointError(f"{self.path}: statistics format version "
-                                  f"{meta.get('version')!r}; this modelalloy reads {VERSION}")
+        check_metadata(self.path, meta)
         self.metadata: dict[str, str] = dict(meta)
         self.kind = meta.get("kind", "")
         self.input_dims: dict[str, str] = json.loads(meta.get("input_dims", "{}"))
