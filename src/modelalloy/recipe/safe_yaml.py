@@ -32,12 +32,12 @@ def _refuse(problem: str, node_or_event: object) -> yaml.YAMLError:
 class LimitedSafeLoader(yaml.SafeLoader):
     """SafeLoader with depth, alias and expanded-size limits (see the module docstring)."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
         self._aliases = 0
 
-    def compose_node(self, parent, index):  # type: ignore[override]
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
@@ -52,13 +52,13 @@ class LimitedSafeLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-    def construct_scalar(self, node):  # type: ignore[override]
+    def construct_scalar(self, node: yaml.ScalarNode) -> object:
         value = super().construct_scalar(node)
         if isinstance(value, str) and "\0" in value:
             raise _refuse("a NUL byte in a string; no path or name can hold one", node)
         return value
 
-    def get_single_node(self):  # type: ignore[override]
+    def get_single_node(self) -> yaml.Node | None:
         node = super().get_single_node()
         if node is not None:
             _check_expanded_size(node)
