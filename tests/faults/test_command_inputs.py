@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import save_gpt2_family, write_recipe
-from tests.faults.helpers import assert_one_line
+from tests.faults.helpers import assert_one_line, remount_read_only, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +167,17 @@ def test_statistics_with_wrong_format_metadata_are_refused(tmp_path, run_cli, me
         f"  - model: {e}\n" for e in experts))
     assert_one_line(run_cli("merge", recipe, tmp_path / "out"), "gram.safetensors", needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_stats_next_to_a_read_only_model(tmp_path, run_cli, family):
+    import shutil
+
+    base, _ = family
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"input_ids": [1, 2, 3]}) + "\n")
+    with tmpfs(tmp_path / "ro", "4m") as mount:
+        model = Path(shutil.copytree(base, mount / "model"))
+        remount_read_only(mount)
+        assert_one_line(run_cli("stats", model, "--data", data, "--kind", "gram"),
+                        str(model / "stats"), "read-only", "--out")
+        assert sorted(os.listdir(model)) == sorted(os.listdir(base))

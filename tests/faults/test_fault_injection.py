@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import save_gpt2_family, subprocess_env, write_recipe
+from tests.faults.helpers import tmpfs
 
 SEED = 20261207
 # Every case starts a command in a fresh interpreter (torch import: seconds each).
@@ -230,17 +231,9 @@ def test_other_commands_faults(tmp_path, world, name, fault):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 200 KB tmpfs (root only; skipped cleanly where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    """A 200 KB tmpfs."""
+    with tmpfs(tmp_path / "disk", "200k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 @pytest.mark.parametrize("name", ["merge", "stats", "rebuild"])

@@ -24,6 +24,7 @@ The engine reads entries one tensor at a time (:class:`StatsReader`, memory-mapp
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -114,6 +115,11 @@ def _write_failure(path: Path, tensors: Mapping[str, torch.Tensor], err: Excepti
     except OSError:
         free = "free space unknown"
     reason = " ".join(str(getattr(err, "strerror", None) or err).split())
+    if getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{path}: cannot write the statistics ({reason}): the folder is read-only "
+                "for this user; with `modelalloy stats` choose a file elsewhere with --out, "
+                "for a merge copy the model to a writable folder (statistics live in "
+                "MODEL/stats/)")
     return (f"{path}: cannot write the statistics ({reason}; they need "
             f"{human_size(needed)}, {free} on that disk); free some space or choose another "
             "place with --out")
