@@ -373,8 +373,8 @@ class AtomicOutputDir:
                 free = "?"
             return OutputError(f"{out}: the disk is full ({free} free now on the disk of "
                                f"{out.parent}); free some space or choose another output path")
-        name = f" {exc.filename}" if exc.filename else ""
-        return OutputError(f"{out}: cannot write{name} ({exc.strerror or exc}); nothing was "
+        where = f" at {display_path(Path(exc.filename))}" if exc.filename else ""
+        return OutputError(f"{out}: {exc.strerror or exc}{where} while writing it; nothing was "
                            "written, check the disk and try again")
 
     def _unlock(self) -> None:
