@@ -8,6 +8,7 @@ the second or so that importing torch takes.
 import gc
 import importlib
 import os
+import sys
 from types import ModuleType
 
 # Back torch's large CPU allocations with transparent huge pages. Merging allocates a fresh
@@ -31,6 +32,8 @@ def import_with_gc_paused(name: str) -> ModuleType:
     collection after the import walks them all anyway: 0.1-0.2 s, which landed in whatever
     was imported next.
     """
+    if name in sys.modules:  # imported already: nothing to pause for, nothing new to freeze
+        return sys.modules[name]
     collecting = gc.isenabled()
     gc.disable()
     try:
