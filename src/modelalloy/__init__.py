@@ -1,7 +1,15 @@
-"""modelalloy: merge fine-tuned neural networks."""
+"""modelalloy: merge fine-tuned neural networks.
+
+Importing the package is cheap: ``merge`` and ``merge_state_dicts`` (and torch with them) are
+imported on first use (PEP 562), so the command line can install its signal handlers before
+the second or so that importing torch takes.
+"""
 
 import gc
+import importlib
 import os
+import sys
+from types import ModuleType
 
 # Back torch's large CPU allocations with transparent huge pages. Merging allocates a fresh
 # tensor-sized buffer for every cast and temporary, and first-touch page faults dominated:
@@ -10,19 +18,33 @@ import os
 # takes effect when modelalloy is imported before torch allocates (always true for the CLI).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-# Importing torch creates about a million objects, and the cyclic collector's passes over them
-# are 0.3 s of a CLI start (2.1 s -> 1.8 s without them). Nothing in the import makes cycles
-# worth collecting, so the collector is paused for it and restored as it was; the objects are
-# then frozen (moved out of the collector's generations), or the first full collection after
-# the import walks them all anyway: 0.1-0.2 s, which landed in whatever was imported next.
-_collecting = gc.isenabled()
-gc.disable()
-try:
-    from modelalloy.api import merge, merge_state_dicts
-finally:
-    gc.freeze()
-    if _collecting:
-        gc.enable()
-
 __version__ = "0.1.0"
 __all__ = ["merge", "merge_state_dicts", "__version__"]
+
+
+def import_with_gc_paused(name: str) -> ModuleType:
+    """Import module ``name`` with the cyclic collector paused, then freeze what it made.
+
+    Importing torch creates about a million objects, and the collector's passes over them
+    are 0.3 s of a CLI start (2.1 s -> 1.8 s without them). Nothing in the import makes
+    cycles worth collecting, so the collector is paused for it and restored as it was; the
+    objects are then frozen (moved out of the collector's generations), or the first full
+    collection after the import walks them all anyway: 0.1-0.2 s, which landed in whatever
+    was imported next.
+    """
+    if name in sys.modules:  # imported already: nothing to pause for, nothing new to freeze
+        return sys.modules[name]
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return importlib.import_module(name)
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
+
+
+def __getattr__(name: str) -> object:
+    if name in ("merge", "merge_state_dicts"):
+        return getattr(import_with_gc_paused("modelalloy.api"), name)
+    raise AttributeError(f"module 'modelalloy' has no attribute {name!r}")

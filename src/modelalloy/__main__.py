@@ -1,3 +1,3 @@
-from modelalloy.cli import entry
+from modelalloy._entry import entry
 
 entry()

@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from modelalloy import import_with_gc_paused
 from modelalloy.errors import ModelAlloyError
+from modelalloy.interrupts import Interrupted, interrupted_message, raise_interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Merge fine-tuned neural networks from a YAML recipe.")
@@ -148,30 +150,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     err.print(Text("warning: ", style="yellow") + Text(str(message)), soft_wrap=True)
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM, raised on the main thread by our own handler.
-
-    Not a KeyboardInterrupt: the CLI library turns those into a bare exit code before our
-    handler could say what happened. Cleanup code that runs on any exception (the writer's
-    temporary folder, the engine's workers) sees it like a KeyboardInterrupt.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise Interrupted(signum)
-
-
 @contextmanager
 def _interrupts_raise() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` while the command runs (main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _raise_interrupted)
+    previous = {sig: signal.signal(sig, raise_interrupted)
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -217,6 +202,7 @@ def main() -> None:
     _state["debug"] = False  # set by the root callback (or `merge --debug`) as they parse
     try:
         with _interrupts_raise():
+            import_with_gc_paused("torch")  # every command needs it; see the function
             code = app(standalone_mode=False)
         # Without standalone mode, a command's typer.Exit code is returned instead of raised.
         if isinstance(code, int) and code != 0:
@@ -227,10 +213,7 @@ def main() -> None:
         _fail(str(error), 1)
     except (Interrupted, KeyboardInterrupt) as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
-        name = signal.Signals(signum).name
-        err.print(f"[red]interrupted[/] ({name}): stopped before finishing; no output was "
-                  "written")
-        sys.exit(128 + signum)
+        _fail(interrupted_message(signum), 128 + signum)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:

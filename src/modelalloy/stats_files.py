@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from modelalloy.errors import CheckpointError
-from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.checkpoint import Checkpoint, open_checkpoint, read_safetensors_header
 
 if TYPE_CHECKING:
     from modelalloy.methods.registry import MethodSpec
@@ -82,6 +82,8 @@ class StatsFiles:
 
     @classmethod
     def for_plan(cls, plan: MergePlan, stack: ExitStack) -> StatsFiles | None:
+        from modelalloy.stats.io import check_metadata
+
         kinds = plan.spec.stats
         if not kinds:
             return None
@@ -100,6 +102,7 @@ class StatsFiles:
                         f"--kind {kind} --data FILE` first, or give the recipe "
                         "`calibration: FILE`")
                 files[kind].append(stack.enter_context(open_checkpoint(path)))
+                check_metadata(path, read_safetensors_header(path)[1], kind)
         return cls(files)
 
     def __call__(self, name: str) -> dict[str, list[torch.Tensor | None]]:

@@ -135,7 +135,8 @@ def test_in_memory_merge_has_the_bits_of_the_merge_on_disk(tmp_path, monkeypatch
             stats[kind][refs[i]] = _stats(kind, models[i], seed=10 * i + len(kind))
             (tmp_path / f"m{i}" / "stats").mkdir(exist_ok=True)
             save_file(stats[kind][refs[i]],
-                      str(tmp_path / f"m{i}" / "stats" / f"{kind}.safetensors"))
+                      str(tmp_path / f"m{i}" / "stats" / f"{kind}.safetensors"),
+                      metadata={"format": "modelalloy.stats", "version": "1", "kind": kind})
 
     modelalloy.merge(recipe, tmp_path / "out", threads=2)
     on_disk = load_file(str(tmp_path / "out" / "model.safetensors"))

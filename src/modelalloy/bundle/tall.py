@@ -7,7 +7,8 @@ m_t = 1[|τ_t| > λ_t·|τ_MTL − τ_t|] packed 8 coordinates to a byte. Expert
 
 On disk (a folder; every part is standard safetensors, sharded like a model when large)::
 
-    bundle.json   format, tasks, config, the masked tensors' shapes
+    bundle.json   format, tasks, config, the masked tensors' shapes, and every file's size
+                  and SHA-256 (checked on read: bundle/manifest.py)
     base/         θ_0, every tensor in its own dtype, plus the base's config/tokenizer files:
                   a loadable model folder
     merged/       τ_MTL for every floating-point tensor (``merged_dtype``, float32)
@@ -31,6 +32,14 @@ import numpy as np
 import torch
 
 from modelalloy.bundle._checkpoint import side_files
+from modelalloy.bundle.manifest import (
+    FORMAT,
+    MANIFEST,
+    describe_files,
+    read_manifest,
+    verify_files,
+    verify_tensors,
+)
 from modelalloy.engine.execute import run_plan
 from modelalloy.engine.sources import StateDictSource
 from modelalloy.errors import CheckpointError, MethodError, PlanError
@@ -43,7 +52,6 @@ from modelalloy.methods.registry import MergeContext, MethodSpec
 from modelalloy.plan.planner import build_plan
 from modelalloy.plan.sources import TensorSource
 
-FORMAT = "modelalloy.tall_bundle/2"
 SHARD_BYTES = 5 * 1000 ** 3
 
 
@@ -242,8 +250,9 @@ class _BundleWriter:
                 self.merged.close()
                 self.masks.close()
                 meta = {"format": FORMAT, "tasks": self.tasks, "config": asdict(self.config),
-                        "shapes": {n: list(s) for n, s in self.shapes.items()}}
-                (self.tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
+                        "shapes": {n: list(s) for n, s in self.shapes.items()},
+                        "files": describe_files(self.tmp)}
+                (self.tmp / MANIFEST).write_text(json.dumps(meta, indent=2))
         except BaseException:
             self._atomic.__exit__(*sys.exc_info())
             raise
@@ -254,16 +263,8 @@ class _BundleReader:
     """Lazy access to a bundle folder's parts (validated safetensors)."""
 
     def __init__(self, path: Path):
-        meta_path = path / "bundle.json"
-        if not meta_path.is_file():
-            raise CheckpointError(f"{path}: not a TALL bundle (no bundle.json)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from None
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: bundle format {meta.get('format')!r} is not "
-                                  f"{FORMAT!r}; re-run `modelalloy compress`")
+        meta = read_manifest(path, TallConfig.__annotations__)
+        verify_files(path, meta["files"])
         self.path = path
         self.tasks = list(meta["tasks"])
         cfg = dict(meta["config"])
@@ -271,8 +272,15 @@ class _BundleReader:
         self.config = TallConfig(**cfg)
         self.shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
         self.base = open_checkpoint(path / "base")
-        self.merged = open_checkpoint(path / "merged")
-        self.masks = open_checkpoint(path / "masks")
+        try:
+            self.merged = open_checkpoint(path / "merged")
+            self.masks = open_checkpoint(path / "masks")
+            verify_tensors(path, self.tasks, self.shapes, self.base, self.merged, self.masks)
+        except BaseException:
+            for ck in (self.base, getattr(self, "merged", None), getattr(self, "masks", None)):
+                if ck is not None:
+                    ck.close()
+            raise
 
     def mask(self, index: int, name: str) -> PackedMask:
         return PackedMask(bits=self.masks.get(f"{index}/{name}"), shape=self.shapes[name])
@@ -281,6 +289,8 @@ class _BundleReader:
         return {p.name: p.read_bytes() for p in side_files(self.path / "base")}
 
     def task_index(self, task: str | int) -> int:
+        if isinstance(task, str) and task not in self.tasks and task.isdigit():
+            task = int(task)  # "2" is the third task, unless a task is named "2"
         if isinstance(task, int):
             if not 0 <= task < len(self.tasks):
                 raise MethodError(f"task index {task} out of range: the bundle has "
@@ -426,7 +436,7 @@ def compress_to(path: str | Path, base: Mapping[str, torch.Tensor],
     time), so memory is one tensor of each model whatever the model size. Returns the storage
     report and each task's mask density.
     """
-    tasks, lambdas = _check_args(experts, base_merge, scope, mask_lambda)
+    tasks, lambdas = _check_args(experts, base_merge, scope, mask_lambda, density)
     job = _Compression(base, experts, tasks, lambdas, base_merge, density, scope, merged_dtype)
     cfg = TallConfig(base_merge=base_merge, mask_lambda=tuple(lambdas), density=density,
                      scope=scope)
@@ -449,7 +459,7 @@ def _storage_of(path: Path, n_tasks: int) -> StorageReport:
 
 
 def _check_args(experts: Mapping[str, Mapping[str, torch.Tensor]], base_merge: str, scope: str,
-                mask_lambda: float | list[float] | Mapping[str, float]
+                mask_lambda: float | list[float] | Mapping[str, float], density: float
                 ) -> tuple[list[str], list[float]]:
     if base_merge not in BASE_MERGES:
         raise MethodError(f"base_merge must be one of {', '.join(BASE_MERGES)}")
@@ -457,6 +467,9 @@ def _check_args(experts: Mapping[str, Mapping[str, torch.Tensor]], base_merge: s
     tasks = list(experts)
     if not tasks:
         raise MethodError("compress needs at least one expert")
+    if not 0.0 < density <= 1.0:
+        raise MethodError(f"density must be in (0, 1] (the fraction of each task vector "
+                          f"kept), got {density}")
     if isinstance(mask_lambda, Mapping):
         lambdas = [float(mask_lambda[t]) for t in tasks]
     elif isinstance(mask_lambda, (list, tuple)):
@@ -482,7 +495,7 @@ def compress(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str
     accuracy; without data, 0.6 (FusionBench's default) is used. For models that do not fit in
     memory twice, use :func:`compress_to`.
     """
-    tasks, lambdas = _check_args(experts, base_merge, scope, mask_lambda)
+    tasks, lambdas = _check_args(experts, base_merge, scope, mask_lambda, density)
     job = _Compression(base, experts, tasks, lambdas, base_merge, density, scope, merged_dtype)
     sink = _MemorySink(job)
     job.run(sink)

@@ -15,6 +15,23 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _params(text: str | None) -> dict | None:
+    """--params as {method: {parameter: value}}, or a one-line error."""
+    from modelalloy.errors import MethodError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise MethodError(f"--params is not valid JSON ({getattr(err, 'msg', 'too deep')}); "
+                          'write e.g. \'{"ties": {"density": 0.2}}\'') from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise MethodError('--params must map method names to parameter objects, e.g. '
+                          '\'{"ties": {"density": 0.2}}\'')
+    return value
+
+
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench(
@@ -49,9 +66,9 @@ def register(app: typer.Typer) -> None:
             if not quiet:
                 typer.echo(msg, err=True)
 
+        overrides = _params(params)  # checked before the suite is built
         s = load_suite(suite, size, rebuild=rebuild, log=log)
-        result = run_bench(s, _split(methods), tune=tune,
-                           params=json.loads(params) if params else None, seed=seed, log=log)
+        result = run_bench(s, _split(methods), tune=tune, params=overrides, seed=seed, log=log)
         paths = write_results(result, out)
         print_table(result.records, f"{suite} ({size})")
         for name, reason in result.skipped.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,23 @@ def _task_names(experts: list[Path], names: str | None) -> list[str]:
     if len(set(out)) != len(out):
         raise typer.BadParameter("task names must be unique; pass --names a,b,c")
     return out
+
+
+def _lambdas(text: str) -> float | list[float]:
+    """--mask-lambda: one number, or one per task (comma-separated), each finite and >= 0."""
+    from modelalloy.errors import MethodError
+
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise MethodError(f"--mask-lambda: {part.strip()!r} is not a number; give one "
+                              "value or one per task, comma-separated (e.g. 0.6)") from None
+        if not math.isfinite(value) or value < 0:
+            raise MethodError(f"--mask-lambda: {part.strip()} must be a finite number >= 0")
+        values.append(value)
+    return values[0] if len(values) == 1 else values
 
 
 def register(app: typer.Typer) -> None:
@@ -48,8 +66,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             tasks = _task_names(experts, names)
-            lambdas = [float(x) for x in mask_lambda.split(",")]
-            lam = lambdas[0] if len(lambdas) == 1 else lambdas
+            lam = _lambdas(mask_lambda)
             base_sd = lazy_state(base)
             expert_sds = {t: lazy_state(p) for t, p in zip(tasks, experts, strict=True)}
             files = {p.name: p.read_bytes() for p in side_files(base)}
@@ -78,15 +95,7 @@ def register(app: typer.Typer) -> None:
         from modelalloy.bundle import rebuild_to
 
         try:
-            key: str | int = task
-            if task.isdigit():
-                import json
-
-                meta = json.loads((bundle_dir / "bundle.json").read_text()) if (
-                    bundle_dir / "bundle.json").is_file() else {"tasks": []}
-                if task not in meta.get("tasks", []):
-                    key = int(task)
-            rebuild_to(bundle_dir, key, out)
+            rebuild_to(bundle_dir, int(task) if task.isdigit() else task, out)
         except ModelAlloyError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None

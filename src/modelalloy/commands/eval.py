@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+SPLITS = ("test", "val")
+
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
@@ -25,8 +27,12 @@ def register(app: typer.Typer) -> None:
 
         require_extra("bench", "eval")
         from modelalloy.bench import load_suite
+        from modelalloy.errors import ModelAlloyError
         from modelalloy.eval.harness import SuiteScorer, load_model_folder, summarize
         from modelalloy.eval.report import print_table
+
+        if split not in SPLITS:
+            raise ModelAlloyError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
 
         s = load_suite(suite, size, log=lambda m: typer.echo(m, err=True))
         if model == "base":

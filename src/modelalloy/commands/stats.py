@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -78,5 +79,5 @@ def register(app: typer.Typer) -> None:
         path, seconds = collect_for_model_dir(model, data, kind, out=out,
                                               batch_size=batch_size, max_length=max_length,
                                               limit=limit, device=device, field=field,
-                                              **options)
+                                              show_progress=sys.stderr.isatty(), **options)
         typer.echo(f"wrote {kind} statistics to {path} ({seconds:.1f} s)")

@@ -21,7 +21,6 @@ caller owns (not memory-mapped, so RSS stays at the tensors in flight).
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -39,6 +38,13 @@ import torch
 
 from modelalloy.errors import CheckpointError
 from modelalloy.io.dtypes import SAFETENSORS_DTYPES, element_size
+from modelalloy.io.safe_read import (
+    CONFIG_LIMIT,
+    INDEX_LIMIT,
+    open_regular,
+    parse_json,
+    read_json_file,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -105,36 +111,35 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
     (as the safetensors library requires).
     """
     path = Path(path)
+    fd = open_regular(path, CheckpointError, "the safetensors file")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"{path}: file is truncated ({size} bytes, no safetensors header); "
-                    "re-download or re-save it"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(
-                    f"{path}: header length {n} is implausible (not a safetensors file, "
-                    "or corrupt); re-download or re-save it"
-                )
-            if 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: file is truncated (header needs {8 + n} bytes, file has {size}); "
-                    "re-download it"
-                )
-            raw = f.read(n)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(
+                f"{path}: file is truncated ({size} bytes, no safetensors header); "
+                "re-download or re-save it"
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path}: header length {n} is implausible (not a safetensors file, "
+                "or corrupt); re-download or re-save it"
+            )
+        if 8 + n > size:
+            raise CheckpointError(
+                f"{path}: file is truncated (header needs {8 + n} bytes, file has {size}); "
+                "re-download it"
+            )
+        raw = _pread_exactly(fd, n, 8)
+        if len(raw) < n:
+            raise CheckpointError(f"{path}: file shrank while its header was read; re-download it")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({_one_line(e.strerror or e)})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{path}: safetensors header is not valid JSON ({_one_line(e)}); "
-            "the file is corrupt or not safetensors, re-download or re-save it"
-        ) from None
+    finally:
+        os.close(fd)
+    header = parse_json(raw, str(path), CheckpointError, "the safetensors header",
+                        object_pairs_hook=_no_duplicate_keys(path))
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object; re-save the file")
 
@@ -214,6 +219,17 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
     return entries, metadata
 
 
+def _pread_exactly(fd: int, n: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        part = os.pread(fd, min(n - got, 1 << 24), offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 # --------------------------------------------------------------------------- pickles
 
 
@@ -291,14 +307,7 @@ def _check_shard_name(name: object, index: Path) -> str:
 
 def _read_index(index: Path) -> dict[str, str]:
     """weight_map of an HF shard index, in file order, shard names checked to stay inside."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{index}: invalid JSON ({_one_line(e)}); fix or re-download it"
-        ) from None
-    except OSError as e:
-        raise CheckpointError(f"{index}: cannot read ({_one_line(e.strerror or e)})") from None
+    data = read_json_file(index, INDEX_LIMIT, CheckpointError, "JSON shard index")
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{index}: has no weight_map; fix or re-download it")
@@ -307,16 +316,9 @@ def _read_index(index: Path) -> dict[str, str]:
 
 def _read_config(folder: Path) -> dict | None:
     cfg = folder / "config.json"
-    if not cfg.exists():
+    if not cfg.exists() and not cfg.is_symlink():
         return None
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{cfg}: invalid config.json ({_one_line(e)}); fix or re-download it"
-        ) from None
-    except OSError as e:
-        raise CheckpointError(f"{cfg}: cannot read ({_one_line(e.strerror or e)})") from None
+    data = read_json_file(cfg, CONFIG_LIMIT, CheckpointError, "config.json")
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg}: config.json is not a JSON object; fix or re-download it")
     return data
@@ -646,6 +648,8 @@ def _apply_index(
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a model folder or weight file; validates everything up front, reads nothing big."""
     user_path = Path(path)
+    if "\0" in str(user_path):
+        raise CheckpointError(f"{str(user_path)!r}: a path cannot hold a NUL byte; fix the path")
     p = user_path.expanduser()
     if not p.exists():
         hint = ""

@@ -29,7 +29,15 @@ from pathlib import Path
 import torch
 
 from modelalloy.errors import OutputError
+from modelalloy.io.atomic_dir import (  # noqa: F401 - AtomicOutputDir is re-exported
+    AtomicOutputDir,
+    display_path,
+    fsync_path,
+    human_size,
+    recover_leftovers,
+)
 from modelalloy.io.dtypes import element_size, safetensors_code
+from modelalloy.io.faults import fault_point
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -108,6 +116,9 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
     root or an ancestor of the current directory; or its parent cannot be written.
     """
     out = Path(out_dir).expanduser()
+    if "\0" in str(out):
+        raise OutputError(f"{str(out)!r}: a path cannot hold a NUL byte; choose another path")
+    recover_leftovers(out)  # a half-done swap of this output is finished or undone first
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputError(f"{out}: is a file or a link, not a folder; choose another output path")
     res = out.resolve()
@@ -143,111 +154,6 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
         raise OutputError(f"{out}: cannot write to {parent}; choose a writable location") \
             from None
     os.rmdir(probe)
-
-
-class _WorkDir(type(Path())):  # type: ignore[misc]
-    """The temporary folder: a Path whose ``.path`` is itself, so ``tmp`` and ``tmp.path``
-    both work in ``with AtomicOutputDir(out) as tmp:``."""
-
-    @property
-    def path(self) -> Path:
-        return Path(self)
-
-
-class AtomicOutputDir:
-    """``with AtomicOutputDir(out, force) as tmp:`` write into ``tmp`` (or ``tmp.path``).
-
-    The temporary folder is a sibling ``.<name>.tmp-<random>`` (same filesystem, so the final
-    rename is atomic); ``tmp`` is that folder as a ``Path``, and so is ``tmp.path`` (and this
-    object's ``.path``). On a clean exit the folder is renamed onto ``out_dir`` (an existing
-    folder is replaced only with ``force``); on any exception, KeyboardInterrupt included,
-    the temporary folder is removed and ``out_dir`` is left as it was.
-    """
-
-    def __init__(self, out_dir: Path, force: bool = False) -> None:
-        self.out_dir = Path(out_dir).expanduser()
-        self.force = force
-        self.path: Path | None = None  # the temporary folder, set by __enter__
-        self._active = False
-
-    def __enter__(self) -> Path:
-        if self._active:
-            raise ValueError("AtomicOutputDir is already entered")
-        out = self.out_dir
-        if out.is_symlink() or (out.exists() and not out.is_dir()):
-            raise OutputError(
-                f"{out}: is a file or a link, not a folder; choose another output path"
-            )
-        if out.exists() and not self.force:
-            raise OutputError(
-                f"{out}: already exists; pass --force to replace it or choose another path"
-            )
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output should not be
-        except OSError as e:
-            raise OutputError(
-                f"{out}: cannot create the output folder ({e.strerror or e})"
-            ) from None
-        self.path = tmp
-        self._active = True
-        return _WorkDir(tmp)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._active or self.path is None:
-            return
-        self._active = False
-        tmp = self.path
-        if exc_type is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        try:
-            self._commit(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def _commit(self, tmp: Path) -> None:
-        out = self.out_dir
-        old: Path | None = None
-        if out.exists() or out.is_symlink():
-            if not self.force:
-                raise OutputError(
-                    f"{out}: appeared while merging; pass --force to replace it "
-                    "or choose another path"
-                )
-            if out.is_symlink() or not out.is_dir():
-                raise OutputError(f"{out}: is a file, not a folder; choose another output path")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")  # keep the old output until the new one is in place
-        try:
-            os.rename(tmp, out)
-        except OSError as e:
-            if old is not None:
-                os.rename(old / "x", out)
-                shutil.rmtree(old, ignore_errors=True)
-            raise OutputError(
-                f"{out}: cannot move the finished output into place ({e.strerror or e})"
-            ) from None
-        _fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- writer
@@ -373,10 +279,11 @@ class ShardedSafetensorsWriter:
             free = shutil.disk_usage(self.folder).free
         except OSError:
             free = None
+        shown = display_path(self.folder)
         if free is not None and needed > free:
             raise OutputError(
-                f"{self.folder}: needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB are free; "
-                "free some space or choose another output path"
+                f"{shown}: needs {human_size(needed)}, only {human_size(free)} free on its "
+                "disk; free some space or choose another output path"
             )
         try:
             for name, size, prefix in zip(
@@ -388,9 +295,8 @@ class ShardedSafetensorsWriter:
                 _pwrite_all(fd, memoryview(prefix), 0)
         except OSError as e:
             self.abort()
-            raise OutputError(
-                f"{self.folder}: cannot create the output files ({e.strerror or e})"
-            ) from None
+            raise OutputError(f"{shown}: cannot create the output files ({e.strerror or e}; "
+                              f"{human_size(needed)} needed)") from None
 
     @property
     def files(self) -> list[Path]:
@@ -441,11 +347,12 @@ class ShardedSafetensorsWriter:
             data = memoryview(part.detach().contiguous().reshape(-1).view(torch.uint8)
                               .numpy()).cast("B")
             try:
+                fault_point("writer.write")
                 _pwrite_all(self._fds[slot.shard], data, slot.offset + skip)
             except OSError as e:
                 raise OutputError(
-                    f"{self.folder / self.shard_names[slot.shard]}: cannot write tensor "
-                    f"{name!r} ({e.strerror or e}); check free disk space"
+                    f"{display_path(self.folder / self.shard_names[slot.shard])}: cannot "
+                    f"write tensor {name!r} ({e.strerror or e}); check free disk space"
                 ) from None
 
     def end(self, name: str) -> None:
@@ -479,23 +386,33 @@ class ShardedSafetensorsWriter:
                 raise ValueError(f"{len(missing)} tensors were never written, e.g. {missing[0]!r}")
             self._closed = True
         try:
+            fault_point("writer.close")
             for fd in self._fds:
                 os.fsync(fd)
+            files = self.files
+            if len(self.shard_names) > 1:
+                index = {"metadata": {"total_size": self.total_size},
+                         "weight_map": self.weight_map}
+                path = self.folder / INDEX_NAME
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump(index, f, indent=2)
+                    f.write("\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                files.append(path)
+        except OSError as e:
+            # A full disk shows here on filesystems that could not reserve the space up front
+            # (fsync reports the failed writeback), or when the index no longer fits.
+            raise OutputError(
+                f"{display_path(self.folder)}: cannot finish writing the output "
+                f"({e.strerror or e}; {human_size(sum(self._sizes))} of shards); check free "
+                "disk space and try again"
+            ) from None
         finally:
             for fd in self._fds:
                 os.close(fd)
             self._fds = []
-        files = self.files
-        if len(self.shard_names) > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            path = self.folder / INDEX_NAME
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            files.append(path)
-        _fsync_dir(self.folder)
+        fsync_path(self.folder)
         return files
 
     def abort(self) -> None:

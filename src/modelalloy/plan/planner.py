@@ -9,7 +9,7 @@ Every incompatibility is collected, so ``modelalloy plan`` can show them all at 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +140,23 @@ def _architecture(ckpt: TensorSource) -> tuple[str, ...] | None:
     return tuple(arch) if arch else None
 
 
+# config.json keys that give the decoder stack's depth (Llama/Mistral/Qwen..., GPT-2/GPT-J).
+_LAYER_KEYS = ("num_hidden_layers", "n_layer")
+
+
+def _layer_count_problem(ckpt: TensorSource, names: Iterable[str]) -> str | None:
+    """A config that claims more layers than any stack of the weights holds: transformers
+    would load such a folder and fill the missing layers with random weights."""
+    cfg = ckpt.config or {}
+    key = next((k for k in _LAYER_KEYS if isinstance(cfg.get(k), int)), None)
+    held = LayerIndexer(names).max_layers
+    if key is None or held is None or cfg[key] <= held:
+        return None
+    return (f"{ckpt.path}: config.json says {cfg[key]} layers ({key}) but the weights hold "
+            f"{held}; the checkpoint is incomplete (transformers would fill the missing "
+            "layers with random weights): re-download it or fix the config")
+
+
 def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | None,
                experts: Sequence[TensorSource], out_dtype: torch.dtype | None,
                resolve_params: ParamResolver | None = None) -> MergePlan:
@@ -160,6 +177,9 @@ def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | Non
     name_sets = {id(c): set(c.names()) for c in plan.sources}
     ref_arch = _architecture(reference)
     for ckpt in plan.sources:
+        problem = _layer_count_problem(ckpt, name_sets[id(ckpt)])
+        if problem is not None:
+            plan.problems.append(problem)
         if ckpt is reference:
             continue
         arch = _architecture(ckpt)

@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from modelalloy.errors import MethodError, RecipeError
+from modelalloy.io.safe_read import read_regular_file
 from modelalloy.methods.registry import MethodSpec, Param, get_method
 from modelalloy.recipe.model import (
     DTYPES,
@@ -26,6 +27,7 @@ from modelalloy.recipe.model import (
     Recipe,
     is_number,
 )
+from modelalloy.recipe.safe_yaml import MAX_BYTES, LimitedSafeLoader
 
 
 class RecipeWarning(UserWarning):
@@ -62,11 +64,12 @@ def read_recipe_text(p: Path) -> str:
     """The text of a recipe file, or a one-line RecipeError saying why it cannot be read."""
     if p.is_dir():
         raise RecipeError(f"{p}: is a folder; give the path of a recipe YAML file")
+    if "\0" not in str(p) and not p.exists() and not p.is_symlink():
+        raise RecipeError(f"{p}: recipe file not found; check the path")
+    raw = read_regular_file(p, MAX_BYTES, RecipeError, "the recipe")
     try:
-        return p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{p}: recipe file not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as e:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise RecipeError(f"{p}: cannot read the recipe ({e}); give a UTF-8 YAML file") from None
 
 
@@ -92,8 +95,9 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<dict>",
 # -- YAML -----------------------------------------------------------------------------------
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+class _StrictLoader(LimitedSafeLoader):
+    """SafeLoader (with size limits) that refuses a key given twice in one mapping (PyYAML
+    keeps the last)."""
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
@@ -114,6 +118,9 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def _load_yaml(text: str, source: str) -> Any:
+    if len(text) > MAX_BYTES:
+        raise RecipeError(f"{source}: the recipe is {len(text)} characters long, over the "
+                          f"{MAX_BYTES} a recipe can plausibly need; check the file")
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
@@ -143,7 +150,7 @@ def _field_lines(text: str) -> dict[str, int]:
                 walk(item, child)
 
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=LimitedSafeLoader)
     except yaml.YAMLError:  # pragma: no cover - the text was loaded already
         return {}
     if root is not None:

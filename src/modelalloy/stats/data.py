@@ -13,6 +13,7 @@ Accepted files:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,42 +21,72 @@ from typing import Any
 import torch
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.safe_read import open_regular
 
 TEXT_FIELDS = ("text", "prompt", "content")
+TENSOR_SUFFIXES = (".safetensors", ".pt")
 
 
 def read_records(path: str | Path, field: str | None = None,
                  limit: int | None = None) -> list[str | list[int]]:
     """Prompts (str) or token id lists from a .txt or .jsonl file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path}: no calibration data file")
+    fd = open_regular(path, CheckpointError, "the calibration data")
+    with os.fdopen(fd, encoding="utf-8") as fh:
+        try:
+            head = os.pread(fd, 2, 0)
+            return _records(path, fh, field, limit, head)
+        except UnicodeDecodeError:
+            raise CheckpointError(_binary(path, head)) from None
+
+
+def _binary(path: Path, head: bytes) -> str:
+    what = "gzip-compressed" if head == b"\x1f\x8b" else "binary"
+    return (f"{path}: the calibration data is {what}, not UTF-8 text; give a .txt (a prompt "
+            "per line) or .jsonl file" + (" (decompress it first)" if what != "binary" else ""))
+
+
+def _token_ids(path: Path, lineno: int, ids: object) -> list[int]:
+    if not isinstance(ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise CheckpointError(f"{path}:{lineno}: input_ids must be a list of non-negative "
+                              "integer token ids")
+    return ids
+
+
+def _records(path: Path, fh: Any, field: str | None, limit: int | None,
+             head: bytes) -> list[str | list[int]]:
     out: list[str | list[int]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                out.append(line)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CheckpointError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if isinstance(obj, dict) and "input_ids" in obj and field is None:
-                out.append([int(t) for t in obj["input_ids"]])
-                continue
-            keys = (field,) if field else TEXT_FIELDS
-            text = next((obj[k] for k in keys if isinstance(obj, dict) and k in obj), None)
-            if not isinstance(text, str):
-                raise CheckpointError(f"{path}:{lineno}: no text field "
-                                      f"({' / '.join(keys)}) in this record")
-            if isinstance(obj.get("response"), str):
-                text = text + obj["response"]
-            out.append(text)
+    for lineno, line in enumerate(fh, 1):
+        if limit is not None and len(out) >= limit:
+            break
+        line = line.rstrip("\n")
+        if "\0" in line:
+            raise CheckpointError(_binary(path, head))
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            out.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if isinstance(obj, dict) and "input_ids" in obj and field is None:
+            out.append(_token_ids(path, lineno, obj["input_ids"]))
+            continue
+        keys = (field,) if field else TEXT_FIELDS
+        text = next((obj[k] for k in keys if isinstance(obj, dict) and k in obj), None)
+        if not isinstance(text, str):
+            raise CheckpointError(f"{path}:{lineno}: no text field "
+                                  f"({' / '.join(keys)}) in this record")
+        if isinstance(obj.get("response"), str):
+            text = text + obj["response"]
+        out.append(text)
     if not out:
         raise CheckpointError(f"{path}: no calibration example in this file")
     return out
@@ -115,7 +146,7 @@ def load_calibration(path: str | Path, tokenizer: Any = None, *, batch_size: int
                      field: str | None = None) -> list[Any]:
     """Batches from any accepted calibration file (see the module docstring)."""
     path = Path(path)
-    if path.suffix in (".safetensors", ".pt"):
+    if path.suffix in TENSOR_SUFFIXES:
         return tensor_batches(path, batch_size=batch_size, limit=limit)
     records = read_records(path, field=field, limit=limit)
     pad = 0

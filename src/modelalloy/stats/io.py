@@ -24,8 +24,11 @@ The engine reads entries one tensor at a time (:class:`StatsReader`, memory-mapp
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -33,7 +36,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modelalloy.errors import CheckpointError
+from modelalloy.errors import CheckpointError, OutputError
+from modelalloy.io.atomic_dir import LeftoverNotice, human_size
+from modelalloy.io.faults import fault_point
 from modelalloy.stats.collect import Statistic
 
 FORMAT = "modelalloy.stats"
@@ -54,7 +59,6 @@ def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
         raise ValueError("kind is needed to save a plain mapping of statistics")
     target = Path(target)
     path = target if target.suffix == ".safetensors" else stats_path(target, kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "kind": kind}
     if isinstance(stat, Statistic):
         meta.update({k: str(v) for k, v in stat.meta.items()})
@@ -66,9 +70,74 @@ def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
                for k, v in stat.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        save_file(tensors, str(tmp), metadata=meta)
+        fault_point("stats.save")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # a full disk can show only here
+        os.replace(tmp, path)
+    except Exception as err:  # OSError, or safetensors' own error for a failed write
+        tmp.unlink(missing_ok=True)
+        raise OutputError(_write_failure(path, tensors, err)) from None
     return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporaries of ``path`` whose writer (the pid in the name) is no longer running: a run
+    that was killed while writing. Removed, with a one-line notice."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        size = tmp.stat().st_size
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"{tmp}: removed a stale temporary file ({human_size(size)}) left by "
+                      f"process {pid}, which is no longer running", LeftoverNotice, stacklevel=3)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_failure(path: Path, tensors: Mapping[str, torch.Tensor], err: Exception) -> str:
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    folder = path.parent if path.parent.is_dir() else path.parent.parent
+    try:
+        free = f"{human_size(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = "free space unknown"
+    reason = " ".join(str(getattr(err, "strerror", None) or err).split())
+    if getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{path}: cannot write the statistics ({reason}): the folder is read-only "
+                "for this user; with `modelalloy stats` choose a file elsewhere with --out, "
+                "for a merge copy the model to a writable folder (statistics live in "
+                "MODEL/stats/)")
+    return (f"{path}: cannot write the statistics ({reason}; they need "
+            f"{human_size(needed)}, {free} on that disk); free some space or choose another "
+            "place with --out")
+
+
+def check_metadata(path: Path, meta: Mapping[str, str], kind: str | None = None) -> None:
+    """The header metadata says this is modelalloy statistics (of ``kind``, when given) in the
+    version this modelalloy reads; anything else would be used as if it were."""
+    again = f"; collect them again with `modelalloy stats ... --kind {kind or 'KIND'}`"
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a modelalloy statistics file (metadata format="
+                              f"{meta.get('format')!r}, expected {FORMAT!r}){again}")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: statistics format version {meta.get('version')!r}; "
+                              f"this modelalloy reads {VERSION}{again}")
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: holds {meta.get('kind')!r} statistics, not {kind!r}"
+                              f"{again}")
 
 
 class StatsReader(Mapping[str, torch.Tensor]):
@@ -84,12 +153,7 @@ class StatsReader(Mapping[str, torch.Tensor]):
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({err})") from err
         meta = self._handle.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{self.path}: not a modelalloy statistics file (metadata "
-                                  f"format={meta.get('format')!r})")
-        if meta.get("version") != VERSION:
-            raise CheckpointError(f"{self.path}: statistics format version "
-                                  f"{meta.get('version')!r}; this modelalloy reads {VERSION}")
+        check_metadata(self.path, meta)
         self.metadata: dict[str, str] = dict(meta)
         self.kind = meta.get("kind", "")
         self.input_dims: dict[str, str] = json.loads(meta.get("input_dims", "{}"))

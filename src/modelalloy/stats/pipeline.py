@@ -11,7 +11,7 @@ import torch
 
 from modelalloy.errors import CheckpointError
 from modelalloy.stats.collect import KINDS, collect_stats
-from modelalloy.stats.data import load_calibration
+from modelalloy.stats.data import TENSOR_SUFFIXES, load_calibration, read_records
 from modelalloy.stats.io import save_stats, stats_path
 
 
@@ -33,13 +33,19 @@ def load_hf_model(model_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.
                               "(pip install modelalloy[hf])") from err
     kwargs = {"local_files_only": True, "trust_remote_code": False}
     model = None
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification,
-                transformers.AutoModel):
-        try:
-            model = cls.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
-            break
-        except (ValueError, KeyError, OSError):
-            continue
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # stderr is for our one-line messages
+    try:
+        for cls in (transformers.AutoModelForCausalLM,
+                    transformers.AutoModelForSequenceClassification, transformers.AutoModel):
+            try:
+                model = cls.from_pretrained(str(model_dir), dtype=torch.float32, **kwargs)
+                break
+            except (ValueError, KeyError, OSError):
+                continue
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     if model is None:
         raise CheckpointError(f"{model_dir}: transformers cannot load this model folder")
     tokenizer = None
@@ -48,6 +54,23 @@ def load_hf_model(model_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.
     except (OSError, ValueError, KeyError, TypeError):
         tokenizer = None
     return model.to(device).eval(), tokenizer
+
+
+def _check_token_ids(batches: list[Any], model: torch.nn.Module, data: str | Path) -> None:
+    """Token ids the embedding has no row for would fail deep inside the forward pass (or
+    read out of bounds on some devices): refuse them with the file's name."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") \
+        else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(vocab, int):
+        return
+    for batch in batches:
+        if isinstance(batch, dict) and batch["input_ids"].numel():
+            top = int(batch["input_ids"].max())
+            if top >= vocab:
+                raise CheckpointError(f"{data}: token id {top} is beyond the model's vocabulary "
+                                      f"({vocab} tokens); tokenize the data with this model's "
+                                      "tokenizer")
 
 
 def collect_for_model_dir(model_dir: str | Path, data: str | Path, kind: str, *,
@@ -59,9 +82,12 @@ def collect_for_model_dir(model_dir: str | Path, data: str | Path, kind: str, *,
     (default ``<model_dir>/stats/<kind>.safetensors``). Returns (path, seconds spent)."""
     if kind not in KINDS:
         raise CheckpointError(f"unknown statistic kind '{kind}'; one of {', '.join(KINDS)}")
+    if Path(data).suffix not in TENSOR_SUFFIXES:
+        read_records(data, field=field, limit=limit)  # a bad file fails before the model loads
     model, tokenizer = load_hf_model(model_dir, device)
     batches = load_calibration(data, tokenizer, batch_size=batch_size, max_length=max_length,
                                limit=limit, field=field)
+    _check_token_ids(batches, model, data)
     start = time.perf_counter()
     stat = collect_stats(model, batches, kind, device=device, show_progress=show_progress,
                          **options)
