@@ -1,0 +1,192 @@
+"""``extract-lora``: a fine-tuned model as a PEFT LoRA adapter of its base, by truncated SVD.
+
+For each selected 2-D weight, with Δ = W_model − W_base = U Σ Vᵀ, the rank-k adapter is
+
+    B = U_k Σ_k^½,   A = Σ_k^½ V_kᵀ,   B·A = U_k Σ_k V_kᵀ
+
+(scale 1: ``lora_alpha`` = r per module). By Eckart–Young it is the best rank-k approximation
+in Frobenius norm, and its error is the energy of the dropped singular values:
+‖Δ − B·A‖_F = (Σ_{i>k} σ_i²)^½. ``rank`` fixes k (a rank above min(out, in) is an error);
+``energy`` picks per tensor the smallest k keeping that share of Σσ².
+
+Like mergekit-extract-lora: linear weights get ``lora_A``/``lora_B``; input embeddings
+(names with ``embed``, ``wte``, ``wpe``) get ``lora_embedding_A``/``_B`` (their Δ is
+decomposed transposed, peft's layout); the output head is a linear weight. Other changed
+weights (norms, 1-D tensors) are saved whole as ``modules_to_save`` unless ``skip_other``;
+unchanged ones are left out (the base has them). Biases of LoRA-adapted modules cannot be
+expressed by LoRA: their changes are dropped and counted in the report. GPT-2-style models
+(Conv1D weights stored in × out) are written with ``fan_in_fan_out``.
+
+Tensors are read one pair at a time; only the factors (r·(in + out) per module) are held.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelalloy.errors import AdapterError
+from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.dtypes import parse_dtype
+from modelalloy.lora.adapter import PEFT_PREFIX
+from modelalloy.lora.files import adapter_config, lora_key, write_adapter_folder
+
+EMBEDDING = re.compile(r"(^|\.)(embed[^.]*|wte|wpe|word_embeddings|position_embeddings)\.weight$")
+CONV1D_MODEL_TYPES = {"gpt2"}  # transformers' Conv1D: weights stored as (in, out)
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    rank: int
+    full_rank: int
+    error: float  # ‖Δ − B·A‖_F
+    norm: float  # ‖Δ‖_F
+    tail: float  # (Σ_{i>k} σ_i²)^½, the Eckart–Young bound
+
+
+@dataclass
+class ExtractReport:
+    modules: list[ModuleReport] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)  # modules_to_save
+    dropped: list[str] = field(default_factory=list)  # changed tensors LoRA cannot hold
+    adapter_bytes: int = 0
+    model_bytes: int = 0
+
+    @property
+    def relative_error(self) -> float:
+        """‖Δ − B·A‖_F / ‖Δ‖_F over all adapted weights together."""
+        num = math.sqrt(sum(m.error ** 2 for m in self.modules))
+        den = math.sqrt(sum(m.norm ** 2 for m in self.modules))
+        return num / den if den else 0.0
+
+
+def choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    """k: ``rank``, or the smallest k with Σ_{i<k} σ_i² ≥ energy·Σσ²."""
+    if rank is not None:
+        return rank
+    power = s.double() ** 2
+    total = float(power.sum())
+    if total == 0:
+        return 0
+    kept = torch.cumsum(power, 0) / total
+    return int(torch.searchsorted(kept, torch.tensor([energy], dtype=kept.dtype) - 1e-12)) + 1
+
+
+def low_rank(delta: torch.Tensor, rank: int | None, energy: float | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, A, σ) of the truncated SVD of ``delta`` (float32)."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(choose_rank(s, rank, energy), s.numel())
+    root = s[:k].sqrt()
+    return u[:, :k] * root, root[:, None] * vh[:k], s
+
+
+def _selected(name: str, include: list[str], exclude: list[str]) -> bool:
+    if include and not any(re.search(p, name) for p in include):
+        return False
+    return not any(re.search(p, name) for p in exclude)
+
+
+def _check_pair(model: Checkpoint, base: Checkpoint) -> None:
+    missing = [n for n in model.names() if n not in base]
+    if missing:
+        raise AdapterError(f"{base.path}: lacks {len(missing)} tensor(s) of {model.path}, e.g. "
+                           f"{missing[0]!r}; give the base model this one was fine-tuned from")
+    for name in model.names():
+        a, b = model.info(name).shape, base.info(name).shape
+        if a != b:
+            raise AdapterError(f"tensor {name!r}: shape {list(a)} in {model.path} but "
+                               f"{list(b)} in {base.path}; give the base model this one was "
+                               "fine-tuned from")
+
+
+def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | None = None,
+                 energy: float | None = None, include: list[str] | None = None,
+                 exclude: list[str] | None = None, skip_other: bool = False,
+                 dtype: str | None = None, force: bool = False,
+                 progress=None) -> ExtractReport:
+    """Write ``out`` (a PEFT adapter of ``base_path``) approximating ``model_path``."""
+    if (rank is None) == (energy is None):
+        raise AdapterError("give exactly one of --rank R and --energy E")
+    if rank is not None and rank < 1:
+        raise AdapterError(f"--rank {rank}: must be at least 1")
+    if energy is not None and not 0 < energy <= 1:
+        raise AdapterError(f"--energy {energy}: must be in (0, 1], the share of Σσ² to keep")
+    include, exclude = include or [], exclude or []
+    report = ExtractReport()
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    with open_checkpoint(model_path) as model, open_checkpoint(base_path) as base:
+        _check_pair(model, base)
+        conv1d = (model.config or {}).get("model_type") in CONV1D_MODEL_TYPES
+        out_dtype = parse_dtype(dtype) if dtype else None
+        weights = {n for n in model.names() if n.endswith(".weight")
+                   and len(model.info(n).shape) == 2 and _selected(n, include, exclude)}
+        adapted_modules = {n[: -len(".weight")] for n in weights}
+        if rank is not None:
+            for n in sorted(weights):
+                if rank > min(model.info(n).shape):
+                    raise AdapterError(f"--rank {rank} is above the rank of {n!r} "
+                                       f"({list(model.info(n).shape)}: at most "
+                                       f"{min(model.info(n).shape)}); use a smaller rank, "
+                                       "--energy, or --exclude it")
+        names = model.names()
+        for i, name in enumerate(names):
+            if progress is not None:
+                progress(i, len(names), name)
+            info = model.info(name)
+            report.model_bytes += info.nbytes
+            if not info.dtype.is_floating_point:
+                continue
+            delta = model.get(name).to(torch.float32) - base.get(name).to(torch.float32)
+            if name in weights:
+                module = name[: -len(".weight")]
+                embedding = bool(EMBEDDING.search(name))
+                # peft's layouts: Linear Δ = B·A (out × in); Embedding and Conv1D Δ = (B·A)ᵀ
+                target = delta.T if (embedding or conv1d) else delta
+                b, a, s = low_rank(target, rank, energy)
+                k = a.shape[0]
+                err = float(torch.linalg.matrix_norm(target - b @ a))
+                report.modules.append(ModuleReport(
+                    module, k, s.numel(), err, float(torch.linalg.matrix_norm(target)),
+                    float(s[k:].double().pow(2).sum().sqrt())))
+                if k == 0:
+                    continue  # unchanged: nothing to adapt
+                cast = out_dtype or info.dtype
+                tensors[lora_key(module, "A", embedding)] = a.to(cast)
+                tensors[lora_key(module, "B", embedding)] = b.to(cast)
+                ranks[module] = k
+                continue
+            if not bool(delta.any()):
+                continue
+            module = name.rsplit(".", 1)[0]
+            if module in adapted_modules or skip_other or not _selected(name, include, exclude):
+                report.dropped.append(name)
+                continue
+            report.saved.append(module)
+        # modules_to_save: every tensor of a saved module, as peft saves them
+        saved = sorted(set(report.saved))
+        for name in names:
+            if name.rsplit(".", 1)[0] in saved:
+                t = model.get(name)
+                tensors[f"{PEFT_PREFIX}{name}"] = t.to(out_dtype) if out_dtype else t
+        report.saved = saved
+    if not ranks and not saved:
+        raise AdapterError(f"{model_path}: no selected tensor differs from {base_path}; "
+                           "nothing to extract")
+    config = adapter_config(ranks=ranks, alphas={m: float(k) for m, k in ranks.items()},
+                            modules_to_save=saved, fan_in_fan_out=conv1d,
+                            base_model=str(base_path))
+    how = f"rank {rank}" if rank is not None else f"{energy:.0%} of the energy per tensor"
+    card = (f"# LoRA adapter extracted by modelalloy\n\nTruncated SVD ({how}) of "
+            f"`{model_path}` minus `{base_path}`: {len(ranks)} modules, relative Frobenius "
+            f"error {report.relative_error:.4g}; {len(saved)} modules saved whole.\n")
+    write_adapter_folder(out, tensors, config, card, inputs=[Path(model_path), Path(base_path)],
+                         force=force)
+    report.adapter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return report
