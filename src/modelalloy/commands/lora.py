@@ -51,3 +51,36 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"warning: {len(report.dropped)} changed tensor(s) not in the adapter "
                        f"(biases of adapted modules, excluded or skipped), e.g. "
                        f"{report.dropped[0]}", err=True)
+
+    @app.command("merge-adapters")
+    def merge_adapters_cmd(
+        adapters: Annotated[list[str], typer.Argument(
+            help="PEFT LoRA adapter folders of one base, each optionally FOLDER:WEIGHT")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="adapter folder to create")],
+        combination: Annotated[str, typer.Option(
+            help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (and the "
+                 "*_svd forms): peft's add_weighted_adapter rules")] = "linear",
+        density: Annotated[float, typer.Option(help="ties/dare/magnitude_prune: share kept")
+                           ] = 1.0,
+        majority_sign: Annotated[str, typer.Option(help="ties: total or frequency")
+                                 ] = "total",
+        svd_rank: Annotated[int | None, typer.Option(
+            help="svd forms: rank of the result (default: the largest input rank)")] = None,
+        seed: Annotated[int, typer.Option(help="seeds the DARE masks")] = 0,
+        force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    ) -> None:
+        """Merge LoRA adapters into one adapter (no model is read or written)."""
+        from modelalloy.errors import AdapterError
+        from modelalloy.lora.combine import merge_adapters
+
+        folders, weights = [], []
+        for item in adapters:
+            folder, _, weight = item.rpartition(":") if ":" in item else (item, "", "1")
+            try:
+                weights.append(float(weight))
+            except ValueError:
+                raise AdapterError(f"{item}: the weight after ':' must be a number") from None
+            folders.append(Path(folder))
+        merge_adapters(folders, weights, out, combination, density=density,
+                       sign_method=majority_sign, svd_rank=svd_rank, seed=seed, force=force)
+        typer.echo(f"wrote {out}: {len(folders)} adapters merged with '{combination}'")

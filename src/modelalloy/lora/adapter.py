@@ -93,6 +93,7 @@ class LoraAdapter:
         self.weights = weights
         self.terms: dict[str, LoraTerm] = {}  # module -> term (targets bound by ``bind``)
         self.replacements: dict[str, str] = {}  # module tensor name -> adapter tensor name
+        self.base_copies: set[str] = set()  # replacements that are the base's own layers
         self._parse()
 
     # -- reading ---------------------------------------------------------------------------
@@ -114,6 +115,8 @@ class LoraAdapter:
                                        "factors are supported")
                 # modules_to_save and saved embedding layers replace the model's tensor
                 self.replacements[name.replace(".base_layer.", ".")] = key
+                if ".base_layer." in name:  # the base's own layer, saved alongside
+                    self.base_copies.add(name.replace(".base_layer.", "."))
                 continue
             factors.setdefault(module, {})[kind] = key
         use_rslora = bool(self.config.get("use_rslora", False))
