@@ -136,3 +136,26 @@ def test_cli_merge_adapters_cat_is_the_exact_sum(adapters, run_cli):
     bad = run_cli("merge-adapters", root / "a1", root / "a3", "--combination", "ties",
                   "--out", root / "t")
     assert bad.code == 1 and "one rank" in bad.err
+
+
+def test_merge_as_adapter_from_a_recipe(adapters, run_cli):
+    """`merge --as-adapter`: task_arithmetic of base+adapter models is peft's linear with
+    weights λ·w_i (on the factors: cross terms B_i·A_j included, as in peft)."""
+    _, root = adapters
+    (root / "ta.yaml").write_text(
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+        "  - model: base+a1\n    parameters: {weight: 0.5}\n"
+        "  - model: base+a2\n    parameters: {weight: 0.25}\nparameters: {lambda: 2.0}\n")
+    result = run_cli("merge", root / "ta.yaml", root / "ta-lora", "--as-adapter")
+    assert result.code == 0, result.err
+    expected = _peft_merge(adapters[0], root, ["a1", "a2"], [1.0, 0.5], "linear")
+    ours = {k.replace("base_model.model.", "", 1): v for k, v in
+            load_file(str(root / "ta-lora" / "adapter_model.safetensors")).items()}
+    for key, value in expected.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    (root / "mixed.yaml").write_text(
+        "merge_method: ties\nbase_model: base\nmodels:\n  - model: base+a1\n"
+        "  - model: expert\nparameters: {density: 0.5}\n")
+    (root / "expert").mkdir()
+    bad = run_cli("merge", root / "mixed.yaml", root / "x", "--as-adapter")
+    assert bad.code == 1 and "not an adapter" in bad.err
