@@ -116,3 +116,33 @@ def test_random_gates_and_one_line_errors(family, run_cli):
     recipe.write_text(yaml.safe_dump(data))
     result = run_cli("moe", recipe, "--out", family / "bad")
     assert result.code == 1 and "same prompts" in result.err
+
+
+def test_qwen2_moe_with_a_shared_expert(family, run_cli):
+    from transformers import AutoTokenizer, Qwen2MoeForCausalLM
+
+    data = {"base_model": "base", "gate_mode": "hidden_avg", "experts_per_token": 1,
+            "experts": [{"source_model": f"e{k}", "positive_prompts": DOMAINS[k]}
+                        for k in (1, 2)],
+            "shared_experts": [{"source_model": "e0", "positive_prompts": DOMAINS[0]}]}
+    (family / "qwen.yaml").write_text(yaml.safe_dump(data))
+    result = run_cli("moe", family / "qwen.yaml", "--out", family / "qmoe")
+    assert result.code == 0 and "qwen2_moe" in result.out, result.err
+    out = load_file(str(family / "qmoe" / "model.safetensors"))
+    shared = load_file(str(family / "e0" / "model.safetensors"))
+    assert torch.equal(out["model.layers.0.mlp.shared_expert.up_proj.weight"],
+                       shared["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(out["model.layers.1.self_attn.k_proj.bias"], torch.zeros(64))
+    assert out["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 64)
+    model = Qwen2MoeForCausalLM.from_pretrained(family / "qmoe").eval()
+    tok = AutoTokenizer.from_pretrained(family / "qmoe")
+    for index, k in enumerate((1, 2)):
+        ids = tok(HELD_OUT[k], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids, output_router_logits=True).router_logits
+        assert all(int(layer.float().mean(0).argmax()) == index for layer in logits)
+    model.generate(tok("ab", return_tensors="pt")["input_ids"], max_new_tokens=3)
+    data["shared_experts"].append(data["shared_experts"][0])
+    (family / "qwen.yaml").write_text(yaml.safe_dump(data))
+    bad = run_cli("moe", family / "qwen.yaml", "--out", family / "q2")
+    assert bad.code == 1 and "exactly one shared expert" in bad.err

@@ -16,10 +16,12 @@ def register(app: typer.Typer) -> None:
         shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
         force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     ) -> None:
-        """Build a sparse MoE model: the base's attention, each expert's MLP, routers from
-        prompts (gate_mode hidden, hidden_avg, cheap_embed) or random."""
+        """Build a sparse MoE model (Mixtral; Qwen2-MoE with a shared expert): the base's
+        attention, each expert's MLP, routers from prompts (gate_mode hidden, hidden_avg,
+        cheap_embed) or random."""
         from modelalloy.moe import build_moe
 
         result = build_moe(recipe, out, force=force, shard_size=shard_size)
-        typer.echo(f"wrote {result.path}: {result.experts} experts x {result.layers} layers, "
+        typer.echo(f"wrote {result.path} ({result.architecture}): {result.experts} experts x "
+                   f"{result.layers} layers, "
                    f"{result.tensors} tensors")

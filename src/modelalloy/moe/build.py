@@ -1,17 +1,28 @@
 """Write the sparse model: the base's attention, embeddings and norms, each expert's MLP, and
-a router per layer (Mixtral's tensor names, as transformers saves MixtralForCausalLM):
+a router per layer, under the tensor names transformers saves.
+
+Mixtral (``MixtralForCausalLM``)::
 
     model.layers.L.mlp.gate_proj  -> model.layers.L.block_sparse_moe.experts.E.w1
     model.layers.L.mlp.down_proj  -> model.layers.L.block_sparse_moe.experts.E.w2
     model.layers.L.mlp.up_proj    -> model.layers.L.block_sparse_moe.experts.E.w3
-    (router)                      -> model.layers.L.block_sparse_moe.gate.weight
+    (router, experts × hidden)    -> model.layers.L.block_sparse_moe.gate.weight
 
+Qwen2-MoE (``Qwen2MoeForCausalLM``, with ``shared_experts``: exactly one)::
+
+    model.layers.L.mlp.X          -> model.layers.L.mlp.experts.E.X
+    (the shared expert's) mlp.X   -> model.layers.L.mlp.shared_expert.X
+    (router, experts × hidden)    -> model.layers.L.mlp.gate.weight
+    (shared gate, 1 × hidden)     -> model.layers.L.mlp.shared_expert_gate.weight
+
+Qwen2-MoE attention has q/k/v biases: a Llama/Mistral base gets zero biases (as mergekit).
 Tensors are copied one at a time into preallocated shards; the folder appears when complete.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,33 +42,44 @@ from modelalloy.io.writer import (
 from modelalloy.moe.config import MoERecipe, load_moe_recipe
 from modelalloy.moe.gates import gate_weights
 
-MLP_NAMES = {".mlp.gate_proj.": "w1", ".mlp.down_proj.": "w2", ".mlp.up_proj.": "w3"}
-DENSE_TYPES = ("llama", "mistral")
+MLP = re.compile(r"^(.*)\.mlp\.(gate_proj|down_proj|up_proj)\.weight$")
+MIXTRAL_W = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+DENSE_TYPES = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("llama", "mistral", "qwen2")}
 
 
 @dataclass
 class MoEResult:
     path: Path
+    architecture: str
     experts: int
     layers: int
     tensors: int
 
 
-def expert_name(name: str, index: int) -> str | None:
-    """The Mixtral name of expert ``index``'s copy of a dense MLP tensor; None for others."""
-    for needle, w in MLP_NAMES.items():
-        if needle in name:
-            layer = name.split(needle)[0]
-            return f"{layer}.block_sparse_moe.experts.{index}.{w}.weight"
-    return None
+def expert_name(name: str, index: int | str, arch: str = "mixtral") -> str | None:
+    """The output name of expert ``index``'s copy ("shared": the shared expert's) of a dense
+    MLP weight; None for tensors that are not MLP weights."""
+    m = MLP.match(name)
+    if m is None:
+        return None
+    layer, proj = m.groups()
+    if arch == "mixtral":
+        return f"{layer}.block_sparse_moe.experts.{index}.{MIXTRAL_W[proj]}.weight"
+    if index == "shared":
+        return f"{layer}.mlp.shared_expert.{proj}.weight"
+    return f"{layer}.mlp.experts.{index}.{proj}.weight"
 
 
-def _check(base: Checkpoint, experts: list[Checkpoint], source: str) -> None:
+def _architecture(recipe: MoERecipe) -> str:
+    return "qwen2_moe" if recipe.shared_experts else "mixtral"
+
+
+def _check(base: Checkpoint, experts: list[Checkpoint], source: str, arch: str) -> None:
     model_type = (base.config or {}).get("model_type")
-    if model_type not in DENSE_TYPES:
-        raise PlanError(f"{source}: base model {base.path} is '{model_type}'; Mixtral assembly "
-                        f"needs a {' or '.join(DENSE_TYPES)} model")
-    mlp = [n for n in base.names() if expert_name(n, 0)]
+    if model_type not in DENSE_TYPES[arch]:
+        raise PlanError(f"{source}: base model {base.path} is '{model_type}'; {arch} assembly "
+                        f"needs a {' or '.join(DENSE_TYPES[arch])} model")
+    mlp = [n for n in base.names() if MLP.match(n)]
     if not mlp:
         raise PlanError(f"{source}: {base.path} has no mlp.gate_proj/up_proj/down_proj weights")
     for ckpt in experts:
@@ -71,51 +93,86 @@ def _check(base: Checkpoint, experts: list[Checkpoint], source: str) -> None:
                                 f"{ckpt.path} but {list(b)} in the base {base.path}")
 
 
-def mixtral_config(base_config: dict, recipe: MoERecipe, dtype: torch.dtype) -> dict:
-    config = {k: v for k, v in base_config.items() if k not in ("architectures", "model_type")}
-    config.update({
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-        "num_local_experts": len(recipe.experts),
-        "num_experts_per_tok": recipe.experts_per_token, "sliding_window": None,
-        "output_router_logits": False, "router_aux_loss_coef": 0.001,
-        "dtype": str(dtype).removeprefix("torch."),
-    })
-    for key in ("mlp_bias", "attention_bias", "pretraining_tp", "torch_dtype"):
-        config.pop(key, None)
+def moe_config(base_config: dict, recipe: MoERecipe, arch: str, dtype: torch.dtype) -> dict:
+    drop = ("architectures", "model_type", "mlp_bias", "attention_bias", "pretraining_tp",
+            "torch_dtype", "sliding_window")
+    config = {k: v for k, v in base_config.items() if k not in drop}
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["num_experts_per_tok"] = recipe.experts_per_token
+    config["output_router_logits"] = False
+    config["router_aux_loss_coef"] = 0.001
+    if arch == "mixtral":
+        config.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                       "num_local_experts": len(recipe.experts), "sliding_window": None})
+    else:
+        size = base_config["intermediate_size"]
+        config.update({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                       "num_experts": len(recipe.experts), "decoder_sparse_step": 1,
+                       "mlp_only_layers": [], "norm_topk_prob": True, "sliding_window": None,
+                       "use_sliding_window": False, "qkv_bias": True,
+                       "moe_intermediate_size": size, "shared_expert_intermediate_size": size})
     return config
+
+
+def _zero_biases(base: Checkpoint, cfg: dict, layers: int) -> list[tuple[str, int]]:
+    """Qwen2-MoE's q/k/v biases that a Llama/Mistral base lacks: (name, length)."""
+    heads, kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or
+                                                       cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    out = []
+    for i in range(layers):
+        for proj, n in (("q_proj", heads), ("k_proj", kv), ("v_proj", kv)):
+            name = f"model.layers.{i}.self_attn.{proj}.bias"
+            if name not in base:
+                out.append((name, n * head_dim))
+    return out
 
 
 def build_moe(recipe_path: str | Path | MoERecipe, out: Path, *, force: bool = False,
               shard_size: str = "5GB") -> MoEResult:
     recipe = recipe_path if isinstance(recipe_path, MoERecipe) else load_moe_recipe(recipe_path)
+    arch = _architecture(recipe)
+    specs = list(recipe.experts) + list(recipe.shared_experts or [])
     base_dir = recipe.path(recipe.base_model)
-    expert_dirs = [recipe.path(e.source_model) for e in recipe.experts]
+    dirs = [recipe.path(e.source_model) for e in specs]
     out = Path(out)
-    check_output_path(out, [base_dir, *expert_dirs], force)
+    check_output_path(out, [base_dir, *dirs], force)
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(base_dir))
-        experts = [stack.enter_context(open_checkpoint(d)) for d in expert_dirs]
-        _check(base, experts, recipe.source)
+        ckpts = [stack.enter_context(open_checkpoint(d)) for d in dirs]
+        _check(base, ckpts, recipe.source, arch)
         cfg = base.config or {}
         layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
-        gates = gate_weights(recipe.gate_mode, base, base_dir, recipe.experts, layers, hidden,
-                             seed=recipe.seed)
+        routers = {"gate": gate_weights(recipe.gate_mode, base, base_dir, recipe.experts,
+                                        layers, hidden, seed=recipe.seed)}
+        if recipe.shared_experts:
+            routers["shared_expert_gate"] = gate_weights(
+                recipe.gate_mode, base, base_dir, recipe.shared_experts, layers, hidden,
+                seed=recipe.seed + 2)
         float_dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
 
         def out_dtype(info_dtype: torch.dtype) -> torch.dtype:
             return float_dtype if (float_dtype and info_dtype.is_floating_point) else info_dtype
 
-        plan: list[tuple[str, Checkpoint, str, int | None]] = []  # out name, source, name, e
+        # (out name, source checkpoint, source name, expert spec or None)
+        plan: list[tuple[str, Checkpoint, str, int | None]] = []
         for name in base.names():
-            if expert_name(name, 0) is None:
+            if not MLP.match(name):
                 plan.append((name, base, name, None))
-            else:
-                plan += [(expert_name(name, e), ckpt, name, e) for e, ckpt in enumerate(experts)]
-        # routers take the dtype of the base's MLP weights (or the recipe's)
-        mlp_dtype = next(base.info(n).dtype for n in base.names() if expert_name(n, 0))
+                continue
+            for e, ckpt in enumerate(ckpts):
+                index = "shared" if e >= len(recipe.experts) else e
+                plan.append((expert_name(name, index, arch), ckpt, name, e))
+        mlp_dtype = out_dtype(next(base.info(n).dtype for n in base.names() if MLP.match(n)))
         entries = [(o, src.info(n).shape, out_dtype(src.info(n).dtype)) for o, src, n, _ in plan]
-        entries += [(f"model.layers.{i}.block_sparse_moe.gate.weight", (len(experts), hidden),
-                     out_dtype(mlp_dtype)) for i in range(layers)]
+        prefix = "block_sparse_moe" if arch == "mixtral" else "mlp"
+        extra: list[tuple[str, torch.Tensor]] = []
+        for kind, weights in routers.items():
+            extra += [(f"model.layers.{i}.{prefix}.{kind}.weight", weights[i])
+                      for i in range(layers)]
+        if arch == "qwen2_moe":
+            extra += [(n, torch.zeros(size)) for n, size in _zero_biases(base, cfg, layers)]
+        entries += [(n, tuple(t.shape), mlp_dtype) for n, t in extra]
         noise = torch.Generator().manual_seed(recipe.seed + 1)
         with AtomicOutputDir(out, force=force) as tmp:
             writer = ShardedSafetensorsWriter(Path(tmp), entries, parse_size(shard_size),
@@ -123,23 +180,22 @@ def build_moe(recipe_path: str | Path | MoERecipe, out: Path, *, force: bool = F
             for (o, src, name, e), (_, _, dtype) in zip(plan, entries, strict=False):
                 t = src.get(name)
                 if e is not None:
-                    spec = recipe.experts[e]
+                    spec = specs[e]
                     if spec.residual_scale is not None and ".mlp.down_proj." in name:
                         t = t.float() * spec.residual_scale
                     if spec.noise_scale:
                         t = t.float() + torch.randn(t.shape, generator=noise) * spec.noise_scale
                 writer.write(o, t.to(dtype).contiguous())
-            for i in range(layers):
-                name, _, dtype = entries[len(plan) + i]
-                writer.write(name, gates[i].to(dtype).contiguous())
+            for name, t in extra:
+                writer.write(name, t.to(mlp_dtype).contiguous())
             writer.close()
             copy_model_files(base_dir, Path(tmp))
-            config = mixtral_config(cfg, recipe, entries[-1][2])
+            config = moe_config(cfg, recipe, arch, mlp_dtype)
             (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             write_model_card(Path(tmp), recipe_yaml=_recipe_yaml(recipe), method="moe",
                              base_model=recipe.base_model,
-                             models=[e.source_model for e in recipe.experts])
-    return MoEResult(out, len(experts), layers, len(entries))
+                             models=[e.source_model for e in specs])
+    return MoEResult(out, arch, len(recipe.experts), layers, len(entries))
 
 
 def _recipe_yaml(recipe: MoERecipe) -> str:

@@ -10,6 +10,9 @@ experts:
     positive_prompts: ["Solve 3x + 1 = 7"]
     negative_prompts: ["Write a poem"]   # optional
     residual_scale: 1.0                  # optional: scales the expert's down_proj
+shared_experts:                          # optional, exactly one: Qwen2-MoE output
+  - source_model: ./llama-chat
+    positive_prompts: ["Hello"]
 ```
 """
 
@@ -98,10 +101,15 @@ def parse_moe_recipe(raw: object, source: str = "<dict>", base_dir: Path | None 
         if len(recipe.experts) > 1 and len(prompts) == 1:
             raise RecipeError(f"{source}: every expert has the same prompts, so the router "
                               "cannot tell them apart; give each its own positive_prompts")
-    if recipe.shared_experts:
-        raise RecipeError(f"{source}: shared_experts (Qwen2-MoE output) is not supported yet; "
-                          "remove it for a Mixtral-style model")
-    if recipe.architecture not in (None, "mixtral"):
-        raise RecipeError(f"{source}: architecture '{recipe.architecture}' is not supported; "
-                          "use mixtral")
+    if recipe.shared_experts is not None and len(recipe.shared_experts) != 1:
+        raise RecipeError(f"{source}: shared_experts: Qwen2-MoE output takes exactly one "
+                          f"shared expert, got {len(recipe.shared_experts)}")
+    if recipe.shared_experts and recipe.gate_mode not in ("random", "uniform_random") \
+            and not recipe.shared_experts[0].positive_prompts:
+        raise RecipeError(f"{source}: shared_experts[0].positive_prompts: gate_mode "
+                          f"'{recipe.gate_mode}' needs prompts for the shared expert's gate")
+    wanted = "qwen2_moe" if recipe.shared_experts else "mixtral"
+    if recipe.architecture not in (None, wanted, "qwen" if recipe.shared_experts else wanted):
+        raise RecipeError(f"{source}: architecture '{recipe.architecture}' does not fit: "
+                          "mixtral without shared_experts, qwen2_moe (or qwen) with one")
     return recipe
