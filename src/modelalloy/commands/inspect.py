@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
         if out is not None:
             check_output_path(out, [], force)
-        inspection = inspect_recipe(recipe, density=density)
+        inspection = inspect_recipe(recipe, density=density, progress=sys.stderr.isatty())
         print_tables(inspection, Console(width=200))
         if out is not None:
             write_report(inspection, out, force=force)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -38,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
         report = extract_lora(model, base, out, rank=rank, energy=energy, include=include,
                               exclude=exclude, skip_other=skip_undecomposable, dtype=dtype,
-                              force=force)
+                              force=force, progress=sys.stderr.isatty())
         ranks = [m.rank for m in report.modules if m.rank]
         share = report.adapter_bytes / max(1, report.model_bytes)
         typer.echo(f"wrote {out}: {len(ranks)} LoRA modules (rank {min(ranks, default=0)}-"

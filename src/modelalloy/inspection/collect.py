@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from modelalloy.engine.progress import merge_progress
 from modelalloy.errors import RecipeError
 from modelalloy.inspection.metrics import TensorSums, tensor_sums
 from modelalloy.plan.layers import LayerIndexer, split_layer
@@ -64,7 +65,7 @@ def family_of(name: str) -> str:
 
 
 def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
-                   progress=None) -> Inspection:
+                   progress: bool = False) -> Inspection:
     from modelalloy.engine.run import open_recipe_model
 
     start = time.perf_counter()
@@ -90,9 +91,11 @@ def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
                                       f"shape than in {base.path}; inspect models of one base")
         # per-tensor parameters, as the merge resolves them (for base methods: expert order)
         same_order = [e.model for e in recipe.expert_entries()] == result.experts
-        for i, name in enumerate(names):
-            if progress is not None:
-                progress(i, len(names), name)
+        per_tensor = {n: sum(c.info(n).nbytes for c in (base, *models)) for n in names}
+        bar = stack.enter_context(merge_progress("inspect", len(names),
+                                                 sum(per_tensor.values()), progress))
+        for name in names:
+            bar.advance(per_tensor[name])
             layer, count = indexer.lookup(name)
             params = resolve_tensor_params(recipe, name, layer, count) if same_order else {}
             n = len(models)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from modelalloy.engine.progress import merge_progress
 from modelalloy.errors import AdapterError
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.dtypes import parse_dtype
@@ -109,7 +110,7 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                  energy: float | None = None, include: list[str] | None = None,
                  exclude: list[str] | None = None, skip_other: bool = False,
                  dtype: str | None = None, force: bool = False,
-                 progress=None) -> ExtractReport:
+                 progress: bool = False) -> ExtractReport:
     """Write ``out`` (a PEFT adapter of ``base_path``) approximating ``model_path``."""
     if (rank is None) == (energy is None):
         raise AdapterError("give exactly one of --rank R and --energy E")
@@ -136,24 +137,34 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                                        f"{min(model.info(n).shape)}); use a smaller rank, "
                                        "--energy, or --exclude it")
         names = model.names()
-        for i, name in enumerate(names):
-            if progress is not None:
-                progress(i, len(names), name)
-            info = model.info(name)
-            report.model_bytes += info.nbytes
-            if not info.dtype.is_floating_point:
-                continue
-            delta = model.get(name).to(torch.float32) - base.get(name).to(torch.float32)
-            if name in weights:
+        with merge_progress("extract", len(names), model.total_nbytes + base.total_nbytes,
+                            progress) as sink:
+            for name in names:
+                info = model.info(name)
+                report.model_bytes += info.nbytes
+                sink.advance(2 * info.nbytes)
+                if not info.dtype.is_floating_point:
+                    continue
+                delta = model.get(name).to(torch.float32) - base.get(name).to(torch.float32)
+                if name not in weights:
+                    if not bool(delta.any()):
+                        continue
+                    module = name.rsplit(".", 1)[0]
+                    if module in adapted_modules or skip_other \
+                            or not _selected(name, include, exclude):
+                        report.dropped.append(name)
+                    else:
+                        report.saved.append(module)
+                    continue
                 module = name[: -len(".weight")]
                 embedding = bool(EMBEDDING.search(name))
                 # peft's layouts: Linear Δ = B·A (out × in); Embedding and Conv1D Δ = (B·A)ᵀ
                 target = delta.T if (embedding or conv1d) else delta
                 b, a, s = low_rank(target, rank, energy)
                 k = a.shape[0]
-                err = float(torch.linalg.matrix_norm(target - b @ a))
                 report.modules.append(ModuleReport(
-                    module, k, s.numel(), err, float(torch.linalg.matrix_norm(target)),
+                    module, k, s.numel(), float(torch.linalg.matrix_norm(target - b @ a)),
+                    float(torch.linalg.matrix_norm(target)),
                     float(s[k:].double().pow(2).sum().sqrt())))
                 if k == 0:
                     continue  # unchanged: nothing to adapt
@@ -161,14 +172,6 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                 tensors[lora_key(module, "A", embedding)] = a.to(cast)
                 tensors[lora_key(module, "B", embedding)] = b.to(cast)
                 ranks[module] = k
-                continue
-            if not bool(delta.any()):
-                continue
-            module = name.rsplit(".", 1)[0]
-            if module in adapted_modules or skip_other or not _selected(name, include, exclude):
-                report.dropped.append(name)
-                continue
-            report.saved.append(module)
         # modules_to_save: every tensor of a saved module, as peft saves them
         saved = sorted(set(report.saved))
         for name in names:
