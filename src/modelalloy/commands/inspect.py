@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
         from modelalloy.io.writer import check_output_path
 
         if out is not None:
+            from modelalloy.extras import require_extra
+
+            require_extra("viz", "inspect --out")
             check_output_path(out, [], force)
         inspection = inspect_recipe(recipe, density=density, progress=sys.stderr.isatty())
         print_tables(inspection, Console(width=200))

@@ -65,6 +65,9 @@ def gate_weights(mode: str, base: Checkpoint, base_dir: Path, experts: list[Expe
     if mode == "uniform_random":
         bound = 1 / math.sqrt(hidden)
         return torch.rand(shape, generator=g) * 2 * bound - bound
+    from modelalloy.extras import require_extra
+
+    require_extra("hf", f"moe (gate_mode {mode})")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
