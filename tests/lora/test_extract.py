@@ -37,7 +37,7 @@ def _deltas(tuned: Path, base: Path) -> dict[str, np.ndarray]:
 def test_rank_error_is_the_tail_energy(pair, tmp_path, run_cli):
     tuned, base = pair
     result = run_cli("extract-lora", tuned, "--base", base, "--rank", "3", "--out",
-                     tmp_path / "ad")
+                     tmp_path / "ad", "--embed-lora")
     assert result.code == 0, result.err
     deltas = _deltas(tuned, base)
     with open_model(base, tmp_path / "ad") as rebuilt:
@@ -57,6 +57,21 @@ def test_rank_error_is_the_tail_energy(pair, tmp_path, run_cli):
     assert reported == pytest.approx(np.sqrt(num / den), rel=1e-3)
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["r"] == 3 and "model.layers.0.input_layernorm" in config["modules_to_save"]
+    saved = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in saved
+
+
+def test_embeddings_saved_whole_by_default(pair, tmp_path):
+    """As mergekit without --embed-lora: input embeddings and the head go to modules_to_save."""
+    tuned, base = pair
+    extract_lora(tuned, base, tmp_path / "ad", rank=2)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert {"model.embed_tokens", "lm_head"} <= set(config["modules_to_save"])
+    assert "lm_head" not in config["target_modules"]
+    want = load_file(str(tuned / "model.safetensors"))
+    with open_model(base, tmp_path / "ad") as rebuilt:
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(rebuilt.get(name), want[name])
 
 
 def test_energy_picks_the_smallest_rank(pair, tmp_path):
@@ -112,3 +127,26 @@ def test_rank_above_the_matrix_is_one_line_error(pair, tmp_path, run_cli):
     assert not (tmp_path / "ad").exists()
     result = run_cli("extract-lora", tuned, "--base", base, "--out", tmp_path / "ad")
     assert result.code == 1 and "exactly one of --rank" in result.err
+
+
+def test_gpt2_biases_go_to_lora_bias_and_peft_reproduces_the_model(tmp_path):
+    """GPT-2: Conv1D weights (fan_in_fan_out) with biases: Δbias becomes lora_B.bias."""
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2LMHeadModel
+
+    from tests.conftest import save_gpt2_family
+
+    base, (tuned,) = save_gpt2_family(tmp_path, n_experts=1)
+    report = extract_lora(tuned, base, tmp_path / "ad", rank=32)
+    assert not report.dropped
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["lora_bias"] and config["fan_in_fan_out"]
+    model = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base),
+                                           tmp_path / "ad").merge_and_unload()
+    want = load_file(str(tuned / "model.safetensors"))
+    with open_model(base, tmp_path / "ad") as ours:
+        for name, value in model.state_dict().items():
+            if name in want:
+                torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-5, msg=name)
+                torch.testing.assert_close(ours.get(name), value, rtol=1e-5, atol=1e-6,
+                                           msg=name)

@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         skip_undecomposable: Annotated[bool, typer.Option(
             help="leave out changed norms and other non-matrix weights instead of saving "
                  "them whole (modules_to_save)")] = False,
+        embed_lora: Annotated[bool, typer.Option(
+            help="decompose the embeddings and output head too (default: saved whole, as "
+                 "mergekit)")] = False,
         dtype: Annotated[str | None, typer.Option(
             help="dtype of the factors (default: the model's)")] = None,
         force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
@@ -38,7 +41,8 @@ def register(app: typer.Typer) -> None:
         from modelalloy.lora.extract import extract_lora
 
         report = extract_lora(model, base, out, rank=rank, energy=energy, include=include,
-                              exclude=exclude, skip_other=skip_undecomposable, dtype=dtype,
+                              exclude=exclude, skip_other=skip_undecomposable,
+                              embed_lora=embed_lora, dtype=dtype,
                               force=force, progress=sys.stderr.isatty())
         ranks = [m.rank for m in report.modules if m.rank]
         share = report.adapter_bytes / max(1, report.model_bytes)

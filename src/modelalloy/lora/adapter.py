@@ -4,6 +4,7 @@ A LoRA adapter stores, for each targeted module ``m`` with weight ``W`` (out × 
 ``A`` (r × in) and ``B`` (out × r); the adapted weight is (Hu et al., 2021)
 
     W' = W + s · B·A,   s = lora_alpha / r   (rsLoRA, ``use_rslora``: s = lora_alpha / √r)
+    b' = b + s · b_B    (``lora_bias``: lora_B's own bias)
 
 with per-module ``r`` and ``lora_alpha`` from ``rank_pattern`` / ``alpha_pattern`` when given.
 ``fan_in_fan_out`` (GPT-2's Conv1D stores W as in × out) and embeddings
@@ -38,7 +39,6 @@ PEFT_PREFIX = "base_model.model."
 # describe: refused rather than silently applied wrong.
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora) adapters",
-    "lora_bias": "adapters with a LoRA bias (lora_bias)",
     "layer_replication": "adapters with layer_replication",
     "target_parameters": "adapters on nn.Parameters (target_parameters)",
     "trainable_token_indices": "adapters with trainable tokens",
@@ -94,6 +94,8 @@ class LoraAdapter:
         self.terms: dict[str, LoraTerm] = {}  # module -> term (targets bound by ``bind``)
         self.replacements: dict[str, str] = {}  # module tensor name -> adapter tensor name
         self.base_copies: set[str] = set()  # replacements that are the base's own layers
+        self.bias_terms: dict[str, str] = {}  # module -> its lora_B.bias (``lora_bias``)
+        self.biases: dict[str, tuple[str, float]] = {}  # bias tensor -> (key, scale): bound
         self._parse()
 
     # -- reading ---------------------------------------------------------------------------
@@ -104,6 +106,7 @@ class LoraAdapter:
             name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             kind = None
             for suffix, what in ((".lora_A.weight", "A"), (".lora_B.weight", "B"),
+                                 (".lora_B.bias", "bias"),
                                  (".lora_embedding_A", "EA"), (".lora_embedding_B", "EB")):
                 if name.endswith(suffix):
                     module, kind = name[: -len(suffix)], what
@@ -122,6 +125,8 @@ class LoraAdapter:
         use_rslora = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         for module, parts in factors.items():
+            if "bias" in parts:  # lora_bias: the bias gets s · lora_B.bias
+                self.bias_terms[module] = parts.pop("bias")
             embedding = "EA" in parts or "EB" in parts
             a_key = parts.get("EA" if embedding else "A")
             b_key = parts.get("EB" if embedding else "B")
@@ -163,6 +168,21 @@ class LoraAdapter:
             bound[target] = LoraTerm(module, target, term.a_name, term.b_name, term.rank,
                                      term.scale, term.transposed)
         self.terms = bound
+        biases: dict[str, tuple[str, float]] = {}  # bias tensor -> (lora_B.bias, scale)
+        for term in bound.values():
+            key = self.bias_terms.get(term.module)
+            if key is None:
+                continue
+            target = term.target[: -len("weight")] + "bias"
+            if target not in infos:
+                raise AdapterError(f"{self.path}: module {term.module!r} has a LoRA bias but "
+                                   f"{model}'s {term.target!r} has no bias to add it to")
+            if tuple(infos[target].shape) != tuple(self.weights.info(key).shape):
+                raise AdapterError(f"{self.path}: LoRA bias {key!r} has shape "
+                                   f"{list(self.weights.info(key).shape)} but {model}'s "
+                                   f"{target!r} has {list(infos[target].shape)}")
+            biases[target] = (key, term.scale)
+        self.biases = biases
         replaced: dict[str, str] = {}
         for name, key in self.replacements.items():
             target = _find_tensor(name, names, self.path, model)

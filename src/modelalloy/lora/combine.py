@@ -105,6 +105,9 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], kind: st
     if sign_method not in ("total", "frequency"):
         raise AdapterError(f"majority sign method '{sign_method}': use total or frequency")
     for a in adapters:
+        if a.bias_terms:
+            raise AdapterError(f"{a.path}: has LoRA biases (lora_bias); merging those as an "
+                               "adapter is not supported: merge them into the model instead")
         trained = [n for n in a.replacements if n not in a.base_copies]
         if trained:
             raise AdapterError(f"{a.path}: saves whole tensors (modules_to_save, "

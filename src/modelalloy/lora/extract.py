@@ -9,13 +9,16 @@ in Frobenius norm, and its error is the energy of the dropped singular values:
 ‖Δ − B·A‖_F = (Σ_{i>k} σ_i²)^½. ``rank`` fixes k (a rank above min(out, in) is an error);
 ``energy`` picks per tensor the smallest k keeping that share of Σσ².
 
-Like mergekit-extract-lora: linear weights get ``lora_A``/``lora_B``; input embeddings
-(names with ``embed``, ``wte``, ``wpe``) get ``lora_embedding_A``/``_B`` (their Δ is
-decomposed transposed, peft's layout); the output head is a linear weight. Other changed
-weights (norms, 1-D tensors) are saved whole as ``modules_to_save`` unless ``skip_other``;
-unchanged ones are left out (the base has them). Biases of LoRA-adapted modules cannot be
-expressed by LoRA: their changes are dropped and counted in the report. GPT-2-style models
-(Conv1D weights stored in × out) are written with ``fan_in_fan_out``.
+As mergekit-extract-lora: linear weights get ``lora_A``/``lora_B``; the input embeddings
+(names with ``embed``, ``wte``, ``wpe``, ``word_embeddings``) and the output head
+(``lm_head``) are saved whole as ``modules_to_save`` unless ``embed_lora``, which decomposes
+them (embeddings as ``lora_embedding_A``/``_B``, in peft's transposed layout; the head as a
+linear weight). Other changed weights (norms, 1-D tensors) are saved whole as
+``modules_to_save`` unless ``skip_other``; unchanged ones are left out (the base has them;
+mergekit saves them anyway). Changed biases of adapted modules go to ``lora_B.bias`` with
+``lora_bias`` when every adapted linear module has a bias (peft can merge them only then);
+otherwise they are dropped and counted in the report. GPT-2-style models (Conv1D weights
+stored in × out) are written with ``fan_in_fan_out``.
 
 Tensors are read one pair at a time; only the factors (r·(in + out) per module) are held.
 """
@@ -37,6 +40,7 @@ from modelalloy.lora.adapter import PEFT_PREFIX
 from modelalloy.lora.files import adapter_config, lora_key, write_adapter_folder
 
 EMBEDDING = re.compile(r"(^|\.)(embed[^.]*|wte|wpe|word_embeddings|position_embeddings)\.weight$")
+OUTPUT_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
 CONV1D_MODEL_TYPES = {"gpt2"}  # transformers' Conv1D: weights stored as (in, out)
 
 
@@ -109,7 +113,7 @@ def _check_pair(model: Checkpoint, base: Checkpoint) -> None:
 def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | None = None,
                  energy: float | None = None, include: list[str] | None = None,
                  exclude: list[str] | None = None, skip_other: bool = False,
-                 dtype: str | None = None, force: bool = False,
+                 embed_lora: bool = False, dtype: str | None = None, force: bool = False,
                  progress: bool = False) -> ExtractReport:
     """Write ``out`` (a PEFT adapter of ``base_path``) approximating ``model_path``."""
     if (rank is None) == (energy is None):
@@ -122,12 +126,16 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
     report = ExtractReport()
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    bias_deltas: dict[str, torch.Tensor] = {}
     with open_checkpoint(model_path) as model, open_checkpoint(base_path) as base:
         _check_pair(model, base)
         conv1d = (model.config or {}).get("model_type") in CONV1D_MODEL_TYPES
         out_dtype = parse_dtype(dtype) if dtype else None
+        # embeddings and the output head: decomposed with --embed-lora, else saved whole
+        vocab = {n for n in model.names() if EMBEDDING.search(n) or OUTPUT_HEAD.search(n)}
         weights = {n for n in model.names() if n.endswith(".weight")
-                   and len(model.info(n).shape) == 2 and _selected(n, include, exclude)}
+                   and len(model.info(n).shape) == 2 and _selected(n, include, exclude)
+                   and (embed_lora or n not in vocab)}
         adapted_modules = {n[: -len(".weight")] for n in weights}
         if rank is not None:
             for n in sorted(weights):
@@ -147,10 +155,14 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                     continue
                 delta = model.get(name).to(torch.float32) - base.get(name).to(torch.float32)
                 if name not in weights:
+                    module = name.rsplit(".", 1)[0]
+                    if module in adapted_modules and name.endswith(".bias"):
+                        bias_deltas[module] = delta  # lora_B.bias, if every module has one
+                        continue
                     if not bool(delta.any()):
                         continue
-                    module = name.rsplit(".", 1)[0]
-                    if module in adapted_modules or skip_other \
+                    whole = name in vocab or not skip_other  # vocab: as mergekit, always
+                    if module in adapted_modules or not whole \
                             or not _selected(name, include, exclude):
                         report.dropped.append(name)
                     else:
@@ -172,6 +184,17 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                 tensors[lora_key(module, "A", embedding)] = a.to(cast)
                 tensors[lora_key(module, "B", embedding)] = b.to(cast)
                 ranks[module] = k
+        # lora_bias (peft: b' = b + s·lora_B.bias) when every linear LoRA module has a bias
+        # and some bias changed; otherwise those changes cannot be held and are reported
+        linear = [m for m in ranks if not EMBEDDING.search(m + ".weight")]
+        lora_bias = bool(linear) and all(m in bias_deltas for m in linear) \
+            and any(bool(d.any()) for d in bias_deltas.values())
+        for module, d in bias_deltas.items():
+            if lora_bias and module in ranks:
+                tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = d.to(
+                    out_dtype or model.info(module + ".bias").dtype)
+            elif bool(d.any()):
+                report.dropped.append(module + ".bias")
         # modules_to_save: every tensor of a saved module, as peft saves them
         saved = sorted(set(report.saved))
         for name in names:
@@ -184,7 +207,7 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                            "nothing to extract")
     config = adapter_config(ranks=ranks, alphas={m: float(k) for m, k in ranks.items()},
                             modules_to_save=saved, fan_in_fan_out=conv1d,
-                            base_model=str(base_path))
+                            base_model=str(base_path), lora_bias=lora_bias)
     how = f"rank {rank}" if rank is not None else f"{energy:.0%} of the energy per tensor"
     card = (f"# LoRA adapter extracted by modelalloy\n\nTruncated SVD ({how}) of "
             f"`{model_path}` minus `{base_path}`: {len(ranks)} modules, relative Frobenius "

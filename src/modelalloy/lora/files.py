@@ -16,7 +16,8 @@ from modelalloy.lora.adapter import CONFIG_FILE, PEFT_PREFIX
 
 def adapter_config(*, ranks: dict[str, int], alphas: dict[str, float],
                    modules_to_save: list[str], fan_in_fan_out: bool = False,
-                   base_model: str | None = None, use_rslora: bool = False) -> dict[str, Any]:
+                   base_model: str | None = None, use_rslora: bool = False,
+                   lora_bias: bool = False) -> dict[str, Any]:
     """A peft LoraConfig as JSON: every module named in full in ``target_modules``, its rank
     and alpha in ``rank_pattern``/``alpha_pattern`` (keys escaped: peft reads them as regular
     expressions matched against the end of the module name)."""
@@ -30,7 +31,7 @@ def adapter_config(*, ranks: dict[str, int], alphas: dict[str, float],
         "target_modules": sorted(ranks), "modules_to_save": sorted(modules_to_save) or None,
         "fan_in_fan_out": fan_in_fan_out, "bias": "none", "lora_dropout": 0.0,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False,
-        "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+        "lora_bias": lora_bias, "layers_to_transform": None, "layers_pattern": None,
     }
 
 

@@ -35,13 +35,20 @@ class AdaptedCheckpoint(Checkpoint):
         t = self.adapter.weights.get(replaced).to(self.info(name).dtype)
         return t if out is None else out.copy_(t)
 
+    def _bias_delta(self, name: str) -> torch.Tensor:
+        key, scale = self.adapter.biases[name]
+        return self.adapter.weights.get(key).to(torch.float32) * scale
+
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         tensor = self._stored(name, out)
         term = self.adapter.terms.get(name)
-        if term is None:
+        if term is None and name not in self.adapter.biases:
             return tensor
-        delta = term.delta(self.adapter.weights.get(term.a_name),
-                           self.adapter.weights.get(term.b_name))
+        if term is None:
+            delta = self._bias_delta(name)
+        else:
+            delta = term.delta(self.adapter.weights.get(term.a_name),
+                               self.adapter.weights.get(term.b_name))
         merged = delta.add_(tensor.to(torch.float32))  # delta is ours to overwrite
         # Not in place when we were handed the stored tensor itself (pickles): it is shared.
         return merged.to(tensor.dtype) if out is None else out.copy_(merged)
@@ -50,6 +57,9 @@ class AdaptedCheckpoint(Checkpoint):
         if name in self.adapter.replacements:  # small tensors (heads, embeddings): read whole
             return out.copy_(self.get(name).reshape(-1)[start:start + out.numel()])
         got = super().get_slice(name, start, out)
+        if name in self.adapter.biases:
+            delta = self._bias_delta(name)[start:start + out.numel()]
+            return got.copy_(delta.add_(got.to(torch.float32)))
         term = self.adapter.terms.get(name)
         if term is None:
             return got
