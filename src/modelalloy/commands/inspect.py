@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
             "--out", "-o", help="folder for report.html, PNG heatmaps and report.json")] = None,
         density: Annotated[float, typer.Option(
             help="TIES trim density when the recipe's method has none")] = 0.2,
+        threads: Annotated[int | None, typer.Option(help="worker threads (default: ≤4)")] = None,
         force: Annotated[bool, typer.Option(help="replace an existing --out folder")] = False,
     ) -> None:
         """Per layer and tensor family: task-vector norms, pairwise cosines, sign-conflict
@@ -32,7 +33,8 @@ def register(app: typer.Typer) -> None:
 
             require_extra("viz", "inspect --out")
             check_output_path(out, [], force)
-        inspection = inspect_recipe(recipe, density=density, progress=sys.stderr.isatty())
+        inspection = inspect_recipe(recipe, density=density, threads=threads,
+                                    progress=sys.stderr.isatty())
         print_tables(inspection, Console(width=200))
         if out is not None:
             write_report(inspection, out, force=force)

@@ -10,6 +10,8 @@ per tensor as the merge would resolve them; a method without a density is inspec
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from modelalloy.errors import RecipeError
 from modelalloy.inspection.metrics import TensorSums, tensor_sums
 from modelalloy.plan.layers import LayerIndexer, split_layer
 from modelalloy.recipe import Recipe, load_recipe, resolve_tensor_params
+from modelalloy.threads import one_intra_op_thread
 
 
 @dataclass
@@ -65,8 +68,8 @@ def family_of(name: str) -> str:
 
 
 def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
-                   progress: bool = False) -> Inspection:
-    from modelalloy.engine.run import open_recipe_model
+                   threads: int | None = None, progress: bool = False) -> Inspection:
+    from modelalloy.engine.run import default_threads, open_recipe_model
 
     start = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -94,20 +97,40 @@ def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
         per_tensor = {n: sum(c.info(n).nbytes for c in (base, *models)) for n in names}
         bar = stack.enter_context(merge_progress("inspect", len(names),
                                                  sum(per_tensor.values()), progress))
-        for name in names:
-            bar.advance(per_tensor[name])
+
+        def sums_of(name: str) -> TensorRecord:
             layer, count = indexer.lookup(name)
             params = resolve_tensor_params(recipe, name, layer, count) if same_order else {}
             n = len(models)
-            weights = list(params.get("weight", [1.0] * n)) if "weight" in names_of else [1.0] * n
-            dens = params.get("density", [density] * n) if "density" in names_of else [density] * n
+            weights = list(params.get("weight", [1.0] * n)) if "weight" in names_of \
+                else [1.0] * n
+            dens = params.get("density", [density] * n) if "density" in names_of \
+                else [density] * n
             dens = list(dens) if isinstance(dens, list) else [dens] * n
             lam = params.get("mask_lambda", 0.6)
             lam = lam[0] if isinstance(lam, list) else lam
             b = base.get(name).to(torch.float32)
-            taus = [m.get(name).to(torch.float32) - b for m in models]
+            taus = [m.get(name).to(torch.float32, copy=True).sub_(b) for m in models]
             sums = tensor_sums(taus, weights=weights, densities=dens, mask_lambda=float(lam),
                                method=spec.name, vote=str(params.get("vote", "paper")))
-            result.records.append(TensorRecord(name, layer, family_of(name), sums))
+            return TensorRecord(name, layer, family_of(name), sums)
+
+        # tensors on a thread each (torch releases the GIL), one intra-op thread per worker,
+        # one tensor per thread in flight and one waiting: memory stays a few tensors' worth
+        threads = threads or default_threads()
+        window: deque[tuple[str, Future]] = deque()
+
+        def collect_one() -> None:
+            name, future = window.popleft()
+            result.records.append(future.result())
+            bar.advance(per_tensor[name])
+
+        with one_intra_op_thread(), ThreadPoolExecutor(threads) as pool:
+            for name in names:
+                window.append((name, pool.submit(sums_of, name)))
+                if len(window) > threads:
+                    collect_one()
+            while window:
+                collect_one()
     result.seconds = time.perf_counter() - start
     return result

@@ -84,50 +84,102 @@ class TensorSums:
         return [(i, j) for i in range(self.n) for j in range(i + 1, self.n)]
 
 
-def _pair_counts(masks: list[torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
-    n = len(masks)
-    both = [[0] * n for _ in range(n)]
-    either = [[0] * n for _ in range(n)]
+CHUNK = 1 << 18  # elements per pass: n inputs of 1 MB each stay in cache
+MAX_CODED = 16  # up to this many experts, pair counts come from one histogram of mask codes
+
+
+def _code_hist(masks: torch.Tensor) -> torch.Tensor:
+    """Histogram of Σ_i mask_i·2^i over the elements (n ≤ MAX_CODED masks, n × C bool)."""
+    n = masks.shape[0]
+    weights = (1 << torch.arange(n, dtype=torch.int32)).view(-1, 1)
+    codes = (masks.to(torch.int32) * weights).sum(0)
+    return torch.bincount(codes, minlength=1 << n)
+
+
+def _pairs_from_hist(hist: torch.Tensor, n: int) -> tuple[list[list[int]], list[list[int]]]:
+    codes = torch.arange(hist.numel())
+    bits = [((codes >> i) & 1).bool() for i in range(n)]
+    both = [[int(hist[bits[i] & bits[j]].sum()) for j in range(n)] for i in range(n)]
+    either = [[int(hist[bits[i] | bits[j]].sum()) for j in range(n)] for i in range(n)]
+    return both, either
+
+
+def _pairs_direct(masks: torch.Tensor, both: list[list[int]], either: list[list[int]]) -> None:
+    n = masks.shape[0]
     for i in range(n):
         for j in range(n):
-            both[i][j] = int((masks[i] & masks[j]).sum())
-            either[i][j] = int((masks[i] | masks[j]).sum())
-    return both, either
+            both[i][j] += int((masks[i] & masks[j]).sum())
+            either[i][j] += int((masks[i] | masks[j]).sum())
+
+
+class _PairCounter:
+    """|m_i ∧ m_j| and |m_i ∨ m_j| over chunks of n masks."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.hist = torch.zeros(1 << n, dtype=torch.int64) if n <= MAX_CODED else None
+        self.both = [[0] * n for _ in range(n)]
+        self.either = [[0] * n for _ in range(n)]
+
+    def add(self, masks: torch.Tensor) -> None:
+        if self.hist is not None:
+            self.hist += _code_hist(masks)
+        else:
+            _pairs_direct(masks, self.both, self.either)
+
+    def result(self) -> tuple[list[list[int]], list[list[int]]]:
+        if self.hist is not None:
+            return _pairs_from_hist(self.hist, self.n)
+        return self.both, self.either
 
 
 def tensor_sums(taus: list[torch.Tensor], *, weights: list[float], densities: list[float],
                 mask_lambda: float, method: str, vote: str = "paper") -> TensorSums:
-    """The sums of one tensor (τ_i flattened float32, one per expert)."""
+    """The sums of one tensor (τ_i float32, one per expert).
+
+    The TIES trim masks need each whole τ_i (exactly k = ⌊density·numel⌋ kept, ties at the
+    threshold in index order, as the merge trims); everything else is one pass over chunks
+    of ``CHUNK`` elements, so the temporaries are chunk-sized and the inner products
+    accumulate in float64 across chunks.
+    """
     n = len(taus)
-    flat = torch.stack([t.reshape(-1).to(torch.float32) for t in taus])
-    dots = (flat.double() @ flat.double().T).tolist()
-    positive = (flat > 0).any(0)
-    negative = (flat < 0).any(0)
-    trimmed = [magnitude_trim_(flat[i].clone(), densities[i]) for i in range(n)]
-    ties_masks = [t != 0 for t in trimmed]
-    mtl = flat.sum(0)
-    tall_masks = [flat[i].abs() > mask_lambda * (mtl - flat[i]).abs() for i in range(n)]
-    ties_and, ties_or = _pair_counts(ties_masks)
-    tall_and, tall_or = _pair_counts(tall_masks)
-    sq = [dots[i][i] for i in range(n)]
-    if method in ("ties", "dare_ties"):
-        # TIES votes with the trimmed vectors; DARE's drop is unbiased, so dare_ties' expected
-        # vote is that of the whole vectors and each survivor is kept with probability density
-        voters = trimmed if method == "ties" else list(flat)
-        if vote == "weighted":
-            total = sum(w * v for w, v in zip(weights, voters, strict=True))
-        else:
-            total = sum(voters)
-        gamma = torch.where(total >= 0, 1.0, -1.0)
-        kept_sq = []
-        for i in range(n):
-            keep = (voters[i] != 0) & (voters[i].sign() == gamma)
-            share = float((flat[i][keep].double() ** 2).sum())
-            kept_sq.append(share * (densities[i] if method == "dare_ties" else 1.0))
+    flats = [t.reshape(-1).to(torch.float32) for t in taus]
+    numel = flats[0].numel()
+    trim = torch.stack([magnitude_trim_(f.clone(), d) != 0 for f, d in zip(flats, densities,
+                                                                          strict=True)])
+    dots = torch.zeros(n, n, dtype=torch.float64)
+    conflicts = 0
+    ties_pairs, tall_pairs = _PairCounter(n), _PairCounter(n)
+    kept = torch.zeros(n, dtype=torch.float64)
+    coeff = torch.tensor(weights, dtype=torch.float32).view(-1, 1)
+    for start in range(0, numel, CHUNK):
+        x = torch.stack([f[start:start + CHUNK] for f in flats])  # n × C
+        m = trim[:, start:start + CHUNK]
+        dots += (x @ x.T).double()
+        low, high = torch.aminmax(x, dim=0)
+        conflicts += int(((high > 0) & (low < 0)).sum())
+        ties_pairs.add(m)
+        mtl = x.sum(0)
+        tall_pairs.add(x.abs() > mask_lambda * (mtl - x).abs())
+        if method in ("ties", "dare_ties"):
+            # TIES votes with the trimmed vectors; DARE's drop is unbiased, so dare_ties'
+            # expected vote is that of the whole vectors, each survivor kept w.p. density
+            voters = x * m if method == "ties" else x
+            total = (voters * coeff).sum(0) if vote == "weighted" else voters.sum(0)
+            gamma = torch.where(total >= 0, 1.0, -1.0)
+            keep = voters.sign() == gamma  # zero entries (trimmed or unchanged) never match
+            kept += (x * x * keep).sum(1).double()
+    sq = [float(dots[i, i]) for i in range(n)]
+    if method == "dare_ties":
+        kept_sq = [float(k) * d for k, d in zip(kept, densities, strict=True)]
+    elif method == "ties":
+        kept_sq = [float(k) for k in kept]
     elif method == "dare_linear":
-        kept_sq = [s * d for s, d in zip(sq, densities, strict=True)]
+        kept_sq = [s_ * d for s_, d in zip(sq, densities, strict=True)]
     else:
         kept_sq = list(sq)
-    return TensorSums(numel=flat.shape[1], n=n, sq=sq, dot=dots,
-                      conflicts=int((positive & negative).sum()), ties_and=ties_and,
-                      ties_or=ties_or, tall_and=tall_and, tall_or=tall_or, kept_sq=kept_sq)
+    ties_and, ties_or = ties_pairs.result()
+    tall_and, tall_or = tall_pairs.result()
+    return TensorSums(numel=numel, n=n, sq=sq, dot=dots.tolist(), conflicts=conflicts,
+                      ties_and=ties_and, ties_or=ties_or, tall_and=tall_and, tall_or=tall_or,
+                      kept_sq=kept_sq)
