@@ -87,8 +87,13 @@ models:
     assert "base+a1" in (tmp_path / "out" / "modelalloy_recipe.yaml").read_text()
 
 
-def test_slices_equal_whole_tensor(tmp_path, base):
-    """The engine's sliced reads (a band of rows of B·A) agree with the whole tensor."""
+@pytest.mark.parametrize("block", [256, 3])
+def test_slices_equal_whole_tensor(tmp_path, base, monkeypatch, block):
+    """The engine's sliced reads (a band of rows of B·A) agree with the whole tensor, also
+    when bands cut across the product's row blocks."""
+    import modelalloy.lora.adapter as adapter_module
+
+    monkeypatch.setattr(adapter_module, "ROW_BLOCK", block)
     write_adapter(tmp_path / "ad", _factors(3), r=2, alpha=4)
     with open_model(base, tmp_path / "ad") as ckpt:
         for name in (Q0 + ".weight", V1 + ".weight"):

@@ -35,6 +35,7 @@ from modelalloy.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
+ROW_BLOCK = 256  # rows of W per block of B·A (see LoraTerm.delta)
 # adapter_config.json settings that change the adapted weight in ways plain LoRA does not
 # describe: refused rather than silently applied wrong.
 _UNSUPPORTED = {
@@ -60,19 +61,22 @@ class LoraTerm:
 
     def delta(self, a: torch.Tensor, b: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """``s·B·A`` (or its transpose) in float32, optionally only rows ``rows`` of W's
-        layout: a band of W costs a band of the product, not the whole matrix."""
+        layout: a band of W costs a band of the product, not the whole matrix.
+
+        The product is formed in blocks of ``ROW_BLOCK`` rows of W on a fixed grid from row
+        0, whatever band is asked for: a matrix product's rounding depends on its shape, so
+        computing exactly the same blocks makes every band agree bit for bit with the whole
+        tensor (the engine reads large tensors a slice at a time)."""
         a = a.to(torch.float32)
         b = b.to(torch.float32) * self.scale
-        if self.transposed:  # W rows are columns of B·A: Wᵀ-layout factors swap roles
+        if self.transposed:  # W = (B·A)ᵀ = Aᵀ·Bᵀ: W's rows come from Aᵀ's rows
             a, b = b.T, a.T
-        b = b if rows is None else b[rows]
-        # Σ_k b[:, k] ⊗ a[k, :] in a fixed order, one rank at a time: every element is the
-        # same sum whichever band of rows is asked for (a matrix product's blocking, and so
-        # its rounding, depends on the shape), so sliced and whole reads agree bit for bit.
-        out = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float32)
-        for k in range(a.shape[0]):
-            out.addcmul_(b[:, k:k + 1], a[k:k + 1, :])
-        return out
+        total = b.shape[0]
+        start, stop = (0, total) if rows is None else (rows.start, min(rows.stop, total))
+        first = start - start % ROW_BLOCK
+        blocks = [b[r:r + ROW_BLOCK] @ a for r in range(first, stop, ROW_BLOCK)]
+        out = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        return out[start - first:stop - first]
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
