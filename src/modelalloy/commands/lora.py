@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
                  "mergekit)")] = False,
         dtype: Annotated[str | None, typer.Option(
             help="dtype of the factors (default: the model's)")] = None,
+        threads: Annotated[int | None, typer.Option(help="worker threads (default: ≤4)")] = None,
         force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     ) -> None:
         """Truncated SVD of (MODEL − BASE) per weight, written as a PEFT LoRA adapter.
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
         report = extract_lora(model, base, out, rank=rank, energy=energy, include=include,
                               exclude=exclude, skip_other=skip_undecomposable,
                               embed_lora=embed_lora, dtype=dtype,
-                              force=force, progress=sys.stderr.isatty())
+                              force=force, threads=threads, progress=sys.stderr.isatty())
         ranks = [m.rank for m in report.modules if m.rank]
         share = report.adapter_bytes / max(1, report.model_bytes)
         typer.echo(f"wrote {out}: {len(ranks)} LoRA modules (rank {min(ranks, default=0)}-"

@@ -10,8 +10,6 @@ per tensor as the merge would resolve them; a method without a density is inspec
 from __future__ import annotations
 
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from modelalloy.errors import RecipeError
 from modelalloy.inspection.metrics import TensorSums, tensor_sums
 from modelalloy.plan.layers import LayerIndexer, split_layer
 from modelalloy.recipe import Recipe, load_recipe, resolve_tensor_params
-from modelalloy.threads import one_intra_op_thread
+from modelalloy.threads import ordered_map
 
 
 @dataclass
@@ -69,7 +67,7 @@ def family_of(name: str) -> str:
 
 def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
                    threads: int | None = None, progress: bool = False) -> Inspection:
-    from modelalloy.engine.run import default_threads, open_recipe_model
+    from modelalloy.engine.run import open_recipe_model
 
     start = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -115,22 +113,9 @@ def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
                                method=spec.name, vote=str(params.get("vote", "paper")))
             return TensorRecord(name, layer, family_of(name), sums)
 
-        # tensors on a thread each (torch releases the GIL), one intra-op thread per worker,
-        # one tensor per thread in flight and one waiting: memory stays a few tensors' worth
-        threads = threads or default_threads()
-        window: deque[tuple[str, Future]] = deque()
-
-        def collect_one() -> None:
-            name, future = window.popleft()
-            result.records.append(future.result())
+        # a tensor per thread (torch releases the GIL), one intra-op thread each
+        for name, record in ordered_map(sums_of, names, threads):
+            result.records.append(record)
             bar.advance(per_tensor[name])
-
-        with one_intra_op_thread(), ThreadPoolExecutor(threads) as pool:
-            for name in names:
-                window.append((name, pool.submit(sums_of, name)))
-                if len(window) > threads:
-                    collect_one()
-            while window:
-                collect_one()
     result.seconds = time.perf_counter() - start
     return result

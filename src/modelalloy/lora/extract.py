@@ -38,6 +38,7 @@ from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.dtypes import parse_dtype
 from modelalloy.lora.adapter import PEFT_PREFIX
 from modelalloy.lora.files import adapter_config, lora_key, write_adapter_folder
+from modelalloy.threads import ordered_map
 
 EMBEDDING = re.compile(r"(^|\.)(embed[^.]*|wte|wpe|word_embeddings|position_embeddings)\.weight$")
 OUTPUT_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
@@ -114,7 +115,7 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                  energy: float | None = None, include: list[str] | None = None,
                  exclude: list[str] | None = None, skip_other: bool = False,
                  embed_lora: bool = False, dtype: str | None = None, force: bool = False,
-                 progress: bool = False) -> ExtractReport:
+                 threads: int | None = None, progress: bool = False) -> ExtractReport:
     """Write ``out`` (a PEFT adapter of ``base_path``) approximating ``model_path``."""
     if (rank is None) == (energy is None):
         raise AdapterError("give exactly one of --rank R and --energy E")
@@ -145,16 +146,26 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                                        f"{min(model.info(n).shape)}); use a smaller rank, "
                                        "--energy, or --exclude it")
         names = model.names()
-        with merge_progress("extract", len(names), model.total_nbytes + base.total_nbytes,
+
+        def work(name: str) -> tuple[torch.Tensor, tuple | None]:
+            """Δ, and for a decomposed weight its (B, A, σ, ‖Δ − BA‖, ‖Δ‖) in peft's layout."""
+            delta = model.get(name).to(torch.float32) - base.get(name).to(torch.float32)
+            if name not in weights:
+                return delta, None
+            # peft's layouts: Linear Δ = B·A (out × in); Embedding and Conv1D Δ = (B·A)ᵀ
+            target = delta.T if (EMBEDDING.search(name) or conv1d) else delta
+            b, a, s = low_rank(target, rank, energy)
+            return delta, (b, a, s, float(torch.linalg.matrix_norm(target - b @ a)),
+                           float(torch.linalg.matrix_norm(target)))
+
+        floats = [n for n in names if model.info(n).dtype.is_floating_point]
+        report.model_bytes = model.total_nbytes
+        with merge_progress("extract", len(floats), model.total_nbytes + base.total_nbytes,
                             progress) as sink:
-            for name in names:
+            for name, (delta, svd) in ordered_map(work, floats, threads):
                 info = model.info(name)
-                report.model_bytes += info.nbytes
                 sink.advance(2 * info.nbytes)
-                if not info.dtype.is_floating_point:
-                    continue
-                delta = model.get(name).to(torch.float32) - base.get(name).to(torch.float32)
-                if name not in weights:
+                if svd is None:
                     module = name.rsplit(".", 1)[0]
                     if module in adapted_modules and name.endswith(".bias"):
                         bias_deltas[module] = delta  # lora_B.bias, if every module has one
@@ -170,14 +181,10 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                     continue
                 module = name[: -len(".weight")]
                 embedding = bool(EMBEDDING.search(name))
-                # peft's layouts: Linear Δ = B·A (out × in); Embedding and Conv1D Δ = (B·A)ᵀ
-                target = delta.T if (embedding or conv1d) else delta
-                b, a, s = low_rank(target, rank, energy)
+                b, a, s, err, norm = svd
                 k = a.shape[0]
-                report.modules.append(ModuleReport(
-                    module, k, s.numel(), float(torch.linalg.matrix_norm(target - b @ a)),
-                    float(torch.linalg.matrix_norm(target)),
-                    float(s[k:].double().pow(2).sum().sqrt())))
+                report.modules.append(ModuleReport(module, k, s.numel(), err, norm,
+                                                   float(s[k:].double().pow(2).sum().sqrt())))
                 if k == 0:
                     continue  # unchanged: nothing to adapt
                 cast = out_dtype or info.dtype
