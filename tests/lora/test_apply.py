@@ -91,7 +91,7 @@ models:
 def test_slices_equal_whole_tensor(tmp_path, base, monkeypatch, block):
     """The engine's sliced reads (a band of rows of B·A) agree with the whole tensor, also
     when bands cut across the product's row blocks."""
-    import modelalloy.lora.adapter as adapter_module
+    import modelalloy.io.lora.adapter as adapter_module
 
     monkeypatch.setattr(adapter_module, "ROW_BLOCK", block)
     write_adapter(tmp_path / "ad", _factors(3), r=2, alpha=4)

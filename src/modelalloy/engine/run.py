@@ -19,6 +19,7 @@ from modelalloy.engine.execute import run_plan
 from modelalloy.errors import ModelAlloyError
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.dtypes import parse_dtype
+from modelalloy.io.lora.source import open_model
 from modelalloy.io.model_files import copy_model_files, set_config_dtype, write_model_card
 from modelalloy.io.writer import (
     AtomicOutputDir,
@@ -26,7 +27,6 @@ from modelalloy.io.writer import (
     check_output_path,
     parse_size,
 )
-from modelalloy.lora.source import open_model
 from modelalloy.methods.registry import get_method
 from modelalloy.plan.planner import MergePlan, PlanEntry, build_plan
 from modelalloy.recipe import Recipe, load_recipe, parse_recipe, recipe_from_dict

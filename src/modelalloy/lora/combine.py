@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from modelalloy.errors import AdapterError
-from modelalloy.lora.adapter import LoraAdapter, open_adapter
-from modelalloy.lora.files import adapter_config, lora_key, write_adapter_folder
+from modelalloy.io.lora.adapter import LoraAdapter, open_adapter
+from modelalloy.io.lora.files import adapter_config, lora_key, write_adapter_folder
 from modelalloy.methods.registry import MergeContext
 
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")

@@ -36,8 +36,8 @@ from modelalloy.engine.progress import merge_progress
 from modelalloy.errors import AdapterError
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.dtypes import parse_dtype
-from modelalloy.lora.adapter import PEFT_PREFIX
-from modelalloy.lora.files import adapter_config, lora_key, write_adapter_folder
+from modelalloy.io.lora.adapter import PEFT_PREFIX
+from modelalloy.io.lora.files import adapter_config, lora_key, write_adapter_folder
 from modelalloy.threads import ordered_map
 
 EMBEDDING = re.compile(r"(^|\.)(embed[^.]*|wte|wpe|word_embeddings|position_embeddings)\.weight$")

@@ -190,10 +190,11 @@ class LoraAdapter:
         replaced: dict[str, str] = {}
         for name, key in self.replacements.items():
             target = _find_tensor(name, names, self.path, model)
-            have, shape = tuple(infos[target].shape), tuple(self.weights.info(key).shape)
-            if have != shape:
-                raise AdapterError(f"{self.path}: saved tensor {key!r} has shape {list(shape)} "
-                                   f"but {model}'s {target!r} has {list(have)}; the adapter "
+            saved = tuple(self.weights.info(key).shape)
+            if tuple(infos[target].shape) != saved:
+                raise AdapterError(f"{self.path}: saved tensor {key!r} has shape {list(saved)} "
+                                   f"but {model}'s {target!r} has "
+                                   f"{list(infos[target].shape)}; the adapter "
                                    "was trained on another base model")
             replaced[target] = key
         self.replacements = replaced

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from modelalloy.io.lora.adapter import CONFIG_FILE, PEFT_PREFIX
 from modelalloy.io.writer import AtomicOutputDir, check_output_path
-from modelalloy.lora.adapter import CONFIG_FILE, PEFT_PREFIX
 
 
 def adapter_config(*, ranks: dict[str, int], alphas: dict[str, float],

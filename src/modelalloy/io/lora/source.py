@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
-from modelalloy.lora.adapter import LoraAdapter, open_adapter
+from modelalloy.io.lora.adapter import LoraAdapter, open_adapter
 
 
 class AdaptedCheckpoint(Checkpoint):
