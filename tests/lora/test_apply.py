@@ -184,3 +184,13 @@ models:
     assert recipe.adapter_path("m+a") == (tmp_path / "a").resolve()
     assert recipe.adapter_path("m") is None
     assert parse_recipe(recipe.to_yaml(), base_dir=tmp_path).models == recipe.models
+
+
+def test_data_informed_method_on_adapted_model_is_one_line_error(tmp_path, base, run_cli):
+    """Statistics belong to a model folder: an adapted model has none of its own."""
+    write_adapter(tmp_path / "ad", _factors(1), r=2, alpha=4)
+    recipe = _recipe(tmp_path, "merge_method: regmean\nmodels:\n  - model: base+ad\n"
+                               "  - model: base\n")
+    result = run_cli("merge", recipe, tmp_path / "out")
+    assert result.code == 1 and "merge the adapter into its model first" in result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +22,8 @@ def register(app: typer.Typer) -> None:
         cheap_embed) or random."""
         from modelalloy.moe import build_moe
 
-        result = build_moe(recipe, out, force=force, shard_size=shard_size)
+        result = build_moe(recipe, out, force=force, shard_size=shard_size,
+                           progress=sys.stderr.isatty())
         typer.echo(f"wrote {result.path} ({result.architecture}): {result.experts} experts x "
                    f"{result.layers} layers, "
                    f"{result.tensors} tensors")

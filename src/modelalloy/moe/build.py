@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from modelalloy.engine.progress import merge_progress
 from modelalloy.errors import PlanError
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.dtypes import parse_dtype
@@ -129,7 +130,7 @@ def _zero_biases(base: Checkpoint, cfg: dict, layers: int) -> list[tuple[str, in
 
 
 def build_moe(recipe_path: str | Path | MoERecipe, out: Path, *, force: bool = False,
-              shard_size: str = "5GB") -> MoEResult:
+              shard_size: str = "5GB", progress: bool = False) -> MoEResult:
     recipe = recipe_path if isinstance(recipe_path, MoERecipe) else load_moe_recipe(recipe_path)
     arch = _architecture(recipe)
     specs = list(recipe.experts) + list(recipe.shared_experts or [])
@@ -177,7 +178,10 @@ def build_moe(recipe_path: str | Path | MoERecipe, out: Path, *, force: bool = F
         with AtomicOutputDir(out, force=force) as tmp:
             writer = ShardedSafetensorsWriter(Path(tmp), entries, parse_size(shard_size),
                                               metadata={"merge_method": "moe"})
+            bar = stack.enter_context(merge_progress(
+                "moe", len(plan), sum(src.info(n).nbytes for _, src, n, _ in plan), progress))
             for (o, src, name, e), (_, _, dtype) in zip(plan, entries, strict=False):
+                bar.advance(src.info(name).nbytes)
                 t = src.get(name)
                 if e is not None:
                     spec = specs[e]
