@@ -98,3 +98,24 @@ def test_cycle_and_duplicate_names_are_one_line_errors(tmp_path, run_cli):
     final.write_text("merge_method: linear\nmodels: [expert0, expert1]\n")
     result = run_cli("merge-multi", final, "-I", tmp_path / "work")
     assert result.code == 1 and "--out-path" in result.err
+
+
+def test_stage_name_with_an_adapter(tmp_path, run_cli):
+    """`soup+adapter`: a stage's output with a LoRA adapter applied (fan_in_fan_out, GPT-2)."""
+    from tests.lora.helpers import write_adapter
+
+    _family(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 32, generator=g), torch.randn(96, 2, generator=g)
+    write_adapter(tmp_path / "ad", {"transformer.h.0.attn.c_attn": (a, b)}, r=2, alpha=4,
+                  fan_in_fan_out=True)
+    (tmp_path / "multi.yaml").write_text(
+        "name: soup\nmerge_method: linear\nmodels: [expert0, expert1]\n---\n"
+        "merge_method: linear\nmodels: [soup+ad]\n")
+    result = run_cli("merge-multi", tmp_path / "multi.yaml", "-I", tmp_path / "work",
+                     "--out-path", tmp_path / "final")
+    assert result.code == 0, result.err
+    name = "transformer.h.0.attn.c_attn.weight"
+    soup = _weights(tmp_path / "work" / "soup")[name]
+    torch.testing.assert_close(_weights(tmp_path / "final")[name], soup + 2 * (b @ a).T,
+                               rtol=1e-6, atol=1e-6)
