@@ -116,6 +116,12 @@ def test_random_gates_and_one_line_errors(family, run_cli):
     recipe.write_text(yaml.safe_dump(data))
     result = run_cli("moe", recipe, "--out", family / "bad")
     assert result.code == 1 and "same prompts" in result.err
+    data["experts"] = [{**e, "positive_prompts": [str(i)]} for i, e in enumerate(data["experts"])]
+    data["base_model"] = "e1"  # saved without a tokenizer
+    recipe.write_text(yaml.safe_dump(data))
+    result = run_cli("moe", recipe, "--out", family / "bad")
+    assert result.code == 1 and "no usable tokenizer" in result.err
+    assert len(result.err.strip().splitlines()) == 1
 
 
 def test_qwen2_moe_with_a_shared_expert(family, run_cli):

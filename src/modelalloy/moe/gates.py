@@ -70,7 +70,12 @@ def gate_weights(mode: str, base: Checkpoint, base_dir: Path, experts: list[Expe
     require_extra("hf", f"moe (gate_mode {mode})")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{base_dir}: no usable tokenizer for gate_mode '{mode}' "
+                              f"({' '.join(str(e).split())[:120]}); add the tokenizer files "
+                              "to the base folder, or use gate_mode random") from None
     if mode == "cheap_embed":
         embed_name = next((n for n in base.names() if n.endswith("embed_tokens.weight")), None)
         if embed_name is None:
@@ -82,7 +87,11 @@ def gate_weights(mode: str, base: Checkpoint, base_dir: Path, experts: list[Expe
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{base_dir}: transformers cannot load the base for gate_mode "
+                                  f"'{mode}' ({' '.join(str(e).split())[:120]})") from None
 
         def vector(prompts: list[str]) -> torch.Tensor:
             return hidden_vectors(model, tokenizer, prompts, average=mode == "hidden_avg")
