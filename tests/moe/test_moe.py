@@ -152,3 +152,25 @@ def test_qwen2_moe_with_a_shared_expert(family, run_cli):
     (family / "qwen.yaml").write_text(yaml.safe_dump(data))
     bad = run_cli("moe", family / "qwen.yaml", "--out", family / "q2")
     assert bad.code == 1 and "exactly one shared expert" in bad.err
+
+
+def test_expert_with_a_lora_adapter(family, run_cli):
+    """`source_model: e1+adapter` (mergekit's syntax): expert 1 is e1 with the adapter applied."""
+    from tests.lora.helpers import write_adapter
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 64, generator=g), torch.randn(64, 2, generator=g)
+    write_adapter(family / "ad", {"model.layers.0.mlp.up_proj": (a, b)}, r=2, alpha=2)
+    data = {"base_model": "base", "gate_mode": "random", "experts_per_token": 1,
+            "experts": [{"source_model": "e0"}, {"source_model": "e1+ad"}]}
+    (family / "lora.yaml").write_text(yaml.safe_dump(data))
+    assert run_cli("moe", family / "lora.yaml", "--out", family / "m").code == 0
+    out = load_file(str(family / "m" / "model.safetensors"))
+    e1 = load_file(str(family / "e1" / "model.safetensors"))
+    torch.testing.assert_close(out["model.layers.0.block_sparse_moe.experts.1.w3.weight"],
+                               e1["model.layers.0.mlp.up_proj.weight"] + b @ a,
+                               rtol=1e-6, atol=1e-6)
+    data["base_model"] = "base+ad"
+    (family / "lora.yaml").write_text(yaml.safe_dump(data))
+    bad = run_cli("moe", family / "lora.yaml", "--out", family / "m2")
+    assert bad.code == 1 and "merge the adapter into it first" in bad.err

@@ -31,8 +31,9 @@ import torch
 
 from modelalloy.engine.progress import merge_progress
 from modelalloy.errors import PlanError
-from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.dtypes import parse_dtype
+from modelalloy.io.lora import open_model
 from modelalloy.io.model_files import copy_model_files, write_model_card
 from modelalloy.io.writer import (
     AtomicOutputDir,
@@ -134,13 +135,17 @@ def build_moe(recipe_path: str | Path | MoERecipe, out: Path, *, force: bool = F
     recipe = recipe_path if isinstance(recipe_path, MoERecipe) else load_moe_recipe(recipe_path)
     arch = _architecture(recipe)
     specs = list(recipe.experts) + list(recipe.shared_experts or [])
-    base_dir = recipe.path(recipe.base_model)
-    dirs = [recipe.path(e.source_model) for e in specs]
+    base_dir, base_adapter = recipe.paths(recipe.base_model)
+    if base_adapter is not None:
+        raise PlanError(f"{recipe.source}: base_model '{recipe.base_model}' has a LoRA adapter; "
+                        "the base gives attention, embeddings and the prompt gates as it is: "
+                        "merge the adapter into it first (experts may carry adapters)")
+    sources = [recipe.paths(e.source_model) for e in specs]  # (model, adapter or None)
     out = Path(out)
-    check_output_path(out, [base_dir, *dirs], force)
+    check_output_path(out, [base_dir, *(d for d, _ in sources)], force)
     with ExitStack() as stack:
-        base = stack.enter_context(open_checkpoint(base_dir))
-        ckpts = [stack.enter_context(open_checkpoint(d)) for d in dirs]
+        base = stack.enter_context(open_model(base_dir))
+        ckpts = [stack.enter_context(open_model(d, a)) for d, a in sources]
         _check(base, ckpts, recipe.source, arch)
         cfg = base.config or {}
         layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])

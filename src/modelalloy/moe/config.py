@@ -6,7 +6,7 @@ gate_mode: hidden              # hidden | hidden_avg | cheap_embed | random | un
 dtype: bfloat16
 experts_per_token: 2
 experts:
-  - source_model: ./llama-math # its MLP becomes expert 0 of every layer
+  - source_model: ./llama-math # its MLP becomes expert 0 of every layer (model+lora works)
     positive_prompts: ["Solve 3x + 1 = 7"]
     negative_prompts: ["Write a poem"]   # optional
     residual_scale: 1.0                  # optional: scales the expert's down_proj
@@ -59,6 +59,14 @@ class MoERecipe(BaseModel):
             raise RecipeError(f"{self.source}: model folder '{model}' not found (looked in "
                               f"{p}); give a local folder")
         return p
+
+    def paths(self, model: str) -> tuple[Path, Path | None]:
+        """(model folder, LoRA adapter folder or None) of ``model`` or ``model+adapter``."""
+        whole = Path(model).expanduser()
+        if "+" not in model or (whole if whole.is_absolute() else self.base_dir / whole).exists():
+            return self.path(model), None
+        head, tail = model.split("+", 1)
+        return self.path(head), self.path(tail)
 
 
 def load_moe_recipe(path: str | Path) -> MoERecipe:
