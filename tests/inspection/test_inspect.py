@@ -104,3 +104,26 @@ def test_without_base_is_one_line_error(family, run_cli):
     result = run_cli("inspect", family / "lin.yaml")
     assert result.code == 1 and "base_model" in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_streamed_trim_masks_are_the_merges_own(monkeypatch):
+    """Chunk by chunk, with many ties at the threshold (bf16 values), the TIES masks are
+    exactly those of the whole-tensor trim the merge uses (k kept, ties in index order)."""
+    import torch
+
+    import modelalloy.inspection.metrics as metrics
+    from modelalloy.methods._sparsify import magnitude_trim_
+
+    monkeypatch.setattr(metrics, "CHUNK", 1000)
+    g = torch.Generator().manual_seed(0)
+    taus = [(torch.randn(50, 101, generator=g) * 4).round() / 4 for _ in range(3)]  # ties
+    dens = [0.3, 0.5, 0.1]
+    sums = metrics.tensor_sums(taus, weights=[1.0] * 3, densities=dens, mask_lambda=0.6,
+                               method="ties")
+    masks = [magnitude_trim_(t.reshape(-1).clone(), d) != 0 for t, d in zip(taus, dens,
+                                                                             strict=True)]
+    for i in range(3):
+        assert sums.ties_and[i][i] == int(masks[i].sum())
+        for j in range(3):
+            assert sums.ties_and[i][j] == int((masks[i] & masks[j]).sum())
+            assert sums.ties_or[i][j] == int((masks[i] | masks[j]).sum())

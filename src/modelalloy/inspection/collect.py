@@ -9,7 +9,9 @@ per tensor as the merge would resolve them; a method without a density is inspec
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,8 @@ import torch
 
 from modelalloy.engine.progress import merge_progress
 from modelalloy.errors import RecipeError
-from modelalloy.inspection.metrics import TensorSums, tensor_sums
+from modelalloy.inspection.metrics import CHUNK, ChunkSource, TensorSums, streamed_sums
+from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.plan.layers import LayerIndexer, split_layer
 from modelalloy.recipe import Recipe, load_recipe, resolve_tensor_params
 from modelalloy.threads import ordered_map
@@ -65,6 +68,23 @@ def family_of(name: str) -> str:
     return ".".join(parts[index + 1:])
 
 
+def read_chunks(base: Checkpoint, models: list[Checkpoint], name: str) -> ChunkSource:
+    """τ of tensor ``name`` as (n × CHUNK) float32 chunks, read a slice at a time from every
+    model (``get_slice`` into reused buffers): memory stays chunk-sized however large the
+    tensor."""
+    numel = math.prod(base.info(name).shape)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        raws = [torch.empty(min(CHUNK, numel), dtype=c.info(name).dtype)
+                for c in (base, *models)]
+        for start in range(0, numel, CHUNK):
+            count = min(CHUNK, numel - start)
+            b = base.get_slice(name, start, raws[0][:count]).to(torch.float32)
+            yield torch.stack([m.get_slice(name, start, raw[:count]).to(torch.float32) - b
+                               for m, raw in zip(models, raws[1:], strict=True)])
+    return chunks
+
+
 def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
                    threads: int | None = None, progress: bool = False) -> Inspection:
     from modelalloy.engine.run import open_recipe_model
@@ -107,10 +127,9 @@ def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
             dens = list(dens) if isinstance(dens, list) else [dens] * n
             lam = params.get("mask_lambda", 0.6)
             lam = lam[0] if isinstance(lam, list) else lam
-            b = base.get(name).to(torch.float32)
-            taus = [m.get(name).to(torch.float32, copy=True).sub_(b) for m in models]
-            sums = tensor_sums(taus, weights=weights, densities=dens, mask_lambda=float(lam),
-                               method=spec.name, vote=str(params.get("vote", "paper")))
+            sums = streamed_sums(read_chunks(base, models, name), len(models),
+                                 weights=weights, densities=dens, mask_lambda=float(lam),
+                                 method=spec.name, vote=str(params.get("vote", "paper")))
             return TensorRecord(name, layer, family_of(name), sums)
 
         # a tensor per thread (torch releases the GIL), one intra-op thread each

@@ -18,11 +18,12 @@ ratio of the summed sums (exactly what it would be on the concatenated tensors):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from modelalloy.methods._sparsify import magnitude_trim_
+from modelalloy.methods._sparsify import SlicedTopK
 
 
 @dataclass
@@ -133,28 +134,51 @@ class _PairCounter:
         return self.both, self.either
 
 
-def tensor_sums(taus: list[torch.Tensor], *, weights: list[float], densities: list[float],
-                mask_lambda: float, method: str, vote: str = "paper") -> TensorSums:
-    """The sums of one tensor (τ_i float32, one per expert).
+ChunkSource = Callable[[], Iterator[torch.Tensor]]
 
-    The TIES trim masks need each whole τ_i (exactly k = ⌊density·numel⌋ kept, ties at the
-    threshold in index order, as the merge trims); everything else is one pass over chunks
-    of ``CHUNK`` elements, so the temporaries are chunk-sized and the inner products
-    accumulate in float64 across chunks.
-    """
-    n = len(taus)
+
+def chunks_of(taus: list[torch.Tensor]) -> ChunkSource:
+    """A chunk source over task vectors held in memory."""
     flats = [t.reshape(-1).to(torch.float32) for t in taus]
-    numel = flats[0].numel()
-    trim = torch.stack([magnitude_trim_(f.clone(), d) != 0 for f, d in zip(flats, densities,
-                                                                          strict=True)])
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for start in range(0, flats[0].numel(), CHUNK):
+            yield torch.stack([f[start:start + CHUNK] for f in flats])
+    return chunks
+
+
+def tensor_sums(taus: list[torch.Tensor], **options) -> TensorSums:
+    """The sums of one tensor whose task vectors are in memory (see :func:`streamed_sums`)."""
+    return streamed_sums(chunks_of(taus), len(taus), **options)
+
+
+def streamed_sums(chunks: ChunkSource, n: int, *, weights: list[float],
+                  densities: list[float], mask_lambda: float, method: str,
+                  vote: str = "paper") -> TensorSums:
+    """The sums of one tensor, from ``chunks()``: its τ as (n × C) float32 chunks in order
+    (called three times).
+
+    The TIES trim masks are the merge's own (exactly k = ⌊density·numel⌋ kept per expert,
+    ties at the threshold in index order): :class:`SlicedTopK`'s histogram pass and
+    threshold-bin pass come first, then one pass computes everything, so nothing larger
+    than a chunk is held and the inner products accumulate in float64 across chunks.
+    """
+    topk = SlicedTopK(densities)
+    for x in chunks():
+        for i in range(n):
+            topk.count(i, x[i])
+    for x in chunks():
+        for i in range(n):
+            topk.collect(i, x[i])
+    numel = 0
     dots = torch.zeros(n, n, dtype=torch.float64)
     conflicts = 0
     ties_pairs, tall_pairs = _PairCounter(n), _PairCounter(n)
     kept = torch.zeros(n, dtype=torch.float64)
     coeff = torch.tensor(weights, dtype=torch.float32).view(-1, 1)
-    for start in range(0, numel, CHUNK):
-        x = torch.stack([f[start:start + CHUNK] for f in flats])  # n × C
-        m = trim[:, start:start + CHUNK]
+    for x in chunks():
+        numel += x.shape[1]
+        m = torch.stack([topk.trim_(i, x[i].clone()) != 0 for i in range(n)])
         dots += (x @ x.T).double()
         low, high = torch.aminmax(x, dim=0)
         conflicts += int(((high > 0) & (low < 0)).sum())
