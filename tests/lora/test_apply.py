@@ -194,3 +194,19 @@ def test_data_informed_method_on_adapted_model_is_one_line_error(tmp_path, base,
     result = run_cli("merge", recipe, tmp_path / "out")
     assert result.code == 1 and "merge the adapter into its model first" in result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_bf16_model_rounds_once(tmp_path):
+    """A bf16 model: W' = bf16(W + s·B·A), the sum formed in float32."""
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base16")
+    factors = _factors(4)
+    write_adapter(tmp_path / "ad", factors, r=2, alpha=6)
+    stored = _weights(tmp_path / "base16")
+    with open_model(tmp_path / "base16", tmp_path / "ad") as ckpt:
+        for module, (a, b) in factors.items():
+            name = module + ".weight"
+            got = ckpt.get(name)
+            assert got.dtype == torch.bfloat16
+            want = (stored[name].float() + (b * 3.0) @ a).to(torch.bfloat16)
+            assert torch.equal(got, want), name
