@@ -62,9 +62,18 @@ def merge(
     allow_nonfinite: Annotated[bool, typer.Option(
         help="Warn instead of failing on NaN/Inf in inputs.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    as_adapter: Annotated[bool, typer.Option(
+        help="The models are LoRA adapters of one base (base+adapter): write the merged "
+             "adapter (peft's combinations) instead of a model.")] = False,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT_DIR (written atomically)."""
     _state["debug"] = _state["debug"] or debug
+    if as_adapter:
+        from modelalloy.lora.from_recipe import merge_recipe_adapters
+
+        merge_recipe_adapters(recipe, output_dir, force=force, seed=seed)
+        out.print(f"merged the adapters of {recipe} into the adapter {output_dir}")
+        return
     from modelalloy.engine.run import run_recipe
 
     result = run_recipe(recipe, output_dir, device=device, seed=seed, threads=threads,

@@ -38,3 +38,7 @@ class NonFiniteError(ModelAlloyError):
 class OptimizeError(ModelAlloyError):
     """A search or learner cannot run: unknown algorithm or objective, nothing to search, an
     objective that fails on a candidate, an unreachable Ray cluster."""
+
+
+class AdapterError(CheckpointError):
+    """A LoRA adapter is unreadable, of an unsupported kind, or does not fit its model."""

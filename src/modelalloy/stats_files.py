@@ -48,6 +48,12 @@ def collect_missing(recipe: Recipe, spec: MethodSpec, device: str = "cpu") -> li
         owners = [recipe.base_model]
     written = []
     for owner in owners:
+        if recipe.adapter_path(owner) is not None:
+            # statistics belong to a model folder; an adapted model has none of its own
+            raise CheckpointError(
+                f"{recipe.source}: method '{spec.name}' needs statistics of '{owner}', a model "
+                "with a LoRA adapter; merge the adapter into its model first (`modelalloy "
+                "merge` of that one model) and use that folder")
         model = recipe.model_path(owner)
         for kind in spec.stats:
             if stats_path(model, kind).exists():

@@ -348,14 +348,8 @@ def test_tokenizer_base_needs_base_model():
     ("merge_method: _test_linear\nmodels:\n  - model: ./a\n    layer_range: [0, 4]\n"
      "  - model: ./b\n",
      r"models\[0\]\.layer_range: layer ranges are not supported yet"),
-    ("merge_method: _test_linear\nmodels: [org/m+org/lora, ./b]\n",
-     r"models\[0\]\.model: 'org/m\+org/lora': model\+LoRA strings are not supported yet"),
-    ("merge_method: _test_ties\nbase_model: org/m+lora\nmodels: [./b]\n",
-     r"base_model: .*LoRA strings are not supported yet"),
     ("merge_method: _test_linear\nmodels: [org/m@main, ./b]\n",
      r"models\[0\]\.model: 'org/m@main': '@revision' is not supported"),
-    ("merge_method: _test_linear\nmodels: [{model: {model: {path: a}, lora: {path: l}}}, ./b]\n",
-     r"models\[0\]\.model: LoRA adapters"),
 ])
 def test_not_supported_yet(text, match):
     fails(text, match)

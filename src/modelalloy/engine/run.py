@@ -17,8 +17,9 @@ import torch
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.execute import run_plan
 from modelalloy.errors import ModelAlloyError
-from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.dtypes import parse_dtype
+from modelalloy.io.lora.source import open_model
 from modelalloy.io.model_files import copy_model_files, set_config_dtype, write_model_card
 from modelalloy.io.writer import (
     AtomicOutputDir,
@@ -96,10 +97,15 @@ def open_models(recipe: Recipe, stack: ExitStack) -> tuple[Checkpoint | None, li
     spec = get_method(recipe.merge_method)
     base = None
     if recipe.base_model is not None and spec.base != "none":
-        base = stack.enter_context(open_checkpoint(recipe.model_path(recipe.base_model)))
-    experts = [stack.enter_context(open_checkpoint(recipe.model_path(e.model)))
+        base = stack.enter_context(open_recipe_model(recipe, recipe.base_model))
+    experts = [stack.enter_context(open_recipe_model(recipe, e.model))
                for e in recipe.expert_entries()]
     return base, experts
+
+
+def open_recipe_model(recipe: Recipe, model: str) -> Checkpoint:
+    """A recipe's model, with its LoRA adapter applied tensor by tensor (``model+adapter``)."""
+    return open_model(recipe.model_path(model), recipe.adapter_path(model))
 
 
 def make_plan(recipe: Recipe, stack: ExitStack) -> MergePlan:

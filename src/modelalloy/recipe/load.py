@@ -50,7 +50,7 @@ IGNORED_PARAMS = {
     "int8_mask": "mergekit's int8 mask storage is a memory optimisation; modelalloy's masks "
                  "already use little memory",
 }
-MODEL_ENTRY_KEYS = ("model", "parameters")
+MODEL_ENTRY_KEYS = ("model", "adapter", "parameters")
 COND_KEYS = ("filter", "value")
 
 
@@ -310,6 +310,8 @@ class _Validator:
             if "model" not in item:
                 raise self.fail(f"{where}.model", "missing; give the model's local folder")
             model = self.model_string(item["model"], f"{where}.model", base_dir)
+            if item.get("adapter") is not None:  # modelalloy: {model: .., adapter: ..}
+                model = self.with_adapter(model, item["adapter"], f"{where}.adapter", base_dir)
             params = self.params(item.get("parameters"), f"{where}.parameters", method,
                                  per_model_level=True)
             out.append(ModelEntry(model=model, parameters=params))
@@ -320,10 +322,13 @@ class _Validator:
         if value is None and optional:
             return None
         if isinstance(value, dict) and "model" in value:
-            # mergekit's structured ModelReference: {model: {path: ..}, lora: ..}
-            if value.get("lora"):
-                raise self.fail(field, "LoRA adapters (`lora`) are not supported yet; merge "
-                                       "the adapter into its model first and give that folder")
+            # mergekit's structured ModelReference: {model: {path: ..}, lora: {path: ..}},
+            # or modelalloy's {model: .., adapter: ..}: kept as the string "model+adapter"
+            adapter = value.get("adapter") or value.get("lora")
+            if adapter is not None:
+                adapter = adapter.get("path") if isinstance(adapter, dict) else adapter
+                inner = self.model_string({"model": value["model"]}, field, base_dir)
+                return self.with_adapter(inner, adapter, field, base_dir)
             inner = value["model"]
             if isinstance(inner, dict):
                 if inner.get("revision"):
@@ -337,12 +342,19 @@ class _Validator:
         exists = (base_dir / Path(value).expanduser()).exists() or Path(value).expanduser() \
             .exists()
         if "+" in value and not exists:
-            raise self.fail(field, f"'{value}': model+LoRA strings are not supported yet; "
-                                   "merge the adapter into its model first and give that folder")
+            model, adapter = value.split("+", 1)
+            return self.with_adapter(model, adapter, field, base_dir)
         if "@" in value and not exists:
             raise self.fail(field, f"'{value}': '@revision' is not supported: modelalloy never "
                                    "downloads; give a local folder")
         return value
+
+    def with_adapter(self, model: str, adapter: Any, field: str, base_dir: Path) -> str:
+        """``model+adapter`` (mergekit's LoRA syntax); folders are checked when opened."""
+        if not isinstance(adapter, str) or not adapter.strip():
+            raise self.fail(field, f"the LoRA adapter must be the path of a local PEFT adapter "
+                                   f"folder, got {_kind(adapter)}")
+        return f"{model}+{adapter}"
 
     # -- parameters --------------------------------------------------------------------------
 

@@ -184,8 +184,36 @@ class Recipe(BaseModel):
         path = Path(self.calibration.data).expanduser()
         return path if path.is_absolute() else self.base_dir / path
 
+    def split_adapter(self, model: str) -> tuple[str, str | None]:
+        """``(model, adapter)`` of a ``model+adapter`` string (mergekit's LoRA syntax; the
+        first ``+`` whose left part is an existing folder, or the first ``+``); ``(model,
+        None)`` when the whole string is a path or has no ``+``."""
+        if "+" not in model or any(c.exists() for c in self._candidates(model)):
+            return model, None
+        parts = model.split("+")
+        for i in range(1, len(parts)):
+            left = "+".join(parts[:i])
+            if any(c.exists() for c in self._candidates(left)):
+                return left, "+".join(parts[i:])
+        return parts[0], "+".join(parts[1:])
+
+    def adapter_path(self, model: str) -> Path | None:
+        """The LoRA adapter folder of a ``model+adapter`` string, None for a plain model."""
+        adapter = self.split_adapter(model)[1]
+        if adapter is None:
+            return None
+        tried = self._candidates(adapter)
+        for cand in tried:
+            if cand.exists():
+                return cand.resolve()
+        raise RecipeError(f"{self.source}: LoRA adapter folder '{adapter}' of '{model}' not "
+                          f"found (looked in {' and '.join(str(c) for c in tried)}); give a "
+                          "local PEFT adapter folder")
+
     def model_path(self, model: str) -> Path:
-        """The local folder of ``model``: relative paths try the recipe's folder, then cwd."""
+        """The local folder of ``model``: relative paths try the recipe's folder, then cwd.
+        For ``model+adapter``, the model's folder (see :meth:`adapter_path`)."""
+        model = self.split_adapter(model)[0]
         tried = self._candidates(model)
         for cand in tried:
             if cand.exists():
@@ -204,6 +232,7 @@ class Recipe(BaseModel):
         """Raise a RecipeError for the first model or base_model that is not a local folder."""
         for m in self.all_models():
             self.model_path(m)
+            self.adapter_path(m)
         if self.tokenizer_source not in (None, "base"):
             self.model_path(self.tokenizer_source)
 
