@@ -380,3 +380,70 @@ def test_a_numba_that_does_not_import_leaves_the_torch_path(monkeypatch):
         monkeypatch.undo()
         k._numba_installed.cache_clear()
     assert k.available()
+
+
+def _quantized_rows(rows: int, width: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Base + 3 experts whose task vectors are small multiples of 2^-7: many equal
+    magnitudes in a row (ties at the band's edges), exact zeros, whole zero rows, negative
+    values and exact cancellations between experts 1 and 2 (the paper vote's zero sums)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(-16, 17, (rows, width), generator=gen).float() * 2.0 ** -5
+    steps = [torch.randint(-4, 5, (rows, width), generator=gen).float() * 2.0 ** -7
+             for _ in range(3)]
+    steps[0][:, ::5] = 0.0
+    steps[1][:, ::3] = -steps[0][:, ::3]
+    steps[2][1] = 0.0  # a row where one expert did not move
+    inputs = [base] + [base + s for s in steps]
+    assert all(torch.equal(t.to(dtype).float(), t) for t in inputs)  # exact in bf16 too
+    return [t.to(dtype) for t in inputs]
+
+
+@pytest.mark.parametrize("given", [
+    {"density": 0.2, "gamma": 0.01},
+    {"density": 0.2, "gamma": 0.01, "vote": "weighted", "weight": [0.5, 1.0, 0.3]},
+    {"density": [0.3, 0.1, 1.0], "gamma": [0.05, 0.0, 0.1], "weight": [1.0, 0.3, 0.5],
+     "normalize": True, "lambda": 0.8},
+    {"density": [0.3, 0.1, 1.0], "gamma": [0.05, 0.0, 0.1], "weight": [1.0, 0.3, 0.5],
+     "normalize": True, "vote": "weighted"},
+    {"density": 0.5, "gamma": 0.6},
+    {"density": 0.9, "gamma": 0.0, "normalize": True}])
+@pytest.mark.parametrize(("width", "dtype", "out_dtype"), [
+    (701, torch.bfloat16, torch.bfloat16), (2048, torch.bfloat16, torch.float32),
+    (701, torch.float32, torch.float32), (1, torch.float32, torch.bfloat16)])
+def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype, out_dtype):
+    """Row bands with ties at both edges, then TIES' election (paper or weighted vote) and
+    disjoint merge: the kernel, called on bands of whole rows with the paper vote's zero sums
+    settled after the last band, gives the whole-tensor torch merge's bits."""
+    spec = get_method("breadcrumbs_ties")
+    params = spec.resolve(3, given, "breadcrumbs_ties")
+    rows = 9
+    inputs = _quantized_rows(rows, width, dtype, seed=width)
+    want = spec(inputs[0].float(), [e.float() for e in inputs[1:]], params,
+                MergeContext(name="w", seed=0, streams={})).to(out_dtype)
+    raw = torch.stack([t.reshape(-1) for t in inputs])
+    out = torch.empty(rows * width, dtype=out_dtype)
+    kernel = slices.breadcrumbs_ties(params)
+    ctx = MergeContext(name="w", seed=0, streams={})
+    for start, stop in ((0, 4 * width), (4 * width, rows * width)):  # whole rows per call
+        ctx.slice_start = start
+        assert kernel(kernels.bits(raw[:, start:stop].contiguous()), stop - start,
+                      kernels.bits(out[start:stop]), ctx, width)
+    for index, values in spec.finish_slices(ctx):
+        out[index] = values.to(out_dtype)
+    bits = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(out.view(bits), want.reshape(-1).view(bits))
+    if params["vote"] == "paper" and width > 1 and given.get("gamma") != 0.6:
+        assert ctx.streams["paper_vote"]["fixes"]  # the cancellations went through fix-ups
+
+
+def test_breadcrumbs_ties_kernel_keeps_the_torch_path_for_what_needs_the_whole_tensor():
+    spec = get_method("breadcrumbs_ties")
+    assert slices.breadcrumbs_ties(spec.resolve(2, {"rescale": True}, "b")) is None
+    assert slices.breadcrumbs_ties(spec.resolve(2, {"granularity": "tensor"}, "b")) is None
+    raw = torch.ones((3, 64), dtype=torch.bfloat16)
+    raw[2, 40] = float("nan")
+    out = torch.empty(64, dtype=torch.bfloat16)
+    ctx = MergeContext(name="w", seed=0, streams={})
+    ctx.slice_start = 0
+    assert not slices.breadcrumbs_ties(spec.resolve(2, {}, "b"))(
+        kernels.bits(raw), 64, kernels.bits(out), ctx, 64)

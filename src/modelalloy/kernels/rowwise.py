@@ -64,54 +64,94 @@ def _accumulate(acc, d, t, n, unit, weights):
             acc[j] = fma(d[j], w, acc[j])
 
 
+@njit(inline="always")
+def _band_row(d, width, top, h, mags, cand, hist):
+    """Breadcrumbs' band on one row ``d[:width]`` in place (``_sparsify.band_trim_``): keep
+    magnitude ranks top+1 .. h, δ·1 or δ·0 (dropped negatives are −0.0, as in torch);
+    h ≤ top zeroes the row, top = 0 with h = width keeps it whole."""
+    if h <= top:
+        for j in range(width):
+            d[j] = d[j] * np.float32(0.0)
+        return
+    if top == 0 and h == width:
+        return
+    for j in range(width):
+        mags[j] = np.int32(f32_to_bits(abs(d[j])))
+    hist[:] = 0
+    for j in range(width):
+        hist[mags[j] >> SHIFT] += 1
+    low_value, low_larger = np.int64(-1), np.int64(0)
+    if h < width:
+        low_value, low_larger = _rank_value(mags, width, h, hist, cand)
+    top_value, top_larger = NONE_ABOVE, np.int64(0)
+    if top > 0:
+        top_value, top_larger = _rank_value(mags, width, top, hist, cand)
+    dropped_ties = top - top_larger  # ties at top_value that rank ≤ n_top
+    kept_ties = h - low_larger  # ties at low_value that rank ≤ hi
+    seen_top, seen_low = 0, 0
+    for j in range(width):
+        m = np.int64(mags[j])
+        in_top = m > top_value or (m == top_value and seen_top < dropped_ties)
+        in_low = m < low_value or (m == low_value and seen_low >= kept_ties)
+        seen_top += m == top_value
+        seen_low += m == low_value
+        d[j] = d[j] * np.float32(not (in_top or in_low))
+
+
+@njit(inline="always")
+def _band_scratch(width):
+    """Per-row buffers of :func:`_band_row`: bit patterns, bin candidates, histogram."""
+    return np.empty(width, np.int32), np.empty(width, np.int32), np.zeros(NBINS, np.int64)
+
+
+@njit(inline="always")
+def _band_deltas(src, r0, width, n_top, hi, d, mags, cand, hist):
+    """d[t, :width] = the banded δ_t = θ_t − θ_0 of the row starting at column ``r0``."""
+    base = src[0, r0:r0 + width]
+    for t in range(src.shape[0] - 1):
+        row, dt = src[1 + t, r0:r0 + width], d[t]
+        for j in range(width):
+            dt[j] = widen(row[j]) - widen(base[j])
+        _band_row(dt, width, n_top[t], hi[t], mags, cand, hist)
+
+
 @njit(**JIT)
 def band_sum_kernel(src, count, out, width, n_top, hi, unit, weights, post_div, lam):
     """Breadcrumbs on ``count // width`` rows of ``width``: δ_t = θ_t − θ_0, band mask per
-    row (δ·1 or δ·0, so dropped negatives are −0.0 as in torch), out = δ_0·w_0 then + δ_t or
-    fma(δ_t, w_t, out), / Σw (``post_div``, 0 = none), ·λ, + θ_0. ``n_top``/``hi`` per model:
-    hi ≤ n_top zeroes the row, n_top = 0 with hi = width keeps it whole."""
+    row (:func:`_band_row`), out = δ_0·w_0 then + δ_t or fma(δ_t, w_t, out), / Σw
+    (``post_div``, 0 = none), ·λ, + θ_0."""
     if any_nonfinite(src, count):
         return False
     nexp = src.shape[0] - 1
-    d = np.empty(width, np.float32)
+    d = np.empty((nexp, width), np.float32)
     acc = np.empty(width, np.float32)
-    mags = np.empty(width, np.int32)
-    cand = np.empty(width, np.int32)
-    hist = np.zeros(NBINS, np.int64)
+    mags, cand, hist = _band_scratch(width)
     for r0 in range(0, count, width):
-        base = src[0, r0:r0 + width]
+        _band_deltas(src, r0, width, n_top, hi, d, mags, cand, hist)
         for t in range(nexp):
-            row = src[1 + t, r0:r0 + width]
-            for j in range(width):
-                d[j] = widen(row[j]) - widen(base[j])
-            top, h = n_top[t], hi[t]
-            if h <= top:
-                for j in range(width):
-                    d[j] = d[j] * np.float32(0.0)
-            elif not (top == 0 and h == width):
-                for j in range(width):
-                    mags[j] = np.int32(f32_to_bits(abs(d[j])))
-                hist[:] = 0
-                for j in range(width):
-                    hist[mags[j] >> SHIFT] += 1
-                low_value, low_larger = np.int64(-1), np.int64(0)
-                if h < width:
-                    low_value, low_larger = _rank_value(mags, width, h, hist, cand)
-                top_value, top_larger = NONE_ABOVE, np.int64(0)
-                if top > 0:
-                    top_value, top_larger = _rank_value(mags, width, top, hist, cand)
-                dropped_ties = top - top_larger  # ties at top_value that rank ≤ n_top
-                kept_ties = h - low_larger  # ties at low_value that rank ≤ hi
-                seen_top, seen_low = 0, 0
-                for j in range(width):
-                    m = np.int64(mags[j])
-                    in_top = m > top_value or (m == top_value and seen_top < dropped_ties)
-                    in_low = m < low_value or (m == low_value and seen_low >= kept_ties)
-                    seen_top += m == top_value
-                    seen_low += m == low_value
-                    d[j] = d[j] * np.float32(not (in_top or in_low))
-            _accumulate(acc, d, t, width, unit, weights)
-        sum_to_output(acc, width, base, out[r0:r0 + width], post_div, lam)
+            _accumulate(acc, d[t], t, width, unit, weights)
+        sum_to_output(acc, width, src[0, r0:r0 + width], out[r0:r0 + width], post_div, lam)
+    return True
+
+
+@njit(**JIT)
+def band_ties_kernel(src, count, out, width, n_top, hi, unit, weights, normalize,
+                     min_weight, lam, weighted_vote, fix_index, fix_deltas, tally):
+    """breadcrumbs_ties on ``count // width`` rows: the banded δ_t per row
+    (:func:`_band_row`), then TIES' election and disjoint merge (``ties_core``: the paper or
+    the weighted vote, as :func:`~modelalloy.kernels.elementwise.dare_ties_kernel`)."""
+    if any_nonfinite(src, count):
+        return False
+    nexp = src.shape[0] - 1
+    d = np.empty((nexp, width), np.float32)
+    mags, cand, hist = _band_scratch(width)
+    gamma, acc, den, spread = (np.empty(width, np.float32), np.empty(width, np.float32),
+                               np.empty(width, np.float32), np.empty(width, np.float32))
+    for r0 in range(0, count, width):
+        _band_deltas(src, r0, width, n_top, hi, d, mags, cand, hist)
+        _elect_and_merge(d, width, r0, src[0], out, unit, weights, normalize, min_weight,
+                         lam, weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den,
+                         spread)
     return True
 
 

@@ -224,6 +224,23 @@ def dare_ties(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
+class _Bands:
+    """Breadcrumbs' per-model band edges for a row width, as ``band_trim_`` computes them:
+    n_top = int(n·γ), hi = min(n, n_top + int(n·density))."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.gammas, self.densities = list(params["gamma"]), list(params["density"])
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if width not in self.cache:
+            tops = [int(gamma * width) for gamma in self.gammas]
+            his = [min(width, top + int(density * width))
+                   for top, density in zip(tops, self.densities, strict=True)]
+            self.cache[width] = (np.asarray(tops, np.int64), np.asarray(his, np.int64))
+        return self.cache[width]
+
+
 def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
     """Per-row bands (``granularity: row`` without the L1 rescale, the sliced case)."""
     from modelalloy.kernels.rowwise import band_sum_kernel
@@ -234,17 +251,28 @@ def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
     div = _sum_divisor(params)
     unit = np.asarray([w == 1.0 for w in weights])
     w, lam = _f32(weights), np.float32(params["lambda"])
-    bands: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    bands = _Bands(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
             width: int = 1) -> bool:
-        if width not in bands:  # band_trim_'s n_top = int(n·γ), hi = n_top + int(n·density)
-            tops = [int(gamma * width) for gamma in params["gamma"]]
-            his = [min(width, top + int(density * width))
-                   for top, density in zip(tops, params["density"], strict=True)]
-            bands[width] = (np.asarray(tops, np.int64), np.asarray(his, np.int64))
-        n_top, hi = bands[width]
-        return band_sum_kernel(src, count, out, width, n_top, hi, unit, w, div, lam)
+        return band_sum_kernel(src, count, out, width, *bands(width), unit, w, div, lam)
+    return run
+
+
+def breadcrumbs_ties(params: dict[str, Any]) -> SliceKernel | None:
+    """Per-row bands, then TIES' election and disjoint merge (either vote); the paper vote's
+    zero-sum elements go to the ``paper_vote`` state that ``ties.finish_paper_vote`` settles
+    after the last band."""
+    from modelalloy.kernels.rowwise import band_ties_kernel
+
+    if params["granularity"] != "row" or params["rescale"]:
+        return None
+    bands, merge = _Bands(params), _TiesMerge(params)
+
+    def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+            width: int = 1) -> bool:
+        return merge.run(ctx, src, lambda args: band_ties_kernel(
+            src, count, out, width, *bands(width), *args))
     return run
 
 

@@ -105,6 +105,7 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
     base="required",
     rowwise=_per_row,
+    slice_kernel="breadcrumbs_ties",
     finish_slices=finish_paper_vote,
     finish_when=paper_vote,
 )
