@@ -432,3 +432,30 @@ def test_ties_sliced_in_three_passes_equals_the_whole_tensor(tmp_path, density, 
         params["normalize"] = False
     whole = merge_state_dicts("ties", base, experts, **params)["w"]
     assert torch.equal(out, whole)
+
+
+def test_tensors_too_small_to_slice_merge_on_one_intra_op_thread(tmp_path):
+    """A tensor below two slices is merged whole, on one intra-op thread (the merge threads
+    are already one per core; torch's team would only spin), and the process's setting is
+    back afterwards; a large non-elementwise merge keeps torch's threads."""
+    from modelalloy.methods import registry
+
+    models = _models(tmp_path, [torch.float32] * 3)
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: ties\nbase_model: {models[0]}\n"
+                          "parameters: {density: 0.5, scope: global}\nmodels:\n"
+                          + "".join(f"  - model: {m}\n" for m in models[1:]))
+    spec = registry.get_method("ties")
+    seen: dict[str, int] = {}
+
+    def spy(base, experts, params, ctx):
+        seen[ctx.name] = torch.get_num_threads()
+        return spec.fn(base, experts, params, ctx)
+
+    import dataclasses
+
+    before = torch.get_num_threads()
+    with mock.patch.dict(registry._REGISTRY, {"ties": dataclasses.replace(spec, fn=spy)}):
+        merge(recipe, tmp_path / "out", threads=1)
+    assert seen["small.weight"] == 1
+    assert seen["big.weight"] == before  # scope: global merges whole, not sliced
+    assert torch.get_num_threads() == before

@@ -107,6 +107,10 @@ CASES = [
     ("dare_ties", {"density": 0.5, "weight": [1.0, 0.2, 0.7], "vote": "weighted"}),
     ("dare_ties", {"density": 0.9, "weight": [1.0, 1.0, 1.0], "normalize": True}),
     ("model_stock", {}),
+    ("ties", {"density": 0.2}),
+    ("ties", {"density": [0.3, 1.0, 0.0], "weight": [0.5, 1.0, 0.3], "vote": "weighted",
+              "lambda": 0.9}),
+    ("ties", {"density": [0.05, 0.5, 0.8], "normalize": False}),
 ]
 
 
@@ -447,3 +451,24 @@ def test_breadcrumbs_ties_kernel_keeps_the_torch_path_for_what_needs_the_whole_t
     ctx.slice_start = 0
     assert not slices.breadcrumbs_ties(spec.resolve(2, {}, "b"))(
         kernels.bits(raw), 64, kernels.bits(out), ctx, 64)
+
+
+@pytest.mark.parametrize("trims", [[True, True, True], [True, False, True], [False, False, True],
+                                   [True, True, False]])
+@pytest.mark.parametrize("bad_row", [0, 1, 2, 3])
+def test_ties_count_pass_reports_a_nonfinite_input_in_any_row(trims, bad_row):
+    """The count pass checks every row as it counts (trimmed rows) or on its own (the base,
+    untrimmed rows): a NaN/Inf anywhere is reported, and without one the histograms are
+    those of |θ_t − θ_0|'s upper 16 bits."""
+    from modelalloy.kernels.elementwise import NBINS, ties_count_kernel
+
+    inputs = _inputs(torch.float32)
+    raw = torch.stack(inputs)[:, :777].contiguous()
+    hist = np.zeros((3, NBINS), np.int64)
+    assert ties_count_kernel(kernels.bits(raw), 777, np.asarray(trims), hist)
+    for t in range(3):
+        keys = ((raw[1 + t] - raw[0]).abs().view(torch.int32) >> 16).numpy()
+        want = np.bincount(keys, minlength=NBINS) if trims[t] else np.zeros(NBINS, np.int64)
+        assert np.array_equal(hist[t], want)
+    raw[bad_row, 500] = float("inf") if bad_row % 2 else float("nan")
+    assert not ties_count_kernel(kernels.bits(raw), 777, np.asarray(trims), hist)

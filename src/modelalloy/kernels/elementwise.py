@@ -25,6 +25,7 @@ from modelalloy.kernels._numba import (
     any_nonfinite,
     f32_to_bits,
     fma,
+    is_nonfinite,
     narrow,
     sfc64_fill,
     sfc64_fill_pair,
@@ -344,38 +345,121 @@ BIN_SHIFT = 16  # _sparsify._bin_keys: the upper 16 bits of |δ|'s float32 patte
 NBINS = 1 << 15
 
 
+@njit(inline="always")
+def _key(x, b):
+    """The histogram bin of |x − b| (float32): the upper 16 bits of its bit pattern."""
+    return f32_to_bits(abs(x - b)) >> BIN_SHIFT
+
+
+@njit(inline="always")
+def _count_rows(src, count, models, first, group, hist):
+    """Histograms of |θ_t − θ_0|'s keys for ``group`` (1 to 3) models ``models[first:]``, in
+    one loop: consecutive entries often share a bin, and each increment waits for the last
+    one to the same counter; three models' counters are independent chains that overlap.
+    Returns 1 if any of their inputs is NaN/Inf."""
+    bad = np.uint32(0)
+    base = src[0, :count]
+    t0 = models[first]
+    r0, h0 = src[1 + t0, :count], hist[t0]
+    if group == 1:
+        for j in range(count):
+            x0 = widen(r0[j])
+            bad |= is_nonfinite(x0)
+            h0[_key(x0, widen(base[j]))] += 1
+        return bad
+    t1 = models[first + 1]
+    r1, h1 = src[1 + t1, :count], hist[t1]
+    if group == 2:
+        for j in range(count):
+            b, x0, x1 = widen(base[j]), widen(r0[j]), widen(r1[j])
+            bad |= is_nonfinite(x0) | is_nonfinite(x1)
+            h0[_key(x0, b)] += 1
+            h1[_key(x1, b)] += 1
+        return bad
+    t2 = models[first + 2]
+    r2, h2 = src[1 + t2, :count], hist[t2]
+    for j in range(count):
+        b, x0, x1, x2 = widen(base[j]), widen(r0[j]), widen(r1[j]), widen(r2[j])
+        bad |= is_nonfinite(x0) | is_nonfinite(x1) | is_nonfinite(x2)
+        h0[_key(x0, b)] += 1
+        h1[_key(x1, b)] += 1
+        h2[_key(x2, b)] += 1
+    return bad
+
+
 @njit(**JIT)
 def ties_count_kernel(src, count, trims, hist):
     """TIES' first pass on one slice: ``hist[t]`` += the histogram of |θ_t − θ_0|'s bin keys,
-    for the models that trim. False (nothing counted) on a NaN/Inf input."""
-    if any_nonfinite(src, count):
-        return False
+    for the models that trim, up to three models per loop (:func:`_count_rows`). False on a
+    NaN/Inf input (the engine then merges the tensor whole; counts made are discarded)."""
+    bad = np.uint32(0)
     base = src[0, :count]
+    for j in range(count):
+        bad |= is_nonfinite(widen(base[j]))
     for t in range(src.shape[0] - 1):
-        if not trims[t]:
-            continue
-        row, h = src[1 + t, :count], hist[t]
-        for j in range(count):
-            h[f32_to_bits(abs(widen(row[j]) - widen(base[j]))) >> BIN_SHIFT] += 1
-    return True
+        if not trims[t]:  # checked here; the trimmed rows are checked as they are counted
+            row = src[1 + t, :count]
+            for j in range(count):
+                bad |= is_nonfinite(widen(row[j]))
+    models = np.nonzero(trims)[0]
+    first = 0
+    while first < models.size:
+        group = min(3, models.size - first)
+        bad |= _count_rows(src, count, models, first, group, hist)
+        first += group
+    return bad == 0
 
 
 @njit(**JIT)
 def ties_collect_kernel(src, count, bins, values, found):
     """TIES' second pass on one slice: the |θ_t − θ_0| whose bin key is ``bins[t]`` (−1:
-    none) into ``values[t, :found[t]]``."""
-    base = src[0, :count]
+    none) into ``values[t, :found[t]]``. Keys go into a chunk buffer first (one vectorized
+    loop), then a scan picks the few in the bin."""
+    keys = np.empty(CHUNK, np.uint32)
     for t in range(src.shape[0] - 1):
         found[t] = 0
-        if bins[t] < 0:
-            continue
-        row, b, m = src[1 + t, :count], bins[t], 0
-        for j in range(count):
-            mag = abs(widen(row[j]) - widen(base[j]))
-            if (f32_to_bits(mag) >> BIN_SHIFT) == b:
-                values[t, m] = mag
-                m += 1
-        found[t] = m
+    for c0 in range(0, count, CHUNK):
+        n = min(CHUNK, count - c0)
+        base = src[0, c0:c0 + n]
+        for t in range(src.shape[0] - 1):
+            if bins[t] < 0:
+                continue
+            row, b, m = src[1 + t, c0:c0 + n], np.uint32(bins[t]), found[t]
+            for j in range(n):
+                keys[j] = _key(widen(row[j]), widen(base[j]))
+            for j in range(n):
+                if keys[j] == b:
+                    values[t, m] = abs(widen(row[j]) - widen(base[j]))
+                    m += 1
+            found[t] = m
+
+
+@njit(inline="always")
+def _trim_chunk(d, n, v, left):
+    """d[:n] trimmed in place to |d| > v, plus the first ``left`` entries with |d| = v in
+    index order (d·1 or d·0); returns how many ties at v are still to keep. The usual chunk
+    has no tie left to keep, or fewer ties than ``left``: one vectorized pass then; only a
+    chunk where the count runs out goes element by element."""
+    ties = 0
+    if left > 0:
+        for j in range(n):
+            ties += np.int64(abs(d[j]) == v)
+    if left == 0 or ties == 0:
+        for j in range(n):
+            d[j] = d[j] * np.float32(abs(d[j]) > v)
+    elif ties <= left:
+        for j in range(n):
+            d[j] = d[j] * np.float32(abs(d[j]) >= v)
+        left -= ties
+    else:
+        for j in range(n):
+            mag = abs(d[j])
+            keep = mag > v
+            if mag == v and left > 0:
+                keep = True
+                left -= 1
+            d[j] = d[j] * np.float32(keep)
+    return left
 
 
 @njit(**JIT)
@@ -401,16 +485,7 @@ def ties_kernel(src, count, out, modes, thresholds, ties_left, unit, weights, no
                 d[t, j] = widen(row[j]) - widen(b[j])
             if modes[t] == TRIM_NONE:
                 continue
-            v = thresholds[t]
-            left = ties_left[t]
-            for j in range(n):
-                mag = abs(d[t, j])
-                keep = mag > v
-                if mag == v and left > 0:
-                    keep = True
-                    left -= 1
-                d[t, j] = d[t, j] * np.float32(keep)
-            ties_left[t] = left
+            ties_left[t] = _trim_chunk(d[t], n, thresholds[t], ties_left[t])
         _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
                          weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread)
     return True
