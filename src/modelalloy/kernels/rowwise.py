@@ -22,14 +22,19 @@ NONE_ABOVE = np.int64(1) << 40  # a rank value no bit pattern reaches (no top cu
 
 
 @njit(inline="always")
-def _rank_value(mags, n, r, hist, cand):
-    """The r-th largest (1-indexed) of ``mags[:n]`` (int32 bit patterns) and how many are
-    strictly larger, from the histogram of their upper bits."""
-    above = 0
-    b = NBINS - 1
+def _bin_of_rank(hist, b, above, r):
+    """Walking down from bin ``b`` (``above`` entries lie in higher bins): the bin holding
+    the r-th largest (1-indexed) entry and the number of entries above that bin."""
     while above + hist[b] < r:
         above += hist[b]
         b -= 1
+    return b, above
+
+
+@njit(inline="always")
+def _rank_in_bin(mags, n, b, above, r, cand):
+    """The r-th largest (1-indexed) of ``mags[:n]`` (int32 bit patterns), which lies in bin
+    ``b`` below ``above`` larger entries, and how many entries are strictly larger."""
     m = 0
     for j in range(n):
         if (mags[j] >> SHIFT) == b:
@@ -42,6 +47,20 @@ def _rank_value(mags, n, r, hist, cand):
     for i in range(m):
         larger += np.int64(cand[i] > value)
     return np.int64(value), larger
+
+
+@njit(inline="always")
+def _nth_tie(mags, n, value, nth):
+    """Index of the nth (1-indexed) entry equal to ``value``: −1 for nth ≤ 0, n when there
+    are fewer than nth."""
+    if nth <= 0:
+        return -1
+    seen = 0
+    for j in range(n):
+        seen += np.int64(mags[j] == value)
+        if seen == nth:
+            return j
+    return n
 
 
 @njit(inline="always")
@@ -75,27 +94,32 @@ def _band_row(d, width, top, h, mags, cand, hist):
         return
     if top == 0 and h == width:
         return
+    largest = np.int32(0)
     for j in range(width):
         mags[j] = np.int32(f32_to_bits(abs(d[j])))
+        largest = max(largest, mags[j])
     hist[:] = 0
     for j in range(width):
         hist[mags[j] >> SHIFT] += 1
-    low_value, low_larger = np.int64(-1), np.int64(0)
-    if h < width:
-        low_value, low_larger = _rank_value(mags, width, h, hist, cand)
+    # one walk down the histogram from the largest entry's bin: the top cut, then the low one
+    b, above = largest >> SHIFT, np.int64(0)
     top_value, top_larger = NONE_ABOVE, np.int64(0)
     if top > 0:
-        top_value, top_larger = _rank_value(mags, width, top, hist, cand)
-    dropped_ties = top - top_larger  # ties at top_value that rank ≤ n_top
-    kept_ties = h - low_larger  # ties at low_value that rank ≤ hi
-    seen_top, seen_low = 0, 0
+        b, above = _bin_of_rank(hist, b, above, top)
+        top_value, top_larger = _rank_in_bin(mags, width, b, above, top, cand)
+    low_value, low_larger = np.int64(-1), np.int64(0)
+    if h < width:
+        b, above = _bin_of_rank(hist, b, above, h)
+        low_value, low_larger = _rank_in_bin(mags, width, b, above, h, cand)
+    # ties at a cut rank by index: the first (top − top_larger) ties at top_value rank within
+    # the dropped top, the first (h − low_larger) ties at low_value within the band
+    last_top = _nth_tie(mags, width, top_value, top - top_larger)
+    last_low = _nth_tie(mags, width, low_value, h - low_larger)
     for j in range(width):
         m = np.int64(mags[j])
-        in_top = m > top_value or (m == top_value and seen_top < dropped_ties)
-        in_low = m < low_value or (m == low_value and seen_low >= kept_ties)
-        seen_top += m == top_value
-        seen_low += m == low_value
-        d[j] = d[j] * np.float32(not (in_top or in_low))
+        drop = (m > top_value) | ((m == top_value) & (j <= last_top)) \
+            | (m < low_value) | ((m == low_value) & (j > last_low))
+        d[j] = d[j] * np.float32(not drop)
 
 
 @njit(inline="always")
