@@ -131,7 +131,15 @@ SIZES: dict[str, LlamaShape] = {
     # ~1.01B parameters (TinyLlama widths, 20 layers).
     "1B": LlamaShape(hidden=2048, intermediate=5632, layers=20, heads=32, kv_heads=8,
                      vocab=32000),
+    # ~3.0B parameters (Llama-3.2-3B widths, 28 layers, a 32K vocabulary): base + 3 experts
+    # are 24 GB of bf16, more than a 24 GB machine's page cache holds.
+    "3B": LlamaShape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8,
+                     vocab=32000),
 }
+# Sizes whose four models do not fit in RAM: cold runs only (a warm page cache cannot hold
+# them), the issue's four methods, and the models are deleted after the run (--keep-models).
+LARGER_THAN_RAM = {"3B"}
+LARGE_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
 
 
 def _seed(*parts: object) -> int:
@@ -234,6 +242,46 @@ def model_files(folder: Path) -> list[Path]:
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def models_root(size: str, cache_dir: Path) -> Path:
+    return cache_dir / f"llama-{size}-v{GEN_VERSION}"
+
+
+def disk_needed(size: str, cache_dir: Path, work: Path) -> dict[Path, int]:
+    """Free bytes each folder needs for a run of ``size``: the four models (unless already
+    generated) in ``cache_dir``; one output at a time and the I/O floor's file of the same
+    size in ``work`` (outputs are deleted after each run); 5% spare. Folders on the same
+    file system are added up under the first."""
+    model = SIZES[size].params * 2  # bf16
+    need: dict[Path, int] = {}
+    complete = (models_root(size, cache_dir) / "COMPLETE.json").exists()
+    for folder, nbytes in ((cache_dir, 0 if complete else 4 * model), (work, 2 * model)):
+        folder = _existing(folder)
+        same = next((f for f in need if f.stat().st_dev == folder.stat().st_dev), folder)
+        need[same] = need.get(same, 0) + nbytes
+    return {f: int(n * 1.05) for f, n in need.items() if n}
+
+
+def _existing(folder: Path) -> Path:
+    """``folder``, or its nearest existing parent (where it will be created)."""
+    folder = folder.resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def check_disk(size: str, cache_dir: Path, work: Path) -> None:
+    """Refuse a size whose models and outputs would not fit on the disk, before generating
+    anything, with the space it needs."""
+    for folder, need in disk_needed(size, cache_dir, work).items():
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise SystemExit(
+                f"--sizes {size}: needs {need / 1e9:.1f} GB free in {folder} (four models of "
+                f"{SIZES[size].params * 2 / 1e9:.1f} GB unless already generated, one output "
+                f"and the I/O floor's file of the same size) but {free / 1e9:.1f} GB are free; "
+                "free space or point --cache-dir / --work-dir at a larger disk")
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,11 +494,17 @@ def measure_bandwidth(models: dict[str, Path], work: Path) -> dict:
         t0 = time.perf_counter()
         n = _read_files(files, buf)
         best_warm = max(best_warm, n / (time.perf_counter() - t0))
-    size = folder_bytes(models["base"])
+    return {"read_cold_Bps": cold, "read_warm_Bps": best_warm,
+            **measure_write(folder_bytes(models["base"]), work)}
+
+
+def measure_write(size: int, work: Path) -> dict:
+    """Write bandwidth on a file of ``size`` bytes, buffered and including fsync; best of
+    three (the bound is what the machine can do at its best)."""
     target = work / "bandwidth.tmp"
-    chunk = os.urandom(min(len(buf), size))
+    chunk = os.urandom(min(64 << 20, size))
     best_buf = best_sync = 0.0
-    for _ in range(3):  # best of three: the bound is what the machine can do at its best
+    for _ in range(3):
         t0 = time.perf_counter()
         written = 0
         with open(target, "wb", buffering=0) as f:
@@ -461,9 +515,7 @@ def measure_bandwidth(models: dict[str, Path], work: Path) -> dict:
         t_sync = time.perf_counter() - t0
         target.unlink()
         best_buf, best_sync = max(best_buf, written / t_buf), max(best_sync, written / t_sync)
-    return {"read_cold_Bps": cold, "read_warm_Bps": best_warm,
-            "write_buffered_Bps": best_buf, "write_fsync_Bps": best_sync,
-            "probe_bytes": size}
+    return {"write_buffered_Bps": best_buf, "write_fsync_Bps": best_sync, "probe_bytes": size}
 
 
 def measure_cold_read(models: dict[str, Path], streams: int, work: Path) -> float:
@@ -703,6 +755,11 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                  f"run{'s' if env['runs'] != 1 else ''} per tool and method.")
         L.append(f"- modelalloy: `{env['modelalloy_cmd']}` (commit {env['commit']}); "
                  f"mergekit: {env['mergekit']}.")
+        if env.get("cpu"):
+            L.append(f"- CPU: {env['cpu']}.")
+        if r.get("larger_than_ram"):
+            L.extend(render_larger_than_ram(r))
+            continue
         bw = r["bandwidth"]
         L.append(f"- I/O on this machine: read {bw['read_warm_Bps'] / 1e9:.2f} GB/s from the "
                  f"page cache (cold, after `posix_fadvise(DONTNEED)`: "
@@ -931,13 +988,18 @@ REPRODUCE = [
     "PYTHONPATH=src python benchmarks/merge_speed.py --sizes 100M --runs 3",
     "PYTHONPATH=src python benchmarks/merge_speed.py --sizes 1B --runs 3",
     "make bench-speed          # both sizes, defaults",
+    "# larger than RAM: 24 GB of inputs, cold runs only, models deleted afterwards",
+    "PYTHONPATH=src python benchmarks/merge_speed.py --sizes 3B --runs 1",
     "```",
     "",
     "Synthetic models are cached in `benchmarks/.cache/` (about 0.8 GB for 100M, 8 GB for 1B); "
     "results accumulate in `benchmarks/results/merge_speed.json` (one entry per size, replaced "
     "when that size is rerun) and this section is regenerated from it. `--methods`, "
     "`--budgets`, `--no-compare`, `--no-profile`, `--threads` and `--timeout` narrow or extend "
-    "a run; `--help` lists them.",
+    "a run; `--help` lists them. `--sizes 3B` (or `--larger-than-ram` for any size) checks "
+    "the free disk first and refuses with the space it needs (about 38 GB for 3B), runs "
+    "linear, task_arithmetic, ties and dare_ties cold only (`--cold-methods` to change), "
+    "and deletes the generated models after the run unless `--keep-models`.",
 ]
 
 
@@ -1042,6 +1104,7 @@ def cold_runs(methods: list[str], models: dict[str, Path], rdir: Path, work: Pat
     out: dict = {"read_cold_Bps_by_readers": streams, "methods": {},
                  "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "load_before": _load_avg(), "commit": _commit(), "runs": runs}
+    floors: dict[tuple, float] = {}  # recipes with the same inputs and output share them
     for method in methods:
         recipe = rdir / f"{method}.yml"
         recipe.write_text(recipe_yaml(method, models))
@@ -1064,8 +1127,11 @@ def cold_runs(methods: list[str], models: dict[str, Path], rdir: Path, work: Pat
         m["io_bound_s"] = read_bytes / best + m.get("write_bytes", 0) / write_Bps
         readers = int(max(streams, key=streams.get))
         for key, durable in (("floor_durable_s", True), ("floor_buffered_s", False)):
-            m[key] = min(io_floor(inputs, m.get("write_bytes", 0), work, readers, durable)
-                         for _ in range(2))
+            same = (tuple(inputs), m.get("write_bytes", 0), durable)
+            if same not in floors:
+                floors[same] = min(io_floor(inputs, m.get("write_bytes", 0), work, readers,
+                                            durable) for _ in range(2))
+            m[key] = floors[same]
         print(f"[cold {method}] I/O floor {m['floor_durable_s']:.2f}s with fsync, "
               f"{m['floor_buffered_s']:.2f}s without")
         out["methods"][method] = m
@@ -1087,6 +1153,22 @@ def _bounds(m: dict, wall: float | None = None) -> str:
     return " / ".join(f"{wall / b:.1f}×" for b in bounds) if wall else "—"
 
 
+def render_larger_than_ram(r: dict) -> list[str]:
+    """A size whose inputs do not fit in the page cache: its cold rows only."""
+    total = 4 * r["model_bytes"]
+    L = [f"- The four models are {_gb(total)} on disk against {_mem_gib():.0f} GiB of RAM: "
+         "no run can find them in the page cache, so only cold runs are measured. Targets "
+         "(issue 21): peak RSS under 2 GB, at least 3× mergekit, within 1.3× of the measured "
+         "I/O floor with fsync.", ""]
+    if r.get("cold"):
+        L.extend(render_cold(r["cold"], r["write"]["write_buffered_Bps"]))
+    for why in r.get("skip_reasons", []):
+        L.append(f"- Skipped: {why}")
+    if r.get("skip_reasons"):
+        L.append("")
+    return L
+
+
 def render_cold(c: dict, write_Bps: float) -> list[str]:
     by = c["read_cold_Bps_by_readers"]
     L = [f"**Cold page cache** (measured {c['date']}, commit {c['commit']}, {c['runs']} "
@@ -1103,8 +1185,9 @@ def render_cold(c: dict, write_Bps: float) -> list[str]:
          "disk, which the added-up bound ignores.", "",
          "| method | modelalloy median s | mergekit median s | speed-up (median of per-run "
          "ratios) | per-run ratios | I/O bound s | I/O floor s, with / without fsync | "
-         "modelalloy ÷ floor with fsync | mergekit ÷ floor without |",
-         "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+         "modelalloy ÷ floor with fsync | mergekit ÷ floor without | peak RSS modelalloy | "
+         "peak RSS mergekit |",
+         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for method, m in c["methods"].items():
         ours = [x["wall_s"] for x in m.get("modelalloy", []) if x["rc"] == 0]
         theirs = [x["wall_s"] for x in m.get("mergekit", []) if x["rc"] == 0]
@@ -1117,10 +1200,18 @@ def render_cold(c: dict, write_Bps: float) -> list[str]:
         def per(x: float | None, floor: float | None) -> str:
             return f"{x / floor:.2f}×" if x and floor else "—"
 
+        def rss(tool: str, m: dict = m) -> str:
+            ok = [x for x in m.get(tool, []) if x["rc"] == 0 and "peak_rss_mb" in x]
+            if not ok:
+                return "—"
+            return (f"{max(x['peak_rss_mb'] for x in ok):.0f} MB "
+                    f"({max(x['peak_anon_mb'] for x in ok):.0f} anon)")
+
         L.append(f"| {method} | {_fmt(mo, '.2f')} | {_fmt(mt, '.2f')} | "
                  f"{_fmt(_med(ratios), '.2f')}{'×' if ratios else ''} | "
                  f"{', '.join(f'{x:.2f}' for x in ratios) or '—'} | {m['io_bound_s']:.3g} | "
-                 f"{_fmt(fd, '.3g')} / {_fmt(fb, '.3g')} | {per(mo, fd)} | {per(mt, fb)} |")
+                 f"{_fmt(fd, '.3g')} / {_fmt(fb, '.3g')} | {per(mo, fd)} | {per(mt, fb)} | "
+                 f"{rss('modelalloy')} | {rss('mergekit')} |")
     L.append("")
     return L
 
@@ -1195,9 +1286,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="sizes that get the component profile (the full-sort row takes "
                          "minutes at 1B; default 2M,100M)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
-    ap.add_argument("--cold-methods", default="linear,task_arithmetic",
+    ap.add_argument("--cold-methods", default=None,
                     help="methods also run with the inputs dropped from the page cache before "
-                         "every run ('none' to skip; default linear,task_arithmetic)")
+                         "every run ('none' to skip; default linear,task_arithmetic; for a "
+                         "size larger than RAM, the methods it runs: default "
+                         + ",".join(LARGE_METHODS) + ")")
+    ap.add_argument("--larger-than-ram", action="store_true",
+                    help="treat every size as one whose models do not fit in RAM (as 3B "
+                         "always is): cold runs only, models deleted after the run")
+    ap.add_argument("--keep-models", action="store_true",
+                    help="keep the generated models of a size larger than RAM after the run "
+                         "(they are deleted by default: 24 GB for 3B)")
     ap.add_argument("--cold-runs", type=int, default=None,
                     help="runs per tool for the cold-cache rows (default: --runs)")
     ap.add_argument("--cold-only", action="store_true",
@@ -1273,8 +1372,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "import mergekit.scripts.run_yaml, mergekit.merge"], env_mk,
                                work / "baseline-mergekit.log", 300)
 
-    cold_methods = [] if args.cold_methods == "none" else [
-        x.strip() for x in args.cold_methods.split(",") if x.strip()]
+    given_cold = args.cold_methods
+    cold_methods = [] if given_cold == "none" else [
+        x.strip() for x in (given_cold or "linear,task_arithmetic").split(",") if x.strip()]
+    large_methods = cold_methods if given_cold else LARGE_METHODS
     for x in cold_methods:
         if x not in KNOWN_METHODS:
             raise SystemExit(f"unknown method {x!r} in --cold-methods")
@@ -1287,12 +1388,52 @@ def main(argv: list[str] | None = None) -> int:
         cdir.mkdir(parents=True, exist_ok=True)
         rec["cold"] = cold_runs(which, models, cdir, cdir, tools,
                                 args.cold_runs or args.runs,
-                                rec["bandwidth"]["write_buffered_Bps"], args.timeout)
+                                (rec.get("bandwidth") or rec["write"])["write_buffered_Bps"],
+                                args.timeout)
+
+    def environment(load_before: str) -> dict:
+        return {
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, "
+                       f"{platform.machine()} Linux", "cpu": cpu_model(),
+            "load_before": load_before, "load_after": _load_avg(),
+            "runs": args.cold_runs or args.runs, "commit": _commit(), "mergekit": mk_desc,
+            "run": RUN_ID,
+            "modelalloy_cmd": " ".join(["modelalloy merge RECIPE OUT --force"] + extra)}
+
+    def larger_than_ram(size: str) -> None:
+        """Cold runs only; the models are generated for the run and deleted after it."""
+        root = models_root(size, args.cache_dir.resolve())
+        load_before = _load_avg()
+        models = generate_models(size, args.cache_dir.resolve())
+        try:
+            nbytes = folder_bytes(models["base"])
+            rec = {"params": SIZES[size].params, "model_bytes": nbytes, "larger_than_ram": True,
+                   "write": measure_write(min(nbytes, 1 << 30), work),
+                   "skip_reasons": [] if mk else [f"mergekit: {mk_why}"]}
+            cold(size, rec, models, large_methods)
+            rec["env"] = environment(load_before) | {"runs": args.cold_runs or args.runs}
+            results["sizes"][size] = rec
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            write_doc(out, render_section(results, FINDINGS if REPO in out.parents else None))
+            print(f"[doc] wrote {out} (results in {results_path})")
+        finally:
+            if args.keep_models:
+                print(f"[gen] kept {root} (--keep-models)")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+                print(f"[gen] deleted {root} (--keep-models keeps it)")
 
     # numba compiles the fused kernels on first use and caches them on disk (any second merge
     # finds them): one untimed merge per method on the 2M models, so no timed run compiles
     small = None if args.no_warm_up else generate_models("2M", args.cache_dir.resolve())
-    for method in (cold_methods if args.cold_only else methods) if small else ():
+    large = [s for s in sizes if s in LARGER_THAN_RAM or args.larger_than_ram]
+    for s in sizes:  # before generating anything
+        check_disk(s, args.cache_dir.resolve(), work)
+    warm_up = cold_methods if args.cold_only else methods
+    warm_up = warm_up + [x for x in (large_methods if large else []) if x not in warm_up]
+    for method in warm_up if small else ():
         recipe = work / "warm-up" / f"{method}.yml"
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(recipe_yaml(method, small))
@@ -1303,6 +1444,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for size in sizes:
         print(f"=== {size} ===")
+        if size in large:
+            larger_than_ram(size)
+            continue
         models = generate_models(size, args.cache_dir.resolve())
         if args.cold_only:
             if size not in results["sizes"]:
@@ -1331,13 +1475,7 @@ def main(argv: list[str] | None = None) -> int:
                    [x for x in args.budget_methods.split(",") if x in methods])
 
         def save(rec: dict = rec, size: str = size, load_before: str = load_before) -> None:
-            rec["env"] = {
-                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "machine": f"{os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, "
-                           f"{platform.machine()} Linux",
-                "load_before": load_before, "load_after": _load_avg(),
-                "runs": args.runs, "commit": _commit(), "mergekit": mk_desc, "run": RUN_ID,
-                "modelalloy_cmd": " ".join(["modelalloy merge RECIPE OUT --force"] + extra)}
+            rec["env"] = environment(load_before) | {"runs": args.runs}
             results["sizes"][size] = rec
             results_path.parent.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(results, indent=1) + "\n")
@@ -1442,6 +1580,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its vector extensions (AVX2, AVX-512 subsets, AMX) from
+    /proc/cpuinfo, recorded with every figure: kernels compiled for the host run other code
+    on other CPUs."""
+    name, flags = platform.processor() or "?", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    except OSError:
+        pass
+    vector = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni")]
+    return f"{name}, {os.cpu_count()} cores; {' '.join(vector) or 'no AVX2/AVX-512'}"
 
 
 def _mem_gib() -> float:

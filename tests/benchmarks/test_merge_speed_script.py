@@ -138,3 +138,57 @@ def test_recipes_name_the_same_models_for_both_tools(tmp_path: Path) -> None:
         assert used == set(ms.recipe_inputs(method, models))
     ties = yaml.safe_load(ms.recipe_yaml("ties", models))
     assert all(m["parameters"]["density"] == 0.2 for m in ties["models"])
+
+
+@pytest.mark.slow
+def test_a_size_larger_than_ram_runs_cold_only_and_deletes_its_models(tmp_path: Path) -> None:
+    """``--larger-than-ram`` (what 3B always is) on the 2M models: cold rows only, with peak
+    RSS and the measured floors, and the generated models deleted unless --keep-models."""
+    out = tmp_path / "performance.md"
+    cache = tmp_path / "cache"
+    common = [sys.executable, str(SCRIPT), "--sizes", "2M", "--runs", "1", "--larger-than-ram",
+              "--out", str(out), "--cache-dir", str(cache), "--work-dir", str(tmp_path / "work"),
+              "--mergekit-bin", str(tmp_path / "no-such-mergekit-yaml"), "--no-warm-up"]
+    r = subprocess.run(common + ["--cold-methods", "linear,ties"], capture_output=True,
+                       text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (cache / "llama-2M-v1").exists()  # deleted after the run
+    rec = json.loads(out.with_suffix(".json").read_text())["sizes"]["2M"]
+    assert rec["larger_than_ram"] and "methods" not in rec and "bandwidth" not in rec
+    assert set(rec["cold"]["methods"]) == {"linear", "ties"}
+    ties = rec["cold"]["methods"]["ties"]
+    assert ties["modelalloy"][0]["rc"] == 0 and ties["modelalloy"][0]["peak_rss_mb"] > 0
+    assert ties["floor_durable_s"] > 0 and ties["floor_buffered_s"] > 0
+    assert "avx" in rec["env"]["cpu"] or "no AVX2/AVX-512" in rec["env"]["cpu"]
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ties |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[9].endswith("anon)") and cells[10] == "—"  # peak RSS: ours, no mergekit
+    assert "only cold runs are measured" in text
+
+    # --keep-models keeps them; the default methods are the issue's four
+    r = subprocess.run(common + ["--keep-models"], capture_output=True, text=True, timeout=600,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (cache / "llama-2M-v1" / "COMPLETE.json").exists()
+    rec = json.loads(out.with_suffix(".json").read_text())["sizes"]["2M"]
+    assert list(rec["cold"]["methods"]) == ["linear", "task_arithmetic", "ties", "dare_ties"]
+
+
+def test_a_size_that_does_not_fit_on_the_disk_is_refused_before_generating(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import collections
+    import shutil
+
+    ms = _module()
+    model = ms.SIZES["3B"].params * 2
+    need = ms.disk_needed("3B", tmp_path / "cache", tmp_path / "work")
+    # one file system: four models, an output and the floor's file, 5% spare
+    assert list(need.values()) == [int(6 * model * 1.05)]
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 30 * 10**9))
+    with pytest.raises(SystemExit, match=r"--sizes 3B: needs 38\.0 GB free .* 30\.0 GB"):
+        ms.check_disk("3B", tmp_path / "cache", tmp_path / "work")
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 40 * 10**9))
+    ms.check_disk("3B", tmp_path / "cache", tmp_path / "work")
