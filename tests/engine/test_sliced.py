@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
@@ -459,3 +460,51 @@ def test_tensors_too_small_to_slice_merge_on_one_intra_op_thread(tmp_path):
     assert seen["small.weight"] == 1
     assert seen["big.weight"] == before  # scope: global merges whole, not sliced
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(("method", "params", "passes"), [
+    ("ties", "density: 0.3", 3), ("slerp", "t: 0.4", 2), ("model_stock", "", 2)])
+def test_multi_pass_methods_reread_a_tensor_only_within_its_own_task(tmp_path, method, params,
+                                                                     passes):
+    """Order of work, from an access log of every slice read: all the passes over a tensor
+    run back to back in one task on one thread, and no thread goes back to a tensor it left.
+    So a pass rereads bytes read moments ago by the same task (in the page cache), never
+    bytes read a whole model ago (which, for models larger than RAM, come from the disk)."""
+    import threading
+
+    from modelalloy.io.checkpoint import Checkpoint
+
+    gen = torch.Generator().manual_seed(4)
+    shapes = {f"t{i}.weight": (5 * SLICE_ELEMENTS // 2 // 64 + i, 64) for i in range(6)}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    n_models = 2 if method == "slerp" else 4
+    folders = _save_folders(tmp_path, [base] + [
+        {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        for _ in range(n_models - 1)])
+    models = "".join(f"  - model: {f}\n" for f in (folders if method == "slerp"
+                                                    else folders[1:]))
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: {method}\n"
+                          f"base_model: {folders[0]}\nparameters: {{{params}}}\n"
+                          f"models:\n{models}")
+    log: list[tuple[int, str, int, str]] = []
+    real = Checkpoint.get_slice
+
+    def logged(self, name, start, out):
+        log.append((threading.get_ident(), name, start, str(self.path)))
+        return real(self, name, start, out)
+
+    with mock.patch.object(Checkpoint, "get_slice", logged):
+        merge(recipe, tmp_path / "out", threads=2)
+    assert {name for _, name, _, _ in log} == set(shapes)  # every tensor went in slices
+    threads_of: dict[str, set[int]] = {}
+    order: dict[int, list[str]] = {}
+    for thread, name, _, _ in log:
+        threads_of.setdefault(name, set()).add(thread)
+        seen = order.setdefault(thread, [])
+        if not seen or seen[-1] != name:
+            seen.append(name)
+    assert all(len(t) == 1 for t in threads_of.values())  # one task per tensor
+    for names in order.values():
+        assert len(names) == len(set(names))  # never back to a tensor once left
+    reads = collections.Counter((name, start, path) for _, name, start, path in log)
+    assert set(reads.values()) == {passes}  # each slice of each input: once per pass
