@@ -18,6 +18,12 @@ from types import ModuleType
 # takes effect when modelalloy is imported before torch allocates (always true for the CLI).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+# A `modelalloy merge` start hints its first tensors' pages to the disk before torch is
+# imported (about a second with the disk idle; early_hints uses the standard library only).
+from modelalloy import early_hints  # noqa: E402
+
+early_hints.start()
+
 __version__ = "0.1.0"
 __all__ = ["merge", "merge_state_dicts", "__version__"]
 

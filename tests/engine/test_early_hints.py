@@ -1,0 +1,160 @@
+"""A `modelalloy merge` start hints its recipe's first tensors before torch is imported."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from modelalloy import early_hints
+from tests.conftest import subprocess_env, write_recipe
+
+SOURCE = Path(early_hints.__file__)
+
+
+def _safetensors(path: Path, data_bytes: int) -> int:
+    """A minimal safetensors file of one uint8 tensor; returns where its data starts."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [data_bytes],
+                               "data_offsets": [0, data_bytes]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + os.urandom(data_bytes))
+    return 8 + len(header)
+
+
+@pytest.mark.parametrize(("argv", "want"), [
+    (["-m", "merge", "r.yml", "out"], "r.yml"),
+    (["/venv/bin/modelalloy", "--debug", "merge", "r.yml", "out", "--force"], "r.yml"),
+    (["-m", "plan", "r.yml"], None),
+    (["-m", "merge"], None),
+    (["/usr/bin/pytest", "merge", "r.yml"], None),  # another program importing modelalloy
+    ([], None)])
+def test_only_a_merge_command_line_is_hinted(argv, want):
+    got = early_hints.merge_recipe(argv)
+    assert (str(got) if got else None) == want
+
+
+def test_model_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch):
+    for name in ("base", "e1", "e 2"):
+        (tmp_path / name).mkdir()
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    (other / "cwd-model").mkdir()
+    recipe = write_recipe(tmp_path / "r.yml",
+                          "merge_method: ties\nbase_model: base  # the base\nmodels:\n"
+                          "  - model: e1\n    parameters: {weight: 1}\n  - model: 'e 2'\n"
+                          "  - model: cwd-model\n  - model: missing\n  - model: e1\n")
+    assert early_hints.model_paths(recipe) == [tmp_path / "base", tmp_path / "e1",
+                                               tmp_path / "e 2", Path("cwd-model")]
+
+
+def test_the_first_shard_is_the_one_the_engine_reads_first(tmp_path):
+    indexed = tmp_path / "indexed"
+    indexed.mkdir()
+    (indexed / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00002-of-00002.safetensors",
+                        "b": "model-00001-of-00002.safetensors"}}))
+    assert early_hints.first_shard(indexed) == indexed / "model-00001-of-00002.safetensors"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("b.safetensors", "a.safetensors", ".hidden.safetensors"):
+        (plain / name).write_bytes(b"")
+    assert early_hints.first_shard(plain) == plain / "a.safetensors"
+    assert early_hints.first_shard(plain / "b.safetensors") == plain / "b.safetensors"
+    assert early_hints.first_shard(tmp_path / "indexed" / "model.safetensors.index.json") is None
+
+
+def _drop(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not hasattr(os, "RWF_NOWAIT"),
+                    reason="needs posix_fadvise and RWF_NOWAIT (Linux)")
+def test_a_cold_first_shard_is_read_into_the_page_cache(tmp_path):
+    shard = tmp_path / "model.safetensors"
+    start = _safetensors(shard, 4 << 20)
+    _drop(shard)
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        if early_hints._cached(fd, start):
+            pytest.skip("this file system keeps the pages (tmpfs?): nothing to hint")
+        assert early_hints.hint_file(shard, 1 << 20)
+        deadline = time.monotonic() + 10
+        while not early_hints._cached(fd, start + (1 << 20) - 1):
+            assert time.monotonic() < deadline, "the hinted pages never arrived"
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
+    assert not early_hints.hint_file(shard, 1 << 20)  # cached now: no second hint
+    assert not early_hints.hint_file(tmp_path / "missing.safetensors")
+
+
+def test_hints_need_the_standard_library_only_and_start_before_torch(tmp_path):
+    """The module imports nothing heavy; ``import modelalloy`` on a merge command line starts
+    the hint thread while torch is still unimported, and the thread hints every model."""
+    models = []
+    for name in ("base", "e1"):
+        (tmp_path / name).mkdir()
+        _safetensors(tmp_path / name / "model.safetensors", 1 << 16)
+        models.append(tmp_path / name)
+    recipe = write_recipe(tmp_path / "r.yml", f"merge_method: task_arithmetic\n"
+                          f"base_model: {models[0]}\nmodels:\n  - model: {models[1]}\n")
+    standalone = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('eh', {str(SOURCE)!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'yaml') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", standalone], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    order = (
+        "import sys, threading\n"
+        f"sys.argv = ['-m', 'merge', {str(recipe)!r}, 'out']\n"
+        "from modelalloy_probe import record\n"
+        "import modelalloy\n"
+        "print(record)\n")
+    probe = tmp_path / "modelalloy_probe.py"
+    probe.write_text(
+        "import sys, threading\n"
+        "record = []\n"
+        "real = threading.Thread.start\n"
+        "def start(self):\n"
+        "    if self.name == 'modelalloy-early-hints':\n"
+        "        record.append('torch' in sys.modules)\n"
+        "        run = self._target\n"
+        "        self._target = lambda *a: record.append(run(*a))\n"
+        "    real(self)\n"
+        "    if self.name == 'modelalloy-early-hints':\n"
+        "        self.join()\n"
+        "threading.Thread.start = start\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    cold = 0
+    for model in models:  # cold files are hinted; a file system that keeps pages has none
+        shard = model / "model.safetensors"
+        _drop(shard)
+        fd = os.open(shard, os.O_RDONLY)
+        cold += not early_hints._cached(fd, 0)
+        os.close(fd)
+    r = subprocess.run([sys.executable, "-c", order], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    started_after_torch, hinted = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+    assert started_after_torch is False
+    assert hinted == cold
+    env["MODELALLOY_EARLY_HINTS"] = "0"
+    r = subprocess.run([sys.executable, "-c", order], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stderr
+
