@@ -28,6 +28,7 @@ CASES = {
     "task_arithmetic": {"lambda": 0.5},
     "dare_ties": {"density": 0.2, "weight": 0.5},
     "breadcrumbs": {"density": 0.2, "gamma": 0.01, "weight": 0.5},
+    "breadcrumbs_ties": {"density": 0.2, "gamma": 0.01, "weight": 0.5},
     "ties": {"density": 0.2},
 }
 

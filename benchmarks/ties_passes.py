@@ -77,7 +77,8 @@ def profile_once(recipe: Path, out: Path) -> collections.Counter:
             local.stage = "merge"
 
     real_factory = {name: getattr(slices, name) for name in
-                    ("ties", "breadcrumbs_ties", "dare_ties", "della", "breadcrumbs")}
+                    ("ties", "breadcrumbs_ties", "dare_ties", "della", "breadcrumbs")
+                    if hasattr(slices, name)}  # an older tree may lack some
 
     def factory(name):
         def make(params):
