@@ -63,13 +63,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Merge speed and memory against mergekit"
-ALL_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp"]
+ALL_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs",
+               "breadcrumbs_ties", "slerp"]
 # more mergekit methods, run when named in --methods (no target in issue 6)
 MORE_METHODS = ["model_stock", "della"]
 KNOWN_METHODS = ALL_METHODS + MORE_METHODS
 TARGETS = {"linear": 3, "task_arithmetic": 3, "slerp": 3, "ties": 8, "dare_ties": 8,
-           "breadcrumbs": 8}  # median speed-up over mergekit asked for by issue 6, at ~1B
-DETERMINISTIC = {"linear", "task_arithmetic", "ties", "breadcrumbs", "slerp", "model_stock"}
+           "breadcrumbs": 8, "breadcrumbs_ties": 8}  # median speed-up over mergekit asked
+# for by issues 6 and 21, at ~1B
+DETERMINISTIC = {"linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties",
+                 "slerp", "model_stock"}
 GEN_VERSION = 1  # bump when the synthetic models change, so cached ones are regenerated
 
 
@@ -314,8 +317,8 @@ def recipe_yaml(method: str, models: dict[str, Path]) -> str:
     elif method == "dare_ties":
         body = (f"merge_method: dare_ties\nbase_model: {b}\nmodels:\n"
                 + entries({"weight": 0.5, "density": 0.2}) + "\n")
-    elif method == "breadcrumbs":
-        body = (f"merge_method: breadcrumbs\nbase_model: {b}\nmodels:\n"
+    elif method in ("breadcrumbs", "breadcrumbs_ties"):
+        body = (f"merge_method: {method}\nbase_model: {b}\nmodels:\n"
                 + entries({"weight": 0.5, "density": 0.2, "gamma": 0.01}) + "\n")
     elif method == "slerp":
         body = (f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {b}\n"
@@ -776,7 +779,7 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                  "merge that is on disk when it returns.")
         L.append("")
         L.append("| method | modelalloy median s | mergekit median s | speed-up (median of "
-                 "per-run ratios) | target at 1B (issue 6) | per-run ratios | peak RSS "
+                 "per-run ratios) | target at 1B (issues 6, 21) | per-run ratios | peak RSS "
                  "modelalloy | peak RSS mergekit | I/O bound s, buffered / durable | "
                  "modelalloy ÷ I/O bound, buffered / durable |")
         L.append("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
@@ -956,8 +959,9 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
 NOTES = [
     "- Recipes (`benchmarks/merge_speed.py::recipe_yaml`): linear (weights 0.5/0.3/0.2, "
     "normalised, three experts, no base); task_arithmetic (weight 0.5 each); ties (weight 1, "
-    "density 0.2, normalize); dare_ties (weight 0.5, density 0.2); breadcrumbs (weight 0.5, "
-    "density 0.2, gamma 0.01); slerp (base and expert 1, t = 0.5). `dtype: bfloat16` in all: "
+    "density 0.2, normalize); dare_ties (weight 0.5, density 0.2); breadcrumbs and "
+    "breadcrumbs_ties (weight 0.5, density 0.2, gamma 0.01); slerp (base and expert 1, "
+    "t = 0.5). `dtype: bfloat16` in all: "
     "for mergekit this is the compute dtype, for modelalloy the output dtype (it computes in "
     "float32).",
     "- Where the outputs differ by design: mergekit computes in bf16 (each product and sum is "
