@@ -478,7 +478,7 @@ def test_multi_pass_methods_reread_a_tensor_only_within_its_own_task(tmp_path, m
     shapes = {f"t{i}.weight": (5 * SLICE_ELEMENTS // 2 // 64 + i, 64) for i in range(6)}
     base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     n_models = 2 if method == "slerp" else 4
-    folders = _save_folders(tmp_path, [base] + [
+    folders = save_state_dict_folders(tmp_path, [base] + [
         {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
         for _ in range(n_models - 1)])
     models = "".join(f"  - model: {f}\n" for f in (folders if method == "slerp"
