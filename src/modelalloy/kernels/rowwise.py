@@ -113,8 +113,8 @@ def _band_row(d, width, top, h, mags, cand, hist):
         low_value, low_larger = _rank_in_bin(mags, width, b, above, h, cand)
     # ties at a cut rank by index: the first (top − top_larger) ties at top_value rank within
     # the dropped top, the first (h − low_larger) ties at low_value within the band
-    last_top = _nth_tie(mags, width, top_value, top - top_larger)
-    last_low = _nth_tie(mags, width, low_value, h - low_larger)
+    last_top = _nth_tie(mags, width, top_value, top - top_larger)  # −1 without a top cut
+    last_low = _nth_tie(mags, width, low_value, h - low_larger) if h < width else -1
     for j in range(width):
         m = np.int64(mags[j])
         drop = (m > top_value) | ((m == top_value) & (j <= last_top)) \
