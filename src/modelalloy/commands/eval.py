@@ -15,12 +15,15 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
         model: Annotated[str, typer.Argument(
-            help="a model folder (model.safetensors), or 'base' / 'expert:TASK' of the suite")],
+            help="a model folder (model.safetensors), a Twin-Merging bundle, or 'base' / "
+                 "'expert:TASK' of the suite")],
         suite: Annotated[str, typer.Option(help="tiny-vision or tiny-lm")] = "tiny-vision",
         size: Annotated[str, typer.Option(help="smoke or full")] = "full",
         split: Annotated[str, typer.Option(help="test or val")] = "test",
         json_out: Annotated[Path | None, typer.Option("--json", help="write records here")
                             ] = None,
+        routing: Annotated[str, typer.Option(
+            help="Twin-Merging bundles: sample, top1 or batch")] = "sample",
     ) -> None:
         """Per-task accuracy, normalized accuracy, held-out accuracy, response length."""
         from modelalloy.extras import require_extra
@@ -35,13 +38,30 @@ def register(app: typer.Typer) -> None:
             raise ModelAlloyError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
 
         s = load_suite(suite, size, log=lambda m: typer.echo(m, err=True))
+        scorer = SuiteScorer(s, split=split)
+        from modelalloy.twin import is_twin_bundle
+
+        if is_twin_bundle(model):
+            from modelalloy import twin
+            from modelalloy.eval.twin import module_records
+
+            routed = twin.load(model, s.new_model(), routing=routing)
+            records = module_records(scorer, Path(model).name, routed, variant="eval",
+                                     params={"routing": routing})
+            print_table(records, f"{model} on {suite} ({size}), routing {routing}")
+            row = summarize(records)[0]
+            typer.echo(f"mean accuracy (held-in): {row['accuracy']:.4f}  normalized: "
+                       f"{row['normalized_accuracy']:.4f}  held-out: "
+                       f"{row['held_out_accuracy']:.4f}")
+            if json_out is not None:
+                json_out.write_text(json.dumps({"records": records}, indent=1))
+            return
         if model == "base":
             sd = s.base_state_dict()
         elif model.startswith("expert:"):
             sd = s.expert_state_dict(model.split(":", 1)[1])
         else:
             sd = load_model_folder(model)
-        scorer = SuiteScorer(s, split=split)
         records = scorer.records(Path(model).name or model, sd, variant="eval")
         print_table(records, f"{model} on {suite} ({size})")
         general = s.general_metrics(sd)

@@ -71,7 +71,21 @@ class RouterReport:
 def train_router(embeddings: torch.Tensor, labels: torch.Tensor, num_tasks: int, *,
                  epochs: int = 50, lr: float = 5e-4, batch_size: int = 1024,
                  holdout: float = 0.2, seed: int = 0) -> tuple[TwinRouter, RouterReport]:
-    """Fit the router to (embedding, task index) pairs; keep the best held-out checkpoint."""
+    """Fit the router to (embedding, task index) pairs; keep the best held-out checkpoint.
+
+    Runs on one intra-op thread: the MLP is small, and several threads on a busy machine made
+    each BatchNorm call wait (tens of ms for a 16-row batch)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(embeddings, labels, num_tasks, epochs, lr, batch_size, holdout, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(embeddings: torch.Tensor, labels: torch.Tensor, num_tasks: int, epochs: int,
+           lr: float, batch_size: int, holdout: float, seed: int
+           ) -> tuple[TwinRouter, RouterReport]:
     if embeddings.dim() != 2 or len(embeddings) != len(labels) or len(labels) < 2:
         raise MethodError("twin router: need at least two (embedding, task) examples")
     if int(labels.min()) < 0 or int(labels.max()) >= num_tasks:

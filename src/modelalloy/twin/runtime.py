@@ -127,6 +127,11 @@ class _Branch:
         if not isinstance(output, torch.Tensor):
             raise MethodError(f"twin: module {type(module).__name__} returned a "
                               f"{type(output).__name__}, not a tensor")
+        if output.shape[0] == 1 and gates.shape[0] > 1:
+            # an input shared by the batch (e.g. position ids (1, T)): the output grows to the
+            # routed batch, each row with its own deltas
+            x = x.expand(gates.shape[0], *x.shape[1:])
+            output = output.expand(gates.shape[0], *output.shape[1:])
         g = _gates_for(gates, output.shape[0]).to(output.dtype)
         return output + self._side(x, g, output).to(output.dtype)
 
