@@ -11,25 +11,6 @@ import typer
 from modelalloy.errors import ModelAlloyError, RecipeError
 
 
-def _scalar_params(recipe: Any) -> dict[str, Any]:
-    """The recipe's parameters for the shared merge: global scalars, per-model lists."""
-    out: dict[str, Any] = {}
-    for key, value in recipe.parameters.items():
-        if not isinstance(value, (int, float, bool)):
-            raise RecipeError(f"{recipe.source}: parameters.{key}: twin build takes plain "
-                              "numbers (no gradients or filters)")
-        out[key] = value
-    entries = recipe.expert_entries()
-    keys = {k for e in entries for k in e.parameters}
-    for key in sorted(keys):
-        values = [e.parameters.get(key) for e in entries]
-        if any(not isinstance(v, (int, float)) for v in values):
-            raise RecipeError(f"{recipe.source}: models[].parameters.{key}: give a number for "
-                              "every model (twin build takes no gradients or filters)")
-        out[key] = values
-    return out
-
-
 def _file_router_data(path: Path, tasks: list[str], base: Path, batch: int) -> dict[str, list]:
     """JSONL lines {"task": name, "text": ...} tokenized with the base's tokenizer."""
     from transformers import AutoTokenizer
@@ -113,6 +94,7 @@ def register(app: typer.Typer) -> None:
         from modelalloy.twin import build_bundle
         from modelalloy.twin.bundle import state_bytes
         from modelalloy.twin.folders import module_for_folder
+        from modelalloy.twin.shared import recipe_params
 
         def log(msg: str) -> None:
             typer.echo(msg, err=True)
@@ -134,7 +116,7 @@ def register(app: typer.Typer) -> None:
             experts = {t: load_state_dict(p) for t, p in expert_paths.items()}
             bundle = build_bundle(base, experts, module_for_folder(base_path), router,
                                   shared_method=recipe.merge_method,
-                                  shared_params=_scalar_params(recipe), density=density,
+                                  shared_params=recipe_params(recipe), density=density,
                                   router_epochs=router_epochs, router_batch=router_batch,
                                   seed=seed, log=log)
             files = {p.name: p.read_bytes() for p in side_files(base_path)}
@@ -162,6 +144,8 @@ def register(app: typer.Typer) -> None:
                            ] = "sample,top1",
         router_epochs: Annotated[int, typer.Option(help="router training epochs")] = 50,
         router_batch: Annotated[int, typer.Option(help="router batch size")] = 1024,
+        threads: Annotated[int, typer.Option(
+            help="torch threads (1: the suites' models are tiny)")] = 1,
     ) -> None:
         """Twin-Merging on a suite against its shared merges: table, JSON, storage."""
         from modelalloy.bench import load_suite
@@ -170,6 +154,9 @@ def register(app: typer.Typer) -> None:
         def log(msg: str) -> None:
             typer.echo(msg, err=True)
 
+        import torch
+
+        torch.set_num_threads(threads)
         try:
             s = load_suite(suite, size, log=log)
             result = twin_bench(s, densities=tuple(float(d) for d in density.split(",")),

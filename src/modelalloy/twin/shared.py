@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from modelalloy.errors import MethodError
+from modelalloy.errors import MethodError, RecipeError
 
 SHARED_METHODS = ("task_arithmetic", "ties")
 # Our suites' static rows use these (docs/benchmarks.md); the paper's RoBERTa runs use TA λ=0.29.
@@ -32,3 +32,23 @@ def shared_expert(method: str, base: Mapping[str, torch.Tensor],
 
     given = {**SHARED_DEFAULTS[method], **dict(params or {})}
     return merge_state_dicts(method, base, list(experts), seed=seed, **given)
+
+
+def recipe_params(recipe: Any) -> dict[str, Any]:
+    """A recipe's parameters as merge_state_dicts takes them: global scalars, per-model
+    lists (plain numbers only: no gradients or filters)."""
+    out: dict[str, Any] = {}
+    for key, value in recipe.parameters.items():
+        if not isinstance(value, (int, float, bool)):
+            raise RecipeError(f"{recipe.source}: parameters.{key}: this command takes plain "
+                              "numbers (no gradients or filters)")
+        out[key] = value
+    entries = recipe.expert_entries()
+    keys = {k for e in entries for k in e.parameters}
+    for key in sorted(keys):
+        values = [e.parameters.get(key) for e in entries]
+        if any(not isinstance(v, (int, float)) for v in values):
+            raise RecipeError(f"{recipe.source}: models[].parameters.{key}: give a number for "
+                              "every model (this command takes no gradients or filters)")
+        out[key] = values
+    return out

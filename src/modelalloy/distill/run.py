@@ -1,0 +1,156 @@
+"""Distillation merging end to end: teachers and student from a recipe, data, training, output.
+
+The recipe names the teachers (``models``) and, through ``base_model`` and ``merge_method``,
+where the student starts: ``student="base"`` (the base), ``"merge"`` (the recipe's merge of
+the teachers that share the base's tensors — a warm start; teachers of other architectures
+are only distilled) or a model folder. The output is an HF folder (safetensors, config,
+tokenizer of the student) plus ``distill.json`` (settings, KL before and after, steps, wall
+time), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelalloy.distill.data import pseudo_labelled, read_examples, suite_prompts
+from modelalloy.distill.errors import DistillError
+from modelalloy.distill.targets import Teacher, build_targets
+from modelalloy.distill.train import DistillConfig, mean_kl, train_student
+
+
+def load_model(folder: Path) -> tuple[nn.Module, Any]:
+    """(module with the folder's weights, its tokenizer): local files only, no remote code."""
+    from transformers import AutoTokenizer
+
+    from modelalloy.bundle._checkpoint import load_state_dict
+    from modelalloy.twin.folders import module_for_folder
+
+    module = module_for_folder(folder)
+    _load_weights(module, load_state_dict(folder), folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise DistillError(f"{folder}: no usable tokenizer ({str(err).splitlines()[0]})"
+                           ) from None
+    return module.eval(), tok
+
+
+def _load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], where: object) -> None:
+    missing, unexpected = module.load_state_dict(dict(state), strict=False)
+    tied = {n for n, _ in module.named_parameters()}
+    bad = [m for m in missing if m in tied and not m.endswith("lm_head.weight")]
+    if bad or unexpected:
+        raise DistillError(f"{where}: weights do not fit the model (missing {bad[:3]}, "
+                           f"unexpected {list(unexpected)[:3]})")
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+
+
+def warm_start(recipe: Any, base: Path, teachers: Mapping[str, Path],
+               log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """The recipe's merge of the teachers that have exactly the base's tensors."""
+    from modelalloy.api import merge_state_dicts
+    from modelalloy.bundle._checkpoint import load_state_dict
+    from modelalloy.twin.shared import recipe_params
+
+    base_sd = load_state_dict(base)
+    same = []
+    for name, path in teachers.items():
+        sd = load_state_dict(path)
+        if set(sd) == set(base_sd) and all(sd[k].shape == base_sd[k].shape for k in sd):
+            same.append(sd)
+        else:
+            log(f"distill: teacher '{name}' is not of the base's architecture: distilled only, "
+                "not merged into the warm start")
+    if not same:
+        raise DistillError("distill: no teacher shares the base's architecture; use "
+                           "--student base or a model folder")
+    return merge_state_dicts(recipe.merge_method, base_sd, same, seed=recipe.seed,
+                             **recipe_params(recipe))
+
+
+def run_distill(recipe_path: Path, data: str, out: Path, *, student: str = "merge",
+                cfg: DistillConfig | None = None, fusion: str = "min_ce",
+                per_task: int = 64, checkpoint_dir: Path | None = None, resume: bool = False,
+                force: bool = False, extra_teachers: Mapping[str, Path] | None = None,
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Distil the recipe's teachers into one student written to ``out`` (see module doc)."""
+
+    log = log or (lambda _m: None)
+    cfg = cfg or DistillConfig()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(recipe_path, data, out, student, cfg, fusion, per_task, checkpoint_dir,
+                    resume, force, extra_teachers, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(recipe_path: Path, data: str, out: Path, student: str, cfg: DistillConfig,
+         fusion: str, per_task: int, checkpoint_dir: Path | None, resume: bool, force: bool,
+         extra_teachers: Mapping[str, Path] | None, log: Callable[[str], None]
+         ) -> dict[str, Any]:
+    from modelalloy.io.writer import AtomicOutputDir
+    from modelalloy.recipe.load import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    paths = {p.name: p for p in (recipe.model_path(e.model) for e in recipe.expert_entries())}
+    for name, path in (extra_teachers or {}).items():
+        key, n = name, 2
+        while key in paths:  # e.g. a second teacher of one task: "len@2"
+            key, n = f"{name}@{n}", n + 1
+        paths[key] = path
+    if len(paths) < 2:
+        raise DistillError(f"{recipe.source}: distillation merging needs at least two teachers")
+    teachers = [Teacher(name, *load_model(p)) for name, p in paths.items()]
+    base = recipe.model_path(recipe.base_model) if recipe.base_model else None
+    if student == "merge" or student == "base":
+        if base is None:
+            raise DistillError(f"{recipe.source}: --student {student} needs base_model")
+        model, tok = load_model(base)
+        if student == "merge":
+            _load_weights(model, warm_start(recipe, base, paths, log), "the warm start")
+    else:
+        model, tok = load_model(Path(student))
+    start = time.perf_counter()
+    if data.startswith("suite:"):
+        from modelalloy.bench import load_suite
+
+        _, name, *size = data.split(":")
+        suite = load_suite(name, size[0] if size else "full", log=log)
+        examples = pseudo_labelled(suite_prompts(suite, per_task), teachers,
+                                   suite.info.config["n_positions"] - 16, log=log)
+    else:
+        examples = read_examples(data)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    targets = build_targets(examples, tok, vocab, teachers, fusion=fusion,
+                            temperature=cfg.temperature, log=log)
+    label_s = time.perf_counter() - start
+    log(f"distill: {len(targets)} examples, teacher targets in {label_s:.1f}s")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    kl_before = mean_kl(model, targets, cfg, pad)
+    start = time.perf_counter()
+    history = train_student(model, targets, cfg, pad_id=pad, checkpoint_dir=checkpoint_dir,
+                            resume=resume, log=log)
+    train_s = time.perf_counter() - start
+    kl_after = mean_kl(model, targets, cfg, pad)
+    report = {"teachers": list(paths), "student": student, "fusion": fusion,
+              "config": asdict(cfg), "examples": len(targets), "kl_before": kl_before,
+              "kl_after": kl_after, "label_seconds": round(label_s, 2),
+              "train_seconds": round(train_s, 2), "history": history[-10:]}
+    with AtomicOutputDir(out, force=force) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "distill.json").write_text(json.dumps(report, indent=1))
+    log(f"distill: KL {kl_before:.4f} -> {kl_after:.4f}; wrote {out}")
+    return report
