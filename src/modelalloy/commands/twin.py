@@ -85,6 +85,8 @@ def register(app: typer.Typer) -> None:
         density: Annotated[float, typer.Option(help="rank = density × min(m, n)")] = 0.1,
         router_epochs: Annotated[int, typer.Option(help="router training epochs")] = 50,
         router_batch: Annotated[int, typer.Option(help="router batch size")] = 1024,
+        router_hidden: Annotated[int | None, typer.Option(
+            help="router MLP width (default 2 × the hidden size, the paper's)")] = None,
         seed: Annotated[int, typer.Option(help="router seed")] = 0,
         force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
     ) -> None:
@@ -118,7 +120,7 @@ def register(app: typer.Typer) -> None:
                                   shared_method=recipe.merge_method,
                                   shared_params=recipe_params(recipe), density=density,
                                   router_epochs=router_epochs, router_batch=router_batch,
-                                  seed=seed, log=log)
+                                  router_hidden=router_hidden, seed=seed, log=log)
             files = {p.name: p.read_bytes() for p in side_files(base_path)}
             bundle.save(out, files=files, force=force,
                         experts_bytes=sum(state_bytes(sd) for sd in experts.values()))
@@ -144,6 +146,8 @@ def register(app: typer.Typer) -> None:
                            ] = "sample,top1",
         router_epochs: Annotated[int, typer.Option(help="router training epochs")] = 50,
         router_batch: Annotated[int, typer.Option(help="router batch size")] = 1024,
+        router_hidden: Annotated[int | None, typer.Option(
+            help="router MLP width (default 2 × the hidden size)")] = None,
         threads: Annotated[int, typer.Option(
             help="torch threads (1: the suites' models are tiny)")] = 1,
     ) -> None:
@@ -162,7 +166,8 @@ def register(app: typer.Typer) -> None:
             result = twin_bench(s, densities=tuple(float(d) for d in density.split(",")),
                                 shared_methods=tuple(shared.split(",")),
                                 routings=tuple(routing.split(",")),
-                                router_epochs=router_epochs, router_batch=router_batch, log=log)
+                                router_epochs=router_epochs, router_batch=router_batch,
+                                router_hidden=router_hidden, log=log)
         except ModelAlloyError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None

@@ -91,7 +91,8 @@ def module_records(scorer: SuiteScorer, name: str, model: Any, *, variant: str =
 
 def build_suite_bundle(suite: Any, *, shared_method: str = "task_arithmetic",
                        shared_params: dict[str, Any] | None = None, density: float = 0.1,
-                       router_epochs: int = 50, router_batch: int = 1024, seed: int = 0,
+                       router_epochs: int = 50, router_batch: int = 1024,
+                       router_hidden: int | None = None, seed: int = 0,
                        log: Callable[[str], None] | None = None) -> Any:
     """A Twin-Merging bundle of the suite's held-in experts, router trained on ``val``."""
     from modelalloy.twin import build_bundle
@@ -100,14 +101,14 @@ def build_suite_bundle(suite: Any, *, shared_method: str = "task_arithmetic",
     return build_bundle(suite.base_state_dict(), {t: suite.expert_state_dict(t) for t in tasks},
                         suite.new_model(), router_data(suite, tasks), shared_method=shared_method,
                         shared_params=shared_params, density=density,
-                        router_epochs=router_epochs, router_batch=router_batch, seed=seed,
-                        log=log)
+                        router_epochs=router_epochs, router_batch=router_batch,
+                        router_hidden=router_hidden, seed=seed, log=log)
 
 
 def twin_bench(suite: Any, *, densities: tuple[float, ...] = (0.1,),
                shared_methods: tuple[str, ...] = ("task_arithmetic",),
                routings: tuple[str, ...] = ("sample",), router_epochs: int = 50,
-               router_batch: int = 1024, seed: int = 0,
+               router_batch: int = 1024, router_hidden: int | None = None, seed: int = 0,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Reference rows, the shared merges, and Twin-Merging for each setting; with each
     bundle's storage (bytes on disk against the experts') and timings."""
@@ -126,7 +127,7 @@ def twin_bench(suite: Any, *, densities: tuple[float, ...] = (0.1,),
             start = time.perf_counter()
             bundle = build_suite_bundle(suite, shared_method=method, density=density,
                                         router_epochs=router_epochs, router_batch=router_batch,
-                                        seed=seed, log=log)
+                                        router_hidden=router_hidden, seed=seed, log=log)
             build_s = time.perf_counter() - start
             if density == densities[0]:
                 records += scorer.records(method, bundle.shared, params={"shared": "yes"})
@@ -134,7 +135,8 @@ def twin_bench(suite: Any, *, densities: tuple[float, ...] = (0.1,),
                 bundle.save(f"{tmp}/b", experts_bytes=experts_bytes)
             for routing in routings:
                 model = bundle.model(suite.new_model(), routing=routing)
-                params = {"shared": method, "density": density, "routing": routing}
+                params = {"shared": method, "density": density, "routing": routing,
+                          "router_hidden": bundle.router.hidden}
                 start = time.perf_counter()
                 records += module_records(scorer, METHOD, model, params=params,
                                           variant=f"{method}/{density}/{routing}")

@@ -72,7 +72,8 @@ def build_bundle(base: Mapping[str, torch.Tensor],
                  shared_method: str = "task_arithmetic",
                  shared_params: Mapping[str, Any] | None = None, density: float = 0.1,
                  exclude: str | None = None, router_epochs: int = 50, router_lr: float = 5e-4,
-                 router_batch: int = 1024, router_holdout: float = 0.2, seed: int = 0,
+                 router_batch: int = 1024, router_holdout: float = 0.2,
+                 router_hidden: int | None = None, seed: int = 0,
                  log: Callable[[str], None] | None = None) -> TwinBundle:
     """The bundle of ``experts`` (task name -> state dict) over ``base``.
 
@@ -95,13 +96,15 @@ def build_bundle(base: Mapping[str, torch.Tensor],
     module.eval()
     embs, labels = router_embeddings(module, router_data, tasks)
     router, report = train_router(embs, labels, len(tasks), epochs=router_epochs, lr=router_lr,
-                                  batch_size=router_batch, holdout=router_holdout, seed=seed)
+                                  batch_size=router_batch, holdout=router_holdout, seed=seed,
+                                  hidden=router_hidden)
     log(f"twin: router trained on {report.examples} inputs, held-out accuracy "
         f"{report.holdout_accuracy:.3f} (epoch {report.best_epoch})")
     config = {"shared_method": shared_method,
               "shared_params": {**SHARED_DEFAULTS[shared_method], **dict(shared_params or {})},
               "density": density, "exclude": exclude, "seed": seed,
-              "router": {"epochs": router_epochs, "lr": router_lr, "batch": router_batch,
+              "router": {"hidden": router.hidden, "epochs": router_epochs, "lr": router_lr,
+                         "batch": router_batch,
                          "holdout": router_holdout, "train_accuracy": report.train_accuracy,
                          "holdout_accuracy": report.holdout_accuracy,
                          "best_epoch": report.best_epoch, "examples": report.examples}}

@@ -70,21 +70,24 @@ class RouterReport:
 
 def train_router(embeddings: torch.Tensor, labels: torch.Tensor, num_tasks: int, *,
                  epochs: int = 50, lr: float = 5e-4, batch_size: int = 1024,
-                 holdout: float = 0.2, seed: int = 0) -> tuple[TwinRouter, RouterReport]:
+                 holdout: float = 0.2, seed: int = 0, hidden: int | None = None
+                 ) -> tuple[TwinRouter, RouterReport]:
     """Fit the router to (embedding, task index) pairs; keep the best held-out checkpoint.
+    ``hidden`` is the MLP's width (default 2d, the paper's).
 
     Runs on one intra-op thread: the MLP is small, and several threads on a busy machine made
     each BatchNorm call wait (tens of ms for a 16-row batch)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(embeddings, labels, num_tasks, epochs, lr, batch_size, holdout, seed)
+        return _train(embeddings, labels, num_tasks, epochs, lr, batch_size, holdout, seed,
+                      hidden)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(embeddings: torch.Tensor, labels: torch.Tensor, num_tasks: int, epochs: int,
-           lr: float, batch_size: int, holdout: float, seed: int
+           lr: float, batch_size: int, holdout: float, seed: int, hidden: int | None
            ) -> tuple[TwinRouter, RouterReport]:
     if embeddings.dim() != 2 or len(embeddings) != len(labels) or len(labels) < 2:
         raise MethodError("twin router: need at least two (embedding, task) examples")
@@ -96,7 +99,7 @@ def _train(embeddings: torch.Tensor, labels: torch.Tensor, num_tasks: int, epoch
     n_hold = int(round(holdout * len(labels))) if holdout > 0 else 0
     hold, train = perm[:n_hold], perm[n_hold:]
     x, y = embeddings.float(), labels.long()
-    router = TwinRouter(x.shape[1], num_tasks)
+    router = TwinRouter(x.shape[1], num_tasks, hidden)
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     best_acc, best_state, best_epoch = -1.0, copy.deepcopy(router.state_dict()), 0
     check = hold if n_hold else train
