@@ -125,3 +125,12 @@ def lm_smoke(bench_cache):
     from modelalloy.bench import load_suite
 
     return load_suite("tiny-lm", "smoke")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on one intra-op thread (several thrash on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

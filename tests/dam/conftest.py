@@ -1,13 +1,8 @@
 import pytest
-import torch
 
 from tests.bench.conftest import bench_cache, vision_smoke  # noqa: F401  (shared fixtures)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (several thrash on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/conftest.py
     yield
-    torch.set_num_threads(threads)
