@@ -24,14 +24,22 @@ def shared_expert(method: str, base: Mapping[str, torch.Tensor],
                   experts: Sequence[Mapping[str, torch.Tensor]],
                   params: Mapping[str, Any] | None = None, seed: int = 0
                   ) -> dict[str, torch.Tensor]:
-    """θ* = TA or TIES of the experts over ``base`` (the paper's shared expert)."""
+    """θ* = TA or TIES of the experts over ``base`` (the paper's shared expert), merged in
+    memory by the one executor (``modelalloy.merge`` with ``sources``). ``params`` are global
+    scalars or, for per-model parameters, one value per expert."""
     if method not in SHARED_METHODS:
         raise MethodError(f"twin_merging: the shared expert is one of "
                           f"{', '.join(SHARED_METHODS)}, got '{method}'")
-    from modelalloy.api import merge_state_dicts
+    from modelalloy.api import merge
 
     given = {**SHARED_DEFAULTS[method], **dict(params or {})}
-    return merge_state_dicts(method, base, list(experts), seed=seed, **given)
+    names = [f"expert{k}" for k in range(len(experts))]
+    per_model = {k: v for k, v in given.items() if isinstance(v, (list, tuple))}
+    recipe = {"merge_method": method, "base_model": "base", "seed": seed,
+              "models": [{"model": n, "parameters": {k: v[i] for k, v in per_model.items()}}
+                         for i, n in enumerate(names)],
+              "parameters": {k: v for k, v in given.items() if k not in per_model}}
+    return merge(recipe, sources={"base": base, **dict(zip(names, experts, strict=True))})
 
 
 def recipe_params(recipe: Any) -> dict[str, Any]:
