@@ -179,4 +179,5 @@ def register(app: typer.Typer) -> None:
         for key, b in result["bundles"].items():
             typer.echo(f"{key}: bundle {b['bundle_bytes']} B = {b.get('ratio')} × experts; "
                        f"router held-out acc {b['router']['holdout_accuracy']:.3f}; "
-                       f"eval {b['eval_seconds']} s")
+                       f"eval {b['eval_seconds']} s (the shared model alone: "
+                       f"{b['shared_eval_seconds']} s)")

@@ -130,7 +130,9 @@ def twin_bench(suite: Any, *, densities: tuple[float, ...] = (0.1,),
                                         router_hidden=router_hidden, seed=seed, log=log)
             build_s = time.perf_counter() - start
             if density == densities[0]:
+                start = time.perf_counter()
                 records += scorer.records(method, bundle.shared, params={"shared": "yes"})
+                shared_s = time.perf_counter() - start
             with tempfile.TemporaryDirectory() as tmp:
                 bundle.save(f"{tmp}/b", experts_bytes=experts_bytes)
             for routing in routings:
@@ -143,6 +145,7 @@ def twin_bench(suite: Any, *, densities: tuple[float, ...] = (0.1,),
                 key = f"{method}/{density}/{routing}"
                 bundles[key] = {**bundle.sizes, "build_seconds": round(build_s, 2),
                                 "eval_seconds": round(time.perf_counter() - start, 2),
+                                "shared_eval_seconds": round(shared_s, 2),
                                 "router": bundle.config["router"],
                                 "branches": model.branch_kinds}
                 log(f"twin {key}: scored ({bundles[key].get('ratio')} of the experts' bytes)")
