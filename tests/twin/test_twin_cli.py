@@ -35,3 +35,48 @@ def test_build_then_eval_bundle_and_broken_bundle(vision_smoke, run_cli, tmp_pat
                   "suite:tiny-vision:smoke", "--density", "0")
     assert res.code == 1 and "density must be in (0, 1]" in res.err
     assert not (tmp_path / "b2").exists()
+
+
+@pytest.mark.slow
+def test_build_from_a_jsonl_file_loads_as_transformers_and_generates(run_cli, tmp_path: Path):
+    pytest.importorskip("transformers")
+    import json
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modelalloy import twin
+    from modelalloy.bench.lm import VOCAB, save_tokenizer
+
+    cfg = GPT2Config(vocab_size=len(VOCAB), n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(cfg)
+    folders = {}
+    for name, scale in (("base", 0.0), ("a", 0.05), ("b", 0.05)):
+        model = GPT2LMHeadModel(cfg)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(scale * torch.randn_like(p))
+        model.save_pretrained(tmp_path / name)
+        save_tokenizer(tmp_path / name)
+        folders[name] = tmp_path / name
+    data = tmp_path / "router.jsonl"
+    data.write_text("\n".join(json.dumps({"task": t, "text": f"{t}:{w}="})
+                              for t in ("a", "b") for w in ("xyz", "abc", "qq", "rst")))
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: ties\nbase_model: {folders['base']}"
+                          f"\nmodels:\n  - model: {folders['a']}\n    parameters: {{density: 0.5}}"
+                          f"\n  - model: {folders['b']}\n    parameters: {{density: 0.5}}\n")
+    res = run_cli("twin", "build", recipe, "--out", tmp_path / "bundle", "--data", data,
+                  "--router-epochs", "3", "--router-batch", "4")
+    assert res.code == 0, res.err
+    model = twin.load(tmp_path / "bundle")
+    assert isinstance(model.shared, GPT2LMHeadModel)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                         do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 6)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"task": "c", "text": "x"}))
+    res = run_cli("twin", "build", recipe, "--out", tmp_path / "b2", "--data", bad)
+    assert res.code == 1 and "task 'c' is not one of the experts (a, b)" in res.err
