@@ -28,7 +28,7 @@ def test_short_distillation_lowers_the_kl_and_writes_a_model(lm_smoke, run_cli,
     out = tmp_path / "student"
     res = run_cli("distill", recipe, "--data", "suite:tiny-lm:smoke", "--out", out,
                   "--steps", "12", "--per-task", "6", "--batch", "8", "--lr", "3e-3",
-                  "--threads", "1", "--checkpoint-every", "6")
+                  "--threads", "1", "--checkpoint-every", "6", "--feature-weight", "0.1")
     assert res.code == 0, res.err
     report = json.loads((out / "distill.json").read_text())
     assert report["kl_after"] < report["kl_before"]

@@ -112,3 +112,33 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path):
     with pytest.raises(DistillError, match="made with"):
         train_student(_student(), targets, DistillConfig(threads=1, steps=5, batch=3, lr=0.5),
                       checkpoint_dir=ckpt, resume=True)
+
+
+def test_feature_term_is_the_mean_squared_error():
+    from modelalloy.distill.loss import feature_loss
+
+    h = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    t = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    # rows: (1 + 4) / 2 and (1 + 1) / 2, mean 1.75
+    assert float(feature_loss(h, t)) == pytest.approx(1.75)
+
+
+def test_feature_targets_need_teachers_of_the_students_width(tmp_path: Path):
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modelalloy.bench.lm import VOCAB, save_tokenizer
+    from modelalloy.distill.targets import Example, Teacher, build_targets
+
+    save_tokenizer(tmp_path)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=len(VOCAB), n_positions=16, n_embd=8,
+                                         n_layer=1, n_head=2)).eval()
+    ex = [Example("ab:cd=dc", 6)]
+    got = build_targets(ex, tok, len(VOCAB), [Teacher("t", teacher, tok)], student_width=8)
+    assert got[0].feats is not None and got[0].feats.shape == (len(got[0].kl_pos), 8)
+    with pytest.raises(DistillError, match="hidden width 8, the student's is 16"):
+        build_targets(ex, tok, len(VOCAB), [Teacher("t", teacher, tok)], student_width=16)

@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         batch: Annotated[int, typer.Option(help="examples per step")] = 16,
         lam: Annotated[float, typer.Option("--lambda", help="λ of λ·CE + (1−λ)·KL")] = 0.9,
         temperature: Annotated[float, typer.Option(help="distillation temperature")] = 1.0,
+        feature_weight: Annotated[float, typer.Option(
+            help="β of the hidden-feature term (teachers of the student's width)")] = 0.0,
         fusion: Annotated[str, typer.Option(help="min_ce, inverse_ce or mean")] = "min_ce",
         per_task: Annotated[int, typer.Option(help="suite data: prompts per task")] = 64,
         teacher: Annotated[list[Path] | None, typer.Option(
@@ -46,6 +48,7 @@ def register(app: typer.Typer) -> None:
         from modelalloy.distill.train import DistillConfig
 
         cfg = DistillConfig(steps=steps, lr=lr, batch=batch, lam=lam, temperature=temperature,
+                            feature_weight=feature_weight,
                             checkpoint_every=checkpoint_every, seed=seed,
                             threads=threads)
         try:

@@ -3,11 +3,14 @@
 For student logits z_s at a position with fused teacher target p (temperature T)::
 
     KL(p ‖ q) = Σ_v p_v (log p_v − log q_v),     q = softmax(z_s / T)      (× T², Hinton et al.)
-    L = λ · CE(gold, softmax(z_s)) + (1 − λ) · KL(p ‖ q)
+    L = λ · CE(gold, softmax(z_s)) + (1 − λ) · KL(p ‖ q)  [+ β · ‖h_s − h̄_T‖² / d]
 
-averaged over the positions that have a gold token (CE) and a target (KL). Fusion of K teachers
-on one example (FuseLLM's rules, which "Unconstrained Model Merging" builds on), with CE_k the
-teacher's cross-entropy on the example's gold tokens::
+averaged over the positions that have a gold token (CE) and a target (KL); the optional
+feature term (β > 0) matches the student's last hidden state h_s to the teachers' h̄_T, fused
+with the same weights, at the target positions (teachers of the student's width only).
+
+Fusion of K teachers on one example (FuseLLM's rules, which "Unconstrained Model Merging"
+builds on), with CE_k the teacher's cross-entropy on the example's gold tokens::
 
     min_ce:      p = p_{k*},  k* = argmin_k CE_k
     inverse_ce:  p = Σ_k w_k p_k,  w_k = CE_k⁻¹ / Σ_j CE_j⁻¹
@@ -61,3 +64,8 @@ def distill_loss(student_logits: torch.Tensor, gold: torch.Tensor, gold_pos: tor
     ce = F.cross_entropy(student_logits[gold_pos].float(), gold) if len(gold_pos) else zero
     kl = kl_to_target(target, student_logits[kl_pos], temperature) if len(kl_pos) else zero
     return lam * ce + (1 - lam) * kl, ce, kl
+
+
+def feature_loss(student_hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ‖h_s − h̄_T‖² / d (the mean squared error)."""
+    return F.mse_loss(student_hidden.float(), target.float())

@@ -42,6 +42,7 @@ class Target:
     kl_pos: torch.Tensor  # positions with a fused teacher target
     probs: torch.Tensor  # (len(kl_pos), V_s)
     weights: list[float]  # the fusion weight of each teacher on this example
+    feats: torch.Tensor | None = None  # (len(kl_pos), d): fused teacher last hidden states
 
 
 def encode(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -60,8 +61,11 @@ def _vocab_size(model: nn.Module, tokenizer: Any) -> int:
 def build_targets(examples: Sequence[Example], student_tokenizer: Any,
                   student_vocab_size: int, teachers: Sequence[Teacher], *,
                   fusion: str = "min_ce", temperature: float = 1.0,
+                  student_width: int | None = None,
                   log: Callable[[str], None] | None = None) -> list[Target]:
-    """Fused teacher targets for every example (see modelalloy.distill.loss)."""
+    """Fused teacher targets for every example (see modelalloy.distill.loss); with
+    ``student_width`` also the fused last hidden states (feature imitation), which needs
+    every teacher to have that width."""
     log = log or (lambda _m: None)
     if not teachers:
         raise DistillError("distill: no teachers")
@@ -80,6 +84,7 @@ def build_targets(examples: Sequence[Example], student_tokenizer: Any,
             continue
         gold_pos = [i for i in range(len(ids) - 1) if offsets[i + 1][0] >= ex.loss_start]
         per_teacher: list[dict[int, torch.Tensor]] = []
+        feats_of: list[dict[int, torch.Tensor]] = []
         ces: list[float] = []
         for t, mapping in zip(teachers, maps, strict=True):
             t_ids, t_off = encode(t.tokenizer, ex.text)
@@ -87,9 +92,18 @@ def build_targets(examples: Sequence[Example], student_tokenizer: Any,
                 if t_ids else []
             if not pairs:
                 per_teacher.append({})
+                feats_of.append({})
                 ces.append(float("inf"))
                 continue
-            logits = t.model(input_ids=torch.tensor([t_ids])).logits[0].float()
+            res = t.model(input_ids=torch.tensor([t_ids]),
+                          output_hidden_states=student_width is not None)
+            logits = res.logits[0].float()
+            if student_width is not None:
+                hidden = res.hidden_states[-1][0].float()
+                if hidden.shape[-1] != student_width:
+                    raise DistillError(f"teacher '{t.name}': hidden width {hidden.shape[-1]}, "
+                                       f"the student's is {student_width}; feature imitation "
+                                       "needs equal widths (set the feature weight to 0)")
             rows = torch.tensor([j for _, j in pairs])
             probs = to_student_vocab(torch.softmax(logits[rows] / temperature, -1), mapping,
                                      student_vocab_size)
@@ -103,20 +117,27 @@ def build_targets(examples: Sequence[Example], student_tokenizer: Any,
                 ce = float(-p.clamp_min(1e-12).log().mean())
             ces.append(ce)
             per_teacher.append({i: probs[k] for i, k in at.items()})
+            feats_of.append({i: hidden[j] for i, j in pairs} if student_width is not None
+                            else {})
         weights = fusion_weights(ces, fusion)
-        kl_pos, rows_out = [], []
+        kl_pos, rows_out, feat_rows = [], [], []
         for i in range(len(ids) - 1):
-            have = [(w, d[i]) for w, d in zip(weights, per_teacher, strict=True)
-                    if w > 0 and i in d]
+            have = [(w, d[i], f.get(i)) for w, d, f in zip(weights, per_teacher, feats_of,
+                                                            strict=True) if w > 0 and i in d]
             if not have:
                 continue
-            total = sum(w for w, _ in have)
+            total = sum(w for w, _, _ in have)
             kl_pos.append(i)
-            rows_out.append(sum(w * p for w, p in have) / total)
+            rows_out.append(sum(w * p for w, p, _ in have) / total)
+            if student_width is not None:
+                feat_rows.append(sum(w * f for w, _, f in have) / total)
         out.append(Target(ids=torch.tensor(ids), gold_pos=torch.tensor(gold_pos, dtype=torch.long),
                           kl_pos=torch.tensor(kl_pos, dtype=torch.long),
                           probs=torch.stack(rows_out) if rows_out else
-                          torch.zeros(0, student_vocab_size), weights=weights))
+                          torch.zeros(0, student_vocab_size), weights=weights,
+                          feats=(torch.stack(feat_rows) if feat_rows else
+                                 torch.zeros(0, student_width))
+                          if student_width is not None else None))
     if not out:
         raise DistillError("distill: no example of the data has two or more student tokens")
     return out

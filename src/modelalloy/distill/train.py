@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelalloy.distill.errors import DistillError
-from modelalloy.distill.loss import distill_loss
+from modelalloy.distill.loss import distill_loss, feature_loss
 from modelalloy.distill.targets import Target
 
 
@@ -30,6 +30,7 @@ class DistillConfig:
     lr: float = 1e-3
     batch: int = 16
     lam: float = 0.9  # weight of the CE on gold tokens (FuseLLM's default 0.9)
+    feature_weight: float = 0.0  # β of the hidden-feature term (0: logits only)
     temperature: float = 1.0
     checkpoint_every: int = 100
     seed: int = 0
@@ -49,11 +50,16 @@ def _batch(targets: Sequence[Target], pad_id: int) -> tuple[torch.Tensor, torch.
 def batch_loss(student: nn.Module, targets: Sequence[Target], cfg: DistillConfig, pad_id: int
                ) -> tuple[torch.Tensor, float, float]:
     ids, mask = _batch(targets, pad_id)
-    logits = student(input_ids=ids, attention_mask=mask).logits
+    feats = cfg.feature_weight > 0
+    res = student(input_ids=ids, attention_mask=mask, output_hidden_states=feats)
+    logits = res.logits
     total, ces, kls = logits.sum() * 0, 0.0, 0.0
     for b, t in enumerate(targets):
         loss, ce, kl = distill_loss(logits[b], t.ids[t.gold_pos + 1], t.gold_pos, t.kl_pos,
                                     t.probs, cfg.lam, cfg.temperature)
+        if feats and t.feats is not None and len(t.kl_pos):
+            loss = loss + cfg.feature_weight * feature_loss(
+                res.hidden_states[-1][b][t.kl_pos], t.feats)
         total = total + loss
         ces += float(ce.detach())
         kls += float(kl.detach())
