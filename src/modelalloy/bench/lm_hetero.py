@@ -69,26 +69,21 @@ def _train_expert(folder: Path, cfg: dict[str, Any], suite_cfg: dict[str, Any], 
                   index: int) -> None:
     from transformers import GPT2LMHeadModel
 
-    from modelalloy.bench.lm import make_examples
+    from modelalloy.bench import lm
 
     vocab = hetero_vocab()
     stoi = {c: i for i, c in enumerate(vocab)}
     seed = suite_cfg["seed"] * 1000 + 500 + index
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(_config(cfg, suite_cfg, vocab))
-    data = [[stoi[c] for c in p + a] + [1] for p, a in make_examples(task, cfg["train"],
+    data = [[stoi[c] for c in p + a] + [1] for p, a in lm.make_examples(task, cfg["train"],
                                                                       suite_cfg["seed"])]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     rng = random.Random(seed)
     model.train()
     for _ in range(cfg["steps"]):
         rows = [data[rng.randrange(len(data))] for _ in range(cfg["batch"])]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            labels[i, 1:len(r)] = torch.tensor(r[1:])
+        ids, labels = lm._batch(rows, [1] * len(rows))  # <pad> is 0 in both vocabularies
         logits = model(input_ids=ids, attention_mask=(ids != 0).long()).logits  # 0 is <pad>
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                labels[:, 1:].reshape(-1), ignore_index=-100)

@@ -18,33 +18,19 @@ from modelalloy.eval.harness import EvalError, SuiteScorer
 METHOD = "twin_merging"
 
 
-def _lm_prompt_batch(prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Left-padded prompts with the position ids of :func:`modelalloy.bench.lm.greedy`'s first
-    step, so the router sees the embeddings it will see at inference."""
-    from modelalloy.bench.lm import PAD, STOI, encode
-
-    enc = [encode(p) for p in prompts]
-    width = max(len(e) for e in enc)
-    ids = torch.full((len(enc), width), STOI[PAD], dtype=torch.long)
-    mask = torch.zeros((len(enc), width), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, width - len(e):] = torch.tensor(e)
-        mask[i, width - len(e):] = 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
-
-
 def router_data(suite: Any, tasks: list[str], split: str = "val", batch: int = 256
                 ) -> dict[str, list[Any]]:
     """Each task's inputs of ``split`` as model batches (the router's training data)."""
+    if suite.info.name == "tiny-lm":
+        # right-padded prompts: the same masked-mean embedding as greedy's left-padded prefill
+        # (positions count from each prompt's first token either way)
+        from modelalloy.eval.informed import task_batches
+
+        return dict(zip(tasks, task_batches(suite, tasks, split, batch), strict=True))
     out: dict[str, list[Any]] = {}
     for task in tasks:
         inputs, _labels = suite.labeled(task, split)
-        if suite.info.name == "tiny-lm":
-            out[task] = [_lm_prompt_batch(inputs[i:i + batch])
-                         for i in range(0, len(inputs), batch)]
-        else:
-            out[task] = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
+        out[task] = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
     return out
 
 
