@@ -9,7 +9,8 @@ over tokens of the shared model's last hidden state; the MLP is::
 trained with cross-entropy to predict the task the input came from (Adam, lr 5e-4, batch 1024,
 50 epochs, the best-accuracy checkpoint on held-out examples). The official code selects the
 checkpoint on the tasks' test inputs; we hold out a fraction of the validation split instead
-(``holdout``), so no test input is seen before evaluation.
+(``holdout``), so no test input is seen before evaluation, and break ties in accuracy by the
+lower held-out cross-entropy (the official Trainer keeps the first best epoch).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def _train(embeddings: torch.Tensor, labels: torch.Tensor, num_tasks: int, epoch
     x, y = embeddings.float(), labels.long()
     router = TwinRouter(x.shape[1], num_tasks, hidden)
     opt = torch.optim.Adam(router.parameters(), lr=lr)
-    best_acc, best_state, best_epoch = -1.0, copy.deepcopy(router.state_dict()), 0
+    best_acc, best_ce, best_state, best_epoch = -1.0, float("inf"), copy.deepcopy(
+        router.state_dict()), 0
     check = hold if n_hold else train
     for epoch in range(1, epochs + 1):
         router.train()
@@ -114,16 +116,22 @@ def _train(embeddings: torch.Tensor, labels: torch.Tensor, num_tasks: int, epoch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        acc = _accuracy(router, x[check], y[check])
-        if acc > best_acc:
-            best_acc, best_state, best_epoch = acc, copy.deepcopy(router.state_dict()), epoch
+        acc, ce = _scores(router, x[check], y[check])
+        # best accuracy (the paper's criterion); among equal accuracies the lower held-out CE:
+        # on tiny data the accuracy saturates early, and the first epoch to reach it gives
+        # soft gates that mix the experts (tiny-lm: 74.6 against 98.1 with hard routing)
+        if (acc, -ce) > (best_acc, -best_ce):
+            best_acc, best_ce = acc, ce
+            best_state, best_epoch = copy.deepcopy(router.state_dict()), epoch
     router.load_state_dict(best_state)
-    report = RouterReport(train_accuracy=_accuracy(router, x[train], y[train]),
+    report = RouterReport(train_accuracy=_scores(router, x[train], y[train])[0],
                           holdout_accuracy=best_acc, best_epoch=best_epoch, epochs=epochs,
                           examples=len(labels))
     return router.eval(), report
 
 
 @torch.no_grad()
-def _accuracy(router: TwinRouter, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((router.eval()(x).argmax(-1) == y).float().mean())
+def _scores(router: TwinRouter, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, cross-entropy) of the router on (x, y)."""
+    logits = router.eval()(x)
+    return float((logits.argmax(-1) == y).float().mean()), float(F.cross_entropy(logits, y))
