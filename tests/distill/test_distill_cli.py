@@ -10,13 +10,6 @@ import pytest
 from tests.conftest import write_recipe
 
 
-@pytest.fixture(scope="module")
-def lm_smoke(bench_cache):
-    from modelalloy.bench import load_suite
-
-    return load_suite("tiny-lm", "smoke")
-
-
 @pytest.mark.slow
 def test_short_distillation_lowers_the_kl_and_writes_a_model(lm_smoke, run_cli,
                                                             tmp_path: Path):
