@@ -15,7 +15,7 @@ import torch
 def main() -> None:
     from modelalloy.bench import load_suite
     from modelalloy.bench.lm import greedy
-    from modelalloy.eval.twin import build_suite_bundle
+    from modelalloy.twin.suite_bench import build_suite_bundle
 
     torch.set_num_threads(1)
     suite = load_suite("tiny-lm", "full")

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from modelalloy.bench import load_suite
-        from modelalloy.eval.backdoor import BackdoorConfig, backdoor_bench, markdown
+        from modelalloy.bench.backdoor_bench import BackdoorConfig, backdoor_bench, markdown
 
         torch.set_num_threads(threads)
 

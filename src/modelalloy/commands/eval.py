@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
         if is_twin_bundle(model):
             from modelalloy import twin
-            from modelalloy.eval.twin import module_records
+            from modelalloy.twin.suite_bench import module_records
 
             routed = twin.load(model, s.new_model(), routing=routing)
             records = module_records(scorer, Path(model).name, routed, variant="eval",

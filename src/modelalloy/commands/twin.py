@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
             tasks = list(expert_paths)
             if data.startswith("suite:"):
                 from modelalloy.bench import load_suite
-                from modelalloy.eval.twin import router_data
+                from modelalloy.twin.suite_bench import router_data
 
                 _, name, *size = data.split(":")
                 suite = load_suite(name, size[0] if size else "full", log=log)
@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Twin-Merging on a suite against its shared merges: table, JSON, storage."""
         from modelalloy.bench import load_suite
-        from modelalloy.eval.twin import twin_bench
+        from modelalloy.twin.suite_bench import twin_bench
 
         def log(msg: str) -> None:
             typer.echo(msg, err=True)
