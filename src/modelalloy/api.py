@@ -17,13 +17,15 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
                       device: str | torch.device = "cpu",
                       stats: dict[str, list[Mapping[str, torch.Tensor]]] | None = None,
                       threads: int | None = None, allow_nonfinite: bool = False,
+                      conventions: str = "mergekit",
                       **params: Any) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts of any torch module with a registered method.
 
     ``params`` are the method's parameters: scalars, or for per-model parameters (``weight``,
     ``density``, ...) a list with one value per expert. Float tensors are merged in float32
     and cast back to the base's (or first expert's) dtype; integer and bool tensors are copied
-    from the base (or the first expert). Example::
+    from the base (or the first expert). ``conventions`` picks the defaults, as a recipe's
+    key does: "mergekit" (default) or "paper" (docs/recipes.md). Example::
 
         merged = merge_state_dicts("ties", base.state_dict(),
                                    [a.state_dict(), b.state_dict()], density=0.2)
@@ -44,7 +46,8 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
     params = {key.rstrip("_"): value for key, value in params.items()}
     merged = merge_models_in_memory(get_method(method), base, experts, params, seed=seed,
                                     device=device, threads=threads,
-                                    allow_nonfinite=allow_nonfinite, stats=stats, slicing=False)
+                                    allow_nonfinite=allow_nonfinite, stats=stats, slicing=False,
+                                    conventions=conventions)
     return cast(dict[str, torch.Tensor], merged)  # no `into`: the new state dict
 
 

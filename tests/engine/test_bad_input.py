@@ -183,7 +183,7 @@ def test_nonfinite_input_fails_or_warns(gpt2_family, tmp_path, run_cli):
      "density"),
     ("merge_method: slerp\nparameters: {{t: -0.1}}\nbase_model: {base}\nmodels:\n{one}", "t"),
     ("merge_method: ties\nbase_model: {base}\nmodels:\n"
-     "  - model: {e0}\n    parameters: {{weight: -1}}\n", "weight"),
+     "  - model: {e0}\n    parameters: {{weight: -1}}\nconventions: paper\n", "weight"),
     ("merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: .nan}}\n"
      "models:\n{models}", "lambda"),
     ("merge_method: model_stock\nbase_model: {base}\nmodels:\n{one}", "model_stock"),

@@ -1,4 +1,8 @@
-"""Elementwise methods merge large tensors a slice at a time, bit-identical to the whole tensor."""
+"""Elementwise methods merge large tensors a slice at a time, bit-identical to the whole tensor.
+
+The recipes use `conventions: paper`: the streamed variants under test (row-wise Breadcrumbs,
+DARE/DELLA without the L1 rescale, the paper vote) are the papers' defaults.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,13 @@ from modelalloy import merge
 from modelalloy.errors import ModelAlloyError
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.plan.planner import SLICE_ELEMENTS
-from tests.conftest import save_state_dict_folders, write_recipe
+from tests.conftest import save_state_dict_folders
+from tests.conftest import write_recipe as _write_recipe
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    """The test's recipe with ``conventions: paper`` (see the module docstring)."""
+    return _write_recipe(path, "conventions: paper\n" + text)
 
 
 @pytest.fixture(autouse=True, params=["torch", "fused"])

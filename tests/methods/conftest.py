@@ -13,13 +13,18 @@ def f32(x):
 
 
 def run_method(method, base, experts, *, name="layer.weight", seed=0, global_stats=None,
-               **params):
-    """Resolve ``params`` against the method's schema and call it on float32 tensors."""
+               conventions="paper", **params):
+    """Resolve ``params`` against the method's schema and call it on float32 tensors.
+
+    The method tests check each paper's equations, so they resolve defaults with
+    ``conventions: paper`` unless told otherwise (tests/methods/test_conventions.py checks
+    mergekit's)."""
     spec = get_method(method)
     base = f32(base)
     experts = [f32(e) for e in experts]
     spec.check_model_count(len(experts), base is not None)
-    resolved = spec.resolve(len(experts), params, where=f"method '{method}'")
+    resolved = spec.resolve(len(experts), params, where=f"method '{method}'",
+                            conventions=conventions)
     ctx = MergeContext(name=name, seed=seed, global_stats=global_stats)
     return spec(base, experts, resolved, ctx)
 

@@ -17,7 +17,7 @@ def test_slerp_endpoints_are_exact(run):
 
 def test_slerp_ninety_degrees(run):
     h = math.sqrt(0.5)
-    assert torch.allclose(run("slerp", [1.0, 0.0], [[0.0, 1.0]]), torch.tensor([h, h]))
+    assert torch.allclose(run("slerp", [1.0, 0.0], [[0.0, 1.0]], t=0.5), torch.tensor([h, h]))
     # t = 1/3 of a right angle: (cos 30°, sin 30°)
     assert torch.allclose(run("slerp", [1.0, 0.0], [[0.0, 1.0]], t=1 / 3),
                           torch.tensor([math.sqrt(3) / 2, 0.5]), atol=1e-6)
@@ -29,7 +29,7 @@ def test_slerp_ninety_degrees(run):
 def test_slerp_sixty_degrees(run):
     # v0 = e1, v1 = (cos 60°, sin 60°), t = 0.5 -> the unit vector at 30°
     v1 = [0.5, math.sqrt(3) / 2]
-    assert torch.allclose(run("slerp", [1.0, 0.0], [v1]),
+    assert torch.allclose(run("slerp", [1.0, 0.0], [v1], t=0.5),
                           torch.tensor([math.sqrt(3) / 2, 0.5]), atol=1e-6)
 
 
@@ -43,7 +43,8 @@ def test_slerp_parallel_and_antiparallel_fall_back_to_lerp(run):
 def test_slerp_of_two_task_vectors_added_to_the_base(run):
     base = torch.tensor([1.0, -1.0])
     h = math.sqrt(0.5)
-    out = run("slerp", base, [base + torch.tensor([1.0, 0.0]), base + torch.tensor([0.0, 1.0])])
+    out = run("slerp", base, [base + torch.tensor([1.0, 0.0]), base + torch.tensor([0.0, 1.0])],
+              t=0.5)
     assert torch.allclose(out, base + torch.tensor([h, h]))
 
 

@@ -144,7 +144,8 @@ def test_global_scope_majority_sign_with_exact_cancellation():
     e1 = {"x": torch.tensor([5.0, -3.0, -2.0, -1.0]), "y": torch.tensor([-4.0, -1.0, 0.5])}
     e2 = {"x": torch.tensor([-5.0, -3.0, -2.0, -1.0]), "y": torch.tensor([-4.0, -1.0, 0.5])}
     ref = _naive_global_ties(base, [e1, e2], 0.5)
-    got = merge_state_dicts("ties", base, [e1, e2], scope="global", density=0.5)
+    got = merge_state_dicts("ties", base, [e1, e2], scope="global", density=0.5,
+                            conventions="paper")
     assert ref["x"][0] == -5.0
     for k in base:
         assert torch.equal(got[k], ref[k]), k

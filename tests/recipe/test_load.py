@@ -166,11 +166,13 @@ def test_base_model_for_a_method_without_base_is_ignored_with_a_warning():
 
 def test_negative_weights_need_an_opt_in():
     # _test_ties declares no lower bound on weight, like task_arithmetic (task negation).
+    # With the paper conventions a negative weight takes an opt-in; mergekit's accept it.
     text = MINIMAL.replace("weight: 0.5, density: 0.5}\n  - model: ./b",
-                           "weight: -0.5, density: 0.5}\n  - model: ./b")
+                           "weight: -0.5, density: 0.5}\n  - model: ./b") \
+        + "conventions: paper\n"
     fails(text, r"models\[0\]\.parameters\.weight: negative weight -0\.5.*"
                 r"add `allow_negative_weights: true`")
-    fails(MINIMAL + "parameters:\n  weight: [{filter: mlp, value: [1, -2]}]\n",
+    fails(MINIMAL + "conventions: paper\nparameters:\n  weight: [{filter: mlp, value: [1, -2]}]\n",
           r"parameters\.weight\[0\]\.value\[1\]: negative weight -2")
     with pytest.warns(RecipeWarning, match=r"models\[0\]\.parameters\.weight \(line 6\): "
                                            r"negative weight"):
@@ -232,14 +234,21 @@ def test_unknown_parameter_lists_the_methods_parameters():
                 r"models\[0\]\.parameters\.densty: method '_test_ties' has no parameter",
                 MethodError)
     assert "weight, density, normalize, lambda" in msg
-    fails(MINIMAL + "parameters: {t: 0.5}\n", r"parameters\.t: method '_test_ties' has no",
-          MethodError)
+    fails(MINIMAL + "parameters: {tt_scale: 0.5}\n",
+          r"parameters\.tt_scale: method '_test_ties' has no", MethodError)
+    # a parameter another method takes (slerp's t): mergekit accepts it, so a warning
+    with pytest.warns(RecipeWarning, match=r"parameters\.t \(line \d+\): ignored: method "
+                                           r"'_test_ties' does not use 't'"):
+        parse_recipe(MINIMAL + "parameters: {t: 0.5}\n")
 
 
 def test_global_parameter_set_per_model():
-    fails(MINIMAL.replace("{weight: 0.5, density: 0.5}\n  - model: ./b",
-                          "{normalize: true}\n  - model: ./b"),
-          r"models\[0\]\.parameters\.normalize: 'normalize' is a global parameter", MethodError)
+    # mergekit reads a global parameter from the top level only: set per model it is ignored
+    with pytest.warns(RecipeWarning, match=r"models\[0\]\.parameters\.normalize \(line 6\): "
+                                           r"ignored: 'normalize' is a global parameter"):
+        r = parse_recipe(MINIMAL.replace("{weight: 0.5, density: 0.5}\n  - model: ./b",
+                                         "{normalize: true}\n  - model: ./b"))
+    assert "normalize" not in r.models[0].parameters
 
 
 @pytest.mark.parametrize("setting,match", [

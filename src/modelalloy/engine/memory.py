@@ -210,13 +210,15 @@ def merge_models_in_memory(spec: MethodSpec, base: Model | None, experts: Sequen
                            params: dict[str, Any], *, seed: int = 0,
                            device: str | torch.device = "cpu", threads: int | None = None,
                            allow_nonfinite: bool = False, stats: StatsGiven | None = None,
-                           into: torch.nn.Module | None = None, slicing: bool = True
+                           into: torch.nn.Module | None = None, slicing: bool = True,
+                           conventions: str = "mergekit"
                            ) -> dict[str, torch.Tensor] | torch.nn.Module:
     """The engine's in-memory path with the parameters given in code, the same for every
     tensor (``merge_state_dicts``): per-model ones as lists or scalars, as
     :meth:`MethodSpec.resolve` takes them. ``slicing=False`` merges every tensor whole."""
     spec.check_model_count(len(experts), base is not None)
-    resolved = spec.resolve(len(experts), params, where=f"method '{spec.name}'")
+    resolved = spec.resolve(len(experts), params, where=f"method '{spec.name}'",
+                            conventions=conventions)
     base_source = None if base is None else StateDictSource(memory_label("base"), base)
     expert_sources = [StateDictSource(memory_label(f"expert {i}"), e)
                       for i, e in enumerate(experts)]

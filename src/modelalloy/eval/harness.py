@@ -39,6 +39,7 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     "dare_linear": {"density": 0.1},
     "breadcrumbs": {"density": 0.9},
     "breadcrumbs_ties": {"density": 0.9},
+    "slerp": {"t": 0.5},  # mergekit requires t; the bench interpolates halfway
     # RegMean's reference CLIP-ViT config (FusionBench; RegMean++ uses the same)
     "regmean": {"alpha": 0.95},
     "regmean_pp": {"alpha": 0.95},
@@ -187,7 +188,9 @@ def merge_experts(spec: Any, base: dict[str, torch.Tensor],
     from modelalloy.api import merge_state_dicts
 
     use_base = base if spec.base != "none" else None
-    return merge_state_dicts(spec.name, use_base, experts, seed=seed, stats=stats, **params)
+    # the research tables use each paper's variants (docs/recipes.md, "Conventions")
+    return merge_state_dicts(spec.name, use_base, experts, seed=seed, stats=stats,
+                             conventions="paper", **params)
 
 
 @dataclass
@@ -228,7 +231,7 @@ def bundle_records(spec: Any, base: dict[str, torch.Tensor],
     rebuilt from it and scored on its own task; and the bundle's storage report."""
     from modelalloy.bundle import compress
 
-    params = spec.resolve(len(experts), given, spec.name)
+    params = spec.resolve(len(experts), given, spec.name, "paper")
     params.pop("task", None)  # the bench rebuilds every task
     bundle = compress(base, dict(zip(tasks, experts, strict=True)),
                       base_merge=params["base_merge"], mask_lambda=params["mask_lambda"],
@@ -330,7 +333,8 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
                     inputs = [merge_experts(under_spec, base, experts,
                                             dict(PAPER_DEFAULTS.get(under, {})), seed)]
                     note = {"under": under}
-                stats = provider.for_method(spec, spec.resolve(len(inputs), given, spec.name))
+                resolved = spec.resolve(len(inputs), given, spec.name, "paper")
+                stats = provider.for_method(spec, resolved)
                 given = {**layout_overrides(spec, stats), **given}
             start = time.perf_counter()
             merged = merge_experts(spec, base, inputs, given, seed, stats)
@@ -339,7 +343,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
             log(f"skip {spec.name}: {err}")
             continue
         timings[spec.name] = round(time.perf_counter() - start, 3)
-        shown = {k: v for k, v in spec.resolve(len(inputs), given, spec.name).items()
+        shown = {k: v for k, v in spec.resolve(len(inputs), given, spec.name, "paper").items()
                  if not isinstance(v, list) or len(set(map(str, v))) > 1}
         shown.update(note)
         records += scorer.records(spec.name, merged, variant="default", params=shown)

@@ -37,9 +37,11 @@ def rescale_l1_param() -> Param:
                  "(mergekit's rescale)")
 
 
-def weight_param(*, allow_negative: bool = False) -> Param:
-    return Param("weight", float, 1.0, "scale of this model's task vector", per_model=True,
-                 ge=None if allow_negative else 0.0)
+def weight_param() -> Param:
+    # Negative weights (task negation) pass the schema; the recipe loader decides by the
+    # recipe's conventions (mergekit accepts them; `conventions: paper` asks for
+    # allow_negative_weights).
+    return Param("weight", float, 1.0, "scale of this model's task vector", per_model=True)
 
 
 def density_param(default: float = 1.0, help: str = "fraction of entries kept") -> Param:
@@ -60,11 +62,19 @@ INT8_MASK = Param("int8_mask", bool, False,
                   "accepted for mergekit recipes; has no effect (masks are always compact)")
 
 
-def vote_param(default: str = "paper") -> Param:
-    return Param("vote", str, default,
+def vote_param(paper_default: str = "paper") -> Param:
+    """TIES' sign election: mergekit's weighted vote by default, ``paper_default`` under
+    ``conventions: paper``."""
+    return Param("vote", str, "weighted",
                  "sign election: 'paper' = sign of the sum of the trimmed task vectors, zero "
                  "sums take the majority sign; 'weighted' = mergekit, sign of the weighted sum, "
-                 "zero sums take +", choices=("paper", "weighted"))
+                 "zero sums take +", choices=("paper", "weighted"), paper_default=paper_default)
+
+
+def has_negative_weight(params: dict[str, Any]) -> bool:
+    """Whether a TIES-family merge has a negative weight: it then merges whole tensors on the
+    torch path (:func:`combine_signed`), whose agreement test is mergekit's sign(w·δ) = γ."""
+    return any(w < 0 for w in params.get("weight", ()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,14 +423,18 @@ def band_trim_(delta: torch.Tensor, density: float, gamma: float,
 
     ``row`` (official Breadcrumbs): along the last dimension, n_top = int(n·gamma) and
     n_keep = int(n·density) per row; the kept band is ranks n_top+1 .. n_top+n_keep (1-indexed,
-    by |δ| descending). 0-D tensors are left untouched; 1-D tensors are one row.
+    by |δ| descending). 0-D tensors are left untouched; 1-D tensors are one row. Equal
+    magnitudes rank by position (the lower index first), so the band does not depend on the
+    device or the selection algorithm; the fused kernel (``kernels.rowwise``) follows the same
+    rule.
     ``tensor`` (mergekit ``magnitude_outliers``): the same over the flattened tensor, except
-    density ≥ 1 leaves the tensor untouched and n_top shrinks when density + gamma > 1.
+    density ≥ 1 leaves the tensor untouched and n_top shrinks when density + gamma > 1; equal
+    magnitudes rank as in mergekit's stable ascending sort (the higher index ranks higher).
+    mergekit keeps nothing when n_top is 0 (its slice ``[n_bot:-0]`` is empty); this keeps
+    the band, as the method intends.
 
-    Equal magnitudes rank by position (the lower index first), so the band does not depend on
-    the device or the selection algorithm; the fused kernel (``kernels.rowwise``) follows the
-    same rule. The rank-r value comes from ``topk`` on the int32 bit patterns of |δ| (same
-    order as the floats, about 1.5x faster), the ties at it from their positions.
+    The rank-r value comes from ``topk`` on the int32 bit patterns of |δ| (same order as the
+    floats, about 1.5x faster), the ties at it from their positions.
     """
     if delta.dim() == 0 or delta.numel() == 0:
         return delta
@@ -430,34 +444,41 @@ def band_trim_(delta: torch.Tensor, density: float, gamma: float,
             return delta
         n_keep = int(density * n)
         n_top = min(int(gamma * n), n - n_keep)
-        rows = delta.view(1, n) if delta.is_contiguous() else delta.reshape(1, n)
-    else:
-        n = delta.shape[-1]
-        n_keep = int(density * n)
-        n_top = int(gamma * n)
-        rows = delta.view(-1, n) if delta.is_contiguous() else delta.reshape(-1, n)
-    hi = min(n, n_top + n_keep)
-    if n_top == 0 and hi == n:
-        return delta
-    if hi <= n_top:
-        rows.mul_(0.0)
-    else:
-        if delta.dtype != torch.float32:  # the bit-pattern order below is float32's
-            mag = rows.abs()
-        else:
-            if scratch is None or scratch.numel != delta.numel():
-                scratch = Scratch(delta)
-            mag = torch.abs(rows, out=scratch.get("mag").view(rows.shape)).view(torch.int32)
-        # The int32 bit patterns of non-negative floats order as the floats do (NaN above inf).
-        ranked = torch.topk(mag, hi, dim=-1, sorted=True).values
-        keep = _ranks_up_to(mag, ranked[:, hi - 1:hi], hi)
-        if n_top:
-            keep.logical_and_(_ranks_up_to(mag, ranked[:, n_top - 1:n_top], n_top).logical_not_())
-        del ranked
-        rows.mul_(keep)
+        # reversed, so "lower index first" is mergekit's "higher index ranks higher"
+        rows = delta.reshape(-1).flip(0).view(1, n)
+        _band_rows_(rows, n_top, n_keep, None)
+        return delta.copy_(rows.view(-1).flip(0).view(delta.shape))
+    n = delta.shape[-1]
+    rows = delta.view(-1, n) if delta.is_contiguous() else delta.reshape(-1, n)
+    _band_rows_(rows, int(gamma * n), int(density * n),
+                scratch if scratch is not None and scratch.numel == delta.numel() else None)
     if rows.data_ptr() != delta.data_ptr():
         delta.copy_(rows.view(delta.shape))
     return delta
+
+
+def _band_rows_(rows: torch.Tensor, n_top: int, n_keep: int, scratch: Scratch | None) -> None:
+    """Keep, per row, the entries of |δ| ranks n_top+1 .. n_top+n_keep (ties by index)."""
+    n = rows.shape[-1]
+    hi = min(n, n_top + n_keep)
+    if n_top == 0 and hi == n:
+        return
+    if hi <= n_top:
+        rows.mul_(0.0)
+        return
+    if rows.dtype != torch.float32:  # the bit-pattern order below is float32's
+        mag = rows.abs()
+    else:
+        if scratch is None:
+            scratch = Scratch(rows)
+        mag = torch.abs(rows, out=scratch.get("mag").view(rows.shape)).view(torch.int32)
+    # The int32 bit patterns of non-negative floats order as the floats do (NaN above inf).
+    ranked = torch.topk(mag, hi, dim=-1, sorted=True).values
+    keep = _ranks_up_to(mag, ranked[:, hi - 1:hi], hi)
+    if n_top:
+        keep.logical_and_(_ranks_up_to(mag, ranked[:, n_top - 1:n_top], n_top).logical_not_())
+    del ranked
+    rows.mul_(keep)
 
 
 def _ranks_up_to(mag: torch.Tensor, value: torch.Tensor, r: int) -> torch.Tensor:
@@ -685,6 +706,30 @@ def combine_(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
         den.clamp_min_(min(positive) if positive else 1.0)
         out.div_(den)
     return out.mul_(sign)
+
+
+def combine_signed(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
+                   normalize: bool) -> torch.Tensor:
+    """mergekit's sign consensus on weighted task vectors, for any signs of the weights.
+
+    With u_t = w_t δ_t: γ = +1 where Σ_t u_t ≥ 0, else −1; A_t = [sign(u_t) = γ];
+    out = Σ_t A_t u_t, divided (``normalize``) by Σ_t A_t w_t, a zero divisor read as 1.
+    For w_t ≥ 0 this is :func:`combine_` with the weighted vote; a negative weight flips which
+    entries of δ_t agree.
+    """
+    weighted = [d * w for d, w in zip(deltas, weights, strict=True)]
+    total = torch.stack(weighted).sum(0)
+    gamma = torch.where(total >= 0, 1.0, -1.0)
+    out = torch.zeros_like(total)
+    den = torch.zeros_like(total)
+    for u, w in zip(weighted, weights, strict=True):
+        agree = (torch.sign(u) == gamma).to(u.dtype)
+        out.add_(u * agree)
+        den.add_(agree, alpha=w)
+    if normalize:
+        den[den == 0] = 1.0
+        out.div_(den)
+    return out
 
 
 def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], *,

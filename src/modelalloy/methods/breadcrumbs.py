@@ -16,12 +16,15 @@ the rest — the kept band is magnitude ranks n_top+1 .. n_top+n_keep. Then
 fraction removed); official search ranges β ∈ [0.05, 0.2], γ ∈ [0.001, 0.01], α = λ ∈ [0.01, 1].
 
 Defaults: ``density`` 1.0 and ``gamma`` 0.01 (mergekit's; the paper's regime is about
-density 0.1), ``lambda`` 1, ``normalize`` false, ``granularity`` row, ``vote`` paper.
+density 0.1), ``lambda`` 1, ``normalize`` false, ``granularity`` tensor and ``vote``
+weighted (mergekit's; ``conventions: paper`` makes them row and paper).
 
-Differences from mergekit: mergekit masks the whole flattened tensor (``granularity: tensor``
-reproduces it: density ≥ 1 leaves the tensor untouched and n_top shrinks when
-density + gamma > 1); the official row mode always removes the top γ of each row, so with
-density 1 it still drops the outliers. Rows shorter than 1/γ lose nothing at the top.
+``granularity: tensor`` is mergekit's ``magnitude_outliers``: the whole flattened tensor,
+density ≥ 1 leaves it untouched, n_top shrinks when density + gamma > 1, and equal magnitudes
+rank as in its stable ascending sort. mergekit keeps nothing when n_top = int(gamma·numel) is
+0 (tensors under 1/gamma entries: its slice ``[n_bot:-0]`` is empty), which is a bug this does
+not copy. The official row mode always removes the top γ of each row, so with density 1 it
+still drops the outliers. Rows shorter than 1/γ lose nothing at the top.
 ``rescale: true`` (mergekit, default false) scales each masked task vector back to its
 original L1 norm per tensor.
 """
@@ -38,6 +41,7 @@ from modelalloy.methods._sparsify import (
     band_trim_,
     combine_,
     density_param,
+    has_negative_weight,
     l1_rescaled_,
     lambda_param,
     normalize_param,
@@ -57,9 +61,9 @@ _COMMON = [
     Param("gamma", float, 0.01, "fraction of largest-|τ| entries removed (top_k_remove)",
           per_model=True, ge=0.0, le=1.0),
     lambda_param(),
-    Param("granularity", str, "row",
+    Param("granularity", str, "tensor",
           "row: per row along the last dimension (official); tensor: whole tensor (mergekit)",
-          choices=("row", "tensor")),
+          choices=("row", "tensor"), paper_default="row"),
     normalize_param(False),
     rescale_l1_param(),
     INT8_MASK,
@@ -104,7 +108,7 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
     base="required",
-    rowwise=_per_row,
+    rowwise=lambda p: _per_row(p) and not has_negative_weight(p),
     slice_kernel="breadcrumbs_ties",
     finish_slices=finish_paper_vote,
     finish_when=paper_vote,

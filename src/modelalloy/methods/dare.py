@@ -15,8 +15,9 @@ Per model and tensor, δ = θ_t − θ_0, m ~ Bernoulli(1 − p) keep mask with 
 times λ.
 
 Defaults: ``density`` 1.0 (no drop, as mergekit; the papers use 0.1–0.9, Long-to-Short uses
-0.6–0.7 for 7–14B), ``rescale`` true, ``rescale_norm`` density (faithful 1/(1−p); mergekit
-now matches the L1 norm instead), ``lambda`` 1, ``normalize`` false, ``vote`` paper.
+0.6–0.7 for 7–14B), ``rescale`` true, ``rescale_norm`` l1 and ``vote`` weighted (mergekit's;
+``conventions: paper`` makes them density — the faithful 1/(1−p) — and paper), ``lambda`` 1,
+``normalize`` false.
 
 Randomness: the mask comes from ``ctx.keep_mask(δ, density, model_index)``, an SFC64 stream
 seeded by (recipe seed, tensor name, model index): the same recipe gives the same masks on any
@@ -35,6 +36,7 @@ from modelalloy.methods._sparsify import (
     combine_,
     dare_,
     density_param,
+    has_negative_weight,
     lambda_param,
     normalize_param,
     task_vectors,
@@ -47,9 +49,10 @@ from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_sl
 PAPER = ("Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)")
 
 RESCALE = Param("rescale", bool, True, "rescale the kept entries after dropping")
-RESCALE_NORM = Param("rescale_norm", str, "density",
+RESCALE_NORM = Param("rescale_norm", str, "l1",
                      "how to rescale: density (divide by 1−p, the paper) or l1 (match the "
-                     "original L1 norm, current mergekit)", choices=("density", "l1"))
+                     "original L1 norm, current mergekit)", choices=("density", "l1"),
+                     paper_default="density")
 
 
 def _keeps_no_whole_tensor_norm(params: dict[str, Any]) -> bool:
@@ -91,7 +94,7 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",
     base="required",
-    elementwise=_keeps_no_whole_tensor_norm,
+    elementwise=lambda p: _keeps_no_whole_tensor_norm(p) and not has_negative_weight(p),
     finish_slices=finish_paper_vote,
     finish_when=paper_vote,
     slice_kernel="dare_ties",

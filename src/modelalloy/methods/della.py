@@ -17,8 +17,8 @@ weighted sum, zero sums +), disjoint weighted mean (``normalize: true``), θ = �
 Parameter mapping: ``density`` = 1 − drop_rate, ``epsilon`` = window_size / 2. Official README
 setting: density 0.7, epsilon 0.07, lambda 1.1. Defaults here: ``density`` 1.0 (no drop, as in
 mergekit), ``epsilon`` 0.15 (mergekit), ``lambda`` 1, ``rescale`` true with
-``rescale_norm: probability`` (per-element 1/π, the official code; current mergekit matches the
-L1 norm instead — ``rescale_norm: l1``). 0 < density ± ε < 1 is required when density < 1. A row
+``rescale_norm: l1`` (current mergekit; ``conventions: paper`` makes it ``probability``, the
+per-element 1/π of the official code). 0 < density ± ε < 1 is required when density < 1. A row
 of one entry is kept with probability ``density``. Masks are seeded per (seed, tensor, model).
 
 Ranks are per row and the draws continue row after row, so a large tensor streams a band of
@@ -41,6 +41,7 @@ from modelalloy.methods._sparsify import (
     check_epsilon,
     combine_,
     density_param,
+    has_negative_weight,
     lambda_param,
     magprune_,
     normalize_param,
@@ -60,9 +61,10 @@ _COMMON = [
           per_model=True, ge=0.0, lt=0.5),
     lambda_param(),
     Param("rescale", bool, True, "rescale the kept entries"),
-    Param("rescale_norm", str, "probability",
+    Param("rescale_norm", str, "l1",
           "probability: divide each kept entry by its keep probability (official); l1: match "
-          "the original L1 norm (current mergekit)", choices=("probability", "l1")),
+          "the original L1 norm (current mergekit)", choices=("probability", "l1"),
+          paper_default="probability"),
     INT8_MASK,
 ]
 
@@ -87,11 +89,11 @@ def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[s
 
 @register_method(
     name="della",
-    params=[*_COMMON, normalize_param(True), vote_param("weighted")],
+    params=[*_COMMON, normalize_param(True), vote_param(paper_default="weighted")],
     paper=PAPER,
     summary="Magnitude-ranked random drop (MagPrune), TIES sign election, disjoint mean",
     base="required",
-    rowwise=_per_row,
+    rowwise=lambda p: _per_row(p) and not has_negative_weight(p),
     finish_slices=finish_paper_vote,
     finish_when=paper_vote,
     slice_kernel="della",

@@ -9,9 +9,9 @@ soup, and mergekit's ``linear`` method.
 
 All listed models are averaged; there is no base model (``base: none``). Defaults: ``weight`` 1
 for every model (the uniform soup), ``normalize`` true — both as in mergekit. Differences from
-mergekit: Σw = 0 with normalize is an error (mergekit divides by zero), and negative weights are
-only accepted with ``normalize: false`` (a normalized average with a negative weight is not an
-average; use ``task_arithmetic`` for negation).
+mergekit: Σw = 0 with normalize is an error (mergekit divides by zero). Negative weights are
+accepted as in mergekit (with ``conventions: paper`` the recipe must opt in with
+``allow_negative_weights``: a normalized average with a negative weight is not an average).
 """
 
 from __future__ import annotations
@@ -43,9 +43,6 @@ def linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[
     weights = params["weight"]
     normalize = params["normalize"]
     if normalize:
-        if any(w < 0 for w in weights):
-            raise MethodError(f"tensor '{ctx.name}': parameter 'weight' has a negative value "
-                              f"{min(weights)}; negative weights need normalize: false")
         total = float(sum(weights))
         if total == 0.0:
             raise MethodError(f"tensor '{ctx.name}': parameter 'weight' sums to 0, so the "

@@ -39,6 +39,11 @@ SLICE_ELEMENTS = 1 << 18
 
 BaseUse = Literal["required", "optional", "none"]
 
+# Recipe-wide ``conventions``: "mergekit" (default) reproduces mergekit's result for a mergekit
+# recipe (its defaults and variants); "paper" switches every method to its paper's defaults.
+CONVENTIONS = ("mergekit", "paper")
+_SAME = object()  # Param.paper_default when both conventions share the default
+
 
 @dataclass(frozen=True)
 class Param:
@@ -58,6 +63,16 @@ class Param:
     gt: float | None = None  # exclusive lower bound
     lt: float | None = None  # exclusive upper bound
     choices: tuple[Any, ...] | None = None
+    # The default under ``conventions: paper`` when it differs from mergekit's (``default``).
+    paper_default: Any = _SAME
+    # No default: a recipe must set it (mergekit's slerp ``t``).
+    required: bool = False
+
+    def default_for(self, conventions: str = "mergekit") -> Any:
+        """The default under the recipe's conventions (see :data:`CONVENTIONS`)."""
+        if conventions == "paper" and self.paper_default is not _SAME:
+            return self.paper_default
+        return self.default
 
     def check(self, value: Any, where: str) -> Any:
         """Validate and coerce one resolved value; raise MethodError naming ``where``."""
@@ -253,17 +268,27 @@ class MethodSpec:
             what = "models besides the base" if self.base == "required" else "models"
             raise MethodError(f"method '{self.name}' takes {want} {what}, got {n_experts}")
 
-    def defaults(self, n_experts: int) -> dict[str, Any]:
-        return {p.name: ([p.default] * n_experts if p.per_model else p.default)
+    def defaults(self, n_experts: int, conventions: str = "mergekit") -> dict[str, Any]:
+        return {p.name: ([p.default_for(conventions)] * n_experts if p.per_model
+                         else p.default_for(conventions))
                 for p in self.params}
 
-    def resolve(self, n_experts: int, given: dict[str, Any], where: str) -> dict[str, Any]:
+    def resolve(self, n_experts: int, given: dict[str, Any], where: str,
+                conventions: str = "mergekit") -> dict[str, Any]:
         """Fill defaults, broadcast per-model scalars to lists, and validate every value.
 
         ``given`` maps a parameter name to a scalar, or for a per-model parameter to a scalar or
-        a list with one value per expert. Unknown names raise a MethodError.
+        a list with one value per expert. Unknown names raise a MethodError; a ``required``
+        parameter missing from ``given`` too. Defaults follow ``conventions``.
         """
-        out = self.defaults(n_experts)
+        if conventions not in CONVENTIONS:
+            raise MethodError(f"{where}: conventions must be one of {', '.join(CONVENTIONS)}, "
+                              f"got {conventions!r}")
+        for p in self.params:
+            if p.required and p.name not in given:
+                raise MethodError(f"{where}: method '{self.name}' needs parameter '{p.name}' "
+                                  f"({p.help}); set it under `parameters`")
+        out = self.defaults(n_experts, conventions)
         for key, value in given.items():
             param = self.param(key)
             if param.per_model:

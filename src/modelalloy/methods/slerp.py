@@ -17,7 +17,7 @@ Models: the base plus one expert is plain SLERP from the base to the expert (mer
 ``slerp``). The base plus two experts interpolates the two task vectors τ_1 = θ_1 − θ_0 and
 τ_2 = θ_2 − θ_0 and adds the result to the base: θ_0 + slerp(τ_1, τ_2, t).
 
-Parameter: ``t`` (default 0.5, as mergekit's usual recipe value; mergekit requires it).
+Parameter: ``t``, required (as in mergekit; a recipe without it is refused).
 Layer-wise gradients of t (lists) are resolved by the recipe/plan layer before the method runs.
 Differences from mergekit: torch float32 for the interpolation, float64 for the norms and the dot
 (mergekit round-trips through numpy float32), and the two-expert task-vector form, which
@@ -98,8 +98,8 @@ def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
 
 @register_method(
     name="slerp",
-    params=[Param("t", float, 0.5, "interpolation factor: 0 = base model, 1 = the other model",
-                  ge=0.0, le=1.0)],
+    params=[Param("t", float, None, "interpolation factor: 0 = base model, 1 = the other model",
+                  ge=0.0, le=1.0, required=True)],
     paper="Shoemake, SIGGRAPH 1985; mergekit (Goddard et al., arXiv 2403.13257)",
     summary="Spherical interpolation from the base (t=0) to the other model (t=1)",
     base="required",

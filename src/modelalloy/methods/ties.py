@@ -27,13 +27,17 @@ the disjoint mean), ``vote`` and ``scope``.
   the engine gives; deduplicating them is the engine's job.
 
 ``vote``:
-- ``paper`` (default): the vote uses the unweighted trimmed task vectors; per-model weights only
+- ``paper`` (default with ``conventions: paper``): the vote uses the unweighted trimmed task vectors; per-model weights only
   enter the merge (step 3). Zero sums take the majority sign.
-- ``weighted`` (mergekit): γ = sign(Σ_t w_t τ̂_t), a zero sum counts as +.
+- ``weighted`` (mergekit, the default): γ = sign(Σ_t w_t τ̂_t), a zero sum counts as +; an
+  entry agrees when sign(w_t τ̂_t) = γ, so a negative weight (task negation) flips which
+  entries agree, exactly as in mergekit.
 
 With all weights equal the two votes differ only on exact zero sums. ``rescale: true``
 (mergekit, default false) scales each trimmed task vector back to its original L1 norm per
-tensor. Differences from mergekit: the default vote (above), and ``scope: global``.
+tensor. Differences from mergekit: ``scope: global`` (an addition), and float32 arithmetic.
+Entries of equal magnitude at the trim cut-off are kept in index order (mergekit's stable
+argsort does the same on the CPU for small tensors; for large ones its order is unspecified).
 ``int8_mask`` is accepted and ignored.
 """
 
@@ -50,9 +54,11 @@ from modelalloy.methods._sparsify import (
     Scratch,
     SlicedTopK,
     combine_,
+    combine_signed,
     density_param,
     elect_sign,
     global_thresholds,
+    has_negative_weight,
     l1_rescaled_,
     lambda_param,
     magnitude_trim_,
@@ -98,19 +104,23 @@ def ties_core(deltas: list[torch.Tensor], params: dict[str, Any], *, vote: str,
     Consumes ``deltas`` (the caller's own task vectors): the result lives in ``deltas[0]``.
     """
     weights = params["weight"]
+    lam = float(params["lambda"])
+    if vote == "weighted" and any(w < 0 for w in weights):
+        merged = combine_signed(deltas, weights, normalize=params["normalize"])
+        return merged if lam == 1.0 else merged.mul_(lam)
     if scratch is None:
         scratch = Scratch(deltas[0])
     sign = elect_sign(deltas, weights, vote, majority, out=scratch.get("mag"))
     merged = combine_(deltas, weights, sign=sign, normalize=params["normalize"],
                       scratch=scratch)
-    lam = float(params["lambda"])
     return merged if lam == 1.0 else merged.mul_(lam)
 
 
 def _streams(params: dict[str, Any]) -> bool:
     """Per-tensor trims without the L1 rescale stream over slices (a whole-model threshold or
     a per-tensor norm would not)."""
-    return params["scope"] == "per_tensor" and not params["rescale"]
+    return (params["scope"] == "per_tensor" and not params["rescale"]
+            and not has_negative_weight(params))
 
 
 def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from modelalloy.errors import MethodError, RecipeError
 from modelalloy.io.safe_read import read_regular_file
-from modelalloy.methods.registry import MethodSpec, Param, get_method
+from modelalloy.methods.registry import CONVENTIONS, MethodSpec, Param, get_method, list_methods
 from modelalloy.recipe.model import (
     DTYPES,
     Calibration,
@@ -37,7 +37,7 @@ class RecipeWarning(UserWarning):
 # Keys modelalloy reads. The order is the documented order.
 SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "tokenizer", "chat_template", "name", "seed",
-                  "allow_negative_weights", "calibration")
+                  "allow_negative_weights", "calibration", "conventions")
 # mergekit keys with no support yet: a clear one-liner instead of a silent misread.
 UNSUPPORTED_KEYS = {
     "slices": "`slices` (layer ranges, frankenmerges) is not supported yet; list whole models "
@@ -187,6 +187,7 @@ class _Validator:
         self.source = source
         self.lines = lines or {}
         self.warnings: list[str] = []
+        self.conventions = "mergekit"
 
     def at(self, field: str) -> str:
         """``source: field (line N)``: the line of the field, or of its closest parent."""
@@ -221,6 +222,8 @@ class _Validator:
                 raise self.fail(str(key), f"unknown key; {_closest(key, SUPPORTED_KEYS)}")
 
         method = self.method(raw)
+        self.conventions = self.choice(raw.get("conventions", "mergekit"), "conventions",
+                                       CONVENTIONS)
         base_model = self.model_string(raw.get("base_model"), "base_model", base_dir,
                                        optional=True)
         fields: dict[str, Any] = {"merge_method": raw["merge_method"], "base_model": base_model,
@@ -235,6 +238,7 @@ class _Validator:
                                                      "allow_negative_weights")
         fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
         fields["calibration"] = self.calibration(raw.get("calibration"), base_dir)
+        fields["conventions"] = self.conventions
         if raw.get("chat_template") is not None:
             self.warn("ignored (not supported yet); the output keeps the chat template of "
                       "the tokenizer it copies", "chat_template")
@@ -244,6 +248,7 @@ class _Validator:
         except ValidationError as e:  # pragma: no cover - the checks above come first
             raise self.pydantic(e) from None
         self.negative_weights(recipe, method)
+        self.required(recipe, method)
         self.counts(recipe, method)
         self.duplicates(recipe)
         recipe.warnings = self.warnings
@@ -375,14 +380,20 @@ class _Validator:
                 if key in IGNORED_PARAMS:
                     self.warn(f"ignored ({IGNORED_PARAMS[key]})", where)
                     continue
+                if key in _known_params():  # mergekit accepts it for any method
+                    self.warn(f"ignored: method '{method.name}' does not use '{key}'", where)
+                    continue
                 takes = ", ".join(names) or "no parameters"
+                hint = _closest(key, list(names) or _known_params())
+                hint = f"{hint} " if hint.startswith("did you mean") else ""
                 raise MethodError(f"{self.at(where)}: method '{method.name}' has no "
-                                  f"parameter '{key}'; it takes: {takes}")
+                                  f"parameter '{key}'; {hint}it takes: {takes}")
             param = names[key]
             if per_model_level and not param.per_model:
-                raise MethodError(f"{self.at(where)}: '{key}' is a global parameter of "
-                                  f"method '{method.name}' (one value for all models); move it "
-                                  "to the top-level `parameters` (mergekit ignores it here)")
+                self.warn(f"ignored: '{key}' is a global parameter of method "
+                          f"'{method.name}' (one value for all models), read only from the "
+                          "top-level `parameters`, as in mergekit", where)
+                continue
             out[key] = self.value(value, where, param)
         return out
 
@@ -455,12 +466,25 @@ class _Validator:
                               f"whole number, got {x}")
         return param.check(x, self.at(where))
 
-    def negative_weights(self, recipe: Recipe, method: MethodSpec) -> None:
-        """Refuse negative weights unless the recipe opts in with ``allow_negative_weights``.
+    def choice(self, v: Any, field: str, options: tuple[str, ...]) -> str:
+        if v not in options:
+            raise self.fail(field, f"must be one of {', '.join(options)}, got {v!r}")
+        return v
 
-        A method's schema may bound ``weight`` itself (ties: ``>= 0``, checked with the other
-        values). Where it does not (task_arithmetic, linear), a negative weight subtracts a
-        model: meaningful for task negation, but far more often a typo, so it takes an opt-in.
+    def required(self, recipe: Recipe, method: MethodSpec) -> None:
+        """A parameter without a default (slerp's ``t``) must be set somewhere."""
+        for p in method.params:
+            if p.required and p.name not in recipe.parameters and not any(
+                    p.name in e.parameters for e in recipe.models):
+                raise MethodError(f"{self.at('parameters')}: method '{method.name}' needs "
+                                  f"parameter '{p.name}' ({p.help}); set it under "
+                                  "`parameters`, as mergekit requires")
+
+    def negative_weights(self, recipe: Recipe, method: MethodSpec) -> None:
+        """Negative weights (task negation): accepted with mergekit's conventions (a one-line
+        warning); with ``conventions: paper`` refused unless ``allow_negative_weights``.
+
+        Under the paper conventions a negative weight is far more often a typo than a choice.
         """
         if "weight" not in {p.name for p in method.params}:
             return
@@ -470,12 +494,12 @@ class _Validator:
         for where, s in settings:
             for path, leaf in _leaves(s, where):
                 if is_number(leaf) and leaf < 0:
-                    if not recipe.allow_negative_weights:
+                    if not recipe.allow_negative_weights and recipe.conventions == "paper":
                         raise self.fail(path, f"negative weight {leaf}; weights must be >= 0 "
                                               "(to subtract a model on purpose, e.g. task "
                                               "negation, add `allow_negative_weights: true`)")
                     self.warn(f"negative weight {leaf} subtracts that model's "
-                              "contribution (allowed by allow_negative_weights)", path)
+                              "contribution", path)
                     break
 
     def duplicates(self, recipe: Recipe) -> None:
@@ -547,6 +571,11 @@ class _Validator:
                                        "folder of the model whose tokenizer to keep")
             return "base"
         return self.model_string(src, field, base_dir)
+
+
+def _known_params() -> list[str]:
+    """Every parameter name some method takes (mergekit accepts any of them for any method)."""
+    return sorted({p.name for spec in list_methods() for p in spec.params})
 
 
 def pydantic_error(e: ValidationError, source: str, prefix: str = "") -> RecipeError:

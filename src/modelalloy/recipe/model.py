@@ -160,6 +160,9 @@ class Recipe(BaseModel):
     calibration: Calibration | None = None
     name: str | None = None
     allow_negative_weights: bool = False
+    # "mergekit" (default): mergekit's defaults and variants; "paper": each method's paper's
+    # (methods.registry.CONVENTIONS, docs/recipes.md).
+    conventions: str = "mergekit"
     source: str = "<string>"
     base_dir: Path = Field(default_factory=Path.cwd)
     warnings: list[str] = Field(default_factory=list)
@@ -319,6 +322,8 @@ class Recipe(BaseModel):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["seed"] = self.seed
+        if self.conventions != "mergekit":
+            out["conventions"] = self.conventions
         if self.allow_negative_weights:
             out["allow_negative_weights"] = True
         if self.calibration is not None:

@@ -40,6 +40,7 @@ def resolve_tensor_params(recipe: Recipe, tensor_name: str, layer_index: int | N
             v = None if own is None else evaluate_setting(tensor_name, own, t)
             values.append(v if v is not None else top_value)
         if any(v is not None for v in values):
-            given[param.name] = [param.default if v is None else v for v in values]
+            default = param.default_for(recipe.conventions)
+            given[param.name] = [default if v is None else v for v in values]
     where = f"{recipe.source}: tensor {tensor_name}"
-    return spec.resolve(len(experts), given, where)
+    return spec.resolve(len(experts), given, where, recipe.conventions)
