@@ -1,4 +1,8 @@
-"""The fused slice kernels give the bits of the methods' torch code, slice by slice."""
+"""The fused slice kernels give the bits of the methods' torch code, slice by slice.
+
+Parameters resolve with `conventions: paper`: the kernels serve the streamed variants (paper
+vote, row-wise Breadcrumbs, DARE/DELLA without the L1 rescale), the papers' defaults.
+"""
 
 from __future__ import annotations
 
@@ -120,7 +124,7 @@ CASES = [
                                                   (torch.bfloat16, torch.float32)])
 def test_fused_kernel_gives_the_torch_paths_bits(name, given, dtype, out_dtype):
     spec = get_method(name)
-    params = spec.resolve(3, given, name)
+    params = spec.resolve(3, given, name, conventions="paper")
     inputs = _inputs(dtype)
     want = _torch_slices(name, params, inputs, out_dtype)
     got = _fused_slices(name, params, inputs, out_dtype)
@@ -137,7 +141,7 @@ def test_model_stock_kernel_with_a_shared_direction(dtype, out_dtype):
     base, shared = torch.randn(N, generator=gen), 0.01 * torch.randn(N, generator=gen)
     inputs = [base.to(dtype)] + [(base + shared + 0.01 * torch.randn(N, generator=gen))
                                  .to(dtype) for _ in range(3)]
-    params = get_method("model_stock").resolve(3, {}, "model_stock")
+    params = get_method("model_stock").resolve(3, {}, "model_stock", conventions="paper")
     ctx = MergeContext(name="w", seed=7, streams={})
     _torch_reduce("model_stock", params, inputs, ctx)
     from modelalloy.methods.model_stock import ratio_from_gram
@@ -158,7 +162,7 @@ def test_model_stock_kernel_with_a_shared_direction(dtype, out_dtype):
 def test_dare_ties_fix_ups_are_exercised():
     """The paper vote's undecided elements (exact cancellations) go through the fix-up."""
     spec = get_method("dare_ties")
-    params = spec.resolve(2, {"density": 0.7}, "dare_ties")
+    params = spec.resolve(2, {"density": 0.7}, "dare_ties", conventions="paper")
     inputs = _inputs(torch.float32, n_experts=2)
     ctx = MergeContext(name="w", seed=7, streams={})
     kernel = slices.dare_ties(params)
@@ -200,7 +204,7 @@ def test_bf16_rounding_matches_torch_on_ties_overflow_and_signs():
 
 
 def test_a_nonfinite_input_is_reported_not_merged():
-    params = get_method("task_arithmetic").resolve(1, {}, "ta")
+    params = get_method("task_arithmetic").resolve(1, {}, "ta", conventions="paper")
     raw = torch.ones((2, 64), dtype=torch.bfloat16)
     raw[1, 40] = float("inf")
     out = torch.empty(64, dtype=torch.bfloat16)
@@ -210,7 +214,8 @@ def test_a_nonfinite_input_is_reported_not_merged():
 
 
 def test_l1_rescale_keeps_the_torch_path_and_other_dtypes_are_not_supported():
-    params = get_method("dare_ties").resolve(2, {"rescale_norm": "l1", "density": 0.5}, "d")
+    params = get_method("dare_ties").resolve(2, {"rescale_norm": "l1", "density": 0.5}, "d",
+                                             conventions="paper")
     assert slices.dare_ties(params) is None
     assert not kernels.supports([torch.float16, torch.float16], torch.bfloat16)
     assert not kernels.supports([torch.bfloat16, torch.float32], torch.bfloat16)
@@ -257,7 +262,7 @@ def test_band_trim_ranks_ties_by_index_like_a_stable_sort(density, gamma):
 @pytest.mark.parametrize("width", [701, 2048])
 def test_breadcrumbs_kernel_gives_the_torch_paths_bits_row_by_row(given, width):
     spec = get_method("breadcrumbs")
-    params = spec.resolve(3, given, "breadcrumbs")
+    params = spec.resolve(3, given, "breadcrumbs", conventions="paper")
     rows = 9
     gen = torch.Generator().manual_seed(width)
     base = (0.02 * torch.randn(rows, width, generator=gen)).bfloat16()
@@ -293,7 +298,7 @@ def test_della_kernels_give_the_torch_paths_bits_row_by_row(name, given, width, 
     """MagPrune's ranks (equal magnitudes by index: bf16 deltas tie often), keep draws
     continuing across calls, 1/π, then TIES or the sum: the whole tensor's bits."""
     spec = get_method(name)
-    params = spec.resolve(3, given, name)
+    params = spec.resolve(3, given, name, conventions="paper")
     rows = 9
     gen = torch.Generator().manual_seed(width)
     base = (0.02 * torch.randn(rows, width, generator=gen)).to(dtype)
@@ -320,12 +325,14 @@ def test_della_kernels_give_the_torch_paths_bits_row_by_row(name, given, width, 
 
 def test_della_kernels_refuse_what_needs_the_whole_tensor():
     spec = get_method("della")
-    assert slices.della(spec.resolve(2, {"density": 0.5, "rescale_norm": "l1"}, "della")) is None
+    assert slices.della(spec.resolve(2, {"density": 0.5, "rescale_norm": "l1"}, "della",
+                                     conventions="paper")) is None
     lin = get_method("della_linear")
     assert slices.della_linear(lin.resolve(2, {"density": 0.5, "rescale_norm": "l1"},
-                                           "della_linear")) is None
+                                           "della_linear", conventions="paper")) is None
     with pytest.raises(MethodError, match="epsilon"):
-        slices.della(spec.resolve(2, {"density": 0.1, "epsilon": 0.2}, "della"))
+        slices.della(spec.resolve(2, {"density": 0.1, "epsilon": 0.2}, "della",
+                                  conventions="paper"))
 
 
 def test_plain_widen_and_narrow_agree_with_torch():

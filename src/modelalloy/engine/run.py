@@ -20,7 +20,12 @@ from modelalloy.errors import ModelAlloyError
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.dtypes import parse_dtype
 from modelalloy.io.lora.source import open_model
-from modelalloy.io.model_files import copy_model_files, set_config_dtype, write_model_card
+from modelalloy.io.model_files import (
+    copy_model_files,
+    set_config_dtype,
+    update_config,
+    write_model_card,
+)
 from modelalloy.io.writer import (
     AtomicOutputDir,
     ShardedSafetensorsWriter,
@@ -94,6 +99,10 @@ def as_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
 
 def open_models(recipe: Recipe, stack: ExitStack) -> tuple[Checkpoint | None, list[Checkpoint]]:
     """Open the base (if the method uses one) and the experts, closed when ``stack`` exits."""
+    if recipe.slices:  # layer ranges of the sources, composed (plan/slices.py)
+        from modelalloy.plan.slices import open_slices
+
+        return open_slices(recipe, stack)
     spec = get_method(recipe.merge_method)
     base = None
     if recipe.base_model is not None and spec.base != "none":
@@ -223,6 +232,9 @@ def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
         tokenizer_dir = recipe.model_path(recipe.tokenizer_source)
     if reference_dir is not None:
         copy_model_files(reference_dir, folder, tokenizer_source=tokenizer_dir)
+        updates = getattr(plan.reference, "config_updates", None)  # slices: the new depth
+        if updates and (folder / "config.json").exists():
+            update_config(folder, updates)
         dtypes = {e.out_dtype for e in plan.entries if e.merge}
         if len(dtypes) == 1 and (folder / "config.json").exists():
             set_config_dtype(folder, dtypes.pop())

@@ -94,6 +94,24 @@ def _write_json_atomic(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
+def _read_config_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid config.json ({e}); fix the source config") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: config.json is not a JSON object; fix the source config")
+    return config
+
+
+def update_config(dst: Path, values: dict) -> None:
+    """Set top-level keys of ``dst/config.json`` (no-op without a config): e.g. the layer
+    count of a ``slices:`` merge."""
+    path = Path(dst) / "config.json"
+    if path.is_file():
+        _write_json_atomic(path, {**_read_config_json(path), **values})
+
+
 def set_config_dtype(dst: Path, dtype: torch.dtype) -> None:
     """Record the output dtype in ``dst/config.json`` (no-op without a config).
 
@@ -104,12 +122,7 @@ def set_config_dtype(dst: Path, dtype: torch.dtype) -> None:
     path = Path(dst) / "config.json"
     if not path.is_file():
         return
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid config.json ({e}); fix the source config") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: config.json is not a JSON object; fix the source config")
+    config = _read_config_json(path)
     name = dtype_name(dtype)
 
     def update(cfg: dict, top: bool) -> None:

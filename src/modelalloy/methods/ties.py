@@ -27,8 +27,8 @@ the disjoint mean), ``vote`` and ``scope``.
   the engine gives; deduplicating them is the engine's job.
 
 ``vote``:
-- ``paper`` (default with ``conventions: paper``): the vote uses the unweighted trimmed task vectors; per-model weights only
-  enter the merge (step 3). Zero sums take the majority sign.
+- ``paper`` (default with ``conventions: paper``): the vote uses the unweighted trimmed task
+  vectors; per-model weights only enter the merge (step 3). Zero sums take the majority sign.
 - ``weighted`` (mergekit, the default): γ = sign(Σ_t w_t τ̂_t), a zero sum counts as +; an
   entry agrees when sign(w_t τ̂_t) = γ, so a negative weight (task negation) flips which
   entries agree, exactly as in mergekit.

@@ -168,7 +168,9 @@ def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | Non
         if recipe is None:
             raise ValueError("build_plan needs a recipe or resolve_params")
         def resolve_params(name: str, layer: int | None, count: int | None) -> dict[str, Any]:
-            return resolve_tensor_params(recipe, name, layer, count)
+            # slices: the slice and t of the output tensor (plan/slices.py)
+            at = reference.slice_position(name) if recipe.slices else None  # type: ignore[attr-defined]
+            return resolve_tensor_params(recipe, name, layer, count, slice_at=at)
     plan = MergePlan(spec=spec, recipe=recipe, base=base, experts=list(experts), entries=[])
     reference = plan.reference
     ref_names = reference.names()

@@ -25,6 +25,8 @@ from modelalloy.recipe.model import (
     Conditional,
     ModelEntry,
     Recipe,
+    SliceSource,
+    SliceSpec,
     is_number,
 )
 from modelalloy.recipe.safe_yaml import MAX_BYTES, LimitedSafeLoader
@@ -37,11 +39,9 @@ class RecipeWarning(UserWarning):
 # Keys modelalloy reads. The order is the documented order.
 SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "tokenizer", "chat_template", "name", "seed",
-                  "allow_negative_weights", "calibration", "conventions")
+                  "allow_negative_weights", "calibration", "conventions", "slices")
 # mergekit keys with no support yet: a clear one-liner instead of a silent misread.
 UNSUPPORTED_KEYS = {
-    "slices": "`slices` (layer ranges, frankenmerges) is not supported yet; list whole models "
-              "under `models` instead",
     "modules": "`modules` (per-module recipes for multimodal models) is not supported yet; "
                "list whole models under `models` instead",
 }
@@ -51,6 +51,8 @@ IGNORED_PARAMS = {
                  "already use little memory",
 }
 MODEL_ENTRY_KEYS = ("model", "adapter", "parameters")
+SLICE_KEYS = ("sources", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
 COND_KEYS = ("filter", "value")
 
 
@@ -226,8 +228,15 @@ class _Validator:
                                        CONVENTIONS)
         base_model = self.model_string(raw.get("base_model"), "base_model", base_dir,
                                        optional=True)
-        fields: dict[str, Any] = {"merge_method": raw["merge_method"], "base_model": base_model,
-                                  "models": self.models(raw, base_dir, method)}
+        fields: dict[str, Any] = {"merge_method": raw["merge_method"], "base_model": base_model}
+        if "slices" in raw:
+            if raw.get("models") is not None:
+                raise self.fail("slices", "give either `slices` or `models`, not both")
+            fields["slices"] = self.slices(raw["slices"], base_dir, method)
+            fields["models"] = [ModelEntry(model=m) for m in dict.fromkeys(
+                s.model for sl in fields["slices"] for s in sl.sources)]
+        else:
+            fields["models"] = self.models(raw, base_dir, method)
         fields["parameters"] = self.params(raw.get("parameters"), "parameters", method,
                                            per_model_level=False)
         for key in ("dtype", "out_dtype"):
@@ -249,7 +258,10 @@ class _Validator:
             raise self.pydantic(e) from None
         self.negative_weights(recipe, method)
         self.required(recipe, method)
-        self.counts(recipe, method)
+        if recipe.slices:
+            self.slice_counts(recipe, method)
+        else:
+            self.counts(recipe, method)
         self.duplicates(recipe)
         recipe.warnings = self.warnings
         return recipe
@@ -321,6 +333,76 @@ class _Validator:
                                  per_model_level=True)
             out.append(ModelEntry(model=model, parameters=params))
         return out
+
+    def slices(self, raw: Any, base_dir: Path, method: MethodSpec) -> list[SliceSpec]:
+        if not isinstance(raw, list) or not raw:
+            raise self.fail("slices", "must be a non-empty list of `- sources: [...]` entries")
+        out = []
+        for i, item in enumerate(raw):
+            where = f"slices[{i}]"
+            if not isinstance(item, dict) or "sources" not in item:
+                raise self.fail(where, "must be a mapping with `sources: [{model, layer_range}]`")
+            for key in item:
+                if key not in SLICE_KEYS:
+                    raise self.fail(f"{where}.{key}", "not supported" if key in (
+                        "base_model", "residual_weight") else
+                        f"unknown key; {_closest(key, SLICE_KEYS)}")
+            sources = item["sources"]
+            if not isinstance(sources, list) or not sources:
+                raise self.fail(f"{where}.sources", "must be a non-empty list of "
+                                                    "`{model, layer_range: [start, end]}`")
+            srcs = [self.slice_source(s, f"{where}.sources[{j}]", base_dir, method)
+                    for j, s in enumerate(sources)]
+            lengths = {s.length for s in srcs}
+            if len(lengths) > 1:
+                raise self.fail(f"{where}.sources", "every source of a slice must have the "
+                                f"same number of layers, got {sorted(lengths)}")
+            params = self.params(item.get("parameters"), f"{where}.parameters", method,
+                                 per_model_level=False)
+            out.append(SliceSpec(sources=srcs, parameters=params))
+        return out
+
+    def slice_source(self, item: Any, where: str, base_dir: Path,
+                     method: MethodSpec) -> SliceSource:
+        if not isinstance(item, dict):
+            raise self.fail(where, "must be a mapping like `{model: ./folder, layer_range: "
+                                   "[0, 8]}`")
+        for key in item:
+            if key not in SOURCE_KEYS:
+                raise self.fail(f"{where}.{key}", f"unknown key; {_closest(key, SOURCE_KEYS)}")
+        if "model" not in item:
+            raise self.fail(f"{where}.model", "missing; give the model's local folder")
+        model = self.model_string(item["model"], f"{where}.model", base_dir)
+        rng = item.get("layer_range")
+        if not (isinstance(rng, list) and len(rng) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in rng)
+                and 0 <= rng[0] < rng[1]):
+            raise self.fail(f"{where}.layer_range", f"must be [start, end] with 0 <= start < "
+                                                    f"end (end excluded), got {rng!r}")
+        params = self.params(item.get("parameters"), f"{where}.parameters", method,
+                             per_model_level=True)
+        return SliceSource(model=model, layer_range=(rng[0], rng[1]), parameters=params)
+
+    def slice_counts(self, recipe: Recipe, method: MethodSpec) -> None:
+        """Every slice gives the method the same roles: the base (when the method uses one,
+        among each slice's sources, as mergekit needs) and the same number of others."""
+        uses_base = recipe.uses_base()
+        counts = set()
+        for i, sl in enumerate(recipe.slices):
+            bases = [s for s in sl.sources
+                     if uses_base and recipe.same_model(s.model, recipe.base_model)]
+            if uses_base and len(bases) != 1:
+                raise self.fail(f"slices[{i}].sources", f"base_model '{recipe.base_model}' "
+                                "must be one of this slice's sources (once), as mergekit needs "
+                                "it there")
+            counts.add(len(sl.sources) - len(bases))
+        if len(counts) > 1:
+            raise self.fail("slices", "every slice must merge the same number of models "
+                                      f"(besides the base); got {sorted(counts)}")
+        try:
+            method.check_model_count(counts.pop(), uses_base)
+        except MethodError as e:
+            raise MethodError(f"{self.at('slices')}: {e}") from None
 
     def model_string(self, value: Any, field: str, base_dir: Path,
                      optional: bool = False) -> str | None:
@@ -474,8 +556,10 @@ class _Validator:
     def required(self, recipe: Recipe, method: MethodSpec) -> None:
         """A parameter without a default (slerp's ``t``) must be set somewhere."""
         for p in method.params:
-            if p.required and p.name not in recipe.parameters and not any(
-                    p.name in e.parameters for e in recipe.models):
+            levels = [recipe.parameters] + [e.parameters for e in recipe.models] + [
+                level for sl in recipe.slices or []
+                for level in [sl.parameters] + [s.parameters for s in sl.sources]]
+            if p.required and not any(p.name in level for level in levels):
                 raise MethodError(f"{self.at('parameters')}: method '{method.name}' needs "
                                   f"parameter '{p.name}' ({p.help}); set it under "
                                   "`parameters`, as mergekit requires")
@@ -491,6 +575,10 @@ class _Validator:
         settings = [("parameters.weight", recipe.parameters.get("weight"))]
         settings += [(f"models[{i}].parameters.weight", e.parameters.get("weight"))
                      for i, e in enumerate(recipe.models)]
+        for i, sl in enumerate(recipe.slices or []):
+            settings.append((f"slices[{i}].parameters.weight", sl.parameters.get("weight")))
+            settings += [(f"slices[{i}].sources[{j}].parameters.weight",
+                          s.parameters.get("weight")) for j, s in enumerate(sl.sources)]
         for where, s in settings:
             for path, leaf in _leaves(s, where):
                 if is_number(leaf) and leaf < 0:

@@ -114,6 +114,34 @@ class ModelEntry(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    """One source of an output slice: layers ``layer_range[0] .. layer_range[1] - 1`` of a model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+class SliceSpec(BaseModel):
+    """One ``slices:`` entry: output layers merged from its sources' layer ranges (mergekit's
+    ``OutputSliceDefinition``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].length
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # Spellings accepted for dtype / out_dtype (mergekit takes torch names, optionally "torch.").
@@ -152,6 +180,9 @@ class Recipe(BaseModel):
     merge_method: str
     base_model: str | None = None
     models: list[ModelEntry]
+    # mergekit's ``slices:`` (frankenmerges, layer ranges); ``models`` then lists each source
+    # model once, without parameters (plan/slices.py builds the output's layers).
+    slices: list[SliceSpec] | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -312,10 +343,18 @@ class Recipe(BaseModel):
         out["merge_method"] = self.merge_method
         if self.base_model is not None:
             out["base_model"] = self.base_model
-        out["models"] = [
-            {"model": e.model, **({"parameters": _dump_params(e.parameters)}
-                                  if e.parameters else {})}
-            for e in self.models]
+        if self.slices:
+            out["slices"] = [
+                {"sources": [{"model": s.model, "layer_range": list(s.layer_range),
+                              **({"parameters": _dump_params(s.parameters)}
+                                 if s.parameters else {})} for s in sl.sources],
+                 **({"parameters": _dump_params(sl.parameters)} if sl.parameters else {})}
+                for sl in self.slices]
+        else:
+            out["models"] = [
+                {"model": e.model, **({"parameters": _dump_params(e.parameters)}
+                                      if e.parameters else {})}
+                for e in self.models]
         if self.parameters:
             out["parameters"] = _dump_params(self.parameters)
         for key in ("dtype", "out_dtype", "tokenizer_source"):

@@ -11,36 +11,71 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelalloy.recipe.model import Recipe, evaluate_setting, layer_position
+from modelalloy.recipe.model import (
+    Recipe,
+    SliceSource,
+    SliceSpec,
+    evaluate_setting,
+    layer_position,
+)
 
 
 def resolve_tensor_params(recipe: Recipe, tensor_name: str, layer_index: int | None,
-                          num_layers: int | None) -> dict[str, Any]:
+                          num_layers: int | None,
+                          slice_at: tuple[int, float] | None = None) -> dict[str, Any]:
     """The method's parameters for one tensor: per-model ones as lists (expert order), global
     ones as scalars, defaults filled in and every value checked.
 
     ``layer_index``/``num_layers`` come from :class:`modelalloy.plan.layers.LayerIndexer`;
     gradients are evaluated at ``t = layer_index / (num_layers - 1)`` (1 for a one-layer
     stack) and at ``t = 0`` for tensors outside the layer stack (``layer_index=None``).
+
+    With ``slices:``, ``slice_at`` = (slice index, t) of the output tensor (mergekit's t runs
+    over each slice's own layers): a per-model value comes from the slice's source for that
+    model, then the slice's ``parameters``, then the top level; a global one from the slice's
+    ``parameters``, then the top level.
     """
     spec = recipe.method_spec()
-    t = layer_position(layer_index, num_layers)
-    experts = recipe.expert_entries()
+    if slice_at is None:
+        t = layer_position(layer_index, num_layers)
+        per_model = [[e.parameters] for e in recipe.expert_entries()]
+        shared = [recipe.parameters]
+    else:
+        index, t = slice_at
+        sl = recipe.slices[index]
+        per_model = [[s.parameters] for s in slice_experts(recipe, sl)]
+        shared = [sl.parameters, recipe.parameters]
     given: dict[str, Any] = {}
     for param in spec.params:
-        top = recipe.parameters.get(param.name)
-        top_value = None if top is None else evaluate_setting(tensor_name, top, t)
+        top_value = _first(tensor_name, [level.get(param.name) for level in shared], t)
         if not param.per_model:
             if top_value is not None:
                 given[param.name] = top_value
             continue
         values = []
-        for entry in experts:
-            own = entry.parameters.get(param.name)
-            v = None if own is None else evaluate_setting(tensor_name, own, t)
+        for levels in per_model:
+            v = _first(tensor_name, [level.get(param.name) for level in levels], t)
             values.append(v if v is not None else top_value)
         if any(v is not None for v in values):
             default = param.default_for(recipe.conventions)
             given[param.name] = [default if v is None else v for v in values]
     where = f"{recipe.source}: tensor {tensor_name}"
-    return spec.resolve(len(experts), given, where, recipe.conventions)
+    return spec.resolve(len(per_model), given, where, recipe.conventions)
+
+
+def slice_experts(recipe: Recipe, sl: SliceSpec) -> list[SliceSource]:
+    """A slice's sources that the method merges as models: all but the base, when the method
+    uses one."""
+    if not recipe.uses_base():
+        return list(sl.sources)
+    return [s for s in sl.sources if not recipe.same_model(s.model, recipe.base_model)]
+
+
+def _first(tensor_name: str, settings: list[Any], t: float) -> Any:
+    """The first setting that gives a value for this tensor (None: none does)."""
+    for setting in settings:
+        if setting is not None:
+            value = evaluate_setting(tensor_name, setting, t)
+            if value is not None:
+                return value
+    return None
