@@ -10,8 +10,8 @@ soup, and mergekit's ``linear`` method.
 All listed models are averaged; there is no base model (``base: none``). Defaults: ``weight`` 1
 for every model (the uniform soup), ``normalize`` true — both as in mergekit. Differences from
 mergekit: Σw = 0 with normalize is an error (mergekit divides by zero). Negative weights are
-accepted as in mergekit (with ``conventions: paper`` the recipe must opt in with
-``allow_negative_weights``: a normalized average with a negative weight is not an average).
+accepted as in mergekit; with ``conventions: paper`` they need ``normalize: false`` (a
+normalized average with a negative weight is not an average).
 """
 
 from __future__ import annotations
@@ -23,6 +23,14 @@ import torch
 from modelalloy.errors import MethodError
 from modelalloy.methods._sparsify import weighted_sum
 from modelalloy.methods.registry import MergeContext, Param, register_method
+
+
+def _paper_weights(params: dict[str, Any], conventions: str, where: str) -> None:
+    """With ``conventions: paper`` a normalized average takes no negative weight."""
+    if conventions == "paper" and params["normalize"] and any(w < 0 for w in params["weight"]):
+        raise MethodError(f"{where}: parameter 'weight' has a negative value "
+                          f"{min(params['weight'])}; with conventions: paper negative weights "
+                          "need normalize: false (mergekit's conventions accept them)")
 
 
 @register_method(
@@ -37,6 +45,7 @@ from modelalloy.methods.registry import MergeContext, Param, register_method
     aliases=("average", "model_soup"),
     elementwise=True,
     slice_kernel="linear",
+    validate=_paper_weights,
 )
 def linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
            ctx: MergeContext) -> torch.Tensor:

@@ -243,6 +243,11 @@ class MethodSpec:
     # (or to None: those parameters keep the torch path). It must give the torch path's bits.
     slice_kernel: str | None = None
 
+    # Checks on the resolved parameters that depend on the recipe's conventions:
+    # ``validate(params, conventions, where)`` raises a MethodError (linear: a normalized
+    # average with a negative weight is refused with ``conventions: paper``).
+    validate: Callable[[dict[str, Any], str, str], None] | None = None
+
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return _decide(self.elementwise, params)
 
@@ -299,6 +304,8 @@ class MethodSpec:
                 out[key] = [param.check(v, where) for v in values]
             else:
                 out[key] = param.check(value, where)
+        if self.validate is not None:
+            self.validate(out, conventions, where)
         return out
 
     def __call__(self, base: torch.Tensor | None, experts: list[torch.Tensor],
@@ -330,6 +337,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     | None = None,
                     finish_when: Callable[[dict[str, Any]], bool] | None = None,
                     slice_kernel: str | None = None,
+                    validate: Callable[[dict[str, Any], str, str], None] | None = None,
                     slice_reduce: tuple[Callable[[torch.Tensor | None, list[torch.Tensor],
                                                   dict[str, Any], MergeContext], None],
                                         ...] = (),
@@ -347,7 +355,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                      elementwise=elementwise, rowwise=rowwise,
                                      finish_slices=finish_slices, finish_when=finish_when,
                                      slice_kernel=slice_kernel,
-                                     slice_reduce=slice_reduce)
+                                     slice_reduce=slice_reduce, validate=validate)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn
