@@ -28,6 +28,13 @@ def write_recipe(path: Path, text: str) -> Path:
     return _write_recipe(path, "conventions: paper\n" + text)
 
 
+def paper_merge(*args, **kwargs) -> dict[str, torch.Tensor]:
+    """The in-memory merge with ``conventions: paper``, as the recipes."""
+    from modelalloy.api import merge_state_dicts
+
+    return merge_state_dicts(*args, conventions="paper", **kwargs)
+
+
 @pytest.fixture(autouse=True, params=["torch", "fused"])
 def slice_path(request, monkeypatch) -> str:
     """Every test runs on the torch slice path and on the fused kernels (modelalloy.kernels),
@@ -148,7 +155,6 @@ def test_a_sliced_merge_fits_a_budget_a_whole_tensor_merge_would_not(tmp_path):
                                                ("dare_ties", "vote: weighted, "),
                                                ("dare_ties", "")])
 def test_dare_sliced_draws_the_whole_tensors_masks(tmp_path, method, extra):
-    from modelalloy.api import merge_state_dicts
 
     base, *experts = _models(tmp_path, [torch.float32] * 3)
     recipe = write_recipe(tmp_path / "r.yaml",
@@ -157,7 +163,7 @@ def test_dare_sliced_draws_the_whole_tensors_masks(tmp_path, method, extra):
                           + "".join(f"  - model: {e}\n" for e in experts))
     out = _load(merge(recipe, tmp_path / "out", threads=2).path)
     params = {"density": 0.3} | ({"vote": "weighted"} if extra else {})
-    whole = merge_state_dicts(method, _load(base), [_load(e) for e in experts], seed=3, **params)
+    whole = paper_merge(method, _load(base), [_load(e) for e in experts], seed=3, **params)
     for name in SHAPES:
         assert torch.equal(out[name], whole[name]), name
     delta = out["big.weight"] - _load(base)["big.weight"]
@@ -170,7 +176,6 @@ def test_dare_ties_paper_vote_sliced_settles_zero_sums_with_the_tensor_majority(
     """Experts +d and −d cancel exactly wherever both survive; a third expert pushes the
     tensor's majority sign negative, positive, or (absent) leaves it to chance: the sliced
     merge must give the whole-tensor result everywhere, the undecided elements included."""
-    from modelalloy.api import merge_state_dicts
 
     n = 3 * SLICE_ELEMENTS + 101
     gen = torch.Generator().manual_seed(1)
@@ -184,7 +189,7 @@ def test_dare_ties_paper_vote_sliced_settles_zero_sums_with_the_tensor_majority(
                           "parameters: {density: 0.5}\nmodels:\n"
                           + "".join(f"  - model: {f}\n" for f in folders[1:]))
     out = _load(merge(recipe, tmp_path / "out").path)["w"]
-    whole = merge_state_dicts("dare_ties", base, experts, seed=5, density=0.5)["w"]
+    whole = paper_merge("dare_ties", base, experts, seed=5, density=0.5)["w"]
     assert torch.equal(out, whole)
     # Undecided elements exist (the two opposite experts kept, the third dropped, or zero).
     tvs = torch.stack([e["w"] - base["w"] for e in experts])
@@ -201,7 +206,6 @@ def test_row_wise_paper_vote_settles_zero_sums_with_the_tensor_majority(tmp_path
     entry, a third pushes the majority sign negative or positive; the sliced merge gives the
     whole tensor's bits, and the undecided elements did go through the fix-ups."""
     import modelalloy.methods.ties as ties
-    from modelalloy.api import merge_state_dicts
 
     gen = torch.Generator().manual_seed(2)
     shape = (3 * SLICE_ELEMENTS // 1000 + 7, 1000)
@@ -225,7 +229,7 @@ def test_row_wise_paper_vote_settles_zero_sums_with_the_tensor_majority(tmp_path
     with mock.patch.object(ties, "record_paper_vote_fixes", spy):
         out = _load(merge(recipe, tmp_path / "out").path)["w"]
     given = dict(kv.split(": ") for kv in params.split(", "))
-    whole = merge_state_dicts(method, base, experts, seed=5, **{
+    whole = paper_merge(method, base, experts, seed=5, **{
         k: v if k == "vote" else float(v) for k, v in given.items()})["w"]
     assert torch.equal(out, whole)
     assert sum(undecided) > 1000
@@ -281,7 +285,6 @@ def _row_models(tmp_path: Path, draw: int, method: str, params: str, seed: int =
     ("breadcrumbs_ties", "vote: weighted, ", 2), ("breadcrumbs_ties", "vote: weighted, ", 4)])
 def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, extra,
                                                                   threads):
-    from modelalloy.api import merge_state_dicts
 
     base, experts, recipe, units = _row_models(tmp_path, 2, method,
                                                f"{extra}density: 0.3, gamma: 0.02")
@@ -289,7 +292,7 @@ def test_breadcrumbs_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, meth
     assert units == {"rows.weight": 701, "long_row": 2 * SLICE_ELEMENTS + 3}
     out = _load(merge(recipe, tmp_path / "out", threads=threads).path)
     params = {"density": 0.3, "gamma": 0.02} | ({"vote": "weighted"} if extra else {})
-    whole = merge_state_dicts(method, base, experts, **params)
+    whole = paper_merge(method, base, experts, **params)
     for name in ROW_SHAPES:
         assert torch.equal(out[name], whole[name]), name
 
@@ -302,7 +305,6 @@ def test_della_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, ex
     at a time it keeps the same entries and gives the same bits as the whole tensor (the
     paper vote's zero sums settled after the last band). The L1 rescale needs a whole-tensor
     norm and keeps the whole tensor."""
-    from modelalloy.api import merge_state_dicts
 
     base, experts, recipe, units = _row_models(tmp_path, 6, method,
                                                f"{extra}density: 0.5, epsilon: 0.1", seed=9)
@@ -312,7 +314,7 @@ def test_della_sliced_by_whole_rows_equals_the_whole_tensor(tmp_path, method, ex
     params = {"density": 0.5, "epsilon": 0.1, "seed": 9} | dict(
         kv.split(": ") for kv in extra.rstrip(", ").split(", ") if kv)
     params = {k: (v == "true" if v in ("true", "false") else v) for k, v in params.items()}
-    whole = merge_state_dicts(method, base, experts, **params)
+    whole = paper_merge(method, base, experts, **params)
     for name in ROW_SHAPES:
         assert torch.equal(out[name], whole[name]), name
     # about half of each expert's entries survive MagPrune
@@ -344,7 +346,6 @@ def test_slerp_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, experts, s
     """SLERP's norms and dot are gathered in a first pass over the slices, then it
     interpolates slice by slice: the same bits as the whole-tensor merge, for the lerp
     fallback (spread 0.01: near-parallel) and true SLERP (spread 3: far apart)."""
-    from modelalloy.api import merge_state_dicts
 
     gen = torch.Generator().manual_seed(4)
     n = 3 * SLICE_ELEMENTS + 77
@@ -358,7 +359,7 @@ def test_slerp_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, experts, s
                           + "".join(f"  - model: {f}\n" for f in folders[1:]))
     one = _load(merge(recipe, tmp_path / "t1", threads=1).path)["w"]
     two = _load(merge(recipe, tmp_path / "t2", threads=2).path)["w"]
-    whole = merge_state_dicts("slerp", base, others, t=0.3)["w"]
+    whole = paper_merge("slerp", base, others, t=0.3)["w"]
     assert torch.equal(one, whole) and torch.equal(two, whole)
     # and the formula, worked out in float64 on the whole vectors
     v0, v1 = ((base["w"].double(), others[0]["w"].double()) if experts == 1 else
@@ -382,7 +383,6 @@ def test_model_stock_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, shar
     formed slice by slice: the same bits as the whole-tensor merge, and the paper's formula
     worked out in float64 (shared 0: nearly orthogonal deltas, t near 0; shared 1: deltas
     sharing a direction, 0 < t < 1)."""
-    from modelalloy.api import merge_state_dicts
 
     gen = torch.Generator().manual_seed(5)
     n = 3 * SLICE_ELEMENTS + 77
@@ -396,7 +396,7 @@ def test_model_stock_sliced_in_two_passes_equals_the_whole_tensor(tmp_path, shar
                           + "".join(f"  - model: {f}\n" for f in folders[1:]))
     one = _load(merge(recipe, tmp_path / "t1", threads=1).path)["w"]
     two = _load(merge(recipe, tmp_path / "t2", threads=2).path)["w"]
-    whole = merge_state_dicts("model_stock", base, others)["w"]
+    whole = paper_merge("model_stock", base, others)["w"]
     assert torch.equal(one, whole) and torch.equal(two, whole)
     deltas = [o["w"].double() - base["w"].double() for o in others]
     cos = sum(float(deltas[i] @ deltas[j]) / float(deltas[i].norm() * deltas[j].norm())
@@ -415,7 +415,6 @@ def test_ties_sliced_in_three_passes_equals_the_whole_tensor(tmp_path, density, 
     the slices find each model's threshold, and the trim pass keeps the ties at it in index
     order — the whole-tensor merge's entries, with many equal magnitudes (quantized deltas)
     and exact cancellations for the paper vote's zero sums."""
-    from modelalloy.api import merge_state_dicts
     from modelalloy.engine.run import make_plan
     from modelalloy.recipe import load_recipe
 
@@ -441,7 +440,7 @@ def test_ties_sliced_in_three_passes_equals_the_whole_tensor(tmp_path, density, 
         params["vote"] = "weighted"
     if "normalize" in extra:
         params["normalize"] = False
-    whole = merge_state_dicts("ties", base, experts, **params)["w"]
+    whole = paper_merge("ties", base, experts, **params)["w"]
     assert torch.equal(out, whole)
 
 

@@ -74,6 +74,7 @@ class PlanExecutor:
         self.slicing = slicing
         self.global_stats: Any = None
         self.warnings: list[str] = []
+        self.notes: dict[str, list[str]] = {}  # MergeContext.note: message -> tensors
         self._warn_lock = threading.Lock()
         self._slice_buffers = threading.local()
 
@@ -104,7 +105,7 @@ class PlanExecutor:
     def _context(self, entry: PlanEntry) -> MergeContext:
         return MergeContext(name=entry.name, seed=self.seed, layer_index=entry.layer_index,
                             num_layers=entry.num_layers, device=self.device,
-                            global_stats=self.global_stats,
+                            global_stats=self.global_stats, notes=self.notes,
                             stats=self.stats_loader(entry.name) if self.stats_loader else {})
 
     def _split(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None,
@@ -328,6 +329,8 @@ class PlanExecutor:
         finally:
             if collecting:
                 gc.enable()
+        for message, names in self.notes.items():
+            self.warnings.append(f"{message} ({len(names)} tensor(s), e.g. '{names[0]}')")
 
     def _run_here(self, writer: TensorWriter, sink: ProgressSink) -> None:
         """One thread and nothing to read ahead (every source in memory): merge in this

@@ -103,7 +103,7 @@ class _ModelStockKernel:
         from modelalloy.methods.model_stock import ratio_from_gram
 
         n = src.shape[0] - 1
-        t = np.float32(ratio_from_gram(ctx.streams["model_stock_gram"]))
+        t = np.float32(ratio_from_gram(ctx.streams["model_stock_gram"], ctx))
         return weighted_kernel(src, count, out, True, np.full(n, UNIT, np.int8),
                                np.ones(n, np.float32), np.float32(n), t)
 

@@ -48,16 +48,38 @@ def _ratio(cos: torch.Tensor | float, n: int) -> torch.Tensor | float:
     return t.clamp_(0.0, 1.0)
 
 
-def ratio_from_gram(gram: Gram) -> float:
-    """The per-tensor t from the deltas' Gram matrix (float64 sums): the mean over pairs of
-    ⟨δ_i, δ_j⟩ / max(‖δ_i‖‖δ_j‖, 1e-6), each clamped to [−1, 1]."""
+CLAMP_NOTE = ("model_stock: t = N·cos θ / (1 + (N − 1)·cos θ) fell outside [0, 1] and was "
+              "clamped; mergekit would use it unclamped there (docs/recipes.md)")
+
+
+def _unclamped(cos: torch.Tensor | float, n: int) -> torch.Tensor | float:
+    """mergekit's t: the formula without the clamp (0 at its singularity)."""
+    denom = 1 + (n - 1) * cos
+    if isinstance(cos, float):
+        return 0.0 if abs(denom) < 1e-6 else n * cos / denom
+    return torch.where(denom.abs() < 1e-6, torch.zeros_like(cos), n * cos / denom)
+
+
+def mean_cosine(gram: Gram) -> float:
+    """mean over pairs of ⟨δ_i, δ_j⟩ / max(‖δ_i‖‖δ_j‖, 1e-6), each clamped to [−1, 1]."""
     n = len(gram)
     cosines = [max(-1.0, min(1.0, gram[i][j] / max(math.sqrt(gram[i][i] * gram[j][j]), 1e-6)))
                for i in range(n) for j in range(i + 1, n)]
-    return _ratio(sum(cosines) / len(cosines), n)
+    return sum(cosines) / len(cosines)
 
 
-def filter_wise_ratio(deltas: list[torch.Tensor]) -> torch.Tensor:
+def ratio_from_gram(gram: Gram, ctx: MergeContext | None = None) -> float:
+    """The per-tensor t from the deltas' Gram matrix (float64 sums, :func:`mean_cosine`);
+    ``ctx`` is told (:data:`CLAMP_NOTE`) when mergekit's unclamped t would differ."""
+    cos = mean_cosine(gram)
+    t = _ratio(cos, len(gram))
+    if ctx is not None and _unclamped(cos, len(gram)) != t:
+        ctx.note(CLAMP_NOTE)
+    return t
+
+
+def filter_wise_ratio(deltas: list[torch.Tensor],
+                      ctx: MergeContext | None = None) -> torch.Tensor:
     """t per row along the last dimension (shape rows × 1; a 1-D tensor is one row), float32."""
     rows = [d.reshape(1, -1) if d.dim() < 2 else d.reshape(-1, d.shape[-1]) for d in deltas]
     norms = [torch.linalg.vector_norm(r, dim=-1) for r in rows]
@@ -67,7 +89,11 @@ def filter_wise_ratio(deltas: list[torch.Tensor]) -> torch.Tensor:
         for j in range(i + 1, n):
             dots = (rows[i] * rows[j]).sum(dim=-1)
             cos_sum += (dots / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
-    return _ratio(cos_sum / (n * (n - 1) // 2), n).unsqueeze(-1)
+    cos = cos_sum / (n * (n - 1) // 2)
+    t = _ratio(cos, n)
+    if ctx is not None and not torch.equal(_unclamped(cos, n), t):
+        ctx.note(CLAMP_NOTE)
+    return t.unsqueeze(-1)
 
 
 def _per_tensor(params: dict[str, Any]) -> bool:
@@ -107,15 +133,15 @@ def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
                 ctx: MergeContext) -> torch.Tensor:
     if params["filter_wise"]:
         deltas = [torch.sub(e, base) for e in experts]
-        t = filter_wise_ratio(deltas)
+        t = filter_wise_ratio(deltas, ctx)
         mean_delta = _mean_delta(base, experts, deltas[0], deltas[1])
         return mean_delta.reshape(t.shape[0], -1).mul_(t).reshape(base.shape).add_(base)
     # θ = θ_0 + t · mean_i δ_i  (= t·mean θ_i + (1−t)·θ_0)
     if ctx.slice_start is None:
-        ratio = ratio_from_gram(add_gram_(new_gram(len(experts)), experts, minus=base))
+        ratio = ratio_from_gram(add_gram_(new_gram(len(experts)), experts, minus=base), ctx)
         acc, delta = torch.empty_like(base), torch.empty_like(base)
     else:
-        ratio = ratio_from_gram(ctx.streams["model_stock_gram"])
+        ratio = ratio_from_gram(ctx.streams["model_stock_gram"], ctx)
         # this thread's slice buffers: the engine copies the result out before the next slice
         acc, delta = (b[:base.numel()].view(base.shape)
                       for b in thread_buffers("model_stock", 2, base.dtype, base.device,

@@ -123,6 +123,15 @@ class MergeContext:
     streams: dict[Any, Any] | None = None
     # The element offset of the current slice in the flattened tensor (None: whole tensor).
     slice_start: int | None = None
+    # Where :meth:`note` collects remarks for the merge summary (message -> tensor names);
+    # None: remarks are dropped (the in-memory API).
+    notes: dict[str, list[str]] | None = None
+
+    def note(self, message: str) -> None:
+        """Tell the merge summary something about this tensor's result (e.g. that it differs
+        from mergekit's); the engine prints each message once with its tensor count."""
+        if self.notes is not None and self.slice_start in (None, 0):
+            self.notes.setdefault(message, []).append(self.name)
 
     def _seed(self, model_index: int) -> int:
         digest = hashlib.sha256(f"{self.seed}\x00{self.name}\x00{model_index}".encode()).digest()
