@@ -1,0 +1,283 @@
+"""mergekit recipes, unchanged, through `modelalloy merge` and `mergekit-yaml`: do both merge,
+and does modelalloy give mergekit's result?
+
+    PYTHONPATH=src python benchmarks/mergekit_recipes.py [--write-docs] [--only NAME,...]
+
+Builds tiny Llama, Mistral and GPT-2 (tied embeddings) families with transformers (a base and
+three fine-tunes: base + random deltas, float32), then runs every recipe in :data:`RECIPES`
+(mergekit's `examples/` and the configurations of its tests/test_basic_merges.py, on these
+models) with both tools and compares the outputs tensor by tensor: names, shapes, dtypes, and
+values within float32 rounding (|Δ| ≤ 2^-20 · max|mergekit's tensor|). DARE and DELLA draw
+random masks with different generators, so for them only the share of entries that differ
+from the base is compared (within 0.05). mergekit is found as in merge_speed.py
+(``MERGEKIT_YAML``, PATH, ../venv-mergekit); without it only modelalloy runs and the table
+says so. ``--write-docs`` puts the table into docs/recipes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "recipes.md"
+SECTION = "## Against mergekit"
+TOLERANCE = 2.0 ** -20  # relative to the tensor's largest |value|
+RANDOM = ("dare_", "della")  # methods whose masks are random draws
+
+LLAMA_MODELS = "  - model: {a}\n    parameters: {{weight: 0.6}}\n  - model: {b}\n" \
+               "    parameters: {{weight: 0.4}}\n"
+
+# name -> recipe text ({base}, {a}, {b}, {c}: the Llama family; {mbase}, {ma}, {mb}: Mistral;
+# {gbase}, {ga}, {gb}: GPT-2 with tied embeddings). Every recipe is float32 so mergekit
+# computes in float32 too.
+RECIPES: dict[str, str] = {
+    "linear": "merge_method: linear\nmodels:\n" + LLAMA_MODELS,
+    "linear-negative": "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: "
+                       "{{weight: 1.5}}\n  - model: {b}\n    parameters: {{weight: -0.5}}\n",
+    "linear-gpt2-tied": "merge_method: linear\nmodels:\n  - model: {ga}\n    parameters: "
+                        "{{weight: 0.6}}\n  - model: {gb}\n    parameters: {{weight: 0.4}}\n",
+    "passthrough": "merge_method: passthrough\nmodels:\n  - model: {a}\n",
+    "passthrough-scale": "merge_method: passthrough\nmodels:\n  - model: {a}\n    parameters:\n"
+                         "      scale: [{{filter: o_proj, value: 0}}, {{value: 1}}]\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                       + LLAMA_MODELS,
+    "task-negation": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                     "  - model: {a}\n    parameters: {{weight: -1.0}}\n",
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS
+            + "parameters: {{density: 0.3}}\n",
+    "ties-example": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                    "    parameters: {{density: [1, 0.7, 0.1], weight: 1.0}}\n  - model: {b}\n"
+                    "    parameters: {{density: 0.5, weight: [0, 0.3, 0.7, 1]}}\n"
+                    "  - model: {c}\n    parameters: {{density: 0.33, weight:\n"
+                    "      [{{filter: mlp, value: 0.5}}, {{value: 0}}]}}\n"
+                    "parameters: {{normalize: true, int8_mask: true}}\n",
+    "ties-negative": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                     "    parameters: {{weight: 1.0, density: 0.5}}\n  - model: {b}\n"
+                     "    parameters: {{weight: -0.5, density: 0.5}}\n",
+    "ties-mistral": "merge_method: ties\nbase_model: {mbase}\nmodels:\n  - model: {ma}\n"
+                    "    parameters: {{weight: 0.6, density: 0.4}}\n  - model: {mb}\n"
+                    "    parameters: {{weight: 0.4, density: 0.4}}\n",
+    "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS,
+    "breadcrumbs-density": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n"
+                           + LLAMA_MODELS + "parameters: {{density: 0.5, gamma: 0.05}}\n",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n"
+                        + LLAMA_MODELS + "parameters: {{density: 0.5, gamma: 0.05}}\n",
+    "dare_linear": "merge_method: dare_linear\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS
+                   + "parameters: {{density: 0.66}}\n",
+    "dare_ties": "merge_method: dare_ties\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS
+                 + "parameters: {{density: 0.66}}\n",
+    "della": "merge_method: della\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS
+             + "parameters: {{density: 0.66, epsilon: 0.05, lambda: 0.5}}\n",
+    "della_linear": "merge_method: della_linear\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS
+                    + "parameters: {{density: 0.66, epsilon: 0.05}}\n",
+    "slerp": "merge_method: slerp\nbase_model: {a}\nmodels:\n" + LLAMA_MODELS
+             + "parameters: {{t: 0.35}}\n",
+    "slerp-gradient": "merge_method: slerp\nbase_model: {a}\nslices:\n  - sources:\n"
+                      "      - {{model: {a}, layer_range: [0, 4]}}\n"
+                      "      - {{model: {b}, layer_range: [0, 4]}}\nparameters:\n  t:\n"
+                      "    - {{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}\n"
+                      "    - {{filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}}\n    - {{value: 0.5}}\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS,
+    "model_stock-filter_wise": "merge_method: model_stock\nbase_model: {base}\nmodels:\n"
+                               + LLAMA_MODELS + "parameters: {{filter_wise: true}}\n",
+    "nuslerp": "merge_method: nuslerp\nmodels:\n" + LLAMA_MODELS,
+    "nuslerp-rows": "merge_method: nuslerp\nmodels:\n" + LLAMA_MODELS
+                    + "parameters: {{nuslerp_flatten: false}}\n",
+    "nuslerp-columns-base": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n"
+                            + LLAMA_MODELS + "parameters: {{nuslerp_row_wise: true, "
+                            "nuslerp_flatten: false}}\n",
+    "nuslerp-cancelling": "merge_method: nuslerp\nmodels:\n  - model: {a}\n    parameters: "
+                          "{{weight: -0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+                          "parameters: {{nuslerp_flatten: false}}\n",
+    "multislerp": "merge_method: multislerp\nmodels:\n" + LLAMA_MODELS,
+    "multislerp-base": "merge_method: multislerp\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS,
+    "karcher": "merge_method: karcher\nmodels:\n" + LLAMA_MODELS
+               + "parameters: {{max_iter: 5, tol: 1.0e-5}}\n",
+    "sce": "merge_method: sce\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS
+           + "parameters: {{select_topk: 0.5}}\n",
+    "ram": "merge_method: ram\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS,
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS
+                  + "parameters: {{r: 0.05, alpha: 1.0}}\n",
+    "nearswap": "merge_method: nearswap\nbase_model: {a}\nmodels:\n" + LLAMA_MODELS
+                + "parameters: {{t: 0.0001}}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {a}\nmodels:\n" + LLAMA_MODELS,
+    "frankenmerge": "merge_method: passthrough\nslices:\n"
+                    "  - sources: [{{model: {a}, layer_range: [0, 3]}}]\n"
+                    "  - sources: [{{model: {b}, layer_range: [1, 4]}}]\n",
+    "self-stack-gpt2": "merge_method: passthrough\nslices:\n"
+                       "  - sources: [{{model: {ga}, layer_range: [0, 3]}}]\n"
+                       "  - sources: [{{model: {ga}, layer_range: [1, 4]}}]\n",
+}
+
+
+@dataclass
+class Row:
+    recipe: str
+    modelalloy: str  # "yes" or the one-line error
+    mergekit: str  # "yes", the error, or "not run"
+    equal: str  # "yes", "no", "-"
+    why: str = ""
+
+
+def build_models(root: Path) -> dict[str, str]:
+    sys.path.insert(0, str(REPO))
+    from tests.mergekit.helpers import save_family
+
+    llama = save_family(root / "llama", "llama", n_models=3, layers=4)
+    mistral = save_family(root / "mistral", "mistral", n_models=2, layers=4, seed=1)
+    gpt2 = save_family(root / "gpt2", "gpt2", n_models=2, layers=4, seed=2)
+    names = {"base": llama[0], "a": llama[1], "b": llama[2], "c": llama[3],
+             "mbase": mistral[0], "ma": mistral[1], "mb": mistral[2],
+             "gbase": gpt2[0], "ga": gpt2[1], "gb": gpt2[2]}
+    return {k: str(v) for k, v in names.items()}
+
+
+def find_mergekit() -> str | None:
+    spec = importlib.util.spec_from_file_location("merge_speed", REPO / "benchmarks" /
+                                                  "merge_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("merge_speed", mod)
+    spec.loader.exec_module(mod)
+    return mod.find_mergekit(None)[0]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:160] if lines else "failed"
+
+
+def run_modelalloy(recipe: Path, out: Path) -> str:
+    r = subprocess.run([sys.executable, "-m", "modelalloy", "merge", str(recipe), str(out),
+                        "--force"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
+    return "yes" if r.returncode == 0 else _last_line(r.stderr or r.stdout)
+
+
+def run_mergekit(binary: str, recipe: Path, out: Path) -> str:
+    r = subprocess.run([binary, str(recipe), str(out), "--no-copy-tokenizer", "--quiet"],
+                       capture_output=True, text=True)
+    return "yes" if r.returncode == 0 else _last_line(r.stderr or r.stdout)
+
+
+def compare(ours: Path, theirs: Path, base: Path | None, random_masks: bool) -> tuple[bool, str]:
+    """(equal, why not) for two output folders."""
+    a, b = _weights(ours), _weights(theirs)
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        return False, f"tensor names differ ({len(only)}, e.g. {only[0]})"
+    reference = _weights(base) if base is not None else {}
+    worst, where = 0.0, ""
+    for name in sorted(a):
+        x, y = a[name], b[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False, f"{name}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}"
+        if random_masks:
+            if name not in reference:
+                continue
+            changed = [(t != reference[name]).float().mean().item() for t in (x, y)]
+            gap = abs(changed[0] - changed[1])
+            if gap > 0.05:
+                return False, f"{name}: {changed[0]:.2f} vs {changed[1]:.2f} of entries changed"
+            continue
+        err = (x.double() - y.double()).abs().max().item() / max(y.abs().max().item(), 1e-30)
+        if err > worst:
+            worst, where = err, name
+    if worst > TOLERANCE:
+        return False, f"{where}: relative difference {worst:.1e}"
+    return True, ""
+
+
+def run_all(names: list[str], work: Path, mergekit: str | None) -> list[Row]:
+    models = build_models(work / "models")
+    rows = []
+    for name in names:
+        text = RECIPES[name].format(**models) + "dtype: float32\n"
+        recipe = work / f"{name}.yaml"
+        recipe.write_text(text)
+        ours, theirs = work / f"{name}-modelalloy", work / f"{name}-mergekit"
+        row = Row(name, run_modelalloy(recipe, ours), "not run", "-")
+        if mergekit is not None:
+            row.mergekit = run_mergekit(mergekit, recipe, theirs)
+        if row.modelalloy == "yes" and row.mergekit == "yes":
+            base = models["base"] if "base_model: " + models["base"] in text else None
+            random_masks = any(text.startswith(f"merge_method: {m}") for m in RANDOM)
+            ok, why = compare(ours, theirs, Path(base) if base else None, random_masks)
+            row.equal, row.why = ("yes" if ok else "no"), why
+            if ok and random_masks:
+                row.why = "random masks: share of changed entries compared"
+        rows.append(row)
+        print(f"{name}: modelalloy {row.modelalloy}; mergekit {row.mergekit}; "
+              f"equal {row.equal} {row.why}", flush=True)
+    return rows
+
+
+def table(rows: list[Row], mergekit: str | None) -> str:
+    lines = [SECTION, "",
+             "`benchmarks/mergekit_recipes.py`: each recipe unchanged through both tools on "
+             "tiny float32 Llama/Mistral/GPT-2 families; equal = same names, shapes, dtypes and "
+             "values within float32 rounding (2^-20 of the tensor's largest value); DARE/DELLA: "
+             "the share of changed entries." + ("" if mergekit else
+                                                " mergekit was not installed for this run."),
+             "", "| recipe | modelalloy merges | mergekit merges | equal | why not |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.recipe} | {r.modelalloy} | {r.mergekit} | {r.equal} | "
+                     f"{r.why.replace('|', '/')} |")
+    merged = sum(r.modelalloy == "yes" for r in rows)
+    equal = sum(r.equal == "yes" for r in rows)
+    lines += ["", f"{merged} of {len(rows)} recipes merge with modelalloy; {equal} give "
+              "mergekit's result.", ""]
+    return "\n".join(lines)
+
+
+def write_docs(section: str) -> None:
+    text = DOCS.read_text() if DOCS.exists() else "# Recipes\n"
+    if SECTION in text:
+        head, _, rest = text.partition(SECTION)
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    DOCS.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated recipe names")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(RECIPES)
+    mergekit = find_mergekit()
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="mk-recipes-"))
+    try:
+        rows = run_all(names, work, mergekit)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    section = table(rows, mergekit)
+    print(section)
+    print(f"({time.perf_counter() - start:.0f} s)")
+    if args.write_docs:
+        write_docs(section)
+
+
+if __name__ == "__main__":
+    main()
