@@ -133,10 +133,11 @@ def test_tokenizer_source_variants(tmp_path):
     assert parse_recipe(MINIMAL).tokenizer_path() is None
 
 
-def test_chat_template_is_ignored_with_a_warning():
-    with pytest.warns(RecipeWarning, match=r"chat_template \(line \d+\): ignored"):
-        r = parse_recipe(MINIMAL + "chat_template: chatml\n")
-    assert len(r.warnings) == 1 and "chat_template" not in r.to_yaml()
+def test_chat_template_is_kept_and_checked():
+    # supported since the mergekit-compatibility work (tests/mergekit/test_chat_template.py)
+    r = parse_recipe(MINIMAL + "chat_template: chatml\n")
+    assert not r.warnings and r.chat_template == "chatml" and "chat_template: chatml" in r.to_yaml()
+    fails(MINIMAL + "chat_template: chatmlx\n", r"chat_template: must be auto, a built-in name")
 
 
 def test_bare_model_strings_and_null_parameters():

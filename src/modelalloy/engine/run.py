@@ -17,6 +17,7 @@ import torch
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.execute import run_plan
 from modelalloy.errors import ModelAlloyError
+from modelalloy.io.chat_template import choose_template, write_template
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.dtypes import parse_dtype
 from modelalloy.io.lora.source import open_model
@@ -235,6 +236,11 @@ def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
         updates = getattr(plan.reference, "config_updates", None)  # slices: the new depth
         if updates and (folder / "config.json").exists():
             update_config(folder, updates)
+    if recipe.chat_template is not None:
+        template = choose_template(recipe.chat_template,
+                                   [recipe.model_path(m) for m in recipe.all_models()])
+        if template is not None:
+            write_template(folder, template)
         dtypes = {e.out_dtype for e in plan.entries if e.merge}
         if len(dtypes) == 1 and (folder / "config.json").exists():
             set_config_dtype(folder, dtypes.pop())

@@ -248,9 +248,7 @@ class _Validator:
         fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
         fields["calibration"] = self.calibration(raw.get("calibration"), base_dir)
         fields["conventions"] = self.conventions
-        if raw.get("chat_template") is not None:
-            self.warn("ignored (not supported yet); the output keeps the chat template of "
-                      "the tokenizer it copies", "chat_template")
+        fields["chat_template"] = self.chat_template(raw.get("chat_template"))
 
         try:
             recipe = Recipe(**fields, source=self.source, base_dir=base_dir)
@@ -547,6 +545,17 @@ class _Validator:
             raise MethodError(f"{self.at(where)}: parameter '{param.name}' must be a "
                               f"whole number, got {x}")
         return param.check(x, self.at(where))
+
+    def chat_template(self, v: Any) -> str | None:
+        from modelalloy.io.chat_template import BUILTIN, is_valid_setting
+
+        if v is None:
+            return None
+        if not isinstance(v, str) or not is_valid_setting(v):
+            raise self.fail("chat_template", f"must be auto, a built-in name ("
+                                             f"{', '.join(sorted(BUILTIN))}) or a Jinja "
+                                             f"template, got {v!r}")
+        return v
 
     def choice(self, v: Any, field: str, options: tuple[str, ...]) -> str:
         if v not in options:

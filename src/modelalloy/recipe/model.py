@@ -187,6 +187,7 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    chat_template: str | None = None  # auto, a built-in name, or Jinja (io/chat_template.py)
     seed: int = 0
     calibration: Calibration | None = None
     name: str | None = None
@@ -357,7 +358,7 @@ class Recipe(BaseModel):
                 for e in self.models]
         if self.parameters:
             out["parameters"] = _dump_params(self.parameters)
-        for key in ("dtype", "out_dtype", "tokenizer_source"):
+        for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["seed"] = self.seed
