@@ -23,7 +23,8 @@ def _config(arch: str, layers: int, tie: bool):
                              max_position_embeddings=32, tie_word_embeddings=tie)
     from transformers import GPT2Config
 
-    return GPT2Config(n_layer=layers, n_embd=16, n_head=2, vocab_size=48, n_positions=32)
+    return GPT2Config(n_layer=layers, n_embd=16, n_head=2, vocab_size=48, n_positions=32,
+                      bos_token_id=1, eos_token_id=2)
 
 
 def save_family(root: Path, arch: str = "llama", n_models: int = 2, layers: int = 4,
