@@ -68,6 +68,10 @@ RECIPES: dict[str, str] = {
     "ties-mistral": "merge_method: ties\nbase_model: {mbase}\nmodels:\n  - model: {ma}\n"
                     "    parameters: {{weight: 0.6, density: 0.4}}\n  - model: {mb}\n"
                     "    parameters: {{weight: 0.4, density: 0.4}}\n",
+    "bio-merge": "merge_method: ties\nbase_model: {mbase}\nmodels:\n  - model: {ma}\n"
+                 "    parameters: {{density: 0.5, weight: 0.5}}\n  - model: {mb}\n"
+                 "    parameters: {{density: 0.5, weight: 0.5}}\n"
+                 "parameters: {{normalize: false, int8_mask: true}}\n",
     "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n" + LLAMA_MODELS,
     "breadcrumbs-density": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n"
                            + LLAMA_MODELS + "parameters: {{density: 0.5, gamma: 0.05}}\n",
