@@ -30,6 +30,7 @@ INT_NAME = "model.position_ids"
 PER_TENSOR: dict[str, Any] = {"weight": [{"filter": "mlp", "value": [0.6, 1.0]}, {"value": 0.8}]}
 METHODS: dict[str, tuple[int, dict[str, Any]]] = {
     "aim": (1, {"omega": 0.4, "input_dim": "last"}),
+    "arcee_fusion": (1, {}),
     "breadcrumbs": (2, {**PER_TENSOR, "density": [0.9, 0.7], "gamma": 0.05}),
     "breadcrumbs_ties": (2, {**PER_TENSOR, "density": 0.8, "gamma": 0.05}),
     "chunk_task_arithmetic": (2, {}),
@@ -38,19 +39,27 @@ METHODS: dict[str, tuple[int, dict[str, Any]]] = {
     "dare_ties": (3, {**PER_TENSOR, "density": 0.5}),
     "della": (2, {**PER_TENSOR, "density": 0.6, "epsilon": 0.1}),
     "della_linear": (2, {"density": [0.8, 0.5], "epsilon": 0.1}),
+    "karcher": (2, {"max_iter": 5}),
     "doge": (2, {"steps": 3, "lr": 1e-3}),
     "ffg": (1, {"density": 0.5}),
     "fisher": (2, {"weight": [1.0, 0.5]}),
     "linear": (3, {**PER_TENSOR}),
     "lines": (2, {}),
     "model_stock": (2, {}),
+    "multislerp": (2, {"weight": [0.7, 0.3]}),
+    "nearswap": (1, {"t": 0.01}),
+    "nuslerp": (2, {"weight": [0.6, 0.4]}),
     "opcm": (3, {"alpha": 0.5}),
     "optmerge": (2, {"steps": 3}),
     "ota": (2, {"weight": [{"filter": "norm", "value": 0.5}, {"value": 1.0}]}),
+    "passthrough": (1, {"scale": [{"filter": "norm", "value": 0.5}, {"value": 1.0}]}),
     "pcb": (2, {"keep_ratio": 0.3}),
+    "ram": (2, {}),
+    "ramplus_tl": (2, {"r": 0.05}),
     "regmean": (2, {"alpha": 0.9, "weight": [1.0, 0.5]}),
     "regmean_pp": (2, {"alpha": 0.9}),
     "resm": (2, {}),
+    "sce": (2, {"select_topk": 0.5}),
     "slerp": (1, {"t": [0.2, 0.7]}),
     "tall_masks": (2, {"task": 1}),
     "task_arithmetic": (3, {**PER_TENSOR, "lambda": [1.0, 0.5]}),
@@ -308,7 +317,8 @@ UNIFORM = {"breadcrumbs": {"density": 0.8, "gamma": 0.05},
            "della": {"density": 0.6, "epsilon": 0.1}, "della_linear": {"density": 0.6,
                                                                         "epsilon": 0.1},
            "linear": {"weight": [1.0, 2.0, 0.5]}, "model_stock": {}, "slerp": {"t": 0.3},
-           "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.3}}
+           "task_arithmetic": {"lambda": 0.7}, "ties": {"density": 0.3},
+           "nearswap": {"t": 0.01}, "passthrough": {"scale": 0.5}}
 
 
 def test_uniform_table_covers_the_sliced_methods():
