@@ -169,10 +169,13 @@ def _last_line(text: str) -> str:
     return lines[-1][:160] if lines else "failed"
 
 
-def run_modelalloy(recipe: Path, out: Path) -> str:
+def run_modelalloy(recipe: Path, out: Path, notes: list[str] | None = None) -> str:
+    """"yes" or the error's last line; the merge's printed notes go to ``notes``."""
     r = subprocess.run([sys.executable, "-m", "modelalloy", "merge", str(recipe), str(out),
                         "--force"], capture_output=True, text=True,
                        env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})
+    if notes is not None:
+        notes += [line for line in (r.stdout + r.stderr).splitlines() if "model_stock: t" in line]
     return "yes" if r.returncode == 0 else _last_line(r.stderr or r.stdout)
 
 
@@ -226,7 +229,8 @@ def run_all(names: list[str], work: Path, mergekit: str | None,
         recipe = work / f"{name}.yaml"
         recipe.write_text(text)
         ours, theirs = work / f"{name}-modelalloy", work / f"{name}-mergekit"
-        row = Row(name, run_modelalloy(recipe, ours), "not run", "-")
+        notes: list[str] = []
+        row = Row(name, run_modelalloy(recipe, ours, notes), "not run", "-")
         if mergekit is not None:
             row.mergekit = run_mergekit(mergekit, recipe, theirs)
         if row.modelalloy == "yes" and row.mergekit == "yes":
@@ -234,6 +238,9 @@ def run_all(names: list[str], work: Path, mergekit: str | None,
             random_masks = any(text.startswith(f"merge_method: {m}") for m in RANDOM)
             ok, why = compare(ours, theirs, Path(base) if base else None, random_masks)
             row.equal, row.why = ("yes" if ok else "no"), why
+            if not ok and notes:  # Model Stock: mergekit's t left [0, 1] there
+                row.why = ("by design: mergekit's Model Stock t leaves [0, 1] in some tensors, "
+                           "modelalloy clamps it (" + why + ")")
             if ok and random_masks:
                 row.why = "random masks: share of changed entries compared"
         rows.append(row)
