@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,17 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "merge_speed.py"
 SECTION = "## Merge speed and memory against mergekit"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("merge_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("merge_speed", mod)  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("merge_speed")
 
 
 def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:

@@ -4,27 +4,14 @@ configurations) merges unchanged; with mergekit installed (MERGEKIT_YAML, PATH o
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from modelalloy import merge
+from tests.conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "mergekit_recipes.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("mergekit_recipes", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("mergekit_recipes", mod)  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-BENCH = _module()
+BENCH = load_benchmark("mergekit_recipes")
 # Compared against a real mergekit when it is installed: one recipe per family of behaviour.
 AGAINST_MERGEKIT = ["ties-example", "ties-negative", "breadcrumbs-density", "breadcrumbs_ties",
                     "slerp-gradient", "nuslerp-columns-base", "karcher", "sce", "ramplus_tl",
