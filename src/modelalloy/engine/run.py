@@ -236,14 +236,14 @@ def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
         updates = getattr(plan.reference, "config_updates", None)  # slices: the new depth
         if updates and (folder / "config.json").exists():
             update_config(folder, updates)
+        dtypes = {e.out_dtype for e in plan.entries if e.merge}
+        if len(dtypes) == 1 and (folder / "config.json").exists():
+            set_config_dtype(folder, dtypes.pop())
     if recipe.chat_template is not None:
         template = choose_template(recipe.chat_template,
                                    [recipe.model_path(m) for m in recipe.all_models()])
         if template is not None:
             write_template(folder, template)
-        dtypes = {e.out_dtype for e in plan.entries if e.merge}
-        if len(dtypes) == 1 and (folder / "config.json").exists():
-            set_config_dtype(folder, dtypes.pop())
     recipe_yaml = recipe.to_yaml()
     (folder / "modelalloy_recipe.yaml").write_text(recipe_yaml)
     write_model_card(folder, recipe_yaml=recipe_yaml, method=plan.spec.name,
