@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from modelalloy.io.writer import (
 )
 from modelalloy.methods.registry import get_method
 from modelalloy.plan.planner import MergePlan, PlanEntry, build_plan
+from modelalloy.plan.sources import TensorSource
 from modelalloy.recipe import Recipe, load_recipe, parse_recipe, recipe_from_dict
 from modelalloy.stats_files import StatsFiles, collect_missing
 
@@ -98,7 +99,8 @@ def as_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
     return load_recipe(recipe)
 
 
-def open_models(recipe: Recipe, stack: ExitStack) -> tuple[Checkpoint | None, list[Checkpoint]]:
+def open_models(recipe: Recipe, stack: ExitStack
+                ) -> tuple[TensorSource | None, Sequence[TensorSource]]:
     """Open the base (if the method uses one) and the experts, closed when ``stack`` exits."""
     if recipe.slices:  # layer ranges of the sources, composed (plan/slices.py)
         from modelalloy.plan.slices import open_slices

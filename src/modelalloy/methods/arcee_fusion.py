@@ -54,6 +54,7 @@ def fusion_threshold(scores: torch.Tensor) -> torch.Tensor:
 )
 def arcee_fusion(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                  ctx: MergeContext) -> torch.Tensor:
+    assert base is not None  # base="required"
     other = experts[0]
     if base.dim() == 0:
         return other.clone()

@@ -37,7 +37,9 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     units = {i: tensors[i] / norms[i] for i in valid}
     total = sum(alphas[i] for i in valid)
     weights = {i: alphas[i] / total for i in valid}
-    u = sum(weights[i] * units[i] for i in valid)
+    u = torch.zeros_like(units[valid[0]])
+    for i in valid:
+        u += weights[i] * units[i]
     norm_u = float(torch.linalg.vector_norm(u))
     u = units[valid[0]].clone() if norm_u < tol else u / norm_u
     for _ in range(max_iter):
@@ -55,7 +57,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
         norm_u = float(torch.linalg.vector_norm(u))
         if norm_u > tol:
             u = u / norm_u
-    return sum(a * n for a, n in zip(alphas, norms, strict=True)) * u
+    return u * sum(a * n for a, n in zip(alphas, norms, strict=True))
 
 
 @register_method(

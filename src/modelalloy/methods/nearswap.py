@@ -33,6 +33,7 @@ from modelalloy.methods.registry import MergeContext, Param, register_method
 )
 def nearswap(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
              ctx: MergeContext) -> torch.Tensor:
+    assert base is not None  # base="required"
     other = experts[0]
     distance = torch.sub(base, other).abs_().clamp_(min=1e-6)
     weight = (float(params["t"]) / distance).clamp_(0.0, 1.0)

@@ -46,6 +46,7 @@ def _masked(base: torch.Tensor, experts: list[torch.Tensor], eps: float):
 )
 def ram(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
         ctx: MergeContext) -> torch.Tensor:
+    assert base is not None  # base="required"
     deltas, _, count = _masked(base, experts, float(params["epsilon"]))
     merged = torch.where(count > 1, deltas / count.clamp(min=1), deltas)
     return base + merged.sum(0).view(base.shape)
@@ -63,6 +64,7 @@ def ram(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str
 )
 def ramplus_tl(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                ctx: MergeContext) -> torch.Tensor:
+    assert base is not None  # base="required"
     eps = float(params["epsilon"])
     deltas, changed, count = _masked(base, experts, eps)
     unique, overlap = count == 1, count > 1

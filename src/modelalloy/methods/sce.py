@@ -52,6 +52,7 @@ def variance_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
 )
 def sce(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
         ctx: MergeContext) -> torch.Tensor:
+    assert base is not None  # base="required"
     deltas = torch.stack([e - base for e in experts])
     deltas = deltas * variance_mask(deltas, float(params["select_topk"]))
     energy = deltas.pow(2).reshape(len(experts), -1).mean(-1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -137,9 +138,10 @@ def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | 
         return opened[str(path)]
 
     uses_base = recipe.uses_base()
+    slices = recipe.slices or []
     # each slice's sources by role: index 0 the base (when used), then the models in order
     roles = []
-    for sl in recipe.slices:
+    for sl in slices:
         others = slice_experts(recipe, sl)
         base = [s for s in sl.sources if s not in others]
         roles.append(base + others if uses_base else others)
@@ -147,7 +149,7 @@ def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | 
     maps: list[dict[str, _Source]] = [{} for _ in range(n_roles)]
     positions: dict[str, tuple[int, float]] = {}
     layout = {id(c): _layers(c) for c in {id(ckpt(s.model)): ckpt(s.model)
-                                           for sl in recipe.slices for s in sl.sources}.values()}
+                                           for sl in slices for s in sl.sources}.values()}
 
     def outside(which: int, pre: bool) -> None:
         first = ckpt(roles[which][0].model)
@@ -162,7 +164,7 @@ def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | 
     out_layer = 0
     template_prefix = layout[id(ckpt(roles[0][0].model))][0]
     layer_types = []
-    for index, sl in enumerate(recipe.slices):
+    for index, sl in enumerate(slices):
         for offset in range(sl.length):
             t = offset / (sl.length - 1) if sl.length > 1 else 1.0
             for r, src in enumerate(roles[index]):
@@ -203,7 +205,8 @@ def _layer_type(config: dict | None, index: int):
 def _config_updates(config: dict | None, layers: int, layer_types: list) -> dict:
     """The output config's layer count (and ``layer_types``) for ``layers`` layers."""
     config = config or {}
-    updates = {key: layers for key in LAYER_COUNT_KEYS if isinstance(config.get(key), int)}
+    updates: dict[str, Any] = {key: layers for key in LAYER_COUNT_KEYS
+                               if isinstance(config.get(key), int)}
     if isinstance(config.get("layer_types"), list) and None not in layer_types:
         updates["layer_types"] = layer_types
     return updates

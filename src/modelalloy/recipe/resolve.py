@@ -42,6 +42,7 @@ def resolve_tensor_params(recipe: Recipe, tensor_name: str, layer_index: int | N
         shared = [recipe.parameters]
     else:
         index, t = slice_at
+        assert recipe.slices is not None  # slice_at is given for slices recipes only
         sl = recipe.slices[index]
         per_model = [[s.parameters] for s in slice_experts(recipe, sl)]
         shared = [sl.parameters, recipe.parameters]
@@ -66,9 +67,10 @@ def resolve_tensor_params(recipe: Recipe, tensor_name: str, layer_index: int | N
 def slice_experts(recipe: Recipe, sl: SliceSpec) -> list[SliceSource]:
     """A slice's sources that the method merges as models: all but the base, when the method
     uses one."""
-    if not recipe.uses_base():
+    base = recipe.base_model
+    if base is None or not recipe.uses_base():
         return list(sl.sources)
-    return [s for s in sl.sources if not recipe.same_model(s.model, recipe.base_model)]
+    return [s for s in sl.sources if not recipe.same_model(s.model, base)]
 
 
 def _first(tensor_name: str, settings: list[Any], t: float) -> Any:
