@@ -188,8 +188,10 @@ def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | 
 
     def composed(r: int) -> ComposedCheckpoint:
         first = ckpt(roles[0][r].model)
-        return ComposedCheckpoint(first.path, first.config, maps[r], positions,
-                                  _config_updates(first.config, out_layer, layer_types))
+        updates = _config_updates(first.config, out_layer, layer_types)
+        # the composed model's own config: the source's, with the new depth
+        config = {**first.config, **updates} if first.config is not None else None
+        return ComposedCheckpoint(first.path, config, maps[r], positions, updates)
 
     checkpoints = [composed(r) for r in range(n_roles)]
     if uses_base:
