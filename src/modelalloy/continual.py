@@ -16,7 +16,8 @@ L2 norms over every floating-point tensor) and P = θ^(t−1) − θ_0:
 - S = λ_{t−1}·P + τ̃;  λ_t = ‖S‖ / n̄_t;  θ^(t) = θ_0 + S / λ_t.
 
 So ‖θ^(t) − θ_0‖ = n̄_t after every step. Memory: the base, the running merge and the incoming
-model, whatever T; no earlier expert is kept.
+model, whatever T; no earlier expert is kept (:class:`OPCMSteps` alone: the running merge and
+one tensor, when the caller streams the base and the model tensor by tensor).
 
 "Linear weight" is decided by name and shape from a state dict: 2-D floating tensors whose name
 does not match ``exclude`` (embeddings by default). Pass ``is_linear`` to decide otherwise, for
@@ -66,27 +67,28 @@ def project_out(p: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tenso
     return tau - removed
 
 
-class OPCM:
-    """Orthogonal projection continual merging over a stream of state dicts.
+def task_vector(base: torch.Tensor, expert: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """τ = θ_t − θ_0 in float32 on ``device``."""
+    return expert.to(device, torch.float32) - base.to(device, torch.float32)
 
-    >>> merger = OPCM(base_sd, alpha=0.5)
-    >>> for sd in stream_of_experts:
-    ...     merger.add(sd)
-    >>> merged = merger.merged()
+
+class OPCMSteps:
+    """OPCM's running merge alone: the merged task vector θ^(t) − θ_0, the task norms and λ_t.
+
+    Each step takes one model's task vectors τ_t name by name, in the same order every step,
+    so a caller can stream them from disk tensor by tensor (the recipe method re-reads the
+    base for each tensor instead of keeping it). :class:`OPCM` adds the base model.
     """
 
-    def __init__(self, base: Mapping[str, torch.Tensor], *, alpha: float = 0.5,
-                 exclude: str = DEFAULT_EXCLUDE,
+    def __init__(self, *, alpha: float = 0.5, exclude: str = DEFAULT_EXCLUDE,
                  is_linear: Callable[[str, torch.Tensor], bool] | None = None,
                  device: str | torch.device = "cpu"):
         if not 0.0 <= alpha <= 1.0:
             raise MethodError(f"opcm: alpha must be in [0, 1], got {alpha}")
-        self.base = dict(base)
         self.alpha = alpha
         self.device = torch.device(device)
         self._exclude = re.compile(exclude) if exclude else None
         self._is_linear = is_linear
-        self.names = [n for n, t in self.base.items() if t.is_floating_point()]
         self.delta: dict[str, torch.Tensor] = {}
         self.norms: list[float] = []
         self.lam = 1.0
@@ -100,29 +102,12 @@ class OPCM:
             return self._is_linear(name, t)
         return t.dim() == 2 and not (self._exclude and self._exclude.search(name))
 
-    def _tau(self, expert: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-        if name not in expert:
-            raise PlanError(f"opcm: model {self.count + 1} has no tensor '{name}'")
-        b = self.base[name]
-        e = expert[name]
-        if tuple(e.shape) != tuple(b.shape):
-            raise PlanError(f"opcm: model {self.count + 1}, tensor '{name}': shape "
-                            f"{tuple(e.shape)} differs from the base's {tuple(b.shape)}")
-        return e.to(self.device, torch.float32) - b.to(self.device, torch.float32)
-
-    def add(self, expert: Mapping[str, torch.Tensor]) -> float:
-        """Merge one more model in; returns the norm of the merged task vector afterwards.
-
-        ``expert`` may be a lazy mapping: each tensor is read when it is merged. A model that
-        lacks a tensor is refused before anything changes.
-        """
-        missing = [n for n in self.names if n not in expert]
-        if missing:
-            raise PlanError(f"opcm: model {self.count + 1} has no tensor '{missing[0]}'")
+    def add_task_vectors(self, taus: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Merge one more model, given as (name, float32 τ_t) pairs; returns the norm of the
+        merged task vector afterwards. Holds one τ at a time besides the running merge."""
         if not self.norms:
             sq = 0.0
-            for n in self.names:
-                tau = self._tau(expert, n)
+            for n, tau in taus:
                 sq += float(tau.double().pow(2).sum())
                 self.delta[n] = tau
             self.norms.append(math.sqrt(sq))
@@ -130,8 +115,7 @@ class OPCM:
             return self.norms[-1]
         sq_tau = 0.0
         sq_s = 0.0
-        for n in self.names:
-            tau = self._tau(expert, n)
+        for n, tau in taus:
             sq_tau += float(tau.double().pow(2).sum())
             p = self.delta[n]
             if self.is_linear(n, p):
@@ -143,9 +127,48 @@ class OPCM:
         target = sum(self.norms) / len(self.norms)
         norm_s = math.sqrt(sq_s)
         self.lam = norm_s / target if target > 0 and norm_s > 0 else 1.0
-        for n in self.names:
+        for n in self.delta:
             self.delta[n] = self.delta[n] / self.lam
         return math.sqrt(sum(float(d.double().pow(2).sum()) for d in self.delta.values()))
+
+
+class OPCM(OPCMSteps):
+    """Orthogonal projection continual merging over a stream of state dicts.
+
+    >>> merger = OPCM(base_sd, alpha=0.5)
+    >>> for sd in stream_of_experts:
+    ...     merger.add(sd)
+    >>> merged = merger.merged()
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor], *, alpha: float = 0.5,
+                 exclude: str = DEFAULT_EXCLUDE,
+                 is_linear: Callable[[str, torch.Tensor], bool] | None = None,
+                 device: str | torch.device = "cpu"):
+        super().__init__(alpha=alpha, exclude=exclude, is_linear=is_linear, device=device)
+        self.base = dict(base)
+        self.names = [n for n, t in self.base.items() if t.is_floating_point()]
+
+    def _tau(self, expert: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+        if name not in expert:
+            raise PlanError(f"opcm: model {self.count + 1} has no tensor '{name}'")
+        b = self.base[name]
+        e = expert[name]
+        if tuple(e.shape) != tuple(b.shape):
+            raise PlanError(f"opcm: model {self.count + 1}, tensor '{name}': shape "
+                            f"{tuple(e.shape)} differs from the base's {tuple(b.shape)}")
+        return task_vector(b, e, self.device)
+
+    def add(self, expert: Mapping[str, torch.Tensor]) -> float:
+        """Merge one more model in; returns the norm of the merged task vector afterwards.
+
+        ``expert`` may be a lazy mapping: each tensor is read when it is merged. A model that
+        lacks a tensor is refused before anything changes.
+        """
+        missing = [n for n in self.names if n not in expert]
+        if missing:
+            raise PlanError(f"opcm: model {self.count + 1} has no tensor '{missing[0]}'")
+        return self.add_task_vectors((n, self._tau(expert, n)) for n in self.names)
 
     def merged(self) -> dict[str, torch.Tensor]:
         """θ_0 + the merged task vector, in the base's dtypes (integer tensors: the base)."""

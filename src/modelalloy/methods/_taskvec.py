@@ -109,20 +109,6 @@ def iter_groups(groups: GroupsFactory,
             yield g
 
 
-def uniform_params(groups: GroupsFactory, keys: tuple[str, ...], method: str) -> None:
-    """Whole-model statistics need the same value of ``keys`` for every tensor: a recipe may
-    set parameters per tensor (filters), which would make the statistic meaningless."""
-    ref: dict | None = None
-    for g in groups():
-        vals = {k: g.params.get(k) for k in keys}
-        if ref is None:
-            ref = vals
-        elif vals != ref:
-            bad = next(k for k in keys if vals[k] != ref[k])
-            raise MethodError(f"{method}: tensor '{g.name}': parameter '{bad}' must be the same "
-                              "for every tensor (it feeds a whole-model statistic)")
-
-
 def check_scope(scope: str) -> None:
     if scope not in SCOPES:
         raise MethodError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")

@@ -31,7 +31,6 @@ from modelalloy.methods._taskvec import (
     stack_task_vectors,
     ties_delta,
     ties_prepare,
-    uniform_params,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
@@ -74,9 +73,11 @@ def _prepare(groups: GroupsFactory) -> TiesStats | None:
     if first is None:
         return None
     check_scope(first.params["scope"])
-    uniform_params(groups, ("base_merge", "density", "scope"), "consensus")
     return _ties_stats(groups, first.params)
 
+
+# the parameters of the whole-model TIES pass (the planner checks them)
+UNIFORM = ("base_merge", "density", "scope")
 
 _COMMON = [
     Param("base_merge", str, "task_arithmetic", "how τ_MTL is built: the task-arithmetic sum "
@@ -106,6 +107,7 @@ _COMMON = [
             "of task arithmetic or TIES",
     base="required",
     prepare=_prepare,
+    uniform=UNIFORM,
     aliases=("consensus_merging",),
 )
 def consensus(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
@@ -136,6 +138,7 @@ def consensus(base: torch.Tensor | None, experts: list[torch.Tensor], params: di
             "θ_0 + m_t ⊙ τ_MTL (for storage use `modelalloy compress`)",
     base="required",
     prepare=_prepare,
+    uniform=UNIFORM,
 )
 def tall_mask_expert(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:

@@ -44,7 +44,6 @@ from modelalloy.methods._taskvec import (
     kth_largest_abs,
     need_base,
     stack_task_vectors,
-    uniform_params,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
@@ -112,7 +111,6 @@ def _prepare(groups: GroupsFactory) -> list[float | None] | None:
     if first is None:
         return None
     check_scope(first.params["scope"])
-    uniform_params(groups, ("density", "scope", "include"), "doge")
     if first.params["scope"] != "global":
         return None
     if next(iter_groups(groups, _select_group), None) is None:
@@ -144,6 +142,7 @@ def _prepare(groups: GroupsFactory) -> list[float | None] | None:
             "gradients projected out of the tasks' shared subspace and task-aware coefficients",
     base="required",
     prepare=_prepare,
+    uniform=("density", "scope", "include"),
     aliases=("doge_ta",),
 )
 def doge(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],

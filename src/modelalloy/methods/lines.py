@@ -40,7 +40,6 @@ from modelalloy.methods._taskvec import (
     stack_task_vectors,
     ties_delta,
     ties_prepare,
-    uniform_params,
 )
 from modelalloy.methods.consensus import consensus_delta
 from modelalloy.methods.registry import MergeContext, Param, register_method
@@ -87,7 +86,6 @@ def _prepare(groups: GroupsFactory) -> LinesStats | None:
         return None
     params = first.params
     check_scope(params["scope"])
-    uniform_params(groups, tuple(params), "lines")
     uses_ties = params["merge"] in ("ties", "consensus_ties")
     ties = (ties_prepare(groups, params["density"])
             if uses_ties and params["scope"] == "global" else None)
@@ -133,6 +131,7 @@ def _prepare(groups: GroupsFactory) -> LinesStats | None:
             "the blocks), α + β at the last",
     base="required",
     prepare=_prepare,
+    uniform=True,
 )
 def lines(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:

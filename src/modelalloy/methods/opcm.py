@@ -1,37 +1,44 @@
 """OPCM as a recipe method: the continual merge run over the recipe's models in order.
 
 The math lives in :mod:`modelalloy.continual` (see there for the paper and equations). Through
-the recipe runner, ``prepare`` streams the models one at a time (model t is read tensor by
-tensor in pass t) and keeps the base, the running merged task vector and the incoming model,
-whatever the number of experts; the main pass then returns θ_0 + that vector.
+the recipe runner, ``prepare`` streams the models one at a time (model t and the base are read
+tensor by tensor in pass t) and keeps only the running merged task vector (float32, one model)
+and the tensor at hand, whatever the number of experts: neither the base nor the incoming
+model is held whole. The main pass then returns θ_0 + that vector.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from modelalloy.continual import DEFAULT_EXCLUDE, OPCM
-from modelalloy.methods._taskvec import GroupsFactory, need_base, uniform_params
+from modelalloy.continual import DEFAULT_EXCLUDE, OPCMSteps, task_vector
+from modelalloy.methods._taskvec import GroupsFactory, need_base
 from modelalloy.methods.registry import MergeContext, Param, register_method
+
+
+def _task_vectors(groups: GroupsFactory, idx: int,
+                  device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Model ``idx``'s task vectors, one tensor at a time (its base tensor read with it)."""
+    for g in groups():
+        yield g.name, task_vector(need_base(g.base, "opcm", g.name), g.experts[idx], device)
 
 
 def _prepare(groups: GroupsFactory) -> dict[str, Any] | None:
     first = next(iter(groups()), None)
     if first is None:
         return None
-    params = first.params
-    uniform_params(groups, tuple(params), "opcm")
+    params = first.params  # the same for every tensor: the planner checks it (uniform=True)
     order = list(range(len(first.experts)))
     if params["shuffle"]:
         random.Random(first.ctx.seed).shuffle(order)
-    base = {g.name: need_base(g.base, "opcm", g.name) for g in groups()}
-    merger = OPCM(base, alpha=params["alpha"], exclude=params["exclude"],
-                  device=first.base.device)
-    for idx in order:  # one pass per model: only model idx is kept from each group
-        merger.add({g.name: g.experts[idx] for g in groups()})
+    merger = OPCMSteps(alpha=params["alpha"], exclude=params["exclude"],
+                       device=need_base(first.base, "opcm", first.name).device)
+    for idx in order:  # one pass per model; only the running merge is kept between tensors
+        merger.add_task_vectors(_task_vectors(groups, idx, merger.device))
     return {"delta": merger.delta, "order": order, "norms": merger.norms}
 
 
@@ -51,6 +58,7 @@ def _prepare(groups: GroupsFactory) -> dict[str, Any] | None:
             "dominant singular subspace, and the merge is rescaled to the mean task-vector norm",
     base="required",
     prepare=_prepare,
+    uniform=True,
 )
 def opcm(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
          ctx: MergeContext) -> torch.Tensor:

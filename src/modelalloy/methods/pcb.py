@@ -41,7 +41,6 @@ from modelalloy.methods._taskvec import (
     check_scope,
     need_base,
     stack_task_vectors,
-    uniform_params,
 )
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
@@ -116,7 +115,6 @@ def _prepare(groups: GroupsFactory) -> PcbStats | None:
         return None
     params = first.params
     check_scope(params["scope"])
-    uniform_params(groups, tuple(params), "pcb")
     if params["scope"] != "global":
         return None
     n = len(first.experts)
@@ -163,6 +161,7 @@ def _prepare(groups: GroupsFactory) -> PcbStats | None:
             "scores, drop the low-score ones, and take the score-weighted mean",
     base="required",
     prepare=_prepare,
+    uniform=True,
     aliases=("pcb_merging",),
 )
 def pcb(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],

@@ -257,6 +257,11 @@ class MethodSpec:
     # average with a negative weight is refused with ``conventions: paper``).
     validate: Callable[[dict[str, Any], str, str], None] | None = None
 
+    # Parameters that must have one value for every tensor (they feed a whole-model statistic
+    # computed in ``prepare``): the planner checks them from the resolved parameters, before
+    # any tensor is read.
+    uniform: tuple[str, ...] = ()
+
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return _decide(self.elementwise, params)
 
@@ -350,8 +355,13 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     slice_reduce: tuple[Callable[[torch.Tensor | None, list[torch.Tensor],
                                                   dict[str, Any], MergeContext], None],
                                         ...] = (),
+                    uniform: tuple[str, ...] | bool = (),
                     ) -> Callable[[MergeFn], MergeFn]:
-    """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema."""
+    """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema.
+
+    ``uniform=True`` stands for every parameter of the schema."""
+    if isinstance(uniform, bool):
+        uniform = tuple(p.name for p in params) if uniform else ()
 
     def wrap(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY or name in _ALIASES:
@@ -364,7 +374,8 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                      elementwise=elementwise, rowwise=rowwise,
                                      finish_slices=finish_slices, finish_when=finish_when,
                                      slice_kernel=slice_kernel,
-                                     slice_reduce=slice_reduce, validate=validate)
+                                     slice_reduce=slice_reduce, validate=validate,
+                                     uniform=uniform)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn

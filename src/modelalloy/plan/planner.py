@@ -229,4 +229,25 @@ def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | Non
             bytes_in=sum(i.nbytes for i in infos) if merge else ref_info.nbytes,
             bytes_out=numel * dtype.itemsize,
             slice_unit=_slice_unit(spec, params, tuple(ref_info.shape), numel) if merge else 0))
+    problem = _uniform_problem(spec, plan.entries)
+    if problem:
+        plan.problems.append(problem)
     return plan
+
+
+def _uniform_problem(spec: MethodSpec, entries: list[PlanEntry]) -> str | None:
+    """The first tensor whose value of one of ``spec.uniform`` differs from the first merged
+    tensor's: a whole-model statistic needs one value (the recipe's filters and gradients
+    could give each tensor its own)."""
+    ref: dict[str, Any] | None = None
+    for entry in entries:
+        if not (spec.uniform and entry.merge and entry.params):
+            continue  # no parameters: copied, or its resolution failed (already a problem)
+        if ref is None:
+            ref = entry.params
+            continue
+        bad = next((k for k in spec.uniform if entry.params.get(k) != ref.get(k)), None)
+        if bad is not None:
+            return (f"{spec.name}: tensor '{entry.name}': parameter '{bad}' must be the same "
+                    "for every tensor (it feeds a whole-model statistic)")
+    return None
