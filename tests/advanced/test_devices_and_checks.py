@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from modelalloy.api import merge_state_dicts
-from modelalloy.errors import MethodError
-from modelalloy.methods import MergeContext, TensorGroup, get_method
+from modelalloy.engine.sources import StateDictSource
+from modelalloy.errors import MethodError, PlanError
+from modelalloy.methods import get_method
+from modelalloy.plan.planner import build_plan
 
 from .helpers import make_models
 
@@ -24,17 +26,16 @@ def test_cuda_matches_cpu(method, params):
 
 
 def test_whole_model_statistics_refuse_per_tensor_parameters():
+    """The planner refuses them (from the resolved parameters, before any read)."""
     spec = get_method("pcb")
     p1 = spec.resolve(1, {"keep_ratio": 0.1}, "t")
     p2 = spec.resolve(1, {"keep_ratio": 0.5}, "t")
-
-    def groups():
-        for name, p in (("a", p1), ("b", p2)):
-            yield TensorGroup(name=name, base=torch.zeros(3), experts=[torch.ones(3)],
-                              params=p, ctx=MergeContext(name=name))
-
-    with pytest.raises(MethodError, match="keep_ratio"):
-        spec.prepare(groups)
+    base = {"a": torch.zeros(3), "b": torch.zeros(3)}
+    expert = {"a": torch.ones(3), "b": torch.ones(3)}
+    plan = build_plan(None, spec, StateDictSource("base", base), [StateDictSource("e", expert)],
+                      None, resolve_params=lambda name, layer, count: p1 if name == "a" else p2)
+    with pytest.raises(PlanError, match="tensor 'b': parameter 'keep_ratio'"):
+        plan.raise_if_problems()
 
 
 def test_base_is_required():
