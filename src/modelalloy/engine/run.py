@@ -209,8 +209,10 @@ def in_flight_budget(plan: MergePlan, budget_bytes: int, sliced: bool = True) ->
 # per-thread slice buffers on the torch path, plus as much again for the fused kernels'
 # machine code, loaded on their first call. Measured as peak RSS less the baseline less one
 # tensor's working set, 3 x 100 MB bf16 models, 24 tensors of 2048 x 1024, 1 and 2 threads:
-# torch path 16 MB (task_arithmetic) to 27 MB (ties); kernels 46 to 64 MB.
-FIRST_USE_BYTES = 32 * 1000**2
+# torch path 16 MB (task_arithmetic) to 27 MB (ties); kernels 46 to 64 MB. A quarter more than
+# the largest, since a budget is a promise: at exactly 32 MB a loaded machine measured ties
+# 4 MB over the smallest accepted budget.
+FIRST_USE_BYTES = 40 * 1000**2
 
 
 def _load_kernels(plan: MergePlan, sliced: bool) -> bool:
