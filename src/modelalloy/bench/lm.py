@@ -448,9 +448,11 @@ class LMSuite(common.SizedSuite):
         return self._data[key]
 
     def evaluate(self, state_dict: dict[str, torch.Tensor], tasks: list[str] | None = None,
-                 split: str = "test", limit: int | None = None) -> dict[str, dict[str, float]]:
+                 split: str = "test", limit: int | None = None) -> dict[str, dict[str, Any]]:
+        """Per task: exact-match accuracy, mean response length and the per-example hits
+        (``correct``, for the bootstrap intervals)."""
         model = self._model(state_dict)
-        out: dict[str, dict[str, float]] = {}
+        out: dict[str, dict[str, Any]] = {}
         max_new = self.info.config["n_positions"] - 16
         for task in tasks or [t.name for t in self.info.tasks]:
             prompts, answers = self.labeled(task, split)
@@ -460,7 +462,8 @@ class LMSuite(common.SizedSuite):
             correct = [final_answer(g) == final_answer(a) for g, a in
                        zip(gens, answers, strict=True)]
             out[task] = {"accuracy": sum(correct) / len(correct),
-                         "mean_length": sum(len(g) + 1 for g in gens) / len(gens)}
+                         "mean_length": sum(len(g) + 1 for g in gens) / len(gens),
+                         "correct": correct}
         return out
 
     @torch.no_grad()
