@@ -322,7 +322,8 @@ def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[st
         expert.load_state_dict(base_sd)
         enames = {id(p): n for n, p in expert.named_parameters()}
         opt = _train(expert, head, x_task["train"], ytr, cfg["finetune_steps"],
-                     cfg["finetune_lr"], cfg["batch"], tseed, train_head=False,
+                     cfg["finetune_lr"], cfg["batch"], common.finetune_seed(cfg, tseed),
+                     train_head=False,
                      only=cfg.get("finetune_only"))
         save_model_folder(out / "experts" / task, expert.state_dict(),
                           {**expert.hf_config(), "task": task, "finetuned_from": "base"},
