@@ -49,6 +49,9 @@ def register(app: typer.Typer) -> None:
             help="also sweep the number of experts merged (2..N) for these methods")] = None,
         long_short: Annotated[bool, typer.Option(
             "--long-to-short", help="also run the long-to-short study (tiny-lm)")] = False,
+        study: Annotated[str | None, typer.Option(
+            help="run one study instead of the comparison: experts, held-out, long-to-short, "
+                 "scale, base-quality (methods default to the study's own)")] = None,
         seeds: Annotated[int, typer.Option(
             min=1, help="rebuild the experts from this many fine-tuning seeds (each a cached "
                         "suite) and report the spread over seeds")] = 1,
@@ -75,6 +78,15 @@ def register(app: typer.Typer) -> None:
             return run_bench(s, _split(methods), tune=tune, params=overrides, seed=seed,
                              log=log)
 
+        if study is not None:
+            from modelalloy.eval.studies import run_study, write_study
+
+            done = run_study(study, suite, size, _split(methods), seed=seed, rebuild=rebuild,
+                             log=log)
+            paths = write_study(done, out, suite, size)
+            typer.echo(paths["md"].read_text())
+            typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
+            return
         s = load_suite(suite, size, rebuild=rebuild, log=log)
         result = bench_one(s)
         paths = write_results(result, out)

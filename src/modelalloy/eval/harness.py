@@ -469,12 +469,25 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
             held_out = [r for r in rows if r["held_out"]]
             unmerged = [r for r in rows if not r["held_out"] and r["task"] not in subset]
             out.append({"method": method, "k": k, "repeat": rep, "tasks": subset,
+                        **_sweep_intervals(held_in, held_out),
                         "held_in_accuracy": _mean([r["accuracy"] for r in held_in]),
                         "held_in_normalized": _mean([r["normalized_accuracy"] for r in held_in]),
                         "held_out_accuracy": _mean([r["accuracy"] for r in held_out]),
                         "unmerged_accuracy": _mean([r["accuracy"] for r in unmerged])})
             log(f"k={k}: held-in {out[-1]['held_in_accuracy']:.3f} "
                 f"held-out {out[-1]['held_out_accuracy']:.3f}")
+    return out
+
+
+def _sweep_intervals(held_in: list[dict[str, Any]],
+                     held_out: list[dict[str, Any]]) -> dict[str, Any]:
+    """95% bootstrap intervals of a sweep row's held-in and held-out means."""
+    from modelalloy.eval.intervals import mean_interval
+
+    out: dict[str, Any] = {}
+    for key, rows in (("held_in_ci", held_in), ("held_out_ci", held_out)):
+        if rows and all(r.get("correct") for r in rows):
+            out[key] = list(mean_interval([r["correct"] for r in rows])[1:])
     return out
 
 
@@ -520,7 +533,7 @@ def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
     def score(method: str, sd: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
         res = suite.evaluate(sd, [long_task])[long_task]
         return {"method": method, "params": params, "accuracy": round(res["accuracy"], 4),
-                "mean_length": round(res["mean_length"], 3)}
+                "mean_length": round(res["mean_length"], 3), **interval_fields(res["correct"])}
 
     rows = [score("base", base, {}), score(f"expert:{long_task}", experts[0], {}),
             score(f"expert:{short_task}", experts[1], {})]

@@ -7,12 +7,19 @@ from pathlib import Path
 from typing import Any
 
 
+def _pm(x: float, ci: list[float] | None) -> str:
+    """``81.5 ± 1.2`` (95% bootstrap half-width) when the row has an interval."""
+    return f"{100 * x:.1f}" + (f" ± {50 * (ci[1] - ci[0]):.1f}" if ci else "")
+
+
 def sweep_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | k | held-in acc | held-in norm | held-out acc | unmerged acc |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['k']} | {100 * r['held_in_accuracy']:.1f} | "
-                     f"{100 * r['held_in_normalized']:.1f} | {100 * r['held_out_accuracy']:.1f} | "
+        lines.append(f"| {r['method']} | {r['k']} | "
+                     f"{_pm(r['held_in_accuracy'], r.get('held_in_ci'))} | "
+                     f"{100 * r['held_in_normalized']:.1f} | "
+                     f"{_pm(r['held_out_accuracy'], r.get('held_out_ci'))} | "
                      + ("—" if r["unmerged_accuracy"] != r["unmerged_accuracy"]
                         else f"{100 * r['unmerged_accuracy']:.1f}") + " |")
     return "\n".join(lines)
@@ -60,7 +67,8 @@ def long_to_short_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | parameters | accuracy | mean response length |", "|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "—"
-        lines.append(f"| {r['method']} | {params} | {100 * r['accuracy']:.1f} | "
+        ci = [r["ci_low"], r["ci_high"]] if "ci_low" in r else None
+        lines.append(f"| {r['method']} | {params} | {_pm(r['accuracy'], ci)} | "
                      f"{r['mean_length']:.1f} |")
     return "\n".join(lines)
 
