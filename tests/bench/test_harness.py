@@ -269,3 +269,14 @@ def test_table_shows_intervals_delta_and_verdict(bench_result, tmp_path):
     paths = write_results(bench_result, tmp_path)
     summary = json.loads(paths["summary"].read_text())
     assert all("verdict" in row for row in summary)
+
+
+def test_docs_page_reports_resolution_and_verdicts(bench_result):
+    from modelalloy.bench.docs import interval_widths, verdict_table
+
+    text = interval_widths(bench_result)
+    assert text.startswith("Resolution (120 test examples per task")
+    table = verdict_table(bench_result)
+    assert "| linear |" in table
+    assert any(v in table for v in ("shows", "does not show", "cannot tell"))
+    assert "| task_arithmetic" not in table

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +30,15 @@ from modelalloy.eval.harness import (
     summarize,
     sweep_num_experts,
 )
-from modelalloy.eval.report import markdown_table, write_results
+from modelalloy.eval.report import (
+    INTERVAL_NOTE,
+    delta_cell,
+    markdown_table,
+    merge_records,
+    plot_rows,
+    verdict,
+    write_results,
+)
 from modelalloy.eval.sweeps import long_to_short_markdown, sweep_markdown, write_sweep
 
 HISTORY = Path(__file__).with_name("tuning_history.md")
@@ -64,6 +73,35 @@ def quality_bars(result: BenchResult) -> list[tuple[str, bool, str]]:
                          f"{100 * best[1]['accuracy']:.1f}, {100 * gain:+.1f} over averaging)",
                          gain >= 0.01 and best[1]["accuracy"] < expert, ""))
     return bars
+
+
+def interval_widths(result: BenchResult) -> str:
+    """The measured resolution: median 95% half-widths of a task's accuracy, of a suite mean
+    and of a paired difference from task arithmetic, in points."""
+    rows = [r for r in summarize(merge_records(result.records)) if "accuracy_ci" in r]
+    task = [50 * (r["ci_high"] - r["ci_low"]) for r in merge_records(result.records)
+            if not r["held_out"] and "ci_low" in r]
+    mean = [50 * (r["accuracy_ci"][1] - r["accuracy_ci"][0]) for r in rows]
+    delta = [50 * (r["delta"]["ci"][1] - r["delta"]["ci"][0]) for r in rows
+             if r.get("delta") and r["method"] not in ("base", "expert")]
+    n = sorted({r["n"] for r in result.records if "n" in r})
+    return (f"Resolution ({'/'.join(map(str, n))} test examples per task; median 95% "
+            f"half-widths): one task ±{statistics.median(task):.1f} points, a suite mean "
+            f"±{statistics.median(mean):.1f}, a paired difference from task arithmetic "
+            f"±{statistics.median(delta) if delta else float('nan'):.1f}.")
+
+
+def verdict_table(result: BenchResult) -> str:
+    rows = plot_rows(result.records)
+    lines = ["| method | mean acc | Δ vs TA | verdict |", "|---|---|---|---|"]
+    for r in rows:
+        if r["method"] in ("base", "expert", "task_arithmetic"):
+            continue
+        label = r["method"] + (f" (λ={r['params'].get('lambda')} on val)"
+                               if r["variant"] == "tuned" else "")
+        lines.append(f"| {label} | {100 * r['accuracy']:.1f} | {delta_cell(r)} | "
+                     f"{verdict(r)} |")
+    return "\n".join(lines)
 
 
 # The methods measured for the page (the optimisation-based ones take minutes per merge on two
@@ -117,7 +155,11 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str
              "task's expert); *held-out acc* averages tasks that are never merged. Rows with "
              "*(λ=… on val)* use the scaling coefficient chosen on the validation split; the "
              "others use the papers' defaults.", "",
-             markdown_table(result.records), "", "Quality bars:", ""]
+             INTERVAL_NOTE, "", markdown_table(result.records), "",
+             interval_widths(result), "", "Verdicts on the claim \"beats task arithmetic\" "
+             "(tuned rows where a method has one; *shows*: the paired 95% interval of Δ lies "
+             "above 0; *does not show*: it lies below +1 point; *cannot tell*: it straddles "
+             "both):", "", verdict_table(result), "", "Quality bars:", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok, _ in bars]
     lines += [f"- {same}", ""]
     if result.skipped:
