@@ -109,6 +109,7 @@ def verdict_table(result: BenchResult) -> str:
 DOC_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
                "model_stock", "tsv_m", "consensus"]
 CHECK_METHODS = ["linear", "ties"]
+SEED_METHODS = ["linear", "task_arithmetic", "ties", "tsv_m"]
 
 
 def check_same_numbers(name: str, size: str, result: BenchResult, rebuild: bool) -> str:
@@ -135,7 +136,30 @@ def check_same_numbers(name: str, size: str, result: BenchResult, rebuild: bool)
     return f"{'PASS' if ok else 'FAIL'}: same seed, same numbers ({how})"
 
 
-def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str:
+def seeds_section(name: str, size: str, first: BenchResult, n_seeds: int, out_dir: Path,
+                  log: Any) -> list[str]:
+    """The spread over fine-tuning seeds of :data:`SEED_METHODS` (seed 0 from ``first``)."""
+    from modelalloy.eval.seeds import (
+        SEEDS_NOTE,
+        run_seeds,
+        seed_spread,
+        seeds_markdown,
+        write_seeds,
+    )
+
+    keep = {"base", "expert", *SEED_METHODS}
+    first = BenchResult(first.suite, first.size,
+                        [r for r in first.records if r["method"] in keep], {}, {}, {})
+    others = run_seeds(name, size, n_seeds, lambda s: run_bench(s, SEED_METHODS, log=log),
+                       log=log, first=1)
+    rows = seed_spread([first, *others])
+    write_seeds(rows, out_dir / name, f"{name} ({size})")
+    return [f"Spread over {n_seeds} fine-tuning seeds (`modelalloy bench --suite {name} "
+            f"--seeds {n_seeds}`). " + SEEDS_NOTE, "", seeds_markdown(rows), ""]
+
+
+def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any,
+            n_seeds: int = 1) -> str:
     start = time.perf_counter()
     suite = load_suite(name, size, log=log)
     built = suite.info.build_seconds
@@ -162,6 +186,8 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str
              "both):", "", verdict_table(result), "", "Quality bars:", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok, _ in bars]
     lines += [f"- {same}", ""]
+    if n_seeds > 1:
+        lines += seeds_section(name, size, result, n_seeds, out_dir, log)
     if result.skipped:
         lines += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()), ""]
     if suite.info.extra.get("pair"):
@@ -199,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--results", type=Path, default=Path("bench-out"))
     parser.add_argument("--check-rebuild", action="store_true")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="also rebuild the experts from this many fine-tuning seeds and "
+                             "report the spread of SEED_METHODS")
     parser.add_argument("--only", default=None,
                         help="regenerate only these suites; reuse the others' sections from "
                              "RESULTS/<suite>/section.md (a slow machine need not redo both)")
@@ -219,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             kept = cached.read_text() if cached.is_file() else _page_section(args.out, name)
             parts.append(kept or f"## {name}\n\n(not measured yet: run with `--only {name}`)\n")
             continue
-        text = section(name, args.size, args.results, args.check_rebuild, log)
+        text = section(name, args.size, args.results, args.check_rebuild, log, args.seeds)
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(text)
         img = args.out.parent / "img"
