@@ -64,3 +64,32 @@ def test_study_cli(vision_smoke, tmp_path):
                                    "--study", "experts", "--out", str(tmp_path), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "held-in acc" in res.output and (tmp_path / "study-experts.png").is_file()
+
+
+@pytest.mark.slow
+def test_cpt_chat_vector_case_and_study(bench_cache):
+    import torch
+
+    from modelalloy.bench import load_suite
+    from modelalloy.bench.lm_cpt import DOMAIN_LETTERS, CptCase, domain_examples
+    from modelalloy.eval.studies import cpt_chat_vector_study
+
+    suite = load_suite("tiny-lm", "smoke")
+    case = CptCase.build(suite)
+    base, cpt, inst = (case.state_dict(w) for w in ("base", "cpt", "instruct"))
+    assert any(not torch.equal(base[k], cpt[k]) for k in base)
+    assert any(not torch.equal(base[k], inst[k]) for k in base)
+    prompt, _ = domain_examples("rev", 1, 0)[0]
+    assert set(prompt.split(":")[1].rstrip("=")) <= set(DOMAIN_LETTERS)
+    study = cpt_chat_vector_study(suite, ["task_arithmetic", "widen"], 0, lambda _m: None)
+    names = [r["method"] for r in study.rows]
+    assert names == ["base", "cpt", "instruct", "chat vector (TA λ=1)", "task_arithmetic",
+                     "widen"]
+    res = case.evaluate(cpt)
+    assert {f"domain:{t}" for t in case.tasks} <= res.keys()
+    ref = study.rows[3]
+    assert ref["new_vs_chat_vector"] == [0.0, 0.0, 0.0]
+    cpt_row = study.rows[1]
+    n_new = len(case.tasks)
+    acc = sum(res[f"domain:{t}"]["accuracy"] for t in case.tasks) / n_new
+    assert cpt_row["new_accuracy"][0] == pytest.approx(acc)

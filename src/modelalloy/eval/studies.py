@@ -32,13 +32,15 @@ from modelalloy.eval.harness import (
 )
 from modelalloy.eval.intervals import difference_interval, mean_interval, significant
 
-STUDY_NAMES = ("experts", "held-out", "long-to-short", "scale", "base-quality")
+STUDY_NAMES = ("experts", "held-out", "long-to-short", "scale", "base-quality",
+               "cpt-chat-vector")
 DEFAULT_METHODS: dict[str, list[str]] = {
     "experts": ["task_arithmetic"],
     "held-out": ["linear", "task_arithmetic", "ties"],
     "long-to-short": ["linear", "task_arithmetic", "ties", "slerp"],
     "scale": ["linear", "task_arithmetic", "ties"],
     "base-quality": ["linear", "task_arithmetic", "ties"],
+    "cpt-chat-vector": ["task_arithmetic", "ties", "widen", "linear"],
 }
 # Suite variants per study, suite and size: (label, build-config overrides). Scale changes the
 # width (tiny-vision: convolution channels; tiny-lm: the embedding size), about 0.5×, 1× and 4×
@@ -197,6 +199,94 @@ def long_to_short_study(suite: Any, methods: list[str], seed: int,
                  plot=lambda p: plot_long_to_short(rows, p))
 
 
+def cpt_chat_vector_study(suite: Any, methods: list[str], seed: int,
+                          log: Callable[[str], None]) -> Study:
+    """Merge a continually pre-trained model with an instruct model of the same base
+    (:mod:`modelalloy.bench.lm_cpt`): skills on the old alphabets (held-in) and on the new one
+    (domain), each merge's difference from the chat-vector recipe paired."""
+    from modelalloy.bench.lm_cpt import CptCase
+    from modelalloy.eval.harness import PAPER_DEFAULTS, merge_experts, resolve_methods
+
+    if suite.info.name != "tiny-lm":
+        raise EvalError("study cpt-chat-vector needs the tiny-lm suite")
+    case = CptCase.build(suite, log=log)
+    base = case.state_dict("base")
+    models = [case.state_dict("cpt"), case.state_dict("instruct")]
+    entries: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+        ("base", {}, base), ("cpt", {}, models[0]), ("instruct", {}, models[1])]
+    for spec in resolve_methods(methods):
+        settings = ([{"lambda": 1.0}, {"lambda": 0.5}] if spec.name == "task_arithmetic"
+                    else [dict(PAPER_DEFAULTS.get(spec.name, {}))])
+        for given in settings:
+            name = "chat vector (TA λ=1)" if given == {"lambda": 1.0} else spec.name
+            entries.append((name, given, merge_experts(spec, base, models, given, seed)))
+            log(f"cpt-chat-vector: {name} merged")
+    held = suite.info.merged_tasks
+    rows = []
+    for name, given, sd in entries:
+        res = case.evaluate(sd)
+        old = [res[t]["correct"] for t in held]
+        new = [res[f"domain:{t}"]["correct"] for t in case.tasks]
+        rows.append({"method": name, "params": given, "old": old, "new": new,
+                     "old_accuracy": mean_interval(old), "new_accuracy": mean_interval(new)})
+    ref = next(r for r in rows if r["method"].startswith("chat vector"))
+    body, findings = [], []
+    for r in rows:
+        dn = difference_interval(r["new"], ref["new"])
+        do = difference_interval(r["old"], ref["old"])
+        r["new_vs_chat_vector"], r["old_vs_chat_vector"] = list(dn), list(do)
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "—"
+        body.append([r["method"], params, _pm(r["old_accuracy"][0], r["old_accuracy"][1:]),
+                     _pm(r["new_accuracy"][0], r["new_accuracy"][1:]),
+                     "ref" if r is ref else _delta_text(*do),
+                     "ref" if r is ref else _delta_text(*dn)])
+    by = {r["method"]: r for r in rows}
+    best = max(rows, key=lambda r: r["new_accuracy"][0])
+    findings.append(f"best on the new alphabet: {best['method']} "
+                    f"({100 * best['new_accuracy'][0]:.1f}); CPT alone "
+                    f"{100 * by['cpt']['new_accuracy'][0]:.1f}, instruct alone "
+                    f"{100 * by['instruct']['new_accuracy'][0]:.1f}")
+    if "widen" in by:
+        d, lo, hi = by["widen"]["new_vs_chat_vector"]
+        word = "above" if lo > 0 else "below" if hi < 0 else "not distinguishable from"
+        findings.append(f"WIDEN on the new alphabet: {100 * by['widen']['new_accuracy'][0]:.1f}"
+                        f", {word} the chat vector ({100 * d:+.1f})")
+    for r in rows:
+        for key in ("old", "new"):
+            r.pop(key)
+    note = ("θ_0 = the tiny-lm base; *instruct* = θ_0 fine-tuned on the 8 held-in tasks; *cpt* "
+            "= θ_0 continually pre-trained on the task formats over a new alphabet (upper-case "
+            "inputs, answers right half the time); merges of [cpt, instruct] over θ_0. *old*: "
+            "the held-in tasks; *new*: the same skills on the new alphabet (neither model was "
+            "trained for them). Δ: paired difference from the chat vector θ_C + (θ_I − θ_0).")
+    return Study("cpt-chat-vector", "continual pre-training + chat vector", rows,
+                 _markdown(["model", "parameters", "old acc", "new acc", "Δ old vs chat vector",
+                            "Δ new vs chat vector"], body), note, findings,
+                 plot=lambda p: _plot_two_skills(rows, p))
+
+
+def _plot_two_skills(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        (x, xl, xh), (y, yl, yh) = r["old_accuracy"], r["new_accuracy"]
+        ax.errorbar([100 * x], [100 * y], xerr=[[100 * (x - xl)], [100 * (xh - x)]],
+                    yerr=[[100 * (y - yl)], [100 * (yh - y)]], fmt="o", capsize=2)
+        ax.annotate(r["method"], (100 * x, 100 * y), fontsize=7)
+    ax.set_xlabel("old alphabets: held-in tasks (%)")
+    ax.set_ylabel("new alphabet: the same tasks (%)")
+    ax.set_title("continual pre-training + chat vector")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def variant_study(name: str, suite_name: str, size: str, methods: list[str], seed: int,
                   log: Callable[[str], None], rebuild: bool = False) -> Study:
     """The suite built at each variant of :data:`VARIANTS`, the methods run on each."""
@@ -331,7 +421,7 @@ def run_study(name: str, suite_name: str, size: str, methods: Sequence[str] | No
         return variant_study(name, suite_name, size, chosen, seed, log, rebuild)
     suite = load_suite(suite_name, size, rebuild=rebuild, log=log)
     fn = {"experts": experts_study, "held-out": held_out_study,
-          "long-to-short": long_to_short_study}[name]
+          "long-to-short": long_to_short_study, "cpt-chat-vector": cpt_chat_vector_study}[name]
     try:
         return fn(suite, chosen, seed, log)
     except KeyError as err:  # a method that produced no rows (skipped)
