@@ -280,3 +280,12 @@ def test_docs_page_reports_resolution_and_verdicts(bench_result):
     assert "| linear |" in table
     assert any(v in table for v in ("shows", "does not show", "cannot tell"))
     assert "| task_arithmetic" not in table
+
+
+def test_widen_score_calibration_is_tuned_like_lambda(vision_smoke):
+    res = run_bench(vision_smoke, ["widen"], grid=(0.3, 1.0))
+    t = res.tuning["widen"]
+    assert t["param"] == "score_calibration" and t["chosen"] in (0.3, 1.0)
+    tuned = [r for r in res.records if r["method"] == "widen" and r["variant"] == "tuned"]
+    assert tuned and tuned[0]["params"]["score_calibration"] == t["chosen"]
+    assert "widen (score_calibration=" in markdown_table(res.records)

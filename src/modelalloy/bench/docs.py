@@ -36,6 +36,7 @@ from modelalloy.eval.report import (
     markdown_table,
     merge_records,
     plot_rows,
+    row_label,
     verdict,
     write_results,
 )
@@ -97,9 +98,7 @@ def verdict_table(result: BenchResult) -> str:
     for r in rows:
         if r["method"] in ("base", "expert", "task_arithmetic"):
             continue
-        label = r["method"] + (f" (λ={r['params'].get('lambda')} on val)"
-                               if r["variant"] == "tuned" else "")
-        lines.append(f"| {label} | {100 * r['accuracy']:.1f} | {delta_cell(r)} | "
+        lines.append(f"| {row_label(r)} | {100 * r['accuracy']:.1f} | {delta_cell(r)} | "
                      f"{verdict(r)} |")
     return "\n".join(lines)
 

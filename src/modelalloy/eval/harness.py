@@ -49,6 +49,17 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # The parameter that scales the merged task vector, where a method has one.
 SCALE_PARAM = "lambda"
+# Methods whose scaling knob has another name: WIDEN's calibrated score s_cal is the weight
+# each model's above-average columns get (s_cal = 1, its README value for two or three models,
+# adds them like task arithmetic with λ = 1; measured on tiny-vision's 8 experts: 64.0 at
+# s_cal 1 against 80.2 at 0.3, docs/benchmarks.md), so the bench chooses it like λ.
+SCALE_PARAMS = {"widen": "score_calibration"}
+
+
+def scale_param(spec: Any) -> str | None:
+    """The parameter the bench tunes on validation for ``spec``, or None."""
+    name = SCALE_PARAMS.get(spec.name, SCALE_PARAM)
+    return name if any(p.name == name for p in spec.params) else None
 # Registry methods whose output is one expert rebuilt from a compression bundle, not a merge:
 # scored as a merge such a row reads like an expert, so the bench reports them apart.
 BUNDLE_METHODS = ("tall_masks",)
@@ -322,8 +333,9 @@ def tune_scale(spec: Any, base: dict[str, torch.Tensor], experts: list[dict[str,
     """Pick the scaling coefficient with the best mean validation accuracy on ``tasks``."""
     scores: dict[str, float] = {}
     best, best_score = grid[0], -1.0
+    knob = scale_param(spec) or SCALE_PARAM
     for lam in grid:
-        merged = merge_experts(spec, base, experts, {**params, SCALE_PARAM: lam}, seed, stats)
+        merged = merge_experts(spec, base, experts, {**params, knob: lam}, seed, stats)
         res = scorer.suite.evaluate(merged, tasks, split="val")
         score = _mean([res[t]["accuracy"] for t in tasks])
         scores[str(lam)] = round(score, 4)
@@ -414,18 +426,19 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
         shown.update(note)
         records += scorer.records(spec.name, merged, variant="default", params=shown)
         log(f"{spec.name}: merged in {timings[spec.name]:.2f}s")
-        tunable = any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in user
+        knob = scale_param(spec)
+        tunable = knob is not None and knob not in user
         if tune and tunable and timings[spec.name] > tune_max_seconds:
-            tuning[spec.name] = {"param": SCALE_PARAM, "skipped":
+            tuning[spec.name] = {"param": knob, "skipped":
                                  f"one merge took {timings[spec.name]:.0f}s; not tuned"}
         elif tune and tunable:
             lam, scores = tune_scale(spec, base, inputs, given, scorer, tasks, grid, seed,
                                      stats)
-            tuning[spec.name] = {"param": SCALE_PARAM, "chosen": lam, "val_scores": scores}
-            merged = merge_experts(spec, base, inputs, {**given, SCALE_PARAM: lam}, seed, stats)
+            tuning[spec.name] = {"param": knob, "chosen": lam, "val_scores": scores}
+            merged = merge_experts(spec, base, inputs, {**given, knob: lam}, seed, stats)
             records += scorer.records(spec.name, merged, variant="tuned",
-                                      params={**shown, SCALE_PARAM: lam})
-            log(f"{spec.name}: {SCALE_PARAM}={lam} chosen on validation")
+                                      params={**shown, knob: lam})
+            log(f"{spec.name}: {knob}={lam} chosen on validation")
     return BenchResult(suite=info.name, size=info.size, records=records, skipped=skipped,
                        timings=timings, tuning=tuning, suite_path=str(info.path),
                        build_seconds=info.build_seconds,

@@ -12,7 +12,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from modelalloy.eval.harness import BUNDLE_VARIANT, REFERENCE_METHOD, BenchResult, summarize
+from modelalloy.eval.harness import (
+    BUNDLE_VARIANT,
+    REFERENCE_METHOD,
+    SCALE_PARAMS,
+    BenchResult,
+    summarize,
+)
 
 BUNDLE_TITLE = "bundles, not merges: rebuilt experts, each on its own task"
 BUNDLE_NOTE = ("A bundle stores the base, one merged task vector and a small per-task part "
@@ -29,10 +35,12 @@ INTERVAL_NOTE = ("`x ± h`: the value and the half-width of its 95% percentile-b
                  "interval that excludes 0.")
 
 
-def _label(row: dict[str, Any]) -> str:
+def row_label(row: dict[str, Any]) -> str:
     if row["variant"] == "tuned":
-        lam = row["params"].get("lambda")
-        return f"{row['method']} (λ={lam} on val)"
+        if "lambda" in row["params"]:
+            return f"{row['method']} (λ={row['params']['lambda']} on val)"
+        knob = SCALE_PARAMS.get(row["method"])
+        return f"{row['method']} ({knob}={row['params'].get(knob)} on val)"
     return row["method"]
 
 
@@ -106,7 +114,7 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     body = []
     for row in _order(summarize(records)):
         cis = row.get("per_task_ci", {})
-        body.append([_label(row), _ci(row["accuracy"], row.get("accuracy_ci")),
+        body.append([row_label(row), _ci(row["accuracy"], row.get("accuracy_ci")),
                      delta_cell(row), _ci(row["normalized_accuracy"], row.get("normalized_ci")),
                      _ci(row["held_out_accuracy"], row.get("held_out_ci")),
                      f"{row['mean_length']:.1f}"]
@@ -227,7 +235,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
         cis = [row.get("per_task_ci", {}).get(t) for t in tasks]
         err = None if None in cis else [[y - 100 * c[0] for y, c in zip(ys, cis, strict=True)],
                                         [100 * c[1] - y for y, c in zip(ys, cis, strict=True)]]
-        ax.bar(xs, ys, width, yerr=err, label=_label(row), color=cmap(i % 20),
+        ax.bar(xs, ys, width, yerr=err, label=row_label(row), color=cmap(i % 20),
                error_kw={"elinewidth": 0.6, "capsize": 0})
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([t + ("\n(held-out)" if held[t] else "") for t in tasks], fontsize=8)

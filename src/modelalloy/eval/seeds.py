@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modelalloy.eval.harness import BenchResult, summarize
+from modelalloy.eval.report import row_label
 
 
 def seed_overrides(seed: int) -> dict[str, Any] | None:
@@ -72,8 +73,7 @@ def seeds_markdown(rows: list[dict[str, Any]]) -> str:
               + ["mean ± sd", "Δ vs TA (mean)", "significant +/− (seeds)"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        label = r["method"] + (f" (λ={r['params'].get('lambda')} on val)"
-                               if r["variant"] == "tuned" else "")
+        label = row_label(r)
         delta = (f"{100 * statistics.fmean(r['delta']):+.1f}" if "delta" in r else "—")
         signs = f"{r['better']} / {r['worse']}" if "delta" in r else "—"
         cells = ([label] + [f"{100 * a:.1f}" for a in r["accuracy"]]

@@ -31,6 +31,7 @@ from modelalloy.eval.harness import (
     sweep_num_experts,
 )
 from modelalloy.eval.intervals import difference_interval, mean_interval, significant
+from modelalloy.eval.report import row_label
 
 STUDY_NAMES = ("experts", "held-out", "long-to-short", "scale", "base-quality",
                "cpt-chat-vector")
@@ -92,12 +93,6 @@ def _markdown(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
-def _label(row: dict[str, Any]) -> str:
-    if row["variant"] == "tuned":
-        return f"{row['method']} (λ={row['params'].get('lambda')} on val)"
-    return row["method"]
-
-
 def _delta_text(value: float, low: float, high: float) -> str:
     return f"{100 * value:+.1f} ± {50 * (high - low):.1f}" + (" *" if significant(low, high)
                                                                else "")
@@ -148,7 +143,7 @@ def held_out_study(suite: Any, methods: list[str], seed: int, log: Callable[[str
                      "vs_base": d, "vs_base_ci": [lo, hi]})
     singles = [r for r in rows if r["variant"] == "single"]
     best_single = max(singles, key=lambda r: r["held_out_accuracy"])
-    body = [[_label(r), "—" if r["variant"] == "single" else
+    body = [[row_label(r), "—" if r["variant"] == "single" else
              _pm(r["held_in_accuracy"], r["held_in_ci"]),
              _pm(r["held_out_accuracy"], r["held_out_ci"]),
              "ref" if r["method"] == "base" else _delta_text(r["vs_base"], *r["vs_base_ci"])]
@@ -158,7 +153,7 @@ def held_out_study(suite: Any, methods: list[str], seed: int, log: Callable[[str
     for r in merges:
         lo, hi = r["vs_base_ci"]
         word = "above" if lo > 0 else "below" if hi < 0 else "not distinguishable from"
-        findings.append(f"{_label(r)}: held-out {100 * r['held_out_accuracy']:.1f}, {word} the "
+        findings.append(f"{row_label(r)}: held-out {100 * r['held_out_accuracy']:.1f}, {word} the "
                         f"base ({100 * r['vs_base']:+.1f}); best single expert "
                         f"{best_single['method']} {100 * best_single['held_out_accuracy']:.1f}")
     note = (f"Held-out tasks ({', '.join(held)}) are never merged. *Δ vs base*: held-out mean "
@@ -309,7 +304,7 @@ def variant_study(name: str, suite_name: str, size: str, methods: list[str], see
                              "normalized_accuracy", "normalized_ci", "held_out_accuracy",
                              "held_out_ci", "delta")}})
         log(f"study {name}: {label} done")
-    body = [[r["setting"], f"{r['parameters']:,}", _label(r),
+    body = [[r["setting"], f"{r['parameters']:,}", row_label(r),
              _pm(r["accuracy"], r["accuracy_ci"]),
              _pm(r["normalized_accuracy"], r["normalized_ci"]),
              _pm(r["held_out_accuracy"], r["held_out_ci"]),
@@ -363,7 +358,7 @@ def _plot_held_out(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.axhspan(min(singles), max(singles), color="grey", alpha=0.2,
                    label="single experts (range)")
     ax.set_xticks(range(len(shown)))
-    ax.set_xticklabels([_label(r) for r in shown], rotation=30, ha="right", fontsize=7)
+    ax.set_xticklabels([row_label(r) for r in shown], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("held-out tasks (95% bootstrap intervals)")
     ax.legend(fontsize=7)
