@@ -106,7 +106,7 @@ def verdict_table(result: BenchResult) -> str:
 # The methods measured for the page (the optimisation-based ones take minutes per merge on two
 # shared cores; `modelalloy bench --methods all` runs every registered method).
 DOC_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
-               "model_stock", "tsv_m", "consensus"]
+               "model_stock", "tsv_m", "consensus", "widen"]
 CHECK_METHODS = ["linear", "ties"]
 SEED_METHODS = ["linear", "task_arithmetic", "ties", "tsv_m"]
 
