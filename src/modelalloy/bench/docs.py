@@ -43,6 +43,7 @@ from modelalloy.eval.report import (
 from modelalloy.eval.sweeps import long_to_short_markdown, sweep_markdown, write_sweep
 
 HISTORY = Path(__file__).with_name("tuning_history.md")
+FINDINGS = Path(__file__).with_name("findings.md")
 
 
 def quality_bars(result: BenchResult) -> list[tuple[str, bool, str]]:
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(args.results / name / "sweep-task_arithmetic.png",
                         img / f"{name}-sweep.png")
         parts.append(text)
+    parts.append(FINDINGS.read_text())
     parts.append(HISTORY.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(parts))
