@@ -19,6 +19,7 @@ from modelalloy.eval.harness import (
     BenchResult,
     summarize,
 )
+from modelalloy.eval.plotting import new_figure, save_figure
 
 BUNDLE_TITLE = "bundles, not merges: rebuilt experts, each on its own task"
 BUNDLE_NOTE = ("A bundle stores the base, one merged task vector and a small per-task part "
@@ -219,16 +220,13 @@ def plot_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Grouped bars: per-task accuracy per row of :func:`plot_rows`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = plot_rows(records)
     tasks, held = _tasks(merge_records(records))
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(tasks) + 2), 4.8))
+    fig, ax = new_figure((max(8.0, 1.1 * len(tasks) + 2), 4.8))
     width = 0.8 / max(1, len(rows))
-    cmap = plt.get_cmap("tab20")
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
     for i, row in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(tasks))]
         ys = [100 * (row["per_task"].get(t) or 0.0) for t in tasks]
@@ -243,11 +241,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     ax.set_ylim(0, 100)
     ax.set_title(title or "per-task accuracy")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_results(result: BenchResult, out_dir: Path) -> dict[str, Path]:

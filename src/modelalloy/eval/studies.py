@@ -31,6 +31,7 @@ from modelalloy.eval.harness import (
     sweep_num_experts,
 )
 from modelalloy.eval.intervals import difference_interval, mean_interval, significant
+from modelalloy.eval.plotting import new_figure, save_figure
 from modelalloy.eval.report import row_label
 
 STUDY_NAMES = ("experts", "held-out", "long-to-short", "scale", "base-quality",
@@ -43,32 +44,28 @@ DEFAULT_METHODS: dict[str, list[str]] = {
     "base-quality": ["linear", "task_arithmetic", "ties"],
     "cpt-chat-vector": ["task_arithmetic", "ties", "widen", "linear"],
 }
-# Suite variants per study, suite and size: (label, build-config overrides). Scale changes the
-# width (tiny-vision: convolution channels; tiny-lm: the embedding size), about 0.5×, 1× and 4×
-# the parameters (the tables give the exact counts); base quality changes the pre-training
-# length (the default is the longest).
-VARIANTS: dict[tuple[str, str, str], list[tuple[str, dict[str, Any]]]] = {
-    ("scale", "tiny-vision", "full"): [("0.5×", {"width": 8}), ("1×", {}),
-                                       ("4×", {"width": 56})],
-    ("scale", "tiny-vision", "smoke"): [("0.5×", {"width": 2}), ("1×", {}),
-                                        ("4×", {"width": 14})],
-    ("scale", "tiny-lm", "full"): [("0.5×", {"n_embd": 96}), ("1×", {}),
-                                   ("4×", {"n_embd": 256})],
-    ("scale", "tiny-lm", "smoke"): [("0.5×", {"n_embd": 16}), ("1×", {}),
-                                    ("4×", {"n_embd": 64})],
-    ("base-quality", "tiny-vision", "full"): [("100 steps", {"pretrain_steps": 100}),
-                                              ("300 steps", {"pretrain_steps": 300}),
-                                              ("800 steps", {})],
-    ("base-quality", "tiny-vision", "smoke"): [("40 steps", {"pretrain_steps": 40}),
-                                               ("80 steps", {"pretrain_steps": 80}),
-                                               ("150 steps", {})],
-    ("base-quality", "tiny-lm", "full"): [("600 steps", {"pretrain_steps": 600}),
-                                          ("1200 steps", {"pretrain_steps": 1200}),
-                                          ("2400 steps", {})],
-    ("base-quality", "tiny-lm", "smoke"): [("30 steps", {"pretrain_steps": 30}),
-                                           ("60 steps", {"pretrain_steps": 60}),
-                                           ("120 steps", {})],
-}
+# Suite variants per study, suite and size. Scale changes the width (tiny-vision: convolution
+# channels; tiny-lm: the embedding size) for about 0.5×, 1× and 4× the parameters (the tables
+# give the exact counts); base quality the pre-training length (the suite's own is the longest).
+_SCALE = {("tiny-vision", "full"): ("width", 8, 56), ("tiny-vision", "smoke"): ("width", 2, 14),
+          ("tiny-lm", "full"): ("n_embd", 96, 256), ("tiny-lm", "smoke"): ("n_embd", 16, 64)}
+_PRETRAIN_STEPS = {("tiny-vision", "full"): (100, 300, 800),
+                   ("tiny-vision", "smoke"): (40, 80, 150),
+                   ("tiny-lm", "full"): (600, 1200, 2400), ("tiny-lm", "smoke"): (30, 60, 120)}
+
+
+def _variants() -> dict[tuple[str, str, str], list[tuple[str, dict[str, Any]]]]:
+    """(label, build-config overrides) per (study, suite, size); {} is the suite itself."""
+    out: dict[tuple[str, str, str], list[tuple[str, dict[str, Any]]]] = {}
+    for (suite, size), (key, small, large) in _SCALE.items():
+        out[("scale", suite, size)] = [("0.5×", {key: small}), ("1×", {}), ("4×", {key: large})]
+    for (suite, size), steps in _PRETRAIN_STEPS.items():
+        out[("base-quality", suite, size)] = [
+            (f"{n} steps", {"pretrain_steps": n} if n != steps[-1] else {}) for n in steps]
+    return out
+
+
+VARIANTS = _variants()
 
 
 @dataclass
@@ -261,12 +258,7 @@ def cpt_chat_vector_study(suite: Any, methods: list[str], seed: int,
 
 
 def _plot_two_skills(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = new_figure((6.5, 4.5))
     for r in rows:
         (x, xl, xh), (y, yl, yh) = r["old_accuracy"], r["new_accuracy"]
         ax.errorbar([100 * x], [100 * y], xerr=[[100 * (x - xl)], [100 * (xh - x)]],
@@ -275,11 +267,7 @@ def _plot_two_skills(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("old alphabets: held-in tasks (%)")
     ax.set_ylabel("new alphabet: the same tasks (%)")
     ax.set_title("continual pre-training + chat vector")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def variant_study(name: str, suite_name: str, size: str, methods: list[str], seed: int,
@@ -343,12 +331,7 @@ def _best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _plot_held_out(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure((7, 4))
     shown = [r for r in rows if r["variant"] != "single"]
     for i, r in enumerate(shown):
         y, ci = 100 * r["held_out_accuracy"], r["held_out_ci"]
@@ -362,21 +345,12 @@ def _plot_held_out(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("held-out tasks (95% bootstrap intervals)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_variants(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = new_figure((6.5, 4))
     best = _best_rows(rows)
     for method in dict.fromkeys(r["method"] for r in best):
         pts = [next((r for r in best if r["method"] == method and r["setting"] == s), None)
@@ -391,11 +365,7 @@ def _plot_variants(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_ylabel("normalised accuracy (%)")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
