@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from modelalloy.errors import ModelAlloyError
-from modelalloy.eval.intervals import accuracy_interval, encode_correct
+from modelalloy.eval.intervals import (
+    accuracy_interval,
+    difference_interval,
+    encode_correct,
+    mean_interval,
+    ratio_interval,
+    significant,
+)
 
 SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 # The papers' settings where the registry's generic defaults differ from them (the registry
@@ -129,10 +136,6 @@ class SuiteScorer:
                          **interval_fields(self._expert_hits[task])})
         return rows
 
-    def expert_hits(self, task: str) -> str:
-        self.expert_accuracy(task)
-        return self._expert_hits[task]
-
 
 def interval_fields(correct: Sequence[bool] | str) -> dict[str, Any]:
     """A record's ``n``, 95% bootstrap interval and per-example hits (as a 0/1 string)."""
@@ -186,13 +189,6 @@ def summarize(records: list[dict[str, Any]],
 def _row_intervals(method: str, variant: str, held_in: list[dict[str, Any]],
                    held_out: list[dict[str, Any]], hits: dict[tuple[str, str, str], Any],
                    reference: str) -> dict[str, Any]:
-    from modelalloy.eval.intervals import (
-        difference_interval,
-        mean_interval,
-        ratio_interval,
-        significant,
-    )
-
     out: dict[str, Any] = {"n": sum(r["n"] for r in held_in)}
     if held_in:
         out["accuracy_ci"] = list(mean_interval([r["correct"] for r in held_in])[1:])
@@ -495,8 +491,6 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
 def _sweep_intervals(held_in: list[dict[str, Any]],
                      held_out: list[dict[str, Any]]) -> dict[str, Any]:
     """95% bootstrap intervals of a sweep row's held-in and held-out means."""
-    from modelalloy.eval.intervals import mean_interval
-
     out: dict[str, Any] = {}
     for key, rows in (("held_in_ci", held_in), ("held_out_ci", held_out)):
         if rows and all(r.get("correct") for r in rows):
