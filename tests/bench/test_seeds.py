@@ -53,3 +53,16 @@ def test_spread_is_the_mean_and_sd_over_seeds(two_seeds, tmp_path):
     assert "| seed 0 | seed 1 |" in md and "± " in md
     paths = write_seeds(list(rows.values()), tmp_path, "tiny-vision (smoke)")
     assert paths["md"].is_file() and paths["json"].is_file()
+
+
+def test_seeds_cli_writes_the_spread(two_seeds, tmp_path):
+    from typer.testing import CliRunner
+
+    from modelalloy.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "--suite", "tiny-vision", "--size", "smoke",
+                                   "--methods", "task_arithmetic", "--no-tune", "--seeds", "2",
+                                   "--out", str(tmp_path), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "| seed 0 | seed 1 |" in res.output
+    assert (tmp_path / "seeds.md").is_file() and (tmp_path / "seeds.json").is_file()
