@@ -52,14 +52,14 @@ def seed_spread(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
         if not all(key in s for s in per_seed):
             continue
         accs = [s[key]["accuracy"] for s in per_seed]
-        deltas = [s[key].get("delta") for s in per_seed]
+        deltas = [s[key]["delta"] for s in per_seed if s[key].get("delta")]
         row: dict[str, Any] = {
             "method": key[0], "variant": key[1], "params": per_seed[0][key]["params"],
             "accuracy": accs, "mean": statistics.fmean(accs),
             "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "held_out_accuracy": [s[key]["held_out_accuracy"] for s in per_seed],
         }
-        if all(deltas):
+        if len(deltas) == len(per_seed):
             row["delta"] = [d["value"] for d in deltas]
             row["better"] = sum(d["significant"] and d["value"] > 0 for d in deltas)
             row["worse"] = sum(d["significant"] and d["value"] < 0 for d in deltas)
