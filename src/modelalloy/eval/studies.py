@@ -126,7 +126,7 @@ def held_out_study(suite: Any, methods: list[str], seed: int, log: Callable[[str
                                   variant="single", tasks=held)
     hits = {(r["method"], r["variant"], r["task"]): r["correct"] for r in records}
     base = [hits[("base", "reference", t)] for t in held]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for row in summarize(records):
         if row["method"] in ("expert",):
             continue
@@ -214,7 +214,7 @@ def cpt_chat_vector_study(suite: Any, methods: list[str], seed: int,
             entries.append((name, given, merge_experts(spec, base, models, given, seed)))
             log(f"cpt-chat-vector: {name} merged")
     held = suite.info.merged_tasks
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, given, sd in entries:
         res = case.evaluate(sd)
         old = [res[t]["correct"] for t in held]
@@ -353,12 +353,12 @@ def _plot_variants(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig, ax = new_figure((6.5, 4))
     best = _best_rows(rows)
     for method in dict.fromkeys(r["method"] for r in best):
-        pts = [next((r for r in best if r["method"] == method and r["setting"] == s), None)
-               for s in settings]
-        xs = [i for i, p in enumerate(pts) if p and p["normalized_ci"]]
-        ys = [100 * pts[i]["normalized_accuracy"] for i in xs]
-        err = [[y - 100 * pts[i]["normalized_ci"][0] for i, y in zip(xs, ys, strict=True)],
-               [100 * pts[i]["normalized_ci"][1] - y for i, y in zip(xs, ys, strict=True)]]
+        at = {r["setting"]: r for r in best if r["method"] == method and r["normalized_ci"]}
+        xs = [i for i, s in enumerate(settings) if s in at]
+        pts = [at[settings[i]] for i in xs]
+        ys = [100 * p["normalized_accuracy"] for p in pts]
+        err = [[y - 100 * p["normalized_ci"][0] for p, y in zip(pts, ys, strict=True)],
+               [100 * p["normalized_ci"][1] - y for p, y in zip(pts, ys, strict=True)]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels(settings)
