@@ -5,8 +5,8 @@ import statistics
 import pytest
 import torch
 
+from modelalloy.bench.seeds import run_seeds, seed_spread, seeds_markdown, write_seeds
 from modelalloy.eval.harness import run_bench
-from modelalloy.eval.seeds import run_seeds, seed_spread, seeds_markdown, write_seeds
 
 
 @pytest.fixture(scope="module")

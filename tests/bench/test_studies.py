@@ -5,9 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from modelalloy.eval import studies
+from modelalloy.bench import studies
+from modelalloy.bench.studies import held_out_study, run_study, variant_study, write_study
 from modelalloy.eval.harness import EvalError
-from modelalloy.eval.studies import held_out_study, run_study, variant_study, write_study
 
 
 def test_held_out_study_compares_with_the_base_and_single_experts(vision_smoke, tmp_path):
@@ -72,7 +72,7 @@ def test_cpt_chat_vector_case_and_study(bench_cache):
 
     from modelalloy.bench import load_suite
     from modelalloy.bench.lm_cpt import DOMAIN_LETTERS, CptCase, domain_examples
-    from modelalloy.eval.studies import cpt_chat_vector_study
+    from modelalloy.bench.studies import cpt_chat_vector_study
 
     suite = load_suite("tiny-lm", "smoke")
     case = CptCase.build(suite)

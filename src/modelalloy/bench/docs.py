@@ -139,7 +139,7 @@ def check_same_numbers(name: str, size: str, result: BenchResult, rebuild: bool)
 def seeds_section(name: str, size: str, first: BenchResult, n_seeds: int, out_dir: Path,
                   log: Any) -> list[str]:
     """The spread over fine-tuning seeds of :data:`SEED_METHODS` (seed 0 from ``first``)."""
-    from modelalloy.eval.seeds import (
+    from modelalloy.bench.seeds import (
         SEEDS_NOTE,
         run_seeds,
         seed_spread,

@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
                              log=log)
 
         if study is not None:
-            from modelalloy.eval.studies import run_study, write_study
+            from modelalloy.bench.studies import run_study, write_study
 
             done = run_study(study, suite, size, _split(methods), seed=seed, rebuild=rebuild,
                              log=log)
@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
         for name, reason in result.skipped.items():
             typer.echo(f"skipped {name}: {reason}")
         if seeds > 1:
-            from modelalloy.eval.seeds import run_seeds, seed_spread, seeds_markdown, write_seeds
+            from modelalloy.bench.seeds import run_seeds, seed_spread, seeds_markdown, write_seeds
 
             others = run_seeds(suite, size, seeds, bench_one, rebuild=rebuild, log=log,
                                first=1)
