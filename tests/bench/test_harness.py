@@ -235,3 +235,57 @@ def test_statistic_methods_run_in_the_bench_on_the_lm_suite(bench_cache):
     assert regmean["params"]["input_dim"] == "first"  # square Conv1D weights
     for r in res.records:
         assert 0.0 <= r["accuracy"] <= 1.0
+
+
+def test_records_and_summary_carry_bootstrap_intervals(bench_result, vision_smoke):
+    from modelalloy.eval.intervals import decode_correct
+
+    n = vision_smoke.info.config["eval_per_task"]
+    for r in bench_result.records:
+        hits = decode_correct(r["correct"])
+        assert r["n"] == n == hits.size
+        assert hits.mean() == pytest.approx(r["accuracy"], abs=1e-4)
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+    rows = {(r["method"], r["variant"]): r for r in summarize(bench_result.records)}
+    ta = rows[("task_arithmetic", "default")]
+    lin = rows[("linear", "default")]
+    assert ta["accuracy_ci"][0] <= ta["accuracy"] <= ta["accuracy_ci"][1]
+    assert "delta" not in ta
+    assert lin["delta"]["vs"] == "task_arithmetic (default)"
+    assert lin["delta"]["value"] == pytest.approx(lin["accuracy"] - ta["accuracy"], abs=1e-4)
+    assert rows[("expert", "reference")]["normalized_ci"] == [1.0, 1.0]
+
+
+def test_table_shows_intervals_delta_and_verdict(bench_result, tmp_path):
+    from modelalloy.eval.report import delta_cell, verdict
+
+    md = markdown_table(bench_result.records)
+    assert "Δ vs TA" in md and " ± " in md and "| ref |" in md
+    assert delta_cell({"method": "x", "delta": {"value": 0.021, "ci": [0.01, 0.032],
+                                                "significant": True}}) == "+2.1 ± 1.1 *"
+    assert verdict({"delta": {"ci": [0.001, 0.03]}}) == "shows"
+    assert verdict({"delta": {"ci": [-0.03, 0.005]}}) == "does not show"
+    assert verdict({"delta": {"ci": [-0.01, 0.02]}}) == "cannot tell"
+    paths = write_results(bench_result, tmp_path)
+    summary = json.loads(paths["summary"].read_text())
+    assert all("verdict" in row for row in summary)
+
+
+def test_docs_page_reports_resolution_and_verdicts(bench_result):
+    from modelalloy.bench.docs import interval_widths, verdict_table
+
+    text = interval_widths(bench_result)
+    assert text.startswith("Resolution (120 test examples per task")
+    table = verdict_table(bench_result)
+    assert "| linear |" in table
+    assert any(v in table for v in ("shows", "does not show", "cannot tell"))
+    assert "| task_arithmetic" not in table
+
+
+def test_widen_score_calibration_is_tuned_like_lambda(vision_smoke):
+    res = run_bench(vision_smoke, ["widen"], grid=(0.3, 1.0))
+    t = res.tuning["widen"]
+    assert t["param"] == "score_calibration" and t["chosen"] in (0.3, 1.0)
+    tuned = [r for r in res.records if r["method"] == "widen" and r["variant"] == "tuned"]
+    assert tuned and tuned[0]["params"]["score_calibration"] == t["chosen"]
+    assert "widen (score_calibration=" in markdown_table(res.records)

@@ -243,3 +243,12 @@ def task_dicts(tasks: list[TaskInfo]) -> list[dict[str, Any]]:
 def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def finetune_seed(cfg: dict[str, Any], seed: int) -> int:
+    """The seed of one expert's fine-tuning run: ``seed`` itself for the suite's default
+    ``finetune_seed`` 0 (so the default build is unchanged), another stream for each other
+    value (``modelalloy bench --seeds N`` rebuilds the experts from seeds 0..N-1; the base, the
+    data and the heads stay the same)."""
+    extra = int(cfg.get("finetune_seed", 0))
+    return seed if extra == 0 else seed + 1_000_003 * extra

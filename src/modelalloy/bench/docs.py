@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -29,10 +30,20 @@ from modelalloy.eval.harness import (
     summarize,
     sweep_num_experts,
 )
-from modelalloy.eval.report import markdown_table, write_results
+from modelalloy.eval.report import (
+    INTERVAL_NOTE,
+    delta_cell,
+    markdown_table,
+    merge_records,
+    plot_rows,
+    row_label,
+    verdict,
+    write_results,
+)
 from modelalloy.eval.sweeps import long_to_short_markdown, sweep_markdown, write_sweep
 
 HISTORY = Path(__file__).with_name("tuning_history.md")
+FINDINGS = Path(__file__).with_name("findings.md")
 
 
 def quality_bars(result: BenchResult) -> list[tuple[str, bool, str]]:
@@ -66,11 +77,39 @@ def quality_bars(result: BenchResult) -> list[tuple[str, bool, str]]:
     return bars
 
 
+def interval_widths(result: BenchResult) -> str:
+    """The measured resolution: median 95% half-widths of a task's accuracy, of a suite mean
+    and of a paired difference from task arithmetic, in points."""
+    rows = [r for r in summarize(merge_records(result.records)) if "accuracy_ci" in r]
+    task = [50 * (r["ci_high"] - r["ci_low"]) for r in merge_records(result.records)
+            if not r["held_out"] and "ci_low" in r]
+    mean = [50 * (r["accuracy_ci"][1] - r["accuracy_ci"][0]) for r in rows]
+    delta = [50 * (r["delta"]["ci"][1] - r["delta"]["ci"][0]) for r in rows
+             if r.get("delta") and r["method"] not in ("base", "expert")]
+    n = sorted({r["n"] for r in result.records if "n" in r})
+    return (f"Resolution ({'/'.join(map(str, n))} test examples per task; median 95% "
+            f"half-widths): one task ±{statistics.median(task):.1f} points, a suite mean "
+            f"±{statistics.median(mean):.1f}, a paired difference from task arithmetic "
+            f"±{statistics.median(delta) if delta else float('nan'):.1f}.")
+
+
+def verdict_table(result: BenchResult) -> str:
+    rows = plot_rows(result.records)
+    lines = ["| method | mean acc | Δ vs TA | verdict |", "|---|---|---|---|"]
+    for r in rows:
+        if r["method"] in ("base", "expert", "task_arithmetic"):
+            continue
+        lines.append(f"| {row_label(r)} | {100 * r['accuracy']:.1f} | {delta_cell(r)} | "
+                     f"{verdict(r)} |")
+    return "\n".join(lines)
+
+
 # The methods measured for the page (the optimisation-based ones take minutes per merge on two
 # shared cores; `modelalloy bench --methods all` runs every registered method).
 DOC_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della",
-               "model_stock", "tsv_m", "consensus"]
+               "model_stock", "tsv_m", "consensus", "widen"]
 CHECK_METHODS = ["linear", "ties"]
+SEED_METHODS = ["linear", "task_arithmetic", "ties", "tsv_m"]
 
 
 def check_same_numbers(name: str, size: str, result: BenchResult, rebuild: bool) -> str:
@@ -97,7 +136,30 @@ def check_same_numbers(name: str, size: str, result: BenchResult, rebuild: bool)
     return f"{'PASS' if ok else 'FAIL'}: same seed, same numbers ({how})"
 
 
-def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str:
+def seeds_section(name: str, size: str, first: BenchResult, n_seeds: int, out_dir: Path,
+                  log: Any) -> list[str]:
+    """The spread over fine-tuning seeds of :data:`SEED_METHODS` (seed 0 from ``first``)."""
+    from modelalloy.bench.seeds import (
+        SEEDS_NOTE,
+        run_seeds,
+        seed_spread,
+        seeds_markdown,
+        write_seeds,
+    )
+
+    keep = {"base", "expert", *SEED_METHODS}
+    first = BenchResult(first.suite, first.size,
+                        [r for r in first.records if r["method"] in keep], {}, {}, {})
+    others = run_seeds(name, size, n_seeds, lambda s: run_bench(s, SEED_METHODS, log=log),
+                       log=log, first=1)
+    rows = seed_spread([first, *others])
+    write_seeds(rows, out_dir / name, f"{name} ({size})")
+    return [f"Spread over {n_seeds} fine-tuning seeds (`modelalloy bench --suite {name} "
+            f"--seeds {n_seeds}`). " + SEEDS_NOTE, "", seeds_markdown(rows), ""]
+
+
+def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any,
+            n_seeds: int = 1) -> str:
     start = time.perf_counter()
     suite = load_suite(name, size, log=log)
     built = suite.info.build_seconds
@@ -117,9 +179,15 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any) -> str
              "task's expert); *held-out acc* averages tasks that are never merged. Rows with "
              "*(λ=… on val)* use the scaling coefficient chosen on the validation split; the "
              "others use the papers' defaults.", "",
-             markdown_table(result.records), "", "Quality bars:", ""]
+             INTERVAL_NOTE, "", markdown_table(result.records), "",
+             interval_widths(result), "", "Verdicts on the claim \"beats task arithmetic\" "
+             "(tuned rows where a method has one; *shows*: the paired 95% interval of Δ lies "
+             "above 0; *does not show*: it lies below +1 point; *cannot tell*: it straddles "
+             "both):", "", verdict_table(result), "", "Quality bars:", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok, _ in bars]
     lines += [f"- {same}", ""]
+    if n_seeds > 1:
+        lines += seeds_section(name, size, result, n_seeds, out_dir, log)
     if result.skipped:
         lines += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()), ""]
     if suite.info.extra.get("pair"):
@@ -157,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--results", type=Path, default=Path("bench-out"))
     parser.add_argument("--check-rebuild", action="store_true")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="also rebuild the experts from this many fine-tuning seeds and "
+                             "report the spread of SEED_METHODS")
     parser.add_argument("--only", default=None,
                         help="regenerate only these suites; reuse the others' sections from "
                              "RESULTS/<suite>/section.md (a slow machine need not redo both)")
@@ -177,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             kept = cached.read_text() if cached.is_file() else _page_section(args.out, name)
             parts.append(kept or f"## {name}\n\n(not measured yet: run with `--only {name}`)\n")
             continue
-        text = section(name, args.size, args.results, args.check_rebuild, log)
+        text = section(name, args.size, args.results, args.check_rebuild, log, args.seeds)
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(text)
         img = args.out.parent / "img"
@@ -186,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(args.results / name / "sweep-task_arithmetic.png",
                         img / f"{name}-sweep.png")
         parts.append(text)
+    parts.append(FINDINGS.read_text())
     parts.append(HISTORY.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(parts))

@@ -165,7 +165,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "pretrain_steps": 2400, "pretrain_lr": 1e-3, "pretrain_correct": 0.5,
         "batch": 32, "finetune_steps": 200, "finetune_lr": 3e-4, "finetune_freeze": FROZEN,
         "pair_finetune_steps": 2400, "pair_finetune_lr": 1e-3, "pair_train_per_task": 8000,
-        "train_per_task": 2000, "val_per_task": 50, "eval_per_task": 100, "general": 200,
+        "train_per_task": 2000, "val_per_task": 50, "eval_per_task": 500, "general": 200,
     },
     "smoke": {
         "seed": 0, "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32,
@@ -339,8 +339,8 @@ def finetune(model: Any, cfg: dict[str, Any], task: str, index: int) -> torch.op
     lr = cfg.get("pair_finetune_lr", cfg["finetune_lr"]) if pair else cfg["finetune_lr"]
     n = cfg.get("pair_train_per_task", cfg["train_per_task"]) if pair else cfg["train_per_task"]
     return _train(model, make_examples(task, n, seed), steps, lr,
-                  cfg["batch"], seed * 1000 + index, prompt_loss=False,
-                  freeze=tuple(cfg.get("finetune_freeze", ())))
+                  cfg["batch"], common.finetune_seed(cfg, seed * 1000 + index),
+                  prompt_loss=False, freeze=tuple(cfg.get("finetune_freeze", ())))
 
 
 def _workers(n_jobs: int) -> int:
@@ -448,9 +448,11 @@ class LMSuite(common.SizedSuite):
         return self._data[key]
 
     def evaluate(self, state_dict: dict[str, torch.Tensor], tasks: list[str] | None = None,
-                 split: str = "test", limit: int | None = None) -> dict[str, dict[str, float]]:
+                 split: str = "test", limit: int | None = None) -> dict[str, dict[str, Any]]:
+        """Per task: exact-match accuracy, mean response length and the per-example hits
+        (``correct``, for the bootstrap intervals)."""
         model = self._model(state_dict)
-        out: dict[str, dict[str, float]] = {}
+        out: dict[str, dict[str, Any]] = {}
         max_new = self.info.config["n_positions"] - 16
         for task in tasks or [t.name for t in self.info.tasks]:
             prompts, answers = self.labeled(task, split)
@@ -460,7 +462,8 @@ class LMSuite(common.SizedSuite):
             correct = [final_answer(g) == final_answer(a) for g, a in
                        zip(gens, answers, strict=True)]
             out[task] = {"accuracy": sum(correct) / len(correct),
-                         "mean_length": sum(len(g) + 1 for g in gens) / len(gens)}
+                         "mean_length": sum(len(g) + 1 for g in gens) / len(gens),
+                         "correct": correct}
         return out
 
     @torch.no_grad()

@@ -322,7 +322,8 @@ def build(out: Path, cfg: dict[str, Any], log: Callable[[str], None]) -> dict[st
         expert.load_state_dict(base_sd)
         enames = {id(p): n for n, p in expert.named_parameters()}
         opt = _train(expert, head, x_task["train"], ytr, cfg["finetune_steps"],
-                     cfg["finetune_lr"], cfg["batch"], tseed, train_head=False,
+                     cfg["finetune_lr"], cfg["batch"], common.finetune_seed(cfg, tseed),
+                     train_head=False,
                      only=cfg.get("finetune_only"))
         save_model_folder(out / "experts" / task, expert.state_dict(),
                           {**expert.hf_config(), "task": task, "finetuned_from": "base"},
@@ -380,17 +381,19 @@ class VisionSuite(common.SizedSuite):
 
     @torch.no_grad()
     def evaluate(self, state_dict: dict[str, torch.Tensor], tasks: list[str] | None = None,
-                 split: str = "test", limit: int | None = None) -> dict[str, dict[str, float]]:
-        """Accuracy of a body (state dict) on each task with that task's head."""
+                 split: str = "test", limit: int | None = None) -> dict[str, dict[str, Any]]:
+        """Accuracy of a body (state dict) on each task with that task's head, and the
+        per-example hits (``correct``, for the bootstrap intervals)."""
         model = self.new_model()
         model.load_state_dict(state_dict)
-        out: dict[str, dict[str, float]] = {}
+        out: dict[str, dict[str, Any]] = {}
         for task in tasks or [t.name for t in self.info.tasks]:
             x, y = self.labeled(task, split)
             if limit is not None:
                 x, y = x[:limit], y[:limit]
-            pred = self.head(task)(model(x)).argmax(1)
-            out[task] = {"accuracy": float((pred == y).float().mean()), "mean_length": 1.0}
+            hit = self.head(task)(model(x)).argmax(1) == y
+            out[task] = {"accuracy": float(hit.float().mean()), "mean_length": 1.0,
+                         "correct": hit.tolist()}
         return out
 
     def general_metrics(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -49,6 +49,12 @@ def register(app: typer.Typer) -> None:
             help="also sweep the number of experts merged (2..N) for these methods")] = None,
         long_short: Annotated[bool, typer.Option(
             "--long-to-short", help="also run the long-to-short study (tiny-lm)")] = False,
+        study: Annotated[str | None, typer.Option(
+            help="run one study instead of the comparison: experts, held-out, long-to-short, "
+                 "scale, base-quality (methods default to the study's own)")] = None,
+        seeds: Annotated[int, typer.Option(
+            min=1, help="rebuild the experts from this many fine-tuning seeds (each a cached "
+                        "suite) and report the spread over seeds")] = 1,
         rebuild: Annotated[bool, typer.Option(help="rebuild the suite even if cached")] = False,
         seed: Annotated[int, typer.Option(help="merge seed (DARE/DELLA masks)")] = 0,
         quiet: Annotated[bool, typer.Option(help="no progress lines")] = False,
@@ -67,12 +73,34 @@ def register(app: typer.Typer) -> None:
                 typer.echo(msg, err=True)
 
         overrides = _params(params)  # checked before the suite is built
+
+        def bench_one(s: Any) -> Any:
+            return run_bench(s, _split(methods), tune=tune, params=overrides, seed=seed,
+                             log=log)
+
+        if study is not None:
+            from modelalloy.bench.studies import run_study, write_study
+
+            done = run_study(study, suite, size, _split(methods), seed=seed, rebuild=rebuild,
+                             log=log)
+            paths = write_study(done, out, suite, size)
+            typer.echo(paths["md"].read_text())
+            typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
+            return
         s = load_suite(suite, size, rebuild=rebuild, log=log)
-        result = run_bench(s, _split(methods), tune=tune, params=overrides, seed=seed, log=log)
+        result = bench_one(s)
         paths = write_results(result, out)
         print_table(result.records, f"{suite} ({size})")
         for name, reason in result.skipped.items():
             typer.echo(f"skipped {name}: {reason}")
+        if seeds > 1:
+            from modelalloy.bench.seeds import run_seeds, seed_spread, seeds_markdown, write_seeds
+
+            others = run_seeds(suite, size, seeds, bench_one, rebuild=rebuild, log=log,
+                               first=1)
+            rows = seed_spread([result, *others])
+            write_seeds(rows, out, f"{suite} ({size})")
+            typer.echo(seeds_markdown(rows))
         for name in _split(sweep) or []:
             rows = sweep_num_experts(s, name, seed=seed, log=log)
             write_sweep(rows, out, name)

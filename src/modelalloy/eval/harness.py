@@ -5,7 +5,9 @@ Records are plain dicts, one per (method, task)::
     {"method": "ties", "variant": "default" | "tuned" | "reference", "params": {...},
      "task": "invert", "held_out": false, "accuracy": 0.81,
      "normalized_accuracy": 0.90,   # accuracy / the task's own expert's accuracy
-     "mean_length": 1.0}            # mean response length in tokens (1 for classifiers)
+     "mean_length": 1.0,            # mean response length in tokens (1 for classifiers)
+     "n": 400, "ci_low": 0.77, "ci_high": 0.85,   # test examples, 95% bootstrap interval
+     "correct": "0110..."}          # per-example hits (modelalloy.eval.intervals)
 
 The base model appears as method "base" and each expert, on its own task, as method "expert".
 Bundle methods (:data:`BUNDLE_METHODS`, TALL masks) are not merges: their records have variant
@@ -25,6 +27,14 @@ from typing import Any
 import torch
 
 from modelalloy.errors import ModelAlloyError
+from modelalloy.eval.intervals import (
+    accuracy_interval,
+    difference_interval,
+    encode_correct,
+    mean_interval,
+    ratio_interval,
+    significant,
+)
 
 SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 # The papers' settings where the registry's generic defaults differ from them (the registry
@@ -46,6 +56,17 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # The parameter that scales the merged task vector, where a method has one.
 SCALE_PARAM = "lambda"
+# Methods whose scaling knob has another name: WIDEN's calibrated score s_cal is the weight
+# each model's above-average columns get (s_cal = 1, its README value for two or three models,
+# adds them like task arithmetic with λ = 1; measured on tiny-vision's 8 experts: 64.0 at
+# s_cal 1 against 80.2 at 0.3, docs/benchmarks.md), so the bench chooses it like λ.
+SCALE_PARAMS = {"widen": "score_calibration"}
+
+
+def scale_param(spec: Any) -> str | None:
+    """The parameter the bench tunes on validation for ``spec``, or None."""
+    name = SCALE_PARAMS.get(spec.name, SCALE_PARAM)
+    return name if any(p.name == name for p in spec.params) else None
 # Registry methods whose output is one expert rebuilt from a compression bundle, not a merge:
 # scored as a merge such a row reads like an expert, so the bench reports them apart.
 BUNDLE_METHODS = ("tall_masks",)
@@ -68,6 +89,7 @@ class SuiteScorer:
     split: str = "test"
     _expert_acc: dict[str, float] = field(default_factory=dict)
     _expert_len: dict[str, float] = field(default_factory=dict)
+    _expert_hits: dict[str, str] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -82,6 +104,7 @@ class SuiteScorer:
                                       split=self.split)[task]
             self._expert_acc[task] = res["accuracy"]
             self._expert_len[task] = res["mean_length"]
+            self._expert_hits[task] = encode_correct(res["correct"])
         return self._expert_acc[task]
 
     def records(self, method: str, state_dict: dict[str, torch.Tensor], *,
@@ -97,7 +120,8 @@ class SuiteScorer:
                         "task": task, "held_out": held_out(task),
                         "accuracy": round(res["accuracy"], 4),
                         "normalized_accuracy": round(res["accuracy"] / exp, 4) if exp else None,
-                        "mean_length": round(res["mean_length"], 3)})
+                        "mean_length": round(res["mean_length"], 3),
+                        **interval_fields(res["correct"])})
         return out
 
     def reference_records(self) -> list[dict[str, Any]]:
@@ -108,22 +132,44 @@ class SuiteScorer:
             rows.append({"method": "expert", "variant": "reference", "params": {},
                          "task": task, "held_out": self.held_out(task),
                          "accuracy": round(acc, 4), "normalized_accuracy": 1.0,
-                         "mean_length": round(self._expert_len[task], 3)})
+                         "mean_length": round(self._expert_len[task], 3),
+                         **interval_fields(self._expert_hits[task])})
         return rows
 
 
-def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (method, variant): mean accuracy held-in and held-out, normalised, length."""
+def interval_fields(correct: Sequence[bool] | str) -> dict[str, Any]:
+    """A record's ``n``, 95% bootstrap interval and per-example hits (as a 0/1 string)."""
+    hits = correct if isinstance(correct, str) else encode_correct(correct)
+    low, high = accuracy_interval(hits)
+    return {"n": len(hits), "ci_low": round(low, 4), "ci_high": round(high, 4),
+            "correct": hits}
+
+
+# The row every method's difference is measured against (same variant where it has one).
+REFERENCE_METHOD = "task_arithmetic"
+
+
+def summarize(records: list[dict[str, Any]],
+              reference: str = REFERENCE_METHOD) -> list[dict[str, Any]]:
+    """One row per (method, variant): mean accuracy held-in and held-out, normalised, length.
+
+    Where the records carry per-example hits (``correct``), each mean has its 95% bootstrap
+    interval (``accuracy_ci``, ``normalized_ci``, ``held_out_ci``: [low, high]) and each row
+    its difference from ``reference`` on the held-in tasks, paired over the same examples
+    (``delta``: {"vs", "value", "ci", "significant"}), against the reference's row of the same
+    variant, or its default row (:mod:`modelalloy.eval.intervals`).
+    """
     keys: list[tuple[str, str]] = []
     for r in records:
         if (r["method"], r["variant"]) not in keys:
             keys.append((r["method"], r["variant"]))
+    hits = {(r["method"], r["variant"], r["task"]): r.get("correct") for r in records}
     rows = []
     for method, variant in keys:
         rs = [r for r in records if r["method"] == method and r["variant"] == variant]
         held_in = [r for r in rs if not r["held_out"]]
         held_out = [r for r in rs if r["held_out"]]
-        rows.append({
+        row = {
             "method": method, "variant": variant, "params": rs[0].get("params", {}),
             "accuracy": _mean([r["accuracy"] for r in held_in]),
             "normalized_accuracy": _mean([r["normalized_accuracy"] for r in held_in
@@ -131,8 +177,35 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "held_out_accuracy": _mean([r["accuracy"] for r in held_out]),
             "mean_length": _mean([r["mean_length"] for r in rs]),
             "per_task": {r["task"]: r["accuracy"] for r in rs},
-        })
+            "per_task_ci": {r["task"]: [r["ci_low"], r["ci_high"]] for r in rs
+                            if "ci_low" in r},
+        }
+        if all(r.get("correct") for r in rs):
+            row.update(_row_intervals(method, variant, held_in, held_out, hits, reference))
+        rows.append(row)
     return rows
+
+
+def _row_intervals(method: str, variant: str, held_in: list[dict[str, Any]],
+                   held_out: list[dict[str, Any]], hits: dict[tuple[str, str, str], Any],
+                   reference: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": sum(r["n"] for r in held_in)}
+    if held_in:
+        out["accuracy_ci"] = list(mean_interval([r["correct"] for r in held_in])[1:])
+        experts = [hits.get(("expert", "reference", r["task"])) for r in held_in]
+        if all(experts):
+            out["normalized_ci"] = list(ratio_interval([r["correct"] for r in held_in],
+                                                       experts)[1:])
+    if held_out:
+        out["held_out_ci"] = list(mean_interval([r["correct"] for r in held_out])[1:])
+    for ref_variant in (variant, "default"):
+        ref = [hits.get((reference, ref_variant, r["task"])) for r in held_in]
+        if held_in and all(ref) and method != reference:
+            value, low, high = difference_interval([r["correct"] for r in held_in], ref)
+            out["delta"] = {"vs": f"{reference} ({ref_variant})", "value": value,
+                            "ci": [low, high], "significant": significant(low, high)}
+            break
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +329,9 @@ def tune_scale(spec: Any, base: dict[str, torch.Tensor], experts: list[dict[str,
     """Pick the scaling coefficient with the best mean validation accuracy on ``tasks``."""
     scores: dict[str, float] = {}
     best, best_score = grid[0], -1.0
+    knob = scale_param(spec) or SCALE_PARAM
     for lam in grid:
-        merged = merge_experts(spec, base, experts, {**params, SCALE_PARAM: lam}, seed, stats)
+        merged = merge_experts(spec, base, experts, {**params, knob: lam}, seed, stats)
         res = scorer.suite.evaluate(merged, tasks, split="val")
         score = _mean([res[t]["accuracy"] for t in tasks])
         scores[str(lam)] = round(score, 4)
@@ -348,18 +422,19 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
         shown.update(note)
         records += scorer.records(spec.name, merged, variant="default", params=shown)
         log(f"{spec.name}: merged in {timings[spec.name]:.2f}s")
-        tunable = any(p.name == SCALE_PARAM for p in spec.params) and SCALE_PARAM not in user
+        knob = scale_param(spec)
+        tunable = knob is not None and knob not in user
         if tune and tunable and timings[spec.name] > tune_max_seconds:
-            tuning[spec.name] = {"param": SCALE_PARAM, "skipped":
+            tuning[spec.name] = {"param": knob, "skipped":
                                  f"one merge took {timings[spec.name]:.0f}s; not tuned"}
         elif tune and tunable:
             lam, scores = tune_scale(spec, base, inputs, given, scorer, tasks, grid, seed,
                                      stats)
-            tuning[spec.name] = {"param": SCALE_PARAM, "chosen": lam, "val_scores": scores}
-            merged = merge_experts(spec, base, inputs, {**given, SCALE_PARAM: lam}, seed, stats)
+            tuning[spec.name] = {"param": knob, "chosen": lam, "val_scores": scores}
+            merged = merge_experts(spec, base, inputs, {**given, knob: lam}, seed, stats)
             records += scorer.records(spec.name, merged, variant="tuned",
-                                      params={**shown, SCALE_PARAM: lam})
-            log(f"{spec.name}: {SCALE_PARAM}={lam} chosen on validation")
+                                      params={**shown, knob: lam})
+            log(f"{spec.name}: {knob}={lam} chosen on validation")
     return BenchResult(suite=info.name, size=info.size, records=records, skipped=skipped,
                        timings=timings, tuning=tuning, suite_path=str(info.path),
                        build_seconds=info.build_seconds,
@@ -403,12 +478,23 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
             held_out = [r for r in rows if r["held_out"]]
             unmerged = [r for r in rows if not r["held_out"] and r["task"] not in subset]
             out.append({"method": method, "k": k, "repeat": rep, "tasks": subset,
+                        **_sweep_intervals(held_in, held_out),
                         "held_in_accuracy": _mean([r["accuracy"] for r in held_in]),
                         "held_in_normalized": _mean([r["normalized_accuracy"] for r in held_in]),
                         "held_out_accuracy": _mean([r["accuracy"] for r in held_out]),
                         "unmerged_accuracy": _mean([r["accuracy"] for r in unmerged])})
             log(f"k={k}: held-in {out[-1]['held_in_accuracy']:.3f} "
                 f"held-out {out[-1]['held_out_accuracy']:.3f}")
+    return out
+
+
+def _sweep_intervals(held_in: list[dict[str, Any]],
+                     held_out: list[dict[str, Any]]) -> dict[str, Any]:
+    """95% bootstrap intervals of a sweep row's held-in and held-out means."""
+    out: dict[str, Any] = {}
+    for key, rows in (("held_in_ci", held_in), ("held_out_ci", held_out)):
+        if rows and all(r.get("correct") for r in rows):
+            out[key] = list(mean_interval([r["correct"] for r in rows])[1:])
     return out
 
 
@@ -454,7 +540,7 @@ def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
     def score(method: str, sd: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
         res = suite.evaluate(sd, [long_task])[long_task]
         return {"method": method, "params": params, "accuracy": round(res["accuracy"], 4),
-                "mean_length": round(res["mean_length"], 3)}
+                "mean_length": round(res["mean_length"], 3), **interval_fields(res["correct"])}
 
     rows = [score("base", base, {}), score(f"expert:{long_task}", experts[0], {}),
             score(f"expert:{short_task}", experts[1], {})]

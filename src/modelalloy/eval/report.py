@@ -12,7 +12,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from modelalloy.eval.harness import BUNDLE_VARIANT, BenchResult, summarize
+from modelalloy.eval.harness import (
+    BUNDLE_VARIANT,
+    REFERENCE_METHOD,
+    SCALE_PARAMS,
+    BenchResult,
+    summarize,
+)
+from modelalloy.eval.plotting import new_figure, save_figure
 
 BUNDLE_TITLE = "bundles, not merges: rebuilt experts, each on its own task"
 BUNDLE_NOTE = ("A bundle stores the base, one merged task vector and a small per-task part "
@@ -22,15 +29,58 @@ BUNDLE_NOTE = ("A bundle stores the base, one merged task vector and a small per
                "experts stored separately.")
 
 
-def _label(row: dict[str, Any]) -> str:
+INTERVAL_NOTE = ("`x ± h`: the value and the half-width of its 95% percentile-bootstrap "
+                 "interval over the test examples (2000 resamples, seed 0; the exact bounds are "
+                 "`ci_low`/`ci_high` in results.json). *Δ vs TA*: the held-in mean minus task "
+                 "arithmetic's (same variant), resampled over the same examples; `*` marks an "
+                 "interval that excludes 0.")
+
+
+def row_label(row: dict[str, Any]) -> str:
     if row["variant"] == "tuned":
-        lam = row["params"].get("lambda")
-        return f"{row['method']} (λ={lam} on val)"
+        if "lambda" in row["params"]:
+            return f"{row['method']} (λ={row['params']['lambda']} on val)"
+        knob = SCALE_PARAMS.get(row["method"])
+        return f"{row['method']} ({knob}={row['params'].get(knob)} on val)"
     return row["method"]
 
 
 def _pct(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _ci(x: float | None, ci: list[float] | None) -> str:
+    """``81.5 ± 1.2``: the value and the half-width of its 95% interval, in points."""
+    if ci is None or x is None or (isinstance(x, float) and math.isnan(x)):
+        return _pct(x)
+    return f"{100 * x:.1f} ± {50 * (ci[1] - ci[0]):.1f}"
+
+
+def delta_cell(row: dict[str, Any], reference: str = REFERENCE_METHOD) -> str:
+    """The difference from the reference in points, ``±`` its paired 95% half-width, and
+    ``*`` where the interval excludes 0; "ref" on the reference's own rows."""
+    if row["method"] == reference:
+        return "ref"
+    d = row.get("delta")
+    if not d:
+        return "—"
+    mark = " *" if d["significant"] else ""
+    return f"{100 * d['value']:+.1f} ± {50 * (d['ci'][1] - d['ci'][0]):.1f}{mark}"
+
+
+def verdict(row: dict[str, Any], margin: float = 0.01) -> str:
+    """Whether the row shows a gain over the reference: "shows" (the paired interval lies
+    above 0), "does not show" (it lies below ``margin``: no gain of a point or more is
+    compatible with the data), or "cannot tell" (it straddles both)."""
+    d = row.get("delta")
+    if not d:
+        return "—"
+    low, high = d["ci"]
+    if low > 0:
+        return "shows"
+    if high < margin:
+        return "does not show"
+    return "cannot tell"
 
 
 def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -60,13 +110,16 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     """The merge table: one row per (method, variant), bundle records left out."""
     records = merge_records(records)
     tasks, held = _tasks(records)
-    header = (["method", "mean acc", "norm acc", "held-out acc", "mean len"]
+    header = (["method", "mean acc", "Δ vs TA", "norm acc", "held-out acc", "mean len"]
               + [t + (" (held-out)" if held[t] else "") for t in tasks])
     body = []
     for row in _order(summarize(records)):
-        body.append([_label(row), _pct(row["accuracy"]), _pct(row["normalized_accuracy"]),
-                     _pct(row["held_out_accuracy"]), f"{row['mean_length']:.1f}"]
-                    + [_pct(row["per_task"].get(t)) for t in tasks])
+        cis = row.get("per_task_ci", {})
+        body.append([row_label(row), _ci(row["accuracy"], row.get("accuracy_ci")),
+                     delta_cell(row), _ci(row["normalized_accuracy"], row.get("normalized_ci")),
+                     _ci(row["held_out_accuracy"], row.get("held_out_ci")),
+                     f"{row['mean_length']:.1f}"]
+                    + [_ci(row["per_task"].get(t), cis.get(t)) for t in tasks])
     return header, body
 
 
@@ -79,9 +132,11 @@ def bundle_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     body = []
     for row in summarize(records):
         ratio = next(r.get("storage_ratio") for r in records if r["method"] == row["method"])
-        body.append([row["method"], _pct(row["accuracy"]), _pct(row["normalized_accuracy"]),
+        body.append([row["method"], _ci(row["accuracy"], row.get("accuracy_ci")),
+                     _ci(row["normalized_accuracy"], row.get("normalized_ci")),
                      "—" if ratio is None else f"{ratio:.3f}"]
-                    + [_pct(row["per_task"].get(t)) for t in tasks])
+                    + [_ci(row["per_task"].get(t), row.get("per_task_ci", {}).get(t))
+                       for t in tasks])
     return header, body
 
 
@@ -106,8 +161,8 @@ def results_markdown(result: BenchResult) -> str:
     out = [f"# {result.suite} ({result.size}): merging methods compared", "",
            "Accuracy in %, on each task's test split. *mean acc* and *norm acc* (merged ÷ the "
            "task's own expert) average the merged (held-in) tasks; *held-out acc* averages the "
-           "tasks that were never merged. The expert row shows each expert on its own task.",
-           "", markdown_table(result.records), ""]
+           "tasks that were never merged. The expert row shows each expert on its own task. "
+           + INTERVAL_NOTE, "", markdown_table(result.records), ""]
     if result.tuning:
         out += ["Scaling coefficient chosen on the validation split:", ""]
         for name, t in result.tuning.items():
@@ -152,7 +207,7 @@ def _print(header: list[str], body: list[list[str]], title: str) -> None:
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in body:
         table.add_row(*row)
-    Console(width=max(120, 12 * len(header))).print(table)
+    Console(width=max(120, 15 * len(header))).print(table)
 
 
 def plot_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -165,39 +220,40 @@ def plot_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Grouped bars: per-task accuracy per row of :func:`plot_rows`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = plot_rows(records)
     tasks, held = _tasks(merge_records(records))
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(tasks) + 2), 4.8))
+    fig, ax = new_figure((max(8.0, 1.1 * len(tasks) + 2), 4.8))
     width = 0.8 / max(1, len(rows))
-    cmap = plt.get_cmap("tab20")
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
     for i, row in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(tasks))]
         ys = [100 * (row["per_task"].get(t) or 0.0) for t in tasks]
-        ax.bar(xs, ys, width, label=_label(row), color=cmap(i % 20))
+        cis = [row.get("per_task_ci", {}).get(t) for t in tasks]
+        err = None if None in cis else [[y - 100 * c[0] for y, c in zip(ys, cis, strict=True)],
+                                        [100 * c[1] - y for y, c in zip(ys, cis, strict=True)]]
+        ax.bar(xs, ys, width, yerr=err, label=row_label(row), color=cmap(i % 20),
+               error_kw={"elinewidth": 0.6, "capsize": 0})
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([t + ("\n(held-out)" if held[t] else "") for t in tasks], fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title or "per-task accuracy")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_results(result: BenchResult, out_dir: Path) -> dict[str, Path]:
-    """DIR/results.json (the records list), DIR/results.md, DIR/results.png, DIR/run.json."""
+    """DIR/results.json (the records list), DIR/summary.json (one row per method and variant,
+    with the intervals and the verdict), DIR/results.md, DIR/results.png, DIR/run.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md",
-             "png": out_dir / "results.png", "run": out_dir / "run.json"}
+             "png": out_dir / "results.png", "run": out_dir / "run.json",
+             "summary": out_dir / "summary.json"}
     paths["json"].write_text(json.dumps(result.records, indent=1))
+    paths["summary"].write_text(json.dumps([{**row, "verdict": verdict(row)}
+                                            for row in summarize(result.records)], indent=1))
     paths["run"].write_text(json.dumps({k: v for k, v in result.to_json().items()
                                         if k != "records"}, indent=1))
     paths["md"].write_text(results_markdown(result))

@@ -6,31 +6,35 @@ import json
 from pathlib import Path
 from typing import Any
 
+from modelalloy.eval.plotting import new_figure, save_figure
+
+
+def _pm(x: float, ci: list[float] | None) -> str:
+    """``81.5 ± 1.2`` (95% bootstrap half-width) when the row has an interval."""
+    return f"{100 * x:.1f}" + (f" ± {50 * (ci[1] - ci[0]):.1f}" if ci else "")
+
 
 def sweep_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | k | held-in acc | held-in norm | held-out acc | unmerged acc |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['k']} | {100 * r['held_in_accuracy']:.1f} | "
-                     f"{100 * r['held_in_normalized']:.1f} | {100 * r['held_out_accuracy']:.1f} | "
+        lines.append(f"| {r['method']} | {r['k']} | "
+                     f"{_pm(r['held_in_accuracy'], r.get('held_in_ci'))} | "
+                     f"{100 * r['held_in_normalized']:.1f} | "
+                     f"{_pm(r['held_out_accuracy'], r.get('held_out_ci'))} | "
                      + ("—" if r["unmerged_accuracy"] != r["unmerged_accuracy"]
                         else f"{100 * r['unmerged_accuracy']:.1f}") + " |")
     return "\n".join(lines)
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ks = sorted({r["k"] for r in rows})
 
     def mean_at(k: int, key: str) -> float:
         vals = [r[key] for r in rows if r["k"] == k and r[key] == r[key]]
         return 100 * sum(vals) / len(vals) if vals else float("nan")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure((6, 4))
     for key, label in (("held_in_accuracy", "held-in (merged tasks)"),
                        ("held_out_accuracy", "held-out (never merged)"),
                        ("unmerged_accuracy", "suite tasks left out of the subset")):
@@ -39,11 +43,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_sweep(rows: list[dict[str, Any]], out_dir: Path, method: str) -> dict[str, Path]:
@@ -60,18 +60,14 @@ def long_to_short_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | parameters | accuracy | mean response length |", "|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "—"
-        lines.append(f"| {r['method']} | {params} | {100 * r['accuracy']:.1f} | "
+        ci = [r["ci_low"], r["ci_high"]] if "ci_low" in r else None
+        lines.append(f"| {r['method']} | {params} | {_pm(r['accuracy'], ci)} | "
                      f"{r['mean_length']:.1f} |")
     return "\n".join(lines)
 
 
 def plot_long_to_short(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure((6, 4))
     for r in rows:
         ax.scatter(r["mean_length"], 100 * r["accuracy"])
         label = r["method"] + "".join(f" {k}={v}" for k, v in r["params"].items()
@@ -80,8 +76,4 @@ def plot_long_to_short(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("mean response length (tokens)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("long-to-short merging")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -1,0 +1,89 @@
+"""Why merging tiny-lm's long and short sum experts collapses: measurements.
+
+    PYTHONPATH=src python benchmarks/long_to_short_probe.py [--size full] [--n 300]
+
+Prints, for the suite's long/short pair (``sum_long`` writes running sums, ``sum_short``
+answers directly; both fine-tuned from the suite's base):
+
+1. the task vectors' sizes: ‖τ‖ of each pair expert and of the held-in experts, relative to
+   ‖θ_0‖, and the cosine between τ_long and τ_short;
+2. the straight path θ(α) = (1 − α)·θ_short + α·θ_long: final-answer accuracy (with its 95%
+   bootstrap interval), mean response length, and the share of answers in the long format
+   (running sums then ``;``), the short format (digits only) or neither (malformed).
+
+A merge keeps the long expert's accuracy at a shorter length only if some point between the
+experts answers well; when every interior point is malformed, no interpolation-style merge
+(linear, task arithmetic, TIES, SLERP) can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from modelalloy.bench import load_suite
+from modelalloy.bench.lm import final_answer, greedy, make_examples
+from modelalloy.eval.intervals import accuracy_interval
+
+
+def _flat(sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.flatten().float() for _, v in sorted(sd.items())])
+
+
+def _format(text: str) -> str:
+    if ";" in text and all(part.isdigit() for part in text.split(";")[0].split(",")):
+        return "long"
+    return "short" if text.isdigit() else "malformed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="full")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    suite = load_suite("tiny-lm", args.size)
+    long_task, short_task = suite.info.extra["pair"]
+    base = suite.base_state_dict()
+    long_sd, short_sd = suite.expert_state_dict(long_task), suite.expert_state_dict(short_task)
+    b = _flat(base)
+    tl, ts = _flat(long_sd) - b, _flat(short_sd) - b
+    sizes = {t: float((_flat(suite.expert_state_dict(t)) - b).norm() / b.norm())
+             for t in suite.info.merged_tasks}
+    report = {"norm_long": float(tl.norm() / b.norm()), "norm_short": float(ts.norm() / b.norm()),
+              "norm_held_in_median": sorted(sizes.values())[len(sizes) // 2],
+              "cos_long_short": float(tl @ ts / (tl.norm() * ts.norm())),
+              "distance_long_short": float((tl - ts).norm() / b.norm())}
+    print(json.dumps(report, indent=1))
+    tests = make_examples(long_task, args.n, suite.info.config["seed"] + 2)
+    prompts = [p for p, _ in tests]
+    max_new = suite.info.config["n_positions"] - 16
+    path = []
+    print("| α (0 = short, 1 = long) | accuracy | length | long | short | malformed |")
+    print("|---|---|---|---|---|---|")
+    for i in range(11):
+        a = i / 10
+        sd = {k: (1 - a) * short_sd[k] + a * long_sd[k] for k in base}
+        gens = greedy(suite._model(sd), prompts, max_new)
+        hits = [final_answer(g) == final_answer(y) for g, (_, y) in zip(gens, tests, strict=True)]
+        lo, hi = accuracy_interval(hits)
+        kinds = [_format(g) for g in gens]
+        row = {"alpha": a, "accuracy": sum(hits) / len(hits), "ci": [lo, hi],
+               "length": sum(len(g) + 1 for g in gens) / len(gens),
+               **{k: kinds.count(k) / len(kinds) for k in ("long", "short", "malformed")}}
+        path.append(row)
+        print(f"| {a:.1f} | {100 * row['accuracy']:.1f} ± {50 * (hi - lo):.1f} | "
+              f"{row['length']:.1f} | {100 * row['long']:.0f}% | {100 * row['short']:.0f}% | "
+              f"{100 * row['malformed']:.0f}% |", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({**report, "path": path}, indent=1))
+    assert not math.isnan(report["cos_long_short"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""`modelalloy bench --study NAME`: each study's table, findings and plot, on smoke suites."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from modelalloy.bench import studies
+from modelalloy.bench.studies import held_out_study, run_study, variant_study, write_study
+from modelalloy.eval.harness import EvalError
+
+
+def test_held_out_study_compares_with_the_base_and_single_experts(vision_smoke, tmp_path):
+    study = held_out_study(vision_smoke, ["task_arithmetic"], 0, lambda _m: None)
+    rows = {(r["method"], r["variant"]): r for r in study.rows}
+    base = rows[("base", "reference")]
+    ta = rows[("task_arithmetic", "default")]
+    assert ta["vs_base"] == pytest.approx(ta["held_out_accuracy"] - base["held_out_accuracy"],
+                                          abs=1e-4)
+    lo, hi = ta["vs_base_ci"]
+    assert lo <= ta["vs_base"] <= hi
+    singles = [r for r in study.rows if r["variant"] == "single"]
+    assert {r["method"] for r in singles} == {f"expert:{t}"
+                                              for t in vision_smoke.info.merged_tasks}
+    assert len(study.findings) == 2  # default and tuned task arithmetic
+    paths = write_study(study, tmp_path, "tiny-vision", "smoke")
+    assert "Δ held-out vs base" in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert "correct" not in json.loads(paths["json"].read_text())["rows"][0]
+
+
+@pytest.mark.slow
+def test_variant_study_builds_one_suite_per_setting(vision_smoke, monkeypatch):
+    monkeypatch.setitem(studies.VARIANTS, ("base-quality", "tiny-vision", "smoke"),
+                        [("short", {"pretrain_steps": 30}), ("default", {})])
+    study = variant_study("base-quality", "tiny-vision", "smoke", ["task_arithmetic"], 0,
+                          lambda _m: None)
+    settings = {r["setting"] for r in study.rows}
+    assert settings == {"short", "default"}
+    default_base = next(r for r in study.rows
+                        if r["setting"] == "default" and r["method"] == "base")
+    n = sum(v.numel() for v in vision_smoke.base_state_dict().values())
+    assert default_base["parameters"] == n
+    assert len(study.findings) == 2 and "spread" in study.findings[0]
+
+
+def test_every_size_of_every_suite_has_scale_and_base_quality_variants():
+    for study in ("scale", "base-quality"):
+        for suite in ("tiny-vision", "tiny-lm"):
+            for size in ("smoke", "full"):
+                labels = [label for label, _ in studies.VARIANTS[(study, suite, size)]]
+                assert len(labels) == 3
+
+
+def test_unknown_study_is_one_clear_error():
+    with pytest.raises(EvalError, match="unknown study 'nope'"):
+        run_study("nope", "tiny-vision", "smoke")
+
+
+def test_study_cli(vision_smoke, tmp_path):
+    from modelalloy.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "--suite", "tiny-vision", "--size", "smoke",
+                                   "--study", "experts", "--out", str(tmp_path), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "held-in acc" in res.output and (tmp_path / "study-experts.png").is_file()
+
+
+@pytest.mark.slow
+def test_cpt_chat_vector_case_and_study(bench_cache):
+    import torch
+
+    from modelalloy.bench import load_suite
+    from modelalloy.bench.lm_cpt import DOMAIN_LETTERS, CptCase, domain_examples
+    from modelalloy.bench.studies import cpt_chat_vector_study
+
+    suite = load_suite("tiny-lm", "smoke")
+    case = CptCase.build(suite)
+    base, cpt, inst = (case.state_dict(w) for w in ("base", "cpt", "instruct"))
+    assert any(not torch.equal(base[k], cpt[k]) for k in base)
+    assert any(not torch.equal(base[k], inst[k]) for k in base)
+    prompt, _ = domain_examples("rev", 1, 0)[0]
+    assert set(prompt.split(":")[1].rstrip("=")) <= set(DOMAIN_LETTERS)
+    study = cpt_chat_vector_study(suite, ["task_arithmetic", "widen"], 0, lambda _m: None)
+    names = [r["method"] for r in study.rows]
+    assert names == ["base", "cpt", "instruct", "chat vector (TA λ=1)", "task_arithmetic",
+                     "widen"]
+    res = case.evaluate(cpt)
+    assert {f"domain:{t}" for t in case.tasks} <= res.keys()
+    ref = study.rows[3]
+    assert ref["new_vs_chat_vector"] == [0.0, 0.0, 0.0]
+    cpt_row = study.rows[1]
+    n_new = len(case.tasks)
+    acc = sum(res[f"domain:{t}"]["accuracy"] for t in case.tasks) / n_new
+    assert cpt_row["new_accuracy"][0] == pytest.approx(acc)
