@@ -426,7 +426,7 @@ def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype,
     disjoint merge: the kernel, called on bands of whole rows with the paper vote's zero sums
     settled after the last band, gives the whole-tensor torch merge's bits."""
     spec = get_method("breadcrumbs_ties")
-    params = spec.resolve(3, given, "breadcrumbs_ties")
+    params = spec.resolve(3, given, "breadcrumbs_ties", conventions="paper")
     rows = 9
     inputs = _quantized_rows(rows, width, dtype, seed=width)
     want = spec(inputs[0].float(), [e.float() for e in inputs[1:]], params,
@@ -449,14 +449,15 @@ def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype,
 
 def test_breadcrumbs_ties_kernel_keeps_the_torch_path_for_what_needs_the_whole_tensor():
     spec = get_method("breadcrumbs_ties")
-    assert slices.breadcrumbs_ties(spec.resolve(2, {"rescale": True}, "b")) is None
+    paper = spec.resolve(2, {"rescale": True}, "b", conventions="paper")
+    assert slices.breadcrumbs_ties(paper) is None
     assert slices.breadcrumbs_ties(spec.resolve(2, {"granularity": "tensor"}, "b")) is None
     raw = torch.ones((3, 64), dtype=torch.bfloat16)
     raw[2, 40] = float("nan")
     out = torch.empty(64, dtype=torch.bfloat16)
     ctx = MergeContext(name="w", seed=0, streams={})
     ctx.slice_start = 0
-    assert not slices.breadcrumbs_ties(spec.resolve(2, {}, "b"))(
+    assert not slices.breadcrumbs_ties(spec.resolve(2, {}, "b", conventions="paper"))(
         kernels.bits(raw), 64, kernels.bits(out), ctx, 64)
 
 
