@@ -358,6 +358,22 @@ def _proc_status_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def _proc_io(pid: int) -> dict[str, int]:
+    """``/proc/PID/io`` counters of the whole process (all its threads, live and exited):
+    ``read_bytes`` is what it made the kernel fetch from the block device (page-cache misses,
+    memory-mapped page faults and readahead included), ``rchar`` what its read calls
+    returned, ``write_bytes`` what it sent towards the disk."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                k, v = line.split(":", 1)
+                out[k] = int(v)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def run_measured(cmd: list[str], env: dict[str, str], log_path: Path,
                  timeout: float) -> dict:
     """Run ``cmd``: wall seconds, peak RSS and peak anonymous RSS, measured from outside.
@@ -380,11 +396,14 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path,
         peak_anon = peak_file = hwm = 0
         status = None
         deadline = t0 + timeout
+        io: dict[str, int] = {}
         while True:
-            pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid == proc.pid:
-                status = st
+            # exited but not yet reaped: its /proc entry still holds the final I/O counters
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                io = _proc_io(proc.pid) or io
+                _, status, ru = os.wait4(proc.pid, 0)
                 break
+            io = _proc_io(proc.pid) or io
             s = _proc_status_kb(proc.pid)
             peak_anon = max(peak_anon, s.get("RssAnon", 0))
             peak_file = max(peak_file, s.get("RssFile", 0))
@@ -400,6 +419,8 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path,
     return {"wall_s": wall, "rc": proc.returncode, "peak_rss_mb": hwm / 1024,
             "peak_anon_mb": peak_anon / 1024, "peak_file_mb": peak_file / 1024,
             "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
+            "disk_read_bytes": io.get("read_bytes"), "disk_write_bytes": io.get("write_bytes"),
+            "rchar": io.get("rchar"),
             "timed_out": wall >= timeout, "log_tail": tail if proc.returncode else ""}
 
 
@@ -1186,12 +1207,15 @@ def render_cold(c: dict, write_Bps: float) -> list[str]:
          "measured instead: the inputs read cold by the best number of readers while one "
          "thread writes the output's bytes, with fsync at the end (durable, as modelalloy "
          "writes) and without (as mergekit writes); best of two. Reads and writes share the "
-         "disk, which the added-up bound ignores.", "",
+         "disk, which the added-up bound ignores. CPU-s is user + system time of the command "
+         "(`wait4`); read from disk is the process's `read_bytes` in `/proc/PID/io` at its "
+         "exit (page-cache misses, page faults on mapped shards and readahead included).", "",
          "| method | modelalloy median s | mergekit median s | speed-up (median of per-run "
          "ratios) | per-run ratios | I/O bound s | I/O floor s, with / without fsync | "
          "modelalloy ÷ floor with fsync | mergekit ÷ floor without | peak RSS modelalloy | "
-         "peak RSS mergekit |",
-         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+         "peak RSS mergekit | CPU-s (user + system) modelalloy / mergekit | read from disk "
+         "GB modelalloy / mergekit (inputs GB) |",
+         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for method, m in c["methods"].items():
         ours = [x["wall_s"] for x in m.get("modelalloy", []) if x["rc"] == 0]
         theirs = [x["wall_s"] for x in m.get("mergekit", []) if x["rc"] == 0]
@@ -1211,11 +1235,25 @@ def render_cold(c: dict, write_Bps: float) -> list[str]:
             return (f"{max(x['peak_rss_mb'] for x in ok):.0f} MB "
                     f"({max(x['peak_anon_mb'] for x in ok):.0f} anon)")
 
+        def med_of(tool: str, f: Callable[[dict], float | None], fmt: str,
+                   m: dict = m) -> str:
+            vals = [v for x in m.get(tool, []) if x["rc"] == 0 and (v := f(x)) is not None]
+            return _fmt(_med(vals), fmt) if vals else "—"
+
+        def cpu(x: dict) -> float:
+            return x["user_s"] + x["sys_s"]
+
+        def read_gb(x: dict) -> float | None:  # /proc/PID/io read_bytes (runs since 2026-12-07)
+            return x["disk_read_bytes"] / 1e9 if x.get("disk_read_bytes") is not None else None
+
         L.append(f"| {method} | {_fmt(mo, '.2f')} | {_fmt(mt, '.2f')} | "
                  f"{_fmt(_med(ratios), '.2f')}{'×' if ratios else ''} | "
                  f"{', '.join(f'{x:.2f}' for x in ratios) or '—'} | {m['io_bound_s']:.3g} | "
                  f"{_fmt(fd, '.3g')} / {_fmt(fb, '.3g')} | {per(mo, fd)} | {per(mt, fb)} | "
-                 f"{rss('modelalloy')} | {rss('mergekit')} |")
+                 f"{rss('modelalloy')} | {rss('mergekit')} | "
+                 f"{med_of('modelalloy', cpu, '.1f')} / {med_of('mergekit', cpu, '.1f')} | "
+                 f"{med_of('modelalloy', read_gb, '.2f')} / {med_of('mergekit', read_gb, '.2f')}"
+                 f" ({m['read_bytes'] / 1e9:.2f}) |")
     L.append("")
     return L
 
