@@ -902,6 +902,15 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
             L.append("Budgets are read as the CLI reads them (1GB = 10^9 bytes); percentages "
                      "are of the budget. Peak RSS counts page-cache pages of mapped inputs, "
                      "which the kernel can drop; anon RSS does not.")
+            when: dict[tuple[str, str], list[str]] = {}
+            for b in r["budgets"]:
+                if m := b.get("measured"):  # rows of a `--budgets-only` run
+                    when.setdefault((m["date"][:10], m["commit"]), []).append(
+                        f"{b['method']} {b['budget']} at {m['date'][11:]}, load "
+                        f"{m['load_before']}")
+            for (day, commit), rows in sorted(when.items()):
+                L.append(f"Measured by `--budgets-only` on {day}, commit {commit}, 1 run "
+                         f"each: {'; '.join(rows)}.")
             L.append("")
         if r.get("compare"):
             L.append(f"**Outputs compared ({size}, last run of each tool)**")
@@ -1341,6 +1350,10 @@ def main(argv: list[str] | None = None) -> int:
                          "(they are deleted by default: 24 GB for 3B)")
     ap.add_argument("--cold-runs", type=int, default=None,
                     help="runs per tool for the cold-cache rows (default: --runs)")
+    ap.add_argument("--budgets-only", action="store_true",
+                    help="run only the --memory-budget rows of --budget-methods (inputs warm) "
+                         "and put them in the size's existing results in place of that "
+                         "method's earlier budget rows")
     ap.add_argument("--cold-only", action="store_true",
                     help="run only the cold-cache rows and add them to the size's existing "
                          "results (the warm rows stay as measured)")
@@ -1467,13 +1480,37 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(root, ignore_errors=True)
                 print(f"[gen] deleted {root} (--keep-models keeps it)")
 
+    def budget_runs(size: str, rec: dict, rdir: Path, which: list[str]) -> None:
+        """modelalloy under each ``--budgets`` memory budget (default per size), on warm
+        inputs; the runs are added to ``rec["budgets"]``."""
+        budgets = (args.budgets if args.budgets is not None
+                   else ",".join(DEFAULT_BUDGETS.get(size, [])))
+        if not budgets or budgets == "none":
+            return
+        for method in which:
+            for b in budgets.split(","):
+                o = work / size / f"{method}-budget"
+                shutil.rmtree(o, ignore_errors=True)
+                r = run_measured(ma_cmd + [str(rdir / f"{method}.yml"), str(o), "--force",
+                                           "--memory-budget", b] + extra, env_ma,
+                                 work / size / f"{method}-budget-{b}.log", args.timeout)
+                shutil.rmtree(o, ignore_errors=True)
+                rec["budgets"].append({"method": method, "budget": b, "budget_bytes":
+                                       parse_bytes(b), "run": r,
+                                       "measured": measured_now(_load_avg(), 1)})
+                print(f"[{size} {method}] --memory-budget {b}: {r['wall_s']:.2f}s rss "
+                      f"{r['peak_rss_mb']:.0f}MB anon {r['peak_anon_mb']:.0f}MB"
+                      + (f" FAILED rc={r['rc']}" if r["rc"] else ""))
+
     # numba compiles the fused kernels on first use and caches them on disk (any second merge
     # finds them): one untimed merge per method on the 2M models, so no timed run compiles
     small = None if args.no_warm_up else generate_models("2M", args.cache_dir.resolve())
     large = [s for s in sizes if s in LARGER_THAN_RAM or args.larger_than_ram]
     for s in sizes:  # before generating anything
         check_disk(s, args.cache_dir.resolve(), work)
-    warm_up = cold_methods if args.cold_only else methods
+    warm_up = (cold_methods if args.cold_only else
+               [x for x in args.budget_methods.split(",") if x.strip()] if args.budgets_only
+               else methods)
     warm_up = warm_up + [x for x in (large_methods if large else []) if x not in warm_up]
     for method in warm_up if small else ():
         recipe = work / "warm-up" / f"{method}.yml"
@@ -1490,6 +1527,23 @@ def main(argv: list[str] | None = None) -> int:
             larger_than_ram(size)
             continue
         models = generate_models(size, args.cache_dir.resolve())
+        if args.budgets_only:
+            if size not in results["sizes"]:
+                raise SystemExit(f"--budgets-only: no results for {size} in {results_path} "
+                                 "yet; run without --budgets-only first")
+            prev = results["sizes"][size]
+            which = [x for x in args.budget_methods.split(",") if x.strip()]
+            prev["budgets"] = [b for b in prev.get("budgets", []) if b["method"] not in which]
+            rdir = work / size / "recipes"
+            rdir.mkdir(parents=True, exist_ok=True)
+            for method in which:
+                (rdir / f"{method}.yml").write_text(recipe_yaml(method, models))
+            warm_inputs(models)
+            budget_runs(size, prev, rdir, which)
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            write_doc(out, render_section(results, FINDINGS if REPO in out.parents else None))
+            print(f"[doc] wrote {out} (results in {results_path})")
+            continue
         if args.cold_only:
             if size not in results["sizes"]:
                 raise SystemExit(f"--cold-only: no results for {size} in {results_path} yet; "
@@ -1595,22 +1649,8 @@ def main(argv: list[str] | None = None) -> int:
             for p in keep.values():
                 shutil.rmtree(p, ignore_errors=True)
             save()  # after every method, so an interrupted run keeps what it measured
-        budgets = (args.budgets if args.budgets is not None
-                   else ",".join(DEFAULT_BUDGETS.get(size, [])))
-        if budgets and budgets != "none":
-            for method in [x for x in args.budget_methods.split(",") if x in methods]:
-                for b in budgets.split(","):
-                    o = work / size / f"{method}-budget"
-                    shutil.rmtree(o, ignore_errors=True)
-                    r = run_measured(ma_cmd + [str(rdir / f"{method}.yml"), str(o), "--force",
-                                               "--memory-budget", b] + extra, env_ma,
-                                     work / size / f"{method}-budget-{b}.log", args.timeout)
-                    shutil.rmtree(o, ignore_errors=True)
-                    rec["budgets"].append({"method": method, "budget": b,
-                                           "budget_bytes": parse_bytes(b), "run": r})
-                    print(f"[{size} {method}] --memory-budget {b}: {r['wall_s']:.2f}s rss "
-                          f"{r['peak_rss_mb']:.0f}MB anon {r['peak_anon_mb']:.0f}MB"
-                          + (f" FAILED rc={r['rc']}" if r["rc"] else ""))
+        budget_runs(size, rec, rdir, [x for x in args.budget_methods.split(",")
+                                      if x in methods])
         if [x for x in cold_methods if x in methods]:  # those of this run's --methods
             cold(size, rec, models, [x for x in cold_methods if x in methods])
         if not args.no_profile and size in args.profile_sizes.split(","):
