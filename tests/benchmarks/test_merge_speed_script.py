@@ -83,6 +83,11 @@ def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
     assert float(cells[1]) > 0 and cells[2] == "—" and float(cells[5]) > 0
     with_fsync, without = (float(x) for x in cells[6].split(" / "))
     assert with_fsync > 0 and without > 0 and cells[7].endswith("×") and cells[8] == "—"
+    # CPU-s and bytes read from disk per tool; the inputs' size in brackets
+    ta = again["sizes"]["2M"]["cold"]["methods"]["task_arithmetic"]
+    assert float(cells[11].split(" / ")[0]) > 0 and cells[11].endswith("/ —")
+    assert cells[12].endswith(f"({ta['read_bytes'] / 1e9:.2f})")
+    assert ta["modelalloy"][0]["disk_read_bytes"] is not None
 
     # a run of other methods keeps these rows, marked with when they were measured
     r = subprocess.run(
@@ -102,12 +107,45 @@ def test_merge_speed_tiny_without_mergekit(tmp_path: Path) -> None:
         == "—"  # no issue-6 target for it
     assert any(ln.startswith("† linear: measured in an earlier run") for ln in lines)
 
+    # --budgets-only replaces the budget rows of the methods it names, nothing else
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sizes", "2M", "--budgets-only", "--budget-methods",
+         "linear", "--budgets", "1GB", "--out", str(out),
+         "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
+         "--mergekit-bin", str(tmp_path / "no-such-mergekit-yaml"), "--no-warm-up"],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fourth = json.loads(out.with_suffix(".json").read_text())["sizes"]["2M"]
+    assert fourth["methods"] == third["methods"] and fourth["cold"] == third["cold"]
+    [budget] = fourth["budgets"]
+    assert (budget["method"], budget["budget"], budget["run"]["rc"]) == ("linear", "1GB", 0)
+    assert budget["run"]["peak_anon_mb"] > 0 and budget["measured"]["runs"] == 1
+    lines = out.read_text().splitlines()
+    assert next(ln for ln in lines if ln.startswith("| linear | 1GB |"))
+    assert any(ln.startswith("Measured by `--budgets-only` on ") for ln in lines)
+
     # the synthetic models are standard sharded HF folders
     base = tmp_path / "cache" / "llama-2M-v1" / "base"
     assert json.loads((base / "config.json").read_text())["architectures"] == [
         "LlamaForCausalLM"]
     assert (base / "model.safetensors.index.json").exists()
     assert len(list(base.glob("*.safetensors"))) > 1
+
+
+def test_run_measured_reads_the_final_io_counters_of_the_process(tmp_path: Path) -> None:
+    """Bytes read and written come from /proc/PID/io after the process has exited (before it
+    is reaped), so the reads just before its exit count too: a child that reads a 3 MB file
+    as its last act but one has an rchar of at least 3 MB."""
+    ms = _module()
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x" * (3 << 20))
+    code = ("import sys; d = open(sys.argv[1], 'rb').read(); "
+            "sys.stdout.buffer.write(d[: 2 << 20]); sys.stdout.flush()")
+    r = ms.run_measured([sys.executable, "-c", code, str(data)], {}, tmp_path / "log", 60)
+    assert r["rc"] == 0
+    assert r["rchar"] >= 3 << 20  # the file's bytes, all returned by read()
+    assert r["disk_read_bytes"] is not None and r["disk_read_bytes"] >= 0
+    assert (tmp_path / "log").stat().st_size == 2 << 20
 
 
 def test_write_doc_replaces_only_its_section(tmp_path: Path) -> None:
