@@ -1,0 +1,53 @@
+"""`modelalloy merge RECIPE OUTPUT_DIR`: run a recipe into a model folder (or a LoRA adapter)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from modelalloy.commands._console import err, human_bytes, out, state
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("merge")
+    def merge(
+        recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit format).")],
+        output_dir: Annotated[Path, typer.Argument(help="Folder to create for the merged model.")],
+        device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+        seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
+        threads: Annotated[int | None, typer.Option(help="Worker threads (default: ≤4).")] = None,
+        memory_budget: Annotated[str | None, typer.Option(
+            help="Cap on the process's memory, e.g. 8GB.")] = None,
+        shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
+        force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+        allow_nonfinite: Annotated[bool, typer.Option(
+            help="Warn instead of failing on NaN/Inf in inputs.")] = False,
+        debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+            = False,
+        as_adapter: Annotated[bool, typer.Option(
+            help="The models are LoRA adapters of one base (base+adapter): write the merged "
+                 "adapter (peft's combinations) instead of a model.")] = False,
+    ) -> None:
+        """Merge the models of RECIPE into OUTPUT_DIR (written atomically)."""
+        state["debug"] = state["debug"] or debug
+        if as_adapter:
+            from modelalloy.lora.from_recipe import merge_recipe_adapters
+
+            merge_recipe_adapters(recipe, output_dir, force=force, seed=seed)
+            out.print(f"merged the adapters of {recipe} into the adapter {output_dir}")
+            return
+        from modelalloy.engine.run import run_recipe
+
+        result = run_recipe(recipe, output_dir, device=device, seed=seed, threads=threads,
+                            memory_budget=memory_budget, shard_size=shard_size, force=force,
+                            allow_nonfinite=allow_nonfinite, progress=sys.stderr.isatty())
+        for warning in result.warnings:
+            err.print(Text("warning: ", style="yellow") + Text(warning), soft_wrap=True)
+        out.print(f"merged {result.tensors} tensors into {result.path} in {result.seconds:.1f} s:"
+                  f" read {human_bytes(result.bytes_read)}, wrote "
+                  f"{human_bytes(result.bytes_written)} in {len(result.files)} shard(s), "
+                  f"peak RSS {human_bytes(result.peak_rss)}")
