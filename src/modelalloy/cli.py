@@ -20,7 +20,7 @@ import typer
 from rich.text import Text
 
 from modelalloy import import_with_gc_paused
-from modelalloy.commands._console import err, state
+from modelalloy.commands._console import cli_message, err, state
 from modelalloy.errors import ModelAlloyError
 from modelalloy.interrupts import Interrupted, interrupted_message, raise_interrupted
 
@@ -118,7 +118,7 @@ def main() -> None:
     except ModelAlloyError as error:
         if _debugging():
             traceback.print_exc()
-        _fail(str(error), 1)
+        _fail(cli_message(error), 1)
     except (Interrupted, KeyboardInterrupt) as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
         _fail(interrupted_message(signum), 128 + signum)

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
 
         with ExitStack() as stack:
             the_plan = make_plan(as_recipe(recipe), stack)
-            budget = size_option("--memory-budget", memory_budget) if memory_budget else None
+            budget = size_option("memory_budget", memory_budget) if memory_budget else None
             info = describe(the_plan, threads or default_threads(), budget)
         table = Table(show_header=False, title=f"plan for {recipe}")
         table.add_row("method", info["method"])

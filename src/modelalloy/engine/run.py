@@ -69,17 +69,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ModelAlloyError(f"device {device!r}: not a device modelalloy merges on; use cpu, "
                               "cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelAlloyError(f"--device {device}: CUDA is not available on this machine; "
-                              "use --device cpu")
+        raise ModelAlloyError(f"device={str(device)!r}: CUDA is not available on this "
+                              "machine; use device='cpu'", options=("device",))
     return dev
 
 
 def size_option(option: str, value: str | int) -> int:
-    """A size such as 5GB, as a one-line error naming the option when it is not one."""
+    """A size such as 5GB, as a one-line error naming the argument ``option`` (``shard_size``)
+    when it is not one."""
     try:
         return parse_size(value)
     except ValueError as error:
-        raise ModelAlloyError(f"{option} {value}: {error}") from None
+        raise ModelAlloyError(f"{option}={value!r}: {error}", options=(option,)) from None
 
 
 def peak_rss_bytes() -> int:
@@ -148,8 +149,8 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
     out_dir = Path(out_dir)
     check_output_path(out_dir, input_paths(recipe), force)
     threads = threads or default_threads()
-    shard_bytes = size_option("--shard-size", shard_size)
-    budget_bytes = size_option("--memory-budget", memory_budget) \
+    shard_bytes = size_option("shard_size", shard_size)
+    budget_bytes = size_option("memory_budget", memory_budget) \
         if memory_budget is not None else None
 
     collect_missing(recipe, get_method(recipe.merge_method), device=str(dev))
@@ -197,11 +198,11 @@ def in_flight_budget(plan: MergePlan, budget_bytes: int, sliced: bool = True) ->
     need = 0 if largest is None else need_of(largest)
     if largest is not None and budget_bytes < baseline + need:
         raise ModelAlloyError(
-            f"--memory-budget {budget_bytes / 1e9:.2f} GB is too small: tensor "
+            f"memory_budget='{budget_bytes / 1e9:.2f}GB' is too small: tensor "
             f"'{largest.name}' needs {need / 1e9:.2f} GB while it is merged (its "
             f"{len(plan.sources)} inputs in float32 plus temporaries), on top of "
             f"{baseline / 1e9:.2f} GB that Python and torch hold; use at least "
-            f"{(baseline + need) / 1e9 + 0.01:.2f}GB")
+            f"{(baseline + need) / 1e9 + 0.01:.2f}GB", options=("memory_budget",))
     return budget_bytes - baseline
 
 

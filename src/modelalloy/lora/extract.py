@@ -118,11 +118,12 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                  threads: int | None = None, progress: bool = False) -> ExtractReport:
     """Write ``out`` (a PEFT adapter of ``base_path``) approximating ``model_path``."""
     if (rank is None) == (energy is None):
-        raise AdapterError("give exactly one of --rank R and --energy E")
+        raise AdapterError("give exactly one of rank=R and energy=E", options=("rank", "energy"))
     if rank is not None and rank < 1:
-        raise AdapterError(f"--rank {rank}: must be at least 1")
+        raise AdapterError(f"rank={rank}: must be at least 1", options=("rank",))
     if energy is not None and not 0 < energy <= 1:
-        raise AdapterError(f"--energy {energy}: must be in (0, 1], the share of Σσ² to keep")
+        raise AdapterError(f"energy={energy}: must be in (0, 1], the share of Σσ² to keep",
+                           options=("energy",))
     include, exclude = include or [], exclude or []
     report = ExtractReport()
     tensors: dict[str, torch.Tensor] = {}
@@ -141,10 +142,11 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
         if rank is not None:
             for n in sorted(weights):
                 if rank > min(model.info(n).shape):
-                    raise AdapterError(f"--rank {rank} is above the rank of {n!r} "
+                    raise AdapterError(f"rank={rank} is above the rank of {n!r} "
                                        f"({list(model.info(n).shape)}: at most "
                                        f"{min(model.info(n).shape)}); use a smaller rank, "
-                                       "--energy, or --exclude it")
+                                       "energy=E, or leave it out with exclude=REGEX",
+                                       options=("rank", "energy", "exclude"))
         names = model.names()
 
         def work(name: str) -> tuple[torch.Tensor, tuple | None]:

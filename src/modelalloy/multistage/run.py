@@ -56,7 +56,8 @@ def run_stages(recipe: str | Path, work: Path, out: Path | None = None, *, lazy:
     work = Path(work)
     stages = order_stages(load_stages(recipe, work))
     if any(s.name is None for s in stages) and out is None:
-        raise RecipeError(f"{recipe}: has a final (unnamed) merge; give --out-path for it")
+        raise RecipeError(f"{recipe}: has a final (unnamed) merge; give out=PATH for it",
+                          options=("out",))
     work.mkdir(parents=True, exist_ok=True)
     hashes: dict[str, str] = {}
     outcomes = []

@@ -80,7 +80,7 @@ def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
         os.replace(tmp, path)
     except Exception as err:  # OSError, or safetensors' own error for a failed write
         tmp.unlink(missing_ok=True)
-        raise OutputError(_write_failure(path, tensors, err)) from None
+        raise OutputError(_write_failure(path, tensors, err), options=("out",)) from None
     return path
 
 
@@ -117,12 +117,11 @@ def _write_failure(path: Path, tensors: Mapping[str, torch.Tensor], err: Excepti
     reason = " ".join(str(getattr(err, "strerror", None) or err).split())
     if getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (f"{path}: cannot write the statistics ({reason}): the folder is read-only "
-                "for this user; with `modelalloy stats` choose a file elsewhere with --out, "
-                "for a merge copy the model to a writable folder (statistics live in "
-                "MODEL/stats/)")
+                "for this user; save them elsewhere (out=PATH), or for a merge copy the "
+                "model to a writable folder (statistics live in MODEL/stats/)")
     return (f"{path}: cannot write the statistics ({reason}; they need "
-            f"{human_size(needed)}, {free} on that disk); free some space or choose another "
-            "place with --out")
+            f"{human_size(needed)}, {free} on that disk); free some space or save them "
+            "elsewhere (out=PATH)")
 
 
 def check_metadata(path: Path, meta: Mapping[str, str], kind: str | None = None) -> None:
