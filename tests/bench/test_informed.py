@@ -9,13 +9,11 @@ from modelalloy.api import merge_state_dicts
 from modelalloy.eval.informed import (
     INFORMED_METHODS,
     InformedConfig,
-    SuiteModule,
     apply_coefficients,
     merge_through_recipe,
     run_informed,
-    suite_module,
-    task_batches,
 )
+from modelalloy.eval.suite_stats import SuiteModule, suite_module, task_batches
 from modelalloy.stats import collect_grams
 
 # the tiny-vision body's last block: its Linear projection, the one layer with a Gram
@@ -150,7 +148,7 @@ def _stat(nbytes: int) -> list[dict[str, torch.Tensor]]:
 
 
 def test_stats_memory_drops_the_least_recently_used_past_its_byte_cap():
-    from modelalloy.eval.informed import StatsMemory
+    from modelalloy.eval.suite_stats import StatsMemory
 
     mem = StatsMemory()
     a, b, c = _stat(40), _stat(40), _stat(40)
@@ -168,7 +166,7 @@ def test_stats_memory_drops_the_least_recently_used_past_its_byte_cap():
 
 
 def test_memory_cap_from_config_then_environment(monkeypatch):
-    from modelalloy.eval.informed import DEFAULT_MEMORY_BYTES, MEMORY_ENV, memory_cap
+    from modelalloy.eval.suite_stats import DEFAULT_MEMORY_BYTES, MEMORY_ENV, memory_cap
 
     monkeypatch.delenv(MEMORY_ENV, raising=False)
     assert memory_cap() == DEFAULT_MEMORY_BYTES == 2 * 1000**3
@@ -178,7 +176,7 @@ def test_memory_cap_from_config_then_environment(monkeypatch):
 
 
 def test_bench_stats_hits_in_memory_and_respects_the_cap(vision_smoke, monkeypatch):
-    from modelalloy.eval import informed as inf
+    from modelalloy.eval import suite_stats as inf
 
     tasks = vision_smoke.info.merged_tasks
     args = (vision_smoke, tasks, vision_smoke.base_state_dict(),

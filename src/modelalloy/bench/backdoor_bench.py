@@ -65,7 +65,8 @@ def backdoor_bench(suite: Any, task: str | None = None, methods: Sequence[str] =
     from modelalloy.api import merge_state_dicts
     from modelalloy.bench.backdoor import backdoored_experts
     from modelalloy.bundle._checkpoint import load_state_dict
-    from modelalloy.eval.informed import apply_coefficients, suite_module, task_batches
+    from modelalloy.eval.informed import apply_coefficients
+    from modelalloy.eval.suite_stats import suite_module, task_batches
 
     log = log or (lambda _m: None)
     cfg = cfg or BackdoorConfig()
@@ -113,7 +114,7 @@ def backdoor_bench(suite: Any, task: str | None = None, methods: Sequence[str] =
 
 
 def _body_names(module: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from modelalloy.eval.informed import to_body_names
+    from modelalloy.eval.suite_stats import to_body_names
 
     return to_body_names(module, state)
 

@@ -212,13 +212,13 @@ def _row_intervals(method: str, variant: str, held_in: list[dict[str, Any]],
 # Methods from the registry
 
 
-# Statistic kinds run_bench makes itself (modelalloy.eval.informed.BenchStats).
+# Statistic kinds run_bench makes itself (modelalloy.eval.suite_stats.BenchStats).
 BENCH_KINDS = ("gram", "gram_pp", "activations", "fisher", "exp_avg_sq")
 
 
 def is_relaxation(spec: Any) -> bool:
     """A method that relaxes one merged model toward the base with the base's statistics
-    (``aim``): the bench gives it the merge of :data:`modelalloy.eval.informed.RELAX_UNDER`."""
+    (``aim``): the bench gives it the merge of :data:`modelalloy.eval.suite_stats.RELAX_UNDER`."""
     return bool(spec.stats) and spec.stats_from == "base" and spec.max_models == 1
 
 
@@ -353,7 +353,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
     longer than ``tune_max_seconds`` (optimisation-based ones) are not tuned; ``tuning`` says so.
 
     Methods that declare statistics (RegMean, RegMean++, Fisher, OTA, AIM) get them from
-    :class:`modelalloy.eval.informed.BenchStats` (configured by ``stats_config``, a
+    :class:`modelalloy.eval.suite_stats.BenchStats` (configured by ``stats_config``, a
     ``BenchStatsConfig``): collected once per suite on its unlabeled inputs (the Fisher on the
     validation split), cached, then passed to the merge. A relaxation method (AIM) relaxes the
     merge of ``params[name]["under"]`` (default task arithmetic with the paper's λ).
@@ -396,7 +396,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
         inputs, stats, note = experts, None, {}
         try:
             if spec.stats:
-                from modelalloy.eval.informed import RELAX_UNDER, BenchStats, layout_overrides
+                from modelalloy.eval.suite_stats import RELAX_UNDER, BenchStats, layout_overrides
 
                 if provider is None:
                     provider = BenchStats(suite, tasks, base, experts, stats_config, log=log)
