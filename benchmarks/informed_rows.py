@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 "merged": suite.info.merged_tasks, "held_out": suite.info.held_out_tasks,
                 "wall_seconds": res.extra["wall_seconds"],
                 "regmean_gram_layers": res.extra.get("regmean_gram_layers", []),
-                "aim_layers": res.extra.get("aim_layers", []),
+                "aim_layers": res.extra.get("aim_activations_layers", []),
                 "records": res.records, "timings": res.timings, "tuning": res.tuning,
                 "notes": res.notes, "config": dict(vars(cfg))}
             print(f"\n{suite_name} ({size}), {res.extra['wall_seconds']}s")

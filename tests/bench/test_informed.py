@@ -7,9 +7,9 @@ import torch
 
 from modelalloy.api import merge_state_dicts
 from modelalloy.eval.informed import (
-    INFORMED_METHODS,
     InformedConfig,
     apply_coefficients,
+    informed_methods,
     merge_through_recipe,
     run_informed,
 )
@@ -34,8 +34,13 @@ def informed(vision_smoke):
 
 def test_every_informed_method_runs_and_gives_finite_accuracies(vision_smoke, informed):
     methods = {r["method"] for r in informed.records if r["variant"] == "informed"}
-    expected = {m for m in INFORMED_METHODS if m != "aim"} | {"aim(task_arithmetic)",
-                                                              "aim(ties)"}
+    # the registry's data-informed methods (AIM's rows named after the merges it relaxes), OTA
+    # after grafting, the learners
+    expected = {"regmean", "regmean_pp", "fisher", "ota", "aim(task_arithmetic)", "aim(ties)",
+                "ota_ffg", "adamerging_task", "adamerging_layer", "expert_merging",
+                "sens_merging", "self_positioning"}
+    assert set(informed_methods(len(vision_smoke.info.merged_tasks))) == (
+        expected - {"aim(task_arithmetic)", "aim(ties)"}) | {"aim"}
     assert methods == expected
     n_tasks = len(vision_smoke.info.tasks)
     for method in methods:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from modelalloy.eval.harness import PAPER_DEFAULTS, SuiteScorer, summarize
+from modelalloy.eval.harness import SuiteScorer, paper_settings, summarize
 
 METHODS = ("task_arithmetic", "ties", "adamerging", "dam")
 
@@ -84,7 +84,7 @@ def backdoor_bench(suite: Any, task: str | None = None, methods: Sequence[str] =
     for method in methods:
         start = time.perf_counter()
         if method in ("task_arithmetic", "ties"):
-            params = dict(PAPER_DEFAULTS.get(method, {}))
+            params = paper_settings(method)
             merged = merge_state_dicts(method, base, experts, seed=cfg.seed, **params)
         elif method in ("adamerging", "dam"):
             batches = batches or task_batches(suite, tasks, "test", cfg.batch_size)

@@ -197,7 +197,7 @@ def cpt_chat_vector_study(suite: Any, methods: list[str], seed: int,
     (:mod:`modelalloy.bench.lm_cpt`): skills on the old alphabets (held-in) and on the new one
     (domain), each merge's difference from the chat-vector recipe paired."""
     from modelalloy.bench.lm_cpt import CptCase
-    from modelalloy.eval.harness import PAPER_DEFAULTS, merge_experts, resolve_methods
+    from modelalloy.eval.harness import merge_experts, paper_settings, resolve_methods
 
     if suite.info.name != "tiny-lm":
         raise EvalError("study cpt-chat-vector needs the tiny-lm suite")
@@ -208,7 +208,7 @@ def cpt_chat_vector_study(suite: Any, methods: list[str], seed: int,
         ("base", {}, base), ("cpt", {}, models[0]), ("instruct", {}, models[1])]
     for spec in resolve_methods(methods):
         settings = ([{"lambda": 1.0}, {"lambda": 0.5}] if spec.name == "task_arithmetic"
-                    else [dict(PAPER_DEFAULTS.get(spec.name, {}))])
+                    else [paper_settings(spec)])
         for given in settings:
             name = "chat vector (TA λ=1)" if given == {"lambda": 1.0} else spec.name
             entries.append((name, given, merge_experts(spec, base, models, given, seed)))

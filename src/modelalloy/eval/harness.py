@@ -10,7 +10,7 @@ Records are plain dicts, one per (method, task)::
      "correct": "0110..."}          # per-example hits (modelalloy.eval.intervals)
 
 The base model appears as method "base" and each expert, on its own task, as method "expert".
-Bundle methods (:data:`BUNDLE_METHODS`, TALL masks) are not merges: their records have variant
+Bundle methods (``spec.facts.bundle``: TALL masks) are not merges: their records have variant
 "bundle", one per merged task (the expert rebuilt from the bundle, on its own task), and carry
 ``"storage_ratio"`` (the bundle's bytes ÷ base + experts stored separately).
 """
@@ -37,39 +37,30 @@ from modelalloy.eval.intervals import (
 )
 
 SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-# The papers' settings where the registry's generic defaults differ from them (the registry
-# follows mergekit, whose density defaults to 1 = no trimming): TIES keeps the top 20%
-# (Yadav et al. 2023), DARE drops 90% (Yu et al. 2024), Breadcrumbs keeps 90% below the top 1%
-# (Davari & Belilovsky 2023), and task arithmetic uses lambda 0.3 for eight tasks (Ilharco et
-# al. 2023; FusionBench's default). ``--params`` overrides any of these.
-PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "task_arithmetic": {"lambda": 0.3},
-    "ties": {"density": 0.2},
-    "dare_ties": {"density": 0.1},
-    "dare_linear": {"density": 0.1},
-    "breadcrumbs": {"density": 0.9},
-    "breadcrumbs_ties": {"density": 0.9},
-    "slerp": {"t": 0.5},  # mergekit requires t; the bench interpolates halfway
-    # RegMean's reference CLIP-ViT config (FusionBench; RegMean++ uses the same)
-    "regmean": {"alpha": 0.95},
-    "regmean_pp": {"alpha": 0.95},
-}
-# The parameter that scales the merged task vector, where a method has one.
+# The parameter that scales the merged task vector, where a method has one and its facts name
+# no other (MethodFacts.scale).
 SCALE_PARAM = "lambda"
-# Methods whose scaling knob has another name: WIDEN's calibrated score s_cal is the weight
-# each model's above-average columns get (s_cal = 1, its README value for two or three models,
-# adds them like task arithmetic with λ = 1; measured on tiny-vision's 8 experts: 64.0 at
-# s_cal 1 against 80.2 at 0.3, docs/benchmarks.md), so the bench chooses it like λ.
-SCALE_PARAMS = {"widen": "score_calibration"}
+
+
+def paper_settings(method: Any) -> dict[str, Any]:
+    """The paper's settings the bench runs ``method`` (a name or a spec) with, where the
+    registry's defaults (mergekit's) differ: its spec's ``facts.paper_settings``. ``--params``
+    overrides any of these."""
+    from modelalloy.methods import get_method
+
+    spec = get_method(method) if isinstance(method, str) else method
+    return dict(spec.facts.paper_settings)
 
 
 def scale_param(spec: Any) -> str | None:
-    """The parameter the bench tunes on validation for ``spec``, or None."""
-    name = SCALE_PARAMS.get(spec.name, SCALE_PARAM)
+    """The parameter the bench tunes on validation for ``spec`` (``facts.scale``), or None."""
+    name = spec.facts.scale
     return name if any(p.name == name for p in spec.params) else None
-# Registry methods whose output is one expert rebuilt from a compression bundle, not a merge:
-# scored as a merge such a row reads like an expert, so the bench reports them apart.
-BUNDLE_METHODS = ("tall_masks",)
+
+
+# Records of bundle methods (``facts.bundle``: their output is one expert rebuilt from a
+# compression bundle, not a merge): scored as a merge such a row reads like an expert, so the
+# bench reports them apart.
 BUNDLE_VARIANT = "bundle"
 
 
@@ -299,7 +290,7 @@ def bundle_records(spec: Any, base: dict[str, torch.Tensor],
                    experts: list[dict[str, torch.Tensor]], tasks: list[str],
                    given: dict[str, Any], scorer: SuiteScorer
                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Records of a bundle method (:data:`BUNDLE_METHODS`): the TALL bundle of the experts
+    """Records of a bundle method (``spec.facts.bundle``): the TALL bundle of the experts
     (:func:`modelalloy.bundle.compress` with the method's mask parameters), every expert
     rebuilt from it and scored on its own task; and the bundle's storage report."""
     from modelalloy.bundle import compress
@@ -346,7 +337,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
               tune_max_seconds: float = 30.0, stats_config: Any = None) -> BenchResult:
     """Merge the suite's held-in experts with each method; score every task.
 
-    Each method runs with the papers' defaults (:data:`PAPER_DEFAULTS` over the registry's),
+    Each method runs with the papers' settings (:func:`paper_settings` over the registry's),
     variant "default"; methods with a ``lambda`` parameter also run with lambda chosen on the
     validation split from ``grid``, variant "tuned". ``params`` overrides defaults per method
     (a ``lambda`` given there turns tuning off for that method). Methods whose merge took
@@ -378,8 +369,8 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
             log(f"skip {spec.name}: {reason}")
             continue
         user = dict((params or {}).get(spec.name, {}))
-        given = {**PAPER_DEFAULTS.get(spec.name, {}), **user}
-        if spec.name in BUNDLE_METHODS:
+        given = {**paper_settings(spec), **user}
+        if spec.facts.bundle:
             start = time.perf_counter()
             try:
                 rows, bundles[spec.name] = bundle_records(spec, base, experts, tasks, given,
@@ -405,7 +396,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
                     user.pop("under", None)
                     under_spec = resolve_methods([under])[0]
                     inputs = [merge_experts(under_spec, base, experts,
-                                            dict(PAPER_DEFAULTS.get(under, {})), seed)]
+                                            paper_settings(under_spec), seed)]
                     note = {"under": under}
                 resolved = spec.resolve(len(inputs), given, spec.name, "paper")
                 stats = provider.for_method(spec, resolved)
@@ -447,7 +438,7 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
                       log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Merge k = 2..N experts (random subsets, ``repeats`` per k): held-in vs held-out accuracy.
 
-    Parameters are the papers' defaults (:data:`PAPER_DEFAULTS`) overridden by ``params``.
+    Parameters are the papers' settings (:func:`paper_settings`) overridden by ``params``.
 
     Held-in = the k merged tasks; held-out = the suite's held-out tasks (never merged) and, as
     "unmerged", the suite's other tasks that this subset left out.
@@ -472,7 +463,7 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
         for rep in range(repeats):
             subset = [tasks[i] for i in torch.randperm(len(tasks), generator=gen)[:k].tolist()]
             merged = merge_experts(spec, base, [all_experts[t] for t in subset],
-                                   {**PAPER_DEFAULTS.get(method, {}), **(params or {})}, seed)
+                                   {**paper_settings(spec), **(params or {})}, seed)
             rows = scorer.records(method, merged, params=params)
             held_in = [r for r in rows if r["task"] in subset]
             held_out = [r for r in rows if r["held_out"]]
@@ -545,13 +536,13 @@ def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
     rows = [score("base", base, {}), score(f"expert:{long_task}", experts[0], {}),
             score(f"expert:{short_task}", experts[1], {})]
     for spec in resolve_methods(methods):
-        if method_skip_reason(spec, 2) or spec.name in BUNDLE_METHODS:  # rebuilds, not merges
+        if method_skip_reason(spec, 2) or spec.facts.bundle:  # rebuilds, not merges
             continue
         knob = "t" if any(p.name == "t" for p in spec.params) else (
             SCALE_PARAM if any(p.name == SCALE_PARAM for p in spec.params) else None)
         settings = [{}] + ([{knob: v} for v in grid] if knob else [])
         for extra in settings:
-            given = {**PAPER_DEFAULTS.get(spec.name, {}), **extra}
+            given = {**paper_settings(spec), **extra}
             if spec.name == "task_arithmetic" and not extra:
                 continue  # the lambda grid covers it
             try:

@@ -55,7 +55,15 @@ import torch
 from torch import nn
 
 from modelalloy.api import merge_state_dicts
-from modelalloy.eval.harness import SuiteScorer, merge_experts, run_bench, summarize
+from modelalloy.eval.harness import (
+    SuiteScorer,
+    is_relaxation,
+    merge_experts,
+    method_skip_reason,
+    paper_settings,
+    run_bench,
+    summarize,
+)
 from modelalloy.eval.suite_stats import (
     BenchStats,
     BenchStatsConfig,
@@ -68,10 +76,13 @@ from modelalloy.eval.suite_stats import (
 )
 from modelalloy.optimize.adamerging import CoefficientResult
 
-# Methods this module runs (row names). ``aim`` rows are named after the merge they relax.
-INFORMED_METHODS = ("regmean", "regmean_pp", "fisher", "ota", "ota_ffg", "aim",
-                    "adamerging_task", "adamerging_layer", "expert_merging", "sens_merging",
-                    "self_positioning")
+# Rows beside the registry's data-informed methods: OTA after Fast Fisher Grafting (two registry
+# methods in a row) and the coefficient learners (modelalloy.optimize), which are not methods.
+OTA_FFG = "ota_ffg"
+LEARNER_ROWS = ("adamerging_task", "adamerging_layer", "expert_merging", "sens_merging",
+                "self_positioning")
+# A relaxation method (AIM) relaxes each of these merges; its rows are named after them.
+RELAXED_MERGES = ("task_arithmetic", "ties")
 BASELINES = ("linear", "task_arithmetic", "ties")
 StateDict = Mapping[str, torch.Tensor]
 
@@ -197,11 +208,12 @@ class InformedConfig:
     stats_split: str = "val"
     stats_limit: int | None = None        # examples per task for Grams / Fishers / activations
     batch_size: int = 16                  # AdaMerging's reference batch size
-    regmean_alpha: float = 0.95           # the reference CLIP-ViT config (RegMean and RegMean++)
+    # Per registry method, parameters over its paper settings (spec.facts.paper_settings:
+    # RegMean's α 0.95, the reference CLIP-ViT config) and its defaults (AIM's ω 0.4, FFG's
+    # density 0.4, used by the ota_ffg row).
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
     fisher_mode: str = "exact"            # the reference's expectation over classes
     fisher_limit: int | None = 64         # examples per task for the Fisher
-    ffg_density: float = 0.4
-    aim_omega: float = 0.4
     adamerging_steps: int = 500
     adamerging_lr: float = 1e-3
     expert_samples: int = 16              # unlabeled samples per domain (batches of one)
@@ -209,7 +221,7 @@ class InformedConfig:
     sens_scale: float | None = None       # λ of Sens-Merging; None: task arithmetic's tuned λ
     self_positioning_steps: int = 300
     seed: int = 0
-    methods: tuple[str, ...] = INFORMED_METHODS
+    methods: tuple[str, ...] | None = None  # rows to run (None: informed_methods())
 
 
 @dataclass
@@ -224,6 +236,23 @@ class InformedResult:
 
     def summary(self) -> list[dict[str, Any]]:
         return summarize(self.records)
+
+
+def informed_specs(n_experts: int) -> list[Any]:
+    """The registry's data-informed methods a suite of ``n_experts`` can run: those that declare
+    statistics the suite's collectors make (:class:`BenchStats`) and merge that many experts
+    (or relax one merge toward the base, AIM)."""
+    from modelalloy.methods import list_methods
+
+    return [spec for spec in list_methods()
+            if spec.stats and method_skip_reason(spec, n_experts, stats=True) is None]
+
+
+def informed_methods(n_experts: int = 2) -> tuple[str, ...]:
+    """Every row :func:`run_informed` can run: the registry's data-informed methods
+    (:func:`informed_specs`; AIM's rows are named after the merges it relaxes), OTA after Fast
+    Fisher Grafting, and the coefficient learners."""
+    return (*(spec.name for spec in informed_specs(n_experts)), OTA_FFG, *LEARNER_ROWS)
 
 
 def _tvs_scale_param(tuning: Mapping[str, Any], method: str, default: float) -> float:
@@ -248,7 +277,7 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
     scorer = SuiteScorer(suite)
     base = suite.base_state_dict()
     experts = [suite.expert_state_dict(t) for t in tasks]
-    wanted = set(cfg.methods)
+    wanted = set(cfg.methods or informed_methods(len(experts)))
     # Grams, Fishers, activations and Adam moments: the same collection code as the harness
     # (BenchStats), on this config's split and limits, not cached on disk.
     provider = BenchStats(suite, tasks, base, experts, BenchStatsConfig(
@@ -268,66 +297,50 @@ def run_informed(suite: Any, config: InformedConfig | None = None, *,
     def want(name: str) -> bool:
         return name in wanted
 
-    # --- RegMean: Grams of each expert's linear maps on its own task's inputs
-    if want("regmean"):
+    # --- The registry's data-informed methods, each with its statistics from the provider
+    for spec in informed_specs(len(experts)):
+        if not want(spec.name):
+            continue
+        given = {**paper_settings(spec), **cfg.params.get(spec.name, {})}
+        note: dict[str, Any] = {}
+        if "fisher" in spec.stats:
+            # the exact expectation needs (batch, classes) outputs; LMs sample one token per
+            # position
+            note = {"mode": "sampled" if is_lm_suite(suite) else cfg.fisher_mode,
+                    "examples": cfg.fisher_limit}
         t0 = time.perf_counter()
-        grams = provider.get("gram")
-        result.extra["regmean_gram_layers"] = sorted(grams[0].keys())
-        merged = merge_state_dicts("regmean", None, experts, stats={"gram": grams},
-                                   alpha=cfg.regmean_alpha,
-                                   **layout_overrides(get_method("regmean"), {"gram": grams}))
-        row("regmean", merged, {"alpha": cfg.regmean_alpha}, t0)
+        if is_relaxation(spec):
+            # relax the (tuned) task-arithmetic and TIES merges with the base's statistics
+            stats = provider.for_method(spec, spec.resolve(1, given, spec.name))
+            for under in RELAXED_MERGES:
+                lam = _tvs_scale_param(result.tuning, under, 1.0)
+                start = time.perf_counter()
+                merged_under = merge_experts(get_method(under), base, experts, {"lambda": lam},
+                                             cfg.seed)
+                relaxed = merge_state_dicts(spec.name, base, [merged_under], stats=stats,
+                                            **{**layout_overrides(spec, stats), **given})
+                row(f"{spec.name}({under})", relaxed, {**given, **note, "lambda": lam},
+                    t0 if under == RELAXED_MERGES[0] else start)
+        else:
+            stats = provider.for_method(spec, spec.resolve(len(experts), given, spec.name))
+            merged = merge_state_dicts(spec.name, None if spec.base == "none" else base,
+                                       experts, stats=stats,
+                                       **{**layout_overrides(spec, stats), **given})
+            row(spec.name, merged, {**given, **note}, t0)
+        for kind, per_owner in stats.items():
+            result.extra[f"{spec.name}_{kind}_layers"] = sorted(per_owner[0].keys())
 
-    # --- RegMean++: Grams through the merged earlier layers (a numbered stack is presented)
-    if want("regmean_pp"):
+    # --- OTA after Fast Fisher Grafting: each expert grafted onto the base, then OTA
+    if want(OTA_FFG):
         t0 = time.perf_counter()
-        stats = provider.get("gram_pp", {"alpha": float(cfg.regmean_alpha), "weight": None})
-        merged = merge_state_dicts("regmean_pp", None, experts, stats={"gram_pp": stats},
-                                   alpha=cfg.regmean_alpha,
-                                   **layout_overrides(get_method("regmean_pp"),
-                                                      {"gram_pp": stats}))
-        row("regmean_pp", merged, {"alpha": cfg.regmean_alpha}, t0)
-
-    # --- Fisher merging: per-example Fisher of each expert with its task's head
-    if want("fisher"):
-        t0 = time.perf_counter()
-        # the exact expectation needs (batch, classes) outputs; LMs sample one token per position
-        fisher_mode = "sampled" if is_lm_suite(suite) else cfg.fisher_mode
-        fishers = provider.get("fisher")
-        merged = merge_state_dicts("fisher", None, experts, stats={"fisher": fishers})
-        row("fisher", merged, {"mode": fisher_mode, "examples": cfg.fisher_limit}, t0)
-
-    # --- OTA (and OTA after Fast Fisher Grafting): the experts' saved Adam second moments
-    if want("ota") or want("ota_ffg"):
         moments = provider.get("exp_avg_sq")
-        if want("ota"):
-            t0 = time.perf_counter()
-            merged = merge_state_dicts("ota", base, experts, stats={"exp_avg_sq": moments})
-            row("ota", merged, {}, t0)
-        if want("ota_ffg"):
-            t0 = time.perf_counter()
-            grafted = [merge_state_dicts("ffg", base, [sd], stats={"exp_avg_sq": [v]},
-                                         density=cfg.ffg_density)
-                       for sd, v in zip(experts, moments, strict=True)]
-            merged = merge_state_dicts("ota", base, grafted, stats={"exp_avg_sq": moments})
-            row("ota_ffg", merged, {"density": cfg.ffg_density}, t0)
-
-    # --- AIM: relax the (tuned) task-arithmetic and TIES merges with the base's activations
-    if want("aim"):
-        t0 = time.perf_counter()
-        acts = provider.get("activations")[0]
-        result.extra["aim_layers"] = sorted(acts.keys())
-        for under in ("task_arithmetic", "ties"):
-            lam = _tvs_scale_param(result.tuning, under, 1.0)
-            start = time.perf_counter()
-            merged_under = merge_experts(get_method(under), base, experts, {"lambda": lam},
-                                         cfg.seed)
-            relaxed = merge_state_dicts("aim", base, [merged_under],
-                                        stats={"activations": [acts]}, omega=cfg.aim_omega,
-                                        **layout_overrides(get_method("aim"),
-                                                           {"activations": [acts]}))
-            row(f"aim({under})", relaxed, {"omega": cfg.aim_omega, "lambda": lam},
-                t0 if under == "task_arithmetic" else start)
+        ffg = {**paper_settings("ffg"), **cfg.params.get("ffg", {})}
+        grafted = [merge_state_dicts("ffg", base, [sd], stats={"exp_avg_sq": [v]}, **ffg)
+                   for sd, v in zip(experts, moments, strict=True)]
+        ota = {**paper_settings("ota"), **cfg.params.get("ota", {})}
+        merged = merge_state_dicts("ota", base, grafted, stats={"exp_avg_sq": moments}, **ota)
+        density = get_method("ffg").resolve(len(experts), ffg, "ffg")["density"]
+        row(OTA_FFG, merged, {"density": density, **ffg, **ota}, t0)
 
     # --- AdaMerging: entropy of each task's head on its unlabeled test inputs
     if want("adamerging_task") or want("adamerging_layer"):

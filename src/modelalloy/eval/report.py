@@ -15,7 +15,6 @@ from typing import Any
 from modelalloy.eval.harness import (
     BUNDLE_VARIANT,
     REFERENCE_METHOD,
-    SCALE_PARAMS,
     BenchResult,
     summarize,
 )
@@ -40,9 +39,20 @@ def row_label(row: dict[str, Any]) -> str:
     if row["variant"] == "tuned":
         if "lambda" in row["params"]:
             return f"{row['method']} (λ={row['params']['lambda']} on val)"
-        knob = SCALE_PARAMS.get(row["method"])
+        knob = _scale_of(row["method"])
         return f"{row['method']} ({knob}={row['params'].get(knob)} on val)"
     return row["method"]
+
+
+def _scale_of(method: str) -> str | None:
+    """The parameter a tuned row of ``method`` chose (its spec's ``facts.scale``)."""
+    from modelalloy.errors import MethodError
+    from modelalloy.methods import get_method
+
+    try:
+        return get_method(method).facts.scale
+    except MethodError:  # a row that is not a registry method
+        return None
 
 
 def _pct(x: float) -> str:
