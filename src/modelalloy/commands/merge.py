@@ -31,6 +31,9 @@ def register(app: typer.Typer) -> None:
         as_adapter: Annotated[bool, typer.Option(
             help="The models are LoRA adapters of one base (base+adapter): write the merged "
                  "adapter (peft's combinations) instead of a model.")] = False,
+        stats_dir: Annotated[Path | None, typer.Option(
+            help="Statistics folder for models without their own (data-informed methods; "
+                 "default: MODEL/stats/, which a read-only model cannot hold).")] = None,
     ) -> None:
         """Merge the models of RECIPE into OUTPUT_DIR (written atomically)."""
         state["debug"] = state["debug"] or debug
@@ -44,7 +47,8 @@ def register(app: typer.Typer) -> None:
 
         result = run_recipe(recipe, output_dir, device=device, seed=seed, threads=threads,
                             memory_budget=memory_budget, shard_size=shard_size, force=force,
-                            allow_nonfinite=allow_nonfinite, progress=sys.stderr.isatty())
+                            allow_nonfinite=allow_nonfinite, progress=sys.stderr.isatty(),
+                            stats_dir=stats_dir)
         for warning in result.warnings:
             err.print(Text("warning: ", style="yellow") + Text(warning), soft_wrap=True)
         out.print(f"merged {result.tensors} tensors into {result.path} in {result.seconds:.1f} s:"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,6 @@ from modelalloy.io.dtypes import parse_dtype
 from modelalloy.methods.registry import MethodSpec
 from modelalloy.plan.planner import MergePlan, build_plan
 from modelalloy.plan.sources import TensorSource
-from modelalloy.stats_files import StatsFiles, collect_missing
 
 Model = Mapping[str, torch.Tensor] | torch.nn.Module
 # statistics by kind: one mapping (parameter name -> tensor) per owner, in owner order, or
@@ -159,17 +159,29 @@ def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = No
                            into: torch.nn.Module | None = None, *,
                            device: str | torch.device | None = None, seed: int | None = None,
                            threads: int | None = None, allow_nonfinite: bool = False,
-                           stats: StatsGiven | None = None
+                           stats: StatsGiven | None = None,
+                           stats_dir: str | Path | None = None
                            ) -> dict[str, torch.Tensor] | torch.nn.Module:
     """Merge as ``recipe`` says, from in-memory models (``sources``, keyed by the recipe's
     model references) or, without ``sources``, from the checkpoints it names; fill ``into``'s
     parameters in place and return it, or return the merged state dict."""
     recipe = as_recipe(recipe)
     spec = recipe.method_spec()
+    if spec.stats or stats:
+        # imported only for data-informed methods (as in engine/run.py)
+        from modelalloy.stats.store import (
+            StatsFiles,
+            collect_missing,
+            recipe_stats_dir,
+            stat_owners,
+        )
+
+        stats_folder = recipe_stats_dir(recipe, stats_dir)
     with ExitStack() as stack:
         if sources is None:  # the recipe's checkpoints, as `modelalloy merge` reads them
-            if stats is None:
-                collect_missing(recipe, spec, device=str(device or "cpu"))
+            if stats is None and spec.stats:
+                collect_missing(recipe, spec, device=str(device or "cpu"),
+                                stats_dir=stats_folder)
             plan = make_plan(recipe, stack)
         else:
             base, experts = in_memory_sources(recipe, sources)
@@ -181,12 +193,9 @@ def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = No
             else reference_device(plan.reference)
         loader: StatsLoader | None = None
         if spec.stats and sources is None and stats is None:
-            loader = StatsFiles.for_plan(plan, stack)
+            loader = StatsFiles.for_plan(plan, stack, stats_folder)
         elif spec.stats or stats:
-            owners = [e.model for e in recipe.expert_entries()]
-            if spec.stats_from == "base" and recipe.base_model is not None:
-                owners = [recipe.base_model]
-            loader = MemoryStats(stats_by_owner(spec, stats, owners), dev)
+            loader = MemoryStats(stats_by_owner(spec, stats, stat_owners(recipe, spec)), dev)
         return run_in_memory(plan, into, device=dev,
                              seed=recipe.seed if seed is None else seed,
                              threads=threads or memory_threads(plan),

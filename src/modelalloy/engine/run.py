@@ -37,7 +37,6 @@ from modelalloy.methods.registry import get_method
 from modelalloy.plan.planner import MergePlan, PlanEntry, build_plan
 from modelalloy.plan.sources import TensorSource
 from modelalloy.recipe import Recipe, load_recipe, parse_recipe, recipe_from_dict
-from modelalloy.stats_files import StatsFiles, collect_missing
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -141,8 +140,11 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
                seed: int | None = None, threads: int | None = None,
                memory_budget: str | int | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                force: bool = False, allow_nonfinite: bool = False,
-               progress: bool = False) -> MergeResult:
-    """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically)."""
+               progress: bool = False, stats_dir: str | Path | None = None) -> MergeResult:
+    """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically).
+
+    ``stats_dir``: the statistics folder for models without statistics of their own (over the
+    recipe's ``calibration.stats_dir``; default: next to each model)."""
     start = time.perf_counter()
     recipe = as_recipe(recipe)
     dev = resolve_device(device)
@@ -153,7 +155,14 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
     budget_bytes = size_option("memory_budget", memory_budget) \
         if memory_budget is not None else None
 
-    collect_missing(recipe, get_method(recipe.merge_method), device=str(dev))
+    spec = get_method(recipe.merge_method)
+    if spec.stats:
+        # imported only for data-informed methods: the statistics package costs every other
+        # merge ~0.1 s of start-up
+        from modelalloy.stats.store import StatsFiles, collect_missing, recipe_stats_dir
+
+        stats_folder = recipe_stats_dir(recipe, stats_dir)
+        collect_missing(recipe, spec, device=str(dev), stats_dir=stats_folder)
     with ExitStack() as stack:
         plan = make_plan(recipe, stack)
         plan.raise_if_problems()
@@ -162,7 +171,7 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
         in_flight = None
         if budget_bytes is not None:
             in_flight = in_flight_budget(plan, budget_bytes, sliced=dev.type == "cpu")
-        stats_loader = StatsFiles.for_plan(plan, stack)
+        stats_loader = StatsFiles.for_plan(plan, stack, stats_folder) if spec.stats else None
         entries = [(e.name, e.shape, e.out_dtype) for e in plan.entries]
         with AtomicOutputDir(out_dir, force=force) as tmp:
             writer = ShardedSafetensorsWriter(

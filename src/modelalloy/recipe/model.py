@@ -156,8 +156,8 @@ DTYPES = {
 class Calibration(BaseModel):
     """Calibration data for data-informed methods (modelalloy addition, not in mergekit).
 
-    When a method needs statistics an expert does not have yet (``<model>/stats/<kind>``),
-    ``modelalloy merge`` collects them on this data first.
+    When a method needs statistics an expert does not have yet (``<model>/stats/<kind>``, or
+    in ``stats_dir``), ``modelalloy merge`` collects them on this data first.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -170,6 +170,10 @@ class Calibration(BaseModel):
     # Grams from a seeded random share of the tokens (each kept with this probability, the sum
     # divided by it: unbiased); 1 = every token (exact). See docs/statistics.md.
     gram_token_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Where collected statistics go, for models without their own (``<model>/stats/``, the
+    # default, needs a writable model folder); relative to the recipe's folder. See
+    # modelalloy.stats.store.
+    stats_dir: str | None = None
 
 
 class Recipe(BaseModel):

@@ -1,4 +1,5 @@
-"""Statistics on disk: one safetensors file per kind, next to the model.
+"""Statistics on disk: one safetensors file per kind, next to the model (or in a statistics
+folder of the user's choosing: modelalloy.stats.store), written and read with its format check.
 
 Format (version 1), written down in docs/statistics.md::
 
@@ -45,9 +46,16 @@ FORMAT = "modelalloy.stats"
 VERSION = "1"
 
 
-def stats_path(model_dir: str | Path, kind: str) -> Path:
-    """Where statistics of ``kind`` for the model in ``model_dir`` live."""
-    return Path(model_dir) / "stats" / f"{kind}.safetensors"
+STATS_FOLDER = "stats"
+
+
+def stats_path(model: str | Path, kind: str) -> Path:
+    """Where statistics of ``kind`` for a model live by default: ``<model folder>/stats/`` (a
+    model given as its weight file: that file's folder). modelalloy.stats.store also finds them
+    in a statistics folder of the user's choosing."""
+    path = Path(model)
+    folder = path.parent if path.is_file() else path
+    return folder / STATS_FOLDER / f"{kind}.safetensors"
 
 
 def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
