@@ -36,6 +36,8 @@ SECTION = "## Against mergekit"
 TOLERANCE = 2.0 ** -20  # relative to the tensor's largest |value|
 RANDOM = ("dare_", "della")  # methods whose masks are random draws
 
+TOKEN_MODELS = "  - model: {ta}\n    parameters: {{weight: 0.6}}\n  - model: {tb}\n" \
+               "    parameters: {{weight: 0.4}}\n"
 LLAMA_MODELS = "  - model: {a}\n    parameters: {{weight: 0.6}}\n  - model: {b}\n" \
                "    parameters: {{weight: 0.4}}\n"
 
@@ -123,6 +125,46 @@ RECIPES: dict[str, str] = {
     "self-stack-gpt2": "merge_method: passthrough\nslices:\n"
                        "  - sources: [{{model: {ga}, layer_range: [0, 3]}}]\n"
                        "  - sources: [{{model: {ga}, layer_range: [1, 4]}}]\n",
+    # tokenizers: {tbase}, {ta}, {tb} (Llama) and {gtbase}, {gta}, {gtb} (GPT-2, tied) whose
+    # fine-tunes add different tokens (tests/mergekit/helpers.py: ADDED_TOKENS)
+    "tokenizer-union": "merge_method: linear\nmodels:\n  - model: {ta}\n    parameters: "
+                       "{{weight: 0.6}}\n  - model: {tb}\n    parameters: {{weight: 0.4}}\n"
+                       "tokenizer_source: union\n",
+    "tokenizer-union-ties": "merge_method: ties\nbase_model: {tbase}\nmodels:\n"
+                            "  - model: {ta}\n    parameters: {{weight: 0.6}}\n"
+                            "  - model: {tb}\n    parameters: {{weight: 0.4}}\n"
+                            "parameters: {{density: 0.5}}\ntokenizer_source: union\n",
+    "tokenizer-base": "merge_method: task_arithmetic\nbase_model: {tbase}\nmodels:\n"
+                      "  - model: {ta}\n    parameters: {{weight: 0.6}}\n"
+                      "  - model: {tb}\n    parameters: {{weight: 0.4}}\n"
+                      "tokenizer_source: base\n",
+    "tokenizer-model": "merge_method: linear\nmodels:\n" + TOKEN_MODELS
+                       + "tokenizer_source: {tb}\n",
+    "tokenizer-tokens": "merge_method: linear\nmodels:\n" + TOKEN_MODELS
+                        + "tokenizer:\n  source: union\n  tokens:\n"
+                        "    <|im_start|>:\n      source: {{kind: model_token, model: {tb}, "
+                        "token: w5}}\n      force: true\n"
+                        "    <|im_end|>: {{source: {tb}, force: true}}\n"
+                        "    <|new|>: {{source: {{kind: zero}}}}\n",
+    "tokenizer-token-id": "merge_method: task_arithmetic\nbase_model: {tbase}\nmodels:\n"
+                          + TOKEN_MODELS + "tokenizer:\n  source: union\n"
+                          "  tokens:\n    <|tool|>:\n      source: {{kind: model_token, "
+                          "model: {ta}, token_id: 3}}\n      force: true\n",
+    # mergekit adds the token to the base model's own tokenizer object, then finds the base's
+    # new id past its embedding rows (KeyError)
+    "tokenizer-base-new-token": "merge_method: task_arithmetic\nbase_model: {tbase}\n"
+                                "models:\n" + TOKEN_MODELS + "tokenizer:\n  source: base\n"
+                                "  tokens:\n    <|tool|>:\n      source: {{kind: "
+                                "model_token, model: {ta}, token_id: 3}}\n",
+    "tokenizer-pad": "merge_method: task_arithmetic\nbase_model: {tbase}\nmodels:\n"
+                     + TOKEN_MODELS + "tokenizer:\n  source: union\n"
+                     "  pad_to_multiple_of: 8\n",
+    "tokenizer-gpt2-union": "merge_method: linear\nmodels:\n  - model: {gta}\n"
+                            "    parameters: {{weight: 0.6}}\n  - model: {gtb}\n"
+                            "    parameters: {{weight: 0.4}}\ntokenizer_source: union\n",
+    "tokenizer-gpt2-slerp": "merge_method: slerp\nbase_model: {gtbase}\nmodels:\n"
+                            "  - model: {gtbase}\n  - model: {gtb}\nparameters: {{t: 0.3}}\n"
+                            "tokenizer_source: {gtb}\n",
 }
 
 
@@ -137,7 +179,7 @@ class Row:
 
 def build_models(root: Path) -> dict[str, str]:
     sys.path.insert(0, str(REPO))
-    from tests.mergekit.helpers import save_family
+    from tests.mergekit.helpers import save_family, save_token_family
 
     llama = save_family(root / "llama", "llama", n_models=3, layers=4)
     mistral = save_family(root / "mistral", "mistral", n_models=2, layers=4, seed=1)
@@ -145,6 +187,10 @@ def build_models(root: Path) -> dict[str, str]:
     names = {"base": llama[0], "a": llama[1], "b": llama[2], "c": llama[3],
              "mbase": mistral[0], "ma": mistral[1], "mb": mistral[2],
              "gbase": gpt2[0], "ga": gpt2[1], "gb": gpt2[2]}
+    for prefix, arch in (("t", "llama"), ("gt", "gpt2")):
+        family = save_token_family(root / f"tok-{arch}", arch)
+        names.update({f"{prefix}base": family[0], f"{prefix}a": family[1],
+                      f"{prefix}b": family[2]})
     return {k: str(v) for k, v in names.items()}
 
 
@@ -185,9 +231,39 @@ def run_mergekit(binary: str, recipe: Path, out: Path) -> str:
     return "yes" if r.returncode == 0 else _last_line(r.stderr or r.stdout)
 
 
+def _vocab(folder: Path) -> dict[str, int] | None:
+    if not (folder / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True).get_vocab()
+
+
+def by_token(ours: Path, theirs: Path, a: dict, b: dict) -> tuple[dict, str]:
+    """mergekit's vocabulary tensors with their rows in our tokenizer's order (mergekit orders
+    a union's new tokens by a set's iteration order, which changes between runs), or why the
+    two vocabularies differ."""
+    va, vb = _vocab(ours), _vocab(theirs)
+    if va is None or vb is None:
+        return b, ""
+    if set(va) != set(vb):
+        only = sorted(set(va) ^ set(vb))
+        return b, f"vocabularies differ ({len(only)} tokens, e.g. {only[0]!r})"
+    order = torch.tensor([vb[t] for t, _ in sorted(va.items(), key=lambda kv: kv[1])])
+    out = dict(b)
+    for name, x in b.items():
+        if name in a and x.ndim and x.shape[0] >= len(vb) and not any(
+                part.isdigit() for part in name.split(".")):
+            out[name] = torch.cat([x[order], x[len(vb):]])
+    return out, ""
+
+
 def compare(ours: Path, theirs: Path, base: Path | None, random_masks: bool) -> tuple[bool, str]:
-    """(equal, why not) for two output folders."""
+    """(equal, why not) for two output folders; vocabulary rows are matched by token."""
     a, b = _weights(ours), _weights(theirs)
+    b, why = by_token(ours, theirs, a, b)
+    if why:
+        return False, why
     if set(a) != set(b):
         only = sorted(set(a) ^ set(b))
         return False, f"tensor names differ ({len(only)}, e.g. {only[0]})"

@@ -54,3 +54,61 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+# Tokens each model of a tokenizer family adds to the shared base vocabulary (special tokens
+# as AddedToken(special=True); "hello" an ordinary added token). The union is the base's 32
+# tokens, then <|im_start|>, <|im_end|>, <|tool|>, hello.
+ADDED_TOKENS = [[], [("<|im_start|>", True), ("<|im_end|>", True)],
+                [("<|im_end|>", True), ("<|tool|>", True), ("hello", False)]]
+BASE_WORDS = 32
+
+
+def save_tokenizer(folder: Path, added: list[tuple[str, bool]]):
+    """A WordLevel tokenizer: <unk>, <s>, </s>, w3..w31, then ``added`` (text, special)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, BASE_WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    for text, special in added:
+        tok.add_tokens([AddedToken(text, special=special, normalized=not special)])
+    tok.save_pretrained(folder)
+    return tok
+
+
+def save_token_family(root: Path, arch: str = "llama", layers: int = 2, seed: int = 3,
+                      scale: float = 0.05) -> list[Path]:
+    """A base with the 32-token vocabulary and two fine-tunes whose tokenizers add the
+    tokens of :data:`ADDED_TOKENS` (their embedding rows: the base's, plus random rows for
+    the new tokens, plus deltas). GPT-2 ties its embeddings. Returns [base, m0, m1]."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    folders = []
+    base_state = None
+    for i, added in enumerate(ADDED_TOKENS):
+        folder = root / ("base" if i == 0 else f"m{i - 1}")
+        tok = save_tokenizer(folder, added)
+        config = _config(arch, layers, tie=False)
+        config.vocab_size = len(tok)
+        model = AutoModelForCausalLM.from_config(config)
+        if base_state is None:
+            base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            state = model.state_dict()
+            with torch.no_grad():
+                for name, value in state.items():
+                    old = base_state[name]
+                    if value.shape == old.shape:
+                        value.copy_(old)
+                    else:  # vocabulary rows: the base's, then new ones
+                        value[:old.shape[0]] = old
+                    if value.is_floating_point():
+                        value.add_(torch.randn_like(value) * scale)
+        model.save_pretrained(folder)
+        folders.append(folder)
+    return folders

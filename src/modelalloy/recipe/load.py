@@ -27,6 +27,9 @@ from modelalloy.recipe.model import (
     Recipe,
     SliceSource,
     SliceSpec,
+    TokenizerSpec,
+    TokenSource,
+    TokenSpec,
     is_number,
 )
 from modelalloy.recipe.safe_yaml import MAX_BYTES, LimitedSafeLoader
@@ -53,6 +56,7 @@ IGNORED_PARAMS = {
 MODEL_ENTRY_KEYS = ("model", "adapter", "parameters")
 SLICE_KEYS = ("sources", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 COND_KEYS = ("filter", "value")
 
 
@@ -245,7 +249,8 @@ class _Validator:
         fields["seed"] = self.seed(raw.get("seed", 0))
         fields["allow_negative_weights"] = self.flag(raw.get("allow_negative_weights", False),
                                                      "allow_negative_weights")
-        fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
+        fields["tokenizer"] = self.tokenizer(raw, base_model, base_dir)
+        fields["tokenizer_source"] = fields["tokenizer"].source if fields["tokenizer"] else None
         fields["calibration"] = self.calibration(raw.get("calibration"), base_dir)
         fields["conventions"] = self.conventions
         fields["chat_template"] = self.chat_template(raw.get("chat_template"))
@@ -642,32 +647,94 @@ class _Validator:
             raise self.fail(field, f"must be true or false, got {v!r}")
         return v
 
-    def tokenizer(self, raw: dict, base_model: str | None, base_dir: Path) -> str | None:
+    def tokenizer(self, raw: dict, base_model: str | None,
+                  base_dir: Path) -> TokenizerSpec | None:
+        """``tokenizer_source: X`` or the ``tokenizer:`` block, as one :class:`TokenizerSpec`."""
         src = raw.get("tokenizer_source")
         field = "tokenizer_source"
         block = raw.get("tokenizer")
+        tokens: dict[str, TokenSpec] = {}
+        pad = None
         if block is not None:
             if src is not None:
                 raise self.fail("tokenizer", "give either `tokenizer_source` or a `tokenizer` "
                                              "block, not both")
             if not isinstance(block, dict):
                 raise self.fail("tokenizer", f"must be a mapping, got {_kind(block)}")
-            extra = [k for k in block if k != "source" and block[k] not in (None, {}, [])]
-            if extra:
-                raise self.fail(f"tokenizer.{extra[0]}", "not supported yet (only "
-                                "`tokenizer: {source: base | <folder>}` is); remove it")
-            src, field = block.get("source"), "tokenizer.source"
+            for key in block:
+                if key not in TOKENIZER_KEYS:
+                    raise self.fail(f"tokenizer.{key}",
+                                    f"unknown key; {_closest(key, TOKENIZER_KEYS)}")
+            src, field = block.get("source", "union"), "tokenizer.source"
+            tokens = self.tokens(block.get("tokens"), base_dir)
+            pad = block.get("pad_to_multiple_of")
+            if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)
+                                    or pad < 1):
+                raise self.fail("tokenizer.pad_to_multiple_of",
+                                f"must be a positive integer, got {pad!r}")
         if src is None:
             return None
-        if src == "union":
-            raise self.fail(field, "'union' (a merged vocabulary) is not supported yet; use "
-                                   "'base' or the folder of the model whose tokenizer to keep")
-        if src == "base":
-            if base_model is None:
-                raise self.fail(field, "'base' needs `base_model`; set base_model or give the "
-                                       "folder of the model whose tokenizer to keep")
-            return "base"
-        return self.model_string(src, field, base_dir)
+        if src not in ("union", "base"):
+            src = self.model_string(src, field, base_dir)
+        elif src == "base" and base_model is None:
+            raise self.fail(field, "'base' needs `base_model`; set base_model or give the "
+                                   "folder of the model whose tokenizer to keep")
+        return TokenizerSpec(source=src, tokens=tokens, pad_to_multiple_of=pad)
+
+    def tokens(self, raw: Any, base_dir: Path) -> dict[str, TokenSpec]:
+        """``tokenizer.tokens``: token text -> {source, force} (mergekit's TokenEmbeddingConfig)."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            raise self.fail("tokenizer.tokens", f"must be a mapping of token -> {{source, "
+                                                f"force}}, got {_kind(raw)}")
+        out = {}
+        for token, entry in raw.items():
+            field = f"tokenizer.tokens.{token}"
+            entry = {} if entry is None else entry
+            if not isinstance(entry, dict):
+                raise self.fail(field, f"must be a mapping {{source, force}}, got {_kind(entry)}")
+            for key in entry:
+                if key not in ("source", "force"):
+                    raise self.fail(f"{field}.{key}", f"unknown key; "
+                                    f"{_closest(key, ('source', 'force'))}")
+            force = self.flag(entry.get("force", False), f"{field}.force")
+            out[str(token)] = TokenSpec(source=self.token_source(entry.get("source"), field,
+                                                                 base_dir), force=force)
+        return out
+
+    def token_source(self, raw: Any, field: str, base_dir: Path) -> TokenSource | None:
+        field += ".source"
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            return TokenSource(kind="model", model=self.model_string(raw, field, base_dir))
+        if not isinstance(raw, dict):
+            raise self.fail(field, f"must be a model folder or a mapping with `kind` (zero, "
+                                   f"model_token), got {_kind(raw)}")
+        kind = raw.get("kind")
+        if kind == "zero":
+            if set(raw) != {"kind"}:
+                raise self.fail(field, "`kind: zero` takes no other key")
+            return TokenSource(kind="zero")
+        if kind != "model_token":
+            raise self.fail(f"{field}.kind", f"must be 'zero' or 'model_token', got {kind!r}")
+        extra = sorted(set(raw) - {"kind", "model", "token", "token_id"})
+        if extra:
+            raise self.fail(f"{field}.{extra[0]}", "unknown key; a model_token source takes "
+                                                   "model and one of token, token_id")
+        if ("token" in raw) == ("token_id" in raw):
+            raise self.fail(field, "give exactly one of `token` and `token_id`")
+        token_id = raw.get("token_id")
+        if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)
+                                     or token_id < 0):
+            raise self.fail(f"{field}.token_id", f"must be a token id (an integer >= 0), got "
+                                                 f"{token_id!r}")
+        token = raw.get("token")
+        if token is not None and not isinstance(token, str):
+            raise self.fail(f"{field}.token", f"must be a string, got {_kind(token)}")
+        return TokenSource(kind="model_token", token=token, token_id=token_id,
+                           model=self.model_string(raw.get("model"), f"{field}.model", base_dir))
 
 
 def _known_params() -> list[str]:

@@ -172,6 +172,61 @@ class Calibration(BaseModel):
     gram_token_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
+class TokenSource(BaseModel):
+    """Where a token's embedding row comes from (mergekit's ``tokens.<token>.source``).
+
+    ``kind``: ``model`` (that model's row for the same token), ``model_token`` (that model's
+    row of another token, by text or id), ``zero`` (a row of zeros)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str  # "model" | "model_token" | "zero"
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+class TokenSpec(BaseModel):
+    """One entry of ``tokenizer.tokens``: its row's source, and whether it replaces the row
+    of models that have the token (``force``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: TokenSource | None = None
+    force: bool = False
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's ``tokenizer:`` block (``tokenizer_source: X`` is ``{source: X}``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str  # "union", "base" or a model folder
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source}
+        if self.tokens:
+            out["tokens"] = {k: _dump_token(v) for k, v in self.tokens.items()}
+        if self.pad_to_multiple_of is not None:
+            out["pad_to_multiple_of"] = self.pad_to_multiple_of
+        return out
+
+
+def _dump_token(spec: TokenSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    src = spec.source
+    if src is not None:
+        if src.kind == "model":
+            out["source"] = src.model
+        else:
+            out["source"] = {k: v for k, v in src.model_dump().items() if v is not None}
+    if spec.force:
+        out["force"] = True
+    return out
+
+
 class Recipe(BaseModel):
     """A validated merge recipe (build with :func:`parse_recipe` / :func:`load_recipe`)."""
 
@@ -187,6 +242,8 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    # the full ``tokenizer:`` block; set whenever tokenizer_source is (its ``source``)
+    tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None  # auto, a built-in name, or Jinja (io/chat_template.py)
     seed: int = 0
     calibration: Calibration | None = None
@@ -268,8 +325,11 @@ class Recipe(BaseModel):
         for m in self.all_models():
             self.model_path(m)
             self.adapter_path(m)
-        if self.tokenizer_source not in (None, "base"):
+        if self.tokenizer_source not in (None, "base", "union"):
             self.model_path(self.tokenizer_source)
+        for spec in (self.tokenizer.tokens.values() if self.tokenizer else ()):
+            if spec.source is not None and spec.source.model is not None:
+                self.model_path(spec.source.model)
 
     def same_model(self, a: str, b: str) -> bool:
         """Whether two model strings name the same checkpoint (same text or same folder)."""
@@ -330,7 +390,7 @@ class Recipe(BaseModel):
 
     def tokenizer_path(self) -> Path | None:
         """Folder whose tokenizer the output gets: base_model for "base", else the given path."""
-        if self.tokenizer_source is None:
+        if self.tokenizer_source in (None, "union"):
             return None
         if self.tokenizer_source == "base":
             return self.model_path(self.base_model)  # validated: base_model is set
@@ -358,9 +418,16 @@ class Recipe(BaseModel):
                 for e in self.models]
         if self.parameters:
             out["parameters"] = _dump_params(self.parameters)
-        for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+        for key in ("dtype", "out_dtype"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None and (self.tokenizer.tokens
+                                           or self.tokenizer.pad_to_multiple_of):
+            out["tokenizer"] = self.tokenizer.to_yaml_dict()
+        elif self.tokenizer_source is not None:
+            out["tokenizer_source"] = self.tokenizer_source
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         out["seed"] = self.seed
         if self.conventions != "mergekit":
             out["conventions"] = self.conventions
