@@ -133,7 +133,7 @@ def build_vocabulary(models: list[Path], source: str | Path, add_tokens: list[st
             "such a tokenizer is not supported yet: give another model's folder as the "
             "tokenizer source")
     if source == "union":
-        out = _union(list(zip(tokenizers, sizes)))
+        out = _union(list(zip(tokenizers, sizes, strict=True)))
     elif source == "base":
         out = _copy(first)
     else:
@@ -151,7 +151,7 @@ def build_vocabulary(models: list[Path], source: str | Path, add_tokens: list[st
         raise ModelAlloyError(f"{source}: the output tokenizer's ids are not 0..{len(vocab) - 1}"
                               " without gaps; choose another tokenizer source")
     result = Vocabulary(tokenizer=out, vocab=vocab, size=size)
-    for folder, tokenizer, rows in zip(models, tokenizers, sizes):
+    for folder, tokenizer, rows in zip(models, tokenizers, sizes, strict=True):
         own = tokenizer.get_vocab()
         mapping = [-1] * len(vocab)
         for token, new_id in vocab.items():

@@ -53,7 +53,7 @@ def vocabulary_tensors(sources: list[TensorSource]) -> list[str]:
     for name in sources[0].names():
         if split_layer(name) is not None or any(w in name for w in POSITION_WORDS):
             continue
-        if all(name in h and _vocabulary_rows(s, name) for s, h in zip(sources, held)):
+        if all(name in h and _vocabulary_rows(s, name) for s, h in zip(sources, held, strict=True)):
             out.append(name)
     return out
 
