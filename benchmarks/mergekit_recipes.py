@@ -36,10 +36,16 @@ SECTION = "## Against mergekit"
 TOLERANCE = 2.0 ** -20  # relative to the tensor's largest |value|
 RANDOM = ("dare_", "della")  # methods whose masks are random draws
 
-TOKEN_MODELS = "  - model: {ta}\n    parameters: {{weight: 0.6}}\n  - model: {tb}\n" \
-               "    parameters: {{weight: 0.4}}\n"
-LLAMA_MODELS = "  - model: {a}\n    parameters: {{weight: 0.6}}\n  - model: {b}\n" \
-               "    parameters: {{weight: 0.4}}\n"
+
+
+def _two(a: str, b: str) -> str:
+    """The ``models:`` entries of mergekit's two_model_config: weights 0.6 and 0.4."""
+    return (f"  - model: {{{a}}}\n    parameters: {{{{weight: 0.6}}}}\n"
+            f"  - model: {{{b}}}\n    parameters: {{{{weight: 0.4}}}}\n")
+
+
+LLAMA_MODELS, TOKEN_MODELS = _two("a", "b"), _two("ta", "tb")
+GRANITE_MODELS, VLM_MODELS = _two("gra", "grb"), _two("va", "vb")
 
 # name -> recipe text ({base}, {a}, {b}, {c}: the Llama family; {mbase}, {ma}, {mb}: Mistral;
 # {gbase}, {ga}, {gb}: GPT-2 with tied embeddings). Every recipe is float32 so mergekit
@@ -165,6 +171,37 @@ RECIPES: dict[str, str] = {
     "tokenizer-gpt2-slerp": "merge_method: slerp\nbase_model: {gtbase}\nmodels:\n"
                             "  - model: {gtbase}\n  - model: {gtb}\nparameters: {{t: 0.3}}\n"
                             "tokenizer_source: {gtb}\n",
+    # mergekit's tests/test_basic_merges.py on Granite ({gra}, {grb}) and on Llava ({va}, {vb};
+    # {vc} the shared base), the VLM in transformers 5's layout: every recipe unchanged
+    "granite-copy": "merge_method: passthrough\nmodels:\n  - model: {gra}\n",
+    "granite-linear": "merge_method: linear\nmodels:\n" + GRANITE_MODELS,
+    "granite-slerp": "merge_method: slerp\nbase_model: {gra}\nmodels:\n  - model: {gra}\n"
+                     "  - model: {grb}\nparameters: {{t: 0.5}}\n",
+    "vlm-linear": "merge_method: linear\nmodels:\n" + VLM_MODELS,
+    "vlm-slerp": "merge_method: slerp\nbase_model: {va}\nmodels:\n" + VLM_MODELS
+                 + "parameters: {{t: 0.35}}\n",
+    **{f"vlm-nuslerp{'-base' if base else ''}{'-rows' if rows else ''}"
+       f"{'-flat' if flat else ''}":
+       "merge_method: nuslerp\n" + ("base_model: {vc}\n" if base else "") + "models:\n"
+       + VLM_MODELS + f"parameters: {{{{nuslerp_row_wise: {str(rows).lower()}, "
+       f"nuslerp_flatten: {str(flat).lower()}}}}}\n"
+       for base in (False, True) for rows in (False, True) for flat in (False, True)},
+    "vlm-nuslerp-cancelling": "merge_method: nuslerp\nbase_model: {vc}\nmodels:\n"
+                              "  - model: {va}\n    parameters: {{weight: -0.5}}\n"
+                              "  - model: {vb}\n    parameters: {{weight: 0.5}}\n"
+                              "parameters: {{nuslerp_row_wise: false, nuslerp_flatten: false}}\n",
+    "vlm-task_arithmetic": "merge_method: task_arithmetic\nbase_model: {vc}\nmodels:\n"
+                           + VLM_MODELS,
+    "vlm-breadcrumbs": "merge_method: breadcrumbs\nbase_model: {vc}\nmodels:\n" + VLM_MODELS,
+    "vlm-ties": "merge_method: ties\nbase_model: {vc}\nmodels:\n" + VLM_MODELS
+                + "parameters: {{density: 0.3}}\n",
+    "vlm-dare_ties": "merge_method: dare_ties\nbase_model: {vc}\nmodels:\n" + VLM_MODELS
+                     + "parameters: {{density: 0.66}}\n",
+    "vlm-model_stock": "merge_method: model_stock\nbase_model: {va}\nmodels:\n"
+                       + VLM_MODELS.replace("{va}", "{vc}"),
+    "vlm-model_stock-filter_wise": "merge_method: model_stock\nbase_model: {va}\nmodels:\n"
+                                   + VLM_MODELS.replace("{va}", "{vc}")
+                                   + "parameters: {{filter_wise: true}}\n",
 }
 
 
@@ -187,6 +224,10 @@ def build_models(root: Path) -> dict[str, str]:
     names = {"base": llama[0], "a": llama[1], "b": llama[2], "c": llama[3],
              "mbase": mistral[0], "ma": mistral[1], "mb": mistral[2],
              "gbase": gpt2[0], "ga": gpt2[1], "gb": gpt2[2]}
+    granite = save_family(root / "granite", "granite", n_models=2, layers=2, seed=5)
+    llava = save_family(root / "llava", "llava", n_models=2, layers=2, seed=6)
+    names.update({"gra": granite[1], "grb": granite[2],
+                  "va": llava[1], "vb": llava[2], "vc": llava[0]})
     for prefix, arch in (("t", "llama"), ("gt", "gpt2")):
         family = save_token_family(root / f"tok-{arch}", arch)
         names.update({f"{prefix}base": family[0], f"{prefix}a": family[1],

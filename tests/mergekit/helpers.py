@@ -21,6 +21,19 @@ def _config(arch: str, layers: int, tie: bool):
         return MistralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
                              num_attention_heads=2, num_key_value_heads=1, vocab_size=48,
                              max_position_embeddings=32, tie_word_embeddings=tie)
+    if arch == "granite":  # mergekit's test sizes, smaller
+        from transformers import GraniteConfig
+
+        return GraniteConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=2, vocab_size=48,
+                             max_position_embeddings=32, tie_word_embeddings=tie)
+    if arch == "llava":  # a CLIP vision tower and a Llama text model (transformers 5 layout)
+        from transformers import CLIPVisionConfig, LlavaConfig
+
+        vision = CLIPVisionConfig(image_size=16, patch_size=4, num_hidden_layers=2,
+                                  num_attention_heads=2, hidden_size=16, intermediate_size=24)
+        text = _config("llama", layers, tie)
+        return LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
     from transformers import GPT2Config
 
     return GPT2Config(n_layer=layers, n_embd=16, n_head=2, vocab_size=48, n_positions=32,
@@ -31,15 +44,16 @@ def save_family(root: Path, arch: str = "llama", n_models: int = 2, layers: int 
                 seed: int = 0, scale: float = 0.05, tie: bool = False) -> list[Path]:
     """A base (``root/base``) and ``n_models`` fine-tunes (``root/m0`` ...): the base plus
     random deltas, saved as float32 HF folders. Returns [base, m0, m1, ...]."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if arch == "llava" else AutoModelForCausalLM
     torch.manual_seed(seed)
     config = _config(arch, layers, tie)
-    base = AutoModelForCausalLM.from_config(config)
+    base = auto.from_config(config)
     folders = [root / "base"]
     base.save_pretrained(folders[0])
     for i in range(n_models):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
         model.load_state_dict(base.state_dict())
         with torch.no_grad():
             for p in model.parameters():
