@@ -355,7 +355,7 @@ def test_tokenizer_base_needs_base_model():
 @pytest.mark.parametrize("text,match", [
     ("merge_method: _test_linear\nslices:\n  - sources: []\n",
      r"slices\[0\]\.sources: must be a non-empty list"),  # slices are supported (test_slices)
-    ("merge_method: _test_linear\nmodules: {}\n", r"modules: .*not supported yet"),
+    ("merge_method: _test_linear\nmodules: {}\n", r"modules: must be a mapping of module"),
     ("merge_method: _test_linear\nmodels:\n  - model: ./a\n    layer_range: [0, 4]\n"
      "  - model: ./b\n",
      r"models\[0\]\.layer_range: layer ranges are not supported yet"),

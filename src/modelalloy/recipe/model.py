@@ -120,12 +120,13 @@ class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    layer_range: tuple[int, int]
+    # None: every layer of the module's stack (an entry of a module's ``models:``)
+    layer_range: tuple[int, int] | None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
     @property
-    def length(self) -> int:
-        return self.layer_range[1] - self.layer_range[0]
+    def length(self) -> int | None:
+        return None if self.layer_range is None else self.layer_range[1] - self.layer_range[0]
 
 
 class SliceSpec(BaseModel):
@@ -136,10 +137,20 @@ class SliceSpec(BaseModel):
 
     sources: list[SliceSource]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    module: str | None = None  # the ``modules:`` entry it belongs to
 
     @property
-    def length(self) -> int:
+    def length(self) -> int | None:
         return self.sources[0].length
+
+
+class ModuleSpec(BaseModel):
+    """One ``modules:`` entry's own settings (its slices are in ``Recipe.slices``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    whole: bool = False  # written as ``models:`` (whole stacks) rather than ``slices:``
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -238,6 +249,9 @@ class Recipe(BaseModel):
     # mergekit's ``slices:`` (frankenmerges, layer ranges); ``models`` then lists each source
     # model once, without parameters (plan/slices.py builds the output's layers).
     slices: list[SliceSpec] | None = None
+    # mergekit's ``modules:`` (VLMs: a text decoder and a vision tower): their slices are in
+    # ``slices``, each naming its module
+    modules: dict[str, ModuleSpec] | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -404,13 +418,12 @@ class Recipe(BaseModel):
         out["merge_method"] = self.merge_method
         if self.base_model is not None:
             out["base_model"] = self.base_model
-        if self.slices:
-            out["slices"] = [
-                {"sources": [{"model": s.model, "layer_range": list(s.layer_range),
-                              **({"parameters": _dump_params(s.parameters)}
-                                 if s.parameters else {})} for s in sl.sources],
-                 **({"parameters": _dump_params(sl.parameters)} if sl.parameters else {})}
-                for sl in self.slices]
+        if self.modules:
+            out["modules"] = {name: _dump_module(
+                module, [sl for sl in self.slices or [] if sl.module == name])
+                for name, module in self.modules.items()}
+        elif self.slices:
+            out["slices"] = _dump_slices(self.slices)
         else:
             out["models"] = [
                 {"model": e.model, **({"parameters": _dump_params(e.parameters)}
@@ -436,6 +449,26 @@ class Recipe(BaseModel):
         if self.calibration is not None:
             out["calibration"] = self.calibration.model_dump(exclude_defaults=True)
         return yaml.dump(out, Dumper=_Dumper, sort_keys=False, allow_unicode=True).rstrip() + "\n"
+
+
+def _dump_source(s: SliceSource) -> dict[str, Any]:
+    return {"model": s.model,
+            **({"layer_range": list(s.layer_range)} if s.layer_range is not None else {}),
+            **({"parameters": _dump_params(s.parameters)} if s.parameters else {})}
+
+
+def _dump_slices(slices: list[SliceSpec]) -> list[dict[str, Any]]:
+    return [{"sources": [_dump_source(s) for s in sl.sources],
+             **({"parameters": _dump_params(sl.parameters)} if sl.parameters else {})}
+            for sl in slices]
+
+
+def _dump_module(module: ModuleSpec, slices: list[SliceSpec]) -> dict[str, Any]:
+    out: dict[str, Any] = ({"models": [_dump_source(s) for s in slices[0].sources]}
+                           if module.whole else {"slices": _dump_slices(slices)})
+    if module.parameters:
+        out["parameters"] = _dump_params(module.parameters)
+    return out
 
 
 def _dump_value(v: Any) -> Any:
