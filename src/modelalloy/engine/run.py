@@ -20,6 +20,7 @@ from modelalloy.errors import ModelAlloyError
 from modelalloy.io.chat_template import choose_template, write_template
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.dtypes import parse_dtype
+from modelalloy.io.layout import in_transformers_layout
 from modelalloy.io.lora.source import open_model
 from modelalloy.io.model_files import (
     copy_model_files,
@@ -113,8 +114,9 @@ def open_models(recipe: Recipe, stack: ExitStack
     spec = get_method(recipe.merge_method)
     base = None
     if recipe.base_model is not None and spec.base != "none":
-        base = stack.enter_context(open_recipe_model(recipe, recipe.base_model))
-    experts = [stack.enter_context(open_recipe_model(recipe, e.model))
+        base = in_transformers_layout(
+            stack.enter_context(open_recipe_model(recipe, recipe.base_model)))
+    experts = [in_transformers_layout(stack.enter_context(open_recipe_model(recipe, e.model)))
                for e in recipe.expert_entries()]
     return base, experts
 

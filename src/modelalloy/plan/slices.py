@@ -29,6 +29,7 @@ import torch
 
 from modelalloy.errors import PlanError
 from modelalloy.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from modelalloy.io.layout import in_transformers_layout
 from modelalloy.plan.layers import split_layer
 from modelalloy.recipe import Recipe
 from modelalloy.recipe.resolve import slice_experts
@@ -136,13 +137,16 @@ def module_stack(module: str | None, stacks: Stacks, where: str) -> str | None:
     """The layer stack a module stands for: the only stack without ``modules:``; else the
     stack named by the module (mergekit's inferred module names are stack prefixes such as
     ``language_model.model.layers``; ``vision_tower`` names the stack under it;
-    ``text_decoder`` the language model's). None: a module without layers
-    (``multi_modal_projector``, ``default``)."""
+    ``text_decoder`` the language model's; ``default`` the only stack of a plain model).
+    None: a module without layers (``multi_modal_projector``; ``default`` of a VLM, which
+    holds the tensors outside every stack)."""
     if module is None:
         if len(stacks) != 1:
             raise PlanError(f"{where}: `slices` needs one layer stack, found {len(stacks)} "
                             f"({', '.join(sorted(stacks)) or 'none'}); models with several "
                             "stacks (vision towers) need mergekit's `modules:`, one per stack")
+        return next(iter(stacks))
+    if module == "default" and len(stacks) == 1:  # mergekit's one module of a plain model
         return next(iter(stacks))
     words = TEXT_MODULES.get(module, (module,))
     found = [p for p in stacks if p == module or any(_in(w, p) for w in words)]
@@ -160,8 +164,9 @@ def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | 
 
     def ckpt(model: str) -> Checkpoint:
         path = recipe.model_path(model)
-        if str(path) not in opened:
-            opened[str(path)] = stack.enter_context(open_checkpoint(path))
+        if str(path) not in opened:  # under transformers 5's names (io/layout.py)
+            opened[str(path)] = in_transformers_layout(
+                stack.enter_context(open_checkpoint(path)))
         return opened[str(path)]
 
     uses_base = recipe.uses_base()
@@ -228,16 +233,19 @@ def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | 
 def _loose_module(name: str, modules: dict[str | None, list[int]],
                   stack_of: dict[str | None, str | None]) -> str | None:
     """The module a tensor outside every stack belongs to: the module it is named under
-    (``multi_modal_projector.*``), else the module whose stack shares its first component
-    (``language_model.lm_head``), else ``default``, else the first module."""
+    (``multi_modal_projector.*``), else ``default`` (mergekit's module of the loose tensors
+    of inferred architectures), else the module whose stack shares its first component
+    (``language_model.lm_head``), else the first module."""
     for module in modules:
-        if module is not None and name.startswith(f"{module}."):
+        if module is not None and module != "default" and name.startswith(f"{module}."):
             return module
+    if "default" in modules:
+        return "default"
     head = name.split(".")[0]
     for module, prefix in stack_of.items():
         if prefix is not None and prefix.split(".")[0] == head:
             return module
-    return "default" if "default" in modules else next(iter(modules))
+    return next(iter(modules))
 
 
 def _compose_slice(recipe: Recipe, index: int, sources: list, prefix: str | None,
