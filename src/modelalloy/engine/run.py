@@ -37,6 +37,7 @@ from modelalloy.io.writer import (
     parse_size,
 )
 from modelalloy.methods.registry import get_method
+from modelalloy.plan.notes import plan_notes
 from modelalloy.plan.planner import MergePlan, PlanEntry, build_plan
 from modelalloy.plan.sources import TensorSource
 from modelalloy.plan.vocabulary import align_vocabulary
@@ -308,4 +309,5 @@ def describe(plan: MergePlan, threads: int, memory_budget: int | None) -> dict[s
         "estimated_peak_bytes": plan.estimated_peak_bytes(threads, memory_budget)
         + psutil.Process().memory_info().rss,
         "problems": list(plan.problems),
+        "notes": plan_notes(plan),
     }
