@@ -43,6 +43,8 @@ def register(app: typer.Typer) -> None:
         table.add_row("to write", human_bytes(info["bytes_written"]))
         table.add_row("estimated peak memory", human_bytes(info["estimated_peak_bytes"]))
         out.print(table)
+        for note in info["notes"]:
+            err.print(Text("note: ", style="yellow") + Text(note), soft_wrap=True)
         if info["problems"]:
             for problem in info["problems"]:
                 err.print(Text("problem: ", style="red") + Text(problem), soft_wrap=True)

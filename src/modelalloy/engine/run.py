@@ -20,13 +20,16 @@ from modelalloy.errors import ModelAlloyError
 from modelalloy.io.chat_template import choose_template, write_template
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.dtypes import parse_dtype
+from modelalloy.io.layout import in_transformers_layout
 from modelalloy.io.lora.source import open_model
 from modelalloy.io.model_files import (
     copy_model_files,
     set_config_dtype,
+    set_vocab_size,
     update_config,
     write_model_card,
 )
+from modelalloy.io.vocabulary import Vocabulary, build_vocabulary, model_key
 from modelalloy.io.writer import (
     AtomicOutputDir,
     ShardedSafetensorsWriter,
@@ -34,8 +37,10 @@ from modelalloy.io.writer import (
     parse_size,
 )
 from modelalloy.methods.registry import get_method
+from modelalloy.plan.notes import plan_notes
 from modelalloy.plan.planner import MergePlan, PlanEntry, build_plan
 from modelalloy.plan.sources import TensorSource
+from modelalloy.plan.vocabulary import align_vocabulary
 from modelalloy.recipe import Recipe, load_recipe, parse_recipe, recipe_from_dict
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -109,10 +114,22 @@ def open_models(recipe: Recipe, stack: ExitStack
     spec = get_method(recipe.merge_method)
     base = None
     if recipe.base_model is not None and spec.base != "none":
-        base = stack.enter_context(open_recipe_model(recipe, recipe.base_model))
-    experts = [stack.enter_context(open_recipe_model(recipe, e.model))
+        base = in_transformers_layout(
+            stack.enter_context(open_recipe_model(recipe, recipe.base_model)))
+    experts = [in_transformers_layout(stack.enter_context(open_recipe_model(recipe, e.model)))
                for e in recipe.expert_entries()]
     return base, experts
+
+
+def merged_vocabulary(recipe: Recipe) -> Vocabulary | None:
+    """The output vocabulary of a recipe with ``tokenizer_source`` / ``tokenizer:``."""
+    if recipe.tokenizer is None:
+        return None
+    models = [recipe.model_path(m) for m in recipe.all_models()]  # the base first
+    source = recipe.tokenizer.source
+    where = source if source in ("union", "base") else recipe.model_path(source)
+    return build_vocabulary(models, where, list(recipe.tokenizer.tokens),
+                            recipe.tokenizer.pad_to_multiple_of)
 
 
 def open_recipe_model(recipe: Recipe, model: str) -> Checkpoint:
@@ -123,9 +140,18 @@ def open_recipe_model(recipe: Recipe, model: str) -> Checkpoint:
 def make_plan(recipe: Recipe, stack: ExitStack) -> MergePlan:
     spec = get_method(recipe.merge_method)
     base, experts = open_models(recipe, stack)
+    vocabulary = merged_vocabulary(recipe)
+    if vocabulary is not None:  # embedding rows in the merged vocabulary's order
+        assert recipe.tokenizer is not None
+        tokens = recipe.tokenizer.tokens
+        token_models = {s.source.model: model_key(recipe.model_path(s.source.model))
+                        for s in tokens.values() if s.source and s.source.model}
+        base, experts = align_vocabulary(vocabulary, base, list(experts), tokens, token_models)
     out_name = recipe.out_dtype or recipe.dtype
     out_dtype = parse_dtype(out_name) if out_name else None
-    return build_plan(recipe, spec, base, experts, out_dtype)
+    plan = build_plan(recipe, spec, base, experts, out_dtype)
+    plan.vocabulary = vocabulary
+    return plan
 
 
 def input_paths(recipe: Recipe) -> list[Path]:
@@ -242,14 +268,18 @@ def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
     """Config, tokenizer, model card and the recipe itself, next to the weights."""
     where = plan.reference.path
     reference_dir = where if isinstance(where, Path) and where.is_dir() else None
-    tokenizer_dir = None
-    if recipe.tokenizer_source not in (None, "base"):
-        tokenizer_dir = recipe.model_path(recipe.tokenizer_source)
+    tokenizer_dir = recipe.tokenizer_path()
+    rebuilt = _rebuilt_tokenizer(plan.vocabulary, tokenizer_dir)
     if reference_dir is not None:
-        copy_model_files(reference_dir, folder, tokenizer_source=tokenizer_dir)
+        copy_model_files(reference_dir, folder, tokenizer_source=tokenizer_dir,
+                         copy_tokenizer=not rebuilt)
         updates = getattr(plan.reference, "config_updates", None)  # slices: the new depth
         if updates and (folder / "config.json").exists():
             update_config(folder, updates)
+        if plan.vocabulary is not None:
+            set_vocab_size(folder, plan.vocabulary.size)
+    if rebuilt:
+        plan.vocabulary.tokenizer.save_pretrained(str(folder))
         dtypes = {e.out_dtype for e in plan.entries if e.merge}
         if len(dtypes) == 1 and (folder / "config.json").exists():
             set_config_dtype(folder, dtypes.pop())
@@ -263,6 +293,14 @@ def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
     write_model_card(folder, recipe_yaml=recipe_yaml, method=plan.spec.name,
                      base_model=recipe.base_model,
                      models=[e.model for e in recipe.expert_entries()])
+
+
+def _rebuilt_tokenizer(vocabulary: Vocabulary | None, source: Path | None) -> bool:
+    """Whether the output tokenizer is written anew (a union, or one that gained ``tokens``)
+    rather than copied from its folder."""
+    if vocabulary is None:
+        return False
+    return source is None or vocabulary.vocab != vocabulary.tokenizer_vocab_of(source)
 
 
 def describe(plan: MergePlan, threads: int, memory_budget: int | None) -> dict[str, Any]:
@@ -280,4 +318,5 @@ def describe(plan: MergePlan, threads: int, memory_budget: int | None) -> dict[s
         "estimated_peak_bytes": plan.estimated_peak_bytes(threads, memory_budget)
         + psutil.Process().memory_info().rss,
         "problems": list(plan.problems),
+        "notes": plan_notes(plan),
     }
