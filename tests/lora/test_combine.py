@@ -235,3 +235,16 @@ def test_merge_detects_a_recipe_of_adapters(adapters, run_cli):
     assert slerp.code == 0, slerp.err
     assert "but merge_method 'slerp' has no adapter form" in slerp.err
     assert (root / "slerp" / "config.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="svd drivers are CUDA's")
+@pytest.mark.parametrize("driver", ["gesvd", "gesvdj", "gesvda"])
+def test_svd_drivers_on_cuda_give_the_cpu_product(adapters, driver):
+    _, root = adapters
+    names, weights = ["a1", "a3"], [0.5, 1.5]
+    cpu = _ours(root, names, weights, "svd", svd_rank=3)
+    gpu = _ours(root, names, weights, "svd", svd_rank=3, svd_driver=driver, device="cuda")
+    for key in [k for k in cpu if "_A" in k]:
+        b_key = key.replace("_A", "_B")
+        torch.testing.assert_close(gpu[b_key] @ gpu[key], cpu[b_key] @ cpu[key],
+                                   rtol=1e-3, atol=1e-4, msg=key)

@@ -46,8 +46,12 @@ def register(app: typer.Typer) -> None:
         Prints the reconstruction error: ‖Δ − B·A‖_F / ‖Δ‖_F over the adapted weights (by
         Eckart–Young, the energy of the dropped singular values).
         """
+        from modelalloy.commands._options import device_option, regex_option
         from modelalloy.lora.extract import extract_lora
 
+        regex_option("--include", include)
+        regex_option("--exclude", exclude)
+        device_option("--device", device)
         report = extract_lora(model, base, out, rank=rank, energy=energy, include=include,
                               exclude=exclude, skip_other=skip_undecomposable,
                               embed_lora=embed_lora, dtype=dtype,
@@ -91,9 +95,11 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     ) -> None:
         """Merge LoRA adapters into one adapter (no model is read or written)."""
+        from modelalloy.commands._options import device_option
         from modelalloy.errors import AdapterError
         from modelalloy.lora.combine import merge_adapters
 
+        device_option("--device", device)
         folders, weights = [], []
         for item in adapters:
             folder, _, weight = item.rpartition(":") if ":" in item else (item, "", "1")
