@@ -94,3 +94,18 @@ def test_merge_multi_bad_work_folder_and_threads(tmp_path, run_cli, family, work
     (tmp_path / "file").write_text("in the way")
     assert_one_line(run_cli("merge-multi", recipe, "-I", tmp_path / work, *args), needle)
     assert _outputs(tmp_path) == ["file"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--density", "2"], "--density 2.0: must be in (0, 1]"),
+    (["--density", "nan"], "--density nan: must be in (0, 1]"),
+    (["--threads", "0"], "--threads 0: must be at least 1"),
+])
+def test_inspect_bad_options(tmp_path, run_cli, family, args, needle):
+    """Accepted before (exit 0): the recipe's own density hid a nonsensical --density."""
+    base, experts = family
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: ties\nbase_model: {base}\n"
+                          "parameters: {density: 0.5}\nmodels:\n"
+                          + "".join(f"  - model: {e}\n" for e in experts))
+    assert_one_line(run_cli("inspect", recipe, "--out", tmp_path / "out", *args), needle)
+    assert _outputs(tmp_path) == []
