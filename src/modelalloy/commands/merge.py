@@ -28,24 +28,26 @@ def register(app: typer.Typer) -> None:
             help="Warn instead of failing on NaN/Inf in inputs.")] = False,
         debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
             = False,
-        as_adapter: Annotated[bool, typer.Option(
-            help="The models are LoRA adapters of one base (base+adapter): write the merged "
-                 "adapter (peft's combinations) instead of a model.")] = False,
+        as_adapter: Annotated[bool | None, typer.Option(
+            help="Write the merged LoRA adapter (peft's combinations) instead of a model; by "
+                 "default when every model is base+adapter of one base.")] = None,
         stats_dir: Annotated[Path | None, typer.Option(
             help="Statistics folder for models without their own (data-informed methods; "
                  "default: MODEL/stats/, which a read-only model cannot hold).")] = None,
     ) -> None:
         """Merge the models of RECIPE into OUTPUT_DIR (written atomically)."""
         state["debug"] = state["debug"] or debug
-        if as_adapter:
-            from modelalloy.lora.from_recipe import merge_recipe_adapters
+        from modelalloy.lora.from_recipe import adapter_choice, merge_recipe_adapters
 
-            merge_recipe_adapters(recipe, output_dir, force=force, seed=seed)
+        as_adapter, the_recipe = adapter_choice(
+            recipe, as_adapter, lambda line: err.print(Text(line), soft_wrap=True))
+        if as_adapter:
+            merge_recipe_adapters(the_recipe, output_dir, force=force, seed=seed)
             out.print(f"merged the adapters of {recipe} into the adapter {output_dir}")
             return
         from modelalloy.engine.run import run_recipe
 
-        result = run_recipe(recipe, output_dir, device=device, seed=seed, threads=threads,
+        result = run_recipe(the_recipe, output_dir, device=device, seed=seed, threads=threads,
                             memory_budget=memory_budget, shard_size=shard_size, force=force,
                             allow_nonfinite=allow_nonfinite, progress=sys.stderr.isatty(),
                             stats_dir=stats_dir)

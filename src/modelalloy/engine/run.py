@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import torch
 
+from modelalloy.engine.allocator import return_freed_blocks
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.execute import run_plan
 from modelalloy.errors import ModelAlloyError
@@ -196,6 +197,7 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
         # is subtracted, and the rest is what tensors in flight may use.
         in_flight = None
         if budget_bytes is not None:
+            return_freed_blocks()  # freed tensors leave the process (engine/allocator.py)
             in_flight = in_flight_budget(plan, budget_bytes, sliced=dev.type == "cpu")
         stats_loader = StatsFiles.for_plan(plan, stack, stats_folder) if spec.stats else None
         entries = [(e.name, e.shape, e.out_dtype) for e in plan.entries]
