@@ -23,10 +23,15 @@ METHODS = ("task_arithmetic", "ties", "adamerging", "dam")
 
 @dataclass
 class BackdoorConfig:
-    adamerging_steps: int = 100
-    dam_mask_steps: int = 100
-    dam_adamerging_steps: int = 100
-    batch_size: int = 32
+    """Step counts and granularity default to the official DAM layer-wise configuration
+    (1000 mask steps, then 1000 AdaMerging steps; AdaMerging alone gets as many)."""
+
+    adamerging_steps: int = 1000
+    dam_mask_steps: int = 1000
+    dam_adamerging_steps: int = 1000
+    granularity: str = "layer"
+    dam_final_mask: str = "sample"
+    batch_size: int = 16
     seed: int = 0
 
 
@@ -92,18 +97,22 @@ def backdoor_bench(suite: Any, task: str | None = None, methods: Sequence[str] =
             if method == "adamerging":
                 from modelalloy.optimize.adamerging import adamerging
 
-                res = adamerging(module, base, experts, batches, granularity="task",
-                                 steps=cfg.adamerging_steps, seed=cfg.seed)
+                res = adamerging(module, base, experts, batches, granularity=cfg.granularity,
+                                 steps=cfg.adamerging_steps, batches_per_step=1,
+                                 seed=cfg.seed)
                 merged = apply_coefficients(res, base, experts)
-                params = {"granularity": "task", "steps": cfg.adamerging_steps}
+                params = {"granularity": cfg.granularity, "steps": cfg.adamerging_steps}
             else:
                 from modelalloy.optimize.dam import dam
 
                 res = dam(module, base, experts, batches, mask_steps=cfg.dam_mask_steps,
-                          adamerging_steps=cfg.dam_adamerging_steps, seed=cfg.seed)
+                          adamerging_steps=cfg.dam_adamerging_steps,
+                          granularity=cfg.granularity, final=cfg.dam_final_mask,
+                          seed=cfg.seed)
                 merged = {**base, **_body_names(module, res.merged)}
                 params = {"mask_steps": cfg.dam_mask_steps,
-                          "adamerging_steps": cfg.dam_adamerging_steps}
+                          "adamerging_steps": cfg.dam_adamerging_steps,
+                          "granularity": cfg.granularity, "final_mask": cfg.dam_final_mask}
         else:
             raise ValueError(f"backdoor bench: unknown method '{method}'")
         timings[method] = round(time.perf_counter() - start, 2)
