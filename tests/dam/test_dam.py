@@ -128,4 +128,4 @@ def test_backdoor_bench_reports_asr(vision_smoke, run_cli, tmp_path: Path):
     # the backdoor took: the backdoored expert answers the trigger far more than the base
     assert rows[("backdoored expert", task)]["asr"] > rows[("base", task)]["asr"] + 0.05
     assert all("asr" in r for r in out["records"])
-    assert "ASR backdoored task" in (tmp_path / "backdoor.md").read_text()
+    assert "ASR succession" in (tmp_path / "backdoor.md").read_text()

@@ -137,7 +137,8 @@ def _run(recipe_path: Path, data: str, out: Path, student: str, cfg: DistillConf
     if cfg.feature_weight > 0:
         width = int(model.get_input_embeddings().weight.shape[1])
     targets = build_targets(examples, tok, vocab, teachers, fusion=fusion,
-                            temperature=cfg.temperature, student_width=width, log=log)
+                            temperature=cfg.temperature, student_width=width,
+                            alignment=cfg.alignment, log=log)
     label_s = time.perf_counter() - start
     log(f"distill: {len(targets)} examples, teacher targets in {label_s:.1f}s")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
