@@ -133,6 +133,9 @@ def _run(recipe_path: Path, data: str, out: Path, student: str, cfg: DistillConf
     else:
         examples = read_examples(data)
     vocab = int(model.get_output_embeddings().weight.shape[0])
+    if cfg.styles:
+        return _run_styles(model, tok, vocab, examples, teachers, cfg, out, force, start, log)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
     width = None
     if cfg.feature_weight > 0:
         width = int(model.get_input_embeddings().weight.shape[1])
@@ -157,4 +160,41 @@ def _run(recipe_path: Path, data: str, out: Path, student: str, cfg: DistillConf
         tok.save_pretrained(str(tmp))
         (tmp / "distill.json").write_text(json.dumps(report, indent=1))
     log(f"distill: KL {kl_before:.4f} -> {kl_after:.4f}; wrote {out}")
+    return report
+
+
+def _run_styles(model: nn.Module, tok: Any, vocab: int, examples: list[Any],
+                teachers: list[Teacher], cfg: DistillConfig, out: Path, force: bool,
+                start: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """DMM's style-promptable student (modelalloy.distill.style): each teacher's own targets,
+    one style vector per teacher, and the KL of every teacher to every style."""
+    from modelalloy.distill.style import StyleStudent, save_styles, style_kl, train_style_student
+    from modelalloy.io.writer import AtomicOutputDir
+
+    per_teacher = [build_targets(examples, tok, vocab, [t], temperature=cfg.temperature,
+                                 alignment=cfg.alignment) for t in teachers]
+    label_s = time.perf_counter() - start
+    log(f"distill: {len(examples)} examples x {len(teachers)} teachers, targets in "
+        f"{label_s:.1f}s")
+    student = StyleStudent(model, [t.name for t in teachers])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    kl_before = style_kl(student, per_teacher, cfg, pad)
+    start = time.perf_counter()
+    history = train_style_student(student, per_teacher, cfg, pad_id=pad, log=log)
+    train_s = time.perf_counter() - start
+    kl_after = style_kl(student, per_teacher, cfg, pad)
+    report = {"teachers": [t.name for t in teachers], "styles": student.names,
+              "config": asdict(cfg), "examples": len(examples),
+              "style_kl_before": kl_before, "style_kl_after": kl_after,
+              "kl_before": sum(r[k] for k, r in enumerate(kl_before)) / len(kl_before),
+              "kl_after": sum(r[k] for k, r in enumerate(kl_after)) / len(kl_after),
+              "label_seconds": round(label_s, 2), "train_seconds": round(train_s, 2),
+              "history": history[-10:]}
+    with AtomicOutputDir(out, force=force) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        save_styles(tmp, student)
+        (tmp / "distill.json").write_text(json.dumps(report, indent=1))
+    log(f"distill: KL to the own teacher {report['kl_before']:.4f} -> "
+        f"{report['kl_after']:.4f}; wrote {out}")
     return report
