@@ -81,6 +81,7 @@ class SuiteScorer:
     _expert_acc: dict[str, float] = field(default_factory=dict)
     _expert_len: dict[str, float] = field(default_factory=dict)
     _expert_hits: dict[str, str] = field(default_factory=dict)
+    _expert_asr: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -96,6 +97,7 @@ class SuiteScorer:
             self._expert_acc[task] = res["accuracy"]
             self._expert_len[task] = res["mean_length"]
             self._expert_hits[task] = encode_correct(res["correct"])
+            self._expert_asr[task] = asr_fields(res)
         return self._expert_acc[task]
 
     def records(self, method: str, state_dict: dict[str, torch.Tensor], *,
@@ -112,7 +114,7 @@ class SuiteScorer:
                         "accuracy": round(res["accuracy"], 4),
                         "normalized_accuracy": round(res["accuracy"] / exp, 4) if exp else None,
                         "mean_length": round(res["mean_length"], 3),
-                        **interval_fields(res["correct"])})
+                        **interval_fields(res["correct"]), **asr_fields(res)})
         return out
 
     def reference_records(self) -> list[dict[str, Any]]:
@@ -124,7 +126,8 @@ class SuiteScorer:
                          "task": task, "held_out": self.held_out(task),
                          "accuracy": round(acc, 4), "normalized_accuracy": 1.0,
                          "mean_length": round(self._expert_len[task], 3),
-                         **interval_fields(self._expert_hits[task])})
+                         **interval_fields(self._expert_hits[task]),
+                         **self._expert_asr[task]})
         return rows
 
 
@@ -134,6 +137,34 @@ def interval_fields(correct: Sequence[bool] | str) -> dict[str, Any]:
     low, high = accuracy_interval(hits)
     return {"n": len(hits), "ci_low": round(low, 4), "ci_high": round(high, 4),
             "correct": hits}
+
+
+def asr_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """A record's attack success, where a backdoored suite's evaluation gave attack hits
+    (:class:`modelalloy.bench.backdoor.BackdooredSuite`): ``asr`` (share of the triggered
+    inputs answered with the target), its 95% bootstrap interval, the hits and ``backdoor``
+    ("succession" on the backdoored task, "transfer" on the others); {} otherwise."""
+    if "asr_hits" not in result:
+        return {}
+    hits = encode_correct(result["asr_hits"])
+    low, high = accuracy_interval(hits) if hits else (float("nan"), float("nan"))
+    return {"asr": round(hits.count("1") / len(hits), 4) if hits else None,
+            "asr_n": len(hits), "asr_ci_low": round(low, 4), "asr_ci_high": round(high, 4),
+            "asr_hits": hits, "backdoor": result["backdoor"]}
+
+
+def asr_summary(held_in: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per backdoor effect, the mean ASR over the held-in tasks that measure it and its 95%
+    bootstrap interval (tasks resampled together, as the accuracies): ``asr_succession``,
+    ``asr_transfer`` and their ``_ci``; {} without attack hits."""
+    out: dict[str, Any] = {}
+    for effect in ("succession", "transfer"):
+        rs = [r for r in held_in if r.get("backdoor") == effect and r.get("asr_hits")]
+        if rs:
+            value, low, high = mean_interval([r["asr_hits"] for r in rs])
+            out[f"asr_{effect}"] = value
+            out[f"asr_{effect}_ci"] = [low, high]
+    return out
 
 
 # The row every method's difference is measured against (same variant where it has one).
@@ -173,6 +204,7 @@ def summarize(records: list[dict[str, Any]],
         }
         if all(r.get("correct") for r in rs):
             row.update(_row_intervals(method, variant, held_in, held_out, hits, reference))
+        row.update(asr_summary(held_in))
         rows.append(row)
     return rows
 
