@@ -39,8 +39,10 @@ def register(app: typer.Typer) -> None:
         state["debug"] = state["debug"] or debug
         from modelalloy.lora.from_recipe import adapter_choice, merge_recipe_adapters
 
-        as_adapter, the_recipe = adapter_choice(
-            recipe, as_adapter, lambda line: err.print(Text(line), soft_wrap=True))
+        def say(line: str) -> None:
+            err.print(Text(line.replace("as_adapter=False", "--no-as-adapter")), soft_wrap=True)
+
+        as_adapter, the_recipe = adapter_choice(recipe, as_adapter, say)
         if as_adapter:
             merge_recipe_adapters(the_recipe, output_dir, force=force, seed=seed)
             out.print(f"merged the adapters of {recipe} into the adapter {output_dir}")

@@ -91,11 +91,11 @@ def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
 
     start = time.perf_counter()
     if not 0 < density <= 1:  # also NaN
-        raise ModelAlloyError(f"--density {density}: must be in (0, 1], the share of each "
-                              "task vector TIES keeps")
+        raise ModelAlloyError(f"density={density}: must be in (0, 1], the share of each "
+                              "task vector TIES keeps", options=("density",))
     if threads is not None and threads < 1:
-        raise ModelAlloyError(f"--threads {threads}: must be at least 1 (leave it out for "
-                              "the default)")
+        raise ModelAlloyError(f"threads={threads}: must be at least 1 (leave it out for "
+                              "the default)", options=("threads",))
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if recipe.base_model is None:
         raise RecipeError(f"{recipe.source}: inspect compares task vectors θ_i − θ_base; add "

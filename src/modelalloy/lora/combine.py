@@ -107,7 +107,7 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], kind: st
         raise AdapterError(f"combination '{kind}' is unknown; use one of "
                            f"{', '.join(COMBINATIONS)}")
     if (svd_clamp is not None or svd_driver is not None) and kind not in SVD:
-        raise AdapterError(f"--svd-clamp and --svd-driver apply to the svd combinations "
+        raise AdapterError(f"svd_clamp and svd_driver apply to the svd combinations "
                            f"({', '.join(SVD)}), not '{kind}'")
     if len(weights) != len(adapters):
         raise AdapterError(f"{len(weights)} weights for {len(adapters)} adapters")

@@ -144,8 +144,8 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
         conv1d = (model.config or {}).get("model_type") in CONV1D_MODEL_TYPES
         out_dtype = parse_dtype(dtype) if dtype else None
         if out_dtype is not None and not out_dtype.is_floating_point:
-            raise AdapterError(f"--dtype {dtype}: LoRA factors are floating point; use "
-                               "float32, float16 or bfloat16")
+            raise AdapterError(f"dtype={dtype}: LoRA factors are floating point; use "
+                               "float32, float16 or bfloat16", options=("dtype",))
         # embeddings and the output head: decomposed with --embed-lora, else saved whole
         vocab = {n for n in model.names() if EMBEDDING.search(n) or OUTPUT_HEAD.search(n)}
         weights = {n for n in model.names() if n.endswith(".weight")

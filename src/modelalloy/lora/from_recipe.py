@@ -1,7 +1,8 @@
 """A recipe whose models are all LoRA adapters of one base, merged into one adapter.
 
 ``modelalloy merge RECIPE OUT`` writes the merged adapter by itself when every model of the
-recipe is ``base+adapter`` of one base and the method has an adapter form
+recipe is ``base+adapter`` of one base, there are at least two, and the method has an
+adapter form (one ``base+adapter`` alone is the adapter baked into its model, as mergekit)
 (:func:`detect_adapter_recipe`; ``--as-adapter`` insists, ``--no-as-adapter`` merges full
 models). The recipe's method becomes peft's combination on the factors
 (:mod:`modelalloy.lora.combine`):
@@ -43,11 +44,10 @@ def detect_adapter_recipe(recipe: Recipe) -> Detection:
     """Whether ``recipe`` is all adapters of one base that merge as an adapter."""
     entries = recipe.expert_entries()
     split = [recipe.split_adapter(e.model)[1] is not None for e in entries]
-    if not any(split):
+    if not any(split) or len(split) == 1:  # one model+adapter: baked into its model
         return Detection(False, "")
-    if not all(split):
-        return Detection(False, f"{sum(split)} of {len(split)} models are LoRA adapters: "
-                                "merging full models (each adapter applied as it is read)")
+    if not all(split):  # adapters applied as they are read: the merge as ever, nothing to say
+        return Detection(False, "")
     try:
         _adapter_merge(recipe)
     except AdapterError as e:
@@ -56,7 +56,7 @@ def detect_adapter_recipe(recipe: Recipe) -> Detection:
                                 "merging full models")
     return Detection(True, f"every model is a LoRA adapter of one base: writing the merged "
                            f"PEFT adapter ('{METHODS[recipe.merge_method]}'); "
-                           "--no-as-adapter merges full models")
+                           "as_adapter=False merges full models")
 
 
 def adapter_choice(recipe: str | Path | Recipe, asked: bool | None,

@@ -31,16 +31,19 @@ def check_svd_options(driver: str | None, clamp: float | None, device: str) -> N
     """One-line errors for a driver torch cannot use here and a clamp outside (0, 1]."""
     if driver is not None:
         if driver not in DRIVERS:
-            raise AdapterError(f"--svd-driver {driver!r}: use one of {', '.join(DRIVERS)} "
-                               "(cuSOLVER's; leave it out for torch's default)")
+            raise AdapterError(f"svd_driver={driver}: use one of {', '.join(DRIVERS)} "
+                               "(cuSOLVER's; leave it out for torch's default)",
+                               options=("svd_driver",))
         if not str(device).startswith("cuda"):
-            raise AdapterError(f"--svd-driver {driver}: torch takes a driver only on CUDA; on "
-                               f"the CPU it always runs LAPACK's {CPU_DRIVER} (leave the "
-                               "option out, or add --device cuda)")
+            raise AdapterError(f"svd_driver={driver}: torch takes a driver only on CUDA; on "
+                               f"the CPU it always runs LAPACK's {CPU_DRIVER} (leave it out, "
+                               "or give device=cuda)", options=("svd_driver", "device"))
         if not torch.cuda.is_available():
-            raise AdapterError(f"--svd-driver {driver}: no CUDA device is available here")
+            raise AdapterError(f"svd_driver={driver}: no CUDA device is available here",
+                               options=("svd_driver",))
     if clamp is not None and not 0 < clamp <= 1:
-        raise AdapterError(f"--svd-clamp {clamp}: must be a quantile in (0, 1], e.g. 0.99")
+        raise AdapterError(f"svd_clamp={clamp}: must be a quantile in (0, 1], e.g. 0.99",
+                           options=("svd_clamp",))
 
 
 def svd(matrix: torch.Tensor, *, driver: str | None = None, device: str = "cpu"

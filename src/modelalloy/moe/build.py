@@ -132,7 +132,7 @@ def _zero_biases(base: Checkpoint, cfg: dict, layers: int) -> list[tuple[str, in
 
 def build_moe(recipe_path: str | Path | MoERecipe, out: Path, *, force: bool = False,
               shard_size: str = "5GB", progress: bool = False) -> MoEResult:
-    shard_bytes = size_option("--shard-size", shard_size)
+    shard_bytes = size_option("shard_size", shard_size)
     recipe = recipe_path if isinstance(recipe_path, MoERecipe) else load_moe_recipe(recipe_path)
     arch = _architecture(recipe)
     specs = list(recipe.experts) + list(recipe.shared_experts or [])
