@@ -36,7 +36,8 @@ from modelalloy.plan.layers import split_layer
 from modelalloy.recipe.model import Conditional, Recipe, evaluate_setting
 
 GRANULARITIES = ("task", "layer", "group")
-SEARCH_KEYS = ("granularity", "layers_per_group", "filters", "parameters")
+SEARCH_KEYS = ("space", "granularity", "layers_per_group", "filters", "parameters")
+SPACES = ("parameters", "dataflow")  # dataflow: optimize/dataflow.py
 OTHER = "other"
 
 
@@ -217,6 +218,11 @@ def split_template(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any]
         raise RecipeError(f"{source}: a recipe template must be a YAML mapping")
     recipe = {k: v for k, v in data.items() if k != "search"}
     search = data.get("search")
+    if isinstance(search, Mapping) and search.get("space", "parameters") != "parameters":
+        if search["space"] not in SPACES:
+            raise OptimizeError(f"{source}: search.space '{search['space']}': use one of "
+                                f"{', '.join(SPACES)}")
+        return recipe, dict(search)  # the data-flow space checks its own keys
     if not search or not isinstance(search, Mapping) or not search.get("parameters"):
         raise OptimizeError(f"{source}: no free parameter: add a `search:` block with "
                             "`parameters:` (e.g. `search: {parameters: {weight: [0, 1]}}`)")
@@ -361,6 +367,12 @@ def load_template(path: str | Path, float_names: Sequence[str] | None = None
 
     p = Path(path)
     data = _load_yaml(read_recipe_text(p), str(p))
+    recipe_data, search = split_template(data, str(p))
+    if search.get("space") == "dataflow":
+        from modelalloy.optimize.dataflow import build_dataflow_space
+
+        return build_dataflow_space(recipe_data, search, source=str(p),
+                                    base_dir=p.resolve().parent, names_of=_model_names)
     if float_names is None:
         recipe_data, _ = split_template(data, str(p))
         from modelalloy.recipe.load import recipe_from_dict
@@ -369,6 +381,13 @@ def load_template(path: str | Path, float_names: Sequence[str] | None = None
         float_names = reference_float_names(recipe)
     return build_space(data, source=str(p), base_dir=p.resolve().parent,
                        float_names=float_names)
+
+
+def _model_names(recipe: Recipe, model: str) -> list[str]:
+    from modelalloy.io.checkpoint import open_checkpoint
+
+    with open_checkpoint(recipe.model_path(model)) as ckpt:
+        return list(ckpt.names())
 
 
 def reference_float_names(recipe: Recipe) -> list[str]:

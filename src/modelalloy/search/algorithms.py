@@ -64,10 +64,15 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "Akiba et al., Evolutionary Optimization of Model Merging Recipes, Nature Machine "
         "Intelligence 2025 (Sakana); mergekit-evolve",
         "CMA-ES over the template's genome (layer groups × parameter sets × models × "
-        "(weight, density)), fitness Σ w·score",
+        "(weight, density)) or, with search.space dataflow, over a layer path through the "
+        "models and its input factors; fitness Σ w·score",
         "modelalloy.optimize.evolve:run",
         {"sigma0": (1 / 6, "CMA-ES step size in unit coordinates (mergekit-evolve: 1/6)"),
-         "popsize": (None, "population (CMA default 4 + ⌊3 ln n⌋)")},
+         "popsize": (None, "population (CMA default 4 + ⌊3 ln n⌋)"),
+         "restarts": (9, "IPOP restarts (population ×2 each) when CMA stops, while budget "
+                         "is left"),
+         "patience": (None, "also restart after this many generations without a better "
+                            "fitness")},
         budget=100, needs=("cma",)),
     AlgorithmSpec(
         "map", "search",
