@@ -167,3 +167,32 @@ def flow_path(sd: dict[str, torch.Tensor]) -> float:
 
 def flow_path_scaled(sd: dict[str, torch.Tensor]) -> float:
     return -float(((flow_forward(sd) - _flow_target(0.5)) ** 2).mean())
+
+
+# -- a per-layer method choice: TIES on some layers, task arithmetic on the others -------------
+
+METHOD_TARGET = {"layers.0": "ties", "layers.1": "task_arithmetic", "layers.2": "ties",
+                 "head": "task_arithmetic"}
+
+
+def _ties_by_hand(base: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+    """TIES at weights 1, density 1 (no trim), λ = 1, no normalising: θ₀ + Σ_k [τ_k·γ > 0] τ_k
+    with γ = sign(Σ_k τ_k) (Yadav et al. 2023, steps 2-4)."""
+    gamma = torch.sign(sum(taus))
+    return base + sum(t * (t * gamma > 0) for t in taus)
+
+
+def _method_target() -> dict[str, torch.Tensor]:
+    base, experts = family()
+    out = {}
+    for n, b in base.items():
+        if not b.is_floating_point():
+            continue
+        taus = [e[n] - b for e in experts]
+        out[n] = (_ties_by_hand(b, taus) if METHOD_TARGET[_group(n)] == "ties"
+                  else b + sum(taus))
+    return out
+
+
+def per_layer_methods(sd: dict[str, torch.Tensor]) -> float:
+    return _distance(sd, _method_target())

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from modelalloy.errors import OptimizeError
-from modelalloy.optimize.candidate import ModelPool, merge_candidate
-from modelalloy.optimize.space import SearchSpace
+from modelalloy.optimize.candidate import ModelPool, merge_candidate, merge_staged
+from modelalloy.optimize.space import SearchSpace, StagedRecipe
 from modelalloy.search.objectives import Objectives
 
 Candidate = Sequence[float] | Mapping[str, Any]
@@ -49,7 +49,9 @@ def score_candidate(space: SearchSpace, objectives: Objectives, pool: ModelPool,
                     candidate: Candidate) -> tuple[dict[str, float], float]:
     """(scores, seconds) of one candidate."""
     start = time.perf_counter()
-    state_dict = merge_candidate(candidate_recipe(space, candidate), pool)
+    recipe = candidate_recipe(space, candidate)
+    state_dict = (merge_staged(recipe, pool) if isinstance(recipe, StagedRecipe)
+                  else merge_candidate(recipe, pool))
     fidelity = float(candidate.get("fidelity", 1.0)) if isinstance(candidate, Mapping) else 1.0
     scores = objectives.score(state_dict, fidelity)
     return scores, time.perf_counter() - start
