@@ -45,3 +45,51 @@ def test_preference_picks_the_known_optimum(template, tmp_path, pref, expect):
     assert (tmp_path / "out" / "pareto.png").is_file()
     table = (tmp_path / "out" / "front.md").read_text().splitlines()
     assert len(table) == 2 + len(front) and "a predicted" in table[0]
+
+
+def test_hyperspherical_angles_round_trip():
+    from modelalloy.optimize.map_search import from_angles, to_angles
+
+    x = np.array([[0.0, 1.0], [1.0, 0.0], [0.3, 0.3]])
+    phi = to_angles(x)
+    assert np.allclose(phi[:, 0], [np.pi / 2, 0.0, np.pi / 4])
+    assert np.allclose(from_angles(phi, np.linalg.norm(x, axis=1)), x)
+    x3 = np.array([[0.2, 0.4, 0.4]])
+    # φ₁ = atan2(√(0.16+0.16), 0.2), φ₂ = atan2(0.4, 0.4) = π/4
+    assert np.allclose(to_angles(x3), [[np.arctan2(np.sqrt(0.32), 0.2), np.pi / 4]])
+    assert np.allclose(from_angles(to_angles(x3), np.array([0.6])), x3)
+
+
+def test_bayesian_sampling_goes_where_the_surrogate_errs():
+    from modelalloy.optimize.map_search import adaptive_points, bin_probabilities
+
+    # d = 2: 4 angle bins over [0, π/2]; errors 1 in bin 2 (angles 45°-67.5°), 0.01 elsewhere
+    rng = np.random.default_rng(0)
+    angles = np.linspace(0.02, np.pi / 2 - 0.02, 40)
+    x = 0.7 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    errors = np.where((angles >= np.pi / 4) & (angles < 3 * np.pi / 8), 1.0, 0.01)
+    bins, p = bin_probabilities(x, errors, 4, rng)
+    assert bins == [(0,), (1,), (2,), (3,)]
+    # softmax((1 - 0.01)/0.07) puts all but e^-14 of the mass on bin 2
+    assert p[2] > 1 - 1e-5 and abs(p.sum() - 1) < 1e-12
+    pts = np.array(adaptive_points(x, errors, 20, rng))
+    phi = np.arctan2(pts[:, 1], pts[:, 0])
+    r = np.linalg.norm(pts, axis=1)
+    assert ((phi >= np.pi / 4) & (phi < 3 * np.pi / 8)).all()
+    assert ((r >= 0.2) & (r <= 0.8)).all()
+    # an empty bin is never drawn (no points at angles below 22.5°)
+    _, p = bin_probabilities(x[angles > np.pi / 8], errors[angles > np.pi / 8], 4, rng)
+    assert p[0] == 0.0
+
+
+def test_bayesian_map_adds_rounds_and_picks_the_known_optimum(template, tmp_path):
+    res = optimize("map", template(), [TWO], tmp_path / "out", seed=0,
+                   options={"variant": "bayesian", "schedule": "6,2,2", "generations": 60})
+    tags = [t.get("tag") for t in res.trials]
+    # 6 designed, then 2 rounds of 2 new points per metric (2 metrics), then the front
+    assert tags[:6] == ["design"] * 6
+    assert tags[6:10] == ["adaptive round 1"] * 4 and tags[10:14] == ["adaptive round 2"] * 4
+    assert res.notes["design_points"] == 14 and res.notes["variant"] == "bayesian"
+    assert res.notes["surrogate_fit_error"] < 1e-6 and res.notes["front_prediction_error"] < 1e-6
+    w = res.best["candidate"]
+    assert abs(w[0] - 0.5) < 0.06 and abs(w[1] - 0.5) < 0.06

@@ -86,7 +86,11 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
          "warp": ("auto", "sigmoid, none, or auto (sigmoid for scores in [0, 1])"),
          "population": (100, "NSGA-III population"),
          "generations": (25, "NSGA-III generations"),
-         "reevaluate": (5, "front points scored for real (the chosen one first)")},
+         "reevaluate": (5, "front points scored for real (the chosen one first)"),
+         "variant": ("plain", "plain, or bayesian (adaptive sampling where the surrogates "
+                              "err)"),
+         "schedule": (None, "bayesian: designed points, then new points per metric and "
+                            "round (default (d+1)(d+2),3,3)")},
         budget=0, needs=("pymoo", "scipy"),
         budget_entry="modelalloy.optimize.map_search:default_budget"),
     AlgorithmSpec(
