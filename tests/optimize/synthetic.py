@@ -196,3 +196,20 @@ def _method_target() -> dict[str, torch.Tensor]:
 
 def per_layer_methods(sd: dict[str, torch.Tensor]) -> float:
     return _distance(sd, _method_target())
+
+
+# -- three tasks for nested MAP: task t is best at s_t·τ_t alone --------------------------------
+
+THREE_SCALES = (1.0, 0.9, 0.5)
+
+
+def three_targets() -> list[dict[str, torch.Tensor]]:
+    base, experts = family(3)
+    return [{n: base[n] + s * (experts[t][n] - base[n]) for n in base
+             if base[n].is_floating_point()} for t, s in enumerate(THREE_SCALES)]
+
+
+def three_tasks(sd: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Exactly quadratic in the task-arithmetic weights: −distance to θ₀ + s_t τ_t."""
+    return {name: _distance(sd, target)
+            for name, target in zip(("a", "b", "c"), three_targets(), strict=True)}

@@ -31,7 +31,7 @@ only), the surrogates refit on all points, and the front is found and re-evaluat
 Where we differ: the reference directions are Das–Dennis points, as many as the population
 holds (DEAP's two-layer set in the paper gives far fewer on two objectives); the bootstrap
 drops 20 % of the bin's points afresh each time (the paper's code drops 20 % of what the
-previous draw left). The nested (pairwise) variant is not implemented.
+previous draw left). The nested (pairwise) variant is :mod:`modelalloy.optimize.map_nested`.
 """
 
 from __future__ import annotations
@@ -131,6 +131,9 @@ def nsga3_front(models: list[Surrogate], d: int, *, seed: int, pop: int, generat
 
 
 def default_budget(space: Any, options: dict[str, Any]) -> int:
+    if options.get("variant") == "nested":  # singles + (K−1) rounds of points + a pick
+        k = space.dim
+        return k + (k - 1) * (int(options["points"] or 20) + 1)
     if options.get("variant") == "bayesian":  # a cap for up to 16 metrics: the schedule
         plan = schedule(options, space.dim)   # decides (a round that would pass it is cut)
         return plan[0] + 16 * sum(plan[1:])
@@ -214,8 +217,13 @@ def run(ctx: Any) -> None:
 
     d = ctx.space.dim
     variant = ctx.options["variant"]
-    if variant not in ("plain", "bayesian"):
-        raise OptimizeError(f"map: variant '{variant}': use plain or bayesian")
+    if variant not in ("plain", "bayesian", "nested"):
+        raise OptimizeError(f"map: variant '{variant}': use plain, bayesian or nested")
+    if variant == "nested":  # pairwise rounds (optimize/map_nested.py)
+        from modelalloy.optimize.map_nested import run_nested
+
+        run_nested(ctx)
+        return
     plan = schedule(ctx.options, d) if variant == "bayesian" else [
         int(ctx.options["points"] or (d + 1) * (d + 2))]
     if d < 2 and variant == "bayesian":

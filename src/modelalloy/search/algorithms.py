@@ -81,14 +81,15 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "quadratic surrogate per task from (d+1)(d+2) designed merges, NSGA-III front on the "
         "surrogates, preference picks the recipe",
         "modelalloy.optimize.map_search:run",
-        {"points": (None, "designed points (default (d+1)(d+2))"),
+        {"points": (None, "designed points (default (d+1)(d+2); nested: 20 per round)"),
          "preference": (None, "weights over the scores (default equal)"),
          "warp": ("auto", "sigmoid, none, or auto (sigmoid for scores in [0, 1])"),
          "population": (100, "NSGA-III population"),
          "generations": (25, "NSGA-III generations"),
          "reevaluate": (5, "front points scored for real (the chosen one first)"),
-         "variant": ("plain", "plain, or bayesian (adaptive sampling where the surrogates "
-                              "err)"),
+         "variant": ("plain", "plain, bayesian (adaptive sampling where the surrogates "
+                              "err) or nested (pairwise rounds, for many tasks)"),
+         "tasks": (None, "nested: the metric of each model, in model order"),
          "schedule": (None, "bayesian: designed points, then new points per metric and "
                             "round (default (d+1)(d+2),3,3)")},
         budget=0, needs=("pymoo", "scipy"),
