@@ -100,6 +100,7 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) ->
         med = statistics.median
         mem_rest, disk_rest = mem[1:] or mem, disk[1:] or disk  # the first fills the caches
         return {"size": size, "method": method, "candidates": n, "genes": space.dim,
+                "load_average": round(os.getloadavg()[0], 1),
                 "params": sum(p.numel() for p in module.parameters()),
                 "pool_load_seconds": round(load_seconds, 2),
                 "in_memory": round(med(mem), 3), "in_memory_merge": round(med(mem_merge), 3),
@@ -208,7 +209,9 @@ def findings(results: dict[str, Any]) -> list[str]:
                    f"{r['disk_merge_write']:.2f} s merging and writing (fsync, rename) and "
                    f"{io:.2f} s reading the shards back into the model — "
                    f"{r['speedup']:.1f}× in favour of memory"
-                   + (" (the target was 10×)." if r["speedup"] < 10 else "."))
+                   + (" (the target was 10×)" if r["speedup"] < 10 else "")
+                   + (f"; load average {r['load_average']} when measured."
+                      if "load_average" in r else "."))
     slow = [r for r in results["candidates"] if r["speedup"] < 2]
     for r in slow:
         out.append(f"- For {r['method']} the merge's own computation dominates both paths "
