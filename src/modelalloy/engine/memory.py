@@ -128,10 +128,9 @@ def memory_sink(plan: MergePlan, into: torch.nn.Module | None) -> StateDictSink 
     return StateDictSink(layout, devices, set(inputs))
 
 
-def in_memory_sources(recipe: Any, sources: Mapping[str, Model]
-                      ) -> tuple[StateDictSource | None, list[StateDictSource]]:
-    """The recipe's base (when its method uses one) and experts, looked up in ``sources`` by
-    the model references exactly as the recipe writes them."""
+def check_references(recipe: Any, sources: Mapping[str, Model]) -> None:
+    """Every key of ``sources`` is a model the recipe names (``slices:`` recipes list their
+    sources' models in ``models``)."""
     named = [recipe.base_model] if recipe.base_model is not None else []
     named += [e.model for e in recipe.models]
     unknown = [key for key in sources if key not in named]
@@ -140,19 +139,32 @@ def in_memory_sources(recipe: Any, sources: Mapping[str, Model]
                         f"{', '.join(repr(n) for n in dict.fromkeys(named))}); key sources by "
                         "the references exactly as the recipe writes them")
 
+
+def in_memory_sources(recipe: Any, sources: Mapping[str, Model]
+                      ) -> tuple[StateDictSource | None, list[StateDictSource]]:
+    """The recipe's base (when its method uses one) and experts, looked up in ``sources`` by
+    the model references exactly as the recipe writes them."""
+    check_references(recipe, sources)
+
     def source(reference: str) -> StateDictSource:
-        if reference not in sources:
-            raise PlanError(f"{recipe.source}: model '{reference}' is not in sources (given: "
-                            f"{', '.join(repr(k) for k in sources) or 'none'}); pass "
-                            f"sources={{'{reference}': state_dict_or_module, ...}}")
-        try:
-            state = state_of(sources[reference])
-        except TypeError as err:
-            raise PlanError(f"sources['{reference}']: {err}") from None
-        return StateDictSource(memory_label(reference), state)
+        return memory_source(recipe, sources, reference)
 
     base = source(recipe.base_model) if recipe.uses_base() else None
     return base, [source(e.model) for e in recipe.expert_entries()]
+
+
+def memory_source(recipe: Any, sources: Mapping[str, Model], reference: str
+                  ) -> StateDictSource:
+    """The in-memory model ``reference`` (as the recipe writes it) as a tensor source."""
+    if reference not in sources:
+        raise PlanError(f"{recipe.source}: model '{reference}' is not in sources (given: "
+                        f"{', '.join(repr(k) for k in sources) or 'none'}); pass "
+                        f"sources={{'{reference}': state_dict_or_module, ...}}")
+    try:
+        state = state_of(sources[reference])
+    except TypeError as err:
+        raise PlanError(f"sources['{reference}']: {err}") from None
+    return StateDictSource(memory_label(reference), state)
 
 
 def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = None,
@@ -184,7 +196,14 @@ def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = No
                                 stats_dir=stats_folder)
             plan = make_plan(recipe, stack)
         else:
-            base, experts = in_memory_sources(recipe, sources)
+            if recipe.slices:  # layer ranges of the in-memory models, composed
+                from modelalloy.plan.slices import open_slices
+
+                check_references(recipe, sources)
+                base, experts = open_slices(
+                    recipe, stack, opener=lambda ref: memory_source(recipe, sources, ref))
+            else:
+                base, experts = in_memory_sources(recipe, sources)
             out_name = recipe.out_dtype or recipe.dtype
             plan = build_plan(recipe, spec, base, experts,
                               parse_dtype(out_name) if out_name else None)

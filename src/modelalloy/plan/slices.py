@@ -20,6 +20,7 @@ lists such as ``layer_types``) is rewritten for the new depth.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,13 +157,21 @@ def module_stack(module: str | None, stacks: Stacks, where: str) -> str | None:
     return found[0] if found else None
 
 
-def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | None,
-                                                            list[ComposedCheckpoint]]:
+def open_slices(recipe: Recipe, stack: ExitStack,
+                opener: Callable[[str], Any] | None = None
+                ) -> tuple[ComposedCheckpoint | None, list[ComposedCheckpoint]]:
     """The base and model roles of a ``slices:`` (or ``modules:``) recipe as composed
-    checkpoints."""
+    checkpoints.
+
+    ``opener``: the tensor source of a model reference (the in-memory path's state dicts);
+    default: the model's checkpoint, opened once per folder."""
     opened: dict[str, Checkpoint] = {}
 
     def ckpt(model: str) -> Checkpoint:
+        if opener is not None:
+            if model not in opened:
+                opened[model] = opener(model)
+            return opened[model]
         path = recipe.model_path(model)
         if str(path) not in opened:  # under transformers 5's names (io/layout.py)
             opened[str(path)] = in_transformers_layout(
