@@ -22,36 +22,9 @@ from torch import nn
 
 from modelalloy.distill.data import pseudo_labelled, read_examples, suite_prompts
 from modelalloy.distill.errors import DistillError
+from modelalloy.distill.models import load_model, load_weights
 from modelalloy.distill.targets import Teacher, build_targets
 from modelalloy.distill.train import DistillConfig, mean_kl, train_student
-
-
-def load_model(folder: Path) -> tuple[nn.Module, Any]:
-    """(module with the folder's weights, its tokenizer): local files only, no remote code."""
-    from transformers import AutoTokenizer
-
-    from modelalloy.bundle._checkpoint import load_state_dict
-    from modelalloy.twin.folders import module_for_folder
-
-    module = module_for_folder(folder)
-    _load_weights(module, load_state_dict(folder), folder)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise DistillError(f"{folder}: no usable tokenizer ({str(err).splitlines()[0]})"
-                           ) from None
-    return module.eval(), tok
-
-
-def _load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], where: object) -> None:
-    missing, unexpected = module.load_state_dict(dict(state), strict=False)
-    tied = {n for n, _ in module.named_parameters()}
-    bad = [m for m in missing if m in tied and not m.endswith("lm_head.weight")]
-    if bad or unexpected:
-        raise DistillError(f"{where}: weights do not fit the model (missing {bad[:3]}, "
-                           f"unexpected {list(unexpected)[:3]})")
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
 
 
 def warm_start(recipe: Any, base: Path, teachers: Mapping[str, Path],
@@ -121,7 +94,7 @@ def _run(recipe_path: Path, data: str, out: Path, student: str, cfg: DistillConf
             raise DistillError(f"{recipe.source}: --student {student} needs base_model")
         model, tok = load_model(base)
         if student == "merge":
-            _load_weights(model, warm_start(recipe, base, paths, log), "the warm start")
+            load_weights(model, warm_start(recipe, base, paths, log), "the warm start")
     else:
         model, tok = load_model(Path(student))
     start = time.perf_counter()

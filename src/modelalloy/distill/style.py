@@ -142,7 +142,7 @@ def save_styles(folder: Path, student: StyleStudent) -> None:
 
 def load_style_student(folder: str | Path) -> tuple[StyleStudent, Any]:
     """(the style student of a ``distill --styles`` folder, its tokenizer)."""
-    from modelalloy.distill.run import load_model
+    from modelalloy.distill.models import load_model
 
     folder = Path(folder)
     for name in (STYLES_FILE, NAMES_FILE):
