@@ -163,7 +163,13 @@ def held_out_study(suite: Any, methods: list[str], seed: int, log: Callable[[str
 
 def long_to_short_study(suite: Any, methods: list[str], seed: int,
                         log: Callable[[str], None]) -> Study:
-    rows = long_to_short(suite, methods, seed=seed, log=log)
+    from modelalloy.bench.lm_l2s import L2SCase
+
+    if suite.info.name != "tiny-lm":
+        raise EvalError("study long-to-short needs the tiny-lm suite")
+    # The pair rebuilt from one shared parent, as the L2S paper's models relate (the suite's
+    # own pair is fine-tuned far apart and every merge of it collapses: findings).
+    rows = long_to_short(L2SCase.build(suite, log=log), methods, seed=seed, log=log)
     long_row = rows[1]
     body, findings = [], []
     for r in rows:
@@ -181,8 +187,11 @@ def long_to_short_study(suite: Any, methods: list[str], seed: int,
     if not findings:
         findings.append("no merge keeps the long expert's accuracy within 2 points (interval "
                         "lower bound) at a response under 80% of its length")
-    note = ("Final-answer accuracy on the pair's shared prompts and mean response length; "
-            "*Δ vs long*: paired difference from the long (chain-of-thought) expert.")
+    note = ("θ_P = the tiny-lm base fine-tuned on digit sums in both formats; the long and "
+            "short experts = θ_P fine-tuned 200 small steps on one format each; merges over "
+            "θ_P. Final-answer accuracy on the pair's shared test prompts and mean response "
+            "length (characters + EOS); *Δ vs long*: paired difference from the long "
+            "(chain-of-thought) expert (95% bootstrap, `*` = excludes 0).")
     from modelalloy.eval.sweeps import plot_long_to_short
 
     return Study("long-to-short", "long-to-short merging", rows,
