@@ -86,3 +86,14 @@ def test_method_list_errors(template):
         load_template(template(search={**SEARCH, "methods": ["task_arithmetic"]}))
     with pytest.raises(OptimizeError, match="'passthrough' cannot merge"):
         load_template(template(search={**SEARCH, "methods": ["passthrough"]}))
+
+
+def test_resume_with_other_methods_is_refused(template, tmp_path):
+    tpl = template(search=SEARCH)
+    optimize("layerwise_search", tpl, [OBJ], tmp_path / "out", budget=4, seed=0,
+             options={"rungs": 1})
+    data = tpl.read_text().replace("- ties", "- dare_ties")
+    tpl.write_text(data)
+    with pytest.raises(OptimizeError, match="search"):
+        optimize("layerwise_search", tpl, [OBJ], tmp_path / "out", budget=8, seed=0,
+                 resume=True, options={"rungs": 1})

@@ -213,6 +213,8 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
               "search": [space.granularity, space.layers_per_group, space.filters,
                          [vars(b) for b in space.bounds]],
               "objectives": objs.specs, "weights": objs.weights, "options": opts}
+    if getattr(space, "methods", None):  # a method per cell (only then: older keys unchanged)
+        config["search"].append({"methods": list(space.methods)})
     log = TrialLog(out, config, resume)
     echo = echo or (lambda _m: None)
     start = time.perf_counter()
