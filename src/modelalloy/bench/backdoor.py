@@ -182,9 +182,9 @@ class BackdooredSuite:
         return self._bad if task == self.task else self.suite.expert_state_dict(task)
 
     def evaluate(self, state_dict: dict[str, torch.Tensor], tasks: list[str] | None = None,
-                 split: str = "test") -> dict[str, dict[str, Any]]:
-        res = self.suite.evaluate(state_dict, tasks, split=split)
-        if split == "test":
+                 split: str = "test", limit: int | None = None) -> dict[str, dict[str, Any]]:
+        res = self.suite.evaluate(state_dict, tasks, split=split, limit=limit)
+        if split == "test" and limit is None:  # ASR over the whole triggered test split
             hits = attack_hits(self.suite, state_dict, list(res))
             for task, r in res.items():
                 r["asr_hits"] = hits[task]
