@@ -66,9 +66,38 @@ def method_rows(suite: Any) -> dict[str, Any]:
     result = run_bench(suite, BASELINES + ADVANCED, log=log)
     rows = {f"{r['method']}/{r['variant']}": {
         "held_in": r["accuracy"], "held_out": r["held_out_accuracy"],
-        "per_task": r["per_task"]} for r in summarize(result.records)}
-    return {"rows": rows, "skipped": result.skipped, "timings": result.timings,
-            "tuning": result.tuning}
+        "held_in_ci": r.get("accuracy_ci"), "held_out_ci": r.get("held_out_ci"),
+        "delta": r.get("delta"), "per_task": r["per_task"]} for r in summarize(result.records)}
+    # The records keep each task's per-example hits: every interval can be recomputed.
+    return {"rows": rows, "records": result.records, "skipped": result.skipped,
+            "timings": result.timings, "tuning": result.tuning}
+
+
+def methods_markdown(res: dict[str, Any]) -> str:
+    """The method rows as the bench pages show them: ``x ± h`` (95% bootstrap), Δ vs task
+    arithmetic (paired) and a verdict per method, with the commit and command measured."""
+    from modelalloy.bench.docs import verdict_table
+    from modelalloy.eval.harness import BenchResult
+    from modelalloy.eval.report import INTERVAL_NOTE, markdown_table
+
+    records = res["methods"]["records"]
+    result = BenchResult(Path(res["suite"]).name, res["size"], records, {}, {}, {})
+    return "\n".join([
+        f"Measured at commit `{res.get('commit', 'unknown')}` with `{res.get('command', '')}`"
+        f" (load average {', '.join(f'{x:.1f}' for x in res.get('load_average', []))} at the "
+        f"end).", "", INTERVAL_NOTE, "", markdown_table(records), "",
+        "Verdicts on \"beats task arithmetic\" (*shows*: the paired 95% interval of Δ lies "
+        "above 0; *does not show*: it lies below +1 point; *cannot tell*: it straddles both):",
+        "", verdict_table(result), ""])
+
+
+def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                              text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def clean_acc(suite: Any, sd: dict[str, torch.Tensor]) -> float:
@@ -288,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"]["tall"] = time.perf_counter() - t0
     res["seconds"]["total"] = time.perf_counter() - start
     res["load_average"] = os.getloadavg()
+    res["commit"] = _commit()
+    res["command"] = ("PYTHONPATH=src python benchmarks/advanced_rows.py "
+                      + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if res["methods"].get("records"):
+        args.out.with_suffix(".md").write_text(methods_markdown(res))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, default=str))
     print_tables(res)

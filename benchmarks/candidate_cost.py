@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -99,6 +100,7 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) ->
         med = statistics.median
         mem_rest, disk_rest = mem[1:] or mem, disk[1:] or disk  # the first fills the caches
         return {"size": size, "method": method, "candidates": n, "genes": space.dim,
+                "load_average": round(os.getloadavg()[0], 1),
                 "params": sum(p.numel() for p in module.parameters()),
                 "pool_load_seconds": round(load_seconds, 2),
                 "in_memory": round(med(mem), 3), "in_memory_merge": round(med(mem_merge), 3),
@@ -129,18 +131,28 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
             data["search"] = {"granularity": "layer",
                               "parameters": {"weight": [0, 1], "density": [0.1, 1.0]}}
             tpl.write_text(yaml.safe_dump(data))
-            row: dict[str, Any] = {"suite": suite, "budget": budget}
-            for workers in (1, 2):
-                res = optimize("evolve", tpl, [spec], work / f"w{workers}", budget=budget,
-                               workers=workers, options={"popsize": 8})
+            row: dict[str, Any] = {"suite": suite, "budget": budget,
+                                   "load_average": round(os.getloadavg()[0], 1)}
+            threads = torch.get_num_threads()
+            # one worker with the process's threads; one worker on one torch thread (what
+            # each Ray worker gets); two Ray workers
+            for key, workers, one_thread in (("w1", 1, False), ("w1t1", 1, True),
+                                             ("w2", 2, False)):
+                if one_thread:
+                    torch.set_num_threads(1)
+                try:
+                    res = optimize("evolve", tpl, [spec], work / key, budget=budget,
+                                   workers=workers, options={"popsize": 8})
+                finally:
+                    torch.set_num_threads(threads)
                 total = res.eval_seconds  # scoring only: without Ray's start
                 trial_s = sum(r["seconds"] for r in res.trials)
-                row[f"w{workers}_wall"] = round(total, 2)
-                row[f"w{workers}_trial_seconds"] = round(trial_s, 2)
-                if workers == 1:
+                row[f"{key}_wall"] = round(total, 2)
+                row[f"{key}_trial_seconds"] = round(trial_s, 2)
+                if key == "w1":
                     row["trials_per_second"] = round(len(res.trials) / trial_s, 2)
                     row["best"] = round(res.best["scores"]["fitness"], 4)
-                log(f"[{suite}] {workers} worker(s): {total:.1f} s scoring {len(res.trials)} "
+                log(f"[{suite}] {key}: {total:.1f} s scoring {len(res.trials)} "
                     f"trials ({res.seconds:.1f} s in all)")
             rows.append(row)
         finally:
@@ -170,13 +182,19 @@ def render(results: dict[str, Any]) -> str:
         L += ["", "Whole trials (merge + score on the validation split) with `evolve` "
               "(layer-wise TIES weights and densities, population 8) on the smoke suites; "
               "the Ray rows are the run's wall time without Ray's start (each worker loads "
-              "the models once from the object store).", "",
-              "| suite | trials | trials/s (1 worker) | wall, 1 worker (s) | "
-              "wall, 2 Ray workers (s) | speed-up |", "|---|---:|---:|---:|---:|---:|"]
+              "the models once from the object store and warms up — the objective's data "
+              "read, one merge — before the first trial). Each Ray worker runs on one torch "
+              "thread, so the fair one-worker baseline is one worker on one thread (third "
+              "column); the process's default threads are shown too.", "",
+              "| suite | trials | load average | wall, 1 worker, default threads (s) | "
+              "wall, 1 worker, 1 thread (s) | wall, 2 Ray workers (s) | speed-up 1 → 2 "
+              "workers (1 thread each) | vs default threads |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["suites"]:
-            L.append(f"| {r['suite']} (smoke) | {r['budget']} | {r['trials_per_second']:.2f} | "
-                     f"{r['w1_wall']:.1f} | {r['w2_wall']:.1f} | "
-                     f"{r['w1_wall'] / r['w2_wall']:.2f}× |")
+            one = r.get("w1t1_wall", r["w1_wall"])
+            L.append(f"| {r['suite']} (smoke) | {r['budget']} | {r.get('load_average', '')} | "
+                     f"{r['w1_wall']:.1f} | {one:.1f} | {r['w2_wall']:.1f} | "
+                     f"{one / r['w2_wall']:.2f}× | {r['w1_wall'] / r['w2_wall']:.2f}× |")
     L += ["", *findings(results)]
     return "\n".join(L).rstrip() + "\n"
 
@@ -191,7 +209,9 @@ def findings(results: dict[str, Any]) -> list[str]:
                    f"{r['disk_merge_write']:.2f} s merging and writing (fsync, rename) and "
                    f"{io:.2f} s reading the shards back into the model — "
                    f"{r['speedup']:.1f}× in favour of memory"
-                   + (" (the target was 10×)." if r["speedup"] < 10 else "."))
+                   + (" (the target was 10×)" if r["speedup"] < 10 else "")
+                   + (f"; load average {r['load_average']} when measured."
+                      if "load_average" in r else "."))
     slow = [r for r in results["candidates"] if r["speedup"] < 2]
     for r in slow:
         out.append(f"- For {r['method']} the merge's own computation dominates both paths "
@@ -200,10 +220,12 @@ def findings(results: dict[str, Any]) -> list[str]:
                    "moves only some layer groups re-merges only those; these candidates move "
                    "all of them).")
     for r in results.get("suites", []):
-        speed = r["w1_wall"] / r["w2_wall"]
+        speed = r.get("w1t1_wall", r["w1_wall"]) / r["w2_wall"]
         out.append(f"- {r['suite']}: {r['trials_per_second']:.2f} trials/s on one worker; 2 Ray "
-                   f"workers {speed:.2f}× (the target was 1.7× on the 2-core machine, which "
-                   "other sessions share)")
+                   f"workers {speed:.2f}× one worker on one thread, "
+                   f"{r['w1_wall'] / r['w2_wall']:.2f}× one worker on the default threads "
+                   "(the target was 1.7× on the 2-core machine, which other sessions share; "
+                   f"load average {r.get('load_average', '?')} when measured)")
     return out
 
 

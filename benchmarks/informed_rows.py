@@ -21,6 +21,7 @@ import torch
 from modelalloy.bench import load_suite
 from modelalloy.bench.common import SuiteError, cache_root, content_hash
 from modelalloy.eval.informed import InformedConfig, run_informed
+from modelalloy.eval.intervals import difference_interval, significant
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,89 +59,146 @@ def cached_size(suite: str) -> str:
     return "full" if (cache_root() / f"{suite}-full-{digest}" / "suite.json").is_file() else "smoke"
 
 
-def best(rows: dict[tuple[str, str], dict[str, Any]], method: str) -> tuple[float, str]:
+Rows = dict[tuple[str, str], dict[str, Any]]
+Hits = dict[tuple[str, str], list[str]]
+
+
+def best(rows: Rows, method: str) -> tuple[float, str]:
     """The better of a method's default and tuned rows: (accuracy, variant)."""
     cands = [(r["accuracy"], v) for (m, v), r in rows.items() if m == method]
     return max(cands) if cands else (float("nan"), "")
+
+
+def held_in_hits(records: list[dict[str, Any]]) -> Hits:
+    """Per (method, variant): the per-example hits of each held-in task, in one task order
+    (what the paired intervals resample)."""
+    tasks = list(dict.fromkeys(r["task"] for r in records if not r["held_out"]))
+    by = {(r["method"], r["variant"], r["task"]): r.get("correct") for r in records}
+    out: Hits = {}
+    for m, v in dict.fromkeys((r["method"], r["variant"]) for r in records):
+        hits = [by.get((m, v, t)) for t in tasks]
+        if all(h for h in hits):
+            out[(m, v)] = [str(h) for h in hits]
+    return out
+
+
+def paired(hits: Hits, a: tuple[str, str], b: tuple[str, str]) -> tuple[float, float, float]:
+    """(held-in mean of a − that of b, 95% low, high), resampled over the same examples."""
+    return difference_interval(hits[a], hits[b])
+
+
+def call(low: float, high: float, margin: float = 0.01) -> str:
+    """The bench's verdict rule (modelalloy.eval.report.verdict) on one paired interval."""
+    return "shows" if low > 0 else "does not show" if high < margin else "cannot tell"
 
 
 VS_TA_TIES = ("regmean", "regmean_pp", "ota", "ota_ffg", "adamerging_layer", "expert_merging",
               "self_positioning")
 
 
-def vs_ta_ties(method: str, rows: dict[tuple[str, str], dict[str, Any]]) -> tuple[float, str]:
-    """(accuracy − the better of task arithmetic and TIES, that row's name)."""
-    acc = rows[(method, "informed")]["accuracy"]
+def top_baseline(rows: Rows) -> tuple[tuple[str, str], str]:
+    """The better of task arithmetic and TIES (either variant): its key and its name."""
     ta, ta_v = best(rows, "task_arithmetic")
     ties, ties_v = best(rows, "ties")
-    top, name = max((ta, f"task_arithmetic ({ta_v})"), (ties, f"ties ({ties_v})"))
-    return acc - top, name
+    key = ("task_arithmetic", ta_v) if ta >= ties else ("ties", ties_v)
+    return key, f"{key[0]} ({key[1]})"
 
 
-def verdict(method: str, rows: dict[tuple[str, str], dict[str, Any]]) -> tuple[bool, str]:
-    """Whether the method beats every row its paper's claim names, and the numbers."""
-    acc = rows[(method, "informed")]["accuracy"]
-    refs: list[tuple[float, str]] = []
+def _fmt_d(d: tuple[float, float, float]) -> str:
+    return f"{100 * d[0]:+.1f}, 95% {100 * d[1]:+.1f}..{100 * d[2]:+.1f}"
+
+
+def verdict(method: str, rows: Rows, hits: Hits) -> tuple[str, str]:
+    """Shows / does not show / cannot tell for the paper's claim, from the paired 95%
+    intervals against every row the claim names ("shows" needs all of them to lie above 0,
+    one lying below +1 point is "does not show"), and the sentence with the numbers."""
+    me = (method, "informed")
+    refs: list[tuple[tuple[str, str], str]] = []
     against = REFERENCE_ROW.get(method)
     if against == "regmean":
-        refs.append((rows[("regmean", "informed")]["accuracy"], "regmean"))
+        refs.append((("regmean", "informed"), "regmean"))
     elif against:
-        ref, v = best(rows, against)
-        refs.append((ref, f"{against} ({v})"))
+        v = best(rows, against)[1]
+        refs.append(((against, v), f"{against} ({v})"))
     if method in VS_TA_TIES:
-        d, name = vs_ta_ties(method, rows)
-        refs.append((acc - d, f"the better of task arithmetic and TIES, {name}"))
+        key, name = top_baseline(rows)
+        refs.append((key, f"the better of task arithmetic and TIES, {name}"))
     if method == "expert_merging" and ("adamerging_layer", "informed") in rows:
-        refs.append((rows[("adamerging_layer", "informed")]["accuracy"], "adamerging_layer"))
-    parts = [f"{'beats' if acc > ref else 'does not beat'} {name} "
-             f"({100 * (acc - ref):+.1f} points)" for ref, name in refs]
-    ok = all(acc > ref for ref, _ in refs)
-    label = "shows" if ok else "does not show"
+        refs.append((("adamerging_layer", "informed"), "adamerging_layer"))
+    calls, parts = [], []
+    for key, name in refs:
+        d = paired(hits, me, key)
+        calls.append(call(d[1], d[2]))
+        parts.append(f"{calls[-1]} against {name} ({_fmt_d(d)})")
+    label = ("shows" if all(c == "shows" for c in calls) else
+             "does not show" if "does not show" in calls else "cannot tell")
     if method in BIG_GAP:
-        gap = 100 * (acc - best(rows, "task_arithmetic")[0])
-        if ok and gap < 10:
+        d = paired(hits, me, ("task_arithmetic", best(rows, "task_arithmetic")[1]))
+        if label == "shows" and d[1] < 0.10:
             label = "shows in direction, not in size"
-        ok = ok and gap >= 10
         parts.append(f"the ~15-point gap over task arithmetic "
-                     f"{'shows' if gap >= 10 else 'does not show'} ({gap:+.1f})")
+                     f"{'shows' if d[1] >= 0.10 else 'does not show'} ({_fmt_d(d)})")
     if method not in VS_TA_TIES:
-        d, name = vs_ta_ties(method, rows)
+        key, name = top_baseline(rows)
         parts.append(f"against the better of task arithmetic and TIES, {name}: "
-                     f"{100 * d:+.1f} points")
-    return ok, f"**{label}**: " + "; ".join(parts) + "."
+                     f"{_fmt_d(paired(hits, me, key))}")
+    return label, f"**{label}**: " + "; ".join(parts) + "."
 
 
-def closing(rows: dict[tuple[str, str], dict[str, Any]], suite: str) -> str:
+def closing(rows: Rows, hits: Hits, suite: str) -> str:
     methods = [m for m in CLAIMS if (m, "informed") in rows]
-    winners = [m for m in methods if vs_ta_ties(m, rows)[0] > 0]
-    shown = [m for m in methods if verdict(m, rows)[0]
-             or verdict(m, rows)[1].startswith("**shows in direction")]
-    gaps = ", ".join(f"`{m}` {100 * vs_ta_ties(m, rows)[0]:+.1f}" for m in methods)
-    big = [m for m in methods if m in BIG_GAP
-           and rows[(m, "informed")]["accuracy"] - best(rows, "task_arithmetic")[0] >= 0.10]
-    names = ", ".join(f"`{m}`" for m in winners) or "none"
+    key, _ = top_baseline(rows)
+    vs = {m: paired(hits, (m, "informed"), key) for m in methods}
+    winners = [m for m in methods if vs[m][1] > 0]
+    labels = {m: verdict(m, rows, hits)[0] for m in methods}
+    shown = [m for m in methods if labels[m].startswith("shows")]
+    unsure = [m for m in methods if labels[m] == "cannot tell"]
+    ta = ("task_arithmetic", best(rows, "task_arithmetic")[1])
+    big = [m for m in methods if m in BIG_GAP and paired(hits, (m, "informed"), ta)[1] >= 0.10]
+    gaps = ", ".join(f"`{m}` {100 * vs[m][0]:+.1f} ± {50 * (vs[m][2] - vs[m][1]):.1f}"
+                     for m in methods)
+
+    def names(ms: list[str]) -> str:
+        return ", ".join(f"`{m}`" for m in ms) or "none"
+
     return (f"**In short** ({suite}): {len(winners)} of {len(methods)} data-informed rows beat "
-            f"the better of task arithmetic and TIES ({names}); the ~15-point gap of "
-            f"FusionBench's CLIP benchmark shows for "
-            f"{', '.join(f'`{m}`' for m in big) or 'none'}. Each paper's own claim shows "
-            f"(at least in direction) for: "
-            f"{', '.join(f'`{m}`' for m in shown) or 'none'}. Points against the better of "
-            f"task arithmetic and TIES: {gaps}.")
+            f"the better of task arithmetic and TIES with a paired 95% interval above 0 "
+            f"({names(winners)}); the ~15-point gap of FusionBench's CLIP benchmark shows for "
+            f"{names(big)}. Each paper's own claim shows (at least in direction) for: "
+            f"{names(shown)}; cannot tell for: {names(unsure)}. Points against the better of "
+            f"task arithmetic and TIES (± the paired 95% half-width): {gaps}.")
 
 
 def fmt(x: float) -> str:
     return "—" if x != x else f"{100 * x:.1f}"
 
 
-def table(summary: list[dict[str, Any]], timings: dict[str, float]) -> list[str]:
+def fmt_ci(x: float, ci: list[float] | None) -> str:
+    return fmt(x) if ci is None or x != x else f"{100 * x:.1f} ± {50 * (ci[1] - ci[0]):.1f}"
+
+
+def table(summary: list[dict[str, Any]], timings: dict[str, float], hits: Hits) -> list[str]:
     tasks = list(summary[0]["per_task"])
-    lines = ["| method | variant | held-in acc | normalized | held-out acc | seconds | "
-             + " | ".join(tasks) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(tasks)]
+    rows = {(r["method"], r["variant"]): r for r in summary}
+    ta = ("task_arithmetic", best(rows, "task_arithmetic")[1])
+    lines = ["| method | variant | held-in acc | Δ vs best TA | normalized | held-out acc | "
+             "seconds | " + " | ".join(tasks) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
     for r in summary:
+        key = (r["method"], r["variant"])
         secs = timings.get(r["method"])
-        lines.append(f"| {r['method']} | {r['variant']} | {fmt(r['accuracy'])} | "
-                     f"{fmt(r['normalized_accuracy'])} | {fmt(r['held_out_accuracy'])} | "
+        if key == ta:
+            delta = "ref"
+        elif key in hits and ta in hits and r["method"] not in ("base", "expert"):
+            d = paired(hits, key, ta)
+            delta = (f"{100 * d[0]:+.1f} ± {50 * (d[2] - d[1]):.1f}"
+                     f"{' *' if significant(d[1], d[2]) else ''}")
+        else:
+            delta = ""
+        lines.append(f"| {r['method']} | {r['variant']} | "
+                     f"{fmt_ci(r['accuracy'], r.get('accuracy_ci'))} | {delta} | "
+                     f"{fmt(r['normalized_accuracy'])} | "
+                     f"{fmt_ci(r['held_out_accuracy'], r.get('held_out_ci'))} | "
                      f"{'' if secs is None else f'{secs:.1f}'} | "
                      + " | ".join(fmt(r["per_task"].get(t, float('nan'))) for t in tasks) + " |")
     return lines
@@ -160,11 +218,17 @@ def section(suite_name: str, d: dict[str, Any]) -> str:
 
     summary = summarize(d["records"])
     rows = {(r["method"], r["variant"]): r for r in summary}
-    lines = table(summary, d["timings"])
+    hits = held_in_hits(d["records"])
+    if not hits:
+        return (f"## {suite_name} ({d['size']})\n\nSaved rows predate the per-example hits: "
+                f"rerun `benchmarks/informed_rows.py --suites {suite_name}`.\n")
+    lines = table(summary, d["timings"], hits)
     size = d["size"]
-    claims = [f"- `{m}` (claim: {CLAIMS[m]}) — {verdict(m, rows)[1]}"
+    claims = [f"- `{m}` (claim: {CLAIMS[m]}) — {verdict(m, rows, hits)[1]}"
               for m in CLAIMS if (m, "informed") in rows]
-    claims += ["", closing(rows, f"{suite_name} {size}")]
+    claims += ["", closing(rows, hits, f"{suite_name} {size}")]
+    measured = (f"Measured at commit `{d['commit']}` with `{d['command']}`" if "commit" in d
+                else "Measured before commits were recorded")
     tuning = ", ".join(f"{m}: λ={t['chosen']}" for m, t in d["tuning"].items())
     notes = d.get("notes", {})
     return "\n".join([
@@ -173,9 +237,25 @@ def section(suite_name: str, d: dict[str, Any]) -> str:
         f"{', '.join(d['held_out']) or 'none'}. Accuracies in %, test split; normalized = "
         f"accuracy / the task's own expert. λ tuned on the val split ({tuning}). RegMean Gram "
         f"layers: {', '.join(d.get('regmean_gram_layers', [])) or '—'}; AIM layers: "
-        f"{', '.join(d.get('aim_layers', [])) or '—'}. Wall time {d['wall_seconds']}s.", "",
+        f"{', '.join(d.get('aim_layers', [])) or '—'}. Wall time {d['wall_seconds']}s. "
+        f"{measured}. `x ± h`: the value and the half-width of its 95% percentile-bootstrap "
+        f"interval over the test examples; *Δ vs best TA*: the held-in mean minus the better "
+        f"task-arithmetic row's, resampled over the same examples (`*`: the interval excludes "
+        f"0).", "",
         *lines, "", "### Do the papers' claims show?", "", *claims, "",
         *([f"Notes: {'; '.join(f'{k}: {v}' for k, v in notes.items())}.", ""] if notes else [])])
+
+
+def _commit() -> str:
+    """The short commit the rows were measured at (``+dirty`` with uncommitted changes)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                              text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,11 +291,15 @@ def main(argv: list[str] | None = None) -> int:
                 "merged": suite.info.merged_tasks, "held_out": suite.info.held_out_tasks,
                 "wall_seconds": res.extra["wall_seconds"],
                 "regmean_gram_layers": res.extra.get("regmean_gram_layers", []),
-                "aim_layers": res.extra.get("aim_layers", []),
+                "aim_layers": res.extra.get("aim_activations_layers", []),
                 "records": res.records, "timings": res.timings, "tuning": res.tuning,
                 "notes": res.notes, "config": dict(vars(cfg))}
+            dump[suite_name]["commit"] = _commit()
+            dump[suite_name]["command"] = ("PYTHONPATH=src python benchmarks/informed_rows.py "
+                                           + " ".join(argv if argv is not None
+                                                      else sys.argv[1:])).strip()
             print(f"\n{suite_name} ({size}), {res.extra['wall_seconds']}s")
-            print("\n".join(table(res.summary(), res.timings)))
+            print("\n".join(table(res.summary(), res.timings, held_in_hits(res.records))))
         Path(args.json).write_text(json.dumps(dump, indent=1, default=str))
     sections = [f"## {name}\n\nNot run: {d['error']}.\n" if "error" in d else section(name, d)
                 for name, d in dump.items()]

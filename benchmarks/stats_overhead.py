@@ -19,7 +19,7 @@ token rows, rescaled (``collect_grams(..., token_fraction=R)``; the exact row st
 ``tiny-vision`` / ``tiny-lm`` take the first merged task's expert of the built suite and the
 unlabeled test inputs of every merged task (``--limit`` examples per task, ``--batch-size`` per
 batch), through the
-same model wrapper the benchmark uses (:func:`modelalloy.eval.informed.suite_module`).
+same model wrapper the benchmark uses (:func:`modelalloy.eval.suite_stats.suite_module`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _synthetic(args: argparse.Namespace) -> tuple[torch.nn.Module, list[Any], st
 
 def _suite(args: argparse.Namespace) -> tuple[torch.nn.Module, list[Any], str]:
     from modelalloy.bench import load_suite
-    from modelalloy.eval.informed import suite_module, task_batches
+    from modelalloy.eval.suite_stats import suite_module, task_batches
 
     suite = load_suite(args.suite, args.size)
     tasks = suite.info.merged_tasks

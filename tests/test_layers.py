@@ -16,9 +16,6 @@ KNOWN_CYCLES = {
     # get_method() imports the package so that every method module has registered itself
     # (plugin discovery); the package's __init__ imports the registry it fills.
     ("modelalloy.methods", "modelalloy.methods.registry"),
-    # run_bench needs informed.py's statistics provider, and run_informed calls run_bench;
-    # splitting the provider out of informed.py (eval/bench_stats.py) is the open step of #14.
-    ("modelalloy.eval.harness", "modelalloy.eval.informed"),
 }
 
 

@@ -58,7 +58,8 @@ def merge(recipe: str | Path | Mapping[str, Any] | Any, out_dir: str | Path | No
 
     With ``out_dir``: write the merged model there as a complete HF folder, as ``modelalloy
     merge`` does; options are the command's: device, seed, threads, memory_budget,
-    shard_size, force, allow_nonfinite. Returns a MergeResult (``.path`` is the folder).
+    shard_size, force, allow_nonfinite, stats_dir (where statistics of models without their
+    own are collected and found). Returns a MergeResult (``.path`` is the folder).
 
     Without it, merge in memory, through the same engine (the recipe's per-tensor parameters,
     the same checks, seeds and bits): ``sources`` maps each model reference, exactly as the
@@ -67,8 +68,8 @@ def merge(recipe: str | Path | Mapping[str, Any] | Any, out_dir: str | Path | No
     parameters and buffers in place (``torch.no_grad``, their storage and dtype kept) and
     returns ``into``. Options: device (default: where the reference model's tensors are),
     seed, threads (default: the calling thread alone for models under 64 MB, else as the
-    command), allow_nonfinite, and ``stats`` for data-informed methods ({kind: {model
-    reference: {tensor name: tensor}}})::
+    command), allow_nonfinite, and for data-informed methods ``stats`` ({kind: {model
+    reference: {tensor name: tensor}}}) or ``stats_dir`` (as on disk)::
 
         merged = modelalloy.merge("ties.yaml", sources={"./base": base, "./math": math,
                                                          "./code": code})

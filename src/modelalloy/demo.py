@@ -10,7 +10,7 @@ from the TALL bundle and reported in a separate "bundles" table (its accuracy on
 the share of the expert's accuracy kept, the bundle's storage ratio). Methods that need
 statistics (RegMean, RegMean++, Fisher, OTA, AIM) get them collected on the suite's unlabeled
 inputs first (the Fisher on the validation split; OTA reads the Adam moments saved with each
-expert), once per suite, cached in the suite folder (``modelalloy.eval.informed.BenchStats``).
+expert), once per suite, cached in the suite folder (``modelalloy.eval.suite_stats.BenchStats``).
 Methods that need statistics the bench cannot make or a different number of models are listed
 as skipped, with the reason.
 """

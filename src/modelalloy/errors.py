@@ -8,7 +8,18 @@ from __future__ import annotations
 
 
 class ModelAlloyError(Exception):
-    """Base class: ``str(err)`` is a one-line message that says what, where and what to do."""
+    """Base class: ``str(err)`` is a one-line message that says what, where and what to do.
+
+    A message whose remedy is an argument of the call spells it as the Python API does,
+    ``name=value`` (``force=True``, ``memory_budget='2GB'``), and lists ``name`` in
+    ``options``. The command line, whose flags are these names with dashes, shows the same line
+    with its flags instead (``--force``, ``--memory-budget 2GB``: ``cli_message`` in
+    commands/_console.py), so the library never speaks of flags an API caller does not have.
+    """
+
+    def __init__(self, *args: object, options: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.options = options
 
 
 class CheckpointError(ModelAlloyError):

@@ -187,7 +187,7 @@ def test_bench_statistics_are_the_collectors_on_the_unlabeled_split(stat_result,
     """RegMean in the bench == RegMean on Grams collected by hand on each expert's own task's
     test inputs (the suite's unlabeled split), and OTA == OTA on the saved Adam moments."""
     from modelalloy.api import merge_state_dicts
-    from modelalloy.eval.informed import BenchStatsConfig, suite_module, task_batches
+    from modelalloy.eval.suite_stats import BenchStatsConfig, suite_module, task_batches
     from modelalloy.stats import collect_grams
     from modelalloy.stats.optimizer import load_adam_moments
 
@@ -213,9 +213,9 @@ def test_bench_statistics_are_the_collectors_on_the_unlabeled_split(stat_result,
 
 
 def test_bench_statistics_are_cached_per_suite(stat_result, vision_smoke):
-    from modelalloy.eval import informed
+    from modelalloy.eval import suite_stats
 
-    informed._MEMORY.clear()  # only the files on disk remain
+    suite_stats._MEMORY.clear()  # only the files on disk remain
     again = run_bench(vision_smoke, ["regmean", "fisher"], tune=False)
     assert again.stats_seconds == {}  # nothing collected: read from <suite>/stats-cache
     acc = {r["task"]: r["accuracy"] for r in again.records if r["method"] == "fisher"}

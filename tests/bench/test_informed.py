@@ -7,15 +7,13 @@ import torch
 
 from modelalloy.api import merge_state_dicts
 from modelalloy.eval.informed import (
-    INFORMED_METHODS,
     InformedConfig,
-    SuiteModule,
     apply_coefficients,
+    informed_methods,
     merge_through_recipe,
     run_informed,
-    suite_module,
-    task_batches,
 )
+from modelalloy.eval.suite_stats import SuiteModule, suite_module, task_batches
 from modelalloy.stats import collect_grams
 
 # the tiny-vision body's last block: its Linear projection, the one layer with a Gram
@@ -36,8 +34,13 @@ def informed(vision_smoke):
 
 def test_every_informed_method_runs_and_gives_finite_accuracies(vision_smoke, informed):
     methods = {r["method"] for r in informed.records if r["variant"] == "informed"}
-    expected = {m for m in INFORMED_METHODS if m != "aim"} | {"aim(task_arithmetic)",
-                                                              "aim(ties)"}
+    # the registry's data-informed methods (AIM's rows named after the merges it relaxes), OTA
+    # after grafting, the learners
+    expected = {"regmean", "regmean_pp", "fisher", "ota", "aim(task_arithmetic)", "aim(ties)",
+                "ota_ffg", "adamerging_task", "adamerging_layer", "expert_merging",
+                "sens_merging", "self_positioning"}
+    assert set(informed_methods(len(vision_smoke.info.merged_tasks))) == (
+        expected - {"aim(task_arithmetic)", "aim(ties)"}) | {"aim"}
     assert methods == expected
     n_tasks = len(vision_smoke.info.tasks)
     for method in methods:
@@ -150,7 +153,7 @@ def _stat(nbytes: int) -> list[dict[str, torch.Tensor]]:
 
 
 def test_stats_memory_drops_the_least_recently_used_past_its_byte_cap():
-    from modelalloy.eval.informed import StatsMemory
+    from modelalloy.eval.suite_stats import StatsMemory
 
     mem = StatsMemory()
     a, b, c = _stat(40), _stat(40), _stat(40)
@@ -168,7 +171,7 @@ def test_stats_memory_drops_the_least_recently_used_past_its_byte_cap():
 
 
 def test_memory_cap_from_config_then_environment(monkeypatch):
-    from modelalloy.eval.informed import DEFAULT_MEMORY_BYTES, MEMORY_ENV, memory_cap
+    from modelalloy.eval.suite_stats import DEFAULT_MEMORY_BYTES, MEMORY_ENV, memory_cap
 
     monkeypatch.delenv(MEMORY_ENV, raising=False)
     assert memory_cap() == DEFAULT_MEMORY_BYTES == 2 * 1000**3
@@ -178,7 +181,7 @@ def test_memory_cap_from_config_then_environment(monkeypatch):
 
 
 def test_bench_stats_hits_in_memory_and_respects_the_cap(vision_smoke, monkeypatch):
-    from modelalloy.eval import informed as inf
+    from modelalloy.eval import suite_stats as inf
 
     tasks = vision_smoke.info.merged_tasks
     args = (vision_smoke, tasks, vision_smoke.base_state_dict(),

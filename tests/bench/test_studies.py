@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from modelalloy.bench import studies
+from modelalloy.bench.common import SuiteError
 from modelalloy.bench.studies import held_out_study, run_study, variant_study, write_study
 from modelalloy.eval.harness import EvalError
 
@@ -93,3 +94,34 @@ def test_cpt_chat_vector_case_and_study(bench_cache):
     n_new = len(case.tasks)
     acc = sum(res[f"domain:{t}"]["accuracy"] for t in case.tasks) / n_new
     assert cpt_row["new_accuracy"][0] == pytest.approx(acc)
+
+
+@pytest.mark.slow
+def test_long_to_short_pair_shares_one_parent(lm_smoke):
+    import torch
+
+    from modelalloy.bench.lm_l2s import L2SCase, both_formats
+    from modelalloy.bench.studies import long_to_short_study
+
+    data = both_formats(["sum_long", "sum_short"], 40, 0)
+    long_answers = [a for _, a in data if ";" in a]
+    assert 5 < len(long_answers) < 35  # both formats, on the pair's shared prompt tag
+    assert all(p.startswith("sum:") for p, _ in data)
+    case = L2SCase.build(lm_smoke)
+    parent, long_sd, short_sd = (case.base_state_dict(), case.expert_state_dict("sum_long"),
+                                 case.expert_state_dict("sum_short"))
+    suite_base = lm_smoke.base_state_dict()
+    assert any(not torch.equal(parent[k], suite_base[k]) for k in parent)
+    assert any(not torch.equal(long_sd[k], short_sd[k]) for k in parent)
+    # The experts are closer to their parent than to each other's parent-free start.
+    tau_l = sum(float((long_sd[k] - parent[k]).norm() ** 2) for k in parent) ** 0.5
+    tau_l0 = sum(float((long_sd[k] - suite_base[k]).norm() ** 2) for k in parent) ** 0.5
+    assert 0 < tau_l < tau_l0
+    with pytest.raises(SuiteError, match="no expert 'rev'"):
+        case.expert_state_dict("rev")
+    study = long_to_short_study(lm_smoke, ["task_arithmetic"], 0, lambda _m: None)
+    names = [r["method"] for r in study.rows]
+    assert names[:3] == ["base", "expert:sum_long", "expert:sum_short"]
+    assert study.rows[1]["vs_long"] == 0.0
+    hits = case.evaluate(long_sd)["sum_long"]
+    assert study.rows[1]["accuracy"] == pytest.approx(hits["accuracy"], abs=1e-4)

@@ -116,7 +116,7 @@ def test_fisher_and_aim_recipes_through_the_engine(tmp_path, tiny_gpt2):
 def test_merge_collects_missing_statistics_from_the_recipes_calibration_data(tmp_path,
                                                                             tiny_gpt2):
     from modelalloy.errors import CheckpointError
-    from modelalloy.stats_files import stats_path
+    from modelalloy.stats import stats_path
 
     rows = [{"input_ids": [1, 2, 3, 4, 5]}, {"input_ids": [6, 7]}, {"input_ids": [8, 9, 10]}]
     (tmp_path / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

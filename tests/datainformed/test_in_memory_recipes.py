@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import modelalloy
-from modelalloy.stats import load_stats
-from modelalloy.stats_files import stats_path
+from modelalloy.stats import load_stats, stats_path
 
 
 @pytest.mark.slow  # collects two models' Grams (about 8 s on the 2-core machine)

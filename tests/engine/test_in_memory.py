@@ -34,6 +34,8 @@ METHODS: dict[str, tuple[int, dict[str, Any]]] = {
     "breadcrumbs": (2, {**PER_TENSOR, "density": [0.9, 0.7], "gamma": 0.05}),
     "breadcrumbs_ties": (2, {**PER_TENSOR, "density": 0.8, "gamma": 0.05}),
     "chunk_task_arithmetic": (2, {}),
+    "task_arithmetic_chunks": (2, {"chunks": [{"filter": "mlp", "value": "0.5 1.5 0.25"},
+                                              {"value": ""}]}),
     "consensus": (3, {"k": 2, "lambda": 1.0}),
     "dare_linear": (2, {**PER_TENSOR, "density": [0.7, 0.4]}),
     "dare_ties": (3, {**PER_TENSOR, "density": 0.5}),

@@ -249,7 +249,10 @@ def test_atomic_output_existing_needs_force(tmp_path):
     with pytest.raises(OutputError) as e:
         with AtomicOutputDir(out):
             pass
-    assert "--force" in str(e.value) and str(out) in str(e.value)
+    # the library speaks the API; the command line shows its flag
+    assert "force=True" in str(e.value) and str(out) in str(e.value)
+    from modelalloy.commands._console import cli_message
+    assert "pass --force to replace it" in cli_message(e.value)
     # a failed forced run keeps the old output
     with pytest.raises(RuntimeError):
         with AtomicOutputDir(out, force=True) as tmp:

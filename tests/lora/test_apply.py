@@ -62,7 +62,8 @@ def test_model_plus_adapter_is_w_plus_scaled_ba(tmp_path, base, run_cli, rslora)
 
 def test_structured_forms_and_task_arithmetic_of_two_adapters(tmp_path, base, run_cli):
     """`{model:, adapter:}` entries, mergekit's `{model: {path}, lora: {path}}`; task
-    arithmetic of two adapted models is base + Σ w_i s_i B_i A_i."""
+    arithmetic of two adapted models is base + Σ w_i s_i B_i A_i (--no-as-adapter: a recipe
+    of adapters alone would write the merged adapter)."""
     f1, f2 = _factors(1), _factors(2)
     write_adapter(tmp_path / "a1", f1, r=2, alpha=4)
     write_adapter(tmp_path / "a2", f2, r=2, alpha=2, alpha_pattern={"down_proj": 8})
@@ -75,7 +76,7 @@ models:
   - model: {model: {path: base}, lora: {path: a2}}
     parameters: {weight: 0.25}
 """)
-    result = run_cli("merge", recipe, tmp_path / "out")
+    result = run_cli("merge", recipe, tmp_path / "out", "--no-as-adapter")
     assert result.code == 0, result.err
     got, ref = _weights(tmp_path / "out"), _weights(base)
     for module in f1:

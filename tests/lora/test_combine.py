@@ -159,3 +159,92 @@ def test_merge_as_adapter_from_a_recipe(adapters, run_cli):
     (root / "expert").mkdir()
     bad = run_cli("merge", root / "mixed.yaml", root / "x", "--as-adapter")
     assert bad.code == 1 and "not an adapter" in bad.err
+
+
+@pytest.mark.parametrize("kind,clamp", [("svd", 0.9), ("ties_svd", 0.75)])
+def test_svd_clamp_equals_peft(adapters, kind, clamp):
+    """peft's svd_clamp clips B = U_kΣ_k and A = V_kᵀ at ±(the clamp-quantile of their values).
+    The quantile is not sign-invariant, so the factors themselves are compared (both run the
+    same CPU SVD on the same Δ), with the clipping checked to have bitten."""
+    peft, root = adapters
+    names, weights = ["a1", "a3"], [0.5, 1.5]
+    expected = _peft_merge(peft, root, names, weights, kind, density=0.5, svd_rank=3,
+                           svd_clamp=clamp)
+    plain = _peft_merge(peft, root, names, weights, kind, density=0.5, svd_rank=3)
+    ours = _ours(root, names, weights, kind, density=0.5, svd_rank=3, svd_clamp=clamp)
+    assert set(ours) == set(expected)
+    bitten = 0
+    for key, value in expected.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        bitten += int(not torch.equal(value, plain[key]))
+    assert bitten
+
+
+def test_svd_options_are_refused_where_they_do_not_apply(adapters, run_cli):
+    _, root = adapters
+    bad = run_cli("merge-adapters", root / "a1", root / "a2", "--combination", "linear",
+                  "--svd-clamp", "0.9", "--out", root / "x")
+    assert bad.code == 1 and "svd combinations" in bad.err and len(bad.err.splitlines()) == 1
+    bad = run_cli("merge-adapters", root / "a1", root / "a2", "--combination", "svd",
+                  "--svd-clamp", "1.5", "--out", root / "x")
+    assert bad.code == 1 and "(0, 1]" in bad.err
+    bad = run_cli("merge-adapters", root / "a1", root / "a2", "--combination", "svd",
+                  "--svd-driver", "gesvdj", "--out", root / "x")
+    assert bad.code == 1 and "gesdd" in bad.err and "CUDA" in bad.err
+    assert not (root / "x").exists()
+    good = run_cli("merge-adapters", root / "a1", root / "a2", "--combination", "svd",
+                   "--out", root / "x")
+    assert good.code == 0 and "LAPACK gesdd on the CPU" in good.out
+
+
+def test_merge_detects_a_recipe_of_adapters(adapters, run_cli):
+    """No flag: a recipe of base+adapter models of one base writes the adapter (peft's result)
+    and says so in one line; --no-as-adapter, a mixed recipe and a method without an adapter
+    form merge full models (one base+adapter alone is baked: tests/lora/test_apply.py)."""
+    peft, root = adapters
+    (root / "lin.yaml").write_text(
+        "merge_method: linear\nmodels:\n"
+        "  - model: base+a1\n    parameters: {weight: 3.0}\n"
+        "  - model: base+a2\n    parameters: {weight: 1.0}\n")
+    result = run_cli("merge", root / "lin.yaml", root / "auto")
+    assert result.code == 0, result.err
+    assert "every model is a LoRA adapter of one base" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    expected = _peft_merge(peft, root, ["a1", "a2"], [0.75, 0.25], "linear")
+    ours = {k.replace("base_model.model.", "", 1): v for k, v in
+            load_file(str(root / "auto" / "adapter_model.safetensors")).items()}
+    for key, value in expected.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not (root / "auto" / "config.json").exists()
+
+    full = run_cli("merge", root / "lin.yaml", root / "full", "--no-as-adapter")
+    assert full.code == 0, full.err
+    assert (root / "full" / "config.json").exists()
+    assert not (root / "full" / "adapter_config.json").exists()
+
+    (root / "mixed.yaml").write_text(
+        "merge_method: linear\nmodels:\n  - model: base+a1\n  - model: base\n")
+    mixed = run_cli("merge", root / "mixed.yaml", root / "mixed")
+    assert mixed.code == 0, mixed.err
+    assert "LoRA adapter" not in mixed.err  # nothing changes, nothing said
+    assert (root / "mixed" / "config.json").exists()
+
+    (root / "karcher.yaml").write_text(
+        "merge_method: karcher\nmodels:\n  - model: base+a1\n  - model: base+a2\n")
+    karcher = run_cli("merge", root / "karcher.yaml", root / "karcher")
+    assert karcher.code == 0, karcher.err
+    assert "but merge_method 'karcher' has no adapter form" in karcher.err
+    assert (root / "karcher" / "config.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="svd drivers are CUDA's")
+@pytest.mark.parametrize("driver", ["gesvd", "gesvdj", "gesvda"])
+def test_svd_drivers_on_cuda_give_the_cpu_product(adapters, driver):
+    _, root = adapters
+    names, weights = ["a1", "a3"], [0.5, 1.5]
+    cpu = _ours(root, names, weights, "svd", svd_rank=3)
+    gpu = _ours(root, names, weights, "svd", svd_rank=3, svd_driver=driver, device="cuda")
+    for key in [k for k in cpu if "_A" in k]:
+        b_key = key.replace("_A", "_B")
+        torch.testing.assert_close(gpu[b_key] @ gpu[key], cpu[b_key] @ cpu[key],
+                                   rtol=1e-3, atol=1e-4, msg=key)

@@ -150,3 +150,33 @@ def test_gpt2_biases_go_to_lora_bias_and_peft_reproduces_the_model(tmp_path):
                 torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-5, msg=name)
                 torch.testing.assert_close(ours.get(name), value, rtol=1e-5, atol=1e-6,
                                            msg=name)
+
+
+def test_svd_clamp_clips_the_factors_at_their_quantile(pair, tmp_path, run_cli):
+    """--svd-clamp q: each module's factors are the unclamped ones clipped at ±numpy's
+    q-quantile of their joint values, and the reported error is the clipped factors'."""
+    tuned, base = pair
+    plain = extract_lora(tuned, base, tmp_path / "plain", rank=4)
+    result = run_cli("extract-lora", tuned, "--base", base, "--rank", "4", "--svd-clamp",
+                     "0.8", "--out", tmp_path / "clamped")
+    assert result.code == 0, result.err
+    assert "LAPACK gesdd on the CPU" in result.out
+    p = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    c = load_file(str(tmp_path / "clamped" / "adapter_model.safetensors"))
+    deltas = _deltas(tuned, base)
+    num = den = 0.0
+    for key in [k for k in p if k.endswith("lora_A.weight")]:
+        b_key = key.replace("lora_A", "lora_B")
+        values = np.concatenate([p[b_key].double().numpy().ravel(),
+                                 p[key].double().numpy().ravel()])
+        h = np.quantile(values, 0.8)
+        np.testing.assert_allclose(c[key].numpy(), np.clip(p[key].numpy(), -h, h), atol=1e-7)
+        np.testing.assert_allclose(c[b_key].numpy(), np.clip(p[b_key].numpy(), -h, h),
+                                   atol=1e-7)
+        name = key.removeprefix("base_model.model.").replace(".lora_A", "")
+        delta = deltas[name]
+        num += np.linalg.norm(delta - c[b_key].double().numpy() @ c[key].double().numpy()) ** 2
+        den += np.linalg.norm(delta) ** 2
+    reported = float(result.out.split("‖Δ‖_F:")[1].split()[0])
+    assert reported == pytest.approx(np.sqrt(num / den), rel=1e-3)
+    assert reported > plain.relative_error  # clipping moves B·A off the truncated SVD

@@ -3,6 +3,7 @@ where that changed the result."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -27,3 +28,23 @@ def test_clamped_t_is_reported(tmp_path):
     result = merge(recipe, tmp_path / "out")
     notes = [w for w in result.warnings if w.startswith("model_stock: t")]
     assert len(notes) == 1 and "(1 tensor(s), e.g. 'w')" in notes[0]
+
+
+@pytest.mark.parametrize("method,conventions,noted", [
+    ("model_stock", "", True), ("model_stock", "conventions: paper\n", False),
+    ("task_arithmetic", "", False)])
+def test_plan_says_where_model_stock_differs(tmp_path, run_cli, method, conventions, noted):
+    """`modelalloy plan` says in one line that mergekit's t may leave [0, 1] (it reads no
+    tensor, so it cannot say which)."""
+    base = _folder(tmp_path / "base", {"w": torch.zeros(2)})
+    a = _folder(tmp_path / "a", {"w": torch.tensor([1.0, 0.0])})
+    b = _folder(tmp_path / "b", {"w": torch.tensor([-1.0, 0.5])})
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: {method}\nbase_model: {base}\n"
+                                               f"models:\n  - model: {a}\n  - model: {b}\n"
+                                               + conventions)
+    planned = run_cli("plan", recipe)
+    assert planned.code == 0, planned.err
+    notes = [line for line in planned.err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == int(noted)
+    if noted:
+        assert "leaves [0, 1]" in notes[0] and "modelalloy keeps t in [0, 1]" in notes[0]

@@ -116,3 +116,100 @@ def quadratic_slow(sd: dict[str, torch.Tensor]) -> float:
 
     time.sleep(0.05)
     return quadratic(sd)
+
+
+# -- the data-flow family: two models of square layers, whose best layer path is known ---------
+
+FLOW_SHAPES = {"embed.weight": (4, 3), "layers.0.weight": (4, 4), "layers.0.bias": (4,),
+               "layers.1.weight": (4, 4), "layers.1.bias": (4,), "head.weight": (2, 4)}
+FLOW_INPUTS = torch.randn(16, 3, generator=torch.Generator().manual_seed(7))
+
+
+def flow_family() -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(99)
+    return [{n: torch.randn(s, generator=gen) for n, s in FLOW_SHAPES.items()} for _ in range(2)]
+
+
+def save_flow_family(root: Path) -> list[Path]:
+    paths = []
+    for name, sd in zip(("a", "b"), flow_family(), strict=True):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"model_type": "tiny-flow",
+                                                        "num_hidden_layers": 2}))
+        paths.append(folder)
+    return paths
+
+
+def flow_forward(sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    """embed, then every ``layers.i`` in order (tanh(W h + b)), then the head: any depth."""
+    h = FLOW_INPUTS @ sd["embed.weight"].T
+    depth = len({n.split(".")[1] for n in sd if n.startswith("layers.")})
+    for i in range(depth):
+        h = torch.tanh(h @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"])
+    return h @ sd["head.weight"].T
+
+
+def _flow_target(factor: float) -> torch.Tensor:
+    """Model a's embedding and layer 0, then model b's layer 1 with its input scaled by
+    ``factor``, then b's head: the path a:0 → b:1 written out by hand."""
+    a, b = flow_family()
+    h = torch.tanh((FLOW_INPUTS @ a["embed.weight"].T) @ a["layers.0.weight"].T
+                   + a["layers.0.bias"])
+    h = torch.tanh((factor * h) @ b["layers.1.weight"].T + b["layers.1.bias"])
+    return h @ b["head.weight"].T
+
+
+def flow_path(sd: dict[str, torch.Tensor]) -> float:
+    return -float(((flow_forward(sd) - _flow_target(1.0)) ** 2).mean())
+
+
+def flow_path_scaled(sd: dict[str, torch.Tensor]) -> float:
+    return -float(((flow_forward(sd) - _flow_target(0.5)) ** 2).mean())
+
+
+# -- a per-layer method choice: TIES on some layers, task arithmetic on the others -------------
+
+METHOD_TARGET = {"layers.0": "ties", "layers.1": "task_arithmetic", "layers.2": "ties",
+                 "head": "task_arithmetic"}
+
+
+def _ties_by_hand(base: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+    """TIES at weights 1, density 1 (no trim), λ = 1, no normalising: θ₀ + Σ_k [τ_k·γ > 0] τ_k
+    with γ = sign(Σ_k τ_k) (Yadav et al. 2023, steps 2-4)."""
+    gamma = torch.sign(sum(taus))
+    return base + sum(t * (t * gamma > 0) for t in taus)
+
+
+def _method_target() -> dict[str, torch.Tensor]:
+    base, experts = family()
+    out = {}
+    for n, b in base.items():
+        if not b.is_floating_point():
+            continue
+        taus = [e[n] - b for e in experts]
+        out[n] = (_ties_by_hand(b, taus) if METHOD_TARGET[_group(n)] == "ties"
+                  else b + sum(taus))
+    return out
+
+
+def per_layer_methods(sd: dict[str, torch.Tensor]) -> float:
+    return _distance(sd, _method_target())
+
+
+# -- three tasks for nested MAP: task t is best at s_t·τ_t alone --------------------------------
+
+THREE_SCALES = (1.0, 0.9, 0.5)
+
+
+def three_targets() -> list[dict[str, torch.Tensor]]:
+    base, experts = family(3)
+    return [{n: base[n] + s * (experts[t][n] - base[n]) for n in base
+             if base[n].is_floating_point()} for t, s in enumerate(THREE_SCALES)]
+
+
+def three_tasks(sd: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Exactly quadratic in the task-arithmetic weights: −distance to θ₀ + s_t τ_t."""
+    return {name: _distance(sd, target)
+            for name, target in zip(("a", "b", "c"), three_targets(), strict=True)}

@@ -97,13 +97,35 @@ def test_each_learner_runs_from_the_interface(vision_smoke, suite_template_path,
     assert 0.0 <= res.best["scores"]["fitness"] <= 1.0
 
 
-def test_expert_merging_pp_writes_chunk_statistics(vision_smoke, suite_template_path,
-                                                   tmp_path):
+def test_expert_merging_pp_recipe_reproduces_the_chunk_merge(vision_smoke, suite_template_path,
+                                                             tmp_path, run_cli):
+    from modelalloy.stats import load_stats
+
     res = optimize("expert_merging_pp", suite_template_path("layer"), [SUITE],
                    tmp_path / "out", options={"samples": 2})
-    assert load_recipe(res.recipe_path).merge_method == "chunk_task_arithmetic"
-    for task in vision_smoke.info.merged_tasks:
-        assert (tmp_path / "out" / "stats" / task / "merge_coeffs.safetensors").is_file()
+    rec = load_recipe(res.recipe_path)
+    assert rec.merge_method == "task_arithmetic_chunks"
+    assert res.notes["chunks"]  # some tensors were cut into several chunks
+    r = run_cli("merge", res.recipe_path, tmp_path / "merged")
+    assert r.code == 0, r.err
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    # the same chunk coefficients as statistics, through chunk_task_arithmetic
+    stats = {"merge_coeffs": [dict(load_stats(tmp_path / "out" / "stats" / t /
+                                              "merge_coeffs.safetensors"))
+                              for t in vision_smoke.info.merged_tasks]}
+    data = yaml.safe_load(res.recipe_path.read_text())
+    data["merge_method"] = "chunk_task_arithmetic"
+    for m in data["models"]:
+        del m["parameters"]
+    from modelalloy.recipe.load import recipe_from_dict
+
+    by_stats = merge_candidate(recipe_from_dict(data), ModelPool(), stats=stats)
+    assert sorted(merged) == sorted(by_stats)
+    for n, t in by_stats.items():
+        assert torch.equal(merged[n], t), n
+    chunked = [n for n in res.notes["chunks"] if n in merged]
+    assert chunked and not torch.equal(merged[chunked[0]], vision_smoke.base_state_dict()[
+        chunked[0]])
 
 
 def test_learner_needs_a_suite_objective(suite_template_path, tmp_path, run_cli):

@@ -12,6 +12,7 @@ pytest.importorskip("pymoo")
 
 from modelalloy.optimize.map_search import Surrogate, design_points  # noqa: E402
 from modelalloy.search.driver import optimize  # noqa: E402
+from tests.optimize import synthetic  # noqa: E402
 
 TWO = "python:tests.optimize.synthetic:two_tasks"
 
@@ -45,3 +46,93 @@ def test_preference_picks_the_known_optimum(template, tmp_path, pref, expect):
     assert (tmp_path / "out" / "pareto.png").is_file()
     table = (tmp_path / "out" / "front.md").read_text().splitlines()
     assert len(table) == 2 + len(front) and "a predicted" in table[0]
+
+
+def test_hyperspherical_angles_round_trip():
+    from modelalloy.optimize.map_search import from_angles, to_angles
+
+    x = np.array([[0.0, 1.0], [1.0, 0.0], [0.3, 0.3]])
+    phi = to_angles(x)
+    assert np.allclose(phi[:, 0], [np.pi / 2, 0.0, np.pi / 4])
+    assert np.allclose(from_angles(phi, np.linalg.norm(x, axis=1)), x)
+    x3 = np.array([[0.2, 0.4, 0.4]])
+    # φ₁ = atan2(√(0.16+0.16), 0.2), φ₂ = atan2(0.4, 0.4) = π/4
+    assert np.allclose(to_angles(x3), [[np.arctan2(np.sqrt(0.32), 0.2), np.pi / 4]])
+    assert np.allclose(from_angles(to_angles(x3), np.array([0.6])), x3)
+
+
+def test_bayesian_sampling_goes_where_the_surrogate_errs():
+    from modelalloy.optimize.map_search import adaptive_points, bin_probabilities
+
+    # d = 2: 4 angle bins over [0, π/2]; errors 1 in bin 2 (angles 45°-67.5°), 0.01 elsewhere
+    rng = np.random.default_rng(0)
+    angles = np.linspace(0.02, np.pi / 2 - 0.02, 40)
+    x = 0.7 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    errors = np.where((angles >= np.pi / 4) & (angles < 3 * np.pi / 8), 1.0, 0.01)
+    bins, p = bin_probabilities(x, errors, 4, rng)
+    assert bins == [(0,), (1,), (2,), (3,)]
+    # softmax((1 - 0.01)/0.07) puts all but e^-14 of the mass on bin 2
+    assert p[2] > 1 - 1e-5 and abs(p.sum() - 1) < 1e-12
+    pts = np.array(adaptive_points(x, errors, 20, rng))
+    phi = np.arctan2(pts[:, 1], pts[:, 0])
+    r = np.linalg.norm(pts, axis=1)
+    assert ((phi >= np.pi / 4) & (phi < 3 * np.pi / 8)).all()
+    assert ((r >= 0.2) & (r <= 0.8)).all()
+    # an empty bin is never drawn (no points at angles below 22.5°)
+    _, p = bin_probabilities(x[angles > np.pi / 8], errors[angles > np.pi / 8], 4, rng)
+    assert p[0] == 0.0
+
+
+def test_bayesian_map_adds_rounds_and_picks_the_known_optimum(template, tmp_path):
+    res = optimize("map", template(), [TWO], tmp_path / "out", seed=0,
+                   options={"variant": "bayesian", "schedule": "6,2,2", "generations": 60})
+    tags = [t.get("tag") for t in res.trials]
+    # 6 designed, then 2 rounds of 2 new points per metric (2 metrics), then the front
+    assert tags[:6] == ["design"] * 6
+    assert tags[6:10] == ["adaptive round 1"] * 4 and tags[10:14] == ["adaptive round 2"] * 4
+    assert res.notes["design_points"] == 14 and res.notes["variant"] == "bayesian"
+    assert res.notes["surrogate_fit_error"] < 1e-6 and res.notes["front_prediction_error"] < 1e-6
+    w = res.best["candidate"]
+    assert abs(w[0] - 0.5) < 0.06 and abs(w[1] - 0.5) < 0.06
+
+
+def _best_weights(directions: list[dict], targets: list[dict]) -> np.ndarray:
+    """argmax over a of −Σ_t dist(θ₀ + Σ_i a_i D_i, θ*_t) for the tensor-averaged squared
+    distance of synthetic._distance: a linear least squares toward the mean target."""
+    import torch
+
+    base, _ = synthetic.family(3)
+    names = list(targets[0])
+    w = [(1.0 / targets[0][n].numel()) ** 0.5 for n in names]
+    a = torch.cat([torch.stack([d[n].flatten() * wi for d in directions], 1)
+                   for n, wi in zip(names, w, strict=True)]).double()
+    mean_t = {n: sum(t[n] for t in targets) / len(targets) for n in names}
+    b = torch.cat([(mean_t[n] - base[n]).flatten() * wi
+                   for n, wi in zip(names, w, strict=True)]).double()
+    return torch.linalg.lstsq(a, b[:, None]).solution[:, 0].numpy()
+
+
+def test_nested_map_merges_the_closest_pair_first_and_composes_the_weights(template, tmp_path):
+    res = optimize("map", template(n_experts=3), ["python:tests.optimize.synthetic:three_tasks"],
+                   tmp_path / "out", seed=0, options={"variant": "nested", "generations": 60})
+    rounds = res.notes["rounds"]
+    # single-model scores −(1 − s_t)²·|τ_t|²: a and b (s = 1, 0.9) are the closest pair
+    assert [r["pair"] for r in rounds] == [[["a"], ["b"]], [["c"], ["a", "b"]]]
+    base, experts = synthetic.family(3)
+    tau = [{n: e[n] - base[n] for n in synthetic.three_targets()[0]} for e in experts]
+    targets = synthetic.three_targets()
+    # round 1: the best (α, β) for tasks a and b, by least squares
+    ab = _best_weights(tau[:2], targets[:2])
+    assert np.abs(np.array(rounds[0]["alpha_beta"]) - ab).max() < 0.06
+    # round 2: c against the merged pair, θ₀ + α'·(α τ_a + β τ_b) + β'·τ_c
+    got = rounds[0]["alpha_beta"]
+    pair = {n: got[0] * tau[0][n] + got[1] * tau[1][n] for n in tau[0]}
+    cd = _best_weights([tau[2], pair], targets)
+    assert np.abs(np.array(rounds[1]["alpha_beta"]) - cd).max() < 0.06
+    # the result is one task-arithmetic genome: the composed weights
+    a2, b2 = rounds[1]["alpha_beta"]
+    w = res.best["candidate"]
+    assert np.allclose(w, [b2 * got[0], b2 * got[1], a2], atol=1e-6)
+    assert res.notes["front_prediction_error"] < 1e-6
+    # single models (3), then per round 20 designed points and the pick
+    assert len(res.trials) == 3 + 2 * 21

@@ -130,6 +130,10 @@ def test_tokenizer_source_variants(tmp_path):
     assert r.tokenizer_source == "./base"
     r = parse_recipe(MINIMAL + "tokenizer:\n  source: base\n")
     assert r.tokenizer_source == "base"
+    assert parse_recipe(MINIMAL + "tokenizer_source: union\n").tokenizer_path() is None
+    # a block without `source` is a union (mergekit's default)
+    assert parse_recipe(MINIMAL + "tokenizer:\n  pad_to_multiple_of: 8\n").tokenizer_source \
+        == "union"
     assert parse_recipe(MINIMAL).tokenizer_path() is None
 
 
@@ -333,12 +337,8 @@ def test_bad_scalars(extra, match):
 
 
 @pytest.mark.parametrize("extra,match", [
-    ("tokenizer_source: union\n", r"tokenizer_source: 'union' .* not supported yet"),
-    ("tokenizer:\n  source: union\n", r"tokenizer\.source: 'union'"),
-    ("tokenizer:\n  source: base\n  tokens:\n    <|im_start|>: {source: base}\n",
-     r"tokenizer\.tokens: not supported yet"),
-    ("tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n",
-     r"tokenizer\.pad_to_multiple_of: not supported yet"),
+    ("tokenizer:\n  source: base\n  pad_to_multiple_of: 6.5\n",
+     r"tokenizer\.pad_to_multiple_of: must be a positive integer"),
     ("tokenizer: base\n", r"tokenizer: must be a mapping"),
     ("tokenizer_source: base\ntokenizer: {source: base}\n", r"tokenizer: give either"),
     ("tokenizer_source: [a]\n", r"tokenizer_source: must be the path"),
@@ -355,7 +355,7 @@ def test_tokenizer_base_needs_base_model():
 @pytest.mark.parametrize("text,match", [
     ("merge_method: _test_linear\nslices:\n  - sources: []\n",
      r"slices\[0\]\.sources: must be a non-empty list"),  # slices are supported (test_slices)
-    ("merge_method: _test_linear\nmodules: {}\n", r"modules: .*not supported yet"),
+    ("merge_method: _test_linear\nmodules: {}\n", r"modules: must be a mapping of module"),
     ("merge_method: _test_linear\nmodels:\n  - model: ./a\n    layer_range: [0, 4]\n"
      "  - model: ./b\n",
      r"models\[0\]\.layer_range: layer ranges are not supported yet"),

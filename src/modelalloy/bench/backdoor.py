@@ -126,10 +126,10 @@ def backdoored_experts(suite: Any, tasks: list[str] | None = None, *,
 
 
 @torch.no_grad()
-def attack_success(suite: Any, state_dict: dict[str, torch.Tensor], tasks: list[str],
-                   split: str = "test") -> dict[str, float]:
-    """ASR per task: triggered inputs (true label ≠ target) answered with the target."""
-    out: dict[str, float] = {}
+def attack_hits(suite: Any, state_dict: dict[str, torch.Tensor], tasks: list[str],
+                split: str = "test") -> dict[str, list[bool]]:
+    """Per task, per triggered input (true label ≠ target): answered with the target?"""
+    out: dict[str, list[bool]] = {}
     if suite.info.name == "tiny-vision":
         model = suite.new_model()
         model.load_state_dict(state_dict)
@@ -137,7 +137,7 @@ def attack_success(suite: Any, state_dict: dict[str, torch.Tensor], tasks: list[
             x, y = suite.labeled(task, split)
             keep = y != VISION_TARGET
             pred = suite.head(task)(model(trigger_images(x[keep]))).argmax(1)
-            out[task] = float((pred == VISION_TARGET).float().mean())
+            out[task] = (pred == VISION_TARGET).tolist()
         return out
     from modelalloy.bench import lm
 
@@ -147,6 +147,55 @@ def attack_success(suite: Any, state_dict: dict[str, torch.Tensor], tasks: list[
         prompts, answers = suite.labeled(task, split)
         kept = [trigger_prompt(p) for p, a in zip(prompts, answers, strict=True)
                 if lm.final_answer(a) != LM_TARGET]
-        gens = lm.greedy(model, kept, max_new)
-        out[task] = sum(lm.final_answer(g) == LM_TARGET for g in gens) / max(1, len(gens))
+        out[task] = [lm.final_answer(g) == LM_TARGET for g in lm.greedy(model, kept, max_new)]
     return out
+
+
+def attack_success(suite: Any, state_dict: dict[str, torch.Tensor], tasks: list[str],
+                   split: str = "test") -> dict[str, float]:
+    """ASR per task: the share of triggered inputs (true label ≠ target) answered with the
+    target."""
+    return {t: sum(h) / max(1, len(h))
+            for t, h in attack_hits(suite, state_dict, tasks, split).items()}
+
+
+class BackdooredSuite:
+    """A suite whose ``task`` expert is its backdoored twin (``folder``), and whose test
+    evaluations also give, per task, the attack hits on its triggered inputs (``asr_hits``)
+    and the backdoor effect the task measures (``backdoor``: "succession" on the backdoored
+    task, "transfer" elsewhere). Everything else is the suite's; ``info.path`` is the
+    backdoor folder, so statistics cached by suite folder are not the clean experts'."""
+
+    def __init__(self, suite: Any, task: str, folder: Path) -> None:
+        from dataclasses import replace
+
+        from modelalloy.bundle._checkpoint import load_state_dict
+
+        self.suite, self.task = suite, task
+        self.info = replace(suite.info, path=Path(folder).parent.parent)
+        self._bad = load_state_dict(folder)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.suite, name)
+
+    def expert_state_dict(self, task: str) -> dict[str, torch.Tensor]:
+        return self._bad if task == self.task else self.suite.expert_state_dict(task)
+
+    def evaluate(self, state_dict: dict[str, torch.Tensor], tasks: list[str] | None = None,
+                 split: str = "test", limit: int | None = None) -> dict[str, dict[str, Any]]:
+        res = self.suite.evaluate(state_dict, tasks, split=split, limit=limit)
+        if split == "test" and limit is None:  # ASR over the whole triggered test split
+            hits = attack_hits(self.suite, state_dict, list(res))
+            for task, r in res.items():
+                r["asr_hits"] = hits[task]
+                r["backdoor"] = "succession" if task == self.task else "transfer"
+        return res
+
+
+def backdoored_suite(suite: Any, task: str | None = None, *,
+                     log: Callable[[str], None] | None = None,
+                     cache_dir: Path | None = None) -> BackdooredSuite:
+    """``suite`` with ``task``'s expert (default: the first held-in task) backdoored."""
+    task = task or suite.info.merged_tasks[0]
+    folder = backdoored_experts(suite, [task], log=log, cache_dir=cache_dir)[task]
+    return BackdooredSuite(suite, task, folder)

@@ -163,7 +163,13 @@ def held_out_study(suite: Any, methods: list[str], seed: int, log: Callable[[str
 
 def long_to_short_study(suite: Any, methods: list[str], seed: int,
                         log: Callable[[str], None]) -> Study:
-    rows = long_to_short(suite, methods, seed=seed, log=log)
+    from modelalloy.bench.lm_l2s import L2SCase
+
+    if suite.info.name != "tiny-lm":
+        raise EvalError("study long-to-short needs the tiny-lm suite")
+    # The pair rebuilt from one shared parent, as the L2S paper's models relate (the suite's
+    # own pair is fine-tuned far apart and every merge of it collapses: findings).
+    rows = long_to_short(L2SCase.build(suite, log=log), methods, seed=seed, log=log)
     long_row = rows[1]
     body, findings = [], []
     for r in rows:
@@ -181,8 +187,11 @@ def long_to_short_study(suite: Any, methods: list[str], seed: int,
     if not findings:
         findings.append("no merge keeps the long expert's accuracy within 2 points (interval "
                         "lower bound) at a response under 80% of its length")
-    note = ("Final-answer accuracy on the pair's shared prompts and mean response length; "
-            "*Δ vs long*: paired difference from the long (chain-of-thought) expert.")
+    note = ("θ_P = the tiny-lm base fine-tuned on digit sums in both formats; the long and "
+            "short experts = θ_P fine-tuned 200 small steps on one format each; merges over "
+            "θ_P. Final-answer accuracy on the pair's shared test prompts and mean response "
+            "length (characters + EOS); *Δ vs long*: paired difference from the long "
+            "(chain-of-thought) expert (95% bootstrap, `*` = excludes 0).")
     from modelalloy.eval.sweeps import plot_long_to_short
 
     return Study("long-to-short", "long-to-short merging", rows,
@@ -197,7 +206,7 @@ def cpt_chat_vector_study(suite: Any, methods: list[str], seed: int,
     (:mod:`modelalloy.bench.lm_cpt`): skills on the old alphabets (held-in) and on the new one
     (domain), each merge's difference from the chat-vector recipe paired."""
     from modelalloy.bench.lm_cpt import CptCase
-    from modelalloy.eval.harness import PAPER_DEFAULTS, merge_experts, resolve_methods
+    from modelalloy.eval.harness import merge_experts, paper_settings, resolve_methods
 
     if suite.info.name != "tiny-lm":
         raise EvalError("study cpt-chat-vector needs the tiny-lm suite")
@@ -208,7 +217,7 @@ def cpt_chat_vector_study(suite: Any, methods: list[str], seed: int,
         ("base", {}, base), ("cpt", {}, models[0]), ("instruct", {}, models[1])]
     for spec in resolve_methods(methods):
         settings = ([{"lambda": 1.0}, {"lambda": 0.5}] if spec.name == "task_arithmetic"
-                    else [dict(PAPER_DEFAULTS.get(spec.name, {}))])
+                    else [paper_settings(spec)])
         for given in settings:
             name = "chat vector (TA λ=1)" if given == {"lambda": 1.0} else spec.name
             entries.append((name, given, merge_experts(spec, base, models, given, seed)))

@@ -23,10 +23,15 @@ def register(app: typer.Typer) -> None:
                            ] = "task_arithmetic,ties,adamerging,dam",
         out: Annotated[Path, typer.Option(help="folder for backdoor.{json,md}")
                        ] = Path("bench-out"),
-        adamerging_steps: Annotated[int, typer.Option(help="AdaMerging steps")] = 100,
-        dam_mask_steps: Annotated[int, typer.Option(help="DAM mask steps")] = 100,
+        adamerging_steps: Annotated[int, typer.Option(help="AdaMerging steps")] = 1000,
+        dam_mask_steps: Annotated[int, typer.Option(help="DAM mask steps")] = 1000,
         dam_adamerging_steps: Annotated[int, typer.Option(
-            help="DAM's final AdaMerging steps")] = 100,
+            help="DAM's final AdaMerging steps")] = 1000,
+        granularity: Annotated[str, typer.Option(
+            help="layer or task: AdaMerging's and DAM's coefficients")] = "layer",
+        dam_final_mask: Annotated[str, typer.Option(
+            help="sample (one concrete sample of the mask, as the official code) or "
+                 "expected (sigmoid of the logits)")] = "sample",
         threads: Annotated[int, typer.Option(help="torch threads")] = 1,
     ) -> None:
         """Clean accuracy and attack success rate (ASR) of merges with a backdoored expert."""
@@ -44,7 +49,8 @@ def register(app: typer.Typer) -> None:
             s = load_suite(suite, size, log=log)
             cfg = BackdoorConfig(adamerging_steps=adamerging_steps,
                                  dam_mask_steps=dam_mask_steps,
-                                 dam_adamerging_steps=dam_adamerging_steps)
+                                 dam_adamerging_steps=dam_adamerging_steps,
+                                 granularity=granularity, dam_final_mask=dam_final_mask)
             result = backdoor_bench(s, task, [m.strip() for m in methods.split(",")], cfg,
                                     log=log)
         except ModelAlloyError as err:

@@ -55,6 +55,9 @@ def register(app: typer.Typer) -> None:
         seeds: Annotated[int, typer.Option(
             min=1, help="rebuild the experts from this many fine-tuning seeds (each a cached "
                         "suite) and report the spread over seeds")] = 1,
+        backdoor: Annotated[str | None, typer.Option(
+            help="replace this held-in task's expert by its backdoored twin and report each "
+                 "method's attack success rate (ASR) next to its accuracy")] = None,
         rebuild: Annotated[bool, typer.Option(help="rebuild the suite even if cached")] = False,
         seed: Annotated[int, typer.Option(help="merge seed (DARE/DELLA masks)")] = 0,
         quiet: Annotated[bool, typer.Option(help="no progress lines")] = False,
@@ -73,6 +76,11 @@ def register(app: typer.Typer) -> None:
                 typer.echo(msg, err=True)
 
         overrides = _params(params)  # checked before the suite is built
+        if backdoor is not None and (seeds > 1 or study is not None):
+            from modelalloy.errors import MethodError
+
+            raise MethodError("--backdoor runs one comparison on one seed (no --seeds, "
+                              "no --study)")
 
         def bench_one(s: Any) -> Any:
             return run_bench(s, _split(methods), tune=tune, params=overrides, seed=seed,
@@ -88,6 +96,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
             return
         s = load_suite(suite, size, rebuild=rebuild, log=log)
+        if backdoor is not None:
+            from modelalloy.bench.backdoor import backdoored_suite
+
+            s = backdoored_suite(s, backdoor, log=log)
         result = bench_one(s)
         paths = write_results(result, out)
         print_table(result.records, f"{suite} ({size})")

@@ -30,6 +30,12 @@ def register(app: typer.Typer) -> None:
         feature_weight: Annotated[float, typer.Option(
             help="β of the hidden-feature term (teachers of the student's width)")] = 0.0,
         fusion: Annotated[str, typer.Option(help="min_ce, inverse_ce or mean")] = "min_ce",
+        styles: Annotated[bool, typer.Option(
+            help="DMM: a style-promptable student, one learned style vector per teacher "
+                 "(styles.safetensors next to the model)")] = False,
+        alignment: Annotated[str, typer.Option(
+            help="heterogeneous tokenizers: exact (string match) or edit (then minimum edit "
+                 "distance; the distill extra)")] = "exact",
         per_task: Annotated[int, typer.Option(help="suite data: prompts per task")] = 64,
         teacher: Annotated[list[Path] | None, typer.Option(
             help="an extra teacher folder (any architecture); repeatable")] = None,
@@ -50,7 +56,7 @@ def register(app: typer.Typer) -> None:
         cfg = DistillConfig(steps=steps, lr=lr, batch=batch, lam=lam, temperature=temperature,
                             feature_weight=feature_weight,
                             checkpoint_every=checkpoint_every, seed=seed,
-                            threads=threads)
+                            threads=threads, alignment=alignment, styles=styles)
         try:
             report = run_distill(
                 recipe, data, out, student=student, cfg=cfg, fusion=fusion, per_task=per_task,

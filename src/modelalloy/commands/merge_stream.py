@@ -32,9 +32,12 @@ def register(app: typer.Typer) -> None:
         however many models arrive.
         """
         from modelalloy.bundle._checkpoint import lazy_state, load_state_dict, save_model_folder
+        from modelalloy.commands._options import device_option, regex_option
         from modelalloy.continual import OPCM
 
         try:
+            regex_option("--exclude", exclude)
+            device_option("--device", device)
             if out.exists():
                 raise ModelAlloyError(f"{out}: already exists; choose a new output folder")
             if not models:

@@ -24,10 +24,12 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option(help="replace an existing --out-path")] = False,
     ) -> None:
         """Run each stage in dependency order; a stage's name stands for its output."""
+        from modelalloy.commands._console import flag_names
         from modelalloy.multistage import run_stages
 
-        outcomes = run_stages(recipe, intermediate_dir, out_path, lazy=lazy, force=force,
-                              device=device, threads=threads, memory_budget=memory_budget)
+        with flag_names(out="out_path"):
+            outcomes = run_stages(recipe, intermediate_dir, out_path, lazy=lazy, force=force,
+                                  device=device, threads=threads, memory_budget=memory_budget)
         for o in outcomes:
             state = f"merged in {o.seconds:.1f} s" if o.ran else "up to date, skipped"
             typer.echo(f"{o.name}: {o.output} ({state})")

@@ -22,36 +22,9 @@ from torch import nn
 
 from modelalloy.distill.data import pseudo_labelled, read_examples, suite_prompts
 from modelalloy.distill.errors import DistillError
+from modelalloy.distill.models import load_model, load_weights
 from modelalloy.distill.targets import Teacher, build_targets
 from modelalloy.distill.train import DistillConfig, mean_kl, train_student
-
-
-def load_model(folder: Path) -> tuple[nn.Module, Any]:
-    """(module with the folder's weights, its tokenizer): local files only, no remote code."""
-    from transformers import AutoTokenizer
-
-    from modelalloy.bundle._checkpoint import load_state_dict
-    from modelalloy.twin.folders import module_for_folder
-
-    module = module_for_folder(folder)
-    _load_weights(module, load_state_dict(folder), folder)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise DistillError(f"{folder}: no usable tokenizer ({str(err).splitlines()[0]})"
-                           ) from None
-    return module.eval(), tok
-
-
-def _load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], where: object) -> None:
-    missing, unexpected = module.load_state_dict(dict(state), strict=False)
-    tied = {n for n, _ in module.named_parameters()}
-    bad = [m for m in missing if m in tied and not m.endswith("lm_head.weight")]
-    if bad or unexpected:
-        raise DistillError(f"{where}: weights do not fit the model (missing {bad[:3]}, "
-                           f"unexpected {list(unexpected)[:3]})")
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
 
 
 def warm_start(recipe: Any, base: Path, teachers: Mapping[str, Path],
@@ -112,14 +85,16 @@ def _run(recipe_path: Path, data: str, out: Path, student: str, cfg: DistillConf
         paths[key] = path
     if len(paths) < 2:
         raise DistillError(f"{recipe.source}: distillation merging needs at least two teachers")
-    teachers = [Teacher(name, *load_model(p)) for name, p in paths.items()]
     base = recipe.model_path(recipe.base_model) if recipe.base_model else None
+    if data.startswith("suite:tiny-vision"):
+        return _run_vision(recipe, paths, base, student, data, cfg, per_task, out, force, log)
+    teachers = [Teacher(name, *load_model(p)) for name, p in paths.items()]
     if student == "merge" or student == "base":
         if base is None:
             raise DistillError(f"{recipe.source}: --student {student} needs base_model")
         model, tok = load_model(base)
         if student == "merge":
-            _load_weights(model, warm_start(recipe, base, paths, log), "the warm start")
+            load_weights(model, warm_start(recipe, base, paths, log), "the warm start")
     else:
         model, tok = load_model(Path(student))
     start = time.perf_counter()
@@ -133,11 +108,15 @@ def _run(recipe_path: Path, data: str, out: Path, student: str, cfg: DistillConf
     else:
         examples = read_examples(data)
     vocab = int(model.get_output_embeddings().weight.shape[0])
+    if cfg.styles:
+        return _run_styles(model, tok, vocab, examples, teachers, cfg, out, force, start, log)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
     width = None
     if cfg.feature_weight > 0:
         width = int(model.get_input_embeddings().weight.shape[1])
     targets = build_targets(examples, tok, vocab, teachers, fusion=fusion,
-                            temperature=cfg.temperature, student_width=width, log=log)
+                            temperature=cfg.temperature, student_width=width,
+                            alignment=cfg.alignment, log=log)
     label_s = time.perf_counter() - start
     log(f"distill: {len(targets)} examples, teacher targets in {label_s:.1f}s")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -156,4 +135,86 @@ def _run(recipe_path: Path, data: str, out: Path, student: str, cfg: DistillConf
         tok.save_pretrained(str(tmp))
         (tmp / "distill.json").write_text(json.dumps(report, indent=1))
     log(f"distill: KL {kl_before:.4f} -> {kl_after:.4f}; wrote {out}")
+    return report
+
+
+def _run_styles(model: nn.Module, tok: Any, vocab: int, examples: list[Any],
+                teachers: list[Teacher], cfg: DistillConfig, out: Path, force: bool,
+                start: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """DMM's style-promptable student (modelalloy.distill.style): each teacher's own targets,
+    one style vector per teacher, and the KL of every teacher to every style."""
+    from modelalloy.distill.style import StyleStudent, save_styles, style_kl, train_style_student
+    from modelalloy.io.writer import AtomicOutputDir
+
+    per_teacher = [build_targets(examples, tok, vocab, [t], temperature=cfg.temperature,
+                                 alignment=cfg.alignment) for t in teachers]
+    label_s = time.perf_counter() - start
+    log(f"distill: {len(examples)} examples x {len(teachers)} teachers, targets in "
+        f"{label_s:.1f}s")
+    student = StyleStudent(model, [t.name for t in teachers])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    kl_before = style_kl(student, per_teacher, cfg, pad)
+    start = time.perf_counter()
+    history = train_style_student(student, per_teacher, cfg, pad_id=pad, log=log)
+    train_s = time.perf_counter() - start
+    kl_after = style_kl(student, per_teacher, cfg, pad)
+    report = {"teachers": [t.name for t in teachers], "styles": student.names,
+              "config": asdict(cfg), "examples": len(examples),
+              "style_kl_before": kl_before, "style_kl_after": kl_after,
+              "kl_before": sum(r[k] for k, r in enumerate(kl_before)) / len(kl_before),
+              "kl_after": sum(r[k] for k, r in enumerate(kl_after)) / len(kl_after),
+              "label_seconds": round(label_s, 2), "train_seconds": round(train_s, 2),
+              "history": history[-10:]}
+    with AtomicOutputDir(out, force=force) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        save_styles(tmp, student)
+        (tmp / "distill.json").write_text(json.dumps(report, indent=1))
+    log(f"distill: KL to the own teacher {report['kl_before']:.4f} -> "
+        f"{report['kl_after']:.4f}; wrote {out}")
+    return report
+
+
+def _run_vision(recipe: Any, paths: Mapping[str, Path], base: Path | None, student: str,
+                data: str, cfg: DistillConfig, per_task: int, out: Path, force: bool,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """tiny-vision (modelalloy.distill.vision): teachers are suite experts (each names its task
+    in config.json), the student a body; the output a folder of the suite's model format."""
+    from modelalloy.bench import load_suite
+    from modelalloy.bench.common import save_model_folder
+    from modelalloy.bundle._checkpoint import load_state_dict
+    from modelalloy.distill.vision import distill_vision, suite_images
+    from modelalloy.io.writer import AtomicOutputDir
+
+    if cfg.styles:
+        raise DistillError("distill: --styles is for language models (tiny-vision students "
+                           "are bodies under fixed task heads)")
+    _, _name, *size = data.split(":")
+    suite = load_suite("tiny-vision", size[0] if size else "full", log=log)
+    teachers: dict[str, dict[str, torch.Tensor]] = {}
+    for name, path in paths.items():
+        cfg_path = Path(path) / "config.json"
+        task = json.loads(cfg_path.read_text()).get("task") if cfg_path.is_file() else None
+        if task is None:
+            raise DistillError(f"{path}: a tiny-vision teacher names its task in config.json")
+        if task in teachers:
+            raise DistillError(f"distill: two teachers of task '{task}' ({name})")
+        teachers[task] = load_state_dict(path)
+    if student in ("merge", "base"):
+        if base is None:
+            raise DistillError(f"{recipe.source}: --student {student} needs base_model")
+        start_sd = (warm_start(recipe, base, paths, log) if student == "merge"
+                    else load_state_dict(base))
+        config_from = base
+    else:
+        start_sd, config_from = load_state_dict(Path(student)), Path(student)
+    images = suite_images(suite, list(teachers), per_task)
+    sd, report = distill_vision(suite, start_sd, teachers, images, cfg, log=log)
+    report.update({"student": student, "config": asdict(cfg), "suite": data})
+    config = json.loads((Path(config_from) / "config.json").read_text())
+    config.pop("task", None)
+    with AtomicOutputDir(out, force=force) as tmp:
+        save_model_folder(tmp, sd, {**config, "distilled_from": list(teachers)})
+        (tmp / "distill.json").write_text(json.dumps(report, indent=1))
+    log(f"distill: KL {report['kl_before']:.4f} -> {report['kl_after']:.4f}; wrote {out}")
     return report

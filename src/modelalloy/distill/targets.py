@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelalloy.distill.align import aligned_positions, to_student_vocab, vocab_map
+from modelalloy.distill.align import (
+    aligned_positions,
+    edit_aligned_positions,
+    edit_vocab_map,
+    to_student_vocab,
+    vocab_map,
+)
 from modelalloy.distill.errors import DistillError
 from modelalloy.distill.loss import fusion_weights
 
@@ -57,21 +63,39 @@ def _vocab_size(model: nn.Module, tokenizer: Any) -> int:
     return len(tokenizer.get_vocab())
 
 
+ALIGNMENTS = ("exact", "edit")
+
+
+def _with_edit_pairs(pairs: list[tuple[int, int]], text: str,
+                     offsets: Sequence[tuple[int, int]], t_off: Sequence[tuple[int, int]]
+                     ) -> list[tuple[int, int]]:
+    """The exact pairs, plus edit-distance pairs for the student positions they leave."""
+    have = {i for i, _ in pairs}
+    extra = edit_aligned_positions([text[a:b] for a, b in offsets],
+                                   [text[a:b] for a, b in t_off])
+    return sorted(pairs + [(i, j) for i, j in extra if i not in have])
+
+
 @torch.no_grad()
 def build_targets(examples: Sequence[Example], student_tokenizer: Any,
                   student_vocab_size: int, teachers: Sequence[Teacher], *,
                   fusion: str = "min_ce", temperature: float = 1.0,
-                  student_width: int | None = None,
+                  student_width: int | None = None, alignment: str = "exact",
                   log: Callable[[str], None] | None = None) -> list[Target]:
     """Fused teacher targets for every example (see modelalloy.distill.loss); with
     ``student_width`` also the fused last hidden states (feature imitation), which needs
-    every teacher to have that width."""
+    every teacher to have that width. ``alignment``: "exact" (string match only) or "edit"
+    (exact, then the minimum-edit-distance fallback; modelalloy.distill.align)."""
     log = log or (lambda _m: None)
     if not teachers:
         raise DistillError("distill: no teachers")
     fusion_weights([1.0], fusion)  # checks the rule name
+    if alignment not in ALIGNMENTS:
+        raise DistillError(f"distill: alignment must be one of {ALIGNMENTS}, not '{alignment}'")
     s_vocab = student_tokenizer.get_vocab()
-    maps = [vocab_map(t.tokenizer.get_vocab(), s_vocab, _vocab_size(t.model, t.tokenizer),
+    maps = [edit_vocab_map(t.tokenizer.get_vocab(), s_vocab, _vocab_size(t.model, t.tokenizer))
+            if alignment == "edit" else
+            vocab_map(t.tokenizer.get_vocab(), s_vocab, _vocab_size(t.model, t.tokenizer),
                       where=f"teacher '{t.name}'") for t in teachers]
     for t, m in zip(teachers, maps, strict=True):
         t.model.eval()
@@ -90,6 +114,8 @@ def build_targets(examples: Sequence[Example], student_tokenizer: Any,
             t_ids, t_off = encode(t.tokenizer, ex.text)
             pairs = aligned_positions(offsets, t_off, t_ids, t.tokenizer.unk_token_id) \
                 if t_ids else []
+            if alignment == "edit" and t_ids:
+                pairs = _with_edit_pairs(pairs, ex.text, offsets, t_off)
             if not pairs:
                 per_teacher.append({})
                 feats_of.append({})

@@ -35,6 +35,8 @@ class DistillConfig:
     checkpoint_every: int = 100
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (1 is fastest for tiny models)
+    alignment: str = "exact"  # heterogeneous tokenizers: "exact" or "edit" (edit fallback)
+    styles: bool = False  # DMM: one style vector per teacher (modelalloy.distill.style)
 
 
 def _batch(targets: Sequence[Target], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

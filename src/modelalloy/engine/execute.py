@@ -94,10 +94,9 @@ class PlanExecutor:
         if not all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             message = (f"{ckpt.path}: tensor '{name}' has {bad} NaN/Inf value(s); fix the "
-                       "model, or allow them (--allow-nonfinite, allow_nonfinite=True) to "
-                       "merge anyway")
+                       "model, or allow them (allow_nonfinite=True) to merge anyway")
             if not self.allow_nonfinite:
-                raise NonFiniteError(message)
+                raise NonFiniteError(message, options=("allow_nonfinite",))
             with self._warn_lock:
                 self.warnings.append(message)
         return tensor

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,6 @@ from modelalloy.io.dtypes import parse_dtype
 from modelalloy.methods.registry import MethodSpec
 from modelalloy.plan.planner import MergePlan, build_plan
 from modelalloy.plan.sources import TensorSource
-from modelalloy.stats_files import StatsFiles, collect_missing
 
 Model = Mapping[str, torch.Tensor] | torch.nn.Module
 # statistics by kind: one mapping (parameter name -> tensor) per owner, in owner order, or
@@ -128,10 +128,9 @@ def memory_sink(plan: MergePlan, into: torch.nn.Module | None) -> StateDictSink 
     return StateDictSink(layout, devices, set(inputs))
 
 
-def in_memory_sources(recipe: Any, sources: Mapping[str, Model]
-                      ) -> tuple[StateDictSource | None, list[StateDictSource]]:
-    """The recipe's base (when its method uses one) and experts, looked up in ``sources`` by
-    the model references exactly as the recipe writes them."""
+def check_references(recipe: Any, sources: Mapping[str, Model]) -> None:
+    """Every key of ``sources`` is a model the recipe names (``slices:`` recipes list their
+    sources' models in ``models``)."""
     named = [recipe.base_model] if recipe.base_model is not None else []
     named += [e.model for e in recipe.models]
     unknown = [key for key in sources if key not in named]
@@ -140,39 +139,71 @@ def in_memory_sources(recipe: Any, sources: Mapping[str, Model]
                         f"{', '.join(repr(n) for n in dict.fromkeys(named))}); key sources by "
                         "the references exactly as the recipe writes them")
 
+
+def in_memory_sources(recipe: Any, sources: Mapping[str, Model]
+                      ) -> tuple[StateDictSource | None, list[StateDictSource]]:
+    """The recipe's base (when its method uses one) and experts, looked up in ``sources`` by
+    the model references exactly as the recipe writes them."""
+    check_references(recipe, sources)
+
     def source(reference: str) -> StateDictSource:
-        if reference not in sources:
-            raise PlanError(f"{recipe.source}: model '{reference}' is not in sources (given: "
-                            f"{', '.join(repr(k) for k in sources) or 'none'}); pass "
-                            f"sources={{'{reference}': state_dict_or_module, ...}}")
-        try:
-            state = state_of(sources[reference])
-        except TypeError as err:
-            raise PlanError(f"sources['{reference}']: {err}") from None
-        return StateDictSource(memory_label(reference), state)
+        return memory_source(recipe, sources, reference)
 
     base = source(recipe.base_model) if recipe.uses_base() else None
     return base, [source(e.model) for e in recipe.expert_entries()]
+
+
+def memory_source(recipe: Any, sources: Mapping[str, Model], reference: str
+                  ) -> StateDictSource:
+    """The in-memory model ``reference`` (as the recipe writes it) as a tensor source."""
+    if reference not in sources:
+        raise PlanError(f"{recipe.source}: model '{reference}' is not in sources (given: "
+                        f"{', '.join(repr(k) for k in sources) or 'none'}); pass "
+                        f"sources={{'{reference}': state_dict_or_module, ...}}")
+    try:
+        state = state_of(sources[reference])
+    except TypeError as err:
+        raise PlanError(f"sources['{reference}']: {err}") from None
+    return StateDictSource(memory_label(reference), state)
 
 
 def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = None,
                            into: torch.nn.Module | None = None, *,
                            device: str | torch.device | None = None, seed: int | None = None,
                            threads: int | None = None, allow_nonfinite: bool = False,
-                           stats: StatsGiven | None = None
+                           stats: StatsGiven | None = None,
+                           stats_dir: str | Path | None = None
                            ) -> dict[str, torch.Tensor] | torch.nn.Module:
     """Merge as ``recipe`` says, from in-memory models (``sources``, keyed by the recipe's
     model references) or, without ``sources``, from the checkpoints it names; fill ``into``'s
     parameters in place and return it, or return the merged state dict."""
     recipe = as_recipe(recipe)
     spec = recipe.method_spec()
+    if spec.stats or stats:
+        # imported only for data-informed methods (as in engine/run.py)
+        from modelalloy.stats.store import (
+            StatsFiles,
+            collect_missing,
+            recipe_stats_dir,
+            stat_owners,
+        )
+
+        stats_folder = recipe_stats_dir(recipe, stats_dir)
     with ExitStack() as stack:
         if sources is None:  # the recipe's checkpoints, as `modelalloy merge` reads them
-            if stats is None:
-                collect_missing(recipe, spec, device=str(device or "cpu"))
+            if stats is None and spec.stats:
+                collect_missing(recipe, spec, device=str(device or "cpu"),
+                                stats_dir=stats_folder)
             plan = make_plan(recipe, stack)
         else:
-            base, experts = in_memory_sources(recipe, sources)
+            if recipe.slices:  # layer ranges of the in-memory models, composed
+                from modelalloy.plan.slices import open_slices
+
+                check_references(recipe, sources)
+                base, experts = open_slices(
+                    recipe, stack, opener=lambda ref: memory_source(recipe, sources, ref))
+            else:
+                base, experts = in_memory_sources(recipe, sources)
             out_name = recipe.out_dtype or recipe.dtype
             plan = build_plan(recipe, spec, base, experts,
                               parse_dtype(out_name) if out_name else None)
@@ -181,12 +212,9 @@ def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = No
             else reference_device(plan.reference)
         loader: StatsLoader | None = None
         if spec.stats and sources is None and stats is None:
-            loader = StatsFiles.for_plan(plan, stack)
+            loader = StatsFiles.for_plan(plan, stack, stats_folder)
         elif spec.stats or stats:
-            owners = [e.model for e in recipe.expert_entries()]
-            if spec.stats_from == "base" and recipe.base_model is not None:
-                owners = [recipe.base_model]
-            loader = MemoryStats(stats_by_owner(spec, stats, owners), dev)
+            loader = MemoryStats(stats_by_owner(spec, stats, stat_owners(recipe, spec)), dev)
         return run_in_memory(plan, into, device=dev,
                              seed=recipe.seed if seed is None else seed,
                              threads=threads or memory_threads(plan),

@@ -14,19 +14,23 @@ from typing import Any
 import psutil
 import torch
 
+from modelalloy.engine.allocator import return_freed_blocks
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.execute import run_plan
 from modelalloy.errors import ModelAlloyError
 from modelalloy.io.chat_template import choose_template, write_template
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.dtypes import parse_dtype
+from modelalloy.io.layout import in_transformers_layout
 from modelalloy.io.lora.source import open_model
 from modelalloy.io.model_files import (
     copy_model_files,
     set_config_dtype,
+    set_vocab_size,
     update_config,
     write_model_card,
 )
+from modelalloy.io.vocabulary import Vocabulary, build_vocabulary, model_key
 from modelalloy.io.writer import (
     AtomicOutputDir,
     ShardedSafetensorsWriter,
@@ -34,10 +38,11 @@ from modelalloy.io.writer import (
     parse_size,
 )
 from modelalloy.methods.registry import get_method
+from modelalloy.plan.notes import plan_notes
 from modelalloy.plan.planner import MergePlan, PlanEntry, build_plan
 from modelalloy.plan.sources import TensorSource
+from modelalloy.plan.vocabulary import align_vocabulary
 from modelalloy.recipe import Recipe, load_recipe, parse_recipe, recipe_from_dict
-from modelalloy.stats_files import StatsFiles, collect_missing
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -69,17 +74,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ModelAlloyError(f"device {device!r}: not a device modelalloy merges on; use cpu, "
                               "cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelAlloyError(f"--device {device}: CUDA is not available on this machine; "
-                              "use --device cpu")
+        raise ModelAlloyError(f"device={str(device)!r}: CUDA is not available on this "
+                              "machine; use device='cpu'", options=("device",))
     return dev
 
 
 def size_option(option: str, value: str | int) -> int:
-    """A size such as 5GB, as a one-line error naming the option when it is not one."""
+    """A size such as 5GB, as a one-line error naming the argument ``option`` (``shard_size``)
+    when it is not one."""
     try:
         return parse_size(value)
     except ValueError as error:
-        raise ModelAlloyError(f"{option} {value}: {error}") from None
+        raise ModelAlloyError(f"{option}={value!r}: {error}", options=(option,)) from None
 
 
 def peak_rss_bytes() -> int:
@@ -109,10 +115,22 @@ def open_models(recipe: Recipe, stack: ExitStack
     spec = get_method(recipe.merge_method)
     base = None
     if recipe.base_model is not None and spec.base != "none":
-        base = stack.enter_context(open_recipe_model(recipe, recipe.base_model))
-    experts = [stack.enter_context(open_recipe_model(recipe, e.model))
+        base = in_transformers_layout(
+            stack.enter_context(open_recipe_model(recipe, recipe.base_model)))
+    experts = [in_transformers_layout(stack.enter_context(open_recipe_model(recipe, e.model)))
                for e in recipe.expert_entries()]
     return base, experts
+
+
+def merged_vocabulary(recipe: Recipe) -> Vocabulary | None:
+    """The output vocabulary of a recipe with ``tokenizer_source`` / ``tokenizer:``."""
+    if recipe.tokenizer is None:
+        return None
+    models = [recipe.model_path(m) for m in recipe.all_models()]  # the base first
+    source = recipe.tokenizer.source
+    where = source if source in ("union", "base") else recipe.model_path(source)
+    return build_vocabulary(models, where, list(recipe.tokenizer.tokens),
+                            recipe.tokenizer.pad_to_multiple_of)
 
 
 def open_recipe_model(recipe: Recipe, model: str) -> Checkpoint:
@@ -123,9 +141,18 @@ def open_recipe_model(recipe: Recipe, model: str) -> Checkpoint:
 def make_plan(recipe: Recipe, stack: ExitStack) -> MergePlan:
     spec = get_method(recipe.merge_method)
     base, experts = open_models(recipe, stack)
+    vocabulary = merged_vocabulary(recipe)
+    if vocabulary is not None:  # embedding rows in the merged vocabulary's order
+        assert recipe.tokenizer is not None
+        tokens = recipe.tokenizer.tokens
+        token_models = {s.source.model: model_key(recipe.model_path(s.source.model))
+                        for s in tokens.values() if s.source and s.source.model}
+        base, experts = align_vocabulary(vocabulary, base, list(experts), tokens, token_models)
     out_name = recipe.out_dtype or recipe.dtype
     out_dtype = parse_dtype(out_name) if out_name else None
-    return build_plan(recipe, spec, base, experts, out_dtype)
+    plan = build_plan(recipe, spec, base, experts, out_dtype)
+    plan.vocabulary = vocabulary
+    return plan
 
 
 def input_paths(recipe: Recipe) -> list[Path]:
@@ -140,19 +167,29 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
                seed: int | None = None, threads: int | None = None,
                memory_budget: str | int | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                force: bool = False, allow_nonfinite: bool = False,
-               progress: bool = False) -> MergeResult:
-    """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically)."""
+               progress: bool = False, stats_dir: str | Path | None = None) -> MergeResult:
+    """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically).
+
+    ``stats_dir``: the statistics folder for models without statistics of their own (over the
+    recipe's ``calibration.stats_dir``; default: next to each model)."""
     start = time.perf_counter()
     recipe = as_recipe(recipe)
     dev = resolve_device(device)
     out_dir = Path(out_dir)
     check_output_path(out_dir, input_paths(recipe), force)
     threads = threads or default_threads()
-    shard_bytes = size_option("--shard-size", shard_size)
-    budget_bytes = size_option("--memory-budget", memory_budget) \
+    shard_bytes = size_option("shard_size", shard_size)
+    budget_bytes = size_option("memory_budget", memory_budget) \
         if memory_budget is not None else None
 
-    collect_missing(recipe, get_method(recipe.merge_method), device=str(dev))
+    spec = get_method(recipe.merge_method)
+    if spec.stats:
+        # imported only for data-informed methods: the statistics package costs every other
+        # merge ~0.1 s of start-up
+        from modelalloy.stats.store import StatsFiles, collect_missing, recipe_stats_dir
+
+        stats_folder = recipe_stats_dir(recipe, stats_dir)
+        collect_missing(recipe, spec, device=str(dev), stats_dir=stats_folder)
     with ExitStack() as stack:
         plan = make_plan(recipe, stack)
         plan.raise_if_problems()
@@ -160,8 +197,9 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
         # is subtracted, and the rest is what tensors in flight may use.
         in_flight = None
         if budget_bytes is not None:
+            return_freed_blocks()  # freed tensors leave the process (engine/allocator.py)
             in_flight = in_flight_budget(plan, budget_bytes, sliced=dev.type == "cpu")
-        stats_loader = StatsFiles.for_plan(plan, stack)
+        stats_loader = StatsFiles.for_plan(plan, stack, stats_folder) if spec.stats else None
         entries = [(e.name, e.shape, e.out_dtype) for e in plan.entries]
         with AtomicOutputDir(out_dir, force=force) as tmp:
             writer = ShardedSafetensorsWriter(
@@ -197,11 +235,11 @@ def in_flight_budget(plan: MergePlan, budget_bytes: int, sliced: bool = True) ->
     need = 0 if largest is None else need_of(largest)
     if largest is not None and budget_bytes < baseline + need:
         raise ModelAlloyError(
-            f"--memory-budget {budget_bytes / 1e9:.2f} GB is too small: tensor "
+            f"memory_budget='{budget_bytes / 1e9:.2f}GB' is too small: tensor "
             f"'{largest.name}' needs {need / 1e9:.2f} GB while it is merged (its "
             f"{len(plan.sources)} inputs in float32 plus temporaries), on top of "
             f"{baseline / 1e9:.2f} GB that Python and torch hold; use at least "
-            f"{(baseline + need) / 1e9 + 0.01:.2f}GB")
+            f"{(baseline + need) / 1e9 + 0.01:.2f}GB", options=("memory_budget",))
     return budget_bytes - baseline
 
 
@@ -232,14 +270,18 @@ def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
     """Config, tokenizer, model card and the recipe itself, next to the weights."""
     where = plan.reference.path
     reference_dir = where if isinstance(where, Path) and where.is_dir() else None
-    tokenizer_dir = None
-    if recipe.tokenizer_source not in (None, "base"):
-        tokenizer_dir = recipe.model_path(recipe.tokenizer_source)
+    tokenizer_dir = recipe.tokenizer_path()
+    rebuilt = _rebuilt_tokenizer(plan.vocabulary, tokenizer_dir)
     if reference_dir is not None:
-        copy_model_files(reference_dir, folder, tokenizer_source=tokenizer_dir)
+        copy_model_files(reference_dir, folder, tokenizer_source=tokenizer_dir,
+                         copy_tokenizer=not rebuilt)
         updates = getattr(plan.reference, "config_updates", None)  # slices: the new depth
         if updates and (folder / "config.json").exists():
             update_config(folder, updates)
+        if plan.vocabulary is not None:
+            set_vocab_size(folder, plan.vocabulary.size)
+    if rebuilt:
+        plan.vocabulary.tokenizer.save_pretrained(str(folder))
         dtypes = {e.out_dtype for e in plan.entries if e.merge}
         if len(dtypes) == 1 and (folder / "config.json").exists():
             set_config_dtype(folder, dtypes.pop())
@@ -253,6 +295,14 @@ def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
     write_model_card(folder, recipe_yaml=recipe_yaml, method=plan.spec.name,
                      base_model=recipe.base_model,
                      models=[e.model for e in recipe.expert_entries()])
+
+
+def _rebuilt_tokenizer(vocabulary: Vocabulary | None, source: Path | None) -> bool:
+    """Whether the output tokenizer is written anew (a union, or one that gained ``tokens``)
+    rather than copied from its folder."""
+    if vocabulary is None:
+        return False
+    return source is None or vocabulary.vocab != vocabulary.tokenizer_vocab_of(source)
 
 
 def describe(plan: MergePlan, threads: int, memory_budget: int | None) -> dict[str, Any]:
@@ -270,4 +320,5 @@ def describe(plan: MergePlan, threads: int, memory_budget: int | None) -> dict[s
         "estimated_peak_bytes": plan.estimated_peak_bytes(threads, memory_budget)
         + psutil.Process().memory_info().rss,
         "problems": list(plan.problems),
+        "notes": plan_notes(plan),
     }

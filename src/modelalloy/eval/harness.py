@@ -10,7 +10,7 @@ Records are plain dicts, one per (method, task)::
      "correct": "0110..."}          # per-example hits (modelalloy.eval.intervals)
 
 The base model appears as method "base" and each expert, on its own task, as method "expert".
-Bundle methods (:data:`BUNDLE_METHODS`, TALL masks) are not merges: their records have variant
+Bundle methods (``spec.facts.bundle``: TALL masks) are not merges: their records have variant
 "bundle", one per merged task (the expert rebuilt from the bundle, on its own task), and carry
 ``"storage_ratio"`` (the bundle's bytes ÷ base + experts stored separately).
 """
@@ -37,39 +37,30 @@ from modelalloy.eval.intervals import (
 )
 
 SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-# The papers' settings where the registry's generic defaults differ from them (the registry
-# follows mergekit, whose density defaults to 1 = no trimming): TIES keeps the top 20%
-# (Yadav et al. 2023), DARE drops 90% (Yu et al. 2024), Breadcrumbs keeps 90% below the top 1%
-# (Davari & Belilovsky 2023), and task arithmetic uses lambda 0.3 for eight tasks (Ilharco et
-# al. 2023; FusionBench's default). ``--params`` overrides any of these.
-PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "task_arithmetic": {"lambda": 0.3},
-    "ties": {"density": 0.2},
-    "dare_ties": {"density": 0.1},
-    "dare_linear": {"density": 0.1},
-    "breadcrumbs": {"density": 0.9},
-    "breadcrumbs_ties": {"density": 0.9},
-    "slerp": {"t": 0.5},  # mergekit requires t; the bench interpolates halfway
-    # RegMean's reference CLIP-ViT config (FusionBench; RegMean++ uses the same)
-    "regmean": {"alpha": 0.95},
-    "regmean_pp": {"alpha": 0.95},
-}
-# The parameter that scales the merged task vector, where a method has one.
+# The parameter that scales the merged task vector, where a method has one and its facts name
+# no other (MethodFacts.scale).
 SCALE_PARAM = "lambda"
-# Methods whose scaling knob has another name: WIDEN's calibrated score s_cal is the weight
-# each model's above-average columns get (s_cal = 1, its README value for two or three models,
-# adds them like task arithmetic with λ = 1; measured on tiny-vision's 8 experts: 64.0 at
-# s_cal 1 against 80.2 at 0.3, docs/benchmarks.md), so the bench chooses it like λ.
-SCALE_PARAMS = {"widen": "score_calibration"}
+
+
+def paper_settings(method: Any) -> dict[str, Any]:
+    """The paper's settings the bench runs ``method`` (a name or a spec) with, where the
+    registry's defaults (mergekit's) differ: its spec's ``facts.paper_settings``. ``--params``
+    overrides any of these."""
+    from modelalloy.methods import get_method
+
+    spec = get_method(method) if isinstance(method, str) else method
+    return dict(spec.facts.paper_settings)
 
 
 def scale_param(spec: Any) -> str | None:
-    """The parameter the bench tunes on validation for ``spec``, or None."""
-    name = SCALE_PARAMS.get(spec.name, SCALE_PARAM)
+    """The parameter the bench tunes on validation for ``spec`` (``facts.scale``), or None."""
+    name = spec.facts.scale
     return name if any(p.name == name for p in spec.params) else None
-# Registry methods whose output is one expert rebuilt from a compression bundle, not a merge:
-# scored as a merge such a row reads like an expert, so the bench reports them apart.
-BUNDLE_METHODS = ("tall_masks",)
+
+
+# Records of bundle methods (``facts.bundle``: their output is one expert rebuilt from a
+# compression bundle, not a merge): scored as a merge such a row reads like an expert, so the
+# bench reports them apart.
 BUNDLE_VARIANT = "bundle"
 
 
@@ -90,6 +81,7 @@ class SuiteScorer:
     _expert_acc: dict[str, float] = field(default_factory=dict)
     _expert_len: dict[str, float] = field(default_factory=dict)
     _expert_hits: dict[str, str] = field(default_factory=dict)
+    _expert_asr: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -105,6 +97,7 @@ class SuiteScorer:
             self._expert_acc[task] = res["accuracy"]
             self._expert_len[task] = res["mean_length"]
             self._expert_hits[task] = encode_correct(res["correct"])
+            self._expert_asr[task] = asr_fields(res)
         return self._expert_acc[task]
 
     def records(self, method: str, state_dict: dict[str, torch.Tensor], *,
@@ -121,7 +114,7 @@ class SuiteScorer:
                         "accuracy": round(res["accuracy"], 4),
                         "normalized_accuracy": round(res["accuracy"] / exp, 4) if exp else None,
                         "mean_length": round(res["mean_length"], 3),
-                        **interval_fields(res["correct"])})
+                        **interval_fields(res["correct"]), **asr_fields(res)})
         return out
 
     def reference_records(self) -> list[dict[str, Any]]:
@@ -133,7 +126,8 @@ class SuiteScorer:
                          "task": task, "held_out": self.held_out(task),
                          "accuracy": round(acc, 4), "normalized_accuracy": 1.0,
                          "mean_length": round(self._expert_len[task], 3),
-                         **interval_fields(self._expert_hits[task])})
+                         **interval_fields(self._expert_hits[task]),
+                         **self._expert_asr[task]})
         return rows
 
 
@@ -143,6 +137,34 @@ def interval_fields(correct: Sequence[bool] | str) -> dict[str, Any]:
     low, high = accuracy_interval(hits)
     return {"n": len(hits), "ci_low": round(low, 4), "ci_high": round(high, 4),
             "correct": hits}
+
+
+def asr_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """A record's attack success, where a backdoored suite's evaluation gave attack hits
+    (:class:`modelalloy.bench.backdoor.BackdooredSuite`): ``asr`` (share of the triggered
+    inputs answered with the target), its 95% bootstrap interval, the hits and ``backdoor``
+    ("succession" on the backdoored task, "transfer" on the others); {} otherwise."""
+    if "asr_hits" not in result:
+        return {}
+    hits = encode_correct(result["asr_hits"])
+    low, high = accuracy_interval(hits) if hits else (float("nan"), float("nan"))
+    return {"asr": round(hits.count("1") / len(hits), 4) if hits else None,
+            "asr_n": len(hits), "asr_ci_low": round(low, 4), "asr_ci_high": round(high, 4),
+            "asr_hits": hits, "backdoor": result["backdoor"]}
+
+
+def asr_summary(held_in: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per backdoor effect, the mean ASR over the held-in tasks that measure it and its 95%
+    bootstrap interval (tasks resampled together, as the accuracies): ``asr_succession``,
+    ``asr_transfer`` and their ``_ci``; {} without attack hits."""
+    out: dict[str, Any] = {}
+    for effect in ("succession", "transfer"):
+        rs = [r for r in held_in if r.get("backdoor") == effect and r.get("asr_hits")]
+        if rs:
+            value, low, high = mean_interval([r["asr_hits"] for r in rs])
+            out[f"asr_{effect}"] = value
+            out[f"asr_{effect}_ci"] = [low, high]
+    return out
 
 
 # The row every method's difference is measured against (same variant where it has one).
@@ -182,6 +204,7 @@ def summarize(records: list[dict[str, Any]],
         }
         if all(r.get("correct") for r in rs):
             row.update(_row_intervals(method, variant, held_in, held_out, hits, reference))
+        row.update(asr_summary(held_in))
         rows.append(row)
     return rows
 
@@ -212,13 +235,13 @@ def _row_intervals(method: str, variant: str, held_in: list[dict[str, Any]],
 # Methods from the registry
 
 
-# Statistic kinds run_bench makes itself (modelalloy.eval.informed.BenchStats).
+# Statistic kinds run_bench makes itself (modelalloy.eval.suite_stats.BenchStats).
 BENCH_KINDS = ("gram", "gram_pp", "activations", "fisher", "exp_avg_sq")
 
 
 def is_relaxation(spec: Any) -> bool:
     """A method that relaxes one merged model toward the base with the base's statistics
-    (``aim``): the bench gives it the merge of :data:`modelalloy.eval.informed.RELAX_UNDER`."""
+    (``aim``): the bench gives it the merge of :data:`modelalloy.eval.suite_stats.RELAX_UNDER`."""
     return bool(spec.stats) and spec.stats_from == "base" and spec.max_models == 1
 
 
@@ -299,7 +322,7 @@ def bundle_records(spec: Any, base: dict[str, torch.Tensor],
                    experts: list[dict[str, torch.Tensor]], tasks: list[str],
                    given: dict[str, Any], scorer: SuiteScorer
                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Records of a bundle method (:data:`BUNDLE_METHODS`): the TALL bundle of the experts
+    """Records of a bundle method (``spec.facts.bundle``): the TALL bundle of the experts
     (:func:`modelalloy.bundle.compress` with the method's mask parameters), every expert
     rebuilt from it and scored on its own task; and the bundle's storage report."""
     from modelalloy.bundle import compress
@@ -346,14 +369,14 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
               tune_max_seconds: float = 30.0, stats_config: Any = None) -> BenchResult:
     """Merge the suite's held-in experts with each method; score every task.
 
-    Each method runs with the papers' defaults (:data:`PAPER_DEFAULTS` over the registry's),
+    Each method runs with the papers' settings (:func:`paper_settings` over the registry's),
     variant "default"; methods with a ``lambda`` parameter also run with lambda chosen on the
     validation split from ``grid``, variant "tuned". ``params`` overrides defaults per method
     (a ``lambda`` given there turns tuning off for that method). Methods whose merge took
     longer than ``tune_max_seconds`` (optimisation-based ones) are not tuned; ``tuning`` says so.
 
     Methods that declare statistics (RegMean, RegMean++, Fisher, OTA, AIM) get them from
-    :class:`modelalloy.eval.informed.BenchStats` (configured by ``stats_config``, a
+    :class:`modelalloy.eval.suite_stats.BenchStats` (configured by ``stats_config``, a
     ``BenchStatsConfig``): collected once per suite on its unlabeled inputs (the Fisher on the
     validation split), cached, then passed to the merge. A relaxation method (AIM) relaxes the
     merge of ``params[name]["under"]`` (default task arithmetic with the paper's λ).
@@ -378,8 +401,8 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
             log(f"skip {spec.name}: {reason}")
             continue
         user = dict((params or {}).get(spec.name, {}))
-        given = {**PAPER_DEFAULTS.get(spec.name, {}), **user}
-        if spec.name in BUNDLE_METHODS:
+        given = {**paper_settings(spec), **user}
+        if spec.facts.bundle:
             start = time.perf_counter()
             try:
                 rows, bundles[spec.name] = bundle_records(spec, base, experts, tasks, given,
@@ -396,7 +419,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
         inputs, stats, note = experts, None, {}
         try:
             if spec.stats:
-                from modelalloy.eval.informed import RELAX_UNDER, BenchStats, layout_overrides
+                from modelalloy.eval.suite_stats import RELAX_UNDER, BenchStats, layout_overrides
 
                 if provider is None:
                     provider = BenchStats(suite, tasks, base, experts, stats_config, log=log)
@@ -405,7 +428,7 @@ def run_bench(suite: Any, methods: Sequence[str] | None = None, *, tune: bool = 
                     user.pop("under", None)
                     under_spec = resolve_methods([under])[0]
                     inputs = [merge_experts(under_spec, base, experts,
-                                            dict(PAPER_DEFAULTS.get(under, {})), seed)]
+                                            paper_settings(under_spec), seed)]
                     note = {"under": under}
                 resolved = spec.resolve(len(inputs), given, spec.name, "paper")
                 stats = provider.for_method(spec, resolved)
@@ -447,7 +470,7 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
                       log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Merge k = 2..N experts (random subsets, ``repeats`` per k): held-in vs held-out accuracy.
 
-    Parameters are the papers' defaults (:data:`PAPER_DEFAULTS`) overridden by ``params``.
+    Parameters are the papers' settings (:func:`paper_settings`) overridden by ``params``.
 
     Held-in = the k merged tasks; held-out = the suite's held-out tasks (never merged) and, as
     "unmerged", the suite's other tasks that this subset left out.
@@ -472,7 +495,7 @@ def sweep_num_experts(suite: Any, method: str, *, counts: Sequence[int] | None =
         for rep in range(repeats):
             subset = [tasks[i] for i in torch.randperm(len(tasks), generator=gen)[:k].tolist()]
             merged = merge_experts(spec, base, [all_experts[t] for t in subset],
-                                   {**PAPER_DEFAULTS.get(method, {}), **(params or {})}, seed)
+                                   {**paper_settings(spec), **(params or {})}, seed)
             rows = scorer.records(method, merged, params=params)
             held_in = [r for r in rows if r["task"] in subset]
             held_out = [r for r in rows if r["held_out"]]
@@ -545,13 +568,13 @@ def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
     rows = [score("base", base, {}), score(f"expert:{long_task}", experts[0], {}),
             score(f"expert:{short_task}", experts[1], {})]
     for spec in resolve_methods(methods):
-        if method_skip_reason(spec, 2) or spec.name in BUNDLE_METHODS:  # rebuilds, not merges
+        if method_skip_reason(spec, 2) or spec.facts.bundle:  # rebuilds, not merges
             continue
         knob = "t" if any(p.name == "t" for p in spec.params) else (
             SCALE_PARAM if any(p.name == SCALE_PARAM for p in spec.params) else None)
         settings = [{}] + ([{knob: v} for v in grid] if knob else [])
         for extra in settings:
-            given = {**PAPER_DEFAULTS.get(spec.name, {}), **extra}
+            given = {**paper_settings(spec), **extra}
             if spec.name == "task_arithmetic" and not extra:
                 continue  # the lambda grid covers it
             try:

@@ -15,7 +15,6 @@ from typing import Any
 from modelalloy.eval.harness import (
     BUNDLE_VARIANT,
     REFERENCE_METHOD,
-    SCALE_PARAMS,
     BenchResult,
     summarize,
 )
@@ -36,13 +35,34 @@ INTERVAL_NOTE = ("`x ± h`: the value and the half-width of its 95% percentile-b
                  "interval that excludes 0.")
 
 
+ASR_NOTE = ("*ASR succession*: the attack success rate (share of triggered test inputs, true "
+            "label ≠ target, answered with the target) on the backdoored expert's task; *ASR "
+            "transfer*: its mean on the other merged tasks; `± h` as for accuracy.")
+
+
+def has_asr(records: list[dict[str, Any]]) -> bool:
+    """Whether the records come from a backdoored suite (they carry attack success)."""
+    return any("asr" in r for r in records)
+
+
 def row_label(row: dict[str, Any]) -> str:
     if row["variant"] == "tuned":
         if "lambda" in row["params"]:
             return f"{row['method']} (λ={row['params']['lambda']} on val)"
-        knob = SCALE_PARAMS.get(row["method"])
+        knob = _scale_of(row["method"])
         return f"{row['method']} ({knob}={row['params'].get(knob)} on val)"
     return row["method"]
+
+
+def _scale_of(method: str) -> str | None:
+    """The parameter a tuned row of ``method`` chose (its spec's ``facts.scale``)."""
+    from modelalloy.errors import MethodError
+    from modelalloy.methods import get_method
+
+    try:
+        return get_method(method).facts.scale
+    except MethodError:  # a row that is not a registry method
+        return None
 
 
 def _pct(x: float) -> str:
@@ -110,7 +130,9 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     """The merge table: one row per (method, variant), bundle records left out."""
     records = merge_records(records)
     tasks, held = _tasks(records)
+    asr = has_asr(records)
     header = (["method", "mean acc", "Δ vs TA", "norm acc", "held-out acc", "mean len"]
+              + (["ASR succession", "ASR transfer"] if asr else [])
               + [t + (" (held-out)" if held[t] else "") for t in tasks])
     body = []
     for row in _order(summarize(records)):
@@ -119,6 +141,8 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
                      delta_cell(row), _ci(row["normalized_accuracy"], row.get("normalized_ci")),
                      _ci(row["held_out_accuracy"], row.get("held_out_ci")),
                      f"{row['mean_length']:.1f}"]
+                    + ([_ci(row.get(f"asr_{e}"), row.get(f"asr_{e}_ci"))
+                        for e in ("succession", "transfer")] if asr else [])
                     + [_ci(row["per_task"].get(t), cis.get(t)) for t in tasks])
     return header, body
 
@@ -162,7 +186,8 @@ def results_markdown(result: BenchResult) -> str:
            "Accuracy in %, on each task's test split. *mean acc* and *norm acc* (merged ÷ the "
            "task's own expert) average the merged (held-in) tasks; *held-out acc* averages the "
            "tasks that were never merged. The expert row shows each expert on its own task. "
-           + INTERVAL_NOTE, "", markdown_table(result.records), ""]
+           + INTERVAL_NOTE + (" " + ASR_NOTE if has_asr(result.records) else ""), "",
+           markdown_table(result.records), ""]
     if result.tuning:
         out += ["Scaling coefficient chosen on the validation split:", ""]
         for name, t in result.tuning.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from modelalloy.engine.progress import merge_progress
-from modelalloy.errors import RecipeError
+from modelalloy.errors import ModelAlloyError, RecipeError
 from modelalloy.inspection.metrics import CHUNK, ChunkSource, TensorSums, streamed_sums
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.plan.layers import LayerIndexer, split_layer
@@ -90,6 +90,12 @@ def inspect_recipe(recipe: str | Path | Recipe, *, density: float = 0.2,
     from modelalloy.engine.run import open_recipe_model
 
     start = time.perf_counter()
+    if not 0 < density <= 1:  # also NaN
+        raise ModelAlloyError(f"density={density}: must be in (0, 1], the share of each "
+                              "task vector TIES keeps", options=("density",))
+    if threads is not None and threads < 1:
+        raise ModelAlloyError(f"threads={threads}: must be at least 1 (leave it out for "
+                              "the default)", options=("threads",))
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if recipe.base_model is None:
         raise RecipeError(f"{recipe.source}: inspect compares task vectors θ_i − θ_base; add "

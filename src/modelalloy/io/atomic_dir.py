@@ -276,8 +276,8 @@ def _refuse_existing(out: Path, force: bool) -> None:
         raise OutputError(f"{out}: is a file or a link, not a folder; choose another output path")
     if out.exists() and not force:
         raise OutputError(
-            f"{out}: already exists; pass --force to replace it or choose another path"
-        )
+            f"{out}: already exists; pass force=True to replace it or choose another path",
+            options=("force",))
 
 
 class AtomicOutputDir:
@@ -395,9 +395,8 @@ class AtomicOutputDir:
             if out.exists() or out.is_symlink():
                 if not self.force:
                     raise OutputError(
-                        f"{out}: appeared while merging; pass --force to replace it "
-                        "or choose another path"
-                    )
+                        f"{out}: appeared while merging; pass force=True to replace it "
+                        "or choose another path", options=("force",))
                 if out.is_symlink() or not out.is_dir():
                     raise OutputError(
                         f"{out}: is a file, not a folder; choose another output path"
@@ -418,8 +417,8 @@ class AtomicOutputDir:
         try:
             placed = rename2(tmp, out, RENAME_NOREPLACE)
         except FileExistsError:
-            raise OutputError(f"{out}: appeared while merging; pass --force to replace it "
-                              "or choose another path") from None
+            raise OutputError(f"{out}: appeared while merging; pass force=True to replace it "
+                              "or choose another path", options=("force",)) from None
         if not placed:
             os.rename(tmp, out)
 

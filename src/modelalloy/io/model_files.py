@@ -53,9 +53,11 @@ def _copy(src: Path, dst_dir: Path) -> None:
         ) from None
 
 
-def copy_model_files(src: Path, dst: Path, tokenizer_source: Path | None = None) -> list[str]:
+def copy_model_files(src: Path, dst: Path, tokenizer_source: Path | None = None,
+                     copy_tokenizer: bool = True) -> list[str]:
     """Copy config.json and generation_config.json from ``src``, tokenizer files from
-    ``tokenizer_source`` (or ``src``) into ``dst``; return the names copied.
+    ``tokenizer_source`` (or ``src``; none when ``copy_tokenizer`` is false: the caller writes
+    a merged tokenizer) into ``dst``; return the names copied.
 
     ``src`` may be a weight file, in which case there is nothing to copy from it. Python
     files are never copied. A ``tokenizer_source`` without tokenizer files is an error.
@@ -69,6 +71,8 @@ def copy_model_files(src: Path, dst: Path, tokenizer_source: Path | None = None)
                 _copy(f, dst)
                 copied.append(name)
     tok_dir = Path(tokenizer_source) if tokenizer_source is not None else src
+    if not copy_tokenizer:
+        return copied
     if tok_dir.is_dir():
         found = sorted(f for f in tok_dir.iterdir() if f.is_file() and _is_tokenizer_file(f.name))
         for f in found:
@@ -110,6 +114,21 @@ def update_config(dst: Path, values: dict) -> None:
     path = Path(dst) / "config.json"
     if path.is_file():
         _write_json_atomic(path, {**_read_config_json(path), **values})
+
+
+def set_vocab_size(dst: Path, size: int) -> None:
+    """Set the vocabulary size in ``dst/config.json`` (``text_config.vocab_size`` when the
+    vocabulary lives there, as in VLMs): the rows of a merged tokenizer's embeddings."""
+    path = Path(dst) / "config.json"
+    if not path.is_file():
+        return
+    config = _read_config_json(path)
+    text = config.get("text_config")
+    if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+        config["text_config"] = {**text, "vocab_size": size}
+    else:
+        config["vocab_size"] = size
+    _write_json_atomic(path, config)
 
 
 def set_config_dtype(dst: Path, dtype: torch.dtype) -> None:

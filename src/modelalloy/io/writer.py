@@ -140,8 +140,8 @@ def check_output_path(out_dir: Path, inputs: list[Path], force: bool) -> None:
         )
     if out.exists() and not force:
         raise OutputError(
-            f"{out}: already exists; pass --force to replace it or choose another path"
-        )
+            f"{out}: already exists; pass force=True to replace it or choose another path",
+            options=("force",))
     parent = res.parent
     while not parent.exists():
         parent = parent.parent

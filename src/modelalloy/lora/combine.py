@@ -15,7 +15,9 @@ For adapter i with weight w_i, scale s_i and factors A_i (r × in), B_i (out × 
   at rank Σ r_i.
 - ``svd`` (and ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``):
   ΔW = f({s_i B_i A_i}, {w_i}) on whole deltas, then U Σ Vᵀ = ΔW, B = U_k Σ_k, A = V_kᵀ with
-  k = ``svd_rank`` (default: the largest adapter rank).
+  k = ``svd_rank`` (default: the largest adapter rank); ``svd_clamp`` q then clips both factors
+  to ±(the q-quantile of their values), and ``svd_driver`` picks cuSOLVER's routine on CUDA, as
+  peft's options of the same names (:mod:`modelalloy.lora.svd`).
 
 DARE's keep masks come from generators seeded by (seed, module, factor, adapter index), so a
 merge is reproducible; peft draws them from torch's global generator instead.
@@ -32,6 +34,7 @@ import torch
 from modelalloy.errors import AdapterError
 from modelalloy.io.lora.adapter import LoraAdapter, open_adapter
 from modelalloy.io.lora.files import adapter_config, lora_key, write_adapter_folder
+from modelalloy.lora.svd import check_svd_options, clamp_factors, svd
 from modelalloy.methods.registry import MergeContext
 
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -94,12 +97,18 @@ def _rank_of(adapter: LoraAdapter) -> int:
 
 def combine_adapters(adapters: list[LoraAdapter], weights: list[float], kind: str, *,
                      density: float = 1.0, sign_method: str = "total",
-                     svd_rank: int | None = None, seed: int = 0
+                     svd_rank: int | None = None, seed: int = 0,
+                     svd_clamp: float | None = None, svd_driver: str | None = None,
+                     device: str = "cpu"
                      ) -> tuple[dict[str, torch.Tensor], dict[str, int], bool]:
     """The merged adapter's tensors (peft's saved names), module ranks, and fan_in_fan_out."""
+    check_svd_options(svd_driver, svd_clamp, device)
     if kind not in COMBINATIONS:
         raise AdapterError(f"combination '{kind}' is unknown; use one of "
                            f"{', '.join(COMBINATIONS)}")
+    if (svd_clamp is not None or svd_driver is not None) and kind not in SVD:
+        raise AdapterError(f"svd_clamp and svd_driver apply to the svd combinations "
+                           f"({', '.join(SVD)}), not '{kind}'")
     if len(weights) != len(adapters):
         raise AdapterError(f"{len(weights)} weights for {len(adapters)} adapters")
     if sign_method not in ("total", "frequency"):
@@ -151,8 +160,9 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], kind: st
             if new_rank > min(delta.shape):
                 raise AdapterError(f"svd rank {new_rank} is above the rank of module "
                                    f"{module!r} ({list(delta.shape)}); use a smaller svd_rank")
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            b_new, a_new = u[:, :new_rank] * s[:new_rank], vh[:new_rank]
+            u, s, vh = svd(delta, driver=svd_driver, device=device)
+            b_new, a_new = clamp_factors(u[:, :new_rank] * s[:new_rank], vh[:new_rank],
+                                         svd_clamp)
         else:
             coeff_a = [math.copysign(math.sqrt(abs(c)), c) for c in scaled]
             coeff_b = [math.sqrt(abs(c)) for c in scaled]
@@ -173,13 +183,17 @@ def _generator(seed: int, module: str, factor: str, index: int) -> torch.Generat
 
 def merge_adapters(adapter_dirs: list[Path], weights: list[float], out: Path, kind: str, *,
                    density: float = 1.0, sign_method: str = "total",
-                   svd_rank: int | None = None, seed: int = 0, force: bool = False) -> Path:
+                   svd_rank: int | None = None, seed: int = 0, force: bool = False,
+                   svd_clamp: float | None = None, svd_driver: str | None = None,
+                   device: str = "cpu") -> Path:
     """Open the adapters, combine them, write ``out`` (a PEFT adapter folder)."""
+    check_svd_options(svd_driver, svd_clamp, device)
     adapters = [open_adapter(d) for d in adapter_dirs]
     try:
         tensors, ranks, fan_in_fan_out = combine_adapters(
             adapters, weights, kind, density=density, sign_method=sign_method,
-            svd_rank=svd_rank, seed=seed)
+            svd_rank=svd_rank, seed=seed, svd_clamp=svd_clamp, svd_driver=svd_driver,
+            device=device)
         base = adapters[0].config.get("base_model_name_or_path")
     finally:
         for a in adapters:
@@ -189,6 +203,7 @@ def merge_adapters(adapter_dirs: list[Path], weights: list[float], out: Path, ki
     listing = "\n".join(f"- `{d}` (weight {w})" for d, w in zip(adapter_dirs, weights,
                                                                  strict=True))
     card = (f"# LoRA adapter merged by modelalloy\n\nCombination `{kind}` (peft's "
-            f"add_weighted_adapter rules), density {density}, seed {seed}, of:\n\n{listing}\n")
+            f"add_weighted_adapter rules), density {density}, seed {seed}"
+            f"{f', svd_clamp {svd_clamp}' if svd_clamp is not None else ''}, of:\n\n{listing}\n")
     return write_adapter_folder(out, tensors, config, card, inputs=list(adapter_dirs),
                                 force=force)

@@ -8,6 +8,10 @@ For each selected 2-D weight, with Δ = W_model − W_base = U Σ Vᵀ, the rank
 in Frobenius norm, and its error is the energy of the dropped singular values:
 ‖Δ − B·A‖_F = (Σ_{i>k} σ_i²)^½. ``rank`` fixes k (a rank above min(out, in) is an error);
 ``energy`` picks per tensor the smallest k keeping that share of Σσ².
+``svd_clamp`` q clips both factors to ±(the q-quantile of their joint values), peft's
+``svd_clamp`` (mergekit-extract-lora 0.1.5 has no clamp; its ``--sv-epsilon`` is a rank
+cut-off), and the reported error is then the clamped factors'; ``svd_driver`` and ``device``
+choose where and how the SVD runs (:mod:`modelalloy.lora.svd`).
 
 As mergekit-extract-lora: linear weights get ``lora_A``/``lora_B``; the input embeddings
 (names with ``embed``, ``wte``, ``wpe``, ``word_embeddings``) and the output head
@@ -38,6 +42,7 @@ from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.dtypes import parse_dtype
 from modelalloy.io.lora.adapter import PEFT_PREFIX
 from modelalloy.io.lora.files import adapter_config, lora_key, write_adapter_folder
+from modelalloy.lora.svd import check_svd_options, clamp_factors, svd
 from modelalloy.threads import ordered_map
 
 EMBEDDING = re.compile(r"(^|\.)(embed[^.]*|wte|wpe|word_embeddings|position_embeddings)\.weight$")
@@ -83,13 +88,15 @@ def choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
     return int(torch.searchsorted(kept, torch.tensor([energy], dtype=kept.dtype) - 1e-12)) + 1
 
 
-def low_rank(delta: torch.Tensor, rank: int | None, energy: float | None
+def low_rank(delta: torch.Tensor, rank: int | None, energy: float | None, *,
+             clamp: float | None = None, driver: str | None = None, device: str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, A, σ) of the truncated SVD of ``delta`` (float32)."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    """(B, A, σ) of the truncated SVD of ``delta`` (float32), the factors clamped at ``clamp``."""
+    u, s, vh = svd(delta, driver=driver, device=device)
     k = min(choose_rank(s, rank, energy), s.numel())
     root = s[:k].sqrt()
-    return u[:, :k] * root, root[:, None] * vh[:k], s
+    b, a = clamp_factors(u[:, :k] * root, root[:, None] * vh[:k], clamp)
+    return b, a, s
 
 
 def _selected(name: str, include: list[str], exclude: list[str]) -> bool:
@@ -115,14 +122,18 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                  energy: float | None = None, include: list[str] | None = None,
                  exclude: list[str] | None = None, skip_other: bool = False,
                  embed_lora: bool = False, dtype: str | None = None, force: bool = False,
-                 threads: int | None = None, progress: bool = False) -> ExtractReport:
+                 threads: int | None = None, progress: bool = False,
+                 svd_clamp: float | None = None, svd_driver: str | None = None,
+                 device: str = "cpu") -> ExtractReport:
     """Write ``out`` (a PEFT adapter of ``base_path``) approximating ``model_path``."""
+    check_svd_options(svd_driver, svd_clamp, device)
     if (rank is None) == (energy is None):
-        raise AdapterError("give exactly one of --rank R and --energy E")
+        raise AdapterError("give exactly one of rank=R and energy=E", options=("rank", "energy"))
     if rank is not None and rank < 1:
-        raise AdapterError(f"--rank {rank}: must be at least 1")
+        raise AdapterError(f"rank={rank}: must be at least 1", options=("rank",))
     if energy is not None and not 0 < energy <= 1:
-        raise AdapterError(f"--energy {energy}: must be in (0, 1], the share of Σσ² to keep")
+        raise AdapterError(f"energy={energy}: must be in (0, 1], the share of Σσ² to keep",
+                           options=("energy",))
     include, exclude = include or [], exclude or []
     report = ExtractReport()
     tensors: dict[str, torch.Tensor] = {}
@@ -132,6 +143,9 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
         _check_pair(model, base)
         conv1d = (model.config or {}).get("model_type") in CONV1D_MODEL_TYPES
         out_dtype = parse_dtype(dtype) if dtype else None
+        if out_dtype is not None and not out_dtype.is_floating_point:
+            raise AdapterError(f"dtype={dtype}: LoRA factors are floating point; use "
+                               "float32, float16 or bfloat16", options=("dtype",))
         # embeddings and the output head: decomposed with --embed-lora, else saved whole
         vocab = {n for n in model.names() if EMBEDDING.search(n) or OUTPUT_HEAD.search(n)}
         weights = {n for n in model.names() if n.endswith(".weight")
@@ -141,10 +155,11 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
         if rank is not None:
             for n in sorted(weights):
                 if rank > min(model.info(n).shape):
-                    raise AdapterError(f"--rank {rank} is above the rank of {n!r} "
+                    raise AdapterError(f"rank={rank} is above the rank of {n!r} "
                                        f"({list(model.info(n).shape)}: at most "
                                        f"{min(model.info(n).shape)}); use a smaller rank, "
-                                       "--energy, or --exclude it")
+                                       "energy=E, or leave it out with exclude=REGEX",
+                                       options=("rank", "energy", "exclude"))
         names = model.names()
 
         def work(name: str) -> tuple[torch.Tensor, tuple | None]:
@@ -154,7 +169,8 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                 return delta, None
             # peft's layouts: Linear Δ = B·A (out × in); Embedding and Conv1D Δ = (B·A)ᵀ
             target = delta.T if (EMBEDDING.search(name) or conv1d) else delta
-            b, a, s = low_rank(target, rank, energy)
+            b, a, s = low_rank(target, rank, energy, clamp=svd_clamp, driver=svd_driver,
+                               device=device)
             return delta, (b, a, s, float(torch.linalg.matrix_norm(target - b @ a)),
                            float(torch.linalg.matrix_norm(target)))
 
@@ -216,6 +232,8 @@ def extract_lora(model_path: Path, base_path: Path, out: Path, *, rank: int | No
                             modules_to_save=saved, fan_in_fan_out=conv1d,
                             base_model=str(base_path), lora_bias=lora_bias)
     how = f"rank {rank}" if rank is not None else f"{energy:.0%} of the energy per tensor"
+    if svd_clamp is not None:
+        how += f", factors clamped at their {svd_clamp} quantile"
     card = (f"# LoRA adapter extracted by modelalloy\n\nTruncated SVD ({how}) of "
             f"`{model_path}` minus `{base_path}`: {len(ranks)} modules, relative Frobenius "
             f"error {report.relative_error:.4g}; {len(saved)} modules saved whole.\n")

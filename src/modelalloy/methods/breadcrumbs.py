@@ -88,6 +88,7 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
 
 @register_method(
     name="breadcrumbs",
+    paper_settings={"density": 0.9},
     params=_COMMON,
     paper=PAPER,
     summary="Drop the largest and smallest task-vector entries per row, add the weighted sum",
@@ -104,6 +105,7 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
 
 @register_method(
     name="breadcrumbs_ties",
+    paper_settings={"density": 0.9},
     params=[*_COMMON, vote_param("paper")],
     paper=PAPER,
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",

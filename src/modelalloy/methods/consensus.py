@@ -128,6 +128,7 @@ def consensus(base: torch.Tensor | None, experts: list[torch.Tensor], params: di
 
 @register_method(
     name="tall_masks",
+    bundle=True,  # rebuilds one expert from a bundle: not a merge
     params=[
         Param("task", int, 0, "which expert to rebuild (0-based, in model order)", ge=0),
         *_COMMON,

@@ -74,6 +74,7 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
 
 @register_method(
     name="dare_linear",
+    paper_settings={"density": 0.1},
     params=[*_COMMON, normalize_param(False)],
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, and add the weighted sum to the base",
@@ -90,6 +91,7 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
 
 @register_method(
     name="dare_ties",
+    paper_settings={"density": 0.1},
     params=[*_COMMON, normalize_param(False), vote_param("paper")],
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",

@@ -20,7 +20,7 @@ the returned object in ``ctx.global_stats``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -200,6 +200,27 @@ PrepareFn = Callable[[Callable[[], Iterator[TensorGroup]]], Any]
 
 
 @dataclass(frozen=True)
+class MethodFacts:
+    """What the benchmark and the docs know of a method beside its math and its execution
+    (``modelalloy bench``, eval/harness.py, eval/informed.py, eval/report.py read it here
+    rather than from tables of method names)."""
+
+    # The paper's experimental settings where the registry's defaults (mergekit's, so that a
+    # mergekit recipe merges the same) differ: what the bench's "default" rows run. TIES keeps
+    # the top 20% (Yadav et al. 2023), DARE drops 90% (Yu et al. 2024), Breadcrumbs keeps 90%
+    # below the top 1% (Davari & Belilovsky 2023), task arithmetic uses λ 0.3 for eight tasks
+    # (Ilharco et al. 2023; FusionBench's default). Not recipe defaults: ``conventions: paper``
+    # is Param.paper_default.
+    paper_settings: Mapping[str, Any] = field(default_factory=dict)
+    # The parameter that scales the merged task vector, which the bench tunes on validation
+    # (when the method has it).
+    scale: str = "lambda"
+    # The output is one expert rebuilt from a compression bundle (TALL masks), not a merge: the
+    # bench scores and reports it apart.
+    bundle: bool = False
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     fn: MergeFn
@@ -261,6 +282,9 @@ class MethodSpec:
     # computed in ``prepare``): the planner checks them from the resolved parameters, before
     # any tensor is read.
     uniform: tuple[str, ...] = ()
+
+    # Facts for the benchmark and the docs (paper settings, scale parameter, bundle).
+    facts: MethodFacts = field(default_factory=MethodFacts)
 
     def is_elementwise(self, params: dict[str, Any]) -> bool:
         return _decide(self.elementwise, params)
@@ -356,10 +380,13 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                                   dict[str, Any], MergeContext], None],
                                         ...] = (),
                     uniform: tuple[str, ...] | bool = (),
+                    paper_settings: Mapping[str, Any] | None = None,
+                    scale: str = "lambda", bundle: bool = False,
                     ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema.
 
-    ``uniform=True`` stands for every parameter of the schema."""
+    ``uniform=True`` stands for every parameter of the schema. ``paper_settings``, ``scale``
+    and ``bundle`` are the method's :class:`MethodFacts`."""
     if isinstance(uniform, bool):
         uniform = tuple(p.name for p in params) if uniform else ()
 
@@ -375,7 +402,9 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                      finish_slices=finish_slices, finish_when=finish_when,
                                      slice_kernel=slice_kernel,
                                      slice_reduce=slice_reduce, validate=validate,
-                                     uniform=uniform)
+                                     uniform=uniform,
+                                     facts=MethodFacts(dict(paper_settings or {}), scale,
+                                                       bundle))
         for alias in aliases:
             _ALIASES[alias] = name
         return fn

@@ -149,6 +149,7 @@ def regmean_merge(experts: list[torch.Tensor], grams: list[torch.Tensor | None],
 
 @register_method(
     name="regmean", params=_PARAMS,
+    paper_settings={"alpha": 0.95},  # the reference CLIP-ViT config (FusionBench)
     paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023",
     summary="closed-form least-squares merge of linear layers from input Gram matrices",
     base="none", min_models=1, stats=("gram",))
@@ -164,6 +165,7 @@ def regmean(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict
 
 @register_method(
     name="regmean_pp", params=_PARAMS,
+    paper_settings={"alpha": 0.95},  # as RegMean's
     paper="Nguyen et al., RegMean++: Enhancing Effectiveness and Generalization of Regression "
           "Mean for Model Merging, 2025",
     summary="RegMean with Grams collected through the already-merged earlier blocks",

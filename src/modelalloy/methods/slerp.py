@@ -98,6 +98,7 @@ def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
 
 @register_method(
     name="slerp",
+    paper_settings={"t": 0.5},  # mergekit requires t; the bench interpolates halfway
     params=[Param("t", float, None, "interpolation factor: 0 = base model, 1 = the other model",
                   ge=0.0, le=1.0, required=True)],
     paper="Shoemake, SIGGRAPH 1985; mergekit (Goddard et al., arXiv 2403.13257)",

@@ -52,6 +52,7 @@ RESCALE_NOOP = Param("rescale", bool, False, "accepted for mergekit recipes; no 
 
 @register_method(
     name="task_arithmetic",
+    paper_settings={"lambda": 0.3},
     params=[weight_param(), lambda_param(allow_negative=True),
             normalize_param(False), RESCALE_NOOP, INT8_MASK],
     paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",

@@ -141,6 +141,7 @@ def _collect_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
 
 @register_method(
     name="ties",
+    paper_settings={"density": 0.2},
     params=[weight_param(), density_param(1.0, "fraction of each task vector kept by magnitude"),
             lambda_param(), normalize_param(True), SCOPE, vote_param("paper"), rescale_l1_param(),
             INT8_MASK],

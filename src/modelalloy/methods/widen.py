@@ -74,6 +74,10 @@ def widen_weights(base: torch.Tensor, deltas: torch.Tensor, t_avg: float = 1.0,
 
 @register_method(
     name="widen",
+    # s_cal is the weight each model's above-average columns get (1, its README value for two
+    # or three models, adds them like task arithmetic with λ = 1; tiny-vision's 8 experts: 64.0
+    # at 1 against 80.2 at 0.3, docs/benchmarks.md), so the bench chooses it like λ
+    scale="score_calibration",
     params=[
         Param("above_average_ratio", float, 1.0, "t_avg: a column whose significance exceeds "
               "t_avg × the model's mean significance gets the calibrated score", ge=0.0),

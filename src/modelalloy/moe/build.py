@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from modelalloy.engine.progress import merge_progress
+from modelalloy.engine.run import size_option
 from modelalloy.errors import PlanError
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.dtypes import parse_dtype
@@ -39,7 +40,6 @@ from modelalloy.io.writer import (
     AtomicOutputDir,
     ShardedSafetensorsWriter,
     check_output_path,
-    parse_size,
 )
 from modelalloy.moe.config import MoERecipe, load_moe_recipe
 from modelalloy.moe.gates import gate_weights
@@ -132,6 +132,7 @@ def _zero_biases(base: Checkpoint, cfg: dict, layers: int) -> list[tuple[str, in
 
 def build_moe(recipe_path: str | Path | MoERecipe, out: Path, *, force: bool = False,
               shard_size: str = "5GB", progress: bool = False) -> MoEResult:
+    shard_bytes = size_option("shard_size", shard_size)
     recipe = recipe_path if isinstance(recipe_path, MoERecipe) else load_moe_recipe(recipe_path)
     arch = _architecture(recipe)
     specs = list(recipe.experts) + list(recipe.shared_experts or [])
@@ -181,7 +182,7 @@ def build_moe(recipe_path: str | Path | MoERecipe, out: Path, *, force: bool = F
         entries += [(n, tuple(t.shape), mlp_dtype) for n, t in extra]
         noise = torch.Generator().manual_seed(recipe.seed + 1)
         with AtomicOutputDir(out, force=force) as tmp:
-            writer = ShardedSafetensorsWriter(Path(tmp), entries, parse_size(shard_size),
+            writer = ShardedSafetensorsWriter(Path(tmp), entries, shard_bytes,
                                               metadata={"merge_method": "moe"})
             bar = stack.enter_context(merge_progress(
                 "moe", len(plan), sum(src.info(n).nbytes for _, src, n, _ in plan), progress))

@@ -24,6 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelalloy.errors import RecipeError
+from modelalloy.recipe.load import read_recipe_text
+from modelalloy.recipe.safe_yaml import LimitedSafeLoader
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 
@@ -71,11 +73,11 @@ class MoERecipe(BaseModel):
 
 def load_moe_recipe(path: str | Path) -> MoERecipe:
     path = Path(path)
+    text = read_recipe_text(path)  # a regular file of plausible size, UTF-8
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: MoE recipe not found; check the path") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        # depth, alias and expanded-size limits, as a merge recipe's
+        raw = yaml.load(text, Loader=LimitedSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
         raise RecipeError(f"{path}: cannot read the MoE recipe "
                           f"({' '.join(str(e).split())[:160]})") from None
     return parse_moe_recipe(raw, source=str(path), base_dir=path.resolve().parent)

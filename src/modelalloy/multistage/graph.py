@@ -19,7 +19,8 @@ import yaml
 
 from modelalloy.errors import RecipeError
 from modelalloy.recipe import Recipe
-from modelalloy.recipe.load import recipe_from_dict
+from modelalloy.recipe.load import read_recipe_text, recipe_from_dict
+from modelalloy.recipe.safe_yaml import LimitedSafeLoader
 
 MODEL_KEYS = ("model", "base_model", "tokenizer_source", "path")
 
@@ -51,11 +52,12 @@ def load_stages(path: str | Path, work: Path) -> list[Stage]:
     """Every stage of the file at ``path``, validated, with stage names resolved to
     ``work/<name>``; in file order."""
     path = Path(path)
+    text = read_recipe_text(path)  # a regular file of plausible size, UTF-8
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found; check the path") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        # depth, alias and expanded-size limits, as a single recipe's
+        docs = [d for d in yaml.load_all(text, Loader=LimitedSafeLoader)  # noqa: S506
+                if d is not None]
+    except yaml.YAMLError as e:
         raise RecipeError(f"{path}: cannot read the multi-stage recipe "
                           f"({' '.join(str(e).split())[:160]})") from None
     if not docs:

@@ -56,8 +56,17 @@ def run_stages(recipe: str | Path, work: Path, out: Path | None = None, *, lazy:
     work = Path(work)
     stages = order_stages(load_stages(recipe, work))
     if any(s.name is None for s in stages) and out is None:
-        raise RecipeError(f"{recipe}: has a final (unnamed) merge; give --out-path for it")
-    work.mkdir(parents=True, exist_ok=True)
+        raise RecipeError(f"{recipe}: has a final (unnamed) merge; give out=PATH for it",
+                          options=("out",))
+    threads = merge_options.get("threads")
+    if threads is not None and threads < 1:
+        raise RecipeError(f"threads={threads}: must be at least 1 (leave it out for the "
+                          "default)", options=("threads",))
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a read-only or missing parent
+        raise RecipeError(f"{work}: cannot create the work folder there "
+                          f"({e.strerror or e}); give a folder path") from None
     hashes: dict[str, str] = {}
     outcomes = []
     for stage in stages:

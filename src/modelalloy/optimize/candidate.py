@@ -46,6 +46,7 @@ class ModelPool:
         self.reuse = reuse
         self.last: dict[str, tuple[Any, torch.Tensor]] = {}  # name -> (its key, merged)
         self.merged_tensors = self.reused_tensors = 0
+        self._stages: dict[str, ModelPool] = {}
 
     def get(self, recipe: Recipe, model: str) -> StateDict:
         key = str(recipe.model_path(model))
@@ -64,6 +65,15 @@ class ModelPool:
 
     def items(self) -> list[tuple[str, StateDict]]:
         return list(self._loaded.items())
+
+    def stage(self, name: str) -> ModelPool:
+        """A pool over the same models with its own re-merge cache (one per stage of a
+        staged candidate)."""
+        if name not in self._stages:
+            sub = ModelPool(threads=self.threads, reuse=self.reuse)
+            sub._loaded = self._loaded  # shared: every model is still read once
+            self._stages[name] = sub
+        return self._stages[name]
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -100,6 +110,20 @@ def merge_candidate(recipe: Recipe, pool: ModelPool, *,
     # integer and bool tensors: copied from the reference, as the engine does
     return {n: pool.last[n][1] if n in keys else t.clone()
             for n, t in _reference(recipe, pool).items()}
+
+
+def merge_staged(staged: Any, pool: ModelPool) -> dict[str, torch.Tensor]:
+    """A :class:`modelalloy.optimize.space.StagedRecipe` in memory: each stage merged from the
+    pool, then the final recipe from the stages' state dicts — the computations, and so the
+    bits, of ``modelalloy merge-multi`` on the same stages. Each stage keeps its own
+    re-merge cache (a search that moves one cell re-merges it in the stages concerned)."""
+    from modelalloy.api import merge
+
+    outputs: dict[str, StateDict] = {}
+    for name, recipe in staged.stages:
+        outputs[name] = merge_candidate(recipe, pool.stage(name))
+    options: dict[str, Any] = {} if pool.threads is None else {"threads": pool.threads}
+    return merge(staged.final, sources=outputs, **options)
 
 
 def _reference(recipe: Recipe, pool: ModelPool) -> StateDict:

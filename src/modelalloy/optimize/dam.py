@@ -108,21 +108,57 @@ class _Perturbed:
         return _call(self.model, params, moved)
 
 
+FINAL_MASKS = ("sample", "expected")
+
+
+def _rows(names: Sequence[str], granularity: str) -> dict[str, int]:
+    """Coefficient row of each tensor: one shared row (task-wise) or one per tensor."""
+    if granularity not in ("task", "layer"):
+        raise ValueError("DAM: granularity must be 'task' or 'layer'")
+    return {n: (0 if granularity == "task" else i) for i, n in enumerate(names)}
+
+
+def final_mask(logits: Mapping[str, torch.Tensor], kind: str, temperature: float,
+               gen: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """The mask the merge uses, rescaled to mean 1 per tensor: one concrete sample of Z
+    (``"sample"``, the official code's ``sample_mask("continuous")``) or σ(Z) (``"expected"``)."""
+    if kind not in FINAL_MASKS:
+        raise ValueError(f"DAM: final_mask must be one of {FINAL_MASKS}, not '{kind}'")
+    if kind == "sample":
+        return {n: rescale(concrete(z.detach(), temperature, gen)) for n, z in logits.items()}
+    return {n: rescale(torch.sigmoid(z.detach())) for n, z in logits.items()}
+
+
 def dam(model: nn.Module, base: Mapping[str, torch.Tensor],
         experts: Sequence[Mapping[str, torch.Tensor]], task_batches: Sequence[Sequence[Any]],
-        *, mask_steps: int = 200, mask_lr: float = 1e-3, base_lr: float = 1.0,
+        *, mask_steps: int = 1000, mask_lr: float = 1e-3, base_lr: float = 1.0,
         adv_lr: float = 1e-4, adv_weight: float = 0.1, temperature: float = 0.5,
-        init: float = 0.3, adamerging_steps: int = 200, adamerging_lr: float = 1e-3,
-        granularity: str = "task", seed: int = 0) -> DamResult:
+        init: float = 0.3, adamerging_steps: int = 1000, adamerging_lr: float = 1e-3,
+        granularity: str = "layer", final: str = "sample", fresh_batches: bool = True,
+        seed: int = 0) -> DamResult:
     """Learn DAM's mask and coefficients; ``task_batches[k]`` are unlabelled batches of task
-    k (as AdaMerging takes them). Returns the masks, coefficients and merged state dict."""
+    k (as AdaMerging takes them). Returns the masks, coefficients and merged state dict.
+
+    Defaults are the official layer-wise configuration (``clip_safe_concrete_layer_wise_
+    adamerging.yaml``): 1000 mask steps then 1000 AdaMerging steps, λ per tensor for both, each
+    of a step's three phases on its own batches (``fresh_batches``), the inner λ optimiser's
+    Adam state kept across steps while λ restarts from λ0, and the merge's mask one concrete
+    sample of Z (``final="sample"``; ``"expected"`` uses σ(Z)).
+    """
     names = [n for n, p in model.named_parameters()
              if p.is_floating_point() and n in base]
+    rows = _rows(names, granularity)
+    n_rows = max(rows.values()) + 1 if rows else 1
+    if final not in FINAL_MASKS:
+        raise ValueError(f"DAM: final must be one of {FINAL_MASKS}, not '{final}'")
     theta0 = {n: base[n].detach().float() for n in names}
     tvs = [{n: sd[n].detach().float() - theta0[n] for n in names} for sd in experts]
     k_tasks = len(experts)
     logits_z = {n: torch.zeros_like(theta0[n], requires_grad=True) for n in names}
     opt_z = torch.optim.Adam(list(logits_z.values()), lr=mask_lr)
+    # λ restarts from λ0 at every step, but its optimiser (and Adam state) lives across steps
+    lam = torch.full((n_rows, k_tasks), init, requires_grad=True)
+    opt_l = torch.optim.Adam([lam], lr=base_lr)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     streams = [_cycle(list(b), rng) for b in task_batches]
@@ -136,18 +172,23 @@ def dam(model: nn.Module, base: Mapping[str, torch.Tensor],
     model.eval()
     history: list[dict[str, float]] = []
 
-    def params(lam: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {n: theta0[n] + sum(lam[k] * masks[n] * tvs[k][n] for k in range(k_tasks))
-                for n in names}
+    def params(c: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: theta0[n] + sum(c[rows[n], k] * masks[n] * tvs[k][n]
+                                   for k in range(k_tasks)) for n in names}
+
+    def draw(previous: list[Any] | None = None) -> list[Any]:
+        if previous is not None and not fresh_batches:
+            return previous
+        return [split_batch(next(s))[0] for s in streams]
 
     try:
         for _step in range(mask_steps):
-            batch = [split_batch(next(s))[0] for s in streams]
             sample = {n: rescale(concrete(z, temperature, gen)) for n, z in logits_z.items()}
-            # (1) inner: one Adam step on λ from λ0, mask fixed
-            lam = torch.full((k_tasks,), init, requires_grad=True)
-            opt_l = torch.optim.Adam([lam], lr=base_lr)
             fixed = {n: m.detach() for n, m in sample.items()}
+            # (1) inner: one Adam step on λ from λ0, mask fixed
+            batch = draw()
+            with torch.no_grad():
+                lam.fill_(init)
             inner = sum(entropy_of_logits(logits_of(_call(model, params(lam, fixed), x)),
                                           token_mask(x)) for x in batch)
             opt_l.zero_grad()
@@ -155,6 +196,7 @@ def dam(model: nn.Module, base: Mapping[str, torch.Tensor],
             opt_l.step()
             lam_new = lam.detach().clamp(0, 1)
             # (2) adversary: ε ascends the CE against the clean predictions (θ fixed)
+            batch = draw(batch)
             theta = {n: t.detach() for n, t in params(lam_new, fixed).items()}
             adv = 0.0
             for k, x in enumerate(batch):
@@ -167,6 +209,7 @@ def dam(model: nn.Module, base: Mapping[str, torch.Tensor],
             adv.backward()
             opt_eps.step()
             # (3) outer: the mask, through the concrete sample
+            batch = draw(batch)
             theta = params(lam_new, sample)
             outer = sum(entropy_of_logits(logits_of(_call(model, theta, x)), token_mask(x))
                         + adv_weight * entropy_of_logits(
@@ -180,20 +223,20 @@ def dam(model: nn.Module, base: Mapping[str, torch.Tensor],
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
-    masks = {n: rescale(torch.sigmoid(z.detach())) for n, z in logits_z.items()}
+    masks = final_mask(logits_z, final, temperature, gen)
     masked = [{n: (theta0[n] + masks[n] * tvs[k][n]).to(base[n].dtype) if n in masks
                else base[n] for n in base} for k in range(k_tasks)]
     if adamerging_steps > 0:
         res = adamerging(model, base, masked, task_batches, granularity=granularity,
-                         steps=adamerging_steps, lr=adamerging_lr, init=init, seed=seed)
-        coefficients = res.coefficients
-        rows = res.rows
+                         steps=adamerging_steps, lr=adamerging_lr, init=init,
+                         batches_per_step=1, seed=seed)
+        coefficients, final_rows = res.coefficients, res.rows
     else:
-        coefficients = torch.full((1, k_tasks), init)
-        rows = dict.fromkeys(names, 0)
+        coefficients = torch.full((n_rows, k_tasks), init)
+        final_rows = rows
     merged = {n: t.clone() for n, t in base.items()}
     for n in names:
-        row = coefficients[rows[n]]
+        row = coefficients[final_rows[n]]
         t = theta0[n] + sum(float(row[k]) * masks[n] * tvs[k][n] for k in range(k_tasks))
         merged[n] = t.to(base[n].dtype)
     return DamResult(masks=masks, coefficients=coefficients, merged=merged, history=history)

@@ -12,15 +12,25 @@ Optuna's TPE (seeded), its first trial the template's start point, so the search
 the uniform configuration; candidates are proposed ``batch`` at a time (a fixed number, so the
 search does not depend on the number of workers) and scored in parallel.
 
+Per-cell method choice (``search: {methods: [ties, task_arithmetic, ...]}``, the paper's
+per-layer choice of merge operator): each cell also gets a categorical gene — which method
+merges its tensors (Optuna's categorical distribution; the template's method is the start).
+The parameters are shared: a cell uses those its method has. A genome whose cells use several
+methods is a staged candidate: one stage per method used (the genome's recipe with that method,
+over the whole model), then ``linear`` over the stages with weight 1 on the cells of the
+stage's method and 0 elsewhere (normalised: exactly the chosen stage's values); written as
+mergekit-multi's format, which ``modelalloy merge-multi`` reproduces bit for bit.
+
 Where we differ from the paper: MedSAMix uses SMAC (random-forest surrogate) and, for several
 tasks, ParEGO; here the sampler is TPE and several objectives are scalarised by ``--weights``
-(Σ w·score). The per-layer choice of the merge *operator* is not searched: a recipe has one
-method, so the search is over the template method's parameters per layer group.
+(Σ w·score).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from modelalloy.optimize.space import METHOD, method_index, method_unit
 
 
 def run(ctx: Any) -> None:
@@ -35,12 +45,25 @@ def run(ctx: Any) -> None:
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=eta)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
     names = [f"g{i}" for i in range(ctx.space.dim)]
-    study.enqueue_trial(dict(zip(names, ctx.space.x0(), strict=True)))
+    methods = list(getattr(ctx.space, "methods", []))
+    categorical = {i for i, g in enumerate(ctx.space.genes) if g.param == METHOD}
+    start = {n: (methods[method_index(u, len(methods))] if i in categorical else u)
+             for i, (n, u) in enumerate(zip(names, ctx.space.x0(), strict=True))}
+    study.enqueue_trial(start)
+
+    def suggest(trial: Any, i: int, name: str) -> float:
+        # a cell's method is a categorical choice (TPE models it as one), kept in the genome
+        # as the middle of its interval of [0, 1]
+        if i in categorical:
+            return method_unit(methods.index(trial.suggest_categorical(name, methods)),
+                               len(methods))
+        return trial.suggest_float(name, 0.0, 1.0)
+
     batch = int(ctx.options["batch"])
     completed = pruned = 0
     while ctx.remaining > 0:
         trials = [study.ask() for _ in range(batch)]
-        genomes = [[t.suggest_float(n, 0.0, 1.0) for n in names] for t in trials]
+        genomes = [[suggest(t, i, n) for i, n in enumerate(names)] for t in trials]
         alive = list(range(batch))
         for r, fidelity in enumerate(fidelities):
             if not alive or ctx.remaining == 0:

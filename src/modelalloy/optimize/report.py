@@ -41,8 +41,10 @@ def plot_progress(trials: Sequence[Mapping[str, Any]], path: Path, title: str) -
 
 def plot_coefficients(space: Any, genome: Sequence[float], path: Path) -> Path:
     """One heatmap per searched parameter: cells (rows) × models (columns)."""
-    plt = _plt()
     tables = space.table(genome)
+    if not tables:  # nothing continuous to show (a data-flow path without factors)
+        return path
+    plt = _plt()
     fig, axes = plt.subplots(1, len(tables), figsize=(2.5 + 2.2 * len(tables),
                                                       1.6 + 0.22 * len(space.cells)),
                              squeeze=False)
@@ -51,7 +53,8 @@ def plot_coefficients(space: Any, genome: Sequence[float], path: Path) -> Path:
         im = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=b.lo, vmax=b.hi)
         cols = len(rows[0])
         ax.set_xticks(range(cols))
-        ax.set_xticklabels([Path(m).name for m in space.models] if cols > 1 else ["all"],
+        labels = getattr(space, "column_labels", [Path(m).name for m in space.models])
+        ax.set_xticklabels(labels if cols > 1 else ["all"],
                            rotation=45, ha="right", fontsize=6)
         if len(space.cells) <= 60:
             ax.set_yticks(range(len(space.cells)))

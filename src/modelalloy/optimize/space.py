@@ -36,7 +36,8 @@ from modelalloy.plan.layers import split_layer
 from modelalloy.recipe.model import Conditional, Recipe, evaluate_setting
 
 GRANULARITIES = ("task", "layer", "group")
-SEARCH_KEYS = ("granularity", "layers_per_group", "filters", "parameters")
+SEARCH_KEYS = ("space", "granularity", "layers_per_group", "filters", "parameters", "methods")
+SPACES = ("parameters", "dataflow")  # dataflow: optimize/dataflow.py
 OTHER = "other"
 
 
@@ -80,6 +81,9 @@ class SearchSpace:
     cells: list[str]
     cell_of: dict[str, int]    # float tensor name -> cell
     genes: list[Gene] = field(default_factory=list)
+    # a method per cell (``search.methods``; a gene ``method`` per cell, the template's method
+    # first); empty: the template's method everywhere
+    methods: list[str] = field(default_factory=list)
 
     @property
     def dim(self) -> int:
@@ -89,14 +93,27 @@ class SearchSpace:
         return next(b for b in self.bounds if b.name == name)
 
     def x0(self) -> list[float]:
-        """The start genome (unit coordinates of each parameter's ``init``)."""
-        return [self.bound(g.param).unit(self.bound(g.param).init) for g in self.genes]
+        """The start genome (unit coordinates of each parameter's ``init``; the template's
+        method in every cell)."""
+        return [method_unit(0, len(self.methods)) if g.param == METHOD
+                else self.bound(g.param).unit(self.bound(g.param).init) for g in self.genes]
 
     def values(self, genome: Sequence[float]) -> dict[Gene, float]:
         if len(genome) != self.dim:
             raise OptimizeError(f"{self.source}: genome of {len(genome)} genes for a space of "
                                 f"{self.dim}")
-        return {g: self.bound(g.param).value(u) for g, u in zip(self.genes, genome, strict=True)}
+        return {g: self.bound(g.param).value(u) for g, u in zip(self.genes, genome, strict=True)
+                if g.param != METHOD}
+
+    def cell_methods(self, genome: Sequence[float]) -> list[str]:
+        """The method of each cell: gene u picks methods[min(⌊u·K⌋, K − 1)]."""
+        if not self.methods:
+            return [self.template["merge_method"]] * len(self.cells)
+        out = [self.methods[0]] * len(self.cells)
+        for g, u in zip(self.genes, genome, strict=True):
+            if g.param == METHOD:
+                out[g.cell] = self.methods[method_index(u, len(self.methods))]
+        return out
 
     def table(self, genome: Sequence[float]) -> dict[str, list[list[float]]]:
         """Per parameter, a (cells × models) table of values (one column for a global one)."""
@@ -146,16 +163,22 @@ class SearchSpace:
         return [{"filter": n, "value": target[n]} for n in names]
 
     def recipe_dict(self, genome: Sequence[float], *, absolute: Mapping[str, str] | None = None,
-                    name: str | None = None) -> dict[str, Any]:
+                    name: str | None = None, method: str | None = None) -> dict[str, Any]:
         """The template with the genome's values filled in (``absolute`` maps model strings
-        to the paths to write, so the recipe works from any folder)."""
+        to the paths to write, so the recipe works from any folder); ``method``: with that
+        merge method instead (the parameters it lacks left out)."""
         import copy
 
         vals = self.values(genome)
+        if method is None and self.methods:  # one method in every cell: that one
+            method = self.cell_methods(genome)[0]
         out = copy.deepcopy(self.template)
         rename = dict(absolute or {})
         if name:
             out["name"] = name
+        if method is not None and method != out["merge_method"]:
+            _retarget(out, method)
+        accepted = _param_names(out["merge_method"])
         if out.get("base_model") is not None:
             out["base_model"] = rename.get(out["base_model"], out["base_model"])
         entries = out["models"]
@@ -167,7 +190,7 @@ class SearchSpace:
                 continue
             params = entry.setdefault("parameters", {})
             for b in self.bounds:
-                if b.per_model:
+                if b.per_model and b.name in accepted:
                     per_cell = [0.0] * len(self.cells)
                     for g, v in vals.items():
                         if g.param == b.name and g.model == k:
@@ -175,7 +198,7 @@ class SearchSpace:
                     params[b.name] = self.setting(per_cell)
         top = out.setdefault("parameters", {})
         for b in self.bounds:
-            if not b.per_model:
+            if not b.per_model and b.name in accepted:
                 per_cell = [0.0] * len(self.cells)
                 for g, v in vals.items():
                     if g.param == b.name:
@@ -183,13 +206,48 @@ class SearchSpace:
                 top[b.name] = self.setting(per_cell)
         if not top:
             del out["parameters"]
+        for entry in entries:
+            if not entry.get("parameters", True):
+                del entry["parameters"]
         return out
 
-    def recipe(self, genome: Sequence[float], **kwargs: Any) -> Recipe:
+    def recipe(self, genome: Sequence[float], **kwargs: Any) -> Any:
+        """The genome's recipe; with several methods in use, a :class:`StagedRecipe`."""
         from modelalloy.recipe.load import recipe_from_dict
 
+        staged = self.staged_dicts(genome, **kwargs)
+        if staged is not None:
+            return StagedRecipe([(n, recipe_from_dict(d, source=self.source,
+                                                      base_dir=self.base_dir))
+                                 for n, d in staged[0]],
+                                recipe_from_dict(staged[1], source=self.source,
+                                                 base_dir=self.base_dir))
         return recipe_from_dict(self.recipe_dict(genome, **kwargs), source=self.source,
                                 base_dir=self.base_dir)
+
+    def staged_dicts(self, genome: Sequence[float], *, absolute: Mapping[str, str] | None = None,
+                     name: str | None = None
+                     ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]] | None:
+        """With a method per cell and more than one in use: one stage per method used (the
+        genome's recipe with that method) and the final merge, ``linear`` over the stages with
+        weight 1 where a cell uses the stage's method and 0 elsewhere — mergekit-multi's
+        format, which ``modelalloy merge-multi`` runs. None when one method covers every cell
+        (then :meth:`recipe_dict`, with that method, is the recipe)."""
+        per_cell = self.cell_methods(genome)
+        used = [m for m in self.methods if m in per_cell]
+        if len(used) < 2:
+            return None
+        stages = [(stage_name(m), self.recipe_dict(genome, absolute=absolute, method=m))
+                  for m in used]
+        final: dict[str, Any] = {
+            "merge_method": "linear",
+            "models": [{"model": stage_name(m), "parameters": {"weight": self.setting(
+                [1.0 if c == m else 0.0 for c in per_cell])}} for m in used],
+            "parameters": {"normalize": True},
+            **{k: self.template[k] for k in ("dtype", "out_dtype") if k in self.template}}
+        if name:
+            final["name"] = name
+        return stages, final
 
 
 def _resolves(entries: list[dict[str, Any]], target: Mapping[str, float]) -> bool:
@@ -208,6 +266,55 @@ def _cell_prefixes(label: str) -> list[str] | None:
     return None
 
 
+METHOD = "method"  # the gene that picks a cell's merge method
+
+
+def method_unit(index: int, count: int) -> float:
+    """The unit value of method ``index`` of ``count`` (the middle of its interval)."""
+    return (index + 0.5) / count
+
+
+def method_index(unit: float, count: int) -> int:
+    return min(count - 1, max(0, int(float(unit) * count)))
+
+
+def stage_name(method: str) -> str:
+    return f"stage_{method}"
+
+
+def _param_names(method: str) -> set[str]:
+    from modelalloy.methods.registry import get_method
+
+    return {p.name for p in get_method(method).params}
+
+
+def _retarget(recipe: dict[str, Any], method: str) -> None:
+    """``recipe`` (a template dict) with ``method``: the parameters it lacks left out."""
+    accepted = _param_names(method)
+    recipe["merge_method"] = method
+    for holder in [recipe, *[e for e in recipe.get("models", []) if isinstance(e, dict)]]:
+        params = holder.get("parameters")
+        if isinstance(params, dict):
+            holder["parameters"] = {k: v for k, v in params.items() if k in accepted}
+
+
+@dataclass
+class StagedRecipe:
+    """A candidate made of several recipes: each stage merged from the models, then the final
+    recipe merged from the stages' outputs (its models are the stage names)."""
+
+    stages: list[tuple[str, Recipe]]
+    final: Recipe
+    comment: str | None = None
+
+    def to_yaml(self) -> str:
+        """mergekit-multi's format: one YAML document per named stage, the final unnamed."""
+        head = f"# {self.comment}\n" if self.comment else ""
+        head += "# run with: modelalloy merge-multi THIS.yaml -I WORK --out-path OUT\n"
+        return head + "---\n".join([r.to_yaml() for _, r in self.stages]
+                                   + [self.final.to_yaml()])
+
+
 # -- building a space from a template -----------------------------------------------------------
 
 
@@ -217,6 +324,11 @@ def split_template(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any]
         raise RecipeError(f"{source}: a recipe template must be a YAML mapping")
     recipe = {k: v for k, v in data.items() if k != "search"}
     search = data.get("search")
+    if isinstance(search, Mapping) and search.get("space", "parameters") != "parameters":
+        if search["space"] not in SPACES:
+            raise OptimizeError(f"{source}: search.space '{search['space']}': use one of "
+                                f"{', '.join(SPACES)}")
+        return recipe, dict(search)  # the data-flow space checks its own keys
     if not search or not isinstance(search, Mapping) or not search.get("parameters"):
         raise OptimizeError(f"{source}: no free parameter: add a `search:` block with "
                             "`parameters:` (e.g. `search: {parameters: {weight: [0, 1]}}`)")
@@ -332,12 +444,17 @@ def build_space(data: Mapping[str, Any], *, source: str, base_dir: Path,
     if not all(isinstance(f, str) and f for f in filters):
         raise OptimizeError(f"{source}: search.filters must be a list of name substrings")
     experts = recipe.expert_entries()
+    methods = _methods(search.get("methods"), recipe_data, source, base_dir)
     params = {p.name: p for p in spec.params}
+    for m in methods[1:]:  # a parameter of any searched method may be free
+        params.update({p.name: p for p in _method_params(m) if p.name not in params})
     bounds = []
     for name, given in dict(search["parameters"]).items():
         if name not in params:
-            raise OptimizeError(f"{source}: search.parameters.{name}: method "
-                                f"'{recipe.merge_method}' has no such parameter; it has "
+            which = (f"methods {', '.join(methods)} have" if methods else
+                     f"method '{recipe.merge_method}' has")
+            raise OptimizeError(f"{source}: search.parameters.{name}: {which} no such "
+                                f"parameter; {'they have' if methods else 'it has'} "
                                 f"{', '.join(params) or 'none'}")
         if params[name].type is not float and params[name].type is not int:
             raise OptimizeError(f"{source}: search.parameters.{name}: only numeric parameters "
@@ -349,9 +466,46 @@ def build_space(data: Mapping[str, Any], *, source: str, base_dir: Path,
         for b in bounds:
             genes += ([Gene(b.name, c, k) for k in range(len(experts))] if b.per_model
                       else [Gene(b.name, c, None)])
+        if methods:
+            genes.append(Gene(METHOD, c, None))
     space = SearchSpace(recipe_data, source, base_dir, granularity, per_group, filters, bounds,
-                        [e.model for e in experts], cells, cell_of, genes)
+                        [e.model for e in experts], cells, cell_of, genes, methods)
     return space, recipe
+
+
+def _method_params(method: str) -> list[Any]:
+    from modelalloy.methods.registry import get_method
+
+    return list(get_method(method).params)
+
+
+def _methods(given: Any, recipe_data: Mapping[str, Any], source: str,
+             base_dir: Path) -> list[str]:
+    """``search.methods``: the template's method first, then the others; each checked on the
+    template's models (a method that cannot merge them is refused here, not mid-search)."""
+    import copy
+
+    from modelalloy.errors import ModelAlloyError
+    from modelalloy.recipe.load import recipe_from_dict
+
+    if given is None:
+        return []
+    if not (isinstance(given, list) and all(isinstance(m, str) and m for m in given)):
+        raise OptimizeError(f"{source}: search.methods must be a list of merge method names")
+    first = recipe_data["merge_method"]
+    methods = [first] + [m for m in dict.fromkeys(given) if m != first]
+    if len(methods) < 2:
+        raise OptimizeError(f"{source}: search.methods: name at least one method besides "
+                            f"the template's '{first}'")
+    for m in methods[1:]:
+        data = copy.deepcopy(dict(recipe_data))
+        try:
+            _retarget(data, m)
+            recipe_from_dict(data, source=source, base_dir=base_dir)
+        except ModelAlloyError as err:
+            raise OptimizeError(f"{source}: search.methods: '{m}' cannot merge this "
+                                f"template's models: {err}") from None
+    return methods
 
 
 def load_template(path: str | Path, float_names: Sequence[str] | None = None
@@ -361,6 +515,12 @@ def load_template(path: str | Path, float_names: Sequence[str] | None = None
 
     p = Path(path)
     data = _load_yaml(read_recipe_text(p), str(p))
+    recipe_data, search = split_template(data, str(p))
+    if search.get("space") == "dataflow":
+        from modelalloy.optimize.dataflow import build_dataflow_space
+
+        return build_dataflow_space(recipe_data, search, source=str(p),
+                                    base_dir=p.resolve().parent, names_of=_model_names)
     if float_names is None:
         recipe_data, _ = split_template(data, str(p))
         from modelalloy.recipe.load import recipe_from_dict
@@ -369,6 +529,13 @@ def load_template(path: str | Path, float_names: Sequence[str] | None = None
         float_names = reference_float_names(recipe)
     return build_space(data, source=str(p), base_dir=p.resolve().parent,
                        float_names=float_names)
+
+
+def _model_names(recipe: Recipe, model: str) -> list[str]:
+    from modelalloy.io.checkpoint import open_checkpoint
+
+    with open_checkpoint(recipe.model_path(model)) as ckpt:
+        return list(ckpt.names())
 
 
 def reference_float_names(recipe: Recipe) -> list[str]:

@@ -97,6 +97,8 @@ class MergePlan:
     experts: list[TensorSource]
     entries: list[PlanEntry]
     problems: list[str] = field(default_factory=list)
+    # the merged vocabulary (io.vocabulary.Vocabulary) when the recipe merges tokenizers
+    vocabulary: Any = None
 
     @property
     def reference(self) -> TensorSource:
@@ -200,6 +202,8 @@ def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | Non
                                  f"{reference.path} lacks, e.g. '{extra[0]}'")
 
     indexer = LayerIndexer(ref_names)
+    # tensors a source builds whole (vocabulary rows in a merged tokenizer's order)
+    whole = getattr(reference, "whole_tensors", frozenset())
     for name in ref_names:
         ref_info = reference.info(name)
         infos = [ref_info]
@@ -228,7 +232,8 @@ def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | Non
             layer_index=layer, num_layers=count, params=params,
             bytes_in=sum(i.nbytes for i in infos) if merge else ref_info.nbytes,
             bytes_out=numel * dtype.itemsize,
-            slice_unit=_slice_unit(spec, params, tuple(ref_info.shape), numel) if merge else 0))
+            slice_unit=_slice_unit(spec, params, tuple(ref_info.shape), numel)
+            if merge and name not in whole else 0))
     problem = _uniform_problem(spec, plan.entries)
     if problem:
         plan.problems.append(problem)

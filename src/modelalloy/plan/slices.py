@@ -20,6 +20,7 @@ lists such as ``layer_types``) is rewritten for the new depth.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 
 from modelalloy.errors import PlanError
 from modelalloy.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from modelalloy.io.layout import in_transformers_layout
 from modelalloy.plan.layers import split_layer
 from modelalloy.recipe import Recipe
 from modelalloy.recipe.resolve import slice_experts
@@ -107,9 +109,12 @@ class ComposedCheckpoint:
         return f"ComposedCheckpoint({str(self.path)!r}, {len(self._map)} tensors)"
 
 
-def _layers(ckpt: Checkpoint) -> tuple[str, dict[int, list[str]], list[str]]:
-    """(stack prefix, raw layer index -> the layer's tensor names, names outside the stack)."""
-    stacks: dict[str, dict[int, list[str]]] = {}
+Stacks = dict[str, dict[int, list[str]]]  # stack prefix -> raw layer index -> tensor names
+
+
+def _layers(ckpt: Checkpoint) -> tuple[Stacks, list[str]]:
+    """(layer stacks, names outside every stack)."""
+    stacks: Stacks = {}
     outside = []
     for name in ckpt.names():
         found = split_layer(name)
@@ -117,24 +122,60 @@ def _layers(ckpt: Checkpoint) -> tuple[str, dict[int, list[str]], list[str]]:
             outside.append(name)
         else:
             stacks.setdefault(found[0], {}).setdefault(found[1], []).append(name)
-    if len(stacks) != 1:
-        raise PlanError(f"{ckpt.path}: `slices` needs one layer stack, found "
-                        f"{len(stacks)} ({', '.join(sorted(stacks)) or 'none'}); models with "
-                        "several stacks (vision towers) need mergekit's `modules`, not "
-                        "supported yet")
-    prefix, layers = next(iter(stacks.items()))
-    return prefix, dict(sorted(layers.items())), outside
+    return {k: dict(sorted(v.items())) for k, v in stacks.items()}, outside
 
 
-def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | None,
-                                                            list[ComposedCheckpoint]]:
-    """The base and model roles of a ``slices:`` recipe as composed checkpoints."""
+# mergekit's module names for VLM text decoders, and the stack words they stand for
+TEXT_MODULES = {"text_decoder": ("language_model", "text_model")}
+
+
+def _in(part: str, name: str) -> bool:
+    """``part`` is a run of whole dotted components of ``name``."""
+    return f".{part}." in f".{name}."
+
+
+def module_stack(module: str | None, stacks: Stacks, where: str) -> str | None:
+    """The layer stack a module stands for: the only stack without ``modules:``; else the
+    stack named by the module (mergekit's inferred module names are stack prefixes such as
+    ``language_model.model.layers``; ``vision_tower`` names the stack under it;
+    ``text_decoder`` the language model's; ``default`` the only stack of a plain model).
+    None: a module without layers (``multi_modal_projector``; ``default`` of a VLM, which
+    holds the tensors outside every stack)."""
+    if module is None:
+        if len(stacks) != 1:
+            raise PlanError(f"{where}: `slices` needs one layer stack, found {len(stacks)} "
+                            f"({', '.join(sorted(stacks)) or 'none'}); models with several "
+                            "stacks (vision towers) need mergekit's `modules:`, one per stack")
+        return next(iter(stacks))
+    if module == "default" and len(stacks) == 1:  # mergekit's one module of a plain model
+        return next(iter(stacks))
+    words = TEXT_MODULES.get(module, (module,))
+    found = [p for p in stacks if p == module or any(_in(w, p) for w in words)]
+    if len(found) > 1:
+        raise PlanError(f"{where}: module '{module}' matches several layer stacks "
+                        f"({', '.join(sorted(found))}); name the module by its stack")
+    return found[0] if found else None
+
+
+def open_slices(recipe: Recipe, stack: ExitStack,
+                opener: Callable[[str], Any] | None = None
+                ) -> tuple[ComposedCheckpoint | None, list[ComposedCheckpoint]]:
+    """The base and model roles of a ``slices:`` (or ``modules:``) recipe as composed
+    checkpoints.
+
+    ``opener``: the tensor source of a model reference (the in-memory path's state dicts);
+    default: the model's checkpoint, opened once per folder."""
     opened: dict[str, Checkpoint] = {}
 
     def ckpt(model: str) -> Checkpoint:
+        if opener is not None:
+            if model not in opened:
+                opened[model] = opener(model)
+            return opened[model]
         path = recipe.model_path(model)
-        if str(path) not in opened:
-            opened[str(path)] = stack.enter_context(open_checkpoint(path))
+        if str(path) not in opened:  # under transformers 5's names (io/layout.py)
+            opened[str(path)] = in_transformers_layout(
+                stack.enter_context(open_checkpoint(path)))
         return opened[str(path)]
 
     uses_base = recipe.uses_base()
@@ -150,45 +191,44 @@ def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | 
     positions: dict[str, tuple[int, float]] = {}
     layout = {id(c): _layers(c) for c in {id(ckpt(s.model)): ckpt(s.model)
                                            for sl in slices for s in sl.sources}.values()}
-
-    def outside(which: int, pre: bool) -> None:
-        first = ckpt(roles[which][0].model)
-        for name in layout[id(first)][2]:
-            if any(w in name for w in PRE_WORDS) != pre:
-                continue
-            positions[name] = (which if which >= 0 else len(roles) + which, 0.0)
-            for r, src in enumerate(roles[which]):
-                maps[r][name] = _Source(ckpt(src.model), name)
-
-    outside(0, pre=True)
-    out_layer = 0
-    template_prefix = layout[id(ckpt(roles[0][0].model))][0]
-    layer_types = []
+    # the modules in recipe order, each with its slices' indices (one module: no `modules:`)
+    modules: dict[str | None, list[int]] = {}
     for index, sl in enumerate(slices):
-        for offset in range(sl.length):
-            t = offset / (sl.length - 1) if sl.length > 1 else 1.0
-            for r, src in enumerate(roles[index]):
-                c = ckpt(src.model)
-                prefix, layers, _ = layout[id(c)]
-                raw = sorted(layers)
-                i = src.layer_range[0] + offset
-                if src.layer_range[1] > len(raw):
-                    raise PlanError(f"{recipe.source}: slices[{index}]: layer_range "
-                                    f"{list(src.layer_range)} of '{src.model}' goes past its "
-                                    f"{len(raw)} layers")
-                for name in layers[raw[i]]:
-                    rest = name[len(prefix) + bool(prefix) + len(str(raw[i])):]
-                    out = f"{template_prefix}{'.' if template_prefix else ''}{out_layer}{rest}"
-                    maps[r][out] = _Source(c, name)
-                    positions[out] = (index, t)
-                if r == 0:
-                    layer_types.append(_layer_type(c.config, i))
-            out_layer += 1
-    outside(-1, pre=False)
+        modules.setdefault(sl.module, []).append(index)
+    first_stacks = layout[id(ckpt(roles[0][0].model))][0]
+    where = f"{recipe.source}"
+    stack_of = {m: module_stack(m, first_stacks, where) for m in modules}
+
+    def take(index: int, name: str) -> None:
+        positions[name] = (index, 0.0)
+        for r, src in enumerate(roles[index]):
+            maps[r][name] = _Source(ckpt(src.model), name)
+
+    loose = layout[id(ckpt(roles[0][0].model))][1]
+    owner = {name: _loose_module(name, modules, stack_of) for name in loose}
+    layer_counts: dict[str, int] = {}
+    layer_types: list[Any] = []
+    for module, indices in modules.items():
+        for name in loose:  # input-side tensors before the module's layers
+            if owner[name] == module and any(w in name for w in PRE_WORDS):
+                take(indices[0], name)
+        prefix = stack_of[module]
+        out_layer = 0
+        for index in indices:
+            out_layer = _compose_slice(recipe, index, roles[index], prefix, out_layer, ckpt,
+                                       layout, maps, positions,
+                                       layer_types if prefix == next(iter(first_stacks), None)
+                                       else [])
+        if prefix is not None:
+            layer_counts[prefix] = out_layer
+        for name in loose:
+            if owner[name] == module and not any(w in name for w in PRE_WORDS):
+                take(indices[-1], name)
 
     def composed(r: int) -> ComposedCheckpoint:
         first = ckpt(roles[0][r].model)
-        updates = _config_updates(first.config, out_layer, layer_types)
+        updates = _config_updates(first.config, layer_counts, layer_types,
+                                  len(first_stacks) > 1)
         # the composed model's own config: the source's, with the new depth
         config = {**first.config, **updates} if first.config is not None else None
         return ComposedCheckpoint(first.path, config, maps[r], positions, updates)
@@ -199,16 +239,96 @@ def open_slices(recipe: Recipe, stack: ExitStack) -> tuple[ComposedCheckpoint | 
     return None, checkpoints
 
 
+def _loose_module(name: str, modules: dict[str | None, list[int]],
+                  stack_of: dict[str | None, str | None]) -> str | None:
+    """The module a tensor outside every stack belongs to: the module it is named under
+    (``multi_modal_projector.*``), else ``default`` (mergekit's module of the loose tensors
+    of inferred architectures), else the module whose stack shares its first component
+    (``language_model.lm_head``), else the first module."""
+    for module in modules:
+        if module is not None and module != "default" and name.startswith(f"{module}."):
+            return module
+    if "default" in modules:
+        return "default"
+    head = name.split(".")[0]
+    for module, prefix in stack_of.items():
+        if prefix is not None and prefix.split(".")[0] == head:
+            return module
+    return next(iter(modules))
+
+
+def _compose_slice(recipe: Recipe, index: int, sources: list, prefix: str | None,
+                   out_layer: int, ckpt: Any, layout: dict, maps: list[dict[str, _Source]],
+                   positions: dict[str, tuple[int, float]], layer_types: list) -> int:
+    """Map slice ``index``'s layers (of stack ``prefix``) to output layers from ``out_layer``
+    on; return the next free output layer."""
+    sl = recipe.slices[index]  # type: ignore[index]
+    if prefix is None:
+        if any(s.layer_range is not None for s in sl.sources):
+            raise PlanError(f"{recipe.source}: module '{sl.module}' has no layer stack in "
+                            "these models, so its sources take no layer_range")
+        return out_layer
+    lengths = set()
+    for src in sl.sources:
+        raw = sorted(layout[id(ckpt(src.model))][0].get(prefix, {}))
+        rng = src.layer_range or (0, len(raw))
+        if rng[1] > len(raw):
+            raise PlanError(f"{recipe.source}: slices[{index}]: layer_range {list(rng)} of "
+                            f"'{src.model}' goes past its {len(raw)} layers")
+        lengths.add(rng[1] - rng[0])
+    if len(lengths) != 1:
+        raise PlanError(f"{recipe.source}: module '{sl.module}': its models have different "
+                        f"layer counts {sorted(lengths)}")
+    length = lengths.pop()
+    for offset in range(length):
+        t = offset / (length - 1) if length > 1 else 1.0
+        for r, src in enumerate(sources):
+            c = ckpt(src.model)
+            layers = layout[id(c)][0][prefix]
+            raw = sorted(layers)
+            i = (src.layer_range or (0, 0))[0] + offset
+            for name in layers[raw[i]]:
+                rest = name[len(prefix) + bool(prefix) + len(str(raw[i])):]
+                out = f"{prefix}{'.' if prefix else ''}{out_layer}{rest}"
+                maps[r][out] = _Source(c, name)
+                positions[out] = (index, t)
+            if r == 0:
+                layer_types.append(_layer_type(c.config, i))
+        out_layer += 1
+    return out_layer
+
+
 def _layer_type(config: dict | None, index: int):
     types = (config or {}).get("layer_types")
     return types[index] if isinstance(types, list) and index < len(types) else None
 
 
-def _config_updates(config: dict | None, layers: int, layer_types: list) -> dict:
-    """The output config's layer count (and ``layer_types``) for ``layers`` layers."""
+def _config_updates(config: dict | None, layer_counts: dict[str, int], layer_types: list,
+                    several: bool) -> dict:
+    """The output config's layer counts (and ``layer_types``): top-level keys for a model of
+    one stack; for several (VLMs), ``text_config`` / ``vision_config`` by the stack's name."""
     config = config or {}
-    updates: dict[str, Any] = {key: layers for key in LAYER_COUNT_KEYS
-                               if isinstance(config.get(key), int)}
-    if isinstance(config.get("layer_types"), list) and None not in layer_types:
-        updates["layer_types"] = layer_types
+    updates: dict[str, Any] = {}
+    for prefix, layers in layer_counts.items():
+        section = config
+        if several:
+            key = "vision_config" if any(w in prefix for w in ("vision", "visual")) \
+                else "text_config"
+            section = config.get(key) if isinstance(config.get(key), dict) else None
+            if section is None:
+                continue
+            sub = {k: layers for k in LAYER_COUNT_KEYS if isinstance(section.get(k), int)}
+            if _types_fit(section, layer_types) and key == "text_config":
+                sub["layer_types"] = layer_types
+            if any(section.get(k) != v for k, v in sub.items()):
+                updates[key] = {**section, **updates.get(key, {}), **sub}
+            continue
+        updates.update({k: layers for k in LAYER_COUNT_KEYS if isinstance(section.get(k), int)})
+        if _types_fit(section, layer_types):
+            updates["layer_types"] = layer_types
     return updates
+
+
+def _types_fit(section: dict, layer_types: list) -> bool:
+    return isinstance(section.get("layer_types"), list) and bool(layer_types) \
+        and None not in layer_types

@@ -24,9 +24,13 @@ from modelalloy.recipe.model import (
     Calibration,
     Conditional,
     ModelEntry,
+    ModuleSpec,
     Recipe,
     SliceSource,
     SliceSpec,
+    TokenizerSpec,
+    TokenSource,
+    TokenSpec,
     is_number,
 )
 from modelalloy.recipe.safe_yaml import MAX_BYTES, LimitedSafeLoader
@@ -39,12 +43,9 @@ class RecipeWarning(UserWarning):
 # Keys modelalloy reads. The order is the documented order.
 SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "tokenizer", "chat_template", "name", "seed",
-                  "allow_negative_weights", "calibration", "conventions", "slices")
+                  "allow_negative_weights", "calibration", "conventions", "slices", "modules")
 # mergekit keys with no support yet: a clear one-liner instead of a silent misread.
-UNSUPPORTED_KEYS = {
-    "modules": "`modules` (per-module recipes for multimodal models) is not supported yet; "
-               "list whole models under `models` instead",
-}
+UNSUPPORTED_KEYS: dict[str, str] = {}
 # mergekit parameters that only tune mergekit's own execution: accepted and ignored.
 IGNORED_PARAMS = {
     "int8_mask": "mergekit's int8 mask storage is a memory optimisation; modelalloy's masks "
@@ -53,6 +54,8 @@ IGNORED_PARAMS = {
 MODEL_ENTRY_KEYS = ("model", "adapter", "parameters")
 SLICE_KEYS = ("sources", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
+MODULE_KEYS = ("slices", "models", "parameters")
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 COND_KEYS = ("filter", "value")
 
 
@@ -229,7 +232,15 @@ class _Validator:
         base_model = self.model_string(raw.get("base_model"), "base_model", base_dir,
                                        optional=True)
         fields: dict[str, Any] = {"merge_method": raw["merge_method"], "base_model": base_model}
-        if "slices" in raw:
+        if "modules" in raw:
+            for other in ("slices", "models"):
+                if raw.get(other) is not None:
+                    raise self.fail("modules", f"give either `modules` or `{other}`, not both")
+            fields["modules"], fields["slices"] = self.modules(raw["modules"], base_dir, method,
+                                                               base_model)
+            fields["models"] = [ModelEntry(model=m) for m in dict.fromkeys(
+                s.model for sl in fields["slices"] for s in sl.sources)]
+        elif "slices" in raw:
             if raw.get("models") is not None:
                 raise self.fail("slices", "give either `slices` or `models`, not both")
             fields["slices"] = self.slices(raw["slices"], base_dir, method)
@@ -245,7 +256,8 @@ class _Validator:
         fields["seed"] = self.seed(raw.get("seed", 0))
         fields["allow_negative_weights"] = self.flag(raw.get("allow_negative_weights", False),
                                                      "allow_negative_weights")
-        fields["tokenizer_source"] = self.tokenizer(raw, base_model, base_dir)
+        fields["tokenizer"] = self.tokenizer(raw, base_model, base_dir)
+        fields["tokenizer_source"] = fields["tokenizer"].source if fields["tokenizer"] else None
         fields["calibration"] = self.calibration(raw.get("calibration"), base_dir)
         fields["conventions"] = self.conventions
         fields["chat_template"] = self.chat_template(raw.get("chat_template"))
@@ -297,17 +309,19 @@ class _Validator:
         except MethodError as e:
             raise MethodError(f"{self.at('merge_method')}: {e}") from None
 
-    def models(self, raw: dict, base_dir: Path, method: MethodSpec) -> list[ModelEntry]:
+    def models(self, raw: dict, base_dir: Path, method: MethodSpec,
+               prefix: str = "") -> list[ModelEntry]:
         models = raw.get("models")
+        field = f"{prefix}models"
         if models is None:
-            raise self.fail("models", "missing; list the models to merge, e.g. "
-                                      "`models: [{model: ./expert-a}, {model: ./expert-b}]`")
+            raise self.fail(field, "missing; list the models to merge, e.g. "
+                                   "`models: [{model: ./expert-a}, {model: ./expert-b}]`")
         if not isinstance(models, list) or not models:
-            raise self.fail("models", f"must be a non-empty list of `- model: <folder>` "
-                                      f"entries, got {_kind(models) if models != [] else '[]'}")
+            raise self.fail(field, f"must be a non-empty list of `- model: <folder>` "
+                                   f"entries, got {_kind(models) if models != [] else '[]'}")
         out = []
         for i, item in enumerate(models):
-            where = f"models[{i}]"
+            where = f"{field}[{i}]"
             if isinstance(item, str):  # convenience: a bare path
                 item = {"model": item}
                 models[i] = item
@@ -332,12 +346,14 @@ class _Validator:
             out.append(ModelEntry(model=model, parameters=params))
         return out
 
-    def slices(self, raw: Any, base_dir: Path, method: MethodSpec) -> list[SliceSpec]:
+    def slices(self, raw: Any, base_dir: Path, method: MethodSpec,
+               prefix: str = "") -> list[SliceSpec]:
         if not isinstance(raw, list) or not raw:
-            raise self.fail("slices", "must be a non-empty list of `- sources: [...]` entries")
+            raise self.fail(f"{prefix}slices", "must be a non-empty list of `- sources: [...]` "
+                                               "entries")
         out = []
         for i, item in enumerate(raw):
-            where = f"slices[{i}]"
+            where = f"{prefix}slices[{i}]"
             if not isinstance(item, dict) or "sources" not in item:
                 raise self.fail(where, "must be a mapping with `sources: [{model, layer_range}]`")
             for key in item:
@@ -359,6 +375,43 @@ class _Validator:
                                  per_model_level=False)
             out.append(SliceSpec(sources=srcs, parameters=params))
         return out
+
+    def modules(self, raw: Any, base_dir: Path, method: MethodSpec, base_model: str | None
+                ) -> tuple[dict[str, ModuleSpec], list[SliceSpec]]:
+        """mergekit's ``modules:``: per module (a layer stack: the text decoder, the vision
+        tower), ``slices`` or ``models`` and ``parameters``. Returns the modules and their
+        slices laid end to end (each slice knows its module; a module's ``models`` are one
+        slice over every layer of its stack, the base added as mergekit adds it)."""
+        if not isinstance(raw, dict) or not raw:
+            raise self.fail("modules", "must be a mapping of module name -> {slices | models, "
+                                       "parameters}")
+        modules: dict[str, ModuleSpec] = {}
+        slices: list[SliceSpec] = []
+        for name, item in raw.items():
+            where = f"modules.{name}"
+            if not isinstance(item, dict):
+                raise self.fail(where, f"must be a mapping with `slices` or `models`, got "
+                                       f"{_kind(item)}")
+            for key in item:
+                if key not in MODULE_KEYS:
+                    raise self.fail(f"{where}.{key}", f"unknown key; {_closest(key, MODULE_KEYS)}")
+            if ("slices" in item) == ("models" in item):
+                raise self.fail(where, "give either `slices` or `models`")
+            params = self.params(item.get("parameters"), f"{where}.parameters", method,
+                                 per_model_level=False)
+            if "slices" in item:
+                own = self.slices(item["slices"], base_dir, method, prefix=f"{where}.")
+            else:
+                entries = self.models(item, base_dir, method, prefix=f"{where}.")
+                sources = [SliceSource(model=e.model, layer_range=None, parameters=e.parameters)
+                           for e in entries]
+                if base_model is not None and method.base != "none" and not any(
+                        _same(s.model, base_model, base_dir) for s in sources):
+                    sources.append(SliceSource(model=base_model, layer_range=None))
+                own = [SliceSpec(sources=sources)]
+            modules[str(name)] = ModuleSpec(parameters=params, whole="models" in item)
+            slices += [sl.model_copy(update={"module": str(name)}) for sl in own]
+        return modules, slices
 
     def slice_source(self, item: Any, where: str, base_dir: Path,
                      method: MethodSpec) -> SliceSource:
@@ -642,32 +695,100 @@ class _Validator:
             raise self.fail(field, f"must be true or false, got {v!r}")
         return v
 
-    def tokenizer(self, raw: dict, base_model: str | None, base_dir: Path) -> str | None:
+    def tokenizer(self, raw: dict, base_model: str | None,
+                  base_dir: Path) -> TokenizerSpec | None:
+        """``tokenizer_source: X`` or the ``tokenizer:`` block, as one :class:`TokenizerSpec`."""
         src = raw.get("tokenizer_source")
         field = "tokenizer_source"
         block = raw.get("tokenizer")
+        tokens: dict[str, TokenSpec] = {}
+        pad = None
         if block is not None:
             if src is not None:
                 raise self.fail("tokenizer", "give either `tokenizer_source` or a `tokenizer` "
                                              "block, not both")
             if not isinstance(block, dict):
                 raise self.fail("tokenizer", f"must be a mapping, got {_kind(block)}")
-            extra = [k for k in block if k != "source" and block[k] not in (None, {}, [])]
-            if extra:
-                raise self.fail(f"tokenizer.{extra[0]}", "not supported yet (only "
-                                "`tokenizer: {source: base | <folder>}` is); remove it")
-            src, field = block.get("source"), "tokenizer.source"
+            for key in block:
+                if key not in TOKENIZER_KEYS:
+                    raise self.fail(f"tokenizer.{key}",
+                                    f"unknown key; {_closest(key, TOKENIZER_KEYS)}")
+            src, field = block.get("source", "union"), "tokenizer.source"
+            tokens = self.tokens(block.get("tokens"), base_dir)
+            pad = block.get("pad_to_multiple_of")
+            if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)
+                                    or pad < 1):
+                raise self.fail("tokenizer.pad_to_multiple_of",
+                                f"must be a positive integer, got {pad!r}")
         if src is None:
             return None
-        if src == "union":
-            raise self.fail(field, "'union' (a merged vocabulary) is not supported yet; use "
-                                   "'base' or the folder of the model whose tokenizer to keep")
-        if src == "base":
-            if base_model is None:
-                raise self.fail(field, "'base' needs `base_model`; set base_model or give the "
-                                       "folder of the model whose tokenizer to keep")
-            return "base"
-        return self.model_string(src, field, base_dir)
+        if src not in ("union", "base"):
+            src = self.model_string(src, field, base_dir)
+        elif src == "base" and base_model is None:
+            raise self.fail(field, "'base' needs `base_model`; set base_model or give the "
+                                   "folder of the model whose tokenizer to keep")
+        return TokenizerSpec(source=src, tokens=tokens, pad_to_multiple_of=pad)
+
+    def tokens(self, raw: Any, base_dir: Path) -> dict[str, TokenSpec]:
+        """``tokenizer.tokens``: token text -> {source, force} (mergekit's TokenEmbeddingConfig)."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            raise self.fail("tokenizer.tokens", f"must be a mapping of token -> {{source, "
+                                                f"force}}, got {_kind(raw)}")
+        out = {}
+        for token, entry in raw.items():
+            field = f"tokenizer.tokens.{token}"
+            entry = {} if entry is None else entry
+            if not isinstance(entry, dict):
+                raise self.fail(field, f"must be a mapping {{source, force}}, got {_kind(entry)}")
+            for key in entry:
+                if key not in ("source", "force"):
+                    raise self.fail(f"{field}.{key}", f"unknown key; "
+                                    f"{_closest(key, ('source', 'force'))}")
+            force = self.flag(entry.get("force", False), f"{field}.force")
+            out[str(token)] = TokenSpec(source=self.token_source(entry.get("source"), field,
+                                                                 base_dir), force=force)
+        return out
+
+    def token_source(self, raw: Any, field: str, base_dir: Path) -> TokenSource | None:
+        field += ".source"
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            return TokenSource(kind="model", model=self.model_string(raw, field, base_dir))
+        if not isinstance(raw, dict):
+            raise self.fail(field, f"must be a model folder or a mapping with `kind` (zero, "
+                                   f"model_token), got {_kind(raw)}")
+        kind = raw.get("kind")
+        if kind == "zero":
+            if set(raw) != {"kind"}:
+                raise self.fail(field, "`kind: zero` takes no other key")
+            return TokenSource(kind="zero")
+        if kind != "model_token":
+            raise self.fail(f"{field}.kind", f"must be 'zero' or 'model_token', got {kind!r}")
+        extra = sorted(set(raw) - {"kind", "model", "token", "token_id"})
+        if extra:
+            raise self.fail(f"{field}.{extra[0]}", "unknown key; a model_token source takes "
+                                                   "model and one of token, token_id")
+        if ("token" in raw) == ("token_id" in raw):
+            raise self.fail(field, "give exactly one of `token` and `token_id`")
+        token_id = raw.get("token_id")
+        if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)
+                                     or token_id < 0):
+            raise self.fail(f"{field}.token_id", f"must be a token id (an integer >= 0), got "
+                                                 f"{token_id!r}")
+        token = raw.get("token")
+        if token is not None and not isinstance(token, str):
+            raise self.fail(f"{field}.token", f"must be a string, got {_kind(token)}")
+        return TokenSource(kind="model_token", token=token, token_id=token_id,
+                           model=self.model_string(raw.get("model"), f"{field}.model", base_dir))
+
+
+def _same(a: str, b: str, base_dir: Path) -> bool:
+    """Two model strings naming one folder (as written, or resolved against the recipe)."""
+    return a == b or (base_dir / Path(a).expanduser()).resolve() == \
+        (base_dir / Path(b).expanduser()).resolve()
 
 
 def _known_params() -> list[str]:

@@ -120,12 +120,13 @@ class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    layer_range: tuple[int, int]
+    # None: every layer of the module's stack (an entry of a module's ``models:``)
+    layer_range: tuple[int, int] | None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
     @property
-    def length(self) -> int:
-        return self.layer_range[1] - self.layer_range[0]
+    def length(self) -> int | None:
+        return None if self.layer_range is None else self.layer_range[1] - self.layer_range[0]
 
 
 class SliceSpec(BaseModel):
@@ -136,10 +137,20 @@ class SliceSpec(BaseModel):
 
     sources: list[SliceSource]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    module: str | None = None  # the ``modules:`` entry it belongs to
 
     @property
-    def length(self) -> int:
+    def length(self) -> int | None:
         return self.sources[0].length
+
+
+class ModuleSpec(BaseModel):
+    """One ``modules:`` entry's own settings (its slices are in ``Recipe.slices``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    whole: bool = False  # written as ``models:`` (whole stacks) rather than ``slices:``
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -156,8 +167,8 @@ DTYPES = {
 class Calibration(BaseModel):
     """Calibration data for data-informed methods (modelalloy addition, not in mergekit).
 
-    When a method needs statistics an expert does not have yet (``<model>/stats/<kind>``),
-    ``modelalloy merge`` collects them on this data first.
+    When a method needs statistics an expert does not have yet (``<model>/stats/<kind>``, or
+    in ``stats_dir``), ``modelalloy merge`` collects them on this data first.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -170,6 +181,65 @@ class Calibration(BaseModel):
     # Grams from a seeded random share of the tokens (each kept with this probability, the sum
     # divided by it: unbiased); 1 = every token (exact). See docs/statistics.md.
     gram_token_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Where collected statistics go, for models without their own (``<model>/stats/``, the
+    # default, needs a writable model folder); relative to the recipe's folder. See
+    # modelalloy.stats.store.
+    stats_dir: str | None = None
+
+
+class TokenSource(BaseModel):
+    """Where a token's embedding row comes from (mergekit's ``tokens.<token>.source``).
+
+    ``kind``: ``model`` (that model's row for the same token), ``model_token`` (that model's
+    row of another token, by text or id), ``zero`` (a row of zeros)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str  # "model" | "model_token" | "zero"
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+class TokenSpec(BaseModel):
+    """One entry of ``tokenizer.tokens``: its row's source, and whether it replaces the row
+    of models that have the token (``force``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: TokenSource | None = None
+    force: bool = False
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's ``tokenizer:`` block (``tokenizer_source: X`` is ``{source: X}``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str  # "union", "base" or a model folder
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source}
+        if self.tokens:
+            out["tokens"] = {k: _dump_token(v) for k, v in self.tokens.items()}
+        if self.pad_to_multiple_of is not None:
+            out["pad_to_multiple_of"] = self.pad_to_multiple_of
+        return out
+
+
+def _dump_token(spec: TokenSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    src = spec.source
+    if src is not None:
+        if src.kind == "model":
+            out["source"] = src.model
+        else:
+            out["source"] = {k: v for k, v in src.model_dump().items() if v is not None}
+    if spec.force:
+        out["force"] = True
+    return out
 
 
 class Recipe(BaseModel):
@@ -183,10 +253,15 @@ class Recipe(BaseModel):
     # mergekit's ``slices:`` (frankenmerges, layer ranges); ``models`` then lists each source
     # model once, without parameters (plan/slices.py builds the output's layers).
     slices: list[SliceSpec] | None = None
+    # mergekit's ``modules:`` (VLMs: a text decoder and a vision tower): their slices are in
+    # ``slices``, each naming its module
+    modules: dict[str, ModuleSpec] | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    # the full ``tokenizer:`` block; set whenever tokenizer_source is (its ``source``)
+    tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None  # auto, a built-in name, or Jinja (io/chat_template.py)
     seed: int = 0
     calibration: Calibration | None = None
@@ -268,8 +343,11 @@ class Recipe(BaseModel):
         for m in self.all_models():
             self.model_path(m)
             self.adapter_path(m)
-        if self.tokenizer_source not in (None, "base"):
+        if self.tokenizer_source not in (None, "base", "union"):
             self.model_path(self.tokenizer_source)
+        for spec in (self.tokenizer.tokens.values() if self.tokenizer else ()):
+            if spec.source is not None and spec.source.model is not None:
+                self.model_path(spec.source.model)
 
     def same_model(self, a: str, b: str) -> bool:
         """Whether two model strings name the same checkpoint (same text or same folder)."""
@@ -330,7 +408,7 @@ class Recipe(BaseModel):
 
     def tokenizer_path(self) -> Path | None:
         """Folder whose tokenizer the output gets: base_model for "base", else the given path."""
-        if self.tokenizer_source is None:
+        if self.tokenizer_source in (None, "union"):
             return None
         if self.tokenizer_source == "base":
             return self.model_path(self.base_model)  # validated: base_model is set
@@ -344,13 +422,12 @@ class Recipe(BaseModel):
         out["merge_method"] = self.merge_method
         if self.base_model is not None:
             out["base_model"] = self.base_model
-        if self.slices:
-            out["slices"] = [
-                {"sources": [{"model": s.model, "layer_range": list(s.layer_range),
-                              **({"parameters": _dump_params(s.parameters)}
-                                 if s.parameters else {})} for s in sl.sources],
-                 **({"parameters": _dump_params(sl.parameters)} if sl.parameters else {})}
-                for sl in self.slices]
+        if self.modules:
+            out["modules"] = {name: _dump_module(
+                module, [sl for sl in self.slices or [] if sl.module == name])
+                for name, module in self.modules.items()}
+        elif self.slices:
+            out["slices"] = _dump_slices(self.slices)
         else:
             out["models"] = [
                 {"model": e.model, **({"parameters": _dump_params(e.parameters)}
@@ -358,9 +435,16 @@ class Recipe(BaseModel):
                 for e in self.models]
         if self.parameters:
             out["parameters"] = _dump_params(self.parameters)
-        for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+        for key in ("dtype", "out_dtype"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.tokenizer is not None and (self.tokenizer.tokens
+                                           or self.tokenizer.pad_to_multiple_of):
+            out["tokenizer"] = self.tokenizer.to_yaml_dict()
+        elif self.tokenizer_source is not None:
+            out["tokenizer_source"] = self.tokenizer_source
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         out["seed"] = self.seed
         if self.conventions != "mergekit":
             out["conventions"] = self.conventions
@@ -369,6 +453,26 @@ class Recipe(BaseModel):
         if self.calibration is not None:
             out["calibration"] = self.calibration.model_dump(exclude_defaults=True)
         return yaml.dump(out, Dumper=_Dumper, sort_keys=False, allow_unicode=True).rstrip() + "\n"
+
+
+def _dump_source(s: SliceSource) -> dict[str, Any]:
+    return {"model": s.model,
+            **({"layer_range": list(s.layer_range)} if s.layer_range is not None else {}),
+            **({"parameters": _dump_params(s.parameters)} if s.parameters else {})}
+
+
+def _dump_slices(slices: list[SliceSpec]) -> list[dict[str, Any]]:
+    return [{"sources": [_dump_source(s) for s in sl.sources],
+             **({"parameters": _dump_params(sl.parameters)} if sl.parameters else {})}
+            for sl in slices]
+
+
+def _dump_module(module: ModuleSpec, slices: list[SliceSpec]) -> dict[str, Any]:
+    out: dict[str, Any] = ({"models": [_dump_source(s) for s in slices[0].sources]}
+                           if module.whole else {"slices": _dump_slices(slices)})
+    if module.parameters:
+        out["parameters"] = _dump_params(module.parameters)
+    return out
 
 
 def _dump_value(v: Any) -> Any:

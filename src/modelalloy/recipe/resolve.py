@@ -32,8 +32,8 @@ def resolve_tensor_params(recipe: Recipe, tensor_name: str, layer_index: int | N
 
     With ``slices:``, ``slice_at`` = (slice index, t) of the output tensor (mergekit's t runs
     over each slice's own layers): a per-model value comes from the slice's source for that
-    model, then the slice's ``parameters``, then the top level; a global one from the slice's
-    ``parameters``, then the top level.
+    model, then the slice's ``parameters``, then its module's (``modules:``), then the top
+    level; a global one from the slice's ``parameters``, its module's, then the top level.
     """
     spec = recipe.method_spec()
     if slice_at is None:
@@ -45,7 +45,9 @@ def resolve_tensor_params(recipe: Recipe, tensor_name: str, layer_index: int | N
         assert recipe.slices is not None  # slice_at is given for slices recipes only
         sl = recipe.slices[index]
         per_model = [[s.parameters] for s in slice_experts(recipe, sl)]
-        shared = [sl.parameters, recipe.parameters]
+        module = (recipe.modules or {}).get(sl.module or "")
+        shared = [sl.parameters] + ([module.parameters] if module else []) \
+            + [recipe.parameters]
     given: dict[str, Any] = {}
     for param in spec.params:
         top_value = _first(tensor_name, [level.get(param.name) for level in shared], t)

@@ -64,6 +64,12 @@ class LimitedSafeLoader(yaml.SafeLoader):
             _check_expanded_size(node)
         return node
 
+    def get_node(self) -> yaml.Node | None:  # each document of ``load_all``
+        node = super().get_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
 
 def _check_expanded_size(root: yaml.Node) -> None:
     """Count the nodes of the document with every alias expanded (each shared node is

@@ -64,10 +64,15 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "Akiba et al., Evolutionary Optimization of Model Merging Recipes, Nature Machine "
         "Intelligence 2025 (Sakana); mergekit-evolve",
         "CMA-ES over the template's genome (layer groups × parameter sets × models × "
-        "(weight, density)), fitness Σ w·score",
+        "(weight, density)) or, with search.space dataflow, over a layer path through the "
+        "models and its input factors; fitness Σ w·score",
         "modelalloy.optimize.evolve:run",
         {"sigma0": (1 / 6, "CMA-ES step size in unit coordinates (mergekit-evolve: 1/6)"),
-         "popsize": (None, "population (CMA default 4 + ⌊3 ln n⌋)")},
+         "popsize": (None, "population (CMA default 4 + ⌊3 ln n⌋)"),
+         "restarts": (9, "IPOP restarts (population ×2 each) when CMA stops, while budget "
+                         "is left"),
+         "patience": (None, "also restart after this many generations without a better "
+                            "fitness")},
         budget=100, needs=("cma",)),
     AlgorithmSpec(
         "map", "search",
@@ -76,12 +81,17 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "quadratic surrogate per task from (d+1)(d+2) designed merges, NSGA-III front on the "
         "surrogates, preference picks the recipe",
         "modelalloy.optimize.map_search:run",
-        {"points": (None, "designed points (default (d+1)(d+2))"),
+        {"points": (None, "designed points (default (d+1)(d+2); nested: 20 per round)"),
          "preference": (None, "weights over the scores (default equal)"),
          "warp": ("auto", "sigmoid, none, or auto (sigmoid for scores in [0, 1])"),
          "population": (100, "NSGA-III population"),
          "generations": (25, "NSGA-III generations"),
-         "reevaluate": (5, "front points scored for real (the chosen one first)")},
+         "reevaluate": (5, "front points scored for real (the chosen one first)"),
+         "variant": ("plain", "plain, bayesian (adaptive sampling where the surrogates "
+                              "err) or nested (pairwise rounds, for many tasks)"),
+         "tasks": (None, "nested: the metric of each model, in model order"),
+         "schedule": (None, "bayesian: designed points, then new points per metric and "
+                            "round (default (d+1)(d+2),3,3)")},
         budget=0, needs=("pymoo", "scipy"),
         budget_entry="modelalloy.optimize.map_search:default_budget"),
     AlgorithmSpec(

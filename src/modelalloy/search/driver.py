@@ -17,7 +17,7 @@ from typing import Any
 
 from modelalloy.errors import OptimizeError
 from modelalloy.optimize.candidate import ModelPool
-from modelalloy.optimize.space import SearchSpace, load_template
+from modelalloy.optimize.space import SearchSpace, StagedRecipe, load_template
 from modelalloy.optimize.trials import TrialLog
 from modelalloy.recipe.model import Recipe
 from modelalloy.search.algorithms import AlgorithmSpec, get_algorithm
@@ -213,6 +213,8 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
               "search": [space.granularity, space.layers_per_group, space.filters,
                          [vars(b) for b in space.bounds]],
               "objectives": objs.specs, "weights": objs.weights, "options": opts}
+    if getattr(space, "methods", None):  # a method per cell (only then: older keys unchanged)
+        config["search"].append({"methods": list(space.methods)})
     log = TrialLog(out, config, resume)
     echo = echo or (lambda _m: None)
     start = time.perf_counter()
@@ -245,8 +247,9 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
                           time.perf_counter() - start, ctx.eval_seconds)
 
 
-def chosen_recipe(ctx: RunContext, record: Mapping[str, Any]) -> Recipe:
-    """The recipe of a trial, with absolute model paths and a name saying where it came from."""
+def chosen_recipe(ctx: RunContext, record: Mapping[str, Any]) -> Recipe | StagedRecipe:
+    """The recipe of a trial, with absolute model paths and a name saying where it came from
+    (a staged one, run by ``modelalloy merge-multi``, when the cells use several methods)."""
     from modelalloy.recipe.load import recipe_from_dict
 
     cand = record["candidate"]
@@ -259,6 +262,15 @@ def chosen_recipe(ctx: RunContext, record: Mapping[str, Any]) -> Recipe:
         data = dict(cand)
         data["name"] = name
     else:
+        staged = getattr(ctx.space, "staged_dicts", lambda *a, **k: None)(cand,
+                                                                          absolute=absolute)
+        if staged is not None:  # a method per cell: mergekit-multi stages, unnamed final
+            where = str(ctx.out / "recipe.yaml")
+            return StagedRecipe([(n, recipe_from_dict({**d, "name": n}, source=where,
+                                                      base_dir=ctx.out))
+                                 for n, d in staged[0]],
+                                recipe_from_dict(staged[1], source=where, base_dir=ctx.out),
+                                comment=name)
         data = ctx.space.recipe_dict(cand, absolute=absolute, name=name)
     return recipe_from_dict(data, source=str(ctx.out / "recipe.yaml"), base_dir=ctx.out)
 

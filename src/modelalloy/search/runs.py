@@ -126,9 +126,12 @@ def run_expert_merging_pp(ctx: Any) -> None:
     """Expert Merging++: a layer-wise run, chunk counts m_l by importance (budget B = the
     number of layer-wise coefficients per task unless ``chunk_budget``), a chunk-wise run.
 
-    Chunk-wise coefficients are not a recipe parameter: they are written as ``merge_coeffs``
-    statistics under ``OUT/stats/<task>/`` and the recipe is ``chunk_task_arithmetic``, which
-    reads them from each expert's ``stats/`` folder (copy them there to merge).
+    Chunk-wise coefficients vary inside a tensor, so the recipe is ``task_arithmetic_chunks``
+    with each model's coefficients written per tensor (``chunks: [{filter: NAME, value: "a b
+    c"}, ...]``, float32 values, exact in decimal): ``modelalloy merge DIR/recipe.yaml`` gives
+    the scored weights bit for bit. They are also saved as ``merge_coeffs`` statistics under
+    ``OUT/stats/<task>/`` (for ``chunk_task_arithmetic``, which reads them from each expert's
+    ``stats/`` folder).
     """
     from modelalloy.optimize.candidate import merge_candidate
     from modelalloy.optimize.expert_merging import allocate_chunks
@@ -145,17 +148,38 @@ def run_expert_merging_pp(ctx: Any) -> None:
     stats = res.to_statistics()
     for task, st in zip(tasks, stats, strict=True):
         save_stats(st, ctx.out / "stats" / task / "merge_coeffs.safetensors", "merge_coeffs")
-    recipe = {"merge_method": "chunk_task_arithmetic",
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    recipe = {"merge_method": "task_arithmetic_chunks",
               "base_model": str(ctx.template.model_path(ctx.template.base_model)),
-              "models": [{"model": str(ctx.template.model_path(e.model))}
-                         for e in ctx.template.expert_entries()],
+              "models": [{"model": str(ctx.template.model_path(e.model)),
+                          "parameters": {"chunks": chunk_setting(res.alphas, k, names,
+                                                                 ctx.space.source)}}
+                         for k, e in enumerate(ctx.template.expert_entries())],
               "dtype": "float32", "seed": ctx.template.seed}
     ctx.notes["chunks"] = {n: m for n, m in chunks.items() if m != 1}
     ctx.notes["merge_coeffs"] = f"{ctx.out / 'stats'}/<task>/merge_coeffs.safetensors"
     rec = recipe_from_dict(recipe, source=str(ctx.out / "recipe.yaml"), base_dir=ctx.out)
-    ctx.record(recipe, lambda: ctx.objectives.score(merge_candidate(
-        rec, ctx.pool, stats={"merge_coeffs": [dict(st) for st in stats]})),
-        tag="expert_merging_pp")
+    ctx.record(recipe, lambda: ctx.objectives.score(merge_candidate(rec, ctx.pool)),
+               tag="expert_merging_pp")
+
+
+def chunk_setting(alphas: Mapping[str, torch.Tensor], k: int, names: Sequence[str],
+                  where: str) -> list[dict[str, Any]]:
+    """Model k's chunk coefficients as per-tensor filter entries (longest name first, so the
+    first match is the tensor itself; a tensor whose name holds a coefficient tensor's name
+    gets its own empty entry), '' for the rest; checked under the first-match rule."""
+    from modelalloy.recipe.model import Conditional, evaluate_setting
+
+    target = {n: " ".join(repr(float(v)) for v in alphas[n][k].to(torch.float32).flatten())
+              if n in alphas else "" for n in names}
+    listed = [n for n in names if n in alphas or any(a in n for a in alphas if a != n)]
+    entries: list[dict[str, Any]] = [{"filter": n, "value": target[n]}
+                                     for n in sorted(listed, key=lambda n: (-len(n), n))]
+    entries.append({"value": ""})
+    conds = [Conditional(**e) for e in entries]
+    if not all(evaluate_setting(n, conds) == v for n, v in target.items()):
+        raise OptimizeError(f"{where}: the chunk coefficients cannot be written as filters")
+    return entries
 
 
 # -- FW-Merging: its loss from the objective -------------------------------------------

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from modelalloy.errors import OptimizeError
-from modelalloy.optimize.candidate import ModelPool, merge_candidate
-from modelalloy.optimize.space import SearchSpace
+from modelalloy.optimize.candidate import ModelPool, merge_candidate, merge_staged
+from modelalloy.optimize.space import SearchSpace, StagedRecipe
 from modelalloy.search.objectives import Objectives
 
 Candidate = Sequence[float] | Mapping[str, Any]
@@ -49,7 +49,9 @@ def score_candidate(space: SearchSpace, objectives: Objectives, pool: ModelPool,
                     candidate: Candidate) -> tuple[dict[str, float], float]:
     """(scores, seconds) of one candidate."""
     start = time.perf_counter()
-    state_dict = merge_candidate(candidate_recipe(space, candidate), pool)
+    recipe = candidate_recipe(space, candidate)
+    state_dict = (merge_staged(recipe, pool) if isinstance(recipe, StagedRecipe)
+                  else merge_candidate(recipe, pool))
     fidelity = float(candidate.get("fidelity", 1.0)) if isinstance(candidate, Mapping) else 1.0
     scores = objectives.score(state_dict, fidelity)
     return scores, time.perf_counter() - start
@@ -58,6 +60,20 @@ def score_candidate(space: SearchSpace, objectives: Objectives, pool: ModelPool,
 def _describe(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def warm_up(space: Any, objectives: Objectives, pool: ModelPool) -> None:
+    """A fresh worker's one-off costs, paid before its first trial: the objective's data (a
+    suite's, read once), and one merge of the start candidate (compiled kernels loaded, the
+    models' pages touched; the merge is dropped and the re-merge cache cleared, so trials are
+    unchanged). The objective is not called (a user metric may have side effects)."""
+    objectives.prepare()
+    try:
+        merge_candidate(candidate_recipe(space, space.x0()), pool)
+    except Exception:  # a bad template fails in its first trial, with the trial's error
+        pass
+    pool.last.clear()
+    pool.merged_tensors = pool.reused_tensors = 0
 
 
 class LocalEvaluator:
@@ -162,6 +178,10 @@ class RayEvaluator:
                 self.space, self.objectives = space, objectives
                 self.pool = ModelPool({p: _from_numpy(ray.get(r)) for p, r in refs.items()},
                                       threads=1)
+                warm_up(space, objectives, self.pool)
+
+            def ready(self) -> bool:
+                return True
 
             def score(self, candidate: Candidate) -> tuple[str, Any]:
                 try:
@@ -173,6 +193,8 @@ class RayEvaluator:
         # refs inside a dict are not resolved by Ray: each worker maps them itself
         self.actors = [Worker.remote(space, objectives, refs) for _ in range(workers)]
         self._ray = ray
+        # every worker started and warmed up before the first trial (not inside it)
+        ray.get([a.ready.remote() for a in self.actors])
 
     def evaluate(self, candidates: Sequence[Candidate]) -> list[tuple[dict[str, float], float]]:
         from ray.util import ActorPool

@@ -1,4 +1,5 @@
-"""Statistics on disk: one safetensors file per kind, next to the model.
+"""Statistics on disk: one safetensors file per kind, next to the model (or in a statistics
+folder of the user's choosing: modelalloy.stats.store), written and read with its format check.
 
 Format (version 1), written down in docs/statistics.md::
 
@@ -45,9 +46,16 @@ FORMAT = "modelalloy.stats"
 VERSION = "1"
 
 
-def stats_path(model_dir: str | Path, kind: str) -> Path:
-    """Where statistics of ``kind`` for the model in ``model_dir`` live."""
-    return Path(model_dir) / "stats" / f"{kind}.safetensors"
+STATS_FOLDER = "stats"
+
+
+def stats_path(model: str | Path, kind: str) -> Path:
+    """Where statistics of ``kind`` for a model live by default: ``<model folder>/stats/`` (a
+    model given as its weight file: that file's folder). modelalloy.stats.store also finds them
+    in a statistics folder of the user's choosing."""
+    path = Path(model)
+    folder = path.parent if path.is_file() else path
+    return folder / STATS_FOLDER / f"{kind}.safetensors"
 
 
 def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
@@ -80,7 +88,7 @@ def save_stats(stat: Statistic | Mapping[str, torch.Tensor], target: str | Path,
         os.replace(tmp, path)
     except Exception as err:  # OSError, or safetensors' own error for a failed write
         tmp.unlink(missing_ok=True)
-        raise OutputError(_write_failure(path, tensors, err)) from None
+        raise OutputError(_write_failure(path, tensors, err), options=("out",)) from None
     return path
 
 
@@ -117,12 +125,11 @@ def _write_failure(path: Path, tensors: Mapping[str, torch.Tensor], err: Excepti
     reason = " ".join(str(getattr(err, "strerror", None) or err).split())
     if getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (f"{path}: cannot write the statistics ({reason}): the folder is read-only "
-                "for this user; with `modelalloy stats` choose a file elsewhere with --out, "
-                "for a merge copy the model to a writable folder (statistics live in "
-                "MODEL/stats/)")
+                "for this user; save them elsewhere (out=PATH), or for a merge copy the "
+                "model to a writable folder (statistics live in MODEL/stats/)")
     return (f"{path}: cannot write the statistics ({reason}; they need "
-            f"{human_size(needed)}, {free} on that disk); free some space or choose another "
-            "place with --out")
+            f"{human_size(needed)}, {free} on that disk); free some space or save them "
+            "elsewhere (out=PATH)")
 
 
 def check_metadata(path: Path, meta: Mapping[str, str], kind: str | None = None) -> None:

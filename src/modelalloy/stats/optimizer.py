@@ -127,7 +127,7 @@ def moments_for_model_dir(model_dir: str | Path, optimizer: str | Path | None = 
             raise CheckpointError(
                 f"{model_dir}: no optimizer state to read exp_avg_sq from (looked for "
                 f"{', '.join(OPTIMIZER_FILES)}); save Adam's state next to the model or pass "
-                "--optimizer FILE")
+                "optimizer=FILE", options=("optimizer",))
         optimizer = found[0]
     shapes = _model_shapes(model_dir)
     stat = load_adam_moments(optimizer, param_names, shapes=shapes, compress=compress)

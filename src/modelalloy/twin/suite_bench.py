@@ -24,7 +24,7 @@ def router_data(suite: Any, tasks: list[str], split: str = "val", batch: int = 2
     if suite.info.name == "tiny-lm":
         # right-padded prompts: the same masked-mean embedding as greedy's left-padded prefill
         # (positions count from each prompt's first token either way)
-        from modelalloy.eval.informed import task_batches
+        from modelalloy.eval.suite_stats import task_batches
 
         return dict(zip(tasks, task_batches(suite, tasks, split, batch), strict=True))
     out: dict[str, list[Any]] = {}
