@@ -338,7 +338,7 @@ def della_linear(params: dict[str, Any]) -> SliceKernel | None:
 
 class _TiesKernel:
     """TIES (per tensor, no rescale) on the fused path: two counting passes (``passes``),
-    then the merge; the trim state is ``methods._sparsify.SlicedTopK``, as on the torch path."""
+    then the merge; the trim state is ``methods.orderstats.SlicedTopK``, as on the torch path."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
@@ -347,7 +347,7 @@ class _TiesKernel:
         self.passes = (self.count, self.collect)
 
     def _trim(self, ctx: MergeContext):
-        from modelalloy.methods._sparsify import SlicedTopK
+        from modelalloy.methods.orderstats import SlicedTopK
 
         return ctx.streams.setdefault("ties_trim", SlicedTopK(self.params["density"]))
 

@@ -52,7 +52,6 @@ from modelalloy.errors import MethodError
 from modelalloy.methods._sparsify import (
     INT8_MASK,
     Scratch,
-    SlicedTopK,
     combine_,
     combine_signed,
     density_param,
@@ -69,6 +68,7 @@ from modelalloy.methods._sparsify import (
     vote_param,
     weight_param,
 )
+from modelalloy.methods.orderstats import SlicedTopK
 from modelalloy.methods.registry import MergeContext, Param, TensorGroup, register_method
 
 SCOPE = Param("scope", str, "per_tensor",
