@@ -1,7 +1,8 @@
 """The fused slice kernels give the bits of the methods' torch code, slice by slice.
 
 Parameters resolve with `conventions: paper`: the kernels serve the streamed variants (paper
-vote, row-wise Breadcrumbs, DARE/DELLA without the L1 rescale), the papers' defaults.
+vote, row-wise Breadcrumbs, DELLA without the L1 rescale), the papers' defaults; DARE's L1
+rescale (mergekit's) has its own cases.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _torch_reduce(name: str, params: dict, inputs: list[torch.Tensor],
                   ctx: MergeContext) -> None:
     """The method's torch ``slice_reduce`` passes over every slice, as the engine runs them."""
     spec = get_method(name)
-    for reduce in spec.slice_reduce:
+    for reduce in spec.reduce_passes(params):
         for start in range(0, N, STEP):
             wide = [t[start:start + STEP].float() for t in inputs]
             ctx.slice_start = start
@@ -110,6 +111,10 @@ CASES = [
                    "lambda": 1.3}),
     ("dare_ties", {"density": 0.5, "weight": [1.0, 0.2, 0.7], "vote": "weighted"}),
     ("dare_ties", {"density": 0.9, "weight": [1.0, 1.0, 1.0], "normalize": True}),
+    # mergekit's L1 rescale: a torch pass gathers the L1 sums, the kernel scales by them
+    ("dare_linear", {"density": [0.3, 1.0, 0.6], "rescale_norm": "l1"}),
+    ("dare_ties", {"density": 0.4, "weight": [1.0, 0.2, 0.7], "vote": "weighted",
+                   "rescale_norm": "l1"}),
     ("model_stock", {}),
     ("ties", {"density": 0.2}),
     ("ties", {"density": [0.3, 1.0, 0.0], "weight": [0.5, 1.0, 0.3], "vote": "weighted",

@@ -162,7 +162,7 @@ class PlanExecutor:
         # a kernel takes the counting passes too when it has them all (its state is the
         # method's own, so either way gives the same bits); otherwise the torch path does all
         passes = getattr(kernel, "passes", ())
-        if kernel is not None and len(passes) == len(spec.slice_reduce):
+        if kernel is not None and len(passes) == len(spec.reduce_passes(entry.params)):
             if not self._fused_reduce(entry, ctx, passes):
                 return False
             merge_slice = self._fused_slice(entry, ctx, kernel)
@@ -218,7 +218,7 @@ class PlanExecutor:
     def _reduce_slices(self, entry: PlanEntry, ctx: MergeContext) -> bool:
         """The method's ``slice_reduce`` passes, each over every slice in order; False on a
         NaN/Inf input."""
-        for reduce in self.plan.spec.slice_reduce:
+        for reduce in self.plan.spec.reduce_passes(entry.params):
             for start, count in _slices(entry, ctx):
                 split = self._read_slice(entry, start, count)
                 if split is None:

@@ -138,11 +138,44 @@ class _DareDrops:
         return ctx.streams[key]
 
 
+class _DareKernel:
+    """A DARE merge kernel ``merge(src, count, out, ctx, rescale, scales)`` with its passes:
+    none, or with the L1 rescale (``dare.rescales_to_l1``) the torch pass that gathers the
+    whole tensor's L1 sums (``dare.gather_l1_sums`` on the widened slice, so both paths gather
+    the same sums); the survivors' scale is then ‖δ‖₁/‖δ ⊙ m‖₁ in float32 instead of
+    1/density, and the kernel's (δ·m)·scale is the torch path's two multiplies."""
+
+    def __init__(self, params: dict[str, Any], drops: _DareDrops,
+                 merge: Callable[..., bool]) -> None:
+        from modelalloy.methods.dare import rescales_to_l1
+
+        self.params, self.drops, self.merge = params, drops, merge
+        self.l1 = rescales_to_l1(params)
+        self.passes = (self.gather,) if self.l1 else ()
+
+    def gather(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
+        from modelalloy.methods.dare import gather_l1_sums
+
+        rows = [widen(src[i, :count]) for i in range(src.shape[0])]
+        if not all(bool(torch.isfinite(r).all()) for r in rows):
+            return False
+        gather_l1_sums(rows[0], rows[1:], self.params, ctx)
+        return True
+
+    def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+                 width: int = 1) -> bool:
+        from modelalloy.methods.dare import L1Sums
+
+        scales = self.drops.inv_density
+        if self.l1:
+            assert ctx.streams is not None
+            scales = _f32(ctx.streams[L1Sums].factors())
+        return self.merge(src, count, out, ctx, self.drops.rescale, scales)
+
+
 def dare_linear(params: dict[str, Any]) -> SliceKernel | None:
     from modelalloy.kernels.elementwise import dare_linear_kernel
 
-    if params["rescale"] and params["rescale_norm"] == "l1":
-        return None
     drops = _DareDrops(params)
     weights = list(params["weight"])
     div = _sum_divisor(params)
@@ -150,11 +183,10 @@ def dare_linear(params: dict[str, Any]) -> SliceKernel | None:
     w, lam = _f32(weights), np.float32(params["lambda"])
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
-            width: int = 1) -> bool:
+            rescale: bool, scales: np.ndarray) -> bool:
         return dare_linear_kernel(src, count, out, drops.modes, drops.states(ctx),
-                                  drops.thresholds, drops.rescale, drops.inv_density, unit, w,
-                                  div, lam)
-    return run
+                                  drops.thresholds, rescale, scales, unit, w, div, lam)
+    return _DareKernel(params, drops, run)
 
 
 class _TiesMerge:
@@ -212,16 +244,14 @@ def dare_ties(params: dict[str, Any]) -> SliceKernel | None:
     same ``paper_vote`` state that ``ties.finish_paper_vote`` settles after the last slice."""
     from modelalloy.kernels.elementwise import dare_ties_kernel
 
-    if params["rescale"] and params["rescale_norm"] == "l1":
-        return None
     drops, merge = _DareDrops(params), _TiesMerge(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
-            width: int = 1) -> bool:
+            rescale: bool, scales: np.ndarray) -> bool:
         return merge.run(ctx, src, lambda args: dare_ties_kernel(
-            src, count, out, drops.modes, drops.states(ctx), drops.thresholds, drops.rescale,
-            drops.inv_density, *args))
-    return run
+            src, count, out, drops.modes, drops.states(ctx), drops.thresholds, rescale,
+            scales, *args))
+    return _DareKernel(params, drops, run)
 
 
 class _Bands:

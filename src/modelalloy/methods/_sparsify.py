@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from modelalloy.errors import MethodError
+from modelalloy.methods._gram import abs_sum
 from modelalloy.methods.orderstats import (
     MAG_SHIFT,
     SMALL,
@@ -340,12 +341,18 @@ def _ranks_up_to(mag: torch.Tensor, value: torch.Tensor, r: int) -> torch.Tensor
 # DARE / DELLA random drops
 
 
-def _l1_rescale_(masked: torch.Tensor, l1_before: torch.Tensor, eps: float = 1e-7):
-    """mergekit's ``rescaled_masked_tensor`` with the L1 norm: match the original L1 norm."""
-    l1_after = torch.linalg.vector_norm(masked, 1)
-    if float(l1_before) >= eps and float(l1_after) >= eps:
-        masked.mul_(l1_before / l1_after)
-    return masked
+def scale_to_l1_(masked: torch.Tensor, l1_before: float, l1_after: float,
+                 eps: float = 1e-7) -> torch.Tensor:
+    """mergekit's ``rescaled_masked_tensor`` with the L1 norm: ×(‖δ‖₁ / ‖δ ⊙ m‖₁), unless
+    either norm is below ``eps``. The norms are :func:`_gram.abs_sum`'s float64 chunk sums,
+    so a tensor merged in slices (the sums gathered in a first pass) gets the same factor."""
+    factor = l1_factor(l1_before, l1_after, eps)
+    return masked if factor is None else masked.mul_(factor)
+
+
+def l1_factor(l1_before: float, l1_after: float, eps: float = 1e-7) -> float | None:
+    """‖δ‖₁ / ‖δ ⊙ m‖₁, or None (no rescale) when either norm is below ``eps``."""
+    return l1_before / l1_after if l1_before >= eps and l1_after >= eps else None
 
 
 def l1_rescaled_(delta: torch.Tensor, sparsify: Callable[[torch.Tensor], Any],
@@ -358,31 +365,34 @@ def l1_rescaled_(delta: torch.Tensor, sparsify: Callable[[torch.Tensor], Any],
     if not rescale:
         sparsify(delta)
         return delta
-    l1 = torch.linalg.vector_norm(delta, 1)
+    l1 = abs_sum(delta)
     sparsify(delta)
-    return _l1_rescale_(delta, l1)
+    return scale_to_l1_(delta, l1, abs_sum(delta))
 
 
 def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: int,
-          rescale: bool = True, rescale_norm: str = "density") -> torch.Tensor:
+          rescale: bool = True, rescale_norm: str = "density",
+          l1_sums: tuple[float, float] | None = None) -> torch.Tensor:
     """DARE: drop each entry with p = 1 − density, then rescale the survivors.
 
     The mask is ``ctx.keep_mask(delta, density, model_index)``, so it depends only on (seed,
     tensor name, model index). Rescale ``density``: divide by density (= 1/(1−p), the paper);
-    ``l1``: scale to the original L1 norm (current mergekit). density = 1 is the identity;
-    density = 0 gives zeros.
+    ``l1``: scale to the original L1 norm (current mergekit) — the whole tensor's
+    (‖δ‖₁, ‖δ ⊙ m‖₁) are ``l1_sums`` when the caller gathered them over slices, else they are
+    this tensor's. density = 1 is the identity; density = 0 gives zeros.
     """
     if density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.zero_()
-    l1 = torch.linalg.vector_norm(delta, 1) if rescale and rescale_norm == "l1" else None
+    l1 = rescale and rescale_norm == "l1"
+    before = abs_sum(delta) if l1 and l1_sums is None else None
     # A multiply by the mask (vectorized) rather than masked_fill_ (an elementwise loop).
     delta.mul_(ctx.keep_mask(delta, density, model_index))
     if rescale and rescale_norm == "density":
         delta.mul_(1.0 / density)
-    if l1 is not None:
-        _l1_rescale_(delta, l1)
+    if l1:
+        scale_to_l1_(delta, *(l1_sums if l1_sums is not None else (before, abs_sum(delta))))
     return delta
 
 
@@ -424,14 +434,14 @@ def magprune_(delta: torch.Tensor, density: float, epsilon: float, ctx: MergeCon
     if density >= 1.0:
         return delta
     probs = magprune_probabilities(delta, density, epsilon)
-    l1 = torch.linalg.vector_norm(delta, 1) if rescale and rescale_norm == "l1" else None
+    l1 = abs_sum(delta) if rescale and rescale_norm == "l1" else None
     keep = ctx.rand_like(delta, model_index).lt_(probs)
     if rescale and rescale_norm == "probability":
         keep.div_(probs)
     del probs
     delta.mul_(keep)
     if l1 is not None:
-        _l1_rescale_(delta, l1)
+        scale_to_l1_(delta, l1, abs_sum(delta))
     return delta
 
 

@@ -197,6 +197,8 @@ class TensorGroup:
 MergeFn = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], MergeContext],
                    torch.Tensor]
 PrepareFn = Callable[[Callable[[], Iterator[TensorGroup]]], Any]
+# One pass of a sliced merge over a slice: (base, experts, params, ctx), state in ctx.streams.
+ReduceFn = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], MergeContext], None]
 
 
 @dataclass(frozen=True)
@@ -264,9 +266,9 @@ class MethodSpec:
     # and dot, TIES' magnitude thresholds): passes over a large tensor's slices before the
     # merge; each function is called on every slice, in order, and keeps what it gathers in
     # ``ctx.streams``, where the later passes and the method (in the final, elementwise pass)
-    # read it.
-    slice_reduce: tuple[Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any],
-                                  MergeContext], None], ...] = ()
+    # read it. A callable gives the passes from the tensor's resolved parameters (DARE's L1
+    # rescale needs one, its density rescale none).
+    slice_reduce: tuple[ReduceFn, ...] | Callable[[dict[str, Any]], tuple[ReduceFn, ...]] = ()
 
     # A fused kernel for the sliced path, used when numba is installed: the name of a factory
     # in ``modelalloy.kernels.slices`` that maps the tensor's resolved parameters to a kernel
@@ -291,6 +293,10 @@ class MethodSpec:
 
     def is_rowwise(self, params: dict[str, Any]) -> bool:
         return _decide(self.rowwise, params)
+
+    def reduce_passes(self, params: dict[str, Any]) -> tuple[ReduceFn, ...]:
+        """The ``slice_reduce`` passes of a sliced merge with these parameters."""
+        return self.slice_reduce(params) if callable(self.slice_reduce) else self.slice_reduce
 
     def param(self, name: str) -> Param:
         for p in self.params:
