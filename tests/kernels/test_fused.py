@@ -16,6 +16,7 @@ from modelalloy.errors import MethodError
 from modelalloy.kernels import slices
 from modelalloy.kernels._numba import sfc64_fill
 from modelalloy.methods.registry import MergeContext, get_method
+from modelalloy.methods.ties import PaperVote
 
 # Three slices: two full ones and an odd remainder, so draws continue across slices and the
 # last slice ends on half a 64-bit draw.
@@ -177,7 +178,7 @@ def test_dare_ties_fix_ups_are_exercised():
     assert kernel(kernels.bits(raw), STEP, kernels.bits(out), ctx)
     # Up to 0.49 · (1/3 − 1/15) ≈ 13 % of the entries cancel where both deltas survive (fewer:
     # θ_t − θ_0 in float32 does not always give back ±δ exactly).
-    fixes = sum(f[0].numel() for f in ctx.streams["paper_vote"]["fixes"])
+    fixes = sum(f[0].numel() for f in ctx.streams[PaperVote].fixes)
     assert 0.05 * STEP < fixes < 0.14 * STEP
 
 
@@ -218,10 +219,12 @@ def test_a_nonfinite_input_is_reported_not_merged():
     assert slices.task_arithmetic(params)(kernels.bits(raw), 40, kernels.bits(out), ctx)
 
 
-def test_l1_rescale_keeps_the_torch_path_and_other_dtypes_are_not_supported():
+def test_l1_rescale_adds_a_pass_and_other_dtypes_are_not_supported():
     params = get_method("dare_ties").resolve(2, {"rescale_norm": "l1", "density": 0.5}, "d",
                                              conventions="paper")
-    assert slices.dare_ties(params) is None
+    assert len(slices.dare_ties(params).passes) == 1
+    assert get_method("breadcrumbs").kernel_for(get_method("breadcrumbs").resolve(
+        2, {"density": 0.5}, "b")) is None  # mergekit's tensor-wide band: torch slices
     assert not kernels.supports([torch.float16, torch.float16], torch.bfloat16)
     assert not kernels.supports([torch.bfloat16, torch.float32], torch.bfloat16)
     assert kernels.supports([torch.bfloat16] * 3, torch.float32)
@@ -449,7 +452,7 @@ def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype,
     bits = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
     assert torch.equal(out.view(bits), want.reshape(-1).view(bits))
     if params["vote"] == "paper" and width > 1 and given.get("gamma") != 0.6:
-        assert ctx.streams["paper_vote"]["fixes"]  # the cancellations went through fix-ups
+        assert ctx.streams[PaperVote].fixes  # the cancellations went through fix-ups
 
 
 def test_breadcrumbs_ties_kernel_keeps_the_torch_path_for_what_needs_the_whole_tensor():

@@ -241,13 +241,13 @@ class PlanExecutor:
     def _kernel(self, entry: PlanEntry) -> Any:
         """The method's fused kernel (``modelalloy.kernels``) for this tensor, if it has one for
         these parameters and dtypes and numba is installed; else None (the torch path)."""
-        spec = self.plan.spec
-        if spec.slice_kernel is None or not kernels.available() or not kernels.supports(
+        name = self.plan.spec.kernel_for(entry.params)
+        if name is None or not kernels.available() or not kernels.supports(
                 [ckpt.info(entry.name).dtype for ckpt in self.plan.sources], entry.out_dtype):
             return None
         from modelalloy.kernels import slices
 
-        return getattr(slices, spec.slice_kernel)(entry.params)
+        return getattr(slices, name)(entry.params)
 
     def _raw_reader(self, entry: PlanEntry) -> tuple[Callable[[int, int], None], Any]:
         """(read(start, count) of every source's stored bits into one (sources × slice)

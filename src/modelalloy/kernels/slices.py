@@ -1,10 +1,11 @@
-"""The engine's side of the fused kernels: pick a kernel for a tensor's parameters, call it.
+"""The engine's side of the fused kernels: make a kernel for a tensor's parameters, call it.
 
-A factory takes a tensor's resolved parameters and returns a :data:`SliceKernel`, or None when
-those parameters take the torch path. ``kernel(src, count, out, ctx, width)`` merges the first
-``count`` columns of ``src`` (stored bits, one row per source, base first) into ``out`` and
-returns False when an input was NaN/Inf; ``width`` is the tensor's row length (per-row
-methods get whole rows).
+A factory takes a sliced tensor's resolved parameters and returns a :data:`SliceKernel`; which
+parameters a kernel serves is the method's to declare (``register_method(kernel_when=...)``,
+beside its sliced shape), not repeated here. ``kernel(src, count, out, ctx, width)`` merges
+the first ``count`` columns of ``src`` (stored bits, one row per source, base first) into
+``out`` and returns False when an input was NaN/Inf; ``width`` is the tensor's row length
+(per-row methods get whole rows).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _weight_kinds(weights: list[float]) -> np.ndarray:
                       dtype=np.int8)
 
 
-def linear(params: dict[str, Any]) -> SliceKernel | None:
+def linear(params: dict[str, Any]) -> SliceKernel:
     from modelalloy.kernels.elementwise import weighted_kernel
 
     weights = list(params["weight"])
@@ -59,7 +60,7 @@ def linear(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
-def task_arithmetic(params: dict[str, Any]) -> SliceKernel | None:
+def task_arithmetic(params: dict[str, Any]) -> SliceKernel:
     from modelalloy.kernels.elementwise import weighted_kernel
 
     weights = list(params["weight"])
@@ -108,9 +109,9 @@ class _ModelStockKernel:
                                np.ones(n, np.float32), np.float32(n), t)
 
 
-def model_stock(params: dict[str, Any]) -> SliceKernel | None:
-    """One angle per tensor; ``filter_wise`` (an angle per row) takes the torch path."""
-    return None if params["filter_wise"] else _ModelStockKernel()
+def model_stock(params: dict[str, Any]) -> SliceKernel:
+    """One angle per tensor (the sliced case: ``filter_wise`` merges whole tensors)."""
+    return _ModelStockKernel()
 
 
 class _DareDrops:
@@ -173,7 +174,7 @@ class _DareKernel:
         return self.merge(src, count, out, ctx, self.drops.rescale, scales)
 
 
-def dare_linear(params: dict[str, Any]) -> SliceKernel | None:
+def dare_linear(params: dict[str, Any]) -> SliceKernel:
     from modelalloy.kernels.elementwise import dare_linear_kernel
 
     drops = _DareDrops(params)
@@ -239,7 +240,7 @@ class _TiesMerge:
              for t in range(self.nexp)], widen(src[0, where]), self.params)
 
 
-def dare_ties(params: dict[str, Any]) -> SliceKernel | None:
+def dare_ties(params: dict[str, Any]) -> SliceKernel:
     """dare_ties' sliced path (``methods.dare``): the paper vote's zero-sum elements go to the
     same ``paper_vote`` state that ``ties.finish_paper_vote`` settles after the last slice."""
     from modelalloy.kernels.elementwise import dare_ties_kernel
@@ -271,12 +272,10 @@ class _Bands:
         return self.cache[width]
 
 
-def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
+def breadcrumbs(params: dict[str, Any]) -> SliceKernel:
     """Per-row bands (``granularity: row`` without the L1 rescale, the sliced case)."""
     from modelalloy.kernels.rowwise import band_sum_kernel
 
-    if params["granularity"] != "row" or params["rescale"]:
-        return None
     weights = list(params["weight"])
     div = _sum_divisor(params)
     unit = np.asarray([w == 1.0 for w in weights])
@@ -289,14 +288,12 @@ def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
-def breadcrumbs_ties(params: dict[str, Any]) -> SliceKernel | None:
+def breadcrumbs_ties(params: dict[str, Any]) -> SliceKernel:
     """Per-row bands, then TIES' election and disjoint merge (either vote); the paper vote's
     zero-sum elements go to the ``paper_vote`` state that ``ties.finish_paper_vote`` settles
     after the last band."""
     from modelalloy.kernels.rowwise import band_ties_kernel
 
-    if params["granularity"] != "row" or params["rescale"]:
-        return None
     bands, merge = _Bands(params), _TiesMerge(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
@@ -333,13 +330,11 @@ class _MagPrune:
         return (self.trims, uniforms, _f32(low), _f32(step), _f32(self.density), self.rescale)
 
 
-def della(params: dict[str, Any]) -> SliceKernel | None:
+def della(params: dict[str, Any]) -> SliceKernel:
     """DELLA without the L1 rescale (its sliced case); the paper vote's zero-sum elements go
     to the ``paper_vote`` state that ``ties.finish_paper_vote`` settles after the last slice."""
     from modelalloy.kernels.rowwise import della_kernel
 
-    if params["rescale"] and params["rescale_norm"] == "l1":
-        return None
     prune, merge = _MagPrune(params), _TiesMerge(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
@@ -349,12 +344,10 @@ def della(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
-def della_linear(params: dict[str, Any]) -> SliceKernel | None:
+def della_linear(params: dict[str, Any]) -> SliceKernel:
     """della_linear without the L1 rescale (its sliced case)."""
     from modelalloy.kernels.rowwise import della_sum_kernel
 
-    if params["rescale"] and params["rescale_norm"] == "l1":
-        return None
     prune, weights = _MagPrune(params), list(params["weight"])
     unit, w = np.asarray([x == 1.0 for x in weights]), _f32(weights)
     div, lam = _sum_divisor(params), np.float32(params["lambda"])
@@ -379,7 +372,7 @@ class _TiesKernel:
     def _trim(self, ctx: MergeContext):
         from modelalloy.methods.orderstats import SlicedTopK
 
-        return ctx.streams.setdefault("ties_trim", SlicedTopK(self.params["density"]))
+        return ctx.streams.setdefault(SlicedTopK, SlicedTopK(self.params["density"]))
 
     def count(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
         from modelalloy.kernels.elementwise import NBINS, ties_count_kernel
@@ -431,8 +424,6 @@ class _TiesKernel:
         return self.merge.run(ctx, src, merge)
 
 
-def ties(params: dict[str, Any]) -> SliceKernel | None:
+def ties(params: dict[str, Any]) -> SliceKernel:
     """Per-tensor TIES without the L1 rescale (the sliced case)."""
-    if params["scope"] != "per_tensor" or params["rescale"]:
-        return None
     return _TiesKernel(params)

@@ -89,5 +89,6 @@ def abs_sum(x: torch.Tensor) -> float:
     with one_intra_op_thread():
         for start in range(0, flat.numel(), SLICE_ELEMENTS):
             part = flat[start:start + SLICE_ELEMENTS]
-            total += float(torch.sum(torch.abs(part), dtype=torch.float64))
+            # widened first: ``sum(dtype=float64)`` casts element by element, 30x slower
+            total += float(torch.abs(part).double().sum())
     return total

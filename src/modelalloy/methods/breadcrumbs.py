@@ -137,6 +137,7 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
     elementwise=_tensor_wide,
     slice_reduce=_band_passes,
     slice_kernel="breadcrumbs",
+    kernel_when=_per_row,  # the fused band is per row; tensor-wide bands take torch slices
 )
 def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -156,6 +157,7 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     elementwise=lambda p: _tensor_wide(p) and not has_negative_weight(p),
     slice_reduce=_band_passes,
     slice_kernel="breadcrumbs_ties",
+    kernel_when=_per_row,
     finish_slices=finish_paper_vote,
     finish_when=paper_vote,
 )

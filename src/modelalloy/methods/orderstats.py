@@ -170,7 +170,8 @@ class RankSelect:
     def add_counts(self, r: int, hist: torch.Tensor) -> None:
         """A chunk's bin counts of row r (the first may be a live view later chunks count
         into: it is kept, not copied)."""
-        self.hist[r] = hist if self.hist[r] is None else self.hist[r].add_(hist)
+        held = self.hist[r]
+        self.hist[r] = hist if held is None else held.add_(hist)
 
     def request(self, r: int, ranks: Sequence[int]) -> None:
         """After pass 1: the ascending ranks (1 ≤ m ≤ numel) wanted of row r."""
@@ -299,10 +300,10 @@ class SlicedTopK:
             return delta
         if k <= 0:
             return delta.zero_()
-        if v == 0.0:  # fewer than k non-zero entries: every non-zero entry is kept
+        if v is None or v == 0.0:  # fewer than k non-zero entries: every non-zero one is kept
             return delta
         mag = delta.abs()
-        keep = mag > v
+        keep: torch.Tensor = mag > v
         if self.ties_left[t] > 0:
             tied = (mag == v).view(-1).nonzero().flatten()[:self.ties_left[t]]
             keep.view(-1)[tied] = True
