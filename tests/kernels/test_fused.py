@@ -331,13 +331,16 @@ def test_della_kernels_give_the_torch_paths_bits_row_by_row(name, given, width, 
     assert torch.equal(out.view(bits), want.reshape(-1).view(bits))
 
 
-def test_della_kernels_refuse_what_needs_the_whole_tensor():
+def test_della_with_the_l1_rescale_is_not_sliced_so_no_kernel_runs():
+    """The whole-tensor L1 norm keeps DELLA whole: its sliced shape (the one place the rule
+    is written) says so, and the kernel factories do not repeat it."""
+    for name in ("della", "della_linear"):
+        spec = get_method(name)
+        params = spec.resolve(2, {"density": 0.5, "rescale_norm": "l1"}, name,
+                              conventions="paper")
+        assert not spec.is_rowwise(params) and not spec.is_elementwise(params)
+        assert spec.is_rowwise(spec.resolve(2, {"density": 0.5}, name, conventions="paper"))
     spec = get_method("della")
-    assert slices.della(spec.resolve(2, {"density": 0.5, "rescale_norm": "l1"}, "della",
-                                     conventions="paper")) is None
-    lin = get_method("della_linear")
-    assert slices.della_linear(lin.resolve(2, {"density": 0.5, "rescale_norm": "l1"},
-                                           "della_linear", conventions="paper")) is None
     with pytest.raises(MethodError, match="epsilon"):
         slices.della(spec.resolve(2, {"density": 0.1, "epsilon": 0.2}, "della",
                                   conventions="paper"))
