@@ -1,6 +1,7 @@
 import torch
 
-from modelalloy.methods._orderstats import monotone_keys, order_stats
+from modelalloy.methods.orderstats import order_stats
+from modelalloy.methods.orderstats import signed_keys as monotone_keys
 
 
 def test_monotone_keys_order_signed_floats():

@@ -333,6 +333,9 @@ def test_the_fused_path_runs_when_numba_is_installed(tmp_path, slice_path, metho
                           + "".join(f"  - model: {m}\n" for m in models[1:]))
     if method == "task_arithmetic":
         recipe.write_text(recipe.read_text().replace("density", "lambda"))
+    if method.startswith("breadcrumbs"):  # the fused band is the per-row one
+        recipe.write_text(recipe.read_text().replace("{density: 0.5}",
+                                                     "{density: 0.5, granularity: row}"))
     factory_of = getattr(slices, method)
     with mock.patch.object(slices, method, wraps=factory_of) as factory:
         merge(recipe, tmp_path / "out")

@@ -1,7 +1,8 @@
 """The fused slice kernels give the bits of the methods' torch code, slice by slice.
 
 Parameters resolve with `conventions: paper`: the kernels serve the streamed variants (paper
-vote, row-wise Breadcrumbs, DARE/DELLA without the L1 rescale), the papers' defaults.
+vote, row-wise Breadcrumbs, DELLA without the L1 rescale), the papers' defaults; DARE's L1
+rescale (mergekit's) has its own cases.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from modelalloy.errors import MethodError
 from modelalloy.kernels import slices
 from modelalloy.kernels._numba import sfc64_fill
 from modelalloy.methods.registry import MergeContext, get_method
+from modelalloy.methods.ties import PaperVote
 
 # Three slices: two full ones and an odd remainder, so draws continue across slices and the
 # last slice ends on half a 64-bit draw.
@@ -40,7 +42,7 @@ def _torch_reduce(name: str, params: dict, inputs: list[torch.Tensor],
                   ctx: MergeContext) -> None:
     """The method's torch ``slice_reduce`` passes over every slice, as the engine runs them."""
     spec = get_method(name)
-    for reduce in spec.slice_reduce:
+    for reduce in spec.reduce_passes(params):
         for start in range(0, N, STEP):
             wide = [t[start:start + STEP].float() for t in inputs]
             ctx.slice_start = start
@@ -110,6 +112,10 @@ CASES = [
                    "lambda": 1.3}),
     ("dare_ties", {"density": 0.5, "weight": [1.0, 0.2, 0.7], "vote": "weighted"}),
     ("dare_ties", {"density": 0.9, "weight": [1.0, 1.0, 1.0], "normalize": True}),
+    # mergekit's L1 rescale: a torch pass gathers the L1 sums, the kernel scales by them
+    ("dare_linear", {"density": [0.3, 1.0, 0.6], "rescale_norm": "l1"}),
+    ("dare_ties", {"density": 0.4, "weight": [1.0, 0.2, 0.7], "vote": "weighted",
+                   "rescale_norm": "l1"}),
     ("model_stock", {}),
     ("ties", {"density": 0.2}),
     ("ties", {"density": [0.3, 1.0, 0.0], "weight": [0.5, 1.0, 0.3], "vote": "weighted",
@@ -172,7 +178,7 @@ def test_dare_ties_fix_ups_are_exercised():
     assert kernel(kernels.bits(raw), STEP, kernels.bits(out), ctx)
     # Up to 0.49 · (1/3 − 1/15) ≈ 13 % of the entries cancel where both deltas survive (fewer:
     # θ_t − θ_0 in float32 does not always give back ±δ exactly).
-    fixes = sum(f[0].numel() for f in ctx.streams["paper_vote"]["fixes"])
+    fixes = sum(f[0].numel() for f in ctx.streams[PaperVote].fixes)
     assert 0.05 * STEP < fixes < 0.14 * STEP
 
 
@@ -213,10 +219,12 @@ def test_a_nonfinite_input_is_reported_not_merged():
     assert slices.task_arithmetic(params)(kernels.bits(raw), 40, kernels.bits(out), ctx)
 
 
-def test_l1_rescale_keeps_the_torch_path_and_other_dtypes_are_not_supported():
+def test_l1_rescale_adds_a_pass_and_other_dtypes_are_not_supported():
     params = get_method("dare_ties").resolve(2, {"rescale_norm": "l1", "density": 0.5}, "d",
                                              conventions="paper")
-    assert slices.dare_ties(params) is None
+    assert len(slices.dare_ties(params).passes) == 1
+    assert get_method("breadcrumbs").kernel_for(get_method("breadcrumbs").resolve(
+        2, {"density": 0.5}, "b")) is None  # mergekit's tensor-wide band: torch slices
     assert not kernels.supports([torch.float16, torch.float16], torch.bfloat16)
     assert not kernels.supports([torch.bfloat16, torch.float32], torch.bfloat16)
     assert kernels.supports([torch.bfloat16] * 3, torch.float32)
@@ -323,13 +331,16 @@ def test_della_kernels_give_the_torch_paths_bits_row_by_row(name, given, width, 
     assert torch.equal(out.view(bits), want.reshape(-1).view(bits))
 
 
-def test_della_kernels_refuse_what_needs_the_whole_tensor():
+def test_della_with_the_l1_rescale_is_not_sliced_so_no_kernel_runs():
+    """The whole-tensor L1 norm keeps DELLA whole: its sliced shape (the one place the rule
+    is written) says so, and the kernel factories do not repeat it."""
+    for name in ("della", "della_linear"):
+        spec = get_method(name)
+        params = spec.resolve(2, {"density": 0.5, "rescale_norm": "l1"}, name,
+                              conventions="paper")
+        assert not spec.is_rowwise(params) and not spec.is_elementwise(params)
+        assert spec.is_rowwise(spec.resolve(2, {"density": 0.5}, name, conventions="paper"))
     spec = get_method("della")
-    assert slices.della(spec.resolve(2, {"density": 0.5, "rescale_norm": "l1"}, "della",
-                                     conventions="paper")) is None
-    lin = get_method("della_linear")
-    assert slices.della_linear(lin.resolve(2, {"density": 0.5, "rescale_norm": "l1"},
-                                           "della_linear", conventions="paper")) is None
     with pytest.raises(MethodError, match="epsilon"):
         slices.della(spec.resolve(2, {"density": 0.1, "epsilon": 0.2}, "della",
                                   conventions="paper"))
@@ -444,7 +455,7 @@ def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype,
     bits = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
     assert torch.equal(out.view(bits), want.reshape(-1).view(bits))
     if params["vote"] == "paper" and width > 1 and given.get("gamma") != 0.6:
-        assert ctx.streams["paper_vote"]["fixes"]  # the cancellations went through fix-ups
+        assert ctx.streams[PaperVote].fixes  # the cancellations went through fix-ups
 
 
 def test_breadcrumbs_ties_kernel_keeps_the_torch_path_for_what_needs_the_whole_tensor():

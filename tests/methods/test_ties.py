@@ -193,7 +193,7 @@ def test_global_scope_without_prepare_is_a_clear_error(run):
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_kth_largest_is_exact_on_large_tensors(quantized):
-    from modelalloy.methods._sparsify import kth_largest
+    from modelalloy.methods.orderstats import kth_largest
 
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(50_000, generator=g) * 0.01).abs()

@@ -162,7 +162,7 @@ class PlanExecutor:
         # a kernel takes the counting passes too when it has them all (its state is the
         # method's own, so either way gives the same bits); otherwise the torch path does all
         passes = getattr(kernel, "passes", ())
-        if kernel is not None and len(passes) == len(spec.slice_reduce):
+        if kernel is not None and len(passes) == len(spec.reduce_passes(entry.params)):
             if not self._fused_reduce(entry, ctx, passes):
                 return False
             merge_slice = self._fused_slice(entry, ctx, kernel)
@@ -218,7 +218,7 @@ class PlanExecutor:
     def _reduce_slices(self, entry: PlanEntry, ctx: MergeContext) -> bool:
         """The method's ``slice_reduce`` passes, each over every slice in order; False on a
         NaN/Inf input."""
-        for reduce in self.plan.spec.slice_reduce:
+        for reduce in self.plan.spec.reduce_passes(entry.params):
             for start, count in _slices(entry, ctx):
                 split = self._read_slice(entry, start, count)
                 if split is None:
@@ -241,13 +241,13 @@ class PlanExecutor:
     def _kernel(self, entry: PlanEntry) -> Any:
         """The method's fused kernel (``modelalloy.kernels``) for this tensor, if it has one for
         these parameters and dtypes and numba is installed; else None (the torch path)."""
-        spec = self.plan.spec
-        if spec.slice_kernel is None or not kernels.available() or not kernels.supports(
+        name = self.plan.spec.kernel_for(entry.params)
+        if name is None or not kernels.available() or not kernels.supports(
                 [ckpt.info(entry.name).dtype for ckpt in self.plan.sources], entry.out_dtype):
             return None
         from modelalloy.kernels import slices
 
-        return getattr(slices, spec.slice_kernel)(entry.params)
+        return getattr(slices, name)(entry.params)
 
     def _raw_reader(self, entry: PlanEntry) -> tuple[Callable[[int, int], None], Any]:
         """(read(start, count) of every source's stored bits into one (sources × slice)

@@ -260,7 +260,7 @@ def _load_kernels(plan: MergePlan, sliced: bool) -> bool:
     from modelalloy import kernels
 
     if sliced and plan.spec.slice_kernel is not None and kernels.available() and any(
-            e.sliced for e in plan.entries):
+            e.sliced and plan.spec.kernel_for(e.params) for e in plan.entries):
         import modelalloy.kernels.slices  # noqa: F401
         return True
     return False

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modelalloy.methods._sparsify import SlicedTopK
+from modelalloy.methods.orderstats import SlicedTopK
 
 
 @dataclass

@@ -33,6 +33,7 @@ from modelalloy.kernels._numba import (
     sign,
     widen,
 )
+from modelalloy.methods.orderstats import MAG_BINS, MAG_SHIFT
 
 CHUNK = 2048  # even, so every chunk but a slice's last starts on a fresh 64-bit draw
 
@@ -339,10 +340,10 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
     return True
 
 
-# TIES trim modes per model (``_sparsify.SlicedTopK``)
+# TIES trim modes per model (``orderstats.SlicedTopK``)
 TRIM_NONE, TRIM_ALL, TRIM_TOP_K = 0, 1, 2
-BIN_SHIFT = 16  # _sparsify._bin_keys: the upper 16 bits of |δ|'s float32 pattern
-NBINS = 1 << 15
+BIN_SHIFT = MAG_SHIFT  # orderstats.magnitude_keys: the upper 16 bits of |δ|'s float32 pattern
+NBINS = MAG_BINS
 
 
 @njit(inline="always")

@@ -1,10 +1,11 @@
-"""The engine's side of the fused kernels: pick a kernel for a tensor's parameters, call it.
+"""The engine's side of the fused kernels: make a kernel for a tensor's parameters, call it.
 
-A factory takes a tensor's resolved parameters and returns a :data:`SliceKernel`, or None when
-those parameters take the torch path. ``kernel(src, count, out, ctx, width)`` merges the first
-``count`` columns of ``src`` (stored bits, one row per source, base first) into ``out`` and
-returns False when an input was NaN/Inf; ``width`` is the tensor's row length (per-row
-methods get whole rows).
+A factory takes a sliced tensor's resolved parameters and returns a :data:`SliceKernel`; which
+parameters a kernel serves is the method's to declare (``register_method(kernel_when=...)``,
+beside its sliced shape), not repeated here. ``kernel(src, count, out, ctx, width)`` merges
+the first ``count`` columns of ``src`` (stored bits, one row per source, base first) into
+``out`` and returns False when an input was NaN/Inf; ``width`` is the tensor's row length
+(per-row methods get whole rows).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _weight_kinds(weights: list[float]) -> np.ndarray:
                       dtype=np.int8)
 
 
-def linear(params: dict[str, Any]) -> SliceKernel | None:
+def linear(params: dict[str, Any]) -> SliceKernel:
     from modelalloy.kernels.elementwise import weighted_kernel
 
     weights = list(params["weight"])
@@ -59,7 +60,7 @@ def linear(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
-def task_arithmetic(params: dict[str, Any]) -> SliceKernel | None:
+def task_arithmetic(params: dict[str, Any]) -> SliceKernel:
     from modelalloy.kernels.elementwise import weighted_kernel
 
     weights = list(params["weight"])
@@ -108,9 +109,9 @@ class _ModelStockKernel:
                                np.ones(n, np.float32), np.float32(n), t)
 
 
-def model_stock(params: dict[str, Any]) -> SliceKernel | None:
-    """One angle per tensor; ``filter_wise`` (an angle per row) takes the torch path."""
-    return None if params["filter_wise"] else _ModelStockKernel()
+def model_stock(params: dict[str, Any]) -> SliceKernel:
+    """One angle per tensor (the sliced case: ``filter_wise`` merges whole tensors)."""
+    return _ModelStockKernel()
 
 
 class _DareDrops:
@@ -138,11 +139,44 @@ class _DareDrops:
         return ctx.streams[key]
 
 
-def dare_linear(params: dict[str, Any]) -> SliceKernel | None:
+class _DareKernel:
+    """A DARE merge kernel ``merge(src, count, out, ctx, rescale, scales)`` with its passes:
+    none, or with the L1 rescale (``dare.rescales_to_l1``) the torch pass that gathers the
+    whole tensor's L1 sums (``dare.gather_l1_sums`` on the widened slice, so both paths gather
+    the same sums); the survivors' scale is then ‖δ‖₁/‖δ ⊙ m‖₁ in float32 instead of
+    1/density, and the kernel's (δ·m)·scale is the torch path's two multiplies."""
+
+    def __init__(self, params: dict[str, Any], drops: _DareDrops,
+                 merge: Callable[..., bool]) -> None:
+        from modelalloy.methods.dare import rescales_to_l1
+
+        self.params, self.drops, self.merge = params, drops, merge
+        self.l1 = rescales_to_l1(params)
+        self.passes = (self.gather,) if self.l1 else ()
+
+    def gather(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
+        from modelalloy.methods.dare import gather_l1_sums
+
+        rows = [widen(src[i, :count]) for i in range(src.shape[0])]
+        if not all(bool(torch.isfinite(r).all()) for r in rows):
+            return False
+        gather_l1_sums(rows[0], rows[1:], self.params, ctx)
+        return True
+
+    def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+                 width: int = 1) -> bool:
+        from modelalloy.methods.dare import L1Sums
+
+        scales = self.drops.inv_density
+        if self.l1:
+            assert ctx.streams is not None
+            scales = _f32(ctx.streams[L1Sums].factors())
+        return self.merge(src, count, out, ctx, self.drops.rescale, scales)
+
+
+def dare_linear(params: dict[str, Any]) -> SliceKernel:
     from modelalloy.kernels.elementwise import dare_linear_kernel
 
-    if params["rescale"] and params["rescale_norm"] == "l1":
-        return None
     drops = _DareDrops(params)
     weights = list(params["weight"])
     div = _sum_divisor(params)
@@ -150,11 +184,10 @@ def dare_linear(params: dict[str, Any]) -> SliceKernel | None:
     w, lam = _f32(weights), np.float32(params["lambda"])
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
-            width: int = 1) -> bool:
+            rescale: bool, scales: np.ndarray) -> bool:
         return dare_linear_kernel(src, count, out, drops.modes, drops.states(ctx),
-                                  drops.thresholds, drops.rescale, drops.inv_density, unit, w,
-                                  div, lam)
-    return run
+                                  drops.thresholds, rescale, scales, unit, w, div, lam)
+    return _DareKernel(params, drops, run)
 
 
 class _TiesMerge:
@@ -207,21 +240,19 @@ class _TiesMerge:
              for t in range(self.nexp)], widen(src[0, where]), self.params)
 
 
-def dare_ties(params: dict[str, Any]) -> SliceKernel | None:
+def dare_ties(params: dict[str, Any]) -> SliceKernel:
     """dare_ties' sliced path (``methods.dare``): the paper vote's zero-sum elements go to the
     same ``paper_vote`` state that ``ties.finish_paper_vote`` settles after the last slice."""
     from modelalloy.kernels.elementwise import dare_ties_kernel
 
-    if params["rescale"] and params["rescale_norm"] == "l1":
-        return None
     drops, merge = _DareDrops(params), _TiesMerge(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
-            width: int = 1) -> bool:
+            rescale: bool, scales: np.ndarray) -> bool:
         return merge.run(ctx, src, lambda args: dare_ties_kernel(
-            src, count, out, drops.modes, drops.states(ctx), drops.thresholds, drops.rescale,
-            drops.inv_density, *args))
-    return run
+            src, count, out, drops.modes, drops.states(ctx), drops.thresholds, rescale,
+            scales, *args))
+    return _DareKernel(params, drops, run)
 
 
 class _Bands:
@@ -241,12 +272,10 @@ class _Bands:
         return self.cache[width]
 
 
-def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
+def breadcrumbs(params: dict[str, Any]) -> SliceKernel:
     """Per-row bands (``granularity: row`` without the L1 rescale, the sliced case)."""
     from modelalloy.kernels.rowwise import band_sum_kernel
 
-    if params["granularity"] != "row" or params["rescale"]:
-        return None
     weights = list(params["weight"])
     div = _sum_divisor(params)
     unit = np.asarray([w == 1.0 for w in weights])
@@ -259,14 +288,12 @@ def breadcrumbs(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
-def breadcrumbs_ties(params: dict[str, Any]) -> SliceKernel | None:
+def breadcrumbs_ties(params: dict[str, Any]) -> SliceKernel:
     """Per-row bands, then TIES' election and disjoint merge (either vote); the paper vote's
     zero-sum elements go to the ``paper_vote`` state that ``ties.finish_paper_vote`` settles
     after the last band."""
     from modelalloy.kernels.rowwise import band_ties_kernel
 
-    if params["granularity"] != "row" or params["rescale"]:
-        return None
     bands, merge = _Bands(params), _TiesMerge(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
@@ -303,13 +330,11 @@ class _MagPrune:
         return (self.trims, uniforms, _f32(low), _f32(step), _f32(self.density), self.rescale)
 
 
-def della(params: dict[str, Any]) -> SliceKernel | None:
+def della(params: dict[str, Any]) -> SliceKernel:
     """DELLA without the L1 rescale (its sliced case); the paper vote's zero-sum elements go
     to the ``paper_vote`` state that ``ties.finish_paper_vote`` settles after the last slice."""
     from modelalloy.kernels.rowwise import della_kernel
 
-    if params["rescale"] and params["rescale_norm"] == "l1":
-        return None
     prune, merge = _MagPrune(params), _TiesMerge(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
@@ -319,12 +344,10 @@ def della(params: dict[str, Any]) -> SliceKernel | None:
     return run
 
 
-def della_linear(params: dict[str, Any]) -> SliceKernel | None:
+def della_linear(params: dict[str, Any]) -> SliceKernel:
     """della_linear without the L1 rescale (its sliced case)."""
     from modelalloy.kernels.rowwise import della_sum_kernel
 
-    if params["rescale"] and params["rescale_norm"] == "l1":
-        return None
     prune, weights = _MagPrune(params), list(params["weight"])
     unit, w = np.asarray([x == 1.0 for x in weights]), _f32(weights)
     div, lam = _sum_divisor(params), np.float32(params["lambda"])
@@ -338,7 +361,7 @@ def della_linear(params: dict[str, Any]) -> SliceKernel | None:
 
 class _TiesKernel:
     """TIES (per tensor, no rescale) on the fused path: two counting passes (``passes``),
-    then the merge; the trim state is ``methods._sparsify.SlicedTopK``, as on the torch path."""
+    then the merge; the trim state is ``methods.orderstats.SlicedTopK``, as on the torch path."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
@@ -347,9 +370,9 @@ class _TiesKernel:
         self.passes = (self.count, self.collect)
 
     def _trim(self, ctx: MergeContext):
-        from modelalloy.methods._sparsify import SlicedTopK
+        from modelalloy.methods.orderstats import SlicedTopK
 
-        return ctx.streams.setdefault("ties_trim", SlicedTopK(self.params["density"]))
+        return ctx.streams.setdefault(SlicedTopK, SlicedTopK(self.params["density"]))
 
     def count(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
         from modelalloy.kernels.elementwise import NBINS, ties_count_kernel
@@ -401,8 +424,6 @@ class _TiesKernel:
         return self.merge.run(ctx, src, merge)
 
 
-def ties(params: dict[str, Any]) -> SliceKernel | None:
+def ties(params: dict[str, Any]) -> SliceKernel:
     """Per-tensor TIES without the L1 rescale (the sliced case)."""
-    if params["scope"] != "per_tensor" or params["rescale"]:
-        return None
     return _TiesKernel(params)

@@ -25,6 +25,19 @@ from typing import Any
 import torch
 
 from modelalloy.errors import MethodError
+from modelalloy.methods._gram import abs_sum
+from modelalloy.methods.orderstats import (
+    MAG_SHIFT,
+    SMALL,
+    RankSelect,
+    TiePositions,
+    f32_from_bits,
+    histogram,
+    kth_largest,
+    kth_smallest,
+    locate,
+    magnitude_keys,
+)
 from modelalloy.methods.registry import MergeContext, Param, TensorGroup
 
 # --------------------------------------------------------------------------------------------
@@ -122,33 +135,6 @@ def weighted_sum(base: torch.Tensor | None, experts: Sequence[torch.Tensor],
 # --------------------------------------------------------------------------------------------
 # Magnitude trim (TIES)
 
-_NBINS = 1 << 15  # upper 16 bits of a non-negative float32: sign bit 0, so 2**15 bins
-
-
-def _bin_keys(mag: torch.Tensor) -> torch.Tensor:
-    """Monotone integer key of a non-negative float32: the upper 16 bits of its bit pattern."""
-    return mag.view(torch.int32) >> 16
-
-
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest (1-indexed) of a non-negative float32 tensor, without a sort.
-
-    A histogram over the upper 16 bits of the bit pattern (monotone for non-negative floats)
-    finds the bin that holds the value; ``kthvalue`` then selects within that bin only (about
-    1.5x faster than ``kthvalue`` over the whole tensor on CPU).
-    """
-    flat = values.reshape(-1)
-    n = flat.numel()
-    m = n - k + 1  # rank from the bottom
-    if n < 4096 or flat.dtype != torch.float32:  # the bin keys are float32 bit patterns
-        return torch.kthvalue(flat, m).values
-    keys = _bin_keys(flat)
-    cum = torch.cumsum(torch.bincount(keys, minlength=_NBINS), 0)
-    b = int(torch.searchsorted(cum, torch.tensor(m, device=cum.device)))
-    below = int(cum[b - 1]) if b > 0 else 0
-    return torch.kthvalue(flat[keys == b], m - below).values
-
-
 class Scratch:
     """Reusable numel-sized work buffers for one tensor group (one merge call).
 
@@ -172,39 +158,6 @@ class Scratch:
     def take(self, key: str) -> torch.Tensor | None:
         """Hand the buffer over to the caller (it is no longer scratch)."""
         return self._bufs.pop(key, None)
-
-
-_CHUNK = 1 << 16  # chunk length for counting tie positions (float32 sums stay exact)
-
-
-class _Positions:
-    """Where the non-zeros of a 1-D float 0/1 tensor are, by per-chunk counts."""
-
-    def __init__(self, flags: torch.Tensor) -> None:
-        n = flags.numel()
-        nfull = n // _CHUNK
-        parts = []
-        if nfull:
-            parts.append(flags[:nfull * _CHUNK].view(nfull, _CHUNK).sum(1))
-        if n > nfull * _CHUNK:
-            parts.append(flags[nfull * _CHUNK:].sum().view(1))
-        counts = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(torch.int64)
-        self.flags = flags
-        self.cum = torch.cumsum(counts, 0)
-        self.total = int(self.cum[-1])
-
-    def nth(self, r: int) -> int:
-        """Flat index of the r-th non-zero (1-indexed, 1 ≤ r ≤ total)."""
-        cum = self.cum
-        j = int(torch.searchsorted(cum, torch.tensor(r, device=cum.device)))
-        before = int(cum[j - 1]) if j > 0 else 0
-        start = j * _CHUNK
-        pos = self.flags[start:start + _CHUNK].nonzero()
-        return start + int(pos[r - before - 1])
-
-
-def _f32_from_bits(bits: int) -> float:
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
 def _magnitude_trim_small_(delta: torch.Tensor, k: int) -> torch.Tensor:
@@ -242,164 +195,51 @@ def magnitude_trim_(delta: torch.Tensor, density: float,
     k = int(density * n)
     if k <= 0:
         return delta.zero_()
-    if n < 4096 or not delta.is_contiguous() or delta.dtype != torch.float32:
+    if n < SMALL or not delta.is_contiguous() or delta.dtype != torch.float32:
         return _magnitude_trim_small_(delta, k)
     scratch = scratch if scratch is not None and scratch.numel == n else Scratch(delta)
     flat = delta.view(-1)
     mag = torch.abs(flat, out=scratch.get("mag"))
     work = scratch.get("work", torch.int32)  # bin keys, then a float 0/1 tie mask
-    keys = torch.bitwise_right_shift(mag.view(torch.int32), 16, out=work)
-    hist = torch.bincount(keys, minlength=_NBINS)
-    cum = torch.cumsum(hist, 0)
-    m = n - k + 1  # the threshold is the m-th smallest |δ|
-    b = int(torch.searchsorted(cum, torch.tensor(m, device=cum.device)))
-    below = int(cum[b - 1]) if b > 0 else 0
+    keys = magnitude_keys(mag, out=work)
+    hist = histogram(keys)
+    where = locate(torch.cumsum(hist, 0), n - k + 1)  # the cut-off is the m-th smallest |δ|
+    b = where.index
     in_bin = int(hist[b])
-    need = k - (n - int(cum[b]))  # entries of bin b to keep, 1 ≤ need ≤ in_bin
+    need = k - where.above  # entries of bin b to keep, 1 ≤ need ≤ in_bin
     if b == 0:  # the threshold may be 0 (fewer than k non-zero entries): rare, generic path
         return _magnitude_trim_small_(delta, k)
-    lo = _f32_from_bits(b << 16)
+    lo = f32_from_bits(b << MAG_SHIFT)
     if need == in_bin:  # the whole bin is kept: exactly k entries have |δ| ≥ lo
         flat.mul_(mag.ge_(lo))
         return delta
     flags = work.view(torch.float32)
     # Usual case (bf16 checkpoints): most of the bin equals its lower edge lo, and the threshold
-    # (the (m − below)-th smallest in the bin) is one of those.
+    # (the where.rank-th smallest in the bin) is one of those.
     torch.eq(mag, lo, out=flags)
-    ties = _Positions(flags)
-    rank = m - below
-    if rank <= ties.total:
+    ties: TiePositions | None = TiePositions(flags)
+    assert ties is not None
+    if where.rank <= ties.total:
         v, n_tied = lo, ties.total
         r = need - (in_bin - n_tied)  # ties at v to keep, 1 ≤ r ≤ n_tied
     else:  # the threshold lies above lo inside the bin: select it exactly
-        torch.bitwise_right_shift(mag.view(torch.int32), 16, out=work)
-        vals = mag[work == b]
-        v = float(torch.kthvalue(vals, rank).values)
+        vals = mag[magnitude_keys(mag, out=work) == b]
+        v = float(kth_smallest(vals, where.rank))
         n_tied = int((vals == v).sum())
         r = need - int((vals > v).sum())
         ties = None
         if r < n_tied:
             torch.eq(mag, v, out=flags)
-            ties = _Positions(flags)
+            ties = TiePositions(flags)
     if r == n_tied:
         mag.ge_(v)
     else:  # ties at v: the first r in flat index order stay, i.e. |δ| ≥ v up to position pos
+        assert ties is not None
         pos = ties.nth(r)
         mag[:pos + 1].ge_(v)
         mag[pos + 1:].gt_(v)
     flat.mul_(mag)  # mag is now the float 0/1 keep mask
     return delta
-
-
-class SlicedTopK:
-    """:func:`magnitude_trim_` for a tensor seen a slice at a time: per model, exactly
-    k = int(density·n) largest |δ| kept, ties at the threshold in flat index order.
-
-    Three passes over the slices, in order: :meth:`count` (a histogram of the upper 16 bits of
-    |δ|'s float32 pattern, as ``magnitude_trim_``), :meth:`collect` (the values in the bin that
-    holds the threshold), then :meth:`trim_` (keep |δ| > v, and ties at v while fewer than
-    k − #{|δ| > v} have been kept — a running count, so slices must come in order). The kept
-    entries are those of ``magnitude_trim_`` on the whole tensor. Memory: one 2^15 histogram and
-    one bin of values per model.
-    """
-
-    def __init__(self, densities: Sequence[float]) -> None:
-        self.densities = list(densities)
-        self.numel = 0
-        self.hist: list[torch.Tensor | None] = [None] * len(self.densities)
-        self.k: list[int | None] = []
-        self.bins: list[int] = []
-        self.values: list[list[torch.Tensor]] = [[] for _ in self.densities]
-        self.thresholds: list[float | None] = []
-        self.ties_left: list[int] = []
-
-    def _trims(self, t: int) -> bool:
-        return self.densities[t] < 1.0
-
-    def count(self, t: int, delta: torch.Tensor) -> None:
-        hist = (torch.bincount(_bin_keys(delta.abs().view(-1)), minlength=_NBINS)
-                if self._trims(t) else None)
-        self.add_counts(t, hist, delta.numel())
-
-    def add_counts(self, t: int, hist: torch.Tensor | None, numel: int) -> None:
-        """Pass 1 from outside (the fused kernel): a slice's bin counts of model t (the first
-        slice's counts may be a live view that later slices count into), and its element
-        count with t = 0."""
-        if t == 0:
-            self.numel += numel
-        if hist is not None and self._trims(t):
-            self.hist[t] = hist if self.hist[t] is None else self.hist[t].add_(hist)
-
-    def bin_of(self, t: int) -> int:
-        """The bin key holding model t's threshold (−1: no trim), once pass 1 is done."""
-        if not self.k:
-            self._locate()
-        return self.bins[t]
-
-    def add_values(self, t: int, values: torch.Tensor) -> None:
-        """Pass 2 from outside: |δ| values of a slice that fall in :meth:`bin_of`."""
-        self.values[t].append(values)
-
-    def plan(self, t: int) -> tuple[int | None, float | None, int]:
-        """(k, threshold, ties at the threshold still to keep) of model t, once pass 2 is
-        done; the caller that trims must hand the remaining count back (``ties_left``)."""
-        if not self.thresholds:
-            self._settle()
-        return self.k[t], self.thresholds[t], self.ties_left[t]
-
-    def _locate(self) -> None:
-        """After :meth:`count`: per model, the bin holding the threshold, the threshold's rank
-        inside it and how many entries lie in higher bins."""
-        n = self.numel
-        self.ranks, self.above_bin = [0] * len(self.densities), [0] * len(self.densities)
-        for t, density in enumerate(self.densities):
-            k = int(density * n) if density < 1.0 else None
-            self.k.append(k)
-            if k is None or k <= 0:
-                self.bins.append(-1)
-                continue
-            cum = torch.cumsum(self.hist[t], 0)
-            m = n - k + 1  # the threshold is the m-th smallest |δ|
-            b = int(torch.searchsorted(cum, torch.tensor(m, device=cum.device)))
-            self.bins.append(b)
-            self.ranks[t] = m - (int(cum[b - 1]) if b > 0 else 0)
-            self.above_bin[t] = n - int(cum[b])
-            self.hist[t] = None
-        self.ties_left = [0] * len(self.densities)
-
-    def collect(self, t: int, delta: torch.Tensor) -> None:
-        b = self.bin_of(t)
-        if b < 0:
-            return
-        mag = delta.abs().view(-1)
-        self.add_values(t, mag[_bin_keys(mag) == b])
-
-    def _settle(self) -> None:
-        for t in range(len(self.densities)):
-            if self.bins[t] < 0:
-                self.thresholds.append(None)
-                continue
-            values = torch.cat(self.values[t]) if self.values[t] else torch.zeros(0)
-            v = torch.kthvalue(values, self.ranks[t]).values
-            self.thresholds.append(float(v))
-            self.ties_left[t] = self.k[t] - self.above_bin[t] - int((values > v).sum())
-            self.values[t] = []
-
-    def trim_(self, t: int, delta: torch.Tensor) -> torch.Tensor:
-        k, v, _ = self.plan(t)
-        if k is None:
-            return delta
-        if k <= 0:
-            return delta.zero_()
-        if v == 0.0:  # fewer than k non-zero entries: every non-zero entry is kept
-            return delta
-        mag = delta.abs()
-        keep = mag > v
-        if self.ties_left[t] > 0:
-            tied = (mag == v).view(-1).nonzero().flatten()[:self.ties_left[t]]
-            keep.view(-1)[tied] = True
-            self.ties_left[t] -= tied.numel()
-        return delta.mul_(keep)
 
 
 def threshold_trim_(delta: torch.Tensor, threshold: float | None,
@@ -501,12 +341,18 @@ def _ranks_up_to(mag: torch.Tensor, value: torch.Tensor, r: int) -> torch.Tensor
 # DARE / DELLA random drops
 
 
-def _l1_rescale_(masked: torch.Tensor, l1_before: torch.Tensor, eps: float = 1e-7):
-    """mergekit's ``rescaled_masked_tensor`` with the L1 norm: match the original L1 norm."""
-    l1_after = torch.linalg.vector_norm(masked, 1)
-    if float(l1_before) >= eps and float(l1_after) >= eps:
-        masked.mul_(l1_before / l1_after)
-    return masked
+def scale_to_l1_(masked: torch.Tensor, l1_before: float, l1_after: float,
+                 eps: float = 1e-7) -> torch.Tensor:
+    """mergekit's ``rescaled_masked_tensor`` with the L1 norm: ×(‖δ‖₁ / ‖δ ⊙ m‖₁), unless
+    either norm is below ``eps``. The norms are :func:`_gram.abs_sum`'s float64 chunk sums,
+    so a tensor merged in slices (the sums gathered in a first pass) gets the same factor."""
+    factor = l1_factor(l1_before, l1_after, eps)
+    return masked if factor is None else masked.mul_(factor)
+
+
+def l1_factor(l1_before: float, l1_after: float, eps: float = 1e-7) -> float | None:
+    """‖δ‖₁ / ‖δ ⊙ m‖₁, or None (no rescale) when either norm is below ``eps``."""
+    return l1_before / l1_after if l1_before >= eps and l1_after >= eps else None
 
 
 def l1_rescaled_(delta: torch.Tensor, sparsify: Callable[[torch.Tensor], Any],
@@ -519,31 +365,34 @@ def l1_rescaled_(delta: torch.Tensor, sparsify: Callable[[torch.Tensor], Any],
     if not rescale:
         sparsify(delta)
         return delta
-    l1 = torch.linalg.vector_norm(delta, 1)
+    l1 = abs_sum(delta)
     sparsify(delta)
-    return _l1_rescale_(delta, l1)
+    return scale_to_l1_(delta, l1, abs_sum(delta))
 
 
 def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: int,
-          rescale: bool = True, rescale_norm: str = "density") -> torch.Tensor:
+          rescale: bool = True, rescale_norm: str = "density",
+          l1_sums: tuple[float, float] | None = None) -> torch.Tensor:
     """DARE: drop each entry with p = 1 − density, then rescale the survivors.
 
     The mask is ``ctx.keep_mask(delta, density, model_index)``, so it depends only on (seed,
     tensor name, model index). Rescale ``density``: divide by density (= 1/(1−p), the paper);
-    ``l1``: scale to the original L1 norm (current mergekit). density = 1 is the identity;
-    density = 0 gives zeros.
+    ``l1``: scale to the original L1 norm (current mergekit) — the whole tensor's
+    (‖δ‖₁, ‖δ ⊙ m‖₁) are ``l1_sums`` when the caller gathered them over slices, else they are
+    this tensor's. density = 1 is the identity; density = 0 gives zeros.
     """
     if density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.zero_()
-    l1 = torch.linalg.vector_norm(delta, 1) if rescale and rescale_norm == "l1" else None
+    l1 = rescale and rescale_norm == "l1"
+    before = abs_sum(delta) if l1 and l1_sums is None else None
     # A multiply by the mask (vectorized) rather than masked_fill_ (an elementwise loop).
     delta.mul_(ctx.keep_mask(delta, density, model_index))
     if rescale and rescale_norm == "density":
         delta.mul_(1.0 / density)
-    if l1 is not None:
-        _l1_rescale_(delta, l1)
+    if l1:
+        scale_to_l1_(delta, *(l1_sums if l1_sums is not None else (before, abs_sum(delta))))
     return delta
 
 
@@ -585,14 +434,14 @@ def magprune_(delta: torch.Tensor, density: float, epsilon: float, ctx: MergeCon
     if density >= 1.0:
         return delta
     probs = magprune_probabilities(delta, density, epsilon)
-    l1 = torch.linalg.vector_norm(delta, 1) if rescale and rescale_norm == "l1" else None
+    l1 = abs_sum(delta) if rescale and rescale_norm == "l1" else None
     keep = ctx.rand_like(delta, model_index).lt_(probs)
     if rescale and rescale_norm == "probability":
         keep.div_(probs)
     del probs
     delta.mul_(keep)
     if l1 is not None:
-        _l1_rescale_(delta, l1)
+        scale_to_l1_(delta, l1, abs_sum(delta))
     return delta
 
 
@@ -791,41 +640,24 @@ def global_thresholds(groups: Callable[[], Iterator[TensorGroup]], densities: Se
     """
     n_models = len(densities)
     trims = [d < 1.0 for d in densities]
-    hist = None
-    total = 0
-    dev = None
+    select = RankSelect(n_models)
     # Pass 1: histograms
     for g in groups():
         if check is not None:
             check(g)
-        total += g.experts[0].numel()
+        select.add_numel(g.experts[0].numel())
         for t, e in enumerate(g.experts):
-            if not trims[t]:
-                continue
-            mag = torch.sub(e, g.base).abs_()
-            if hist is None:
-                dev = mag.device
-                hist = torch.zeros(n_models, _NBINS, dtype=torch.int64, device=dev)
-            hist[t] += torch.bincount(_bin_keys(mag).view(-1), minlength=_NBINS)
-    bins: list[int] = []
-    ranks: list[int] = []
+            if trims[t]:
+                select.count(t, torch.sub(e, g.base).abs_())
+    total = select.numel
     for t in range(n_models):
-        if not trims[t] or total == 0:
-            bins.append(-1)
-            ranks.append(0)
-            continue
-        m = max(1, total - int(densities[t] * total))  # 1-indexed rank from the bottom
-        cum = torch.cumsum(hist[t], 0)
-        b = int(torch.searchsorted(cum, torch.tensor(m, device=cum.device), right=False))
-        below = int(cum[b - 1]) if b > 0 else 0
-        bins.append(b)
-        ranks.append(m - below)
-    del hist
+        if trims[t] and total:
+            select.request(t, [max(1, total - int(densities[t] * total))])
+    bins = [select.bins(t)[0] if select.bins(t) else -1 for t in range(n_models)]
     if not any(b >= 0 for b in bins) and not majority:
         return {"thresholds": [None] * n_models, "majority": None}
 
     # Pass 2: values inside each model's bin (+ majority sign fold)
-    in_bin: list[list[torch.Tensor]] = [[] for _ in range(n_models)]
     sign_sum = 0.0
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (values T×u, sure T×u)
     for g in groups():
@@ -841,10 +673,10 @@ def global_thresholds(groups: Callable[[], Iterator[TensorGroup]], densities: Se
                 und = None
             else:
                 mag = d.abs()
-                key = _bin_keys(mag)
+                key = magnitude_keys(mag)
                 sure = key > bins[t]
                 und = key == bins[t]
-                in_bin[t].append(mag[und])
+                select.add_values(t, bins[t], mag[und])
                 del key, mag
             if majority:
                 s.addcmul_(d, sure)
@@ -859,14 +691,8 @@ def global_thresholds(groups: Callable[[], Iterator[TensorGroup]], densities: Se
                 sign_sum += float(s[~undecided].sign().sum())
                 pending.append((torch.stack([v[undecided] for v in vals]),
                                 torch.stack([x[undecided] for x in sures])))
-    thresholds: list[float | None] = []
-    for t in range(n_models):
-        if bins[t] < 0:
-            thresholds.append(None)
-        else:
-            values = torch.cat(in_bin[t]) if in_bin[t] else torch.zeros(0)
-            thresholds.append(float(torch.kthvalue(values, ranks[t]).values))
-        in_bin[t] = []
+    thresholds: list[float | None] = [select.cuts(t)[0].value if bins[t] >= 0 else None
+                                      for t in range(n_models)]
     maj = None
     if majority:
         for values, sure in pending:

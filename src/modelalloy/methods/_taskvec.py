@@ -17,6 +17,7 @@ import torch
 
 from modelalloy.errors import MethodError
 from modelalloy.methods._sparsify import combine, elect_sign, global_thresholds, threshold_trim_
+from modelalloy.methods.orderstats import kth_smallest
 from modelalloy.methods.registry import TensorGroup
 
 SCOPES = ("global", "per_tensor")
@@ -45,7 +46,7 @@ def kth_largest_abs(values: torch.Tensor, density: float) -> float | None:
     if density >= 1.0 or d == 0:
         return None
     k = d - int(d * density)
-    return float(values.abs().flatten().kthvalue(max(k, 1)).values)
+    return float(kth_smallest(values.abs(), k))
 
 
 def trim(tvs: torch.Tensor, thresholds: list[float | None]) -> torch.Tensor:

@@ -27,6 +27,11 @@ not copy. The official row mode always removes the top γ of each row, so with d
 still drops the outliers. Rows shorter than 1/γ lose nothing at the top.
 ``rescale: true`` (mergekit, default false) scales each masked task vector back to its
 original L1 norm per tensor.
+
+Execution: row masks stream band by band of whole rows (fused kernels in
+``kernels.rowwise``); tensor-wide masks stream slice by slice after two passes that find each
+model's two cut-off magnitudes and the ties at them (``orderstats.SlicedBand``), with the
+whole tensor's bits. With ``rescale`` the tensor is merged whole.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from modelalloy.methods._sparsify import (
     vote_param,
     weight_param,
 )
+from modelalloy.methods.orderstats import SlicedBand
 from modelalloy.methods.registry import MergeContext, Param, register_method
 from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_rows, ties_core
 
@@ -75,11 +81,45 @@ def _per_row(params: dict[str, Any]) -> bool:
     return params["granularity"] == "row" and not params["rescale"]
 
 
+def _tensor_wide(params: dict[str, Any]) -> bool:
+    """A tensor-wide mask with no per-tensor rescale: elementwise once the two cut-offs of
+    each model's band are known (two passes over the slices)."""
+    return params["granularity"] == "tensor" and not params["rescale"]
+
+
+def _count_band(base: torch.Tensor | None, experts: list[torch.Tensor],
+                params: dict[str, Any], ctx: MergeContext) -> None:
+    """First pass of a tensor-wide sliced merge: the |τ_t| histograms of this slice."""
+    assert ctx.streams is not None
+    band = ctx.streams.setdefault(SlicedBand, SlicedBand(params["density"], params["gamma"]))
+    for t, e in enumerate(experts):
+        band.count(t, torch.sub(e, base))
+
+
+def _collect_band(base: torch.Tensor | None, experts: list[torch.Tensor],
+                  params: dict[str, Any], ctx: MergeContext) -> None:
+    """Second pass: the |τ_t| of this slice in the bins that hold the band's cut-offs."""
+    assert ctx.streams is not None
+    band = ctx.streams[SlicedBand]
+    for t, e in enumerate(experts):
+        band.collect(t, torch.sub(e, base))
+
+
+def _band_passes(params: dict[str, Any]) -> tuple:
+    return (_count_band, _collect_band) if _tensor_wide(params) else ()
+
+
 def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
-                      params: dict[str, Any], scratch: Scratch | None = None
-                      ) -> list[torch.Tensor]:
+                      params: dict[str, Any], scratch: Scratch | None = None,
+                      ctx: MergeContext | None = None) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
     granularity = params["granularity"]
+    if ctx is not None and ctx.slice_start is not None and _tensor_wide(params):
+        assert ctx.streams is not None
+        band = ctx.streams[SlicedBand]  # the slices come in order: the tie counts run on
+        for t, d in enumerate(deltas):
+            band.trim_(t, d)
+        return deltas
     for d, density, gamma in zip(deltas, params["density"], params["gamma"], strict=True):
         l1_rescaled_(d, lambda x, a=density, b=gamma: band_trim_(x, a, b, granularity, scratch),
                      params["rescale"])
@@ -94,11 +134,14 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
     summary="Drop the largest and smallest task-vector entries per row, add the weighted sum",
     base="required",
     rowwise=_per_row,
+    elementwise=_tensor_wide,
+    slice_reduce=_band_passes,
     slice_kernel="breadcrumbs",
+    kernel_when=_per_row,  # the fused band is per row; tensor-wide bands take torch slices
 )
 def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
-    deltas = breadcrumb_deltas(base, experts, params, Scratch(base))
+    deltas = breadcrumb_deltas(base, experts, params, Scratch(base), ctx)
     merged = combine_(deltas, params["weight"], sign=None, normalize=params["normalize"])
     return merged.mul_(float(params["lambda"])).add_(base)
 
@@ -111,14 +154,17 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
     base="required",
     rowwise=lambda p: _per_row(p) and not has_negative_weight(p),
+    elementwise=lambda p: _tensor_wide(p) and not has_negative_weight(p),
+    slice_reduce=_band_passes,
     slice_kernel="breadcrumbs_ties",
+    kernel_when=_per_row,
     finish_slices=finish_paper_vote,
     finish_when=paper_vote,
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:
     scratch = Scratch(base)
-    deltas = breadcrumb_deltas(base, experts, params, scratch)
+    deltas = breadcrumb_deltas(base, experts, params, scratch, ctx)
     if ctx.slice_start is not None and params["vote"] == "paper":
         # zero sums take the tensor's majority sign, settled after the last band
         return paper_vote_rows(base, deltas, params, ctx)

@@ -26,10 +26,12 @@ device or thread count, but not the official code's global-RNG stream.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from modelalloy.methods._gram import abs_sum
 from modelalloy.methods._sparsify import (
     INT8_MASK,
     Scratch,
@@ -37,6 +39,7 @@ from modelalloy.methods._sparsify import (
     dare_,
     density_param,
     has_negative_weight,
+    l1_factor,
     lambda_param,
     normalize_param,
     task_vectors,
@@ -55,16 +58,56 @@ RESCALE_NORM = Param("rescale_norm", str, "l1",
                      paper_default="density")
 
 
-def _keeps_no_whole_tensor_norm(params: dict[str, Any]) -> bool:
-    """Elementwise unless the survivors are rescaled to the tensor's L1 norm."""
-    return not (params["rescale"] and params["rescale_norm"] == "l1")
+def rescales_to_l1(params: dict[str, Any]) -> bool:
+    """Whether the survivors are scaled to the tensor's L1 norm (a whole-tensor sum)."""
+    return bool(params["rescale"]) and params["rescale_norm"] == "l1"
+
+
+@dataclass
+class L1Sums:
+    """A sliced merge's whole-tensor L1 norms per model, ‖δ_t‖₁ and ‖δ_t ⊙ m_t‖₁, gathered in
+    a first pass over the slices (:func:`gather_l1_sums`). ``draws`` replays the keep masks
+    from their own streams, so the merge pass draws them again from the start."""
+
+    before: list[float]
+    after: list[float]
+    draws: MergeContext
+
+    def factors(self) -> list[float]:
+        """Per model, the survivors' scale ‖δ‖₁ / ‖δ ⊙ m‖₁ (1 where a norm is ~0)."""
+        return [f if (f := l1_factor(b, a)) is not None else 1.0
+                for b, a in zip(self.before, self.after, strict=True)]
+
+
+def gather_l1_sums(base: torch.Tensor | None, experts: list[torch.Tensor],
+                   params: dict[str, Any], ctx: MergeContext) -> None:
+    """First pass of a sliced merge with the L1 rescale: this slice's |δ_t| and |δ_t ⊙ m_t|
+    sums (``_gram.abs_sum``: a slice is one of its chunks) into the tensor's :class:`L1Sums`."""
+    assert ctx.streams is not None and base is not None
+    sums = ctx.streams.get(L1Sums)
+    if sums is None:
+        n = len(experts)
+        sums = ctx.streams[L1Sums] = L1Sums([0.0] * n, [0.0] * n, replace(ctx, streams={}))
+    for i, (e, density) in enumerate(zip(experts, params["density"], strict=True)):
+        if not 0.0 < density < 1.0:
+            continue
+        d = torch.sub(e, base)
+        sums.before[i] += abs_sum(d)
+        sums.after[i] += abs_sum(d.mul_(sums.draws.keep_mask(d, density, i)))
+
+
+def slice_passes(params: dict[str, Any]) -> tuple:
+    """The passes before a sliced merge: the L1 sums when the survivors are rescaled to them."""
+    return (gather_l1_sums,) if rescales_to_l1(params) else ()
 
 
 def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
+    sums = (ctx.streams or {}).get(L1Sums) if ctx.slice_start is not None else None
     for i, (d, density) in enumerate(zip(deltas, params["density"], strict=True)):
-        dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"])
+        dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"],
+              l1_sums=(sums.before[i], sums.after[i]) if sums is not None else None)
     return deltas
 
 
@@ -79,7 +122,8 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, and add the weighted sum to the base",
     base="required",
-    elementwise=_keeps_no_whole_tensor_norm,
+    elementwise=True,
+    slice_reduce=slice_passes,
     slice_kernel="dare_linear",
 )
 def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
@@ -96,7 +140,8 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",
     base="required",
-    elementwise=lambda p: _keeps_no_whole_tensor_norm(p) and not has_negative_weight(p),
+    elementwise=lambda p: not has_negative_weight(p),
+    slice_reduce=slice_passes,
     finish_slices=finish_paper_vote,
     finish_when=paper_vote,
     slice_kernel="dare_ties",

@@ -20,7 +20,7 @@ rank/normalisation below is per task row over all d parameters:
 Needs beyond one tensor (``scope="global"``, the official default): per task, the clip values
 lo_t, hi_t over the whole model, then the β threshold and maximum over the whole model — four
 ``prepare`` passes (two exact order-statistic selections, histogram then in-bin ``kthvalue``,
-see ``_orderstats``), never concatenating the model. ``scope="per_tensor"``
+see ``orderstats``), never concatenating the model. ``scope="per_tensor"``
 computes the same statistics within each tensor (the spec's LLM approximation; not faithful).
 Guards: Norm := 0 where max = min (an all-zero task gives β = 0, no NaN); β̂ := 0 where the
 row's maximum equals its threshold.
@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from modelalloy.methods._orderstats import order_stats
 from modelalloy.methods._taskvec import (
     SCOPES,
     GroupsFactory,
@@ -42,6 +41,7 @@ from modelalloy.methods._taskvec import (
     need_base,
     stack_task_vectors,
 )
+from modelalloy.methods.orderstats import kth_smallest, order_stats
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
 
@@ -57,8 +57,7 @@ class PcbStats:
 
 def _order_stat(flat: torch.Tensor, index: int) -> torch.Tensor:
     """The value at 0-based ``index`` of ascending-sorted ``flat``."""
-    index = min(max(index, 0), flat.numel() - 1)
-    return flat.kthvalue(index + 1).values
+    return kth_smallest(flat, index + 1)
 
 
 def clip_bounds(abs_flat: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -197,6 +197,8 @@ class TensorGroup:
 MergeFn = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], MergeContext],
                    torch.Tensor]
 PrepareFn = Callable[[Callable[[], Iterator[TensorGroup]]], Any]
+# One pass of a sliced merge over a slice: (base, experts, params, ctx), state in ctx.streams.
+ReduceFn = Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any], MergeContext], None]
 
 
 @dataclass(frozen=True)
@@ -264,14 +266,16 @@ class MethodSpec:
     # and dot, TIES' magnitude thresholds): passes over a large tensor's slices before the
     # merge; each function is called on every slice, in order, and keeps what it gathers in
     # ``ctx.streams``, where the later passes and the method (in the final, elementwise pass)
-    # read it.
-    slice_reduce: tuple[Callable[[torch.Tensor | None, list[torch.Tensor], dict[str, Any],
-                                  MergeContext], None], ...] = ()
+    # read it. A callable gives the passes from the tensor's resolved parameters (DARE's L1
+    # rescale needs one, its density rescale none).
+    slice_reduce: tuple[ReduceFn, ...] | Callable[[dict[str, Any]], tuple[ReduceFn, ...]] = ()
 
     # A fused kernel for the sliced path, used when numba is installed: the name of a factory
-    # in ``modelalloy.kernels.slices`` that maps the tensor's resolved parameters to a kernel
-    # (or to None: those parameters keep the torch path). It must give the torch path's bits.
+    # in ``modelalloy.kernels.slices`` that maps the tensor's resolved parameters to a kernel.
+    # It must give the torch path's bits. ``kernel_when``: the parameters it serves, when not
+    # every sliced shape (None: whenever the tensor is sliced) — the one place that says so.
     slice_kernel: str | None = None
+    kernel_when: Callable[[dict[str, Any]], bool] | None = None
 
     # Checks on the resolved parameters that depend on the recipe's conventions:
     # ``validate(params, conventions, where)`` raises a MethodError (linear: a normalized
@@ -291,6 +295,17 @@ class MethodSpec:
 
     def is_rowwise(self, params: dict[str, Any]) -> bool:
         return _decide(self.rowwise, params)
+
+    def kernel_for(self, params: dict[str, Any]) -> str | None:
+        """The fused kernel factory's name for a sliced tensor with these parameters."""
+        if self.slice_kernel is None or (self.kernel_when is not None
+                                         and not self.kernel_when(params)):
+            return None
+        return self.slice_kernel
+
+    def reduce_passes(self, params: dict[str, Any]) -> tuple[ReduceFn, ...]:
+        """The ``slice_reduce`` passes of a sliced merge with these parameters."""
+        return self.slice_reduce(params) if callable(self.slice_reduce) else self.slice_reduce
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -375,10 +390,10 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                     | None = None,
                     finish_when: Callable[[dict[str, Any]], bool] | None = None,
                     slice_kernel: str | None = None,
+                    kernel_when: Callable[[dict[str, Any]], bool] | None = None,
                     validate: Callable[[dict[str, Any], str, str], None] | None = None,
-                    slice_reduce: tuple[Callable[[torch.Tensor | None, list[torch.Tensor],
-                                                  dict[str, Any], MergeContext], None],
-                                        ...] = (),
+                    slice_reduce: tuple[ReduceFn, ...]
+                    | Callable[[dict[str, Any]], tuple[ReduceFn, ...]] = (),
                     uniform: tuple[str, ...] | bool = (),
                     paper_settings: Mapping[str, Any] | None = None,
                     scale: str = "lambda", bundle: bool = False,
@@ -400,7 +415,7 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
                                      stats=stats, stats_from=stats_from,
                                      elementwise=elementwise, rowwise=rowwise,
                                      finish_slices=finish_slices, finish_when=finish_when,
-                                     slice_kernel=slice_kernel,
+                                     slice_kernel=slice_kernel, kernel_when=kernel_when,
                                      slice_reduce=slice_reduce, validate=validate,
                                      uniform=uniform,
                                      facts=MethodFacts(dict(paper_settings or {}), scale,

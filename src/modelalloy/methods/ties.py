@@ -44,6 +44,7 @@ argsort does the same on the CPU for small tensors; for large ones its order is 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,7 +53,6 @@ from modelalloy.errors import MethodError
 from modelalloy.methods._sparsify import (
     INT8_MASK,
     Scratch,
-    SlicedTopK,
     combine_,
     combine_signed,
     density_param,
@@ -69,6 +69,7 @@ from modelalloy.methods._sparsify import (
     vote_param,
     weight_param,
 )
+from modelalloy.methods.orderstats import SlicedTopK
 from modelalloy.methods.registry import MergeContext, Param, TensorGroup, register_method
 
 SCOPE = Param("scope", str, "per_tensor",
@@ -126,7 +127,7 @@ def _streams(params: dict[str, Any]) -> bool:
 def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                  params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass: |τ_t| histograms of this slice (``SlicedTopK.count``)."""
-    trim = ctx.streams.setdefault("ties_trim", SlicedTopK(params["density"]))
+    trim = ctx.streams.setdefault(SlicedTopK, SlicedTopK(params["density"]))
     for t, e in enumerate(experts):
         trim.count(t, torch.sub(e, base))
 
@@ -134,7 +135,7 @@ def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
 def _collect_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                    params: dict[str, Any], ctx: MergeContext) -> None:
     """Second pass: the |τ_t| of this slice that fall in the threshold's bin."""
-    trim = ctx.streams["ties_trim"]
+    trim = ctx.streams[SlicedTopK]
     for t, e in enumerate(experts):
         trim.collect(t, torch.sub(e, base))
 
@@ -161,7 +162,7 @@ def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[st
     deltas = task_vectors(base, experts)
     scratch = Scratch(deltas[0])
     if ctx.slice_start is not None:  # per-tensor trim over slices (the engine's third pass)
-        trim = ctx.streams["ties_trim"]
+        trim = ctx.streams[SlicedTopK]
         for t, d in enumerate(deltas):
             trim.trim_(t, d)
         if params["vote"] == "paper":
@@ -186,6 +187,16 @@ def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[st
 
 # --------------------------------------------------------------------------------------------
 # Sliced merges with the paper vote (ties, dare_ties): zero sums wait for the tensor's majority
+
+
+@dataclass
+class PaperVote:
+    """A sliced paper-vote merge's state: Σ_j γ_j over the slices so far, and per slice its
+    undecided elements (flat offsets in the tensor) with their merged values under majority
+    −1 and 0 (the slices were merged with +1)."""
+
+    signs: float = 0.0
+    fixes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dict[str, Any],
@@ -238,21 +249,19 @@ def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor
     """Add a slice's Σ sign(Σ_t δ̃_t) and its undecided elements (slice-local ``where``, their
     δ̃_t and θ_0) to the paper-vote state; both the torch path and the fused kernel
     (``kernels.slices``) report here."""
-    state = ctx.streams.setdefault("paper_vote", {"signs": 0.0, "fixes": []})
-    state["signs"] += signs
+    state = ctx.streams.setdefault(PaperVote, PaperVote())
+    state.signs += signs
     if where.numel():
-        alternatives = [ties_core([d.clone() for d in deltas_at], params, vote="paper",
-                                  majority=m).add_(base_at) for m in (-1.0, 0.0)]
-        state["fixes"].append((where + ctx.slice_start, *alternatives))
+        low, zero = [ties_core([d.clone() for d in deltas_at], params, vote="paper",
+                               majority=m).add_(base_at) for m in (-1.0, 0.0)]
+        state.fixes.append((where + ctx.slice_start, low, zero))
 
 
 def finish_paper_vote(ctx: MergeContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The values of the undecided elements under the whole tensor's majority sign."""
-    state = (ctx.streams or {}).get("paper_vote")
-    if not state or state["signs"] > 0:
+    state = (ctx.streams or {}).get(PaperVote)
+    if state is None or state.signs > 0 or not state.fixes:
         return []
-    pick = 1 if state["signs"] < 0 else 2
-    if not state["fixes"]:
-        return []
-    return [(torch.cat([fix[0] for fix in state["fixes"]]),
-             torch.cat([fix[pick] for fix in state["fixes"]]))]
+    pick = 1 if state.signs < 0 else 2
+    return [(torch.cat([fix[0] for fix in state.fixes]),
+             torch.cat([fix[pick] for fix in state.fixes]))]
