@@ -109,3 +109,68 @@ def test_inspect_bad_options(tmp_path, run_cli, family, args, needle):
                           + "".join(f"  - model: {e}\n" for e in experts))
     assert_one_line(run_cli("inspect", recipe, "--out", tmp_path / "out", *args), needle)
     assert _outputs(tmp_path) == []
+
+
+def test_extract_lora_of_a_model_from_itself_is_refused(tmp_path, run_cli, family):
+    """Δ = 0 everywhere: wrote an adapter of zero factors at the rank asked (exit 0)."""
+    base, _ = family
+    assert_one_line(run_cli("extract-lora", base, "--base", base, "--rank", "2", "--out",
+                            tmp_path / "ad"), "nothing to extract")
+    assert _outputs(tmp_path) == []
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    pytest.importorskip("peft")
+    from tests.lora.helpers import peft_adapter, tiny_llama
+
+    for name, seed in (("a1", 1), ("a2", 2)):
+        peft_adapter(tiny_llama(), tmp_path / name, seed=seed, r=2, lora_alpha=4,
+                     target_modules=["q_proj"])
+    return tmp_path / "a1", tmp_path / "a2"
+
+
+@pytest.mark.parametrize("hostile, needle", [
+    ("fifo", "is a FIFO, not a regular file"),
+    ("device", "is a device, not a regular file"),
+    ("huge", "over the 16.0 MiB"),
+    ("nan rank", "r is 'NaN', not an integer ≥ 1"),
+    ("inf alpha", "lora_alpha is inf, not a finite number"),
+    ("rank pattern", "rank_pattern['q_proj'] is 0.5, not an integer ≥ 1"),
+])
+def test_merge_adapters_refuses_a_hostile_adapter_config(tmp_path, run_cli, adapters, hostile,
+                                                        needle):
+    """A FIFO config hung the command, /dev/zero was read until the kernel killed it, a rank of
+    'NaN' ended in a ValueError traceback."""
+    import json
+
+    a1, a2 = adapters
+    cfg = a2 / "adapter_config.json"
+    config = json.loads(cfg.read_text())
+    cfg.unlink()
+    if hostile == "fifo":
+        os.mkfifo(cfg)
+    elif hostile == "device":
+        cfg.symlink_to("/dev/zero")
+    elif hostile == "huge":
+        cfg.write_text(json.dumps({**config, "pad": "x" * (17 << 20)}))
+    else:
+        key, value = {"nan rank": ("r", "NaN"), "inf alpha": ("lora_alpha", float("inf")),
+                      "rank pattern": ("rank_pattern", {"q_proj": 0.5})}[hostile]
+        cfg.write_text(json.dumps({**config, key: value}))
+    assert_one_line(run_cli("merge-adapters", a1, a2, "--out", tmp_path / "m"), needle)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--combination", "ties", "--density", "nan"], "--density nan: must be in (0, 1]"),
+    (["--combination", "svd", "--svd-rank", "0"], "--svd-rank 0: must be at least 1"),
+    (["--combination", "linear", "WEIGHT"], "weights must be finite"),
+])
+def test_merge_adapters_bad_numbers(tmp_path, run_cli, adapters, args, needle):
+    """Each ended in a traceback or wrote an adapter (exit 0)."""
+    a1, a2 = adapters
+    args = [f"{a2}:nan" if a == "WEIGHT" else a for a in args]
+    inputs = [a1] if f"{a2}:nan" in args else [a1, a2]
+    assert_one_line(run_cli("merge-adapters", *inputs, *args, "--out", tmp_path / "m"), needle)
+    assert not (tmp_path / "m").exists()

@@ -111,6 +111,15 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], kind: st
                            f"({', '.join(SVD)}), not '{kind}'")
     if len(weights) != len(adapters):
         raise AdapterError(f"{len(weights)} weights for {len(adapters)} adapters")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise AdapterError(f"adapter weight {bad[0]}: weights must be finite numbers")
+    if not 0 < density <= 1:  # NaN too
+        raise AdapterError(f"density={density}: must be in (0, 1], the share of each factor "
+                           "kept", options=("density",))
+    if svd_rank is not None and svd_rank < 1:
+        raise AdapterError(f"svd_rank={svd_rank}: must be at least 1 (leave it out for the "
+                           "largest input rank)", options=("svd_rank",))
     if sign_method not in ("total", "frequency"):
         raise AdapterError(f"majority sign method '{sign_method}': use total or frequency")
     for a in adapters:

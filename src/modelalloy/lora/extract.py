@@ -77,13 +77,14 @@ class ExtractReport:
 
 
 def choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
-    """k: ``rank``, or the smallest k with Σ_{i<k} σ_i² ≥ energy·Σσ²."""
-    if rank is not None:
-        return rank
+    """k: ``rank``, or the smallest k with Σ_{i<k} σ_i² ≥ energy·Σσ²; 0 for an unchanged
+    weight (Δ = 0: nothing to adapt, whatever the rank asked)."""
     power = s.double() ** 2
     total = float(power.sum())
     if total == 0:
         return 0
+    if rank is not None:
+        return rank
     kept = torch.cumsum(power, 0) / total
     return int(torch.searchsorted(kept, torch.tensor([energy], dtype=kept.dtype) - 1e-12)) + 1
 

@@ -19,7 +19,6 @@ Read from ``adapter_config.json`` and ``adapter_model.safetensors`` (or a pickle
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ import torch
 
 from modelalloy.errors import AdapterError, CheckpointError
 from modelalloy.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from modelalloy.io.safe_read import CONFIG_LIMIT, read_json_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -220,15 +220,13 @@ def _find_tensor(name: str, names: Iterable[str], adapter: Path, model: str | Pa
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """The adapter's config: a regular JSON file of a config's size (a FIFO, a device or a
+    giant file is refused unread), with finite positive ranks and finite alphas."""
     cfg = folder / CONFIG_FILE
-    try:
-        config = json.loads(cfg.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not cfg.exists() and not cfg.is_symlink():
         raise AdapterError(f"{folder}: no {CONFIG_FILE}; give a PEFT LoRA adapter folder "
-                           "(adapter_config.json + adapter_model.safetensors)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{cfg}: not a readable JSON file ({' '.join(str(e).split())})"
-                           ) from None
+                           "(adapter_config.json + adapter_model.safetensors)")
+    config = read_json_file(cfg, CONFIG_LIMIT, AdapterError, CONFIG_FILE)
     if not isinstance(config, dict):
         raise AdapterError(f"{cfg}: is not a JSON object; re-save the adapter")
     if config.get("peft_type", "LORA") != "LORA":
@@ -238,7 +236,31 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         if config.get(key):
             raise AdapterError(f"{cfg}: {what} are not supported; merge it into its model "
                                "with peft first and give that folder")
+    _check_numbers(cfg, config)
     return config
+
+
+def _check_numbers(cfg: Path, config: dict[str, Any]) -> None:
+    """r and rank_pattern: integers ≥ 1; lora_alpha and alpha_pattern: finite numbers."""
+    def number(key: str, value: Any, rank: bool) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+        if rank:
+            ok = ok and float(value).is_integer() and value >= 1
+        if not ok:
+            want = "an integer ≥ 1" if rank else "a finite number"
+            raise AdapterError(f"{cfg}: {key} is {value!r}, not {want}; re-save the adapter")
+
+    for key, rank in (("r", True), ("lora_alpha", False)):
+        if key in config:
+            number(key, config[key], rank)
+    for key, rank in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{cfg}: {key} is not a mapping of module to value; re-save "
+                               "the adapter")
+        for module, value in pattern.items():
+            number(f"{key}[{module!r}]", value, rank)
 
 
 def open_adapter(folder: str | Path) -> LoraAdapter:
