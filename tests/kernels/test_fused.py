@@ -458,11 +458,15 @@ def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype,
         assert ctx.streams[PaperVote].fixes  # the cancellations went through fix-ups
 
 
-def test_breadcrumbs_ties_kernel_keeps_the_torch_path_for_what_needs_the_whole_tensor():
+def test_breadcrumbs_ties_kernel_serves_the_row_bands_only():
+    """The rule is the method's (kernel_when): row bands get the kernel; the rescale keeps
+    the tensor whole; the tensor-wide band streams on the torch slices."""
     spec = get_method("breadcrumbs_ties")
     paper = spec.resolve(2, {"rescale": True}, "b", conventions="paper")
-    assert slices.breadcrumbs_ties(paper) is None
-    assert slices.breadcrumbs_ties(spec.resolve(2, {"granularity": "tensor"}, "b")) is None
+    assert not spec.is_rowwise(paper) and not spec.is_elementwise(paper)
+    assert spec.kernel_for(spec.resolve(2, {}, "b", conventions="paper")) == "breadcrumbs_ties"
+    wide = spec.resolve(2, {"granularity": "tensor"}, "b")
+    assert spec.is_elementwise(wide) and spec.kernel_for(wide) is None
     raw = torch.ones((3, 64), dtype=torch.bfloat16)
     raw[2, 40] = float("nan")
     out = torch.empty(64, dtype=torch.bfloat16)
