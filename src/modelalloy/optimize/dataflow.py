@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from modelalloy.errors import OptimizeError
-from modelalloy.optimize.space import Bound, Gene
+from modelalloy.optimize.genes import Bound, Gene
 from modelalloy.plan.layers import split_layer
 from modelalloy.recipe.model import Conditional, Recipe, evaluate_setting
 

@@ -219,11 +219,8 @@ def run(ctx: Any) -> None:
     variant = ctx.options["variant"]
     if variant not in ("plain", "bayesian", "nested"):
         raise OptimizeError(f"map: variant '{variant}': use plain, bayesian or nested")
-    if variant == "nested":  # pairwise rounds (optimize/map_nested.py)
-        from modelalloy.optimize.map_nested import run_nested
-
-        run_nested(ctx)
-        return
+    if variant == "nested":  # pairwise rounds: optimize/map_variants.py dispatches them
+        raise OptimizeError("map: the nested variant runs through optimize.map_variants.run")
     plan = schedule(ctx.options, d) if variant == "bayesian" else [
         int(ctx.options["points"] or (d + 1) * (d + 2))]
     if d < 2 and variant == "bayesian":

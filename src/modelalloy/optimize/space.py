@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from modelalloy.errors import OptimizeError, RecipeError
+from modelalloy.optimize.genes import Bound, Gene
 from modelalloy.plan.layers import split_layer
 from modelalloy.recipe.model import Conditional, Recipe, evaluate_setting
 
@@ -39,31 +40,6 @@ GRANULARITIES = ("task", "layer", "group")
 SEARCH_KEYS = ("space", "granularity", "layers_per_group", "filters", "parameters", "methods")
 SPACES = ("parameters", "dataflow")  # dataflow: optimize/dataflow.py
 OTHER = "other"
-
-
-@dataclass(frozen=True)
-class Bound:
-    """A free parameter: its bounds, start point and whether it is set per model."""
-
-    name: str
-    lo: float
-    hi: float
-    init: float
-    per_model: bool
-
-    def value(self, unit: float) -> float:
-        u = min(1.0, max(0.0, float(unit)))
-        return round(self.lo + u * (self.hi - self.lo), 6)
-
-    def unit(self, value: float) -> float:
-        return 0.0 if self.hi == self.lo else (value - self.lo) / (self.hi - self.lo)
-
-
-@dataclass(frozen=True)
-class Gene:
-    param: str
-    cell: int
-    model: int | None  # None: a global parameter
 
 
 @dataclass

@@ -80,7 +80,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "Approximation, ICLR 2025",
         "quadratic surrogate per task from (d+1)(d+2) designed merges, NSGA-III front on the "
         "surrogates, preference picks the recipe",
-        "modelalloy.optimize.map_search:run",
+        "modelalloy.optimize.map_variants:run",
         {"points": (None, "designed points (default (d+1)(d+2); nested: 20 per round)"),
          "preference": (None, "weights over the scores (default equal)"),
          "warp": ("auto", "sigmoid, none, or auto (sigmoid for scores in [0, 1])"),

@@ -1,0 +1,33 @@
+"""The genome's building blocks: a free parameter's bounds and one gene's place.
+
+Shared by the parameter space (space.py) and the data-flow space (dataflow.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A free parameter: its bounds, start point and whether it is set per model."""
+
+    name: str
+    lo: float
+    hi: float
+    init: float
+    per_model: bool
+
+    def value(self, unit: float) -> float:
+        u = min(1.0, max(0.0, float(unit)))
+        return round(self.lo + u * (self.hi - self.lo), 6)
+
+    def unit(self, value: float) -> float:
+        return 0.0 if self.hi == self.lo else (value - self.lo) / (self.hi - self.lo)
+
+
+@dataclass(frozen=True)
+class Gene:
+    param: str
+    cell: int
+    model: int | None  # None: a global parameter
