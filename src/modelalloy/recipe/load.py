@@ -370,7 +370,8 @@ class _Validator:
             lengths = {s.length for s in srcs}
             if len(lengths) > 1:
                 raise self.fail(f"{where}.sources", "every source of a slice must have the "
-                                f"same number of layers, got {sorted(lengths)}")
+                                f"same number of layers, got "
+                                f"{sorted(lengths, key=lambda n: -1 if n is None else n)}")
             params = self.params(item.get("parameters"), f"{where}.parameters", method,
                                  per_model_level=False)
             out.append(SliceSpec(sources=srcs, parameters=params))
