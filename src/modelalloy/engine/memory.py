@@ -196,6 +196,8 @@ def merge_recipe_in_memory(recipe: Any, sources: Mapping[str, Model] | None = No
                                 stats_dir=stats_folder)
             plan = make_plan(recipe, stack)
         else:
+            base: TensorSource | None
+            experts: Sequence[TensorSource]
             if recipe.slices:  # layer ranges of the in-memory models, composed
                 from modelalloy.plan.slices import open_slices
 

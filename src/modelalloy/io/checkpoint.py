@@ -198,19 +198,19 @@ def read_safetensors_header(path: Path) -> tuple[list[_StEntry], dict[str, str]]
     entries.sort(key=lambda e: (e.begin, e.end))
     pos = 0
     prev = ""
-    for e in entries:
-        if e.begin < pos:
+    for entry in entries:
+        if entry.begin < pos:
             raise CheckpointError(
-                f"{path}: tensors {prev!r} and {e.name!r} overlap in the file; "
+                f"{path}: tensors {prev!r} and {entry.name!r} overlap in the file; "
                 "the file is corrupt, re-save it"
             )
-        if e.begin > pos:
+        if entry.begin > pos:
             raise CheckpointError(
-                f"{path}: {e.begin - pos} unindexed bytes before tensor {e.name!r}; "
+                f"{path}: {entry.begin - pos} unindexed bytes before tensor {entry.name!r}; "
                 "the file is corrupt, re-save it"
             )
-        pos = e.end
-        prev = e.name
+        pos = entry.end
+        prev = entry.name
     if pos != data_size:
         raise CheckpointError(
             f"{path}: {data_size - pos} bytes after the last tensor are not in the header; "
@@ -544,7 +544,7 @@ class Checkpoint:
         nbytes = out.numel() * out.element_size()
         if nbytes == 0:
             return out
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        buf = out.reshape(-1).view(torch.uint8).numpy().data.cast("B")
         offset = self._offsets[name] + skip
         fd = self._acquire_fd(info.file)
         try:

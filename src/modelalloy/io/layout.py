@@ -61,9 +61,10 @@ def _renames(folder: Path, config: dict, names: list[str]) -> dict[str, str] | N
             model = cls._from_config(cfg)
         meta = model.state_dict()
         rules = get_model_conversion_mapping(model)
-        if not all(isinstance(r, WeightRenaming) for r in rules):
+        renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+        if len(renamings) != len(rules):
             return None
-        renamed = {n: rename_source_key(n, rules, [], model.base_model_prefix, meta)[0]
+        renamed = {n: rename_source_key(n, renamings, [], model.base_model_prefix, meta)[0]
                    for n in names}
     except Exception:  # noqa: BLE001 - any failure: keep the stored names
         return None

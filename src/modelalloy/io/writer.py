@@ -344,8 +344,8 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"tensor {name!r}: part [{start}, {start + part.numel()}) is "
                              "outside the tensor or the tensor was not begun")
         if nbytes:
-            data = memoryview(part.detach().contiguous().reshape(-1).view(torch.uint8)
-                              .numpy()).cast("B")
+            data = (part.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                    .data.cast("B"))
             try:
                 fault_point("writer.write")
                 _pwrite_all(self._fds[slot.shard], data, slot.offset + skip)

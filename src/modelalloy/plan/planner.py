@@ -203,7 +203,7 @@ def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | Non
 
     indexer = LayerIndexer(ref_names)
     # tensors a source builds whole (vocabulary rows in a merged tokenizer's order)
-    whole = getattr(reference, "whole_tensors", frozenset())
+    whole: frozenset[str] = getattr(reference, "whole_tensors", frozenset())
     for name in ref_names:
         ref_info = reference.info(name)
         infos = [ref_info]

@@ -310,21 +310,21 @@ def _config_updates(config: dict | None, layer_counts: dict[str, int], layer_typ
     config = config or {}
     updates: dict[str, Any] = {}
     for prefix, layers in layer_counts.items():
-        section = config
         if several:
             key = "vision_config" if any(w in prefix for w in ("vision", "visual")) \
                 else "text_config"
             section = config.get(key) if isinstance(config.get(key), dict) else None
             if section is None:
                 continue
-            sub = {k: layers for k in LAYER_COUNT_KEYS if isinstance(section.get(k), int)}
+            sub: dict[str, Any] = {k: layers for k in LAYER_COUNT_KEYS
+                                   if isinstance(section.get(k), int)}
             if _types_fit(section, layer_types) and key == "text_config":
                 sub["layer_types"] = layer_types
             if any(section.get(k) != v for k, v in sub.items()):
                 updates[key] = {**section, **updates.get(key, {}), **sub}
             continue
-        updates.update({k: layers for k in LAYER_COUNT_KEYS if isinstance(section.get(k), int)})
-        if _types_fit(section, layer_types):
+        updates.update({k: layers for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)})
+        if _types_fit(config, layer_types):
             updates["layer_types"] = layer_types
     return updates
 

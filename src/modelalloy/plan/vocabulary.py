@@ -24,7 +24,7 @@ import dataclasses
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -184,16 +184,16 @@ class VocabularyAligner:
                                 "{kind: model_token, model: ..., token: ...} to take another "
                                 "token's row")
             return raw[r][row]
-        row = src.token_id
-        if row is None:
+        token_row = src.token_id
+        if token_row is None:
             own = self.vocabulary.own[key]
             if src.token not in own:
                 raise PlanError(f"{where}: model '{src.model}' has no token {src.token!r}")
-            row = own[src.token]
-        if not 0 <= row < raw[r].shape[0]:
-            raise PlanError(f"{where}: token id {row} is out of range for model "
+            token_row = own[src.token]
+        if not 0 <= token_row < raw[r].shape[0]:
+            raise PlanError(f"{where}: token id {token_row} is out of range for model "
                             f"'{src.model}' ({raw[r].shape[0]} rows)")
-        return raw[r][row]
+        return raw[r][token_row]
 
 
 class AlignedSource:
@@ -219,7 +219,9 @@ class AlignedSource:
         numel = 1
         for d in shape:
             numel *= d
-        return dataclasses.replace(info, shape=shape, nbytes=numel * info.dtype.itemsize)
+        # every source's TensorMeta is a dataclass (io.TensorInfo)
+        return dataclasses.replace(cast(Any, info), shape=shape,
+                                   nbytes=numel * info.dtype.itemsize)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._aligner.names:
@@ -254,7 +256,7 @@ def align_vocabulary(vocabulary: Vocabulary, base: TensorSource | None,
     if unchanged:
         return base, list(experts)
     aligner = VocabularyAligner(vocabulary, sources, base, tokens, token_models, names)
-    wrapped: list[TensorSource] = [AlignedSource(s, aligner, i)  # type: ignore[misc]
+    wrapped: list[TensorSource] = [AlignedSource(s, aligner, i)
                                    for i, s in enumerate(sources)]
     if base is not None:
         return wrapped[0], wrapped[1:]

@@ -11,7 +11,7 @@ import difflib
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import yaml
 from pydantic import ValidationError
@@ -370,7 +370,8 @@ class _Validator:
             lengths = {s.length for s in srcs}
             if len(lengths) > 1:
                 raise self.fail(f"{where}.sources", "every source of a slice must have the "
-                                f"same number of layers, got {sorted(lengths)}")
+                                f"same number of layers, got "
+                                f"{sorted(lengths, key=lambda n: -1 if n is None else n)}")
             params = self.params(item.get("parameters"), f"{where}.parameters", method,
                                  per_model_level=False)
             out.append(SliceSpec(sources=srcs, parameters=params))
@@ -439,9 +440,10 @@ class _Validator:
         among each slice's sources, as mergekit needs) and the same number of others."""
         uses_base = recipe.uses_base()
         counts = set()
-        for i, sl in enumerate(recipe.slices):
+        base = recipe.base_model
+        for i, sl in enumerate(recipe.slices or ()):
             bases = [s for s in sl.sources
-                     if uses_base and recipe.same_model(s.model, recipe.base_model)]
+                     if uses_base and base is not None and recipe.same_model(s.model, base)]
             if uses_base and len(bases) != 1:
                 raise self.fail(f"slices[{i}].sources", f"base_model '{recipe.base_model}' "
                                 "must be one of this slice's sources (once), as mergekit needs "
@@ -455,8 +457,18 @@ class _Validator:
         except MethodError as e:
             raise MethodError(f"{self.at('slices')}: {e}") from None
 
+    @overload
+    def model_string(self, value: Any, field: str, base_dir: Path,
+                     optional: Literal[False] = False) -> str: ...
+
+    @overload
+    def model_string(self, value: Any, field: str, base_dir: Path,
+                     optional: bool) -> str | None: ...
+
     def model_string(self, value: Any, field: str, base_dir: Path,
                      optional: bool = False) -> str | None:
+        """A model reference as a string (``model+adapter`` for an adapted model); None only
+        for an ``optional`` one that is absent."""
         if value is None and optional:
             return None
         if isinstance(value, dict) and "model" in value:
@@ -465,8 +477,8 @@ class _Validator:
             adapter = value.get("adapter") or value.get("lora")
             if adapter is not None:
                 adapter = adapter.get("path") if isinstance(adapter, dict) else adapter
-                inner = self.model_string({"model": value["model"]}, field, base_dir)
-                return self.with_adapter(inner, adapter, field, base_dir)
+                model = self.model_string({"model": value["model"]}, field, base_dir)
+                return self.with_adapter(model, adapter, field, base_dir)
             inner = value["model"]
             if isinstance(inner, dict):
                 if inner.get("revision"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import yaml
 from pydantic import (
@@ -69,14 +69,16 @@ def evaluate_setting(tensor_name: str, setting: ParamValue, t: float = 0.0) -> A
     """
     if not isinstance(setting, list):
         if isinstance(setting, Conditional):  # a lone entry: treated as a one-entry list
-            return evaluate_setting(tensor_name, [setting], t)
+            return evaluate_setting(tensor_name, cast(list[Conditional], [setting]), t)
         return setting
     if setting and all(is_number(e) for e in setting):
         scaled = t * (len(setting) - 1)
         i0 = int(scaled)
         i1 = min(len(setting) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
+        # numbers (checked above): mergekit's arithmetic on them as they are
+        lo, hi = cast(float, setting[i0]), cast(float, setting[i1])
+        return (1 - frac) * lo + frac * hi
     if setting and all(not isinstance(e, (list, dict, Conditional)) for e in setting):
         return setting[int(t * (len(setting) - 1))]
     for cond in setting:
@@ -382,11 +384,11 @@ class Recipe(BaseModel):
         key = (self.merge_method, self.base_model, self.base_dir,
                tuple((id(e), e.model) for e in self.models))
         if self._experts is None or self._experts[0] != key:
-            if not self.uses_base():
+            base = self.base_model
+            if not self.uses_base() or base is None:
                 experts = list(self.models)
             else:
-                experts = [e for e in self.models
-                           if not self.same_model(e.model, self.base_model)]
+                experts = [e for e in self.models if not self.same_model(e.model, base)]
             self._experts = (key, experts)
         return list(self._experts[1])
 
@@ -411,7 +413,7 @@ class Recipe(BaseModel):
         if self.tokenizer_source in (None, "union"):
             return None
         if self.tokenizer_source == "base":
-            return self.model_path(self.base_model)  # validated: base_model is set
+            return self.model_path(cast(str, self.base_model))  # validated: base_model is set
         return self.model_path(self.tokenizer_source)
 
     def to_yaml(self) -> str:
