@@ -282,9 +282,9 @@ def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
             set_vocab_size(folder, plan.vocabulary.size)
     if rebuilt:
         plan.vocabulary.tokenizer.save_pretrained(str(folder))
-        dtypes = {e.out_dtype for e in plan.entries if e.merge}
-        if len(dtypes) == 1 and (folder / "config.json").exists():
-            set_config_dtype(folder, dtypes.pop())
+    dtypes = {e.out_dtype for e in plan.entries if e.merge}
+    if len(dtypes) == 1 and (folder / "config.json").exists():
+        set_config_dtype(folder, dtypes.pop())
     if recipe.chat_template is not None:
         template = choose_template(recipe.chat_template,
                                    [recipe.model_path(m) for m in recipe.all_models()])
