@@ -6,6 +6,9 @@ Anything else escaping is a bug and is shown with its traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class ModelAlloyError(Exception):
     """Base class: ``str(err)`` is a one-line message that says what, where and what to do.
@@ -53,3 +56,9 @@ class OptimizeError(ModelAlloyError):
 
 class AdapterError(CheckpointError):
     """A LoRA adapter is unreadable, of an unsupported kind, or does not fit its model."""
+
+
+def did_you_mean(word: object, options: Iterable[str]) -> str | None:
+    """``"did you mean 'x'?"`` for the option closest to a mistyped ``word``, or None."""
+    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
+    return f"did you mean '{match[0]}'?" if match else None

@@ -1,4 +1,4 @@
-"""Bad input to compress, rebuild, merge-stream, stats, bench and eval: one line on stderr, a
+"""Bad input to compress, rebuild, merge-stream, stats, bench, twin and eval: one line on stderr, a
 non-zero exit, nothing written."""
 
 from __future__ import annotations
@@ -181,3 +181,42 @@ def test_stats_next_to_a_read_only_model(tmp_path, run_cli, family):
         assert_one_line(run_cli("stats", model, "--data", data, "--kind", "gram"),
                         str(model / "stats"), "read-only", "--out")
         assert sorted(os.listdir(model)) == sorted(os.listdir(base))
+
+
+@pytest.mark.parametrize("flag, value, needles", [
+    ("--methods", "ties,tiez", ("--methods: unknown merge method 'tiez'", "did you mean 'ties'")),
+    ("--sweep", "{", ("--sweep: unknown merge method '{'", "available: ")),
+])
+def test_bench_bad_method_names_fail_before_the_suite(tmp_path, run_cli, monkeypatch, flag,
+                                                      value, needles):
+    import modelalloy.bench
+
+    def no_suite(*args, **kwargs):
+        raise AssertionError("the suite was built before the options were checked")
+
+    monkeypatch.setattr(modelalloy.bench, "load_suite", no_suite)
+    assert_one_line(run_cli("bench", flag, value, "--out", tmp_path / "b"), *needles)
+    assert os.listdir(tmp_path) == []
+
+
+def test_twin_build_refuses_a_fifo_as_router_data(tmp_path, run_cli, family):
+    base, experts = family
+    recipe = write_recipe(tmp_path / "r.yaml", f"merge_method: ties\nbase_model: {base}\n"
+                          "models:\n" + "".join(f"  - model: {e}\n" for e in experts))
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    out = tmp_path / "bundle"
+    assert_one_line(run_cli("twin", "build", recipe, "--out", out, "--data", fifo),
+                    f"{fifo}: router data file is a FIFO, not a regular file")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_stats_batch_size_below_one(tmp_path, run_cli, family, size):
+    base, _ = family
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    out = tmp_path / "s.safetensors"
+    assert_one_line(run_cli("stats", base, "--data", data, "--batch-size", size, "--out", out),
+                    "--batch-size", "greater than or equal to 1")
+    assert not out.exists() and not (base / "stats").exists()

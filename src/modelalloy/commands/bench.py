@@ -15,6 +15,21 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _method_names(flag: str, value: str | None) -> list[str] | None:
+    """The method names of ``flag`` (None for all), each checked against the registry so a
+    typo fails in a second, not after the suite is built."""
+    from modelalloy.errors import MethodError
+    from modelalloy.methods import get_method
+
+    names = _split(value)
+    for name in names or []:
+        try:
+            get_method(name)
+        except MethodError as err:
+            raise MethodError(f"{flag}: {err}") from None
+    return names
+
+
 def _params(text: str | None) -> dict | None:
     """--params as {method: {parameter: value}}, or a one-line error."""
     from modelalloy.errors import MethodError
@@ -75,7 +90,9 @@ def register(app: typer.Typer) -> None:
             if not quiet:
                 typer.echo(msg, err=True)
 
-        overrides = _params(params)  # checked before the suite is built
+        # Every option is checked before the suite is built (minutes on a cold cache).
+        overrides = _params(params)
+        chosen, swept = _method_names("--methods", methods), _method_names("--sweep", sweep)
         if backdoor is not None and (seeds > 1 or study is not None):
             from modelalloy.errors import MethodError
 
@@ -83,13 +100,13 @@ def register(app: typer.Typer) -> None:
                               "no --study)")
 
         def bench_one(s: Any) -> Any:
-            return run_bench(s, _split(methods), tune=tune, params=overrides, seed=seed,
+            return run_bench(s, chosen, tune=tune, params=overrides, seed=seed,
                              log=log)
 
         if study is not None:
             from modelalloy.bench.studies import run_study, write_study
 
-            done = run_study(study, suite, size, _split(methods), seed=seed, rebuild=rebuild,
+            done = run_study(study, suite, size, chosen, seed=seed, rebuild=rebuild,
                              log=log)
             paths = write_study(done, out, suite, size)
             typer.echo(paths["md"].read_text())
@@ -113,14 +130,14 @@ def register(app: typer.Typer) -> None:
             rows = seed_spread([result, *others])
             write_seeds(rows, out, f"{suite} ({size})")
             typer.echo(seeds_markdown(rows))
-        for name in _split(sweep) or []:
+        for name in swept or []:
             rows = sweep_num_experts(s, name, seed=seed, log=log)
             write_sweep(rows, out, name)
         if long_short:
             from modelalloy.eval.harness import long_to_short
             from modelalloy.eval.sweeps import long_to_short_markdown, plot_long_to_short
 
-            rows = long_to_short(s, _split(methods), seed=seed, log=log)
+            rows = long_to_short(s, chosen, seed=seed, log=log)
             (out / "long-to-short.json").write_text(json.dumps(rows, indent=1))
             (out / "long-to-short.md").write_text(long_to_short_markdown(rows) + "\n")
             plot_long_to_short(rows, out / "long-to-short.png")

@@ -25,8 +25,8 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, typer.Option(
             "--out", help="Output .safetensors (default MODEL/stats/KIND.safetensors).")]
             = None,
-        batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 8,
-        max_length: Annotated[int, typer.Option(help="Tokens kept per example.")] = 512,
+        batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 8,
+        max_length: Annotated[int, typer.Option(min=1, help="Tokens kept per example.")] = 512,
         limit: Annotated[int | None, typer.Option(help="Use the first N examples.")] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
         field: Annotated[str | None, typer.Option(help="JSONL text field.")] = None,

@@ -15,12 +15,14 @@ def _file_router_data(path: Path, tasks: list[str], base: Path, batch: int) -> d
     """JSONL lines {"task": name, "text": ...} tokenized with the base's tokenizer."""
     from transformers import AutoTokenizer
 
+    from modelalloy.io.safe_read import open_regular
     from modelalloy.stats.data import token_batches
 
-    if not path.is_file():
-        raise RecipeError(f"{path}: router data file not found")
+    # A FIFO or device named as data is refused before it is read (it would block or never end).
+    with open(open_regular(path, RecipeError, "router data file"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
     texts: dict[str, list[str]] = {t: [] for t in tasks}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -84,7 +86,7 @@ def register(app: typer.Typer) -> None:
             help="task names, comma-separated (default: the expert folder names)")] = None,
         density: Annotated[float, typer.Option(help="rank = density × min(m, n)")] = 0.1,
         router_epochs: Annotated[int, typer.Option(help="router training epochs")] = 50,
-        router_batch: Annotated[int, typer.Option(help="router batch size")] = 1024,
+        router_batch: Annotated[int, typer.Option(min=1, help="router batch size")] = 1024,
         router_hidden: Annotated[int | None, typer.Option(
             help="router MLP width (default 2 × the hidden size, the paper's)")] = None,
         seed: Annotated[int, typer.Option(help="router seed")] = 0,
@@ -145,7 +147,7 @@ def register(app: typer.Typer) -> None:
         routing: Annotated[str, typer.Option(help="sample, top1, batch (comma-separated)")
                            ] = "sample,top1",
         router_epochs: Annotated[int, typer.Option(help="router training epochs")] = 50,
-        router_batch: Annotated[int, typer.Option(help="router batch size")] = 1024,
+        router_batch: Annotated[int, typer.Option(min=1, help="router batch size")] = 1024,
         router_hidden: Annotated[int | None, typer.Option(
             help="router MLP width (default 2 × the hidden size)")] = None,
         threads: Annotated[int, typer.Option(

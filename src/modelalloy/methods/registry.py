@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from modelalloy.errors import MethodError
+from modelalloy.errors import MethodError, did_you_mean
 
 # The unit of the sliced execution shape: the planner cuts large tensors into slices of about
 # this many elements, and methods that reduce over slices (the Gram chunks of SLERP and Model
@@ -432,8 +432,9 @@ def get_method(name: str) -> MethodSpec:
     _load_builtin_methods()
     key = _ALIASES.get(name, name)
     if key not in _REGISTRY:
-        raise MethodError(f"unknown merge method '{name}'; available: "
-                          f"{', '.join(sorted(_REGISTRY))} (see `modelalloy methods`)")
+        hint = did_you_mean(name, [*_REGISTRY, *_ALIASES])
+        raise MethodError(f"unknown merge method '{name}'; {hint + ' ' if hint else ''}"
+                          f"available: {', '.join(sorted(_REGISTRY))} (see `modelalloy methods`)")
     return _REGISTRY[key]
 
 

@@ -7,7 +7,6 @@ method's parameter schema rejects (unknown method, out-of-range value, wrong mod
 
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Literal, overload
 import yaml
 from pydantic import ValidationError
 
-from modelalloy.errors import MethodError, RecipeError
+from modelalloy.errors import MethodError, RecipeError, did_you_mean
 from modelalloy.io.safe_read import read_regular_file
 from modelalloy.methods.registry import CONVENTIONS, MethodSpec, Param, get_method, list_methods
 from modelalloy.recipe.model import (
@@ -167,8 +166,7 @@ def _field_lines(text: str) -> dict[str, int]:
 
 
 def _closest(word: str, options) -> str:
-    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
-    return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(options)}"
+    return did_you_mean(word, options) or f"valid keys: {', '.join(options)}"
 
 
 def _kind(v: Any) -> str:
