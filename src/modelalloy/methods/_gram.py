@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -31,7 +32,9 @@ def thread_buffers(kind: str, count: int, dtype: torch.dtype, device: torch.devi
     """``count`` work buffers named ``kind`` of at least ``size`` elements, this thread's own
     and reused from call to call: a fresh 1–2 MB tensor per chunk costs more in page faults
     than the arithmetic. Different kinds never share memory."""
-    buffers = _scratch.__dict__.setdefault((kind, device, dtype), [])
+    scratch = cast("dict[tuple[str, torch.device, torch.dtype], list[torch.Tensor]]",
+                   _scratch.__dict__)
+    buffers = scratch.setdefault((kind, device, dtype), [])
     while len(buffers) < count:
         buffers.append(torch.empty(size, dtype=dtype, device=device))
     for i in range(count):

@@ -15,7 +15,7 @@ biases, embeddings and lm_head at the base).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -54,7 +54,8 @@ def chunk_task_arithmetic(base: torch.Tensor | None, experts: list[torch.Tensor]
                           "others not")
     out = base.clone()
     for theta, c in zip(experts, coeffs, strict=True):
-        scale = chunk_scale(theta.numel(), c.to(theta.device)).reshape(theta.shape)
+        scale = chunk_scale(theta.numel(), cast(torch.Tensor, c).to(theta.device)).reshape(
+            theta.shape)
         out.add_((theta - base) * scale)
     return out
 

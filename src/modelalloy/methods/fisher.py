@@ -22,7 +22,7 @@ at the target model's value; set weight to [1, 0, ...] to reproduce that).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -68,7 +68,7 @@ def fisher(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[
         total = sum(lam)
         if total <= 0:
             raise MethodError("fisher: the model weights sum to zero")
-        return sum(w / total * t for w, t in zip(lam, experts, strict=True))
+        return cast(torch.Tensor, sum(w / total * t for w, t in zip(lam, experts, strict=True)))
     if any(f is None for f in fishers):
         missing = [i for i, f in enumerate(fishers) if f is None]
         raise MethodError(f"tensor '{ctx.name}': experts {missing} have no Fisher while others "
@@ -82,7 +82,7 @@ def fisher(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[
     num = torch.zeros_like(experts[0])
     den = torch.zeros_like(experts[0])
     for k, (f, theta, w) in enumerate(zip(fishers, experts, lam, strict=True)):
-        f = f.to(theta.device)
+        f = cast(torch.Tensor, f).to(theta.device)
         if not params["favor_target"] or k == 0:
             f = f.clamp_min(floor)
         num.add_(w * f * theta)

@@ -41,7 +41,7 @@ fraction of entries with the largest saliency v⊙τ² (``metric`` = "fisher") o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -126,7 +126,7 @@ def ota(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str
     eps = float(params["epsilon"])
     weights, updates = [], []
     for k, (v, theta) in enumerate(zip(vs, experts, strict=True)):
-        v = _compressed(v.to(theta.device), params)
+        v = _compressed(cast(torch.Tensor, v).to(theta.device), params)
         tau = theta - base if base is not None else theta
         saliency = v * tau ** 2 if base is not None else v
         mask = (saliency >= float(params["threshold"][k])).to(theta.dtype)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -132,7 +132,7 @@ def _prepare(groups: GroupsFactory) -> PcbStats | None:
 
     def beta_chunks() -> Iterator[list[torch.Tensor]]:
         for g in groups():
-            _, beta = pcb_scores(stack_task_vectors(g.base, g.experts), lo, hi)
+            _, beta = pcb_scores(stack_task_vectors(cast(torch.Tensor, g.base), g.experts), lo, hi)
             yield [beta[t].flatten() for t in range(n)]
 
     # Pass 3-4: each task's β threshold at ⌊d(1 − r)⌋ and its maximum.

@@ -23,7 +23,7 @@ weights exactly from the saved Grams).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -138,7 +138,7 @@ def regmean_merge(experts: list[torch.Tensor], grams: list[torch.Tensor | None],
         missing = [i for i, p in enumerate(present) if not p]
         raise MethodError(f"tensor '{name}': experts {missing} have no Gram matrix while others "
                           "do; collect statistics for every model")
-    d = grams[0].shape[0]
+    d = cast(torch.Tensor, grams[0]).shape[0]
     layout = _layout(experts[0], d, params["input_dim"], name)
     wts = [w.T if layout == "last" else w for w in experts]
     dev = experts[0].device  # the engine may hand statistics over on the CPU
