@@ -36,7 +36,7 @@ whole tensor's bits. With ``rescale`` the tensor is merged whole.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -93,7 +93,7 @@ def _count_band(base: torch.Tensor | None, experts: list[torch.Tensor],
     assert ctx.streams is not None
     band = ctx.streams.setdefault(SlicedBand, SlicedBand(params["density"], params["gamma"]))
     for t, e in enumerate(experts):
-        band.count(t, torch.sub(e, base))
+        band.count(t, torch.sub(e, cast(torch.Tensor, base)))
 
 
 def _collect_band(base: torch.Tensor | None, experts: list[torch.Tensor],
@@ -102,7 +102,7 @@ def _collect_band(base: torch.Tensor | None, experts: list[torch.Tensor],
     assert ctx.streams is not None
     band = ctx.streams[SlicedBand]
     for t, e in enumerate(experts):
-        band.collect(t, torch.sub(e, base))
+        band.collect(t, torch.sub(e, cast(torch.Tensor, base)))
 
 
 def _band_passes(params: dict[str, Any]) -> tuple:
@@ -121,7 +121,7 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
             band.trim_(t, d)
         return deltas
     for d, density, gamma in zip(deltas, params["density"], params["gamma"], strict=True):
-        l1_rescaled_(d, lambda x, a=density, b=gamma: band_trim_(x, a, b, granularity, scratch),
+        l1_rescaled_(d, lambda x, a=density, b=gamma: band_trim_(x, a, b, granularity, scratch),  # type: ignore[misc]
                      params["rescale"])
     return deltas
 
@@ -141,6 +141,7 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
 )
 def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
+    base = cast(torch.Tensor, base)  # base="required"
     deltas = breadcrumb_deltas(base, experts, params, Scratch(base), ctx)
     merged = combine_(deltas, params["weight"], sign=None, normalize=params["normalize"])
     return merged.mul_(float(params["lambda"])).add_(base)
@@ -163,6 +164,7 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:
+    base = cast(torch.Tensor, base)  # base="required"
     scratch = Scratch(base)
     deltas = breadcrumb_deltas(base, experts, params, scratch, ctx)
     if ctx.slice_start is not None and params["vote"] == "paper":

@@ -27,7 +27,7 @@ device or thread count, but not the official code's global-RNG stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -128,6 +128,7 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
 )
 def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
+    base = cast(torch.Tensor, base)  # base="required"
     deltas = dare_deltas(base, experts, params, ctx)
     merged = combine_(deltas, params["weight"], sign=None, normalize=params["normalize"])
     return merged.mul_(float(params["lambda"])).add_(base)
@@ -148,6 +149,7 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
               ctx: MergeContext) -> torch.Tensor:
+    base = cast(torch.Tensor, base)  # base="required"
     scratch = Scratch(base)
     deltas = dare_deltas(base, experts, params, ctx)
     if ctx.slice_start is not None and params["vote"] == "paper":

@@ -32,7 +32,7 @@ ranks, draws and float32 steps, so the same bits).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -100,6 +100,7 @@ def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[s
 )
 def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:
+    base = cast(torch.Tensor, base)  # base="required"
     deltas = della_deltas(base, experts, params, ctx)
     if ctx.slice_start is not None and params["vote"] == "paper":
         return paper_vote_rows(base, deltas, params, ctx)
@@ -117,6 +118,7 @@ def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
 )
 def della_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                  ctx: MergeContext) -> torch.Tensor:
+    base = cast(torch.Tensor, base)  # base="required"
     deltas = della_deltas(base, experts, params, ctx)
     merged = combine_(deltas, params["weight"], sign=None, normalize=params["normalize"])
     return merged.mul_(float(params["lambda"])).add_(base)

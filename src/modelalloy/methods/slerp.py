@@ -33,7 +33,7 @@ same bits as the whole-tensor merge, which sums the same chunks in the same orde
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -90,9 +90,9 @@ def _endpoints(base: torch.Tensor, experts: list[torch.Tensor]
 def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass of a sliced merge: this slice's Gram terms into ``ctx.streams``."""
-    gram = ctx.streams.setdefault("slerp_gram", new_gram(2))
+    gram = cast("dict[str, Any]", ctx.streams).setdefault("slerp_gram", new_gram(2))
     if 0.0 < float(params["t"]) < 1.0:
-        v0, v1, _ = _endpoints(base, experts)
+        v0, v1, _ = _endpoints(cast(torch.Tensor, base), experts)
         add_gram_(gram, (v0, v1))
 
 
@@ -112,9 +112,10 @@ def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
 def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:
     t = float(params["t"])
-    v0, v1, tau = _endpoints(base, experts)
+    v0, v1, tau = _endpoints(cast(torch.Tensor, base), experts)
     if ctx.slice_start is None:
         out = slerp_tensors(t, v0, v1, reuse_v0=tau)
     else:
-        out = interpolate(t, v0, v1, ctx.streams["slerp_gram"], reuse_v0=tau)
-    return out.add_(base) if tau else out
+        out = interpolate(t, v0, v1, cast("dict[str, Any]", ctx.streams)["slerp_gram"],
+                          reuse_v0=tau)
+    return out.add_(cast(torch.Tensor, base)) if tau else out
