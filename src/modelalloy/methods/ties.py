@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -127,17 +127,17 @@ def _streams(params: dict[str, Any]) -> bool:
 def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                  params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass: |τ_t| histograms of this slice (``SlicedTopK.count``)."""
-    trim = ctx.streams.setdefault(SlicedTopK, SlicedTopK(params["density"]))
+    trim = cast("dict[Any, Any]", ctx.streams).setdefault(SlicedTopK, SlicedTopK(params["density"]))
     for t, e in enumerate(experts):
-        trim.count(t, torch.sub(e, base))
+        trim.count(t, torch.sub(e, cast(torch.Tensor, base)))
 
 
 def _collect_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                    params: dict[str, Any], ctx: MergeContext) -> None:
     """Second pass: the |τ_t| of this slice that fall in the threshold's bin."""
-    trim = ctx.streams[SlicedTopK]
+    trim = cast("dict[Any, Any]", ctx.streams)[SlicedTopK]
     for t, e in enumerate(experts):
-        trim.collect(t, torch.sub(e, base))
+        trim.collect(t, torch.sub(e, cast(torch.Tensor, base)))
 
 
 @register_method(
@@ -159,10 +159,11 @@ def _collect_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
 )
 def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
          ctx: MergeContext) -> torch.Tensor:
+    base = cast(torch.Tensor, base)  # base="required"
     deltas = task_vectors(base, experts)
     scratch = Scratch(deltas[0])
     if ctx.slice_start is not None:  # per-tensor trim over slices (the engine's third pass)
-        trim = ctx.streams[SlicedTopK]
+        trim = cast("dict[Any, Any]", ctx.streams)[SlicedTopK]
         for t, d in enumerate(deltas):
             trim.trim_(t, d)
         if params["vote"] == "paper":
@@ -175,11 +176,11 @@ def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[st
             raise MethodError(f"tensor '{ctx.name}': ties with scope: global needs the "
                               "whole-model pass (prepare) and the runner did not provide it")
         for d, v in zip(deltas, stats["thresholds"], strict=True):
-            l1_rescaled_(d, lambda x, v=v: threshold_trim_(x, v, scratch), params["rescale"])
+            l1_rescaled_(d, lambda x, v=v: threshold_trim_(x, v, scratch), params["rescale"])  # type: ignore[misc]
         majority = stats["majority"]
     else:
         for d, density in zip(deltas, params["density"], strict=True):
-            l1_rescaled_(d, lambda x, density=density: magnitude_trim_(x, density, scratch),
+            l1_rescaled_(d, lambda x, density=density: magnitude_trim_(x, density, scratch),  # type: ignore[misc]
                          params["rescale"])
     return ties_core(deltas, params, vote=params["vote"], majority=majority,
                      scratch=scratch).add_(base)
@@ -249,12 +250,12 @@ def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor
     """Add a slice's Σ sign(Σ_t δ̃_t) and its undecided elements (slice-local ``where``, their
     δ̃_t and θ_0) to the paper-vote state; both the torch path and the fused kernel
     (``kernels.slices``) report here."""
-    state = ctx.streams.setdefault(PaperVote, PaperVote())
+    state = cast("dict[Any, Any]", ctx.streams).setdefault(PaperVote, PaperVote())
     state.signs += signs
     if where.numel():
         low, zero = [ties_core([d.clone() for d in deltas_at], params, vote="paper",
                                majority=m).add_(base_at) for m in (-1.0, 0.0)]
-        state.fixes.append((where + ctx.slice_start, low, zero))
+        state.fixes.append((where + cast(int, ctx.slice_start), low, zero))
 
 
 def finish_paper_vote(ctx: MergeContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
