@@ -20,7 +20,7 @@ Pieces:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -392,7 +392,8 @@ def dare_(delta: torch.Tensor, density: float, ctx: MergeContext, model_index: i
     if rescale and rescale_norm == "density":
         delta.mul_(1.0 / density)
     if l1:
-        scale_to_l1_(delta, *(l1_sums if l1_sums is not None else (before, abs_sum(delta))))
+        scale_to_l1_(delta, *(l1_sums if l1_sums is not None
+                              else (cast(float, before), abs_sum(delta))))
     return delta
 
 
@@ -648,7 +649,7 @@ def global_thresholds(groups: Callable[[], Iterator[TensorGroup]], densities: Se
         select.add_numel(g.experts[0].numel())
         for t, e in enumerate(g.experts):
             if trims[t]:
-                select.count(t, torch.sub(e, g.base).abs_())
+                select.count(t, torch.sub(e, cast(torch.Tensor, g.base)).abs_())
     total = select.numel
     for t in range(n_models):
         if trims[t] and total:
@@ -667,7 +668,7 @@ def global_thresholds(groups: Callable[[], Iterator[TensorGroup]], densities: Se
         for t, e in enumerate(g.experts):
             if bins[t] < 0 and not majority:
                 continue
-            d = torch.sub(e, g.base)
+            d = torch.sub(e, cast(torch.Tensor, g.base))
             if bins[t] < 0:
                 sure = torch.ones_like(d, dtype=torch.bool)
                 und = None
@@ -679,16 +680,16 @@ def global_thresholds(groups: Callable[[], Iterator[TensorGroup]], densities: Se
                 select.add_values(t, bins[t], mag[und])
                 del key, mag
             if majority:
-                s.addcmul_(d, sure)
+                cast(torch.Tensor, s).addcmul_(d, sure)
                 vals.append(d)
                 sures.append(sure)
                 if und is not None:
                     undecided = und if undecided is None else undecided.logical_or_(und)
         if majority:
             if undecided is None:
-                sign_sum += float(s.sign().sum())
+                sign_sum += float(cast(torch.Tensor, s).sign().sum())
             else:
-                sign_sum += float(s[~undecided].sign().sum())
+                sign_sum += float(cast(torch.Tensor, s)[~undecided].sign().sum())
                 pending.append((torch.stack([v[undecided] for v in vals]),
                                 torch.stack([x[undecided] for x in sures])))
     thresholds: list[float | None] = [select.cuts(t)[0].value if bins[t] >= 0 else None
@@ -698,8 +699,8 @@ def global_thresholds(groups: Callable[[], Iterator[TensorGroup]], densities: Se
         for values, sure in pending:
             acc = torch.zeros_like(values[0])
             for t in range(n_models):
-                keep = sure[t] if thresholds[t] is None else (sure[t] | (values[t].abs()
-                                                                       >= thresholds[t]))
+                keep = sure[t] if thresholds[t] is None else (
+                    sure[t] | (values[t].abs() >= cast(float, thresholds[t])))
                 acc.addcmul_(values[t], keep)
             sign_sum += float(acc.sign().sum())
         maj = float(torch.sign(torch.tensor(sign_sum)))
