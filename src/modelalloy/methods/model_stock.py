@@ -28,7 +28,7 @@ two models.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast, overload
 
 import torch
 
@@ -36,11 +36,15 @@ from modelalloy.methods._gram import Gram, add_gram_, new_gram, thread_buffers
 from modelalloy.methods.registry import MergeContext, Param, register_method
 
 
+@overload
+def _ratio(cos: float, n: int) -> float: ...
+@overload
+def _ratio(cos: torch.Tensor, n: int) -> torch.Tensor: ...
 def _ratio(cos: torch.Tensor | float, n: int) -> torch.Tensor | float:
     """t = N cos / (1 + (N − 1) cos), 0 wherever the denominator is ≤ 0, clamped to [0, 1]."""
     if isinstance(cos, float):
-        denom = 1 + (n - 1) * cos
-        return min(max(n * cos / denom, 0.0), 1.0) if denom > 0 else 0.0
+        denom_f = 1 + (n - 1) * cos
+        return min(max(n * cos / denom_f, 0.0), 1.0) if denom_f > 0 else 0.0
     denom = 1 + (n - 1) * cos
     # t < 0 for −1/(N−1) < cos < 0 and t blows up as the denominator reaches 0; past it the
     # formula turns positive again. Every non-positive cos means "no shared direction": t = 0.
@@ -52,12 +56,17 @@ CLAMP_NOTE = ("model_stock: t = N·cos θ / (1 + (N − 1)·cos θ) fell outside
               "clamped; mergekit would use it unclamped there (docs/recipes.md)")
 
 
+@overload
+def _unclamped(cos: float, n: int) -> float: ...
+@overload
+def _unclamped(cos: torch.Tensor, n: int) -> torch.Tensor: ...
 def _unclamped(cos: torch.Tensor | float, n: int) -> torch.Tensor | float:
     """mergekit's t: the formula without the clamp (0 at its singularity)."""
     denom = 1 + (n - 1) * cos
     if isinstance(cos, float):
-        return 0.0 if abs(denom) < 1e-6 else n * cos / denom
-    return torch.where(denom.abs() < 1e-6, torch.zeros_like(cos), n * cos / denom)
+        return 0.0 if abs(cast(float, denom)) < 1e-6 else n * cos / denom
+    return torch.where(cast(torch.Tensor, denom).abs() < 1e-6, torch.zeros_like(cos),
+                       n * cos / denom)
 
 
 def mean_cosine(gram: Gram) -> float:
@@ -104,7 +113,8 @@ def _per_tensor(params: dict[str, Any]) -> bool:
 def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass of a sliced merge: this slice's ‖δ_i‖² and ⟨δ_i, δ_j⟩ into ``ctx.streams``."""
-    gram = ctx.streams.setdefault("model_stock_gram", new_gram(len(experts)))
+    streams = cast("dict[str, Any]", ctx.streams)
+    gram = streams.setdefault("model_stock_gram", new_gram(len(experts)))
     add_gram_(gram, experts, minus=base)
 
 
@@ -131,6 +141,7 @@ def _mean_delta(base: torch.Tensor, experts: list[torch.Tensor], acc: torch.Tens
 )
 def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
+    base = cast(torch.Tensor, base)  # base="required"
     if params["filter_wise"]:
         deltas = [torch.sub(e, base) for e in experts]
         t = filter_wise_ratio(deltas, ctx)
@@ -141,7 +152,7 @@ def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
         ratio = ratio_from_gram(add_gram_(new_gram(len(experts)), experts, minus=base), ctx)
         acc, delta = torch.empty_like(base), torch.empty_like(base)
     else:
-        ratio = ratio_from_gram(ctx.streams["model_stock_gram"], ctx)
+        ratio = ratio_from_gram(cast("dict[str, Any]", ctx.streams)["model_stock_gram"], ctx)
         # this thread's slice buffers: the engine copies the result out before the next slice
         acc, delta = (b[:base.numel()].view(base.shape)
                       for b in thread_buffers("model_stock", 2, base.dtype, base.device,
