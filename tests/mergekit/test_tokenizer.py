@@ -15,7 +15,7 @@ from modelalloy import merge
 from modelalloy.errors import ModelAlloyError, RecipeError
 from modelalloy.recipe import parse_recipe
 from tests.conftest import load_benchmark
-from tests.mergekit.helpers import BASE_WORDS, save_token_family, weights
+from tests.mergekit.helpers import BASE_WORDS, against_mergekit, save_token_family, weights
 
 BENCH = load_benchmark("mergekit_recipes")
 UNION = ["<|im_start|>", "<|im_end|>", "<|tool|>", "hello"]  # after the base's 32 tokens
@@ -189,18 +189,10 @@ def test_tokenizer_block_round_trips():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", AGAINST_MERGEKIT)
-def test_equals_mergekit(tmp_path_factory, token_models, name):
-    binary = BENCH.find_mergekit()
-    if binary is None:
-        pytest.skip("mergekit is not installed (set MERGEKIT_YAML to its mergekit-yaml)")
-    tmp = tmp_path_factory.mktemp(name)
-    models = token_models
-    recipe = tmp / f"{name}.yaml"
-    recipe.write_text(BENCH.RECIPES[name].format(**models) + "dtype: float32\n")
-    ours, theirs = tmp / "ours", tmp / "theirs"
-    assert BENCH.run_modelalloy(recipe, ours) == "yes"
-    assert BENCH.run_mergekit(binary, recipe, theirs) == "yes"
-    ok, why = BENCH.compare(ours, theirs, None, False)
+def test_equals_mergekit(tmp_path, token_models, name):
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(BENCH.RECIPES[name].format(**token_models) + "dtype: float32\n")
+    ok, why = against_mergekit(recipe, tmp_path)
     assert ok, why
 
 
