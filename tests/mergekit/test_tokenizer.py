@@ -217,3 +217,15 @@ def test_mergekit_fails_adding_a_token_to_the_base_tokenizer(tmp_path_factory, t
     binary = BENCH.find_mergekit()
     if binary is not None:
         assert "KeyError" in BENCH.run_mergekit(binary, recipe, tmp / "theirs")
+
+
+def test_union_tokenizer_carries_the_chat_template(tmp_path, family):
+    from transformers import AutoTokenizer
+
+    _, a, b = family["llama"]
+    out, _ = _merge(tmp_path, _linear_recipe(a, b, "union") + "chat_template: chatml\n")
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert len(tok) == BASE_WORDS + 4
+    text = tok.apply_chat_template([{"role": "user", "content": "w5"}], tokenize=False)
+    assert text.startswith("<|im_start|>user\nw5<|im_end|>")
+    assert json.loads((out / "config.json").read_text()).get("dtype", "float32") == "float32"
