@@ -403,20 +403,26 @@ def run_all(names: list[str], work: Path, mergekit: str | None,
 
 def table(rows: list[Row], mergekit: str | None) -> str:
     lines = [SECTION, "",
-             "`benchmarks/mergekit_recipes.py`: each recipe unchanged through both tools on "
-             "tiny float32 Llama/Mistral/GPT-2 families; equal = same names, shapes, dtypes and "
-             "values within float32 rounding (2^-20 of the tensor's largest value); DARE/DELLA: "
-             "the share of changed entries." + ("" if mergekit else
-                                                " mergekit was not installed for this run."),
+             "`benchmarks/mergekit_recipes.py` (`MERGEKIT_YAML=/path/to/mergekit-yaml PYTHONPATH="
+             "src python benchmarks/mergekit_recipes.py --write-docs`): each recipe unchanged "
+             "through both tools on tiny float32 families (Llama, Mistral, GPT-2 with tied "
+             "embeddings, Granite, Llava in transformers 5's layout, and Llama/GPT-2 whose "
+             "fine-tunes add different tokens); equal = same names, shapes, dtypes and values "
+             "within float32 rounding (2^-20 of the tensor's largest value), vocabulary rows "
+             "matched by token; DARE/DELLA: the share of changed entries."
+             + ("" if mergekit else " mergekit was not installed for this run."),
              "", "| recipe | modelalloy merges | mergekit merges | equal | why not |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.recipe} | {r.modelalloy} | {r.mergekit} | {r.equal} | "
                      f"{r.why.replace('|', '/')} |")
     merged = sum(r.modelalloy == "yes" for r in rows)
+    theirs = sum(r.mergekit == "yes" for r in rows)
     equal = sum(r.equal == "yes" for r in rows)
-    lines += ["", f"{merged} of {len(rows)} recipes merge with modelalloy; {equal} give "
-              "mergekit's result.", ""]
+    partly = sum(r.why.startswith(DROPS) and r.why.endswith("those equal ours") for r in rows)
+    lines += ["", f"{merged} of {len(rows)} recipes merge with modelalloy ({theirs} with "
+              f"mergekit); {equal} give mergekit's result; {partly} more equal it on every "
+              "tensor mergekit writes (mergekit 0.1.5 leaves Llava's language model out).", ""]
     return "\n".join(lines)
 
 

@@ -126,3 +126,21 @@ def save_token_family(root: Path, arch: str = "llama", layers: int = 2, seed: in
         model.save_pretrained(folder)
         folders.append(folder)
     return folders
+
+
+def against_mergekit(recipe: Path, work: Path, base: Path | None = None,
+                     random_masks: bool = False) -> tuple[bool, str]:
+    """Merge ``recipe`` with both tools into ``work`` and compare (benchmarks/
+    mergekit_recipes.py: compare); skips the test when mergekit is not installed."""
+    import pytest
+
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("mergekit_recipes")
+    binary = bench.find_mergekit()
+    if binary is None:
+        pytest.skip("mergekit is not installed (set MERGEKIT_YAML to its mergekit-yaml)")
+    ours, theirs = work / "ours", work / "theirs"
+    assert bench.run_modelalloy(recipe, ours) == "yes"
+    assert bench.run_mergekit(binary, recipe, theirs) == "yes"
+    return bench.compare(ours, theirs, base, random_masks)

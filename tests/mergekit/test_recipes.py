@@ -10,6 +10,7 @@ import pytest
 
 from modelalloy import merge
 from tests.conftest import load_benchmark
+from tests.mergekit.helpers import against_mergekit
 
 BENCH = load_benchmark("mergekit_recipes")
 # Compared against a real mergekit when it is installed: one recipe per family of behaviour.
@@ -42,29 +43,16 @@ def test_every_recipe_merges(tmp_path, models, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", AGAINST_MERGEKIT)
 def test_equals_mergekit(tmp_path, models, name):
-    binary = BENCH.find_mergekit()
-    if binary is None:
-        pytest.skip("mergekit is not installed (set MERGEKIT_YAML to its mergekit-yaml)")
     recipe = _recipe(tmp_path, models, name)
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    assert BENCH.run_modelalloy(recipe, ours) == "yes"
-    assert BENCH.run_mergekit(binary, recipe, theirs) == "yes"
     text = recipe.read_text()
     base = Path(models["base"]) if f"base_model: {models['base']}" in text else None
-    ok, why = BENCH.compare(ours, theirs, base, name.startswith(BENCH.RANDOM))
+    ok, why = against_mergekit(recipe, tmp_path, base, name.startswith(BENCH.RANDOM))
     assert ok, why
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MERGEKIT_DROPS)
 def test_mergekit_leaves_out_the_language_model(tmp_path, models, name):
-    binary = BENCH.find_mergekit()
-    if binary is None:
-        pytest.skip("mergekit is not installed (set MERGEKIT_YAML to its mergekit-yaml)")
-    recipe = _recipe(tmp_path, models, name)
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    assert BENCH.run_modelalloy(recipe, ours) == "yes"
-    assert BENCH.run_mergekit(binary, recipe, theirs) == "yes"
-    ok, why = BENCH.compare(ours, theirs, None, False)
+    ok, why = against_mergekit(_recipe(tmp_path, models, name), tmp_path)
     assert not ok and why.startswith(BENCH.DROPS) and why.endswith("those equal ours"), why
     assert "lm_head.weight" in why or "language_model" in why

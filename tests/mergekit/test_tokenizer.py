@@ -15,7 +15,7 @@ from modelalloy import merge
 from modelalloy.errors import ModelAlloyError, RecipeError
 from modelalloy.recipe import parse_recipe
 from tests.conftest import load_benchmark
-from tests.mergekit.helpers import BASE_WORDS, save_token_family, weights
+from tests.mergekit.helpers import BASE_WORDS, against_mergekit, save_token_family, weights
 
 BENCH = load_benchmark("mergekit_recipes")
 UNION = ["<|im_start|>", "<|im_end|>", "<|tool|>", "hello"]  # after the base's 32 tokens
@@ -189,18 +189,10 @@ def test_tokenizer_block_round_trips():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", AGAINST_MERGEKIT)
-def test_equals_mergekit(tmp_path_factory, token_models, name):
-    binary = BENCH.find_mergekit()
-    if binary is None:
-        pytest.skip("mergekit is not installed (set MERGEKIT_YAML to its mergekit-yaml)")
-    tmp = tmp_path_factory.mktemp(name)
-    models = token_models
-    recipe = tmp / f"{name}.yaml"
-    recipe.write_text(BENCH.RECIPES[name].format(**models) + "dtype: float32\n")
-    ours, theirs = tmp / "ours", tmp / "theirs"
-    assert BENCH.run_modelalloy(recipe, ours) == "yes"
-    assert BENCH.run_mergekit(binary, recipe, theirs) == "yes"
-    ok, why = BENCH.compare(ours, theirs, None, False)
+def test_equals_mergekit(tmp_path, token_models, name):
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(BENCH.RECIPES[name].format(**token_models) + "dtype: float32\n")
+    ok, why = against_mergekit(recipe, tmp_path)
     assert ok, why
 
 
@@ -225,3 +217,15 @@ def test_mergekit_fails_adding_a_token_to_the_base_tokenizer(tmp_path_factory, t
     binary = BENCH.find_mergekit()
     if binary is not None:
         assert "KeyError" in BENCH.run_mergekit(binary, recipe, tmp / "theirs")
+
+
+def test_union_tokenizer_carries_the_chat_template(tmp_path, family):
+    from transformers import AutoTokenizer
+
+    _, a, b = family["llama"]
+    out, _ = _merge(tmp_path, _linear_recipe(a, b, "union") + "chat_template: chatml\n")
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert len(tok) == BASE_WORDS + 4
+    text = tok.apply_chat_template([{"role": "user", "content": "w5"}], tokenize=False)
+    assert text.startswith("<|im_start|>user\nw5<|im_end|>")
+    assert json.loads((out / "config.json").read_text()).get("dtype", "float32") == "float32"
