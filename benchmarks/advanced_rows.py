@@ -312,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     res["commit"] = measured_commit()
     res["command"] = ("PYTHONPATH=src python benchmarks/advanced_rows.py "
                       + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    if res["methods"].get("records"):
-        args.out.with_suffix(".md").write_text(methods_markdown(res))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, default=str))
+    if res["methods"].get("records"):
+        args.out.with_suffix(".md").write_text(methods_markdown(res))
     print_tables(res)
     log(f"wrote {args.out} ({res['seconds']['total']:.0f}s)")
     return 0
