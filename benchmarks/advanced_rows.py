@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from modelalloy.bench import load_suite
+from modelalloy.bench.docs import measured_commit
 from modelalloy.eval.harness import load_model_folder, merge_experts, run_bench, summarize
 from modelalloy.methods import get_method
 
@@ -89,15 +90,6 @@ def methods_markdown(res: dict[str, Any]) -> str:
         "Verdicts on \"beats task arithmetic\" (*shows*: the paired 95% interval of Δ lies "
         "above 0; *does not show*: it lies below +1 point; *cannot tell*: it straddles both):",
         "", verdict_table(result), ""])
-
-
-def _commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
-                              text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def clean_acc(suite: Any, sd: dict[str, torch.Tensor]) -> float:
@@ -317,13 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"]["tall"] = time.perf_counter() - t0
     res["seconds"]["total"] = time.perf_counter() - start
     res["load_average"] = os.getloadavg()
-    res["commit"] = _commit()
+    res["commit"] = measured_commit()
     res["command"] = ("PYTHONPATH=src python benchmarks/advanced_rows.py "
                       + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    if res["methods"].get("records"):
-        args.out.with_suffix(".md").write_text(methods_markdown(res))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, default=str))
+    if res["methods"].get("records"):
+        args.out.with_suffix(".md").write_text(methods_markdown(res))
     print_tables(res)
     log(f"wrote {args.out} ({res['seconds']['total']:.0f}s)")
     return 0

@@ -20,6 +20,7 @@ import torch
 
 from modelalloy.bench import load_suite
 from modelalloy.bench.common import SuiteError, cache_root, content_hash
+from modelalloy.bench.docs import measured_commit
 from modelalloy.eval.informed import InformedConfig, run_informed
 from modelalloy.eval.intervals import difference_interval, significant
 
@@ -246,18 +247,6 @@ def section(suite_name: str, d: dict[str, Any]) -> str:
         *([f"Notes: {'; '.join(f'{k}: {v}' for k, v in notes.items())}.", ""] if notes else [])])
 
 
-def _commit() -> str:
-    """The short commit the rows were measured at (``+dirty`` with uncommitted changes)."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
-                              text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="auto", help="smoke, full, or auto (full if cached)")
@@ -294,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 "aim_layers": res.extra.get("aim_activations_layers", []),
                 "records": res.records, "timings": res.timings, "tuning": res.tuning,
                 "notes": res.notes, "config": dict(vars(cfg))}
-            dump[suite_name]["commit"] = _commit()
+            dump[suite_name]["commit"] = measured_commit()
             dump[suite_name]["command"] = ("PYTHONPATH=src python benchmarks/informed_rows.py "
                                            + " ".join(argv if argv is not None
                                                       else sys.argv[1:])).strip()

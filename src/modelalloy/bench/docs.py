@@ -12,6 +12,7 @@ the same seed gives bit-identical experts and identical numbers.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -174,7 +175,8 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any,
              f"Suite build: {built:.0f}s on this machine (1 torch thread; a shared 2-core "
              f"machine, so wall times are noisy); bench run: "
              f"{time.perf_counter() - start:.0f}s. Command: `modelalloy bench --suite {name} "
-             f"--size {size} --out DIR`.", "",
+             f"--size {size} --out DIR`; measured at commit `{measured_commit()}` (load average "
+             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end).", "",
              "Accuracy in %. *mean/norm acc* average the merged tasks (norm = merged ÷ the "
              "task's expert); *held-out acc* averages tasks that are never merged. Rows with "
              "*(λ=… on val)* use the scaling coefficient chosen on the validation split; the "
@@ -201,6 +203,21 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any,
               f"![per-task accuracy per method](img/{name}-results.png)",
               f"![experts merged](img/{name}-sweep.png)", ""]
     return "\n".join(lines)
+
+
+def measured_commit() -> str:
+    """The short commit the numbers were measured at (``+dirty`` with uncommitted changes)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            return ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _page_section(page: Path, name: str) -> str | None:
