@@ -70,18 +70,25 @@ def family_of(name: str) -> str:
 
 def read_chunks(base: Checkpoint, models: list[Checkpoint], name: str) -> ChunkSource:
     """τ of tensor ``name`` as (n × CHUNK) float32 chunks, read a slice at a time from every
-    model (``get_slice`` into reused buffers): memory stays chunk-sized however large the
-    tensor."""
+    model (``get_slice`` into reused buffers, τ_i = θ_i − θ_0 written into one reused chunk
+    buffer): memory stays chunk-sized however large the tensor."""
     numel = math.prod(base.info(name).shape)
 
     def chunks() -> Iterator[torch.Tensor]:
-        raws = [torch.empty(min(CHUNK, numel), dtype=c.info(name).dtype)
-                for c in (base, *models)]
+        size = min(CHUNK, numel)
+        raws = [torch.empty(size, dtype=c.info(name).dtype) for c in (base, *models)]
+        base32 = torch.empty(size, dtype=torch.float32)
+        buffer = torch.empty(len(models), size, dtype=torch.float32)
         for start in range(0, numel, CHUNK):
             count = min(CHUNK, numel - start)
-            b = base.get_slice(name, start, raws[0][:count]).to(torch.float32)
-            yield torch.stack([m.get_slice(name, start, raw[:count]).to(torch.float32) - b
-                               for m, raw in zip(models, raws[1:], strict=True)])
+            x = buffer if count == size else torch.empty(len(models), count)
+            b = base32[:count].copy_(base.get_slice(name, start, raws[0][:count]))
+            for i, (m, raw) in enumerate(zip(models, raws[1:], strict=True)):
+                theta = m.get_slice(name, start, raw[:count])
+                if theta.dtype == torch.float64:  # rounded to float32 first, as the merge
+                    theta = theta.to(torch.float32)
+                torch.sub(theta, b, out=x[i])
+            yield x
     return chunks
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from modelalloy.methods.orderstats import SlicedTopK
+from modelalloy.methods.orderstats import MAG_BINS, SlicedTopK, magnitude_keys
 
 
 @dataclass
@@ -156,54 +157,184 @@ def streamed_sums(chunks: ChunkSource, n: int, *, weights: list[float],
                   densities: list[float], mask_lambda: float, method: str,
                   vote: str = "paper") -> TensorSums:
     """The sums of one tensor, from ``chunks()``: its τ as (n × C) float32 chunks in order
-    (called three times).
+    (called up to three times; a chunk is only read before the next one is asked for).
 
     The TIES trim masks are the merge's own (exactly k = ⌊density·numel⌋ kept per expert,
     ties at the threshold in index order): :class:`SlicedTopK`'s histogram pass and
-    threshold-bin pass come first, then one pass computes everything, so nothing larger
-    than a chunk is held and the inner products accumulate in float64 across chunks.
+    threshold-bin pass come first (the second skipped when nothing is trimmed), then one pass
+    computes everything, so nothing larger than a chunk is held and the inner products
+    accumulate in float64 across chunks. With numba (``modelalloy[fast]``) each pass is one
+    fused loop (``kernels.interference``); without it, torch ops.
     """
+    from modelalloy import kernels
+
+    fused = kernels.available()
     topk = SlicedTopK(densities)
+    trims = np.asarray([d < 1.0 for d in densities])
+    live: list[torch.Tensor] = []  # the fused pass's histograms, counted into chunk by chunk
     for x in chunks():
-        for i in range(n):
-            topk.count(i, x[i])
+        _count(topk, x, trims, live, fused)
+    wanted = [topk.bin_of(i) for i in range(n)]
+    if any(b >= 0 for b in wanted):
+        for x in chunks():
+            _collect(topk, x, wanted, fused)
+    last = _FusedPass(n, topk, weights, mask_lambda, method, vote) if fused \
+        else _TorchPass(n, topk, weights, mask_lambda, method, vote)
     for x in chunks():
-        for i in range(n):
-            topk.collect(i, x[i])
-    numel = 0
-    dots = torch.zeros(n, n, dtype=torch.float64)
-    conflicts = 0
-    ties_pairs, tall_pairs = _PairCounter(n), _PairCounter(n)
-    kept = torch.zeros(n, dtype=torch.float64)
-    coeff = torch.tensor(weights, dtype=torch.float32).view(-1, 1)
-    for x in chunks():
-        numel += x.shape[1]
+        last.add(x)
+    return last.sums(densities)
+
+
+def _count(topk: SlicedTopK, x: torch.Tensor, trims: np.ndarray, live: list[torch.Tensor],
+           fused: bool) -> None:
+    """Pass 1 over one chunk: the |τ_i| histograms, all rows at once."""
+    n, count = x.shape
+    if fused:
+        from modelalloy.kernels.interference import magnitude_counts
+
+        if not live:  # SlicedTopK keeps these views and reads them after the pass
+            live.append(torch.zeros(n, MAG_BINS, dtype=torch.int64))
+            for i in range(n):
+                topk.add_counts(i, live[0][i], count if i == 0 else 0)
+        else:
+            topk.add_counts(0, None, count)
+        magnitude_counts(x.numpy(), count, trims, live[0].numpy())
+        return
+    keys = magnitude_keys(x.abs())
+    keys += (torch.arange(n, dtype=torch.int32) * MAG_BINS).view(-1, 1)
+    hist = torch.bincount(keys.view(-1), minlength=n * MAG_BINS).view(n, MAG_BINS)
+    for i in range(n):
+        topk.add_counts(i, hist[i], count)
+
+
+def _collect(topk: SlicedTopK, x: torch.Tensor, wanted: list[int], fused: bool) -> None:
+    """Pass 2 over one chunk: the |τ_i| in the bin holding row i's cut-off."""
+    count = x.shape[1]
+    if fused:
+        from modelalloy.kernels.interference import bin_values
+
+        out = np.empty(count, dtype=np.float32)
+        for i, b in enumerate(wanted):
+            if b >= 0:
+                found = bin_values(x[i].numpy(), count, b, out)
+                topk.add_values(i, torch.from_numpy(out[:found].copy()))
+        return
+    mag = x.abs()
+    keys = magnitude_keys(mag)
+    for i, b in enumerate(wanted):
+        if b >= 0:
+            topk.add_values(i, mag[i][keys[i] == b])
+
+
+class _LastPass:
+    """Pass 3's running sums (the inner products, conflicts, mask pairs, kept energy)."""
+
+    def __init__(self, n: int, topk: SlicedTopK, weights: list[float], mask_lambda: float,
+                 method: str, vote: str) -> None:
+        self.n, self.topk, self.lam, self.method = n, topk, mask_lambda, method
+        self.weighted = vote == "weighted"
+        self.weights = weights
+        self.numel = 0
+        self.dots = torch.zeros(n, n, dtype=torch.float64)
+        self.conflicts = 0
+        self.kept = torch.zeros(n, dtype=torch.float64)
+        self.ties_pairs, self.tall_pairs = _PairCounter(n), _PairCounter(n)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.numel += x.shape[1]
+        self.dots += (x @ x.T).double()
+
+    def sums(self, densities: list[float]) -> TensorSums:
+        n, dots, kept = self.n, self.dots, self.kept
+        sq = [float(dots[i, i]) for i in range(n)]
+        if self.method == "dare_ties":
+            kept_sq = [float(k) * d for k, d in zip(kept, densities, strict=True)]
+        elif self.method == "ties":
+            kept_sq = [float(k) for k in kept]
+        elif self.method == "dare_linear":
+            kept_sq = [s_ * d for s_, d in zip(sq, densities, strict=True)]
+        else:
+            kept_sq = list(sq)
+        ties_and, ties_or = self.ties_pairs.result()
+        tall_and, tall_or = self.tall_pairs.result()
+        return TensorSums(numel=self.numel, n=n, sq=sq, dot=dots.tolist(),
+                          conflicts=self.conflicts, ties_and=ties_and, ties_or=ties_or,
+                          tall_and=tall_and, tall_or=tall_or, kept_sq=kept_sq)
+
+
+class _TorchPass(_LastPass):
+    def add(self, x: torch.Tensor) -> None:
+        super().add(x)
+        n, topk = self.n, self.topk
         m = torch.stack([topk.trim_(i, x[i].clone()) != 0 for i in range(n)])
-        dots += (x @ x.T).double()
         low, high = torch.aminmax(x, dim=0)
-        conflicts += int(((high > 0) & (low < 0)).sum())
-        ties_pairs.add(m)
+        self.conflicts += int(((high > 0) & (low < 0)).sum())
+        self.ties_pairs.add(m)
         mtl = x.sum(0)
-        tall_pairs.add(x.abs() > mask_lambda * (mtl - x).abs())
-        if method in ("ties", "dare_ties"):
+        self.tall_pairs.add(x.abs() > self.lam * (mtl - x).abs())
+        if self.method in ("ties", "dare_ties"):
             # TIES votes with the trimmed vectors; DARE's drop is unbiased, so dare_ties'
             # expected vote is that of the whole vectors, each survivor kept w.p. density
-            voters = x * m if method == "ties" else x
-            total = (voters * coeff).sum(0) if vote == "weighted" else voters.sum(0)
+            voters = x * m if self.method == "ties" else x
+            if self.weighted:
+                coeff = torch.tensor(self.weights, dtype=torch.float32).view(-1, 1)
+                total = (voters * coeff).sum(0)
+            else:
+                total = voters.sum(0)
             gamma = torch.where(total >= 0, 1.0, -1.0)
             keep = voters.sign() == gamma  # zero entries (trimmed or unchanged) never match
-            kept += (x * x * keep).sum(1).double()
-    sq = [float(dots[i, i]) for i in range(n)]
-    if method == "dare_ties":
-        kept_sq = [float(k) * d for k, d in zip(kept, densities, strict=True)]
-    elif method == "ties":
-        kept_sq = [float(k) for k in kept]
-    elif method == "dare_linear":
-        kept_sq = [s_ * d for s_, d in zip(sq, densities, strict=True)]
-    else:
-        kept_sq = list(sq)
-    ties_and, ties_or = ties_pairs.result()
-    tall_and, tall_or = tall_pairs.result()
-    return TensorSums(numel=numel, n=n, sq=sq, dot=dots.tolist(), conflicts=conflicts,
-                      ties_and=ties_and, ties_or=ties_or, tall_and=tall_and, tall_or=tall_or,
-                      kept_sq=kept_sq)
+            self.kept += (x * x * keep).sum(1).double()
+
+
+class _FusedPass(_LastPass):
+    def __init__(self, n: int, topk: SlicedTopK, *args) -> None:
+        super().__init__(n, topk, *args)
+        from modelalloy.kernels.interference import VOTE_NONE, VOTE_TRIMMED, VOTE_WHOLE
+
+        # trim_'s cases as (threshold, ties to keep): keep |τ| > v, then ties at v in order
+        thresholds, ties = [], []
+        for i in range(n):
+            k, v, left = topk.plan(i)
+            if k is not None and k <= 0:
+                thresholds.append(float("inf"))
+                ties.append(0)
+            elif k is None or v is None or v == 0.0:  # every non-zero entry is kept
+                thresholds.append(0.0)
+                ties.append(0)
+            else:
+                thresholds.append(v)
+                ties.append(left)
+        self.thresholds = np.asarray(thresholds, dtype=np.float32)
+        self.ties_left = np.asarray(ties, dtype=np.int64)
+        self.vote = {"ties": VOTE_TRIMMED, "dare_ties": VOTE_WHOLE}.get(self.method, VOTE_NONE)
+        self.coeff = np.asarray(self.weights, dtype=np.float32)
+        self.coded = n <= MAX_CODED
+        size = 1 << n if self.coded else 1
+        self.ties_hist = np.zeros(size, dtype=np.int64)
+        self.tall_hist = np.zeros(size, dtype=np.int64)
+        self.ties_and = np.zeros((n, n), dtype=np.int64)
+        self.tall_and = np.zeros((n, n), dtype=np.int64)
+        self.kept_np = np.zeros(n, dtype=np.float64)
+        self.clash = np.zeros(1, dtype=np.int64)
+
+    def add(self, x: torch.Tensor) -> None:
+        from modelalloy.kernels.interference import measure_pass
+
+        super().add(x)
+        measure_pass(x.numpy(), x.shape[1], self.thresholds, self.ties_left,
+                     np.float32(self.lam), self.coeff, self.weighted, self.vote, self.coded,
+                     self.ties_hist, self.tall_hist, self.ties_and, self.tall_and,
+                     self.kept_np, self.clash)
+
+    def sums(self, densities: list[float]) -> TensorSums:
+        self.conflicts = int(self.clash[0])
+        self.kept = torch.from_numpy(self.kept_np)
+        for counter, hist, both in ((self.ties_pairs, self.ties_hist, self.ties_and),
+                                    (self.tall_pairs, self.tall_hist, self.tall_and)):
+            if self.coded:
+                counter.hist = torch.from_numpy(hist)
+            else:
+                counter.both = both.tolist()
+                counter.either = [[int(both[i, i] + both[j, j] - both[i, j])
+                                   for j in range(self.n)] for i in range(self.n)]
+        return super().sums(densities)

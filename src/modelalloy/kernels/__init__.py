@@ -10,7 +10,8 @@ with ``MODELALLOY_KERNELS=0``, the torch path runs.
 Each kernel repeats its method's float32 operations in the torch path's order (``a + w·b`` as
 one fused multiply-add, as torch's ``add(alpha=w)`` does), so outputs are bit-identical either
 way (tests/kernels). Inputs: every source in bfloat16 or every source in float32; output
-bfloat16 or float32. Anything else takes the torch path.
+bfloat16 or float32. Anything else takes the torch path. ``interference.py`` holds the
+passes of ``modelalloy inspect`` over float32 task vectors (tests/inspection).
 """
 
 from __future__ import annotations
