@@ -69,8 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         import cProfile
         import pstats
 
+        import modelalloy.inspection.collect as collect
         from modelalloy.inspection import inspect_recipe
+        from modelalloy.threads import one_intra_op_thread
 
+        def serial(work, items, threads=None):  # in this thread, where cProfile sees it
+            with one_intra_op_thread():
+                for item in items:
+                    yield item, work(item)
+
+        collect.ordered_map = serial
         inspect_recipe(recipes["ties"], threads=1)  # warm: kernels compiled or loaded
         prof = cProfile.Profile()
         prof.enable()

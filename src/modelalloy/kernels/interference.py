@@ -48,6 +48,18 @@ def bin_values(row, count, key, out):
     return found
 
 
+BLOCK = 512  # columns per block: the loops over a block's rows vectorize
+
+
+@njit(**{**JIT, "fastmath": True})
+def _sum64(values, count):
+    """Σ of the first ``count`` float32 values in float64, in any order (so it vectorizes)."""
+    acc = 0.0
+    for e in range(count):
+        acc += np.float64(values[e])
+    return acc
+
+
 @njit(**JIT)
 def measure_pass(x, count, thresholds, ties_left, lam, coeff, weighted, vote, coded,
                  ties_hist, tall_hist, ties_and, tall_and, kept, conflicts):
@@ -59,54 +71,84 @@ def measure_pass(x, count, thresholds, ties_left, lam, coeff, weighted, vote, co
     ``vote`` the elected sign γ of Σ_j (w_j) τ̂_j (τ̂ = m·τ for VOTE_TRIMMED, τ for VOTE_WHOLE)
     and ``kept[i] += τ_i²`` where sign(τ̂_i) = γ. Mask pairs go to ``ties_hist``/``tall_hist``
     (the code Σ_i m_i 2^i, when ``coded``) or to ``ties_and``/``tall_and`` (|m_i ∧ m_j|).
+    Work goes a block of columns at a time, row by row, so the inner loops vectorize.
     """
     n = x.shape[0]
-    mask = np.zeros(n, np.bool_)
+    mask = np.zeros((n, BLOCK), np.bool_)
+    tall = np.zeros((n, BLOCK), np.bool_)
+    mtl = np.zeros(BLOCK, np.float32)
+    total = np.zeros(BLOCK, np.float32)
+    pos = np.zeros(BLOCK, np.int32)
+    neg = np.zeros(BLOCK, np.int32)
+    square = np.zeros(BLOCK, np.float32)
+    tie_code = np.zeros(BLOCK, np.int64)
+    tall_code = np.zeros(BLOCK, np.int64)
     clash = 0
-    for e in range(count):
-        mtl = np.float32(0.0)
-        pos = False
-        neg = False
+    for s in range(0, count, BLOCK):
+        c = min(BLOCK, count - s)
+        mtl[:] = 0
+        total[:] = 0
+        pos[:] = 0
+        neg[:] = 0
+        tie_code[:] = 0
+        tall_code[:] = 0
         for i in range(n):
-            v = x[i, e]
-            mtl += v
-            pos |= v > 0
-            neg |= v < 0
-            mag = abs(v)
-            keep = mag > thresholds[i]
-            if not keep and mag == thresholds[i] and ties_left[i] > 0:
-                keep = True
-                ties_left[i] -= 1
-            mask[i] = keep
-        if pos and neg:
-            clash += 1
-        tie_code = 0
-        tall_code = 0
+            row = x[i, s:s + c]
+            thr = thresholds[i]
+            m = mask[i]
+            for e in range(c):
+                v = row[e]
+                mtl[e] += v
+                pos[e] |= v > 0
+                neg[e] |= v < 0
+                m[e] = abs(v) > thr
+            if ties_left[i] > 0:  # ties at the threshold, in index order
+                for e in range(c):
+                    if abs(row[e]) == thr and ties_left[i] > 0:
+                        m[e] = True
+                        ties_left[i] -= 1
+        for e in range(c):
+            clash += pos[e] & neg[e]
         for i in range(n):
-            v = x[i, e]
-            tall = abs(v) > lam * abs(mtl - v)
+            row = x[i, s:s + c]
+            m = mask[i]
+            t = tall[i]
+            bit = np.int64(1) << i
+            for e in range(c):
+                t[e] = abs(row[e]) > lam * abs(mtl[e] - row[e])
             if coded:
-                tie_code |= np.int64(mask[i]) << i
-                tall_code |= np.int64(tall) << i
-            else:
-                for j in range(n):
-                    if mask[i] and mask[j]:
-                        ties_and[i, j] += 1
-                    if tall and abs(x[j, e]) > lam * abs(mtl - x[j, e]):
-                        tall_and[i, j] += 1
+                for e in range(c):
+                    tie_code[e] |= np.int64(m[e]) * bit
+                    tall_code[e] |= np.int64(t[e]) * bit
         if coded:
-            ties_hist[tie_code] += 1
-            tall_hist[tall_code] += 1
+            for e in range(c):
+                ties_hist[tie_code[e]] += 1
+                tall_hist[tall_code[e]] += 1
+        else:
+            for i in range(n):
+                for j in range(n):
+                    both = 0
+                    either = 0
+                    for e in range(c):
+                        both += mask[i, e] & mask[j, e]
+                        either += tall[i, e] & tall[j, e]
+                    ties_and[i, j] += both
+                    tall_and[i, j] += either
         if vote != VOTE_NONE:
-            total = np.float32(0.0)
+            whole = vote == VOTE_WHOLE
             for i in range(n):
-                voter = x[i, e] if vote == VOTE_WHOLE or mask[i] else np.float32(0.0)
-                total += voter * coeff[i] if weighted else voter
-            up = total >= 0
+                row = x[i, s:s + c]
+                m = mask[i]
+                w = coeff[i] if weighted else np.float32(1.0)  # v·1 is v: the plain Σ
+                for e in range(c):
+                    total[e] += row[e] * np.float32(whole or m[e]) * w
             for i in range(n):
-                v = x[i, e]
-                voter = v if vote == VOTE_WHOLE or mask[i] else np.float32(0.0)
-                if (up and voter > 0) or (not up and voter < 0):
-                    kept[i] += np.float64(v * v)
+                row = x[i, s:s + c]
+                m = mask[i]
+                for e in range(c):
+                    v = row[e]
+                    voter = v * np.float32(whole or m[e])
+                    agree = (voter > 0) == (total[e] >= 0) and voter != 0
+                    square[e] = v * v * np.float32(agree)
+                kept[i] += _sum64(square, c)
     conflicts[0] += clash
-
