@@ -7,7 +7,9 @@ Generates (once, under ``--cache-dir``) a small synthetic Llama base and three e
 linear recipes for them, then runs, ``--runs`` times interleaved after one untimed run each
 (numba's kernel cache): ``inspect`` of the ties recipe from ``--before`` and ``--after``, and
 a linear ``merge`` from ``--after``. Prints the median CPU-seconds (user + system, from
-``wait4``) and wall seconds of each, and the load average.
+``wait4``) and wall seconds of each, and the load average; first the same calls in one
+process each (``inspect_recipe``, ``api.merge``; ``time.process_time`` after a warm call),
+which leaves out the interpreter's start and the imports.
 
     python benchmarks/inspect_cpu.py --before ../main/src --after src --runs 3
     python benchmarks/inspect_cpu.py --after src --profile   # cProfile of one inspect
@@ -40,6 +42,38 @@ def run_once(python: str, src: Path, args: list[str]) -> tuple[float, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{args[0]} failed ({src}): {proc.stderr.read().decode()[-500:]}")
     return usage.ru_utime + usage.ru_stime, wall
+
+
+IN_PROCESS = """
+import shutil, sys, time
+from pathlib import Path
+what, recipe, out = sys.argv[1:4]
+if what == "inspect":
+    from modelalloy.inspection import inspect_recipe as run
+    def once(): run(recipe)
+else:
+    from modelalloy.api import merge
+    def once():
+        merge(recipe, out)
+        shutil.rmtree(out)
+once()  # warm: imports done, kernels compiled or loaded
+cpu = []
+for _ in range(int(sys.argv[4])):
+    t = time.process_time()
+    once()
+    cpu.append(time.process_time() - t)
+print(" ".join(f"{c:.3f}" for c in cpu))
+"""
+
+
+def in_process(python: str, src: Path, what: str, recipe: Path, out: Path,
+               runs: int) -> list[float]:
+    """CPU-seconds of ``runs`` calls of inspect_recipe (or api.merge) in one process, after a
+    warm call: without the interpreter's start and the imports."""
+    env = dict(os.environ, PYTHONPATH=str(src))
+    done = subprocess.run([python, "-c", IN_PROCESS, what, str(recipe), str(out), str(runs)],
+                          env=env, capture_output=True, text=True, check=True)
+    return [float(v) for v in done.stdout.split()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,9 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         prof.enable()
         inspect_recipe(recipes["ties"], threads=1)
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return 0
     out = args.cache_dir / "merged"
+    calls = {"inspect ties (after)": (args.after, "inspect", recipes["ties"]),
+             "merge linear (after)": (args.after, "merge", recipes["linear"])}
+    if args.before:
+        calls = {"inspect ties (before)": (args.before, "inspect", recipes["ties"]), **calls}
+    for key, (src, what, recipe) in calls.items():
+        cpu = in_process(args.python, src.resolve(), what, recipe, out, args.runs)
+        print(f"in process, {key}: {statistics.median(cpu):.2f} CPU-s "
+              f"({', '.join(f'{c:.2f}' for c in cpu)})", flush=True)
     jobs = {"inspect ties (after)": (args.after, ["inspect", str(recipes["ties"])]),
             "merge linear (after)": (args.after, ["merge", str(recipes["linear"]), str(out),
                                                   "--force"])}
