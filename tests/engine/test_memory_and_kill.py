@@ -35,11 +35,13 @@ def cli(*args: str | Path) -> list[str]:
 
 @pytest.mark.slow
 def test_memory_budget_holds_on_a_model_larger_than_the_budget(tmp_path):
-    base, *experts = plain_models(tmp_path, 3, tensors=80)  # 3 x 240 MiB = 720 MiB of inputs
+    # 3 x 360 MiB = 1080 MiB of inputs; the budget leaves room for the fused kernels' compile
+    # (engine/run.py, KERNEL_FIRST_USE_BYTES) and is still smaller than the inputs
+    base, *experts = plain_models(tmp_path, 3, tensors=120)
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.2}}"
                           "\nmodels:\n" + "".join(f"  - model: {e}\n" for e in experts))
-    budget = 600 * MB
+    budget = 800 * MB
     # Measure the merge's peak RSS from outside: a parent that waits for it and asks the
     # kernel for its children's maximum resident set.
     probe = ("import resource, subprocess, sys; "
