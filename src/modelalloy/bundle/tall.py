@@ -8,7 +8,7 @@ m_t = 1[|τ_t| > λ_t·|τ_MTL − τ_t|] packed 8 coordinates to a byte. Expert
 On disk (a folder; every part is standard safetensors, sharded like a model when large)::
 
     bundle.json   format, tasks, config, the masked tensors' shapes, and every file's size
-                  and SHA-256 (checked on read: bundle/manifest.py)
+                  and SHA-256 (checked on read: io/tall_manifest.py)
     base/         θ_0, every tensor in its own dtype, plus the base's config/tokenizer files:
                   a loadable model folder
     merged/       τ_MTL for every floating-point tensor (``merged_dtype``, float32)
@@ -32,19 +32,12 @@ import numpy as np
 import torch
 
 from modelalloy.bundle._checkpoint import side_files
-from modelalloy.bundle.manifest import (
-    FORMAT,
-    MANIFEST,
-    describe_files,
-    read_manifest,
-    verify_files,
-    verify_tensors,
-)
 from modelalloy.engine.execute import run_plan
-from modelalloy.engine.sources import StateDictSource
+from modelalloy.engine.sources import StateDictSource, TallExpertSource, open_tall_expert
 from modelalloy.errors import CheckpointError, MethodError, PlanError
-from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.io.model_files import copy_model_files
+from modelalloy.io.tall_bundle import TallBundleFolder, mask_key, unpack_bits
+from modelalloy.io.tall_manifest import FORMAT, MANIFEST, describe_files
 from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter
 from modelalloy.methods._taskvec import check_scope, ties_prepare
 from modelalloy.methods.consensus import BASE_MERGES, multitask_vector, tall_masks
@@ -72,8 +65,7 @@ class PackedMask:
         return int(np.prod(self.shape)) if self.shape else 1
 
     def unpack(self) -> torch.Tensor:
-        flat = np.unpackbits(self.bits.numpy(), count=self.numel).astype(bool)
-        return torch.from_numpy(flat).reshape(self.shape)
+        return unpack_bits(self.bits, self.numel).reshape(self.shape)
 
     def density(self) -> float:
         return float(self.unpack().float().mean()) if self.numel else 0.0
@@ -125,16 +117,25 @@ class TallBundle:
     def mask(self, task: str | int, name: str) -> torch.Tensor:
         return self.masks[self._task(task)][name].unpack()
 
-    def rebuild(self, task: str | int) -> dict[str, torch.Tensor]:
-        """θ̂_t = θ_0 + m_t ⊙ τ_MTL for every float tensor; other tensors are the base's."""
+    def expert(self, task: str | int) -> TallExpertSource:
+        """Expert ``task`` as an engine source (the one rebuild: θ̂_t = θ_0 + m_t ⊙ τ_MTL),
+        for a recipe's ``sources`` or any reader of models; holds no copy."""
         key = self._task(task)
-        out: dict[str, torch.Tensor] = {}
-        for name, b in self.base.items():
-            if name not in self.merged:
-                out[name] = b.clone()
-                continue
-            m = self.masks[key][name].unpack().to(torch.float32)
-            out[name] = (b.to(torch.float32) + m * self.merged[name].to(torch.float32)).to(b.dtype)
+        index = self.tasks.index(key)
+        masks = {mask_key(index, n): m.bits for n, m in self.masks[key].items()}
+        return TallExpertSource(f"in-memory bundle#{key}", StateDictSource("base", self.base),
+                                StateDictSource("τ_MTL", self.merged),
+                                StateDictSource(f"masks of '{key}'", masks),
+                                {n: tuple(t.shape) for n, t in self.merged.items()}, index)
+
+    def rebuild(self, task: str | int) -> dict[str, torch.Tensor]:
+        """θ̂_t = θ_0 + m_t ⊙ τ_MTL for every float tensor; other tensors are the base's
+        (copies: the result shares no storage with the bundle)."""
+        source = self.expert(task)
+        out = {}
+        for name in source.names():
+            tensor = source.get(name)
+            out[name] = tensor.clone() if name not in self.merged else tensor
         return out
 
     def mask_densities(self) -> dict[str, float]:
@@ -177,8 +178,8 @@ class TallBundle:
             base = {n: r.base.get(n) for n in r.base.names()}
             merged = {n: r.merged.get(n) for n in r.merged.names()}
             masks = {t: {n: r.mask(i, n) for n in merged} for i, t in enumerate(r.tasks)}
-            return cls(base=base, merged=merged, masks=masks, tasks=r.tasks, config=r.config,
-                       files=r.files())
+            return cls(base=base, merged=merged, masks=masks, tasks=r.tasks,
+                       config=r.tall_config, files=r.files())
 
     def _task(self, task: str | int) -> str:
         if isinstance(task, int):
@@ -259,53 +260,20 @@ class _BundleWriter:
         self._atomic.__exit__(exc_type, exc, tb)
 
 
-class _BundleReader:
-    """Lazy access to a bundle folder's parts (validated safetensors)."""
+class _BundleReader(TallBundleFolder):
+    """A bundle folder's checked parts (io/tall_bundle.py), its config as a TallConfig."""
 
     def __init__(self, path: Path):
-        meta = read_manifest(path, TallConfig.__annotations__)
-        verify_files(path, meta["files"])
-        self.path = path
-        self.tasks = list(meta["tasks"])
-        cfg = dict(meta["config"])
+        super().__init__(path)
+        cfg = dict(self.config)
         cfg["mask_lambda"] = tuple(cfg["mask_lambda"])
-        self.config = TallConfig(**cfg)
-        self.shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
-        self.base = open_checkpoint(path / "base")
-        try:
-            self.merged = open_checkpoint(path / "merged")
-            self.masks = open_checkpoint(path / "masks")
-            verify_tensors(path, self.tasks, self.shapes, self.base, self.merged, self.masks)
-        except BaseException:
-            for ck in (self.base, getattr(self, "merged", None), getattr(self, "masks", None)):
-                if ck is not None:
-                    ck.close()
-            raise
+        self.tall_config = TallConfig(**cfg)
 
     def mask(self, index: int, name: str) -> PackedMask:
-        return PackedMask(bits=self.masks.get(f"{index}/{name}"), shape=self.shapes[name])
+        return PackedMask(bits=self.masks.get(mask_key(index, name)), shape=self.shapes[name])
 
     def files(self) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in side_files(self.path / "base")}
-
-    def task_index(self, task: str | int) -> int:
-        if isinstance(task, str) and task not in self.tasks and task.isdigit():
-            task = int(task)  # "2" is the third task, unless a task is named "2"
-        if isinstance(task, int):
-            if not 0 <= task < len(self.tasks):
-                raise MethodError(f"task index {task} out of range: the bundle has "
-                                  f"{len(self.tasks)} tasks ({', '.join(self.tasks)})")
-            return task
-        if task not in self.tasks:
-            raise MethodError(f"unknown task '{task}'; the bundle has: {', '.join(self.tasks)}")
-        return self.tasks.index(task)
-
-    def __enter__(self) -> _BundleReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for ck in (self.base, self.merged, self.masks):
-            ck.close()
 
 
 def rebuild_to(bundle_dir: str | Path, task: str | int, out: str | Path,
@@ -315,17 +283,12 @@ def rebuild_to(bundle_dir: str | Path, task: str | int, out: str | Path,
     θ̂_t = θ_0 + m_t ⊙ τ_MTL tensor by tensor; the base's config/tokenizer files are copied.
     """
     out = Path(out)
-    with _BundleReader(Path(bundle_dir)) as r:
-        i = r.task_index(task)
-        entries = [(n, r.base.info(n).shape, r.base.info(n).dtype) for n in r.base.names()]
+    with open_tall_expert(bundle_dir, task) as expert:
+        entries = [(n, expert.info(n).shape, expert.info(n).dtype) for n in expert.names()]
         with AtomicOutputDir(out) as tmp:
             writer = ShardedSafetensorsWriter(tmp, entries, shard_bytes)
-            for n in r.base.names():
-                b = r.base.get(n)
-                if n in r.shapes:
-                    m = r.mask(i, n).unpack().to(torch.float32)
-                    b = (b.to(torch.float32) + m * r.merged.get(n).to(torch.float32)).to(b.dtype)
-                writer.write(n, b)
+            for n in expert.names():
+                writer.write(n, expert.get(n))
             writer.close()
             copy_model_files(Path(bundle_dir) / "base", tmp)
     return out

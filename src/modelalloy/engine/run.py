@@ -17,6 +17,7 @@ import torch
 from modelalloy.engine.allocator import return_freed_blocks
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.execute import run_plan
+from modelalloy.engine.sources import TallExpertSource, open_tall_expert
 from modelalloy.errors import ModelAlloyError
 from modelalloy.io.chat_template import choose_template, write_template
 from modelalloy.io.checkpoint import Checkpoint
@@ -133,8 +134,12 @@ def merged_vocabulary(recipe: Recipe) -> Vocabulary | None:
                             recipe.tokenizer.pad_to_multiple_of)
 
 
-def open_recipe_model(recipe: Recipe, model: str) -> Checkpoint:
-    """A recipe's model, with its LoRA adapter applied tensor by tensor (``model+adapter``)."""
+def open_recipe_model(recipe: Recipe, model: str) -> Checkpoint | TallExpertSource:
+    """A recipe's model, with its LoRA adapter applied tensor by tensor (``model+adapter``),
+    or an expert rebuilt from a TALL-masks bundle tensor by tensor (``bundle#task``)."""
+    task = recipe.split_bundle_task(model)[1]
+    if task is not None:
+        return open_tall_expert(recipe.model_path(model), task, label=model)
     return open_model(recipe.model_path(model), recipe.adapter_path(model))
 
 
@@ -276,7 +281,8 @@ def _load_kernels(plan: MergePlan, sliced: bool) -> bool:
 
 def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
     """Config, tokenizer, model card and the recipe itself, next to the weights."""
-    where = plan.reference.path
+    # a bundle's expert: the config and tokenizer files of the bundle's base folder
+    where = getattr(plan.reference, "model_files_dir", plan.reference.path)
     reference_dir = where if isinstance(where, Path) and where.is_dir() else None
     tokenizer_dir = recipe.tokenizer_path()
     rebuilt = _rebuilt_tokenizer(plan.vocabulary, tokenizer_dir)

@@ -1,4 +1,6 @@
-"""In-memory models as engine sources: a state dict or a live torch module.
+"""Models as engine sources besides a checkpoint on disk: a state dict or a live torch module
+(:class:`StateDictSource`), and an expert rebuilt from a TALL-masks bundle
+(:class:`TallExpertSource`).
 
 A :class:`StateDictSource` answers the planner and the executor exactly as a checkpoint on disk
 does (:class:`modelalloy.plan.sources.TensorSource`), without copying: it holds detached views
@@ -11,11 +13,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.tall_bundle import TallBundleFolder, mask_key, rebuild_values, unpack_bits
+from modelalloy.plan.sources import TensorSource
 
 
 @dataclass(frozen=True)
@@ -106,3 +111,93 @@ class StateDictSource:
 
     def __repr__(self) -> str:
         return f"StateDictSource({self.path!r}, {len(self._tensors)} tensors)"
+
+
+class TallExpertSource:
+    """Expert ``task`` of a TALL-masks bundle, read as a model: θ̂_t = θ_0 + m_t ⊙ τ_MTL for
+    every masked tensor (float32, cast to θ_0's dtype: :func:`rebuild_values`), θ_0's own tensor
+    for the others. A slice reads the same band of θ_0, τ_MTL and the packed mask (an eighth
+    of a byte per element) and rebuilds it alone, so the engine's sliced and fused strategies
+    stay bounded; the bits are those of the whole tensor.
+
+    The parts are any tensor sources: a bundle folder's checkpoints (:func:`open_tall_expert`)
+    or an in-memory bundle's dicts (``modelalloy.bundle.TallBundle``)."""
+
+    def __init__(self, label: str, base: TensorSource, merged: TensorSource, masks: TensorSource,
+                 shapes: Mapping[str, tuple[int, ...]], index: int,
+                 owned: Any = None, model_files_dir: Path | None = None):
+        self.path = label
+        self.model_files_dir = model_files_dir  # config and tokenizer files, for an output
+        self._base, self._merged, self._masks = base, merged, masks
+        self._shapes = shapes
+        self._index = index
+        self._owned = owned  # closed with this source (an opened bundle folder)
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return self._base.config
+
+    def names(self) -> list[str]:
+        return self._base.names()
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._base.names()
+
+    def info(self, name: str) -> Any:
+        return self._base.info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        base = self._base.get(name)
+        if name not in self._shapes:
+            return base
+        mask = unpack_bits(self._masks.get(mask_key(self._index, name)), base.numel())
+        return rebuild_values(base, mask.view(base.shape), self._merged.get(name))
+
+    def get_slice(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start .. start + out.numel()`` of the flattened θ̂_t, into ``out`` (a 1-D
+        buffer of θ_0's dtype)."""
+        self._base.get_slice(name, start, out)
+        if name not in self._shapes:
+            return out
+        count = out.numel()
+        merged = torch.empty(count, dtype=self._merged.info(name).dtype)
+        self._merged.get_slice(name, start, merged)
+        first, stop = start // 8, -(-(start + count) // 8)  # the bytes holding the band's bits
+        bits = self._masks.get_slice(mask_key(self._index, name), first,
+                                     torch.empty(stop - first, dtype=torch.uint8))
+        mask = unpack_bits(bits, count, skip=start - 8 * first)
+        return out.copy_(rebuild_values(out, mask, merged))
+
+    def prefetch(self, name: str) -> bool:
+        hinted = self._base.prefetch(name)
+        if name in self._shapes:
+            self._merged.prefetch(name)
+        return hinted
+
+    def close(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
+
+    def __enter__(self) -> TallExpertSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TallExpertSource({self.path!r})"
+
+
+def open_tall_expert(folder: str | Path, task: str | int, label: str | None = None
+                     ) -> TallExpertSource:
+    """Expert ``task`` (its name or 0-based index) of the bundle folder ``folder``, checked
+    against its manifest, as a tensor source (close it, or use it as a context manager)."""
+    bundle = TallBundleFolder(folder)
+    try:
+        index = bundle.task_index(task)
+        return TallExpertSource(label or f"{folder}#{bundle.tasks[index]}", bundle.base,
+                                bundle.merged, bundle.masks, bundle.shapes, index,
+                                owned=bundle, model_files_dir=bundle.path / "base")
+    except BaseException:
+        bundle.close()
+        raise

@@ -309,6 +309,15 @@ class Recipe(BaseModel):
                 return left, "+".join(parts[i:])
         return parts[0], "+".join(parts[1:])
 
+    def split_bundle_task(self, model: str) -> tuple[str, str | None]:
+        """``(bundle folder, task)`` of a ``bundle#task`` reference (expert ``task``, by name
+        or 0-based index, rebuilt from a TALL-masks bundle folder: the text after the last
+        ``#``); ``(model, None)`` when the whole string is a path or has no ``#``."""
+        if "#" not in model or any(c.exists() for c in self._candidates(model)):
+            return model, None
+        folder, task = model.rsplit("#", 1)
+        return folder, task
+
     def adapter_path(self, model: str) -> Path | None:
         """The LoRA adapter folder of a ``model+adapter`` string, None for a plain model."""
         adapter = self.split_adapter(model)[1]
@@ -324,8 +333,9 @@ class Recipe(BaseModel):
 
     def model_path(self, model: str) -> Path:
         """The local folder of ``model``: relative paths try the recipe's folder, then cwd.
-        For ``model+adapter``, the model's folder (see :meth:`adapter_path`)."""
-        model = self.split_adapter(model)[0]
+        For ``model+adapter``, the model's folder (see :meth:`adapter_path`); for
+        ``bundle#task``, the bundle's folder (see :meth:`split_bundle_task`)."""
+        model = self.split_adapter(self.split_bundle_task(model)[0])[0]
         tried = self._candidates(model)
         for cand in tried:
             if cand.exists():

@@ -13,7 +13,7 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -75,8 +75,9 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def read_manifest(root: Path, config_fields: Mapping[str, type]) -> dict[str, Any]:
-    """Load and check ``root/bundle.json``'s structure (not yet the files: :func:`verify`)."""
+def read_manifest(root: Path, config_fields: Collection[str]) -> dict[str, Any]:
+    """Load and check ``root/bundle.json``'s structure (not yet the files: :func:`verify_files`);
+    ``config_fields``: the keys its ``config`` must have."""
     path = root / MANIFEST
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{root}: not a TALL bundle (no {MANIFEST})")
@@ -114,8 +115,8 @@ def read_manifest(root: Path, config_fields: Mapping[str, type]) -> dict[str, An
         raise _fail(root, "'files' is not a map of file names to sizes and SHA-256 sums")
     for rel in files:
         pure = PurePosixPath(rel)
-        if pure.is_absolute() or ".." in pure.parts or pure.parts[:1] not in ((p,) for p in
-                                                                             PARTS):
+        if pure.is_absolute() or ".." in pure.parts or pure.parts[:1] not in [(p,) for p in
+                                                                             PARTS]:
             raise _fail(root, f"lists the file {rel!r} outside the bundle's parts")
     return meta
 
