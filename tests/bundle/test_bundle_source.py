@@ -152,3 +152,14 @@ def test_a_recipe_naming_a_task_the_bundle_lacks_is_refused(bundle_dir, tmp_path
     with pytest.raises(CheckpointError, match="unknown task 'art'"):
         run_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_reads_a_bundle_expert_through_the_source(bundle_dir):
+    from modelalloy.eval.harness import EvalError, load_model_folder
+
+    want = _formula(bundle_dir, 0)
+    got = load_model_folder(f"{bundle_dir}#math")
+    assert list(got) == list(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    with pytest.raises(EvalError, match="TALL-masks bundle; name one of its experts"):
+        load_model_folder(bundle_dir)

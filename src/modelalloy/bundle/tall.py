@@ -294,6 +294,13 @@ def rebuild_to(bundle_dir: str | Path, task: str | int, out: str | Path,
     return out
 
 
+def load_expert(bundle_dir: str | Path, task: str | int) -> dict[str, torch.Tensor]:
+    """Expert ``task`` (its name or 0-based index) of a bundle folder, rebuilt in memory
+    through the engine's source (:class:`modelalloy.engine.sources.TallExpertSource`)."""
+    with open_tall_expert(bundle_dir, task) as expert:
+        return {n: expert.get(n) for n in expert.names()}
+
+
 def _source(label: str, state: Mapping[str, torch.Tensor]) -> TensorSource:
     """A lazy checkpoint mapping (:func:`lazy_state`) reads from its checkpoint; any other
     mapping is read in memory, without copies."""

@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
         model: Annotated[str, typer.Argument(
-            help="a model folder (model.safetensors), a Twin-Merging bundle, or 'base' / "
-                 "'expert:TASK' of the suite")],
+            help="a model folder (model.safetensors), a Twin-Merging bundle, an expert of a "
+                 "TALL-masks bundle (BUNDLE#TASK), or 'base' / 'expert:TASK' of the suite")],
         suite: Annotated[str, typer.Option(help="tiny-vision or tiny-lm")] = "tiny-vision",
         size: Annotated[str, typer.Option(help="smoke or full")] = "full",
         split: Annotated[str, typer.Option(help="test or val")] = "test",

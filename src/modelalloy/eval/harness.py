@@ -522,10 +522,21 @@ def _sweep_intervals(held_in: list[dict[str, Any]],
 
 
 def load_model_folder(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from an HF-style folder (model.safetensors, or shards with an index)."""
+    """A state dict from an HF-style folder (model.safetensors, or shards with an index), or
+    an expert rebuilt from a TALL-masks bundle folder (``BUNDLE#TASK``, read through the
+    engine's bundle source)."""
     from safetensors.torch import load_file
 
     folder = Path(path)
+    if not folder.exists() and "#" in folder.name:
+        bundle, task = str(path).rsplit("#", 1)
+        if (Path(bundle) / "bundle.json").exists():
+            from modelalloy.bundle import load_expert
+
+            return load_expert(bundle, task)
+    if (folder / "bundle.json").is_file():
+        raise EvalError(f"{folder}: is a TALL-masks bundle; name one of its experts as "
+                        f"'{folder}#TASK' (a task name or 0-based index)")
     if folder.is_file():
         return load_file(str(folder))
     single = folder / "model.safetensors"
