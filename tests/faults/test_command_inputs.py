@@ -115,7 +115,7 @@ def test_merge_stream_bad_alpha(tmp_path, run_cli, family):
     base, experts = family
     args = ("merge-stream", base, *experts, "--out", tmp_path / "o", "--alpha")
     assert_one_line(run_cli(*args, "abc"), "--alpha")
-    assert_one_line(run_cli(*args, "2"), "alpha must be in [0, 1]")
+    assert_one_line(run_cli(*args, "2"), "'alpha' = 2.0 is out of range", "<= 1.0")
     assert os.listdir(tmp_path) == []
 
 

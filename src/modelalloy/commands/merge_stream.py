@@ -25,15 +25,18 @@ def register(app: typer.Typer) -> None:
         shuffle: Annotated[bool, typer.Option(
             help="shuffle the arrival order (the paper reports means over orders)")] = False,
         seed: Annotated[int, typer.Option(help="seed of --shuffle")] = 0,
+        allow_nonfinite: Annotated[bool, typer.Option(
+            help="merge even if a model holds NaN/Inf values (a warning names them)")] = False,
     ) -> None:
         """Merge models arriving one at a time with OPCM (continual merging).
 
-        Tang et al., 2025. Memory stays at the base, the running merge and the incoming model,
-        however many models arrive.
+        Tang et al., 2025. Runs the recipe method `opcm` over the models in arrival order
+        through the merge engine (the checks and output folder of `modelalloy merge`). Memory
+        stays at the running merge and one tensor of the base and the incoming model, however
+        many models arrive.
         """
-        from modelalloy.bundle._checkpoint import lazy_state, load_state_dict, save_model_folder
         from modelalloy.commands._options import device_option, regex_option
-        from modelalloy.continual import OPCM
+        from modelalloy.engine.stream import merge_stream
 
         try:
             regex_option("--exclude", exclude)
@@ -47,17 +50,16 @@ def register(app: typer.Typer) -> None:
 
                 models = list(models)
                 random.Random(seed).shuffle(models)
-            merger = OPCM(load_state_dict(base), alpha=alpha, exclude=exclude, device=device)
-            for path in models:
-                incoming = lazy_state(path)  # read tensor by tensor inside add()
-                try:
-                    norm = merger.add(incoming)
-                finally:
-                    incoming.checkpoint.close()
-                typer.echo(f"[{merger.count}/{len(models)}] {path}: ‖τ‖ = "
-                           f"{merger.norms[-1]:.4g}, merged ‖Δ‖ = {norm:.4g}")
-            save_model_folder(merger.merged(), out, model_files_from=base)
+            done = merge_stream(base, models, out, alpha=alpha, exclude=exclude, device=device,
+                                allow_nonfinite=allow_nonfinite)
         except ModelAlloyError as err:
-            typer.echo(f"error: {err}", err=True)
+            from modelalloy.commands._console import cli_message
+
+            typer.echo(f"error: {cli_message(err)}", err=True)
             raise typer.Exit(1) from None
+        for warning in done.merge.warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        for step, (path, norm) in enumerate(zip(models, done.task_norms, strict=True), 1):
+            typer.echo(f"[{step}/{len(models)}] {path}: ‖τ‖ = {norm:.4g}")
+        typer.echo(f"merged ‖Δ‖ = {done.merged_norm:.4g} (the mean ‖τ‖)")
         typer.echo(f"wrote {out}")

@@ -392,18 +392,21 @@ class PlanExecutor:
 def run_plan(plan: MergePlan, sink: TensorWriter, *, device: torch.device, seed: int,
              threads: int, allow_nonfinite: bool = False, stats_loader: StatsLoader | None = None,
              budget: ByteBudget | None = None, progress: bool = False,
-             slicing: bool = True) -> list[str]:
+             slicing: bool = True, prepared: Callable[[Any], None] | None = None) -> list[str]:
     """The one driver: check the plan, run the method's whole-model pass when it has one
     (``prepare``), then merge every tensor into ``sink`` (a writer on disk, a state dict, a
     live module) on ``threads`` threads, each tensor whole, sliced or through a fused kernel
-    as the plan and the device allow (``slicing=False``: every tensor whole). Returns the
-    warnings (tolerated NaN/Inf inputs)."""
+    as the plan and the device allow (``slicing=False``: every tensor whole). ``prepared``
+    is given what the whole-model pass found (None without one), before the tensors are
+    merged. Returns the warnings (tolerated NaN/Inf inputs)."""
     plan.raise_if_problems()
     executor = PlanExecutor(plan, device=device, seed=seed, threads=threads,
                             budget=budget if budget is not None else ByteBudget(None),
                             allow_nonfinite=allow_nonfinite,
                             stats_loader=stats_loader, slicing=slicing)
     executor.prepare()
+    if prepared is not None:
+        prepared(executor.global_stats)
     with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as bar:
         executor.run(sink, bar)
     return executor.warnings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,11 +172,13 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
                seed: int | None = None, threads: int | None = None,
                memory_budget: str | int | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                force: bool = False, allow_nonfinite: bool = False,
-               progress: bool = False, stats_dir: str | Path | None = None) -> MergeResult:
+               progress: bool = False, stats_dir: str | Path | None = None,
+               prepared: Callable[[Any], None] | None = None) -> MergeResult:
     """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically).
 
     ``stats_dir``: the statistics folder for models without statistics of their own (over the
-    recipe's ``calibration.stats_dir``; default: next to each model)."""
+    recipe's ``calibration.stats_dir``; default: next to each model). ``prepared``: given what
+    the method's whole-model pass found (``run_plan``)."""
     start = time.perf_counter()
     recipe = as_recipe(recipe)
     dev = resolve_device(device)
@@ -213,7 +215,8 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
             warnings = run_plan(plan, writer, device=dev,
                                 seed=recipe.seed if seed is None else seed, threads=threads,
                                 allow_nonfinite=allow_nonfinite, stats_loader=stats_loader,
-                                budget=ByteBudget(in_flight), progress=progress)
+                                budget=ByteBudget(in_flight), progress=progress,
+                                prepared=prepared)
             files = writer.close()
             finish_folder(recipe, plan, tmp)
         return MergeResult(path=out_dir, seconds=time.perf_counter() - start,
