@@ -13,12 +13,15 @@ from modelalloy.commands._console import cli_message, flag_names
 from modelalloy.errors import ModelAlloyError, OutputError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "modelalloy"
-# The layers an API caller uses directly (docs/architecture.md); the commands above them, and
-# the search/learning layers (their own issues), may still speak of flags.
+# Every layer below the commands (docs/architecture.md): an API caller meets their messages.
+# optimize/ is still to be done (its messages are being rewritten on their own branch).
 LIBRARY = ["errors.py", "extras.py", "threads.py", "continual.py", "api.py", "io", "methods",
            "kernels", "recipe", "plan", "stats", "engine", "lora", "bundle", "moe",
-           "inspection", "multistage"]
+           "inspection", "multistage", "eval", "bench", "twin", "search", "distill"]
 FLAG = re.compile(r"(?<![\w-])--[a-z]")
+# a string that is one flag alone is a command line's argument, not a message (a script's own
+# argparse options, ``git status --porcelain``)
+ARGUMENT = re.compile(r"--[a-z][\w-]*(=\S*)?")
 
 
 def _messages(tree: ast.AST):
@@ -47,7 +50,7 @@ def test_library_messages_name_no_flags():
         for file in [path] if path.is_file() else sorted(path.rglob("*.py")):
             for line, text in _messages(ast.parse(file.read_text())):
                 # a command to run (`modelalloy stats MODEL --kind gram`) is fine
-                if FLAG.search(re.sub(r"`[^`]*`", "", text)):
+                if FLAG.search(re.sub(r"`[^`]*`", "", text)) and not ARGUMENT.fullmatch(text):
                     found.append(f"{file.relative_to(SRC)}:{line}: {text[:80]!r}")
     assert not found, "library messages naming CLI flags:\n" + "\n".join(found)
 
@@ -61,6 +64,10 @@ def test_library_messages_name_no_flags():
      "give exactly one of --rank R and --energy E"),
     ("device='cuda': no CUDA; use device='cpu'", ("device",),
      "--device cuda: no CUDA; use --device cpu"),
+    # a one-item list of a repeatable flag
+    ("give a suite objective, objectives=['suite:tiny-vision'] (or suite:tiny-lm)",
+     ("objectives",), "give a suite objective, --objectives suite:tiny-vision (or suite:tiny-lm)"),
+    ("budget=0: must be at least 1", ("budget",), "--budget 0: must be at least 1"),
     # only the arguments the error names are rewritten (recipe parameters stay as they are)
     ("density=0.5: too high; pass force=True", ("force",),
      "density=0.5: too high; pass --force"),
@@ -76,3 +83,11 @@ def test_a_command_renames_an_argument_to_its_flag():
         raise OutputError("r.yaml: give out=PATH for it", options=("out",))
     assert cli_message(caught.value) == "r.yaml: give --out-path PATH for it"
     assert isinstance(caught.value, OutputError)
+
+
+def test_the_optimize_command_names_its_repeated_objective_flag():
+    with pytest.raises(ModelAlloyError) as caught, flag_names(objectives="objective"):
+        raise ModelAlloyError("give at least one objective, e.g. "
+                              "objectives=['suite:tiny-vision']", options=("objectives",))
+    assert cli_message(caught.value) == ("give at least one objective, e.g. --objective "
+                                         "suite:tiny-vision")

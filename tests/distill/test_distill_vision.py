@@ -72,4 +72,4 @@ def test_distill_command_on_tiny_vision(vision_smoke, run_cli, one_thread, tmp_p
     assert res.code == 0, res.err
     res = run_cli("distill", recipe, "--data", "suite:tiny-vision:smoke", "--styles",
                   "--out", tmp_path / "s2")
-    assert res.code == 1 and "--styles is for language models" in res.err
+    assert res.code == 1 and "(--styles) is for language models" in res.err

@@ -40,10 +40,11 @@ def cli_message(error: BaseException) -> str:
             value = match.group(1)
             if value == "True":
                 return flag
-            inner = value.strip("'")
+            inner = value.strip("[]").strip("'")  # a one-item list: a repeatable flag
             return f"{flag} {inner}"
 
-        message = re.sub(rf"\b{re.escape(name)}=('[^']*'|[^\s,;:)]+)", as_flag, message)
+        message = re.sub(rf"\b{re.escape(name)}=(\['[^']*'\]|'[^']*'|[^\s,;:)]+)", as_flag,
+                         message)
     return message
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from modelalloy.commands._console import cli_message
 from modelalloy.errors import ModelAlloyError
 
 
@@ -54,7 +55,7 @@ def register(app: typer.Typer) -> None:
             result = backdoor_bench(s, task, [m.strip() for m in methods.split(",")], cfg,
                                     log=log)
         except ModelAlloyError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {cli_message(err)}", err=True)
             raise typer.Exit(1) from None
         out.mkdir(parents=True, exist_ok=True)
         (out / "backdoor.json").write_text(json.dumps(result, indent=1))

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from modelalloy.commands._console import cli_message
 from modelalloy.errors import ModelAlloyError
 
 
@@ -78,7 +79,7 @@ def register(app: typer.Typer) -> None:
                 for sd in (base_sd, *expert_sds.values()):
                     sd.checkpoint.close()
         except ModelAlloyError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {cli_message(err)}", err=True)
             raise typer.Exit(1) from None
         typer.echo(f"wrote {out}: {len(tasks)} tasks ({', '.join(tasks)})")
         typer.echo(str(report))
@@ -97,6 +98,6 @@ def register(app: typer.Typer) -> None:
         try:
             rebuild_to(bundle_dir, int(task) if task.isdigit() else task, out)
         except ModelAlloyError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {cli_message(err)}", err=True)
             raise typer.Exit(1) from None
         typer.echo(f"wrote {out}: expert '{task}' rebuilt from {bundle_dir}")

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from modelalloy.commands._console import cli_message
 from modelalloy.errors import ModelAlloyError
 
 
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
                 extra_teachers={p.name: p for p in teacher or []},
                 log=lambda m: typer.echo(m, err=True))
         except ModelAlloyError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {cli_message(err)}", err=True)
             raise typer.Exit(1) from None
         typer.echo(f"wrote {out}: {report['examples']} examples, {steps} steps in "
                    f"{report['train_seconds']} s (targets {report['label_seconds']} s); KL "

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from modelalloy.commands._console import cli_message
 from modelalloy.errors import ModelAlloyError
 
 
@@ -53,8 +54,6 @@ def register(app: typer.Typer) -> None:
             done = merge_stream(base, models, out, alpha=alpha, exclude=exclude, device=device,
                                 allow_nonfinite=allow_nonfinite)
         except ModelAlloyError as err:
-            from modelalloy.commands._console import cli_message
-
             typer.echo(f"error: {cli_message(err)}", err=True)
             raise typer.Exit(1) from None
         for warning in done.merge.warnings:

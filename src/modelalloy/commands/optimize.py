@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
                           ] = "task_arithmetic",
     ) -> None:
         """Search or learn the merge coefficients of RECIPE against --objective."""
+        from modelalloy.commands._console import flag_names
         from modelalloy.errors import OptimizeError
 
         if list_:
@@ -90,10 +91,11 @@ def register(app: typer.Typer) -> None:
                 raise OptimizeError(f"--preference '{preference}': give numbers, "
                                     "comma-separated") from None
         err = Console(stderr=True)
-        result = optimize(algorithm, recipe, objective, out, weights=w, budget=budget,
-                          workers=workers, ray_address=ray_address, seed=seed, resume=resume,
-                          options=opts, progress=sys.stderr.isatty(),
-                          echo=lambda m: err.print(m))
+        with flag_names(objectives="objective"):  # the API's list, the command's repeated flag
+            result = optimize(algorithm, recipe, objective, out, weights=w, budget=budget,
+                              workers=workers, ray_address=ray_address, seed=seed,
+                              resume=resume, options=opts, progress=sys.stderr.isatty(),
+                              echo=lambda m: err.print(m))
         print_summary(result, Console())
         typer.echo(f"best: trial {result.best['trial']}, fitness "
                    f"{result.best['scores']['fitness']:.4f}; recipe {result.recipe_path} "

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from modelalloy.commands._console import cli_message
 from modelalloy.errors import ModelAlloyError, RecipeError
 
 
@@ -127,7 +128,7 @@ def register(app: typer.Typer) -> None:
             bundle.save(out, files=files, force=force,
                         experts_bytes=sum(state_bytes(sd) for sd in experts.values()))
         except ModelAlloyError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {cli_message(err)}", err=True)
             raise typer.Exit(1) from None
         s = bundle.sizes
         typer.echo(f"wrote {out}: {len(tasks)} experts ({', '.join(tasks)}); "
@@ -171,7 +172,7 @@ def register(app: typer.Typer) -> None:
                                 router_epochs=router_epochs, router_batch=router_batch,
                                 router_hidden=router_hidden, log=log)
         except ModelAlloyError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {cli_message(err)}", err=True)
             raise typer.Exit(1) from None
         out.mkdir(parents=True, exist_ok=True)
         (out / "twin-results.json").write_text(json.dumps(result, indent=1))

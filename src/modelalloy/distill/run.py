@@ -45,7 +45,7 @@ def warm_start(recipe: Any, base: Path, teachers: Mapping[str, Path],
                 "not merged into the warm start")
     if not same:
         raise DistillError("distill: no teacher shares the base's architecture; use "
-                           "--student base or a model folder")
+                           "student='base' or a model folder", options=("student",))
     return merge_state_dicts(recipe.merge_method, base_sd, same, seed=recipe.seed,
                              **recipe_params(recipe))
 
@@ -91,7 +91,8 @@ def _run(recipe_path: Path, data: str, out: Path, student: str, cfg: DistillConf
     teachers = [Teacher(name, *load_model(p)) for name, p in paths.items()]
     if student == "merge" or student == "base":
         if base is None:
-            raise DistillError(f"{recipe.source}: --student {student} needs base_model")
+            raise DistillError(f"{recipe.source}: student='{student}' needs the recipe's "
+                               "base_model", options=("student",))
         model, tok = load_model(base)
         if student == "merge":
             load_weights(model, warm_start(recipe, base, paths, log), "the warm start")
@@ -187,8 +188,9 @@ def _run_vision(recipe: Any, paths: Mapping[str, Path], base: Path | None, stude
     from modelalloy.io.writer import AtomicOutputDir
 
     if cfg.styles:
-        raise DistillError("distill: --styles is for language models (tiny-vision students "
-                           "are bodies under fixed task heads)")
+        raise DistillError("distill: a style-promptable student (styles=True) is for "
+                           "language models (tiny-vision students are bodies under fixed task "
+                           "heads)", options=("styles",))
     _, _name, *size = data.split(":")
     suite = load_suite("tiny-vision", size[0] if size else "full", log=log)
     teachers: dict[str, dict[str, torch.Tensor]] = {}
@@ -202,7 +204,8 @@ def _run_vision(recipe: Any, paths: Mapping[str, Path], base: Path | None, stude
         teachers[task] = load_state_dict(path)
     if student in ("merge", "base"):
         if base is None:
-            raise DistillError(f"{recipe.source}: --student {student} needs base_model")
+            raise DistillError(f"{recipe.source}: student='{student}' needs the recipe's "
+                               "base_model", options=("student",))
         start_sd = (warm_start(recipe, base, paths, log) if student == "merge"
                     else load_state_dict(base))
         config_from = base

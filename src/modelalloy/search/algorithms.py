@@ -166,5 +166,5 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
 def get_algorithm(name: str) -> AlgorithmSpec:
     if name not in ALGORITHMS:
         raise OptimizeError(f"unknown algorithm '{name}'; available: {', '.join(ALGORITHMS)} "
-                            "(modelalloy optimize --list)")
+                            "(`modelalloy optimize --list` describes them)")
     return ALGORITHMS[name]

@@ -111,7 +111,8 @@ class RunContext:
                 if old.get("candidate") != payload:
                     raise OptimizeError(f"{self.out}: trial {index} of the log is not the one "
                                         "this run proposes; the run is not the same (or not "
-                                        "deterministic): start it in a new --out")
+                                        "deterministic): start it in a new folder, "
+                                        "out=NEW_FOLDER", options=("out",))
                 records.append(old)
             else:
                 new.append((index, cand))
@@ -136,7 +137,8 @@ class RunContext:
                 raise OptimizeError(
                     f"objective {', '.join(self.objectives.specs)} failed on trial {index}: "
                     f"{failure.message}; the {len(self.log.records)} trials before it are kept "
-                    f"in {self.log.path} (fix it and rerun with --resume)")
+                    f"in {self.log.path} (fix it and rerun with resume=True)",
+                    options=("resume",))
         best = self.best()
         self.progress.update(len(self.log.records),
                              None if best is None else best["scores"]["fitness"])
@@ -205,10 +207,10 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
     space, template = load_template(recipe)
     budget = spec.default_budget(space, opts) if budget is None else int(budget)
     if budget < 1:
-        raise OptimizeError("--budget must be at least 1")
+        raise OptimizeError(f"budget={budget}: must be at least 1", options=("budget",))
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OptimizeError(f"--out {out}: is a file; give a folder")
+        raise OptimizeError(f"out='{out}': is a file; give a folder", options=("out",))
     config = {"algorithm": algorithm, "seed": seed, "template": space.template,
               "search": [space.granularity, space.layers_per_group, space.filters,
                          [vars(b) for b in space.bounds]],
@@ -235,8 +237,8 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
             raise OptimizeError(f"{algorithm}: no trial was run (budget {budget})")
         chosen = ctx.trials[ctx.chosen] if ctx.chosen is not None else ctx.best()
         if chosen is None:
-            raise OptimizeError(f"{algorithm}: no trial was scored on all the data; raise "
-                                "--budget")
+            raise OptimizeError(f"{algorithm}: no trial was scored on all the data; give more "
+                                f"than budget={budget}", options=("budget",))
         recipe_path = write_outputs(ctx, spec, chosen)
         log.write_state(finished=True, chosen=chosen["trial"], notes=ctx.notes)
     finally:

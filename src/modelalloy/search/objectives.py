@@ -280,7 +280,8 @@ class Objectives:
     @classmethod
     def parse(cls, specs: Sequence[str], weights: Sequence[float] | None = None) -> Objectives:
         if not specs:
-            raise OptimizeError("give at least one --objective")
+            raise OptimizeError("give at least one objective, e.g. "
+                                "objectives=['suite:tiny-vision']", options=("objectives",))
         items = [parse_objective(s) for s in specs]
         w = [1.0] * len(items) if weights is None else [float(x) for x in weights]
         if len(w) != len(items):
@@ -324,17 +325,20 @@ class Objectives:
         for o in self.items:
             if isinstance(o, SuiteObjective):
                 return o
-        raise OptimizeError(f"{algorithm} learns from a suite's data: give --objective "
-                            "suite:tiny-vision or suite:tiny-lm")
+        raise OptimizeError(f"{algorithm} learns from a suite's data: give a suite "
+                            "objective, objectives=['suite:tiny-vision'] (or suite:tiny-lm)",
+                            options=("objectives",))
 
 
-def suite_template(spec: str, method: str = "task_arithmetic",
+def suite_template(template: str, method: str = "task_arithmetic",
                    search: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A template recipe over a suite's base and merged experts (``modelalloy optimize
+    """A template recipe over the base and merged experts of the suite ``template`` names
+    (``suite:tiny-vision?size=smoke``; the command line's ``modelalloy optimize
     --template``)."""
-    obj = parse_objective(spec)
+    obj = parse_objective(template)
     if not isinstance(obj, SuiteObjective):
-        raise OptimizeError(f"--template needs a suite objective, not '{spec}'")
+        raise OptimizeError(f"template='{template}': not a suite objective; give "
+                            "suite:tiny-vision or suite:tiny-lm", options=("template",))
     info = obj.suite.info
     from modelalloy.methods import get_method
 

@@ -45,7 +45,8 @@ def _inputs(ctx: Any, held_out: bool = False
         if path not in by_path:
             raise OptimizeError(f"{ctx.space.source}: model {entry.model} is not one of the "
                                 f"merged experts of {obj.spec} ({suite.info.path}); a learner "
-                                "needs each expert's task (modelalloy optimize --template)")
+                                "needs each expert's task (a suite's template: "
+                                "`modelalloy optimize --template suite:...`)")
         tasks.append(by_path[path])
     base, experts = ctx.pool.sources(ctx.template)
     return suite, tasks, base, experts
@@ -251,7 +252,9 @@ def run_fw_merging(ctx: Any) -> None:
                                      int(opts["ada_steps"]), int(opts["batch_size"]), ctx.seed)
     elif soft:
         raise OptimizeError("fw_merging variant soft learns its moves with AdaMerging on a "
-                            "suite's data: give --objective suite:...")
+                            "suite's data: give a suite objective, "
+                            "objectives=['suite:tiny-vision'] (or suite:tiny-lm)",
+                            options=("objectives",))
     elif isinstance(obj, PythonObjective):
         loss = python_loss(obj)
     else:  # pragma: no cover - every objective kind is one of the two

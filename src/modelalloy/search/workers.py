@@ -130,15 +130,16 @@ def check_ray_address(address: str, timeout: float = 3.0) -> None:
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise OptimizeError(f"--ray-address '{address}': write host:port, ray://host:port or "
-                            "auto")
+        raise OptimizeError(f"ray_address='{address}': write host:port, ray://host:port or "
+                            "auto", options=("ray_address",))
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except OSError as err:
-        raise OptimizeError(f"--ray-address '{address}': no Ray cluster answers there "
+        raise OptimizeError(f"ray_address='{address}': no Ray cluster answers there "
                             f"({err.strerror or err}); start one with `ray start --head` or "
-                            "leave --ray-address out for a local Ray") from None
+                            "give no address for a local Ray",
+                            options=("ray_address",)) from None
 
 
 def import_ray() -> Any:
@@ -146,7 +147,7 @@ def import_ray() -> Any:
         import ray
     except ImportError:
         raise OptimizeError("parallel trials need Ray: pip install 'modelalloy[search]' "
-                            "(or run with --workers 1)") from None
+                            "(or run with workers=1)", options=("workers",)) from None
     return ray
 
 
@@ -218,7 +219,7 @@ class RayEvaluator:
 def make_evaluator(space: SearchSpace, objectives: Objectives, pool: ModelPool, workers: int,
                    address: str | None) -> LocalEvaluator | RayEvaluator:
     if workers < 1:
-        raise OptimizeError("--workers must be at least 1")
+        raise OptimizeError(f"workers={workers}: must be at least 1", options=("workers",))
     if workers == 1 and not address:
         return LocalEvaluator(space, objectives, pool)
     return RayEvaluator(space, objectives, pool, workers, address)
