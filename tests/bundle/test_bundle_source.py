@@ -163,3 +163,11 @@ def test_eval_reads_a_bundle_expert_through_the_source(bundle_dir):
     assert all(torch.equal(got[n], want[n]) for n in want)
     with pytest.raises(EvalError, match="TALL-masks bundle; name one of its experts"):
         load_model_folder(bundle_dir)
+
+
+def test_a_data_informed_merge_of_bundle_experts_says_to_rebuild_them(bundle_dir, tmp_path):
+    recipe = (f"merge_method: regmean\nbase_model: {bundle_dir}/base\n"
+              f"models:\n  - model: {bundle_dir}#math\n  - model: {bundle_dir}#code\n")
+    with pytest.raises(CheckpointError, match="expert of a TALL bundle; rebuild it"):
+        run_recipe(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

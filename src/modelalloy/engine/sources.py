@@ -132,6 +132,7 @@ class TallExpertSource:
         self._shapes = shapes
         self._index = index
         self._owned = owned  # closed with this source (an opened bundle folder)
+        self._names: set[str] | None = None
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -141,7 +142,9 @@ class TallExpertSource:
         return self._base.names()
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._base.names()
+        if self._names is None:
+            self._names = set(self._base.names())
+        return name in self._names
 
     def info(self, name: str) -> Any:
         return self._base.info(name)

@@ -114,6 +114,12 @@ def collect_missing(recipe: Recipe, spec: MethodSpec, device: str = "cpu",
                 f"{recipe.source}: method '{spec.name}' needs statistics of '{owner}', a model "
                 "with a LoRA adapter; merge the adapter into its model first (`modelalloy "
                 "merge` of that one model) and use that folder")
+        if recipe.split_bundle_task(owner)[1] is not None:
+            # a bundle's experts share its folder: none has a folder for statistics
+            raise CheckpointError(
+                f"{recipe.source}: method '{spec.name}' needs statistics of '{owner}', an "
+                "expert of a TALL bundle; rebuild it into a folder first (`modelalloy rebuild "
+                "BUNDLE --task TASK --out FOLDER`) and use that folder")
         model = recipe.model_path(owner)
         for kind in spec.stats:
             if find_stats(model, kind, folder) is not None:
