@@ -166,7 +166,7 @@ def test_eval_reads_a_bundle_expert_through_the_source(bundle_dir):
 
 
 def test_a_data_informed_merge_of_bundle_experts_says_to_rebuild_them(bundle_dir, tmp_path):
-    recipe = (f"merge_method: regmean\nbase_model: {bundle_dir}/base\n"
+    recipe = (f"merge_method: regmean\n"
               f"models:\n  - model: {bundle_dir}#math\n  - model: {bundle_dir}#code\n")
     with pytest.raises(CheckpointError, match="expert of a TALL bundle; rebuild it"):
         run_recipe(recipe, tmp_path / "out")
