@@ -118,8 +118,9 @@ class TallBundle:
         return self.masks[self._task(task)][name].unpack()
 
     def expert(self, task: str | int) -> TallExpertSource:
-        """Expert ``task`` as an engine source (the one rebuild: θ̂_t = θ_0 + m_t ⊙ τ_MTL),
-        for a recipe's ``sources`` or any reader of models; holds no copy."""
+        """Expert ``task`` as a tensor source (the one rebuild: θ̂_t = θ_0 + m_t ⊙ τ_MTL, read
+        tensor by tensor or a slice at a time); holds no copy. A recipe merges a bundle
+        folder's experts as ``BUNDLE#TASK``."""
         key = self._task(task)
         index = self.tasks.index(key)
         masks = {mask_key(index, n): m.bits for n, m in self.masks[key].items()}
