@@ -171,3 +171,28 @@ def test_a_data_informed_merge_of_bundle_experts_says_to_rebuild_them(bundle_dir
     with pytest.raises(CheckpointError, match="expert of a TALL bundle; rebuild it"):
         run_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_slices_of_bundle_experts_are_slices_of_their_weights(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    base = {f"layers.{i}.w": torch.randn(6, 4, generator=gen) for i in range(3)}
+    experts = {t: {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+               for t in ("a", "b")}
+    compress_to(tmp_path / "bun", base, experts, mask_lambda=0.4)
+    recipe = """\
+merge_method: linear
+slices:
+  - sources:
+      - {{model: {a}, layer_range: [0, 2], parameters: {{weight: 0.3}}}}
+      - {{model: {b}, layer_range: [1, 3], parameters: {{weight: 0.7}}}}
+"""
+    bundle = TallBundle.load(tmp_path / "bun")
+    want = modelalloy.merge(recipe.format(a="a", b="b"),
+                            sources={t: bundle.rebuild(t) for t in ("a", "b")})
+    run_recipe(recipe.format(a=f"{tmp_path}/bun#a", b=f"{tmp_path}/bun#b"), tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(got) == set(want) == {"layers.0.w", "layers.1.w"}
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    # each expert its own source (they share the bundle's folder): layer 0 is 0.3·a0 + 0.7·b1
+    a, b = bundle.rebuild("a"), bundle.rebuild("b")
+    assert torch.allclose(got["layers.0.w"], 0.3 * a["layers.0.w"] + 0.7 * b["layers.1.w"])

@@ -112,6 +112,10 @@ def open_models(recipe: Recipe, stack: ExitStack
     if recipe.slices:  # layer ranges of the sources, composed (plan/slices.py)
         from modelalloy.plan.slices import open_slices
 
+        if any(recipe.split_bundle_task(m)[1] is not None for m in recipe.all_models()):
+            # a bundle's experts share its folder: each reference is its own source
+            return open_slices(recipe, stack, opener=lambda ref: in_transformers_layout(
+                stack.enter_context(open_recipe_model(recipe, ref))))
         return open_slices(recipe, stack)
     spec = get_method(recipe.merge_method)
     base = None
