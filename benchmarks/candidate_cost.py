@@ -59,7 +59,7 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) ->
 
     import modelalloy
     from modelalloy.optimize.candidate import ModelPool, merge_candidate
-    from modelalloy.optimize.space import load_template
+    from modelalloy.optimize.template import load_template
 
     models = generate_models(size, cache, log=log)
     work = Path(tempfile.mkdtemp(prefix="candidate-cost-"))

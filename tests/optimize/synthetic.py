@@ -213,3 +213,55 @@ def three_tasks(sd: dict[str, torch.Tensor]) -> dict[str, float]:
     """Exactly quadratic in the task-arithmetic weights: −distance to θ₀ + s_t τ_t."""
     return {name: _distance(sd, target)
             for name, target in zip(("a", "b", "c"), three_targets(), strict=True)}
+
+
+# -- PS then DFS: a base and two experts of the flow shapes; the best model is a task-arithmetic
+# merge at weights (0.3, 0.7) with expert b's layer 1 added on top (depth 3) ---------------------
+
+HYBRID_WEIGHTS = (0.3, 0.7)
+
+
+def hybrid_family() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(123)
+    base = {n: torch.randn(s, generator=gen) for n, s in FLOW_SHAPES.items()}
+    experts = [{n: t + 0.5 * torch.randn(t.shape, generator=gen) for n, t in base.items()}
+               for _ in range(2)]
+    return base, experts
+
+
+def save_hybrid_family(root: Path) -> tuple[Path, list[Path]]:
+    base, experts = hybrid_family()
+    folders = []
+    for name, sd in [("base", base), ("a", experts[0]), ("b", experts[1])]:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"model_type": "tiny-flow",
+                                                        "num_hidden_layers": 2}))
+        folders.append(folder)
+    return folders[0], folders[1:]
+
+
+def _hybrid_target() -> dict[str, torch.Tensor]:
+    """θ₀ + 0.3 τ_a + 0.7 τ_b (embedding, layers 0 and 1), then b's layer 1 as layer 2."""
+    base, (a, b) = hybrid_family()
+    wa, wb = HYBRID_WEIGHTS
+    ps = {n: base[n] + wa * (a[n] - base[n]) + wb * (b[n] - base[n]) for n in base}
+    out = {n: ps[n] for n in ("embed.weight", "layers.0.weight", "layers.0.bias",
+                              "layers.1.weight", "layers.1.bias")}
+    out.update({"layers.2.weight": b["layers.1.weight"], "layers.2.bias": b["layers.1.bias"]})
+    return out
+
+
+def ps_then_path(sd: dict[str, torch.Tensor]) -> float:
+    """−Σ‖sd − target‖² over the embedding and every layer tensor (head left out), a tensor
+    missing on one side counting as zeros: any depth."""
+    target = _hybrid_target()
+    names = set(target) | {n for n in sd if n != "head.weight"}
+    total = 0.0
+    for n in sorted(names):
+        x = sd.get(n)
+        t = target.get(n)
+        diff = x - t if x is not None and t is not None else (x if x is not None else t)
+        total += float((diff.double() ** 2).sum())
+    return -total

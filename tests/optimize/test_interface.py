@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 pytest.importorskip("cma")
 
 from modelalloy.optimize.candidate import ModelPool, merge_candidate  # noqa: E402
-from modelalloy.optimize.space import load_template  # noqa: E402
+from modelalloy.optimize.template import load_template  # noqa: E402
 from modelalloy.recipe.load import load_recipe  # noqa: E402
 from modelalloy.search.driver import optimize  # noqa: E402
 from tests.optimize import synthetic  # noqa: E402

@@ -11,7 +11,8 @@ pytest.importorskip("optuna")
 
 from modelalloy.errors import OptimizeError  # noqa: E402
 from modelalloy.optimize.candidate import ModelPool, merge_candidate, merge_staged  # noqa: E402
-from modelalloy.optimize.space import StagedRecipe, load_template  # noqa: E402
+from modelalloy.optimize.space import StagedRecipe  # noqa: E402
+from modelalloy.optimize.template import load_template  # noqa: E402
 from modelalloy.search.driver import optimize  # noqa: E402
 from tests.optimize import synthetic  # noqa: E402
 

@@ -123,7 +123,11 @@ def merge_staged(staged: Any, pool: ModelPool) -> dict[str, torch.Tensor]:
     for name, recipe in staged.stages:
         outputs[name] = merge_candidate(recipe, pool.stage(name))
     options: dict[str, Any] = {} if pool.threads is None else {"threads": pool.threads}
-    return merge(staged.final, sources=outputs, **options)
+    # the final may name source models besides the stages (PS then DFS: a path through the
+    # PS merge and the experts)
+    sources = {m: outputs[m] if m in outputs else pool.get(staged.final, m)
+               for m in staged.final.all_models()}
+    return merge(staged.final, sources=sources, **options)
 
 
 def _reference(recipe: Recipe, pool: ModelPool) -> StateDict:

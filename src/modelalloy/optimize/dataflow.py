@@ -238,23 +238,30 @@ def build_dataflow_space(recipe_data: Mapping[str, Any], search: Mapping[str, An
         raise OptimizeError(f"{source}: models: each entry is a folder or {{model: folder}}")
     holder = recipe_from_dict({"merge_method": "linear", "models": list(models)},
                               source=source, base_dir=base_dir)
+    repeats, scale, scale_filter = flow_settings(search, source)
+    layouts = [layout_of(names_of(holder, m), f"{source}: model '{m}'") for m in models]
+    space = DataflowSpace(dict(recipe_data), source, base_dir, list(models), layouts, repeats,
+                          scale, scale_filter)
+    return space, holder
+
+
+def flow_settings(search: Mapping[str, Any], source: str, where: str = "search"
+                  ) -> tuple[int, Bound | None, list[str]]:
+    """``repeats``, ``scale`` (None: no factors) and ``scale_filter`` of a data-flow block."""
     repeats = search.get("repeats", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise OptimizeError(f"{source}: search.repeats must be a whole number ≥ 1")
+        raise OptimizeError(f"{source}: {where}.repeats must be a whole number ≥ 1")
     scale_given = search.get("scale", [0.0, 2.0])
     scale = None
     if scale_given is not False:
         if not (isinstance(scale_given, (list, tuple)) and len(scale_given) == 2
                 and all(isinstance(v, (int, float)) for v in scale_given)
                 and 0 <= scale_given[0] <= 1.0 <= scale_given[1]):
-            raise OptimizeError(f"{source}: search.scale: give [min, max] around 1 (e.g. "
+            raise OptimizeError(f"{source}: {where}.scale: give [min, max] around 1 (e.g. "
                                 "[0, 2]) or false for no scaling")
         scale = Bound("scale", float(scale_given[0]), float(scale_given[1]), 1.0, False)
     scale_filter = search.get("scale_filter", ["weight"])
     if not (isinstance(scale_filter, list) and scale_filter
             and all(isinstance(f, str) and f for f in scale_filter)):
-        raise OptimizeError(f"{source}: search.scale_filter must be a list of name substrings")
-    layouts = [layout_of(names_of(holder, m), f"{source}: model '{m}'") for m in models]
-    space = DataflowSpace(dict(recipe_data), source, base_dir, list(models), layouts, repeats,
-                          scale, list(scale_filter))
-    return space, holder
+        raise OptimizeError(f"{source}: {where}.scale_filter must be a list of name substrings")
+    return repeats, scale, list(scale_filter)

@@ -38,7 +38,7 @@ from modelalloy.recipe.model import Conditional, Recipe, evaluate_setting
 
 GRANULARITIES = ("task", "layer", "group")
 SEARCH_KEYS = ("space", "granularity", "layers_per_group", "filters", "parameters", "methods")
-SPACES = ("parameters", "dataflow")  # dataflow: optimize/dataflow.py
+SPACES = ("parameters", "dataflow", "ps+dfs")  # optimize/dataflow.py, optimize/hybrid.py
 OTHER = "other"
 
 
@@ -482,36 +482,6 @@ def _methods(given: Any, recipe_data: Mapping[str, Any], source: str,
             raise OptimizeError(f"{source}: search.methods: '{m}' cannot merge this "
                                 f"template's models: {err}") from None
     return methods
-
-
-def load_template(path: str | Path, float_names: Sequence[str] | None = None
-                  ) -> tuple[SearchSpace, Recipe]:
-    """Read a template YAML; ``float_names`` default to the reference model's float tensors."""
-    from modelalloy.recipe.load import _load_yaml, read_recipe_text
-
-    p = Path(path)
-    data = _load_yaml(read_recipe_text(p), str(p))
-    recipe_data, search = split_template(data, str(p))
-    if search.get("space") == "dataflow":
-        from modelalloy.optimize.dataflow import build_dataflow_space
-
-        return build_dataflow_space(recipe_data, search, source=str(p),
-                                    base_dir=p.resolve().parent, names_of=_model_names)
-    if float_names is None:
-        recipe_data, _ = split_template(data, str(p))
-        from modelalloy.recipe.load import recipe_from_dict
-
-        recipe = recipe_from_dict(recipe_data, source=str(p), base_dir=p.resolve().parent)
-        float_names = reference_float_names(recipe)
-    return build_space(data, source=str(p), base_dir=p.resolve().parent,
-                       float_names=float_names)
-
-
-def _model_names(recipe: Recipe, model: str) -> list[str]:
-    from modelalloy.io.checkpoint import open_checkpoint
-
-    with open_checkpoint(recipe.model_path(model)) as ckpt:
-        return list(ckpt.names())
 
 
 def reference_float_names(recipe: Recipe) -> list[str]:

@@ -72,7 +72,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
          "restarts": (9, "IPOP restarts (population ×2 each) when CMA stops, while budget "
                          "is left"),
          "patience": (None, "also restart after this many generations without a better "
-                            "fitness")},
+                            "fitness"),
+         "ps_budget": (None, "search.space ps+dfs: trials of the parameter-space phase "
+                             "(default half the budget; the data-flow phase gets the rest)")},
         budget=100, needs=("cma",)),
     AlgorithmSpec(
         "map", "search",

@@ -17,7 +17,8 @@ from typing import Any
 
 from modelalloy.errors import OptimizeError
 from modelalloy.optimize.candidate import ModelPool
-from modelalloy.optimize.space import SearchSpace, StagedRecipe, load_template
+from modelalloy.optimize.space import SearchSpace, StagedRecipe
+from modelalloy.optimize.template import load_template
 from modelalloy.optimize.trials import TrialLog
 from modelalloy.recipe.model import Recipe
 from modelalloy.search.algorithms import AlgorithmSpec, get_algorithm
@@ -217,6 +218,12 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
               "objectives": objs.specs, "weights": objs.weights, "options": opts}
     if getattr(space, "methods", None):  # a method per cell (only then: older keys unchanged)
         config["search"].append({"methods": list(space.methods)})
+    if hasattr(space, "config_extra"):  # PS then DFS: the data-flow phase's settings
+        config["search"].append(space.config_extra())
+    allowed = getattr(space, "algorithms", None)
+    if allowed is not None and algorithm not in allowed:
+        raise OptimizeError(f"{space.source}: search.space {space.name} is searched by "
+                            f"{', '.join(allowed)}, not '{algorithm}'")
     log = TrialLog(out, config, resume)
     echo = echo or (lambda _m: None)
     start = time.perf_counter()
@@ -255,7 +262,9 @@ def chosen_recipe(ctx: RunContext, record: Mapping[str, Any]) -> Recipe | Staged
     from modelalloy.recipe.load import recipe_from_dict
 
     cand = record["candidate"]
+    extra: dict[str, Any] = {}  # what a candidate adds to its genome (PS then DFS: "ps")
     if isinstance(cand, Mapping) and "genome" in cand:
+        extra = {k: v for k, v in cand.items() if k not in ("genome", "fidelity")}
         cand = cand["genome"]
     name = (f"{ctx.algorithm} trial {record['trial']} (fitness "
             f"{record['scores']['fitness']:.4g})")
@@ -264,8 +273,8 @@ def chosen_recipe(ctx: RunContext, record: Mapping[str, Any]) -> Recipe | Staged
         data = dict(cand)
         data["name"] = name
     else:
-        staged = getattr(ctx.space, "staged_dicts", lambda *a, **k: None)(cand,
-                                                                          absolute=absolute)
+        staged = getattr(ctx.space, "staged_dicts", lambda *a, **k: None)(
+            cand, absolute=absolute, **extra)
         if staged is not None:  # a method per cell: mergekit-multi stages, unnamed final
             where = str(ctx.out / "recipe.yaml")
             return StagedRecipe([(n, recipe_from_dict({**d, "name": n}, source=where,
@@ -273,7 +282,7 @@ def chosen_recipe(ctx: RunContext, record: Mapping[str, Any]) -> Recipe | Staged
                                  for n, d in staged[0]],
                                 recipe_from_dict(staged[1], source=where, base_dir=ctx.out),
                                 comment=name)
-        data = ctx.space.recipe_dict(cand, absolute=absolute, name=name)
+        data = ctx.space.recipe_dict(cand, absolute=absolute, name=name, **extra)
     return recipe_from_dict(data, source=str(ctx.out / "recipe.yaml"), base_dir=ctx.out)
 
 
@@ -288,10 +297,11 @@ def write_outputs(ctx: RunContext, spec: AlgorithmSpec, chosen: Mapping[str, Any
     tmp.replace(path)
     plot_progress(ctx.trials, ctx.out / "progress.png", f"{ctx.algorithm}: fitness per trial")
     genome = chosen["candidate"]
+    space = getattr(ctx.space, "space_of", lambda _c: ctx.space)(genome)
     if isinstance(genome, Mapping):
         genome = genome.get("genome")
     if genome is not None:
-        plot_coefficients(ctx.space, genome, ctx.out / "coefficients.png")
+        plot_coefficients(space, genome, ctx.out / "coefficients.png")
     (ctx.out / "summary.md").write_text(summary_markdown(ctx, chosen))
     if ctx.notes:
         write_json_atomic(ctx.out / "notes.json", ctx.notes)

@@ -39,7 +39,9 @@ def candidate_recipe(space: SearchSpace, candidate: Candidate) -> Any:
     from modelalloy.recipe.load import recipe_from_dict
 
     if isinstance(candidate, Mapping) and "genome" in candidate:
-        return space.recipe(list(candidate["genome"]))
+        # keys besides the genome and its fidelity belong to the space (PS then DFS: "ps")
+        extra = {k: v for k, v in candidate.items() if k not in ("genome", "fidelity")}
+        return space.recipe(list(candidate["genome"]), **extra)
     if isinstance(candidate, Mapping):
         return recipe_from_dict(dict(candidate), source=space.source, base_dir=space.base_dir)
     return space.recipe(list(candidate))
