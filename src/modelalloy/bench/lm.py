@@ -420,7 +420,13 @@ class LMSuite(common.SizedSuite):
         return GPT2LMHeadModel(gpt2_config(self.info.config)).eval()
 
     def _model(self, state_dict: dict[str, torch.Tensor]) -> Any:
-        model = self.new_model()
+        from transformers import GPT2LMHeadModel
+
+        # the state dict's own depth: a data-flow path (optimize's evolve) changes it
+        depth = len({n.split(".")[2] for n in state_dict if n.startswith("transformer.h.")})
+        cfg = self.info.config
+        model = (GPT2LMHeadModel(gpt2_config({**cfg, "n_layer": depth})).eval()
+                 if depth and depth != cfg["n_layer"] else self.new_model())
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         bad = [m for m in missing if not m.endswith(("attn.bias", "attn.masked_bias",
                                                      "lm_head.weight"))]

@@ -358,6 +358,25 @@ class VisionSuite(common.SizedSuite):
     def expert_state_dict(self, task: str) -> dict[str, torch.Tensor]:
         return load_state_dict(self.info.expert_dir(task))
 
+    def _model(self, state_dict: dict[str, torch.Tensor]) -> TinyConvNet:
+        """A body of the state dict's own depth (a data-flow path changes it) holding it; a
+        path whose blocks do not chain (shapes) is refused in one line."""
+        blocks = len({n.split(".")[1] for n in state_dict if n.startswith("blocks.")})
+        cfg = self.info.config
+        depth = blocks - 1 if blocks else cfg.get("depth", 3)
+        if depth < 2:
+            raise SuiteError(f"tiny-vision: a body of {blocks} blocks; it needs at least 3")
+        model = _new_body({**cfg, "depth": depth}).eval()
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as err:
+            first = next((line.strip() for line in str(err).splitlines()
+                          if "size mismatch" in line or "Missing" in line
+                          or "Unexpected" in line), str(err).splitlines()[0])
+            raise SuiteError(f"tiny-vision: the state dict does not fit a body of depth "
+                             f"{depth}: {first}") from None
+        return model
+
     def head(self, task: str) -> nn.Linear:
         if task not in self._heads:
             sd = load_file(str(self.info.path / "heads" / f"{task}.safetensors"))
@@ -384,8 +403,7 @@ class VisionSuite(common.SizedSuite):
                  split: str = "test", limit: int | None = None) -> dict[str, dict[str, Any]]:
         """Accuracy of a body (state dict) on each task with that task's head, and the
         per-example hits (``correct``, for the bootstrap intervals)."""
-        model = self.new_model()
-        model.load_state_dict(state_dict)
+        model = self._model(state_dict)
         out: dict[str, dict[str, Any]] = {}
         for task in tasks or [t.name for t in self.info.tasks]:
             x, y = self.labeled(task, split)
@@ -398,8 +416,7 @@ class VisionSuite(common.SizedSuite):
 
     def general_metrics(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
         """Accuracy on clean digits with the pre-training head (what merging may forget)."""
-        model = self.new_model()
-        model.load_state_dict(state_dict)
+        model = self._model(state_dict)
         sd = load_file(str(self.info.base_dir / "pretrain_head.safetensors"))
         head = nn.Linear(sd["weight"].shape[1], 10)
         head.load_state_dict(sd)

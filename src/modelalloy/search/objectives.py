@@ -157,7 +157,7 @@ class LmEvalObjective(Objective):
     limit: int | None = None
     batch_size: int = 8
     reference: str | None = None
-    _lm: Any = field(default=None, repr=False)
+    _lms: dict[int | None, Any] = field(default_factory=dict, repr=False)
 
     def bind(self, reference: Any) -> None:
         self.reference = str(reference)
@@ -171,26 +171,30 @@ class LmEvalObjective(Objective):
             raise OptimizeError(f"objective '{self.spec}': include folder {self.include} "
                                 "not found")
 
-    def _model(self) -> Any:
-        if self._lm is None:
+    def _model(self, layers: int | None = None) -> Any:
+        """The HF model (wrapped for lm-eval) of the reference's config, with ``layers``
+        decoder layers when given (a data-flow path changes the depth): one per depth."""
+        if layers not in self._lms:
             from lm_eval.models.huggingface import HFLM
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
             if self.reference is None:
                 raise OptimizeError(f"objective '{self.spec}' has no reference model")
             config = AutoConfig.from_pretrained(self.reference)
+            if layers is not None:
+                with_depth(config, layers, self.spec)
             model = AutoModelForCausalLM.from_config(config).eval()
             tok = AutoTokenizer.from_pretrained(self.reference)
-            self._lm = HFLM(pretrained=model, tokenizer=tok, batch_size=self.batch_size,
-                            device="cpu")
-        return self._lm
+            self._lms[layers] = HFLM(pretrained=model, tokenizer=tok,
+                                     batch_size=self.batch_size, device="cpu")
+        return self._lms[layers]
 
     def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
               ) -> dict[str, float]:
         import lm_eval
         from lm_eval.tasks import TaskManager
 
-        lm = self._model()
+        lm = self._model(stack_depth(state_dict))
         model = lm.model
         missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
         if unexpected:
@@ -220,7 +224,37 @@ class LmEvalObjective(Objective):
         return {"score": sum(out.values()) / len(out), **out}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_lm": None}
+        return {**self.__dict__, "_lms": {}}
+
+
+def stack_depth(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The layer count of a state dict's (deepest) layer stack; None without one."""
+    from modelalloy.plan.layers import split_layer
+
+    stacks: dict[str, set[int]] = {}
+    for name in state_dict:
+        found = split_layer(name)
+        if found is not None:
+            stacks.setdefault(found[0], set()).add(found[1])
+    return max((len(v) for v in stacks.values()), default=None)
+
+
+def with_depth(config: Any, layers: int, where: str) -> None:
+    """An HF config changed in place to ``layers`` decoder layers, as ``modelalloy merge``
+    writes a ``slices:`` merge's config (plan/slices.py): every layer-count key it has, and a
+    ``layer_types`` list when its layers are all of one type."""
+    from modelalloy.plan.slices import LAYER_COUNT_KEYS
+
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, layers)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and len(types) != layers:
+        if len(set(types)) > 1:
+            raise OptimizeError(f"objective '{where}': the candidate has {layers} layers and "
+                                "the reference config mixes layer types; score it from a "
+                                "merged folder (its config holds the path's types)")
+        config.layer_types = types[:1] * layers
 
 
 def parse_objective(spec: str) -> Objective:
