@@ -14,10 +14,10 @@ from modelalloy.errors import ModelAlloyError, OutputError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "modelalloy"
 # Every layer below the commands (docs/architecture.md): an API caller meets their messages.
-# optimize/ is still to be done (its messages are being rewritten on their own branch).
 LIBRARY = ["errors.py", "extras.py", "threads.py", "continual.py", "api.py", "io", "methods",
            "kernels", "recipe", "plan", "stats", "engine", "lora", "bundle", "moe",
-           "inspection", "multistage", "eval", "bench", "twin", "search", "distill"]
+           "inspection", "multistage", "eval", "bench", "twin", "search", "distill",
+           "optimize"]
 FLAG = re.compile(r"(?<![\w-])--[a-z]")
 # a string that is one flag alone is a command line's argument, not a message (a script's own
 # argparse options, ``git status --porcelain``)

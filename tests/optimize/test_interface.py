@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("cma")
 
+from modelalloy.errors import OptimizeError  # noqa: E402
 from modelalloy.optimize.candidate import ModelPool, merge_candidate  # noqa: E402
 from modelalloy.optimize.template import load_template  # noqa: E402
 from modelalloy.recipe.load import load_recipe  # noqa: E402
@@ -116,6 +117,11 @@ def test_failing_objective_keeps_trials_and_resumes(template, tmp_path, run_cli)
     assert len((out / "trials.jsonl").read_text().splitlines()) == 3
     r = run_cli("optimize", "evolve", tpl, "--objective", obj, "--out", out, "--budget", "8")
     assert r.code != 0 and "--resume" in r.err  # refuses to overwrite a run
+    # the library speaks its arguments, the command its flags
+    assert "pass --resume to continue it or choose another --out DIR" in r.err
+    with pytest.raises(OptimizeError, match="pass resume=True to continue it or choose "
+                                            "another out=DIR"):
+        optimize("evolve", tpl, [obj], out, budget=8)
     r = run_cli("optimize", "evolve", tpl, "--objective", obj, "--out", out, "--budget", "8",
                 "--resume")
     assert r.code == 0, r.err

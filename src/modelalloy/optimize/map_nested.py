@@ -60,7 +60,7 @@ def run_nested(ctx: Any) -> None:
              list(given) if given else keys)
     if len(tasks) != k or any(t not in keys for t in tasks):
         raise OptimizeError(f"map variant nested: give one metric per model, in model order "
-                            f"(--option tasks=...); the models are {k}, the metrics "
+                            f"(the option tasks=M1,M2,...); the models are {k}, the metrics "
                             f"{', '.join(keys)}")
     pref = ctx.options["preference"] or [1.0] * k
     if len(pref) != k:

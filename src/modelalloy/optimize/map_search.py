@@ -231,7 +231,7 @@ def run(ctx: Any) -> None:
     keys = metric_keys(samples[0]["scores"], len(ctx.objectives.items))
     if len(keys) < 2:
         raise OptimizeError("map trades off several scores: give a suite objective (one score "
-                            "per task), several --objective, or a Python objective returning "
+                            "per task), several objectives, or a Python objective returning "
                             "named scores")
     warp = ctx.options["warp"]
 

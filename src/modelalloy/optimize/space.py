@@ -286,7 +286,7 @@ class StagedRecipe:
     def to_yaml(self) -> str:
         """mergekit-multi's format: one YAML document per named stage, the final unnamed."""
         head = f"# {self.comment}\n" if self.comment else ""
-        head += "# run with: modelalloy merge-multi THIS.yaml -I WORK --out-path OUT\n"
+        head += "# run with: `modelalloy merge-multi THIS.yaml -I WORK --out-path OUT`\n"
         return head + "---\n".join([r.to_yaml() for _, r in self.stages]
                                    + [self.final.to_yaml()])
 

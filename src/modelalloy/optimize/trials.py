@@ -46,8 +46,9 @@ class TrialLog:
         self.previous: list[dict[str, Any]] = []
         if self.path.exists() or (out / STATE).exists():
             if not resume:
-                raise OptimizeError(f"{out}: holds a previous run ({TRIALS}); pass --resume to "
-                                    "continue it or choose another --out")
+                raise OptimizeError(f"{out}: holds a previous run ({TRIALS}); pass resume=True "
+                                    "to continue it or choose another out=DIR",
+                                    options=("resume", "out"))
             self.previous = self._read_previous()
         out.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
@@ -61,8 +62,9 @@ class TrialLog:
                 changed = [k for k in self.config if state.get("config", {}).get(k) !=
                            json.loads(json.dumps(self.config[k], default=str))]
                 raise OptimizeError(f"{self.out}: the previous run differs in "
-                                    f"{', '.join(changed) or 'its settings'}; --resume needs "
-                                    "the same algorithm, recipe, objectives, seed and options")
+                                    f"{', '.join(changed) or 'its settings'}; resume=True "
+                                    "needs the same algorithm, recipe, objectives, seed and "
+                                    "options", options=("resume",))
         records, good_bytes = [], 0
         if self.path.is_file():
             with self.path.open("rb") as f:
