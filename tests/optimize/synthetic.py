@@ -130,16 +130,17 @@ def flow_family() -> list[dict[str, torch.Tensor]]:
     return [{n: torch.randn(s, generator=gen) for n, s in FLOW_SHAPES.items()} for _ in range(2)]
 
 
+def _save_flow_model(folder: Path, sd: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "tiny-flow",
+                                                    "num_hidden_layers": 2}))
+    return folder
+
+
 def save_flow_family(root: Path) -> list[Path]:
-    paths = []
-    for name, sd in zip(("a", "b"), flow_family(), strict=True):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"model_type": "tiny-flow",
-                                                        "num_hidden_layers": 2}))
-        paths.append(folder)
-    return paths
+    return [_save_flow_model(root / name, sd)
+            for name, sd in zip(("a", "b"), flow_family(), strict=True)]
 
 
 def flow_forward(sd: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -231,14 +232,8 @@ def hybrid_family() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tenso
 
 def save_hybrid_family(root: Path) -> tuple[Path, list[Path]]:
     base, experts = hybrid_family()
-    folders = []
-    for name, sd in [("base", base), ("a", experts[0]), ("b", experts[1])]:
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"model_type": "tiny-flow",
-                                                        "num_hidden_layers": 2}))
-        folders.append(folder)
+    folders = [_save_flow_model(root / name, sd)
+               for name, sd in [("base", base), ("a", experts[0]), ("b", experts[1])]]
     return folders[0], folders[1:]
 
 

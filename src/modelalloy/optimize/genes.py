@@ -5,7 +5,17 @@ Shared by the parameter space (space.py) and the data-flow space (dataflow.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from modelalloy.errors import OptimizeError
+
+
+def check_keys(block: Iterable[str], allowed: Sequence[str], where: str) -> None:
+    """Refuse the first key of a template block that is not ``allowed``, in one line."""
+    unknown = [k for k in block if k not in allowed]
+    if unknown:
+        raise OptimizeError(f"{where}.{unknown[0]}: unknown key; use {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any
 
 from modelalloy.errors import OptimizeError
 from modelalloy.optimize.dataflow import DataflowSpace, flow_settings, layout_of
-from modelalloy.optimize.genes import Bound
+from modelalloy.optimize.genes import Bound, check_keys
 from modelalloy.optimize.space import SearchSpace, StagedRecipe, build_space
 from modelalloy.recipe.model import Recipe
 
@@ -150,10 +150,7 @@ def build_hybrid_space(data: Mapping[str, Any], search: Mapping[str, Any], *, so
     if not isinstance(flow_block, Mapping):
         raise OptimizeError(f"{source}: search.dataflow must be a mapping (repeats, scale, "
                             "scale_filter)")
-    unknown = [k for k in flow_block if k not in HYBRID_KEYS]
-    if unknown:
-        raise OptimizeError(f"{source}: search.dataflow.{unknown[0]}: unknown key; use "
-                            f"{', '.join(HYBRID_KEYS)}")
+    check_keys(flow_block, HYBRID_KEYS, f"{source}: search.dataflow")
     ps_data = {**data, "search": {k: v for k, v in search.items()
                                   if k not in ("space", "dataflow")}}
     ps, template = build_space(ps_data, source=source, base_dir=base_dir,

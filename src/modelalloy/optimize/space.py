@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from modelalloy.errors import OptimizeError, RecipeError
-from modelalloy.optimize.genes import Bound, Gene
+from modelalloy.optimize.genes import Bound, Gene, check_keys
 from modelalloy.plan.layers import split_layer
 from modelalloy.recipe.model import Conditional, Recipe, evaluate_setting
 
@@ -308,10 +308,7 @@ def split_template(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any]
     if not search or not isinstance(search, Mapping) or not search.get("parameters"):
         raise OptimizeError(f"{source}: no free parameter: add a `search:` block with "
                             "`parameters:` (e.g. `search: {parameters: {weight: [0, 1]}}`)")
-    unknown = [k for k in search if k not in SEARCH_KEYS]
-    if unknown:
-        raise OptimizeError(f"{source}: search.{unknown[0]}: unknown key; use "
-                            f"{', '.join(SEARCH_KEYS)}")
+    check_keys(search, SEARCH_KEYS, f"{source}: search")
     return recipe, dict(search)
 
 
