@@ -22,8 +22,7 @@ for a pre-norm transformer layer, whose norm absorbs an input scale, name the te
 (e.g. ``o_proj``, ``down_proj``: the layer's contribution to the residual stream).
 
 The start point is the first model's own path (its layers in order, every factor 1). PS then
-DFS, as the paper combines them, is two runs: ``evolve`` in the parameter space, ``modelalloy
-merge`` of its recipe into a folder, and that folder among the sources of a data-flow template.
+DFS, as the paper combines them, is :mod:`modelalloy.optimize.hybrid` (``space: ps+dfs``).
 """
 
 from __future__ import annotations

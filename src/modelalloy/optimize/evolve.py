@@ -1,7 +1,8 @@
 """``evolve`` — evolutionary merging (Akiba et al., "Evolutionary Optimization of Model Merging
 Recipes", Nature Machine Intelligence 2025; mergekit-evolve), in the parameter space (PS, the
 template's genome: :mod:`modelalloy.optimize.space`) or the data-flow space (DFS, a layer path
-with input factors: :mod:`modelalloy.optimize.dataflow`; ``search: {space: dataflow}``).
+with input factors: :mod:`modelalloy.optimize.dataflow`; ``search: {space: dataflow}``), or
+both in one run, PS then DFS (:mod:`modelalloy.optimize.hybrid`; ``search: {space: ps+dfs}``).
 
 CMA-ES (Hansen's ``cma`` package) maximises the fitness F(x) = Σ_o w_o · score_o(merge(x)) over
 the template's genome x ∈ [0, 1]^n; in the parameter space n = cells × models × free per-model
