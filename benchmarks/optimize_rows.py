@@ -88,6 +88,8 @@ def run_rows(suite_name: str, size: str, work: Path, budget: int, steps: int,
     suite = load_suite(suite_name, size)
     spec = f"suite:{suite_name}?size={size}"
     rows: list[dict[str, Any]] = []
+    # one folder per suite and size (a resumed row must be the same run)
+    folder = work / (suite_name if size == "smoke" else f"{suite_name}-{size}")
     base_tpl = suite_template(spec)
     rows.append(tuned_baseline(suite, "task_arithmetic", base_tpl))
     rows.append(tuned_baseline(suite, "ties", suite_template(spec, "ties")))
@@ -98,7 +100,7 @@ def run_rows(suite_name: str, size: str, work: Path, budget: int, steps: int,
         data = suite_template(spec, method, search)
         for task in extra_models or []:
             data["models"].append({"model": str(suite.info.expert_dir(task))})
-        path = work / suite_name / f"{name}.yaml"
+        path = folder / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
@@ -154,7 +156,7 @@ def run_rows(suite_name: str, size: str, work: Path, budget: int, steps: int,
                 "steps": steps}
 
     for row, algo, tpl, b, opts in runs:
-        out = work / suite_name / algo.replace(" ", "_") / Path(tpl).stem
+        out = folder / algo.replace(" ", "_") / Path(tpl).stem
         t0 = time.perf_counter()
         try:
             res = optimize(algo, tpl, [spec], out, budget=b, options=opts, seed=0,
