@@ -117,3 +117,18 @@ def test_ps_then_dfs_errors(tmp_path):
     with pytest.raises(OptimizeError, match="ps_budget=200"):
         optimize("evolve", tpl, [OBJECTIVE], tmp_path / "o", budget=100,
                  options={"ps_budget": 200})
+
+
+@pytest.mark.slow
+def test_ps_then_dfs_on_two_ray_workers_gives_the_same_run(tmp_path):
+    pytest.importorskip("ray")
+    tpl = hybrid_template(tmp_path)
+    opts = {"ps_budget": 12, "popsize": 4}
+    one = optimize("evolve", tpl, [OBJECTIVE], tmp_path / "one", budget=24, seed=3,
+                   options=opts)
+    two = optimize("evolve", tpl, [OBJECTIVE], tmp_path / "two", budget=24, seed=3,
+                   options=opts, workers=2)
+    assert [(r["candidate"], r["scores"]) for r in one.trials] == \
+        [(r["candidate"], r["scores"]) for r in two.trials]
+    assert any("ps" in r["candidate"] for r in two.trials if isinstance(r["candidate"], dict))
+    assert one.recipe_path.read_text() == two.recipe_path.read_text()
