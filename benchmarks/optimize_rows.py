@@ -271,8 +271,7 @@ few points are noise.
 
     PYTHONPATH=src python benchmarks/optimize_rows.py --suites tiny-vision --budget 60
     PYTHONPATH=src python benchmarks/optimize_rows.py --suites tiny-lm --budget 24 --steps 50
-    PYTHONPATH=src python benchmarks/optimize_rows.py --suites tiny-vision,tiny-lm --size full \
-        --budget 60 --steps 100
+    PYTHONPATH=src python benchmarks/optimize_rows.py --size full --budget 60 --steps 100
 
 On tiny-lm a row `evolve (PS then DFS)` runs the parameter space for half the budget, then
 the data-flow space over its merge and the experts (docs/optimize.md); its staged recipe is
@@ -310,7 +309,7 @@ point is 0.03 of a point of the mean), tiny-lm 50 and 500. Read against the pape
   hand-tuned row there); AdaMerging over task arithmetic (tiny-vision +0.6 and +0.8 test,
   task- and layer-wise; tiny-lm −0.7 and −2.0).
 - **Layer-wise search over its best uniform configuration** on val: reproduced on both (+1.9
-  and +1.5 val); on test only on tiny-vision (+1.2; tiny-lm −2.5: the layer-wise space, about
+  and +1.5 val); on test only on tiny-vision (+1.2; tiny-lm −2.5: the layer-wise space, with
   more genes, fits val).
 - **FW-Merging's robustness to irrelevant models**: refuted with the paper's defaults (start
   at task arithmetic over the whole pool: −1.9 on tiny-vision, −45.1 on tiny-lm, where the
