@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from modelalloy.eval.harness import SCALE_GRID
 from modelalloy.eval.informed import learn_adamerging, learn_sens_merging
 from modelalloy.optimize.candidate import ModelPool, merge_candidate
 from modelalloy.recipe.load import load_recipe
@@ -67,15 +68,27 @@ def test_adamerging_layer_wise_through_optimize(vision_smoke, suite_template_pat
 
 def test_sens_merging_and_its_granularity_check(vision_smoke, suite_template_path, tmp_path,
                                                 run_cli):
+    """λ unset: one trial per λ of the benchmark's grid, the best on val kept; its weights are
+    Sens-Merging's λ·K·σ computed directly with that λ. A given λ is one trial."""
     res = optimize("sens_merging", suite_template_path("layer"), [SUITE], tmp_path / "out",
                    options={"limit": 4})
+    assert len(res.trials) == len(SCALE_GRID)
+    notes = json.loads((tmp_path / "out" / "notes.json").read_text())
+    assert "k_sigma" in notes
+    fitness = [t["scores"]["fitness"] for t in res.trials]
+    lam = notes["lambda"]
+    assert res.best["scores"]["fitness"] == max(fitness) == fitness[SCALE_GRID.index(lam)]
     tasks = vision_smoke.info.merged_tasks
     direct, _ = learn_sens_merging(vision_smoke, tasks, vision_smoke.base_state_dict(),
-                                   [vision_smoke.expert_state_dict(t) for t in tasks], limit=4)
+                                   [vision_smoke.expert_state_dict(t) for t in tasks], limit=4,
+                                   scale=lam)
     rec = load_recipe(res.recipe_path)
     first = {c.filter: c.value for c in rec.expert_entries()[0].parameters["weight"]}
-    assert first[direct.names[0]] == round(direct.weight_of(direct.names[0], 0), 6)
-    assert "k_sigma" in json.loads((tmp_path / "out" / "notes.json").read_text())
+    assert first[direct.names[0]] == pytest.approx(direct.weight_of(direct.names[0], 0),
+                                                   rel=1e-5)
+    fixed = optimize("sens_merging", suite_template_path("layer"), [SUITE], tmp_path / "fixed",
+                     options={"limit": 4, "scale": 0.3})
+    assert len(fixed.trials) == 1
     r = run_cli("optimize", "sens_merging", suite_template_path("task"), "--objective", SUITE,
                 "--out", tmp_path / "o2")
     assert r.code != 0 and "layer-wise" in r.err

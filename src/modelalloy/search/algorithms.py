@@ -160,7 +160,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in [
         "Language Models, Findings of ACL 2025",
         "layer-wise coefficients from parameter sensitivities and cross-task logit distances",
         "modelalloy.search.runs:run_sens_merging",
-        {"limit": (32, "labeled val examples per task"), "scale": (1.0, "λ"),
+        {"limit": (32, "labeled val examples per task"),
+         "scale": (None, "λ, task arithmetic's coefficient (unset: the best of 0.1–1.0 on "
+                         "the validation split)"),
          "temperature": (1.0, "softmax temperature T")}, budget=1),
 ]}
 

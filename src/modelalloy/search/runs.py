@@ -8,12 +8,14 @@ recipe on the objective: that is the run's trial and its recipe.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from modelalloy.errors import OptimizeError
+from modelalloy.eval.harness import SCALE_GRID
 from modelalloy.eval.informed import (
     learn_adamerging,
     learn_expert_merging,
@@ -60,19 +62,32 @@ def _granularity(ctx: Any, allowed: Sequence[str]) -> str:
     return ctx.space.granularity
 
 
-def _finish(ctx: Any, res: CoefficientResult, notes: dict[str, Any] | None = None) -> None:
-    """Score the learned recipe (the run's trial) and draw its coefficients."""
-    absolute = [str(ctx.template.model_path(e.model)) for e in ctx.template.expert_entries()]
-    recipe = res.to_recipe(str(ctx.template.model_path(ctx.template.base_model)), absolute)
+def _expert_paths(ctx: Any) -> list[str]:
+    return [str(ctx.template.model_path(e.model)) for e in ctx.template.expert_entries()]
+
+
+def _learned_recipe(ctx: Any, res: CoefficientResult) -> dict[str, Any]:
+    recipe = res.to_recipe(str(ctx.template.model_path(ctx.template.base_model)),
+                           _expert_paths(ctx))
     recipe["seed"] = ctx.template.seed
+    return recipe
+
+
+def _draw(ctx: Any, res: CoefficientResult, notes: dict[str, Any] | None = None) -> None:
+    """Note and draw the coefficients of the run's result."""
     if res.history:
         ctx.notes["loss"] = [round(res.history[0], 6), round(res.history[-1], 6)]
     ctx.notes["coefficients"] = [round(float(res.coefficients.min()), 4),
                                  round(float(res.coefficients.max()), 4)]
     ctx.notes.update(notes or {})
-    ctx.evaluate([recipe], limit_budget=False, tag=res.method)
-    res.save_heatmap(ctx.out / "coefficients.png", [Path(m).name for m in absolute])
+    res.save_heatmap(ctx.out / "coefficients.png", [Path(m).name for m in _expert_paths(ctx)])
     res.save_json(ctx.out / "coefficients.json")
+
+
+def _finish(ctx: Any, res: CoefficientResult, notes: dict[str, Any] | None = None) -> None:
+    """Score the learned recipe (the run's trial) and draw its coefficients."""
+    ctx.evaluate([_learned_recipe(ctx, res)], limit_budget=False, tag=res.method)
+    _draw(ctx, res, notes)
 
 
 def _opt(ctx: Any, key: str, default: Any) -> Any:
@@ -112,15 +127,33 @@ def run_self_positioning(ctx: Any) -> None:
 
 
 def run_sens_merging(ctx: Any) -> None:
+    """Sens-Merging's coefficients λ·K·σ_i^l. λ is task arithmetic's coefficient (the L2S
+    paper's "coefficient in TA merging"): a given ``scale`` fixes it; unset, each λ of the
+    benchmark's grid is a trial on the validation split and the best is kept, as the benchmark
+    tunes task arithmetic. λ = 1 adds every expert's whole task vector, which for more than a
+    few experts lands far from any of them."""
     _granularity(ctx, ("layer",))
     suite, tasks, base, experts = _inputs(ctx)
-    res, info = learn_sens_merging(suite, tasks, base, experts,
-                                   scale=float(ctx.options["scale"]),
-                                   temperature=float(ctx.options["temperature"]),
-                                   limit=int(ctx.options["limit"]))
-    _finish(ctx, res, {"k_sigma": [round(info["k_sigma_min"], 4),
-                                   round(info["k_sigma_max"], 4)],
-                       **({"warning": info["warning"]} if "warning" in info else {})})
+    given = ctx.options["scale"]
+    grid = [float(given)] if given is not None else [float(lam) for lam in SCALE_GRID]
+    unit, info = learn_sens_merging(suite, tasks, base, experts, scale=1.0,
+                                    temperature=float(ctx.options["temperature"]),
+                                    limit=int(ctx.options["limit"]))
+    # K·σ does not depend on λ: the coefficients are λ times those of λ = 1
+    scaled = [replace(unit, coefficients=unit.coefficients * lam) for lam in grid]
+    records = ctx.evaluate([_learned_recipe(ctx, r) for r in scaled], limit_budget=False,
+                           tag=unit.method)
+    fitness = [rec["scores"]["fitness"] for rec in records]
+    best = max(range(len(grid)), key=lambda i: (fitness[i], -i))
+    notes: dict[str, Any] = {"k_sigma": [round(info["k_sigma_min"], 4),
+                                         round(info["k_sigma_max"], 4)],
+                             "lambda": grid[best]}
+    if len(grid) > 1:
+        notes["lambda_fitness"] = {str(lam): round(f, 6) for lam, f in zip(grid, fitness,
+                                                                          strict=True)}
+    if "warning" in info:
+        notes["warning"] = info["warning"]
+    _draw(ctx, scaled[best], notes)
 
 
 def run_expert_merging_pp(ctx: Any) -> None:
