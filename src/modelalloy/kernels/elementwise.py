@@ -33,6 +33,7 @@ from modelalloy.kernels._numba import (
     sign,
     widen,
 )
+from modelalloy.methods._l1 import L1_BINS
 from modelalloy.methods.orderstats import MAG_BINS, MAG_SHIFT
 
 CHUNK = 2048  # even, so every chunk but a slice's last starts on a fresh 64-bit draw
@@ -129,13 +130,9 @@ KEEP_ALL, DROP_ALL, DROP_RANDOM = 0, 1, 2
 
 
 @njit(inline="always")
-def _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density, words,
-                 d):
-    """d[t, :n] = DARE's δ̃_t on this chunk: (θ_t − θ_0)·m_t, then ·(1/density) (float32).
-    ``random`` lists the models that drop at random; ``words`` (models × CHUNK) takes their
-    keep draws."""
-    base = src[0, c0:c0 + n]
-    # the dropping models' streams, three (or two) at a time: independent chains interleave
+def _draw_keep_words(random, states, words, n):
+    """words[t, :n] = the next n keep draws of each model t in ``random`` (those that drop at
+    random), three (or two) streams at a time: independent chains interleave."""
     drawn = 0
     while drawn < random.size:
         left = random.size - drawn
@@ -152,6 +149,16 @@ def _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_den
         else:
             sfc64_fill(states[i], words[i, :n])
             drawn += 1
+
+
+@njit(inline="always")
+def _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density, words,
+                 d):
+    """d[t, :n] = DARE's δ̃_t on this chunk: (θ_t − θ_0)·m_t, then ·(1/density) (float32).
+    ``random`` lists the models that drop at random; ``words`` (models × CHUNK) takes their
+    keep draws."""
+    base = src[0, c0:c0 + n]
+    _draw_keep_words(random, states, words, n)
     for t in range(d.shape[0]):
         row = src[1 + t, c0:c0 + n]
         mode = modes[t]
@@ -169,6 +176,51 @@ def _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_den
         else:
             for j in range(n):
                 d[t, j] = (widen(row[j]) - widen(base[j])) * np.float32(words[t, j] < thr)
+
+
+L1_LANES = 4  # bin copies: consecutive elements' increments of one bin form separate chains
+
+
+@njit(inline="always")
+def _abs_bin(x):
+    """(exponent field, mantissa) of |x| (float32): |x| = m·2^(max(e, 1) − 150)."""
+    bits = f32_to_bits(x) & np.uint32(0x7FFFFFFF)
+    e = bits >> np.uint32(23)
+    return e, np.int64((bits & np.uint32(0x7FFFFF)) | (np.uint32(e > 0) << np.uint32(23)))
+
+
+@njit(**JIT)
+def dare_l1_kernel(src, count, modes, states, thresholds, before, after):
+    """DARE's L1 pass on one slice (``methods.dare.gather_l1_sums``): for each model t that
+    drops at random, the exact bins (``methods._l1``) of |θ_t − θ_0| into ``before[t]`` and of
+    |(θ_t − θ_0)·m_t| into ``after[t]``, the keep draws m_t continuing from ``states``. False
+    (nothing added) when an input is NaN/Inf."""
+    if any_nonfinite(src, count):
+        return False
+    nexp = src.shape[0] - 1
+    words = np.empty((nexp, CHUNK), np.uint32)
+    random = np.nonzero(modes == DROP_RANDOM)[0]
+    # L1_LANES copies of (all, kept) bins, side by side: element j adds to copy j % L1_LANES
+    lanes = np.zeros((nexp, L1_BINS, 2 * L1_LANES), np.int64)
+    for c0 in range(0, count, CHUNK):
+        n = min(CHUNK, count - c0)
+        _draw_keep_words(random, states, words, n)
+        base = src[0, c0:c0 + n]
+        for i in range(random.size):
+            t = random[i]
+            row, thr, bins, keep = src[1 + t, c0:c0 + n], thresholds[t], lanes[t], words[t]
+            for j in range(n):
+                e, m = _abs_bin(widen(row[j]) - widen(base[j]))
+                lane = 2 * (j % L1_LANES)
+                bins[e, lane] += m
+                bins[e, lane + 1] += m * np.int64(keep[j] < thr)
+    for i in range(random.size):
+        t = random[i]
+        for e in range(L1_BINS):
+            for k in range(L1_LANES):
+                before[t, e] += lanes[t, e, 2 * k]
+                after[t, e] += lanes[t, e, 2 * k + 1]
+    return True
 
 
 @njit(**JIT)

@@ -128,9 +128,9 @@ class _DareDrops:
         self.inv_density = _f32([1.0 / p if 0 < p < 1 else 1.0 for p in densities])
         self.rescale = bool(params["rescale"])
 
-    def states(self, ctx: MergeContext) -> np.ndarray:
-        """One uint64[4] SFC64 state per model, the same stream ``ctx.keep_mask`` draws."""
-        key = "sfc64_states"
+    def states(self, ctx: MergeContext, key: str = "sfc64_states") -> np.ndarray:
+        """One uint64[4] SFC64 state per model, the same stream ``ctx.keep_mask`` draws; one
+        set per ``key`` (the L1 pass replays the streams the merge then draws)."""
         if ctx.streams is None or key not in ctx.streams:
             states = np.stack([ctx.sfc64_state(i) for i in range(len(self.modes))])
             if ctx.streams is None:
@@ -141,10 +141,11 @@ class _DareDrops:
 
 class _DareKernel:
     """A DARE merge kernel ``merge(src, count, out, ctx, rescale, scales)`` with its passes:
-    none, or with the L1 rescale (``dare.rescales_to_l1``) the torch pass that gathers the
-    whole tensor's L1 sums (``dare.gather_l1_sums`` on the widened slice, so both paths gather
-    the same sums); the survivors' scale is then ‖δ‖₁/‖δ ⊙ m‖₁ in float32 instead of
-    1/density, and the kernel's (δ·m)·scale is the torch path's two multiplies."""
+    none, or with the L1 rescale (``dare.rescales_to_l1``) the pass that gathers the whole
+    tensor's L1 sums (``elementwise.dare_l1_kernel``: the exact bins of ``dare.L1Sums``, as
+    ``dare.gather_l1_sums`` adds them on the torch path); the survivors' scale is then
+    ‖δ‖₁/‖δ ⊙ m‖₁ in float32 instead of 1/density, and the kernel's (δ·m)·scale is the torch
+    path's two multiplies."""
 
     def __init__(self, params: dict[str, Any], drops: _DareDrops,
                  merge: Callable[..., bool]) -> None:
@@ -155,13 +156,16 @@ class _DareKernel:
         self.passes = (self.gather,) if self.l1 else ()
 
     def gather(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
-        from modelalloy.methods.dare import gather_l1_sums
+        from modelalloy.kernels.elementwise import dare_l1_kernel
+        from modelalloy.methods.dare import L1Sums
 
-        rows = [widen(src[i, :count]) for i in range(src.shape[0])]
-        if not all(bool(torch.isfinite(r).all()) for r in rows):
-            return False
-        gather_l1_sums(rows[0], rows[1:], self.params, ctx)
-        return True
+        assert ctx.streams is not None
+        sums = ctx.streams.get(L1Sums)
+        if sums is None:
+            sums = ctx.streams[L1Sums] = L1Sums.new(len(self.drops.modes), None)
+        drops = self.drops
+        return dare_l1_kernel(src, count, drops.modes, drops.states(ctx, "sfc64_states_l1"),
+                              drops.thresholds, sums.before, sums.after)
 
     def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
                  width: int = 1) -> bool:

@@ -80,18 +80,3 @@ def add_products_(gram: Gram, wide: torch.Tensor) -> None:
     for i in range(len(products)):
         for j in range(i, len(products)):
             gram[i][j] += products[i][j]
-
-
-def abs_sum(x: torch.Tensor) -> float:
-    """Σ_k |x[k]| (the L1 norm) as float64 sums over consecutive chunks of ``SLICE_ELEMENTS``
-    elements, added in order on one intra-op thread: a slice of the engine's sliced path is
-    one chunk, so the sums of a tensor's slices, added in order, are the whole tensor's sum
-    bit for bit, at any thread count (``torch.linalg.vector_norm`` splits the sum by thread)."""
-    flat = x.reshape(-1)
-    total = 0.0
-    with one_intra_op_thread():
-        for start in range(0, flat.numel(), SLICE_ELEMENTS):
-            part = flat[start:start + SLICE_ELEMENTS]
-            # widened first: ``sum(dtype=float64)`` casts element by element, 30x slower
-            total += float(torch.abs(part).double().sum())
-    return total

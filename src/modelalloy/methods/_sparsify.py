@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 
 from modelalloy.errors import MethodError
-from modelalloy.methods._gram import abs_sum
+from modelalloy.methods._l1 import abs_sum
 from modelalloy.methods.orderstats import (
     MAG_SHIFT,
     SMALL,

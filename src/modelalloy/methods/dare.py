@@ -29,9 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
+import numpy as np
 import torch
 
-from modelalloy.methods._gram import abs_sum
+from modelalloy.methods._l1 import add_abs_bins_, bins_to_float, new_bins
 from modelalloy.methods._sparsify import (
     INT8_MASK,
     Scratch,
@@ -65,35 +66,50 @@ def rescales_to_l1(params: dict[str, Any]) -> bool:
 
 @dataclass
 class L1Sums:
-    """A sliced merge's whole-tensor L1 norms per model, ‖δ_t‖₁ and ‖δ_t ⊙ m_t‖₁, gathered in
-    a first pass over the slices (:func:`gather_l1_sums`). ``draws`` replays the keep masks
-    from their own streams, so the merge pass draws them again from the start."""
+    """A sliced merge's whole-tensor L1 norms per model, ‖δ_t‖₁ and ‖δ_t ⊙ m_t‖₁, as exact
+    bins (``_l1``: models × ``L1_BINS``) gathered in a first pass over the slices (torch:
+    :func:`gather_l1_sums`; fused: ``kernels.slices``). ``draws`` replays the keep masks from
+    their own streams, so the merge pass draws them again from the start."""
 
-    before: list[float]
-    after: list[float]
-    draws: MergeContext
+    before: np.ndarray
+    after: np.ndarray
+    draws: MergeContext | None
+    _norms: list[tuple[float, float]] | None = None
+
+    @classmethod
+    def new(cls, models: int, draws: MergeContext | None) -> L1Sums:
+        return cls(new_bins(models), new_bins(models), draws)
+
+    def norms(self, model: int) -> tuple[float, float]:
+        """(‖δ‖₁, ‖δ ⊙ m‖₁) of one model, each rounded once to float64; read after the
+        pass (rounded on the first call, once per tensor)."""
+        if self._norms is None:
+            self._norms = [(bins_to_float(b), bins_to_float(a))
+                           for b, a in zip(self.before, self.after, strict=True)]
+        return self._norms[model]
 
     def factors(self) -> list[float]:
         """Per model, the survivors' scale ‖δ‖₁ / ‖δ ⊙ m‖₁ (1 where a norm is ~0)."""
-        return [f if (f := l1_factor(b, a)) is not None else 1.0
-                for b, a in zip(self.before, self.after, strict=True)]
+        return [f if (f := l1_factor(*self.norms(i))) is not None else 1.0
+                for i in range(len(self.before))]
 
 
 def gather_l1_sums(base: torch.Tensor | None, experts: list[torch.Tensor],
                    params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass of a sliced merge with the L1 rescale: this slice's |δ_t| and |δ_t ⊙ m_t|
-    sums (``_gram.abs_sum``: a slice is one of its chunks) into the tensor's :class:`L1Sums`."""
+    into the tensor's :class:`L1Sums` bins (exact, so the slices add up to the whole
+    tensor's norms)."""
     assert ctx.streams is not None and base is not None
     sums = ctx.streams.get(L1Sums)
     if sums is None:
-        n = len(experts)
-        sums = ctx.streams[L1Sums] = L1Sums([0.0] * n, [0.0] * n, replace(ctx, streams={}))
+        sums = ctx.streams[L1Sums] = L1Sums.new(len(experts), replace(ctx, streams={}))
+    assert sums.draws is not None
     for i, (e, density) in enumerate(zip(experts, params["density"], strict=True)):
         if not 0.0 < density < 1.0:
             continue
         d = torch.sub(e, base)
-        sums.before[i] += abs_sum(d)
-        sums.after[i] += abs_sum(d.mul_(sums.draws.keep_mask(d, density, i)))
+        add_abs_bins_(sums.before[i], d)
+        add_abs_bins_(sums.after[i], d.mul_(sums.draws.keep_mask(d, density, i)))
 
 
 def slice_passes(params: dict[str, Any]) -> tuple:
@@ -107,7 +123,7 @@ def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[st
     sums = (ctx.streams or {}).get(L1Sums) if ctx.slice_start is not None else None
     for i, (d, density) in enumerate(zip(deltas, params["density"], strict=True)):
         dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"],
-              l1_sums=(sums.before[i], sums.after[i]) if sums is not None else None)
+              l1_sums=sums.norms(i) if sums is not None else None)
     return deltas
 
 
