@@ -17,6 +17,8 @@ a chunk vectorize; only the SFC64 draws are serial.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -33,7 +35,6 @@ from modelalloy.kernels._numba import (
     sign,
     widen,
 )
-from modelalloy.methods._l1 import L1_BINS
 from modelalloy.methods.orderstats import MAG_BINS, MAG_SHIFT
 
 CHUNK = 2048  # even, so every chunk but a slice's last starts on a fresh 64-bit draw
@@ -178,48 +179,67 @@ def _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_den
                 d[t, j] = (widen(row[j]) - widen(base[j])) * np.float32(words[t, j] < thr)
 
 
-L1_LANES = 4  # bin copies: consecutive elements' increments of one bin form separate chains
-
-
 @njit(inline="always")
-def _abs_bin(x):
-    """(exponent field, mantissa) of |x| (float32): |x| = m·2^(max(e, 1) − 150)."""
-    bits = f32_to_bits(x) & np.uint32(0x7FFFFFFF)
-    e = bits >> np.uint32(23)
-    return e, np.int64((bits & np.uint32(0x7FFFFF)) | (np.uint32(e > 0) << np.uint32(23)))
+def _add_exact_sum(bins, total, f):
+    """An exact chunk sum ``total`` (float64) = S·2^(f − 150), S < 2^52 an integer, into the
+    bins at exponent field f: S's low 32 bits in row 0, its high bits in row 1 (weight 2^32)."""
+    steps = np.int64(total * math.ldexp(1.0, 150 - np.int64(f)))  # exact: a power of 2
+    bins[0, f] += steps & np.int64(0xFFFFFFFF)
+    bins[1, f] += steps >> np.int64(32)
 
 
-@njit(**JIT)
+L1_EXACT = 2.0 ** 52  # a float64 sum of multiples of q stays exact below 2^53·q
+
+
+@njit(**JIT, fastmath={"reassoc"})
 def dare_l1_kernel(src, count, modes, states, thresholds, before, after):
     """DARE's L1 pass on one slice (``methods.dare.gather_l1_sums``): for each model t that
-    drops at random, the exact bins (``methods._l1``) of |θ_t − θ_0| into ``before[t]`` and of
-    |(θ_t − θ_0)·m_t| into ``after[t]``, the keep draws m_t continuing from ``states``. False
-    (nothing added) when an input is NaN/Inf."""
+    drops at random, the exact L1 bins (``methods._l1``) of |θ_t − θ_0| into ``before[t]`` and
+    of |(θ_t − θ_0)·m_t| into ``after[t]``, the keep draws m_t continuing from ``states``.
+    False (nothing added) when an input is NaN/Inf.
+
+    Per chunk, |δ| are summed in float64 with the smallest and largest nonzero |δ|: every |δ|
+    is a multiple of q, the smallest one's unit in the last place, so while the sum stays
+    below 2^52·q every partial sum is exact, in any order (the adds are reassociated freely,
+    to vectorize); the sum then goes to the bins as an integer count of q. A chunk whose
+    magnitudes span too wide a range (about 2^18) goes element by element into the bins."""
     if any_nonfinite(src, count):
         return False
     nexp = src.shape[0] - 1
     words = np.empty((nexp, CHUNK), np.uint32)
     random = np.nonzero(modes == DROP_RANDOM)[0]
-    # L1_LANES copies of (all, kept) bins, side by side: element j adds to copy j % L1_LANES
-    lanes = np.zeros((nexp, L1_BINS, 2 * L1_LANES), np.int64)
+    none = np.uint32(0xFFFFFFFF)
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
         _draw_keep_words(random, states, words, n)
         base = src[0, c0:c0 + n]
         for i in range(random.size):
             t = random[i]
-            row, thr, bins, keep = src[1 + t, c0:c0 + n], thresholds[t], lanes[t], words[t]
+            row, thr, keep = src[1 + t, c0:c0 + n], thresholds[t], words[t]
+            whole, kept = 0.0, 0.0
+            high, low = np.uint32(0), none
             for j in range(n):
-                e, m = _abs_bin(widen(row[j]) - widen(base[j]))
-                lane = 2 * (j % L1_LANES)
-                bins[e, lane] += m
-                bins[e, lane + 1] += m * np.int64(keep[j] < thr)
-    for i in range(random.size):
-        t = random[i]
-        for e in range(L1_BINS):
-            for k in range(L1_LANES):
-                before[t, e] += lanes[t, e, 2 * k]
-                after[t, e] += lanes[t, e, 2 * k + 1]
+                x = abs(widen(row[j]) - widen(base[j]))
+                bits = f32_to_bits(x)
+                high = max(high, bits)
+                low = min(low, bits if bits != 0 else none)
+                v = np.float64(x)
+                whole += v
+                kept += v if keep[j] < thr else 0.0
+            if low == none:
+                continue  # all zero
+            f = max(low >> np.uint32(23), np.uint32(1))  # q = 2^(f − 150)
+            if whole < math.ldexp(L1_EXACT, np.int64(f) - 150):
+                _add_exact_sum(before[t], whole, f)
+                _add_exact_sum(after[t], kept, f)
+                continue
+            for j in range(n):  # too wide a range for one float64: one bin per exponent
+                x = widen(row[j]) - widen(base[j])
+                bits = f32_to_bits(x) & np.uint32(0x7FFFFFFF)
+                e = bits >> np.uint32(23)
+                m = np.int64((bits & np.uint32(0x7FFFFF)) | (np.uint32(e > 0) << np.uint32(23)))
+                before[t, 0, e] += m
+                after[t, 0, e] += m * np.int64(keep[j] < thr)
     return True
 
 

@@ -2,12 +2,15 @@
 
 A float32 |x| is m·2^(max(e, 1) − 150) with e its 8-bit exponent field and m its 24-bit
 mantissa (the implicit leading 1 included when e > 0). Adding the m of each exponent into an
-int64 bin (``L1_BINS`` of them) sums the values exactly (a bin holds 2^39 elements before it
-could overflow); :func:`bins_to_float` then rounds Σ_e bins[e]·2^(max(e, 1) − 150) to the
-nearest float64 once. So the sum depends on no order: a tensor's slices, added in any order, on
-any thread count, in torch (:func:`add_abs_bins_`) or in the fused kernels
-(``kernels.elementwise.dare_l1_kernel``), give the whole tensor's sum bit for bit, and the
-torch path and the kernels need not repeat each other's float64 additions.
+int64 bin (``L1_BINS`` of them) sums the values exactly; a second row of bins counts in units
+of 2^32 of the first (the fused kernel adds whole chunks' sums, up to 2^52 units, split in
+two), so a bin takes 2^31 additions before it could overflow. :func:`bins_to_float` then rounds
+Σ_e (bins[0, e] + 2^32·bins[1, e])·2^(max(e, 1) − 150) to the nearest float64 once.
+
+So the sum depends on no order: a tensor's slices, added in any order, on any thread count,
+in torch (:func:`add_abs_bins_`) or in the fused kernels (``kernels.elementwise.dare_l1_kernel``),
+give the whole tensor's sum bit for bit, and the torch path and the kernels need not repeat
+each other's float64 additions.
 """
 
 from __future__ import annotations
@@ -24,18 +27,18 @@ L1_BINS = 256  # one per float32 exponent field; 255 (Inf/NaN) makes the norm Na
 _MANTISSA = 0x7FFFFF
 
 
-def new_bins(rows: int = 1) -> np.ndarray:
-    """Zeroed int64 bins, (rows × L1_BINS): one row per model."""
-    return np.zeros((rows, L1_BINS), np.int64)
+def new_bins(models: int = 1) -> np.ndarray:
+    """Zeroed int64 bins, (models × 2 × L1_BINS)."""
+    return np.zeros((models, 2, L1_BINS), np.int64)
 
 
 def add_abs_bins_(bins: np.ndarray, x: torch.Tensor) -> np.ndarray:
-    """Add |x|'s mantissas to ``bins`` (int64[L1_BINS]) by exponent. ``x`` is float32 or a
+    """Add |x|'s mantissas to ``bins`` (one model's, 2 × L1_BINS) by exponent. ``x`` is float32 or a
     narrower float (widened exactly); float64 is refused (its mantissas overflow the bins)."""
     if x.dtype == torch.float64:
         raise TypeError("exact L1 bins take float32 or narrower values, not float64")
     flat = x.reshape(-1)
-    counts = torch.from_numpy(bins)
+    counts = torch.from_numpy(bins[0])
     for start in range(0, flat.numel(), SLICE_ELEMENTS):
         # bounded temporaries; per chunk each bin's float64 count stays below 2^42: exact
         part = flat[start:start + SLICE_ELEMENTS].float().contiguous().view(torch.int32)
@@ -48,11 +51,14 @@ def add_abs_bins_(bins: np.ndarray, x: torch.Tensor) -> np.ndarray:
 
 
 def bins_to_float(bins: np.ndarray) -> float:
-    """Σ_e bins[e]·2^(max(e, 1) − 150) rounded once to float64 (NaN if an Inf/NaN was added)."""
-    if bins[L1_BINS - 1]:
+    """One model's Σ_e (bins[0, e] + 2^32·bins[1, e])·2^(max(e, 1) − 150) rounded once to
+    float64 (NaN if an Inf/NaN was added)."""
+    if bins[0, L1_BINS - 1] or bins[1, L1_BINS - 1]:
         return math.nan
     # the sum scaled by 2^149 is an integer; int / int rounds correctly
-    total = sum(int(count) << (max(e, 1) - 1) for e, count in enumerate(bins.tolist()) if count)
+    low, high = bins.tolist()
+    total = sum((lo + (hi << 32)) << (max(e, 1) - 1)
+                for e, (lo, hi) in enumerate(zip(low, high, strict=True)) if lo or hi)
     return total / (1 << 149)
 
 
