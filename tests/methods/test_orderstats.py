@@ -29,6 +29,30 @@ def _tied(n: int, seed: int, levels: int | None = None) -> torch.Tensor:
     return x
 
 
+def test_rank_select_orders_many_patterns_inside_one_bin_and_holds_no_values():
+    """Pass 2 keeps a histogram of the low bits, not the values: values sharing a key (1 +
+    k·2^-23, k < 2^16, and repeats of them) are ordered and counted as a sort does."""
+    g = torch.Generator().manual_seed(4)
+    steps = torch.randint(0, 1 << 16, (20_000,), generator=g)
+    x = 1.0 + steps.double() * 2.0 ** -23
+    x = torch.cat([x.float(), torch.rand(5000, generator=g)])  # and values in other bins
+    select = RankSelect(1)
+    for start in range(0, x.numel(), 4096):
+        select.add_numel(min(4096, x.numel() - start))
+        select.count(0, x[start:start + 4096])
+    ranks = [5001, 12_345, 25_000]
+    select.request(0, ranks)
+    for start in range(0, x.numel(), 4096):
+        select.collect(0, x[start:start + 4096])
+    assert all(h is None or h.numel() == 1 << 16 for h in select.values[0].values())
+    ordered = np.sort(x.numpy())
+    for rank, cut in zip(ranks, select.cuts(0), strict=True):
+        v = ordered[rank - 1]
+        assert cut.value == v
+        assert cut.above == int((x.numpy() > v).sum())
+        assert cut.tied == int((x.numpy() == v).sum())
+
+
 def _chunks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [x[i:i + size] for i in range(0, x.numel(), size)]
 

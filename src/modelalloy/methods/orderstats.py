@@ -31,6 +31,7 @@ import torch
 
 MAG_SHIFT = 16  # the key of |x| is the upper 16 bits of its float32 pattern
 MAG_BINS = 1 << 15  # sign bit 0: 2^15 keys
+LOW_BINS = 1 << MAG_SHIFT  # the patterns inside one key
 SIGNED_BINS = 1 << 16
 SMALL = 4096  # below this many values a plain kthvalue is as fast as the histogram
 _CHUNK = 1 << 16  # chunk length for counting tie positions (float32 sums stay exact)
@@ -151,7 +152,11 @@ class RankSelect:
     and chunk, :meth:`add_numel` per chunk (rows all have the chunk's length). Then
     :meth:`request` the ranks of each row; pass 2: :meth:`collect` (or :meth:`add_values`) the
     values of the wanted bins; then :meth:`cuts`. The rows' keys are :func:`magnitude_keys`
-    (non-negative values).
+    (non-negative float32 values). Pass 2 keeps no values: a wanted bin's values differ only
+    in the low ``MAG_SHIFT`` bits of their pattern, so a histogram of those bits (``LOW_BINS``
+    counts, 512 KB) orders and counts them exactly, however many fall in the bin (bf16
+    models give task vectors of few distinct values, and a cut-off bin may hold a tenth of a
+    tensor).
     """
 
     def __init__(self, rows: int) -> None:
@@ -159,7 +164,7 @@ class RankSelect:
         self.numel = 0
         self.hist: list[torch.Tensor | None] = [None] * rows
         self.wanted: list[list[Bin]] = [[] for _ in range(rows)]
-        self.values: list[dict[int, list[torch.Tensor]]] = [{} for _ in range(rows)]
+        self.values: list[dict[int, torch.Tensor | None]] = [{} for _ in range(rows)]
 
     def add_numel(self, n: int) -> None:
         self.numel += n
@@ -180,7 +185,7 @@ class RankSelect:
             return
         cum = torch.cumsum(hist, 0)
         self.wanted[r] = [locate(cum, m) for m in ranks]
-        self.values[r] = {b.index: [] for b in self.wanted[r]}
+        self.values[r] = dict.fromkeys((b.index for b in self.wanted[r]), None)
         self.hist[r] = None
 
     def bins(self, r: int) -> list[int]:
@@ -196,17 +201,23 @@ class RankSelect:
             self.add_values(r, b, flat[keys == b])
 
     def add_values(self, r: int, b: int, values: torch.Tensor) -> None:
-        self.values[r][b].append(values)
+        """Values of row r in its wanted bin b (float32), counted by their low bits."""
+        if not values.numel():
+            return
+        low = values.reshape(-1).contiguous().view(torch.int32) & (LOW_BINS - 1)
+        counts = torch.bincount(low, minlength=LOW_BINS)
+        held = self.values[r][b]
+        self.values[r][b] = counts if held is None else held.add_(counts)
 
     def cuts(self, r: int) -> list[Cut]:
         """After pass 2: one :class:`Cut` per requested rank of row r, in request order."""
         out = []
-        merged = {b: torch.cat(v) if v else torch.zeros(0) for b, v in self.values[r].items()}
         for where in self.wanted[r]:
-            vals = merged[where.index]
-            v = torch.kthvalue(vals, where.rank).values
-            out.append(Cut(float(v), where.above + int((vals > v).sum()),
-                           int((vals == v).sum())))
+            low = self.values[r][where.index]
+            assert low is not None  # pass 1 counted where.rank ≥ 1 values in the bin
+            inside = locate(torch.cumsum(low, 0), where.rank)
+            value = f32_from_bits((where.index << MAG_SHIFT) | inside.index)
+            out.append(Cut(value, where.above + inside.above, int(low[inside.index])))
         return out
 
 
@@ -219,8 +230,8 @@ class SlicedTopK:
     bin that holds the cut-off), then :meth:`trim_` (keep |δ| > v, and ties at v while fewer
     than k − #{|δ| > v} have been kept — a running count, so slices must come in order). The
     fused kernel (``kernels.slices``) fills the same state with :meth:`add_counts`,
-    :meth:`add_values` and reads :meth:`plan`. Memory: one 2^15 histogram and one bin of
-    values per model.
+    :meth:`add_values` and reads :meth:`plan`. Memory: one 2^15 histogram, then one 2^16
+    histogram of the cut-off bin's low bits, per model.
     """
 
     def __init__(self, densities: Sequence[float]) -> None:
