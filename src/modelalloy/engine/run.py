@@ -264,26 +264,40 @@ def in_flight_budget(plan: MergePlan, budget_bytes: int, sliced: bool = True) ->
 # the largest, since a budget is a promise: at exactly 32 MB a loaded machine measured ties
 # 4 MB over the smallest accepted budget.
 FIRST_USE_BYTES = 40 * 1000**2
-# The fused kernels' machine code, and LLVM's memory while it compiles them on a cold numba
-# cache (the first merge after an install or an edit of the kernels, or a source file whose
-# timestamp changed): dare_ties at the smallest budget measured 414-427 MB against 420 MB with
-# the kernels cached and 525 MB when they compiled during the merge (2 threads, 3 x 100 MB);
-# with every kernel compiled afresh (a new numba cache folder) it needed 210 MB here. Compiling
-# the plan's kernels before the baseline is measured would make this a measurement instead.
-KERNEL_FIRST_USE_BYTES = 240 * 1000**2
+# What the fused kernels take on first use once :func:`_load_kernels` has compiled (or loaded)
+# them before the baseline: their per-tensor state (histograms, a slice of candidate values:
+# up to a few MB per merge thread). Compiling on a cold numba cache during the merge took up
+# to 210 MB more (dare_ties, every kernel compiled afresh), which the baseline now measures:
+# with this allowance at 0, the smallest accepted budgets (3 x 100 MB, 2 threads, fresh
+# NUMBA_CACHE_DIRs) still held 114 MB (ties) and 147 MB (dare_ties) to spare.
+KERNEL_FIRST_USE_BYTES = 16 * 1000**2
 
 
 def _load_kernels(plan: MergePlan, sliced: bool) -> bool:
-    """Import the fused kernels before the baseline is measured when the merge will use them
-    (numba and LLVM add about 120 MB to the process, which the budget must count as already
-    held: it went unnoticed, and a budget was exceeded by that much); True when it will."""
+    """Import the fused kernels and compile (or load from numba's cache) those the merge will
+    use, before the baseline is measured: numba and LLVM add about 120 MB to the process on
+    import and more while they compile, which the budget must count as already held (it went
+    unnoticed, and a budget was exceeded by that much); True when kernels will run."""
     from modelalloy import kernels
 
-    if sliced and plan.spec.slice_kernel is not None and kernels.available() and any(
-            e.sliced and plan.spec.kernel_for(e.params) for e in plan.entries):
-        import modelalloy.kernels.slices  # noqa: F401
-        return True
-    return False
+    if not (sliced and plan.spec.slice_kernel is not None and kernels.available()):
+        return False
+    used = False
+    warmed: set[str] = set()
+    for entry in plan.entries:
+        name = plan.spec.kernel_for(entry.params) if entry.sliced else None
+        dtypes = [ckpt.info(entry.name).dtype for ckpt in plan.sources] if name else []
+        if name is None or not kernels.supports(dtypes, entry.out_dtype):
+            continue
+        from modelalloy.kernels import slices
+
+        used = True
+        # the compiled code depends on the dtypes and on which passes the parameters ask for
+        key = repr((name, dtypes[0], entry.out_dtype, sorted(entry.params.items())))
+        if key not in warmed:
+            warmed.add(key)
+            slices.warm(name, entry.params, len(dtypes), dtypes[0], entry.out_dtype)
+    return used
 
 
 def finish_folder(recipe: Recipe, plan: MergePlan, folder: Path) -> None:
