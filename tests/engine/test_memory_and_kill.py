@@ -35,8 +35,8 @@ def cli(*args: str | Path) -> list[str]:
 
 @pytest.mark.slow
 def test_memory_budget_holds_on_a_model_larger_than_the_budget(tmp_path):
-    # 3 x 360 MiB = 1080 MiB of inputs; the budget leaves room for the fused kernels' compile
-    # (engine/run.py, KERNEL_FIRST_USE_BYTES) and is still smaller than the inputs
+    # 3 x 360 MiB = 1080 MiB of inputs; the budget leaves room for the fused kernels (compiled
+    # before the baseline, engine/run.py) and is still smaller than the inputs
     base, *experts = plain_models(tmp_path, 3, tensors=120)
     recipe = write_recipe(tmp_path / "r.yaml",
                           f"merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.2}}"
