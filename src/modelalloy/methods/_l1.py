@@ -46,7 +46,7 @@ def add_abs_bins_(bins: np.ndarray, x: torch.Tensor) -> np.ndarray:
         exponent = magnitude >> 23
         mantissa = (magnitude & _MANTISSA) | ((exponent > 0).int() << 23)
         counts += torch.bincount(exponent, weights=mantissa.double(),
-                                 minlength=L1_BINS).long()
+                                 minlength=L1_BINS).long().cpu()  # on x's device
     return bins
 
 
