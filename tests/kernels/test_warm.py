@@ -26,3 +26,14 @@ def test_warm_compiles_the_kernels_and_their_passes(name, given, compiled):
     slices.warm(kernel, params, 4, torch.bfloat16, torch.bfloat16)
     for function in compiled:
         assert any(str(sig[0].dtype) == "uint16" for sig in function.signatures), function
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "dare_linear", "breadcrumbs",
+                                  "model_stock", "della", "della_linear"])
+def test_warm_runs_every_kernel_on_its_tiny_rows(name):
+    spec = get_method(name)
+    given = {"density": 0.5} if any(p.name == "density" for p in spec.params) else {}
+    params = spec.resolve(3, given, name, conventions="paper")
+    kernel = spec.kernel_for(params)
+    assert kernel is not None
+    slices.warm(kernel, params, 4, torch.bfloat16, torch.float32)
