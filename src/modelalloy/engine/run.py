@@ -279,8 +279,9 @@ def _load_kernels(plan: MergePlan, sliced: bool) -> bool:
     held: it went unnoticed, and a budget was exceeded by that much); True when it will."""
     from modelalloy import kernels
 
-    if sliced and plan.spec.slice_kernel is not None and kernels.available() and any(
-            e.sliced and plan.spec.kernel_for(e.params) for e in plan.entries):
+    execution = plan.spec.execution
+    if sliced and execution.kernel is not None and kernels.available() and any(
+            e.sliced and execution.kernel_for(e.params) for e in plan.entries):
         import modelalloy.kernels.slices  # noqa: F401
         return True
     return False

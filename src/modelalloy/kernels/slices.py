@@ -1,11 +1,11 @@
 """The engine's side of the fused kernels: make a kernel for a tensor's parameters, call it.
 
 A factory takes a sliced tensor's resolved parameters and returns a :data:`SliceKernel`; which
-parameters a kernel serves is the method's to declare (``register_method(kernel_when=...)``,
-beside its sliced shape), not repeated here. ``kernel(src, count, out, ctx, width)`` merges
-the first ``count`` columns of ``src`` (stored bits, one row per source, base first) into
-``out`` and returns False when an input was NaN/Inf; ``width`` is the tensor's row length
-(per-row methods get whole rows).
+parameters a kernel serves is the method's to declare (``FusedKernel(when=...)`` in its
+``Execution``, beside its sliced shape), not repeated here. ``kernel(src, count, out, ctx,
+width)`` merges the first ``count`` columns of ``src`` (stored bits, one row per source, base
+first) into ``out`` and returns False when an input was NaN/Inf; ``width`` is the tensor's
+row length (per-row methods get whole rows).
 """
 
 from __future__ import annotations

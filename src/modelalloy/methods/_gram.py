@@ -3,8 +3,8 @@
 SLERP (Σv0², Σv1², Σv0·v1) and Model Stock (‖δ_i‖², ⟨δ_i, δ_j⟩) reduce each tensor to such a
 small Gram matrix before an elementwise step. The sums are float64 dots over consecutive
 chunks of ``SLICE_ELEMENTS`` elements, added in order, on one intra-op thread: the whole tensor
-and its slices (the engine's ``slice_reduce`` pass) add the same numbers in the same order, so
-a merge gives the same bits either way and at any thread count.
+and its slices (a method's reduction pass, ``Execution.passes``) add the same numbers in the
+same order, so a merge gives the same bits either way and at any thread count.
 """
 
 from __future__ import annotations

@@ -56,8 +56,15 @@ from modelalloy.methods._sparsify import (
     weight_param,
 )
 from modelalloy.methods.orderstats import SlicedBand
-from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_rows, ties_core
+from modelalloy.methods.registry import (
+    Execution,
+    FusedKernel,
+    MergeContext,
+    Param,
+    Shape,
+    register_method,
+)
+from modelalloy.methods.ties import PAPER_VOTE, paper_vote_rows, ties_core
 
 PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
 
@@ -85,6 +92,17 @@ def _tensor_wide(params: dict[str, Any]) -> bool:
     """A tensor-wide mask with no per-tensor rescale: elementwise once the two cut-offs of
     each model's band are known (two passes over the slices)."""
     return params["granularity"] == "tensor" and not params["rescale"]
+
+
+def _shape(params: dict[str, Any]) -> Shape:
+    """Row masks stream by rows, a tensor-wide mask by any slices; the L1 rescale (a
+    whole-tensor norm) merges the tensor whole."""
+    return "rowwise" if _per_row(params) else "elementwise" if _tensor_wide(params) else "whole"
+
+
+def _ties_shape(params: dict[str, Any]) -> Shape:
+    """:func:`_shape`, but whole with a negative weight (``has_negative_weight``)."""
+    return "whole" if has_negative_weight(params) else _shape(params)
 
 
 def _count_band(base: torch.Tensor | None, experts: list[torch.Tensor],
@@ -133,11 +151,9 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
     paper=PAPER,
     summary="Drop the largest and smallest task-vector entries per row, add the weighted sum",
     base="required",
-    rowwise=_per_row,
-    elementwise=_tensor_wide,
-    slice_reduce=_band_passes,
-    slice_kernel="breadcrumbs",
-    kernel_when=_per_row,  # the fused band is per row; tensor-wide bands take torch slices
+    # the fused band is per row; tensor-wide bands take the torch slices
+    execution=Execution(shape=_shape, passes=_band_passes,
+                        kernel=FusedKernel("breadcrumbs", when=_per_row)),
 )
 def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -154,13 +170,8 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
     base="required",
-    rowwise=lambda p: _per_row(p) and not has_negative_weight(p),
-    elementwise=lambda p: _tensor_wide(p) and not has_negative_weight(p),
-    slice_reduce=_band_passes,
-    slice_kernel="breadcrumbs_ties",
-    kernel_when=_per_row,
-    finish_slices=finish_paper_vote,
-    finish_when=paper_vote,
+    execution=Execution(shape=_ties_shape, passes=_band_passes, finish=PAPER_VOTE,
+                        kernel=FusedKernel("breadcrumbs_ties", when=_per_row)),
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:

@@ -46,8 +46,15 @@ from modelalloy.methods._sparsify import (
     vote_param,
     weight_param,
 )
-from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_slice, ties_core
+from modelalloy.methods.registry import (
+    Execution,
+    FusedKernel,
+    MergeContext,
+    Param,
+    Shape,
+    register_method,
+)
+from modelalloy.methods.ties import PAPER_VOTE, paper_vote_slice, ties_core
 
 PAPER = ("Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)")
 
@@ -111,6 +118,11 @@ def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[st
     return deltas
 
 
+def _ties_shape(params: dict[str, Any]) -> Shape:
+    """Elementwise, unless a negative weight merges whole tensors (``has_negative_weight``)."""
+    return "whole" if has_negative_weight(params) else "elementwise"
+
+
 _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − drop rate p)"),
            lambda_param(), RESCALE, RESCALE_NORM, INT8_MASK]
 
@@ -122,9 +134,8 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, and add the weighted sum to the base",
     base="required",
-    elementwise=True,
-    slice_reduce=slice_passes,
-    slice_kernel="dare_linear",
+    execution=Execution(shape="elementwise", passes=slice_passes,
+                        kernel=FusedKernel("dare_linear")),
 )
 def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -141,11 +152,8 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",
     base="required",
-    elementwise=lambda p: not has_negative_weight(p),
-    slice_reduce=slice_passes,
-    finish_slices=finish_paper_vote,
-    finish_when=paper_vote,
-    slice_kernel="dare_ties",
+    execution=Execution(shape=_ties_shape, passes=slice_passes, finish=PAPER_VOTE,
+                        kernel=FusedKernel("dare_ties")),
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
               ctx: MergeContext) -> torch.Tensor:

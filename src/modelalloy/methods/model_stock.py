@@ -33,7 +33,14 @@ from typing import Any, cast, overload
 import torch
 
 from modelalloy.methods._gram import Gram, add_gram_, new_gram, thread_buffers
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import (
+    Execution,
+    FusedKernel,
+    MergeContext,
+    Param,
+    Shape,
+    register_method,
+)
 
 
 @overload
@@ -105,9 +112,10 @@ def filter_wise_ratio(deltas: list[torch.Tensor],
     return t.unsqueeze(-1)
 
 
-def _per_tensor(params: dict[str, Any]) -> bool:
-    """One angle per tensor: a Gram pass over the slices, then an elementwise step."""
-    return not params["filter_wise"]
+def _shape(params: dict[str, Any]) -> Shape:
+    """One angle per tensor: a Gram pass over the slices, then an elementwise step; one per
+    row (``filter_wise``) merges the tensor whole."""
+    return "whole" if params["filter_wise"] else "elementwise"
 
 
 def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
@@ -135,9 +143,8 @@ def _mean_delta(base: torch.Tensor, experts: list[torch.Tensor], acc: torch.Tens
     summary="Average of the fine-tunes pulled toward the base by a ratio from their angle",
     base="required",
     min_models=2,
-    elementwise=_per_tensor,
-    slice_reduce=(_reduce_slice,),
-    slice_kernel="model_stock",
+    execution=Execution(shape=_shape, passes=(_reduce_slice,),
+                        kernel=FusedKernel("model_stock")),
 )
 def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:

@@ -25,7 +25,7 @@ mergekit does not have.
 
 Norms and dot are sums over the whole tensor: Σv0², Σv1², Σv0·v1 in float64, one chunk of
 ``SLICE_ELEMENTS`` after another in order (:mod:`modelalloy.methods._gram`). The engine
-gathers them in a first pass over a large tensor's slices (``slice_reduce``), then
+gathers them in a first pass over a large tensor's slices (its ``Execution.passes``), then
 interpolates slice by slice, so SLERP streams like the elementwise methods — and gives the
 same bits as the whole-tensor merge, which sums the same chunks in the same order.
 """
@@ -38,7 +38,7 @@ from typing import Any, cast
 import torch
 
 from modelalloy.methods._gram import Gram, add_gram_, new_gram
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import Execution, MergeContext, Param, register_method
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -106,8 +106,7 @@ def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
     base="required",
     min_models=1,
     max_models=2,
-    elementwise=True,
-    slice_reduce=(_reduce_slice,),
+    execution=Execution(shape="elementwise", passes=(_reduce_slice,)),
 )
 def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:
