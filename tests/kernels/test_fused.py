@@ -15,6 +15,7 @@ from modelalloy import kernels
 from modelalloy.errors import MethodError
 from modelalloy.kernels import slices
 from modelalloy.kernels._numba import sfc64_fill
+from modelalloy.methods._gram import SlicedGram
 from modelalloy.methods.registry import MergeContext, get_method
 from modelalloy.methods.ties import PaperVote
 
@@ -152,13 +153,13 @@ def test_model_stock_kernel_with_a_shared_direction(dtype, out_dtype):
     _torch_reduce("model_stock", params, inputs, ctx)
     from modelalloy.methods.model_stock import ratio_from_gram
 
-    assert 0.4 < ratio_from_gram(ctx.streams["model_stock_gram"]) < 0.9
+    assert 0.4 < ratio_from_gram(ctx.state(SlicedGram).gram) < 0.9
     fused_ctx = MergeContext(name="w", seed=7, streams={})
     kernel = slices.model_stock(params)
     for start in range(0, N, STEP):  # the fused Gram pass: the very same sums
         raw = torch.stack([t[start:start + STEP] for t in inputs])
         assert kernel.gram(kernels.bits(raw), raw.shape[1], fused_ctx)
-    assert fused_ctx.streams["model_stock_gram"] == ctx.streams["model_stock_gram"]
+    assert fused_ctx.state(SlicedGram).gram == ctx.state(SlicedGram).gram
     want = _torch_slices("model_stock", params, inputs, out_dtype)
     got = _fused_slices("model_stock", params, inputs, out_dtype)
     width = torch.int16 if out_dtype == torch.bfloat16 else torch.int32

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -20,6 +21,14 @@ from modelalloy.threads import one_intra_op_thread
 
 Gram = list[list[float]]
 _scratch = threading.local()
+
+
+@dataclass
+class SlicedGram:
+    """A sliced merge's Gram sums (SLERP, Model Stock), gathered by its first pass over the
+    slices (torch or fused) and read by the merge: ``MergeContext.state(SlicedGram, ...)``."""
+
+    gram: Gram
 
 
 def new_gram(n: int) -> Gram:

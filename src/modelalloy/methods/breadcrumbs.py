@@ -108,8 +108,7 @@ def _ties_shape(params: dict[str, Any]) -> Shape:
 def _count_band(base: torch.Tensor | None, experts: list[torch.Tensor],
                 params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass of a tensor-wide sliced merge: the |τ_t| histograms of this slice."""
-    assert ctx.streams is not None
-    band = ctx.streams.setdefault(SlicedBand, SlicedBand(params["density"], params["gamma"]))
+    band = ctx.state(SlicedBand, lambda: SlicedBand(params["density"], params["gamma"]))
     for t, e in enumerate(experts):
         band.count(t, torch.sub(e, cast(torch.Tensor, base)))
 
@@ -117,8 +116,7 @@ def _count_band(base: torch.Tensor | None, experts: list[torch.Tensor],
 def _collect_band(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
     """Second pass: the |τ_t| of this slice in the bins that hold the band's cut-offs."""
-    assert ctx.streams is not None
-    band = ctx.streams[SlicedBand]
+    band = ctx.state(SlicedBand)
     for t, e in enumerate(experts):
         band.collect(t, torch.sub(e, cast(torch.Tensor, base)))
 
@@ -133,8 +131,7 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
     deltas = task_vectors(base, experts)
     granularity = params["granularity"]
     if ctx is not None and ctx.slice_start is not None and _tensor_wide(params):
-        assert ctx.streams is not None
-        band = ctx.streams[SlicedBand]  # the slices come in order: the tie counts run on
+        band = ctx.state(SlicedBand)  # the slices come in order: the tie counts run on
         for t, d in enumerate(deltas):
             band.trim_(t, d)
         return deltas

@@ -90,11 +90,9 @@ def gather_l1_sums(base: torch.Tensor | None, experts: list[torch.Tensor],
                    params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass of a sliced merge with the L1 rescale: this slice's |δ_t| and |δ_t ⊙ m_t|
     sums (``_gram.abs_sum``: a slice is one of its chunks) into the tensor's :class:`L1Sums`."""
-    assert ctx.streams is not None and base is not None
-    sums = ctx.streams.get(L1Sums)
-    if sums is None:
-        n = len(experts)
-        sums = ctx.streams[L1Sums] = L1Sums([0.0] * n, [0.0] * n, replace(ctx, streams={}))
+    assert base is not None
+    n = len(experts)
+    sums = ctx.state(L1Sums, lambda: L1Sums([0.0] * n, [0.0] * n, replace(ctx, streams={})))
     for i, (e, density) in enumerate(zip(experts, params["density"], strict=True)):
         if not 0.0 < density < 1.0:
             continue
@@ -111,7 +109,7 @@ def slice_passes(params: dict[str, Any]) -> tuple:
 def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
-    sums = (ctx.streams or {}).get(L1Sums) if ctx.slice_start is not None else None
+    sums = ctx.state_if_any(L1Sums) if ctx.slice_start is not None else None
     for i, (d, density) in enumerate(zip(deltas, params["density"], strict=True)):
         dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"],
               l1_sums=(sums.before[i], sums.after[i]) if sums is not None else None)

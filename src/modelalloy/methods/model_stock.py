@@ -32,7 +32,13 @@ from typing import Any, cast, overload
 
 import torch
 
-from modelalloy.methods._gram import Gram, add_gram_, new_gram, thread_buffers
+from modelalloy.methods._gram import (
+    Gram,
+    SlicedGram,
+    add_gram_,
+    new_gram,
+    thread_buffers,
+)
 from modelalloy.methods.registry import (
     Execution,
     FusedKernel,
@@ -120,9 +126,9 @@ def _shape(params: dict[str, Any]) -> Shape:
 
 def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
-    """First pass of a sliced merge: this slice's ‖δ_i‖² and ⟨δ_i, δ_j⟩ into ``ctx.streams``."""
-    streams = cast("dict[str, Any]", ctx.streams)
-    gram = streams.setdefault("model_stock_gram", new_gram(len(experts)))
+    """First pass of a sliced merge: this slice's ‖δ_i‖² and ⟨δ_i, δ_j⟩ into its
+    :class:`SlicedGram`."""
+    gram = ctx.state(SlicedGram, lambda: SlicedGram(new_gram(len(experts)))).gram
     add_gram_(gram, experts, minus=base)
 
 
@@ -159,7 +165,7 @@ def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
         ratio = ratio_from_gram(add_gram_(new_gram(len(experts)), experts, minus=base), ctx)
         acc, delta = torch.empty_like(base), torch.empty_like(base)
     else:
-        ratio = ratio_from_gram(cast("dict[str, Any]", ctx.streams)["model_stock_gram"], ctx)
+        ratio = ratio_from_gram(ctx.state(SlicedGram).gram, ctx)
         # this thread's slice buffers: the engine copies the result out before the next slice
         acc, delta = (b[:base.numel()].view(base.shape)
                       for b in thread_buffers("model_stock", 2, base.dtype, base.device,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -103,6 +103,19 @@ class Param:
         return value
 
 
+_State = TypeVar("_State")
+
+
+@dataclass
+class RandomStreams:
+    """A sliced tensor's random streams per model index, continued from slice to slice:
+    :meth:`MergeContext.generator`'s torch generators and :meth:`MergeContext.keep_mask`'s
+    SFC64 generators."""
+
+    torch: dict[int, torch.Generator] = field(default_factory=dict)
+    sfc64: dict[int, np.random.Generator] = field(default_factory=dict)
+
+
 @dataclass
 class MergeContext:
     """What a method may know about the tensor being merged, besides the tensors."""
@@ -118,10 +131,12 @@ class MergeContext:
     # ``stats``; see modelalloy.stats for the file format.
     stats: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
 
-    # Set by the engine when it merges a tensor slice by slice: random streams then continue
-    # from one call to the next instead of restarting, so the slices draw what the whole
-    # tensor would.
-    streams: dict[Any, Any] | None = None
+    # Set by the engine when it merges a tensor slice by slice: the tensor's state between
+    # slices, one typed object per class, keyed by that class (:meth:`state`): the random
+    # streams (:class:`RandomStreams`), which then continue from one call to the next instead
+    # of restarting, so the slices draw what the whole tensor would; what a method's passes
+    # gather for its merge (``orderstats.SlicedTopK``, ``dare.L1Sums``, ...).
+    streams: dict[type, Any] | None = None
     # The element offset of the current slice in the flattened tensor (None: whole tensor).
     slice_start: int | None = None
     # Where :meth:`note` collects remarks for the merge summary (message -> tensor names);
@@ -138,13 +153,30 @@ class MergeContext:
         digest = hashlib.sha256(f"{self.seed}\x00{self.name}\x00{model_index}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
-    def _stream(self, kind: str, model_index: int, make: Callable[[int], Any]) -> Any:
+    def state(self, kind: type[_State], make: Callable[[], _State] | None = None) -> _State:
+        """This sliced tensor's state of class ``kind``: what a pass over the slices leaves
+        for the next pass, the merge and the finish step. ``make()`` makes it on first use;
+        without ``make`` an earlier pass must have."""
+        found = self.state_if_any(kind)
+        if found is None:
+            if self.streams is None or make is None:
+                raise RuntimeError(f"tensor '{self.name}': no {kind.__name__} (the state of a "
+                                   "sliced merge's passes)")
+            found = self.streams[kind] = make()
+        return found
+
+    def state_if_any(self, kind: type[_State]) -> _State | None:
+        """This tensor's state of class ``kind`` when a sliced merge made it, else None."""
+        return None if self.streams is None else self.streams.get(kind)
+
+    def _stream(self, table: Callable[[RandomStreams], dict[int, Any]], model_index: int,
+                make: Callable[[int], Any]) -> Any:
         if self.streams is None:
             return make(self._seed(model_index))
-        key = (kind, model_index)
-        if key not in self.streams:
-            self.streams[key] = make(self._seed(model_index))
-        return self.streams[key]
+        streams = table(self.state(RandomStreams, RandomStreams))
+        if model_index not in streams:
+            streams[model_index] = make(self._seed(model_index))
+        return streams[model_index]
 
     def generator(self, model_index: int = 0) -> torch.Generator:
         """A generator seeded from (recipe seed, tensor name, model index).
@@ -152,7 +184,7 @@ class MergeContext:
         The seed does not depend on scheduling, thread count or device, so a recipe gives the
         same masks however it runs. Random draws are made on the CPU generator and moved.
         """
-        return self._stream("torch", model_index,
+        return self._stream(lambda s: s.torch, model_index,
                             lambda seed: torch.Generator(device="cpu").manual_seed(seed))
 
     def rand_like(self, t: torch.Tensor, model_index: int = 0) -> torch.Tensor:
@@ -175,7 +207,7 @@ class MergeContext:
         costs about 1 ns against 3.4 ns for ``torch.rand(...) < density`` (measured on the
         benchmark machine). Two decisions come from each 64-bit draw.
         """
-        bits = self._stream("sfc64", model_index,
+        bits = self._stream(lambda s: s.sfc64, model_index,
                             lambda seed: np.random.Generator(np.random.SFC64(seed)))
         n = t.numel()
         draws = bits.integers(0, 2**64 - 1, size=(n + 1) // 2, dtype=np.uint64, endpoint=True)

@@ -37,7 +37,7 @@ from typing import Any, cast
 
 import torch
 
-from modelalloy.methods._gram import Gram, add_gram_, new_gram
+from modelalloy.methods._gram import Gram, SlicedGram, add_gram_, new_gram
 from modelalloy.methods.registry import Execution, MergeContext, Param, register_method
 
 DOT_THRESHOLD = 0.9995
@@ -89,8 +89,8 @@ def _endpoints(base: torch.Tensor, experts: list[torch.Tensor]
 
 def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
-    """First pass of a sliced merge: this slice's Gram terms into ``ctx.streams``."""
-    gram = cast("dict[str, Any]", ctx.streams).setdefault("slerp_gram", new_gram(2))
+    """First pass of a sliced merge: this slice's Gram terms into its :class:`SlicedGram`."""
+    gram = ctx.state(SlicedGram, lambda: SlicedGram(new_gram(2))).gram
     if 0.0 < float(params["t"]) < 1.0:
         v0, v1, _ = _endpoints(cast(torch.Tensor, base), experts)
         add_gram_(gram, (v0, v1))
@@ -115,6 +115,5 @@ def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
     if ctx.slice_start is None:
         out = slerp_tensors(t, v0, v1, reuse_v0=tau)
     else:
-        out = interpolate(t, v0, v1, cast("dict[str, Any]", ctx.streams)["slerp_gram"],
-                          reuse_v0=tau)
+        out = interpolate(t, v0, v1, ctx.state(SlicedGram).gram, reuse_v0=tau)
     return out.add_(cast(torch.Tensor, base)) if tau else out

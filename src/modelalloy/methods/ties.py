@@ -138,7 +138,7 @@ def _shape(params: dict[str, Any]) -> Shape:
 def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                  params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass: |τ_t| histograms of this slice (``SlicedTopK.count``)."""
-    trim = cast("dict[Any, Any]", ctx.streams).setdefault(SlicedTopK, SlicedTopK(params["density"]))
+    trim = ctx.state(SlicedTopK, lambda: SlicedTopK(params["density"]))
     for t, e in enumerate(experts):
         trim.count(t, torch.sub(e, cast(torch.Tensor, base)))
 
@@ -146,7 +146,7 @@ def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
 def _collect_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                    params: dict[str, Any], ctx: MergeContext) -> None:
     """Second pass: the |τ_t| of this slice that fall in the threshold's bin."""
-    trim = cast("dict[Any, Any]", ctx.streams)[SlicedTopK]
+    trim = ctx.state(SlicedTopK)
     for t, e in enumerate(experts):
         trim.collect(t, torch.sub(e, cast(torch.Tensor, base)))
 
@@ -215,7 +215,7 @@ def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor
     """Add a slice's Σ sign(Σ_t δ̃_t) and its undecided elements (slice-local ``where``, their
     δ̃_t and θ_0) to the paper-vote state; both the torch path and the fused kernel
     (``kernels.slices``) report here."""
-    state = cast("dict[Any, Any]", ctx.streams).setdefault(PaperVote, PaperVote())
+    state = ctx.state(PaperVote, PaperVote)
     state.signs += signs
     if where.numel():
         low, zero = [ties_core([d.clone() for d in deltas_at], params, vote="paper",
@@ -225,7 +225,7 @@ def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor
 
 def finish_paper_vote(ctx: MergeContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The values of the undecided elements under the whole tensor's majority sign."""
-    state = (ctx.streams or {}).get(PaperVote)
+    state = ctx.state_if_any(PaperVote)
     if state is None or state.signs > 0 or not state.fixes:
         return []
     pick = 1 if state.signs < 0 else 2
@@ -260,7 +260,7 @@ def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[st
     deltas = task_vectors(base, experts)
     scratch = Scratch(deltas[0])
     if ctx.slice_start is not None:  # per-tensor trim over slices (the engine's third pass)
-        trim = cast("dict[Any, Any]", ctx.streams)[SlicedTopK]
+        trim = ctx.state(SlicedTopK)
         for t, d in enumerate(deltas):
             trim.trim_(t, d)
         if params["vote"] == "paper":
