@@ -15,7 +15,7 @@ from modelalloy import kernels
 from modelalloy.errors import MethodError
 from modelalloy.kernels import slices
 from modelalloy.kernels._numba import sfc64_fill
-from modelalloy.methods._gram import SlicedGram
+from modelalloy.methods.gram import SlicedGram
 from modelalloy.methods.registry import MergeContext, get_method
 from modelalloy.methods.ties import PaperVote
 

@@ -90,7 +90,7 @@ class _ModelStockKernel:
 
     def gram(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
         from modelalloy.kernels.elementwise import difference_rows_kernel
-        from modelalloy.methods._gram import SlicedGram, add_products_, difference_rows, new_gram
+        from modelalloy.methods.gram import SlicedGram, add_products_, difference_rows, new_gram
 
         models = src.shape[0] - 1
         rows = difference_rows(count, models, torch.device("cpu"))
@@ -102,7 +102,7 @@ class _ModelStockKernel:
     def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
                  width: int = 1) -> bool:
         from modelalloy.kernels.elementwise import UNIT, weighted_kernel
-        from modelalloy.methods._gram import SlicedGram
+        from modelalloy.methods.gram import SlicedGram
         from modelalloy.methods.model_stock import ratio_from_gram
 
         n = src.shape[0] - 1
@@ -338,7 +338,7 @@ class _MagPrune:
     slice to slice; unpruned models draw nothing)."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        from modelalloy.methods._sparsify import check_epsilon
+        from modelalloy.methods.della import check_epsilon
 
         # the torch path checks this per tensor (della_deltas); a bad window must not merge
         check_epsilon(params["density"], params["epsilon"], "della")

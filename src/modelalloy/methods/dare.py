@@ -31,7 +31,6 @@ from typing import Any, cast
 
 import torch
 
-from modelalloy.methods._gram import abs_sum
 from modelalloy.methods._sparsify import (
     INT8_MASK,
     Scratch,
@@ -46,6 +45,7 @@ from modelalloy.methods._sparsify import (
     vote_param,
     weight_param,
 )
+from modelalloy.methods.gram import abs_sum
 from modelalloy.methods.registry import (
     Execution,
     FusedKernel,
@@ -89,7 +89,7 @@ class L1Sums:
 def gather_l1_sums(base: torch.Tensor | None, experts: list[torch.Tensor],
                    params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass of a sliced merge with the L1 rescale: this slice's |δ_t| and |δ_t ⊙ m_t|
-    sums (``_gram.abs_sum``: a slice is one of its chunks) into the tensor's :class:`L1Sums`."""
+    sums (``gram.abs_sum``: a slice is one of its chunks) into the tensor's :class:`L1Sums`."""
     assert base is not None
     n = len(experts)
     sums = ctx.state(L1Sums, lambda: L1Sums([0.0] * n, [0.0] * n, replace(ctx, streams={})))

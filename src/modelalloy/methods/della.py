@@ -32,13 +32,14 @@ ranks, draws and float32 steps, so the same bits).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
 
+from modelalloy.errors import MethodError
 from modelalloy.methods._sparsify import (
     INT8_MASK,
-    check_epsilon,
     combine_,
     density_param,
     has_negative_weight,
@@ -86,6 +87,16 @@ def _shape(params: dict[str, Any]) -> Shape:
 def _ties_shape(params: dict[str, Any]) -> Shape:
     """:func:`_shape`, but whole with a negative weight (``has_negative_weight``)."""
     return "whole" if has_negative_weight(params) else _shape(params)
+
+
+def check_epsilon(densities: Sequence[float], epsilons: Sequence[float], where: str) -> None:
+    """DELLA needs 0 < density ± epsilon < 1 for every pruned model (the torch path checks it
+    per tensor, the fused kernels when they are made)."""
+    for i, (d, e) in enumerate(zip(densities, epsilons, strict=True)):
+        if d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
+            raise MethodError(f"{where}: parameter 'epsilon' = {e} with density {d} (model {i}) "
+                              "gives keep probabilities outside (0, 1); choose epsilon < "
+                              "min(density, 1 − density)")
 
 
 def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],

@@ -15,7 +15,7 @@ tensor is one row, float32 sums); the default is one angle per tensor. No weight
 give cos = 0, t = 0, the base.
 
 One angle per tensor streams: ‖δ_i‖² and ⟨δ_i, δ_j⟩ are float64 sums over chunks of the
-tensor in order (:mod:`modelalloy.methods._gram`), gathered by the engine in a first pass over
+tensor in order (:mod:`modelalloy.methods.gram`), gathered by the engine in a first pass over
 a large tensor's slices, and θ is then formed slice by slice with the same bits as the
 whole-tensor merge (which sums the same chunks in the same order).
 
@@ -32,7 +32,7 @@ from typing import Any, cast, overload
 
 import torch
 
-from modelalloy.methods._gram import (
+from modelalloy.methods.gram import (
     Gram,
     SlicedGram,
     add_gram_,

@@ -24,7 +24,7 @@ Differences from mergekit: torch float32 for the interpolation, float64 for the 
 mergekit does not have.
 
 Norms and dot are sums over the whole tensor: Σv0², Σv1², Σv0·v1 in float64, one chunk of
-``SLICE_ELEMENTS`` after another in order (:mod:`modelalloy.methods._gram`). The engine
+``SLICE_ELEMENTS`` after another in order (:mod:`modelalloy.methods.gram`). The engine
 gathers them in a first pass over a large tensor's slices (its ``Execution.passes``), then
 interpolates slice by slice, so SLERP streams like the elementwise methods — and gives the
 same bits as the whole-tensor merge, which sums the same chunks in the same order.
@@ -37,7 +37,7 @@ from typing import Any, cast
 
 import torch
 
-from modelalloy.methods._gram import Gram, SlicedGram, add_gram_, new_gram
+from modelalloy.methods.gram import Gram, SlicedGram, add_gram_, new_gram
 from modelalloy.methods.registry import Execution, MergeContext, Param, register_method
 
 DOT_THRESHOLD = 0.9995
