@@ -62,7 +62,7 @@ def main() -> None:
         spec = get_method(name)
         uses_base = spec.base != "none"
         params = spec.resolve(3, given, name)
-        unit = 1 if spec.is_elementwise(params) else args.cols
+        unit = 1 if spec.execution.shape_for(params) == "elementwise" else args.cols
         step = max(1, SLICE_ELEMENTS // unit) * unit
         inputs = ([base] if uses_base else []) + experts
 
@@ -87,13 +87,13 @@ def main() -> None:
                     ctx.slice_start = start
                     yield start, k, (wide[0], wide[1:]) if uses_base else (None, wide)
 
-            for reduce in spec.slice_reduce:  # counting passes (SLERP, TIES)
+            for reduce in spec.execution.passes_for(params):  # counting passes (SLERP, TIES)
                 for _, _, (b, e) in slices():
                     reduce(b, e, params, ctx)
             for start, k, (b, e) in slices():
                 out[start:start + k].copy_(spec(b, e, params, ctx).reshape(-1))
-            if spec.finish_slices is not None:
-                for index, values in spec.finish_slices(ctx):
+            if spec.execution.finish is not None:
+                for index, values in spec.execution.finish.run(ctx):
                     out[index] = values.bfloat16()
             return out.view(base.shape)
 
@@ -114,10 +114,12 @@ def _fused(spec, params, inputs: list[torch.Tensor], step: int,
     """The engine's fused path (``modelalloy.kernels``): stored bits in, stored bits out."""
     from modelalloy.kernels import slices
 
-    if spec.slice_kernel is None:
+    name = spec.execution.kernel_for(params)
+    if name is None:
         return None
-    kernel = getattr(slices, spec.slice_kernel)(params)
-    if kernel is None or len(getattr(kernel, "passes", ())) != len(spec.slice_reduce):
+    kernel = getattr(slices, name)(params)
+    if kernel is None or len(getattr(kernel, "passes", ())) != len(
+            spec.execution.passes_for(params)):
         return None
     shape, numel = inputs[0].shape, inputs[0].numel()
     flat = [kernels.bits(t.reshape(-1)) for t in inputs]
@@ -138,8 +140,8 @@ def _fused(spec, params, inputs: list[torch.Tensor], step: int,
                       else step_fn(raw, k, ctx, unit))
                 if not ok:
                     raise ValueError("non-finite input")
-        if spec.finish_slices is not None:
-            for index, values in spec.finish_slices(ctx):
+        if spec.execution.finish is not None:
+            for index, values in spec.execution.finish.run(ctx):
                 out[index] = values.bfloat16()
         return out.view(shape)
     return run

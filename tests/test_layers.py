@@ -1,7 +1,9 @@
 """Layers point down and no modules import each other in a circle (docs/architecture.md).
 
-The layer order is the import-linter contract in pyproject.toml; this test runs it, so a new
-import that points up fails the suite, not only a linter someone may forget to run.
+The layer order is the import-linter contract in pyproject.toml, beside a second one that keeps
+the methods' private helpers (methods/_*.py) to the methods package; this test runs them, so a
+new import that points up or into a method's internals fails the suite, not only a linter
+someone may forget to run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def test_layers_point_down(monkeypatch):
                        + os.environ.get("PYTHONPATH", ""))
     code = importlinter.lint_imports(config_filename=str(ROOT / "pyproject.toml"),
                                      no_cache=True, no_logo=True)
-    assert code == 0, "an import points up a layer: run `lint-imports` for the chain"
+    assert code == 0, ("an import points up a layer or into methods/_*.py: run `lint-imports` "
+                       "for the chain")
 
 
 def test_no_import_circles():

@@ -242,15 +242,18 @@ def test_row_wise_paper_vote_settles_zero_sums_with_the_tensor_majority(tmp_path
 def test_the_output_is_held_only_when_the_paper_vote_has_fix_ups_to_make(tmp_path, method,
                                                                           params, held):
     """The weighted vote decides each element within its slice: the slices are written as
-    they come (no tensor-sized buffer) and ``finish_slices`` is never called."""
+    they come (no tensor-sized buffer) and the Finish step is never called."""
     import dataclasses
 
     from modelalloy.methods import registry
 
     base, experts, recipe, _ = _row_models(tmp_path, 3, method, params, seed=1)
     spec = registry.get_method(method)
-    finish = mock.Mock(wraps=spec.finish_slices)
-    spied = dataclasses.replace(spec, finish_slices=finish)
+    step = spec.execution.finish
+    assert step is not None
+    finish = mock.Mock(wraps=step.run)
+    spied = dataclasses.replace(spec, execution=dataclasses.replace(
+        spec.execution, finish=dataclasses.replace(step, run=finish)))
     with mock.patch.dict(registry._REGISTRY, {method: spied}):
         merge(recipe, tmp_path / "out")
     assert finish.call_count == (len(ROW_SHAPES) if held else 0)

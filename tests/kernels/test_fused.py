@@ -15,6 +15,7 @@ from modelalloy import kernels
 from modelalloy.errors import MethodError
 from modelalloy.kernels import slices
 from modelalloy.kernels._numba import sfc64_fill
+from modelalloy.methods.gram import SlicedGram
 from modelalloy.methods.registry import MergeContext, get_method
 from modelalloy.methods.ties import PaperVote
 
@@ -40,9 +41,9 @@ def _inputs(dtype: torch.dtype, n_experts: int = 3, seed: int = 0) -> list[torch
 
 def _torch_reduce(name: str, params: dict, inputs: list[torch.Tensor],
                   ctx: MergeContext) -> None:
-    """The method's torch ``slice_reduce`` passes over every slice, as the engine runs them."""
+    """The method's torch reduction passes over every slice, as the engine runs them."""
     spec = get_method(name)
-    for reduce in spec.reduce_passes(params):
+    for reduce in spec.execution.passes_for(params):
         for start in range(0, N, STEP):
             wide = [t[start:start + STEP].float() for t in inputs]
             ctx.slice_start = start
@@ -62,8 +63,8 @@ def _torch_slices(name: str, params: dict, inputs: list[torch.Tensor],
         b, e = (wide[0], wide[1:]) if uses_base else (None, wide[1:])
         ctx.slice_start = start
         out[start:start + STEP] = spec(b, e, params, ctx).to(out_dtype)
-    if spec.finish_slices is not None:
-        for index, values in spec.finish_slices(ctx):
+    if spec.execution.finish is not None:
+        for index, values in spec.execution.finish.run(ctx):
             out[index] = values.to(out_dtype)
     return out
 
@@ -71,7 +72,7 @@ def _torch_slices(name: str, params: dict, inputs: list[torch.Tensor],
 def _fused_slices(name: str, params: dict, inputs: list[torch.Tensor],
                   out_dtype: torch.dtype) -> torch.Tensor:
     spec = get_method(name)
-    kernel = getattr(slices, spec.slice_kernel)(params)
+    kernel = getattr(slices, spec.execution.kernel.factory)(params)
     assert kernel is not None
     sources = inputs if spec.base != "none" else inputs[1:]
     raw = torch.empty((len(sources), STEP), dtype=inputs[0].dtype)
@@ -93,8 +94,8 @@ def _fused_slices(name: str, params: dict, inputs: list[torch.Tensor],
     for start, count in each_slice():
         assert kernel(kernels.bits(raw), count, kernels.bits(out), ctx)
         merged[start:start + count] = out[:count]
-    if spec.finish_slices is not None:
-        for index, values in spec.finish_slices(ctx):
+    if spec.execution.finish is not None:
+        for index, values in spec.execution.finish.run(ctx):
             merged[index] = values.to(out_dtype)
     return merged
 
@@ -152,13 +153,13 @@ def test_model_stock_kernel_with_a_shared_direction(dtype, out_dtype):
     _torch_reduce("model_stock", params, inputs, ctx)
     from modelalloy.methods.model_stock import ratio_from_gram
 
-    assert 0.4 < ratio_from_gram(ctx.streams["model_stock_gram"]) < 0.9
+    assert 0.4 < ratio_from_gram(ctx.state(SlicedGram).gram) < 0.9
     fused_ctx = MergeContext(name="w", seed=7, streams={})
     kernel = slices.model_stock(params)
     for start in range(0, N, STEP):  # the fused Gram pass: the very same sums
         raw = torch.stack([t[start:start + STEP] for t in inputs])
         assert kernel.gram(kernels.bits(raw), raw.shape[1], fused_ctx)
-    assert fused_ctx.streams["model_stock_gram"] == ctx.streams["model_stock_gram"]
+    assert fused_ctx.state(SlicedGram).gram == ctx.state(SlicedGram).gram
     want = _torch_slices("model_stock", params, inputs, out_dtype)
     got = _fused_slices("model_stock", params, inputs, out_dtype)
     width = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
@@ -223,7 +224,7 @@ def test_l1_rescale_adds_a_pass_and_other_dtypes_are_not_supported():
     params = get_method("dare_ties").resolve(2, {"rescale_norm": "l1", "density": 0.5}, "d",
                                              conventions="paper")
     assert len(slices.dare_ties(params).passes) == 1
-    assert get_method("breadcrumbs").kernel_for(get_method("breadcrumbs").resolve(
+    assert get_method("breadcrumbs").execution.kernel_for(get_method("breadcrumbs").resolve(
         2, {"density": 0.5}, "b")) is None  # mergekit's tensor-wide band: torch slices
     assert not kernels.supports([torch.float16, torch.float16], torch.bfloat16)
     assert not kernels.supports([torch.bfloat16, torch.float32], torch.bfloat16)
@@ -324,8 +325,8 @@ def test_della_kernels_give_the_torch_paths_bits_row_by_row(name, given, width, 
         ctx.slice_start = start
         assert kernel(kernels.bits(part), stop - start, kernels.bits(out[start:stop]), ctx,
                       width)
-    if spec.finish_slices is not None:  # the paper vote's zero sums, after the last band
-        for index, values in spec.finish_slices(ctx):
+    if spec.execution.finish is not None:  # the paper vote's zero sums, after the last band
+        for index, values in spec.execution.finish.run(ctx):
             out[index] = values.to(dtype)
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     assert torch.equal(out.view(bits), want.reshape(-1).view(bits))
@@ -338,8 +339,9 @@ def test_della_with_the_l1_rescale_is_not_sliced_so_no_kernel_runs():
         spec = get_method(name)
         params = spec.resolve(2, {"density": 0.5, "rescale_norm": "l1"}, name,
                               conventions="paper")
-        assert not spec.is_rowwise(params) and not spec.is_elementwise(params)
-        assert spec.is_rowwise(spec.resolve(2, {"density": 0.5}, name, conventions="paper"))
+        assert spec.execution.shape_for(params) == "whole"
+        assert spec.execution.shape_for(
+            spec.resolve(2, {"density": 0.5}, name, conventions="paper")) == "rowwise"
     spec = get_method("della")
     with pytest.raises(MethodError, match="epsilon"):
         slices.della(spec.resolve(2, {"density": 0.1, "epsilon": 0.2}, "della",
@@ -450,7 +452,7 @@ def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype,
         ctx.slice_start = start
         assert kernel(kernels.bits(raw[:, start:stop].contiguous()), stop - start,
                       kernels.bits(out[start:stop]), ctx, width)
-    for index, values in spec.finish_slices(ctx):
+    for index, values in spec.execution.finish.run(ctx):
         out[index] = values.to(out_dtype)
     bits = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
     assert torch.equal(out.view(bits), want.reshape(-1).view(bits))
@@ -459,14 +461,16 @@ def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype,
 
 
 def test_breadcrumbs_ties_kernel_serves_the_row_bands_only():
-    """The rule is the method's (kernel_when): row bands get the kernel; the rescale keeps
-    the tensor whole; the tensor-wide band streams on the torch slices."""
+    """The rule is the method's (its FusedKernel's ``when``): row bands get the kernel; the
+    rescale keeps the tensor whole; the tensor-wide band streams on the torch slices."""
     spec = get_method("breadcrumbs_ties")
+    execution = spec.execution
     paper = spec.resolve(2, {"rescale": True}, "b", conventions="paper")
-    assert not spec.is_rowwise(paper) and not spec.is_elementwise(paper)
-    assert spec.kernel_for(spec.resolve(2, {}, "b", conventions="paper")) == "breadcrumbs_ties"
+    assert execution.shape_for(paper) == "whole"
+    assert execution.kernel_for(spec.resolve(2, {}, "b", conventions="paper")) == \
+        "breadcrumbs_ties"
     wide = spec.resolve(2, {"granularity": "tensor"}, "b")
-    assert spec.is_elementwise(wide) and spec.kernel_for(wide) is None
+    assert execution.shape_for(wide) == "elementwise" and execution.kernel_for(wide) is None
     raw = torch.ones((3, 64), dtype=torch.bfloat16)
     raw[2, 40] = float("nan")
     out = torch.empty(64, dtype=torch.bfloat16)

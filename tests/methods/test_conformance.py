@@ -33,7 +33,7 @@ ALL = sorted(s.name for s in list_methods())
 # Per-model parameters resolved tensor by tensor (a method with a whole-model pass checks that
 # they are uniform instead, and says so: that refusal is its contract).
 TAKES_PER_TENSOR = sorted(m for m in ALL if "weight" in {p.name for p in get_method(m).params}
-                          and get_method(m).prepare is None)
+                          and get_method(m).execution.prepare is None)
 
 
 def _refs(method: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from modelalloy.methods._gram import add_gram_, new_gram
+from modelalloy.methods.gram import add_gram_, new_gram
 from modelalloy.plan.planner import SLICE_ELEMENTS
 
 

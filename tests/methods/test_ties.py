@@ -181,7 +181,7 @@ def test_prepare_is_a_no_op_for_per_tensor_scope():
             yield TensorGroup(name=k, base=base[k], experts=[e[k] for e in experts],
                               params=params, ctx=MergeContext(name=k))
 
-    assert spec.prepare(groups) is None
+    assert spec.execution.prepare.run(groups) is None
 
 
 def test_global_scope_without_prepare_is_a_clear_error(run):

@@ -41,7 +41,7 @@ from modelalloy.io.tall_manifest import FORMAT, MANIFEST, describe_files
 from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter
 from modelalloy.methods._taskvec import check_scope, ties_prepare
 from modelalloy.methods.consensus import BASE_MERGES, multitask_vector, tall_masks
-from modelalloy.methods.registry import MergeContext, MethodSpec
+from modelalloy.methods.registry import Execution, MergeContext, MethodSpec, Prepare
 from modelalloy.plan.planner import build_plan
 from modelalloy.plan.sources import TensorSource
 
@@ -330,7 +330,8 @@ class _Compression:
         spec = MethodSpec(
             name="tall_masks bundle", fn=self.merge, params=(), base="required",
             paper="Wang, Dimitriadis et al., ICML 2024", summary="τ_MTL and TALL masks",
-            prepare=(lambda groups: ties_prepare(groups, density)) if global_ties else None)
+            execution=Execution(prepare=Prepare(lambda groups: ties_prepare(groups, density))
+                                if global_ties else None))
         self.base = _source("base model", base)
         sources = [_source(f"expert '{t}'", experts[t]) for t in tasks]
         self.plan = build_plan(None, spec, self.base, sources, merged_dtype,

@@ -124,13 +124,12 @@ class PlanExecutor:
                                   params=entry.params, ctx=self._context(entry))
 
     def prepare(self) -> None:
-        spec = self.plan.spec
-        if spec.prepare is None:
-            return
+        """The method's whole-model pass, unless it has nothing to do for these parameters
+        (it reads every tensor)."""
         first = next((e for e in self.plan.entries if e.merge), None)
-        if spec.prepare_when is not None and (first is None or not spec.prepare_when(first.params)):
-            return  # skip the whole-model pass (reading every tensor) when it has nothing to do
-        self.global_stats = spec.prepare(self.groups)
+        run = self.plan.spec.execution.prepare_for(None if first is None else first.params)
+        if run is not None:
+            self.global_stats = run(self.groups)
 
     def sliced(self, entry: PlanEntry) -> bool:
         """Whether ``entry`` is merged a slice at a time (elementwise method, CPU)."""
@@ -156,13 +155,13 @@ class PlanExecutor:
             return self._merge_slices(entry, writer)
 
     def _merge_slices(self, entry: PlanEntry, writer: TensorWriter) -> bool:
-        spec, ctx = self.plan.spec, self._context(entry)
+        execution, ctx = self.plan.spec.execution, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
         kernel = self._kernel(entry)
         # a kernel takes the counting passes too when it has them all (its state is the
         # method's own, so either way gives the same bits); otherwise the torch path does all
         passes = getattr(kernel, "passes", ())
-        if kernel is not None and len(passes) == len(spec.reduce_passes(entry.params)):
+        if kernel is not None and len(passes) == len(execution.passes_for(entry.params)):
             if not self._fused_reduce(entry, ctx, passes):
                 return False
             merge_slice = self._fused_slice(entry, ctx, kernel)
@@ -170,15 +169,14 @@ class PlanExecutor:
             if not self._reduce_slices(entry, ctx):
                 return False
             merge_slice = self._torch_slice(entry, ctx)
-        # A method that settles some elements after the last slice (finish_slices) keeps the
+        # A method that settles some elements after the last slice (its Finish) keeps the
         # merged tensor in memory until then (its output bytes, which working_bytes counts):
         # patching scattered elements of a written file costs far more (a page fault or a
         # write call per element). Up to HELD_CACHE_BYTES the buffer is kept for the thread's
         # next tensor (fresh pages cost a fault each); a larger one goes when the tensor does,
         # so memory outside the budget's count stays bounded.
-        held = None
-        if spec.finish_slices is not None and (spec.finish_when is None
-                                               or spec.finish_when(entry.params)):
+        held, finish = None, execution.finish_for(entry.params)
+        if finish is not None:
             nbytes = entry.numel * entry.out_dtype.itemsize
             held = (self._buffers("held", entry.out_dtype, entry.numel)[:entry.numel]
                     if nbytes <= HELD_CACHE_BYTES
@@ -193,8 +191,8 @@ class PlanExecutor:
                 writer.write_part(entry.name, start, merged)
             else:
                 held[start:start + count] = merged
-        if held is not None and spec.finish_slices is not None:
-            for index, values in spec.finish_slices(ctx):
+        if held is not None and finish is not None:
+            for index, values in finish(ctx):
                 held[index] = values.to(entry.out_dtype)
             writer.write_part(entry.name, 0, held)
         writer.end(entry.name)
@@ -216,9 +214,9 @@ class PlanExecutor:
         return self._split(inputs)
 
     def _reduce_slices(self, entry: PlanEntry, ctx: MergeContext) -> bool:
-        """The method's ``slice_reduce`` passes, each over every slice in order; False on a
-        NaN/Inf input."""
-        for reduce in self.plan.spec.reduce_passes(entry.params):
+        """The method's reduction passes (``Execution.passes``), each over every slice in
+        order; False on a NaN/Inf input."""
+        for reduce in self.plan.spec.execution.passes_for(entry.params):
             for start, count in _slices(entry, ctx):
                 split = self._read_slice(entry, start, count)
                 if split is None:
@@ -241,7 +239,7 @@ class PlanExecutor:
     def _kernel(self, entry: PlanEntry) -> Any:
         """The method's fused kernel (``modelalloy.kernels``) for this tensor, if it has one for
         these parameters and dtypes and numba is installed; else None (the torch path)."""
-        name = self.plan.spec.kernel_for(entry.params)
+        name = self.plan.spec.execution.kernel_for(entry.params)
         if name is None or not kernels.available() or not kernels.supports(
                 [ckpt.info(entry.name).dtype for ckpt in self.plan.sources], entry.out_dtype):
             return None
@@ -262,7 +260,7 @@ class PlanExecutor:
         return read, kernels.bits(raw)
 
     def _fused_reduce(self, entry: PlanEntry, ctx: MergeContext, passes: Any) -> bool:
-        """The kernel's counting passes (its ``passes``, as the method's ``slice_reduce``)."""
+        """The kernel's counting passes (its ``passes``, as the method's own)."""
         read, raw_bits = self._raw_reader(entry)
         for reduce in passes:
             for start, count in _slices(entry, ctx):
@@ -394,7 +392,7 @@ def run_plan(plan: MergePlan, sink: TensorWriter, *, device: torch.device, seed:
              budget: ByteBudget | None = None, progress: bool = False,
              slicing: bool = True, prepared: Callable[[Any], None] | None = None) -> list[str]:
     """The one driver: check the plan, run the method's whole-model pass when it has one
-    (``prepare``), then merge every tensor into ``sink`` (a writer on disk, a state dict, a
+    (its ``Prepare``), then merge every tensor into ``sink`` (a writer on disk, a state dict, a
     live module) on ``threads`` threads, each tensor whole, sliced or through a fused kernel
     as the plan and the device allow (``slicing=False``: every tensor whole). ``prepared``
     is given what the whole-model pass found (None without one), before the tensors are

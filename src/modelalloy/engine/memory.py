@@ -9,8 +9,8 @@ and sinks::
     live torch modules   --/                                \\-- a live module, in place
 
 so an in-memory merge has the recipe's per-tensor parameters (filters, gradients), the same
-checks (missing tensors, shapes, NaN/Inf inputs, the method's output shape), ``prepare_when``,
-the same seeds and the same bits as the merge written to disk.
+checks (missing tensors, shapes, NaN/Inf inputs, the method's output shape), the whole-model
+pass only when it has work, the same seeds and the same bits as the merge written to disk.
 """
 
 from __future__ import annotations

@@ -280,12 +280,13 @@ def _load_kernels(plan: MergePlan, sliced: bool) -> bool:
     unnoticed, and a budget was exceeded by that much); True when kernels will run."""
     from modelalloy import kernels
 
-    if not (sliced and plan.spec.slice_kernel is not None and kernels.available()):
+    execution = plan.spec.execution
+    if not (sliced and execution.kernel is not None and kernels.available()):
         return False
     used = False
     warmed: set[str] = set()
     for entry in plan.entries:
-        name = plan.spec.kernel_for(entry.params) if entry.sliced else None
+        name = execution.kernel_for(entry.params) if entry.sliced else None
         dtypes = [ckpt.info(entry.name).dtype for ckpt in plan.sources] if name else []
         if name is None or not kernels.supports(dtypes, entry.out_dtype):
             continue

@@ -117,7 +117,7 @@ def weighted_kernel(src, count, out, has_base, kinds, weights, post_div, post_sc
 def difference_rows_kernel(src, count, rows):
     """rows[t − 1, :count] = θ_t − θ_0 for every source t after the base (row 0), each a
     float32 difference widened to float64 (``torch.sub`` of the float32 inputs); False when an
-    input is NaN/Inf. The rows of Model Stock's Gram pass (``methods._gram``)."""
+    input is NaN/Inf. The rows of Model Stock's Gram pass (``methods.gram``)."""
     if any_nonfinite(src, count):
         return False
     for t in range(1, src.shape[0]):

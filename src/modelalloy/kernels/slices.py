@@ -1,16 +1,17 @@
 """The engine's side of the fused kernels: make a kernel for a tensor's parameters, call it.
 
 A factory takes a sliced tensor's resolved parameters and returns a :data:`SliceKernel`; which
-parameters a kernel serves is the method's to declare (``register_method(kernel_when=...)``,
-beside its sliced shape), not repeated here. ``kernel(src, count, out, ctx, width)`` merges
-the first ``count`` columns of ``src`` (stored bits, one row per source, base first) into
-``out`` and returns False when an input was NaN/Inf; ``width`` is the tensor's row length
-(per-row methods get whole rows).
+parameters a kernel serves is the method's to declare (``FusedKernel(when=...)`` in its
+``Execution``, beside its sliced shape), not repeated here. ``kernel(src, count, out, ctx,
+width)`` merges the first ``count`` columns of ``src`` (stored bits, one row per source, base
+first) into ``out`` and returns False when an input was NaN/Inf; ``width`` is the tensor's
+row length (per-row methods get whole rows).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -89,22 +90,23 @@ class _ModelStockKernel:
 
     def gram(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
         from modelalloy.kernels.elementwise import difference_rows_kernel
-        from modelalloy.methods._gram import add_products_, difference_rows, new_gram
+        from modelalloy.methods.gram import SlicedGram, add_products_, difference_rows, new_gram
 
         models = src.shape[0] - 1
         rows = difference_rows(count, models, torch.device("cpu"))
         if not difference_rows_kernel(src, count, rows.numpy()):
             return False
-        add_products_(ctx.streams.setdefault("model_stock_gram", new_gram(models)), rows)
+        add_products_(ctx.state(SlicedGram, lambda: SlicedGram(new_gram(models))).gram, rows)
         return True
 
     def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
                  width: int = 1) -> bool:
         from modelalloy.kernels.elementwise import UNIT, weighted_kernel
+        from modelalloy.methods.gram import SlicedGram
         from modelalloy.methods.model_stock import ratio_from_gram
 
         n = src.shape[0] - 1
-        t = np.float32(ratio_from_gram(ctx.streams["model_stock_gram"], ctx))
+        t = np.float32(ratio_from_gram(ctx.state(SlicedGram).gram, ctx))
         return weighted_kernel(src, count, out, True, np.full(n, UNIT, np.int8),
                                np.ones(n, np.float32), np.float32(n), t)
 
@@ -112,6 +114,41 @@ class _ModelStockKernel:
 def model_stock(params: dict[str, Any]) -> SliceKernel:
     """One angle per tensor (the sliced case: ``filter_wise`` merges whole tensors)."""
     return _ModelStockKernel()
+
+
+@dataclass
+class _SFC64States:
+    """DARE's SFC64 states (uint64[4] per model) of a sliced tensor, advanced in place by the
+    kernel from slice to slice."""
+
+    states: np.ndarray
+
+
+class _L1SFC64States(_SFC64States):
+    """The L1 pass's own replay of the same streams (the merge pass then draws them again)."""
+
+
+@dataclass
+class _FixBuffers:
+    """The TIES kernels' buffers of a slice's undecided elements (paper vote), as wide as the
+    slice, reused for the whole tensor."""
+
+    index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    deltas: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
+
+
+@dataclass
+class _TiesCounts:
+    """The TIES kernel's |τ| histogram per model, counted into across the slices."""
+
+    hist: np.ndarray
+
+
+@dataclass
+class _TiesValues:
+    """The TIES kernel's buffer of a slice's |τ| values in the threshold's bin, per model."""
+
+    values: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
 
 
 class _DareDrops:
@@ -128,15 +165,18 @@ class _DareDrops:
         self.inv_density = _f32([1.0 / p if 0 < p < 1 else 1.0 for p in densities])
         self.rescale = bool(params["rescale"])
 
-    def states(self, ctx: MergeContext, key: str = "sfc64_states") -> np.ndarray:
+    def states(self, ctx: MergeContext,
+               kind: type[_SFC64States] | None = None) -> np.ndarray:
         """One uint64[4] SFC64 state per model, the same stream ``ctx.keep_mask`` draws; one
-        set per ``key`` (the L1 pass replays the streams the merge then draws)."""
-        if ctx.streams is None or key not in ctx.streams:
-            states = np.stack([ctx.sfc64_state(i) for i in range(len(self.modes))])
-            if ctx.streams is None:
-                return states
-            ctx.streams[key] = states
-        return ctx.streams[key]
+        set per ``kind`` (the L1 pass replays, in its own set, the streams the merge then
+        draws)."""
+        kind = kind or _SFC64States
+
+        def start() -> _SFC64States:
+            return kind(np.stack([ctx.sfc64_state(i) for i in range(len(self.modes))]))
+        if ctx.streams is None:
+            return start().states
+        return ctx.state(kind, start).states
 
 
 class _DareKernel:
@@ -159,12 +199,9 @@ class _DareKernel:
         from modelalloy.kernels.elementwise import dare_l1_kernel
         from modelalloy.methods.dare import L1Sums
 
-        assert ctx.streams is not None
-        sums = ctx.streams.get(L1Sums)
-        if sums is None:
-            sums = ctx.streams[L1Sums] = L1Sums.new(len(self.drops.modes), None)
         drops = self.drops
-        return dare_l1_kernel(src, count, drops.modes, drops.states(ctx, "sfc64_states_l1"),
+        sums = ctx.state(L1Sums, lambda: L1Sums.new(len(drops.modes), None))
+        return dare_l1_kernel(src, count, drops.modes, drops.states(ctx, _L1SFC64States),
                               drops.thresholds, sums.before, sums.after)
 
     def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
@@ -173,8 +210,7 @@ class _DareKernel:
 
         scales = self.drops.inv_density
         if self.l1:
-            assert ctx.streams is not None
-            scales = _f32(ctx.streams[L1Sums].factors())
+            scales = _f32(ctx.state(L1Sums).factors())
         return self.merge(src, count, out, ctx, self.drops.rescale, scales)
 
 
@@ -212,13 +248,12 @@ class _TiesMerge:
     def args(self, ctx: MergeContext, width: int) -> tuple:
         """The kernels' merge arguments, from ``unit`` to ``tally``; the fix-up buffers (as
         wide as the slice buffer) live in ``ctx.streams`` for the whole tensor."""
-        cache = ctx.streams  # the engine's per-tensor state (sliced merges always have it)
-        if "fix_index" not in cache or cache["fix_index"].size < width:
-            cache["fix_index"] = np.empty(width, np.int64)
-            cache["fix_deltas"] = np.empty((self.nexp, width), np.float32)
+        fixes = ctx.state(_FixBuffers, _FixBuffers)  # the engine's per-tensor state
+        if fixes.index.size < width:
+            fixes.index = np.empty(width, np.int64)
+            fixes.deltas = np.empty((self.nexp, width), np.float32)
         return (self.unit, self.weights, self.normalize, self.min_weight, self.lam,
-                self.weighted_vote, cache["fix_index"], cache["fix_deltas"],
-                np.zeros(2, np.int64))
+                self.weighted_vote, fixes.index, fixes.deltas, np.zeros(2, np.int64))
 
     def run(self, ctx: MergeContext, src: np.ndarray, kernel: Callable[[tuple], bool]) -> bool:
         """``kernel(merge arguments)`` on a slice, then its fix-ups reported; False (nothing
@@ -236,11 +271,11 @@ class _TiesMerge:
 
         if self.weighted_vote:
             return
-        nfix, cache = int(tally[1]), ctx.streams
-        where = cache["fix_index"][:nfix].copy()
+        nfix, fixes = int(tally[1]), ctx.state(_FixBuffers)
+        where = fixes.index[:nfix].copy()
         record_paper_vote_fixes(
             ctx, float(tally[0]), torch.from_numpy(where),
-            [torch.from_numpy(cache["fix_deltas"][t, :nfix].copy())
+            [torch.from_numpy(fixes.deltas[t, :nfix].copy())
              for t in range(self.nexp)], widen(src[0, where]), self.params)
 
 
@@ -313,7 +348,7 @@ class _MagPrune:
     slice to slice; unpruned models draw nothing)."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        from modelalloy.methods._sparsify import check_epsilon
+        from modelalloy.methods.della import check_epsilon
 
         # the torch path checks this per tensor (della_deltas); a bad window must not merge
         check_epsilon(params["density"], params["epsilon"], "della")
@@ -376,21 +411,23 @@ class _TiesKernel:
     def _trim(self, ctx: MergeContext):
         from modelalloy.methods.orderstats import SlicedTopK
 
-        return ctx.streams.setdefault(SlicedTopK, SlicedTopK(self.params["density"]))
+        return ctx.state(SlicedTopK, lambda: SlicedTopK(self.params["density"]))
 
     def count(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
         from modelalloy.kernels.elementwise import NBINS, ties_count_kernel
 
         # one histogram per model for the whole tensor, counted into across slices; the
         # SlicedTopK holds views of it from the first slice on
-        hist = ctx.streams.get("ties_hist")
+        counts = ctx.state_if_any(_TiesCounts)
         trim = self._trim(ctx)
-        if hist is None:
-            hist = ctx.streams["ties_hist"] = np.zeros((len(self.trims), NBINS), np.int64)
+        if counts is None:
+            counts = ctx.state(_TiesCounts, lambda: _TiesCounts(
+                np.zeros((len(self.trims), NBINS), np.int64)))
+            hist = counts.hist
             for t in range(len(self.trims)):
                 if self.trims[t]:
                     trim.add_counts(t, torch.from_numpy(hist[t]), 0)
-        if not ties_count_kernel(src, count, self.trims, hist):
+        if not ties_count_kernel(src, count, self.trims, counts.hist):
             return False
         trim.add_counts(0, None, count)  # the element count
         return True
@@ -400,9 +437,10 @@ class _TiesKernel:
 
         trim = self._trim(ctx)
         bins = np.asarray([trim.bin_of(t) for t in range(len(self.trims))], np.int64)
-        if "ties_values" not in ctx.streams or ctx.streams["ties_values"].shape[1] < count:
-            ctx.streams["ties_values"] = np.empty((len(self.trims), src.shape[1]), np.float32)
-        values = ctx.streams["ties_values"]
+        buffer = ctx.state(_TiesValues, _TiesValues)
+        if buffer.values.shape[1] < count:
+            buffer.values = np.empty((len(self.trims), src.shape[1]), np.float32)
+        values = buffer.values
         found = np.zeros(len(self.trims), np.int64)
         ties_collect_kernel(src, count, bins, values, found)
         for t in range(len(self.trims)):

@@ -4,9 +4,13 @@ import importlib
 import pkgutil
 
 from modelalloy.methods.registry import (
+    Execution,
+    Finish,
+    FusedKernel,
     MergeContext,
     MethodSpec,
     Param,
+    Prepare,
     TensorGroup,
     get_method,
     list_methods,
@@ -18,5 +22,5 @@ for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in {"registry"} and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["MergeContext", "MethodSpec", "Param", "TensorGroup", "get_method", "list_methods",
-           "register_method"]
+__all__ = ["Execution", "Finish", "FusedKernel", "MergeContext", "MethodSpec", "Param",
+           "Prepare", "TensorGroup", "get_method", "list_methods", "register_method"]

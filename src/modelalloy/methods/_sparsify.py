@@ -24,7 +24,6 @@ from typing import Any, cast
 
 import torch
 
-from modelalloy.errors import MethodError
 from modelalloy.methods._l1 import abs_sum
 from modelalloy.methods.orderstats import (
     MAG_SHIFT,
@@ -344,7 +343,7 @@ def _ranks_up_to(mag: torch.Tensor, value: torch.Tensor, r: int) -> torch.Tensor
 def scale_to_l1_(masked: torch.Tensor, l1_before: float, l1_after: float,
                  eps: float = 1e-7) -> torch.Tensor:
     """mergekit's ``rescaled_masked_tensor`` with the L1 norm: ×(‖δ‖₁ / ‖δ ⊙ m‖₁), unless
-    either norm is below ``eps``. The norms are :func:`_gram.abs_sum`'s float64 chunk sums,
+    either norm is below ``eps``. The norms are :func:`gram.abs_sum`'s float64 chunk sums,
     so a tensor merged in slices (the sums gathered in a first pass) gets the same factor."""
     factor = l1_factor(l1_before, l1_after, eps)
     return masked if factor is None else masked.mul_(factor)
@@ -444,15 +443,6 @@ def magprune_(delta: torch.Tensor, density: float, epsilon: float, ctx: MergeCon
     if l1 is not None:
         scale_to_l1_(delta, l1, abs_sum(delta))
     return delta
-
-
-def check_epsilon(densities: Sequence[float], epsilons: Sequence[float], where: str) -> None:
-    """DELLA needs 0 < density ± epsilon < 1 for every pruned model."""
-    for i, (d, e) in enumerate(zip(densities, epsilons, strict=True)):
-        if d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
-            raise MethodError(f"{where}: parameter 'epsilon' = {e} with density {d} (model {i}) "
-                              "gives keep probabilities outside (0, 1); choose epsilon < "
-                              "min(density, 1 − density)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,8 +56,15 @@ from modelalloy.methods._sparsify import (
     weight_param,
 )
 from modelalloy.methods.orderstats import SlicedBand
-from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_rows, ties_core
+from modelalloy.methods.registry import (
+    Execution,
+    FusedKernel,
+    MergeContext,
+    Param,
+    Shape,
+    register_method,
+)
+from modelalloy.methods.ties import PAPER_VOTE, paper_vote_rows, ties_core
 
 PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
 
@@ -87,11 +94,21 @@ def _tensor_wide(params: dict[str, Any]) -> bool:
     return params["granularity"] == "tensor" and not params["rescale"]
 
 
+def _shape(params: dict[str, Any]) -> Shape:
+    """Row masks stream by rows, a tensor-wide mask by any slices; the L1 rescale (a
+    whole-tensor norm) merges the tensor whole."""
+    return "rowwise" if _per_row(params) else "elementwise" if _tensor_wide(params) else "whole"
+
+
+def _ties_shape(params: dict[str, Any]) -> Shape:
+    """:func:`_shape`, but whole with a negative weight (``has_negative_weight``)."""
+    return "whole" if has_negative_weight(params) else _shape(params)
+
+
 def _count_band(base: torch.Tensor | None, experts: list[torch.Tensor],
                 params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass of a tensor-wide sliced merge: the |τ_t| histograms of this slice."""
-    assert ctx.streams is not None
-    band = ctx.streams.setdefault(SlicedBand, SlicedBand(params["density"], params["gamma"]))
+    band = ctx.state(SlicedBand, lambda: SlicedBand(params["density"], params["gamma"]))
     for t, e in enumerate(experts):
         band.count(t, torch.sub(e, cast(torch.Tensor, base)))
 
@@ -99,8 +116,7 @@ def _count_band(base: torch.Tensor | None, experts: list[torch.Tensor],
 def _collect_band(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
     """Second pass: the |τ_t| of this slice in the bins that hold the band's cut-offs."""
-    assert ctx.streams is not None
-    band = ctx.streams[SlicedBand]
+    band = ctx.state(SlicedBand)
     for t, e in enumerate(experts):
         band.collect(t, torch.sub(e, cast(torch.Tensor, base)))
 
@@ -115,8 +131,7 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
     deltas = task_vectors(base, experts)
     granularity = params["granularity"]
     if ctx is not None and ctx.slice_start is not None and _tensor_wide(params):
-        assert ctx.streams is not None
-        band = ctx.streams[SlicedBand]  # the slices come in order: the tie counts run on
+        band = ctx.state(SlicedBand)  # the slices come in order: the tie counts run on
         for t, d in enumerate(deltas):
             band.trim_(t, d)
         return deltas
@@ -133,11 +148,9 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
     paper=PAPER,
     summary="Drop the largest and smallest task-vector entries per row, add the weighted sum",
     base="required",
-    rowwise=_per_row,
-    elementwise=_tensor_wide,
-    slice_reduce=_band_passes,
-    slice_kernel="breadcrumbs",
-    kernel_when=_per_row,  # the fused band is per row; tensor-wide bands take torch slices
+    # the fused band is per row; tensor-wide bands take the torch slices
+    execution=Execution(shape=_shape, passes=_band_passes,
+                        kernel=FusedKernel("breadcrumbs", when=_per_row)),
 )
 def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -154,13 +167,8 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
     base="required",
-    rowwise=lambda p: _per_row(p) and not has_negative_weight(p),
-    elementwise=lambda p: _tensor_wide(p) and not has_negative_weight(p),
-    slice_reduce=_band_passes,
-    slice_kernel="breadcrumbs_ties",
-    kernel_when=_per_row,
-    finish_slices=finish_paper_vote,
-    finish_when=paper_vote,
+    execution=Execution(shape=_ties_shape, passes=_band_passes, finish=PAPER_VOTE,
+                        kernel=FusedKernel("breadcrumbs_ties", when=_per_row)),
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:

@@ -32,7 +32,7 @@ from modelalloy.methods._taskvec import (
     ties_delta,
     ties_prepare,
 )
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import Execution, MergeContext, Param, Prepare, register_method
 
 BASE_MERGES = ("task_arithmetic", "ties")
 
@@ -106,7 +106,7 @@ _COMMON = [
     summary="Consensus merging: drop weights used by fewer than k tasks (TALL masks), on top "
             "of task arithmetic or TIES",
     base="required",
-    prepare=_prepare,
+    execution=Execution(prepare=Prepare(_prepare)),
     uniform=UNIFORM,
     aliases=("consensus_merging",),
 )
@@ -138,7 +138,7 @@ def consensus(base: torch.Tensor | None, experts: list[torch.Tensor], params: di
     summary="Rebuild one expert from the multi-task vector and its TALL mask: "
             "θ_0 + m_t ⊙ τ_MTL (for storage use `modelalloy compress`)",
     base="required",
-    prepare=_prepare,
+    execution=Execution(prepare=Prepare(_prepare)),
     uniform=UNIFORM,
 )
 def tall_mask_expert(base: torch.Tensor | None, experts: list[torch.Tensor],

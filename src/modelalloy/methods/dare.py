@@ -47,8 +47,15 @@ from modelalloy.methods._sparsify import (
     vote_param,
     weight_param,
 )
-from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_slice, ties_core
+from modelalloy.methods.registry import (
+    Execution,
+    FusedKernel,
+    MergeContext,
+    Param,
+    Shape,
+    register_method,
+)
+from modelalloy.methods.ties import PAPER_VOTE, paper_vote_slice, ties_core
 
 PAPER = ("Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)")
 
@@ -99,10 +106,9 @@ def gather_l1_sums(base: torch.Tensor | None, experts: list[torch.Tensor],
     """First pass of a sliced merge with the L1 rescale: this slice's |δ_t| and |δ_t ⊙ m_t|
     into the tensor's :class:`L1Sums` bins (exact, so the slices add up to the whole
     tensor's norms)."""
-    assert ctx.streams is not None and base is not None
-    sums = ctx.streams.get(L1Sums)
-    if sums is None:
-        sums = ctx.streams[L1Sums] = L1Sums.new(len(experts), replace(ctx, streams={}))
+    assert base is not None
+    n = len(experts)
+    sums = ctx.state(L1Sums, lambda: L1Sums.new(n, replace(ctx, streams={})))
     assert sums.draws is not None
     for i, (e, density) in enumerate(zip(experts, params["density"], strict=True)):
         if not 0.0 < density < 1.0:
@@ -120,11 +126,16 @@ def slice_passes(params: dict[str, Any]) -> tuple:
 def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
-    sums = (ctx.streams or {}).get(L1Sums) if ctx.slice_start is not None else None
+    sums = ctx.state_if_any(L1Sums) if ctx.slice_start is not None else None
     for i, (d, density) in enumerate(zip(deltas, params["density"], strict=True)):
         dare_(d, density, ctx, i, rescale=params["rescale"], rescale_norm=params["rescale_norm"],
               l1_sums=sums.norms(i) if sums is not None else None)
     return deltas
+
+
+def _ties_shape(params: dict[str, Any]) -> Shape:
+    """Elementwise, unless a negative weight merges whole tensors (``has_negative_weight``)."""
+    return "whole" if has_negative_weight(params) else "elementwise"
 
 
 _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − drop rate p)"),
@@ -138,9 +149,8 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, and add the weighted sum to the base",
     base="required",
-    elementwise=True,
-    slice_reduce=slice_passes,
-    slice_kernel="dare_linear",
+    execution=Execution(shape="elementwise", passes=slice_passes,
+                        kernel=FusedKernel("dare_linear")),
 )
 def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -157,11 +167,8 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",
     base="required",
-    elementwise=lambda p: not has_negative_weight(p),
-    slice_reduce=slice_passes,
-    finish_slices=finish_paper_vote,
-    finish_when=paper_vote,
-    slice_kernel="dare_ties",
+    execution=Execution(shape=_ties_shape, passes=slice_passes, finish=PAPER_VOTE,
+                        kernel=FusedKernel("dare_ties")),
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
               ctx: MergeContext) -> torch.Tensor:

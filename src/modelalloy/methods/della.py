@@ -32,13 +32,14 @@ ranks, draws and float32 steps, so the same bits).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
 
+from modelalloy.errors import MethodError
 from modelalloy.methods._sparsify import (
     INT8_MASK,
-    check_epsilon,
     combine_,
     density_param,
     has_negative_weight,
@@ -49,8 +50,15 @@ from modelalloy.methods._sparsify import (
     vote_param,
     weight_param,
 )
-from modelalloy.methods.registry import MergeContext, Param, register_method
-from modelalloy.methods.ties import finish_paper_vote, paper_vote, paper_vote_rows, ties_core
+from modelalloy.methods.registry import (
+    Execution,
+    FusedKernel,
+    MergeContext,
+    Param,
+    Shape,
+    register_method,
+)
+from modelalloy.methods.ties import PAPER_VOTE, paper_vote_rows, ties_core
 
 PAPER = "Deep et al., DELLA-Merging, arXiv 2406.11617 (2024)"
 
@@ -69,11 +77,26 @@ _COMMON = [
 ]
 
 
-def _per_row(params: dict[str, Any]) -> bool:
+def _shape(params: dict[str, Any]) -> Shape:
     """Row-ranked masks, per-element 1/π, then TIES or a sum: each output row depends on its
     input rows only (the L1 rescale is a whole-tensor norm), so the engine may stream whole
-    rows; the paper vote's zero sums are settled after the last band (``finish_slices``)."""
-    return not (params["rescale"] and params["rescale_norm"] == "l1")
+    rows; the paper vote's zero sums are settled after the last band (``PAPER_VOTE``)."""
+    return "whole" if params["rescale"] and params["rescale_norm"] == "l1" else "rowwise"
+
+
+def _ties_shape(params: dict[str, Any]) -> Shape:
+    """:func:`_shape`, but whole with a negative weight (``has_negative_weight``)."""
+    return "whole" if has_negative_weight(params) else _shape(params)
+
+
+def check_epsilon(densities: Sequence[float], epsilons: Sequence[float], where: str) -> None:
+    """DELLA needs 0 < density ± epsilon < 1 for every pruned model (the torch path checks it
+    per tensor, the fused kernels when they are made)."""
+    for i, (d, e) in enumerate(zip(densities, epsilons, strict=True)):
+        if d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
+            raise MethodError(f"{where}: parameter 'epsilon' = {e} with density {d} (model {i}) "
+                              "gives keep probabilities outside (0, 1); choose epsilon < "
+                              "min(density, 1 − density)")
 
 
 def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
@@ -93,10 +116,7 @@ def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[s
     paper=PAPER,
     summary="Magnitude-ranked random drop (MagPrune), TIES sign election, disjoint mean",
     base="required",
-    rowwise=lambda p: _per_row(p) and not has_negative_weight(p),
-    finish_slices=finish_paper_vote,
-    finish_when=paper_vote,
-    slice_kernel="della",
+    execution=Execution(shape=_ties_shape, finish=PAPER_VOTE, kernel=FusedKernel("della")),
 )
 def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:
@@ -113,8 +133,7 @@ def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
     paper=PAPER,
     summary="Magnitude-ranked random drop (MagPrune), then the weighted sum of task vectors",
     base="required",
-    rowwise=_per_row,
-    slice_kernel="della_linear",
+    execution=Execution(shape=_shape, kernel=FusedKernel("della_linear")),
 )
 def della_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                  ctx: MergeContext) -> torch.Tensor:

@@ -45,7 +45,7 @@ from modelalloy.methods._taskvec import (
     need_base,
     stack_task_vectors,
 )
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import Execution, MergeContext, Param, Prepare, register_method
 
 
 def selected(name: str, t: torch.Tensor, layer_index: int | None, include: str) -> bool:
@@ -141,7 +141,7 @@ def _prepare(groups: GroupsFactory) -> list[float | None] | None:
     summary="Data-free optimisation of a shared modification of the task vectors, with "
             "gradients projected out of the tasks' shared subspace and task-aware coefficients",
     base="required",
-    prepare=_prepare,
+    execution=Execution(prepare=Prepare(_prepare)),
     uniform=("density", "scope", "include"),
     aliases=("doge_ta",),
 )

@@ -27,7 +27,14 @@ from typing import Any, cast
 import torch
 
 from modelalloy.errors import MethodError
-from modelalloy.methods.registry import MergeContext, Param, TensorGroup, register_method
+from modelalloy.methods.registry import (
+    Execution,
+    MergeContext,
+    Param,
+    Prepare,
+    TensorGroup,
+    register_method,
+)
 
 
 def _fisher_norms(groups: Callable[[], Iterator[TensorGroup]]) -> list[float] | None:
@@ -57,7 +64,8 @@ def _fisher_norms(groups: Callable[[], Iterator[TensorGroup]]) -> list[float] | 
     ],
     paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022",
     summary="per-parameter average weighted by each model's diagonal Fisher",
-    base="none", min_models=1, stats=("fisher",), prepare=_fisher_norms)
+    base="none", min_models=1, stats=("fisher",),
+    execution=Execution(prepare=Prepare(_fisher_norms)))
 def fisher(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
            ctx: MergeContext) -> torch.Tensor:
     """θ* = Σ λ_k F_k θ_k / Σ λ_k F_k. Defaults: λ_k = 1, normalize, floor 1e-6 on the

@@ -22,7 +22,7 @@ import torch
 
 from modelalloy.errors import MethodError
 from modelalloy.methods._sparsify import weighted_sum
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import Execution, FusedKernel, MergeContext, Param, register_method
 
 
 def _paper_weights(params: dict[str, Any], conventions: str, where: str) -> None:
@@ -43,8 +43,7 @@ def _paper_weights(params: dict[str, Any], conventions: str, where: str) -> None
     summary="Weighted average of the models (uniform soup with the default weights)",
     base="none",
     aliases=("average", "model_soup"),
-    elementwise=True,
-    slice_kernel="linear",
+    execution=Execution(shape="elementwise", kernel=FusedKernel("linear")),
     validate=_paper_weights,
 )
 def linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],

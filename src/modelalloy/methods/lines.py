@@ -42,7 +42,7 @@ from modelalloy.methods._taskvec import (
     ties_prepare,
 )
 from modelalloy.methods.consensus import consensus_delta
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import Execution, MergeContext, Param, Prepare, register_method
 
 MERGES = ("task_arithmetic", "ties", "consensus_ta", "consensus_ties")
 
@@ -130,7 +130,7 @@ def _prepare(groups: GroupsFactory) -> LinesStats | None:
     summary="Scale a merged task vector linearly with depth: α at the first block (and outside "
             "the blocks), α + β at the last",
     base="required",
-    prepare=_prepare,
+    execution=Execution(prepare=Prepare(_prepare)),
     uniform=True,
 )
 def lines(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],

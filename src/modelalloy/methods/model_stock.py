@@ -15,7 +15,7 @@ tensor is one row, float32 sums); the default is one angle per tensor. No weight
 give cos = 0, t = 0, the base.
 
 One angle per tensor streams: ‖δ_i‖² and ⟨δ_i, δ_j⟩ are float64 sums over chunks of the
-tensor in order (:mod:`modelalloy.methods._gram`), gathered by the engine in a first pass over
+tensor in order (:mod:`modelalloy.methods.gram`), gathered by the engine in a first pass over
 a large tensor's slices, and θ is then formed slice by slice with the same bits as the
 whole-tensor merge (which sums the same chunks in the same order).
 
@@ -32,8 +32,21 @@ from typing import Any, cast, overload
 
 import torch
 
-from modelalloy.methods._gram import Gram, add_gram_, new_gram, thread_buffers
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.gram import (
+    Gram,
+    SlicedGram,
+    add_gram_,
+    new_gram,
+    thread_buffers,
+)
+from modelalloy.methods.registry import (
+    Execution,
+    FusedKernel,
+    MergeContext,
+    Param,
+    Shape,
+    register_method,
+)
 
 
 @overload
@@ -105,16 +118,17 @@ def filter_wise_ratio(deltas: list[torch.Tensor],
     return t.unsqueeze(-1)
 
 
-def _per_tensor(params: dict[str, Any]) -> bool:
-    """One angle per tensor: a Gram pass over the slices, then an elementwise step."""
-    return not params["filter_wise"]
+def _shape(params: dict[str, Any]) -> Shape:
+    """One angle per tensor: a Gram pass over the slices, then an elementwise step; one per
+    row (``filter_wise``) merges the tensor whole."""
+    return "whole" if params["filter_wise"] else "elementwise"
 
 
 def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
-    """First pass of a sliced merge: this slice's ‖δ_i‖² and ⟨δ_i, δ_j⟩ into ``ctx.streams``."""
-    streams = cast("dict[str, Any]", ctx.streams)
-    gram = streams.setdefault("model_stock_gram", new_gram(len(experts)))
+    """First pass of a sliced merge: this slice's ‖δ_i‖² and ⟨δ_i, δ_j⟩ into its
+    :class:`SlicedGram`."""
+    gram = ctx.state(SlicedGram, lambda: SlicedGram(new_gram(len(experts)))).gram
     add_gram_(gram, experts, minus=base)
 
 
@@ -135,9 +149,8 @@ def _mean_delta(base: torch.Tensor, experts: list[torch.Tensor], acc: torch.Tens
     summary="Average of the fine-tunes pulled toward the base by a ratio from their angle",
     base="required",
     min_models=2,
-    elementwise=_per_tensor,
-    slice_reduce=(_reduce_slice,),
-    slice_kernel="model_stock",
+    execution=Execution(shape=_shape, passes=(_reduce_slice,),
+                        kernel=FusedKernel("model_stock")),
 )
 def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -152,7 +165,7 @@ def model_stock(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
         ratio = ratio_from_gram(add_gram_(new_gram(len(experts)), experts, minus=base), ctx)
         acc, delta = torch.empty_like(base), torch.empty_like(base)
     else:
-        ratio = ratio_from_gram(cast("dict[str, Any]", ctx.streams)["model_stock_gram"], ctx)
+        ratio = ratio_from_gram(ctx.state(SlicedGram).gram, ctx)
         # this thread's slice buffers: the engine copies the result out before the next slice
         acc, delta = (b[:base.numel()].view(base.shape)
                       for b in thread_buffers("model_stock", 2, base.dtype, base.device,

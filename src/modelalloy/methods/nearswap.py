@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import Execution, MergeContext, Param, register_method
 
 
 @register_method(
@@ -29,7 +29,7 @@ from modelalloy.methods.registry import MergeContext, Param, register_method
     base="required",
     min_models=1,
     max_models=1,
-    elementwise=True,
+    execution=Execution(shape="elementwise"),
 )
 def nearswap(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
              ctx: MergeContext) -> torch.Tensor:

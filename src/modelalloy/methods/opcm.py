@@ -17,7 +17,7 @@ import torch
 
 from modelalloy.continual import DEFAULT_EXCLUDE, OPCMSteps, task_vector
 from modelalloy.methods._taskvec import GroupsFactory, need_base
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import Execution, MergeContext, Param, Prepare, register_method
 
 
 def _task_vectors(groups: GroupsFactory, idx: int,
@@ -57,7 +57,7 @@ def _prepare(groups: GroupsFactory) -> dict[str, Any] | None:
     summary="Continual merging: each new task vector is projected out of the merged delta's "
             "dominant singular subspace, and the merge is rescaled to the mean task-vector norm",
     base="required",
-    prepare=_prepare,
+    execution=Execution(prepare=Prepare(_prepare)),
     uniform=True,
 )
 def opcm(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],

@@ -42,7 +42,7 @@ from modelalloy.methods._taskvec import (
     stack_task_vectors,
 )
 from modelalloy.methods.orderstats import kth_smallest, order_stats
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import Execution, MergeContext, Param, Prepare, register_method
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def _prepare(groups: GroupsFactory) -> PcbStats | None:
     summary="Weight each task's parameters by intra-task magnitude and inter-task agreement "
             "scores, drop the low-score ones, and take the score-weighted mean",
     base="required",
-    prepare=_prepare,
+    execution=Execution(prepare=Prepare(_prepare)),
     uniform=True,
     aliases=("pcb_merging",),
 )

@@ -11,10 +11,11 @@ A merge method is a pure function of the aligned float32 tensors for one paramet
 - The return value is the merged float32 tensor, same shape as the inputs.
 
 Methods register with :func:`register_method`; the declared :class:`Param` list is the schema
-that recipes are validated against. A method that needs statistics over the whole model (a
-global top-k threshold, a global norm) declares ``prepare``: the engine calls it before the main
-pass with a factory of :class:`TensorGroup` iterators (it may iterate several times) and puts
-the returned object in ``ctx.global_stats``.
+that recipes are validated against. How the engine may run the method is one declared
+:class:`Execution` beside its math: its shape (whole, elementwise, rowwise), the reduction
+passes and finish step of a sliced merge, its fused kernel and when it applies, and a
+whole-model :class:`Prepare` pass (a global top-k threshold, a global norm), whose result the
+method reads as ``ctx.global_stats``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -102,6 +103,19 @@ class Param:
         return value
 
 
+_State = TypeVar("_State")
+
+
+@dataclass
+class RandomStreams:
+    """A sliced tensor's random streams per model index, continued from slice to slice:
+    :meth:`MergeContext.generator`'s torch generators and :meth:`MergeContext.keep_mask`'s
+    SFC64 generators."""
+
+    torch: dict[int, torch.Generator] = field(default_factory=dict)
+    sfc64: dict[int, np.random.Generator] = field(default_factory=dict)
+
+
 @dataclass
 class MergeContext:
     """What a method may know about the tensor being merged, besides the tensors."""
@@ -111,16 +125,18 @@ class MergeContext:
     layer_index: int | None = None  # 0-based block index; None outside the block stack
     num_layers: int | None = None  # number of blocks in the model, when known
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    global_stats: Any = None  # what the method's ``prepare`` returned
+    global_stats: Any = None  # what the method's Prepare pass returned
     # Per-expert statistics for this tensor, by kind ("gram", "fisher", ...): one entry per
     # expert (None where that expert has none). Filled by the engine for methods that declare
     # ``stats``; see modelalloy.stats for the file format.
     stats: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
 
-    # Set by the engine when it merges a tensor slice by slice: random streams then continue
-    # from one call to the next instead of restarting, so the slices draw what the whole
-    # tensor would.
-    streams: dict[Any, Any] | None = None
+    # Set by the engine when it merges a tensor slice by slice: the tensor's state between
+    # slices, one typed object per class, keyed by that class (:meth:`state`): the random
+    # streams (:class:`RandomStreams`), which then continue from one call to the next instead
+    # of restarting, so the slices draw what the whole tensor would; what a method's passes
+    # gather for its merge (``orderstats.SlicedTopK``, ``dare.L1Sums``, ...).
+    streams: dict[type, Any] | None = None
     # The element offset of the current slice in the flattened tensor (None: whole tensor).
     slice_start: int | None = None
     # Where :meth:`note` collects remarks for the merge summary (message -> tensor names);
@@ -137,13 +153,30 @@ class MergeContext:
         digest = hashlib.sha256(f"{self.seed}\x00{self.name}\x00{model_index}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
-    def _stream(self, kind: str, model_index: int, make: Callable[[int], Any]) -> Any:
+    def state(self, kind: type[_State], make: Callable[[], _State] | None = None) -> _State:
+        """This sliced tensor's state of class ``kind``: what a pass over the slices leaves
+        for the next pass, the merge and the finish step. ``make()`` makes it on first use;
+        without ``make`` an earlier pass must have."""
+        found = self.state_if_any(kind)
+        if found is None:
+            if self.streams is None or make is None:
+                raise RuntimeError(f"tensor '{self.name}': no {kind.__name__} (the state of a "
+                                   "sliced merge's passes)")
+            found = self.streams[kind] = make()
+        return found
+
+    def state_if_any(self, kind: type[_State]) -> _State | None:
+        """This tensor's state of class ``kind`` when a sliced merge made it, else None."""
+        return None if self.streams is None else self.streams.get(kind)
+
+    def _stream(self, table: Callable[[RandomStreams], dict[int, Any]], model_index: int,
+                make: Callable[[int], Any]) -> Any:
         if self.streams is None:
             return make(self._seed(model_index))
-        key = (kind, model_index)
-        if key not in self.streams:
-            self.streams[key] = make(self._seed(model_index))
-        return self.streams[key]
+        streams = table(self.state(RandomStreams, RandomStreams))
+        if model_index not in streams:
+            streams[model_index] = make(self._seed(model_index))
+        return streams[model_index]
 
     def generator(self, model_index: int = 0) -> torch.Generator:
         """A generator seeded from (recipe seed, tensor name, model index).
@@ -151,7 +184,7 @@ class MergeContext:
         The seed does not depend on scheduling, thread count or device, so a recipe gives the
         same masks however it runs. Random draws are made on the CPU generator and moved.
         """
-        return self._stream("torch", model_index,
+        return self._stream(lambda s: s.torch, model_index,
                             lambda seed: torch.Generator(device="cpu").manual_seed(seed))
 
     def rand_like(self, t: torch.Tensor, model_index: int = 0) -> torch.Tensor:
@@ -174,7 +207,7 @@ class MergeContext:
         costs about 1 ns against 3.4 ns for ``torch.rand(...) < density`` (measured on the
         benchmark machine). Two decisions come from each 64-bit draw.
         """
-        bits = self._stream("sfc64", model_index,
+        bits = self._stream(lambda s: s.sfc64, model_index,
                             lambda seed: np.random.Generator(np.random.SFC64(seed)))
         n = t.numel()
         draws = bits.integers(0, 2**64 - 1, size=(n + 1) // 2, dtype=np.uint64, endpoint=True)
@@ -185,7 +218,7 @@ class MergeContext:
 
 @dataclass
 class TensorGroup:
-    """The aligned tensors of one parameter name, as given to ``prepare``."""
+    """The aligned tensors of one parameter name, as given to a :class:`Prepare` pass."""
 
     name: str
     base: torch.Tensor | None
@@ -222,6 +255,111 @@ class MethodFacts:
     bundle: bool = False
 
 
+ParamsTest = Callable[[dict[str, Any]], bool]  # a decision from a tensor's resolved parameters
+# The engine's ways to run a tensor: whole; in slices of any elements (the output at each
+# element depends only on the inputs at that element); in bands of whole rows (each output row,
+# along the last dimension, depends only on the same rows of the inputs).
+Shape = Literal["whole", "elementwise", "rowwise"]
+FinishFn = Callable[[MergeContext], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """A whole-model pass before the merge: ``run(groups)`` gets a factory of
+    :class:`TensorGroup` iterators (it may iterate several times) and returns what
+    ``ctx.global_stats`` holds in the main pass. ``when``: whether the pass has work for the
+    first merged tensor's parameters (None: always); TIES needs it only with scope: global."""
+
+    run: PrepareFn
+    when: ParamsTest | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    """For a sliced method that needs one whole-tensor value at a few elements (the paper
+    vote's majority sign at zero sums): after the last slice, ``run(ctx)`` gives (flat
+    indices, float32 values) that overwrite what the slices wrote, from the state the slices
+    left in ``ctx.streams``. ``when``: the parameters it has work for (None: always); only
+    then does the engine hold the tensor's merged output until the end, otherwise it writes
+    each slice at once."""
+
+    run: FinishFn
+    when: ParamsTest | None = None
+
+
+@dataclass(frozen=True)
+class FusedKernel:
+    """A fused kernel for the sliced path, used when numba is installed: ``factory`` names a
+    function of ``modelalloy.kernels.slices`` that maps the tensor's resolved parameters to a
+    kernel giving the torch path's bits. ``when``: the sliced parameters it serves, when not
+    all of them (None: whenever the tensor is sliced) — the one place that rule is written."""
+
+    factory: str
+    when: ParamsTest | None = None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the engine may run a method, declared next to its math: the method's one
+    statement of its execution shape. The engine reads nothing else about it.
+
+    - ``shape``: "whole", "elementwise" or "rowwise" (see :data:`Shape`), or a function of the
+      tensor's resolved parameters giving one (DARE is elementwise unless a negative weight
+      makes it whole). A sliced shape must give the whole tensor's bits, and a non-finite
+      input a non-finite output there.
+    - ``passes``: for a method that is elementwise once a few whole-tensor values are known
+      (SLERP's norms and dot, TIES' magnitude threshold): passes over a sliced tensor before
+      the merge; each is called on every slice in order, ``(base, experts, params, ctx)``,
+      and keeps what it gathers in ``ctx.streams`` (typed state keyed by its class), where the
+      later passes and the method (in the final pass) read it. A function of the parameters
+      may give them (DARE's L1 rescale needs one, its density rescale none).
+    - ``finish``: the :class:`Finish` step after the last slice.
+    - ``kernel``: the :class:`FusedKernel` of the sliced path.
+    - ``prepare``: the :class:`Prepare` pass over the whole model.
+    """
+
+    shape: Shape | Callable[[dict[str, Any]], Shape] = "whole"
+    passes: tuple[ReduceFn, ...] | Callable[[dict[str, Any]], tuple[ReduceFn, ...]] = ()
+    finish: Finish | None = None
+    kernel: FusedKernel | None = None
+    prepare: Prepare | None = None
+
+    def shape_for(self, params: dict[str, Any]) -> Shape:
+        """The shape of a tensor with these resolved parameters (none given: whole, unless
+        the shape is fixed)."""
+        if callable(self.shape):
+            return self.shape(params) if params else "whole"
+        return self.shape
+
+    def passes_for(self, params: dict[str, Any]) -> tuple[ReduceFn, ...]:
+        """The reduction passes of a sliced merge with these parameters."""
+        return self.passes(params) if callable(self.passes) else self.passes
+
+    def finish_for(self, params: dict[str, Any]) -> FinishFn | None:
+        """The finish step of a sliced merge with these parameters, if it has work."""
+        if self.finish is None or not _applies(self.finish.when, params):
+            return None
+        return self.finish.run
+
+    def kernel_for(self, params: dict[str, Any]) -> str | None:
+        """The fused kernel factory's name for a sliced tensor with these parameters."""
+        if self.kernel is None or not _applies(self.kernel.when, params):
+            return None
+        return self.kernel.factory
+
+    def prepare_for(self, params: dict[str, Any] | None) -> PrepareFn | None:
+        """The whole-model pass, if it has work for these (the first merged tensor's)
+        parameters; None: no tensor is merged."""
+        if self.prepare is None or (self.prepare.when is not None
+                                    and (params is None or not self.prepare.when(params))):
+            return None
+        return self.prepare.run
+
+
+def _applies(when: ParamsTest | None, params: dict[str, Any]) -> bool:
+    return when is None or when(params)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -232,50 +370,14 @@ class MethodSpec:
     base: BaseUse
     min_models: int = 1  # experts, not counting the base
     max_models: int | None = None
-    prepare: PrepareFn | None = None
-    # Whether ``prepare`` has work for these (the first merged tensor's) parameters; None:
-    # always. TIES needs its whole-model pass only with scope: global.
-    prepare_when: Callable[[dict[str, Any]], bool] | None = None
     aliases: tuple[str, ...] = ()
     stats: tuple[str, ...] = ()  # statistic kinds the method reads from ctx.stats
     # Whose statistics: one per expert (default), or the base model's alone (AIM), which
     # then arrives as a one-element list in ctx.stats[kind].
     stats_from: Literal["experts", "base"] = "experts"
-    # The output at each element depends only on the inputs at that element (and on the
-    # tensor's parameters), and a non-finite input gives a non-finite output there: the engine
-    # may then merge a large tensor in slices, bit-identical to the whole tensor. A callable
-    # decides from the tensor's resolved parameters (DARE is elementwise unless it rescales to
-    # the L1 norm).
-    elementwise: bool | Callable[[dict[str, Any]], bool] = False
 
-    # For an elementwise method that needs one whole-tensor value at a few elements (dare_ties'
-    # majority sign at zero sums): after the last slice, (flat indices, float32 values) that
-    # overwrite what the slices wrote. It reads what the slices left in ``ctx.streams``.
-    finish_slices: Callable[[MergeContext], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
-    # When ``finish_slices`` has anything to do, from the tensor's resolved parameters (None:
-    # always). Otherwise the engine writes each merged slice at once instead of holding the
-    # tensor's output in memory until the end (the TIES variants' weighted vote).
-    finish_when: Callable[[dict[str, Any]], bool] | None = None
-
-    # Like ``elementwise``, per row: each row (last dimension) of the output depends only on
-    # that row of the inputs (Breadcrumbs' per-row magnitude bands). Slices are whole rows,
-    # given to the method shaped (rows, row length).
-    rowwise: bool | Callable[[dict[str, Any]], bool] = False
-
-    # For a method that is elementwise once a few whole-tensor values are known (SLERP's norms
-    # and dot, TIES' magnitude thresholds): passes over a large tensor's slices before the
-    # merge; each function is called on every slice, in order, and keeps what it gathers in
-    # ``ctx.streams``, where the later passes and the method (in the final, elementwise pass)
-    # read it. A callable gives the passes from the tensor's resolved parameters (DARE's L1
-    # rescale needs one, its density rescale none).
-    slice_reduce: tuple[ReduceFn, ...] | Callable[[dict[str, Any]], tuple[ReduceFn, ...]] = ()
-
-    # A fused kernel for the sliced path, used when numba is installed: the name of a factory
-    # in ``modelalloy.kernels.slices`` that maps the tensor's resolved parameters to a kernel.
-    # It must give the torch path's bits. ``kernel_when``: the parameters it serves, when not
-    # every sliced shape (None: whenever the tensor is sliced) — the one place that says so.
-    slice_kernel: str | None = None
-    kernel_when: Callable[[dict[str, Any]], bool] | None = None
+    # How the engine may run it (whole, sliced, fused; its passes and finish step).
+    execution: Execution = field(default_factory=Execution)
 
     # Checks on the resolved parameters that depend on the recipe's conventions:
     # ``validate(params, conventions, where)`` raises a MethodError (linear: a normalized
@@ -289,23 +391,6 @@ class MethodSpec:
 
     # Facts for the benchmark and the docs (paper settings, scale parameter, bundle).
     facts: MethodFacts = field(default_factory=MethodFacts)
-
-    def is_elementwise(self, params: dict[str, Any]) -> bool:
-        return _decide(self.elementwise, params)
-
-    def is_rowwise(self, params: dict[str, Any]) -> bool:
-        return _decide(self.rowwise, params)
-
-    def kernel_for(self, params: dict[str, Any]) -> str | None:
-        """The fused kernel factory's name for a sliced tensor with these parameters."""
-        if self.slice_kernel is None or (self.kernel_when is not None
-                                         and not self.kernel_when(params)):
-            return None
-        return self.slice_kernel
-
-    def reduce_passes(self, params: dict[str, Any]) -> tuple[ReduceFn, ...]:
-        """The ``slice_reduce`` passes of a sliced merge with these parameters."""
-        return self.slice_reduce(params) if callable(self.slice_reduce) else self.slice_reduce
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -370,35 +455,19 @@ _REGISTRY: dict[str, MethodSpec] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def _decide(flag: bool | Callable[[dict[str, Any]], bool], params: dict[str, Any]) -> bool:
-    if callable(flag):
-        return bool(params) and bool(flag(params))
-    return flag
-
-
 def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper: str,
                     summary: str, base: BaseUse, min_models: int = 1,
-                    max_models: int | None = None, prepare: PrepareFn | None = None,
-                    prepare_when: Callable[[dict[str, Any]], bool] | None = None,
-                    aliases: tuple[str, ...] = (),
+                    max_models: int | None = None, aliases: tuple[str, ...] = (),
                     stats: tuple[str, ...] = (),
                     stats_from: Literal["experts", "base"] = "experts",
-                    elementwise: bool | Callable[[dict[str, Any]], bool] = False,
-                    rowwise: bool | Callable[[dict[str, Any]], bool] = False,
-                    finish_slices: Callable[[MergeContext], list[tuple[torch.Tensor,
-                                                                       torch.Tensor]]]
-                    | None = None,
-                    finish_when: Callable[[dict[str, Any]], bool] | None = None,
-                    slice_kernel: str | None = None,
-                    kernel_when: Callable[[dict[str, Any]], bool] | None = None,
+                    execution: Execution | None = None,
                     validate: Callable[[dict[str, Any], str, str], None] | None = None,
-                    slice_reduce: tuple[ReduceFn, ...]
-                    | Callable[[dict[str, Any]], tuple[ReduceFn, ...]] = (),
                     uniform: tuple[str, ...] | bool = (),
                     paper_settings: Mapping[str, Any] | None = None,
                     scale: str = "lambda", bundle: bool = False,
                     ) -> Callable[[MergeFn], MergeFn]:
-    """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema.
+    """Decorator: register ``fn`` as the merge method ``name`` with its parameter schema and
+    its :class:`Execution` (None: whole tensors, no whole-model pass).
 
     ``uniform=True`` stands for every parameter of the schema. ``paper_settings``, ``scale``
     and ``bundle`` are the method's :class:`MethodFacts`."""
@@ -410,14 +479,10 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
             raise RuntimeError(f"method '{name}' registered twice")
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, params=tuple(params), paper=paper,
                                      summary=summary, base=base, min_models=min_models,
-                                     max_models=max_models, prepare=prepare,
-                                     prepare_when=prepare_when, aliases=aliases,
+                                     max_models=max_models, aliases=aliases,
                                      stats=stats, stats_from=stats_from,
-                                     elementwise=elementwise, rowwise=rowwise,
-                                     finish_slices=finish_slices, finish_when=finish_when,
-                                     slice_kernel=slice_kernel, kernel_when=kernel_when,
-                                     slice_reduce=slice_reduce, validate=validate,
-                                     uniform=uniform,
+                                     execution=execution or Execution(),
+                                     validate=validate, uniform=uniform,
                                      facts=MethodFacts(dict(paper_settings or {}), scale,
                                                        bundle))
         for alias in aliases:

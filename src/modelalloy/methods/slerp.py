@@ -24,8 +24,8 @@ Differences from mergekit: torch float32 for the interpolation, float64 for the 
 mergekit does not have.
 
 Norms and dot are sums over the whole tensor: Σv0², Σv1², Σv0·v1 in float64, one chunk of
-``SLICE_ELEMENTS`` after another in order (:mod:`modelalloy.methods._gram`). The engine
-gathers them in a first pass over a large tensor's slices (``slice_reduce``), then
+``SLICE_ELEMENTS`` after another in order (:mod:`modelalloy.methods.gram`). The engine
+gathers them in a first pass over a large tensor's slices (its ``Execution.passes``), then
 interpolates slice by slice, so SLERP streams like the elementwise methods — and gives the
 same bits as the whole-tensor merge, which sums the same chunks in the same order.
 """
@@ -37,8 +37,8 @@ from typing import Any, cast
 
 import torch
 
-from modelalloy.methods._gram import Gram, add_gram_, new_gram
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.gram import Gram, SlicedGram, add_gram_, new_gram
+from modelalloy.methods.registry import Execution, MergeContext, Param, register_method
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -89,8 +89,8 @@ def _endpoints(base: torch.Tensor, experts: list[torch.Tensor]
 
 def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                   params: dict[str, Any], ctx: MergeContext) -> None:
-    """First pass of a sliced merge: this slice's Gram terms into ``ctx.streams``."""
-    gram = cast("dict[str, Any]", ctx.streams).setdefault("slerp_gram", new_gram(2))
+    """First pass of a sliced merge: this slice's Gram terms into its :class:`SlicedGram`."""
+    gram = ctx.state(SlicedGram, lambda: SlicedGram(new_gram(2))).gram
     if 0.0 < float(params["t"]) < 1.0:
         v0, v1, _ = _endpoints(cast(torch.Tensor, base), experts)
         add_gram_(gram, (v0, v1))
@@ -106,8 +106,7 @@ def _reduce_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
     base="required",
     min_models=1,
     max_models=2,
-    elementwise=True,
-    slice_reduce=(_reduce_slice,),
+    execution=Execution(shape="elementwise", passes=(_reduce_slice,)),
 )
 def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:
@@ -116,6 +115,5 @@ def slerp(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[s
     if ctx.slice_start is None:
         out = slerp_tensors(t, v0, v1, reuse_v0=tau)
     else:
-        out = interpolate(t, v0, v1, cast("dict[str, Any]", ctx.streams)["slerp_gram"],
-                          reuse_v0=tau)
+        out = interpolate(t, v0, v1, ctx.state(SlicedGram).gram, reuse_v0=tau)
     return out.add_(cast(torch.Tensor, base)) if tau else out

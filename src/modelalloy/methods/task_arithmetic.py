@@ -43,7 +43,7 @@ from modelalloy.methods._sparsify import (
     weighted_sum,
 )
 from modelalloy.methods._taskvec import need_base
-from modelalloy.methods.registry import MergeContext, Param, register_method
+from modelalloy.methods.registry import Execution, FusedKernel, MergeContext, Param, register_method
 
 # mergekit accepts ``rescale`` for every task-arithmetic method; without sparsification it has
 # nothing to rescale.
@@ -59,8 +59,7 @@ RESCALE_NOOP = Param("rescale", bool, False, "accepted for mergekit recipes; no 
     summary="Add the scaled sum of task vectors to the base (θ0 + λ Σ w τ)",
     base="required",
     aliases=("chat_vector",),
-    elementwise=True,
-    slice_kernel="task_arithmetic",
+    execution=Execution(shape="elementwise", kernel=FusedKernel("task_arithmetic")),
 )
 def task_arithmetic(base: torch.Tensor | None, experts: list[torch.Tensor],
                     params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:

@@ -70,7 +70,17 @@ from modelalloy.methods._sparsify import (
     weight_param,
 )
 from modelalloy.methods.orderstats import SlicedTopK
-from modelalloy.methods.registry import MergeContext, Param, TensorGroup, register_method
+from modelalloy.methods.registry import (
+    Execution,
+    Finish,
+    FusedKernel,
+    MergeContext,
+    Param,
+    Prepare,
+    Shape,
+    TensorGroup,
+    register_method,
+)
 
 SCOPE = Param("scope", str, "per_tensor",
               "where the top-k threshold is taken: per_tensor (streaming, mergekit) or global "
@@ -117,17 +127,18 @@ def ties_core(deltas: list[torch.Tensor], params: dict[str, Any], *, vote: str,
     return merged if lam == 1.0 else merged.mul_(lam)
 
 
-def _streams(params: dict[str, Any]) -> bool:
+def _shape(params: dict[str, Any]) -> Shape:
     """Per-tensor trims without the L1 rescale stream over slices (a whole-model threshold or
     a per-tensor norm would not)."""
-    return (params["scope"] == "per_tensor" and not params["rescale"]
-            and not has_negative_weight(params))
+    streams = (params["scope"] == "per_tensor" and not params["rescale"]
+               and not has_negative_weight(params))
+    return "elementwise" if streams else "whole"
 
 
 def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                  params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass: |τ_t| histograms of this slice (``SlicedTopK.count``)."""
-    trim = cast("dict[Any, Any]", ctx.streams).setdefault(SlicedTopK, SlicedTopK(params["density"]))
+    trim = ctx.state(SlicedTopK, lambda: SlicedTopK(params["density"]))
     for t, e in enumerate(experts):
         trim.count(t, torch.sub(e, cast(torch.Tensor, base)))
 
@@ -135,55 +146,9 @@ def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
 def _collect_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                    params: dict[str, Any], ctx: MergeContext) -> None:
     """Second pass: the |τ_t| of this slice that fall in the threshold's bin."""
-    trim = cast("dict[Any, Any]", ctx.streams)[SlicedTopK]
+    trim = ctx.state(SlicedTopK)
     for t, e in enumerate(experts):
         trim.collect(t, torch.sub(e, cast(torch.Tensor, base)))
-
-
-@register_method(
-    name="ties",
-    paper_settings={"density": 0.2},
-    params=[weight_param(), density_param(1.0, "fraction of each task vector kept by magnitude"),
-            lambda_param(), normalize_param(True), SCOPE, vote_param("paper"), rescale_l1_param(),
-            INT8_MASK],
-    paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
-    summary="Trim task vectors by magnitude, elect a sign per entry, average the agreeing ones",
-    base="required",
-    prepare=ties_prepare,
-    prepare_when=lambda params: params.get("scope") == "global",
-    elementwise=_streams,
-    slice_reduce=(_count_slice, _collect_slice),
-    slice_kernel="ties",
-    finish_slices=lambda ctx: finish_paper_vote(ctx),
-    finish_when=lambda params: paper_vote(params),
-)
-def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
-         ctx: MergeContext) -> torch.Tensor:
-    base = cast(torch.Tensor, base)  # base="required"
-    deltas = task_vectors(base, experts)
-    scratch = Scratch(deltas[0])
-    if ctx.slice_start is not None:  # per-tensor trim over slices (the engine's third pass)
-        trim = cast("dict[Any, Any]", ctx.streams)[SlicedTopK]
-        for t, d in enumerate(deltas):
-            trim.trim_(t, d)
-        if params["vote"] == "paper":
-            return paper_vote_slice(base, deltas, params, ctx, scratch)
-        return ties_core(deltas, params, vote="weighted", scratch=scratch).add_(base)
-    majority = None
-    if params["scope"] == "global":
-        stats = ctx.global_stats
-        if not isinstance(stats, dict) or "thresholds" not in stats:
-            raise MethodError(f"tensor '{ctx.name}': ties with scope: global needs the "
-                              "whole-model pass (prepare) and the runner did not provide it")
-        for d, v in zip(deltas, stats["thresholds"], strict=True):
-            l1_rescaled_(d, lambda x, v=v: threshold_trim_(x, v, scratch), params["rescale"])  # type: ignore[misc]
-        majority = stats["majority"]
-    else:
-        for d, density in zip(deltas, params["density"], strict=True):
-            l1_rescaled_(d, lambda x, density=density: magnitude_trim_(x, density, scratch),  # type: ignore[misc]
-                         params["rescale"])
-    return ties_core(deltas, params, vote=params["vote"], majority=majority,
-                     scratch=scratch).add_(base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +195,7 @@ def paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dic
 
 
 def paper_vote(params: dict[str, Any]) -> bool:
-    """Whether the paper vote's whole-tensor fix-ups apply (``finish_when``): the weighted
+    """Whether the paper vote's whole-tensor fix-ups apply (its ``Finish.when``): the weighted
     vote decides every element within its slice."""
     return params["vote"] == "paper"
 
@@ -250,7 +215,7 @@ def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor
     """Add a slice's Σ sign(Σ_t δ̃_t) and its undecided elements (slice-local ``where``, their
     δ̃_t and θ_0) to the paper-vote state; both the torch path and the fused kernel
     (``kernels.slices``) report here."""
-    state = cast("dict[Any, Any]", ctx.streams).setdefault(PaperVote, PaperVote())
+    state = ctx.state(PaperVote, PaperVote)
     state.signs += signs
     if where.numel():
         low, zero = [ties_core([d.clone() for d in deltas_at], params, vote="paper",
@@ -260,9 +225,59 @@ def record_paper_vote_fixes(ctx: MergeContext, signs: float, where: torch.Tensor
 
 def finish_paper_vote(ctx: MergeContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The values of the undecided elements under the whole tensor's majority sign."""
-    state = (ctx.streams or {}).get(PaperVote)
+    state = ctx.state_if_any(PaperVote)
     if state is None or state.signs > 0 or not state.fixes:
         return []
     pick = 1 if state.signs < 0 else 2
     return [(torch.cat([fix[0] for fix in state.fixes]),
              torch.cat([fix[pick] for fix in state.fixes]))]
+
+
+# The finish step of every sliced paper-vote merge (ties, dare_ties, della, breadcrumbs_ties).
+PAPER_VOTE = Finish(finish_paper_vote, when=paper_vote)
+
+
+@register_method(
+    name="ties",
+    paper_settings={"density": 0.2},
+    params=[weight_param(), density_param(1.0, "fraction of each task vector kept by magnitude"),
+            lambda_param(), normalize_param(True), SCOPE, vote_param("paper"), rescale_l1_param(),
+            INT8_MASK],
+    paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
+    summary="Trim task vectors by magnitude, elect a sign per entry, average the agreeing ones",
+    base="required",
+    execution=Execution(
+        shape=_shape,
+        passes=(_count_slice, _collect_slice),
+        kernel=FusedKernel("ties"),
+        finish=PAPER_VOTE,
+        prepare=Prepare(ties_prepare, when=lambda params: params.get("scope") == "global"),
+    ),
+)
+def ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
+         ctx: MergeContext) -> torch.Tensor:
+    base = cast(torch.Tensor, base)  # base="required"
+    deltas = task_vectors(base, experts)
+    scratch = Scratch(deltas[0])
+    if ctx.slice_start is not None:  # per-tensor trim over slices (the engine's third pass)
+        trim = ctx.state(SlicedTopK)
+        for t, d in enumerate(deltas):
+            trim.trim_(t, d)
+        if params["vote"] == "paper":
+            return paper_vote_slice(base, deltas, params, ctx, scratch)
+        return ties_core(deltas, params, vote="weighted", scratch=scratch).add_(base)
+    majority = None
+    if params["scope"] == "global":
+        stats = ctx.global_stats
+        if not isinstance(stats, dict) or "thresholds" not in stats:
+            raise MethodError(f"tensor '{ctx.name}': ties with scope: global needs the "
+                              "whole-model pass (prepare) and the runner did not provide it")
+        for d, v in zip(deltas, stats["thresholds"], strict=True):
+            l1_rescaled_(d, lambda x, v=v: threshold_trim_(x, v, scratch), params["rescale"])  # type: ignore[misc]
+        majority = stats["majority"]
+    else:
+        for d, density in zip(deltas, params["density"], strict=True):
+            l1_rescaled_(d, lambda x, density=density: magnitude_trim_(x, density, scratch),  # type: ignore[misc]
+                         params["rescale"])
+    return ties_core(deltas, params, vote=params["vote"], majority=majority,
+                     scratch=scratch).add_(base)

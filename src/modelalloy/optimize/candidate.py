@@ -170,8 +170,7 @@ def _tensor_keys(recipe: Recipe, pool: ModelPool) -> dict[str, Any] | None:
         if not tensor.is_floating_point():
             continue
         params = resolve_tensor_params(recipe, name, *indexer.lookup(name))
-        if spec.prepare is not None and (spec.prepare_when is None
-                                         or spec.prepare_when(params)):
+        if spec.execution.prepare_for(params) is not None:
             return None  # a whole-model pass: every tensor depends on all the others
         keys[name] = (common, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                            for k, v in params.items())))

@@ -78,9 +78,10 @@ def _slice_unit(spec: MethodSpec, params: dict[str, Any], shape: tuple[int, ...]
                 numel: int) -> int:
     if numel < 2 * SLICE_ELEMENTS or not params:
         return 0
-    if spec.is_elementwise(params):
+    sliced = spec.execution.shape_for(params)
+    if sliced == "elementwise":
         return 1
-    if shape and spec.is_rowwise(params):
+    if shape and sliced == "rowwise":
         return shape[-1]
     return 0
 

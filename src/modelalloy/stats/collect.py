@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -144,7 +144,8 @@ class _TokenRows:
     def _make(self, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, int]:
         base = None
         if shape == self._shape and len(shape) >= 1:
-            base = self._mask.reshape(-1).nonzero().squeeze(1)
+            # a shape equal to the mask's means a mask is set
+            base = cast(torch.Tensor, self._mask).reshape(-1).nonzero().squeeze(1)
         n = math.prod(shape) if base is None else int(base.numel())
         if self._gen is None:
             return base, n
@@ -739,8 +740,8 @@ def collect_fisher(model: nn.Module, batches: Iterable[Any], *, mode: str = "sam
                         draws = []
                         probs = logp.detach().exp().cpu()
                         for _ in range(num_samples):
-                            y = torch.multinomial(probs, 1, generator=gen).to(logp.device)
-                            draws.append((logp.gather(-1, y)[:, 0] * valid).sum())
+                            drawn = torch.multinomial(probs, 1, generator=gen).to(logp.device)
+                            draws.append((logp.gather(-1, drawn)[:, 0] * valid).sum())
                     for j, value in enumerate(draws):
                         gs = grads_of(value, retain=j < len(draws) - 1)
                         for a, g in zip(acc, gs, strict=True):

@@ -31,8 +31,8 @@ def load_hf_model(model_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.
     except ImportError as err:  # pragma: no cover
         raise CheckpointError("transformers is needed to load a Hugging Face model folder "
                               "(pip install modelalloy[hf])") from err
-    kwargs = {"local_files_only": True, "trust_remote_code": False}
-    model = None
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    model: torch.nn.Module | None = None
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # stderr is for our one-line messages
     try:
@@ -59,8 +59,8 @@ def load_hf_model(model_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.
 def _check_token_ids(batches: list[Any], model: torch.nn.Module, data: str | Path) -> None:
     """Token ids the embedding has no row for would fail deep inside the forward pass (or
     read out of bounds on some devices): refuse them with the file's name."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") \
-        else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
     vocab = getattr(embeddings, "num_embeddings", None)
     if not isinstance(vocab, int):
         return

@@ -3,14 +3,15 @@
 SLERP (Σv0², Σv1², Σv0·v1) and Model Stock (‖δ_i‖², ⟨δ_i, δ_j⟩) reduce each tensor to such a
 small Gram matrix before an elementwise step. The sums are float64 dots over consecutive
 chunks of ``SLICE_ELEMENTS`` elements, added in order, on one intra-op thread: the whole tensor
-and its slices (the engine's ``slice_reduce`` pass) add the same numbers in the same order, so
-a merge gives the same bits either way and at any thread count.
+and its slices (a method's reduction pass, ``Execution.passes``) add the same numbers in the
+same order, so a merge gives the same bits either way and at any thread count.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -20,6 +21,14 @@ from modelalloy.threads import one_intra_op_thread
 
 Gram = list[list[float]]
 _scratch = threading.local()
+
+
+@dataclass
+class SlicedGram:
+    """A sliced merge's Gram sums (SLERP, Model Stock), gathered by its first pass over the
+    slices (torch or fused) and read by the merge: ``MergeContext.state(SlicedGram, ...)``."""
+
+    gram: Gram
 
 
 def new_gram(n: int) -> Gram:
