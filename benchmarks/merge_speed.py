@@ -494,9 +494,13 @@ def _read_files(paths: list[Path], buf: bytearray) -> int:
 
 
 def _drop_cache(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache. ``DONTNEED`` drops clean pages only: the
+    files are flushed first, or the pages of models generated moments ago stay cached and the
+    first cold measurement after generating reads part of them from memory."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

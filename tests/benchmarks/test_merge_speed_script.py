@@ -303,3 +303,37 @@ def test_each_cold_paragraph_keeps_the_write_bandwidth_of_its_own_run(tmp_path: 
     assert "writes at 2.25 GB/s buffered" in cold["3B"]
     assert not any("1.00 GB/s buffered" in p or "7.00 GB/s" in p for p in cold.values())
     assert ms.cold_write_Bps(results["sizes"]["100M"]["cold"]) == pytest.approx(4e9)
+
+
+def _in_page_cache(path: Path, offset: int) -> bool:
+    """One byte read only if it is in the page cache (``RWF_NOWAIT``)."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT) == 1
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="posix_fadvise / RWF_NOWAIT: Linux")
+def test_drop_cache_drops_a_file_written_moments_ago(tmp_path: Path) -> None:
+    """The first cold run after generating the models: their pages are still dirty, which
+    ``DONTNEED`` alone leaves in the page cache."""
+    import os
+
+    ms = _module()
+    clean = tmp_path / "clean.bin"
+    with open(clean, "wb") as f:
+        f.write(os.urandom(4 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    ms._drop_cache([clean])
+    if _in_page_cache(clean, 0):
+        pytest.skip("this file system keeps dropped pages (tmpfs?)")
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(os.urandom(4 << 20))  # dirty: not written back yet
+    ms._drop_cache([fresh])
+    assert not _in_page_cache(fresh, 0) and not _in_page_cache(fresh, (4 << 20) - 1)
