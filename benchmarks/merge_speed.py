@@ -1282,8 +1282,13 @@ def render_cold(c: dict) -> list[str]:
         def read_gb(x: dict) -> float | None:  # /proc/PID/io read_bytes (runs since 2026-12-07)
             return x["disk_read_bytes"] / 1e9 if x.get("disk_read_bytes") is not None else None
 
-        L.append(f"| {method} | {_fmt(mo, '.2f')} | {_fmt(mt, '.2f')} | "
-                 f"{_fmt(_med(ratios), '.2f')}{'×' if ratios else ''} | "
+        mt_s, speed = _fmt(mt, '.2f'), f"{_fmt(_med(ratios), '.2f')}{'×' if ratios else ''}"
+        stopped = [x for x in m.get("mergekit", []) if x.get("timed_out")]
+        if not theirs and stopped and mo:  # killed at --timeout: a lower bound
+            least = min(x["wall_s"] for x in stopped)
+            mt_s = f"> {least:.0f} (stopped at the timeout)"
+            speed = f"> {least / mo:.1f}×"
+        L.append(f"| {method} | {_fmt(mo, '.2f')} | {mt_s} | {speed} | "
                  f"{', '.join(f'{x:.2f}' for x in ratios) or '—'} | {m['io_bound_s']:.3g} | "
                  f"{_fmt(fd, '.3g')} / {_fmt(fb, '.3g')} | {per(mo, fd)} | {per(mt, fb)} | "
                  f"{rss('modelalloy')} | {rss('mergekit')} | "

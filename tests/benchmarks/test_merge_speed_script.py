@@ -288,6 +288,10 @@ def test_each_cold_paragraph_keeps_the_write_bandwidth_of_its_own_run(tmp_path: 
                "write": {"write_buffered_Bps": 7e9, "write_fsync_Bps": 1e9,
                          "probe_bytes": 1 << 30},
                "cold": _cold_rows(2.25e9, 19.2e9, 6.4e9, 2e9, "2026-12-07 15:30 UTC")}}}
+    # mergekit killed at --timeout after 1201.3 s (ours took 9.0 s): a lower bound
+    results["sizes"]["3B"]["cold"]["methods"]["linear"]["mergekit"] = [
+        {"wall_s": 1201.3, "rc": -9, "timed_out": True, "peak_rss_mb": 5000.0,
+         "peak_anon_mb": 4000.0, "user_s": 300.0, "sys_s": 90.0}]
     results_path = tmp_path / "results.json"
     results_path.write_text(json.dumps(results))
     out = tmp_path / "performance.md"
@@ -303,6 +307,10 @@ def test_each_cold_paragraph_keeps_the_write_bandwidth_of_its_own_run(tmp_path: 
     assert "writes at 2.25 GB/s buffered" in cold["3B"]
     assert not any("1.00 GB/s buffered" in p or "7.00 GB/s" in p for p in cold.values())
     assert ms.cold_write_Bps(results["sizes"]["100M"]["cold"]) == pytest.approx(4e9)
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| linear | 9.00 |")]
+    assert len(rows) == 3
+    assert "| 9.00 | > 1201 (stopped at the timeout) | > 133.5× |" in rows[2]  # 1201.3 / 9
+    assert "| 9.00 | — | — |" in rows[0]  # no mergekit run: nothing to bound
 
 
 def _in_page_cache(path: Path, offset: int) -> bool:
