@@ -1036,7 +1036,8 @@ REPRODUCE = [
     "`--budgets`, `--no-compare`, `--no-profile`, `--threads` and `--timeout` narrow or extend "
     "a run; `--help` lists them. `--sizes 3B` (or `--larger-than-ram` for any size) checks "
     "the free disk first and refuses with the space it needs (about 38 GB for 3B), runs "
-    "linear, task_arithmetic, ties and dare_ties cold only (`--cold-methods` to change), "
+    "linear, task_arithmetic, ties and dare_ties cold only (`--cold-methods` to change; "
+    "`--cold-mergekit-methods` for those mergekit also runs), "
     "and deletes the generated models after the run unless `--keep-models`.",
 ]
 
