@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(args.results.read_text()) if args.results.exists() else []
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(old + [rec], indent=1) + "\n")
-        print("| hints | wall s (runs) | CPU-s | read from disk GB | peak RSS MB |\n"
-              "|---|---|---:|---:|---:|")
+        print("| hints | wall s, median | wall s (runs) | CPU-s | read from disk GB | "
+              "peak RSS MB |\n|---|---:|---|---:|---:|---:|")
         for setting, rs in runs.items():
             walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
-            print(f"| {setting} | {walls} | "
+            print(f"| {setting} | {ms._med([r['wall_s'] for r in rs]):.2f} | {walls} | "
                   f"{ms._med([r['user_s'] + r['sys_s'] for r in rs]):.1f} | "
                   f"{ms._med([(r['disk_read_bytes'] or 0) / 1e9 for r in rs]):.2f} | "
                   f"{ms._med([r['peak_rss_mb'] for r in rs]):.0f} |")

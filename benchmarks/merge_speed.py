@@ -494,9 +494,13 @@ def _read_files(paths: list[Path], buf: bytearray) -> int:
 
 
 def _drop_cache(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache. ``DONTNEED`` drops clean pages only: the
+    files are flushed first, or the pages of models generated moments ago stay cached and the
+    first cold measurement after generating reads part of them from memory."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -870,7 +874,7 @@ def render_section(results: dict, findings: Path | None = FINDINGS) -> str:
                  "every time above, and dominates at small sizes.")
         L.append("")
         if r.get("cold"):
-            L.extend(render_cold(r["cold"], bw["write_buffered_Bps"]))
+            L.extend(render_cold(r["cold"]))
         if r.get("skip_reasons"):
             for why in r["skip_reasons"]:
                 L.append(f"- Skipped: {why}")
@@ -1032,7 +1036,8 @@ REPRODUCE = [
     "`--budgets`, `--no-compare`, `--no-profile`, `--threads` and `--timeout` narrow or extend "
     "a run; `--help` lists them. `--sizes 3B` (or `--larger-than-ram` for any size) checks "
     "the free disk first and refuses with the space it needs (about 38 GB for 3B), runs "
-    "linear, task_arithmetic, ties and dare_ties cold only (`--cold-methods` to change), "
+    "linear, task_arithmetic, ties and dare_ties cold only (`--cold-methods` to change; "
+    "`--cold-mergekit-methods` for those mergekit also runs), "
     "and deletes the generated models after the run unless `--keep-models`.",
 ]
 
@@ -1126,27 +1131,33 @@ def carry_over(prev: dict | None, rec: dict, methods: list[str],
 def cold_runs(methods: list[str], models: dict[str, Path], rdir: Path, work: Path,
               tools: dict[str, tuple[Callable[[str, str], list[str]], dict[str, str]]],
               runs: int,
-              write_Bps: float, timeout: float) -> dict:
+              write_Bps: float, timeout: float,
+              mergekit_methods: set[str] | None = None) -> dict:
     """Each tool on each recipe with the recipe's input shards dropped from the page cache
     before every run (``posix_fadvise(DONTNEED)``), so every byte comes from the disk: the
     case of 7B–70B merges, whose inputs do not fit in RAM. The bound reads at the best cold
-    bandwidth of 1, 2 or 4 concurrent readers and writes at the buffered write bandwidth."""
+    bandwidth of 1, 2 or 4 concurrent readers and writes at the buffered write bandwidth.
+    ``mergekit_methods`` (None: all) are the methods mergekit also runs: a larger-than-RAM
+    mergekit run of the sparsifying methods takes many minutes."""
     streams = {str(n): measure_cold_read(models, n, work) for n in (1, 2, 4)}
     best = max(streams.values())
     print("[cold] read " + ", ".join(f"{n} reader(s) {b / 1e9:.2f} GB/s"
                                      for n, b in streams.items()))
     out: dict = {"read_cold_Bps_by_readers": streams, "methods": {},
                  "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "load_before": _load_avg(), "commit": _commit(), "runs": runs}
+                 "load_before": _load_avg(), "commit": _commit(), "runs": runs,
+                 "write_buffered_Bps": write_Bps}
     floors: dict[tuple, float] = {}  # recipes with the same inputs and output share them
     for method in methods:
         recipe = rdir / f"{method}.yml"
         recipe.write_text(recipe_yaml(method, models))
         inputs = [f for p in recipe_inputs(method, models) for f in model_files(p)]
         read_bytes = sum(f.stat().st_size for f in inputs)
-        m: dict = {name: [] for name in tools} | {"read_bytes": read_bytes}
+        here = {name: t for name, t in tools.items() if name != "mergekit"
+                or mergekit_methods is None or method in mergekit_methods}
+        m: dict = {name: [] for name in here} | {"read_bytes": read_bytes}
         for run in range(runs):
-            for name, (cmd, env) in tools.items():
+            for name, (cmd, env) in here.items():
                 o = work / f"{method}-{name}-cold"
                 shutil.rmtree(o, ignore_errors=True)
                 _drop_cache(inputs)
@@ -1195,7 +1206,7 @@ def render_larger_than_ram(r: dict) -> list[str]:
          "(issue 21): peak RSS under 2 GB, at least 3× mergekit, within 1.3× of the measured "
          "I/O floor with fsync.", ""]
     if r.get("cold"):
-        L.extend(render_cold(r["cold"], r["write"]["write_buffered_Bps"]))
+        L.extend(render_cold(r["cold"]))
     for why in r.get("skip_reasons", []):
         L.append(f"- Skipped: {why}")
     if r.get("skip_reasons"):
@@ -1203,8 +1214,24 @@ def render_larger_than_ram(r: dict) -> list[str]:
     return L
 
 
-def render_cold(c: dict, write_Bps: float) -> list[str]:
+def cold_write_Bps(c: dict) -> float | None:
+    """The buffered write bandwidth the cold rows ``c`` were bounded with: that of their own
+    run, never the size's latest (cold rows outlive the warm rows they were measured with).
+    Rows recorded before it was stored get it back from their bound, which is read bytes ÷
+    the best cold read bandwidth + written bytes ÷ it."""
+    if c.get("write_buffered_Bps"):
+        return c["write_buffered_Bps"]
+    best = max(c["read_cold_Bps_by_readers"].values())
+    for m in c["methods"].values():
+        write_s = m["io_bound_s"] - m["read_bytes"] / best
+        if m.get("write_bytes") and write_s > 0:
+            return m["write_bytes"] / write_s
+    return None
+
+
+def render_cold(c: dict) -> list[str]:
     by = c["read_cold_Bps_by_readers"]
+    write_Bps = cold_write_Bps(c)
     L = [f"**Cold page cache** (measured {c['date']}, commit {c['commit']}, {c['runs']} "
          f"run{'s' if c['runs'] != 1 else ''} per tool; load {c['load_before']} / "
          f"{c['load_after']}). Before every run the recipe's input shards are dropped from the "
@@ -1212,7 +1239,8 @@ def render_cold(c: dict, write_Bps: float) -> list[str]:
          "the models are larger than RAM. The bound reads at the best cold bandwidth of 1, 2 "
          "or 4 concurrent readers (" + ", ".join(f"{n}: {b / 1e9:.2f} GB/s"
                                                  for n, b in by.items())
-         + f") and writes at {write_Bps / 1e9:.2f} GB/s buffered. The I/O floors are "
+         + f") and writes at {_fmt(write_Bps and write_Bps / 1e9, '.2f', '?')} GB/s "
+         "buffered. The I/O floors are "
          "measured instead: the inputs read cold by the best number of readers while one "
          "thread writes the output's bytes, with fsync at the end (durable, as modelalloy "
          "writes) and without (as mergekit writes); best of two. Reads and writes share the "
@@ -1255,8 +1283,13 @@ def render_cold(c: dict, write_Bps: float) -> list[str]:
         def read_gb(x: dict) -> float | None:  # /proc/PID/io read_bytes (runs since 2026-12-07)
             return x["disk_read_bytes"] / 1e9 if x.get("disk_read_bytes") is not None else None
 
-        L.append(f"| {method} | {_fmt(mo, '.2f')} | {_fmt(mt, '.2f')} | "
-                 f"{_fmt(_med(ratios), '.2f')}{'×' if ratios else ''} | "
+        mt_s, speed = _fmt(mt, '.2f'), f"{_fmt(_med(ratios), '.2f')}{'×' if ratios else ''}"
+        stopped = [x for x in m.get("mergekit", []) if x.get("timed_out")]
+        if not theirs and stopped and mo:  # killed at --timeout: a lower bound
+            least = min(x["wall_s"] for x in stopped)
+            mt_s = f"> {least:.0f} (stopped at the timeout)"
+            speed = f"> {least / mo:.1f}×"
+        L.append(f"| {method} | {_fmt(mo, '.2f')} | {mt_s} | {speed} | "
                  f"{', '.join(f'{x:.2f}' for x in ratios) or '—'} | {m['io_bound_s']:.3g} | "
                  f"{_fmt(fd, '.3g')} / {_fmt(fb, '.3g')} | {per(mo, fd)} | {per(mt, fb)} | "
                  f"{rss('modelalloy')} | {rss('mergekit')} | "
@@ -1342,6 +1375,8 @@ def main(argv: list[str] | None = None) -> int:
                          "every run ('none' to skip; default linear,task_arithmetic; for a "
                          "size larger than RAM, the methods it runs: default "
                          + ",".join(LARGE_METHODS) + ")")
+    ap.add_argument("--cold-mergekit-methods", default=None,
+                    help="of the cold methods, those mergekit also runs (default: all)")
     ap.add_argument("--larger-than-ram", action="store_true",
                     help="treat every size as one whose models do not fit in RAM (as 3B "
                          "always is): cold runs only, models deleted after the run")
@@ -1434,6 +1469,8 @@ def main(argv: list[str] | None = None) -> int:
     for x in cold_methods:
         if x not in KNOWN_METHODS:
             raise SystemExit(f"unknown method {x!r} in --cold-methods")
+    mergekit_methods = (None if args.cold_mergekit_methods is None else
+                        {x.strip() for x in args.cold_mergekit_methods.split(",") if x.strip()})
     tools = {"modelalloy": (lambda r, o: ma_cmd + [r, o] + extra, env_ma)}
     if mk:
         tools["mergekit"] = (lambda r, o: [mk, r, o, "--no-copy-tokenizer"], env_mk)
@@ -1444,7 +1481,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["cold"] = cold_runs(which, models, cdir, cdir, tools,
                                 args.cold_runs or args.runs,
                                 (rec.get("bandwidth") or rec["write"])["write_buffered_Bps"],
-                                args.timeout)
+                                args.timeout, mergekit_methods)
 
     def environment(load_before: str) -> dict:
         return {

@@ -227,3 +227,121 @@ def test_a_size_that_does_not_fit_on_the_disk_is_refused_before_generating(
     assert not (tmp_path / "cache").exists()
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 40 * 10**9))
     ms.check_disk("3B", tmp_path / "cache", tmp_path / "work")
+
+
+def _cold_rows(write_Bps: float | None, read_bytes: float, write_bytes: float,
+               best_read_Bps: float, date: str) -> dict:
+    """Cold rows as ``cold_runs`` records them; ``write_Bps`` None: a record from before the
+    write bandwidth was stored with them (only their bound carries it)."""
+    run = {"wall_s": 9.0, "rc": 0, "peak_rss_mb": 300.0, "peak_anon_mb": 200.0,
+           "user_s": 5.0, "sys_s": 1.0}
+    c = {"read_cold_Bps_by_readers": {"1": best_read_Bps / 2, "2": best_read_Bps},
+         "date": date, "commit": "abc1234", "runs": 1, "load_before": "0.50/0.50/0.50",
+         "load_after": "0.60/0.60/0.60",
+         "methods": {"linear": {
+             "modelalloy": [run], "read_bytes": read_bytes, "write_bytes": write_bytes,
+             # the bound as cold_runs adds it up: read ÷ best cold read + written ÷ write
+             "io_bound_s": read_bytes / best_read_Bps + write_bytes / (write_Bps or 4e9),
+             "floor_durable_s": 5.0, "floor_buffered_s": 4.0}}}
+    if write_Bps is not None:
+        c["write_buffered_Bps"] = write_Bps
+    return c
+
+
+def _env(date: str) -> dict:
+    return {"date": date, "machine": "2 cores", "load_before": "0.1", "load_after": "0.2",
+            "runs": 1, "modelalloy_cmd": "modelalloy merge", "commit": "def5678",
+            "mergekit": "not run"}
+
+
+def _paragraphs(text: str) -> dict[str, str]:
+    """The cold paragraph of each size, keyed by the size."""
+    out, size = {}, None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            size = line.split()[1].rstrip(":")
+        elif line.startswith("**Cold page cache**"):
+            out[size] = line
+    return out
+
+
+def test_each_cold_paragraph_keeps_the_write_bandwidth_of_its_own_run(tmp_path: Path) -> None:
+    """A size rerun warm keeps its earlier cold rows (``carry_over``); their paragraph must
+    state the write bandwidth those rows were bounded with, not the rerun's. Rows stored
+    without it (before 2026-12-07) get it back from their own bound: 6 GB read at 2 GB/s and
+    2 GB written at 4 GB/s is 3.5 s, so 4.00 GB/s."""
+    ms = _module()
+    results = {"sizes": {
+        "100M": {"params": 99e6, "model_bytes": 2e8, "methods": {}, "env": _env("2026-12-07"),
+                 # the rerun's own (warm) bandwidths, 1.00 GB/s write: not the cold rows'
+                 "bandwidth": {"read_warm_Bps": 8e9, "read_cold_Bps": 2e9,
+                               "write_buffered_Bps": 1e9, "write_fsync_Bps": 0.5e9,
+                               "probe_bytes": 2e8},
+                 "cold": _cold_rows(None, 6e9, 2e9, 2e9, "2026-11-24 16:37 UTC")},
+        "1B": {"params": 1.03e9, "model_bytes": 2e9, "methods": {}, "env": _env("2026-12-07"),
+               "bandwidth": {"read_warm_Bps": 8e9, "read_cold_Bps": 2e9,
+                             "write_buffered_Bps": 1e9, "write_fsync_Bps": 0.5e9,
+                             "probe_bytes": 2e9},
+               "cold": _cold_rows(3e9, 6e9, 2e9, 2.5e9, "2026-11-25 10:00 UTC")},
+        "3B": {"params": 3.2e9, "model_bytes": 6.4e9, "larger_than_ram": True,
+               "env": _env("2026-12-07"),
+               "write": {"write_buffered_Bps": 7e9, "write_fsync_Bps": 1e9,
+                         "probe_bytes": 1 << 30},
+               "cold": _cold_rows(2.25e9, 19.2e9, 6.4e9, 2e9, "2026-12-07 15:30 UTC")}}}
+    # mergekit killed at --timeout after 1201.3 s (ours took 9.0 s): a lower bound
+    results["sizes"]["3B"]["cold"]["methods"]["linear"]["mergekit"] = [
+        {"wall_s": 1201.3, "rc": -9, "timed_out": True, "peak_rss_mb": 5000.0,
+         "peak_anon_mb": 4000.0, "user_s": 300.0, "sys_s": 90.0}]
+    results_path = tmp_path / "results.json"
+    results_path.write_text(json.dumps(results))
+    out = tmp_path / "performance.md"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--render-only", "--results",
+                        str(results_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cold = _paragraphs(out.read_text())
+    assert set(cold) == {"100M", "1B", "3B"}
+    assert "measured 2026-11-24 16:37 UTC" in cold["100M"]
+    assert "writes at 4.00 GB/s buffered" in cold["100M"]
+    assert "writes at 3.00 GB/s buffered" in cold["1B"]
+    assert "writes at 2.25 GB/s buffered" in cold["3B"]
+    assert not any("1.00 GB/s buffered" in p or "7.00 GB/s" in p for p in cold.values())
+    assert ms.cold_write_Bps(results["sizes"]["100M"]["cold"]) == pytest.approx(4e9)
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| linear | 9.00 |")]
+    assert len(rows) == 3
+    assert "| 9.00 | > 1201 (stopped at the timeout) | > 133.5× |" in rows[2]  # 1201.3 / 9
+    assert "| 9.00 | — | — |" in rows[0]  # no mergekit run: nothing to bound
+
+
+def _in_page_cache(path: Path, offset: int) -> bool:
+    """One byte read only if it is in the page cache (``RWF_NOWAIT``)."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT) == 1
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="posix_fadvise / RWF_NOWAIT: Linux")
+def test_drop_cache_drops_a_file_written_moments_ago(tmp_path: Path) -> None:
+    """The first cold run after generating the models: their pages are still dirty, which
+    ``DONTNEED`` alone leaves in the page cache."""
+    import os
+
+    ms = _module()
+    clean = tmp_path / "clean.bin"
+    with open(clean, "wb") as f:
+        f.write(os.urandom(4 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    ms._drop_cache([clean])
+    if _in_page_cache(clean, 0):
+        pytest.skip("this file system keeps dropped pages (tmpfs?)")
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(os.urandom(4 << 20))  # dirty: not written back yet
+    ms._drop_cache([fresh])
+    assert not _in_page_cache(fresh, 0) and not _in_page_cache(fresh, (4 << 20) - 1)
