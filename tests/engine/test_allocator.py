@@ -51,3 +51,21 @@ def test_a_merge_with_a_memory_budget_returns_freed_tensors(tmp_path):
     merge = ("from modelalloy.engine.run import run_recipe\n"
              f"run_recipe({str(recipe)!r}, {str(tmp_path / 'out')!r}, memory_budget='4GB')\n")
     assert kept > 15 and _resident_after_free(merge) < 1
+
+
+def test_peak_rss_is_the_process_own_not_its_parent_peak():
+    """A merge started by a process that held much memory reports its own peak (``ru_maxrss``
+    keeps the parent's across fork and exec: a 3B run printed 6.9 GB for a 440 MB merge)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    held = bytearray(900 << 20)
+    held[::4096] = b"\1" * len(held[::4096])  # resident, not only reserved
+    code = "from modelalloy.engine.run import peak_rss_bytes; print(peak_rss_bytes())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=120)
+    del held
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) < 800 << 20
