@@ -315,8 +315,10 @@ point is 0.03 of a point of the mean), tiny-lm 50 and 500. Read against the pape
   at task arithmetic over the whole pool: −1.9 on tiny-vision, −45.1 on tiny-lm, where the
   held-out experts, in x₀ with weight 0.3 each, break the merge); reproduced from the base with
   step 1 (0.0 and −0.1).
-- **Refuted on both**: Expert Merging(++) (−5 to −6 test), Sens-Merging (−30 and −66; not
-  investigated here, docs/benchmarks_informed.md has its rows), Self Positioning (−2.8, −0.7)
+- **Refuted on both**: Expert Merging(++) (−5 to −6 test), Sens-Merging (±0.0 on both
+  full suites: K·σ stays within a few percent of uniform, as uncertain-resolved.md §4(d)
+  predicts, so with λ tuned on val it is task arithmetic; before λ was tuned, λ = 1 summed all
+  eight task vectors: −30 and −66), Self Positioning (−2.8, −0.7)
   against task arithmetic; MAP's front with 8 tasks: mean |predicted − real| 0.26
   (tiny-vision) and 0.37 (tiny-lm) from 90 designed merges — a quadratic in 8 weights has 45
   coefficients and the sigmoid fit does not follow the real front there — and its picked
