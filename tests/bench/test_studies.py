@@ -125,3 +125,35 @@ def test_long_to_short_pair_shares_one_parent(lm_smoke):
     assert study.rows[1]["vs_long"] == 0.0
     hits = case.evaluate(long_sd)["sum_long"]
     assert study.rows[1]["accuracy"] == pytest.approx(hits["accuracy"], abs=1e-4)
+
+
+def test_long_to_short_flag_needs_tiny_lm_before_any_build(tmp_path, monkeypatch):
+    from modelalloy.cli import app
+
+    monkeypatch.setenv("MODELALLOY_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["bench", "--suite", "tiny-vision", "--size", "smoke",
+                                   "--long-to-short", "--out", str(tmp_path / "out")])
+    assert isinstance(res.exception, EvalError)  # the CLI entry prints it as one line
+    assert "--long-to-short needs --suite tiny-lm" in str(res.exception)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_long_to_short_flag_merges_the_shared_parent_pair(lm_smoke, tmp_path):
+    """The flag's rows are the shared-parent case's (issue 20), not the suite's own pair."""
+    from modelalloy.bench.lm_l2s import L2SCase
+    from modelalloy.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "--suite", "tiny-lm", "--size", "smoke",
+                                   "--methods", "linear", "--no-tune", "--long-to-short",
+                                   "--out", str(tmp_path), "--quiet"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "study-long-to-short.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["base", "expert:sum_long", "expert:sum_short",
+                                           "linear"]
+    case = L2SCase.build(lm_smoke)
+    parent = case.evaluate(case.base_state_dict())["sum_long"]["accuracy"]
+    own_base = lm_smoke.evaluate(lm_smoke.base_state_dict(), ["sum_long"])["sum_long"]
+    assert rows[0]["accuracy"] == pytest.approx(parent, abs=1e-4)
+    assert parent != pytest.approx(own_base["accuracy"], abs=1e-4)  # tells the two pairs apart
+    assert (tmp_path / "study-long-to-short.png").is_file()

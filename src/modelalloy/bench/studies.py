@@ -161,8 +161,11 @@ def held_out_study(suite: Any, methods: list[str], seed: int, log: Callable[[str
                  note, findings, plot=lambda p: _plot_held_out(rows, p))
 
 
-def long_to_short_study(suite: Any, methods: list[str], seed: int,
+def long_to_short_study(suite: Any, methods: list[str] | None, seed: int,
                         log: Callable[[str], None]) -> Study:
+    """The L2S pair rebuilt from one shared parent (:mod:`modelalloy.bench.lm_l2s`) merged by
+    ``methods`` (None: every two-model method): accuracy, length and the paired difference from
+    the long expert."""
     from modelalloy.bench.lm_l2s import L2SCase
 
     if suite.info.name != "tiny-lm":
