@@ -33,16 +33,28 @@ def test_held_out_study_compares_with_the_base_and_single_experts(vision_smoke, 
 @pytest.mark.slow
 def test_variant_study_builds_one_suite_per_setting(vision_smoke, monkeypatch):
     monkeypatch.setitem(studies.VARIANTS, ("base-quality", "tiny-vision", "smoke"),
-                        [("short", {"pretrain_steps": 30}), ("default", {})])
+                        [("short", {"pretrain_steps": 30}), ("default", {}),
+                         ("never built", {"width": 64})])
     study = variant_study("base-quality", "tiny-vision", "smoke", ["task_arithmetic"], 0,
-                          lambda _m: None)
+                          lambda _m: None, settings=["short", "default"])
     settings = {r["setting"] for r in study.rows}
-    assert settings == {"short", "default"}
+    assert settings == {"short", "default"}  # only the settings asked for are built
     default_base = next(r for r in study.rows
                         if r["setting"] == "default" and r["method"] == "base")
     n = sum(v.numel() for v in vision_smoke.base_state_dict().values())
     assert default_base["parameters"] == n
     assert len(study.findings) == 2 and "spread" in study.findings[0]
+
+
+def test_study_settings_are_checked_before_any_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELALLOY_CACHE", str(tmp_path))
+    with pytest.raises(EvalError, match=r"two or more of 0\.5×, 1×, 4×.*got 1×, 2×"):
+        run_study("scale", "tiny-vision", "smoke", settings=["1×", "2×"])
+    with pytest.raises(EvalError, match="two or more"):
+        run_study("scale", "tiny-vision", "smoke", settings=["1×"])
+    with pytest.raises(EvalError, match="study held-out has no settings"):
+        run_study("held-out", "tiny-vision", "smoke", settings=["1×", "4×"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_every_size_of_every_suite_has_scale_and_base_quality_variants():
