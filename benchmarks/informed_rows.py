@@ -347,60 +347,91 @@ shared 2-core CPU, one torch thread.
 """
 
 DOC_TAIL = """
+## What moved at this regeneration (2026-12-07) and why
+
+- **Intervals and verdicts.** Every accuracy now carries its 95% bootstrap half-width and every
+  row its paired Δ from the better task-arithmetic row; each verdict is read off those paired
+  intervals (*shows*: above 0 against every row the claim names; *does not show*: one lies
+  below +1 point; *cannot tell*: otherwise), not off the point difference as before.
+- **tiny-vision: no accuracy moved** (the same cached suite `tiny-vision-full-88ca94c12dfc`,
+  the same seed; every cell is identical to the previous page). Two verdicts changed with the
+  rule: `fisher` against plain averaging, +0.7 points, was "shows", now **cannot tell**
+  (95% −0.0..+1.4); `regmean_pp` was "shows in direction", now **cannot tell** because its
+  claim also names RegMean, and RegMean++ − RegMean = +0.2 (−0.7..+1.1). Only the seconds
+  moved (shared machine: AdaMerging task-wise 232 → 86 s, layer-wise 141 → 178 s).
+- **tiny-lm: the suite's test split grew from 100 to 500 prompts per task** (commit 87eaa88,
+  suite `tiny-lm-full-85c09a45c8ed` instead of `b8ef27afaa92`; the training data and recipe
+  are unchanged, the test prompts come from their own seed). Every tiny-lm accuracy therefore
+  moved, within the old table's noise (one task's 95% half-width at 100 prompts is about
+  ±9 points, the held-in mean's about ±3): the base 62.3 → 65.1, averaging 69.1 → 69.6, tuned
+  task arithmetic 73.8 → 74.0, tuned TIES 67.4 → 68.4, RegMean 71.1 → 72.3, Fisher
+  73.2 → 73.0, OTA 71.9 → 72.7, AIM(TIES) 65.6 → 67.7, AdaMerging task-wise 68.1 → 69.1.
+  No tiny-lm verdict changed. The AdaMerging seconds (1,222 and 606 s against 204 and 194 s)
+  are the machine's load (load average 12–14 on 2 cores; this run took 507 s of CPU for both
+  suites in 41.7 min of wall time), not the method.
+
 ## Reading the tiny-vision table (full suite, seed 0)
 
 - The strong baseline here is task arithmetic at λ = 0.3: its registered default, the value the
   val split picks, and FusionBench's fixed CLIP setting. The ~15-point gaps of FusionBench are
   measured against that same λ on ViT models; on our suite every data-informed row lands within
   a few points of it.
-- RegMean and RegMean++ are the only rows above both task arithmetic and TIES, by about a point
-  and a half over task arithmetic and five over TIES, and they keep the held-out tasks closer to
-  the base than tuned task arithmetic does. Against plain averaging (`linear`) RegMean gains
-  about 6 points from one layer: `fc` is solved in closed form while the three convolutions
-  and the biases are the plain average.
-  RegMean++ differs only in collecting the `fc` Gram on features of the merged convolutions
-  instead of each expert's own; on this suite that moves the result by a tenth of a point.
+- RegMean and RegMean++ are the only rows above task arithmetic with a paired interval above 0
+  (+1.7 ± 1.1 and +1.9 ± 1.1), five points above tuned TIES, and they keep the held-out tasks
+  closer to the base than tuned task arithmetic does. Against plain averaging (`linear`)
+  RegMean gains about 6 points from one layer: `fc` is solved in closed form while the three
+  convolutions and the biases are the plain average. RegMean++ differs only in collecting the
+  `fc` Gram on features of the merged convolutions instead of each expert's own; on this suite
+  that moves the result by 0.2 points, inside its interval.
 - Fisher merging, OTA and OTA+FFG are weighted *averages* of the experts (the weights sum to
   one per entry), so their overall task-vector scale is plain averaging's (1/8 of each task
-  vector), not tuned task arithmetic's 0.3. They land next to plain averaging (Fisher a little
-  above it, as its paper claims) and below tuned task arithmetic.
+  vector), not tuned task arithmetic's 0.3. They land next to plain averaging (Fisher 0.7
+  above it, which the interval cannot separate from 0) and 4–5 points below tuned task
+  arithmetic.
 - AdaMerging lowers its objective (the notes give the summed entropy before and after) but not
   the error: entropy minimisation pushes the coefficients well above 0.3 (task-wise, all eight
   near 0.6), which sharpens the few-shot probe heads' predictions without making them more
-  accurate, and costs most on the held-out tasks. On this suite entropy is a poor surrogate for
-  accuracy.
+  accurate, and costs most on the held-out tasks (39–40 against 45.5). On this suite entropy is
+  a poor surrogate for accuracy.
 - Sens-Merging collapses to task arithmetic (K·σ stays within 1% of uniform, as the spec warns),
-  so at task arithmetic's λ it reproduces that row.
+  so at task arithmetic's λ it reproduces that row exactly (Δ +0.0 ± 0.0).
 - AIM relaxes the merge toward the base on the base's most active channels of `fc`; here that
-  costs one to two points on both merges it relaxes (it does raise the held-out accuracy).
+  costs 1.6 ± 0.6 points on task arithmetic and 1.0 on TIES (it does raise the held-out
+  accuracy).
 - Expert Merging (16 samples per task, 16 optimiser steps with the repo's gradient accumulation
-  of 8) and Self Positioning (300 steps) stay below tuned task arithmetic with their defaults.
+  of 8) and Self Positioning (300 steps) stay below tuned task arithmetic with their defaults
+  (−5.9 ± 1.3 and −1.2 ± 0.7).
 
-## Reading the tiny-lm table (smoke suite, seed 0)
+## Reading the tiny-lm table (full suite, seed 0)
 
-The full tiny-lm suite was not in the cache, so these rows are on the smoke suite: a one-layer
-GPT-2, two merged tasks (`len`, `max`) and 40 test prompts per task, so one prompt is 2.5
-points — read only large differences.
+A 2-layer GPT-2 (n_embd 128), eight merged tasks, 500 test prompts per task: a held-in mean's
+95% half-width is about ±1.4 points and a paired difference's ±0.7–1.3.
 
-- No data-informed row beats task arithmetic or TIES (both 66.2 at λ = 0.3); Sens-Merging
-  reproduces task arithmetic (K·σ within 6% of uniform) and AIM costs 4–6 points.
-- RegMean (every Conv1D of the block has a Gram here) falls below plain averaging, and RegMean++
-  recovers about 12 points of it. `lm_head` is tied to the token embedding, so the `lm_head`
-  Gram is also filed under `transformer.wte.weight` and the embedding is solved in closed form
-  with it; AIM likewise relaxes the embedding. Whether the embedding should be left to the
-  average (the RegMean++ reference averages embeddings) is an open question for the stats code.
-- OTA lands below the base: with power 0 (uniform curvature weights) the same code reproduces
-  plain averaging exactly, so it is the second-moment weighting that hurts (`max` drops to 0).
-- AdaMerging again lowers the entropy while accuracy falls: the coefficients go to about 0.74
-  (task-wise), and layer-wise some reach the bounds of [0, 1].
+- No data-informed row beats tuned task arithmetic (74.0 at λ = 0.2): the closest are
+  Sens-Merging (identical: K·σ within 3% of uniform), Self Positioning (−0.5, 95% −1.4..+0.4)
+  and Fisher (−1.1 ± 0.7). Fisher is the one paper claim that shows: +3.4 ± 0.8 over plain
+  averaging.
+- RegMean (every Conv1D of the blocks has a Gram here) lands 1.8 ± 1.0 below tuned task
+  arithmetic and RegMean++ on the same row (+0.0 ± 0.4 against RegMean); both solve `max`
+  (99.4 against 87.8) and lose `rev`, `sort`, `upper` and `shift`. `lm_head` is tied to the
+  token embedding, so the `lm_head` Gram is also filed under `transformer.wte.weight` and the
+  embedding is solved in closed form with it; AIM likewise relaxes the embedding.
+- OTA and OTA+FFG (weighted averages, see above) land 1.3 and 2.1 points below tuned task
+  arithmetic and 3.1 and 2.3 above plain averaging; they keep the held-out tasks best of all
+  rows (45.1, 44.9 against the base's 43.5).
+- AIM costs 4.6 points on task arithmetic and 0.8 on TIES: relaxing toward the base undoes
+  most of what the tiny task vectors add.
+- AdaMerging again lowers the entropy while accuracy falls (−4.9 task-wise, −9.7 layer-wise):
+  the coefficients go up to 0.6 (task-wise), and layer-wise some reach the bounds of [0, 1];
+  Expert Merging, which its paper puts above AdaMerging, is above layer-wise AdaMerging here
+  (+4.1 ± 1.4) but 5.6 below task arithmetic.
 
 ## What remains
 
-- tiny-lm on the full suite: `python benchmarks/informed_rows.py --suites tiny-lm --size full`
-  once it is built (the script keeps the other suite's saved rows).
 - tiny-vision's body is mostly convolutions, where RegMean, RegMean++ and AIM have no statistic;
-  the full tiny-lm suite (every block weight a Conv1D) is the fairer test of them.
-- Single seed; differences of a point or two on a suite this size are within noise.
+  tiny-lm (every block weight a Conv1D) is the fairer test of them, and there they do not help.
+- One fine-tuning seed; the intervals measure the test-set noise of one set of experts, not the
+  spread over experts (`modelalloy bench --seeds 3` measures that for the baseline rows).
   The data-informed methods use their papers' defaults (no search of their own
   hyper-parameters) while task arithmetic and TIES get a λ search on the val split.
 """

@@ -33,16 +33,28 @@ def test_held_out_study_compares_with_the_base_and_single_experts(vision_smoke, 
 @pytest.mark.slow
 def test_variant_study_builds_one_suite_per_setting(vision_smoke, monkeypatch):
     monkeypatch.setitem(studies.VARIANTS, ("base-quality", "tiny-vision", "smoke"),
-                        [("short", {"pretrain_steps": 30}), ("default", {})])
+                        [("short", {"pretrain_steps": 30}), ("default", {}),
+                         ("never built", {"width": 64})])
     study = variant_study("base-quality", "tiny-vision", "smoke", ["task_arithmetic"], 0,
-                          lambda _m: None)
+                          lambda _m: None, settings=["short", "default"])
     settings = {r["setting"] for r in study.rows}
-    assert settings == {"short", "default"}
+    assert settings == {"short", "default"}  # only the settings asked for are built
     default_base = next(r for r in study.rows
                         if r["setting"] == "default" and r["method"] == "base")
     n = sum(v.numel() for v in vision_smoke.base_state_dict().values())
     assert default_base["parameters"] == n
     assert len(study.findings) == 2 and "spread" in study.findings[0]
+
+
+def test_study_settings_are_checked_before_any_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELALLOY_CACHE", str(tmp_path))
+    with pytest.raises(EvalError, match=r"two or more of 0\.5×, 1×, 4×.*got 1×, 2×"):
+        run_study("scale", "tiny-vision", "smoke", settings=["1×", "2×"])
+    with pytest.raises(EvalError, match="two or more"):
+        run_study("scale", "tiny-vision", "smoke", settings=["1×"])
+    with pytest.raises(EvalError, match="study held-out has no settings"):
+        run_study("held-out", "tiny-vision", "smoke", settings=["1×", "4×"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_every_size_of_every_suite_has_scale_and_base_quality_variants():
@@ -125,3 +137,35 @@ def test_long_to_short_pair_shares_one_parent(lm_smoke):
     assert study.rows[1]["vs_long"] == 0.0
     hits = case.evaluate(long_sd)["sum_long"]
     assert study.rows[1]["accuracy"] == pytest.approx(hits["accuracy"], abs=1e-4)
+
+
+def test_long_to_short_flag_needs_tiny_lm_before_any_build(tmp_path, monkeypatch):
+    from modelalloy.cli import app
+
+    monkeypatch.setenv("MODELALLOY_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["bench", "--suite", "tiny-vision", "--size", "smoke",
+                                   "--long-to-short", "--out", str(tmp_path / "out")])
+    assert isinstance(res.exception, EvalError)  # the CLI entry prints it as one line
+    assert "--long-to-short needs --suite tiny-lm" in str(res.exception)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_long_to_short_flag_merges_the_shared_parent_pair(lm_smoke, tmp_path):
+    """The flag's rows are the shared-parent case's (issue 20), not the suite's own pair."""
+    from modelalloy.bench.lm_l2s import L2SCase
+    from modelalloy.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "--suite", "tiny-lm", "--size", "smoke",
+                                   "--methods", "linear", "--no-tune", "--long-to-short",
+                                   "--out", str(tmp_path), "--quiet"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "study-long-to-short.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["base", "expert:sum_long", "expert:sum_short",
+                                           "linear"]
+    case = L2SCase.build(lm_smoke)
+    parent = case.evaluate(case.base_state_dict())["sum_long"]["accuracy"]
+    own_base = lm_smoke.evaluate(lm_smoke.base_state_dict(), ["sum_long"])["sum_long"]
+    assert rows[0]["accuracy"] == pytest.approx(parent, abs=1e-4)
+    assert parent != pytest.approx(own_base["accuracy"], abs=1e-4)  # tells the two pairs apart
+    assert (tmp_path / "study-long-to-short.png").is_file()

@@ -193,9 +193,13 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any,
     if result.skipped:
         lines += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in result.skipped.items()), ""]
     if suite.info.extra.get("pair"):
-        rows = long_to_short(suite, ["linear", "task_arithmetic", "ties", "slerp"], log=log)
-        lines += ["Long-to-short (chain-of-thought expert merged with the direct one; "
-                  "final-answer accuracy and mean response length on the same prompts):", "",
+        from modelalloy.bench.lm_l2s import L2SCase
+
+        rows = long_to_short(L2SCase.build(suite, log=log),
+                             ["linear", "task_arithmetic", "ties", "slerp"], log=log)
+        lines += ["Long-to-short (chain-of-thought expert merged with the direct one, both "
+                  "fine-tuned from one shared parent θ_P, the `base` row; final-answer accuracy "
+                  "and mean response length on the same prompts):", "",
                   long_to_short_markdown(rows), ""]
     lines += [f"Number of experts merged (task arithmetic, λ=0.3, {repeats} random subset(s) "
               "per k):",

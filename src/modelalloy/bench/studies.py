@@ -161,8 +161,11 @@ def held_out_study(suite: Any, methods: list[str], seed: int, log: Callable[[str
                  note, findings, plot=lambda p: _plot_held_out(rows, p))
 
 
-def long_to_short_study(suite: Any, methods: list[str], seed: int,
+def long_to_short_study(suite: Any, methods: list[str] | None, seed: int,
                         log: Callable[[str], None]) -> Study:
+    """The L2S pair rebuilt from one shared parent (:mod:`modelalloy.bench.lm_l2s`) merged by
+    ``methods`` (None: every two-model method): accuracy, length and the paired difference from
+    the long expert."""
     from modelalloy.bench.lm_l2s import L2SCase
 
     if suite.info.name != "tiny-lm":
@@ -280,13 +283,24 @@ def _plot_two_skills(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def variant_study(name: str, suite_name: str, size: str, methods: list[str], seed: int,
-                  log: Callable[[str], None], rebuild: bool = False) -> Study:
-    """The suite built at each variant of :data:`VARIANTS`, the methods run on each."""
+                  log: Callable[[str], None], rebuild: bool = False,
+                  settings: Sequence[str] | None = None) -> Study:
+    """The suite built at each variant of :data:`VARIANTS` (or only the ``settings`` labels
+    given, e.g. ``["0.5×", "1×"]`` where the largest is too costly to build), the methods
+    run on each."""
     from modelalloy.bench import load_suite
 
     variants = VARIANTS.get((name, suite_name, size))
     if variants is None:
         raise EvalError(f"study {name}: no variants defined for {suite_name} ({size})")
+    if settings is not None:
+        labels = [label for label, _ in variants]
+        unknown = [s for s in settings if s not in labels]
+        if unknown or len(settings) < 2:
+            raise EvalError(f"study {name}: settings must be two or more of "
+                            f"{', '.join(labels)} for {suite_name} ({size}); got "
+                            f"{', '.join(settings) or 'none'}")
+        variants = [v for v in variants if v[0] in settings]
     rows: list[dict[str, Any]] = []
     for label, overrides in variants:
         suite = load_suite(suite_name, size, overrides=overrides or None, log=log,
@@ -382,9 +396,10 @@ def _plot_variants(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def run_study(name: str, suite_name: str, size: str, methods: Sequence[str] | None = None, *,
               seed: int = 0, rebuild: bool = False,
-              log: Callable[[str], None] | None = None) -> Study:
+              log: Callable[[str], None] | None = None,
+              settings: Sequence[str] | None = None) -> Study:
     """Run study ``name`` (:data:`STUDY_NAMES`) on a suite; ``methods`` default to
-    :data:`DEFAULT_METHODS`."""
+    :data:`DEFAULT_METHODS`; ``settings`` picks variants of ``scale`` / ``base-quality``."""
     from modelalloy.bench import load_suite
 
     log = log or (lambda _m: None)
@@ -392,7 +407,9 @@ def run_study(name: str, suite_name: str, size: str, methods: Sequence[str] | No
         raise EvalError(f"unknown study '{name}'; available: {', '.join(STUDY_NAMES)}")
     chosen = list(methods) if methods else DEFAULT_METHODS[name]
     if name in ("scale", "base-quality"):
-        return variant_study(name, suite_name, size, chosen, seed, log, rebuild)
+        return variant_study(name, suite_name, size, chosen, seed, log, rebuild, settings)
+    if settings is not None:
+        raise EvalError(f"study {name} has no settings (only scale and base-quality do)")
     suite = load_suite(suite_name, size, rebuild=rebuild, log=log)
     fn = {"experts": experts_study, "held-out": held_out_study,
           "long-to-short": long_to_short_study, "cpt-chat-vector": cpt_chat_vector_study}[name]

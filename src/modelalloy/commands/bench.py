@@ -63,7 +63,8 @@ def register(app: typer.Typer) -> None:
         sweep: Annotated[str | None, typer.Option(
             help="also sweep the number of experts merged (2..N) for these methods")] = None,
         long_short: Annotated[bool, typer.Option(
-            "--long-to-short", help="also run the long-to-short study (tiny-lm)")] = False,
+            "--long-to-short", help="also run the long-to-short study (tiny-lm; the pair "
+                                    "rebuilt from one shared parent)")] = False,
         study: Annotated[str | None, typer.Option(
             help="run one study instead of the comparison: experts, held-out, long-to-short, "
                  "scale, base-quality (methods default to the study's own)")] = None,
@@ -103,6 +104,11 @@ def register(app: typer.Typer) -> None:
             return run_bench(s, chosen, tune=tune, params=overrides, seed=seed,
                              log=log)
 
+        if long_short and suite != "tiny-lm":
+            from modelalloy.eval.harness import EvalError
+
+            raise EvalError(f"--long-to-short needs --suite tiny-lm (the suite with a long/short "
+                            f"pair), not {suite}")
         if study is not None:
             from modelalloy.bench.studies import run_study, write_study
 
@@ -112,7 +118,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(paths["md"].read_text())
             typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
             return
-        s = load_suite(suite, size, rebuild=rebuild, log=log)
+        s = plain = load_suite(suite, size, rebuild=rebuild, log=log)
         if backdoor is not None:
             from modelalloy.bench.backdoor import backdoored_suite
 
@@ -133,13 +139,9 @@ def register(app: typer.Typer) -> None:
         for name in swept or []:
             rows = sweep_num_experts(s, name, seed=seed, log=log)
             write_sweep(rows, out, name)
-        if long_short:
-            from modelalloy.eval.harness import long_to_short
-            from modelalloy.eval.sweeps import long_to_short_markdown, plot_long_to_short
+        if long_short:  # the pair rebuilt from one shared parent, as --study long-to-short
+            from modelalloy.bench.studies import long_to_short_study, write_study
 
-            rows = long_to_short(s, chosen, seed=seed, log=log)
-            (out / "long-to-short.json").write_text(json.dumps(rows, indent=1))
-            (out / "long-to-short.md").write_text(long_to_short_markdown(rows) + "\n")
-            plot_long_to_short(rows, out / "long-to-short.png")
-            typer.echo(long_to_short_markdown(rows))
+            done = long_to_short_study(plain, chosen, seed, log)
+            typer.echo(write_study(done, out, suite, size)["md"].read_text())
         typer.echo(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
