@@ -21,7 +21,7 @@ CASES = [
 def test_warm_compiles_the_kernels_and_their_passes(name, given, compiled):
     spec = get_method(name)
     params = spec.resolve(3, given, name)
-    kernel = spec.kernel_for(params)
+    kernel = spec.execution.kernel_for(params)
     assert kernel is not None
     slices.warm(kernel, params, 4, torch.bfloat16, torch.bfloat16)
     for function in compiled:
@@ -34,6 +34,6 @@ def test_warm_runs_every_kernel_on_its_tiny_rows(name):
     spec = get_method(name)
     given = {"density": 0.5} if any(p.name == "density" for p in spec.params) else {}
     params = spec.resolve(3, given, name, conventions="paper")
-    kernel = spec.kernel_for(params)
+    kernel = spec.execution.kernel_for(params)
     assert kernel is not None
     slices.warm(kernel, params, 4, torch.bfloat16, torch.float32)
