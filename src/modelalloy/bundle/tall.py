@@ -39,8 +39,12 @@ from modelalloy.io.model_files import copy_model_files
 from modelalloy.io.tall_bundle import TallBundleFolder, mask_key, unpack_bits
 from modelalloy.io.tall_manifest import FORMAT, MANIFEST, describe_files
 from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter
-from modelalloy.methods._taskvec import check_scope, ties_prepare
-from modelalloy.methods.consensus import BASE_MERGES, multitask_vector, tall_masks
+from modelalloy.methods.consensus import (
+    check_mtl_options,
+    multitask_vector,
+    tall_masks,
+    ties_stats,
+)
 from modelalloy.methods.registry import Execution, MergeContext, MethodSpec, Prepare
 from modelalloy.plan.planner import build_plan
 from modelalloy.plan.sources import TensorSource
@@ -326,11 +330,12 @@ class _Compression:
         self.masks: dict[str, list[PackedMask]] = {}
         self.kept = dict.fromkeys(tasks, 0)
         self.total = 0
+        options = {"base_merge": base_merge, "density": density, "scope": scope}
         global_ties = base_merge == "ties" and scope == "global"
         spec = MethodSpec(
             name="tall_masks bundle", fn=self.merge, params=(), base="required",
             paper="Wang, Dimitriadis et al., ICML 2024", summary="τ_MTL and TALL masks",
-            execution=Execution(prepare=Prepare(lambda groups: ties_prepare(groups, density))
+            execution=Execution(prepare=Prepare(lambda groups: ties_stats(groups, options))
                                 if global_ties else None))
         self.base = _source("base model", base)
         sources = [_source(f"expert '{t}'", experts[t]) for t in tasks]
@@ -433,9 +438,7 @@ def _storage_of(path: Path, n_tasks: int) -> StorageReport:
 def _check_args(experts: Mapping[str, Mapping[str, torch.Tensor]], base_merge: str, scope: str,
                 mask_lambda: float | list[float] | Mapping[str, float], density: float
                 ) -> tuple[list[str], list[float]]:
-    if base_merge not in BASE_MERGES:
-        raise MethodError(f"base_merge must be one of {', '.join(BASE_MERGES)}")
-    check_scope(scope)
+    check_mtl_options(base_merge, scope)
     tasks = list(experts)
     if not tasks:
         raise MethodError("compress needs at least one expert")

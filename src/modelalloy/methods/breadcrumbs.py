@@ -46,7 +46,6 @@ from modelalloy.methods._sparsify import (
     band_trim_,
     combine_,
     density_param,
-    has_negative_weight,
     l1_rescaled_,
     lambda_param,
     normalize_param,
@@ -64,7 +63,7 @@ from modelalloy.methods.registry import (
     Shape,
     register_method,
 )
-from modelalloy.methods.ties import PAPER_VOTE, paper_vote_rows, ties_core
+from modelalloy.methods.ties import PAPER_VOTE, paper_vote_rows, ties_core, whole_if_negative
 
 PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
 
@@ -98,11 +97,6 @@ def _shape(params: dict[str, Any]) -> Shape:
     """Row masks stream by rows, a tensor-wide mask by any slices; the L1 rescale (a
     whole-tensor norm) merges the tensor whole."""
     return "rowwise" if _per_row(params) else "elementwise" if _tensor_wide(params) else "whole"
-
-
-def _ties_shape(params: dict[str, Any]) -> Shape:
-    """:func:`_shape`, but whole with a negative weight (``has_negative_weight``)."""
-    return "whole" if has_negative_weight(params) else _shape(params)
 
 
 def _count_band(base: torch.Tensor | None, experts: list[torch.Tensor],
@@ -167,7 +161,7 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
     base="required",
-    execution=Execution(shape=_ties_shape, passes=_band_passes, finish=PAPER_VOTE,
+    execution=Execution(shape=whole_if_negative(_shape), passes=_band_passes, finish=PAPER_VOTE,
                         kernel=FusedKernel("breadcrumbs_ties", when=_per_row)),
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],

@@ -18,10 +18,12 @@ Everything is elementwise, so it streams tensor by tensor; only the TIES variant
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from modelalloy.errors import MethodError
 from modelalloy.methods._taskvec import (
     SCOPES,
     GroupsFactory,
@@ -62,7 +64,17 @@ def consensus_delta(tvs: torch.Tensor, *, base_merge: str, k: int, lambdas: list
     return mtl * (counts >= k).to(mtl.dtype)
 
 
-def _ties_stats(groups: GroupsFactory, params: dict[str, Any]) -> TiesStats | None:
+def check_mtl_options(base_merge: str, scope: str) -> None:
+    """How τ_MTL is built: ``base_merge`` in :data:`BASE_MERGES`, TIES ``scope`` global or per
+    tensor (for callers that take them as arguments rather than recipe parameters)."""
+    if base_merge not in BASE_MERGES:
+        raise MethodError(f"base_merge must be one of {', '.join(BASE_MERGES)}")
+    check_scope(scope)
+
+
+def ties_stats(groups: GroupsFactory, params: Mapping[str, Any]) -> TiesStats | None:
+    """The whole-model TIES statistics τ_MTL needs: only for ``base_merge="ties"`` with
+    ``scope="global"`` (None otherwise); ``params`` holds base_merge, scope and density."""
     if params["base_merge"] != "ties" or params["scope"] != "global":
         return None
     return ties_prepare(groups, params["density"])
@@ -73,7 +85,7 @@ def _prepare(groups: GroupsFactory) -> TiesStats | None:
     if first is None:
         return None
     check_scope(first.params["scope"])
-    return _ties_stats(groups, first.params)
+    return ties_stats(groups, first.params)
 
 
 # the parameters of the whole-model TIES pass (the planner checks them)

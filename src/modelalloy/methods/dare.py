@@ -39,7 +39,6 @@ from modelalloy.methods._sparsify import (
     combine_,
     dare_,
     density_param,
-    has_negative_weight,
     l1_factor,
     lambda_param,
     normalize_param,
@@ -52,10 +51,9 @@ from modelalloy.methods.registry import (
     FusedKernel,
     MergeContext,
     Param,
-    Shape,
     register_method,
 )
-from modelalloy.methods.ties import PAPER_VOTE, paper_vote_slice, ties_core
+from modelalloy.methods.ties import PAPER_VOTE, paper_vote_slice, ties_core, whole_if_negative
 
 PAPER = ("Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)")
 
@@ -133,11 +131,6 @@ def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[st
     return deltas
 
 
-def _ties_shape(params: dict[str, Any]) -> Shape:
-    """Elementwise, unless a negative weight merges whole tensors (``has_negative_weight``)."""
-    return "whole" if has_negative_weight(params) else "elementwise"
-
-
 _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − drop rate p)"),
            lambda_param(), RESCALE, RESCALE_NORM, INT8_MASK]
 
@@ -167,7 +160,8 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     paper=PAPER,
     summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge",
     base="required",
-    execution=Execution(shape=_ties_shape, passes=slice_passes, finish=PAPER_VOTE,
+    execution=Execution(shape=whole_if_negative(lambda params: "elementwise"),
+                        passes=slice_passes, finish=PAPER_VOTE,
                         kernel=FusedKernel("dare_ties")),
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],

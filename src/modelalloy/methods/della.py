@@ -42,7 +42,6 @@ from modelalloy.methods._sparsify import (
     INT8_MASK,
     combine_,
     density_param,
-    has_negative_weight,
     lambda_param,
     magprune_,
     normalize_param,
@@ -58,7 +57,7 @@ from modelalloy.methods.registry import (
     Shape,
     register_method,
 )
-from modelalloy.methods.ties import PAPER_VOTE, paper_vote_rows, ties_core
+from modelalloy.methods.ties import PAPER_VOTE, paper_vote_rows, ties_core, whole_if_negative
 
 PAPER = "Deep et al., DELLA-Merging, arXiv 2406.11617 (2024)"
 
@@ -82,11 +81,6 @@ def _shape(params: dict[str, Any]) -> Shape:
     input rows only (the L1 rescale is a whole-tensor norm), so the engine may stream whole
     rows; the paper vote's zero sums are settled after the last band (``PAPER_VOTE``)."""
     return "whole" if params["rescale"] and params["rescale_norm"] == "l1" else "rowwise"
-
-
-def _ties_shape(params: dict[str, Any]) -> Shape:
-    """:func:`_shape`, but whole with a negative weight (``has_negative_weight``)."""
-    return "whole" if has_negative_weight(params) else _shape(params)
 
 
 def check_epsilon(densities: Sequence[float], epsilons: Sequence[float], where: str) -> None:
@@ -116,7 +110,8 @@ def della_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[s
     paper=PAPER,
     summary="Magnitude-ranked random drop (MagPrune), TIES sign election, disjoint mean",
     base="required",
-    execution=Execution(shape=_ties_shape, finish=PAPER_VOTE, kernel=FusedKernel("della")),
+    execution=Execution(shape=whole_if_negative(_shape), finish=PAPER_VOTE,
+                        kernel=FusedKernel("della")),
 )
 def della(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
           ctx: MergeContext) -> torch.Tensor:

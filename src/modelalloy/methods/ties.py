@@ -135,6 +135,17 @@ def _shape(params: dict[str, Any]) -> Shape:
     return "elementwise" if streams else "whole"
 
 
+ShapeFn = Callable[[dict[str, Any]], Shape]
+
+
+def whole_if_negative(shape: ShapeFn) -> ShapeFn:
+    """``shape``, but "whole" when a negative weight is set (``has_negative_weight``): the
+    sign election of a TIES variant then needs the whole tensor."""
+    def ties_shape(params: dict[str, Any]) -> Shape:
+        return "whole" if has_negative_weight(params) else shape(params)
+    return ties_shape
+
+
 def _count_slice(base: torch.Tensor | None, experts: list[torch.Tensor],
                  params: dict[str, Any], ctx: MergeContext) -> None:
     """First pass: |τ_t| histograms of this slice (``SlicedTopK.count``)."""
