@@ -8,9 +8,9 @@ task-wise task-arithmetic weights, d = number of models). MAP
    the number of coefficients of a quadratic in d variables;
 2. fits, for every metric t (each task of a suite, each named score of a Python objective), a
    quadratic surrogate m_t(c) ≈ act(Σ_i a_i c_i² + Σ_{i<j} b_ij c_i c_j + Σ_i d_i c_i + e) by
-   least squares (act = sigmoid for metrics in [0, 1] such as accuracies — scipy's
-   ``curve_fit`` from all-ones, as the paper's code — else the identity, an exact linear
-   least-squares fit);
+   least squares (act = sigmoid for metrics in [0, 1] such as accuracies — Levenberg–Marquardt
+   from all-ones, as the paper's ``curve_fit``, plus a ridge term λ‖β‖², λ = 1e-4 — else the
+   identity, an exact linear least-squares fit);
 3. runs NSGA-III (pymoo) on the T surrogates: population 100, 25 generations (the paper's
    runner), SBX/polynomial mutation with η = 20;
 4. picks the front point maximising the preference wᵀ m(c) (w normalised; ``preference``,
@@ -31,7 +31,9 @@ only), the surrogates refit on all points, and the front is found and re-evaluat
 Where we differ: the reference directions are Das–Dennis points, as many as the population
 holds (DEAP's two-layer set in the paper gives far fewer on two objectives); the bootstrap
 drops 20 % of the bin's points afresh each time (the paper's code drops 20 % of what the
-previous draw left). The nested (pairwise) variant is :mod:`modelalloy.optimize.map_nested`.
+previous draw left); the sigmoid fit adds the ridge term (saturated accuracies have no finite
+unpenalised optimum, and the paper's fit then ends on the last bits of the arithmetic, which
+differ between processes). The nested (pairwise) variant is :mod:`modelalloy.optimize.map_nested`.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def features(x: np.ndarray) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+RIDGE = 1e-4  # λ of the sigmoid fit's penalty λ‖β‖² (see Surrogate)
+
+
 class Surrogate:
     """One metric's quadratic model, optionally through a sigmoid."""
 
@@ -77,19 +82,34 @@ class Surrogate:
         phi = features(x)
         self.warp = warp
         if warp == "sigmoid":
-            from scipy.optimize import curve_fit
+            from scipy.optimize import least_squares
 
-            def f(p: np.ndarray, *beta: float) -> np.ndarray:
-                return 1 / (1 + np.exp(-(p @ np.asarray(beta))))
+            # Accuracies that sit at 0 or 1 let the unpenalised fit run β off towards ±1e6 (a
+            # saturated point's logit has no finite optimum), and where a finite-difference
+            # Jacobian stops it hangs on the last bits of the arithmetic, which differ between
+            # processes (issue 15: two runs, one seed, two fronts). A small ridge term gives
+            # one finite minimum, the exact Jacobian finds it to ~1e-13.
+            def residuals(beta: np.ndarray) -> np.ndarray:
+                return np.concatenate([_sigmoid(phi @ beta) - y, RIDGE ** 0.5 * beta])
 
-            beta, _ = curve_fit(f, phi, y, p0=np.ones(phi.shape[1]), maxfev=20000)
-            self.beta = np.asarray(beta)
+            def jacobian(beta: np.ndarray) -> np.ndarray:
+                s = _sigmoid(phi @ beta)
+                return np.vstack([phi * (s * (1 - s))[:, None],
+                                  RIDGE ** 0.5 * np.eye(len(beta))])
+
+            self.beta = least_squares(residuals, np.ones(phi.shape[1]), jac=jacobian,
+                                      method="lm", xtol=1e-12, ftol=1e-12, gtol=1e-12,
+                                      max_nfev=20000).x
         else:
             self.beta = np.linalg.lstsq(phi, y, rcond=None)[0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         z = features(np.atleast_2d(x)) @ self.beta
-        return 1 / (1 + np.exp(-z)) if self.warp == "sigmoid" else z
+        return _sigmoid(z) if self.warp == "sigmoid" else z
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
 
 
 def metric_keys(scores: dict[str, float], n_objectives: int) -> list[str]:
