@@ -198,3 +198,14 @@ def test_same_seed_gives_the_same_trials_and_recipe_here_and_in_another_process(
     assert [t.get("tag") for t in trials[:16]] == ["design"] * 12 + ["adaptive round 1"] * 4
     assert json.loads((tmp_path / "one" / "notes.json").read_text())["warp"] == "sigmoid"
     assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"options": {"points": 5}}, "points=6"),  # a quadratic in 2 genes has 6 coefficients
+    ({"budget": 4}, "budget=6"),
+])
+def test_too_few_points_for_the_quadratic_is_one_line(template, tmp_path, kwargs, needle):
+    from modelalloy.errors import OptimizeError
+
+    with pytest.raises(OptimizeError, match=needle):
+        optimize("map", template(), [TWO], tmp_path / "out", seed=0, **kwargs)

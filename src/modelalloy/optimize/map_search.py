@@ -246,8 +246,17 @@ def run(ctx: Any) -> None:
     if d < 2 and variant == "bayesian":
         raise OptimizeError("map: variant bayesian bins the angles of the genome: it needs "
                             "at least 2 genes")
+    need = (d + 1) * (d + 2) // 2  # coefficients of a quadratic in d variables
+    if plan[0] < need:
+        raise OptimizeError(f"map: {plan[0]} designed points cannot fit a quadratic in {d} "
+                            f"genes ({need} coefficients): set the option points={need} or "
+                            f"more (default {(d + 1) * (d + 2)})")
     rng = np.random.default_rng(ctx.seed)
     samples = ctx.evaluate(design_points(d, plan[0], rng), tag="design")
+    if len(samples) < need:
+        raise OptimizeError(f"map: a budget of {len(samples)} trials cannot fit a quadratic "
+                            f"in {d} genes ({need} coefficients): give budget={need} or more",
+                            options=("budget",))
     keys = metric_keys(samples[0]["scores"], len(ctx.objectives.items))
     if len(keys) < 2:
         raise OptimizeError("map trades off several scores: give a suite objective (one score "
