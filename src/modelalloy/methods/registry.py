@@ -493,8 +493,9 @@ def register_method(*, name: str, params: list[Param] | tuple[Param, ...], paper
 
 
 def get_method(name: str) -> MethodSpec:
-    """Look a method up by name or alias; a clear error lists what exists."""
-    _load_builtin_methods()
+    """Look a method up by name or alias; a clear error lists what exists. Every built-in
+    method is registered by then: importing this module imports its package first, whose
+    ``__init__`` imports every method family."""
     key = _ALIASES.get(name, name)
     if key not in _REGISTRY:
         hint = did_you_mean(name, [*_REGISTRY, *_ALIASES])
@@ -504,10 +505,4 @@ def get_method(name: str) -> MethodSpec:
 
 
 def list_methods() -> list[MethodSpec]:
-    _load_builtin_methods()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
-
-
-def _load_builtin_methods() -> None:
-    # Importing the package registers every built-in method family.
-    import modelalloy.methods  # noqa: F401
