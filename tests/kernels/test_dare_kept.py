@@ -65,20 +65,18 @@ def _fused_path(name: str, params: dict, inputs: list[torch.Tensor], grant: bool
     raw = torch.empty((len(inputs), STEP), dtype=inputs[0].dtype)
     out = torch.empty(STEP, dtype=inputs[0].dtype)
 
-    def each_slice():
-        for start in range(0, N, STEP):
-            count = min(STEP, N - start)
-            for i, t in enumerate(inputs):
-                raw[i, :count] = t[start:start + count]
-            ctx.slice_start = start
-            yield start, count
+    spans = [(start, min(STEP, N - start)) for start in range(0, N, STEP)]
+
+    def load(start: int, count: int) -> np.ndarray:
+        raw[:, :count] = torch.stack([t[start:start + count] for t in inputs])
+        ctx.slice_start = start
+        return kernels.bits(raw)
 
     for reduce in kernel.passes:
-        for _, count in each_slice():
-            assert reduce(kernels.bits(raw), count, ctx)
+        assert all(reduce(load(start, count), count, ctx) for start, count in spans)
     merged = torch.empty(N, dtype=inputs[0].dtype)
-    for start, count in each_slice():
-        assert kernel(kernels.bits(raw), count, kernels.bits(out), ctx)
+    for start, count in spans:
+        assert kernel(load(start, count), count, kernels.bits(out), ctx)
         merged[start:start + count] = out[:count]
     if spec.execution.finish_for(params) is not None:
         for index, values in spec.execution.finish.run(ctx):
