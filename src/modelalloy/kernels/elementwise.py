@@ -141,13 +141,11 @@ def _draw_scratch(nexp):
 # no two partial products meet (8k − 7j is distinct for every k, j < 8), so nothing carries
 _GATHER_BITS = np.uint64(0x0102040810204080)
 @njit(inline="always")
-def _pack_keep(words, thr, n, flags, bits, at):
-    """bits[at + j // 8] bit j % 8 = (words[j] < thr) for j < n: a chunk's keep mask as bits,
-    8 elements a byte, the first element in the lowest bit (NumPy's ``bitorder='little'``).
-    ``flags`` (at least n rounded up to 8 bytes) takes the 0/1 bytes first."""
+def _pack_flags(flags, n, bits, at):
+    """bits[at + j // 8] bit j % 8 = flags[j] (0 or 1) for j < n: a chunk's keep mask as
+    bits, 8 elements a byte, the first element in the lowest bit (NumPy's
+    ``bitorder='little'``); ``flags`` holds at least n rounded up to 8 bytes."""
     whole = -(-n // 8)
-    for j in range(n):
-        flags[j] = np.uint8(words[j] < thr)
     for j in range(n, 8 * whole):
         flags[j] = 0
     octets = flags[:8 * whole].view(np.uint64)
@@ -215,7 +213,7 @@ def dare_l1_kernel(src, count, modes, states, thresholds, before, after, kept, k
     of |(θ_t − θ_0)·m_t| into ``after[t]``, the keep draws m_t continuing from ``states``.
     When ``kept`` has columns, m_t is also kept there as bits for the merge pass (row i for
     the i-th model that drops at random, the slice's first byte at ``kept_at``: see
-    :func:`_pack_keep`). False (nothing added) when an input is NaN/Inf.
+    :func:`_pack_flags`). False (nothing added) when an input is NaN/Inf.
 
     Per chunk, |δ| are summed in float64 with the smallest and largest nonzero |δ|: every |δ|
     is a multiple of q, the smallest one's unit in the last place, so while the sum stays
@@ -235,18 +233,19 @@ def dare_l1_kernel(src, count, modes, states, thresholds, before, after, kept, k
         for i in range(random.size):
             t = random[i]
             row, thr, keep = src[1 + t, c0:c0 + n], thresholds[t], words[t]
-            if kept.shape[1] > 0:
-                _pack_keep(keep, thr, n, flags, kept[i], kept_at + c0 // 8)
             whole, survivors = 0.0, 0.0
-            high, low = np.uint32(0), none
+            low = none
             for j in range(n):
                 x = abs(widen(row[j]) - widen(base[j]))
                 bits = f32_to_bits(x)
-                high = max(high, bits)
                 low = min(low, bits if bits != 0 else none)
                 v = np.float64(x)
                 whole += v
-                survivors += v if keep[j] < thr else 0.0
+                kept_j = keep[j] < thr
+                flags[j] = np.uint8(kept_j)
+                survivors += v if kept_j else 0.0
+            if kept.shape[1] > 0:
+                _pack_flags(flags, n, kept[i], kept_at + c0 // 8)
             if low == none:
                 continue  # all zero
             f = max(low >> np.uint32(23), np.uint32(1))  # q = 2^(f − 150)
