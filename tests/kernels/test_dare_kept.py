@@ -258,3 +258,13 @@ def test_kept_bits_are_capped_whatever_the_model_size(monkeypatch):
     for name in whole:
         assert torch.equal(two[name].view(torch.int16), whole[name].view(torch.int16))
         assert torch.equal(one[name].view(torch.int16), whole[name].view(torch.int16))
+
+
+def test_the_plans_peak_estimate_counts_the_kept_bits():
+    plan = _plan({"density": 0.3})
+    entry = next(e for e in plan.entries if e.name == "w")
+    assert plan.largest_kept_bytes(2) == entry.kept_bytes == 3 * (entry.numel // 64) * 8
+    assert plan.estimated_peak_bytes(2, None) == 2 * (plan.largest_working_bytes()
+                                                      + entry.kept_bytes)
+    plain = _plan({"density": 0.3, "rescale_norm": "density"})
+    assert plain.estimated_peak_bytes(2, None) == 2 * plain.largest_working_bytes()

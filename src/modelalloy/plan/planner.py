@@ -137,11 +137,18 @@ class MergePlan:
         n = len(self.sources)
         return max((e.working_bytes(n) for e in self.entries), default=0)
 
+    def largest_kept_bytes(self, threads: int) -> int:
+        """The most bytes of kept bits (:attr:`PlanEntry.kept_bytes`) one tensor may hold
+        while ``threads`` tensors are merged at once (``KEPT_BYTES_MAX`` over all of them)."""
+        return max((e.kept_bytes for e in self.entries
+                    if e.kept_bytes * max(1, threads) <= KEPT_BYTES_MAX), default=0)
+
     def estimated_peak_bytes(self, threads: int, memory_budget: int | None) -> int:
-        """Bytes in flight at once: ``threads`` of the largest tensors, capped by the budget
-        (the engine never starts a tensor that would pass it, unless it is alone)."""
+        """Bytes in flight at once: ``threads`` of the largest tensors, each with the most
+        kept bits a tensor may hold, capped by the budget (the engine never starts a tensor
+        that would pass it, unless it is alone)."""
         largest = self.largest_working_bytes()
-        in_flight = largest * max(1, threads)
+        in_flight = (largest + self.largest_kept_bytes(threads)) * max(1, threads)
         if memory_budget is not None:
             in_flight = max(largest, min(in_flight, memory_budget))
         return in_flight
