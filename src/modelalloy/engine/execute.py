@@ -32,8 +32,8 @@ from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.progress import ProgressSink, merge_progress
 from modelalloy.engine.sources import StateDictSource
 from modelalloy.errors import NonFiniteError, PlanError
-from modelalloy.methods.registry import MergeContext, TensorGroup
-from modelalloy.plan.planner import SLICE_ELEMENTS, MergePlan, PlanEntry
+from modelalloy.methods.registry import KeptBits, MergeContext, TensorGroup
+from modelalloy.plan.planner import KEPT_BYTES_MAX, SLICE_ELEMENTS, MergePlan, PlanEntry
 from modelalloy.plan.sources import TensorSource
 from modelalloy.threads import one_intra_op_thread
 
@@ -136,7 +136,21 @@ class PlanExecutor:
         return self.slicing and entry.sliced and self.device.type == "cpu"
 
     def working_bytes(self, entry: PlanEntry) -> int:
-        return entry.working_bytes(len(self.plan.sources), sliced=self.sliced(entry))
+        return entry.working_bytes(len(self.plan.sources), sliced=self.sliced(entry),
+                                   kept=self.keeps_bits(entry))
+
+    def keeps_bits(self, entry: PlanEntry) -> bool:
+        """Whether ``entry``'s fused passes may keep their bits for its merge
+        (``PlanEntry.kept_bytes``): at most ``KEPT_BYTES_MAX`` over all threads and, under a
+        memory budget, its working bytes with them within one thread's share of the budget;
+        else the kernel recomputes them (DARE redraws its masks: the same bits)."""
+        kept = entry.kept_bytes
+        if not kept or not self.sliced(entry) or kept * self.threads > KEPT_BYTES_MAX \
+                or not self._fused(entry):
+            return False
+        limit = self.budget.limit
+        return limit is None or self.threads * entry.working_bytes(
+            len(self.plan.sources), sliced=True, kept=True) <= limit
 
     def _buffers(self, key: object, dtype: torch.dtype, size: int) -> torch.Tensor:
         """This thread's reused slice buffer ``key`` of ``dtype``, at least ``size`` long."""
@@ -158,6 +172,8 @@ class PlanExecutor:
         execution, ctx = self.plan.spec.execution, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
         kernel = self._kernel(entry)
+        if kernel is not None and self.keeps_bits(entry):
+            ctx.streams[KeptBits] = KeptBits(entry.numel)
         # a kernel takes the counting passes too when it has them all (its state is the
         # method's own, so either way gives the same bits); otherwise the torch path does all
         passes = getattr(kernel, "passes", ())
@@ -239,13 +255,20 @@ class PlanExecutor:
     def _kernel(self, entry: PlanEntry) -> Any:
         """The method's fused kernel (``modelalloy.kernels``) for this tensor, if it has one for
         these parameters and dtypes and numba is installed; else None (the torch path)."""
-        name = self.plan.spec.execution.kernel_for(entry.params)
-        if name is None or not kernels.available() or not kernels.supports(
-                [ckpt.info(entry.name).dtype for ckpt in self.plan.sources], entry.out_dtype):
+        if not self._fused(entry):
             return None
         from modelalloy.kernels import slices
 
-        return getattr(slices, name)(entry.params)
+        return getattr(slices, str(self.plan.spec.execution.kernel_for(entry.params)))(
+            entry.params)
+
+    def _fused(self, entry: PlanEntry) -> bool:
+        """Whether a fused kernel serves this tensor's parameters and dtypes (numba
+        installed, kernels on)."""
+        return (self.plan.spec.execution.kernel_for(entry.params) is not None
+                and kernels.available() and kernels.supports(
+                    [ckpt.info(entry.name).dtype for ckpt in self.plan.sources],
+                    entry.out_dtype))
 
     def _raw_reader(self, entry: PlanEntry) -> tuple[Callable[[int, int], None], Any]:
         """(read(start, count) of every source's stored bits into one (sources × slice)

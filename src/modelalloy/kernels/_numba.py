@@ -14,6 +14,7 @@ use_versioned_cache()  # before numba reads its configuration
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import njit, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
 # Compiled code is cached on disk (see kernels.use_versioned_cache);
@@ -158,60 +159,91 @@ def sfc64_fill(state, words):
     state[0], state[1], state[2], state[3] = a, b, c, w
 
 
+# SFC64 streams side by side: one 64-bit lane each of a 256-bit vector (AVX2/AVX-512 integer
+# ops), so the streams of the models that drop at random advance together. One stream's draws
+# are a chain (each step needs the last), so only independent streams can share the vector.
+SFC64_LANES = 4
+
+
+@intrinsic
+def _sfc64_lanes(typingctx, lanes, words, rows, steps):
+    """``steps`` SFC64 draws of each of the 4 streams whose states are the columns of
+    ``lanes`` (uint64, 4 fields a, b, c, counter × 4 lanes; advanced in place), draw i of lane
+    k written as a uint64 at uint32 column 2i of row ``rows[k]`` of ``words`` (little-endian:
+    the low half first, as :func:`sfc64_fill`). The loop is written in LLVM IR on 4 × i64
+    vectors: numba has no vector types, and LLVM does not vectorize the scalar form."""
+    if not (isinstance(lanes, types.Array) and lanes.dtype == types.uint64
+            and isinstance(words, types.Array) and words.dtype == types.uint32
+            and words.ndim == 2 and isinstance(rows, types.Array)
+            and rows.dtype == types.int64 and isinstance(steps, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        lanes_ty, words_ty, rows_ty, _ = signature.args
+        state = context.make_array(lanes_ty)(context, builder, args[0])
+        out = context.make_array(words_ty)(context, builder, args[1])
+        row_of = context.make_array(rows_ty)(context, builder, args[2])
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vec = ir.VectorType(i64, SFC64_LANES)
+
+        def splat(value):
+            return ir.Constant(vec, [ir.Constant(i64, value)] * SFC64_LANES)
+
+        fields = builder.bitcast(state.data, vec.as_pointer())
+        slots = []  # a, b, c, counter: promoted to registers by LLVM
+        for f in range(4):
+            slot = cgutils.alloca_once(builder, vec)
+            builder.store(builder.load(builder.gep(fields, [ir.Constant(i32, f)]), align=8),
+                          slot)
+            slots.append(slot)
+        row_bytes = cgutils.unpack_tuple(builder, out.strides)[0]
+        start = builder.bitcast(out.data, ir.IntType(8).as_pointer())
+        targets = []
+        for k in range(SFC64_LANES):
+            row = builder.load(builder.gep(row_of.data, [ir.Constant(i64, k)]))
+            targets.append(builder.bitcast(builder.gep(start, [builder.mul(row, row_bytes)]),
+                                           i64.as_pointer()))
+        steps_64 = builder.sext(args[3], i64) if args[3].type.width < 64 else args[3]
+        with cgutils.for_range(builder, steps_64) as loop:
+            a, b, c, w = (builder.load(slot) for slot in slots)
+            tmp = builder.add(builder.add(a, b), w)
+            builder.store(builder.xor(b, builder.lshr(b, splat(11))), slots[0])
+            builder.store(builder.add(c, builder.shl(c, splat(3))), slots[1])
+            rotated = builder.or_(builder.shl(c, splat(24)), builder.lshr(c, splat(40)))
+            builder.store(builder.add(rotated, tmp), slots[2])
+            builder.store(builder.add(w, splat(1)), slots[3])
+            for k in range(SFC64_LANES):
+                builder.store(builder.extract_element(tmp, ir.Constant(i32, k)),
+                              builder.gep(targets[k], [loop.index]), align=4)
+        for f in range(4):
+            builder.store(builder.load(slots[f]), builder.gep(fields, [ir.Constant(i32, f)]),
+                          align=8)
+        return context.get_dummy_value()
+
+    return types.void(lanes, words, rows, steps), codegen
+
+
 @njit(inline="always")
-def _sfc64_step(a, b, c, w):
-    tmp = a + b + w
-    return b ^ (b >> np.uint64(11)), c + (c << np.uint64(3)), \
-        ((c << np.uint64(24)) | (c >> np.uint64(40))) + tmp, w + np.uint64(1), tmp
-
-
-@njit(**JIT)
-def sfc64_fill_pair(state0, words0, state1, words1):
-    """:func:`sfc64_fill` for two streams of the same length at once: the two dependency
-    chains interleave, so two streams cost little more than one."""
-    a0, b0, c0, w0 = state0[0], state0[1], state0[2], state0[3]
-    a1, b1, c1, w1 = state1[0], state1[1], state1[2], state1[3]
-    n = words0.size
-    pairs0 = words0[:n - n % 2].view(np.uint64)
-    pairs1 = words1[:n - n % 2].view(np.uint64)
-    for i in range(pairs0.size):
-        a0, b0, c0, w0, t0 = _sfc64_step(a0, b0, c0, w0)
-        a1, b1, c1, w1, t1 = _sfc64_step(a1, b1, c1, w1)
-        pairs0[i] = t0
-        pairs1[i] = t1
-    if n % 2:
-        a0, b0, c0, w0, t0 = _sfc64_step(a0, b0, c0, w0)
-        a1, b1, c1, w1, t1 = _sfc64_step(a1, b1, c1, w1)
-        words0[n - 1] = np.uint32(t0 & np.uint64(0xFFFFFFFF))
-        words1[n - 1] = np.uint32(t1 & np.uint64(0xFFFFFFFF))
-    state0[0], state0[1], state0[2], state0[3] = a0, b0, c0, w0
-    state1[0], state1[1], state1[2], state1[3] = a1, b1, c1, w1
-
-
-@njit(**JIT)
-def sfc64_fill_triple(state0, words0, state1, words1, state2, words2):
-    """:func:`sfc64_fill_pair` for three streams (dare_ties' usual three experts)."""
-    a0, b0, c0, w0 = state0[0], state0[1], state0[2], state0[3]
-    a1, b1, c1, w1 = state1[0], state1[1], state1[2], state1[3]
-    a2, b2, c2, w2 = state2[0], state2[1], state2[2], state2[3]
-    n = words0.size
-    pairs0 = words0[:n - n % 2].view(np.uint64)
-    pairs1 = words1[:n - n % 2].view(np.uint64)
-    pairs2 = words2[:n - n % 2].view(np.uint64)
-    for i in range(pairs0.size):
-        a0, b0, c0, w0, t0 = _sfc64_step(a0, b0, c0, w0)
-        a1, b1, c1, w1, t1 = _sfc64_step(a1, b1, c1, w1)
-        a2, b2, c2, w2, t2 = _sfc64_step(a2, b2, c2, w2)
-        pairs0[i] = t0
-        pairs1[i] = t1
-        pairs2[i] = t2
-    if n % 2:
-        a0, b0, c0, w0, t0 = _sfc64_step(a0, b0, c0, w0)
-        a1, b1, c1, w1, t1 = _sfc64_step(a1, b1, c1, w1)
-        a2, b2, c2, w2, t2 = _sfc64_step(a2, b2, c2, w2)
-        words0[n - 1] = np.uint32(t0 & np.uint64(0xFFFFFFFF))
-        words1[n - 1] = np.uint32(t1 & np.uint64(0xFFFFFFFF))
-        words2[n - 1] = np.uint32(t2 & np.uint64(0xFFFFFFFF))
-    state0[0], state0[1], state0[2], state0[3] = a0, b0, c0, w0
-    state1[0], state1[1], state1[2], state1[3] = a1, b1, c1, w1
-    state2[0], state2[1], state2[2], state2[3] = a2, b2, c2, w2
+def sfc64_fill_rows(states, models, words, n, lanes, rows):
+    """words[t, :n] = the next n words of SFC64 stream ``states[t]`` (advanced), for every
+    model t in ``models``, as :func:`sfc64_fill` gives them (an odd n still uses a whole
+    draw), four streams at a time (:func:`_sfc64_lanes`). ``words`` has one spare row (its
+    last) for the unused lanes and rows of at least n rounded up to even; ``lanes`` (4 × 4
+    uint64) and ``rows`` (4 int64) are scratch."""
+    spare = words.shape[0] - 1
+    for g0 in range(0, models.size, SFC64_LANES):
+        for k in range(SFC64_LANES):
+            if g0 + k < models.size:
+                t = models[g0 + k]
+                rows[k] = t
+                for f in range(4):
+                    lanes[f, k] = states[t, f]
+            else:
+                rows[k] = spare
+                for f in range(4):
+                    lanes[f, k] = 0
+        _sfc64_lanes(lanes, words, rows, (n + 1) // 2)
+        for k in range(min(SFC64_LANES, models.size - g0)):
+            t = models[g0 + k]
+            for f in range(4):
+                states[t, f] = lanes[f, k]

@@ -12,7 +12,7 @@ implementations in ``methods/`` (see each function), so the bits agree:
 - −0.0 is kept where torch keeps it (``relu`` of −0.0 is −0.0, ``d·0`` of a negative d is −0.0).
 
 Work goes in chunks of ``CHUNK`` elements so the per-model rows stay in L1/L2 and the loops over
-a chunk vectorize; only the SFC64 draws are serial.
+a chunk vectorize; the SFC64 draws advance four streams at a time (``_numba.sfc64_fill_rows``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from modelalloy.kernels._numba import (
     fma,
     is_nonfinite,
     narrow,
-    sfc64_fill,
-    sfc64_fill_pair,
-    sfc64_fill_triple,
+    sfc64_fill_rows,
     sign,
     widen,
 )
@@ -131,35 +129,43 @@ KEEP_ALL, DROP_ALL, DROP_RANDOM = 0, 1, 2
 
 
 @njit(inline="always")
-def _draw_keep_words(random, states, words, n):
-    """words[t, :n] = the next n keep draws of each model t in ``random`` (those that drop at
-    random), three (or two) streams at a time: independent chains interleave."""
-    drawn = 0
-    while drawn < random.size:
-        left = random.size - drawn
-        i = random[drawn]
-        if left >= 3:
-            j, k = random[drawn + 1], random[drawn + 2]
-            sfc64_fill_triple(states[i], words[i, :n], states[j], words[j, :n],
-                              states[k], words[k, :n])
-            drawn += 3
-        elif left == 2:
-            j = random[drawn + 1]
-            sfc64_fill_pair(states[i], words[i, :n], states[j], words[j, :n])
-            drawn += 2
-        else:
-            sfc64_fill(states[i], words[i, :n])
-            drawn += 1
+def _draw_scratch(nexp):
+    """The keep draws' buffers: words (models × CHUNK, plus the spare row of
+    ``sfc64_fill_rows``), its 4 × 4 lane states and 4 row numbers, and CHUNK bytes for the
+    0/1 flags of bits to pack."""
+    return (np.empty((nexp + 1, CHUNK), np.uint32), np.empty((4, 4), np.uint64),
+            np.empty(4, np.int64), np.empty(CHUNK, np.uint8))
+
+
+# 8 bytes of 0/1 (a little-endian uint64) times this: byte k's bit lands at bit 56 + k, and
+# no two partial products meet (8k − 7j is distinct for every k, j < 8), so nothing carries
+_GATHER_BITS = np.uint64(0x0102040810204080)
+@njit(inline="always")
+def _pack_flags(flags, n, bits, at):
+    """bits[at + j // 8] bit j % 8 = flags[j] (0 or 1) for j < n: a chunk's keep mask as
+    bits, 8 elements a byte, the first element in the lowest bit (NumPy's
+    ``bitorder='little'``); ``flags`` holds at least n rounded up to 8 bytes."""
+    whole = -(-n // 8)
+    for j in range(n, 8 * whole):
+        flags[j] = 0
+    octets = flags[:8 * whole].view(np.uint64)
+    for q in range(whole):
+        bits[at + q] = np.uint8((octets[q] * _GATHER_BITS) >> np.uint64(56))
 
 
 @njit(inline="always")
-def _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density, words,
-                 d):
+def _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density, draw,
+                 kept, d):
     """d[t, :n] = DARE's δ̃_t on this chunk: (θ_t − θ_0)·m_t, then ·(1/density) (float32).
-    ``random`` lists the models that drop at random; ``words`` (models × CHUNK) takes their
-    keep draws."""
+    ``random`` lists the models that drop at random; their keep masks m_t are drawn into
+    ``draw``'s words, or, when ``kept`` has columns, read from it: the slice's masks as 0/1
+    bytes, row i for ``random[i]`` (the L1 pass's bits, unpacked)."""
     base = src[0, c0:c0 + n]
-    _draw_keep_words(random, states, words, n)
+    from_kept = kept.shape[1] > 0
+    words = draw[0]
+    if not from_kept:
+        sfc64_fill_rows(states, random, words, n, draw[1], draw[2])
+    i = 0
     for t in range(d.shape[0]):
         row = src[1 + t, c0:c0 + n]
         mode = modes[t]
@@ -171,12 +177,21 @@ def _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_den
                 d[t, j] = widen(row[j]) - widen(base[j])
             continue
         thr, inv = thresholds[t], inv_density[t]
-        if rescale:  # ((θ − θ_0)·m)·(1/density): two roundings, as torch's two multiplies
+        if from_kept:
+            mask = kept[i, c0:c0 + n]
+            if rescale:
+                for j in range(n):
+                    d[t, j] = ((widen(row[j]) - widen(base[j])) * np.float32(mask[j])) * inv
+            else:
+                for j in range(n):
+                    d[t, j] = (widen(row[j]) - widen(base[j])) * np.float32(mask[j])
+        elif rescale:  # ((θ − θ_0)·m)·(1/density): two roundings, as torch's two multiplies
             for j in range(n):
                 d[t, j] = ((widen(row[j]) - widen(base[j])) * np.float32(words[t, j] < thr)) * inv
         else:
             for j in range(n):
                 d[t, j] = (widen(row[j]) - widen(base[j])) * np.float32(words[t, j] < thr)
+        i += 1
 
 
 @njit(inline="always")
@@ -192,11 +207,13 @@ L1_EXACT = 2.0 ** 52  # a float64 sum of multiples of q stays exact below 2^53·
 
 
 @njit(**JIT, fastmath={"reassoc"})
-def dare_l1_kernel(src, count, modes, states, thresholds, before, after):
+def dare_l1_kernel(src, count, modes, states, thresholds, before, after, kept, kept_at):
     """DARE's L1 pass on one slice (``methods.dare.gather_l1_sums``): for each model t that
     drops at random, the exact L1 bins (``methods._l1``) of |θ_t − θ_0| into ``before[t]`` and
     of |(θ_t − θ_0)·m_t| into ``after[t]``, the keep draws m_t continuing from ``states``.
-    False (nothing added) when an input is NaN/Inf.
+    When ``kept`` has columns, m_t is also kept there as bits for the merge pass (row i for
+    the i-th model that drops at random, the slice's first byte at ``kept_at``: see
+    :func:`_pack_flags`). False (nothing added) when an input is NaN/Inf.
 
     Per chunk, |δ| are summed in float64 with the smallest and largest nonzero |δ|: every |δ|
     is a multiple of q, the smallest one's unit in the last place, so while the sum stays
@@ -206,32 +223,35 @@ def dare_l1_kernel(src, count, modes, states, thresholds, before, after):
     if any_nonfinite(src, count):
         return False
     nexp = src.shape[0] - 1
-    words = np.empty((nexp, CHUNK), np.uint32)
+    words, lanes, rows, flags = _draw_scratch(nexp)
     random = np.nonzero(modes == DROP_RANDOM)[0]
     none = np.uint32(0xFFFFFFFF)
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
-        _draw_keep_words(random, states, words, n)
+        sfc64_fill_rows(states, random, words, n, lanes, rows)
         base = src[0, c0:c0 + n]
         for i in range(random.size):
             t = random[i]
             row, thr, keep = src[1 + t, c0:c0 + n], thresholds[t], words[t]
-            whole, kept = 0.0, 0.0
-            high, low = np.uint32(0), none
+            whole, survivors = 0.0, 0.0
+            low = none
             for j in range(n):
                 x = abs(widen(row[j]) - widen(base[j]))
                 bits = f32_to_bits(x)
-                high = max(high, bits)
                 low = min(low, bits if bits != 0 else none)
                 v = np.float64(x)
                 whole += v
-                kept += v if keep[j] < thr else 0.0
+                kept_j = keep[j] < thr
+                flags[j] = np.uint8(kept_j)
+                survivors += v if kept_j else 0.0
+            if kept.shape[1] > 0:
+                _pack_flags(flags, n, kept[i], kept_at + c0 // 8)
             if low == none:
                 continue  # all zero
             f = max(low >> np.uint32(23), np.uint32(1))  # q = 2^(f − 150)
             if whole < math.ldexp(L1_EXACT, np.int64(f) - 150):
                 _add_exact_sum(before[t], whole, f)
-                _add_exact_sum(after[t], kept, f)
+                _add_exact_sum(after[t], survivors, f)
                 continue
             for j in range(n):  # too wide a range for one float64: one bin per exponent
                 x = widen(row[j]) - widen(base[j])
@@ -245,20 +265,21 @@ def dare_l1_kernel(src, count, modes, states, thresholds, before, after):
 
 @njit(**JIT)
 def dare_linear_kernel(src, count, out, modes, states, thresholds, rescale, inv_density,
-                       unit, weights, post_div, lam):
-    """dare_linear: δ̃_t as in :func:`_dare_deltas`, then ``_sparsify._sum_`` (acc = δ̃_0·w_0,
-    acc + δ̃_t or fma(δ̃_t, w_t, acc)), / Σw (``post_div``, 0 = none), ·λ, + θ_0."""
+                       kept, unit, weights, post_div, lam):
+    """dare_linear: δ̃_t as in :func:`_dare_deltas` (masks drawn, or read from ``kept``),
+    then ``_sparsify._sum_`` (acc = δ̃_0·w_0, acc + δ̃_t or fma(δ̃_t, w_t, acc)), / Σw
+    (``post_div``, 0 = none), ·λ, + θ_0."""
     if any_nonfinite(src, count):
         return False
     nexp = src.shape[0] - 1
     d = np.empty((nexp, CHUNK), np.float32)
-    words = np.empty((nexp, CHUNK), np.uint32)
+    draw = _draw_scratch(nexp)
     random = np.nonzero(modes == DROP_RANDOM)[0]
     base = src[0]
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
         _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density,
-                     words, d)
+                     draw, kept, d)
         acc = d[0]
         if not unit[0]:
             for j in range(n):
@@ -382,9 +403,10 @@ def _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, 
 
 @njit(**JIT)
 def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_density,
-                     unit, weights, normalize, min_weight, lam, weighted_vote,
+                     kept, unit, weights, normalize, min_weight, lam, weighted_vote,
                      fix_index, fix_deltas, tally):
-    """dare_ties on one slice: δ̃_t as in :func:`_dare_deltas`, then TIES' election and
+    """dare_ties on one slice: δ̃_t as in :func:`_dare_deltas` (masks drawn, or read from
+    ``kept``), then TIES' election and
     disjoint merge (``methods.ties.ties_core`` with ``_sparsify.elect_sign``/``combine_``).
 
     Paper vote: γ = sign(Σ_t δ̃_t) summed left to right, zero sums take +1 (the slice's
@@ -400,13 +422,13 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
         return False
     nexp = src.shape[0] - 1
     d, gamma, acc, den, spread = _merge_scratch(nexp)
-    words = np.empty((nexp, CHUNK), np.uint32)
+    draw = _draw_scratch(nexp)
     random = np.nonzero(modes == DROP_RANDOM)[0]
     base = src[0]
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
         _dare_deltas(src, c0, n, modes, random, states, thresholds, rescale, inv_density,
-                     words, d)
+                     draw, kept, d)
         _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
                          weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread)
     return True

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelalloy.methods.registry import MergeContext
+from modelalloy.methods.registry import KeptBits, MergeContext
 
 SliceKernel = Callable[[np.ndarray, int, np.ndarray, MergeContext, int], bool]
 
@@ -125,7 +125,21 @@ class _SFC64States:
 
 
 class _L1SFC64States(_SFC64States):
-    """The L1 pass's own replay of the same streams (the merge pass then draws them again)."""
+    """The L1 pass's own replay of the same streams (the merge pass then draws them again,
+    unless the pass kept the masks: :class:`_KeptMasks`)."""
+
+
+@dataclass
+class _KeptMasks:
+    """The keep masks the L1 pass drew, as bits (per model that drops at random, a row of
+    ``numel / 8`` bytes rounded up to 8), for the merge pass to read instead of drawing them
+    again: made when the engine grants them (``registry.KeptBits``, counted in the tensor's
+    working bytes)."""
+
+    bits: np.ndarray
+
+
+NO_KEPT = np.zeros((0, 0), np.uint8)  # the kernels' "draw the masks"
 
 
 @dataclass
@@ -164,6 +178,7 @@ class _DareDrops:
                                       for p in densities], dtype=np.uint32)
         self.inv_density = _f32([1.0 / p if 0 < p < 1 else 1.0 for p in densities])
         self.rescale = bool(params["rescale"])
+        self.random = int(np.count_nonzero(self.modes == DROP_RANDOM))
 
     def states(self, ctx: MergeContext,
                kind: type[_SFC64States] | None = None) -> np.ndarray:
@@ -201,8 +216,12 @@ class _DareKernel:
 
         drops = self.drops
         sums = ctx.state(L1Sums, lambda: L1Sums.new(len(drops.modes), None))
+        grant = ctx.state_if_any(KeptBits)
+        kept = NO_KEPT if grant is None else ctx.state(_KeptMasks, lambda: _KeptMasks(
+            np.empty((drops.random, -(-grant.numel // 64) * 8), np.uint8))).bits
         return dare_l1_kernel(src, count, drops.modes, drops.states(ctx, _L1SFC64States),
-                              drops.thresholds, sums.before, sums.after)
+                              drops.thresholds, sums.before, sums.after, kept,
+                              self._kept_at(ctx))
 
     def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
                  width: int = 1) -> bool:
@@ -211,7 +230,20 @@ class _DareKernel:
         scales = self.drops.inv_density
         if self.l1:
             scales = _f32(ctx.state(L1Sums).factors())
-        return self.merge(src, count, out, ctx, self.drops.rescale, scales)
+        masks = ctx.state_if_any(_KeptMasks)
+        kept = NO_KEPT
+        if masks is not None:  # the slice's masks as 0/1 bytes (NumPy's SIMD unpacking)
+            at = self._kept_at(ctx)
+            kept = np.unpackbits(masks.bits[:, at:at + -(-count // 8)], axis=1, count=count,
+                                 bitorder="little")
+        return self.merge(src, count, out, ctx, self.drops.rescale, scales, kept)
+
+    @staticmethod
+    def _kept_at(ctx: MergeContext) -> int:
+        """The slice's first byte in the kept bits (slices start on multiples of 8)."""
+        start = ctx.slice_start or 0
+        assert start % 8 == 0
+        return start // 8
 
 
 def dare_linear(params: dict[str, Any]) -> SliceKernel:
@@ -224,9 +256,9 @@ def dare_linear(params: dict[str, Any]) -> SliceKernel:
     w, lam = _f32(weights), np.float32(params["lambda"])
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
-            rescale: bool, scales: np.ndarray) -> bool:
+            rescale: bool, scales: np.ndarray, kept: np.ndarray) -> bool:
         return dare_linear_kernel(src, count, out, drops.modes, drops.states(ctx),
-                                  drops.thresholds, rescale, scales, unit, w, div, lam)
+                                  drops.thresholds, rescale, scales, kept, unit, w, div, lam)
     return _DareKernel(params, drops, run)
 
 
@@ -287,10 +319,10 @@ def dare_ties(params: dict[str, Any]) -> SliceKernel:
     drops, merge = _DareDrops(params), _TiesMerge(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
-            rescale: bool, scales: np.ndarray) -> bool:
+            rescale: bool, scales: np.ndarray, kept: np.ndarray) -> bool:
         return merge.run(ctx, src, lambda args: dare_ties_kernel(
             src, count, out, drops.modes, drops.states(ctx), drops.thresholds, rescale,
-            scales, *args))
+            scales, kept, *args))
     return _DareKernel(params, drops, run)
 
 

@@ -121,6 +121,15 @@ def slice_passes(params: dict[str, Any]) -> tuple:
     return (gather_l1_sums,) if rescales_to_l1(params) else ()
 
 
+def kept_mask_bits(params: dict[str, Any]) -> int:
+    """Bits per element the fused L1 pass keeps for the merge when the engine grants them:
+    the keep mask of each model that drops at random, so the merge reads them instead of
+    drawing them again (``kernels.slices._KeptMasks``)."""
+    if not rescales_to_l1(params):
+        return 0
+    return sum(1 for density in params["density"] if 0.0 < density < 1.0)
+
+
 def dare_deltas(base: torch.Tensor, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> list[torch.Tensor]:
     deltas = task_vectors(base, experts)
@@ -143,7 +152,7 @@ _COMMON = [weight_param(), density_param(1.0, "fraction of entries kept (1 − d
     summary="Randomly drop task-vector entries, rescale, and add the weighted sum to the base",
     base="required",
     execution=Execution(shape="elementwise", passes=slice_passes,
-                        kernel=FusedKernel("dare_linear")),
+                        kernel=FusedKernel("dare_linear"), kept_bits=kept_mask_bits),
 )
 def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -162,7 +171,7 @@ def dare_linear(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     base="required",
     execution=Execution(shape=whole_if_negative(lambda params: "elementwise"),
                         passes=slice_passes, finish=PAPER_VOTE,
-                        kernel=FusedKernel("dare_ties")),
+                        kernel=FusedKernel("dare_ties"), kept_bits=kept_mask_bits),
 )
 def dare_ties(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
               ctx: MergeContext) -> torch.Tensor:

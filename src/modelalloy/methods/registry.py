@@ -288,6 +288,15 @@ class Finish:
 
 
 @dataclass(frozen=True)
+class KeptBits:
+    """The engine's grant, in a sliced tensor's ``ctx.streams``: the fused passes may keep
+    ``Execution.kept_bits`` bits for each of the tensor's ``numel`` elements for its merge
+    (counted in the tensor's working bytes). Without it they keep nothing."""
+
+    numel: int
+
+
+@dataclass(frozen=True)
 class FusedKernel:
     """A fused kernel for the sliced path, used when numba is installed: ``factory`` names a
     function of ``modelalloy.kernels.slices`` that maps the tensor's resolved parameters to a
@@ -316,6 +325,11 @@ class Execution:
     - ``finish``: the :class:`Finish` step after the last slice.
     - ``kernel``: the :class:`FusedKernel` of the sliced path.
     - ``prepare``: the :class:`Prepare` pass over the whole model.
+    - ``kept_bits``: bits per element the fused kernel's passes may keep for its merge
+      instead of recomputing them there (DARE's keep masks: one bit per model that drops at
+      random), or a function of the parameters giving them. The planner counts them in the
+      tensor's working bytes; the engine grants them (:class:`KeptBits` in ``ctx.streams``)
+      only when they fit, and the kernel recomputes otherwise.
     """
 
     shape: Shape | Callable[[dict[str, Any]], Shape] = "whole"
@@ -323,6 +337,7 @@ class Execution:
     finish: Finish | None = None
     kernel: FusedKernel | None = None
     prepare: Prepare | None = None
+    kept_bits: int | Callable[[dict[str, Any]], int] = 0
 
     def shape_for(self, params: dict[str, Any]) -> Shape:
         """The shape of a tensor with these resolved parameters (none given: whole, unless
@@ -346,6 +361,11 @@ class Execution:
         if self.kernel is None or not _applies(self.kernel.when, params):
             return None
         return self.kernel.factory
+
+    def kept_bits_for(self, params: dict[str, Any]) -> int:
+        """Bits per element the fused passes of a sliced tensor with these parameters may
+        keep for the merge."""
+        return self.kept_bits(params) if callable(self.kept_bits) else self.kept_bits
 
     def prepare_for(self, params: dict[str, Any] | None) -> PrepareFn | None:
         """The whole-model pass, if it has work for these (the first merged tensor's)

@@ -22,6 +22,10 @@ from modelalloy.plan.sources import TensorSource
 from modelalloy.recipe import Recipe, resolve_tensor_params
 
 FLOAT32_BYTES = 4
+# The most bytes the tensors merged at once may hold in bits their fused passes keep for the
+# merge (Execution.kept_bits: DARE's keep masks, 148 MB for a 3B Llama's embedding with three
+# experts). Larger ones are recomputed instead, so memory stays bounded at any model size.
+KEPT_BYTES_MAX = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,15 @@ class PlanEntry:
     # elementwise method: 1, or a per-row one: the row length; slices are whole multiples of
     # it): see SLICE_ELEMENTS.
     slice_unit: int = 0
+    # Bits per element the method's fused passes may keep for the merge of this sliced
+    # tensor (Execution.kept_bits; DARE's keep masks), when the engine grants them.
+    kept_bits: int = 0
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the kept bits: per bit of an element, a row of ``numel`` bits in whole
+        8-byte words."""
+        return self.kept_bits * -(-self.numel // 64) * 8
 
     @property
     def sliced(self) -> bool:
@@ -59,18 +72,21 @@ class PlanEntry:
             n *= d
         return n
 
-    def working_bytes(self, n_inputs: int, sliced: bool | None = None) -> int:
+    def working_bytes(self, n_inputs: int, sliced: bool | None = None,
+                      kept: bool = False) -> int:
         """Bytes held while this tensor is being merged: the stored inputs, their float32
         copies, one float32 temporary per input (task vectors, masks), about four more
         (magnitudes, sign, sums, result), and the output. Measured on TIES, the most
         temporary-hungry of the streaming methods. A sliced merge holds the output and the
-        same buffers for one slice only. ``sliced`` overrides the entry's own flag (the CUDA
+        same buffers for one slice only, plus, with ``kept``, the bits its passes keep for
+        the merge (:attr:`kept_bytes`). ``sliced`` overrides the entry's own flag (the CUDA
         path never slices)."""
         if not self.merge:
             return self.bytes_in + self.bytes_out
         if self.sliced if sliced is None else sliced:
             per_slice = self.bytes_in // max(1, self.numel) + (2 * n_inputs + 4) * FLOAT32_BYTES
-            return self.slice_length * per_slice + self.bytes_out
+            return (self.slice_length * per_slice + self.bytes_out
+                    + (self.kept_bytes if kept else 0))
         return self.bytes_in + (2 * n_inputs + 4) * self.numel * FLOAT32_BYTES + self.bytes_out
 
 
@@ -121,11 +137,18 @@ class MergePlan:
         n = len(self.sources)
         return max((e.working_bytes(n) for e in self.entries), default=0)
 
+    def largest_kept_bytes(self, threads: int) -> int:
+        """The most bytes of kept bits (:attr:`PlanEntry.kept_bytes`) one tensor may hold
+        while ``threads`` tensors are merged at once (``KEPT_BYTES_MAX`` over all of them)."""
+        return max((e.kept_bytes for e in self.entries
+                    if e.kept_bytes * max(1, threads) <= KEPT_BYTES_MAX), default=0)
+
     def estimated_peak_bytes(self, threads: int, memory_budget: int | None) -> int:
-        """Bytes in flight at once: ``threads`` of the largest tensors, capped by the budget
-        (the engine never starts a tensor that would pass it, unless it is alone)."""
+        """Bytes in flight at once: ``threads`` of the largest tensors, each with the most
+        kept bits a tensor may hold, capped by the budget (the engine never starts a tensor
+        that would pass it, unless it is alone)."""
         largest = self.largest_working_bytes()
-        in_flight = largest * max(1, threads)
+        in_flight = (largest + self.largest_kept_bytes(threads)) * max(1, threads)
         if memory_budget is not None:
             in_flight = max(largest, min(in_flight, memory_budget))
         return in_flight
@@ -228,13 +251,14 @@ def build_plan(recipe: Recipe | None, spec: MethodSpec, base: TensorSource | Non
         numel = 1
         for d in ref_info.shape:
             numel *= d
+        unit = _slice_unit(spec, params, tuple(ref_info.shape), numel) \
+            if merge and name not in whole else 0
         plan.entries.append(PlanEntry(
             name=name, shape=tuple(ref_info.shape), out_dtype=dtype, merge=merge,
             layer_index=layer, num_layers=count, params=params,
             bytes_in=sum(i.nbytes for i in infos) if merge else ref_info.nbytes,
             bytes_out=numel * dtype.itemsize,
-            slice_unit=_slice_unit(spec, params, tuple(ref_info.shape), numel)
-            if merge and name not in whole else 0))
+            slice_unit=unit, kept_bits=spec.execution.kept_bits_for(params) if unit else 0))
     problem = _uniform_problem(spec, plan.entries)
     if problem:
         plan.problems.append(problem)
