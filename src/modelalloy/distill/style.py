@@ -180,7 +180,6 @@ def style_accuracy(suite: Any, student: StyleStudent, tasks: Sequence[str] | Non
         for task in tasks:
             prompts, answers = suite.labeled(task, split)
             gens = lm.greedy(model, prompts, max_new)
-            row[task] = sum(lm.final_answer(g) == lm.final_answer(a)
-                            for g, a in zip(gens, answers, strict=True)) / len(answers)
+            row[task] = sum(lm.hits(gens, answers)) / len(answers)
         out[name] = row
     return out

@@ -548,8 +548,10 @@ def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
 
     For a suite with a long/short pair (tiny-lm: ``sum_long``, ``sum_short``), every method that
     can merge two models runs with its defaults and, where it has one, each ``lambda`` (or slerp
-    ``t``) of ``grid``; each row gives the final-answer accuracy and the mean response length on
-    the pair's shared prompts. Rows for the base and both experts come first.
+    ``t``) of ``grid``; each row gives the final-answer accuracy (in either format: the
+    suite's own per-task score counts only answers in that task's format) and the mean
+    response length on the pair's shared prompts. Rows for the base and both experts come
+    first.
     """
     log = log or (lambda _m: None)
     pair = suite.info.extra.get("pair") or []
@@ -560,7 +562,7 @@ def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
     experts = [suite.expert_state_dict(long_task), suite.expert_state_dict(short_task)]
 
     def score(method: str, sd: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
-        res = suite.evaluate(sd, [long_task])[long_task]
+        res = suite.evaluate(sd, [long_task], score="final")[long_task]
         return {"method": method, "params": params, "accuracy": round(res["accuracy"], 4),
                 "mean_length": round(res["mean_length"], 3), **interval_fields(res["correct"])}
 
