@@ -263,7 +263,16 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``, memory-mapped when the file is a zip checkpoint."""
+    """A flat state dict of tensors from a pickle (:func:`load_pickle`, training wrappers
+    unwrapped)."""
+    return _unwrap_state_dict(load_pickle(path), path)
+
+
+def load_pickle(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` of a regular file, memory-mapped when the file is a zip
+    checkpoint: tensors, containers and plain values only (an optimizer state dict, a bare
+    tensor); a pickle that wants to run code, or an unreadable file, is a one-line
+    CheckpointError naming the file."""
     path = Path(path)
     # A FIFO would block the reads below: refuse anything but a regular file first, by name.
     os.close(open_regular(path, CheckpointError, "the PyTorch file"))
@@ -289,7 +298,7 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: not a readable PyTorch file ({_one_line(e, 120)}); re-download or re-save it"
         ) from None
-    return _unwrap_state_dict(obj, path)
+    return obj
 
 
 # --------------------------------------------------------------------------- folders
