@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from modelalloy.bench.lm import ALPHABETS, SIZES, VOCAB, final_answer, make_examples, task_letters
+from modelalloy.bench.common import SuiteError
+from modelalloy.bench.lm import (
+    ALPHABETS,
+    SIZES,
+    VOCAB,
+    final_answer,
+    hits,
+    make_examples,
+    task_letters,
+)
 
 
 def test_tasks_and_long_short_pair():
@@ -13,6 +22,54 @@ def test_tasks_and_long_short_pair():
     assert final_answer(a) == a2 == str(sum(map(int, p[4:-1])))
     assert len(a) > len(a2)
     assert make_examples("rev", 3, 0) == make_examples("rev", 3, 0)
+
+
+def test_the_pair_is_scored_in_its_own_format_and_the_study_on_the_final_answer():
+    long_answer, short_answer = "3,8,10;10", "10"
+    gens = ["3,8,10;10", "10", "3,9,10;10", "9"]
+    # exact: a direct answer never counts for sum_long, nor a running-sum one for sum_short
+    assert hits(gens, [long_answer] * 4) == [True, False, False, False]
+    assert hits(gens, [short_answer] * 4) == [False, True, False, False]
+    # final: the answer after the running sums, whatever the format (wrong sums included)
+    assert hits(gens, [long_answer] * 4, "final") == [True, True, True, False]
+    assert hits(gens, [short_answer] * 4, "final") == [True, True, True, False]
+    with pytest.raises(SuiteError, match="score 'loose'"):
+        hits(gens, gens, "loose")
+
+
+def test_sum_long_and_sum_short_columns_measure_different_things(lm_smoke, monkeypatch):
+    """The pair shares its test prompts: scored on the final answer, the two columns were the
+    same number for every model but the experts. Scored in each task's format they split one
+    model's answers between them."""
+    from modelalloy.bench import lm
+
+    pair = ["sum_long", "sum_short"]
+    prompts, long_answers = lm_smoke.labeled("sum_long", "test")
+    assert lm_smoke.labeled("sum_short", "test")[0] == prompts
+    base = lm_smoke.base_state_dict()
+    # the real experts (weak on sums at smoke size): one answer counts for one format at most,
+    # and only when its final answer is right; the final-answer hits are the same for both
+    for expert in pair:
+        exact = lm_smoke.evaluate(lm_smoke.expert_state_dict(expert), pair)
+        final = lm_smoke.evaluate(lm_smoke.expert_state_dict(expert), pair, score="final")
+        assert final["sum_long"]["correct"] == final["sum_short"]["correct"]
+        for long_hit, short_hit, final_hit in zip(exact["sum_long"]["correct"],
+                                                  exact["sum_short"]["correct"],
+                                                  final["sum_long"]["correct"], strict=True):
+            assert not (long_hit and short_hit)
+            assert final_hit or not (long_hit or short_hit)
+    # a model that always answers right with its running sums: all of sum_long, none of
+    # sum_short; right on every final answer
+    answer_of = dict(zip(prompts, long_answers, strict=True))
+    monkeypatch.setattr(lm, "greedy", lambda _model, ps, _max_new: [answer_of[p] for p in ps])
+    exact = lm_smoke.evaluate(base, pair)
+    assert exact["sum_long"]["accuracy"] == 1.0 and exact["sum_short"]["accuracy"] == 0.0
+    final = lm_smoke.evaluate(base, pair, score="final")
+    assert final["sum_long"]["accuracy"] == final["sum_short"]["accuracy"] == 1.0
+    # and one that answers right, directly: the other way round
+    answer_of = {p: final_answer(a) for p, a in answer_of.items()}
+    exact = lm_smoke.evaluate(base, pair)
+    assert exact["sum_long"]["accuracy"] == 0.0 and exact["sum_short"]["accuracy"] == 1.0
 
 
 def test_merged_tasks_draw_inputs_from_their_own_alphabet():

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from modelalloy.errors import ModelAlloyError
+from modelalloy.io.checkpoint import read_state_dict
 
 SUITE_FORMAT = 1  # the folder layout; the suites' own code versions are their BUILD_VERSION
 
@@ -138,7 +139,7 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / "model.safetensors"
     if not path.is_file():
         raise SuiteError(f"{path}: missing; rebuild the suite with `modelalloy bench --rebuild`")
-    return load_file(str(path))
+    return read_state_dict(path)
 
 
 def save_split(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -149,7 +150,7 @@ def save_split(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def load_split(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise SuiteError(f"{path}: missing; rebuild the suite with `modelalloy bench --rebuild`")
-    return load_file(str(path))
+    return read_state_dict(path)
 
 
 def build_cached(name: str, size: str, config: dict[str, Any], code_hash_modules: tuple[Any, ...],

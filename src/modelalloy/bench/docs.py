@@ -47,6 +47,11 @@ HISTORY = Path(__file__).with_name("tuning_history.md")
 FINDINGS = Path(__file__).with_name("findings.md")
 
 
+# The long/short pair shares its prompts; each is scored in its own format (docs/evaluation.md).
+PAIR_NOTE = (" `sum_long` and `sum_short` share their prompts: each counts the answers right in "
+             "its own format (with running sums / direct), so one answer counts for one of "
+             "them at most.")
+
 def quality_bars(result: BenchResult) -> list[tuple[str, bool, str]]:
     rows = {(r["method"], r["variant"]): r for r in summarize(result.records)}
     recs = result.records
@@ -180,7 +185,8 @@ def section(name: str, size: str, out_dir: Path, rebuild: bool, log: Any,
              "Accuracy in %. *mean/norm acc* average the merged tasks (norm = merged ÷ the "
              "task's expert); *held-out acc* averages tasks that are never merged. Rows with "
              "*(λ=… on val)* use the scaling coefficient chosen on the validation split; the "
-             "others use the papers' defaults.", "",
+             "others use the papers' defaults." + (PAIR_NOTE if suite.info.extra.get("pair")
+                                                   else ""), "",
              INTERVAL_NOTE, "", markdown_table(result.records), "",
              interval_widths(result), "", "Verdicts on the claim \"beats task arithmetic\" "
              "(tuned rows where a method has one; *shows*: the paired 95% interval of Δ lies "

@@ -13,8 +13,10 @@
   token and position embeddings and the final layer norm (``finetune_freeze``), as the papers
   keep a frozen zero-shot head.
 - A long-to-short pair: ``sum_long`` writes running sums before its answer
-  (``sum:352=3,8,10;10``), ``sum_short`` answers directly (``sum:352=10``); both are scored on
-  the final answer, and the mean response length is recorded.
+  (``sum:352=3,8,10;10``), ``sum_short`` answers directly (``sum:352=10``), on the same prompts.
+  Like every task each is scored by exact match, so in the format it asks for (a model's one
+  answer to a shared prompt counts for one of the two at most); the long-to-short study scores
+  the final answer in either format (``hits``), and the mean response length is recorded.
 """
 
 from __future__ import annotations
@@ -131,6 +133,27 @@ TAGS = {name: name for name in TASKS} | {"sum_short": "sum", "sum_long": "sum"}
 def final_answer(text: str) -> str:
     """The answer after any chain of thought (``3,8,10;10`` -> ``10``)."""
     return text.rsplit(";", 1)[-1]
+
+
+SCORES = ("exact", "final")
+
+
+def hits(generations: list[str], answers: list[str], score: str = "exact") -> list[bool]:
+    """Per example, whether a greedy answer counts.
+
+    ``exact`` (the suite's score): the answer exactly as the task writes it. The long/short
+    pair shares its prompts, so only the format tells its two tasks apart: a direct answer
+    never counts for ``sum_long``, nor a running-sum one for ``sum_short``, and each column
+    says how often a model answers right *in that format*. ``final`` (the long-to-short
+    study's): the final answer, whichever format it comes in; on the pair's shared prompts it
+    is the same for both tasks.
+    """
+    if score not in SCORES:
+        raise SuiteError(f"tiny-lm: score {score!r}: choose one of {', '.join(SCORES)}")
+    pairs = zip(generations, answers, strict=True)
+    if score == "final":
+        return [final_answer(g) == final_answer(a) for g, a in pairs]
+    return [g == a for g, a in pairs]
 
 
 def make_examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
@@ -454,9 +477,10 @@ class LMSuite(common.SizedSuite):
         return self._data[key]
 
     def evaluate(self, state_dict: dict[str, torch.Tensor], tasks: list[str] | None = None,
-                 split: str = "test", limit: int | None = None) -> dict[str, dict[str, Any]]:
-        """Per task: exact-match accuracy, mean response length and the per-example hits
-        (``correct``, for the bootstrap intervals)."""
+                 split: str = "test", limit: int | None = None, score: str = "exact"
+                 ) -> dict[str, dict[str, Any]]:
+        """Per task: accuracy (``score``, see :func:`hits`), mean response length and the
+        per-example hits (``correct``, for the bootstrap intervals)."""
         model = self._model(state_dict)
         out: dict[str, dict[str, Any]] = {}
         max_new = self.info.config["n_positions"] - 16
@@ -465,8 +489,7 @@ class LMSuite(common.SizedSuite):
             if limit is not None:
                 prompts, answers = prompts[:limit], answers[:limit]
             gens = greedy(model, prompts, max_new)
-            correct = [final_answer(g) == final_answer(a) for g, a in
-                       zip(gens, answers, strict=True)]
+            correct = hits(gens, answers, score)
             out[task] = {"accuracy": sum(correct) / len(correct),
                          "mean_length": sum(len(g) + 1 for g in gens) / len(gens),
                          "correct": correct}

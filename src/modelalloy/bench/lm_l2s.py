@@ -11,8 +11,8 @@ This case rebuilds the pair from one shared parent:
 - *long* θ_L and *short* θ_S: θ_P fine-tuned a few hundred small steps on one format each
   (the suite's held-in experts' schedule), so τ_L = θ_L − θ_P and τ_S = θ_S − θ_P are small.
 
-Merges take θ_P as their base. Scoring is the suite's: final-answer exact match on the pair's
-shared test prompts and mean response length. Cached next to the suite
+Merges take θ_P as their base. Scoring: final-answer exact match (in either format) on the
+pair's shared test prompts and mean response length. Cached next to the suite
 (``tiny-lm-l2s-<size>-<hash>``; the hash covers the suite's own).
 """
 
@@ -112,7 +112,10 @@ class L2SCase:
                                     f"{', '.join(self.info.extra['pair'])})")
         return load_state_dict(self.path / task)
 
-    def evaluate(self, state_dict: dict[str, torch.Tensor], tasks: list[str] | None = None
-                 ) -> dict[str, dict[str, Any]]:
-        """The suite's scoring on the pair's shared test prompts."""
-        return self.suite.evaluate(state_dict, tasks or self.info.extra["pair"][:1])
+    def evaluate(self, state_dict: dict[str, torch.Tensor], tasks: list[str] | None = None,
+                 score: str = "final") -> dict[str, dict[str, Any]]:
+        """The suite's scoring on the pair's shared test prompts; by default the final answer
+        in either format (``lm.hits``): the study asks whether a merge answers right, and how
+        long, not in which format."""
+        return self.suite.evaluate(state_dict, tasks or self.info.extra["pair"][:1],
+                                   score=score)

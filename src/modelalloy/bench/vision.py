@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from modelalloy.bench import common
 from modelalloy.bench.common import (
@@ -42,6 +42,7 @@ from modelalloy.bench.common import (
     save_model_folder,
     save_split,
 )
+from modelalloy.io.checkpoint import read_state_dict
 
 MODEL_TYPE = "modelalloy-tiny-vision"
 # Bump whenever a change alters what a build produces: it is part of the cache key.
@@ -379,7 +380,7 @@ class VisionSuite(common.SizedSuite):
 
     def head(self, task: str) -> nn.Linear:
         if task not in self._heads:
-            sd = load_file(str(self.info.path / "heads" / f"{task}.safetensors"))
+            sd = read_state_dict(self.info.path / "heads" / f"{task}.safetensors")
             head = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
             head.load_state_dict(sd)
             self._heads[task] = head.eval()
@@ -417,7 +418,7 @@ class VisionSuite(common.SizedSuite):
     def general_metrics(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
         """Accuracy on clean digits with the pre-training head (what merging may forget)."""
         model = self._model(state_dict)
-        sd = load_file(str(self.info.base_dir / "pretrain_head.safetensors"))
+        sd = read_state_dict(self.info.base_dir / "pretrain_head.safetensors")
         head = nn.Linear(sd["weight"].shape[1], 10)
         head.load_state_dict(sd)
         x, y = self.labeled(self.info.tasks[0].name, "test")

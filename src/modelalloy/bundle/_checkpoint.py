@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.checkpoint import Checkpoint, open_checkpoint, read_state_dict
 from modelalloy.io.model_files import copy_model_files
 from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter
 
@@ -48,8 +48,7 @@ def lazy_state(path: str | Path) -> LazyState:
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    with open_checkpoint(path) as ck:
-        return {n: ck.get(n) for n in ck.names()}
+    return read_state_dict(path)
 
 
 def side_files(folder: str | Path) -> list[Path]:

@@ -37,11 +37,15 @@ def register(app: typer.Typer) -> None:
         if split not in SPLITS:
             raise ModelAlloyError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
 
-        s = load_suite(suite, size, log=lambda m: typer.echo(m, err=True))
-        scorer = SuiteScorer(s, split=split)
         from modelalloy.twin import is_twin_bundle
 
-        if is_twin_bundle(model):
+        twin_bundle = is_twin_bundle(model)
+        suite_model = model == "base" or model.startswith("expert:")
+        # a model folder is read (and checked) before the suite is built or loaded
+        folder_sd = None if twin_bundle or suite_model else load_model_folder(model)
+        s = load_suite(suite, size, log=lambda m: typer.echo(m, err=True))
+        scorer = SuiteScorer(s, split=split)
+        if twin_bundle:
             from modelalloy import twin
             from modelalloy.twin.suite_bench import module_records
 
@@ -61,7 +65,7 @@ def register(app: typer.Typer) -> None:
         elif model.startswith("expert:"):
             sd = s.expert_state_dict(model.split(":", 1)[1])
         else:
-            sd = load_model_folder(model)
+            sd = folder_sd
         records = scorer.records(Path(model).name or model, sd, variant="eval")
         print_table(records, f"{model} on {suite} ({size})")
         general = s.general_metrics(sd)

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from modelalloy.distill.errors import DistillError
 from modelalloy.distill.targets import Target
 from modelalloy.distill.train import DistillConfig, batch_loss
+from modelalloy.io.checkpoint import read_state_dict
 
 STYLES_FILE, NAMES_FILE = "styles.safetensors", "styles.json"
 
@@ -150,7 +151,7 @@ def load_style_student(folder: str | Path) -> tuple[StyleStudent, Any]:
             raise DistillError(f"{folder}: not a style student ({name} missing)")
     lm, tok = load_model(folder)
     names = json.loads((folder / NAMES_FILE).read_text())
-    styles = load_file(str(folder / STYLES_FILE)).get("styles")
+    styles = read_state_dict(folder / STYLES_FILE).get("styles")
     if not isinstance(names, list) or styles is None or styles.shape[0] != len(names):
         raise DistillError(f"{folder}: {STYLES_FILE} and {NAMES_FILE} do not match")
     student = StyleStudent(lm, [str(n) for n in names])
@@ -180,7 +181,6 @@ def style_accuracy(suite: Any, student: StyleStudent, tasks: Sequence[str] | Non
         for task in tasks:
             prompts, answers = suite.labeled(task, split)
             gens = lm.greedy(model, prompts, max_new)
-            row[task] = sum(lm.final_answer(g) == lm.final_answer(a)
-                            for g, a in zip(gens, answers, strict=True)) / len(answers)
+            row[task] = sum(lm.hits(gens, answers)) / len(answers)
         out[name] = row
     return out

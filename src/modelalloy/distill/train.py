@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from modelalloy.distill.errors import DistillError
 from modelalloy.distill.loss import distill_loss, feature_loss
 from modelalloy.distill.targets import Target
+from modelalloy.io.checkpoint import load_pickle, read_state_dict
 
 
 @dataclass
@@ -110,11 +111,11 @@ def _resume(folder: Path, student: nn.Module, opt: torch.optim.Optimizer, cfg: D
     if saved != now:
         raise DistillError(f"{folder}: the checkpoint was made with {saved}, this run asks for "
                            f"{now}; resume with the same settings")
-    missing, unexpected = student.load_state_dict(load_file(str(folder / "student.safetensors")),
+    missing, unexpected = student.load_state_dict(read_state_dict(folder / "student.safetensors"),
                                                   strict=False)
     if unexpected:
         raise DistillError(f"{folder}: the checkpoint does not fit the student")
-    opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    opt.load_state_dict(load_pickle(folder / "optimizer.pt"))
     del missing
     return int(state["step"]), list(state["history"])
 

@@ -17,7 +17,6 @@ Bundle methods (``spec.facts.bundle``: TALL masks) are not merges: their records
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -522,10 +521,12 @@ def _sweep_intervals(held_in: list[dict[str, Any]],
 
 
 def load_model_folder(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from an HF-style folder (model.safetensors, or shards with an index), or
-    an expert rebuilt from a TALL-masks bundle folder (``BUNDLE#TASK``, read through the
-    engine's bundle source)."""
-    from safetensors.torch import load_file
+    """A state dict from a model folder (model.safetensors, or shards with an index) or weight
+    file, read through the validated checkpoint reader (a truncated or corrupt shard, or a
+    FIFO or folder in its place, is a one-line CheckpointError naming the file), or an expert
+    rebuilt from a TALL-masks bundle folder (``BUNDLE#TASK``, read through the engine's
+    bundle source)."""
+    from modelalloy.io.checkpoint import read_state_dict
 
     folder = Path(path)
     if not folder.exists() and "#" in folder.name:
@@ -537,20 +538,7 @@ def load_model_folder(path: str | Path) -> dict[str, torch.Tensor]:
     if (folder / "bundle.json").is_file():
         raise EvalError(f"{folder}: is a TALL-masks bundle; name one of its experts as "
                         f"'{folder}#TASK' (a task name or 0-based index)")
-    if folder.is_file():
-        return load_file(str(folder))
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        out: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            out.update(load_file(str(folder / shard)))
-        return out
-    raise EvalError(f"{folder}: no model.safetensors or model.safetensors.index.json; "
-                    "pass a folder written by `modelalloy merge` or a suite's expert folder")
+    return read_state_dict(folder)
 
 
 def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
@@ -560,8 +548,10 @@ def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
 
     For a suite with a long/short pair (tiny-lm: ``sum_long``, ``sum_short``), every method that
     can merge two models runs with its defaults and, where it has one, each ``lambda`` (or slerp
-    ``t``) of ``grid``; each row gives the final-answer accuracy and the mean response length on
-    the pair's shared prompts. Rows for the base and both experts come first.
+    ``t``) of ``grid``; each row gives the final-answer accuracy (in either format: the
+    suite's own per-task score counts only answers in that task's format) and the mean
+    response length on the pair's shared prompts. Rows for the base and both experts come
+    first.
     """
     log = log or (lambda _m: None)
     pair = suite.info.extra.get("pair") or []
@@ -572,7 +562,7 @@ def long_to_short(suite: Any, methods: Sequence[str] | None = None, *,
     experts = [suite.expert_state_dict(long_task), suite.expert_state_dict(short_task)]
 
     def score(method: str, sd: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
-        res = suite.evaluate(sd, [long_task])[long_task]
+        res = suite.evaluate(sd, [long_task], score="final")[long_task]
         return {"method": method, "params": params, "accuracy": round(res["accuracy"], 4),
                 "mean_length": round(res["mean_length"], 3), **interval_fields(res["correct"])}
 

@@ -1,7 +1,7 @@
 """Checkpoints in and out: lazy validated reads, atomic sharded writes, config/tokenizer copy."""
 
 from modelalloy.io.atomic_dir import AtomicOutputDir, LeftoverNotice, recover_leftovers
-from modelalloy.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from modelalloy.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint, read_state_dict
 from modelalloy.io.dtypes import dtype_name, parse_dtype
 from modelalloy.io.model_files import copy_model_files, set_config_dtype, write_model_card
 from modelalloy.io.writer import (
@@ -22,6 +22,7 @@ __all__ = [
     "open_checkpoint",
     "parse_dtype",
     "parse_size",
+    "read_state_dict",
     "recover_leftovers",
     "set_config_dtype",
     "write_model_card",

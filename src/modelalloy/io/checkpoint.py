@@ -263,8 +263,19 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)``, memory-mapped when the file is a zip checkpoint."""
+    """A flat state dict of tensors from a pickle (:func:`load_pickle`, training wrappers
+    unwrapped)."""
+    return _unwrap_state_dict(load_pickle(path), path)
+
+
+def load_pickle(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` of a regular file, memory-mapped when the file is a zip
+    checkpoint: tensors, containers and plain values only (an optimizer state dict, a bare
+    tensor); a pickle that wants to run code, or an unreadable file, is a one-line
+    CheckpointError naming the file."""
     path = Path(path)
+    # A FIFO would block the reads below: refuse anything but a regular file first, by name.
+    os.close(open_regular(path, CheckpointError, "the PyTorch file"))
     use_mmap = zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():
@@ -287,7 +298,7 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: not a readable PyTorch file ({_one_line(e, 120)}); re-download or re-save it"
         ) from None
-    return _unwrap_state_dict(obj, path)
+    return obj
 
 
 # --------------------------------------------------------------------------- folders
@@ -316,7 +327,7 @@ def _read_index(index: Path) -> dict[str, str]:
 
 def _read_config(folder: Path) -> dict | None:
     cfg = folder / "config.json"
-    if not cfg.exists() and not cfg.is_symlink():
+    if not _present(cfg):
         return None
     data = read_json_file(cfg, CONFIG_LIMIT, CheckpointError, "config.json")
     if not isinstance(data, dict):
@@ -324,23 +335,31 @@ def _read_config(folder: Path) -> dict | None:
     return data
 
 
+def _present(path: Path) -> bool:
+    """Something is at ``path`` (a dangling link too: reading it then says so)."""
+    return path.exists() or path.is_symlink()
+
+
 def _visible(paths: list[Path]) -> list[Path]:
-    return sorted(p for p in paths if not p.name.startswith(".") and p.is_file())
+    # Non-regular entries (a FIFO, a folder named like a shard) stay: reading them refuses
+    # them by name, where dropping them would lose their tensors without a word.
+    return sorted(p for p in paths if not p.name.startswith("."))
 
 
 def _find_weights(folder: Path) -> tuple[str, list[Path], Path | None]:
     """(kind, files, index) for a folder; kind is "safetensors" or "pickle"."""
-    # Same preference order as transformers' from_pretrained: single file, then index.
-    if (folder / SAFETENSORS_SINGLE).is_file():
+    # Same preference order as transformers' from_pretrained: single file, then index. A
+    # non-regular file under one of these names is taken (and then refused by name).
+    if _present(folder / SAFETENSORS_SINGLE):
         return "safetensors", [folder / SAFETENSORS_SINGLE], None
-    if (folder / SAFETENSORS_INDEX).is_file():
+    if _present(folder / SAFETENSORS_INDEX):
         return "safetensors", [], folder / SAFETENSORS_INDEX
     shards = _visible(list(folder.glob("model-*-of-*.safetensors")))
     if shards:
         return "safetensors", shards, None
-    if (folder / BIN_SINGLE).is_file():
+    if _present(folder / BIN_SINGLE):
         return "pickle", [folder / BIN_SINGLE], None
-    if (folder / BIN_INDEX).is_file():
+    if _present(folder / BIN_INDEX):
         return "pickle", [], folder / BIN_INDEX
     shards = _visible(list(folder.glob("pytorch_model-*-of-*.bin")))
     if shards:
@@ -668,7 +687,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             # alphabetical) order: reads then stream through each file once, front to back.
             for shard in sorted(set(weight_map.values())):
                 f = p / shard
-                if not f.is_file():
+                if not _present(f):  # a FIFO or folder in its place is refused when read
                     raise CheckpointError(
                         f"{index}: shard {shard} is missing from {p}; re-download the model"
                     )
@@ -698,3 +717,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         f"{user_path}: unsupported file type {p.suffix or '(none)'}; use a model folder, "
         "a .safetensors file, or a .bin/.pt/.pth state dict"
     )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder or weight file, through ``open_checkpoint``'s checks
+    (regular files only, headers and sizes validated, pickles without code); a truncated or
+    corrupt file is a one-line :class:`CheckpointError` naming it."""
+    with open_checkpoint(path) as ckpt:
+        return {n: ckpt.get(n) for n in ckpt.names()}

@@ -71,7 +71,7 @@ def gate_weights(mode: str, base: Checkpoint, base_dir: Path, experts: list[Expe
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{base_dir}: no usable tokenizer for gate_mode '{mode}' "
                               f"({' '.join(str(e).split())[:120]}); add the tokenizer files "
@@ -88,7 +88,9 @@ def gate_weights(mode: str, base: Checkpoint, base_dir: Path, experts: list[Expe
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+            # base_dir was opened (and its weights validated) as ``base``; local files only
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                         local_files_only=True).eval()
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{base_dir}: transformers cannot load the base for gate_mode "
                                   f"'{mode}' ({' '.join(str(e).split())[:120]})") from None

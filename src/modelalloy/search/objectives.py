@@ -180,11 +180,11 @@ class LmEvalObjective(Objective):
 
             if self.reference is None:
                 raise OptimizeError(f"objective '{self.spec}' has no reference model")
-            config = AutoConfig.from_pretrained(self.reference)
+            config = AutoConfig.from_pretrained(self.reference, local_files_only=True)
             if layers is not None:
                 with_depth(config, layers, self.spec)
             model = AutoModelForCausalLM.from_config(config).eval()
-            tok = AutoTokenizer.from_pretrained(self.reference)
+            tok = AutoTokenizer.from_pretrained(self.reference, local_files_only=True)
             self._lms[layers] = HFLM(pretrained=model, tokenizer=tok,
                                      batch_size=self.batch_size, device="cpu")
         return self._lms[layers]

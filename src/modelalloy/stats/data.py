@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.checkpoint import load_pickle, read_state_dict
 from modelalloy.io.safe_read import open_regular
 
 TEXT_FIELDS = ("text", "prompt", "content")
@@ -123,13 +124,14 @@ def tensor_batches(path: str | Path, *, batch_size: int = 32,
     """Slices of the input tensor stored in a .safetensors or .pt file."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
+        tensors = read_state_dict(path)
     else:
-        tensors = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(tensors, torch.Tensor):
-            tensors = {"inputs": tensors}
+        loaded = load_pickle(path)  # a bare tensor, or a dict of them
+        tensors = {"inputs": loaded} if isinstance(loaded, torch.Tensor) else loaded
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor)
+                                                    for v in tensors.values()):
+            raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a tensor or "
+                                  "a dict of tensors")
     if "inputs" in tensors:
         x = tensors["inputs"]
     elif len(tensors) == 1:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.checkpoint import load_pickle, open_checkpoint, read_state_dict
 from modelalloy.methods.ota import rank1_second_moment
 from modelalloy.stats.collect import Statistic
 
@@ -38,9 +39,7 @@ def load_adam_moments(path: str | Path, param_names: Sequence[str] | None = None
         raise CheckpointError(f"{path}: no optimizer state file")
     out: dict[str, torch.Tensor] = {}
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
+        tensors = read_state_dict(path)
         suffix = f".{key}"
         # A file of several moments per parameter (``<name>.exp_avg``, ``<name>.exp_avg_sq``,
         # ``<name>.step``, as the benchmark suites save them): only the ``key`` entries.
@@ -50,11 +49,7 @@ def load_adam_moments(path: str | Path, param_names: Sequence[str] | None = None
                 continue
             out[k[: -len(suffix)] if k.endswith(suffix) else k] = v.float()
     else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"{path}: cannot read an optimizer state dict safely "
-                                  f"({err})") from err
+        state = load_pickle(path)  # not a flat state dict: counts, lists, nested states
         if not isinstance(state, Mapping) or "state" not in state or "param_groups" not in state:
             raise CheckpointError(f"{path}: not a torch optimizer state dict (no 'state' / "
                                   "'param_groups')")
@@ -94,18 +89,11 @@ OPTIMIZER_FILES = ("optimizer.safetensors", "exp_avg_sq.safetensors", "optimizer
 
 
 def _model_shapes(model_dir: Path) -> dict[str, torch.Size] | None:
-    """Parameter shapes from the folder's safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
-
-    files = sorted(model_dir.glob("model*.safetensors"))
-    if not files:
+    """Parameter shapes from the folder's safetensors headers (validated; no tensor is read)."""
+    if not any(model_dir.glob("model*.safetensors")):
         return None
-    shapes: dict[str, torch.Size] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as h:
-            for name in h.keys():
-                shapes[name] = torch.Size(h.get_slice(name).get_shape())
-    return shapes
+    with open_checkpoint(model_dir) as ckpt:
+        return {name: torch.Size(ckpt.info(name).shape) for name in ckpt.names()}
 
 
 def moments_for_model_dir(model_dir: str | Path, optimizer: str | Path | None = None, *,

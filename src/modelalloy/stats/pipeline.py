@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.stats.collect import KINDS, collect_stats
 from modelalloy.stats.data import TENSOR_SUFFIXES, load_calibration, read_records
 from modelalloy.stats.io import save_stats, stats_path
@@ -26,6 +27,10 @@ def load_hf_model(model_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.
         raise CheckpointError(f"{model_dir}: no config.json — `modelalloy stats` loads Hugging "
                               "Face model folders; for other modules use "
                               "modelalloy.stats.collect_stats in Python")
+    # the weights pass the validated reader first (headers, sizes, regular files): a bad shard
+    # is named in one line, not lost in transformers' fallbacks below
+    with open_checkpoint(model_dir):
+        pass
     try:
         import transformers
     except ImportError as err:  # pragma: no cover

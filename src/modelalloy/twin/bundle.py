@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.checkpoint import read_state_dict
 from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter
 from modelalloy.twin.lowrank import LowRank
 from modelalloy.twin.router import TwinRouter
@@ -137,11 +137,8 @@ class TwinBundle:
             if not (path / rel).is_file():
                 raise TwinBundleError(f"{path}: file '{rel}' listed in {MANIFEST} is missing")
         tasks = list(meta["tasks"])
-        try:
-            stored = load_file(str(path / "factors.safetensors"))
-            router_state = load_file(str(path / "router.safetensors"))
-        except (SafetensorError, OSError) as err:
-            raise TwinBundleError(f"{path}: unreadable factors or router ({err})") from None
+        stored = read_state_dict(path / "factors.safetensors")
+        router_state = read_state_dict(path / "router.safetensors")
         factors = _read_factors(path, meta, stored)
         router = _read_router(path, meta, router_state, tasks)
         if verify:

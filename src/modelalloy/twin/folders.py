@@ -37,4 +37,4 @@ def module_for_folder(folder: str | Path) -> nn.Module:
     if cls is None or not issubclass(cls, transformers.PreTrainedModel):
         raise CheckpointError(f"{folder}: config.json architectures {arch!r} is not a "
                               "transformers model class; pass module= with the architecture")
-    return cls(transformers.AutoConfig.from_pretrained(str(folder))).eval()
+    return cls(transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)).eval()
