@@ -28,10 +28,10 @@ def test_the_pair_is_scored_in_its_own_format_and_the_study_on_the_final_answer(
     long_answer, short_answer = "3,8,10;10", "10"
     gens = ["3,8,10;10", "10", "3,9,10;10", "9"]
     # exact: a direct answer never counts for sum_long, nor a running-sum one for sum_short
-    assert hits(gens, [long_answer] * 4) == [True, False, False, False]
-    assert hits(gens, [short_answer] * 4) == [False, True, False, False]
+    assert hits(gens, [long_answer] * 4, "exact") == [True, False, False, False]
+    assert hits(gens, [short_answer] * 4, "exact") == [False, True, False, False]
     # final: the answer after the running sums, whatever the format (wrong sums included)
-    assert hits(gens, [long_answer] * 4, "final") == [True, True, True, False]
+    assert hits(gens, [long_answer] * 4) == [True, True, True, False]  # the suite's default
     assert hits(gens, [short_answer] * 4, "final") == [True, True, True, False]
     with pytest.raises(SuiteError, match="score 'loose'"):
         hits(gens, gens, "loose")
@@ -50,8 +50,8 @@ def test_sum_long_and_sum_short_columns_measure_different_things(lm_smoke, monke
     # the real experts (weak on sums at smoke size): one answer counts for one format at most,
     # and only when its final answer is right; the final-answer hits are the same for both
     for expert in pair:
-        exact = lm_smoke.evaluate(lm_smoke.expert_state_dict(expert), pair)
-        final = lm_smoke.evaluate(lm_smoke.expert_state_dict(expert), pair, score="final")
+        exact = lm_smoke.evaluate(lm_smoke.expert_state_dict(expert), pair, score="exact")
+        final = lm_smoke.evaluate(lm_smoke.expert_state_dict(expert), pair)
         assert final["sum_long"]["correct"] == final["sum_short"]["correct"]
         for long_hit, short_hit, final_hit in zip(exact["sum_long"]["correct"],
                                                   exact["sum_short"]["correct"],
@@ -62,13 +62,13 @@ def test_sum_long_and_sum_short_columns_measure_different_things(lm_smoke, monke
     # sum_short; right on every final answer
     answer_of = dict(zip(prompts, long_answers, strict=True))
     monkeypatch.setattr(lm, "greedy", lambda _model, ps, _max_new: [answer_of[p] for p in ps])
-    exact = lm_smoke.evaluate(base, pair)
+    exact = lm_smoke.evaluate(base, pair, score="exact")
     assert exact["sum_long"]["accuracy"] == 1.0 and exact["sum_short"]["accuracy"] == 0.0
     final = lm_smoke.evaluate(base, pair, score="final")
     assert final["sum_long"]["accuracy"] == final["sum_short"]["accuracy"] == 1.0
     # and one that answers right, directly: the other way round
     answer_of = {p: final_answer(a) for p, a in answer_of.items()}
-    exact = lm_smoke.evaluate(base, pair)
+    exact = lm_smoke.evaluate(base, pair, score="exact")
     assert exact["sum_long"]["accuracy"] == 0.0 and exact["sum_short"]["accuracy"] == 1.0
 
 

@@ -47,10 +47,10 @@ HISTORY = Path(__file__).with_name("tuning_history.md")
 FINDINGS = Path(__file__).with_name("findings.md")
 
 
-# The long/short pair shares its prompts; each is scored in its own format (docs/evaluation.md).
-PAIR_NOTE = (" `sum_long` and `sum_short` share their prompts: each counts the answers right in "
-             "its own format (with running sums / direct), so one answer counts for one of "
-             "them at most.")
+# The long/short pair shares its prompts and is scored on the final answer (docs/evaluation.md).
+PAIR_NOTE = (" `sum_long` and `sum_short` share their prompts and are both scored on the final "
+             "answer: for every row but the experts' they are one number shown twice, and "
+             "*held-out acc* counts it twice.")
 
 def quality_bars(result: BenchResult) -> list[tuple[str, bool, str]]:
     rows = {(r["method"], r["variant"]): r for r in summarize(result.records)}
