@@ -8,13 +8,17 @@ without vLLM). Also whole trials per second on the local suites, and 1 against 2
 
 Models: the synthetic Llama of ``benchmarks/merge_speed.py`` (bf16, base + 3 experts, cached
 in ``benchmarks/.cache``). Candidates: the template's layer-group weights (and densities for
-TIES) drawn at random, the same genomes for both paths. "In memory" is
+TIES) drawn at random, the same genomes for every path. "In memory" is
 ``modelalloy.optimize.candidate.merge_candidate`` (the path every optimizer uses: the engine's
 in-memory executor) writing straight into the parameters of a ``LlamaForCausalLM`` built once
-(``into=``); "disk" is ``modelalloy.merge`` of the
-same recipe into a fresh folder (the engine: sharded safetensors, fsync, rename), then the
-shards read back with safetensors and loaded into the same module. Both run in this process, so
-neither pays an interpreter start. Medians over ``--candidates``. Writes the section
+(``into=``). Against it: (a) ``modelalloy.merge`` of the same recipe into a fresh folder (the
+engine: sharded safetensors, fsync, rename), the shards read back with safetensors into the same
+module; (b) that folder loaded by ``AutoModelForCausalLM.from_pretrained`` (what lm-eval's
+``huggingface`` model does with ``pretrained=FOLDER`` in mergekit-evolve); (c) mergekit-evolve's
+own path, mergekit's ``run_merge`` + ``from_pretrained`` in mergekit's venv
+(``benchmarks/mergekit_evolve_candidate.py``, started once like mergekit-evolve's Ray actor;
+``--mergekit-bin``). No path pays an interpreter start per candidate. Medians over the
+candidates after the first (a warm-up for every path). Writes the section
 "Search candidates: in memory against disk" of docs/performance.md and a JSON of the numbers.
 """
 
@@ -51,11 +55,63 @@ def template(method: str, models: dict[str, Path]) -> dict[str, Any]:
             "search": {"granularity": "group", "layers_per_group": 2, "parameters": params}}
 
 
-def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) -> dict[str, Any]:
+class MergekitEvolve:
+    """benchmarks/mergekit_evolve_candidate.py in mergekit's venv, started once (as
+    mergekit-evolve's Ray actor is): one candidate per request, its merge and load times back."""
+
+    def __init__(self, python: Path, log_path: Path) -> None:
+        import subprocess
+
+        self.log = open(log_path, "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(python), str(REPO / "benchmarks" / "mergekit_evolve_candidate.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
+        self.import_seconds = float(self._reply()["ready"])
+        self.start_seconds = time.perf_counter() - t0
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # mergekit or transformers may print lines of their own
+            if line.startswith("{"):
+                return dict(json.loads(line))
+        raise RuntimeError(f"the mergekit worker stopped (its log: {self.log.name})")
+
+    def candidate(self, config: Path, out: Path) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"config": str(config), "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        res = self._reply()
+        if "error" in res:
+            raise RuntimeError(f"mergekit candidate {config}: {res['error']}")
+        return res
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def mergekit_python(binary: str | None, log: Any) -> Path | None:
+    """The python of the venv that holds ``mergekit-yaml`` (merge_speed.py's search), or None."""
+    from merge_speed import find_mergekit
+
+    path, how = find_mergekit(binary)
+    py = Path(path).parent / "python" if path else None
+    if py is None or not py.exists():
+        log(f"skipping the mergekit-evolve column: {how}")
+        return None
+    return py
+
+
+def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
+                       mergekit: Path | None = None) -> dict[str, Any]:
     import yaml
     from merge_speed import generate_models
     from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import modelalloy
     from modelalloy.optimize.candidate import ModelPool, merge_candidate
@@ -63,6 +119,7 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) ->
 
     models = generate_models(size, cache, log=log)
     work = Path(tempfile.mkdtemp(prefix="candidate-cost-"))
+    worker = MergekitEvolve(mergekit, work / "mergekit.log") if mergekit else None
     try:
         tpl = work / "template.yaml"
         tpl.write_text(yaml.safe_dump(template(method, models)))
@@ -75,41 +132,69 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) ->
         load_seconds = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(0)
         genomes = [torch.rand(space.dim, generator=gen).tolist() for _ in range(n)]
-        mem, disk, mem_merge, disk_merge = [], [], [], []
+        mem, disk, disk_merge, disk_fp, mk, mk_merge = [], [], [], [], [], []
         for i, genome in enumerate(genomes):
             rec = space.recipe(genome)
             t0 = time.perf_counter()
             merge_candidate(rec, pool, into=module)  # merged straight into the live model
             mem.append(time.perf_counter() - t0)
-            mem_merge.append(mem[-1])
             path = work / f"cand{i}.yaml"
             path.write_text(rec.to_yaml())
             out = work / f"merged{i}"
             t0 = time.perf_counter()
             modelalloy.merge(path, out)
             t1 = time.perf_counter()
+            # (a) the shards read into the module already built (our strictest disk path)
             loaded: dict[str, torch.Tensor] = {}
             for shard in sorted(out.glob("*.safetensors")):
                 loaded.update(load_file(str(shard)))
             module.load_state_dict(loaded, strict=False)
-            disk.append(time.perf_counter() - t0)
-            disk_merge.append(t1 - t0)
+            t2 = time.perf_counter()
             del loaded
+            # (b) the folder loaded as lm-eval's huggingface model loads `pretrained=PATH`
+            fresh = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+            t3 = time.perf_counter()
+            del fresh
+            disk.append(t2 - t0)
+            disk_merge.append(t1 - t0)
+            disk_fp.append((t1 - t0) + (t3 - t2))
             shutil.rmtree(out)
-            log(f"[{method}] candidate {i}: in memory {mem[-1]:.2f} s, disk {disk[-1]:.2f} s")
-        med = statistics.median
-        mem_rest, disk_rest = mem[1:] or mem, disk[1:] or disk  # the first fills the caches
-        return {"size": size, "method": method, "candidates": n, "genes": space.dim,
-                "load_average": round(os.getloadavg()[0], 1),
-                "params": sum(p.numel() for p in module.parameters()),
-                "pool_load_seconds": round(load_seconds, 2),
-                "in_memory": round(med(mem), 3), "in_memory_merge": round(med(mem_merge), 3),
-                "disk": round(med(disk), 3), "disk_merge_write": round(med(disk_merge), 3),
-                "speedup": round(med(disk) / med(mem), 2),
-                "in_memory_first": round(mem[0], 3), "in_memory_min": round(min(mem_rest), 3),
-                "disk_min": round(min(disk_rest), 3),
-                "speedup_min": round(min(disk_rest) / min(mem_rest), 2)}
+            msg = (f"[{method}] candidate {i}: in memory {mem[-1]:.2f} s, disk {disk[-1]:.2f} s, "
+                   f"disk + from_pretrained {disk_fp[-1]:.2f} s")
+            if worker is not None:  # (c) mergekit-evolve's own path
+                res = worker.candidate(path, work / f"mergekit{i}")
+                mk.append(res["merge"] + res["load"])
+                mk_merge.append(res["merge"])
+                msg += f", mergekit-evolve {mk[-1]:.2f} s (merge {res['merge']:.2f} s)"
+            log(msg)
+        def rest(xs: list[float]) -> list[float]:
+            return xs[1:] or xs  # the first candidate warms up every path (JIT, caches)
+
+        def med(xs: list[float]) -> float:
+            return statistics.median(rest(xs))
+
+        row = {"size": size, "method": method, "candidates": n, "genes": space.dim,
+               "load_average": round(os.getloadavg()[0], 1),
+               "params": sum(p.numel() for p in module.parameters()),
+               "pool_load_seconds": round(load_seconds, 2),
+               "in_memory": round(med(mem), 3),
+               "disk": round(med(disk), 3), "disk_merge_write": round(med(disk_merge), 3),
+               "speedup": round(med(disk) / med(mem), 2),
+               "in_memory_first": round(mem[0], 3), "in_memory_min": round(min(rest(mem)), 3),
+               "disk_min": round(min(rest(disk)), 3),
+               "speedup_min": round(min(rest(disk)) / min(rest(mem)), 2),
+               "disk_from_pretrained": round(med(disk_fp), 3),
+               "disk_from_pretrained_min": round(min(rest(disk_fp)), 3),
+               "speedup_from_pretrained": round(med(disk_fp) / med(mem), 2)}
+        if worker is not None:
+            row.update({"mergekit": round(med(mk), 3), "mergekit_merge": round(med(mk_merge), 3),
+                        "mergekit_first": round(mk[0], 3), "mergekit_min": round(min(rest(mk)), 3),
+                        "speedup_mergekit": round(med(mk) / med(mem), 2),
+                        "mergekit_start": round(worker.start_seconds, 2)})
+        return row
     finally:
+        if worker is not None:
+            worker.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -162,22 +247,45 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
 
 def render(results: dict[str, Any]) -> str:
     L = [SECTION, "",
-         "What a search trial costs before it is evaluated (merge + load into a live model) — "
-         "in memory (`merge_candidate`, what every `modelalloy optimize` algorithm uses) "
-         "against writing the candidate to disk with `modelalloy merge` and reading it back "
-         "(mergekit-evolve's path without its patched vLLM). "
+         "What a search trial costs before it is evaluated (merge + load into a model ready to "
+         "run), three ways against the in-memory candidate (`merge_candidate`, what every "
+         "`modelalloy optimize` algorithm uses, writing into the parameters of a model built "
+         "once): (a) `modelalloy merge` of the candidate into a fresh folder, its shards read "
+         "back with safetensors into that same built model — the strictest comparison; (b) the "
+         "same folder loaded with `AutoModelForCausalLM.from_pretrained(FOLDER, "
+         "dtype=bfloat16)`, which is what lm-eval's `huggingface` model does with "
+         "`pretrained=FOLDER` in mergekit-evolve; (c) mergekit-evolve's own on-disk path "
+         "(`OnDiskMergeEvaluator`: mergekit's `run_merge` with the options `mergekit-evolve` "
+         "sets, then the same `from_pretrained`), run by "
+         "`benchmarks/mergekit_evolve_candidate.py` in mergekit's venv. Every path runs in a "
+         "process started once — mergekit-evolve's Ray actor also lives for the whole search — "
+         "so no interpreter start or import is counted in any column (the mergekit worker's "
+         "start is given below). Same candidates (random layer-group genomes) for all; removing "
+         "the folder afterwards is not timed; no tokenizer is loaded (the synthetic models have "
+         "none). Seconds: median (best) over the candidates after the first, which warms every "
+         "path up (numba's compile, caches) and is left out of all. "
          f"Measured {results['date']} on {results['machine']}, a machine **shared with other "
          "sessions and noisy**: read ratios, not single digits. Command: "
-         "`PYTHONPATH=src python benchmarks/candidate_cost.py` (`--help` for options).", "",
-         "| model | method | genes | candidates | in memory, median (best) s "
-         "| disk, median (best) s | of which merge + write | speed-up, median (best) |",
-         "|---|---|---:|---:|---:|---:|---:|---:|"]
+         "`PYTHONPATH=src python benchmarks/candidate_cost.py --mergekit-bin "
+         "/work/mk-venv/bin/mergekit-yaml` (`--help` for options).", "",
+         "| model | method | genes | candidates | load average | in memory | (a) our merge to "
+         "disk + safetensors into the built model | (b) our merge to disk + from_pretrained | "
+         "(c) mergekit-evolve: mergekit merge + from_pretrained (merge alone) "
+         "| speed-up of in memory over (a) / (b) / (c), medians |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        return f"{r[key]:.2f} ({r[key + '_min']:.2f})" if key in r else "—"
+
     for r in results["candidates"]:
+        mk = (f"{cell(r, 'mergekit')}, merge {r['mergekit_merge']:.2f}" if "mergekit" in r
+              else "—")
+        ratios = " / ".join(f"{r[k]:.1f}×" if k in r else "—"
+                            for k in ("speedup", "speedup_from_pretrained", "speedup_mergekit"))
         L.append(f"| synthetic Llama {r['size']} ({r['params'] / 1e6:.0f}M, bf16) | "
-                 f"{r['method']} | {r['genes']} | {r['candidates']} | {r['in_memory']:.2f} "
-                 f"({r['in_memory_min']:.2f}) | {r['disk']:.2f} "
-                 f"({r['disk_min']:.2f}) | {r['disk_merge_write']:.2f} | {r['speedup']:.1f}× "
-                 f"({r['speedup_min']:.1f}×) |")
+                 f"{r['method']} | {r['genes']} | {r['candidates']} | "
+                 f"{r.get('load_average', '')} | {cell(r, 'in_memory')} | {cell(r, 'disk')} | "
+                 f"{cell(r, 'disk_from_pretrained')} | {mk} | {ratios} |")
     if results.get("suites"):
         L += ["", "Whole trials (merge + score on the validation split) with `evolve` "
               "(layer-wise TIES weights and densities, population 8) on the smoke suites; "
@@ -204,17 +312,24 @@ def findings(results: dict[str, Any]) -> list[str]:
     out = []
     for r in results["candidates"]:
         io = r["disk"] - r["disk_merge_write"]
-        out.append(f"- {r['method']} at {r['size']}: the in-memory candidate takes "
-                   f"{r['in_memory']:.2f} s; the disk path takes {r['disk']:.2f} s, of which "
-                   f"{r['disk_merge_write']:.2f} s merging and writing (fsync, rename) and "
-                   f"{io:.2f} s reading the shards back into the model — "
-                   f"{r['speedup']:.1f}× in favour of memory"
-                   + (" (the target was 10×)" if r["speedup"] < 10 else "")
-                   + (f"; load average {r['load_average']} when measured."
-                      if "load_average" in r else "."))
+        line = (f"- {r['method']} at {r['size']}: the in-memory candidate takes "
+                f"{r['in_memory']:.2f} s; (a) our disk path {r['disk']:.2f} s, of which "
+                f"{r['disk_merge_write']:.2f} s merging and writing (fsync, rename) and "
+                f"{io:.2f} s reading the shards back into the model: "
+                f"{r['speedup']:.1f}× in favour of memory")
+        if "disk_from_pretrained" in r:
+            line += (f"; (b) with `from_pretrained` instead "
+                     f"{r['disk_from_pretrained']:.2f} s, {r['speedup_from_pretrained']:.1f}×")
+        if "mergekit" in r:
+            line += (f"; (c) mergekit-evolve's path {r['mergekit']:.2f} s (its merge "
+                     f"{r['mergekit_merge']:.2f} s), **{r['speedup_mergekit']:.1f}×** "
+                     f"(target 10×: {'met' if r['speedup_mergekit'] >= 10 else 'not met'}; "
+                     f"its worker's start, not counted, took {r['mergekit_start']:.1f} s)")
+        out.append(line + (f"; load average {r['load_average']} when measured."
+                           if "load_average" in r else "."))
     slow = [r for r in results["candidates"] if r["speedup"] < 2]
     for r in slow:
-        out.append(f"- For {r['method']} the merge's own computation dominates both paths "
+        out.append(f"- For {r['method']} the merge's own computation dominates (a) "
                    f"(about {r['in_memory']:.1f} s of the in-memory candidate is the merge): "
                    "keeping candidates in memory removes the I/O, not the merge (a candidate that "
                    "moves only some layer groups re-merges only those; these candidates move "
@@ -238,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-suites", action="store_true")
     ap.add_argument("--no-candidates", action="store_true",
                     help="keep the candidate rows of --json, measure the suites only")
+    ap.add_argument("--mergekit-bin", help="mergekit-yaml of the venv that holds mergekit "
+                                           "(default: MERGEKIT_YAML, PATH, ../venv-mergekit)")
+    ap.add_argument("--no-mergekit", action="store_true",
+                    help="leave out the mergekit-evolve column")
     ap.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--json", type=Path,
                     default=REPO / "benchmarks" / "results" / "candidate_cost.json")
@@ -252,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": f"{platform.machine()}, {torch.get_num_threads()} torch "
                                f"threads, torch {torch.__version__}"})
     if not args.no_candidates:
+        mergekit = None if args.no_mergekit else mergekit_python(args.mergekit_bin, log)
         results["candidates"] = [measure_candidates(args.size, m, args.candidates,
-                                                    args.cache_dir, log)
+                                                    args.cache_dir, log, mergekit)
                                  for m in args.methods.split(",")]
     if not args.no_suites:
         results["suites"] = measure_suites(args.budget, log)

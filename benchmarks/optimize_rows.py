@@ -332,6 +332,18 @@ point is 0.03 of a point of the mean), tiny-lm 50 and 500. Read against the pape
 """
 
 
+def merge_rows(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s rows (and their notes) in place of the rows of ``old`` with the same names;
+    every other row of ``old`` is kept where it was, a row ``old`` lacks is appended."""
+    if not old:
+        return new
+    fresh = {r["row"]: r for r in new["rows"]}
+    rows = [fresh.pop(r["row"], r) for r in old["rows"]]
+    rows += list(fresh.values())
+    notes = {**old.get("notes", {}), **new.get("notes", {})}
+    return {**old, "rows": rows, "notes": notes}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suites", default="tiny-vision,tiny-lm")
@@ -345,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", action="store_true", help="only re-render the doc")
     ap.add_argument("--rows", help="only the rows whose names start with these (comma-"
                                    "separated; the tuned baselines always run)")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the rows this run makes in --json's suite, keep the "
+                         "others (default: the suite's rows are replaced whole)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -356,8 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         # the smoke rows keep their old key; other sizes sit beside them
         key = name if args.size == "smoke" else f"{name} ({args.size})"
 
-        def save(partial: dict[str, Any], key: str = key) -> None:
-            dump[key] = partial
+        before = dump.get(key) if args.merge else None
+
+        def save(partial: dict[str, Any], key: str = key,
+                 before: dict[str, Any] | None = before) -> None:
+            dump[key] = merge_rows(before, partial)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(dump, indent=1, default=str))
 
