@@ -1,0 +1,78 @@
+"""A TALL bundle's experts (``BUNDLE#TASK``) as the models of an optimize template: the search
+space reads the reference through the engine's sources, and each candidate merges the rebuilt
+experts — the same bits as the candidate merged from the experts rebuilt into folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from modelalloy.bundle import compress_to, rebuild_to
+from modelalloy.optimize.candidate import ModelPool, merge_candidate
+from modelalloy.optimize.template import load_template
+from modelalloy.recipe.load import load_recipe
+from tests.optimize.synthetic import family, save_family
+
+
+def _template(root: Path, models: list[str], base: Path) -> Path:
+    data = {"merge_method": "task_arithmetic", "base_model": str(base),
+            "models": [{"model": m} for m in models],
+            "parameters": {"lambda": 1.0, "normalize": False},
+            "search": {"granularity": "layer", "parameters": {"weight": [0.0, 1.0]}}}
+    path = root / f"template-{len(list(root.glob('template-*')))}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _bundle(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    base_dir, _ = save_family(tmp_path / "models")
+    base, experts = family()
+    bundle = tmp_path / "bundle"
+    compress_to(bundle, base, {"a": experts[0], "b": experts[1]}, mask_lambda=0.4)
+    return base_dir, bundle, base
+
+
+def test_bundle_experts_in_a_template_merge_as_their_rebuilt_folders(tmp_path: Path) -> None:
+    base_dir, bundle, base = _bundle(tmp_path)
+    rebuilt = [rebuild_to(bundle, t, tmp_path / f"rebuilt-{t}") for t in ("a", "b")]
+
+    space_b, _ = load_template(_template(tmp_path, [f"{bundle}#a", f"{bundle}#b"], base_dir))
+    space_f, _ = load_template(_template(tmp_path, [str(p) for p in rebuilt], base_dir))
+    assert space_b.dim == space_f.dim == 8  # 4 cells (3 layers + the head) × 2 experts
+
+    genome = torch.rand(space_b.dim, generator=torch.Generator().manual_seed(5)).tolist()
+    got = merge_candidate(space_b.recipe(genome), ModelPool())
+    want = merge_candidate(space_f.recipe(genome), ModelPool())
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    # the two tasks of one bundle are two experts, not one folder read twice
+    weights = [0.0] * space_b.dim
+    weights[0] = 1.0
+    lone = merge_candidate(space_b.recipe(weights), ModelPool())
+    assert not torch.equal(lone["layers.0.weight"], base["layers.0.weight"])
+
+
+def test_a_search_over_bundle_experts_writes_a_recipe_merge_reproduces(tmp_path: Path,
+                                                                       run_cli) -> None:
+    pytest.importorskip("cma")
+    from modelalloy.search.driver import optimize
+
+    base_dir, bundle, _ = _bundle(tmp_path)
+    tpl = _template(tmp_path, [f"{bundle}#a", f"{bundle}#b"], base_dir)
+    res = optimize("evolve", tpl, ["python:tests.optimize.synthetic:quadratic_layers"],
+                   tmp_path / "out", budget=4, seed=1)
+    rec = load_recipe(res.recipe_path)
+    assert [e.model for e in rec.expert_entries()] == [f"{bundle.resolve()}#a",
+                                                       f"{bundle.resolve()}#b"]
+    r = run_cli("merge", res.recipe_path, tmp_path / "merged")
+    assert r.code == 0, r.err
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    cand = merge_candidate(rec, ModelPool())
+    assert sorted(merged) == sorted(cand)
+    for n in cand:
+        assert torch.equal(merged[n], cand[n]), n
