@@ -94,6 +94,14 @@ class MergekitEvolve:
         self.log.close()
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, every thread (the figure under load)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def mergekit_python(binary: str | None, log: Any) -> Path | None:
     """The python of the venv that holds ``mergekit-yaml`` (merge_speed.py's search), or None."""
     from merge_speed import find_mergekit
@@ -133,28 +141,33 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
         gen = torch.Generator().manual_seed(0)
         genomes = [torch.rand(space.dim, generator=gen).tolist() for _ in range(n)]
         mem, disk, disk_merge, disk_fp, mk, mk_merge = [], [], [], [], [], []
+        cpu: dict[str, list[float]] = {"in_memory": [], "disk": [], "disk_from_pretrained": [],
+                                       "mergekit": []}
         for i, genome in enumerate(genomes):
             rec = space.recipe(genome)
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             merge_candidate(rec, pool, into=module)  # merged straight into the live model
             mem.append(time.perf_counter() - t0)
+            cpu["in_memory"].append(cpu_seconds() - c0)
             path = work / f"cand{i}.yaml"
             path.write_text(rec.to_yaml())
             out = work / f"merged{i}"
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             modelalloy.merge(path, out)
-            t1 = time.perf_counter()
+            c1, t1 = cpu_seconds(), time.perf_counter()
             # (a) the shards read into the module already built (our strictest disk path)
             loaded: dict[str, torch.Tensor] = {}
             for shard in sorted(out.glob("*.safetensors")):
                 loaded.update(load_file(str(shard)))
             module.load_state_dict(loaded, strict=False)
-            t2 = time.perf_counter()
+            c2, t2 = cpu_seconds(), time.perf_counter()
             del loaded
             # (b) the folder loaded as lm-eval's huggingface model loads `pretrained=PATH`
             fresh = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-            t3 = time.perf_counter()
+            c3, t3 = cpu_seconds(), time.perf_counter()
             del fresh
+            cpu["disk"].append(c2 - c0)
+            cpu["disk_from_pretrained"].append((c1 - c0) + (c3 - c2))
             disk.append(t2 - t0)
             disk_merge.append(t1 - t0)
             disk_fp.append((t1 - t0) + (t3 - t2))
@@ -163,8 +176,12 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
                    f"disk + from_pretrained {disk_fp[-1]:.2f} s")
             if worker is not None:  # (c) mergekit-evolve's own path
                 res = worker.candidate(path, work / f"mergekit{i}")
+                if res["params"] != sum(p.numel() for p in module.parameters()):
+                    raise RuntimeError(f"mergekit's model has {res['params']} parameters, "
+                                       "not the candidate's")
                 mk.append(res["merge"] + res["load"])
                 mk_merge.append(res["merge"])
+                cpu["mergekit"].append(res["merge_cpu"] + res["load_cpu"])
                 msg += f", mergekit-evolve {mk[-1]:.2f} s (merge {res['merge']:.2f} s)"
             log(msg)
         def rest(xs: list[float]) -> list[float]:
@@ -186,6 +203,7 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
                "disk_from_pretrained": round(med(disk_fp), 3),
                "disk_from_pretrained_min": round(min(rest(disk_fp)), 3),
                "speedup_from_pretrained": round(med(disk_fp) / med(mem), 2)}
+        row["cpu"] = {k: round(med(v), 3) for k, v in cpu.items() if v}
         if worker is not None:
             row.update({"mergekit": round(med(mk), 3), "mergekit_merge": round(med(mk_merge), 3),
                         "mergekit_first": round(mk[0], 3), "mergekit_min": round(min(rest(mk)), 3),
@@ -198,9 +216,9 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
         shutil.rmtree(work, ignore_errors=True)
 
 
-def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
-    """evolve on each smoke suite: trials per second (merge + score, one worker), and the whole
-    run with 1 and 2 Ray workers (Ray's start excluded: the evaluation phase only)."""
+def measure_suites(budget: int, log: Any, size: str = "smoke") -> list[dict[str, Any]]:
+    """evolve on each suite of ``size``: trials per second (merge + score, one worker), and the
+    whole run with 1 and 2 Ray workers (Ray's start excluded: the evaluation phase only)."""
     import yaml
 
     from modelalloy.search.driver import optimize
@@ -208,7 +226,7 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
 
     rows = []
     for suite in ("tiny-vision", "tiny-lm"):
-        spec = f"suite:{suite}?size=smoke"
+        spec = f"suite:{suite}?size={size}"
         work = Path(tempfile.mkdtemp(prefix="trials-"))
         try:
             tpl = work / "t.yaml"
@@ -216,7 +234,7 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
             data["search"] = {"granularity": "layer",
                               "parameters": {"weight": [0, 1], "density": [0.1, 1.0]}}
             tpl.write_text(yaml.safe_dump(data))
-            row: dict[str, Any] = {"suite": suite, "budget": budget,
+            row: dict[str, Any] = {"suite": suite, "size": size, "budget": budget,
                                    "load_average": round(os.getloadavg()[0], 1)}
             threads = torch.get_num_threads()
             # one worker with the process's threads; one worker on one torch thread (what
@@ -237,8 +255,12 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
                 if key == "w1":
                     row["trials_per_second"] = round(len(res.trials) / trial_s, 2)
                     row["best"] = round(res.best["scores"]["fitness"], 4)
+                    first = [r["scores"] for r in res.trials]
+                else:  # the same seed: the same trials whatever the workers
+                    row[f"{key}_same_trials"] = [r["scores"] for r in res.trials] == first
                 log(f"[{suite}] {key}: {total:.1f} s scoring {len(res.trials)} "
                     f"trials ({res.seconds:.1f} s in all)")
+            row["load_average_after"] = round(os.getloadavg()[0], 1)
             rows.append(row)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -271,8 +293,18 @@ def render(results: dict[str, Any]) -> str:
          "| model | method | genes | candidates | load average | in memory | (a) our merge to "
          "disk + safetensors into the built model | (b) our merge to disk + from_pretrained | "
          "(c) mergekit-evolve: mergekit merge + from_pretrained (merge alone) "
-         "| speed-up of in memory over (a) / (b) / (c), medians |",
-         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "| speed-up of in memory over (a) / (b) / (c), medians | CPU-s (user + system) in "
+         "memory / (a) / (b) / (c), medians | CPU-s ratio (c) ÷ in memory |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cpu_cells(r: dict[str, Any]) -> str:
+        c = r.get("cpu", {})
+        if not c:
+            return "— | —"
+        spent = " / ".join(f"{c[k]:.2f}" if k in c else "—" for k in
+                           ("in_memory", "disk", "disk_from_pretrained", "mergekit"))
+        ratio = f"{c['mergekit'] / c['in_memory']:.1f}×" if "mergekit" in c else "—"
+        return f"{spent} | {ratio}"
 
     def cell(r: dict[str, Any], key: str) -> str:
         return f"{r[key]:.2f} ({r[key + '_min']:.2f})" if key in r else "—"
@@ -285,22 +317,25 @@ def render(results: dict[str, Any]) -> str:
         L.append(f"| synthetic Llama {r['size']} ({r['params'] / 1e6:.0f}M, bf16) | "
                  f"{r['method']} | {r['genes']} | {r['candidates']} | "
                  f"{r.get('load_average', '')} | {cell(r, 'in_memory')} | {cell(r, 'disk')} | "
-                 f"{cell(r, 'disk_from_pretrained')} | {mk} | {ratios} |")
+                 f"{cell(r, 'disk_from_pretrained')} | {mk} | {ratios} | {cpu_cells(r)} |")
     if results.get("suites"):
         L += ["", "Whole trials (merge + score on the validation split) with `evolve` "
-              "(layer-wise TIES weights and densities, population 8) on the smoke suites; "
+              "(layer-wise TIES weights and densities, population 8) on the suites; "
               "the Ray rows are the run's wall time without Ray's start (each worker loads "
               "the models once from the object store and warms up — the objective's data "
               "read, one merge — before the first trial). Each Ray worker runs on one torch "
               "thread, so the fair one-worker baseline is one worker on one thread (third "
               "column); the process's default threads are shown too.", "",
-              "| suite | trials | load average | wall, 1 worker, default threads (s) | "
-              "wall, 1 worker, 1 thread (s) | wall, 2 Ray workers (s) | speed-up 1 → 2 "
-              "workers (1 thread each) | vs default threads |",
+              "| suite | trials | load average (before → after) | wall, 1 worker, default "
+              "threads (s) | wall, 1 worker, 1 thread (s) | wall, 2 Ray workers (s) | "
+              "speed-up 1 → 2 workers (1 thread each) | vs default threads |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["suites"]:
             one = r.get("w1t1_wall", r["w1_wall"])
-            L.append(f"| {r['suite']} (smoke) | {r['budget']} | {r.get('load_average', '')} | "
+            load = r.get("load_average", "")
+            if "load_average_after" in r:
+                load = f"{load} → {r['load_average_after']}"
+            L.append(f"| {r['suite']} ({r.get('size', 'smoke')}) | {r['budget']} | {load} | "
                      f"{r['w1_wall']:.1f} | {one:.1f} | {r['w2_wall']:.1f} | "
                      f"{one / r['w2_wall']:.2f}× | {r['w1_wall'] / r['w2_wall']:.2f}× |")
     L += ["", *findings(results)]
@@ -336,11 +371,15 @@ def findings(results: dict[str, Any]) -> list[str]:
                    "all of them).")
     for r in results.get("suites", []):
         speed = r.get("w1t1_wall", r["w1_wall"]) / r["w2_wall"]
-        out.append(f"- {r['suite']}: {r['trials_per_second']:.2f} trials/s on one worker; 2 Ray "
-                   f"workers {speed:.2f}× one worker on one thread, "
-                   f"{r['w1_wall'] / r['w2_wall']:.2f}× one worker on the default threads "
-                   "(the target was 1.7× on the 2-core machine, which other sessions share; "
-                   f"load average {r.get('load_average', '?')} when measured)")
+        same = [r[k] for k in ("w1t1_same_trials", "w2_same_trials") if k in r]
+        out.append(f"- {r['suite']} ({r.get('size', 'smoke')}): {r['trials_per_second']:.2f} "
+                   f"trials/s on one worker; 2 Ray workers {speed:.2f}× one worker on one "
+                   f"thread, {r['w1_wall'] / r['w2_wall']:.2f}× one worker on the default "
+                   "threads (the target was 1.7× on the 2-core machine, which other sessions "
+                   f"share; load average {r.get('load_average', '?')} when measured"
+                   + (f", {r['load_average_after']} after" if "load_average_after" in r else "")
+                   + ")" + ("" if not same else "; the same trials with 1 and 2 workers: "
+                            + ("yes" if all(same) else "**no**")) + ".")
     return out
 
 
@@ -351,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--budget", type=int, default=24, help="evolve trials per suite run")
     ap.add_argument("--no-suites", action="store_true")
+    ap.add_argument("--suite-size", default="smoke", choices=("smoke", "full"),
+                    help="the suites' size for the trials and Ray rows (the other size's rows "
+                         "in --json are kept)")
     ap.add_argument("--no-candidates", action="store_true",
                     help="keep the candidate rows of --json, measure the suites only")
     ap.add_argument("--mergekit-bin", help="mergekit-yaml of the venv that holds mergekit "
@@ -376,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.cache_dir, log, mergekit)
                                  for m in args.methods.split(",")]
     if not args.no_suites:
-        results["suites"] = measure_suites(args.budget, log)
+        fresh = measure_suites(args.budget, log, args.suite_size)
+        ran = {(r["suite"], r["size"]) for r in fresh}
+        # the other size's rows stay (rows without a size are the smoke suites')
+        results["suites"] = [r for r in results.get("suites", [])
+                             if (r["suite"], r.get("size", "smoke")) not in ran] + fresh
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
     from merge_speed import write_doc

@@ -11,7 +11,8 @@ happen inside a Ray actor that lives for the whole search, so no interpreter sta
 trial; this worker is likewise started once.
 
 Protocol: one JSON object per stdin line, ``{"config": YAML_PATH, "out": FOLDER}``; one JSON line
-back per candidate, ``{"merge": s, "load": s}`` (or ``{"error": ...}``). The first line written
+back per candidate, ``{"merge": s, "load": s, "merge_cpu": s, "load_cpu": s}`` (wall and
+CPU seconds) (or ``{"error": ...}``). The first line written
 is ``{"ready": seconds spent importing}``. The output folder is removed after the load, untimed
 (mergekit-evolve removes it after the evaluation).
 """
@@ -19,6 +20,7 @@ is ``{"ready": seconds spent importing}``. The output folder is removed after th
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import sys
 import time
@@ -40,17 +42,24 @@ def options() -> MergeOptions:
                         safe_serialization=True)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, every thread."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def candidate(config_path: str, out: str) -> dict[str, float]:
     config = MergeConfiguration.model_validate(yaml.safe_load(open(config_path)))
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     run_merge(config, out_path=out, options=options())
-    t1 = time.perf_counter()
+    c1, t1 = cpu_seconds(), time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    t2 = time.perf_counter()
+    c2, t2 = cpu_seconds(), time.perf_counter()
     params = sum(p.numel() for p in model.parameters())
     del model
     shutil.rmtree(out, ignore_errors=True)
-    return {"merge": t1 - t0, "load": t2 - t1, "params": params}
+    return {"merge": t1 - t0, "load": t2 - t1, "merge_cpu": c1 - c0, "load_cpu": c2 - c1,
+            "params": params}
 
 
 def main() -> int:
