@@ -141,14 +141,21 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
         gen = torch.Generator().manual_seed(0)
         genomes = [torch.rand(space.dim, generator=gen).tolist() for _ in range(n)]
         mem, disk, disk_merge, disk_fp, mk, mk_merge = [], [], [], [], [], []
-        cpu: dict[str, list[float]] = {"in_memory": [], "disk": [], "disk_from_pretrained": [],
-                                       "mergekit": []}
+        mem_sd: list[float] = []
+        cpu: dict[str, list[float]] = {"in_memory": [], "in_memory_state_dict": [], "disk": [],
+                                       "disk_from_pretrained": [], "mergekit": []}
         for i, genome in enumerate(genomes):
             rec = space.recipe(genome)
             c0, t0 = cpu_seconds(), time.perf_counter()
             merge_candidate(rec, pool, into=module)  # merged straight into the live model
             mem.append(time.perf_counter() - t0)
             cpu["in_memory"].append(cpu_seconds() - c0)
+            # what a search trial does today: a new state dict, then the objective's
+            # load_state_dict into its model
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            module.load_state_dict(merge_candidate(rec, pool), strict=False)
+            mem_sd.append(time.perf_counter() - t0)
+            cpu["in_memory_state_dict"].append(cpu_seconds() - c0)
             path = work / f"cand{i}.yaml"
             path.write_text(rec.to_yaml())
             out = work / f"merged{i}"
@@ -191,7 +198,7 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
             return statistics.median(rest(xs))
 
         row = {"size": size, "method": method, "candidates": n, "genes": space.dim,
-               "load_average": round(os.getloadavg()[0], 1),
+               "load_average": round(os.getloadavg()[0], 1), "nice": os.nice(0),
                "params": sum(p.numel() for p in module.parameters()),
                "pool_load_seconds": round(load_seconds, 2),
                "in_memory": round(med(mem), 3),
@@ -200,6 +207,8 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
                "in_memory_first": round(mem[0], 3), "in_memory_min": round(min(rest(mem)), 3),
                "disk_min": round(min(rest(disk)), 3),
                "speedup_min": round(min(rest(disk)) / min(rest(mem)), 2),
+               "in_memory_state_dict": round(med(mem_sd), 3),
+               "in_memory_state_dict_min": round(min(rest(mem_sd)), 3),
                "disk_from_pretrained": round(med(disk_fp), 3),
                "disk_from_pretrained_min": round(min(rest(disk_fp)), 3),
                "speedup_from_pretrained": round(med(disk_fp) / med(mem), 2)}
@@ -235,7 +244,8 @@ def measure_suites(budget: int, log: Any, size: str = "smoke") -> list[dict[str,
                               "parameters": {"weight": [0, 1], "density": [0.1, 1.0]}}
             tpl.write_text(yaml.safe_dump(data))
             row: dict[str, Any] = {"suite": suite, "size": size, "budget": budget,
-                                   "load_average": round(os.getloadavg()[0], 1)}
+                                   "load_average": round(os.getloadavg()[0], 1),
+                                   "nice": os.nice(0)}
             threads = torch.get_num_threads()
             # one worker with the process's threads; one worker on one torch thread (what
             # each Ray worker gets); two Ray workers
@@ -270,9 +280,11 @@ def measure_suites(budget: int, log: Any, size: str = "smoke") -> list[dict[str,
 def render(results: dict[str, Any]) -> str:
     L = [SECTION, "",
          "What a search trial costs before it is evaluated (merge + load into a model ready to "
-         "run), three ways against the in-memory candidate (`merge_candidate`, what every "
-         "`modelalloy optimize` algorithm uses, writing into the parameters of a model built "
-         "once): (a) `modelalloy merge` of the candidate into a fresh folder, its shards read "
+         "run), three ways against the in-memory candidate (`merge_candidate`, the merge "
+         "every `modelalloy optimize` algorithm uses, here writing into the parameters of a "
+         "model built once, `into=`; next to it the same merge as a search trial makes it "
+         "today: a new state dict, then the objective's `load_state_dict` into its model): "
+         "(a) `modelalloy merge` of the candidate into a fresh folder, its shards read "
          "back with safetensors into that same built model — the strictest comparison; (b) the "
          "same folder loaded with `AutoModelForCausalLM.from_pretrained(FOLDER, "
          "dtype=bfloat16)`, which is what lm-eval's `huggingface` model does with "
@@ -290,34 +302,48 @@ def render(results: dict[str, Any]) -> str:
          "sessions and noisy**: read ratios, not single digits. Command: "
          "`PYTHONPATH=src python benchmarks/candidate_cost.py --mergekit-bin "
          "/work/mk-venv/bin/mergekit-yaml` (`--help` for options).", "",
-         "| model | method | genes | candidates | load average | in memory | (a) our merge to "
+         "| model | method | genes | candidates | load average | in memory | in memory as a "
+         "trial does it (state dict + load_state_dict) | (a) our merge to "
          "disk + safetensors into the built model | (b) our merge to disk + from_pretrained | "
          "(c) mergekit-evolve: mergekit merge + from_pretrained (merge alone) "
          "| speed-up of in memory over (a) / (b) / (c), medians | CPU-s (user + system) in "
-         "memory / (a) / (b) / (c), medians | CPU-s ratio (c) ÷ in memory |",
-         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "memory / as a trial / (a) / (b) / (c), medians | CPU-s ratio (c) ÷ in memory |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cpu_cells(r: dict[str, Any]) -> str:
         c = r.get("cpu", {})
         if not c:
             return "— | —"
         spent = " / ".join(f"{c[k]:.2f}" if k in c else "—" for k in
-                           ("in_memory", "disk", "disk_from_pretrained", "mergekit"))
+                           ("in_memory", "in_memory_state_dict", "disk",
+                            "disk_from_pretrained", "mergekit"))
         ratio = f"{c['mergekit'] / c['in_memory']:.1f}×" if "mergekit" in c else "—"
         return f"{spent} | {ratio}"
 
     def cell(r: dict[str, Any], key: str) -> str:
         return f"{r[key]:.2f} ({r[key + '_min']:.2f})" if key in r else "—"
 
-    for r in results["candidates"]:
+    def load(r: dict[str, Any]) -> str:
+        text = str(r.get("load_average", ""))
+        if "load_average_after" in r:
+            text += f" → {r['load_average_after']}"
+        return text + (f" (nice {r['nice']})" if r.get("nice") else "")
+
+    for r in results["candidates"] + results.get("earlier_candidates", []):
         mk = (f"{cell(r, 'mergekit')}, merge {r['mergekit_merge']:.2f}" if "mergekit" in r
               else "—")
         ratios = " / ".join(f"{r[k]:.1f}×" if k in r else "—"
                             for k in ("speedup", "speedup_from_pretrained", "speedup_mergekit"))
         L.append(f"| synthetic Llama {r['size']} ({r['params'] / 1e6:.0f}M, bf16) | "
                  f"{r['method']} | {r['genes']} | {r['candidates']} | "
-                 f"{r.get('load_average', '')} | {cell(r, 'in_memory')} | {cell(r, 'disk')} | "
+                 f"{load(r)} | {cell(r, 'in_memory')} | {cell(r, 'in_memory_state_dict')} | "
+                 f"{cell(r, 'disk')} | "
                  f"{cell(r, 'disk_from_pretrained')} | {mk} | {ratios} | {cpu_cells(r)} |")
+    if results.get("earlier_candidates"):
+        L += ["", "The rows with (a) only are kept from an earlier run on a quieter machine "
+              f"({results.get('earlier_when', 'date not recorded')}), before (b) and (c) "
+              "existed: the strictest comparison, timed quietly (medians over all candidates "
+              "then, the first included)."]
     if results.get("suites"):
         L += ["", "Whole trials (merge + score on the validation split) with `evolve` "
               "(layer-wise TIES weights and densities, population 8) on the suites; "
@@ -332,10 +358,7 @@ def render(results: dict[str, Any]) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["suites"]:
             one = r.get("w1t1_wall", r["w1_wall"])
-            load = r.get("load_average", "")
-            if "load_average_after" in r:
-                load = f"{load} → {r['load_average_after']}"
-            L.append(f"| {r['suite']} ({r.get('size', 'smoke')}) | {r['budget']} | {load} | "
+            L.append(f"| {r['suite']} ({r.get('size', 'smoke')}) | {r['budget']} | {load(r)} | "
                      f"{r['w1_wall']:.1f} | {one:.1f} | {r['w2_wall']:.1f} | "
                      f"{one / r['w2_wall']:.2f}× | {r['w1_wall'] / r['w2_wall']:.2f}× |")
     L += ["", *findings(results)]
