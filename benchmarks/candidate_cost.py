@@ -354,15 +354,30 @@ def render(results: dict[str, Any]) -> str:
               "column); the process's default threads are shown too.", "",
               "| suite | trials | load average (before → after) | wall, 1 worker, default "
               "threads (s) | wall, 1 worker, 1 thread (s) | wall, 2 Ray workers (s) | "
-              "speed-up 1 → 2 workers (1 thread each) | vs default threads |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "speed-up 1 → 2 workers (1 thread each) | vs default threads | 2 workers busy "
+              "scoring (share of 2 × wall) | a trial on 2 workers ÷ on 1 worker, 1 thread |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["suites"]:
             one = r.get("w1t1_wall", r["w1_wall"])
             L.append(f"| {r['suite']} ({r.get('size', 'smoke')}) | {r['budget']} | {load(r)} | "
                      f"{r['w1_wall']:.1f} | {one:.1f} | {r['w2_wall']:.1f} | "
-                     f"{one / r['w2_wall']:.2f}× | {r['w1_wall'] / r['w2_wall']:.2f}× |")
+                     f"{one / r['w2_wall']:.2f}× | {r['w1_wall'] / r['w2_wall']:.2f}× | "
+                     f"{busy(r)} | {slower(r)} |")
     L += ["", *findings(results)]
     return "\n".join(L).rstrip() + "\n"
+
+
+def busy(r: dict[str, Any]) -> str:
+    """How much of the 2-worker run's wall time both workers spent scoring: what is left is
+    Ray's dispatch, the batch barriers and the driver (the serial part)."""
+    return f"{100 * r['w2_trial_seconds'] / (2 * r['w2_wall']):.0f}%"
+
+
+def slower(r: dict[str, Any]) -> str:
+    """A trial's own time on 2 workers against 1 worker on 1 thread: above 1, the two workers
+    did not each get a core (other load, or each other)."""
+    one = r.get("w1t1_trial_seconds", r["w1_trial_seconds"])
+    return f"{r['w2_trial_seconds'] / one:.2f}×"
 
 
 def findings(results: dict[str, Any]) -> list[str]:
