@@ -25,6 +25,8 @@ from modelalloy.optimize.space import SearchSpace, StagedRecipe
 from modelalloy.search.objectives import Objectives
 
 Candidate = Sequence[float] | Mapping[str, Any]
+# a batch goes to the Ray workers in this many chunks per worker (balance against round trips)
+CHUNKS_PER_WORKER = 2
 
 
 class TrialFailed(Exception):
@@ -209,7 +211,7 @@ class RayEvaluator:
         # the raylet and the worker CPU on the cores the trials run on (with short trials on
         # a 2-core machine that was the serial part); two chunks per worker keep them balanced
         cands = list(candidates)
-        size = max(1, -(-len(cands) // (2 * len(self.actors))))
+        size = max(1, -(-len(cands) // (CHUNKS_PER_WORKER * len(self.actors))))
         chunks = [cands[i:i + size] for i in range(0, len(cands), size)]
         results = [r for part in ActorPool(self.actors).map(lambda a, c: a.score.remote(c),
                                                            chunks) for r in part]
