@@ -76,3 +76,38 @@ def test_a_search_over_bundle_experts_writes_a_recipe_merge_reproduces(tmp_path:
     assert sorted(merged) == sorted(cand)
     for n in cand:
         assert torch.equal(merged[n], cand[n]), n
+
+
+def test_a_model_with_a_lora_adapter_in_a_template_is_the_adapted_model(tmp_path: Path
+                                                                        ) -> None:
+    from safetensors.torch import save_file
+
+    from tests.lora.helpers import write_adapter
+
+    base_dir, expert_dirs = save_family(tmp_path / "models")
+    gen = torch.Generator().manual_seed(9)
+    a, b = torch.randn(2, 4, generator=gen), torch.randn(6, 2, generator=gen)
+    adapter = write_adapter(tmp_path / "adapter", {"layers.0": (a, b)}, r=2, alpha=4)
+    # the adapted expert by LoRA's formula, W + (alpha / r)·B·A, saved as a plain folder
+    adapted = load_file(str(expert_dirs[0] / "model.safetensors"))
+    adapted["layers.0.weight"] = adapted["layers.0.weight"] + 2.0 * (b @ a)
+    plain = tmp_path / "adapted"
+    plain.mkdir()
+    save_file(adapted, str(plain / "model.safetensors"))
+    (plain / "config.json").write_text((expert_dirs[0] / "config.json").read_text())
+
+    space_l, _ = load_template(_template(tmp_path, [f"{expert_dirs[0]}+{adapter}",
+                                                    str(expert_dirs[1])], base_dir))
+    space_p, _ = load_template(_template(tmp_path, [str(plain), str(expert_dirs[1])],
+                                         base_dir))
+    genome = torch.rand(space_l.dim, generator=gen).tolist()
+    rec = space_l.recipe(genome)
+    assert rec.expert_entries()[0].model == f"{expert_dirs[0]}+{adapter}"
+    got = merge_candidate(rec, ModelPool())
+    want = merge_candidate(space_p.recipe(genome), ModelPool())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got["layers.0.weight"],
+                           merge_candidate(load_template(_template(
+                               tmp_path, [str(e) for e in expert_dirs], base_dir))[0]
+                               .recipe(genome), ModelPool())["layers.0.weight"])
