@@ -390,6 +390,12 @@ def findings(results: dict[str, Any]) -> list[str]:
                 f"{r['disk_merge_write']:.2f} s merging and writing (fsync, rename) and "
                 f"{io:.2f} s reading the shards back into the model: "
                 f"{r['speedup']:.1f}× in favour of memory")
+        if "in_memory_state_dict" in r:
+            trial = r["in_memory_state_dict"]
+            line += (f"; as a search trial makes it today (a new state dict, then "
+                     f"`load_state_dict`) {trial:.2f} s, {r['disk'] / trial:.1f}× against (a)"
+                     + (f" and {r['mergekit'] / trial:.1f}× against (c)" if "mergekit" in r
+                        else ""))
         if "disk_from_pretrained" in r:
             line += (f"; (b) with `from_pretrained` instead "
                      f"{r['disk_from_pretrained']:.2f} s, {r['speedup_from_pretrained']:.1f}×")
