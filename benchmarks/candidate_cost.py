@@ -8,13 +8,17 @@ without vLLM). Also whole trials per second on the local suites, and 1 against 2
 
 Models: the synthetic Llama of ``benchmarks/merge_speed.py`` (bf16, base + 3 experts, cached
 in ``benchmarks/.cache``). Candidates: the template's layer-group weights (and densities for
-TIES) drawn at random, the same genomes for both paths. "In memory" is
+TIES) drawn at random, the same genomes for every path. "In memory" is
 ``modelalloy.optimize.candidate.merge_candidate`` (the path every optimizer uses: the engine's
 in-memory executor) writing straight into the parameters of a ``LlamaForCausalLM`` built once
-(``into=``); "disk" is ``modelalloy.merge`` of the
-same recipe into a fresh folder (the engine: sharded safetensors, fsync, rename), then the
-shards read back with safetensors and loaded into the same module. Both run in this process, so
-neither pays an interpreter start. Medians over ``--candidates``. Writes the section
+(``into=``). Against it: (a) ``modelalloy.merge`` of the same recipe into a fresh folder (the
+engine: sharded safetensors, fsync, rename), the shards read back with safetensors into the same
+module; (b) that folder loaded by ``AutoModelForCausalLM.from_pretrained`` (what lm-eval's
+``huggingface`` model does with ``pretrained=FOLDER`` in mergekit-evolve); (c) mergekit-evolve's
+own path, mergekit's ``run_merge`` + ``from_pretrained`` in mergekit's venv
+(``benchmarks/mergekit_evolve_candidate.py``, started once like mergekit-evolve's Ray actor;
+``--mergekit-bin``). No path pays an interpreter start per candidate. Medians over the
+candidates after the first (a warm-up for every path). Writes the section
 "Search candidates: in memory against disk" of docs/performance.md and a JSON of the numbers.
 """
 
@@ -51,11 +55,71 @@ def template(method: str, models: dict[str, Path]) -> dict[str, Any]:
             "search": {"granularity": "group", "layers_per_group": 2, "parameters": params}}
 
 
-def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) -> dict[str, Any]:
+class MergekitEvolve:
+    """benchmarks/mergekit_evolve_candidate.py in mergekit's venv, started once (as
+    mergekit-evolve's Ray actor is): one candidate per request, its merge and load times back."""
+
+    def __init__(self, python: Path, log_path: Path) -> None:
+        import subprocess
+
+        self.log = open(log_path, "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(python), str(REPO / "benchmarks" / "mergekit_evolve_candidate.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
+        self.import_seconds = float(self._reply()["ready"])
+        self.start_seconds = time.perf_counter() - t0
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # mergekit or transformers may print lines of their own
+            if line.startswith("{"):
+                return dict(json.loads(line))
+        raise RuntimeError(f"the mergekit worker stopped (its log: {self.log.name})")
+
+    def candidate(self, config: Path, out: Path) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"config": str(config), "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        res = self._reply()
+        if "error" in res:
+            raise RuntimeError(f"mergekit candidate {config}: {res['error']}")
+        return res
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, every thread (the figure under load)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def mergekit_python(binary: str | None, log: Any) -> Path | None:
+    """The python of the venv that holds ``mergekit-yaml`` (merge_speed.py's search), or None."""
+    from merge_speed import find_mergekit
+
+    path, how = find_mergekit(binary)
+    py = Path(path).parent / "python" if path else None
+    if py is None or not py.exists():
+        log(f"skipping the mergekit-evolve column: {how}")
+        return None
+    return py
+
+
+def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
+                       mergekit: Path | None = None) -> dict[str, Any]:
     import yaml
     from merge_speed import generate_models
     from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import modelalloy
     from modelalloy.optimize.candidate import ModelPool, merge_candidate
@@ -63,6 +127,7 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) ->
 
     models = generate_models(size, cache, log=log)
     work = Path(tempfile.mkdtemp(prefix="candidate-cost-"))
+    worker = MergekitEvolve(mergekit, work / "mergekit.log") if mergekit else None
     try:
         tpl = work / "template.yaml"
         tpl.write_text(yaml.safe_dump(template(method, models)))
@@ -75,47 +140,94 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any) ->
         load_seconds = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(0)
         genomes = [torch.rand(space.dim, generator=gen).tolist() for _ in range(n)]
-        mem, disk, mem_merge, disk_merge = [], [], [], []
+        mem, disk, disk_merge, disk_fp, mk, mk_merge = [], [], [], [], [], []
+        mem_sd: list[float] = []
+        cpu: dict[str, list[float]] = {"in_memory": [], "in_memory_state_dict": [], "disk": [],
+                                       "disk_from_pretrained": [], "mergekit": []}
         for i, genome in enumerate(genomes):
             rec = space.recipe(genome)
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             merge_candidate(rec, pool, into=module)  # merged straight into the live model
             mem.append(time.perf_counter() - t0)
-            mem_merge.append(mem[-1])
+            cpu["in_memory"].append(cpu_seconds() - c0)
+            # what a search trial does today: a new state dict, then the objective's
+            # load_state_dict into its model
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            module.load_state_dict(merge_candidate(rec, pool), strict=False)
+            mem_sd.append(time.perf_counter() - t0)
+            cpu["in_memory_state_dict"].append(cpu_seconds() - c0)
             path = work / f"cand{i}.yaml"
             path.write_text(rec.to_yaml())
             out = work / f"merged{i}"
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             modelalloy.merge(path, out)
-            t1 = time.perf_counter()
+            c1, t1 = cpu_seconds(), time.perf_counter()
+            # (a) the shards read into the module already built (our strictest disk path)
             loaded: dict[str, torch.Tensor] = {}
             for shard in sorted(out.glob("*.safetensors")):
                 loaded.update(load_file(str(shard)))
             module.load_state_dict(loaded, strict=False)
-            disk.append(time.perf_counter() - t0)
-            disk_merge.append(t1 - t0)
+            c2, t2 = cpu_seconds(), time.perf_counter()
             del loaded
+            # (b) the folder loaded as lm-eval's huggingface model loads `pretrained=PATH`
+            fresh = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+            c3, t3 = cpu_seconds(), time.perf_counter()
+            del fresh
+            cpu["disk"].append(c2 - c0)
+            cpu["disk_from_pretrained"].append((c1 - c0) + (c3 - c2))
+            disk.append(t2 - t0)
+            disk_merge.append(t1 - t0)
+            disk_fp.append((t1 - t0) + (t3 - t2))
             shutil.rmtree(out)
-            log(f"[{method}] candidate {i}: in memory {mem[-1]:.2f} s, disk {disk[-1]:.2f} s")
-        med = statistics.median
-        mem_rest, disk_rest = mem[1:] or mem, disk[1:] or disk  # the first fills the caches
-        return {"size": size, "method": method, "candidates": n, "genes": space.dim,
-                "load_average": round(os.getloadavg()[0], 1),
-                "params": sum(p.numel() for p in module.parameters()),
-                "pool_load_seconds": round(load_seconds, 2),
-                "in_memory": round(med(mem), 3), "in_memory_merge": round(med(mem_merge), 3),
-                "disk": round(med(disk), 3), "disk_merge_write": round(med(disk_merge), 3),
-                "speedup": round(med(disk) / med(mem), 2),
-                "in_memory_first": round(mem[0], 3), "in_memory_min": round(min(mem_rest), 3),
-                "disk_min": round(min(disk_rest), 3),
-                "speedup_min": round(min(disk_rest) / min(mem_rest), 2)}
+            msg = (f"[{method}] candidate {i}: in memory {mem[-1]:.2f} s, disk {disk[-1]:.2f} s, "
+                   f"disk + from_pretrained {disk_fp[-1]:.2f} s")
+            if worker is not None:  # (c) mergekit-evolve's own path
+                res = worker.candidate(path, work / f"mergekit{i}")
+                if res["params"] != sum(p.numel() for p in module.parameters()):
+                    raise RuntimeError(f"mergekit's model has {res['params']} parameters, "
+                                       "not the candidate's")
+                mk.append(res["merge"] + res["load"])
+                mk_merge.append(res["merge"])
+                cpu["mergekit"].append(res["merge_cpu"] + res["load_cpu"])
+                msg += f", mergekit-evolve {mk[-1]:.2f} s (merge {res['merge']:.2f} s)"
+            log(msg)
+        def rest(xs: list[float]) -> list[float]:
+            return xs[1:] or xs  # the first candidate warms up every path (JIT, caches)
+
+        def med(xs: list[float]) -> float:
+            return statistics.median(rest(xs))
+
+        row = {"size": size, "method": method, "candidates": n, "genes": space.dim,
+               "load_average": round(os.getloadavg()[0], 1), "nice": os.nice(0),
+               "params": sum(p.numel() for p in module.parameters()),
+               "pool_load_seconds": round(load_seconds, 2),
+               "in_memory": round(med(mem), 3),
+               "disk": round(med(disk), 3), "disk_merge_write": round(med(disk_merge), 3),
+               "speedup": round(med(disk) / med(mem), 2),
+               "in_memory_first": round(mem[0], 3), "in_memory_min": round(min(rest(mem)), 3),
+               "disk_min": round(min(rest(disk)), 3),
+               "speedup_min": round(min(rest(disk)) / min(rest(mem)), 2),
+               "in_memory_state_dict": round(med(mem_sd), 3),
+               "in_memory_state_dict_min": round(min(rest(mem_sd)), 3),
+               "disk_from_pretrained": round(med(disk_fp), 3),
+               "disk_from_pretrained_min": round(min(rest(disk_fp)), 3),
+               "speedup_from_pretrained": round(med(disk_fp) / med(mem), 2)}
+        row["cpu"] = {k: round(med(v), 3) for k, v in cpu.items() if v}
+        if worker is not None:
+            row.update({"mergekit": round(med(mk), 3), "mergekit_merge": round(med(mk_merge), 3),
+                        "mergekit_first": round(mk[0], 3), "mergekit_min": round(min(rest(mk)), 3),
+                        "speedup_mergekit": round(med(mk) / med(mem), 2),
+                        "mergekit_start": round(worker.start_seconds, 2)})
+        return row
     finally:
+        if worker is not None:
+            worker.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
-    """evolve on each smoke suite: trials per second (merge + score, one worker), and the whole
-    run with 1 and 2 Ray workers (Ray's start excluded: the evaluation phase only)."""
+def measure_suites(budget: int, log: Any, size: str = "smoke") -> list[dict[str, Any]]:
+    """evolve on each suite of ``size``: trials per second (merge + score, one worker), and the
+    whole run with 1 and 2 Ray workers (Ray's start excluded: the evaluation phase only)."""
     import yaml
 
     from modelalloy.search.driver import optimize
@@ -123,7 +235,7 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
 
     rows = []
     for suite in ("tiny-vision", "tiny-lm"):
-        spec = f"suite:{suite}?size=smoke"
+        spec = f"suite:{suite}?size={size}"
         work = Path(tempfile.mkdtemp(prefix="trials-"))
         try:
             tpl = work / "t.yaml"
@@ -131,8 +243,9 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
             data["search"] = {"granularity": "layer",
                               "parameters": {"weight": [0, 1], "density": [0.1, 1.0]}}
             tpl.write_text(yaml.safe_dump(data))
-            row: dict[str, Any] = {"suite": suite, "budget": budget,
-                                   "load_average": round(os.getloadavg()[0], 1)}
+            row: dict[str, Any] = {"suite": suite, "size": size, "budget": budget,
+                                   "load_average": round(os.getloadavg()[0], 1),
+                                   "nice": os.nice(0)}
             threads = torch.get_num_threads()
             # one worker with the process's threads; one worker on one torch thread (what
             # each Ray worker gets); two Ray workers
@@ -152,8 +265,12 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
                 if key == "w1":
                     row["trials_per_second"] = round(len(res.trials) / trial_s, 2)
                     row["best"] = round(res.best["scores"]["fitness"], 4)
+                    first = [r["scores"] for r in res.trials]
+                else:  # the same seed: the same trials whatever the workers
+                    row[f"{key}_same_trials"] = [r["scores"] for r in res.trials] == first
                 log(f"[{suite}] {key}: {total:.1f} s scoring {len(res.trials)} "
                     f"trials ({res.seconds:.1f} s in all)")
+            row["load_average_after"] = round(os.getloadavg()[0], 1)
             rows.append(row)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -162,41 +279,105 @@ def measure_suites(budget: int, log: Any) -> list[dict[str, Any]]:
 
 def render(results: dict[str, Any]) -> str:
     L = [SECTION, "",
-         "What a search trial costs before it is evaluated (merge + load into a live model) — "
-         "in memory (`merge_candidate`, what every `modelalloy optimize` algorithm uses) "
-         "against writing the candidate to disk with `modelalloy merge` and reading it back "
-         "(mergekit-evolve's path without its patched vLLM). "
+         "What a search trial costs before it is evaluated (merge + load into a model ready to "
+         "run), three ways against the in-memory candidate (`merge_candidate`, the merge "
+         "every `modelalloy optimize` algorithm uses, here writing into the parameters of a "
+         "model built once, `into=`; next to it the same merge as a search trial makes it "
+         "today: a new state dict, then the objective's `load_state_dict` into its model): "
+         "(a) `modelalloy merge` of the candidate into a fresh folder, its shards read "
+         "back with safetensors into that same built model — the strictest comparison; (b) the "
+         "same folder loaded with `AutoModelForCausalLM.from_pretrained(FOLDER, "
+         "dtype=bfloat16)`, which is what lm-eval's `huggingface` model does with "
+         "`pretrained=FOLDER` in mergekit-evolve; (c) mergekit-evolve's own on-disk path "
+         "(`OnDiskMergeEvaluator`: mergekit's `run_merge` with the options `mergekit-evolve` "
+         "sets, then the same `from_pretrained`), run by "
+         "`benchmarks/mergekit_evolve_candidate.py` in mergekit's venv. Every path runs in a "
+         "process started once — mergekit-evolve's Ray actor also lives for the whole search — "
+         "so no interpreter start or import is counted in any column (the mergekit worker's "
+         "start is given below). Same candidates (random layer-group genomes) for all; removing "
+         "the folder afterwards is not timed; no tokenizer is loaded (the synthetic models have "
+         "none). Seconds: median (best) over the candidates after the first, which warms every "
+         "path up (numba's compile, caches) and is left out of all. "
          f"Measured {results['date']} on {results['machine']}, a machine **shared with other "
          "sessions and noisy**: read ratios, not single digits. Command: "
-         "`PYTHONPATH=src python benchmarks/candidate_cost.py` (`--help` for options).", "",
-         "| model | method | genes | candidates | in memory, median (best) s "
-         "| disk, median (best) s | of which merge + write | speed-up, median (best) |",
-         "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in results["candidates"]:
+         "`PYTHONPATH=src python benchmarks/candidate_cost.py --mergekit-bin "
+         "/work/mk-venv/bin/mergekit-yaml` (`--help` for options).", "",
+         "| model | method | genes | candidates | load average | in memory | in memory as a "
+         "trial does it (state dict + load_state_dict) | (a) our merge to "
+         "disk + safetensors into the built model | (b) our merge to disk + from_pretrained | "
+         "(c) mergekit-evolve: mergekit merge + from_pretrained (merge alone) "
+         "| speed-up of in memory over (a) / (b) / (c), medians | CPU-s (user + system) in "
+         "memory / as a trial / (a) / (b) / (c), medians | CPU-s ratio (c) ÷ in memory |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cpu_cells(r: dict[str, Any]) -> str:
+        c = r.get("cpu", {})
+        if not c:
+            return "— | —"
+        spent = " / ".join(f"{c[k]:.2f}" if k in c else "—" for k in
+                           ("in_memory", "in_memory_state_dict", "disk",
+                            "disk_from_pretrained", "mergekit"))
+        ratio = f"{c['mergekit'] / c['in_memory']:.1f}×" if "mergekit" in c else "—"
+        return f"{spent} | {ratio}"
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        return f"{r[key]:.2f} ({r[key + '_min']:.2f})" if key in r else "—"
+
+    def load(r: dict[str, Any]) -> str:
+        text = str(r.get("load_average", ""))
+        if "load_average_after" in r:
+            text += f" → {r['load_average_after']}"
+        return text + (f" (nice {r['nice']})" if r.get("nice") else "")
+
+    for r in results["candidates"] + results.get("earlier_candidates", []):
+        mk = (f"{cell(r, 'mergekit')}, merge {r['mergekit_merge']:.2f}" if "mergekit" in r
+              else "—")
+        ratios = " / ".join(f"{r[k]:.1f}×" if k in r else "—"
+                            for k in ("speedup", "speedup_from_pretrained", "speedup_mergekit"))
         L.append(f"| synthetic Llama {r['size']} ({r['params'] / 1e6:.0f}M, bf16) | "
-                 f"{r['method']} | {r['genes']} | {r['candidates']} | {r['in_memory']:.2f} "
-                 f"({r['in_memory_min']:.2f}) | {r['disk']:.2f} "
-                 f"({r['disk_min']:.2f}) | {r['disk_merge_write']:.2f} | {r['speedup']:.1f}× "
-                 f"({r['speedup_min']:.1f}×) |")
+                 f"{r['method']} | {r['genes']} | {r['candidates']} | "
+                 f"{load(r)} | {cell(r, 'in_memory')} | {cell(r, 'in_memory_state_dict')} | "
+                 f"{cell(r, 'disk')} | "
+                 f"{cell(r, 'disk_from_pretrained')} | {mk} | {ratios} | {cpu_cells(r)} |")
+    if results.get("earlier_candidates"):
+        L += ["", "The rows with (a) only are kept from an earlier run on a quieter machine "
+              f"({results.get('earlier_when', 'date not recorded')}), before (b) and (c) "
+              "existed: the strictest comparison, timed quietly (medians over all candidates "
+              "then, the first included)."]
     if results.get("suites"):
         L += ["", "Whole trials (merge + score on the validation split) with `evolve` "
-              "(layer-wise TIES weights and densities, population 8) on the smoke suites; "
+              "(layer-wise TIES weights and densities, population 8) on the suites; "
               "the Ray rows are the run's wall time without Ray's start (each worker loads "
               "the models once from the object store and warms up — the objective's data "
               "read, one merge — before the first trial). Each Ray worker runs on one torch "
               "thread, so the fair one-worker baseline is one worker on one thread (third "
               "column); the process's default threads are shown too.", "",
-              "| suite | trials | load average | wall, 1 worker, default threads (s) | "
-              "wall, 1 worker, 1 thread (s) | wall, 2 Ray workers (s) | speed-up 1 → 2 "
-              "workers (1 thread each) | vs default threads |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| suite | trials | load average (before → after) | wall, 1 worker, default "
+              "threads (s) | wall, 1 worker, 1 thread (s) | wall, 2 Ray workers (s) | "
+              "speed-up 1 → 2 workers (1 thread each) | vs default threads | 2 workers busy "
+              "scoring (share of 2 × wall) | a trial on 2 workers ÷ on 1 worker, 1 thread |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["suites"]:
             one = r.get("w1t1_wall", r["w1_wall"])
-            L.append(f"| {r['suite']} (smoke) | {r['budget']} | {r.get('load_average', '')} | "
+            L.append(f"| {r['suite']} ({r.get('size', 'smoke')}) | {r['budget']} | {load(r)} | "
                      f"{r['w1_wall']:.1f} | {one:.1f} | {r['w2_wall']:.1f} | "
-                     f"{one / r['w2_wall']:.2f}× | {r['w1_wall'] / r['w2_wall']:.2f}× |")
+                     f"{one / r['w2_wall']:.2f}× | {r['w1_wall'] / r['w2_wall']:.2f}× | "
+                     f"{busy(r)} | {slower(r)} |")
     L += ["", *findings(results)]
     return "\n".join(L).rstrip() + "\n"
+
+
+def busy(r: dict[str, Any]) -> str:
+    """How much of the 2-worker run's wall time both workers spent scoring: what is left is
+    Ray's dispatch, the batch barriers and the driver (the serial part)."""
+    return f"{100 * r['w2_trial_seconds'] / (2 * r['w2_wall']):.0f}%"
+
+
+def slower(r: dict[str, Any]) -> str:
+    """A trial's own time on 2 workers against 1 worker on 1 thread: above 1, the two workers
+    did not each get a core (other load, or each other)."""
+    one = r.get("w1t1_trial_seconds", r["w1_trial_seconds"])
+    return f"{r['w2_trial_seconds'] / one:.2f}×"
 
 
 def findings(results: dict[str, Any]) -> list[str]:
@@ -204,28 +385,45 @@ def findings(results: dict[str, Any]) -> list[str]:
     out = []
     for r in results["candidates"]:
         io = r["disk"] - r["disk_merge_write"]
-        out.append(f"- {r['method']} at {r['size']}: the in-memory candidate takes "
-                   f"{r['in_memory']:.2f} s; the disk path takes {r['disk']:.2f} s, of which "
-                   f"{r['disk_merge_write']:.2f} s merging and writing (fsync, rename) and "
-                   f"{io:.2f} s reading the shards back into the model — "
-                   f"{r['speedup']:.1f}× in favour of memory"
-                   + (" (the target was 10×)" if r["speedup"] < 10 else "")
-                   + (f"; load average {r['load_average']} when measured."
-                      if "load_average" in r else "."))
+        line = (f"- {r['method']} at {r['size']}: the in-memory candidate takes "
+                f"{r['in_memory']:.2f} s; (a) our disk path {r['disk']:.2f} s, of which "
+                f"{r['disk_merge_write']:.2f} s merging and writing (fsync, rename) and "
+                f"{io:.2f} s reading the shards back into the model: "
+                f"{r['speedup']:.1f}× in favour of memory")
+        if "in_memory_state_dict" in r:
+            trial = r["in_memory_state_dict"]
+            line += (f"; as a search trial makes it today (a new state dict, then "
+                     f"`load_state_dict`) {trial:.2f} s, {r['disk'] / trial:.1f}× against (a)"
+                     + (f" and {r['mergekit'] / trial:.1f}× against (c)" if "mergekit" in r
+                        else ""))
+        if "disk_from_pretrained" in r:
+            line += (f"; (b) with `from_pretrained` instead "
+                     f"{r['disk_from_pretrained']:.2f} s, {r['speedup_from_pretrained']:.1f}×")
+        if "mergekit" in r:
+            line += (f"; (c) mergekit-evolve's path {r['mergekit']:.2f} s (its merge "
+                     f"{r['mergekit_merge']:.2f} s), **{r['speedup_mergekit']:.1f}×** "
+                     f"(target 10×: {'met' if r['speedup_mergekit'] >= 10 else 'not met'}; "
+                     f"its worker's start, not counted, took {r['mergekit_start']:.1f} s)")
+        out.append(line + (f"; load average {r['load_average']} when measured."
+                           if "load_average" in r else "."))
     slow = [r for r in results["candidates"] if r["speedup"] < 2]
     for r in slow:
-        out.append(f"- For {r['method']} the merge's own computation dominates both paths "
+        out.append(f"- For {r['method']} the merge's own computation dominates (a) "
                    f"(about {r['in_memory']:.1f} s of the in-memory candidate is the merge): "
                    "keeping candidates in memory removes the I/O, not the merge (a candidate that "
                    "moves only some layer groups re-merges only those; these candidates move "
                    "all of them).")
     for r in results.get("suites", []):
         speed = r.get("w1t1_wall", r["w1_wall"]) / r["w2_wall"]
-        out.append(f"- {r['suite']}: {r['trials_per_second']:.2f} trials/s on one worker; 2 Ray "
-                   f"workers {speed:.2f}× one worker on one thread, "
-                   f"{r['w1_wall'] / r['w2_wall']:.2f}× one worker on the default threads "
-                   "(the target was 1.7× on the 2-core machine, which other sessions share; "
-                   f"load average {r.get('load_average', '?')} when measured)")
+        same = [r[k] for k in ("w1t1_same_trials", "w2_same_trials") if k in r]
+        out.append(f"- {r['suite']} ({r.get('size', 'smoke')}): {r['trials_per_second']:.2f} "
+                   f"trials/s on one worker; 2 Ray workers {speed:.2f}× one worker on one "
+                   f"thread, {r['w1_wall'] / r['w2_wall']:.2f}× one worker on the default "
+                   "threads (the target was 1.7× on the 2-core machine, which other sessions "
+                   f"share; load average {r.get('load_average', '?')} when measured"
+                   + (f", {r['load_average_after']} after" if "load_average_after" in r else "")
+                   + ")" + ("" if not same else "; the same trials with 1 and 2 workers: "
+                            + ("yes" if all(same) else "**no**")) + ".")
     return out
 
 
@@ -236,8 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--budget", type=int, default=24, help="evolve trials per suite run")
     ap.add_argument("--no-suites", action="store_true")
+    ap.add_argument("--suite-size", default="smoke", choices=("smoke", "full"),
+                    help="the suites' size for the trials and Ray rows (the other size's rows "
+                         "in --json are kept)")
     ap.add_argument("--no-candidates", action="store_true",
                     help="keep the candidate rows of --json, measure the suites only")
+    ap.add_argument("--mergekit-bin", help="mergekit-yaml of the venv that holds mergekit "
+                                           "(default: MERGEKIT_YAML, PATH, ../venv-mergekit)")
+    ap.add_argument("--no-mergekit", action="store_true",
+                    help="leave out the mergekit-evolve column")
     ap.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--json", type=Path,
                     default=REPO / "benchmarks" / "results" / "candidate_cost.json")
@@ -252,11 +457,16 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": f"{platform.machine()}, {torch.get_num_threads()} torch "
                                f"threads, torch {torch.__version__}"})
     if not args.no_candidates:
+        mergekit = None if args.no_mergekit else mergekit_python(args.mergekit_bin, log)
         results["candidates"] = [measure_candidates(args.size, m, args.candidates,
-                                                    args.cache_dir, log)
+                                                    args.cache_dir, log, mergekit)
                                  for m in args.methods.split(",")]
     if not args.no_suites:
-        results["suites"] = measure_suites(args.budget, log)
+        fresh = measure_suites(args.budget, log, args.suite_size)
+        ran = {(r["suite"], r["size"]) for r in fresh}
+        # the other size's rows stay (rows without a size are the smoke suites')
+        results["suites"] = [r for r in results.get("suites", [])
+                             if (r["suite"], r.get("size", "smoke")) not in ran] + fresh
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
     from merge_speed import write_doc

@@ -228,10 +228,15 @@ def claims(d: dict[str, Any]) -> list[str]:
     note = d["notes"].get("map (task-wise weights)", {})
     if mp and note:
         k = len(d["merged"])
+        err, design = note.get("front_prediction_error"), note.get("design_points")
         out.append(f"- MAP's predicted front matches the re-evaluated one: mean |predicted − "
-                   f"real| = {note.get('front_prediction_error')} over the re-evaluated points, "
-                   f"from {note.get('design_points')} designed merges (a grid of 11 values per "
-                   f"task would take {11 ** k}).")
+                   f"real| accuracy = {err} ({100 * err:.1f} points) over the "
+                   f"{mp['trials'] - design} re-evaluated front points (the quadratics' fit "
+                   f"error on the designed merges: {note.get('surrogate_fit_error')}); "
+                   f"{mp['trials']} evaluations in all ({design} designed merges + the "
+                   f"re-evaluations), where a grid of 11 values per task would take "
+                   f"{11 ** k:,}; the recipe it picks (equal preferences) is "
+                   f"{pts(mp['test'] - ta['test'])} points on test against task arithmetic.")
     lw = next((r for r in rows if r["row"] == "layerwise_search" and "val" in r), None)
     lu = _row(rows, "layerwise_search (uniform")
     if lw and lu:
@@ -319,17 +324,32 @@ point is 0.03 of a point of the mean), tiny-lm 50 and 500. Read against the pape
   full suites: K·σ stays within a few percent of uniform, as uncertain-resolved.md §4(d)
   predicts, so with λ tuned on val it is task arithmetic; before λ was tuned, λ = 1 summed all
   eight task vectors: −30 and −66), Self Positioning (−2.8, −0.7)
-  against task arithmetic; MAP's front with 8 tasks: mean |predicted − real| 0.26
-  (tiny-vision) and 0.37 (tiny-lm) from 90 designed merges — a quadratic in 8 weights has 45
-  coefficients and the sigmoid fit does not follow the real front there — and its picked
-  recipe is 8 (tiny-vision) and 12 (tiny-lm) points under task arithmetic. On the smoke
-  suites (2–3 tasks) the front error is 0.01–0.11.
+  against task arithmetic.
+- **MAP** (rerun after the determinism fix: ridge-regularised sigmoid fit): with 8 tasks the
+  predicted front is within 4.6 (tiny-vision) and 5.9 (tiny-lm) accuracy points of the
+  re-evaluated one on average (mean |predicted − real| 0.046 and 0.059 over 5 front points;
+  before the fix 0.26 and 0.37), from 95 evaluations where an 11-value grid needs 11⁸ ≈ 2.1·10⁸;
+  its picked recipe (equal preferences) is 2.3 (tiny-vision) and 4.7 (tiny-lm) points under
+  task arithmetic on test (before: 8 and 12). On the smoke suites (2–3 tasks) the front error
+  is 0.021 and 0.064 from 25 and 17 evaluations (grids of 1,331 and 121).
 - **PS then DFS** (tiny-lm): the data-flow phase (30 trials, 18 slots: the two layers of the
   PS merge and of each of the eight experts) found paths as good as the PS merge (0.7525 on
   val) but none better, so the chosen trial is the parameter-space phase's trial 17 — the same
   trial `evolve` alone chose (the same seed gives the same first 30 trials): the row equals
   `evolve`. 30 trials over 18 path genes is a small budget (the paper: 1000s).
 """
+
+
+def merge_rows(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s rows (and their notes) in place of the rows of ``old`` with the same names;
+    every other row of ``old`` is kept where it was, a row ``old`` lacks is appended."""
+    if not old:
+        return new
+    fresh = {r["row"]: r for r in new["rows"]}
+    rows = [fresh.pop(r["row"], r) for r in old["rows"]]
+    rows += list(fresh.values())
+    notes = {**old.get("notes", {}), **new.get("notes", {})}
+    return {**old, "rows": rows, "notes": notes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", action="store_true", help="only re-render the doc")
     ap.add_argument("--rows", help="only the rows whose names start with these (comma-"
                                    "separated; the tuned baselines always run)")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the rows this run makes in --json's suite, keep the "
+                         "others (default: the suite's rows are replaced whole)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -356,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         # the smoke rows keep their old key; other sizes sit beside them
         key = name if args.size == "smoke" else f"{name} ({args.size})"
 
-        def save(partial: dict[str, Any], key: str = key) -> None:
-            dump[key] = partial
+        before = dump.get(key) if args.merge else None
+
+        def save(partial: dict[str, Any], key: str = key,
+                 before: dict[str, Any] | None = before) -> None:
+            dump[key] = merge_rows(before, partial)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(dump, indent=1, default=str))
 

@@ -260,3 +260,16 @@ def ps_then_path(sd: dict[str, torch.Tensor]) -> float:
         diff = x - t if x is not None and t is not None else (x if x is not None else t)
         total += float((diff.double() ** 2).sum())
     return -total
+
+
+def fails_on_light_first_expert(sd: dict[str, torch.Tensor]) -> float:
+    """Fails on a candidate whose first expert weighs less than 0.2 in layer 0 (the weight
+    solved from the merged tensor: θ = θ₀ + w₀τ₀ + w₁τ₁ by least squares), so the same
+    candidate fails in any process: a failure tied to a candidate, not to a call count."""
+    base, experts = family()
+    name = "layers.0.weight"
+    taus = torch.stack([(e[name] - base[name]).reshape(-1) for e in experts], dim=1)
+    w = torch.linalg.lstsq(taus, (sd[name].float() - base[name]).reshape(-1, 1)).solution
+    if float(w[0]) < 0.2:
+        raise RuntimeError(f"first expert too light ({float(w[0]):.2f})")
+    return quadratic(sd)

@@ -49,9 +49,13 @@ class ModelPool:
         self._stages: dict[str, ModelPool] = {}
 
     def get(self, recipe: Recipe, model: str) -> StateDict:
-        key = str(recipe.model_path(model))
+        key = recipe.model_reference(model)  # two tasks of one bundle are two models
         if key not in self._loaded:
-            self._loaded[key] = load_state_dict(Path(key))
+            from modelalloy.engine.run import open_recipe_model
+
+            # as the engine opens it: a bundle's expert rebuilt, an adapter applied
+            with open_recipe_model(recipe, model) as src:
+                self._loaded[key] = {n: src.get(n) for n in src.names()}
         return self._loaded[key]
 
     def sources(self, recipe: Recipe) -> tuple[StateDict | None, list[StateDict]]:
@@ -163,7 +167,7 @@ def _tensor_keys(recipe: Recipe, pool: ModelPool) -> dict[str, Any] | None:
     reference = _reference(recipe, pool)
     indexer = LayerIndexer(reference.keys())
     common = (spec.name, recipe.seed, recipe.out_dtype or recipe.dtype,
-              tuple(str(recipe.model_path(m)) for m in recipe.all_models()),
+              tuple(recipe.model_reference(m) for m in recipe.all_models()),
               recipe.uses_base())
     keys: dict[str, Any] = {}
     for name, tensor in reference.items():

@@ -62,7 +62,7 @@ def run_hybrid(ctx: Any) -> None:
         ctx.notes.update(notes)
         return
     ps_genome = [float(u) for u in best["candidate"]]
-    absolute = {m: str(ctx.template.model_path(m)) for m in ctx.template.all_models()}
+    absolute = {m: ctx.template.model_reference(m) for m in ctx.template.all_models()}
     where = ctx.out / "ps_recipe.yaml"
     name = f"evolve ps trial {best['trial']} (fitness {best['scores']['fitness']:.4g})"
     ps_recipe = recipe_from_dict(space.ps.recipe_dict(ps_genome, absolute=absolute, name=name),

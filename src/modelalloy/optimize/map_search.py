@@ -311,9 +311,10 @@ def _write_front(ctx: Any, keys: list[str], front_x: np.ndarray, front_f: np.nda
 
     from modelalloy.optimize.report import _plt
 
-    rows = [{"genome": [round(float(v), 6) for v in front_x[i]],
-             "predicted": dict(zip(keys, map(float, front_f[i]), strict=True))}
-            for i in range(len(front_x))]
+    rows: list[dict[str, Any]] = [
+        {"genome": [round(float(v), 6) for v in front_x[i]],
+         "predicted": dict(zip(keys, map(float, front_f[i]), strict=True))}
+        for i in range(len(front_x))]
     for i, r in zip(picks, real, strict=True):
         rows[i]["real"] = {k: r["scores"][k] for k in keys}
         rows[i]["trial"] = r["trial"]

@@ -483,9 +483,9 @@ def _methods(given: Any, recipe_data: Mapping[str, Any], source: str,
 
 def reference_float_names(recipe: Recipe) -> list[str]:
     """The float tensors of the recipe's reference model (base, else first model), from the
-    headers only."""
-    from modelalloy.io.checkpoint import open_checkpoint
+    headers only; opened as the engine opens it (``BUNDLE#TASK``, ``model+adapter``)."""
+    from modelalloy.engine.run import open_recipe_model
 
     ref = recipe.base_model if recipe.uses_base() else recipe.expert_entries()[0].model
-    with open_checkpoint(recipe.model_path(ref)) as ckpt:
+    with open_recipe_model(recipe, ref) as ckpt:
         return [n for n in ckpt.names() if ckpt.info(n).dtype.is_floating_point]

@@ -36,7 +36,7 @@ def load_template(path: str | Path, float_names: Sequence[str] | None = None
 
 
 def _model_names(recipe: Recipe, model: str) -> list[str]:
-    from modelalloy.io.checkpoint import open_checkpoint
+    from modelalloy.engine.run import open_recipe_model
 
-    with open_checkpoint(recipe.model_path(model)) as ckpt:
-        return list(ckpt.names())
+    with open_recipe_model(recipe, model) as src:
+        return list(src.names())

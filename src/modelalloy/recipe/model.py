@@ -350,6 +350,16 @@ class Recipe(BaseModel):
         raise RecipeError(f"{self.source}: model folder '{model}' not found (looked in "
                           f"{looked}); give the path of a local checkpoint folder")
 
+    def model_reference(self, model: str) -> str:
+        """``model`` as a recipe written anywhere names it: its folder absolute, its
+        ``#task`` (a bundle's expert) or ``+adapter`` (made absolute too) kept."""
+        ref = str(self.model_path(model))
+        task = self.split_bundle_task(model)[1]
+        if task is not None:
+            return f"{ref}#{task}"
+        adapter = self.adapter_path(model)
+        return f"{ref}+{adapter}" if adapter is not None else ref
+
     def check_paths(self) -> None:
         """Raise a RecipeError for the first model or base_model that is not a local folder."""
         for m in self.all_models():

@@ -268,7 +268,7 @@ def chosen_recipe(ctx: RunContext, record: Mapping[str, Any]) -> Recipe | Staged
         cand = cand["genome"]
     name = (f"{ctx.algorithm} trial {record['trial']} (fitness "
             f"{record['scores']['fitness']:.4g})")
-    absolute = {m: str(ctx.template.model_path(m)) for m in ctx.template.all_models()}
+    absolute = {m: ctx.template.model_reference(m) for m in ctx.template.all_models()}
     if isinstance(cand, Mapping):
         data = dict(cand)
         data["name"] = name

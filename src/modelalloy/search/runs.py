@@ -63,11 +63,11 @@ def _granularity(ctx: Any, allowed: Sequence[str]) -> str:
 
 
 def _expert_paths(ctx: Any) -> list[str]:
-    return [str(ctx.template.model_path(e.model)) for e in ctx.template.expert_entries()]
+    return [ctx.template.model_reference(e.model) for e in ctx.template.expert_entries()]
 
 
 def _learned_recipe(ctx: Any, res: CoefficientResult) -> dict[str, Any]:
-    recipe = res.to_recipe(str(ctx.template.model_path(ctx.template.base_model)),
+    recipe = res.to_recipe(ctx.template.model_reference(ctx.template.base_model),
                            _expert_paths(ctx))
     recipe["seed"] = ctx.template.seed
     return recipe
@@ -184,8 +184,8 @@ def run_expert_merging_pp(ctx: Any) -> None:
         save_stats(st, ctx.out / "stats" / task / "merge_coeffs.safetensors", "merge_coeffs")
     names = [n for n, t in base.items() if t.is_floating_point()]
     recipe = {"merge_method": "task_arithmetic_chunks",
-              "base_model": str(ctx.template.model_path(ctx.template.base_model)),
-              "models": [{"model": str(ctx.template.model_path(e.model)),
+              "base_model": ctx.template.model_reference(ctx.template.base_model),
+              "models": [{"model": ctx.template.model_reference(e.model),
                           "parameters": {"chunks": chunk_setting(res.alphas, k, names,
                                                                  ctx.space.source)}}
                          for k, e in enumerate(ctx.template.expert_entries())],
@@ -293,8 +293,8 @@ def run_fw_merging(ctx: Any) -> None:
     else:  # pragma: no cover - every objective kind is one of the two
         raise OptimizeError(f"fw_merging cannot differentiate {obj.spec}")
     names = [n for n, t in base.items() if t.is_floating_point()]
-    absolute = [str(ctx.template.model_path(e.model)) for e in ctx.template.expert_entries()]
-    base_path = str(ctx.template.model_path(ctx.template.base_model))
+    absolute = [ctx.template.model_reference(e.model) for e in ctx.template.expert_entries()]
+    base_path = ctx.template.model_reference(ctx.template.base_model)
 
     def as_result(c: torch.Tensor) -> CoefficientResult:
         if ctx.space.granularity == "task":  # every row is the same

@@ -25,6 +25,8 @@ from modelalloy.optimize.space import SearchSpace, StagedRecipe
 from modelalloy.search.objectives import Objectives
 
 Candidate = Sequence[float] | Mapping[str, Any]
+# a batch goes to the Ray workers in this many chunks per worker (balance against round trips)
+CHUNKS_PER_WORKER = 2
 
 
 class TrialFailed(Exception):
@@ -186,12 +188,15 @@ class RayEvaluator:
             def ready(self) -> bool:
                 return True
 
-            def score(self, candidate: Candidate) -> tuple[str, Any]:
-                try:
-                    return "ok", score_candidate(self.space, self.objectives, self.pool,
-                                                 candidate)
-                except Exception as err:
-                    return "error", _describe(err)
+            def score(self, candidates: list[Candidate]) -> list[tuple[str, Any]]:
+                out: list[tuple[str, Any]] = []
+                for candidate in candidates:
+                    try:
+                        out.append(("ok", score_candidate(self.space, self.objectives,
+                                                          self.pool, candidate)))
+                    except Exception as err:
+                        out.append(("error", _describe(err)))
+                return out
 
         # refs inside a dict are not resolved by Ray: each worker maps them itself
         self.actors = [Worker.remote(space, objectives, refs) for _ in range(workers)]
@@ -202,8 +207,14 @@ class RayEvaluator:
     def evaluate(self, candidates: Sequence[Candidate]) -> list[tuple[dict[str, float], float]]:
         from ray.util import ActorPool
 
-        results = list(ActorPool(self.actors).map(lambda a, c: a.score.remote(c),
-                                                  list(candidates)))
+        # one call per worker and batch, not per candidate: a Ray round trip costs the driver,
+        # the raylet and the worker CPU on the cores the trials run on (with short trials on
+        # a 2-core machine that was the serial part); two chunks per worker keep them balanced
+        cands = list(candidates)
+        size = max(1, -(-len(cands) // (CHUNKS_PER_WORKER * len(self.actors))))
+        chunks = [cands[i:i + size] for i in range(0, len(cands), size)]
+        results = [r for part in ActorPool(self.actors).map(lambda a, c: a.score.remote(c),
+                                                           chunks) for r in part]
         done: list[tuple[dict[str, float], float]] = []
         for i, (status, value) in enumerate(results):
             if status != "ok":
