@@ -224,8 +224,8 @@ def test_l1_rescale_adds_a_pass_and_other_dtypes_are_not_supported():
     params = get_method("dare_ties").resolve(2, {"rescale_norm": "l1", "density": 0.5}, "d",
                                              conventions="paper")
     assert len(slices.dare_ties(params).passes) == 1
-    assert get_method("breadcrumbs").execution.kernel_for(get_method("breadcrumbs").resolve(
-        2, {"density": 0.5}, "b")) is None  # mergekit's tensor-wide band: torch slices
+    wide = get_method("breadcrumbs").resolve(2, {"density": 0.5}, "b")  # mergekit's band
+    assert len(slices.breadcrumbs(wide).passes) == 2  # its two counting passes
     assert not kernels.supports([torch.float16, torch.float16], torch.bfloat16)
     assert not kernels.supports([torch.bfloat16, torch.float32], torch.bfloat16)
     assert kernels.supports([torch.bfloat16] * 3, torch.float32)
@@ -460,17 +460,19 @@ def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype,
         assert ctx.streams[PaperVote].fixes  # the cancellations went through fix-ups
 
 
-def test_breadcrumbs_ties_kernel_serves_the_row_bands_only():
-    """The rule is the method's (its FusedKernel's ``when``): row bands get the kernel; the
-    rescale keeps the tensor whole; the tensor-wide band streams on the torch slices."""
+def test_breadcrumbs_ties_kernel_serves_both_sliced_bands():
+    """The rule is the method's (its FusedKernel's ``when``): row bands and the tensor-wide
+    band (``kernels.bands``, tests/kernels/test_tensor_bands.py) get the kernel; the rescale
+    keeps the tensor whole, with no kernel."""
     spec = get_method("breadcrumbs_ties")
     execution = spec.execution
     paper = spec.resolve(2, {"rescale": True}, "b", conventions="paper")
-    assert execution.shape_for(paper) == "whole"
+    assert execution.shape_for(paper) == "whole" and execution.kernel_for(paper) is None
     assert execution.kernel_for(spec.resolve(2, {}, "b", conventions="paper")) == \
         "breadcrumbs_ties"
     wide = spec.resolve(2, {"granularity": "tensor"}, "b")
-    assert execution.shape_for(wide) == "elementwise" and execution.kernel_for(wide) is None
+    assert execution.shape_for(wide) == "elementwise"
+    assert execution.kernel_for(wide) == "breadcrumbs_ties"
     raw = torch.ones((3, 64), dtype=torch.bfloat16)
     raw[2, 40] = float("nan")
     out = torch.empty(64, dtype=torch.bfloat16)

@@ -344,12 +344,15 @@ def _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, 
                 acc[j] = acc[j] + d[t, j]
                 spread[j] = spread[j] + abs(d[t, j])
         undecided = 0
+        b = base[c0:c0 + n]
         for j in range(n):
             s = sign(acc[j])
             signs += np.int64(s)
             gamma[j] = s if s != 0 else np.float32(1.0)
-            # a zero sum that some δ̃_t ≠ 0 made (spread ≠ 0): its γ waits for the majority
-            flag = np.float32(s == 0 and spread[j] != 0)
+            # a zero sum that some δ̃_t ≠ 0 made (spread ≠ 0), or on a base of −0.0 (the
+            # fill gives the zero's sign): its γ waits for the majority
+            negative_zero = f32_to_bits(widen(b[j])) == np.uint32(0x80000000)
+            flag = np.float32((s == 0) & ((spread[j] != 0) | negative_zero))
             spread[j] = flag
             undecided += np.int64(flag)
         if undecided:
