@@ -70,18 +70,22 @@ def _torch_slices(name: str, params: dict, inputs: list[torch.Tensor],
 
 
 def _fused_slices(name: str, params: dict, inputs: list[torch.Tensor],
-                  out_dtype: torch.dtype) -> torch.Tensor:
+                  out_dtype: torch.dtype, step: int = STEP,
+                  ctx: MergeContext | None = None) -> torch.Tensor:
+    """The engine's fused sliced path: the kernel's passes over every slice in order, then
+    its merge slice by slice, then the method's finish step (in ``ctx``, if given)."""
     spec = get_method(name)
-    kernel = getattr(slices, spec.execution.kernel.factory)(params)
+    kernel = getattr(slices, spec.execution.kernel_for(params))(params)
     assert kernel is not None
     sources = inputs if spec.base != "none" else inputs[1:]
-    raw = torch.empty((len(sources), STEP), dtype=inputs[0].dtype)
-    out = torch.empty(STEP, dtype=out_dtype)
-    ctx = MergeContext(name="w", seed=7, streams={})
+    raw = torch.empty((len(sources), step), dtype=inputs[0].dtype)
+    out = torch.empty(step, dtype=out_dtype)
+    ctx = ctx or MergeContext(name="w", seed=7, streams={})
+    n = inputs[0].numel()
 
     def each_slice():
-        for start in range(0, N, STEP):
-            count = min(STEP, N - start)
+        for start in range(0, n, step):
+            count = min(step, n - start)
             for i, t in enumerate(sources):
                 raw[i, :count] = t[start:start + count]
             ctx.slice_start = start
@@ -90,7 +94,7 @@ def _fused_slices(name: str, params: dict, inputs: list[torch.Tensor],
     for reduce in getattr(kernel, "passes", ()):  # the kernel's own reduce passes
         for _, count in each_slice():
             assert reduce(kernels.bits(raw), count, ctx)
-    merged = torch.empty(N, dtype=out_dtype)
+    merged = torch.empty(n, dtype=out_dtype)
     for start, count in each_slice():
         assert kernel(kernels.bits(raw), count, kernels.bits(out), ctx)
         merged[start:start + count] = out[:count]

@@ -19,6 +19,7 @@ from modelalloy.kernels import slices
 from modelalloy.methods.orderstats import LOW_BINS, RankSelect, SlicedBand
 from modelalloy.methods.registry import MergeContext, get_method
 from modelalloy.methods.ties import PaperVote
+from tests.kernels.test_fused import _fused_slices
 
 N = 3 * 4096 + 1237  # odd: no slice length divides it
 
@@ -49,35 +50,12 @@ def _whole(name: str, params: dict, inputs: list[torch.Tensor],
 
 def _fused(name: str, params: dict, inputs: list[torch.Tensor], out_dtype: torch.dtype,
            step: int) -> tuple[torch.Tensor, MergeContext]:
-    """The engine's fused sliced path: the kernel's two passes over every slice in order,
-    then its merge slice by slice, then the paper vote's fix-ups."""
+    """The engine's fused sliced path (the kernel's two passes, then its merge, slice by
+    slice), and the context that holds its state."""
     spec = get_method(name)
-    kernel = getattr(slices, spec.execution.kernel_for(params))(params)
-    assert len(kernel.passes) == len(spec.execution.passes_for(params)) == 2
-    raw = torch.empty((len(inputs), step), dtype=inputs[0].dtype)
-    out = torch.empty(step, dtype=out_dtype)
+    assert len(getattr(slices, spec.execution.kernel_for(params))(params).passes) == 2
     ctx = MergeContext(name="w", seed=0, streams={})
-
-    def each_slice():
-        for start in range(0, N, step):
-            count = min(step, N - start)
-            for i, t in enumerate(inputs):
-                raw[i, :count] = t[start:start + count]
-            ctx.slice_start = start
-            yield start, count
-
-    for reduce in kernel.passes:
-        for _, count in each_slice():
-            assert reduce(kernels.bits(raw), count, ctx)
-    merged = torch.empty(N, dtype=out_dtype)
-    for start, count in each_slice():
-        assert kernel(kernels.bits(raw), count, kernels.bits(out), ctx)
-        merged[start:start + count] = out[:count]
-    finish = spec.execution.finish_for(params)
-    if finish is not None:
-        for index, values in finish(ctx):
-            merged[index] = values.to(out_dtype)
-    return merged, ctx
+    return _fused_slices(name, params, inputs, out_dtype, step, ctx), ctx
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
