@@ -414,7 +414,8 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
 
     Paper vote: γ = sign(Σ_t δ̃_t) summed left to right, zero sums take +1 (the slice's
     provisional majority, as ``ties.paper_vote_slice``); ``tally[0]`` += Σ sign(Σ_t δ̃_t), and
-    every element whose sum is 0 while some δ̃_t ≠ 0 is listed in ``fix_index`` (its δ̃ in
+    every element whose sum is 0 while some δ̃_t ≠ 0 or its base is −0.0 (the fill then gives
+    the zero's sign) is listed in ``fix_index`` (its δ̃ in
     ``fix_deltas``, count in ``tally[1]``) for the whole-tensor majority fix-up. Weighted vote:
     γ = +1 where fma-accumulated Σ_t w_t δ̃_t ≥ 0, else −1.
     Merge: a_t = relu(δ̃_t·γ); out = a_0·w_0 then + a_t or fma(a_t, w_t, out); with

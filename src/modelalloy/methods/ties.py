@@ -181,8 +181,9 @@ def paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dic
     """One slice of a paper-vote merge, whose zero sums take the whole tensor's majority sign
     sign(Σ_j γ_j) — known only after the last slice.
 
-    The slice is merged with majority +1. Where it mattered (Σ_t δ̃_t = 0 with some δ̃_t ≠ 0;
-    elsewhere the fill is overwritten by the sign or multiplies zeros) the results for
+    The slice is merged with majority +1. Where it mattered (Σ_t δ̃_t = 0 with some δ̃_t ≠ 0,
+    or with every δ̃_t = 0 on a base of −0.0, where the fill gives the zero's sign; elsewhere
+    it is overwritten by the sign or multiplies zeros into base + ±0) the results for
     majorities −1 and 0 are kept, with Σ_j γ_j so far; :func:`finish_paper_vote` picks. The
     sum repeats :func:`elect_sign`'s operations, so γ is the same float result.
     """
