@@ -387,6 +387,26 @@ def test_kernel_cache_folder_is_named_after_the_kernel_sources(tmp_path, monkeyp
     k.use_versioned_cache.cache_clear()
 
 
+def test_kernel_modules_take_numba_through_the_module_that_picks_the_cache_folder():
+    """A kernel module imported first must not import numba itself: numba would read its
+    cache folder before ``use_versioned_cache`` picks it, and cache next to the sources,
+    keyed by the kernel's own file only (stale code after an edit to an inlined helper)."""
+    import ast
+    from pathlib import Path
+
+    import modelalloy.kernels as k
+
+    for source in Path(k.__file__).parent.glob("*.py"):
+        if source.name in ("_numba.py", "__init__.py"):
+            continue
+        tree = ast.parse(source.read_text())
+        imported = {alias.name.split(".")[0] for node in tree.body
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in tree.body
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert "numba" not in imported and "llvmlite" not in imported, source.name
+
+
 def test_a_numba_that_does_not_import_leaves_the_torch_path(monkeypatch):
     import builtins
 

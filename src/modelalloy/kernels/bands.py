@@ -15,9 +15,8 @@ patterns (monotone for non-negative floats, and |δ| is never NaN once the input
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from modelalloy.kernels._numba import JIT, any_nonfinite, f32_to_bits, widen
+from modelalloy.kernels._numba import JIT, any_nonfinite, f32_to_bits, njit, widen
 from modelalloy.kernels.elementwise import CHUNK, _elect_and_merge, _merge_scratch, sum_to_output
 from modelalloy.kernels.rowwise import _accumulate
 from modelalloy.methods.orderstats import LOW_BINS, MAG_SHIFT

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 from modelalloy.kernels._numba import (
     JIT,
@@ -29,6 +28,7 @@ from modelalloy.kernels._numba import (
     fma,
     is_nonfinite,
     narrow,
+    njit,
     sfc64_fill_rows,
     sign,
     widen,
