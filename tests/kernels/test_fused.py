@@ -70,18 +70,22 @@ def _torch_slices(name: str, params: dict, inputs: list[torch.Tensor],
 
 
 def _fused_slices(name: str, params: dict, inputs: list[torch.Tensor],
-                  out_dtype: torch.dtype) -> torch.Tensor:
+                  out_dtype: torch.dtype, step: int = STEP,
+                  ctx: MergeContext | None = None) -> torch.Tensor:
+    """The engine's fused sliced path: the kernel's passes over every slice in order, then
+    its merge slice by slice, then the method's finish step (in ``ctx``, if given)."""
     spec = get_method(name)
-    kernel = getattr(slices, spec.execution.kernel.factory)(params)
+    kernel = getattr(slices, spec.execution.kernel_for(params))(params)
     assert kernel is not None
     sources = inputs if spec.base != "none" else inputs[1:]
-    raw = torch.empty((len(sources), STEP), dtype=inputs[0].dtype)
-    out = torch.empty(STEP, dtype=out_dtype)
-    ctx = MergeContext(name="w", seed=7, streams={})
+    raw = torch.empty((len(sources), step), dtype=inputs[0].dtype)
+    out = torch.empty(step, dtype=out_dtype)
+    ctx = ctx or MergeContext(name="w", seed=7, streams={})
+    n = inputs[0].numel()
 
     def each_slice():
-        for start in range(0, N, STEP):
-            count = min(STEP, N - start)
+        for start in range(0, n, step):
+            count = min(step, n - start)
             for i, t in enumerate(sources):
                 raw[i, :count] = t[start:start + count]
             ctx.slice_start = start
@@ -90,7 +94,7 @@ def _fused_slices(name: str, params: dict, inputs: list[torch.Tensor],
     for reduce in getattr(kernel, "passes", ()):  # the kernel's own reduce passes
         for _, count in each_slice():
             assert reduce(kernels.bits(raw), count, ctx)
-    merged = torch.empty(N, dtype=out_dtype)
+    merged = torch.empty(n, dtype=out_dtype)
     for start, count in each_slice():
         assert kernel(kernels.bits(raw), count, kernels.bits(out), ctx)
         merged[start:start + count] = out[:count]
@@ -224,8 +228,8 @@ def test_l1_rescale_adds_a_pass_and_other_dtypes_are_not_supported():
     params = get_method("dare_ties").resolve(2, {"rescale_norm": "l1", "density": 0.5}, "d",
                                              conventions="paper")
     assert len(slices.dare_ties(params).passes) == 1
-    assert get_method("breadcrumbs").execution.kernel_for(get_method("breadcrumbs").resolve(
-        2, {"density": 0.5}, "b")) is None  # mergekit's tensor-wide band: torch slices
+    wide = get_method("breadcrumbs").resolve(2, {"density": 0.5}, "b")  # mergekit's band
+    assert len(slices.breadcrumbs(wide).passes) == 2  # its two counting passes
     assert not kernels.supports([torch.float16, torch.float16], torch.bfloat16)
     assert not kernels.supports([torch.bfloat16, torch.float32], torch.bfloat16)
     assert kernels.supports([torch.bfloat16] * 3, torch.float32)
@@ -383,6 +387,26 @@ def test_kernel_cache_folder_is_named_after_the_kernel_sources(tmp_path, monkeyp
     k.use_versioned_cache.cache_clear()
 
 
+def test_kernel_modules_take_numba_through_the_module_that_picks_the_cache_folder():
+    """A kernel module imported first must not import numba itself: numba would read its
+    cache folder before ``use_versioned_cache`` picks it, and cache next to the sources,
+    keyed by the kernel's own file only (stale code after an edit to an inlined helper)."""
+    import ast
+    from pathlib import Path
+
+    import modelalloy.kernels as k
+
+    for source in Path(k.__file__).parent.glob("*.py"):
+        if source.name in ("_numba.py", "__init__.py"):
+            continue
+        tree = ast.parse(source.read_text())
+        imported = {alias.name.split(".")[0] for node in tree.body
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in tree.body
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert "numba" not in imported and "llvmlite" not in imported, source.name
+
+
 def test_a_numba_that_does_not_import_leaves_the_torch_path(monkeypatch):
     import builtins
 
@@ -460,17 +484,19 @@ def test_breadcrumbs_ties_kernel_gives_the_torch_paths_bits(given, width, dtype,
         assert ctx.streams[PaperVote].fixes  # the cancellations went through fix-ups
 
 
-def test_breadcrumbs_ties_kernel_serves_the_row_bands_only():
-    """The rule is the method's (its FusedKernel's ``when``): row bands get the kernel; the
-    rescale keeps the tensor whole; the tensor-wide band streams on the torch slices."""
+def test_breadcrumbs_ties_kernel_serves_both_sliced_bands():
+    """The rule is the method's (its FusedKernel's ``when``): row bands and the tensor-wide
+    band (``kernels.bands``, tests/kernels/test_tensor_bands.py) get the kernel; the rescale
+    keeps the tensor whole, with no kernel."""
     spec = get_method("breadcrumbs_ties")
     execution = spec.execution
     paper = spec.resolve(2, {"rescale": True}, "b", conventions="paper")
-    assert execution.shape_for(paper) == "whole"
+    assert execution.shape_for(paper) == "whole" and execution.kernel_for(paper) is None
     assert execution.kernel_for(spec.resolve(2, {}, "b", conventions="paper")) == \
         "breadcrumbs_ties"
     wide = spec.resolve(2, {"granularity": "tensor"}, "b")
-    assert execution.shape_for(wide) == "elementwise" and execution.kernel_for(wide) is None
+    assert execution.shape_for(wide) == "elementwise"
+    assert execution.kernel_for(wide) == "breadcrumbs_ties"
     raw = torch.ones((3, 64), dtype=torch.bfloat16)
     raw[2, 40] = float("nan")
     out = torch.empty(64, dtype=torch.bfloat16)

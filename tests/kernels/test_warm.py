@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelalloy.kernels import elementwise, rowwise, slices
+from modelalloy.kernels import bands, elementwise, rowwise, slices
 from modelalloy.methods.registry import get_method
 
 CASES = [
@@ -14,6 +14,10 @@ CASES = [
     ("ties", {"density": 0.2}, [elementwise.ties_count_kernel, elementwise.ties_collect_kernel,
                                 elementwise.ties_kernel]),
     ("breadcrumbs_ties", {"density": 0.2, "granularity": "row"}, [rowwise.band_ties_kernel]),
+    ("breadcrumbs_ties", {"density": 0.2}, [elementwise.ties_count_kernel,
+                                            bands.band_collect_kernel,
+                                            bands.band_ties_tensor_kernel]),
+    ("breadcrumbs", {"density": 0.2}, [bands.band_sum_tensor_kernel]),
 ]
 
 

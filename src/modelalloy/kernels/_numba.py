@@ -17,6 +17,10 @@ from numba import njit, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic, overload  # noqa: E402
 
+# The kernel modules take ``njit`` from here, so the cache folder is chosen before numba is
+# imported (a kernel module imported first would otherwise leave numba's default cache, next
+# to the sources, which misses edits to the helpers inlined from this file).
+
 # Compiled code is cached on disk (see kernels.use_versioned_cache);
 # MODELALLOY_KERNEL_NOCACHE=1 compiles afresh, e.g. to inspect it.
 JIT = {"nogil": True, "cache": not os.environ.get("MODELALLOY_KERNEL_NOCACHE"),

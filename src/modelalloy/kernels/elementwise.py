@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 from modelalloy.kernels._numba import (
     JIT,
@@ -29,6 +28,7 @@ from modelalloy.kernels._numba import (
     fma,
     is_nonfinite,
     narrow,
+    njit,
     sfc64_fill_rows,
     sign,
     widen,
@@ -344,12 +344,15 @@ def _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, 
                 acc[j] = acc[j] + d[t, j]
                 spread[j] = spread[j] + abs(d[t, j])
         undecided = 0
+        b = base[c0:c0 + n]
         for j in range(n):
             s = sign(acc[j])
             signs += np.int64(s)
             gamma[j] = s if s != 0 else np.float32(1.0)
-            # a zero sum that some δ̃_t ≠ 0 made (spread ≠ 0): its γ waits for the majority
-            flag = np.float32(s == 0 and spread[j] != 0)
+            # a zero sum that some δ̃_t ≠ 0 made (spread ≠ 0), or on a base of −0.0 (the
+            # fill gives the zero's sign): its γ waits for the majority
+            negative_zero = f32_to_bits(widen(b[j])) == np.uint32(0x80000000)
+            flag = np.float32((s == 0) & ((spread[j] != 0) | negative_zero))
             spread[j] = flag
             undecided += np.int64(flag)
         if undecided:
@@ -411,7 +414,8 @@ def dare_ties_kernel(src, count, out, modes, states, thresholds, rescale, inv_de
 
     Paper vote: γ = sign(Σ_t δ̃_t) summed left to right, zero sums take +1 (the slice's
     provisional majority, as ``ties.paper_vote_slice``); ``tally[0]`` += Σ sign(Σ_t δ̃_t), and
-    every element whose sum is 0 while some δ̃_t ≠ 0 is listed in ``fix_index`` (its δ̃ in
+    every element whose sum is 0 while some δ̃_t ≠ 0 or its base is −0.0 (the fill then gives
+    the zero's sign) is listed in ``fix_index`` (its δ̃ in
     ``fix_deltas``, count in ``tally[1]``) for the whole-tensor majority fix-up. Weighted vote:
     γ = +1 where fma-accumulated Σ_t w_t δ̃_t ≥ 0, else −1.
     Merge: a_t = relu(δ̃_t·γ); out = a_0·w_0 then + a_t or fma(a_t, w_t, out); with

@@ -13,9 +13,8 @@ the torch path's; only the float64 accumulations differ in rounding (tests/inspe
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from modelalloy.kernels._numba import JIT, f32_to_bits
+from modelalloy.kernels._numba import JIT, f32_to_bits, njit
 from modelalloy.methods.orderstats import MAG_SHIFT
 
 # which experts' share surviving the method the last pass adds up

@@ -11,9 +11,8 @@ with running tie counters. No sort: about O(n) per row.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from modelalloy.kernels._numba import JIT, any_nonfinite, f32_to_bits, fma, widen
+from modelalloy.kernels._numba import JIT, any_nonfinite, f32_to_bits, fma, njit, widen
 from modelalloy.kernels.elementwise import _elect_and_merge, sum_to_output
 
 SHIFT = 20  # bins of |δ| bit patterns: 2^11, spanning exponent and top 3 mantissa bits

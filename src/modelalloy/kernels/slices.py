@@ -343,14 +343,119 @@ class _Bands:
         return self.cache[width]
 
 
+@dataclass
+class _BandLowCounts:
+    """The band kernel's second pass: per model its cut-off bins (two, −1: none) and the
+    low-bit counts of each, counted into across slices (``SlicedBand`` holds views)."""
+
+    bins: np.ndarray
+    counts: np.ndarray
+
+
+@dataclass
+class _BandPlan:
+    """The band kernel's per-model modes, cut-offs (bit patterns) and tie windows, made from
+    ``SlicedBand.plan`` at the first merged slice; the windows' seen counts run on."""
+
+    modes: np.ndarray
+    cuts: np.ndarray
+    windows: np.ndarray
+
+
+def _bits_of(value: float) -> int:
+    return int(np.asarray(value, np.float32).view(np.uint32))
+
+
+class _TensorBandKernel:
+    """Breadcrumbs' tensor-wide band (no L1 rescale) on the fused path: two counting passes
+    (``passes``) into ``methods.orderstats.SlicedBand``, the torch path's state, then the
+    merge ``merge(src, count, out, ctx, modes, cuts, windows)``."""
+
+    def __init__(self, params: dict[str, Any], merge: Callable[..., bool]) -> None:
+        self.params, self.merge = params, merge
+        self.trims = np.asarray([d < 1.0 for d in params["density"]])
+        self.passes = (self.count, self.collect)
+
+    def _band(self, ctx: MergeContext):
+        from modelalloy.methods.orderstats import SlicedBand
+
+        return ctx.state(SlicedBand, lambda: SlicedBand(self.params["density"],
+                                                        self.params["gamma"]))
+
+    def count(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
+        return _count_magnitudes(src, count, ctx, self.trims, self._band(ctx))
+
+    def _low_counts(self, ctx: MergeContext) -> _BandLowCounts:
+        from modelalloy.methods.orderstats import LOW_BINS
+
+        def start() -> _BandLowCounts:
+            band, models = self._band(ctx), len(self.trims)
+            held = _BandLowCounts(np.full((models, 2), -1, np.int64),
+                                  np.zeros((models, 2, LOW_BINS), np.int64))
+            for t in range(models):
+                for i, b in enumerate(band.bins_of(t)):
+                    held.bins[t, i] = b
+                    band.add_low_counts(t, b, torch.from_numpy(held.counts[t, i]))
+            return held
+        return ctx.state(_BandLowCounts, start)
+
+    def collect(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
+        from modelalloy.kernels.bands import band_collect_kernel
+
+        held = self._low_counts(ctx)
+        return band_collect_kernel(src, count, held.bins, held.counts)
+
+    def _plan(self, ctx: MergeContext) -> _BandPlan:
+        from modelalloy.kernels.bands import BAND_CUT, BAND_EMPTY, BAND_NONE, NEVER
+
+        def start() -> _BandPlan:
+            band, models = self._band(ctx), len(self.trims)
+            plan = _BandPlan(np.full(models, BAND_NONE, np.int8),
+                             np.full((models, 3), NEVER, np.uint32),
+                             np.zeros((models, 2, 3), np.int64))
+            for t in range(models):
+                edges, cut = band.plan(t)
+                if edges is None:
+                    continue
+                if cut is None:
+                    plan.modes[t] = BAND_EMPTY
+                    continue
+                low, top, windows = cut
+                plan.modes[t] = BAND_CUT
+                plan.cuts[t, 0] = _bits_of(low)
+                plan.windows[t, 0] = windows[low]
+                if top is not None:
+                    plan.cuts[t, 1] = _bits_of(top)
+                    if top != low:  # equal cut-offs share one window
+                        plan.cuts[t, 2] = _bits_of(top)
+                        plan.windows[t, 1] = windows[top]
+            return plan
+        return ctx.state(_BandPlan, start)
+
+    def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+                 width: int = 1) -> bool:
+        plan = self._plan(ctx)
+        return self.merge(src, count, out, ctx, plan.modes, plan.cuts, plan.windows)
+
+
+def _tensor_wide(params: dict[str, Any]) -> bool:
+    return params["granularity"] == "tensor"
+
+
 def breadcrumbs(params: dict[str, Any]) -> SliceKernel:
-    """Per-row bands (``granularity: row`` without the L1 rescale, the sliced case)."""
+    """Per-row bands or a tensor-wide band, without the L1 rescale (the sliced cases)."""
+    from modelalloy.kernels.bands import band_sum_tensor_kernel
     from modelalloy.kernels.rowwise import band_sum_kernel
 
     weights = list(params["weight"])
     div = _sum_divisor(params)
     unit = np.asarray([w == 1.0 for w in weights])
     w, lam = _f32(weights), np.float32(params["lambda"])
+    if _tensor_wide(params):
+        def merge(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+                  *band: np.ndarray) -> bool:
+            return band_sum_tensor_kernel(src, count, out, *band, unit, w, div, lam)
+        return _TensorBandKernel(params, merge)
     bands = _Bands(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
@@ -360,12 +465,20 @@ def breadcrumbs(params: dict[str, Any]) -> SliceKernel:
 
 
 def breadcrumbs_ties(params: dict[str, Any]) -> SliceKernel:
-    """Per-row bands, then TIES' election and disjoint merge (either vote); the paper vote's
-    zero-sum elements go to the ``paper_vote`` state that ``ties.finish_paper_vote`` settles
-    after the last band."""
+    """Per-row bands or a tensor-wide band, then TIES' election and disjoint merge (either
+    vote); the paper vote's zero-sum elements go to the ``paper_vote`` state that
+    ``ties.finish_paper_vote`` settles after the last slice."""
+    from modelalloy.kernels.bands import band_ties_tensor_kernel
     from modelalloy.kernels.rowwise import band_ties_kernel
 
-    bands, merge = _Bands(params), _TiesMerge(params)
+    merge = _TiesMerge(params)
+    if _tensor_wide(params):
+        def merge_band(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
+                       *band: np.ndarray) -> bool:
+            return merge.run(ctx, src, lambda args: band_ties_tensor_kernel(
+                src, count, out, *band, *args))
+        return _TensorBandKernel(params, merge_band)
+    bands = _Bands(params)
 
     def run(src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
             width: int = 1) -> bool:
@@ -430,6 +543,27 @@ def della_linear(params: dict[str, Any]) -> SliceKernel:
     return run
 
 
+def _count_magnitudes(src: np.ndarray, count: int, ctx: MergeContext, trims: np.ndarray,
+                      select: Any) -> bool:
+    """The first counting pass of a tensor-wide cut-off (TIES' top k, Breadcrumbs' band) on
+    one slice: ``select`` (``orderstats.SlicedTopK`` or ``SlicedBand``) gets one |δ|
+    histogram per model that ``trims`` for the whole tensor, counted into across slices (it
+    holds views of it from the first slice on), and the element count."""
+    from modelalloy.kernels.elementwise import NBINS, ties_count_kernel
+
+    counts = ctx.state_if_any(_TiesCounts)
+    if counts is None:
+        counts = ctx.state(_TiesCounts, lambda: _TiesCounts(
+            np.zeros((len(trims), NBINS), np.int64)))
+        for t in range(len(trims)):
+            if trims[t]:
+                select.add_counts(t, torch.from_numpy(counts.hist[t]), 0)
+    if not ties_count_kernel(src, count, trims, counts.hist):
+        return False
+    select.add_counts(0, None, count)  # the element count
+    return True
+
+
 class _TiesKernel:
     """TIES (per tensor, no rescale) on the fused path: two counting passes (``passes``),
     then the merge; the trim state is ``methods.orderstats.SlicedTopK``, as on the torch path."""
@@ -446,23 +580,7 @@ class _TiesKernel:
         return ctx.state(SlicedTopK, lambda: SlicedTopK(self.params["density"]))
 
     def count(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
-        from modelalloy.kernels.elementwise import NBINS, ties_count_kernel
-
-        # one histogram per model for the whole tensor, counted into across slices; the
-        # SlicedTopK holds views of it from the first slice on
-        counts = ctx.state_if_any(_TiesCounts)
-        trim = self._trim(ctx)
-        if counts is None:
-            counts = ctx.state(_TiesCounts, lambda: _TiesCounts(
-                np.zeros((len(self.trims), NBINS), np.int64)))
-            hist = counts.hist
-            for t in range(len(self.trims)):
-                if self.trims[t]:
-                    trim.add_counts(t, torch.from_numpy(hist[t]), 0)
-        if not ties_count_kernel(src, count, self.trims, counts.hist):
-            return False
-        trim.add_counts(0, None, count)  # the element count
-        return True
+        return _count_magnitudes(src, count, ctx, self.trims, self._trim(ctx))
 
     def collect(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
         from modelalloy.kernels.elementwise import ties_collect_kernel

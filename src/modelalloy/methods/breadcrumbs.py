@@ -31,7 +31,8 @@ original L1 norm per tensor.
 Execution: row masks stream band by band of whole rows (fused kernels in
 ``kernels.rowwise``); tensor-wide masks stream slice by slice after two passes that find each
 model's two cut-off magnitudes and the ties at them (``orderstats.SlicedBand``), with the
-whole tensor's bits. With ``rescale`` the tensor is merged whole.
+whole tensor's bits (fused kernels in ``kernels.bands``). With ``rescale`` the tensor is
+merged whole.
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ def _tensor_wide(params: dict[str, Any]) -> bool:
     return params["granularity"] == "tensor" and not params["rescale"]
 
 
+def _sliced(params: dict[str, Any]) -> bool:
+    """Either sliced case (the fused kernels serve both): no per-tensor L1 rescale."""
+    return not params["rescale"]
+
+
 def _shape(params: dict[str, Any]) -> Shape:
     """Row masks stream by rows, a tensor-wide mask by any slices; the L1 rescale (a
     whole-tensor norm) merges the tensor whole."""
@@ -142,9 +148,8 @@ def breadcrumb_deltas(base: torch.Tensor, experts: list[torch.Tensor],
     paper=PAPER,
     summary="Drop the largest and smallest task-vector entries per row, add the weighted sum",
     base="required",
-    # the fused band is per row; tensor-wide bands take the torch slices
     execution=Execution(shape=_shape, passes=_band_passes,
-                        kernel=FusedKernel("breadcrumbs", when=_per_row)),
+                        kernel=FusedKernel("breadcrumbs", when=_sliced)),
 )
 def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: dict[str, Any],
                 ctx: MergeContext) -> torch.Tensor:
@@ -162,7 +167,7 @@ def breadcrumbs(base: torch.Tensor | None, experts: list[torch.Tensor], params: 
     summary="Breadcrumbs masks, then TIES sign election and disjoint merge",
     base="required",
     execution=Execution(shape=whole_if_negative(_shape), passes=_band_passes, finish=PAPER_VOTE,
-                        kernel=FusedKernel("breadcrumbs_ties", when=_per_row)),
+                        kernel=FusedKernel("breadcrumbs_ties", when=_sliced)),
 )
 def breadcrumbs_ties(base: torch.Tensor | None, experts: list[torch.Tensor],
                      params: dict[str, Any], ctx: MergeContext) -> torch.Tensor:

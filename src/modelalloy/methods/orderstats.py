@@ -205,7 +205,11 @@ class RankSelect:
         if not values.numel():
             return
         low = values.reshape(-1).contiguous().view(torch.int32) & (LOW_BINS - 1)
-        counts = torch.bincount(low, minlength=LOW_BINS)
+        self.add_low_counts(r, b, torch.bincount(low, minlength=LOW_BINS))
+
+    def add_low_counts(self, r: int, b: int, counts: torch.Tensor) -> None:
+        """Counts (``LOW_BINS``) of the low bits of row r's values in its wanted bin b,
+        counted elsewhere (the first may be a live view later chunks count into)."""
         held = self.values[r][b]
         self.values[r][b] = counts if held is None else held.add_(counts)
 
@@ -221,25 +225,13 @@ class RankSelect:
         return out
 
 
-class SlicedTopK:
-    """Per model, exactly k = int(density·n) largest |δ| of a tensor seen a slice at a time,
-    ties at the cut-off kept in flat index order (the whole tensor's
-    ``_sparsify.magnitude_trim_``).
-
-    Three passes over the slices, in order: :meth:`count`, :meth:`collect` (the values in the
-    bin that holds the cut-off), then :meth:`trim_` (keep |δ| > v, and ties at v while fewer
-    than k − #{|δ| > v} have been kept — a running count, so slices must come in order). The
-    fused kernel (``kernels.slices``) fills the same state with :meth:`add_counts`,
-    :meth:`add_values` and reads :meth:`plan`. Memory: one 2^15 histogram, then one 2^16
-    histogram of the cut-off bin's low bits, per model.
-    """
+class _SlicedCounts:
+    """Pass 1 of the per-model cut-offs of a tensor seen a slice at a time: one magnitude
+    histogram per model that trims (density < 1), and the element count."""
 
     def __init__(self, densities: Sequence[float]) -> None:
         self.densities = list(densities)
         self.select = RankSelect(len(self.densities))
-        self.k: list[int | None] = []
-        self.thresholds: list[float | None] = []
-        self.ties_left: list[int] = []
 
     @property
     def numel(self) -> int:
@@ -262,6 +254,26 @@ class SlicedTopK:
             self.select.add_numel(numel)
         if hist is not None and self._trims(t):
             self.select.add_counts(t, hist)
+
+
+class SlicedTopK(_SlicedCounts):
+    """Per model, exactly k = int(density·n) largest |δ| of a tensor seen a slice at a time,
+    ties at the cut-off kept in flat index order (the whole tensor's
+    ``_sparsify.magnitude_trim_``).
+
+    Three passes over the slices, in order: :meth:`count`, :meth:`collect` (the values in the
+    bin that holds the cut-off), then :meth:`trim_` (keep |δ| > v, and ties at v while fewer
+    than k − #{|δ| > v} have been kept — a running count, so slices must come in order). The
+    fused kernel (``kernels.slices``) fills the same state with :meth:`add_counts`,
+    :meth:`add_values` and reads :meth:`plan`. Memory: one 2^15 histogram, then one 2^16
+    histogram of the cut-off bin's low bits, per model.
+    """
+
+    def __init__(self, densities: Sequence[float]) -> None:
+        super().__init__(densities)
+        self.k: list[int | None] = []
+        self.thresholds: list[float | None] = []
+        self.ties_left: list[int] = []
 
     def _locate(self) -> None:
         n = self.numel
@@ -335,7 +347,10 @@ def band_edges(n: int, density: float, gamma: float) -> tuple[int, int] | None:
     return n_top, n_top + n_keep
 
 
-class SlicedBand:
+BandCut = tuple[float, "float | None", dict[float, list[int]]]
+
+
+class SlicedBand(_SlicedCounts):
     """Per model, the magnitude band of descending ranks n_top+1 .. hi (:func:`band_edges`)
     of a tensor seen a slice at a time; entries of equal magnitude rank as in mergekit's
     stable ascending sort (the higher index ranks higher). The whole-tensor result is
@@ -343,21 +358,37 @@ class SlicedBand:
 
     Passes as :class:`SlicedTopK`'s: :meth:`count`, :meth:`collect`, then :meth:`trim_` on the
     slices in order (keep v_lo < |δ| < v_top, and the ties at each cut-off value whose
-    running index falls in its :func:`tie_window`).
+    running index falls in its :func:`tie_window`). The fused kernel (``kernels.slices``)
+    fills the same state with :meth:`add_counts` and :meth:`add_low_counts` (the bins of
+    :meth:`bins_of`) and reads :meth:`plan`.
     """
 
     def __init__(self, densities: Sequence[float], gammas: Sequence[float]) -> None:
-        self.densities, self.gammas = list(densities), list(gammas)
-        self.select = RankSelect(len(self.densities))
+        super().__init__(densities)
+        self.gammas = list(gammas)
         self.edges: list[tuple[int, int] | None] = []
         # per model: (v_lo, v_top or None, {cut value: [first kept tie, end, ties seen]})
-        self.cut: list[tuple[float, float | None, dict[float, list[int]]] | None] = []
+        self.cut: list[BandCut | None] = []
 
-    def count(self, t: int, delta: torch.Tensor) -> None:
-        if t == 0:
-            self.select.add_numel(delta.numel())
-        if self.densities[t] < 1.0:
-            self.select.count(t, delta.abs())
+    def bins_of(self, t: int) -> list[int]:
+        """The bin keys (one or two, sorted) holding model t's cut-offs, once pass 1 is
+        done; none when model t keeps all or nothing."""
+        if not self.edges:
+            self._locate()
+        return self.select.bins(t)
+
+    def add_low_counts(self, t: int, b: int, counts: torch.Tensor) -> None:
+        """Pass 2 from outside: the low-bit counts of a slice's |δ| in bin b of
+        :meth:`bins_of` (``RankSelect.add_low_counts``)."""
+        self.select.add_low_counts(t, b, counts)
+
+    def plan(self, t: int) -> tuple[tuple[int, int] | None, BandCut | None]:
+        """(band edges, cut) of model t once pass 2 is done: edges None keeps δ whole, a cut
+        None (an empty band) zeroes it, else the cut is (v_lo, v_top or None, the tie window
+        [first, end, ties seen] of each cut value)."""
+        if not self.cut:
+            self._settle()
+        return self.edges[t], self.cut[t]
 
     def _locate(self) -> None:
         n = self.select.numel
@@ -387,12 +418,9 @@ class SlicedBand:
             self.cut.append((cuts[0].value, cuts[1].value if top else None, windows))
 
     def trim_(self, t: int, delta: torch.Tensor) -> torch.Tensor:
-        if not self.cut:
-            self._settle()
-        edges = self.edges[t]
+        edges, cut = self.plan(t)
         if edges is None:
             return delta
-        cut = self.cut[t]
         if cut is None:  # an empty band
             return delta.mul_(0.0)
         low, top, windows = cut

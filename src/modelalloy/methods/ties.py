@@ -181,8 +181,9 @@ def paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dic
     """One slice of a paper-vote merge, whose zero sums take the whole tensor's majority sign
     sign(Σ_j γ_j) — known only after the last slice.
 
-    The slice is merged with majority +1. Where it mattered (Σ_t δ̃_t = 0 with some δ̃_t ≠ 0;
-    elsewhere the fill is overwritten by the sign or multiplies zeros) the results for
+    The slice is merged with majority +1. Where it mattered (Σ_t δ̃_t = 0 with some δ̃_t ≠ 0,
+    or with every δ̃_t = 0 on a base of −0.0, where the fill gives the zero's sign; elsewhere
+    it is overwritten by the sign or multiplies zeros into base + ±0) the results for
     majorities −1 and 0 are kept, with Σ_j γ_j so far; :func:`finish_paper_vote` picks. The
     sum repeats :func:`elect_sign`'s operations, so γ is the same float result.
     """
@@ -192,11 +193,13 @@ def paper_vote_slice(base: torch.Tensor, deltas: list[torch.Tensor], params: dic
     sign = total.sign_()
     # Of the zero sums, only those with a nonzero δ̃_t (exact cancellations, rare) depend on
     # the fill; most are elements every expert dropped. Σ_t |δ̃_t| tells them apart in a few
-    # vectorized passes, so the index work is only for the rare ones.
+    # vectorized passes, so the index work is only for the rare ones. Where every δ̃_t is 0
+    # the fill still gives the zero's sign, which shows only on a base of −0.0 (−0 + ±0).
     spread = deltas[0].abs()
     for d in deltas[1:]:
         spread.add_(d.abs())
-    decides = spread.ne_(0).logical_and_(sign == 0)
+    negative_zero = torch.signbit(base).logical_and_(base == 0)
+    decides = spread.ne_(0).logical_or_(negative_zero).logical_and_(sign == 0)
     where = (decides.nonzero().flatten() if bool(decides.any())
              else torch.empty(0, dtype=torch.long))
     # float(sign.sum()) is exact: at most 2^18 values of ±1 per slice
