@@ -43,7 +43,36 @@ def test_variant_study_builds_one_suite_per_setting(vision_smoke, monkeypatch):
                         if r["setting"] == "default" and r["method"] == "base")
     n = sum(v.numel() for v in vision_smoke.base_state_dict().values())
     assert default_base["parameters"] == n
-    assert len(study.findings) == 2 and "spread" in study.findings[0]
+    assert len(study.findings) == 2 + 1 + 2  # each setting, the method's change, two claims
+    claims = study.rows[0]["claims"]
+    assert [c["aggregate"] for c in claims] == ["mean", "spread"]
+    # a shorter pre-training leaves the data alone: the settings share their test examples
+    assert all("change" in c for c in claims)
+    assert "| claim | short | default | default − short | verdict |" in study.table
+
+
+def test_identical_settings_change_nothing(vision_smoke, monkeypatch, tmp_path):
+    """Two labels of one suite: every paired change is exactly 0, so no claimed rise shows."""
+    monkeypatch.setitem(studies.VARIANTS, ("scale", "tiny-vision", "smoke"),
+                        [("a", {}), ("b", {})])
+    study = variant_study("scale", "tiny-vision", "smoke", ["task_arithmetic", "linear"], 0,
+                          lambda _m: None)
+    claims = study.rows[0]["claims"]
+    assert [c["change"] for c in claims] == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert [c["verdict"] for c in claims] == ["does not show", "does not show"]
+    spread = claims[1]["per_setting"]["a"][0]
+    norms = [r["normalized_accuracy"] for r in study.rows if r["setting"] == "a"
+             and (r["method"], r["variant"]) in (("linear", "default"),
+                                                 ("task_arithmetic", "tuned"))]
+    assert spread == pytest.approx(max(norms) - min(norms), abs=1e-3)  # rows are rounded
+    ta = next(r for r in study.rows if r["method"] == "task_arithmetic")
+    d, lo, hi = ta["held_out_vs_base"]
+    base = next(r for r in study.rows if r["method"] == "base" and r["setting"] == "a")
+    assert d == pytest.approx(ta["held_out_accuracy"] - base["held_out_accuracy"], abs=1e-3)
+    paths = write_study(study, tmp_path, "tiny-vision", "smoke")
+    text = paths["md"].read_text()
+    assert "b − a" in text and "parameters" in text and f"{base['parameters']:,}" in text
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_study_settings_are_checked_before_any_build(tmp_path, monkeypatch):
