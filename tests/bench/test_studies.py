@@ -198,3 +198,25 @@ def test_long_to_short_flag_merges_the_shared_parent_pair(lm_smoke, tmp_path):
     assert rows[0]["accuracy"] == pytest.approx(parent, abs=1e-4)
     assert parent != pytest.approx(own_base["accuracy"], abs=1e-4)  # tells the two pairs apart
     assert (tmp_path / "study-long-to-short.png").is_file()
+
+
+@pytest.mark.parametrize("suite,size", [("tiny-vision", "full"), ("tiny-vision", "smoke"),
+                                        ("tiny-lm", "full"), ("tiny-lm", "smoke")])
+def test_scale_variants_have_the_parameters_their_labels_say(suite, size):
+    """0.5× / 4×: within a quarter of the label's ratio to the suite's own model."""
+    from transformers import GPT2LMHeadModel
+
+    from modelalloy.bench import lm, vision
+
+    def count(overrides):
+        if suite == "tiny-vision":
+            model = vision._new_body({**vision.SIZES[size], **overrides})
+        else:
+            model = GPT2LMHeadModel(lm.gpt2_config({**lm.SIZES[size], **overrides}))
+        return sum(p.numel() for p in model.parameters())
+
+    variants = studies.VARIANTS[("scale", suite, size)]
+    assert [label for label, _ in variants] == ["0.5×", "1×", "4×"]
+    one = count({})
+    for (label, overrides), ratio in zip(variants, (0.5, 1.0, 4.0), strict=True):
+        assert abs(count(overrides) / one - ratio) <= ratio / 4, (label, count(overrides), one)

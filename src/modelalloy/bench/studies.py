@@ -49,7 +49,7 @@ DEFAULT_METHODS: dict[str, list[str]] = {
 # channels; tiny-lm: the embedding size) for about 0.5×, 1× and 4× the parameters (the tables
 # give the exact counts); base quality the pre-training length (the suite's own is the longest).
 _SCALE = {("tiny-vision", "full"): ("width", 8, 56), ("tiny-vision", "smoke"): ("width", 2, 14),
-          ("tiny-lm", "full"): ("n_embd", 96, 256), ("tiny-lm", "smoke"): ("n_embd", 16, 64)}
+          ("tiny-lm", "full"): ("n_embd", 96, 256), ("tiny-lm", "smoke"): ("n_embd", 22, 64)}
 _PRETRAIN_STEPS = {("tiny-vision", "full"): (100, 300, 800),
                    ("tiny-vision", "smoke"): (40, 80, 150),
                    ("tiny-lm", "full"): (600, 1200, 2400), ("tiny-lm", "smoke"): (30, 60, 120)}
