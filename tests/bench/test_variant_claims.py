@@ -73,7 +73,7 @@ def test_verdicts_from_the_change_interval():
     assert list(rise["per_setting"]) == ["0.5×", "1×", "4×"]
     # both methods are identical everywhere: spread 0 -> 0, no fall of a point is possible
     assert converge["change"] == [0.0, 0.0, 0.0] and converge["verdict"] == "does not show"
-    same = claim_rows("base-quality", [("short", low), ("long", low)], KEYS, TASKS, paired=True)
+    same = claim_rows("scale", [("1×", low), ("4×", low)], KEYS, TASKS, paired=True)
     assert same[0]["verdict"] == "does not show"  # exactly 0 change: no rise of a point
     unpaired = claim_rows("scale", [("0.5×", low), ("4×", high)], KEYS, TASKS, paired=False)
     assert [r["verdict"] for r in unpaired] == ["cannot tell"] * 2
@@ -102,3 +102,27 @@ def test_same_test_examples_compares_the_split_files(tmp_path):
     assert not same_test_examples([a, b, c], TASKS)
     (b / "data" / "b" / "labels.safetensors").unlink()
     assert not same_test_examples([a, b], TASKS)
+
+
+def test_base_quality_needs_bases_that_differ():
+    """A stronger base is only tested where the base's accuracy rises (paired interval)."""
+    n = 400
+    expert = ["1" * n] * 2
+    merged_low, merged_high = ["10" * (n // 2)] * 2, ["1111111110" * (n // 10)] * 2
+
+    def setting(base, merged):
+        hits = _hits({"ta": merged, "ties": merged}, expert)
+        hits.update({("base", "reference", t): base for t in TASKS})
+        return hits
+
+    weak, strong = "1100" * (n // 4), "1110" * (n // 4)  # 50% -> 75%
+    rows = claim_rows("base-quality", [("short", setting(weak, merged_low)),
+                                       ("long", setting(strong, merged_high))], KEYS, TASKS,
+                      paired=True)
+    assert rows[0]["verdict"] == "shows" and "reason" not in rows[0]
+    same = claim_rows("base-quality", [("short", setting(weak, merged_low)),
+                                       ("long", setting(weak, merged_high))], KEYS, TASKS,
+                      paired=True)
+    assert same[0]["verdict"] == "cannot tell"
+    assert "the base's held-in accuracy does not rise" in same[0]["reason"]
+    assert "+0.0" in same[0]["reason"] and same[0]["change"][0] == pytest.approx(0.4)

@@ -95,13 +95,34 @@ CLAIMS: dict[str, list[tuple[str, str, int]]] = {
 }
 
 
+# What must differ between the settings for a study to test its claims at all: the base's
+# held-in accuracy must rise from the weakest base to the strongest (scale changes the
+# parameter count, which the table shows exactly).
+CHECKS: dict[str, tuple[str, Key]] = {"base-quality": ("the base's held-in accuracy",
+                                                       ("base", "reference"))}
+
+
+def accuracy_change(first: Hits, last: Hits, key: Key, tasks: Sequence[str]) -> Interval:
+    """``key``'s mean accuracy over ``tasks`` in ``last`` minus in ``first``, paired."""
+    a, b = [first[(*key, t)] for t in tasks], [last[(*key, t)] for t in tasks]
+    return statistic_interval(lambda x: x[1].mean(axis=0) - x[0].mean(axis=0), [a, b])
+
+
 def claim_rows(study: str, settings: Sequence[tuple[str, Hits]], keys: Sequence[Key],
                tasks: Sequence[str], paired: bool) -> list[dict[str, Any]]:
     """Each claim of ``study``: its aggregate per setting, the change from the first setting
     (smallest / weakest) to the last, and the verdict from the change's interval (a claimed
     increase shows when the interval lies above 0 and does not show when it lies below +1
-    point; a claimed decrease the other way round). Without ``paired`` (the settings' test
-    examples differ) no change is computed and the verdict is "cannot tell"."""
+    point; a claimed decrease the other way round). "cannot tell" without ``paired`` (the
+    settings' test examples differ: no change is computed) and where the study's
+    :data:`CHECKS` fails (e.g. the bases are not stronger: nothing was varied)."""
+    failed = None
+    if study in CHECKS and paired:
+        what, key = CHECKS[study]
+        d, low, high = accuracy_change(settings[0][1], settings[-1][1], key, tasks)
+        if low <= 0:
+            failed = (f"{what} does not rise from {settings[0][0]} to {settings[-1][0]} "
+                      f"({100 * d:+.1f}, 95% {100 * low:+.1f}..{100 * high:+.1f})")
     out = []
     for claim, aggregate, direction in CLAIMS[study]:
         per = {label: setting_interval(h, keys, tasks, aggregate) for label, h in settings}
@@ -114,6 +135,8 @@ def claim_rows(study: str, settings: Sequence[tuple[str, Hits]], keys: Sequence[
             row["change"] = list(change)
             row["verdict"] = interval_verdict(*((low, high) if direction > 0 else
                                                 (-high, -low)))
+            if failed:
+                row["verdict"], row["reason"] = "cannot tell", failed
         else:
             row["verdict"] = "cannot tell"
         out.append(row)
@@ -127,5 +150,5 @@ def method_changes(settings: Sequence[tuple[str, Hits]], keys: Sequence[Key],
             for k in keys}
 
 
-__all__ = ["CLAIMS", "change_interval", "claim_rows", "method_changes", "same_test_examples",
-           "setting_interval"]
+__all__ = ["CHECKS", "CLAIMS", "accuracy_change", "change_interval", "claim_rows",
+           "method_changes", "same_test_examples", "setting_interval"]
