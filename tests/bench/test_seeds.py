@@ -47,6 +47,14 @@ def test_spread_is_the_mean_and_sd_over_seeds(two_seeds, tmp_path):
         accs.append(sum(held_in) / len(held_in))
     assert lin["accuracy"] == pytest.approx(accs)
     assert lin["sd"] == pytest.approx(statistics.stdev(accs))
+    norms = []  # merged ÷ the same seed's expert, per task, mean over tasks
+    for res in results:
+        acc = {(r["method"], r["task"]): r["accuracy"] for r in res.records}
+        tasks = [r["task"] for r in res.records if r["method"] == "linear"
+                 and not r["held_out"]]
+        norms.append(statistics.fmean(acc[("linear", t)] / acc[("expert", t)] for t in tasks))
+    assert lin["normalized_accuracy"] == pytest.approx(norms, abs=1e-3)
+    assert lin["normalized_sd"] == pytest.approx(statistics.stdev(norms), abs=1e-3)
     assert len(lin["delta"]) == 2 and lin["better"] + lin["worse"] <= 2
     assert rows[("base", "reference")]["sd"] == 0.0
     md = seeds_markdown(list(rows.values()))

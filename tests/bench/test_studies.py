@@ -43,7 +43,36 @@ def test_variant_study_builds_one_suite_per_setting(vision_smoke, monkeypatch):
                         if r["setting"] == "default" and r["method"] == "base")
     n = sum(v.numel() for v in vision_smoke.base_state_dict().values())
     assert default_base["parameters"] == n
-    assert len(study.findings) == 2 and "spread" in study.findings[0]
+    assert len(study.findings) == 2 + 1 + 2  # each setting, the method's change, two claims
+    claims = study.rows[0]["claims"]
+    assert [c["aggregate"] for c in claims] == ["mean", "spread"]
+    # a shorter pre-training leaves the data alone: the settings share their test examples
+    assert all("change" in c for c in claims)
+    assert "| claim | short | default | default − short | verdict |" in study.table
+
+
+def test_identical_settings_change_nothing(vision_smoke, monkeypatch, tmp_path):
+    """Two labels of one suite: every paired change is exactly 0, so no claimed rise shows."""
+    monkeypatch.setitem(studies.VARIANTS, ("scale", "tiny-vision", "smoke"),
+                        [("a", {}), ("b", {})])
+    study = variant_study("scale", "tiny-vision", "smoke", ["task_arithmetic", "linear"], 0,
+                          lambda _m: None)
+    claims = study.rows[0]["claims"]
+    assert [c["change"] for c in claims] == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert [c["verdict"] for c in claims] == ["does not show", "does not show"]
+    spread = claims[1]["per_setting"]["a"][0]
+    norms = [r["normalized_accuracy"] for r in study.rows if r["setting"] == "a"
+             and (r["method"], r["variant"]) in (("linear", "default"),
+                                                 ("task_arithmetic", "tuned"))]
+    assert spread == pytest.approx(max(norms) - min(norms), abs=1e-3)  # rows are rounded
+    ta = next(r for r in study.rows if r["method"] == "task_arithmetic")
+    d, lo, hi = ta["held_out_vs_base"]
+    base = next(r for r in study.rows if r["method"] == "base" and r["setting"] == "a")
+    assert d == pytest.approx(ta["held_out_accuracy"] - base["held_out_accuracy"], abs=1e-3)
+    paths = write_study(study, tmp_path, "tiny-vision", "smoke")
+    text = paths["md"].read_text()
+    assert "b − a" in text and "parameters" in text and f"{base['parameters']:,}" in text
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_study_settings_are_checked_before_any_build(tmp_path, monkeypatch):
@@ -169,3 +198,25 @@ def test_long_to_short_flag_merges_the_shared_parent_pair(lm_smoke, tmp_path):
     assert rows[0]["accuracy"] == pytest.approx(parent, abs=1e-4)
     assert parent != pytest.approx(own_base["accuracy"], abs=1e-4)  # tells the two pairs apart
     assert (tmp_path / "study-long-to-short.png").is_file()
+
+
+@pytest.mark.parametrize("suite,size", [("tiny-vision", "full"), ("tiny-vision", "smoke"),
+                                        ("tiny-lm", "full"), ("tiny-lm", "smoke")])
+def test_scale_variants_have_the_parameters_their_labels_say(suite, size):
+    """0.5× / 4×: within a quarter of the label's ratio to the suite's own model."""
+    from transformers import GPT2LMHeadModel
+
+    from modelalloy.bench import lm, vision
+
+    def count(overrides):
+        if suite == "tiny-vision":
+            model = vision._new_body({**vision.SIZES[size], **overrides})
+        else:
+            model = GPT2LMHeadModel(lm.gpt2_config({**lm.SIZES[size], **overrides}))
+        return sum(p.numel() for p in model.parameters())
+
+    variants = studies.VARIANTS[("scale", suite, size)]
+    assert [label for label, _ in variants] == ["0.5×", "1×", "4×"]
+    one = count({})
+    for (label, overrides), ratio in zip(variants, (0.5, 1.0, 4.0), strict=True):
+        assert abs(count(overrides) / one - ratio) <= ratio / 4, (label, count(overrides), one)

@@ -3,8 +3,9 @@
 ``modelalloy bench --seeds N`` builds the suite with ``finetune_seed`` 0..N-1 (the base, the
 data and the task heads stay the same; each seed is its own cached suite), runs the bench on
 each, and reports per method the mean accuracy on every seed, their mean and standard deviation
-(n − 1 in the denominator), and on how many seeds the difference from task arithmetic was
-significant and in which direction. The bootstrap intervals measure the test-set noise of one
+(n − 1 in the denominator), the same for the normalised accuracy (merged ÷ the task's expert
+of the same seed, mean over tasks), and on how many seeds the difference from task arithmetic
+was significant and in which direction. The bootstrap intervals measure the test-set noise of one
 set of experts; the seed spread measures how much the ranking depends on which experts were
 trained.
 """
@@ -52,12 +53,15 @@ def seed_spread(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
         if not all(key in s for s in per_seed):
             continue
         accs = [s[key]["accuracy"] for s in per_seed]
+        norms = [s[key]["normalized_accuracy"] for s in per_seed]
         deltas = [s[key]["delta"] for s in per_seed if s[key].get("delta")]
         row: dict[str, Any] = {
             "method": key[0], "variant": key[1], "params": per_seed[0][key]["params"],
             "accuracy": accs, "mean": statistics.fmean(accs),
             "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "held_out_accuracy": [s[key]["held_out_accuracy"] for s in per_seed],
+            "normalized_accuracy": norms, "normalized_mean": statistics.fmean(norms),
+            "normalized_sd": statistics.stdev(norms) if len(norms) > 1 else 0.0,
         }
         if len(deltas) == len(per_seed):
             row["delta"] = [d["value"] for d in deltas]
@@ -70,20 +74,24 @@ def seed_spread(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
 def seeds_markdown(rows: list[dict[str, Any]]) -> str:
     n = len(rows[0]["accuracy"]) if rows else 0
     header = (["method"] + [f"seed {i}" for i in range(n)]
-              + ["mean ± sd", "Δ vs TA (mean)", "significant +/− (seeds)"])
+              + ["mean ± sd", "norm acc mean ± sd", "Δ vs TA (mean)",
+                 "significant +/− (seeds)"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         label = row_label(r)
         delta = (f"{100 * statistics.fmean(r['delta']):+.1f}" if "delta" in r else "—")
         signs = f"{r['better']} / {r['worse']}" if "delta" in r else "—"
         cells = ([label] + [f"{100 * a:.1f}" for a in r["accuracy"]]
-                 + [f"{100 * r['mean']:.1f} ± {100 * r['sd']:.1f}", delta, signs])
+                 + [f"{100 * r['mean']:.1f} ± {100 * r['sd']:.1f}",
+                    f"{100 * r['normalized_mean']:.1f} ± {100 * r['normalized_sd']:.1f}",
+                    delta, signs])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 SEEDS_NOTE = ("Mean held-in accuracy (%) of the suite rebuilt with its experts fine-tuned from "
-              "each seed (same base, data and heads); *mean ± sd* over seeds; *significant "
+              "each seed (same base, data and heads); *mean ± sd* over seeds (*norm acc*: merged "
+              "÷ the task's expert of the same seed, mean over tasks); *significant "
               "+/−*: on how many seeds the paired bootstrap interval of the difference from "
               "task arithmetic lay above / below 0. A tuned row's λ is the one chosen on seed 0 "
               "(each seed chooses its own).")

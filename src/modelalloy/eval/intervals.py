@@ -103,16 +103,18 @@ def difference_interval(a: Sequence[np.ndarray | str], b: Sequence[np.ndarray | 
     return statistic_interval(lambda x: x[0].mean(axis=0) - x[1].mean(axis=0), [a, b], **kw)
 
 
+def normalized(acc: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Mean over tasks (axis 0) of acc / ref: normalised accuracy per replicate. A task whose
+    reference is 0 on a replicate counts as 0 there."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(ref > 0, acc / np.where(ref > 0, ref, 1.0), 0.0)
+    return r.mean(axis=0)
+
+
 def ratio_interval(a: Sequence[np.ndarray | str], ref: Sequence[np.ndarray | str],
                    **kw: Any) -> tuple[float, float, float]:
-    """(mean over tasks of acc_a / acc_ref, low, high): normalised accuracy, paired. A task
-    whose reference is 0 on a replicate counts as 0 there."""
-    def stat(x: list[np.ndarray]) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.where(x[1] > 0, x[0] / np.where(x[1] > 0, x[1], 1.0), 0.0)
-        return r.mean(axis=0)
-
-    return statistic_interval(stat, [a, ref], **kw)
+    """(mean over tasks of acc_a / acc_ref, low, high): normalised accuracy, paired."""
+    return statistic_interval(lambda x: normalized(x[0], x[1]), [a, ref], **kw)
 
 
 def significant(low: float, high: float) -> bool:

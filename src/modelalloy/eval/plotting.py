@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Any
 
 
-def new_figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
-    """A headless (Agg) figure and its axes."""
+def new_figure(figsize: tuple[float, float], ncols: int = 1) -> tuple[Any, Any]:
+    """A headless (Agg) figure and its axes (a row of ``ncols`` where more than one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=figsize)
+    return plt.subplots(1, ncols, figsize=figsize)
 
 
 def save_figure(fig: Any, path: Path) -> Path:

@@ -95,7 +95,13 @@ def verdict(row: dict[str, Any], margin: float = 0.01) -> str:
     d = row.get("delta")
     if not d:
         return "—"
-    low, high = d["ci"]
+    return interval_verdict(*d["ci"], margin=margin)
+
+
+def interval_verdict(low: float, high: float, margin: float = 0.01) -> str:
+    """A claimed increase judged from its 95% interval [low, high]: "shows" (above 0), "does
+    not show" (below ``margin``), "cannot tell" (it straddles both). A claimed decrease: pass
+    the interval negated, ``(-high, -low)``."""
     if low > 0:
         return "shows"
     if high < margin:
