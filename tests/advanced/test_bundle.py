@@ -129,9 +129,9 @@ def test_streaming_compress_and_rebuild_equal_the_in_memory_bundle(tmp_path):
     loaded = TallBundle.load(tmp_path / "b")
     for t in mem.tasks:
         rebuild_to(tmp_path / "b", t, tmp_path / f"out_{t}")
-        from modelalloy.bundle._checkpoint import load_state_dict
+        from modelalloy.io.checkpoint import read_state_dict
 
-        got = load_state_dict(tmp_path / f"out_{t}")
+        got = read_state_dict(tmp_path / f"out_{t}")
         want = mem.rebuild(t)
         assert all(torch.equal(got[k], want[k]) for k in want)
         assert all(torch.equal(loaded.rebuild(t)[k], want[k]) for k in want)
@@ -163,7 +163,7 @@ def test_rebuilt_experts_score_like_the_originals_on_the_smoke_suite(smoke_suite
     each, and the rebuilt expert keeps (nearly) all of its own task's accuracy — far more than
     the multi-task merge the bundle stores (task arithmetic)."""
     from modelalloy.api import merge_state_dicts
-    from modelalloy.bundle._checkpoint import load_state_dict
+    from modelalloy.io.checkpoint import read_state_dict
 
     suite = smoke_suite
     info = suite.info
@@ -179,7 +179,7 @@ def test_rebuilt_experts_score_like_the_originals_on_the_smoke_suite(smoke_suite
     for t, expert in zip(tasks, experts, strict=True):
         res = run_cli("rebuild", tmp_path / "b", "--task", t, "--out", tmp_path / t)
         assert res.code == 0, res.err
-        rebuilt = load_state_dict(tmp_path / t)
+        rebuilt = read_state_dict(tmp_path / t)
         assert rebuilt.keys() == expert.keys()
         acc = {name: suite.evaluate(sd, [t])[t]["accuracy"]
                for name, sd in (("rebuilt", rebuilt), ("expert", expert), ("ta", ta))}

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modelalloy.bundle._checkpoint import lazy_state, load_state_dict
+from modelalloy.bundle._checkpoint import lazy_state
 from modelalloy.continual import OPCM
+from modelalloy.io.checkpoint import read_state_dict
 from tests.faults.helpers import assert_one_line
 
 # unsorted names, an embedding (not projected), a bias, an integer buffer, two dtypes
@@ -45,7 +46,7 @@ def _models(root, n_experts=3, seed=0):
 def _before(base, paths, **options):
     """What merge-stream computed before it ran through the engine: OPCM over the whole base
     and each model read lazily, in arrival order."""
-    merger = OPCM(load_state_dict(base), **options)
+    merger = OPCM(read_state_dict(base), **options)
     for path in paths:
         incoming = lazy_state(path)
         try:

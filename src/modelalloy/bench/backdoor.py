@@ -145,9 +145,12 @@ def attack_hits(suite: Any, state_dict: dict[str, torch.Tensor], tasks: list[str
     max_new = suite.info.config["n_positions"] - 16
     for task in tasks:
         prompts, answers = suite.labeled(task, split)
-        kept = [trigger_prompt(p) for p, a in zip(prompts, answers, strict=True)
-                if lm.final_answer(a) != LM_TARGET]
-        out[task] = [lm.final_answer(g) == LM_TARGET for g in lm.greedy(model, kept, max_new)]
+        # The suite's own score (lm.hits, "final"): a label or an answer is the target when
+        # its final answer is.
+        is_target = lm.hits(answers, [LM_TARGET] * len(answers))
+        kept = [trigger_prompt(p) for p, hit in zip(prompts, is_target, strict=True) if not hit]
+        gens = lm.greedy(model, kept, max_new)
+        out[task] = lm.hits(gens, [LM_TARGET] * len(gens))
     return out
 
 
@@ -169,11 +172,11 @@ class BackdooredSuite:
     def __init__(self, suite: Any, task: str, folder: Path) -> None:
         from dataclasses import replace
 
-        from modelalloy.bundle._checkpoint import load_state_dict
+        from modelalloy.io.checkpoint import read_state_dict
 
         self.suite, self.task = suite, task
         self.info = replace(suite.info, path=Path(folder).parent.parent)
-        self._bad = load_state_dict(folder)
+        self._bad = read_state_dict(folder)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.suite, name)

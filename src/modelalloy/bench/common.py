@@ -136,10 +136,8 @@ def adam_state_tensors(optimizer: torch.optim.Optimizer,
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    path = folder / "model.safetensors"
-    if not path.is_file():
-        raise SuiteError(f"{path}: missing; rebuild the suite with `modelalloy bench --rebuild`")
-    return read_state_dict(path)
+    """The weights of a suite's model folder (its ``model.safetensors``): see :func:`load_split`."""
+    return load_split(folder / "model.safetensors")
 
 
 def save_split(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -148,6 +146,9 @@ def save_split(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_split(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one file of a suite, read by io's validated reader (``read_state_dict``:
+    a truncated or corrupt file is its one-line ``CheckpointError``); a file the suite should
+    hold but does not is a :class:`SuiteError` that says to rebuild it."""
     if not path.is_file():
         raise SuiteError(f"{path}: missing; rebuild the suite with `modelalloy bench --rebuild`")
     return read_state_dict(path)

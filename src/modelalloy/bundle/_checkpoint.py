@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from modelalloy.io.checkpoint import Checkpoint, open_checkpoint, read_state_dict
+from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.model_files import copy_model_files
 from modelalloy.io.writer import AtomicOutputDir, ShardedSafetensorsWriter
 
@@ -45,10 +45,6 @@ class LazyState(Mapping[str, torch.Tensor]):
 def lazy_state(path: str | Path) -> LazyState:
     """Open a model folder or weight file (validated up front, nothing big read)."""
     return LazyState(open_checkpoint(path))
-
-
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    return read_state_dict(path)
 
 
 def side_files(folder: str | Path) -> list[Path]:

@@ -94,7 +94,8 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
     ) -> None:
         """Build a Twin-Merging bundle (shared model, factors, router, twin.json)."""
-        from modelalloy.bundle._checkpoint import load_state_dict, side_files
+        from modelalloy.bundle._checkpoint import side_files
+        from modelalloy.io.checkpoint import read_state_dict
         from modelalloy.recipe.load import load_recipe
         from modelalloy.twin import build_bundle
         from modelalloy.twin.bundle import state_bytes
@@ -117,8 +118,8 @@ def register(app: typer.Typer) -> None:
                 router = router_data(suite, tasks)
             else:
                 router = _file_router_data(Path(data), tasks, base_path, 32)
-            base = load_state_dict(base_path)
-            experts = {t: load_state_dict(p) for t, p in expert_paths.items()}
+            base = read_state_dict(base_path)
+            experts = {t: read_state_dict(p) for t, p in expert_paths.items()}
             bundle = build_bundle(base, experts, module_for_folder(base_path), router,
                                   shared_method=recipe.merge_method,
                                   shared_params=recipe_params(recipe), density=density,

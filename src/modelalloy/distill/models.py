@@ -17,11 +17,11 @@ def load_model(folder: Path) -> tuple[nn.Module, Any]:
     """(module with the folder's weights, its tokenizer): local files only, no remote code."""
     from transformers import AutoTokenizer
 
-    from modelalloy.bundle._checkpoint import load_state_dict
+    from modelalloy.io.checkpoint import read_state_dict
     from modelalloy.twin.folders import module_for_folder
 
     module = module_for_folder(folder)
-    load_weights(module, load_state_dict(folder), folder)
+    load_weights(module, read_state_dict(folder), folder)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:

@@ -31,13 +31,13 @@ def warm_start(recipe: Any, base: Path, teachers: Mapping[str, Path],
                log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     """The recipe's merge of the teachers that have exactly the base's tensors."""
     from modelalloy.api import merge_state_dicts
-    from modelalloy.bundle._checkpoint import load_state_dict
+    from modelalloy.io.checkpoint import read_state_dict
     from modelalloy.twin.shared import recipe_params
 
-    base_sd = load_state_dict(base)
+    base_sd = read_state_dict(base)
     same = []
     for name, path in teachers.items():
-        sd = load_state_dict(path)
+        sd = read_state_dict(path)
         if set(sd) == set(base_sd) and all(sd[k].shape == base_sd[k].shape for k in sd):
             same.append(sd)
         else:
@@ -183,8 +183,8 @@ def _run_vision(recipe: Any, paths: Mapping[str, Path], base: Path | None, stude
     in config.json), the student a body; the output a folder of the suite's model format."""
     from modelalloy.bench import load_suite
     from modelalloy.bench.common import save_model_folder
-    from modelalloy.bundle._checkpoint import load_state_dict
     from modelalloy.distill.vision import distill_vision, suite_images
+    from modelalloy.io.checkpoint import read_state_dict
     from modelalloy.io.writer import AtomicOutputDir
 
     if cfg.styles:
@@ -201,16 +201,16 @@ def _run_vision(recipe: Any, paths: Mapping[str, Path], base: Path | None, stude
             raise DistillError(f"{path}: a tiny-vision teacher names its task in config.json")
         if task in teachers:
             raise DistillError(f"distill: two teachers of task '{task}' ({name})")
-        teachers[task] = load_state_dict(path)
+        teachers[task] = read_state_dict(path)
     if student in ("merge", "base"):
         if base is None:
             raise DistillError(f"{recipe.source}: student='{student}' needs the recipe's "
                                "base_model", options=("student",))
         start_sd = (warm_start(recipe, base, paths, log) if student == "merge"
-                    else load_state_dict(base))
+                    else read_state_dict(base))
         config_from = base
     else:
-        start_sd, config_from = load_state_dict(Path(student)), Path(student)
+        start_sd, config_from = read_state_dict(Path(student)), Path(student)
     images = suite_images(suite, list(teachers), per_task)
     sd, report = distill_vision(suite, start_sd, teachers, images, cfg, log=log)
     report.update({"student": student, "config": asdict(cfg), "suite": data})

@@ -146,9 +146,7 @@ class TwinBundle:
                 if _sha256(path / rel) != digest:
                     raise TwinBundleError(f"{path}: '{rel}' does not match its checksum in "
                                           f"{MANIFEST}; the bundle was modified or is corrupt")
-        from modelalloy.bundle._checkpoint import load_state_dict
-
-        shared = load_state_dict(path / "shared")
+        shared = read_state_dict(path / "shared")
         return cls(tasks=tasks, shared=shared, factors=factors, router=router,
                    config=meta.get("config", {}), sizes=meta.get("sizes", {}))
 
