@@ -428,24 +428,10 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path,
 # Tools
 # --------------------------------------------------------------------------------------------
 
-def find_mergekit(explicit: str | None) -> tuple[str | None, str]:
-    """(path to mergekit-yaml or None, how it was found / why it is missing)."""
-    cand = explicit or os.environ.get("MERGEKIT_YAML")
-    if cand:
-        p = shutil.which(cand) or (cand if Path(cand).is_file() else None)
-        if p and os.access(p, os.X_OK):
-            return p, f"given: {cand}"
-        return None, f"mergekit-yaml given as {cand!r} but it is not an executable file"
-    p = shutil.which("mergekit-yaml")
-    if p:
-        return p, "found on PATH"
-    for venv in (REPO.parent / "venv-mergekit", REPO / ".venv-mergekit", Path.home() /
-                 "venv-mergekit"):
-        c = venv / "bin" / "mergekit-yaml"
-        if c.is_file() and os.access(c, os.X_OK):
-            return str(c), f"found in {venv}"
-    return None, ("mergekit-yaml not found (not on PATH, no ../venv-mergekit); install it into "
-                  "its own venv and pass --mergekit-bin or MERGEKIT_YAML")
+# One finder for every script (benchmarks/mergekit_bin.py: --mergekit-bin, MERGEKIT_YAML, PATH,
+# the documented ../venv-mergekit); candidate_cost.py imports it from here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mergekit_bin import find_mergekit  # noqa: E402
 
 
 def mergekit_version(binary: str) -> str:

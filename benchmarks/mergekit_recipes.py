@@ -9,15 +9,15 @@ three fine-tunes: base + random deltas, float32), then runs every recipe in :dat
 models) with both tools and compares the outputs tensor by tensor: names, shapes, dtypes, and
 values within float32 rounding (|Δ| ≤ 2^-20 · max|mergekit's tensor|). DARE and DELLA draw
 random masks with different generators, so for them only the share of entries that differ
-from the base over the whole model is compared (within 0.02). mergekit is found as in merge_speed.py
-(``MERGEKIT_YAML``, PATH, ../venv-mergekit); without it only modelalloy runs and the table
-says so. ``--write-docs`` puts the table into docs/recipes.md.
+from the base over the whole model is compared (within 0.02). mergekit is found by
+benchmarks/mergekit_bin.py (``MERGEKIT_YAML``, PATH, the documented ../venv-mergekit), which
+says which one it used; without it only modelalloy runs and the table says so.
+``--write-docs`` puts the table into docs/recipes.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -31,6 +31,9 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from mergekit_bin import find_mergekit  # noqa: E402
+
 DOCS = REPO / "docs" / "recipes.md"
 SECTION = "## Against mergekit"
 TOLERANCE = 2.0 ** -20  # relative to the tensor's largest |value|
@@ -248,15 +251,6 @@ def build_models(root: Path) -> dict[str, str]:
     return {k: str(v) for k, v in names.items()}
 
 
-def find_mergekit() -> str | None:
-    spec = importlib.util.spec_from_file_location("merge_speed", REPO / "benchmarks" /
-                                                  "merge_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("merge_speed", mod)
-    spec.loader.exec_module(mod)
-    return mod.find_mergekit(None)[0]
-
-
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -449,7 +443,8 @@ def main() -> None:
     if args.json and args.json.exists():
         done = {r["recipe"]: Row(**r) for r in json.loads(args.json.read_text())}
         done = {k: v for k, v in done.items() if k not in names or not args.only}
-    mergekit = find_mergekit()
+    mergekit, how = find_mergekit()
+    print(f"[mergekit] {mergekit} ({how})" if mergekit else f"[mergekit] not run: {how}")
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="mk-recipes-"))
     try:

@@ -137,7 +137,7 @@ def against_mergekit(recipe: Path, work: Path, base: Path | None = None,
     from tests.conftest import load_benchmark
 
     bench = load_benchmark("mergekit_recipes")
-    binary = bench.find_mergekit()
+    binary, _ = bench.find_mergekit()
     if binary is None:
         pytest.skip("mergekit is not installed (set MERGEKIT_YAML to its mergekit-yaml)")
     ours, theirs = work / "ours", work / "theirs"

@@ -214,7 +214,7 @@ def test_mergekit_fails_adding_a_token_to_the_base_tokenizer(tmp_path_factory, t
     own = _rows(models["tb"], EMBED)["<|tool|>"]
     torch.testing.assert_close(merged[EMBED][vocab["<|tool|>"]], row + 0.4 * (own - row),
                                rtol=0, atol=1e-6)
-    binary = BENCH.find_mergekit()
+    binary, _ = BENCH.find_mergekit()
     if binary is not None:
         assert "KeyError" in BENCH.run_mergekit(binary, recipe, tmp / "theirs")
 
