@@ -2,7 +2,9 @@
 
 ``modelalloy bench --seeds N`` builds the suite with ``finetune_seed`` 0..N-1 (the base, the
 data and the task heads stay the same; each seed is its own cached suite), runs the bench on
-each, and reports per method the mean accuracy on every seed, their mean and standard deviation
+each (``bench``: the command's comparison, its ``--methods`` — every registered method unless
+named, as without ``--seeds`` — and options), and reports per method the mean accuracy on
+every seed, their mean and standard deviation
 (n − 1 in the denominator), the same for the normalised accuracy (merged ÷ the task's expert
 of the same seed, mean over tasks), and on how many seeds the difference from task arithmetic
 was significant and in which direction. The bootstrap intervals measure the test-set noise of one

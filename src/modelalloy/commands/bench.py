@@ -70,7 +70,9 @@ def register(app: typer.Typer) -> None:
                  "scale, base-quality (methods default to the study's own)")] = None,
         seeds: Annotated[int, typer.Option(
             min=1, help="rebuild the experts from this many fine-tuning seeds (each a cached "
-                        "suite) and report the spread over seeds")] = 1,
+                        "suite), run the --methods comparison on each (every registered "
+                        "method unless --methods names some, as without --seeds: name a few, "
+                        "each seed is a whole bench) and report the spread over seeds")] = 1,
         backdoor: Annotated[str | None, typer.Option(
             help="replace this held-in task's expert by its backdoored twin and report each "
                  "method's attack success rate (ASR) next to its accuracy")] = None,
@@ -100,7 +102,7 @@ def register(app: typer.Typer) -> None:
             raise MethodError("--backdoor runs one comparison on one seed (no --seeds, "
                               "no --study)")
 
-        def bench_one(s: Any) -> Any:
+        def bench_one(s: Any) -> Any:  # the comparison: seed 0's and every --seeds one's
             return run_bench(s, chosen, tune=tune, params=overrides, seed=seed,
                              log=log)
 
