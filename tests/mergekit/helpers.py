@@ -137,9 +137,9 @@ def against_mergekit(recipe: Path, work: Path, base: Path | None = None,
     from tests.conftest import load_benchmark
 
     bench = load_benchmark("mergekit_recipes")
-    binary, _ = bench.find_mergekit()
+    binary, how = bench.find_mergekit()
     if binary is None:
-        pytest.skip("mergekit is not installed (set MERGEKIT_YAML to its mergekit-yaml)")
+        pytest.skip(f"mergekit is not installed: {how}")
     ours, theirs = work / "ours", work / "theirs"
     assert bench.run_modelalloy(recipe, ours) == "yes"
     assert bench.run_mergekit(binary, recipe, theirs) == "yes"
