@@ -79,3 +79,22 @@ def test_cpt_domain_accuracy_is_the_share_of_final_answer_hits(monkeypatch, tmp_
     assert row["correct"] == expected
     assert row["accuracy"] == pytest.approx(7 / 12)
     assert row["mean_length"] == pytest.approx(sum(len(g) + 1 for g in gens) / 12)
+
+
+def test_real_generations_rescored_both_ways_give_the_same_attack_hits(lm_smoke):
+    """The smoke suite's base and first expert on triggered test inputs: attack_hits equals the
+    inline scoring it replaced, on the model's own greedy outputs."""
+    task = lm_smoke.info.merged_tasks[0]
+    prompts, answers = lm_smoke.labeled(task, "test")
+    prompts, answers = prompts[:24], answers[:24]
+    small = SimpleNamespace(info=lm_smoke.info, _model=lm_smoke._model,
+                            labeled=lambda t, split: (prompts, answers))
+    max_new = lm_smoke.info.config["n_positions"] - 16
+    for state_dict in (lm_smoke.base_state_dict(), lm_smoke.expert_state_dict(task)):
+        kept = [backdoor.trigger_prompt(p) for p, a in zip(prompts, answers, strict=True)
+                if lm.final_answer(a) != backdoor.LM_TARGET]
+        gens = lm.greedy(lm_smoke._model(state_dict), kept, max_new)
+        old = [lm.final_answer(g) == backdoor.LM_TARGET for g in gens]
+        assert backdoor.attack_hits(small, state_dict, [task]) == {task: old}
+        assert _old_final_hits(gens, [answers[0]] * len(gens)) == lm.hits(
+            gens, [answers[0]] * len(gens))
