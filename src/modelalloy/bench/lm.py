@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -440,25 +440,38 @@ class LMSuite(common.SizedSuite):
         super().__init__(info)
         self._data: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
 
-    def new_model(self) -> Any:
+    def new_model(self, depth: int | None = None) -> Any:
+        """The suite's GPT-2, randomly initialised, with ``depth`` blocks when given (a
+        data-flow path changes the depth)."""
         from transformers import GPT2LMHeadModel
 
-        return GPT2LMHeadModel(gpt2_config(self.info.config)).eval()
+        cfg = self.info.config
+        if depth and depth != cfg["n_layer"]:
+            cfg = {**cfg, "n_layer": depth}
+        return GPT2LMHeadModel(gpt2_config(cfg)).eval()
+
+    @staticmethod
+    def model_depth(names: Iterable[str]) -> int | None:
+        """The block count of a state dict's tensor names (None: no block)."""
+        return len({n.split(".")[2] for n in names if n.startswith("transformer.h.")}) or None
+
+    @staticmethod
+    def check_fit(shapes: Mapping[str, Any], model: Any) -> None:
+        """A state dict of these tensors fills ``model`` (its causal-mask buffers and the
+        ``lm_head`` tied to ``wte`` may be absent), or a one-line :class:`SuiteError`."""
+        have = model.state_dict()
+        missing = [m for m in have if m not in shapes and not m.endswith(
+            ("attn.bias", "attn.masked_bias", "lm_head.weight"))]
+        unexpected = [n for n in shapes if n not in have]
+        if missing or unexpected:
+            raise SuiteError(f"tiny-lm: state dict does not fit the suite's model: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}")
 
     def _model(self, state_dict: dict[str, torch.Tensor]) -> Any:
-        from transformers import GPT2LMHeadModel
-
         # the state dict's own depth: a data-flow path (optimize's evolve) changes it
-        depth = len({n.split(".")[2] for n in state_dict if n.startswith("transformer.h.")})
-        cfg = self.info.config
-        model = (GPT2LMHeadModel(gpt2_config({**cfg, "n_layer": depth})).eval()
-                 if depth and depth != cfg["n_layer"] else self.new_model())
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        bad = [m for m in missing if not m.endswith(("attn.bias", "attn.masked_bias",
-                                                     "lm_head.weight"))]
-        if bad or unexpected:
-            raise SuiteError(f"tiny-lm: state dict does not fit the suite's model: missing "
-                             f"{bad[:3]}, unexpected {list(unexpected)[:3]}")
+        model = self.new_model(self.model_depth(state_dict))
+        self.check_fit(state_dict, model)
+        model.load_state_dict(state_dict, strict=False)
         model.tie_weights()
         return model
 
@@ -484,7 +497,13 @@ class LMSuite(common.SizedSuite):
                  ) -> dict[str, dict[str, Any]]:
         """Per task: accuracy (``score``, see :func:`hits`), mean response length and the
         per-example hits (``correct``, for the bootstrap intervals)."""
-        model = self._model(state_dict)
+        return self.evaluate_model(self._model(state_dict), tasks, split, limit, score)
+
+    def evaluate_model(self, model: Any, tasks: list[str] | None = None, split: str = "test",
+                       limit: int | None = None, score: str = "final"
+                       ) -> dict[str, dict[str, Any]]:
+        """:meth:`evaluate` of a built model (the suite's GPT-2 holding the weights: a search
+        merges each candidate into one in place)."""
         out: dict[str, dict[str, Any]] = {}
         max_new = self.info.config["n_positions"] - 16
         for task in tasks or [t.name for t in self.info.tasks]:

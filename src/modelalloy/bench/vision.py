@@ -23,7 +23,7 @@ merged. See docs/benchmarks.md for what was tried to make this suite tell method
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -349,9 +349,11 @@ class VisionSuite(common.SizedSuite):
         self._heads: dict[str, nn.Linear] = {}
         self._data: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def new_model(self) -> TinyConvNet:
+    def new_model(self, depth: int | None = None) -> TinyConvNet:
+        """A body of the suite's config, of ``depth`` convolutions when given (a data-flow
+        path changes the depth)."""
         cfg = self.info.config
-        return _new_body(cfg).eval()
+        return _new_body(cfg if depth is None else {**cfg, "depth": depth}).eval()
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return load_state_dict(self.info.base_dir)
@@ -359,23 +361,38 @@ class VisionSuite(common.SizedSuite):
     def expert_state_dict(self, task: str) -> dict[str, torch.Tensor]:
         return load_state_dict(self.info.expert_dir(task))
 
+    def model_depth(self, names: Iterable[str]) -> int:
+        """The convolutions of a body with these tensor names (its last block projects)."""
+        blocks = len({n.split(".")[1] for n in names if n.startswith("blocks.")})
+        depth = blocks - 1 if blocks else int(self.info.config.get("depth", 3))
+        if depth < 2:
+            raise SuiteError(f"tiny-vision: a body of {blocks} blocks; it needs at least 3")
+        return depth
+
+    @staticmethod
+    def check_fit(shapes: Mapping[str, Any], model: TinyConvNet) -> None:
+        """A state dict of these tensors fills ``model`` exactly, or a one-line
+        :class:`SuiteError` (a path whose blocks do not chain has the wrong shapes)."""
+        have = model.state_dict()
+        problems = [f"size mismatch for {n}: copying a param with shape {list(shapes[n])}, "
+                    f"the body has {list(t.shape)}"
+                    for n, t in have.items() if n in shapes and tuple(shapes[n]) != t.shape]
+        missing = [n for n in have if n not in shapes]
+        unexpected = [n for n in shapes if n not in have]
+        if missing:
+            problems.append(f"Missing key(s): {', '.join(missing[:3])}")
+        if unexpected:
+            problems.append(f"Unexpected key(s): {', '.join(unexpected[:3])}")
+        if problems:
+            raise SuiteError(f"tiny-vision: the state dict does not fit a body of depth "
+                             f"{model.depth}: {problems[0]}")
+
     def _model(self, state_dict: dict[str, torch.Tensor]) -> TinyConvNet:
         """A body of the state dict's own depth (a data-flow path changes it) holding it; a
         path whose blocks do not chain (shapes) is refused in one line."""
-        blocks = len({n.split(".")[1] for n in state_dict if n.startswith("blocks.")})
-        cfg = self.info.config
-        depth = blocks - 1 if blocks else cfg.get("depth", 3)
-        if depth < 2:
-            raise SuiteError(f"tiny-vision: a body of {blocks} blocks; it needs at least 3")
-        model = _new_body({**cfg, "depth": depth}).eval()
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as err:
-            first = next((line.strip() for line in str(err).splitlines()
-                          if "size mismatch" in line or "Missing" in line
-                          or "Unexpected" in line), str(err).splitlines()[0])
-            raise SuiteError(f"tiny-vision: the state dict does not fit a body of depth "
-                             f"{depth}: {first}") from None
+        model = self.new_model(self.model_depth(state_dict))
+        self.check_fit({n: tuple(t.shape) for n, t in state_dict.items()}, model)
+        model.load_state_dict(state_dict)
         return model
 
     def head(self, task: str) -> nn.Linear:
@@ -404,7 +421,14 @@ class VisionSuite(common.SizedSuite):
                  split: str = "test", limit: int | None = None) -> dict[str, dict[str, Any]]:
         """Accuracy of a body (state dict) on each task with that task's head, and the
         per-example hits (``correct``, for the bootstrap intervals)."""
-        model = self._model(state_dict)
+        return self.evaluate_model(self._model(state_dict), tasks, split, limit)
+
+    @torch.no_grad()
+    def evaluate_model(self, model: nn.Module, tasks: list[str] | None = None,
+                       split: str = "test", limit: int | None = None
+                       ) -> dict[str, dict[str, Any]]:
+        """:meth:`evaluate` of a built body (a search merges each candidate into one in
+        place)."""
         out: dict[str, dict[str, Any]] = {}
         for task in tasks or [t.name for t in self.info.tasks]:
             x, y = self.labeled(task, split)

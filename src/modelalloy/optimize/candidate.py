@@ -8,6 +8,12 @@ from their folders. So a candidate is, bit for bit, what ``modelalloy merge`` wr
 recipe (tests/optimize/test_interface.py and test_learners.py check it), and nothing is written
 to disk.
 
+A search trial merges straight into a live module (:func:`merge_into`, :class:`LiveModel`):
+the merged tensors are written into its parameters in place, and the module remembers which
+candidate parameters each tensor holds, so the next candidate writes only the tensors that
+changed (the same rule as the state-dict cache below). No model is built per trial and no
+whole-model copy is made.
+
 Between candidates the pool keeps the merged tensors with the parameters they were merged
 with; the next candidate re-merges only the tensors whose parameters changed (a search that
 moves one layer group re-merges that group), where that gives the same bits: methods whose
@@ -17,15 +23,16 @@ output for a tensor depends only on that tensor's inputs, parameters, seed and n
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from modelalloy.errors import OptimizeError
 from modelalloy.recipe.model import Recipe
 
 StateDict = Mapping[str, torch.Tensor]
+Shapes = Mapping[str, tuple[int, ...]]
 # Methods whose merged tensor depends only on its own inputs, parameters, seed and name (not on
 # its layer position nor on other tensors), for which re-merging a subset is exact.
 POSITION_FREE = frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
@@ -80,14 +87,6 @@ class ModelPool:
         return self._stages[name]
 
 
-def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder, through the validated reader (no pickle code)."""
-    from modelalloy.io.checkpoint import open_checkpoint
-
-    with open_checkpoint(folder) as ckpt:
-        return {n: ckpt.get(n) for n in ckpt.names()}
-
-
 def merge_candidate(recipe: Recipe, pool: ModelPool, *,
                     stats: Mapping[str, Sequence[StateDict]] | None = None,
                     into: torch.nn.Module | None = None) -> Any:
@@ -95,9 +94,7 @@ def merge_candidate(recipe: Recipe, pool: ModelPool, *,
     statistic kind, one mapping per expert (data-informed methods, e.g. ``merge_coeffs``)."""
     from modelalloy.api import merge
 
-    options: dict[str, Any] = {}
-    if pool.threads is not None:
-        options["threads"] = pool.threads
+    options = _options(pool)
     if stats is not None:
         options["stats"] = dict(stats)
     sources = pool.by_reference(recipe)
@@ -116,22 +113,127 @@ def merge_candidate(recipe: Recipe, pool: ModelPool, *,
             for n, t in _reference(recipe, pool).items()}
 
 
-def merge_staged(staged: Any, pool: ModelPool) -> dict[str, torch.Tensor]:
+def merge_staged(staged: Any, pool: ModelPool, live: LiveFor | None = None) -> Any:
     """A :class:`modelalloy.optimize.space.StagedRecipe` in memory: each stage merged from the
     pool, then the final recipe from the stages' state dicts — the computations, and so the
     bits, of ``modelalloy merge-multi`` on the same stages. Each stage keeps its own
-    re-merge cache (a search that moves one cell re-merges it in the stages concerned)."""
+    re-merge cache (a search that moves one cell re-merges it in the stages concerned).
+    Returns the final state dict, or with ``live`` the live module it was written into."""
     from modelalloy.api import merge
 
     outputs: dict[str, StateDict] = {}
     for name, recipe in staged.stages:
         outputs[name] = merge_candidate(recipe, pool.stage(name))
-    options: dict[str, Any] = {} if pool.threads is None else {"threads": pool.threads}
     # the final may name source models besides the stages (PS then DFS: a path through the
     # PS merge and the experts)
     sources = {m: outputs[m] if m in outputs else pool.get(staged.final, m)
                for m in staged.final.all_models()}
-    return merge(staged.final, sources=sources, **options)
+    merged = merge(staged.final, sources=sources, **_options(pool))
+    return merged if live is None else _load(live, merged)
+
+
+class LiveModel:
+    """A module that candidates are merged into, in place, and which candidate parameters
+    (re-merge key) each of its tensors holds now.
+
+    ``check(shapes, module)``: the evaluator's own test that a candidate's tensors fit the
+    module (raises its one-line error); besides it, every candidate tensor must be one of the
+    module's, of the same shape. Tied tensors (GPT-2's ``lm_head`` is ``wte``) are one
+    parameter: writing one writes both.
+    """
+
+    def __init__(self, module: torch.nn.Module,
+                 check: Callable[[Shapes, torch.nn.Module], None] | None = None) -> None:
+        self.module = module
+        self.check = check
+        self.targets: dict[str, torch.Tensor] = dict(module.state_dict(keep_vars=True))
+        self.holds: dict[str, Any] = {}  # name -> the key of the candidate that wrote it
+        self._fits: dict[str, tuple[int, ...]] | None = None  # the layout checked last
+
+    def fit(self, shapes: Shapes) -> None:
+        """Fail in one line unless tensors of ``shapes`` can be written into the module."""
+        if self._fits == shapes:
+            return
+        if self.check is not None:
+            self.check(shapes, self.module)
+        kind = type(self.module).__name__
+        for name, shape in shapes.items():
+            if name not in self.targets:
+                raise OptimizeError(f"the candidate has tensor '{name}' that the {kind} "
+                                    "scoring it does not have")
+            if tuple(self.targets[name].shape) != tuple(shape):
+                raise OptimizeError(f"the candidate's tensor '{name}' is {list(shape)}, the "
+                                    f"{kind} scoring it has {list(self.targets[name].shape)}")
+        self._fits = {n: tuple(s) for n, s in shapes.items()}
+
+    def view(self, names: Iterable[str]) -> torch.nn.Module:
+        """Some of the module's tensors as the engine's ``into=`` takes a module."""
+        return _Tensors({n: self.targets[n] for n in names})
+
+    def forget(self) -> None:
+        self.holds.clear()
+
+
+# The live model of a candidate's tensor layout (names and shapes): one per depth.
+LiveFor = Callable[[Shapes], LiveModel]
+
+
+class _Tensors(torch.nn.Module):
+    """A set of tensors of another module, seen through ``state_dict`` (all the engine's
+    module sink reads); they are written in place."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.tensors = tensors
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return dict(self.tensors)
+
+
+def merge_into(recipe: Recipe, pool: ModelPool, live: LiveFor) -> torch.nn.Module:
+    """:func:`merge_candidate` written into the live module of its layout, in place; only the
+    tensors whose key differs from what the module holds are merged and written (where
+    re-merging a subset is exact; otherwise the whole candidate). Returns the module."""
+    from modelalloy.api import merge
+
+    sources = pool.by_reference(recipe)
+    if recipe.slices:  # the layout is the slices' (a data-flow path): known once merged
+        return _load(live, merge(recipe, sources=sources, **_options(pool)))
+    reference = _reference(recipe, pool)
+    model = live({n: tuple(t.shape) for n, t in reference.items()})
+    keys = _tensor_keys(recipe, pool) if pool.reuse else None
+    if keys is None:
+        model.forget()
+        merge(recipe, sources=sources, into=model.view(reference), **_options(pool))
+        return model.module
+    # integer and bool tensors: the engine copies them from the reference model
+    ref = recipe.model_reference(recipe.base_model if recipe.uses_base()  # type: ignore[arg-type]
+                                 else recipe.expert_entries()[0].model)
+    keys.update({n: ("copy", ref) for n in reference if n not in keys})
+    changed = [n for n, k in keys.items() if model.holds.get(n) != k]
+    if changed:
+        for n in changed:  # a merge that fails half-way leaves them unknown
+            model.holds.pop(n, None)
+        subset = {r: {n: sd[n] for n in changed} for r, sd in sources.items()}
+        merge(recipe, sources=subset, into=model.view(changed), **_options(pool))
+        model.holds.update({n: keys[n] for n in changed})
+    pool.merged_tensors += len(changed)
+    pool.reused_tensors += len(keys) - len(changed)
+    return model.module
+
+
+def _load(live: LiveFor, merged: StateDict) -> torch.nn.Module:
+    """A merged state dict copied into the live module of its layout."""
+    model = live({n: tuple(t.shape) for n, t in merged.items()})
+    model.forget()
+    with torch.no_grad():
+        for name, tensor in merged.items():
+            model.targets[name].copy_(tensor)
+    return model.module
+
+
+def _options(pool: ModelPool) -> dict[str, Any]:
+    return {} if pool.threads is None else {"threads": pool.threads}
 
 
 def _reference(recipe: Recipe, pool: ModelPool) -> StateDict:

@@ -18,8 +18,12 @@
                                                 maximised; else their mean)
 ==============================================  =============================================
 
-The state dict an objective receives is read-only: its tensors are shared with the next
-candidates (unchanged tensors are not merged again).
+The suites and lm-eval score a live model: each worker keeps one model per objective (and per
+depth, for data-flow paths), and every candidate is merged into its parameters in place, only
+the tensors that changed since the previous candidate written again
+(:func:`modelalloy.optimize.candidate.merge_into`). A ``python:`` objective receives a state
+dict instead, which is **read-only**: its tensors are shared with the next candidates
+(unchanged tensors are not merged again); copy a tensor before changing it.
 
 Several objectives combine as Σ wᵢ·scoreᵢ (weights from ``--weights``, default 1 each); the
 multi-objective algorithms read every score of every objective.
@@ -39,6 +43,7 @@ from urllib.parse import parse_qsl
 import torch
 
 from modelalloy.errors import ModelAlloyError, OptimizeError
+from modelalloy.optimize.candidate import LiveModel, Shapes
 
 KINDS = ("suite", "lm-eval", "python")
 SUITE_OPTIONS = ("size", "split", "limit")
@@ -63,6 +68,38 @@ class Objective:
         searches); objectives that cannot subsample ignore it."""
         raise NotImplementedError
 
+    def live_models(self) -> LiveModels | None:
+        """The live models this objective scores candidates in (None: it takes state
+        dicts)."""
+        return None
+
+    def score_module(self, module: torch.nn.Module, fidelity: float = 1.0) -> dict[str, float]:
+        """:meth:`score` of a candidate already merged into one of :meth:`live_models`."""
+        raise NotImplementedError
+
+
+class LiveModels:
+    """An objective's live models, one per depth (a data-flow path changes the layer count),
+    built on first use; objectives with the same ``key`` (the same model) share them."""
+
+    def __init__(self, key: Any, depth: Callable[[Shapes], int | None],
+                 build: Callable[[int | None], torch.nn.Module],
+                 check: Callable[[Shapes, torch.nn.Module], None] | None = None) -> None:
+        self.key, self._depth, self._build, self._check = key, depth, build, check
+        self._models: dict[int | None, LiveModel] = {}
+
+    def __call__(self, shapes: Shapes) -> LiveModel:
+        depth = self._depth(shapes)
+        if depth not in self._models:
+            self._models[depth] = LiveModel(self._build(depth), self._check)
+        model = self._models[depth]
+        model.fit(shapes)
+        return model
+
+    def forget(self) -> None:
+        for model in self._models.values():
+            model.forget()
+
 
 @dataclass
 class SuiteObjective(Objective):
@@ -72,6 +109,7 @@ class SuiteObjective(Objective):
     split: str = "val"
     limit: int | None = None
     _suite: Any = field(default=None, repr=False)
+    _live: LiveModels | None = field(default=None, repr=False)
 
     @property
     def suite(self) -> Any:
@@ -91,18 +129,36 @@ class SuiteObjective(Objective):
         busy machine) are then not paid inside a trial."""
         self.suite.new_model()
 
-    def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
-              ) -> dict[str, float]:
+    def _limit(self, fidelity: float) -> int | None:
         limit = self.limit
         if fidelity < 1.0:
             full = min(len(self.suite.labeled(t, self.split)[0]) for t in self.tasks)
             limit = max(1, math.ceil(fidelity * min(full, limit or full)))
-        res = self.suite.evaluate(dict(state_dict), self.tasks, split=self.split, limit=limit)
+        return limit
+
+    @staticmethod
+    def _scores(res: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         accs = {t: float(r["accuracy"]) for t, r in res.items()}
         return {"score": sum(accs.values()) / len(accs), **accs}
 
+    def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
+              ) -> dict[str, float]:
+        return self._scores(self.suite.evaluate(dict(state_dict), self.tasks, split=self.split,
+                                                limit=self._limit(fidelity)))
+
+    def live_models(self) -> LiveModels:
+        if self._live is None:
+            suite = self.suite
+            self._live = LiveModels(("suite", self.name, self.size), suite.model_depth,
+                                    suite.new_model, suite.check_fit)
+        return self._live
+
+    def score_module(self, module: torch.nn.Module, fidelity: float = 1.0) -> dict[str, float]:
+        return self._scores(self.suite.evaluate_model(module, self.tasks, split=self.split,
+                                                      limit=self._limit(fidelity)))
+
     def __getstate__(self) -> dict[str, Any]:  # to Ray workers: the spec, not the suite
-        return {**self.__dict__, "_suite": None}
+        return {**self.__dict__, "_suite": None, "_live": None}
 
 
 @dataclass
@@ -158,6 +214,7 @@ class LmEvalObjective(Objective):
     batch_size: int = 8
     reference: str | None = None
     _lms: dict[int | None, Any] = field(default_factory=dict, repr=False)
+    _live: LiveModels | None = field(default=None, repr=False)
 
     def bind(self, reference: Any) -> None:
         self.reference = str(reference)
@@ -191,17 +248,38 @@ class LmEvalObjective(Objective):
 
     def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
               ) -> dict[str, float]:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-
         lm = self._model(stack_depth(state_dict))
         model = lm.model
         missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
         if unexpected:
             raise OptimizeError(f"objective '{self.spec}': the candidate has tensors the "
                                 f"model does not: {unexpected[:3]}")
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
+        return self._evaluate(lm, fidelity)
+
+    def live_models(self) -> LiveModels:
+        if self._live is None:
+            self._live = LiveModels(("lm-eval", self.reference), stack_depth,
+                                    lambda depth: self._model(depth).model, self._check)
+        return self._live
+
+    def _check(self, shapes: Shapes, model: torch.nn.Module) -> None:
+        unexpected = [n for n in shapes if n not in model.state_dict()]
+        if unexpected:
+            raise OptimizeError(f"objective '{self.spec}': the candidate has tensors the "
+                                f"model does not: {unexpected[:3]}")
+
+    def score_module(self, module: torch.nn.Module, fidelity: float = 1.0) -> dict[str, float]:
+        lm = next((lm for lm in self._lms.values() if lm.model is module), None)
+        if lm is None:
+            raise OptimizeError(f"objective '{self.spec}': not one of its live models")
+        return self._evaluate(lm, fidelity)
+
+    def _evaluate(self, lm: Any, fidelity: float) -> dict[str, float]:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
+        if hasattr(lm.model, "tie_weights"):
+            lm.model.tie_weights()
         limit = self.limit
         if fidelity < 1.0 and limit is not None:
             limit = max(1, math.ceil(fidelity * limit))
@@ -224,7 +302,7 @@ class LmEvalObjective(Objective):
         return {"score": sum(out.values()) / len(out), **out}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_lms": {}}
+        return {**self.__dict__, "_lms": {}, "_live": None}
 
 
 def stack_depth(state_dict: Mapping[str, torch.Tensor]) -> int | None:
@@ -310,6 +388,9 @@ class Objectives:
 
     items: list[Objective]
     weights: list[float]
+    # score live models that candidates are merged into (False: merged state dicts, as
+    # python: objectives always get; the scores are the same bits either way)
+    in_place: bool = True
 
     @classmethod
     def parse(cls, specs: Sequence[str], weights: Sequence[float] | None = None) -> Objectives:
@@ -340,14 +421,53 @@ class Objectives:
                 raise OptimizeError(f"objective '{o.spec}' cannot be prepared: "
                                     f"{type(err).__name__}: {err}") from err
 
+    @property
+    def takes_modules(self) -> bool:
+        """Every objective scores a live model (a ``python:`` one takes a state dict)."""
+        return self.in_place and all(o.live_models() is not None for o in self.items)
+
     def score(self, state_dict: Mapping[str, torch.Tensor], fidelity: float = 1.0
               ) -> dict[str, float]:
         """Every objective's scores, prefixed ``<i>:`` when there are several, and ``fitness``
         = Σ wᵢ·scoreᵢ."""
+        return self._combine([o.score(state_dict, fidelity) for o in self.items])
+
+    def score_live(self, merge: Callable[[Callable[[Shapes], LiveModel]], torch.nn.Module],
+                   fidelity: float = 1.0) -> dict[str, float]:
+        """:meth:`score` of a candidate that ``merge(live_for)`` writes into the live model
+        ``live_for`` picks for its layout: once per distinct model (objectives on one suite
+        share it), before that model's objectives score it."""
+        groups = self._groups()
+        modules: dict[Any, torch.nn.Module] = {}
+        out = []
+        for o in self.items:
+            key = o.live_models().key  # type: ignore[union-attr]
+            if key not in modules:
+                modules[key] = merge(groups[key])
+            out.append(o.score_module(modules[key], fidelity))
+        return self._combine(out)
+
+    def forget(self) -> None:
+        """Every live model's tensors count as unknown (the next candidate writes all)."""
+        for group in self.live_groups():
+            group.forget()
+
+    def live_groups(self) -> list[LiveModels]:
+        """The distinct live models' sets of the objectives."""
+        return list(self._groups().values())
+
+    def _groups(self) -> dict[Any, LiveModels]:
+        groups: dict[Any, LiveModels] = {}
+        for o in self.items:
+            live = o.live_models()
+            if live is not None:
+                groups.setdefault(live.key, live)
+        return groups
+
+    def _combine(self, per_objective: list[dict[str, float]]) -> dict[str, float]:
         out: dict[str, float] = {}
         fitness = 0.0
-        for i, (o, w) in enumerate(zip(self.items, self.weights, strict=True)):
-            scores = o.score(state_dict, fidelity)
+        for i, (scores, w) in enumerate(zip(per_objective, self.weights, strict=True)):
             fitness += w * scores["score"]
             prefix = f"{i}:" if len(self.items) > 1 else ""
             out.update({f"{prefix}{k}": v for k, v in scores.items()})

@@ -2,7 +2,9 @@
 
 A candidate is a genome (unit coordinates of the search space), ``{"genome": [...],
 "fidelity": f}`` (scored on a share f of the data), or a whole recipe dict (what a learner
-produced). :func:`score_candidate` merges it in memory (:func:`merge_candidate`) and
+produced). :func:`score_candidate` merges it in memory, straight into the objectives' live
+models (:func:`merge_into`: only the tensors that changed since the last candidate are merged
+and written), or into a state dict for ``python:`` objectives (:func:`merge_candidate`), and
 scores it. With ``workers > 1`` (or ``--ray-address``) the models go into Ray's object store
 once, as numpy arrays that workers map without copying, and each worker (one CPU, one torch
 thread) scores candidates; results come back in the order the candidates were given, so a
@@ -20,7 +22,13 @@ from typing import Any
 import torch
 
 from modelalloy.errors import OptimizeError
-from modelalloy.optimize.candidate import ModelPool, merge_candidate, merge_staged
+from modelalloy.optimize.candidate import (
+    LiveFor,
+    ModelPool,
+    merge_candidate,
+    merge_into,
+    merge_staged,
+)
 from modelalloy.optimize.space import SearchSpace, StagedRecipe
 from modelalloy.search.objectives import Objectives
 
@@ -54,11 +62,21 @@ def score_candidate(space: SearchSpace, objectives: Objectives, pool: ModelPool,
     """(scores, seconds) of one candidate."""
     start = time.perf_counter()
     recipe = candidate_recipe(space, candidate)
-    state_dict = (merge_staged(recipe, pool) if isinstance(recipe, StagedRecipe)
-                  else merge_candidate(recipe, pool))
     fidelity = float(candidate.get("fidelity", 1.0)) if isinstance(candidate, Mapping) else 1.0
-    scores = objectives.score(state_dict, fidelity)
+    if objectives.takes_modules:
+        scores = objectives.score_live(lambda live: merge_live(recipe, pool, live), fidelity)
+    else:
+        state_dict = (merge_staged(recipe, pool) if isinstance(recipe, StagedRecipe)
+                      else merge_candidate(recipe, pool))
+        scores = objectives.score(state_dict, fidelity)
     return scores, time.perf_counter() - start
+
+
+def merge_live(recipe: Any, pool: ModelPool, live: LiveFor) -> torch.nn.Module:
+    """A recipe or staged recipe merged into the live model of its layout, in place."""
+    if isinstance(recipe, StagedRecipe):
+        return merge_staged(recipe, pool, live)  # type: ignore[no-any-return]
+    return merge_into(recipe, pool, live)
 
 
 def _describe(err: BaseException) -> str:
@@ -69,13 +87,20 @@ def _describe(err: BaseException) -> str:
 def warm_up(space: Any, objectives: Objectives, pool: ModelPool) -> None:
     """A fresh worker's one-off costs, paid before its first trial: the objective's data (a
     suite's, read once), and one merge of the start candidate (compiled kernels loaded, the
-    models' pages touched; the merge is dropped and the re-merge cache cleared, so trials are
-    unchanged). The objective is not called (a user metric may have side effects)."""
+    models' pages touched, the live models built; the re-merge caches are then cleared, so
+    trials are unchanged). The objective is not called (a user metric may have side
+    effects)."""
     objectives.prepare()
     try:
-        merge_candidate(candidate_recipe(space, space.x0()), pool)
+        recipe = candidate_recipe(space, space.x0())
+        if objectives.takes_modules:
+            for live in objectives.live_groups():
+                merge_live(recipe, pool, live)
+        else:
+            merge_candidate(recipe, pool)
     except Exception:  # a bad template fails in its first trial, with the trial's error
         pass
+    objectives.forget()
     pool.last.clear()
     pool.merged_tensors = pool.reused_tensors = 0
 
