@@ -17,7 +17,7 @@ from torch import nn
 from modelalloy.errors import ModelAlloyError
 from modelalloy.optimize.candidate import LiveModel, ModelPool, merge_candidate, merge_into
 from modelalloy.optimize.template import load_template
-from modelalloy.search.objectives import Objectives, parse_objective, suite_template
+from modelalloy.search.objectives import parse_objective, suite_template
 from modelalloy.search.workers import merge_live
 
 pytest.importorskip("cma")
@@ -168,18 +168,6 @@ def test_a_candidate_that_does_not_fit_the_model_is_one_line(vision_smoke):
 # -- searches: the same trials on the live-model path as on the state-dict path ---------------
 
 
-def state_dict_path(monkeypatch) -> None:
-    """Make optimize() score merged state dicts, as before live models (the reference)."""
-    parse = Objectives.parse.__func__  # type: ignore[attr-defined]
-
-    def old(cls, specs, weights=None):
-        objs = parse(cls, specs, weights)
-        objs.in_place = False
-        return objs
-
-    monkeypatch.setattr(Objectives, "parse", classmethod(old))
-
-
 def suite_search(root: Path, spec: str, method: str = "ties") -> Path:
     data = suite_template(spec, method)
     data["search"] = {"granularity": "layer",
@@ -214,10 +202,8 @@ def test_a_search_scores_the_same_bits_in_place_as_on_state_dicts(suite, request
     new = optimize("evolve", tpl, [spec], tmp_path / "new", budget=6, seed=3,
                    options={"popsize": 3})
     assert len(calls) == 6  # every trial merged into the live model
-    with monkeypatch.context() as m:
-        state_dict_path(m)
-        old = optimize("evolve", tpl, [spec], tmp_path / "old", budget=6, seed=3,
-                       options={"popsize": 3})
+    old = optimize("evolve", tpl, [spec], tmp_path / "old", budget=6, seed=3,
+                   options={"popsize": 3}, in_place=False)
     assert len(calls) == 6
     assert trials(tmp_path / "new") == trials(tmp_path / "old")
     assert new.recipe_path.read_text() == old.recipe_path.read_text()
@@ -225,7 +211,7 @@ def test_a_search_scores_the_same_bits_in_place_as_on_state_dicts(suite, request
 
 @pytest.mark.slow
 def test_two_ray_workers_in_place_give_the_state_dict_path_trials(vision_smoke, lm_smoke,
-                                                                 tmp_path, monkeypatch):
+                                                                 tmp_path):
     pytest.importorskip("ray")
     from modelalloy.search.driver import optimize
 
@@ -234,10 +220,8 @@ def test_two_ray_workers_in_place_give_the_state_dict_path_trials(vision_smoke, 
         root = tmp_path / suite
         root.mkdir()
         tpl = suite_search(root, spec)
-        with monkeypatch.context() as m:
-            state_dict_path(m)
-            optimize("evolve", tpl, [spec], root / "old", budget=8, seed=5,
-                     options={"popsize": 4})
+        optimize("evolve", tpl, [spec], root / "old", budget=8, seed=5,
+                 options={"popsize": 4}, in_place=False)
         optimize("evolve", tpl, [spec], root / "two", budget=8, seed=5, workers=2,
                  options={"popsize": 4})
         assert trials(root / "two") == trials(root / "old"), suite

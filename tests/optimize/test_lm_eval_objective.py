@@ -28,6 +28,9 @@ def test_lm_eval_in_memory_matches_the_merged_folder(lm_smoke, tmp_path, run_cli
         (tmp_path / "merged" / f).write_bytes((lm_smoke.info.base_dir / f).read_bytes())
     disk = run_lm_eval(tmp_path / "merged", ["ma_len"], include_path=include)
     assert disk["ma_len"]["exact_match"] == pytest.approx(best["ma_len"])
+    # the live model the candidates are merged into scores what a loaded state dict scores
+    old = optimize("evolve", tpl, [spec], tmp_path / "old", budget=2, seed=1, in_place=False)
+    assert [t["scores"] for t in old.trials] == [t["scores"] for t in res.trials]
 
 
 def test_lm_eval_objective_errors(tmp_path):

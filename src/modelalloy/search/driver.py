@@ -194,17 +194,20 @@ def optimize(algorithm: str, recipe: str | Path, objectives: Sequence[str], out:
              weights: Sequence[float] | None = None, budget: int | None = None,
              workers: int = 1, ray_address: str | None = None, seed: int = 0,
              resume: bool = False, options: Mapping[str, Any] | None = None,
-             progress: bool = False, echo: Callable[[str], None] | None = None
-             ) -> OptimizeResult:
+             progress: bool = False, echo: Callable[[str], None] | None = None,
+             in_place: bool = True) -> OptimizeResult:
     """Run ``algorithm`` on the template ``recipe`` against ``objectives``; write ``out``.
 
     The Python form of ``modelalloy optimize`` (same arguments; ``options`` are the
     algorithm's own, e.g. ``{"popsize": 8}``). Returns the chosen trial and every trial.
+    ``in_place=False`` scores every candidate as a merged state dict loaded into a model, not
+    merged into a live one (the same scores, slower: for comparisons).
     """
     spec = get_algorithm(algorithm)
     run = spec.runner()
     opts = spec.resolve_options(dict(options or {}))
     objs = Objectives.parse(list(objectives), weights)
+    objs.in_place = in_place
     space, template = load_template(recipe)
     budget = spec.default_budget(space, opts) if budget is None else int(budget)
     if budget < 1:
