@@ -277,6 +277,164 @@ def measure_suites(budget: int, log: Any, size: str = "smoke") -> list[dict[str,
     return rows
 
 
+def measure_trial_path(size: str, methods: list[str], n: int, cache: Path, budget: int,
+                       suite_size: str, log: Any) -> dict[str, Any]:
+    """A search trial's merge + load before and after live models: (1) on the synthetic Llama,
+    the candidate merged into a new state dict (with the pool's re-merge cache) and
+    ``load_state_dict`` into the model (what every objective did) against ``merge_into`` the
+    live model (what a trial does now); (2) whole trials of ``evolve`` on the suites, one
+    worker on one torch thread, ``in_place=False`` (a state dict, a model built per trial and
+    loaded: the suites' old path) against the live model. CPU-seconds per trial, the first
+    trial (which builds the live model) left out."""
+    import yaml
+    from merge_speed import generate_models
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import modelalloy.search.workers as workers
+    from modelalloy.optimize.candidate import LiveModel, ModelPool, merge_candidate, merge_into
+    from modelalloy.optimize.template import load_template
+    from modelalloy.search.driver import optimize
+    from modelalloy.search.objectives import suite_template
+
+    out: dict[str, Any] = {"models": [], "suites": []}
+    models = generate_models(size, cache, log=log)
+    work = Path(tempfile.mkdtemp(prefix="trial-path-"))
+    try:
+        for method in methods:
+            tpl = work / f"{method}.yaml"
+            tpl.write_text(yaml.safe_dump(template(method, models)))
+            space, recipe = load_template(tpl)
+            config = LlamaConfig.from_dict(json.loads((models["base"] / "config.json")
+                                                      .read_text()))
+            module = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+            live = LiveModel(module)
+
+            def live_for(shapes: Any, live: LiveModel = live) -> LiveModel:
+                live.fit(shapes)
+                return live
+
+            old_pool = ModelPool()
+            old_pool.sources(recipe)
+            new_pool = ModelPool(dict(old_pool.items()))
+            gen = torch.Generator().manual_seed(0)
+            genomes = [torch.rand(space.dim, generator=gen).tolist() for _ in range(n)]
+            cpu: dict[str, list[float]] = {"before": [], "after": []}
+            wall: dict[str, list[float]] = {"before": [], "after": []}
+            for i, genome in enumerate(genomes):
+                rec = space.recipe(genome)
+                c0, t0 = cpu_seconds(), time.perf_counter()
+                module.load_state_dict(merge_candidate(rec, old_pool), strict=False)
+                cpu["before"].append(cpu_seconds() - c0)
+                wall["before"].append(time.perf_counter() - t0)
+                live.forget()  # the path above wrote into the module too
+                c0, t0 = cpu_seconds(), time.perf_counter()
+                merge_into(rec, new_pool, live_for)
+                cpu["after"].append(cpu_seconds() - c0)
+                wall["after"].append(time.perf_counter() - t0)
+                log(f"[trial path, {method}] candidate {i}: before {cpu['before'][-1]:.2f} "
+                    f"CPU-s, after {cpu['after'][-1]:.2f} CPU-s")
+            out["models"].append({
+                "size": size, "method": method, "candidates": n,
+                "params": sum(p.numel() for p in module.parameters()),
+                "load_average": round(os.getloadavg()[0], 1), "nice": os.nice(0),
+                **{f"{k}_cpu": round(statistics.median(v[1:] or v), 3) for k, v in cpu.items()},
+                **{f"{k}_wall": round(statistics.median(v[1:] or v), 3)
+                   for k, v in wall.items()}})
+            del module, live, old_pool, new_pool
+
+        per_trial: list[tuple[float, float]] = []
+        scorer = workers.score_candidate
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            c0, t0 = time.process_time(), time.perf_counter()
+            res = scorer(*args, **kwargs)
+            per_trial.append((time.process_time() - c0, time.perf_counter() - t0))
+            return res
+
+        threads = torch.get_num_threads()
+        workers.score_candidate = timed  # type: ignore[assignment]
+        torch.set_num_threads(1)  # what each Ray worker runs on
+        try:
+            for suite in ("tiny-vision", "tiny-lm"):
+                spec = f"suite:{suite}?size={suite_size}"
+                tpl = work / f"{suite}.yaml"
+                data = suite_template(spec, "ties")
+                data["search"] = {"granularity": "layer",
+                                  "parameters": {"weight": [0, 1], "density": [0.1, 1.0]}}
+                tpl.write_text(yaml.safe_dump(data))
+                row: dict[str, Any] = {"suite": suite, "size": suite_size, "budget": budget,
+                                       "load_average": round(os.getloadavg()[0], 1),
+                                       "nice": os.nice(0)}
+                scores = {}
+                # before, after, and again (the machine's load drifts: the better of two)
+                for rnd, key in enumerate(("before", "after", "before", "after")):
+                    per_trial.clear()
+                    res = optimize("evolve", tpl, [spec], work / f"{suite}-{rnd}",
+                                   budget=budget, options={"popsize": 8},
+                                   in_place=key == "after")
+                    rest = per_trial[1:]  # the first trial builds the live model
+                    cpu_t = statistics.median(c for c, _ in rest)
+                    wall_t = statistics.median(w for _, w in rest)
+                    row[f"{key}_cpu"] = min(row.get(f"{key}_cpu", cpu_t), round(cpu_t, 4))
+                    row[f"{key}_wall"] = min(row.get(f"{key}_wall", wall_t), round(wall_t, 4))
+                    scores[key] = [r["scores"] for r in res.trials]
+                    log(f"[trial path, {suite}] {key}: {cpu_t * 1e3:.1f} ms CPU, "
+                        f"{wall_t * 1e3:.1f} ms wall per trial")
+                row["same_scores"] = scores["before"] == scores["after"]
+                row["load_average_after"] = round(os.getloadavg()[0], 1)
+                out["suites"].append(row)
+        finally:
+            workers.score_candidate = scorer  # type: ignore[assignment]
+            torch.set_num_threads(threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return out
+
+
+def render_trial_path(tp: dict[str, Any]) -> list[str]:
+    def load(r: dict[str, Any]) -> str:
+        text = str(r.get("load_average", ""))
+        if "load_average_after" in r:
+            text += f" → {r['load_average_after']}"
+        return text + (f" (nice {r['nice']})" if r.get("nice") else "")
+
+    L = ["", "### A search trial's merge + load: state dicts against live models",
+         "",
+         "Before: the candidate merged into a new state dict (the pool's re-merge cache on), "
+         "then loaded into the objective's model (`load_state_dict`; the suites also built "
+         "that model, randomly initialised, every trial). After: `merge_into` the objective's "
+         "live model — the merged tensors written straight into its parameters, only the "
+         "tensors whose parameters changed since the model's last candidate (these random "
+         "genomes move all of them). Medians over the candidates after the first; CPU-seconds "
+         f"(user + system) are the figure under load. Measured {tp['date']}. Command: "
+         "`PYTHONPATH=src python benchmarks/candidate_cost.py --trial-path --cache-dir "
+         "/work/main/benchmarks/.cache`.", "",
+         "| model | method | candidates | load average | CPU-s before | CPU-s after | "
+         "before ÷ after | wall before (s) | wall after (s) |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in tp.get("models", []):
+        L.append(f"| synthetic Llama {r['size']} ({r['params'] / 1e6:.0f}M, bf16) | "
+                 f"{r['method']} | {r['candidates']} | {load(r)} | {r['before_cpu']:.3f} | "
+                 f"{r['after_cpu']:.3f} | {r['before_cpu'] / r['after_cpu']:.2f}× | "
+                 f"{r['before_wall']:.3f} | {r['after_wall']:.3f} |")
+    if tp.get("suites"):
+        L += ["", "Whole trials (merge + score, validation split) of `evolve` (layer-wise TIES, "
+              "population 8), one worker on one torch thread (what a Ray worker runs on), "
+              "`optimize(..., in_place=False)` (before) against the default (after); per "
+              "trial, the better of two runs each, the first trial left out.", "",
+              "| suite | trials | load average (before → after) | CPU-ms per trial before | "
+              "after | before ÷ after | wall ms per trial before | after | same scores |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in tp["suites"]:
+            L.append(f"| {r['suite']} ({r['size']}) | {r['budget']} | {load(r)} | "
+                     f"{r['before_cpu'] * 1e3:.1f} | {r['after_cpu'] * 1e3:.1f} | "
+                     f"{r['before_cpu'] / r['after_cpu']:.2f}× | "
+                     f"{r['before_wall'] * 1e3:.1f} | {r['after_wall'] * 1e3:.1f} | "
+                     f"{'yes' if r['same_scores'] else '**no**'} |")
+    return L
+
+
 def render(results: dict[str, Any]) -> str:
     L = [SECTION, "",
          "What a search trial costs before it is evaluated (merge + load into a model ready to "
@@ -364,6 +522,8 @@ def render(results: dict[str, Any]) -> str:
                      f"{one / r['w2_wall']:.2f}× | {r['w1_wall'] / r['w2_wall']:.2f}× | "
                      f"{busy(r)} | {slower(r)} |")
     L += ["", *findings(results)]
+    if results.get("trial_path"):
+        L += render_trial_path(results["trial_path"])
     return "\n".join(L).rstrip() + "\n"
 
 
@@ -443,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
                                            "(default: MERGEKIT_YAML, PATH, ../venv-mergekit)")
     ap.add_argument("--no-mergekit", action="store_true",
                     help="leave out the mergekit-evolve column")
+    ap.add_argument("--trial-path", action="store_true",
+                    help="measure only a search trial's merge + load before and after live "
+                         "models (--size, --methods, --candidates, --budget, --suite-size); "
+                         "keep the other rows of --json")
     ap.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--json", type=Path,
                     default=REPO / "benchmarks" / "results" / "candidate_cost.json")
@@ -456,12 +620,16 @@ def main(argv: list[str] | None = None) -> int:
     results.update({"date": time.strftime("%Y-%m-%d"),
                     "machine": f"{platform.machine()}, {torch.get_num_threads()} torch "
                                f"threads, torch {torch.__version__}"})
-    if not args.no_candidates:
+    if args.trial_path:
+        results["trial_path"] = measure_trial_path(
+            args.size, args.methods.split(","), args.candidates, args.cache_dir, args.budget,
+            args.suite_size, log)
+    elif not args.no_candidates:
         mergekit = None if args.no_mergekit else mergekit_python(args.mergekit_bin, log)
         results["candidates"] = [measure_candidates(args.size, m, args.candidates,
                                                     args.cache_dir, log, mergekit)
                                  for m in args.methods.split(",")]
-    if not args.no_suites:
+    if not args.no_suites and not args.trial_path:
         fresh = measure_suites(args.budget, log, args.suite_size)
         ran = {(r["suite"], r["size"]) for r in fresh}
         # the other size's rows stay (rows without a size are the smoke suites')
