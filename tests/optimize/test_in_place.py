@@ -207,6 +207,16 @@ def test_a_search_scores_the_same_bits_in_place_as_on_state_dicts(suite, request
     assert len(calls) == 6
     assert trials(tmp_path / "new") == trials(tmp_path / "old")
     assert new.recipe_path.read_text() == old.recipe_path.read_text()
+    # killed after trial 3, mid-line: resumed on fresh live models, the same trials and recipe
+    log = tmp_path / "new" / "trials.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:3]) + lines[3][:20])
+    new.recipe_path.unlink()
+    again = optimize("evolve", tpl, [spec], tmp_path / "new", budget=6, seed=3,
+                     options={"popsize": 3}, resume=True)
+    assert len(calls) == 6 + 3
+    assert trials(tmp_path / "new") == trials(tmp_path / "old")
+    assert again.recipe_path.read_text() == old.recipe_path.read_text()
 
 
 @pytest.mark.slow
