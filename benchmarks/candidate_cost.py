@@ -278,7 +278,8 @@ def measure_suites(budget: int, log: Any, size: str = "smoke") -> list[dict[str,
 
 
 def measure_trial_path(size: str, methods: list[str], n: int, cache: Path, budget: int,
-                       suite_size: str, log: Any) -> dict[str, Any]:
+                       suite_size: str, log: Any, *, models_too: bool = True,
+                       suites_too: bool = True) -> dict[str, Any]:
     """A search trial's merge + load before and after live models: (1) on the synthetic Llama,
     the candidate merged into a new state dict (with the pool's re-merge cache) and
     ``load_state_dict`` into the model (what every objective did) against ``merge_into`` the
@@ -297,10 +298,10 @@ def measure_trial_path(size: str, methods: list[str], n: int, cache: Path, budge
     from modelalloy.search.objectives import suite_template
 
     out: dict[str, Any] = {"models": [], "suites": []}
-    models = generate_models(size, cache, log=log)
+    models = generate_models(size, cache, log=log) if models_too else {}
     work = Path(tempfile.mkdtemp(prefix="trial-path-"))
     try:
-        for method in methods:
+        for method in methods if models_too else []:
             tpl = work / f"{method}.yaml"
             tpl.write_text(yaml.safe_dump(template(method, models)))
             space, recipe = load_template(tpl)
@@ -355,7 +356,7 @@ def measure_trial_path(size: str, methods: list[str], n: int, cache: Path, budge
         workers.score_candidate = timed  # type: ignore[assignment]
         torch.set_num_threads(1)  # what each Ray worker runs on
         try:
-            for suite in ("tiny-vision", "tiny-lm"):
+            for suite in ("tiny-vision", "tiny-lm") if suites_too else ():
                 spec = f"suite:{suite}?size={suite_size}"
                 tpl = work / f"{suite}.yaml"
                 data = suite_template(spec, "ties")
@@ -432,6 +433,15 @@ def render_trial_path(tp: dict[str, Any]) -> list[str]:
                      f"{r['before_cpu'] / r['after_cpu']:.2f}× | "
                      f"{r['before_wall'] * 1e3:.1f} | {r['after_wall'] * 1e3:.1f} | "
                      f"{'yes' if r['same_scores'] else '**no**'} |")
+    L += ["", "What changed for a trial: no model is built per trial (the suites built a "
+          "randomly initialised one, whose initialisation alone is a pass over every weight), "
+          "no merged state dict is allocated and no `load_state_dict` copies it: the engine "
+          "writes each merged slice into the parameter it belongs to, and only the tensors "
+          "whose parameters changed. The scores are the same bits (last column; "
+          "tests/optimize/test_in_place.py). The Ray rows above (1 against 2 workers) run "
+          "through `optimize`'s default, the live models, since they exist: rerun "
+          "`PYTHONPATH=src python benchmarks/candidate_cost.py --no-candidates --suite-size "
+          "full --budget 48` on a quiet machine to time them with it."]
     return L
 
 
@@ -605,8 +615,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave out the mergekit-evolve column")
     ap.add_argument("--trial-path", action="store_true",
                     help="measure only a search trial's merge + load before and after live "
-                         "models (--size, --methods, --candidates, --budget, --suite-size); "
-                         "keep the other rows of --json")
+                         "models (--size, --methods, --candidates, --budget, --suite-size; "
+                         "--no-candidates / --no-suites leave a part out); keep the other "
+                         "rows of --json")
     ap.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--json", type=Path,
                     default=REPO / "benchmarks" / "results" / "candidate_cost.json")
@@ -621,9 +632,17 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": f"{platform.machine()}, {torch.get_num_threads()} torch "
                                f"threads, torch {torch.__version__}"})
     if args.trial_path:
-        results["trial_path"] = measure_trial_path(
+        fresh_tp = measure_trial_path(
             args.size, args.methods.split(","), args.candidates, args.cache_dir, args.budget,
-            args.suite_size, log)
+            args.suite_size, log, models_too=not args.no_candidates,
+            suites_too=not args.no_suites)
+        tp = results.setdefault("trial_path", {"models": [], "suites": []})
+        tp["date"] = fresh_tp["date"]
+        if fresh_tp["models"]:  # rows not measured this time stay
+            tp["models"] = fresh_tp["models"]
+        ran = {(r["suite"], r["size"]) for r in fresh_tp["suites"]}
+        tp["suites"] = [r for r in tp["suites"] if (r["suite"], r["size"]) not in ran] \
+            + fresh_tp["suites"]
     elif not args.no_candidates:
         mergekit = None if args.no_mergekit else mergekit_python(args.mergekit_bin, log)
         results["candidates"] = [measure_candidates(args.size, m, args.candidates,
