@@ -225,27 +225,37 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
         shutil.rmtree(work, ignore_errors=True)
 
 
+def suite_search(path: Path, spec: str) -> Path:
+    """The suites' search template: layer-wise TIES weights and densities."""
+    import yaml
+
+    from modelalloy.search.objectives import suite_template
+
+    data = suite_template(spec, "ties")
+    data["search"] = {"granularity": "layer",
+                      "parameters": {"weight": [0, 1], "density": [0.1, 1.0]}}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def suite_row(suite: str, size: str, budget: int) -> dict[str, Any]:
+    return {"suite": suite, "size": size, "budget": budget,
+            "load_average": round(os.getloadavg()[0], 1), "nice": os.nice(0)}
+
+
 def measure_suites(budget: int, log: Any, size: str = "smoke") -> list[dict[str, Any]]:
     """evolve on each suite of ``size``: trials per second (merge + score, one worker), and the
     whole run with 1 and 2 Ray workers (Ray's start excluded: the evaluation phase only)."""
-    import yaml
 
     from modelalloy.search.driver import optimize
-    from modelalloy.search.objectives import suite_template
 
     rows = []
     for suite in ("tiny-vision", "tiny-lm"):
         spec = f"suite:{suite}?size={size}"
         work = Path(tempfile.mkdtemp(prefix="trials-"))
         try:
-            tpl = work / "t.yaml"
-            data = suite_template(spec, "ties")
-            data["search"] = {"granularity": "layer",
-                              "parameters": {"weight": [0, 1], "density": [0.1, 1.0]}}
-            tpl.write_text(yaml.safe_dump(data))
-            row: dict[str, Any] = {"suite": suite, "size": size, "budget": budget,
-                                   "load_average": round(os.getloadavg()[0], 1),
-                                   "nice": os.nice(0)}
+            tpl = suite_search(work / "t.yaml", spec)
+            row = suite_row(suite, size, budget)
             threads = torch.get_num_threads()
             # one worker with the process's threads; one worker on one torch thread (what
             # each Ray worker gets); two Ray workers
@@ -295,7 +305,6 @@ def measure_trial_path(size: str, methods: list[str], n: int, cache: Path, budge
     from modelalloy.optimize.candidate import LiveModel, ModelPool, merge_candidate, merge_into
     from modelalloy.optimize.template import load_template
     from modelalloy.search.driver import optimize
-    from modelalloy.search.objectives import suite_template
 
     out: dict[str, Any] = {"models": [], "suites": []}
     models = generate_models(size, cache, log=log) if models_too else {}
@@ -358,14 +367,8 @@ def measure_trial_path(size: str, methods: list[str], n: int, cache: Path, budge
         try:
             for suite in ("tiny-vision", "tiny-lm") if suites_too else ():
                 spec = f"suite:{suite}?size={suite_size}"
-                tpl = work / f"{suite}.yaml"
-                data = suite_template(spec, "ties")
-                data["search"] = {"granularity": "layer",
-                                  "parameters": {"weight": [0, 1], "density": [0.1, 1.0]}}
-                tpl.write_text(yaml.safe_dump(data))
-                row: dict[str, Any] = {"suite": suite, "size": suite_size, "budget": budget,
-                                       "load_average": round(os.getloadavg()[0], 1),
-                                       "nice": os.nice(0)}
+                tpl = suite_search(work / f"{suite}.yaml", spec)
+                row = suite_row(suite, suite_size, budget)
                 scores = {}
                 # before, after, and again (the machine's load drifts: the better of two)
                 for rnd, key in enumerate(("before", "after", "before", "after")):
