@@ -235,3 +235,51 @@ def test_two_ray_workers_in_place_give_the_state_dict_path_trials(vision_smoke, 
         optimize("evolve", tpl, [spec], root / "two", budget=8, seed=5, workers=2,
                  options={"popsize": 4})
         assert trials(root / "two") == trials(root / "old"), suite
+
+
+def test_tied_tensors_are_written_again_together(tmp_path):
+    """``emb`` and ``out`` are one parameter in the module (tied), two tensors in the
+    checkpoints, merged with their own weights: after a candidate that moves only ``emb``'s
+    weight, the module holds what a fresh whole merge loaded in order gives (``out`` written
+    after ``emb``, as the engine writes them, so ``out``'s value is the one left)."""
+    from safetensors.torch import save_file
+
+    from modelalloy.recipe.load import recipe_from_dict
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"emb.weight": torch.randn(4, 3, generator=gen),
+            "out.weight": torch.randn(4, 3, generator=gen)}
+    folders = []
+    for name in ("base", "e0", "e1"):
+        sd = base if name == "base" else {n: t + torch.randn(t.shape, generator=gen)
+                                          for n, t in base.items()}
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file(sd, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text("{}")
+        folders.append(folder)
+
+    def recipe(w_emb: float):
+        return recipe_from_dict({
+            "merge_method": "task_arithmetic", "base_model": str(folders[0]),
+            "models": [{"model": str(f), "parameters": {"weight": [
+                {"filter": "emb", "value": w_emb}, {"value": 0.5}]}} for f in folders[1:]],
+            "parameters": {"normalize": False}, "dtype": "float32"})
+
+    module = nn.Module()
+    module.emb = nn.Module()
+    module.out = nn.Module()
+    module.emb.weight = module.out.weight = nn.Parameter(torch.zeros(4, 3))
+    live = LiveModel(module)
+    assert live.tied == {"emb.weight": ["out.weight"], "out.weight": ["emb.weight"]}
+
+    def live_for(shapes):
+        live.fit(shapes)
+        return live
+
+    pool = ModelPool()
+    for w in (0.2, 0.9):
+        merge_into(recipe(w), pool, live_for)
+        fresh = merge_candidate(recipe(w), ModelPool(reuse=False))
+        assert torch.equal(module.emb.weight, fresh["out.weight"])
+    assert pool.merged_tensors == 4  # the second candidate moved emb only, out written again

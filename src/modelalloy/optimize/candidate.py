@@ -149,6 +149,12 @@ class LiveModel:
         self.targets: dict[str, torch.Tensor] = dict(module.state_dict(keep_vars=True))
         self.holds: dict[str, Any] = {}  # name -> the key of the candidate that wrote it
         self._fits: dict[str, tuple[int, ...]] | None = None  # the layout checked last
+        # names that share their storage with others (tied): writing one changes them all
+        by_storage: dict[int, list[str]] = {}
+        for name, t in self.targets.items():
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+        self.tied = {n: [m for m in group if m != n] for group in by_storage.values()
+                     if len(group) > 1 for n in group}
 
     def fit(self, shapes: Shapes) -> None:
         """Fail in one line unless tensors of ``shapes`` can be written into the module."""
@@ -210,7 +216,10 @@ def merge_into(recipe: Recipe, pool: ModelPool, live: LiveFor) -> torch.nn.Modul
     ref = recipe.model_reference(recipe.base_model if recipe.uses_base()  # type: ignore[arg-type]
                                  else recipe.expert_entries()[0].model)
     keys.update({n: ("copy", ref) for n in reference if n not in keys})
-    changed = [n for n, k in keys.items() if model.holds.get(n) != k]
+    stale = {n for n, k in keys.items() if model.holds.get(n) != k}
+    # a tied tensor written again overwrites its twins: they are written too, in plan order
+    stale |= {m for n in stale for m in model.tied.get(n, ())}
+    changed = [n for n in keys if n in stale]
     if changed:
         for n in changed:  # a merge that fails half-way leaves them unknown
             model.holds.pop(n, None)
