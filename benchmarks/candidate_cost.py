@@ -150,7 +150,7 @@ def measure_candidates(size: str, method: str, n: int, cache: Path, log: Any,
             merge_candidate(rec, pool, into=module)  # merged straight into the live model
             mem.append(time.perf_counter() - t0)
             cpu["in_memory"].append(cpu_seconds() - c0)
-            # what a search trial does today: a new state dict, then the objective's
+            # what a search trial did before live models: a new state dict, then the objective's
             # load_state_dict into its model
             c0, t0 = cpu_seconds(), time.perf_counter()
             module.load_state_dict(merge_candidate(rec, pool), strict=False)
@@ -453,8 +453,9 @@ def render(results: dict[str, Any]) -> str:
          "What a search trial costs before it is evaluated (merge + load into a model ready to "
          "run), three ways against the in-memory candidate (`merge_candidate`, the merge "
          "every `modelalloy optimize` algorithm uses, here writing into the parameters of a "
-         "model built once, `into=`; next to it the same merge as a search trial makes it "
-         "today: a new state dict, then the objective's `load_state_dict` into its model): "
+         "model built once, `into=`, as a search trial now merges into its objective's live "
+         "model; next to it the same merge as a search trial made it before live models: a "
+         "new state dict, then the objective's `load_state_dict` into its model): "
          "(a) `modelalloy merge` of the candidate into a fresh folder, its shards read "
          "back with safetensors into that same built model — the strictest comparison; (b) the "
          "same folder loaded with `AutoModelForCausalLM.from_pretrained(FOLDER, "
@@ -474,7 +475,7 @@ def render(results: dict[str, Any]) -> str:
          "`PYTHONPATH=src python benchmarks/candidate_cost.py --mergekit-bin "
          "/work/mk-venv/bin/mergekit-yaml` (`--help` for options).", "",
          "| model | method | genes | candidates | load average | in memory | in memory as a "
-         "trial does it (state dict + load_state_dict) | (a) our merge to "
+         "trial did it before live models (state dict + load_state_dict) | (a) our merge to "
          "disk + safetensors into the built model | (b) our merge to disk + from_pretrained | "
          "(c) mergekit-evolve: mergekit merge + from_pretrained (merge alone) "
          "| speed-up of in memory over (a) / (b) / (c), medians | CPU-s (user + system) in "
@@ -565,7 +566,7 @@ def findings(results: dict[str, Any]) -> list[str]:
                 f"{r['speedup']:.1f}× in favour of memory")
         if "in_memory_state_dict" in r:
             trial = r["in_memory_state_dict"]
-            line += (f"; as a search trial makes it today (a new state dict, then "
+            line += (f"; as a search trial made it before live models (a new state dict, then "
                      f"`load_state_dict`) {trial:.2f} s, {r['disk'] / trial:.1f}× against (a)"
                      + (f" and {r['mergekit'] / trial:.1f}× against (c)" if "mergekit" in r
                         else ""))
