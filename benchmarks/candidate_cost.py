@@ -347,6 +347,7 @@ def measure_trial_path(size: str, methods: list[str], n: int, cache: Path, budge
                 "size": size, "method": method, "candidates": n,
                 "params": sum(p.numel() for p in module.parameters()),
                 "load_average": round(os.getloadavg()[0], 1), "nice": os.nice(0),
+                "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 **{f"{k}_cpu": round(statistics.median(v[1:] or v), 3) for k, v in cpu.items()},
                 **{f"{k}_wall": round(statistics.median(v[1:] or v), 3)
                    for k, v in wall.items()}})
@@ -385,6 +386,7 @@ def measure_trial_path(size: str, methods: list[str], n: int, cache: Path, budge
                     log(f"[trial path, {suite}] {key}: {cpu_t * 1e3:.1f} ms CPU, "
                         f"{wall_t * 1e3:.1f} ms wall per trial")
                 row["same_scores"] = scores["before"] == scores["after"]
+                row["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 row["load_average_after"] = round(os.getloadavg()[0], 1)
                 out["suites"].append(row)
         finally:
@@ -401,7 +403,8 @@ def render_trial_path(tp: dict[str, Any]) -> list[str]:
         text = str(r.get("load_average", ""))
         if "load_average_after" in r:
             text += f" → {r['load_average_after']}"
-        return text + (f" (nice {r['nice']})" if r.get("nice") else "")
+        text += f" (nice {r['nice']})" if r.get("nice") else ""
+        return text + (f", {r['when']}" if "when" in r else "")
 
     L = ["", "### A search trial's merge + load: state dicts against live models",
          "",
@@ -411,10 +414,11 @@ def render_trial_path(tp: dict[str, Any]) -> list[str]:
          "live model — the merged tensors written straight into its parameters, only the "
          "tensors whose parameters changed since the model's last candidate (these random "
          "genomes move all of them). Medians over the candidates after the first; CPU-seconds "
-         f"(user + system) are the figure under load. Measured {tp['date']}. Command: "
+         "(user + system) are the figure under load; the load column gives when each row "
+         "was measured. Command: "
          "`PYTHONPATH=src python benchmarks/candidate_cost.py --trial-path --cache-dir "
          "/work/main/benchmarks/.cache`.", "",
-         "| model | method | candidates | load average | CPU-s before | CPU-s after | "
+         "| model | method | candidates | load average, when | CPU-s before | CPU-s after | "
          "before ÷ after | wall before (s) | wall after (s) |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in tp.get("models", []):
@@ -427,7 +431,7 @@ def render_trial_path(tp: dict[str, Any]) -> list[str]:
               "population 8), one worker on one torch thread (what a Ray worker runs on), "
               "`optimize(..., in_place=False)` (before) against the default (after); per "
               "trial, the better of two runs each, the first trial left out.", "",
-              "| suite | trials | load average (before → after) | CPU-ms per trial before | "
+              "| suite | trials | load average (before → after), when | CPU-ms per trial before | "
               "after | before ÷ after | wall ms per trial before | after | same scores |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in tp["suites"]:
