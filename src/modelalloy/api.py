@@ -59,7 +59,8 @@ def merge(recipe: str | Path | Mapping[str, Any] | Any, out_dir: str | Path | No
     With ``out_dir``: write the merged model there as a complete HF folder, as ``modelalloy
     merge`` does; options are the command's: device, seed, threads, memory_budget,
     shard_size, force, allow_nonfinite, stats_dir (where statistics of models without their
-    own are collected and found). Returns a MergeResult (``.path`` is the folder).
+    own are collected and found), direct_io ("auto", "on", "off": O_DIRECT reads,
+    docs/direct_io.md). Returns a MergeResult (``.path`` is the folder).
 
     Without it, merge in memory, through the same engine (the recipe's per-tensor parameters,
     the same checks, seeds and bits): ``sources`` maps each model reference, exactly as the

@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
         allow_nonfinite: Annotated[bool, typer.Option(
             help="Warn instead of failing on NaN/Inf in inputs.")] = False,
+        direct_io: Annotated[str, typer.Option(
+            help="Read inputs with O_DIRECT: auto (when they exceed free memory), on, off.")]
+            = "auto",
         debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
             = False,
         as_adapter: Annotated[bool | None, typer.Option(
@@ -52,7 +55,7 @@ def register(app: typer.Typer) -> None:
         result = run_recipe(the_recipe, output_dir, device=device, seed=seed, threads=threads,
                             memory_budget=memory_budget, shard_size=shard_size, force=force,
                             allow_nonfinite=allow_nonfinite, progress=sys.stderr.isatty(),
-                            stats_dir=stats_dir)
+                            stats_dir=stats_dir, direct_io=direct_io)
         for warning in result.warnings:
             err.print(Text("warning: ", style="yellow") + Text(warning), soft_wrap=True)
         out.print(f"merged {result.tensors} tensors into {result.path} in {result.seconds:.1f} s:"

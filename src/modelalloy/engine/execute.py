@@ -29,9 +29,16 @@ import torch
 
 from modelalloy import kernels
 from modelalloy.engine.budget import ByteBudget
+from modelalloy.engine.direct_reads import (
+    HOLD_BYTES_MAX,
+    WINDOW_BYTES,
+    DirectWindows,
+    direct_source,
+)
 from modelalloy.engine.progress import ProgressSink, merge_progress
 from modelalloy.engine.sources import StateDictSource
 from modelalloy.errors import NonFiniteError, PlanError
+from modelalloy.io.checkpoint import DIRECT_ALIGN, aligned_buffer
 from modelalloy.methods.registry import KeptBits, MergeContext, TensorGroup
 from modelalloy.plan.planner import KEPT_BYTES_MAX, SLICE_ELEMENTS, MergePlan, PlanEntry
 from modelalloy.plan.sources import TensorSource
@@ -41,6 +48,8 @@ StatsLoader = Callable[[str], dict[str, list[torch.Tensor | None]]]
 # (slice start, element count) -> the merged slice in the output dtype, or None when an input
 # slice holds a NaN/Inf (the whole-tensor path then reports or tolerates it)
 SliceMerger = Callable[[int, int], "torch.Tensor | None"]
+# (source index, slice start, buffer) -> the buffer, filled with that source's stored elements
+SliceFetch = Callable[[int, int, torch.Tensor], torch.Tensor]
 HELD_CACHE_BYTES = 256 << 20
 
 
@@ -61,7 +70,8 @@ class PlanExecutor:
 
     def __init__(self, plan: MergePlan, *, device: torch.device, seed: int, threads: int,
                  budget: ByteBudget, allow_nonfinite: bool,
-                 stats_loader: StatsLoader | None = None, slicing: bool = True):
+                 stats_loader: StatsLoader | None = None, slicing: bool = True,
+                 direct: bool = False):
         self.plan = plan
         self.device = device
         self.seed = seed
@@ -72,6 +82,8 @@ class PlanExecutor:
         # False: every tensor whole (the reference the sliced and fused strategies are
         # tested against; same bits)
         self.slicing = slicing
+        # True: sliced tensors' safetensors inputs are read with O_DIRECT (engine/direct_reads)
+        self.direct = direct
         self.global_stats: Any = None
         self.warnings: list[str] = []
         self.notes: dict[str, list[str]] = {}  # MergeContext.note: message -> tensors
@@ -137,7 +149,49 @@ class PlanExecutor:
 
     def working_bytes(self, entry: PlanEntry) -> int:
         return entry.working_bytes(len(self.plan.sources), sliced=self.sliced(entry),
-                                   kept=self.keeps_bits(entry))
+                                   kept=self.keeps_bits(entry)) + self.direct_bytes(entry)
+
+    def direct_window(self, entry: PlanEntry) -> int:
+        """Bytes of each source's O_DIRECT window for ``entry`` (0: read through the page
+        cache). A method with passes before its merge reads every slice more than once: it
+        gets the whole tensor (read from the disk once) when all its inputs fit
+        ``HOLD_BYTES_MAX`` over all threads and, under a memory budget, one thread's share;
+        otherwise the page cache serves its passes, as without direct I/O."""
+        if not self.direct or not self.sliced(entry) or not entry.merge \
+                or not any(direct_source(s) for s in self.plan.sources):
+            return 0
+        sizes = [s.info(entry.name).nbytes for s in self.plan.sources]
+        if not self.plan.spec.execution.passes_for(entry.params):
+            slice_bytes = entry.slice_length * max(s // max(1, entry.numel) for s in sizes)
+            return max(WINDOW_BYTES, slice_bytes)
+        held = sum(sizes) + 2 * DIRECT_ALIGN * len(sizes)
+        limit = self.budget.limit
+        if held * self.threads > HOLD_BYTES_MAX or (limit is not None and self.threads * (
+                entry.working_bytes(len(sizes), sliced=True, kept=self.keeps_bits(entry))
+                + held) > limit):
+            return 0
+        return max(sizes)
+
+    def direct_bytes(self, entry: PlanEntry) -> int:
+        """Memory of ``entry``'s O_DIRECT windows (0 without)."""
+        window = self.direct_window(entry)
+        return window and (window + 2 * DIRECT_ALIGN) * len(self.plan.sources)
+
+    def _fetcher(self, entry: PlanEntry) -> SliceFetch:
+        """How this thread reads ``entry``'s slices: O_DIRECT windows, or ``get_slice``."""
+        window = self.direct_window(entry)
+        if window:
+            return DirectWindows(self.plan.sources, entry.name, window, self._aligned).read
+        sources, name = self.plan.sources, entry.name
+        return lambda index, start, out: sources[index].get_slice(name, start, out)
+
+    def _aligned(self, index: int, nbytes: int) -> torch.Tensor:
+        """This thread's reused O_DIRECT buffer for source ``index``, at least ``nbytes``."""
+        cache: dict[Any, torch.Tensor] = self._slice_buffers.__dict__
+        buf = cache.get(("direct", index))
+        if buf is None or buf.numel() < nbytes:
+            buf = cache[("direct", index)] = aligned_buffer(nbytes)
+        return buf
 
     def keeps_bits(self, entry: PlanEntry) -> bool:
         """Whether ``entry``'s fused passes may keep their bits for its merge
@@ -171,20 +225,20 @@ class PlanExecutor:
     def _merge_slices(self, entry: PlanEntry, writer: TensorWriter) -> bool:
         execution, ctx = self.plan.spec.execution, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
-        kernel = self._kernel(entry)
+        kernel, fetch = self._kernel(entry), self._fetcher(entry)
         if kernel is not None and self.keeps_bits(entry):
             ctx.streams[KeptBits] = KeptBits(entry.numel)
         # a kernel takes the counting passes too when it has them all (its state is the
         # method's own, so either way gives the same bits); otherwise the torch path does all
         passes = getattr(kernel, "passes", ())
         if kernel is not None and len(passes) == len(execution.passes_for(entry.params)):
-            if not self._fused_reduce(entry, ctx, passes):
+            if not self._fused_reduce(entry, ctx, passes, fetch):
                 return False
-            merge_slice = self._fused_slice(entry, ctx, kernel)
+            merge_slice = self._fused_slice(entry, ctx, kernel, fetch)
         else:
-            if not self._reduce_slices(entry, ctx):
+            if not self._reduce_slices(entry, ctx, fetch):
                 return False
-            merge_slice = self._torch_slice(entry, ctx)
+            merge_slice = self._torch_slice(entry, ctx, fetch)
         # A method that settles some elements after the last slice (its Finish) keeps the
         # merged tensor in memory until then (its output bytes, which working_bytes counts):
         # patching scattered elements of a written file costs far more (a page fault or a
@@ -214,7 +268,7 @@ class PlanExecutor:
         writer.end(entry.name)
         return True
 
-    def _read_slice(self, entry: PlanEntry, start: int, count: int
+    def _read_slice(self, entry: PlanEntry, start: int, count: int, fetch: SliceFetch
                     ) -> tuple[torch.Tensor | None, list[torch.Tensor]] | None:
         """(base, experts) of one slice in float32, in this thread's reused buffers; None
         when an input slice holds a NaN/Inf."""
@@ -223,30 +277,31 @@ class PlanExecutor:
         for index, ckpt in enumerate(self.plan.sources):
             raw = self._buffers(index, ckpt.info(entry.name).dtype, step)[:count]
             wide = self._buffers(("float32", index), torch.float32, step)[:count]
-            wide.copy_(ckpt.get_slice(entry.name, start, raw))
+            wide.copy_(fetch(index, start, raw))
             if not all_finite(wide):
                 return None
             inputs.append(wide if unit == 1 else wide.view(-1, unit))
         return self._split(inputs)
 
-    def _reduce_slices(self, entry: PlanEntry, ctx: MergeContext) -> bool:
+    def _reduce_slices(self, entry: PlanEntry, ctx: MergeContext, fetch: SliceFetch) -> bool:
         """The method's reduction passes (``Execution.passes``), each over every slice in
         order; False on a NaN/Inf input."""
         for reduce in self.plan.spec.execution.passes_for(entry.params):
             for start, count in _slices(entry, ctx):
-                split = self._read_slice(entry, start, count)
+                split = self._read_slice(entry, start, count, fetch)
                 if split is None:
                     return False
                 reduce(*split, entry.params, ctx)
         return True
 
-    def _torch_slice(self, entry: PlanEntry, ctx: MergeContext) -> SliceMerger:
+    def _torch_slice(self, entry: PlanEntry, ctx: MergeContext, fetch: SliceFetch
+                     ) -> SliceMerger:
         """Slices through the method's torch code: read, upcast, merge, cast down."""
         spec = self.plan.spec
         out = self._buffers("out", entry.out_dtype, entry.slice_length)
 
         def merge_slice(start: int, count: int) -> torch.Tensor | None:
-            split = self._read_slice(entry, start, count)
+            split = self._read_slice(entry, start, count, fetch)
             if split is None:
                 return None
             return out[:count].copy_(spec(*split, entry.params, ctx).reshape(-1))
@@ -270,7 +325,8 @@ class PlanExecutor:
                     [ckpt.info(entry.name).dtype for ckpt in self.plan.sources],
                     entry.out_dtype))
 
-    def _raw_reader(self, entry: PlanEntry) -> tuple[Callable[[int, int], None], Any]:
+    def _raw_reader(self, entry: PlanEntry, fetch: SliceFetch
+                    ) -> tuple[Callable[[int, int], None], Any]:
         """(read(start, count) of every source's stored bits into one (sources × slice)
         buffer of this thread, that buffer's NumPy view)."""
         sources, step = self.plan.sources, entry.slice_length
@@ -278,13 +334,14 @@ class PlanExecutor:
                             len(sources) * step)[:len(sources) * step].view(len(sources), step)
 
         def read(start: int, count: int) -> None:
-            for index, ckpt in enumerate(sources):
-                ckpt.get_slice(entry.name, start, raw[index, :count])
+            for index in range(len(sources)):
+                fetch(index, start, raw[index, :count])
         return read, kernels.bits(raw)
 
-    def _fused_reduce(self, entry: PlanEntry, ctx: MergeContext, passes: Any) -> bool:
+    def _fused_reduce(self, entry: PlanEntry, ctx: MergeContext, passes: Any,
+                      fetch: SliceFetch) -> bool:
         """The kernel's counting passes (its ``passes``, as the method's own)."""
-        read, raw_bits = self._raw_reader(entry)
+        read, raw_bits = self._raw_reader(entry, fetch)
         for reduce in passes:
             for start, count in _slices(entry, ctx):
                 read(start, count)
@@ -292,10 +349,11 @@ class PlanExecutor:
                     return False
         return True
 
-    def _fused_slice(self, entry: PlanEntry, ctx: MergeContext, kernel: Any) -> SliceMerger:
+    def _fused_slice(self, entry: PlanEntry, ctx: MergeContext, kernel: Any,
+                     fetch: SliceFetch) -> SliceMerger:
         """Slices through the fused kernel: one pass from the stored bits to the output's,
         the same bits as :meth:`_torch_slice`."""
-        read, raw_bits = self._raw_reader(entry)
+        read, raw_bits = self._raw_reader(entry, fetch)
         out = self._buffers("out", entry.out_dtype, entry.slice_length)
         out_bits = kernels.bits(out)
 
@@ -405,7 +463,10 @@ class PlanExecutor:
                 raise
 
     def _prefetch(self, entry: PlanEntry) -> None:
-        """Hint the page cache about the inputs ``entry`` will read."""
+        """Hint the page cache about the inputs ``entry`` will read (not those read with
+        O_DIRECT: the cache would only hold pages nobody reads)."""
+        if self.direct_window(entry):
+            return
         for ckpt in self.plan.sources if entry.merge else (self.plan.reference,):
             ckpt.prefetch(entry.name)
 
@@ -413,18 +474,21 @@ class PlanExecutor:
 def run_plan(plan: MergePlan, sink: TensorWriter, *, device: torch.device, seed: int,
              threads: int, allow_nonfinite: bool = False, stats_loader: StatsLoader | None = None,
              budget: ByteBudget | None = None, progress: bool = False,
-             slicing: bool = True, prepared: Callable[[Any], None] | None = None) -> list[str]:
+             slicing: bool = True, prepared: Callable[[Any], None] | None = None,
+             direct: bool = False) -> list[str]:
     """The one driver: check the plan, run the method's whole-model pass when it has one
     (its ``Prepare``), then merge every tensor into ``sink`` (a writer on disk, a state dict, a
     live module) on ``threads`` threads, each tensor whole, sliced or through a fused kernel
     as the plan and the device allow (``slicing=False``: every tensor whole). ``prepared``
     is given what the whole-model pass found (None without one), before the tensors are
-    merged. Returns the warnings (tolerated NaN/Inf inputs)."""
+    merged. ``direct``: read sliced tensors' safetensors inputs with O_DIRECT
+    (engine/direct_reads.py; the same bits). Returns the warnings (tolerated NaN/Inf
+    inputs)."""
     plan.raise_if_problems()
     executor = PlanExecutor(plan, device=device, seed=seed, threads=threads,
                             budget=budget if budget is not None else ByteBudget(None),
                             allow_nonfinite=allow_nonfinite,
-                            stats_loader=stats_loader, slicing=slicing)
+                            stats_loader=stats_loader, slicing=slicing, direct=direct)
     executor.prepare()
     if prepared is not None:
         prepared(executor.global_stats)

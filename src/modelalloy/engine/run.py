@@ -16,6 +16,7 @@ import torch
 
 from modelalloy.engine.allocator import return_freed_blocks
 from modelalloy.engine.budget import ByteBudget
+from modelalloy.engine.direct_reads import use_direct_io
 from modelalloy.engine.execute import run_plan
 from modelalloy.engine.sources import TallExpertSource, open_tall_expert
 from modelalloy.errors import ModelAlloyError
@@ -185,8 +186,12 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
                memory_budget: str | int | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                force: bool = False, allow_nonfinite: bool = False,
                progress: bool = False, stats_dir: str | Path | None = None,
-               prepared: Callable[[Any], None] | None = None) -> MergeResult:
+               prepared: Callable[[Any], None] | None = None,
+               direct_io: str | bool = "auto") -> MergeResult:
     """Merge as the recipe says and write a complete HF folder to ``out_dir`` (atomically).
+
+    ``direct_io``: read the inputs with O_DIRECT (``on``), through the page cache (``off``),
+    or ``auto``: direct when they exceed the memory available (docs/direct_io.md).
 
     ``stats_dir``: the statistics folder for models without statistics of their own (over the
     recipe's ``calibration.stats_dir``; default: next to each model). ``prepared``: given what
@@ -198,6 +203,7 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
     check_output_path(out_dir, input_paths(recipe), force)
     threads = threads or default_threads()
     shard_bytes = size_option("shard_size", shard_size)
+    use_direct_io(direct_io, 0)  # a bad value is refused before anything is opened
     budget_bytes = size_option("memory_budget", memory_budget) \
         if memory_budget is not None else None
 
@@ -228,7 +234,8 @@ def run_recipe(recipe: str | Path | Mapping[str, Any] | Recipe, out_dir: Path, *
                                 seed=recipe.seed if seed is None else seed, threads=threads,
                                 allow_nonfinite=allow_nonfinite, stats_loader=stats_loader,
                                 budget=ByteBudget(in_flight), progress=progress,
-                                prepared=prepared)
+                                prepared=prepared,
+                                direct=use_direct_io(direct_io, plan.bytes_read))
             files = writer.close()
             finish_folder(recipe, plan, tmp)
         return MergeResult(path=out_dir, seconds=time.perf_counter() - start,

@@ -16,11 +16,14 @@ that wants to run code is refused, never executed.
 
 ``Checkpoint.get`` returns one tensor at a time, in its stored dtype, on CPU, and may be
 called from several threads at once. safetensors data is read with ``pread`` into memory the
-caller owns (not memory-mapped, so RSS stays at the tensors in flight).
+caller owns (not memory-mapped, so RSS stays at the tensors in flight). ``read_direct`` reads a
+tensor's bytes with ``O_DIRECT`` instead (no page cache: for inputs larger than RAM, see
+docs/direct_io.md), falling back to the buffered reads where the filesystem refuses it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -389,6 +392,27 @@ def _preadinto(fd: int, buf: memoryview, offset: int) -> int:
 
 _HAS_PREADV = hasattr(os, "preadv")
 _HAS_FADVISE = hasattr(os, "posix_fadvise")
+# O_DIRECT transfers must start and end on the device's logical block and sit in memory aligned
+# to it: 4096 is a multiple of every common block size (512, 4096); a filesystem that wants
+# more refuses with EINVAL, and the reads fall back to the page cache.
+DIRECT_ALIGN = 4096
+HAS_DIRECT_IO = _HAS_PREADV and hasattr(os, "O_DIRECT") and not _BIG_ENDIAN
+
+
+def aligned_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor of ``nbytes`` whose first byte is ``DIRECT_ALIGN``-aligned in memory
+    (an O_DIRECT read target)."""
+    raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
+    skip = -raw.data_ptr() % DIRECT_ALIGN
+    return raw[skip:skip + nbytes]
+
+
+def direct_span(offset: int, nbytes: int) -> tuple[int, int]:
+    """(first, length) of the ``DIRECT_ALIGN``-aligned byte range that holds ``nbytes`` from
+    ``offset`` of a file."""
+    first = offset - offset % DIRECT_ALIGN
+    end = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+    return first, end - first
 
 
 def _cached(fd: int, offset: int) -> bool:
@@ -420,6 +444,9 @@ class Checkpoint:
         self._tensors = tensors  # pickles: already (mmap-)loaded tensors
         self._offsets = offsets or {}  # safetensors: absolute data offset of each tensor
         self._fds: dict[Path, int] = {}  # safetensors: one read-only descriptor per file
+        # safetensors: one O_DIRECT descriptor per file, None where the filesystem refuses it
+        self._direct_fds: dict[Path, int | None] = {}
+        self._stale: list[int] = []  # refused O_DIRECT descriptors, closed with the others
         self._readers = 0  # reads in flight (descriptors are closed when none is left)
         self._lock = threading.Lock()
         self._closed = False
@@ -448,6 +475,11 @@ class Checkpoint:
         return list(dict.fromkeys(i.file for i in self._infos.values()))
 
     @property
+    def direct_capable(self) -> bool:
+        """Whether ``read_direct`` may serve this checkpoint (safetensors, O_DIRECT known)."""
+        return self._tensors is None and HAS_DIRECT_IO
+
+    @property
     def total_nbytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
 
@@ -469,6 +501,34 @@ class Checkpoint:
             self._readers += 1
             return fd
 
+    def _acquire_direct_fd(self, file: Path) -> int | None:
+        """The O_DIRECT descriptor for ``file`` (counted as in use until ``_release``), or
+        None when the filesystem refuses direct I/O (tmpfs: EINVAL)."""
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"checkpoint {self.path} is closed")
+            if file not in self._direct_fds:
+                try:
+                    self._direct_fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise CheckpointError(
+                            f"{file}: cannot open ({_one_line(e.strerror or e)}); check the file"
+                        ) from None
+                    self._direct_fds[file] = None
+            fd = self._direct_fds[file]
+            if fd is not None:
+                self._readers += 1
+            return fd
+
+    def _refuse_direct(self, file: Path) -> None:
+        """Read ``file`` through the page cache from now on (a direct read was refused)."""
+        with self._lock:
+            fd = self._direct_fds.get(file)
+            self._direct_fds[file] = None
+        if fd is not None:
+            self._stale.append(fd)  # closed with the others: a read may still use it
+
     def _release(self) -> None:
         with self._lock:
             self._readers -= 1
@@ -476,8 +536,10 @@ class Checkpoint:
                 self._close_fds()
 
     def _close_fds(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
+        fds, self._fds = list(self._fds.values()), {}
+        fds += [fd for fd in self._direct_fds.values() if fd is not None] + self._stale
+        self._direct_fds, self._stale = {}, []
+        for fd in fds:
             try:
                 os.close(fd)
             except OSError:
@@ -587,6 +649,50 @@ class Checkpoint:
             flipped = out.reshape(-1).view(torch.uint8).reshape(-1, size).flip(-1)
             out.reshape(-1).view(torch.uint8).copy_(flipped.reshape(-1))
         return out
+
+    def read_direct(self, name: str, skip: int, nbytes: int, into: torch.Tensor) -> int | None:
+        """Read bytes ``skip .. skip + nbytes`` of tensor ``name``'s data with ``O_DIRECT`` (no
+        page cache: no copy through it, no reclaim of it): the ``DIRECT_ALIGN``-aligned range
+        that holds them goes into ``into`` (an :func:`aligned_buffer` of at least
+        ``direct_span``'s length), and the offset of byte ``skip`` in ``into`` is returned.
+        None when this file cannot be read so (a pickle, a filesystem that refuses O_DIRECT,
+        a platform without it): read it with ``get_slice`` instead, the same bytes.
+        Thread-safe."""
+        info = self.info(name)
+        if skip < 0 or nbytes < 0 or skip + nbytes > info.nbytes:
+            raise ValueError(f"bytes [{skip}, {skip + nbytes}) are not inside tensor {name!r} "
+                             f"({info.nbytes} bytes)")
+        if self._tensors is not None or not HAS_DIRECT_IO:
+            return None
+        first, length = direct_span(self._offsets[name] + skip, nbytes)
+        if into.dtype != torch.uint8 or into.numel() < length or into.data_ptr() % DIRECT_ALIGN:
+            raise ValueError(f"direct read of {name!r} needs an aligned uint8 buffer of "
+                             f"{length} bytes, got {into.numel()} {into.dtype}")
+        fd = self._acquire_direct_fd(info.file)
+        if fd is None:
+            return None
+        need = self._offsets[name] + skip + nbytes - first  # bytes that must arrive
+        buf = into.numpy().data.cast("B")
+        pos = 0
+        try:
+            while pos < need:
+                got = os.preadv(fd, [buf[pos:length]], first + pos)
+                # a direct read stops short only at the end of the file (or of the range)
+                if got <= 0 or (got % DIRECT_ALIGN and pos + got < need):
+                    raise CheckpointError(
+                        f"{info.file}: file ended inside tensor {name!r} (changed or truncated "
+                        "after it was opened); re-download it")
+                pos += got
+        except OSError as e:
+            if e.errno == errno.EINVAL and pos == 0:  # alignment or flag refused
+                self._refuse_direct(info.file)
+                return None
+            raise CheckpointError(
+                f"{info.file}: cannot read tensor {name!r} ({_one_line(e.strerror or e)})"
+            ) from None
+        finally:
+            self._release()
+        return self._offsets[name] + skip - first
 
     def close(self) -> None:
         """Release the files. Reads in flight in other threads finish first."""

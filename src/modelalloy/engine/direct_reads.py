@@ -1,0 +1,104 @@
+"""Direct I/O for merges whose inputs do not fit in RAM (docs/direct_io.md).
+
+When a merge reads more than the page cache can hold, every page it reads through the cache
+evicts another: the kernel copies each byte once more (``preadv`` out of the cache) and
+reclaims pages in the merge's own threads, and that system time was most of the CPU of a
+streaming merge larger than RAM. With ``O_DIRECT`` the disk writes into our buffers directly.
+
+A thread reads a tensor's inputs through :class:`DirectWindows`: for each source a window of
+its bytes, read with ``O_DIRECT`` into an aligned buffer, from which slices are copied into
+the engine's slice buffers. A method that passes over a tensor more than once (TIES' counting
+passes, dare_ties' L1 pass) gets a window as large as the tensor, so no pass reads the disk
+again; a tensor too large to hold that way is read through the page cache, as before, which
+still holds it between passes. Sources that cannot be read directly (in memory, pickles,
+adapters applied on the fly, a filesystem that refuses O_DIRECT) are read as before: the
+same bytes either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import psutil
+import torch
+
+from modelalloy.errors import ModelAlloyError
+from modelalloy.io.checkpoint import DIRECT_ALIGN, HAS_DIRECT_IO, Checkpoint
+from modelalloy.plan.sources import TensorSource
+
+DIRECT_IO_MODES = ("auto", "on", "off")
+# Bytes of one single-pass window per source: large reads keep the disk streaming (an O_DIRECT
+# read has no read-ahead), small enough that 4 sources x 4 threads stay at 128 MB.
+WINDOW_BYTES = 8 << 20
+# Tensors held whole for a multi-pass method, over all threads: bounded whatever the model
+# size (a larger tensor is read through the page cache, which holds it between passes).
+HOLD_BYTES_MAX = 512 << 20
+
+AlignedBuffers = Callable[[int, int], torch.Tensor]  # (source index, bytes) -> aligned uint8
+
+
+def use_direct_io(mode: str | bool | None, input_bytes: int) -> bool:
+    """Whether a merge reading ``input_bytes`` reads them with O_DIRECT: ``on``, ``off``, or
+    ``auto`` (the default): when they exceed the memory available to the page cache
+    (``MemAvailable``), so they could not stay cached anyway."""
+    if mode is None or mode is True or mode is False:
+        mode = {None: "auto", True: "on", False: "off"}[mode]
+    if not isinstance(mode, str) or mode.lower() not in DIRECT_IO_MODES:
+        raise ModelAlloyError(f"direct_io={mode!r}: use auto, on or off", options=("direct_io",))
+    mode = mode.lower()
+    if mode == "off" or not HAS_DIRECT_IO:
+        return False
+    return mode == "on" or input_bytes > psutil.virtual_memory().available
+
+
+def direct_source(source: TensorSource) -> Checkpoint | None:
+    """``source`` when its tensors can be read with O_DIRECT (a safetensors checkpoint)."""
+    return source if isinstance(source, Checkpoint) and source.direct_capable else None
+
+
+class DirectWindows:
+    """One thread's windows onto one tensor's inputs (``name`` in each of ``sources``), read
+    with O_DIRECT in windows of ``window_bytes`` (at least one slice; the whole tensor for a
+    multi-pass method). ``read`` fills a slice buffer as ``get_slice`` does, the same bytes."""
+
+    def __init__(self, sources: Sequence[TensorSource], name: str, window_bytes: int,
+                 buffers: AlignedBuffers):
+        self.name = name
+        self.window_bytes = window_bytes
+        self._sources = sources
+        self._direct = [direct_source(s) for s in sources]
+        self._buffers = buffers
+        # per source: (first, end) tensor bytes in its window and where byte ``first`` is
+        self._windows: list[tuple[int, int, int, torch.Tensor] | None] = [None] * len(sources)
+
+    def read(self, index: int, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start .. start + out.numel()`` of source ``index``'s flattened tensor,
+        into ``out`` (a 1-D buffer of its stored dtype), which is returned."""
+        ckpt = self._direct[index]
+        if ckpt is None:
+            return self._sources[index].get_slice(self.name, start, out)
+        size = out.element_size()
+        first, end = start * size, (start + out.numel()) * size
+        window = self._windows[index]
+        if window is None or first < window[0] or end > window[1]:
+            window = self._fill(index, ckpt, first, end)
+            if window is None:  # refused: this source is read through the page cache
+                self._direct[index] = None
+                return self._sources[index].get_slice(self.name, start, out)
+        low, _, at, buf = window
+        begin = at + first - low
+        out.view(torch.uint8).copy_(buf[begin:begin + end - first])
+        return out
+
+    def _fill(self, index: int, ckpt: Checkpoint, first: int, end: int
+              ) -> tuple[int, int, int, torch.Tensor] | None:
+        total = ckpt.info(self.name).nbytes
+        stop = min(total, max(end, first + self.window_bytes))
+        # its aligned span is at most two blocks longer than the window
+        buf = self._buffers(index, stop - first + 2 * DIRECT_ALIGN)
+        at = ckpt.read_direct(self.name, first, stop - first, buf)
+        if at is None:
+            self._windows[index] = None
+            return None
+        window = self._windows[index] = (first, stop, at, buf)
+        return window

@@ -1,0 +1,268 @@
+"""O_DIRECT reads (engine/direct_reads.py, Checkpoint.read_direct): the same bytes as the page
+cache's reads, at any tensor offset and slice, with a clean fall back where O_DIRECT is
+refused, and multi-pass methods that never read a tensor from the disk twice.
+
+The models live in pytest's tmp_path, on the ext4 disk here (tmpfs refuses O_DIRECT: the
+tests that need a real direct read skip there, the fall-back tests do not)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modelalloy import merge
+from modelalloy.engine import direct_reads
+from modelalloy.engine.direct_reads import DirectWindows, use_direct_io
+from modelalloy.errors import CheckpointError, ModelAlloyError
+from modelalloy.io.checkpoint import DIRECT_ALIGN, Checkpoint, aligned_buffer, open_checkpoint
+from modelalloy.plan.planner import SLICE_ELEMENTS
+from tests.conftest import write_recipe
+
+BIG = 2 * SLICE_ELEMENTS + 12345  # three slices, the last one short
+
+
+def _write_unaligned(path: Path, tensors: dict[str, torch.Tensor], pad: int) -> None:
+    """A safetensors file whose header is padded with ``pad`` spaces, so the data (and every
+    tensor) starts at an offset that is not a multiple of the block size."""
+    header, data, pos = {}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+        code = {torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8"}[t.dtype]
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [pos, pos + len(raw)]}
+        data.append(raw)
+        pos += len(raw)
+    text = json.dumps(header).encode() + b" " * pad
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(data))
+
+
+def _direct_works(path: Path) -> None:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            pytest.skip(f"{path.parent} is on a filesystem that refuses O_DIRECT")
+        raise
+
+
+@pytest.fixture
+def odd_file(tmp_path) -> tuple[Path, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"tiny": torch.arange(7, dtype=torch.uint8),  # shifts the rest by 7 bytes
+               "small": torch.randn(5, 3, generator=gen).bfloat16(),  # < one block
+               "big": torch.randn(BIG, generator=gen).bfloat16(),
+               "wide": torch.randn(3000, generator=gen)}
+    path = tmp_path / "odd.safetensors"
+    _write_unaligned(path, tensors, pad=4093)
+    _direct_works(path)
+    return path, tensors
+
+
+def _direct(ckpt: Checkpoint, name: str, skip: int, nbytes: int) -> bytes:
+    buf = aligned_buffer(nbytes + 2 * DIRECT_ALIGN)
+    at = ckpt.read_direct(name, skip, nbytes, buf)
+    assert at is not None, "O_DIRECT was refused on an ext4 file"
+    return buf[at:at + nbytes].numpy().tobytes()
+
+
+def test_read_direct_returns_the_bytes_at_any_offset(odd_file):
+    path, tensors = odd_file
+    with open_checkpoint(path) as ckpt:
+        for name, t in tensors.items():
+            raw = t.view(torch.uint8).reshape(-1).numpy().tobytes()
+            spans = [(0, len(raw)), (1, 1), (len(raw) - 3, 3)]
+            if len(raw) > 2 * DIRECT_ALIGN:  # across block boundaries, a block exactly
+                spans += [(DIRECT_ALIGN - 5, 10), (4097, 3 * DIRECT_ALIGN + 1),
+                          (DIRECT_ALIGN, DIRECT_ALIGN)]
+            for skip, nbytes in (s for s in spans if s[0] + s[1] <= len(raw)):
+                assert _direct(ckpt, name, skip, nbytes) == raw[skip:skip + nbytes], (name, skip)
+
+
+def test_windows_fill_slices_as_get_slice_does(odd_file):
+    path, tensors = odd_file
+    with open_checkpoint(path) as ckpt:
+        cache: dict[int, torch.Tensor] = {}
+
+        def buffers(index: int, nbytes: int) -> torch.Tensor:
+            if index not in cache or cache[index].numel() < nbytes:
+                cache[index] = aligned_buffer(nbytes)
+            return cache[index]
+
+        # a window of 3001 bytes: slices cross its end and the blocks; reads go back too
+        windows = DirectWindows([ckpt], "big", 3001, buffers)
+        flat = tensors["big"].reshape(-1)
+        for start, count in [(0, 1000), (1000, 1000), (999, 2), (1500, 1), (5, 3000),
+                             (BIG - 1, 1), (BIG - 700, 700), (0, 1)]:
+            out = torch.empty(count, dtype=torch.bfloat16)
+            assert torch.equal(windows.read(0, start, out), flat[start:start + count])
+
+
+def test_truncated_file_is_a_one_line_error(odd_file):
+    path, _ = odd_file
+    with open_checkpoint(path) as ckpt:
+        os.truncate(path, path.stat().st_size - 3 * DIRECT_ALIGN)
+        with pytest.raises(CheckpointError, match=r"file ended inside tensor 'wide'"):
+            _direct(ckpt, "wide", 0, 3000 * 4)
+
+
+def test_auto_follows_the_memory_available(monkeypatch):
+    class Memory:
+        available = 1000
+
+    monkeypatch.setattr(direct_reads.psutil, "virtual_memory", lambda: Memory)
+    assert use_direct_io("auto", 1001) and not use_direct_io("auto", 999)
+    assert use_direct_io("on", 0) and not use_direct_io("off", 10**15)
+    assert use_direct_io(True, 0) and not use_direct_io(None, 10)
+    with pytest.raises(ModelAlloyError, match=r"direct_io='sometimes': use auto, on or off"):
+        use_direct_io("sometimes", 0)
+
+
+# --------------------------------------------------------------------------- whole merges
+
+SHAPES = {"big.weight": (BIG // 5, 5), "small.weight": (33, 5), "exact.weight": (SLICE_ELEMENTS * 2,)}
+METHODS = {
+    "linear": "",
+    "task_arithmetic": "",
+    "ties": "density: 0.3",
+    "dare_ties": "density: 0.5",
+    "slerp": "t: 0.3",
+}
+
+
+def _models(root: Path, count: int = 3) -> list[Path]:
+    gen = torch.Generator().manual_seed(1)
+    base = {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+    folders = []
+    for i in range(count):
+        folder = root / f"m{i}"
+        folder.mkdir(parents=True)
+        tensors = {k: (v + 0.01 * i * torch.randn(v.shape, generator=gen)).bfloat16()
+                   for k, v in base.items()}
+        # odd header padding per model: each model's tensors sit at other block offsets
+        _write_unaligned(folder / "model.safetensors", tensors, pad=11 * i + 1)
+        folders.append(folder)
+    _direct_works(folders[0] / "model.safetensors")
+    return folders
+
+
+def _recipe(tmp_path: Path, method: str, folders: list[Path]) -> Path:
+    params = METHODS[method]
+    if method == "slerp":
+        text = (f"merge_method: slerp\nbase_model: {folders[0]}\nmodels:\n"
+                f"  - model: {folders[0]}\n  - model: {folders[1]}\n"
+                f"parameters: {{{params}}}\ndtype: bfloat16\n")
+    else:
+        weight = "weight: 0.5" + (f", {params}" if params else "")
+        base = "" if method == "linear" else f"base_model: {folders[0]}\n"
+        experts = folders[1:] if base else folders
+        text = (f"merge_method: {method}\n{base}models:\n"
+                + "".join(f"  - model: {f}\n    parameters: {{{weight}}}\n" for f in experts)
+                + "dtype: bfloat16\n")
+    return write_recipe(tmp_path / f"{method}.yaml", text)
+
+
+class ReadCounter:
+    """Bytes read with O_DIRECT, per (file, tensor)."""
+
+    def __init__(self, monkeypatch):
+        self.bytes: dict[tuple[str, str], int] = {}
+        self.refused = 0
+        real = Checkpoint.read_direct
+
+        def counted(ckpt, name, skip, nbytes, into):
+            at = real(ckpt, name, skip, nbytes, into)
+            if at is None:
+                self.refused += 1
+            else:
+                key = (str(ckpt.path), name)
+                self.bytes[key] = self.bytes.get(key, 0) + nbytes
+            return at
+
+        monkeypatch.setattr(Checkpoint, "read_direct", counted)
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_direct_merge_equals_the_buffered_one_reading_each_byte_once(
+        tmp_path, monkeypatch, method, kernels):
+    monkeypatch.setenv("MODELALLOY_KERNELS", kernels)
+    folders = _models(tmp_path / "models")
+    recipe = _recipe(tmp_path, method, folders)
+    merge(recipe, tmp_path / "off", direct_io="off", threads=2)
+    counter = ReadCounter(monkeypatch)
+    merge(recipe, tmp_path / "on", direct_io="on", threads=2)
+    want = load_file(str(tmp_path / "off" / "model.safetensors"))
+    got = load_file(str(tmp_path / "on" / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    # every sliced tensor of every model read directly, each byte exactly once, whatever
+    # the method's passes (small.weight merges whole, through the page cache)
+    used = [f for f in folders if method != "slerp" or f in folders[:2]]
+    assert counter.bytes == {(str(f), n): 2 * (BIG // 5 * 5) if n == "big.weight" else 4 * SLICE_ELEMENTS
+                             for f in used for n in ("big.weight", "exact.weight")}
+
+
+def test_multi_pass_tensor_too_large_to_hold_goes_through_the_page_cache(tmp_path, monkeypatch):
+    folders = _models(tmp_path / "models")
+    recipe = _recipe(tmp_path, "ties", folders)
+    merge(recipe, tmp_path / "off", direct_io="off")
+    monkeypatch.setattr("modelalloy.engine.execute.HOLD_BYTES_MAX", 4 * SLICE_ELEMENTS * 3 * 2)
+    counter = ReadCounter(monkeypatch)
+    merge(recipe, tmp_path / "on", direct_io="on", threads=2)
+    want = load_file(str(tmp_path / "off" / "model.safetensors"))
+    got = load_file(str(tmp_path / "on" / "model.safetensors"))
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    assert counter.bytes == {}  # 2 threads x 3 models x 1 MB is over the 1.5 MB allowed
+
+
+@pytest.mark.parametrize("where", ["open", "read"])
+def test_refused_o_direct_falls_back_with_the_same_bits(tmp_path, monkeypatch, where):
+    """EINVAL (tmpfs refuses the flag at open; a filesystem with larger blocks refuses the
+    read): the page cache serves every read, the same bits."""
+    folders = _models(tmp_path / "models")
+    recipe = _recipe(tmp_path, "ties", folders)
+    merge(recipe, tmp_path / "off", direct_io="off")
+    real_open, real_preadv = os.open, os.preadv
+    direct_fds: set[int] = set()
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT and where == "open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def refusing_preadv(fd, buffers, offset, *args):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "preadv", refusing_preadv)
+    counter = ReadCounter(monkeypatch)
+    merge(recipe, tmp_path / "on", direct_io="on", threads=1)
+    want = load_file(str(tmp_path / "off" / "model.safetensors"))
+    got = load_file(str(tmp_path / "on" / "model.safetensors"))
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    # each sliced tensor (2) of each file (3) asks once, then reads through the page cache
+    assert counter.bytes == {} and counter.refused == 6
+
+
+def test_bad_direct_io_option_is_one_line_and_writes_nothing(tmp_path, run_cli):
+    folders = _models(tmp_path / "models", count=2)
+    recipe = _recipe(tmp_path, "linear", folders)
+    result = run_cli("merge", recipe, tmp_path / "out", "--direct-io", "always")
+    assert result.code != 0
+    assert "--direct-io always: use auto, on or off" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    ok = run_cli("merge", recipe, tmp_path / "out", "--direct-io", "on")
+    assert ok.code == 0, ok.err
