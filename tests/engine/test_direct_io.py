@@ -35,7 +35,8 @@ def _write_unaligned(path: Path, tensors: dict[str, torch.Tensor], pad: int) -> 
     for name, t in tensors.items():
         raw = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
         code = {torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8"}[t.dtype]
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [pos, pos + len(raw)]}
+        header[name] = {"dtype": code, "shape": list(t.shape),
+                        "data_offsets": [pos, pos + len(raw)]}
         data.append(raw)
         pos += len(raw)
     text = json.dumps(header).encode() + b" " * pad
@@ -113,10 +114,10 @@ def test_truncated_file_is_a_one_line_error(odd_file):
 
 def test_auto_follows_the_memory_available(monkeypatch):
     class Memory:
-        available = 1000
+        available = 2000
 
     monkeypatch.setattr(direct_reads.psutil, "virtual_memory", lambda: Memory)
-    assert use_direct_io("auto", 1001) and not use_direct_io("auto", 999)
+    assert use_direct_io("auto", 1001) and not use_direct_io("auto", 1000)
     assert use_direct_io("on", 0) and not use_direct_io("off", 10**15)
     assert use_direct_io(True, 0) and not use_direct_io(None, 10)
     with pytest.raises(ModelAlloyError, match=r"direct_io='sometimes': use auto, on or off"):
@@ -125,7 +126,8 @@ def test_auto_follows_the_memory_available(monkeypatch):
 
 # --------------------------------------------------------------------------- whole merges
 
-SHAPES = {"big.weight": (BIG // 5, 5), "small.weight": (33, 5), "exact.weight": (SLICE_ELEMENTS * 2,)}
+SHAPES = {"big.weight": (BIG // 5, 5), "small.weight": (33, 5),
+          "exact.weight": (SLICE_ELEMENTS * 2,)}
 METHODS = {
     "linear": "",
     "task_arithmetic": "",
@@ -205,8 +207,8 @@ def test_direct_merge_equals_the_buffered_one_reading_each_byte_once(
     # every sliced tensor of every model read directly, each byte exactly once, whatever
     # the method's passes (small.weight merges whole, through the page cache)
     used = [f for f in folders if method != "slerp" or f in folders[:2]]
-    assert counter.bytes == {(str(f), n): 2 * (BIG // 5 * 5) if n == "big.weight" else 4 * SLICE_ELEMENTS
-                             for f in used for n in ("big.weight", "exact.weight")}
+    nbytes = {"big.weight": 2 * (BIG // 5 * 5), "exact.weight": 4 * SLICE_ELEMENTS}
+    assert counter.bytes == {(str(f), n): nbytes[n] for f in used for n in nbytes}
 
 
 def test_multi_pass_tensor_too_large_to_hold_goes_through_the_page_cache(tmp_path, monkeypatch):

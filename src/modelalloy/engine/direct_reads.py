@@ -39,8 +39,11 @@ AlignedBuffers = Callable[[int, int], torch.Tensor]  # (source index, bytes) -> 
 
 def use_direct_io(mode: str | bool | None, input_bytes: int) -> bool:
     """Whether a merge reading ``input_bytes`` reads them with O_DIRECT: ``on``, ``off``, or
-    ``auto`` (the default): when they exceed the memory available to the page cache
-    (``MemAvailable``), so they could not stay cached anyway."""
+    ``auto`` (the default): when they exceed half the memory available (``MemAvailable``,
+    page cache included). Then a rerun would find most of them evicted anyway (each run's
+    later reads evict its earlier ones, and the rest of the system needs memory too), while
+    reading them through the cache costs a copy per byte and the reclaim of a page per page
+    read (docs/direct_io.md)."""
     if mode is None or mode is True or mode is False:
         mode = {None: "auto", True: "on", False: "off"}[mode]
     if not isinstance(mode, str) or mode.lower() not in DIRECT_IO_MODES:
@@ -48,7 +51,7 @@ def use_direct_io(mode: str | bool | None, input_bytes: int) -> bool:
     mode = mode.lower()
     if mode == "off" or not HAS_DIRECT_IO:
         return False
-    return mode == "on" or input_bytes > psutil.virtual_memory().available
+    return mode == "on" or input_bytes > psutil.virtual_memory().available // 2
 
 
 def direct_source(source: TensorSource) -> Checkpoint | None:

@@ -427,6 +427,24 @@ def _cached(fd: int, offset: int) -> bool:
         return False
 
 
+def _read_fully(fd: int, buf: memoryview, offset: int, info: TensorInfo) -> None:
+    """Fill ``buf`` with the file's bytes from ``offset`` (part of tensor ``info``); a short
+    file or a failed read is a one-line CheckpointError naming both."""
+    pos = 0
+    try:
+        while pos < len(buf):
+            got = _preadinto(fd, buf[pos:], offset + pos)
+            if got <= 0:
+                raise CheckpointError(
+                    f"{info.file}: file ended inside tensor {info.name!r} (changed or "
+                    "truncated after it was opened); re-download it")
+            pos += got
+    except OSError as e:
+        raise CheckpointError(
+            f"{info.file}: cannot read tensor {info.name!r} ({_one_line(e.strerror or e)})"
+        ) from None
+
+
 class Checkpoint:
     """A validated, lazily read set of tensors. ``get`` is thread-safe."""
 
@@ -629,19 +647,7 @@ class Checkpoint:
         offset = self._offsets[name] + skip
         fd = self._acquire_fd(info.file)
         try:
-            pos = 0
-            while pos < nbytes:
-                got = _preadinto(fd, buf[pos:], offset + pos)
-                if got <= 0:
-                    raise CheckpointError(
-                        f"{info.file}: file ended inside tensor {name!r} (changed or truncated "
-                        "after it was opened); re-download it"
-                    )
-                pos += got
-        except OSError as e:
-            raise CheckpointError(
-                f"{info.file}: cannot read tensor {name!r} ({_one_line(e.strerror or e)})"
-            ) from None
+            _read_fully(fd, buf, offset, info)
         finally:
             self._release()
         if _BIG_ENDIAN and out.element_size() > 1:
@@ -668,11 +674,11 @@ class Checkpoint:
         if into.dtype != torch.uint8 or into.numel() < length or into.data_ptr() % DIRECT_ALIGN:
             raise ValueError(f"direct read of {name!r} needs an aligned uint8 buffer of "
                              f"{length} bytes, got {into.numel()} {into.dtype}")
+        need = self._offsets[name] + skip + nbytes - first  # bytes that must arrive
+        buf = into.numpy().data.cast("B")
         fd = self._acquire_direct_fd(info.file)
         if fd is None:
             return None
-        need = self._offsets[name] + skip + nbytes - first  # bytes that must arrive
-        buf = into.numpy().data.cast("B")
         pos = 0
         try:
             while pos < need:
