@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -85,9 +86,11 @@ def test_read_direct_returns_the_bytes_at_any_offset(odd_file):
                 assert _direct(ckpt, name, skip, nbytes) == raw[skip:skip + nbytes], (name, skip)
 
 
-def test_windows_fill_slices_as_get_slice_does(odd_file):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_windows_fill_slices_as_get_slice_does(odd_file, ahead):
+    """In order, across window ends and blocks, going back; read ahead on a pool or not."""
     path, tensors = odd_file
-    with open_checkpoint(path) as ckpt:
+    with open_checkpoint(path) as ckpt, ThreadPoolExecutor(2) as pool:
         cache: dict[int, torch.Tensor] = {}
 
         def buffers(index: int, nbytes: int) -> torch.Tensor:
@@ -96,12 +99,14 @@ def test_windows_fill_slices_as_get_slice_does(odd_file):
             return cache[index]
 
         # a window of 3001 bytes: slices cross its end and the blocks; reads go back too
-        windows = DirectWindows([ckpt], "big", 3001, buffers)
+        windows = DirectWindows([ckpt, ckpt], "big", 3001, buffers, pool if ahead else None)
         flat = tensors["big"].reshape(-1)
         for start, count in [(0, 1000), (1000, 1000), (999, 2), (1500, 1), (5, 3000),
                              (BIG - 1, 1), (BIG - 700, 700), (0, 1)]:
-            out = torch.empty(count, dtype=torch.bfloat16)
-            assert torch.equal(windows.read(0, start, out), flat[start:start + count])
+            for index in (0, 1):
+                out = torch.empty(count, dtype=torch.bfloat16)
+                assert torch.equal(windows.read(index, start, out), flat[start:start + count])
+        windows.close()
 
 
 def test_truncated_file_is_a_one_line_error(odd_file):

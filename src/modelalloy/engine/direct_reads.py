@@ -18,6 +18,7 @@ same bytes either way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, wait
 
 import psutil
 import torch
@@ -59,20 +60,31 @@ def direct_source(source: TensorSource) -> Checkpoint | None:
     return source if isinstance(source, Checkpoint) and source.direct_capable else None
 
 
+Window = tuple[int, int, int, torch.Tensor]  # (first, end) tensor bytes, where first is, buffer
+
+
 class DirectWindows:
     """One thread's windows onto one tensor's inputs (``name`` in each of ``sources``), read
     with O_DIRECT in windows of ``window_bytes`` (at least one slice; the whole tensor for a
-    multi-pass method). ``read`` fills a slice buffer as ``get_slice`` does, the same bytes."""
+    multi-pass method). ``read`` fills a slice buffer as ``get_slice`` does, the same bytes.
+
+    With a ``pool`` the windows are read ahead: every source's first window at once, then
+    each source's next window while the current one is merged, into a second buffer (an
+    O_DIRECT read has no kernel read-ahead: without this the disk would wait for the merge
+    and the merge for the disk). ``close`` waits for reads still in flight."""
 
     def __init__(self, sources: Sequence[TensorSource], name: str, window_bytes: int,
-                 buffers: AlignedBuffers):
+                 buffers: AlignedBuffers, pool: Executor | None = None):
         self.name = name
         self.window_bytes = window_bytes
         self._sources = sources
         self._direct = [direct_source(s) for s in sources]
         self._buffers = buffers
-        # per source: (first, end) tensor bytes in its window and where byte ``first`` is
-        self._windows: list[tuple[int, int, int, torch.Tensor] | None] = [None] * len(sources)
+        self._pool = pool
+        self._windows: list[Window | None] = [None] * len(sources)
+        self._ahead: list[Future[Window | None] | None] = [None] * len(sources)
+        self._parity = [1] * len(sources)  # which of a source's two buffers holds its window
+        self._started = False
 
     def read(self, index: int, start: int, out: torch.Tensor) -> torch.Tensor:
         """Elements ``start .. start + out.numel()`` of source ``index``'s flattened tensor,
@@ -82,9 +94,11 @@ class DirectWindows:
             return self._sources[index].get_slice(self.name, start, out)
         size = out.element_size()
         first, end = start * size, (start + out.numel()) * size
+        if not self._started:
+            self._start(first, end)
         window = self._windows[index]
         if window is None or first < window[0] or end > window[1]:
-            window = self._fill(index, ckpt, first, end)
+            window = self._next(index, ckpt, first, end)
             if window is None:  # refused: this source is read through the page cache
                 self._direct[index] = None
                 return self._sources[index].get_slice(self.name, start, out)
@@ -93,15 +107,59 @@ class DirectWindows:
         out.view(torch.uint8).copy_(buf[begin:begin + end - first])
         return out
 
-    def _fill(self, index: int, ckpt: Checkpoint, first: int, end: int
-              ) -> tuple[int, int, int, torch.Tensor] | None:
-        total = ckpt.info(self.name).nbytes
-        stop = min(total, max(end, first + self.window_bytes))
-        # its aligned span is at most two blocks longer than the window
-        buf = self._buffers(index, stop - first + 2 * DIRECT_ALIGN)
-        at = ckpt.read_direct(self.name, first, stop - first, buf)
-        if at is None:
-            self._windows[index] = None
-            return None
-        window = self._windows[index] = (first, stop, at, buf)
+    def close(self) -> None:
+        """Wait for the reads in flight (their buffers are this thread's, reused next)."""
+        for future in self._ahead:
+            if future is not None:
+                wait([future])
+        self._ahead = [None] * len(self._sources)
+
+    def _start(self, first: int, end: int) -> None:
+        """Every source's first window, read at once on the pool."""
+        self._started = True
+        if self._pool is None:
+            return
+        for index, ckpt in enumerate(self._direct):
+            if ckpt is not None:
+                self._ahead[index] = self._submit(index, ckpt, first, end, 0)
+
+    def _next(self, index: int, ckpt: Checkpoint, first: int, end: int) -> Window | None:
+        """The window of source ``index`` that holds bytes ``first .. end``: the one read
+        ahead, or one read now; then the window after it is asked for."""
+        future, self._ahead[index] = self._ahead[index], None
+        parity = 1 - self._parity[index]  # the buffer the current window is not in
+        window = None
+        if future is not None:
+            window = future.result()
+            if window is None:
+                return None
+            if first < window[0] or end > window[1]:  # a pass went back: not that one
+                window = None
+        if window is None:
+            stop, buf = self._span(index, ckpt, first, end, parity)
+            window = self._read(ckpt, first, stop, buf)
+            if window is None:
+                return None
+        self._windows[index], self._parity[index] = window, parity
+        if self._pool is not None and window[1] < ckpt.info(self.name).nbytes:
+            self._ahead[index] = self._submit(index, ckpt, window[1], window[1], 1 - parity)
         return window
+
+    def _submit(self, index: int, ckpt: Checkpoint, first: int, end: int, parity: int
+                ) -> Future[Window | None]:
+        assert self._pool is not None
+        # the buffer is found here, in the merging thread, whose buffers they are
+        stop, buf = self._span(index, ckpt, first, end, parity)
+        return self._pool.submit(self._read, ckpt, first, stop, buf)
+
+    def _span(self, index: int, ckpt: Checkpoint, first: int, end: int, parity: int
+              ) -> tuple[int, torch.Tensor]:
+        """(end of the window from ``first`` that holds ``end``, its buffer)."""
+        stop = min(ckpt.info(self.name).nbytes, max(end, first + self.window_bytes))
+        # its aligned span is at most two blocks longer than the window
+        return stop, self._buffers(2 * index + parity, stop - first + 2 * DIRECT_ALIGN)
+
+    def _read(self, ckpt: Checkpoint, first: int, stop: int, buf: torch.Tensor
+              ) -> Window | None:
+        at = ckpt.read_direct(self.name, first, stop - first, buf)
+        return None if at is None else (first, stop, at, buf)

@@ -16,6 +16,7 @@ import gc
 import math
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import (
     FIRST_COMPLETED,
     FIRST_EXCEPTION,
@@ -89,6 +90,8 @@ class PlanExecutor:
         self.notes: dict[str, list[str]] = {}  # MergeContext.note: message -> tensors
         self._warn_lock = threading.Lock()
         self._slice_buffers = threading.local()
+        # O_DIRECT windows are read ahead here (DirectWindows): two reads per merge thread
+        self._read_pool: ThreadPoolExecutor | None = None
 
     # -- reading -----------------------------------------------------------------------------
     def _load(self, ckpt: TensorSource, name: str) -> torch.Tensor:
@@ -173,17 +176,28 @@ class PlanExecutor:
         return max(sizes)
 
     def direct_bytes(self, entry: PlanEntry) -> int:
-        """Memory of ``entry``'s O_DIRECT windows (0 without)."""
+        """Memory of ``entry``'s O_DIRECT windows (0 without): two per source (the one
+        merged and the one read ahead) unless a window holds the whole tensor."""
         window = self.direct_window(entry)
-        return window and (window + 2 * DIRECT_ALIGN) * len(self.plan.sources)
+        held = window >= max(s.info(entry.name).nbytes for s in self.plan.sources)
+        return window and (window + 2 * DIRECT_ALIGN) * len(self.plan.sources) * (
+            1 if held else 2)
 
-    def _fetcher(self, entry: PlanEntry) -> SliceFetch:
-        """How this thread reads ``entry``'s slices: O_DIRECT windows, or ``get_slice``."""
+    @contextmanager
+    def _fetcher(self, entry: PlanEntry) -> Iterator[SliceFetch]:
+        """How this thread reads ``entry``'s slices: O_DIRECT windows read ahead on the
+        executor's read pool, or ``get_slice``."""
         window = self.direct_window(entry)
-        if window:
-            return DirectWindows(self.plan.sources, entry.name, window, self._aligned).read
-        sources, name = self.plan.sources, entry.name
-        return lambda index, start, out: sources[index].get_slice(name, start, out)
+        if not window:
+            sources, name = self.plan.sources, entry.name
+            yield lambda index, start, out: sources[index].get_slice(name, start, out)
+            return
+        windows = DirectWindows(self.plan.sources, entry.name, window, self._aligned,
+                                self._read_pool)
+        try:
+            yield windows.read
+        finally:
+            windows.close()
 
     def _aligned(self, index: int, nbytes: int) -> torch.Tensor:
         """This thread's reused O_DIRECT buffer for source ``index``, at least ``nbytes``."""
@@ -219,13 +233,13 @@ class PlanExecutor:
         same float32 operations on the same elements); no full-size buffer is made. False
         when an input slice holds a NaN/Inf: the whole-tensor path then reports or tolerates
         it with its full count."""
-        with one_intra_op_thread():
-            return self._merge_slices(entry, writer)
+        with one_intra_op_thread(), self._fetcher(entry) as fetch:
+            return self._merge_slices(entry, writer, fetch)
 
-    def _merge_slices(self, entry: PlanEntry, writer: TensorWriter) -> bool:
+    def _merge_slices(self, entry: PlanEntry, writer: TensorWriter, fetch: SliceFetch) -> bool:
         execution, ctx = self.plan.spec.execution, self._context(entry)
         ctx.streams = {}  # random draws continue from slice to slice
-        kernel, fetch = self._kernel(entry), self._fetcher(entry)
+        kernel = self._kernel(entry)
         if kernel is not None and self.keeps_bits(entry):
             ctx.streams[KeptBits] = KeptBits(entry.numel)
         # a kernel takes the counting passes too when it has them all (its state is the
@@ -398,6 +412,9 @@ class PlanExecutor:
         # collector's passes cost about 3% of a 1B-parameter linear merge (perf) for nothing.
         collecting = gc.isenabled()
         gc.disable()
+        if self.direct:
+            self._read_pool = ThreadPoolExecutor(max_workers=2 * self.threads,
+                                                 thread_name_prefix="modelalloy-read")
         try:
             if self.threads == 1 and all(isinstance(s, StateDictSource)
                                          for s in self.plan.sources):
@@ -405,6 +422,9 @@ class PlanExecutor:
             else:
                 self._run(writer, sink, failed)
         finally:
+            if self._read_pool is not None:
+                self._read_pool.shutdown(wait=True, cancel_futures=True)
+                self._read_pool = None
             if collecting:
                 gc.enable()
         for message, names in self.notes.items():
