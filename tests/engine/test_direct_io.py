@@ -139,6 +139,7 @@ METHODS = {
     "ties": "density: 0.3",
     "dare_ties": "density: 0.5",
     "slerp": "t: 0.3",
+    "model_stock": "",
 }
 
 
@@ -164,6 +165,9 @@ def _recipe(tmp_path: Path, method: str, folders: list[Path]) -> Path:
         text = (f"merge_method: slerp\nbase_model: {folders[0]}\nmodels:\n"
                 f"  - model: {folders[0]}\n  - model: {folders[1]}\n"
                 f"parameters: {{{params}}}\ndtype: bfloat16\n")
+    elif method == "model_stock":
+        text = (f"merge_method: model_stock\nbase_model: {folders[0]}\nmodels:\n"
+                + "".join(f"  - model: {f}\n" for f in folders[1:]) + "dtype: bfloat16\n")
     else:
         weight = "weight: 0.5" + (f", {params}" if params else "")
         base = "" if method == "linear" else f"base_model: {folders[0]}\n"
