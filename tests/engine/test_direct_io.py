@@ -12,7 +12,9 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -20,7 +22,10 @@ from safetensors.torch import load_file
 
 from modelalloy import merge
 from modelalloy.engine import direct_reads
-from modelalloy.engine.direct_reads import DirectWindows, use_direct_io
+from modelalloy.engine.budget import ByteBudget
+from modelalloy.engine.direct_reads import WINDOW_BYTES, DirectWindows, use_direct_io
+from modelalloy.engine.execute import PlanExecutor
+from modelalloy.engine.run import as_recipe, make_plan
 from modelalloy.errors import CheckpointError, ModelAlloyError
 from modelalloy.io.checkpoint import DIRECT_ALIGN, Checkpoint, aligned_buffer, open_checkpoint
 from modelalloy.plan.planner import SLICE_ELEMENTS
@@ -203,6 +208,8 @@ class ReadCounter:
 def test_direct_merge_equals_the_buffered_one_reading_each_byte_once(
         tmp_path, monkeypatch, method, kernels):
     monkeypatch.setenv("MODELALLOY_KERNELS", kernels)
+    if kernels == "1":  # windows of one slice: several per tensor, read ahead
+        monkeypatch.setattr("modelalloy.engine.execute.WINDOW_BYTES", 2 * SLICE_ELEMENTS)
     folders = _models(tmp_path / "models")
     recipe = _recipe(tmp_path, method, folders)
     merge(recipe, tmp_path / "off", direct_io="off", threads=2)
@@ -277,3 +284,38 @@ def test_bad_direct_io_option_is_one_line_and_writes_nothing(tmp_path, run_cli):
     assert not (tmp_path / "out").exists()
     ok = run_cli("merge", recipe, tmp_path / "out", "--direct-io", "on")
     assert ok.code == 0, ok.err
+
+
+def test_windows_count_in_the_budget_and_give_way_to_it(tmp_path):
+    """Single-pass: 8 MB windows, two per source (read ahead), in the working bytes; under
+    a budget they must fit one thread's share, else the page cache serves. Multi-pass: the
+    whole tensor, once per source."""
+    folders = _models(tmp_path / "models")
+    with ExitStack() as stack:
+        plan = make_plan(as_recipe(_recipe(tmp_path, "task_arithmetic", folders)), stack)
+        entry = next(e for e in plan.entries if e.name == "big.weight")
+
+        def executor(budget: int | None, direct: bool = True) -> PlanExecutor:
+            return PlanExecutor(plan, device=torch.device("cpu"), seed=0, threads=2,
+                                budget=ByteBudget(budget), allow_nonfinite=False,
+                                direct=direct)
+
+        windows = 3 * (entry.numel * 2 + 2 * DIRECT_ALIGN)  # one window holds each tensor
+        need = 2 * (entry.working_bytes(3, sliced=True) + windows)
+        assert executor(None).direct_window(entry) == WINDOW_BYTES
+        assert executor(None).working_bytes(entry) == entry.working_bytes(3, sliced=True) \
+            + windows
+        assert executor(need).direct_window(entry) == WINDOW_BYTES
+        assert executor(need - 1).direct_window(entry) == 0
+        assert executor(None, direct=False).direct_window(entry) == 0
+        with mock.patch("modelalloy.engine.execute.WINDOW_BYTES", SLICE_ELEMENTS * 2):
+            # windows smaller than the tensor: two each, one read ahead
+            assert executor(None).direct_bytes(entry) == 2 * 3 * (SLICE_ELEMENTS * 2
+                                                                   + 2 * DIRECT_ALIGN)
+        assert executor(None).direct_window(next(e for e in plan.entries
+                                                 if e.name == "small.weight")) == 0
+        ties = make_plan(as_recipe(_recipe(tmp_path, "ties", folders)), stack)
+        held = next(e for e in ties.entries if e.name == "big.weight")
+        assert PlanExecutor(ties, device=torch.device("cpu"), seed=0, threads=2,
+                            budget=ByteBudget(None), allow_nonfinite=False,
+                            direct=True).direct_window(held) == 2 * (BIG // 5 * 5)

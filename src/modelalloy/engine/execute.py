@@ -159,29 +159,32 @@ class PlanExecutor:
         cache). A method with passes before its merge reads every slice more than once: it
         gets the whole tensor (read from the disk once) when all its inputs fit
         ``HOLD_BYTES_MAX`` over all threads and, under a memory budget, one thread's share;
-        otherwise the page cache serves its passes, as without direct I/O."""
+        otherwise the page cache serves its passes, as without direct I/O. Under a memory
+        budget, single-pass windows that do not fit one thread's share of it (with the
+        tensor's working bytes) are not used either."""
         if not self.direct or not self.sliced(entry) or not entry.merge \
                 or not any(direct_source(s) for s in self.plan.sources):
             return 0
         sizes = [s.info(entry.name).nbytes for s in self.plan.sources]
+        limit = self.budget.limit
+        working = entry.working_bytes(len(sizes), sliced=True, kept=self.keeps_bits(entry))
         if not self.plan.spec.execution.passes_for(entry.params):
             slice_bytes = entry.slice_length * max(s // max(1, entry.numel) for s in sizes)
-            return max(WINDOW_BYTES, slice_bytes)
+            window = max(WINDOW_BYTES, slice_bytes)
+            fits = limit is None or self.threads * (working + _windows_bytes(sizes, window)) \
+                <= limit
+            return window if fits else 0
         held = sum(sizes) + 2 * DIRECT_ALIGN * len(sizes)
-        limit = self.budget.limit
-        if held * self.threads > HOLD_BYTES_MAX or (limit is not None and self.threads * (
-                entry.working_bytes(len(sizes), sliced=True, kept=self.keeps_bits(entry))
-                + held) > limit):
+        if held * self.threads > HOLD_BYTES_MAX or (
+                limit is not None and self.threads * (working + held) > limit):
             return 0
         return max(sizes)
 
     def direct_bytes(self, entry: PlanEntry) -> int:
-        """Memory of ``entry``'s O_DIRECT windows (0 without): two per source (the one
-        merged and the one read ahead) unless a window holds the whole tensor."""
+        """Memory of ``entry``'s O_DIRECT windows (0 without)."""
         window = self.direct_window(entry)
-        held = window >= max(s.info(entry.name).nbytes for s in self.plan.sources)
-        return window and (window + 2 * DIRECT_ALIGN) * len(self.plan.sources) * (
-            1 if held else 2)
+        return window and _windows_bytes([s.info(entry.name).nbytes for s in self.plan.sources],
+                                         window)
 
     @contextmanager
     def _fetcher(self, entry: PlanEntry) -> Iterator[SliceFetch]:
@@ -515,6 +518,13 @@ def run_plan(plan: MergePlan, sink: TensorWriter, *, device: torch.device, seed:
     with merge_progress("merge", len(plan.entries), plan.bytes_read, progress) as bar:
         executor.run(sink, bar)
     return executor.warnings
+
+
+def _windows_bytes(sizes: list[int], window: int) -> int:
+    """Buffers of O_DIRECT windows of ``window`` bytes onto inputs of ``sizes`` bytes: two per
+    source (the one merged, the one read ahead) unless one holds its whole tensor."""
+    return sum((min(size, window) + 2 * DIRECT_ALIGN) * (2 if size > window else 1)
+               for size in sizes)
 
 
 def _slices(entry: PlanEntry, ctx: MergeContext) -> Iterator[tuple[int, int]]:
