@@ -997,7 +997,9 @@ NOTES = [
     "- mergekit is run with its defaults (`mergekit-yaml RECIPE OUT --no-copy-tokenizer`: "
     "sequential executor, no async write, default threads; the synthetic models have no "
     "tokenizer to copy); modelalloy with its defaults (`modelalloy merge RECIPE OUT --force`: "
-    "min(4, cores) worker threads, no budget) plus the options given to the script. Outputs "
+    "min(4, cores) worker threads, no budget, `--direct-io auto`: inputs above half the "
+    "memory available, as at 3B, are read with O_DIRECT, docs/direct_io.md) plus the options "
+    "given to the script (`--extra-args '--direct-io off'`: the page cache path). Outputs "
     "are deleted after each run, so neither tool's writes pile up in the page cache.",
 ]
 
