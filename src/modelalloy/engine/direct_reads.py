@@ -35,7 +35,7 @@ WINDOW_BYTES = 8 << 20
 # size (a larger tensor is read through the page cache, which holds it between passes).
 HOLD_BYTES_MAX = 512 << 20
 
-AlignedBuffers = Callable[[int, int], torch.Tensor]  # (source index, bytes) -> aligned uint8
+AlignedBuffers = Callable[[int, int], torch.Tensor]  # (buffer key, bytes) -> aligned uint8
 
 
 def use_direct_io(mode: str | bool | None, input_bytes: int) -> bool:

@@ -202,12 +202,13 @@ class PlanExecutor:
         finally:
             windows.close()
 
-    def _aligned(self, index: int, nbytes: int) -> torch.Tensor:
-        """This thread's reused O_DIRECT buffer for source ``index``, at least ``nbytes``."""
+    def _aligned(self, key: int, nbytes: int) -> torch.Tensor:
+        """This thread's reused O_DIRECT buffer ``key`` (DirectWindows: two per source), at
+        least ``nbytes`` long."""
         cache: dict[Any, torch.Tensor] = self._slice_buffers.__dict__
-        buf = cache.get(("direct", index))
+        buf = cache.get(("direct", key))
         if buf is None or buf.numel() < nbytes:
-            buf = cache[("direct", index)] = aligned_buffer(nbytes)
+            buf = cache[("direct", key)] = aligned_buffer(nbytes)
         return buf
 
     def keeps_bits(self, entry: PlanEntry) -> bool:
