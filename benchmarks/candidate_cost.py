@@ -446,9 +446,9 @@ def render_trial_path(tp: dict[str, Any]) -> list[str]:
           "writes each merged slice into the parameter it belongs to, and only the tensors "
           "whose parameters changed. The scores are the same bits (last column; "
           "tests/optimize/test_in_place.py). The Ray rows above (1 against 2 workers) run "
-          "through `optimize`'s default, the live models, since they exist: rerun "
-          "`PYTHONPATH=src python benchmarks/candidate_cost.py --no-candidates --suite-size "
-          "full --budget 48` on a quiet machine to time them with it."]
+          "through `optimize`'s default, the live models: `OMP_WAIT_POLICY=PASSIVE "
+          "PYTHONPATH=src python benchmarks/candidate_cost.py --no-candidates --suite-size "
+          "full --budget 192`, on a quiet machine."]
     return L
 
 
@@ -505,7 +505,7 @@ def render(results: dict[str, Any]) -> str:
             text += f" → {r['load_average_after']}"
         return text + (f" (nice {r['nice']})" if r.get("nice") else "")
 
-    for r in results["candidates"] + results.get("earlier_candidates", []):
+    for r in results.get("candidates", []) + results.get("earlier_candidates", []):
         mk = (f"{cell(r, 'mergekit')}, merge {r['mergekit_merge']:.2f}" if "mergekit" in r
               else "—")
         ratios = " / ".join(f"{r[k]:.1f}×" if k in r else "—"
@@ -533,7 +533,7 @@ def render(results: dict[str, Any]) -> str:
               "speed-up 1 → 2 workers (1 thread each) | vs default threads | 2 workers busy "
               "scoring (share of 2 × wall) | a trial on 2 workers ÷ on 1 worker, 1 thread |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in results["suites"]:
+        for r in results.get("suites", []):
             one = r.get("w1t1_wall", r["w1_wall"])
             L.append(f"| {r['suite']} ({r.get('size', 'smoke')}) | {r['budget']} | {load(r)} | "
                      f"{r['w1_wall']:.1f} | {one:.1f} | {r['w2_wall']:.1f} | "
@@ -561,7 +561,7 @@ def slower(r: dict[str, Any]) -> str:
 def findings(results: dict[str, Any]) -> list[str]:
     """What the numbers say, from the numbers."""
     out = []
-    for r in results["candidates"]:
+    for r in results.get("candidates", []):
         io = r["disk"] - r["disk_merge_write"]
         line = (f"- {r['method']} at {r['size']}: the in-memory candidate takes "
                 f"{r['in_memory']:.2f} s; (a) our disk path {r['disk']:.2f} s, of which "
@@ -584,7 +584,7 @@ def findings(results: dict[str, Any]) -> list[str]:
                      f"its worker's start, not counted, took {r['mergekit_start']:.1f} s)")
         out.append(line + (f"; load average {r['load_average']} when measured."
                            if "load_average" in r else "."))
-    slow = [r for r in results["candidates"] if r["speedup"] < 2]
+    slow = [r for r in results.get("candidates", []) if r["speedup"] < 2]
     for r in slow:
         out.append(f"- For {r['method']} the merge's own computation dominates (a) "
                    f"(about {r['in_memory']:.1f} s of the in-memory candidate is the merge): "
