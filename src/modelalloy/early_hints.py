@@ -4,10 +4,18 @@ Importing torch takes about a second of every `modelalloy merge`, with the disk 
 cold page cache (models larger than RAM, or just downloaded) the first tensors can be on their
 way meanwhile: ``modelalloy/__init__`` calls :func:`start` before it imports torch, and when
 the process is the ``merge`` command a daemon thread asks the kernel to read
-(``posix_fadvise(WILLNEED)``) the first ``HINT_BYTES`` of tensor data of every model the
-recipe names. The engine merges in storage order (the reference model's first shard, data
-order), so those are the first tensors it reads; its own hints take over from there
-(``Checkpoint.prefetch``).
+(``posix_fadvise(WILLNEED)``) the first tensor data of every model the recipe names, in
+chunks taken from each model in turn (the merge needs all of them at once), until the merge
+itself starts reading (:func:`stop`, from ``Checkpoint.prefetch`` / ``read_direct``) or
+``HINT_BYTES`` per model (``HINT_TOTAL_MAX`` over all, at most a quarter of the memory
+available) are asked for. So the hints are what the disk can read during the import. The
+engine merges in storage order (the reference model's first shard, data order), so those are
+the first tensors it reads; its own hints take over from there (``Checkpoint.prefetch``).
+
+The ranges asked for are recorded (:func:`hinted_range`): a merge that reads with
+``O_DIRECT`` (docs/direct_io.md) reads them through the page cache instead, where they are
+(or are arriving), and drops their pages after use, rather than reading them from the disk a
+second time.
 
 Best effort and cheap: model paths are found in the recipe text with a pattern (no YAML or
 torch import), anything unexpected skips the hint, pages already cached (a one-byte
@@ -25,9 +33,52 @@ import sys
 import threading
 from pathlib import Path
 
-HINT_BYTES = 256 << 20  # per model: a second of cold reads on a 1-2 GB/s disk for 4 models
+# Per model at most (the merge's first read stops the hints sooner): a first shard's worth.
+HINT_BYTES = 1536 << 20
+HINT_TOTAL_MAX = 6 << 30  # over all models; also at most a quarter of MemAvailable
+# One request per model per turn: large enough that the thread (which needs the GIL between
+# requests, while the import holds it) keeps the disk's queue full, small enough that every
+# model's first tensors are asked for early.
+CHUNK_BYTES = 32 << 20
+# Recorded ranges are whole blocks of this size (io/checkpoint.py's DIRECT_ALIGN): a direct
+# read around them stays aligned.
+BLOCK = 4096
 _MODEL_LINE = re.compile(r"^\s*(?:-\s*)?(?:base_model|model)\s*:\s*(?P<path>[^#{}\[\],]+?)\s*"
                          r"(?:#.*)?$")
+
+FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+_ranges: dict[FileKey, tuple[int, int]] = {}  # file -> (first, end) bytes asked for
+_ranges_lock = threading.Lock()
+_merge_started = threading.Event()
+
+
+def stop() -> None:
+    """The merge reads now (its own reads and hints keep the disk busy): ask for no more."""
+    if not _merge_started.is_set():  # called on every read: a flag test, mostly
+        _merge_started.set()
+
+
+def _key(st: os.stat_result) -> FileKey:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def hinted_range(fd: int) -> tuple[int, int] | None:
+    """(first, end): the block-aligned bytes of the open file ``fd`` that were hinted, so are
+    in the page cache or on their way (read them through it), or None."""
+    if not _ranges:
+        return None
+    try:
+        key = _key(os.fstat(fd))
+    except OSError:
+        return None
+    with _ranges_lock:
+        return _ranges.get(key)
+
+
+def forget() -> None:
+    """Forget the recorded ranges (a new merge in the same process, tests)."""
+    with _ranges_lock:
+        _ranges.clear()
 
 
 def merge_recipe(argv: list[str]) -> Path | None:
@@ -89,40 +140,97 @@ def _cached(fd: int, offset: int) -> bool:
         return False
 
 
-def hint_file(path: Path, nbytes: int = HINT_BYTES) -> bool:
-    """Ask the kernel to read the first ``nbytes`` of tensor data of a safetensors file
-    (after its header); True when a read was asked for."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
+class _FileHint:
+    """The hint of one file's first ``nbytes`` of tensor data, asked for a chunk at a time."""
+
+    def __init__(self, fd: int, key: FileKey, start: int, end: int):
+        self.fd, self.key, self.end = fd, key, end
+        self.first = start - start % BLOCK  # the recorded range starts on a block
+        self.pos = start
+        self.asked = False
+
+    def advance(self, nbytes: int) -> bool:
+        """Ask for the next ``nbytes``; False when done (or refused)."""
+        stop = min(self.end, self.pos + nbytes)
+        try:
+            os.posix_fadvise(self.fd, self.pos, stop - self.pos, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return False
+        self.pos, self.asked = stop, True
+        with _ranges_lock:
+            _ranges[self.key] = (self.first, stop - stop % BLOCK)
+        return stop < self.end
+
+
+def _open_hint(path: Path, nbytes: int) -> _FileHint | None:
+    """The hint of ``path``'s first ``nbytes`` of tensor data (after its header), or None
+    when there is nothing to ask for (not a safetensors file, already cached, no fadvise)."""
+    if not hasattr(os, "posix_fadvise") or nbytes <= 0:
+        return None
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        head = os.pread(fd, 8, 0)
+        if len(head) == 8:
+            start = 8 + struct.unpack("<Q", head)[0]
+            length = min(nbytes, st.st_size - start)
+            if length > 0 and not (_cached(fd, start) and _cached(fd, start + length - 1)):
+                return _FileHint(fd, _key(st), start, start + length)
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def hint_file(path: Path, nbytes: int = HINT_BYTES) -> bool:
+    """Ask the kernel to read the first ``nbytes`` of tensor data of a safetensors file
+    (after its header) and record the range; True when a read was asked for."""
+    hint = _open_hint(path, nbytes)
+    if hint is None:
         return False
     try:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            return False
-        start = 8 + struct.unpack("<Q", head)[0]
-        length = min(nbytes, size - start)
-        if length <= 0 or (_cached(fd, start) and _cached(fd, start + length - 1)):
-            return False
-        os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
-        return True
-    except OSError:
-        return False
+        hint.advance(nbytes)
+        return hint.asked
     finally:
-        os.close(fd)
+        os.close(hint.fd)
 
 
-def hint_recipe(recipe: Path, nbytes: int = HINT_BYTES) -> int:
-    """Hint the first tensors of every model of ``recipe``; how many files were hinted."""
-    hinted = 0
-    for model in model_paths(recipe):
-        shard = first_shard(model)
-        if shard is not None and hint_file(shard, nbytes):
-            hinted += 1
-    return hinted
+def memory_available() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def hint_recipe(recipe: Path, nbytes: int = HINT_BYTES, total: int | None = None,
+                until: threading.Event | None = None) -> int:
+    """Hint the first tensors of every model of ``recipe``, ``CHUNK_BYTES`` of each in
+    turn, up to ``nbytes`` per model and ``total`` over all (default ``HINT_TOTAL_MAX``, at
+    most a quarter of the memory available), until ``until`` is set (default: the merge's
+    first read, :func:`stop`); how many files were hinted."""
+    until = _merge_started if until is None else until
+    if total is None:
+        available = memory_available()
+        total = HINT_TOTAL_MAX if available is None else min(HINT_TOTAL_MAX, available // 4)
+    shards = [s for s in (first_shard(m) for m in model_paths(recipe)) if s is not None]
+    per_model = min(nbytes, total // max(1, len(shards)))
+    hints = [h for h in (_open_hint(s, per_model) for s in shards) if h is not None]
+    try:
+        going = list(hints)
+        while going and not until.is_set():
+            going = [h for h in going if h.advance(CHUNK_BYTES)]
+    finally:
+        for hint in hints:
+            os.close(hint.fd)
+    return sum(h.asked for h in hints)
 
 
 def start(argv: list[str] | None = None) -> threading.Thread | None:
@@ -134,6 +242,7 @@ def start(argv: list[str] | None = None) -> threading.Thread | None:
     recipe = merge_recipe(sys.argv if argv is None else argv)
     if recipe is None:
         return None
+    _merge_started.clear()
     thread = threading.Thread(target=hint_recipe, args=(recipe,), daemon=True,
                               name="modelalloy-early-hints")
     thread.start()

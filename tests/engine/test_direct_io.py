@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,14 +21,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modelalloy import merge
+from modelalloy import early_hints, merge
 from modelalloy.engine import direct_reads
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.direct_reads import WINDOW_BYTES, DirectWindows, use_direct_io
 from modelalloy.engine.execute import PlanExecutor
 from modelalloy.engine.run import as_recipe, make_plan
 from modelalloy.errors import CheckpointError, ModelAlloyError
-from modelalloy.io.checkpoint import DIRECT_ALIGN, Checkpoint, aligned_buffer, open_checkpoint
+from modelalloy.io.checkpoint import (
+    DIRECT_ALIGN,
+    Checkpoint,
+    aligned_buffer,
+    direct_span,
+    open_checkpoint,
+)
 from modelalloy.plan.planner import SLICE_ELEMENTS
 from tests.conftest import write_recipe
 
@@ -319,3 +326,117 @@ def test_windows_count_in_the_budget_and_give_way_to_it(tmp_path):
         assert PlanExecutor(ties, device=torch.device("cpu"), seed=0, threads=2,
                             budget=ByteBudget(None), allow_nonfinite=False,
                             direct=True).direct_window(held) == 2 * (BIG // 5 * 5)
+
+
+# --------------------------------------------------------------------------- early hints
+
+class DiskCounter:
+    """Bytes read from O_DIRECT descriptors (the disk) and from the others (the page cache),
+    per file, and the ``DONTNEED`` ranges asked for."""
+
+    def __init__(self, monkeypatch):
+        self.direct: dict[str, int] = {}
+        self.cached: dict[str, int] = {}
+        self.dropped: list[tuple[str, int, int]] = []
+        real_open, real_preadv, real_fadvise = os.open, os.preadv, os.posix_fadvise
+        paths: dict[int, tuple[str, bool]] = {}
+
+        def open_(path, flags, *args, **kwargs):
+            fd = real_open(path, flags, *args, **kwargs)
+            paths[fd] = (str(path), bool(flags & os.O_DIRECT))
+            return fd
+
+        def preadv(fd, buffers, offset, *args):
+            got = real_preadv(fd, buffers, offset, *args)
+            if fd in paths and not args:  # not an RWF_NOWAIT probe
+                path, direct = paths[fd]
+                counts = self.direct if direct else self.cached
+                counts[path] = counts.get(path, 0) + got
+            return got
+
+        def fadvise(fd, offset, length, advice):
+            if advice == os.POSIX_FADV_DONTNEED and fd in paths:
+                self.dropped.append((paths[fd][0], offset, length))
+            return real_fadvise(fd, offset, length, advice)
+
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "preadv", preadv)
+        monkeypatch.setattr(os, "posix_fadvise", fadvise)
+
+
+@pytest.fixture
+def hints(monkeypatch):
+    """The early hints' module, its recorded ranges forgotten before and after; pages count
+    as cold (hinted whatever this filesystem keeps)."""
+    monkeypatch.setattr(early_hints, "_cached", lambda fd, offset: False)
+    early_hints.forget()
+    yield early_hints
+    early_hints.forget()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_hinted_bytes_are_read_through_the_page_cache_once_then_dropped(
+        odd_file, hints, monkeypatch):
+    """A direct read inside, across either end of, and outside the hinted range: the same
+    bytes; the hinted blocks come from the page cache, the rest from O_DIRECT, no byte
+    twice; the blocks holding only the wanted bytes are dropped after."""
+    path, tensors = odd_file
+    data_start = path.stat().st_size - sum(t.numel() * t.element_size()
+                                           for t in tensors.values())
+    assert data_start % DIRECT_ALIGN  # the tensors start inside a block
+    hinted_bytes = 5 * DIRECT_ALIGN + 100  # ends inside a block too
+    assert hints.hint_file(path, hinted_bytes)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first, end = hints.hinted_range(fd)
+    finally:
+        os.close(fd)
+    assert (first, end) == (data_start - data_start % DIRECT_ALIGN,
+                            (data_start + hinted_bytes) // DIRECT_ALIGN * DIRECT_ALIGN)
+    at = data_start + 7 + 5 * 3 * 2  # "big" follows "tiny" and "small"
+    raw = tensors["big"].view(torch.uint8).reshape(-1).numpy().tobytes()
+    for skip, nbytes in [(0, 10), (5, 3 * DIRECT_ALIGN), (0, 8 * DIRECT_ALIGN),
+                         (4 * DIRECT_ALIGN, 2 * DIRECT_ALIGN), (10 * DIRECT_ALIGN, 100)]:
+        with monkeypatch.context() as patch:
+            counter = DiskCounter(patch)
+            with open_checkpoint(path) as ckpt:
+                assert _direct(ckpt, "big", skip, nbytes) == raw[skip:skip + nbytes]
+        lo, length = direct_span(at + skip, nbytes)
+        cached = max(0, min(lo + length, end) - max(lo, first))
+        assert counter.cached.get(str(path), 0) == cached, (skip, nbytes)
+        assert counter.direct.get(str(path), 0) == length - cached, (skip, nbytes)
+        # the whole blocks of the wanted bytes that came through the page cache
+        whole = (-(-(at + skip) // DIRECT_ALIGN) * DIRECT_ALIGN,
+                 min(end, (at + skip + nbytes) // DIRECT_ALIGN * DIRECT_ALIGN))
+        assert counter.dropped == ([(str(path), whole[0], whole[1] - whole[0])]
+                                   if cached and whole[0] < whole[1] else []), (skip, nbytes)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_hinted_direct_merge_reads_no_byte_twice(tmp_path, hints, monkeypatch, method):
+    """The early hints asked for the first blocks of every model: a direct merge reads them
+    from the page cache and the rest with O_DIRECT, the same bits as the buffered merge."""
+    folders = _models(tmp_path / "models")
+    recipe = _recipe(tmp_path, method, folders)
+    merge(recipe, tmp_path / "off", direct_io="off")
+    shards = [f / "model.safetensors" for f in folders]
+    big, small = 2 * (BIG // 5 * 5), 2 * 33 * 5
+    # the first tensor, the second, half of the third (exact.weight)
+    assert hints.hint_recipe(recipe, nbytes=big + small + 2 * SLICE_ELEMENTS, total=1 << 30,
+                             until=threading.Event()) == len(shards)
+    counter = DiskCounter(monkeypatch)
+    merge(recipe, tmp_path / "on", direct_io="on", threads=2)
+    want = load_file(str(tmp_path / "off" / "model.safetensors"))
+    got = load_file(str(tmp_path / "on" / "model.safetensors"))
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    for shard in shards:
+        fd = os.open(shard, os.O_RDONLY)
+        first, end = hints.hinted_range(fd)
+        os.close(fd)
+        size, name = shard.stat().st_size, str(shard)
+        # the hinted blocks through the page cache (small.weight too, read whole), the rest
+        # with O_DIRECT: no block twice but those where two tensors meet
+        assert end - first <= counter.cached[name] <= end - first + small + 2 * DIRECT_ALIGN
+        assert size - end <= counter.direct[name] <= size - end + DIRECT_ALIGN
+        assert counter.dropped and {p for p, _, _ in counter.dropped} <= set(map(str, shards))

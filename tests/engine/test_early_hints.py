@@ -8,12 +8,14 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from modelalloy import early_hints
+from modelalloy.io.checkpoint import open_checkpoint
 from tests.conftest import subprocess_env, write_recipe
 
 SOURCE = Path(early_hints.__file__)
@@ -162,3 +164,70 @@ def test_hints_need_the_standard_library_only_and_start_before_torch(tmp_path):
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stderr
 
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_models_are_hinted_a_chunk_each_in_turn_until_the_merge_reads(tmp_path, monkeypatch):
+    """Chunks of each model in turn, up to the per-model and total caps, recorded as whole
+    blocks; the first read of the merge (``stop``) ends the hints."""
+    names = ("base", "e1", "e2")
+    starts = {}
+    for name in names:
+        (tmp_path / name).mkdir()
+        starts[name] = _safetensors(tmp_path / name / "model.safetensors", 100_000 + 999)
+    recipe = write_recipe(tmp_path / "r.yml", "merge_method: task_arithmetic\nbase_model: base\n"
+                          "models:\n  - model: e1\n  - model: e2\n")
+    calls: list[tuple[str, int, int]] = []
+    fds: dict[int, str] = {}
+    real_open = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        fds[fd] = Path(path).parent.name
+        return fd
+
+    def fadvise(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        calls.append((fds[fd], offset, length))
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(early_hints, "_cached", lambda fd, offset: False)
+    monkeypatch.setattr(early_hints, "CHUNK_BYTES", 30_000)
+    early_hints.forget()
+    try:
+        # 100,000 bytes per model: chunks of 30,000, 30,000, 30,000, 10,000, in turn
+        assert early_hints.hint_recipe(recipe, nbytes=100_000, total=10**9,
+                                       until=threading.Event()) == 3
+        want = [(n, starts[n] + c * 30_000, min(30_000, 100_000 - c * 30_000))
+                for c in range(4) for n in names]
+        assert calls == want
+        for name in names:
+            fd = os.open(tmp_path / name / "model.safetensors", os.O_RDONLY)
+            try:
+                start = starts[name]
+                assert early_hints.hinted_range(fd) == (start - start % 4096,
+                                                        (start + 100_000) // 4096 * 4096)
+            finally:
+                os.close(fd)
+        # the total cap shares out; a set event stops after the turn in progress
+        calls.clear()
+        assert early_hints.hint_recipe(recipe, nbytes=100_000, total=3 * 20_000,
+                                       until=threading.Event()) == 3
+        assert calls == [(n, starts[n], 20_000) for n in names]
+        calls.clear()
+        until = threading.Event()
+        monkeypatch.setattr(os, "posix_fadvise", lambda *a: (fadvise(*a), until.set()))
+        assert early_hints.hint_recipe(recipe, nbytes=100_000, total=10**9, until=until) == 3
+        assert calls == [(n, starts[n], 30_000) for n in names]
+    finally:
+        early_hints.forget()
+
+
+def test_the_merge_reading_stops_the_hints(tmp_path):
+    path = tmp_path / "m.safetensors"
+    _safetensors(path, 64)
+    early_hints._merge_started.clear()
+    with open_checkpoint(path) as ckpt:
+        ckpt.prefetch("w")
+    assert early_hints._merge_started.is_set()

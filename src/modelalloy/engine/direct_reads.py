@@ -12,7 +12,9 @@ passes, dare_ties' L1 pass) gets a window as large as the tensor, so no pass rea
 again; a tensor too large to hold that way is read through the page cache, as before, which
 still holds it between passes. Sources that cannot be read directly (in memory, pickles,
 adapters applied on the fly, a filesystem that refuses O_DIRECT) are read as before: the
-same bytes either way.
+same bytes either way. So are the first blocks that the command's early hints brought into
+the page cache while torch imported (``Checkpoint.read_direct``: read from the cache, then
+dropped), rather than read from the disk a second time.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from modelalloy import early_hints
 from modelalloy.errors import CheckpointError
 from modelalloy.io.dtypes import SAFETENSORS_DTYPES, element_size
 from modelalloy.io.safe_read import (
@@ -602,7 +603,9 @@ class Checkpoint:
         True when a read was asked for. Best effort: a failed hint changes nothing. While
         the engine merges some tensors it hints the next few, so on a cold cache the disk
         keeps reading instead of waiting for each ``get`` (one in-memory probe per end,
-        ``RWF_NOWAIT``, keeps warm merges from walking pages that are cached)."""
+        ``RWF_NOWAIT``, keeps warm merges from walking pages that are cached). The command's
+        early hints stop here: the engine's own take over."""
+        early_hints.stop()
         info = self._infos.get(name)
         if self._tensors is not None or info is None or info.nbytes == 0 or not _HAS_FADVISE:
             return False
@@ -663,7 +666,13 @@ class Checkpoint:
         ``direct_span``'s length), and the offset of byte ``skip`` in ``into`` is returned.
         None when this file cannot be read so (a pickle, a filesystem that refuses O_DIRECT,
         a platform without it): read it with ``get_slice`` instead, the same bytes.
-        Thread-safe."""
+        Thread-safe.
+
+        The part of the range that the command's early hints asked the kernel for while
+        torch imported (``early_hints.hinted_range``) is read through the page cache, where
+        it is, and its pages are dropped after (``DONTNEED``): reading it with O_DIRECT would
+        read it from the disk a second time."""
+        early_hints.stop()
         info = self.info(name)
         if skip < 0 or nbytes < 0 or skip + nbytes > info.nbytes:
             raise ValueError(f"bytes [{skip}, {skip + nbytes}) are not inside tensor {name!r} "
@@ -674,31 +683,74 @@ class Checkpoint:
         if into.dtype != torch.uint8 or into.numel() < length or into.data_ptr() % DIRECT_ALIGN:
             raise ValueError(f"direct read of {name!r} needs an aligned uint8 buffer of "
                              f"{length} bytes, got {into.numel()} {into.dtype}")
-        need = self._offsets[name] + skip + nbytes - first  # bytes that must arrive
+        wanted = (self._offsets[name] + skip, self._offsets[name] + skip + nbytes)
         buf = into.numpy().data.cast("B")
         fd = self._acquire_direct_fd(info.file)
         if fd is None:
             return None
+        try:
+            hinted = early_hints.hinted_range(fd)
+            # [first, low) directly, [low, high) through the page cache, [high, ...) directly
+            low = high = first
+            if hinted is not None and hinted[0] < first + length and first < hinted[1]:
+                low, high = max(first, hinted[0]), min(first + length, hinted[1])
+                if not self._read_hinted(info, buf[low - first:high - first], low, wanted):
+                    low = high = first  # not to be read so after all: all of it directly
+            for start, stop in ((first, low), (high, first + length)):
+                if start < min(stop, wanted[1]) and not self._read_direct_part(
+                        fd, info, buf[start - first:stop - first], start,
+                        min(stop, wanted[1]) - start):
+                    self._refuse_direct(info.file)
+                    return None
+        finally:
+            self._release()
+        return wanted[0] - first
+
+    def _read_direct_part(self, fd: int, info: TensorInfo, buf: memoryview, offset: int,
+                          need: int) -> bool:
+        """Fill ``buf`` from ``offset`` of the O_DIRECT descriptor ``fd``, of which ``need``
+        bytes must arrive (the rest may lie past the end of the file); False when the
+        filesystem refuses (EINVAL before anything was read)."""
         pos = 0
         try:
             while pos < need:
-                got = os.preadv(fd, [buf[pos:length]], first + pos)
+                got = os.preadv(fd, [buf[pos:]], offset + pos)
                 # a direct read stops short only at the end of the file (or of the range)
                 if got <= 0 or (got % DIRECT_ALIGN and pos + got < need):
                     raise CheckpointError(
-                        f"{info.file}: file ended inside tensor {name!r} (changed or truncated "
-                        "after it was opened); re-download it")
+                        f"{info.file}: file ended inside tensor {info.name!r} (changed or "
+                        "truncated after it was opened); re-download it")
                 pos += got
         except OSError as e:
             if e.errno == errno.EINVAL and pos == 0:  # alignment or flag refused
-                self._refuse_direct(info.file)
-                return None
+                return False
             raise CheckpointError(
-                f"{info.file}: cannot read tensor {name!r} ({_one_line(e.strerror or e)})"
+                f"{info.file}: cannot read tensor {info.name!r} ({_one_line(e.strerror or e)})"
             ) from None
+        return True
+
+    def _read_hinted(self, info: TensorInfo, buf: memoryview, offset: int,
+                     wanted: tuple[int, int]) -> bool:
+        """Fill ``buf`` from ``offset`` through the page cache (the early hints' pages), then
+        drop the pages that hold only ``wanted`` bytes (the blocks at either end may hold a
+        neighbour's, which reads them next); False when the file cannot be opened so."""
+        try:
+            fd = self._acquire_fd(info.file)
+        except (CheckpointError, ValueError):
+            return False
+        try:
+            _read_fully(fd, buf, offset, info)
+            drop_from = max(offset, -(-wanted[0] // DIRECT_ALIGN) * DIRECT_ALIGN)
+            drop_to = min(offset + len(buf), wanted[1] - wanted[1] % DIRECT_ALIGN)
+            if _HAS_FADVISE and drop_from < drop_to:
+                try:
+                    os.posix_fadvise(fd, drop_from, drop_to - drop_from,
+                                     os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    pass
+            return True
         finally:
             self._release()
-        return self._offsets[name] + skip - first
 
     def close(self) -> None:
         """Release the files. Reads in flight in other threads finish first."""
