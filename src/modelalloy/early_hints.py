@@ -1,26 +1,24 @@
 """Start reading a merge's first tensors while torch imports (standard library only).
 
-Importing torch takes about a second of every `modelalloy merge`, with the disk idle. On a
-cold page cache (models larger than RAM, or just downloaded) the first tensors can be on their
-way meanwhile: ``modelalloy/__init__`` calls :func:`start` before it imports torch, and when
-the process is the ``merge`` command a daemon thread asks the kernel to read
-(``posix_fadvise(WILLNEED)``) the first tensor data of every model the recipe names, in
-chunks taken from each model in turn (the merge needs all of them at once), until the merge
-itself starts reading (:func:`stop`, from ``Checkpoint.prefetch`` / ``read_direct``) or
-``HINT_BYTES`` per model (``HINT_TOTAL_MAX`` over all, at most a quarter of the memory
-available) are asked for. So the hints are what the disk can read during the import. The
-engine merges in storage order (the reference model's first shard, data order), so those are
-the first tensors it reads; its own hints take over from there (``Checkpoint.prefetch``).
+Importing torch takes about a second of every `modelalloy merge`. On a cold page cache
+(models larger than RAM, or just downloaded) the first tensors can be on their way
+meanwhile: ``modelalloy/__init__`` calls :func:`start` before it imports torch, and when the
+process is the ``merge`` command a daemon thread reads the first tensor data of every model
+the recipe names into the page cache, a thread per model (``sendfile`` to /dev/null: no copy,
+the GIL released), ``CHUNK_BYTES`` at a time, until the merge itself reads
+(:func:`stop`, from ``Checkpoint.prefetch`` / ``read_direct``) or ``HINT_BYTES`` per model
+are read. The engine merges in storage order (the reference model's first shard, data
+order), so those are the first tensors it reads; its own hints take over from there
+(``Checkpoint.prefetch``).
 
-The ranges asked for are recorded (:func:`hinted_range`): a merge that reads with
-``O_DIRECT`` (docs/direct_io.md) reads them through the page cache instead, where they are
-(or are arriving), and drops their pages after use, rather than reading them from the disk a
-second time.
+The ranges read are recorded (:func:`hinted_range`): a merge that reads with ``O_DIRECT``
+(docs/direct_io.md) reads them through the page cache instead, where they are, and drops
+their pages after use, rather than reading them from the disk a second time.
 
 Best effort and cheap: model paths are found in the recipe text with a pattern (no YAML or
 torch import), anything unexpected skips the hint, pages already cached (a one-byte
-``RWF_NOWAIT`` probe at both ends) are not hinted, and ``MODELALLOY_EARLY_HINTS=0`` turns it
-off. The merge itself validates everything as before.
+``RWF_NOWAIT`` probe at both ends) are not read again, and ``MODELALLOY_EARLY_HINTS=0`` turns
+it off. The merge itself validates everything as before.
 """
 
 from __future__ import annotations
