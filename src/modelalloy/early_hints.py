@@ -220,7 +220,7 @@ def hint_file(path: Path, nbytes: int = HINT_BYTES) -> bool:
             return hint.asked
         return False
     finally:
-        for fd in (hint and hint.fd, sink):
+        for fd in (None if hint is None else hint.fd, sink):
             if fd is not None:
                 os.close(fd)
 
