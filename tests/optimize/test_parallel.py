@@ -16,12 +16,35 @@ from tests.optimize.conftest import write_template  # noqa: E402
 QUAD = "python:tests.optimize.synthetic:quadratic"
 
 
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
 @pytest.mark.slow
-def test_one_and_two_workers_give_the_same_search(tmp_path):
+def test_one_and_two_workers_give_the_same_search(tmp_path, monkeypatch):
+    from threadpoolctl import threadpool_limits
+
+    from modelalloy.search import workers
+
+    # while Ray workers score, the driver's BLAS runs on one thread (its idle threads spin
+    # and take a core's share from the workers); the user's setting comes back afterwards
+    seen: list[list[int]] = []
+    evaluate = workers.RayEvaluator.evaluate
+
+    def recording(self, candidates):
+        seen.append(_blas_threads())
+        return evaluate(self, candidates)
+
+    monkeypatch.setattr(workers.RayEvaluator, "evaluate", recording)
     tpl = write_template(tmp_path, search={"granularity": "layer",
                                            "parameters": {"weight": [0, 1]}})
     one = optimize("evolve", tpl, [QUAD], tmp_path / "one", budget=16, seed=2)
-    two = optimize("evolve", tpl, [QUAD], tmp_path / "two", budget=16, seed=2, workers=2)
+    with threadpool_limits(limits=2, user_api="blas"):
+        two = optimize("evolve", tpl, [QUAD], tmp_path / "two", budget=16, seed=2, workers=2)
+        assert set(_blas_threads()) == {2}
+    assert seen and all(set(threads) == {1} for threads in seen)
     assert [(r["candidate"], r["scores"]) for r in one.trials] == \
         [(r["candidate"], r["scores"]) for r in two.trials]
     assert one.recipe_path.read_text() == two.recipe_path.read_text()
