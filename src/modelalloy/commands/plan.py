@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         memory_budget: Annotated[str | None, typer.Option(help="Budget to plan for.")] = None,
     ) -> None:
         """Check a recipe and its models without merging: summary, problems, memory, bytes."""
+        from modelalloy.engine.direct_reads import use_direct_io
         from modelalloy.engine.run import (
             as_recipe,
             default_threads,
@@ -32,7 +33,9 @@ def register(app: typer.Typer) -> None:
         with ExitStack() as stack:
             the_plan = make_plan(as_recipe(recipe), stack)
             budget = size_option("memory_budget", memory_budget) if memory_budget else None
-            info = describe(the_plan, threads or default_threads(), budget)
+            # the merge's own default (more threads when it reads around the page cache)
+            direct = use_direct_io("auto", the_plan.bytes_read)
+            info = describe(the_plan, threads or default_threads(direct), budget)
         table = Table(show_header=False, title=f"plan for {recipe}")
         table.add_row("method", info["method"])
         table.add_row("models", "\n".join(info["models"]))

@@ -34,8 +34,9 @@ DIRECT_IO_MODES = ("auto", "on", "off")
 # read has no read-ahead), small enough that 4 sources x 4 threads stay at 128 MB.
 WINDOW_BYTES = 8 << 20
 # Tensors held whole for a multi-pass method, over all threads: bounded whatever the model
-# size (a larger tensor is read through the page cache, which holds it between passes).
-HOLD_BYTES_MAX = 512 << 20
+# size (a larger tensor is read through the page cache, which holds it between passes). 1 GB:
+# the 4 threads of a direct merge on 2 cores each hold a 3B MLP matrix of 4 models (201 MB).
+HOLD_BYTES_MAX = 1 << 30
 
 AlignedBuffers = Callable[[int, int], torch.Tensor]  # (buffer key, bytes) -> aligned uint8
 

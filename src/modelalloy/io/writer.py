@@ -36,6 +36,8 @@ from modelalloy.io.atomic_dir import (  # noqa: F401 - AtomicOutputDir is re-exp
     human_size,
     recover_leftovers,
 )
+from modelalloy.io.checkpoint import HAS_DIRECT_IO
+from modelalloy.io.direct_writes import DirectWrites
 from modelalloy.io.dtypes import element_size, safetensors_code
 from modelalloy.io.faults import fault_point
 
@@ -208,6 +210,7 @@ class ShardedSafetensorsWriter:
         entries: list[tuple[str, tuple[int, ...], torch.dtype]],
         shard_size: int,
         metadata: dict[str, str] | None = None,
+        direct: bool = False,
     ) -> None:
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
@@ -273,6 +276,7 @@ class ShardedSafetensorsWriter:
         self._claimed: set[str] = set()  # write started (a second write fails fast)
         self._written: set[str] = set()  # write finished
         self._fds: list[int] = []
+        self._direct: DirectWrites | None = None
         self._closed = False
         needed = sum(self._sizes)
         try:
@@ -293,6 +297,9 @@ class ShardedSafetensorsWriter:
                 self._fds.append(fd)
                 _preallocate(fd, size)
                 _pwrite_all(fd, memoryview(prefix), 0)
+            if direct and HAS_DIRECT_IO:
+                self._direct = DirectWrites([self.folder / n for n in self.shard_names],
+                                            self._fds, _pwrite_all)
         except OSError as e:
             self.abort()
             raise OutputError(f"{shown}: cannot create the output files ({e.strerror or e}; "
@@ -330,6 +337,9 @@ class ShardedSafetensorsWriter:
             if name in self._claimed:
                 raise ValueError(f"tensor {name!r} was already written")
             self._claimed.add(name)
+        if self._direct is not None:
+            slot = self._slots[name]
+            self._direct.begin(name, slot.shard, slot.offset, slot.nbytes)
 
     def write_part(self, name: str, start: int, part: torch.Tensor) -> None:
         """Write ``part`` (CPU, the output dtype) as elements ``start ..`` of the flattened
@@ -348,7 +358,10 @@ class ShardedSafetensorsWriter:
                     .data.cast("B"))
             try:
                 fault_point("writer.write")
-                _pwrite_all(self._fds[slot.shard], data, slot.offset + skip)
+                if self._direct is not None:
+                    self._direct.write(name, slot.shard, slot.offset + skip, data)
+                else:
+                    _pwrite_all(self._fds[slot.shard], data, slot.offset + skip)
             except OSError as e:
                 raise OutputError(
                     f"{display_path(self.folder / self.shard_names[slot.shard])}: cannot "
@@ -359,6 +372,14 @@ class ShardedSafetensorsWriter:
         """Mark ``name`` written, and start writing it back to disk in the background so
         that ``close``'s fsync has little left to wait for."""
         slot = self._slots[name]
+        if self._direct is not None:
+            try:
+                self._direct.end(name, slot.shard)
+            except OSError as e:
+                raise OutputError(
+                    f"{display_path(self.folder / self.shard_names[slot.shard])}: cannot "
+                    f"write tensor {name!r} ({e.strerror or e}); check free disk space"
+                ) from None
         with self._lock:
             self._written.add(name)
             fd = self._fds[slot.shard] if not self._closed else None
@@ -367,6 +388,8 @@ class ShardedSafetensorsWriter:
 
     def abandon(self, name: str) -> None:
         """Release a claim whose parts will not all come (the tensor may be written again)."""
+        if self._direct is not None:
+            self._direct.abandon(name)
         with self._lock:
             self._claimed.discard(name)
 
@@ -412,6 +435,8 @@ class ShardedSafetensorsWriter:
             for fd in self._fds:
                 os.close(fd)
             self._fds = []
+            if self._direct is not None:
+                self._direct.close()
         fsync_path(self.folder)
         return files
 
@@ -420,6 +445,8 @@ class ShardedSafetensorsWriter:
         with self._lock:
             self._closed = True
             fds, self._fds = self._fds, []
+        if self._direct is not None:
+            self._direct.close()
         for fd in fds:
             try:
                 os.close(fd)
