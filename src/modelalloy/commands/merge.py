@@ -19,7 +19,9 @@ def register(app: typer.Typer) -> None:
         output_dir: Annotated[Path, typer.Argument(help="Folder to create for the merged model.")],
         device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
         seed: Annotated[int | None, typer.Option(help="Overrides the recipe's seed.")] = None,
-        threads: Annotated[int | None, typer.Option(help="Worker threads (default: ≤4).")] = None,
+        threads: Annotated[int | None, typer.Option(
+            help="Worker threads (default: one per core, at most 4; with direct I/O two per "
+                 "core, at most 4).")] = None,
         memory_budget: Annotated[str | None, typer.Option(
             help="Cap on the process's memory, e.g. 8GB.")] = None,
         shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
