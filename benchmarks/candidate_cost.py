@@ -243,13 +243,18 @@ def suite_row(suite: str, size: str, budget: int) -> dict[str, Any]:
             "load_average": round(os.getloadavg()[0], 1), "nice": os.nice(0)}
 
 
-def measure_suites(budget: int, log: Any, size: str = "smoke") -> list[dict[str, Any]]:
+def measure_suites(budget: int, log: Any, size: str = "smoke",
+                   repeats: int = 1) -> list[dict[str, Any]]:
     """evolve on each suite of ``size``: trials per second (merge + score, one worker), and the
-    whole run with 1 and 2 Ray workers (Ray's start excluded: the evaluation phase only)."""
+    whole run with 1 and 2 Ray workers (Ray's start excluded: the evaluation phase only).
+    With ``repeats`` > 1 the three runs are interleaved that many times and the medians
+    reported: this machine's speed drifts by 10-20% over minutes, which a ratio of two runs
+    made minutes apart would carry."""
 
     from modelalloy.search.driver import optimize
 
     rows = []
+    keys = (("w1", 1, False), ("w1t1", 1, True), ("w2", 2, False))
     for suite in ("tiny-vision", "tiny-lm"):
         spec = f"suite:{suite}?size={size}"
         work = Path(tempfile.mkdtemp(prefix="trials-"))
@@ -257,29 +262,39 @@ def measure_suites(budget: int, log: Any, size: str = "smoke") -> list[dict[str,
             tpl = suite_search(work / "t.yaml", spec)
             row = suite_row(suite, size, budget)
             threads = torch.get_num_threads()
+            walls: dict[str, list[float]] = {k: [] for k, _, _ in keys}
+            trial_s: dict[str, list[float]] = {k: [] for k, _, _ in keys}
+            first = None
             # one worker with the process's threads; one worker on one torch thread (what
             # each Ray worker gets); two Ray workers
-            for key, workers, one_thread in (("w1", 1, False), ("w1t1", 1, True),
-                                             ("w2", 2, False)):
-                if one_thread:
-                    torch.set_num_threads(1)
-                try:
-                    res = optimize("evolve", tpl, [spec], work / key, budget=budget,
-                                   workers=workers, options={"popsize": 8})
-                finally:
-                    torch.set_num_threads(threads)
-                total = res.eval_seconds  # scoring only: without Ray's start
-                trial_s = sum(r["seconds"] for r in res.trials)
-                row[f"{key}_wall"] = round(total, 2)
-                row[f"{key}_trial_seconds"] = round(trial_s, 2)
-                if key == "w1":
-                    row["trials_per_second"] = round(len(res.trials) / trial_s, 2)
-                    row["best"] = round(res.best["scores"]["fitness"], 4)
-                    first = [r["scores"] for r in res.trials]
-                else:  # the same seed: the same trials whatever the workers
-                    row[f"{key}_same_trials"] = [r["scores"] for r in res.trials] == first
-                log(f"[{suite}] {key}: {total:.1f} s scoring {len(res.trials)} "
-                    f"trials ({res.seconds:.1f} s in all)")
+            for rep in range(repeats):
+                for key, workers, one_thread in keys:
+                    if one_thread:
+                        torch.set_num_threads(1)
+                    try:
+                        res = optimize("evolve", tpl, [spec], work / f"{key}-{rep}",
+                                       budget=budget, workers=workers,
+                                       options={"popsize": 8})
+                    finally:
+                        torch.set_num_threads(threads)
+                    walls[key].append(res.eval_seconds)  # scoring only: without Ray's start
+                    trial_s[key].append(sum(r["seconds"] for r in res.trials))
+                    scores = [r["scores"] for r in res.trials]
+                    if first is None:
+                        first = scores
+                        row["trials_per_second"] = round(len(res.trials) / trial_s[key][0], 2)
+                        row["best"] = round(res.best["scores"]["fitness"], 4)
+                    else:  # the same seed: the same trials whatever the workers
+                        same = row.get(f"{key}_same_trials", True) and scores == first
+                        row[f"{key}_same_trials"] = same
+                    log(f"[{suite}] {key}: {res.eval_seconds:.1f} s scoring {len(res.trials)} "
+                        f"trials ({res.seconds:.1f} s in all)")
+            for key, _, _ in keys:
+                row[f"{key}_wall"] = round(statistics.median(walls[key]), 2)
+                row[f"{key}_trial_seconds"] = round(statistics.median(trial_s[key]), 2)
+                if repeats > 1:
+                    row[f"{key}_walls"] = [round(w, 2) for w in walls[key]]
+            row["repeats"] = repeats
             row["load_average_after"] = round(os.getloadavg()[0], 1)
             rows.append(row)
         finally:
@@ -601,7 +616,11 @@ def findings(results: dict[str, Any]) -> list[str]:
                    f"share; load average {r.get('load_average', '?')} when measured"
                    + (f", {r['load_average_after']} after" if "load_average_after" in r else "")
                    + ")" + ("" if not same else "; the same trials with 1 and 2 workers: "
-                            + ("yes" if all(same) else "**no**")) + ".")
+                            + ("yes" if all(same) else "**no**"))
+                   + (f"; medians of {r['repeats']} interleaved repeats (2 workers "
+                      f"{r['w2_walls']} s, 1 worker on one thread {r['w1t1_walls']} s, on the "
+                      f"default threads {r['w1_walls']} s)" if r.get("repeats", 1) > 1 else "")
+                   + ".")
     return out
 
 
@@ -611,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="task_arithmetic,ties")
     ap.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--budget", type=int, default=24, help="evolve trials per suite run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="interleave the 1- and 2-worker suite runs this many times and "
+                         "report medians")
     ap.add_argument("--no-suites", action="store_true")
     ap.add_argument("--suite-size", default="smoke", choices=("smoke", "full"),
                     help="the suites' size for the trials and Ray rows (the other size's rows "
@@ -657,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.cache_dir, log, mergekit)
                                  for m in args.methods.split(",")]
     if not args.no_suites and not args.trial_path:
-        fresh = measure_suites(args.budget, log, args.suite_size)
+        fresh = measure_suites(args.budget, log, args.suite_size, args.repeats)
         ran = {(r["suite"], r["size"]) for r in fresh}
         # the other size's rows stay (rows without a size are the smoke suites')
         results["suites"] = [r for r in results.get("suites", [])
