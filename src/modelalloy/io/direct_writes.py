@@ -147,10 +147,10 @@ class DirectWrites:
         if not staged.filled:
             return
         whole = staged.filled // DIRECT_ALIGN * DIRECT_ALIGN
-        raw = staged.buffer.numpy()
+        raw = memoryview(staged.buffer.numpy().data)  # the window, as bytes
         if whole and staged.fd >= 0:
             try:
-                _pwrite_direct(staged.fd, memoryview(raw[:whole]), staged.start)
+                _pwrite_direct(staged.fd, raw[:whole], staged.start)
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
@@ -158,7 +158,7 @@ class DirectWrites:
         if staged.fd < 0:
             whole = 0
         if whole < staged.filled:
-            self._write_buffered(buffered_fd, memoryview(raw[whole:staged.filled]),
+            self._write_buffered(buffered_fd, raw[whole:staged.filled],
                                  staged.start + whole)
         staged.start += staged.filled
         staged.filled = 0
