@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import sys
@@ -164,3 +165,13 @@ def load_benchmark(name: str):
     sys.modules.setdefault(name, mod)  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
+
+
+def require_direct_io(path: Path, flags: int = os.O_RDONLY) -> None:
+    """Skip unless ``path`` (an existing file) opens with ``O_DIRECT`` (tmpfs refuses it)."""
+    try:
+        os.close(os.open(path, flags | os.O_DIRECT))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            pytest.skip(f"{path.parent} is on a filesystem that refuses O_DIRECT")
+        raise

@@ -36,7 +36,7 @@ from modelalloy.io.checkpoint import (
     open_checkpoint,
 )
 from modelalloy.plan.planner import SLICE_ELEMENTS
-from tests.conftest import write_recipe
+from tests.conftest import require_direct_io, write_recipe
 
 BIG = 2 * SLICE_ELEMENTS + 12345  # three slices, the last one short
 
@@ -57,12 +57,7 @@ def _write_unaligned(path: Path, tensors: dict[str, torch.Tensor], pad: int) -> 
 
 
 def _direct_works(path: Path) -> None:
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            pytest.skip(f"{path.parent} is on a filesystem that refuses O_DIRECT")
-        raise
+    require_direct_io(path)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from modelalloy.errors import OutputError
 from modelalloy.io import direct_writes
 from modelalloy.io.checkpoint import DIRECT_ALIGN
 from modelalloy.io.writer import ShardedSafetensorsWriter
+from tests.conftest import require_direct_io
 
 # A window of three blocks: the tensors below fill several, and parts cross their ends.
 WINDOW = 3 * DIRECT_ALIGN
@@ -61,11 +62,7 @@ def _direct_works(folder) -> None:
     probe = folder / "probe"
     probe.write_bytes(b"\0" * DIRECT_ALIGN)
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            pytest.skip(f"{folder} is on a filesystem that refuses O_DIRECT")
-        raise
+        require_direct_io(probe, os.O_WRONLY)
     finally:
         probe.unlink()
 
