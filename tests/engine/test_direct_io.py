@@ -323,6 +323,27 @@ def test_windows_count_in_the_budget_and_give_way_to_it(tmp_path):
                             direct=True).direct_window(held) == 2 * (BIG // 5 * 5)
 
 
+def test_plan_counts_the_direct_windows_in_its_peak(tmp_path, monkeypatch):
+    """`modelalloy plan`'s peak estimate: with direct I/O each thread's largest windows too
+    (here big.weight's, one window holding each of the 3 tensors)."""
+    from modelalloy.engine import run
+
+    class Process:
+        def memory_info(self):
+            return mock.Mock(rss=1000)
+
+    monkeypatch.setattr(run.psutil, "Process", Process)
+    folders = _models(tmp_path / "models")
+    with ExitStack() as stack:
+        plan = make_plan(as_recipe(_recipe(tmp_path, "task_arithmetic", folders)), stack)
+        entry = next(e for e in plan.entries if e.name == "big.weight")
+        windows = 3 * (entry.numel * 2 + 2 * DIRECT_ALIGN)
+        plain = run.describe(plan, 2, None)
+        direct = run.describe(plan, 2, None, direct=True)
+    assert not plain["direct_io"] and direct["direct_io"]
+    assert direct["estimated_peak_bytes"] - plain["estimated_peak_bytes"] == 2 * windows
+
+
 # --------------------------------------------------------------------------- early hints
 
 class DiskCounter:

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
             budget = size_option("memory_budget", memory_budget) if memory_budget else None
             # the merge's own default (more threads when it reads around the page cache)
             direct = use_direct_io("auto", the_plan.bytes_read)
-            info = describe(the_plan, threads or default_threads(direct), budget)
+            info = describe(the_plan, threads or default_threads(direct), budget, direct)
         table = Table(show_header=False, title=f"plan for {recipe}")
         table.add_row("method", info["method"])
         table.add_row("models", "\n".join(info["models"]))
@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
         table.add_row("layers", str(info["layers"]))
         table.add_row("to read", human_bytes(info["bytes_read"]))
         table.add_row("to write", human_bytes(info["bytes_written"]))
+        table.add_row("direct I/O", "on (inputs exceed half the memory available)"
+                      if info["direct_io"] else "off")
         table.add_row("estimated peak memory", human_bytes(info["estimated_peak_bytes"]))
         out.print(table)
         for note in info["notes"]:

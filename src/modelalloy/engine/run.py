@@ -17,7 +17,7 @@ import torch
 from modelalloy.engine.allocator import return_freed_blocks
 from modelalloy.engine.budget import ByteBudget
 from modelalloy.engine.direct_reads import use_direct_io
-from modelalloy.engine.execute import run_plan
+from modelalloy.engine.execute import PlanExecutor, run_plan
 from modelalloy.engine.sources import TallExpertSource, open_tall_expert
 from modelalloy.errors import ModelAlloyError
 from modelalloy.io.chat_template import choose_template, write_template
@@ -364,9 +364,18 @@ def _rebuilt_tokenizer(vocabulary: Vocabulary | None, source: Path | None) -> bo
     return source is None or vocabulary.vocab != vocabulary.tokenizer_vocab_of(source)
 
 
-def describe(plan: MergePlan, threads: int, memory_budget: int | None) -> dict[str, Any]:
-    """The numbers `modelalloy plan` prints."""
+def describe(plan: MergePlan, threads: int, memory_budget: int | None,
+             direct: bool = False) -> dict[str, Any]:
+    """The numbers `modelalloy plan` prints. With ``direct`` (the merge would read with
+    O_DIRECT) the peak includes each thread's largest direct windows, held tensors included."""
     merged = sum(1 for e in plan.entries if e.merge)
+    windows = 0
+    if direct:
+        executor = PlanExecutor(plan, device=torch.device("cpu"), seed=0, threads=threads,
+                                budget=ByteBudget(memory_budget), allow_nonfinite=False,
+                                direct=True)
+        windows = max(1, threads) * max((executor.direct_bytes(e) for e in plan.entries),
+                                        default=0)
     return {
         "method": plan.spec.name,
         "models": [str(c.path) for c in plan.sources],
@@ -376,7 +385,8 @@ def describe(plan: MergePlan, threads: int, memory_budget: int | None) -> dict[s
         "layers": max((e.num_layers or 0 for e in plan.entries), default=0),
         "bytes_read": plan.bytes_read,
         "bytes_written": plan.bytes_written,
-        "estimated_peak_bytes": plan.estimated_peak_bytes(threads, memory_budget)
+        "direct_io": direct,
+        "estimated_peak_bytes": plan.estimated_peak_bytes(threads, memory_budget) + windows
         + psutil.Process().memory_info().rss,
         "problems": list(plan.problems),
         "notes": plan_notes(plan),
