@@ -91,7 +91,7 @@ def _fused_slices(name: str, params: dict, inputs: list[torch.Tensor],
             ctx.slice_start = start
             yield start, count
 
-    for reduce in getattr(kernel, "passes", ()):  # the kernel's own reduce passes
+    for reduce in slices.reduce_passes(kernel, ctx):  # the kernel's own reduce passes
         for _, count in each_slice():
             assert reduce(kernels.bits(raw), count, ctx)
     merged = torch.empty(n, dtype=out_dtype)

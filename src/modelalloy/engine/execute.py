@@ -250,7 +250,7 @@ class PlanExecutor:
         # method's own, so either way gives the same bits); otherwise the torch path does all
         passes = getattr(kernel, "passes", ())
         if kernel is not None and len(passes) == len(execution.passes_for(entry.params)):
-            if not self._fused_reduce(entry, ctx, passes, fetch):
+            if not self._fused_reduce(entry, ctx, kernel, fetch):
                 return False
             merge_slice = self._fused_slice(entry, ctx, kernel, fetch)
         else:
@@ -356,11 +356,14 @@ class PlanExecutor:
                 fetch(index, start, raw[index, :count])
         return read, kernels.bits(raw)
 
-    def _fused_reduce(self, entry: PlanEntry, ctx: MergeContext, passes: Any,
+    def _fused_reduce(self, entry: PlanEntry, ctx: MergeContext, kernel: Any,
                       fetch: SliceFetch) -> bool:
-        """The kernel's counting passes (its ``passes``, as the method's own)."""
+        """The kernel's counting passes (its ``passes``, as the method's own, then any it
+        asks for after them: ``slices.reduce_passes``)."""
+        from modelalloy.kernels.slices import reduce_passes
+
         read, raw_bits = self._raw_reader(entry, fetch)
-        for reduce in passes:
+        for reduce in reduce_passes(kernel, ctx):
             for start, count in _slices(entry, ctx):
                 read(start, count)
                 if not reduce(raw_bits, count, ctx, entry.slice_unit):

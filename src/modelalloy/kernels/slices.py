@@ -10,7 +10,7 @@ row length (per-row methods get whole rows).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -565,19 +565,37 @@ def _count_magnitudes(src: np.ndarray, count: int, ctx: MergeContext, trims: np.
 
 
 class _TiesKernel:
-    """TIES (per tensor, no rescale) on the fused path: two counting passes (``passes``),
-    then the merge; the trim state is ``methods.orderstats.SlicedTopK``, as on the torch path."""
+    """TIES (per tensor, no rescale) on the fused path: a sample and a bracketed counting pass
+    (``passes``, ``kernels.topk.SampledTopK``), and only when the bracket misses, the two exact
+    counting passes (``more_passes``) into ``methods.orderstats.SlicedTopK``, as on the torch
+    path; then the merge. Either way the cut-offs, and so the bits, are the same."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
         self.merge = _TiesMerge(params)
         self.trims = np.asarray([d < 1.0 for d in params["density"]])
-        self.passes = (self.count, self.collect)
+        self.passes = (self.sample, self.bracket)
+
+    def _sampled(self, ctx: MergeContext):
+        from modelalloy.kernels.topk import SampledTopK
+
+        return ctx.state(SampledTopK, lambda: SampledTopK(self.params["density"]))
 
     def _trim(self, ctx: MergeContext):
         from modelalloy.methods.orderstats import SlicedTopK
 
         return ctx.state(SlicedTopK, lambda: SlicedTopK(self.params["density"]))
+
+    def sample(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
+        self._sampled(ctx).add_sample(src, count, ctx.slice_start or 0)
+        return True
+
+    def bracket(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
+        return self._sampled(ctx).count(src, count)
+
+    def more_passes(self, ctx: MergeContext) -> tuple:
+        """The exact counting passes, when the bracket missed a cut-off (rare)."""
+        return () if self._sampled(ctx).check() else (self.count, self.collect)
 
     def count(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
         return _count_magnitudes(src, count, ctx, self.trims, self._trim(ctx))
@@ -602,7 +620,8 @@ class _TiesKernel:
                  width: int = 1) -> bool:
         from modelalloy.kernels.elementwise import TRIM_ALL, TRIM_NONE, TRIM_TOP_K, ties_kernel
 
-        trim = self._trim(ctx)
+        sampled = self._sampled(ctx)
+        trim = sampled if sampled.check() else self._trim(ctx)
         plans = [trim.plan(t) for t in range(len(self.trims))]
         modes = np.asarray([TRIM_NONE if k is None or v == 0.0 else TRIM_ALL if k <= 0
                             else TRIM_TOP_K for k, v, _ in plans], np.int8)
@@ -621,6 +640,16 @@ def ties(params: dict[str, Any]) -> SliceKernel:
     return _TiesKernel(params)
 
 
+def reduce_passes(kernel: Any, ctx: MergeContext) -> Iterator[Callable[..., bool]]:
+    """A kernel's counting passes in order: its ``passes``, then what its ``more_passes(ctx)``
+    asks for once they are done over every slice (TIES' exact passes after a missed bracket).
+    Each pass runs over all the tensor's slices before the next is asked for."""
+    yield from getattr(kernel, "passes", ())
+    more = getattr(kernel, "more_passes", None)
+    if more is not None:
+        yield from more(ctx)
+
+
 def warm(name: str, params: dict[str, Any], sources: int, src_dtype: torch.dtype,
          out_dtype: torch.dtype) -> None:
     """Run kernel factory ``name``'s kernel, passes first, once on two rows of two columns, so
@@ -636,6 +665,6 @@ def warm(name: str, params: dict[str, Any], sources: int, src_dtype: torch.dtype
     ctx = MergeContext(name="warm", seed=0, streams={})
     ctx.slice_start = 0
     kernel = globals()[name](params)
-    for reduce in getattr(kernel, "passes", ()):
+    for reduce in reduce_passes(kernel, ctx):  # a sample this small takes every pass TIES has
         reduce(kernels.bits(raw), count, ctx, width)
     kernel(kernels.bits(raw), count, kernels.bits(out), ctx, width)
