@@ -653,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
                     default=REPO / "benchmarks" / "results" / "candidate_cost.json")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md")
     args = ap.parse_args(argv)
+    from modelalloy.search.heap import keep_heap
+
+    keep_heap()  # as `modelalloy optimize` and its Ray workers: the in-process runs compare
 
     def log(m: str) -> None:
         print(m, file=sys.stderr, flush=True)

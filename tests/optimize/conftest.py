@@ -29,3 +29,15 @@ def template(tmp_path: Path):
         kwargs.setdefault("search", {"parameters": {"weight": [0.0, 1.0]}})
         return write_template(tmp_path, **kwargs)
     return make
+
+
+@pytest.fixture(autouse=True)
+def heap_calls(monkeypatch):
+    """`modelalloy optimize` sets the process's malloc thresholds (search/heap.py); run
+    in-process, that would change the test process for the rest of the suite, so here the
+    calls are only counted (tests/optimize/test_heap.py runs the real one in a child)."""
+    from modelalloy.search import heap
+
+    calls: list[int] = []
+    monkeypatch.setattr(heap, "keep_heap", lambda: calls.append(1) or True)
+    return calls

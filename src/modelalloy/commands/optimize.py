@@ -75,6 +75,9 @@ def register(app: typer.Typer) -> None:
 
         from modelalloy.optimize.report import print_summary
         from modelalloy.search.driver import optimize
+        from modelalloy.search.heap import keep_heap
+
+        keep_heap()  # the command's process is the search's: trials reuse freed memory
 
         w = None
         if weights:

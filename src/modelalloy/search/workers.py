@@ -204,6 +204,9 @@ class RayEvaluator:
         class Worker:
             def __init__(self, space: SearchSpace, objectives: Objectives,
                          refs: dict[str, Any]) -> None:
+                from modelalloy.search.heap import keep_heap
+
+                keep_heap()  # this process runs trials only: keep their memory between them
                 torch.set_num_threads(1)
                 self.space, self.objectives = space, objectives
                 self.pool = ModelPool({p: _from_numpy(ray.get(r)) for p, r in refs.items()},
