@@ -245,6 +245,27 @@ def test_into_fills_a_live_module_in_place_and_keeps_its_storage_and_dtype():
     assert all(p.requires_grad for p in live.parameters())
 
 
+def test_into_fills_a_tied_lm_head_through_the_embedding_it_shares():
+    """Checkpoints of a tied model store the embedding once; the live model's state dict
+    names it twice (one Parameter). The merge fills it once and both names see it; an
+    untied extra tensor is still refused."""
+    base, a, b = _models(2, big=False)
+    sources = {name: {k: v for k, v in sd.items() if k != "lm_head.weight"}
+               for name, sd in (("base", base), ("a", a), ("b", b))}
+    want = modelalloy.merge(_small_recipe(), sources=sources)
+    live = _module({k: v.float() if v.is_floating_point() else v
+                    for k, v in sources["base"].items()})
+    live.add_module("lm_head", torch.nn.Module())
+    live.lm_head.weight = live.model.embed_tokens.weight  # tied, as tie_word_embeddings
+    got = modelalloy.merge(_small_recipe(), sources=sources, into=live)
+    merged = want["model.embed_tokens.weight"].float()
+    assert torch.equal(got.model.embed_tokens.weight.detach(), merged)
+    assert got.lm_head.weight is got.model.embed_tokens.weight
+    live.lm_head.weight = torch.nn.Parameter(torch.zeros(10, 6))  # untied: not the merge's
+    _one_line_error(PlanError, "into: .* has 1 tensor\\(s\\) the merge does not make, e.g. "
+                    "'lm_head.weight'", sources=sources, into=live)
+
+
 def test_recipe_may_be_yaml_text_or_a_recipe_object(tmp_path):
     from modelalloy.recipe import recipe_from_dict
 

@@ -77,7 +77,11 @@ class ModuleSink:
         layout = list(layout)
         names = {name for name, _, _ in layout}
         missing = [name for name, _, _ in layout if name not in targets]
-        extra = [name for name in targets if name not in names]
+        # a tied tensor (an lm_head sharing the embedding's weight) is filled through the one
+        # the merge makes: the checkpoints store it once
+        merged = {id(targets[name]) for name in names if name in targets}
+        extra = [name for name in targets if name not in names
+                 and id(targets[name]) not in merged]
         if missing or extra:
             what = (f"lacks {len(missing)} merged tensor(s), e.g. '{missing[0]}'" if missing
                     else f"has {len(extra)} tensor(s) the merge does not make, e.g. "
