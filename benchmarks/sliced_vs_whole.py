@@ -129,8 +129,7 @@ def _fused(spec, params, inputs: list[torch.Tensor], step: int,
         raw = np.empty((len(flat), step), dtype=flat[0].dtype)
         out = torch.empty(numel, dtype=torch.bfloat16)
         out_bits = kernels.bits(out)
-        passes = getattr(kernel, "passes", ())
-        for step_fn in [*passes, None]:
+        def over_slices(step_fn) -> None:
             for start in range(0, numel, step):
                 k = min(step, numel - start)
                 for i, f in enumerate(flat):
@@ -140,6 +139,12 @@ def _fused(spec, params, inputs: list[torch.Tensor], step: int,
                       else step_fn(raw, k, ctx, unit))
                 if not ok:
                     raise ValueError("non-finite input")
+
+        # the kernel's passes as the engine runs them: each over every slice before the next
+        # is asked for (slices.reduce_passes), then its merge
+        for step_fn in slices.reduce_passes(kernel, ctx):
+            over_slices(step_fn)
+        over_slices(None)
         if spec.execution.finish is not None:
             for index, values in spec.execution.finish.run(ctx):
                 out[index] = values.bfloat16()
