@@ -321,28 +321,46 @@ def _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, 
     """TIES' election and disjoint merge of the chunk's δ̃ (``d``, models × n), written to
     ``out``; adds the chunk's Σ sign(Σ_t δ̃_t) to ``tally[0]`` and its fix-ups after the
     ``tally[1]`` already listed. See :func:`dare_ties_kernel`."""
+    # The loops run over the chunk with the model loop outside, so they vectorize.
+    for t in range(d.shape[0]):
+        _add_vote(d[t], n, t, weights[t], weighted_vote, acc, spread)
+    _vote_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
+                    weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread)
+
+
+@njit(inline="always")
+def _add_vote(row, n, t, w, weighted_vote, acc, spread):
+    """Model t's δ̃ (``row``) into the vote's sums, in model order: Σ_t w_t·δ̃_t by fma
+    (weighted vote), or Σ_t δ̃_t and Σ_t |δ̃_t| (paper vote)."""
+    if weighted_vote:
+        if t == 0:
+            for j in range(n):
+                acc[j] = row[j] * w
+        else:
+            for j in range(n):
+                acc[j] = fma(row[j], w, acc[j])
+    elif t == 0:
+        for j in range(n):
+            acc[j] = row[j]
+            spread[j] = abs(row[j])
+    else:
+        for j in range(n):
+            acc[j] = acc[j] + row[j]
+            spread[j] = spread[j] + abs(row[j])
+
+
+@njit(inline="always")
+def _vote_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
+                    weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread):
+    """:func:`_elect_and_merge` once the vote's sums (:func:`_add_vote`) are in ``acc`` and
+    ``spread``."""
     nexp = d.shape[0]
     signs = 0
     nfix = tally[1]
-    # The loops below run over the chunk with the model loop outside, so they vectorize.
     if weighted_vote:
-        w0 = weights[0]
-        for j in range(n):
-            acc[j] = d[0, j] * w0
-        for t in range(1, nexp):
-            w = weights[t]
-            for j in range(n):
-                acc[j] = fma(d[t, j], w, acc[j])
         for j in range(n):
             gamma[j] = np.float32(-1.0) if acc[j] < 0 else np.float32(1.0)
     else:
-        acc[:n] = d[0, :n]
-        for j in range(n):
-            spread[j] = abs(d[0, j])
-        for t in range(1, nexp):
-            for j in range(n):
-                acc[j] = acc[j] + d[t, j]
-                spread[j] = spread[j] + abs(d[t, j])
         undecided = 0
         b = base[c0:c0 + n]
         for j in range(n):
@@ -362,36 +380,47 @@ def _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, 
                     for t in range(nexp):
                         fix_deltas[t, nfix] = d[t, j]
                     nfix += 1
-    # a_t = relu(δ̃_t·γ) (relu keeps −0.0, as torch's does), summed as it is made; kept
-    # in d only when the normalisation needs sign(a_t)
+    # a_t = relu(δ̃_t·γ) (relu keeps −0.0, as torch's does), summed as it is made, with the
+    # normalisation's Σ_t sign(a_t)·w_t beside it
     for t in range(nexp):
         w = weights[t]
+        row = d[t]
         if t == 0:
-            for j in range(n):
-                x = d[0, j] * gamma[j]
-                a = np.float32(0.0) if x < 0 else x
-                acc[j] = a if unit[0] else a * w
-                d[0, j] = a
+            if normalize:
+                for j in range(n):
+                    x = row[j] * gamma[j]
+                    a = np.float32(0.0) if x < 0 else x
+                    acc[j] = a if unit[0] else a * w
+                    den[j] = sign(a) if unit[0] else sign(a) * w
+            else:
+                for j in range(n):
+                    x = row[j] * gamma[j]
+                    a = np.float32(0.0) if x < 0 else x
+                    acc[j] = a if unit[0] else a * w
         elif unit[t]:
+            if normalize:
+                for j in range(n):
+                    x = row[j] * gamma[j]
+                    a = np.float32(0.0) if x < 0 else x
+                    acc[j] = acc[j] + a
+                    den[j] = fma(sign(a), w, den[j])
+            else:
+                for j in range(n):
+                    x = row[j] * gamma[j]
+                    a = np.float32(0.0) if x < 0 else x
+                    acc[j] = acc[j] + a
+        elif normalize:
             for j in range(n):
-                x = d[t, j] * gamma[j]
-                a = np.float32(0.0) if x < 0 else x
-                acc[j] = acc[j] + a
-                d[t, j] = a
-        else:
-            for j in range(n):
-                x = d[t, j] * gamma[j]
+                x = row[j] * gamma[j]
                 a = np.float32(0.0) if x < 0 else x
                 acc[j] = fma(a, w, acc[j])
-                d[t, j] = a
-    if normalize:
-        w0 = weights[0]
-        for j in range(n):
-            den[j] = sign(d[0, j]) if unit[0] else sign(d[0, j]) * w0
-        for t in range(1, nexp):
-            w = weights[t]
+                den[j] = fma(sign(a), w, den[j])
+        else:
             for j in range(n):
-                den[j] = fma(sign(d[t, j]), w, den[j])
+                x = row[j] * gamma[j]
+                a = np.float32(0.0) if x < 0 else x
+                acc[j] = fma(a, w, acc[j])
+    if normalize:
         for j in range(n):
             acc[j] = acc[j] / max(den[j], min_weight)
     b, o = base[c0:c0 + n], out[c0:c0 + n]
@@ -562,12 +591,13 @@ def _trim_chunk(d, n, v, left):
 
 
 @njit(**JIT)
-def ties_kernel(src, count, out, modes, thresholds, ties_left, unit, weights, normalize,
-                min_weight, lam, weighted_vote, fix_index, fix_deltas, tally):
+def ties_kernel(src, count, out, modes, thresholds, ties_left, checked, unit, weights,
+                normalize, min_weight, lam, weighted_vote, fix_index, fix_deltas, tally):
     """TIES on one slice, after the two counting passes: τ_t = θ_t − θ_0 trimmed to the
     whole tensor's top k (``SlicedTopK.trim_``: |τ| > v, or |τ| = v while ``ties_left[t]``
-    > 0, counted down in index order; τ·1 or τ·0), then :func:`_elect_and_merge`."""
-    if any_nonfinite(src, count):
+    > 0, counted down in index order; τ·1 or τ·0), then :func:`_elect_and_merge`. With
+    ``checked`` a counting pass has already found every input finite."""
+    if not checked and any_nonfinite(src, count):
         return False
     nexp = src.shape[0] - 1
     d, gamma, acc, den, spread = _merge_scratch(nexp)
@@ -576,15 +606,15 @@ def ties_kernel(src, count, out, modes, thresholds, ties_left, unit, weights, no
         n = min(CHUNK, count - c0)
         b = base[c0:c0 + n]
         for t in range(nexp):
-            row = src[1 + t, c0:c0 + n]
+            row, dt, v = src[1 + t, c0:c0 + n], d[t], thresholds[t]
             if modes[t] == TRIM_ALL:
-                d[t, :n] = 0.0
-                continue
-            for j in range(n):
-                d[t, j] = widen(row[j]) - widen(b[j])
-            if modes[t] == TRIM_NONE:
-                continue
-            ties_left[t] = _trim_chunk(d[t], n, thresholds[t], ties_left[t])
-        _elect_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
-                         weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread)
+                dt[:n] = 0.0
+            else:  # (τ and its trim in one loop measured slower: 0.040 against 0.036 s)
+                for j in range(n):
+                    dt[j] = widen(row[j]) - widen(b[j])
+                if modes[t] == TRIM_TOP_K:
+                    ties_left[t] = _trim_chunk(dt, n, v, ties_left[t])
+            _add_vote(dt, n, t, weights[t], weighted_vote, acc, spread)
+        _vote_and_merge(d, n, c0, base, out, unit, weights, normalize, min_weight, lam,
+                        weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread)
     return True

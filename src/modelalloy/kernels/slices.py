@@ -628,7 +628,8 @@ class _TiesKernel:
         thresholds = _f32([v or 0.0 for _, v, _ in plans])
         ties_left = np.asarray([left for _, _, left in plans], np.int64)
         def merge(args: tuple) -> bool:
-            if not ties_kernel(src, count, out, modes, thresholds, ties_left, *args):
+            # the bracket or count pass checked every input of every slice
+            if not ties_kernel(src, count, out, modes, thresholds, ties_left, True, *args):
                 return False
             trim.ties_left = [int(x) for x in ties_left]
             return True
