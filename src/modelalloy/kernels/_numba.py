@@ -70,6 +70,21 @@ def f32_to_bits(typingctx, x):
     return types.uint32(types.float32), codegen
 
 
+@intrinsic
+def trailing_zeros(typingctx, x):
+    """The number of trailing zero bits of a nonzero uint64 (LLVM's llvm.cttz: one tzcnt)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = builder.module.declare_intrinsic("llvm.cttz", [i64],
+                                              ir.FunctionType(i64, [i64, ir.IntType(1)]))
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return types.uint64(types.uint64), codegen
+
+
 def widen(x):
     """float32 value of a stored element (bfloat16 bits as uint16, or float32). This plain
     version serves Python callers; jitted code gets the overload below."""
