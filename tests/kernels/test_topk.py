@@ -111,7 +111,10 @@ def test_a_misleading_sample_runs_the_exact_passes_with_the_same_bits():
 @pytest.mark.parametrize("given", [{"density": 0.2},
                                    {"density": [0.1, 1.0, 0.0], "vote": "weighted",
                                     "weight": [0.5, 1.0, 0.3]}])
-def test_the_bracketed_merge_gives_the_whole_tensor_torch_bits(make, given):
+def test_the_bracketed_merge_gives_the_whole_tensor_torch_bits(make, given, monkeypatch):
+    from modelalloy.kernels import topk
+
+    monkeypatch.setattr(topk, "MAX_PENDING", 0.0)  # the weighted vote counts in its own pass
     inputs = make(3)
     params = get_method("ties").resolve(3, given, "ties", conventions="paper")
     kernel = slices.ties(params)
@@ -164,3 +167,162 @@ def test_the_bracket_pass_reports_a_nonfinite_input_in_any_row(bad_row, nbins):
     assert not ties_bracket_kernel(kernels.bits(raw), 5000, *args)
     raw[bad_row, 4321] = float("-inf")
     assert not ties_bracket_kernel(kernels.bits(raw), 5000, *args)
+
+
+def _speculative_merge(kernel, inputs: list[torch.Tensor], ctx: MergeContext,
+                       out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list]:
+    """The merge as the engine runs a kernel that speculates: every slice, then ``settle``'s
+    patches, or, when it gives up, the exact passes and every slice again. Returns the merged
+    tensor and the passes that ran after the first merge."""
+    n, dtype = inputs[0].numel(), inputs[0].dtype
+    out_dtype = out_dtype or dtype
+    raw, out = torch.empty((len(inputs), STEP), dtype=dtype), torch.empty(STEP, dtype=out_dtype)
+    merged = torch.empty(n, dtype=out_dtype)
+
+    def merge_all() -> None:
+        for start in range(0, n, STEP):
+            count = min(STEP, n - start)
+            for i, t in enumerate(inputs):
+                raw[i, :count] = t[start:start + count]
+            ctx.slice_start = start
+            assert kernel(kernels.bits(raw), count, kernels.bits(out), ctx, 1)
+            merged[start:start + count] = out[:count]
+    merge_all()
+    patches, redone = kernel.settle(ctx, out_dtype), []
+    if patches is None:
+        for reduce in kernel.more_passes(ctx):
+            redone.append(reduce.__name__)
+            for start in range(0, n, STEP):
+                count = min(STEP, n - start)
+                for i, t in enumerate(inputs):
+                    raw[i, :count] = t[start:start + count]
+                ctx.slice_start = start
+                assert reduce(kernels.bits(raw), count, ctx, 1)
+        merge_all()
+    else:
+        for index, values in patches:
+            merged[index] = values
+    return merged, redone
+
+
+def _weighted(density, weight=1.0) -> dict:
+    return get_method("ties").resolve(3, {"density": density, "weight": weight}, "ties",
+                                      conventions="mergekit")
+
+
+def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    bits = torch.int16 if got.dtype == torch.bfloat16 else torch.int32
+    return torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("make", [_bf16_like_llm, _f32_columns])
+@pytest.mark.parametrize("given", [{"density": 0.2}, {"density": 0.03, "weight": 0.7},
+                                   {"density": [0.7, 1.0, 0.0], "weight": [0.5, 1.0, 0.3]}])
+def test_the_weighted_vote_merges_in_the_counting_pass_with_torchs_bits(make, given,
+                                                                        monkeypatch):
+    """mergekit's weighted vote counts the brackets inside the merge (the sample is the only
+    pass before it); the elements in a bracket are merged again once the cut-offs are known,
+    and the result equals the whole-tensor torch path's bits. (A tensor this small has wide
+    brackets: the share of pending elements allowed is raised so that it speculates.)"""
+    from modelalloy.kernels import topk
+
+    monkeypatch.setattr(topk, "MAX_PENDING", 10.0)
+    inputs = make(4)
+    params = _weighted(**given)
+    assert params["vote"] == "weighted"
+    kernel = slices.ties(params)
+    ctx = MergeContext(name="w", streams={})
+    assert _run_passes(kernel, inputs, ctx) == ["sample"]
+    sampled = ctx.state(SampledTopK)
+    assert sampled.speculating
+    got, redone = _speculative_merge(kernel, inputs, ctx)
+    assert redone == []
+    pending = int(sampled.npending[0])
+    assert 0 < pending < inputs[0].numel() // 3  # patched: some, not all
+    assert _same_bits(got, _whole(params, inputs))
+
+
+def test_a_speculative_merge_misled_by_its_sample_merges_again_with_the_same_bits(monkeypatch):
+    """The sample (every 61st element made far larger) puts the brackets above the true
+    cut-offs: the merge speculates, its counts hold no cut-off, and the exact passes and a
+    second merge give the whole-tensor torch path's bits."""
+    from modelalloy.kernels import topk
+
+    monkeypatch.setattr(topk, "MAX_PENDING", 10.0)
+    inputs = _f32_columns(5)
+    for e in inputs[1:]:
+        e[::61] += 5.0
+    params = _weighted(0.2)
+    kernel = slices.ties(params)
+    ctx = MergeContext(name="w", streams={})
+    assert _run_passes(kernel, inputs, ctx) == ["sample"]
+    got, redone = _speculative_merge(kernel, inputs, ctx)
+    assert redone == ["count", "collect"]
+    assert _same_bits(got, _whole(params, inputs))
+
+
+def test_a_pending_list_that_overflows_gives_up_the_speculation(monkeypatch):
+    """More elements in the brackets than the pending list holds: the speculation is given up
+    (the list never grows past its capacity), then the exact passes run: the same bits."""
+    from modelalloy.kernels import topk
+
+    monkeypatch.setattr(topk, "MIN_PENDING", 64)
+    monkeypatch.setattr(topk, "MAX_PENDING", 10.0)
+    monkeypatch.setattr(topk.SampledTopK, "speculate", _tiny_capacity(topk.SampledTopK.speculate))
+    inputs = _bf16_like_llm(6)
+    params = _weighted(0.2)
+    kernel = slices.ties(params)
+    ctx = MergeContext(name="w", streams={})
+    assert _run_passes(kernel, inputs, ctx) == ["sample"]
+    sampled = ctx.state(SampledTopK)
+    got, redone = _speculative_merge(kernel, inputs, ctx)
+    assert sampled.npending[1] == 1 and sampled.pending.size == 64
+    assert redone == ["count", "collect"]
+    assert _same_bits(got, _whole(params, inputs))
+
+
+def _tiny_capacity(speculate):
+    def wrapped(self):
+        if not speculate(self):
+            return False
+        self.capacity = 64
+        return True
+    return wrapped
+
+
+def test_too_many_sampled_elements_in_the_brackets_count_them_in_their_own_pass(monkeypatch):
+    """When the sample puts more than MAX_PENDING of the elements in the brackets, merging
+    them twice would cost more than a counting pass: the bracket pass runs first."""
+    from modelalloy.kernels import topk
+
+    monkeypatch.setattr(topk, "MAX_PENDING", 1e-6)
+    inputs = _bf16_like_llm(7)
+    params = _weighted(0.2)
+    kernel = slices.ties(params)
+    ctx = MergeContext(name="w", streams={})
+    assert _run_passes(kernel, inputs, ctx) == ["sample", "bracket"]
+    assert not ctx.state(SampledTopK).speculating
+    got, redone = _speculative_merge(kernel, inputs, ctx)
+    assert redone == []
+    assert _same_bits(got, _whole(params, inputs))
+
+
+def test_warm_compiles_the_speculative_kernels_that_a_merge_then_calls(monkeypatch):
+    """``slices.warm`` (a budgeted merge's warm-up, on a sample too small to speculate) still
+    compiles both speculative kernels for the types a merge then passes: the merge compiles
+    nothing more (a compile mid-merge would push its memory over the budget)."""
+    from modelalloy.kernels import topk
+
+    monkeypatch.setattr(topk, "MAX_PENDING", 10.0)
+    params = _weighted(0.2)
+    slices.warm("ties", params, 4, torch.bfloat16, torch.bfloat16)
+    kernels_used = (topk.ties_speculative_kernel, topk.ties_patch_kernel)
+    compiled = [list(k.signatures) for k in kernels_used]
+    assert all(compiled)
+    inputs = _bf16_like_llm(9)
+    kernel = slices.ties(params)
+    ctx = MergeContext(name="w", streams={})
+    assert _run_passes(kernel, inputs, ctx) == ["sample"]
+    got, _ = _speculative_merge(kernel, inputs, ctx)
+    assert [list(k.signatures) for k in kernels_used] == compiled
+    assert _same_bits(got, _whole(params, inputs))
