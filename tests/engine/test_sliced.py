@@ -449,46 +449,6 @@ def test_ties_sliced_in_three_passes_equals_the_whole_tensor(tmp_path, density, 
     assert torch.equal(out, whole)
 
 
-@pytest.mark.parametrize("misled", [False, True])
-def test_ties_weighted_vote_merges_while_it_counts_and_patches_the_bracket(tmp_path, monkeypatch,
-                                                                          slice_path, misled):
-    """The weighted vote's fused merge counts the brackets as it merges, holds the merged
-    tensor, and patches the elements in a bracket once the cut-offs are known; when its
-    sample misled it (every 61st element far larger: the sampled ones), the exact passes
-    run and the tensor is merged again. Either way the whole tensor's bits."""
-    from modelalloy.kernels import topk
-
-    monkeypatch.setattr(topk, "MAX_PENDING", 10.0)  # a tensor this small has wide brackets
-    gen = torch.Generator().manual_seed(8)
-    n = 4 * SLICE_ELEMENTS + 4321
-    base = {"w": torch.randn(n, generator=gen)}
-    steps = [0.01 * torch.randn(n, generator=gen) for _ in range(3)]
-    if misled:
-        for step in steps:
-            step[::61] += 5.0
-    experts = [{"w": base["w"] + s} for s in steps]
-    folders = save_state_dict_folders(tmp_path, [base, *experts])
-    recipe = write_recipe(tmp_path / "r.yaml",
-                          f"merge_method: ties\nbase_model: {folders[0]}\n"
-                          "parameters: {vote: weighted, density: 0.2}\nmodels:\n"
-                          + "".join(f"  - model: {f}\n" for f in folders[1:]))
-    settled = []
-    patches = topk.SampledTopK.patches
-
-    def spy(self, out, args):
-        result = patches(self, out, args)
-        settled.append(None if result is None else len(result))
-        return result
-    monkeypatch.setattr(topk.SampledTopK, "patches", spy)
-    out = _load(merge(recipe, tmp_path / "out", threads=2).path)["w"]
-    whole = paper_merge("ties", base, experts, density=0.2, vote="weighted")["w"]
-    assert torch.equal(out, whole)
-    if slice_path == "torch":
-        assert settled == []
-    else:
-        assert settled == ([None] if misled else [settled[0]]) and (misled or settled[0] > 0)
-
-
 def test_tensors_too_small_to_slice_merge_on_one_intra_op_thread(tmp_path):
     """A tensor below two slices is merged whole, on one intra-op thread (the merge threads
     are already one per core; torch's team would only spin), and the process's setting is

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
     FIRST_EXCEPTION,
@@ -249,9 +249,7 @@ class PlanExecutor:
         # a kernel takes the counting passes too when it has them all (its state is the
         # method's own, so either way gives the same bits); otherwise the torch path does all
         passes = getattr(kernel, "passes", ())
-        fused = kernel is not None and (getattr(kernel, "all_passes", False) or len(passes) == len(
-            execution.passes_for(entry.params)))
-        if fused:
+        if kernel is not None and len(passes) == len(execution.passes_for(entry.params)):
             if not self._fused_reduce(entry, ctx, kernel, fetch):
                 return False
             merge_slice = self._fused_slice(entry, ctx, kernel, fetch)
@@ -259,49 +257,19 @@ class PlanExecutor:
             if not self._reduce_slices(entry, ctx, fetch):
                 return False
             merge_slice = self._torch_slice(entry, ctx, fetch)
-        # A method that settles some elements after the last slice (its Finish), or a kernel
-        # that merges before its cut-offs are known (``speculates``: TIES' weighted vote),
-        # keeps the merged tensor in memory until then (its output bytes, which working_bytes
-        # counts): patching scattered elements of a written file costs far more (a page fault
-        # or a write call per element). Up to HELD_CACHE_BYTES the buffer is kept for the
-        # thread's next tensor (fresh pages cost a fault each); a larger one goes when the
-        # tensor does, so memory outside the budget's count stays bounded.
-        finish = execution.finish_for(entry.params)
-        speculates = fused and getattr(kernel, "speculates", None) is not None \
-            and kernel.speculates(ctx)
-        held = None
-        if finish is not None or speculates:
+        # A method that settles some elements after the last slice (its Finish) keeps the
+        # merged tensor in memory until then (its output bytes, which working_bytes counts):
+        # patching scattered elements of a written file costs far more (a page fault or a
+        # write call per element). Up to HELD_CACHE_BYTES the buffer is kept for the thread's
+        # next tensor (fresh pages cost a fault each); a larger one goes when the tensor does,
+        # so memory outside the budget's count stays bounded.
+        held, finish = None, execution.finish_for(entry.params)
+        if finish is not None:
             nbytes = entry.numel * entry.out_dtype.itemsize
             held = (self._buffers("held", entry.out_dtype, entry.numel)[:entry.numel]
                     if nbytes <= HELD_CACHE_BYTES
                     else torch.empty(entry.numel, dtype=entry.out_dtype))
         writer.begin(entry.name)
-        if not self._merge_all(entry, ctx, merge_slice, writer, held):
-            return False
-        if speculates:
-            patches = kernel.settle(ctx, entry.out_dtype)
-            if patches is None:  # a cut-off outside its bracket: exact passes, merge again
-                if not self._fused_passes(entry, ctx, kernel.more_passes(ctx), fetch):
-                    writer.abandon(entry.name)
-                    return False
-                if not self._merge_all(entry, ctx, merge_slice, writer, held):
-                    return False
-            else:
-                for index, values in patches:
-                    held[index] = values
-        if held is not None:
-            if finish is not None:
-                for index, values in finish(ctx):
-                    held[index] = values.to(entry.out_dtype)
-            writer.write_part(entry.name, 0, held)
-        writer.end(entry.name)
-        return True
-
-    @staticmethod
-    def _merge_all(entry: PlanEntry, ctx: MergeContext, merge_slice: SliceMerger,
-                   writer: TensorWriter, held: torch.Tensor | None) -> bool:
-        """Every slice through ``merge_slice``, written, or into ``held``; False (the tensor
-        abandoned) when an input slice holds a NaN/Inf."""
         for start, count in _slices(entry, ctx):
             merged = merge_slice(start, count)
             if merged is None:
@@ -311,6 +279,11 @@ class PlanExecutor:
                 writer.write_part(entry.name, start, merged)
             else:
                 held[start:start + count] = merged
+        if held is not None and finish is not None:
+            for index, values in finish(ctx):
+                held[index] = values.to(entry.out_dtype)
+            writer.write_part(entry.name, 0, held)
+        writer.end(entry.name)
         return True
 
     def _read_slice(self, entry: PlanEntry, start: int, count: int, fetch: SliceFetch
@@ -389,14 +362,8 @@ class PlanExecutor:
         asks for after them: ``slices.reduce_passes``)."""
         from modelalloy.kernels.slices import reduce_passes
 
-        return self._fused_passes(entry, ctx, reduce_passes(kernel, ctx), fetch)
-
-    def _fused_passes(self, entry: PlanEntry, ctx: MergeContext,
-                      passes: Iterable[Callable[..., bool]], fetch: SliceFetch) -> bool:
-        """Each of ``passes`` over every slice, in order (the next pass is asked for once the
-        one before is done); False on a NaN/Inf input."""
         read, raw_bits = self._raw_reader(entry, fetch)
-        for reduce in passes:
+        for reduce in reduce_passes(kernel, ctx):
             for start, count in _slices(entry, ctx):
                 read(start, count)
                 if not reduce(raw_bits, count, ctx, entry.slice_unit):

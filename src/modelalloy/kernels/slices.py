@@ -568,23 +568,13 @@ class _TiesKernel:
     """TIES (per tensor, no rescale) on the fused path: a sample and a bracketed counting pass
     (``passes``, ``kernels.topk.SampledTopK``), and only when the bracket misses, the two exact
     counting passes (``more_passes``) into ``methods.orderstats.SlicedTopK``, as on the torch
-    path; then the merge. Either way the cut-offs, and so the bits, are the same.
-
-    With the weighted vote the bracketed count runs inside the merge instead (one pass fewer
-    over every input): each τ outside its bracket is trimmed as any cut-off in the bracket
-    would trim it, and the few elements where some |τ| lies in its bracket are merged again
-    once the cut-offs are known (:meth:`settle`, ``topk.ties_patch_kernel``). The paper vote
-    keeps the separate pass: its tally of signs and its undecided elements would need the
-    same correction."""
-
-    all_passes = True  # its passes stand for all of the method's (``count``, ``collect``)
+    path; then the merge. Either way the cut-offs, and so the bits, are the same."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
         self.merge = _TiesMerge(params)
         self.trims = np.asarray([d < 1.0 for d in params["density"]])
-        self.speculative = params["vote"] == "weighted"
-        self.passes = (self.sample,) if self.speculative else (self.sample, self.bracket)
+        self.passes = (self.sample, self.bracket)
 
     def _sampled(self, ctx: MergeContext):
         from modelalloy.kernels.topk import SampledTopK
@@ -603,26 +593,9 @@ class _TiesKernel:
     def bracket(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
         return self._sampled(ctx).count(src, count)
 
-    def more_passes(self, ctx: MergeContext) -> Iterator[Callable[..., bool]]:
-        """The passes after the sample, each asked for once the one before has run over
-        every slice: none when the merge speculates; else the bracketed count (weighted vote,
-        when the sample puts too many elements in the brackets), then the two exact counting
-        passes if a cut-off was missed (rare), or after a speculative merge gave up
-        (:meth:`settle`)."""
-        sampled = self._sampled(ctx)
-        if self.speculative and not sampled.k:
-            if sampled.speculate():
-                return
-            if not sampled.missed:
-                yield self.bracket
-        if not sampled.check():
-            yield self.count
-            yield self.collect
-
-    def speculates(self, ctx: MergeContext) -> bool:
-        """Whether the merge now runs before the cut-offs are known (:meth:`settle` then
-        gives what to patch)."""
-        return self._sampled(ctx).speculating
+    def more_passes(self, ctx: MergeContext) -> tuple:
+        """The exact counting passes, when the bracket missed a cut-off (rare)."""
+        return () if self._sampled(ctx).check() else (self.count, self.collect)
 
     def count(self, src: np.ndarray, count: int, ctx: MergeContext, width: int = 1) -> bool:
         return _count_magnitudes(src, count, ctx, self.trims, self._trim(ctx))
@@ -634,7 +607,7 @@ class _TiesKernel:
         bins = np.asarray([trim.bin_of(t) for t in range(len(self.trims))], np.int64)
         buffer = ctx.state(_TiesValues, _TiesValues)
         if buffer.values.shape[1] < count:
-            buffer.values = np.empty((len(self.trims), count), np.float32)
+            buffer.values = np.empty((len(self.trims), src.shape[1]), np.float32)
         values = buffer.values
         found = np.zeros(len(self.trims), np.int64)
         ties_collect_kernel(src, count, bins, values, found)
@@ -645,16 +618,15 @@ class _TiesKernel:
 
     def __call__(self, src: np.ndarray, count: int, out: np.ndarray, ctx: MergeContext,
                  width: int = 1) -> bool:
-        from modelalloy.kernels.elementwise import ties_kernel
-        from modelalloy.kernels.topk import trim_modes
+        from modelalloy.kernels.elementwise import TRIM_ALL, TRIM_NONE, TRIM_TOP_K, ties_kernel
 
         sampled = self._sampled(ctx)
-        if sampled.speculating:
-            return self.merge.run(ctx, src, lambda args: sampled.merge_speculating(
-                src, count, out, ctx.slice_start or 0, args))
         trim = sampled if sampled.check() else self._trim(ctx)
-        modes, thresholds, ties_left = trim_modes([trim.plan(t) for t in range(len(self.trims))])
-
+        plans = [trim.plan(t) for t in range(len(self.trims))]
+        modes = np.asarray([TRIM_NONE if k is None or v == 0.0 else TRIM_ALL if k <= 0
+                            else TRIM_TOP_K for k, v, _ in plans], np.int8)
+        thresholds = _f32([v or 0.0 for _, v, _ in plans])
+        ties_left = np.asarray([left for _, _, left in plans], np.int64)
         def merge(args: tuple) -> bool:
             # the bracket or count pass checked every input of every slice
             if not ties_kernel(src, count, out, modes, thresholds, ties_left, True, *args):
@@ -662,30 +634,6 @@ class _TiesKernel:
             trim.ties_left = [int(x) for x in ties_left]
             return True
         return self.merge.run(ctx, src, merge)
-
-    def warm(self, src: np.ndarray, out: np.ndarray, ctx: MergeContext) -> None:
-        """Compile the speculative merge's kernels too (:func:`warm`)."""
-        from modelalloy.kernels.topk import SampledTopK
-
-        if self.speculative:
-            SampledTopK(self.params["density"]).compile_speculation(
-                src, out, self.merge.args(ctx, src.shape[1]))
-
-    def settle(self, ctx: MergeContext, out_dtype: torch.dtype
-               ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """After the merge of every slice: the (indices, values) a speculative merge patches
-        into the merged tensor (none when it did not speculate), or None when it missed (then
-        ``more_passes`` gives the exact passes, and the merge must run again)."""
-        from modelalloy import kernels
-
-        sampled = self._sampled(ctx)
-        if not sampled.speculating:
-            return []
-        used = int(sampled.npending[0])
-        values = torch.empty(used, dtype=out_dtype)
-        # the weighted vote lists no undecided elements: no fix-up buffers to grow
-        index = sampled.patches(kernels.bits(values), self.merge.args(ctx, 0))
-        return None if index is None else [(torch.from_numpy(index), values)]
 
 
 def ties(params: dict[str, Any]) -> SliceKernel:
@@ -721,5 +669,3 @@ def warm(name: str, params: dict[str, Any], sources: int, src_dtype: torch.dtype
     for reduce in reduce_passes(kernel, ctx):  # a sample this small takes every pass TIES has
         reduce(kernels.bits(raw), count, ctx, width)
     kernel(kernels.bits(raw), count, kernels.bits(out), ctx, width)
-    if hasattr(kernel, "warm"):  # what a sample this small never reaches
-        kernel.warm(kernels.bits(raw), kernels.bits(out), ctx)

@@ -31,13 +31,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from modelalloy.kernels._numba import JIT, f32_to_bits, is_nonfinite, njit, trailing_zeros, widen
-from modelalloy.kernels.elementwise import (
-    TRIM_ALL,
-    TRIM_TOP_K,
-    _add_vote,
-    _merge_scratch,
-    _vote_and_merge,
-)
 from modelalloy.methods.orderstats import MAG_BINS, MAG_SHIFT
 
 STRIDE = 61  # prime: visits every column of a matrix whose width it does not divide
@@ -46,10 +39,6 @@ MAX_BINS = 4096  # the widest bracket, in bins of 2^16 patterns, counted per bin
 SLOTS = 16  # bins counted pattern by pattern (2 MB per model): the likeliest to hold the cut-off
 MIN_SAMPLE = 1024  # a smaller sample gives too wide a bracket: the exact passes run instead
 MAX_NUMEL = (1 << 31) - 1  # the counts are int32
-# No speculative merge when the sample puts more of the elements than this in the brackets: a
-# pending element costs about as much as twenty elements' counting pass
-MAX_PENDING = 1 / 16
-MIN_PENDING = 1 << 16  # the smallest pending list a speculative merge starts with
 CHUNK = 2048
 
 @njit(**JIT)
@@ -66,71 +55,21 @@ def ties_sample_kernel(src, count, trims, first, stride, hist):
     return (count - first + stride - 1) // stride if first < count else 0
 
 
-@njit(inline="always")
-def _bracket_row(row, base, n, first, width, keys, flags, words, rough, slot, fine, trimmed,
-                 marks):
-    """One model's bracket counts over a chunk (:func:`ties_bracket_kernel`); returns (the
-    count above the bracket, 1 if an input of ``row`` is NaN/Inf). With ``trimmed`` (a
-    speculative merge, :func:`ties_speculative_kernel`) also τ·[τ above the bracket] into
-    ``trimmed`` and a 1 into ``marks`` for each element in the bracket.
-
-    The patterns and a byte per element (1: in the bracket) go into chunk buffers in one
-    vectorized loop; then the few flagged elements (about 1%) are found eight flags at a
-    time, by the trailing zeros of a 64-bit word, rather than by a branch per element
-    (0.039 -> 0.030 s on a 25M-element tensor)."""
-    high = ((first + width) << MAG_SHIFT) - np.uint32(1)
-    over = np.uint32(0)
-    bad = np.uint32(0)
-    if trimmed.size:
-        for j in range(n):
-            x = widen(row[j])
-            bad |= is_nonfinite(x)
-            tau = x - widen(base[j])
-            bits = f32_to_bits(abs(tau))
-            above = bits > high
-            over += np.uint32(above)
-            keys[j] = bits
-            flags[j] = np.uint8(((bits >> MAG_SHIFT) - first) < width)
-            trimmed[j] = tau * np.float32(above)
-    else:
-        for j in range(n):
-            x = widen(row[j])
-            bad |= is_nonfinite(x)
-            bits = f32_to_bits(abs(x - widen(base[j])))
-            over += np.uint32(bits > high)
-            keys[j] = bits
-            flags[j] = np.uint8(((bits >> MAG_SHIFT) - first) < width)
-    for j in range(n, -(-n // 8) * 8):
-        flags[j] = 0
-    low_mask = np.uint32((1 << MAG_SHIFT) - 1)
-    for w in range(-(-n // 8)):
-        word = words[w]
-        while word:
-            j = 8 * w + (trailing_zeros(word) >> 3)
-            word &= word - np.uint64(1)  # each flag byte holds one bit
-            b = (keys[j] >> MAG_SHIFT) - first
-            rough[b] += 1
-            s = slot[b]
-            if s >= 0:
-                fine[s, keys[j] & low_mask] += 1
-            if trimmed.size:
-                marks[j] = 1
-    return over, bad
-
-
 @njit(**JIT)
 def ties_bracket_kernel(src, count, lo, nbins, slots, above, coarse, exact):
     """Pass 2 on one slice, per model t with ``nbins[t]`` > 0: ``above[t]`` += #{|θ_t − θ_0|
     in a bin above the bracket's bins lo .. lo + nbins − 1}, ``coarse[t, b − lo]`` += 1 for
     each element in bracket bin b, and, where that bin has an exact slot s = ``slots[t, b −
-    lo]`` ≥ 0, ``exact[t, s, p & 0xFFFF]`` += 1 for its float32 pattern p (:func:`_bracket_row`).
-    False on a NaN/Inf in any row (the engine then merges the tensor whole)."""
+    lo]`` ≥ 0, ``exact[t, s, p & 0xFFFF]`` += 1 for its float32 pattern p. False on a NaN/Inf
+    in any row (the engine then merges the tensor whole). The patterns and a byte per element
+    (1: in the bracket) go into chunk buffers in one vectorized loop; then the few flagged
+    elements (about 1%) are found eight flags at a time, by the trailing zeros of a 64-bit
+    word, rather than by a branch per element (0.039 -> 0.030 s on a 25M-element tensor)."""
     keys = np.empty(CHUNK, np.uint32)
     flags = np.zeros(CHUNK, np.uint8)
     words = flags.view(np.uint64)
-    none = np.empty(0, np.float32)
-    no_marks = np.empty(0, np.uint8)
     bad = np.uint32(0)
+    low_mask = np.uint32((1 << MAG_SHIFT) - 1)
     for c0 in range(0, count, CHUNK):
         n = min(CHUNK, count - c0)
         base = src[0, c0:c0 + n]
@@ -142,111 +81,31 @@ def ties_bracket_kernel(src, count, lo, nbins, slots, above, coarse, exact):
                 for j in range(n):
                     bad |= is_nonfinite(widen(row[j]))
                 continue
-            over, row_bad = _bracket_row(row, base, n, np.uint32(lo[t]), np.uint32(nbins[t]),
-                                         keys, flags, words, coarse[t], slots[t], exact[t],
-                                         none, no_marks)
-            above[t] += over
-            bad |= row_bad
-    return bad == 0
-
-
-@njit(**JIT)
-def ties_speculative_kernel(src, count, out, start, keep_all, lo, nbins, slots, above, coarse,
-                            exact, pending, pending_bits, npending, unit, weights, normalize,
-                            min_weight, lam, weighted_vote, fix_index, fix_deltas, tally):
-    """The bracket count (:func:`ties_bracket_kernel`) and the merge of one slice in one pass,
-    before the cut-offs are known: each model's τ is kept where it lies above its bracket and
-    dropped below it (where the cut-off's test gives the same answer whatever the cut-off in
-    the bracket), or kept whole (``keep_all[t]``: no trim), or dropped (``nbins[t]`` = 0 and
-    not ``keep_all``); then TIES' election and disjoint merge into ``out``. The elements where
-    some model's |τ| lies in its bracket are pending: their index (``start`` + column) and
-    their inputs' bits go into ``pending`` / ``pending_bits`` after the ``npending[0]``
-    already listed, up to their capacity (beyond it ``npending[1]`` = 1: the speculation
-    is given up). ``ties_patch_kernel`` merges them again once the cut-offs are known.
-    False on a NaN/Inf in any row."""
-    nexp = src.shape[0] - 1
-    d, gamma, acc, den, spread = _merge_scratch(nexp)
-    keys = np.empty(CHUNK, np.uint32)
-    flags = np.zeros(CHUNK, np.uint8)
-    words = flags.view(np.uint64)
-    marks = np.zeros(CHUNK, np.uint8)
-    marked = marks.view(np.uint64)
-    bad = np.uint32(0)
-    m, capacity = npending[0], pending.size
-    for c0 in range(0, count, CHUNK):
-        n = min(CHUNK, count - c0)
-        base = src[0, c0:c0 + n]
-        for j in range(n):
-            bad |= is_nonfinite(widen(base[j]))
-        marks[:] = 0
-        for t in range(nexp):
-            row, dt = src[1 + t, c0:c0 + n], d[t]
-            if nbins[t] > 0:
-                over, row_bad = _bracket_row(row, base, n, np.uint32(lo[t]),
-                                             np.uint32(nbins[t]), keys, flags, words,
-                                             coarse[t], slots[t], exact[t], dt, marks)
-                above[t] += over
-                bad |= row_bad
-            else:
-                for j in range(n):
-                    x = widen(row[j])
-                    bad |= is_nonfinite(x)
-                    dt[j] = x - widen(base[j])
-                if not keep_all[t]:
-                    dt[:n] = 0.0
-            _add_vote(dt, n, t, weights[t], weighted_vote, acc, spread)
-        _vote_and_merge(d, n, c0, src[0], out, unit, weights, normalize, min_weight, lam,
-                        weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread)
-        for w in range(-(-n // 8)):
-            word = marked[w]
-            while word:
-                j = c0 + 8 * w + (trailing_zeros(word) >> 3)
-                word &= word - np.uint64(1)
-                if m == capacity:
-                    npending[1] = 1
-                    break
-                pending[m] = start + j
-                for k in range(nexp + 1):
-                    pending_bits[k, m] = src[k, j]
-                m += 1
-    npending[0] = m
-    return bad == 0
-
-
-@njit(**JIT)
-def ties_patch_kernel(bits, count, out, modes, thresholds, ties_left, unit, weights,
-                      normalize, min_weight, lam, weighted_vote, fix_index, fix_deltas,
-                      tally):
-    """The pending elements of :func:`ties_speculative_kernel` merged again with the
-    cut-offs known: ``bits`` holds their inputs (one row per source, in index order), ``out``
-    gets their merged values. Each τ is trimmed as ``elementwise.ties_kernel`` trims it (|τ| >
-    v, or |τ| = v while ``ties_left[t]`` > 0, counted down in index order: every tie at v is
-    pending, so the order is the tensor's), then the same election and merge."""
-    nexp = bits.shape[0] - 1
-    d, gamma, acc, den, spread = _merge_scratch(nexp)
-    for c0 in range(0, count, CHUNK):
-        n = min(CHUNK, count - c0)
-        base = bits[0, c0:c0 + n]
-        for t in range(nexp):
-            row, dt, v, left = bits[1 + t, c0:c0 + n], d[t], thresholds[t], ties_left[t]
+            first, width = np.uint32(lo[t]), np.uint32(nbins[t])
+            high = ((first + width) << MAG_SHIFT) - np.uint32(1)
+            over = np.uint32(0)
             for j in range(n):
-                x = widen(row[j]) - widen(base[j])
-                if modes[t] == TRIM_ALL:
-                    dt[j] = 0.0
-                elif modes[t] == TRIM_TOP_K:
-                    mag = abs(x)
-                    keep = mag > v
-                    if mag == v and left > 0:
-                        keep = True
-                        left -= 1
-                    dt[j] = x * np.float32(keep)
-                else:
-                    dt[j] = x
-            ties_left[t] = left
-            _add_vote(dt, n, t, weights[t], weighted_vote, acc, spread)
-        _vote_and_merge(d, n, c0, bits[0], out, unit, weights, normalize, min_weight, lam,
-                        weighted_vote, fix_index, fix_deltas, tally, gamma, acc, den, spread)
-    return True
+                x = widen(row[j])
+                bad |= is_nonfinite(x)
+                bits = f32_to_bits(abs(x - widen(base[j])))
+                over += np.uint32(bits > high)
+                keys[j] = bits
+                flags[j] = np.uint8(((bits >> MAG_SHIFT) - first) < width)
+            above[t] += over
+            rough, slot, fine = coarse[t], slots[t], exact[t]
+            for j in range(n, -(-n // 8) * 8):
+                flags[j] = 0
+            for w in range(-(-n // 8)):
+                word = words[w]
+                while word:
+                    j = 8 * w + (trailing_zeros(word) >> 3)
+                    word &= word - np.uint64(1)  # each flag byte holds one bit
+                    b = (keys[j] >> MAG_SHIFT) - first
+                    rough[b] += 1
+                    s = slot[b]
+                    if s >= 0:
+                        fine[s, keys[j] & low_mask] += 1
+    return bad == 0
 
 
 class _Scratch(threading.local):
@@ -296,12 +155,6 @@ class SampledTopK:
         self.coarse = np.zeros((models, 0), np.int64)
         self.exact = np.zeros((models, 0, 0), np.int32)
         self.missed = False
-        self.speculating = False
-        self.keep_all = np.zeros(models, bool)
-        self.pending = np.empty(0, np.int64)
-        self.pending_bits = np.empty((models + 1, 0), np.uint16)
-        self.npending = np.zeros(2, np.int64)
-        self.capacity = 0
         self.thresholds: list[float | None] = []
         self.ties_left: list[int] = []  # counted down by the merge, slice after slice
 
@@ -344,80 +197,15 @@ class SampledTopK:
             for slot, b in enumerate(bins[order[:SLOTS]]):
                 self.slots[t, b - bottom] = slot
 
-    def _start_counting(self) -> None:
+    def count(self, src: np.ndarray, count: int) -> bool:
+        """Pass 2 on one slice; False on a NaN/Inf input."""
         if not self.k:
             self._brackets()
             if self.missed:
                 self.nbins[:] = 0
             self.coarse, self.exact = _scratch.counts(self.nbins, self.slots)
-
-    def count(self, src: np.ndarray, count: int) -> bool:
-        """Pass 2 on one slice; False on a NaN/Inf input."""
-        self._start_counting()
         return bool(ties_bracket_kernel(src, count, self.lo, self.nbins, self.slots,
                                         self.above, self.coarse, self.exact))
-
-    def speculate(self) -> bool:
-        """After pass 1: whether the merge may count the brackets itself
-        (:meth:`merge_speculating`): every bracket found, and the sample puts fewer than
-        ``MAX_PENDING`` of the elements in one (each such element is merged twice)."""
-        if self.k:
-            return self.speculating
-        self._start_counting()
-        if self.missed or self.sampled == 0:
-            return False
-        inside = sum(int(self.hist[t, self.lo[t]:self.lo[t] + self.nbins[t]].sum())
-                     for t in range(len(self.k)) if self.nbins[t])
-        self.speculating = inside <= MAX_PENDING * self.sampled
-        if self.speculating:
-            self.keep_all = np.asarray([k is None for k in self.k])
-            self.npending = np.zeros(2, np.int64)
-            self.capacity = min(self.numel, max(2 * inside * self.numel // self.sampled,
-                                                MIN_PENDING))
-        return self.speculating
-
-    def merge_speculating(self, src: np.ndarray, count: int, out: np.ndarray, start: int,
-                          merge_args: tuple) -> bool:
-        """Pass 2 and the merge of one slice at once (``ties_speculative_kernel``); the
-        elements in a bracket are listed for :meth:`patches`. False on a NaN/Inf input."""
-        used = int(self.npending[0])
-        if self.pending.size < min(used + count, self.capacity):
-            size = min(max(2 * self.pending.size, used + count), self.capacity)
-            pending, bits = np.empty(size, np.int64), np.empty((src.shape[0], size), src.dtype)
-            pending[:used], bits[:, :used] = self.pending[:used], self.pending_bits[:, :used]
-            self.pending, self.pending_bits = pending, bits
-        return bool(ties_speculative_kernel(
-            src, count, out, start, self.keep_all, self.lo, self.nbins, self.slots, self.above,
-            self.coarse, self.exact, self.pending, self.pending_bits, self.npending,
-            *merge_args))
-
-    def patches(self, out: np.ndarray, merge_args: tuple) -> np.ndarray | None:
-        """After a speculative merge: the indices of the pending elements, their merged
-        values written into ``out[:len]`` (``ties_patch_kernel``); None when a cut-off lies
-        outside its counted bins or the pending list overflowed (:attr:`missed`: the exact
-        passes and the merge must run again)."""
-        self.speculating = False
-        if self.npending[1] or not self.check():
-            self.missed = True
-            return None
-        used = int(self.npending[0])
-        plans = [self.plan(t) for t in range(len(self.k))]
-        modes, thresholds, ties_left = trim_modes(plans)
-        # contiguous, so the kernel compiled by :meth:`compile_speculation` serves it
-        bits = np.ascontiguousarray(self.pending_bits[:, :used])
-        ties_patch_kernel(bits, used, out, modes, thresholds, ties_left, *merge_args)
-        return self.pending[:used]
-
-    def compile_speculation(self, src: np.ndarray, out: np.ndarray, merge_args: tuple) -> None:
-        """Compile (or load) the speculative merge's kernels for these argument types, on no
-        elements: a budgeted merge warms its kernels before it measures what the process
-        holds, and a tensor too small to sample never reaches them."""
-        bits = np.empty((src.shape[0], 0), src.dtype)
-        ties_speculative_kernel(src, 0, out, 0, self.keep_all, self.lo, self.nbins, self.slots,
-                                self.above, self.coarse, self.exact, self.pending, bits,
-                                self.npending, *merge_args)
-        modes, thresholds, ties_left = trim_modes([(None, None, 0)] * len(self.densities))
-        ties_patch_kernel(bits, 0, out, modes, thresholds, ties_left, *merge_args)
 
     def _settle(self) -> None:
         """The cut-off of every model from its bracket counts, or :attr:`missed`."""
@@ -466,16 +254,3 @@ def _bin_at_rank(desc: np.ndarray, rank: float) -> int:
     sample whose counts of keys ≥ b are ``desc[b]``: the largest b with desc[b] ≥ rank."""
     rank = min(max(rank, 1.0), float(desc[0]))
     return int(np.flatnonzero(desc >= rank)[-1])
-
-
-def trim_modes(plans: list[tuple[int | None, float | None, int]]
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mode, cut-off, ties to keep) per model for the merge kernels, from (k, v, ties left)
-    plans (``SlicedTopK.plan``, :meth:`SampledTopK.plan`): no trim when k is None or v = 0,
-    everything trimmed when k ≤ 0."""
-    from modelalloy.kernels.elementwise import TRIM_NONE
-
-    modes = np.asarray([TRIM_NONE if k is None or v == 0.0 else TRIM_ALL if k <= 0
-                        else TRIM_TOP_K for k, v, _ in plans], np.int8)
-    thresholds = np.asarray([v or 0.0 for _, v, _ in plans], np.float32)
-    return modes, thresholds, np.asarray([left for _, _, left in plans], np.int64)
