@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, wait
 
+import numpy as np
 import psutil
 import torch
 
@@ -107,7 +108,9 @@ class DirectWindows:
                 return self._sources[index].get_slice(self.name, start, out)
         low, _, at, buf = window
         begin = at + first - low
-        out.view(torch.uint8).copy_(buf[begin:begin + end - first])
+        # NumPy's copy is a memcpy: 35 GB/s here, against 25 GB/s for torch's uint8 copy_
+        # (16% of a cold 3B TIES merge's CPU, which copies every slice once per pass)
+        np.copyto(out.view(torch.uint8).numpy(), buf[begin:begin + end - first].numpy())
         return out
 
     def close(self) -> None:

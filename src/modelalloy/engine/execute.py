@@ -467,7 +467,9 @@ class PlanExecutor:
                 ThreadPoolExecutor(max_workers=1,
                                    thread_name_prefix="modelalloy-prefetch") as prefetcher:
             try:
-                for entry in self.plan.entries:
+                # Largest first (stable: file order among equals): the last tensors to finish
+                # are then small ones, not a 3B model's lm_head merged on one core at the end
+                for entry in sorted(self.plan.entries, key=lambda e: -e.bytes_in):
                     if failed.is_set():
                         break
                     # Keep at most two tasks per thread queued: read-ahead without hoarding.
