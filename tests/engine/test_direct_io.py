@@ -93,9 +93,12 @@ def test_read_direct_returns_the_bytes_at_any_offset(odd_file):
                 assert _direct(ckpt, name, skip, nbytes) == raw[skip:skip + nbytes], (name, skip)
 
 
-@pytest.mark.parametrize("ahead", [False, True])
-def test_windows_fill_slices_as_get_slice_does(odd_file, ahead):
-    """In order, across window ends and blocks, going back; read ahead on a pool or not."""
+@pytest.mark.parametrize(("ahead", "piece"), [(False, None), (True, None), (True, DIRECT_ALIGN)])
+def test_windows_fill_slices_as_get_slice_does(odd_file, ahead, piece, monkeypatch):
+    """In order, across window ends and blocks, going back; read ahead on a pool or not, and
+    read ahead in pieces of one block (each window then takes two reads side by side)."""
+    if piece:
+        monkeypatch.setattr(direct_reads, "PIECE_BYTES", piece)
     path, tensors = odd_file
     with open_checkpoint(path) as ckpt, ThreadPoolExecutor(2) as pool:
         cache: dict[int, torch.Tensor] = {}
@@ -210,8 +213,9 @@ class ReadCounter:
 def test_direct_merge_equals_the_buffered_one_reading_each_byte_once(
         tmp_path, monkeypatch, method, kernels):
     monkeypatch.setenv("MODELALLOY_KERNELS", kernels)
-    if kernels == "1":  # windows of one slice: several per tensor, read ahead
+    if kernels == "1":  # windows of one slice: several per tensor, read ahead in pieces
         monkeypatch.setattr("modelalloy.engine.execute.WINDOW_BYTES", 2 * SLICE_ELEMENTS)
+        monkeypatch.setattr(direct_reads, "PIECE_BYTES", 3 * DIRECT_ALIGN)
     folders = _models(tmp_path / "models")
     recipe = _recipe(tmp_path, method, folders)
     merge(recipe, tmp_path / "off", direct_io="off", threads=2)

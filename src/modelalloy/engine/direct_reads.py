@@ -39,6 +39,11 @@ WINDOW_BYTES = 8 << 20
 # the 4 threads of a direct merge on 2 cores each hold a 3B MLP matrix of 4 models (201 MB).
 HOLD_BYTES_MAX = 1 << 30
 
+# A window larger than this is read as pieces of about this size, side by side on the read
+# pool: this disk gives 2.9 GB/s to 4 O_DIRECT readers of 64 MB and 4.7 GB/s to 16
+# (benchmarks in docs/performance.md), and a held tensor's window was one read per source.
+PIECE_BYTES = 16 << 20
+
 AlignedBuffers = Callable[[int, int], torch.Tensor]  # (buffer key, bytes) -> aligned uint8
 
 
@@ -67,6 +72,24 @@ def direct_source(source: TensorSource) -> Checkpoint | None:
 Window = tuple[int, int, int, torch.Tensor]  # (first, end) tensor bytes, where first is, buffer
 
 
+class _WindowRead:
+    """A window being read as pieces on the pool: :meth:`result` waits for them all."""
+
+    def __init__(self, first: int, stop: int, buf: torch.Tensor,
+                 pieces: list[tuple[int, Future[int | None]]]) -> None:
+        self.first, self.stop, self.buf, self.pieces = first, stop, buf, pieces
+
+    def result(self) -> Window | None:
+        """The window, or None when the file refused O_DIRECT (a piece's error is raised)."""
+        done = [(at, future.result()) for at, future in self.pieces]
+        if any(got is None for _, got in done):
+            return None
+        return self.first, self.stop, done[0][1], self.buf  # type: ignore[return-value]
+
+    def wait(self) -> None:
+        wait([future for _, future in self.pieces])
+
+
 class DirectWindows:
     """One thread's windows onto one tensor's inputs (``name`` in each of ``sources``), read
     with O_DIRECT in windows of ``window_bytes`` (at least one slice; the whole tensor for a
@@ -86,7 +109,7 @@ class DirectWindows:
         self._buffers = buffers
         self._pool = pool
         self._windows: list[Window | None] = [None] * len(sources)
-        self._ahead: list[Future[Window | None] | None] = [None] * len(sources)
+        self._ahead: list[_WindowRead | None] = [None] * len(sources)
         self._parity = [1] * len(sources)  # which of a source's two buffers holds its window
         self._started = False
 
@@ -115,9 +138,9 @@ class DirectWindows:
 
     def close(self) -> None:
         """Wait for the reads in flight (their buffers are this thread's, reused next)."""
-        for future in self._ahead:
-            if future is not None:
-                wait([future])
+        for ahead in self._ahead:
+            if ahead is not None:
+                ahead.wait()
         self._ahead = [None] * len(self._sources)
 
     def _start(self, first: int, end: int) -> None:
@@ -152,11 +175,22 @@ class DirectWindows:
         return window
 
     def _submit(self, index: int, ckpt: Checkpoint, first: int, end: int, parity: int
-                ) -> Future[Window | None]:
+                ) -> _WindowRead:
+        """Read the window from ``first`` that holds ``end`` on the pool, in pieces of about
+        ``PIECE_BYTES`` that start on block boundaries of the file, each into its place in
+        the window's buffer."""
         assert self._pool is not None
         # the buffer is found here, in the merging thread, whose buffers they are
         stop, buf = self._span(index, ckpt, first, end, parity)
-        return self._pool.submit(self._read, ckpt, first, stop, buf)
+        lead = (ckpt.data_offset(self.name) + first) % DIRECT_ALIGN
+        cuts = [first] + [first - lead + k for k in range(PIECE_BYTES, stop - first + lead,
+                                                          PIECE_BYTES)] + [stop]
+        pieces = []
+        for low, high in zip(cuts, cuts[1:], strict=False):
+            at = low - first + lead if low > first else 0  # block-aligned place in ``buf``
+            pieces.append((at, self._pool.submit(ckpt.read_direct, self.name, low, high - low,
+                                                 buf[at:])))
+        return _WindowRead(first, stop, buf, pieces)
 
     def _span(self, index: int, ckpt: Checkpoint, first: int, end: int, parity: int
               ) -> tuple[int, torch.Tensor]:

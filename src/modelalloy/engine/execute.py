@@ -420,7 +420,9 @@ class PlanExecutor:
         collecting = gc.isenabled()
         gc.disable()
         if self.direct:
-            self._read_pool = ThreadPoolExecutor(max_workers=2 * self.threads,
+            # 16 readers at 4 threads: this disk streams O_DIRECT reads at 4.7 GB/s with 16
+            # requests in flight, 2.9 GB/s with 4 (direct_reads.PIECE_BYTES)
+            self._read_pool = ThreadPoolExecutor(max_workers=4 * self.threads,
                                                  thread_name_prefix="modelalloy-read")
         try:
             if self.threads == 1 and all(isinstance(s, StateDictSource)

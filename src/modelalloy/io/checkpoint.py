@@ -659,6 +659,12 @@ class Checkpoint:
             out.reshape(-1).view(torch.uint8).copy_(flipped.reshape(-1))
         return out
 
+    def data_offset(self, name: str) -> int:
+        """The file offset of tensor ``name``'s first byte (where ``read_direct``'s block
+        alignment falls inside it)."""
+        self.info(name)  # a clear error for an unknown name
+        return self._offsets[name]
+
     def read_direct(self, name: str, skip: int, nbytes: int, into: torch.Tensor) -> int | None:
         """Read bytes ``skip .. skip + nbytes`` of tensor ``name``'s data with ``O_DIRECT`` (no
         page cache: no copy through it, no reclaim of it): the ``DIRECT_ALIGN``-aligned range
