@@ -7,9 +7,10 @@ process is the ``merge`` command a daemon thread reads the first tensor data of 
 the recipe names into the page cache, a thread per model (``sendfile`` to /dev/null: no copy,
 the GIL released), ``CHUNK_BYTES`` at a time, until the merge itself reads
 (:func:`stop`, from ``Checkpoint.prefetch`` / ``read_direct``) or ``HINT_BYTES`` per model
-are read. The engine merges in storage order (the reference model's first shard, data
-order), so those are the first tensors it reads; its own hints take over from there
-(``Checkpoint.prefetch``).
+are read. The engine merges the largest tensors first, in storage order among equals (an
+LLM's embeddings, which its first shard usually starts with, are among the first); its own
+hints take over from there (``Checkpoint.prefetch``), and hinted bytes merged later are
+found in the page cache then.
 
 The ranges read are recorded (:func:`hinted_range`): a merge that reads with ``O_DIRECT``
 (docs/direct_io.md) reads them through the page cache instead, where they are, and drops
